@@ -1,0 +1,230 @@
+"""One way in for data: a tensor pair, a list of batches, or a DataLoader, weighted exactly.
+
+Every routine of the toolkit that evaluates a loss over "the data" accepts ``data`` in one of
+three forms and turns it into a :class:`DataSource`:
+
+* a pair ``(X, y)`` of tensors (split into batches of ``batch_size``; one batch if ``None``),
+* a list (or tuple) of batches ``[(x_1, y_1), (x_2, y_2), ...]``,
+* a ``torch.utils.data.DataLoader`` (or any re-iterable yielding ``(inputs, targets)``).
+
+Inputs may be a tensor, a tuple of tensors or a dict of tensors; targets are a tensor whose first
+dimension counts the samples. The loss function is assumed to return the **mean** over the batch
+(as ``F.cross_entropy`` and ``F.mse_loss`` do by default); dataset quantities are then weighted
+exactly by sample count,
+
+    L(w) = sum_b (n_b / N) * L_b(w),      N = sum_b n_b,
+
+also when the last batch is smaller. Consumers accumulate ``n_b * L_b`` and divide by ``N`` at
+the end, so ``N`` never has to be known in advance. Under ``torch.distributed`` a source built
+with ``shard=True`` yields only this rank's batches (batch ``i`` goes to rank ``i % world``);
+the per-rank sums are then all-reduced by the consumer (see :mod:`analysis.distributed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from . import distributed as dist
+
+__all__ = ["Batch", "DataSource", "as_data", "to_device", "batch_size_of", "Data"]
+
+Data = Union[tuple, list, DataLoader, "DataSource", Iterable]
+
+
+@dataclass
+class Batch:
+    """One batch: ``inputs`` (tensor, tuple or dict), ``targets`` and its sample count ``size``."""
+
+    inputs: Any
+    targets: Any
+    size: int
+    index: int = 0
+
+
+def batch_size_of(obj: Any) -> int:
+    """Number of samples in a tensor / tuple / dict (first dimension of the first tensor)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() == 0:
+            raise ValueError("a batch tensor must have a batch dimension, got a 0-d tensor")
+        return int(obj.shape[0])
+    if isinstance(obj, Mapping):
+        for v in obj.values():
+            return batch_size_of(v)
+    if isinstance(obj, (tuple, list)) and obj:
+        return batch_size_of(obj[0])
+    raise TypeError(f"cannot count the samples of a {type(obj).__name__}")
+
+
+def to_device(obj: Any, device: torch.device | str | None, dtype: torch.dtype | None = None) -> Any:
+    """Move tensors in ``obj`` (nested tuples/lists/dicts) to ``device``.
+
+    Floating-point tensors are also cast to ``dtype`` when given (so that float32 data can feed a
+    float64 model); integer tensors (class labels) keep their dtype.
+    """
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point() and obj.dtype != dtype:
+            return obj.to(device=device, dtype=dtype, non_blocking=True)
+        return obj.to(device=device, non_blocking=True) if device is not None else obj
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device, dtype) for v in obj)
+    return obj
+
+
+def _is_pair(data: Any) -> bool:
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], (torch.Tensor, Mapping))
+        and isinstance(data[1], torch.Tensor)
+        and not isinstance(data[0], (tuple, list))
+    )
+
+
+class DataSource:
+    """A re-iterable view of the data that yields :class:`Batch` objects.
+
+    Args:
+        data: ``(X, y)``, a list of ``(x, y)`` batches, a DataLoader, or another DataSource.
+        batch_size: batch size used to split a tensor pair (``None``: one batch). Ignored for
+            the other forms.
+        max_samples: stop after this many samples (the last batch is truncated to fit).
+        shard: under an initialized process group, yield only this rank's batches.
+
+    Raises:
+        ValueError: for empty data, a pair whose inputs and targets disagree in length, a
+            non-positive ``batch_size`` or ``max_samples``.
+        TypeError: for an object that is none of the accepted forms.
+    """
+
+    def __init__(
+        self,
+        data: Data,
+        *,
+        batch_size: int | None = None,
+        max_samples: int | None = None,
+        shard: bool = False,
+    ):
+        if isinstance(data, DataSource):
+            batch_size = batch_size if batch_size is not None else data.batch_size
+            max_samples = max_samples if max_samples is not None else data.max_samples
+            shard = shard or data.shard
+            data = data.data
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
+            raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}")
+        self.data = data
+        self.batch_size = batch_size
+        self.max_samples = max_samples
+        self.shard = shard
+        if _is_pair(data):
+            x, y = data
+            nx, ny = batch_size_of(x), batch_size_of(y)
+            if nx != ny:
+                raise ValueError(f"inputs have {nx} samples but targets have {ny}")
+            if ny == 0:
+                raise ValueError("data is empty (0 samples)")
+            self.kind = "pair"
+        elif isinstance(data, DataLoader):
+            self.kind = "loader"
+        elif isinstance(data, (list, tuple)):
+            if len(data) == 0:
+                raise ValueError("data is empty (an empty list of batches)")
+            for i, b in enumerate(data):
+                if not (isinstance(b, (tuple, list)) and len(b) == 2):
+                    raise TypeError(
+                        f"batch {i} is a {type(b).__name__}; expected an (inputs, targets) pair"
+                    )
+            self.kind = "batches"
+        elif isinstance(data, torch.Tensor):
+            raise TypeError(
+                "data is a single tensor; pass an (inputs, targets) pair, a list of batches or "
+                "a DataLoader"
+            )
+        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Iterator)):
+            self.kind = "iterable"
+        else:
+            raise TypeError(
+                f"unsupported data of type {type(data).__name__}; pass an (inputs, targets) pair "
+                "of tensors, a list of (inputs, targets) batches, or a DataLoader"
+            )
+        self._num_samples: int | None = None
+
+    def __repr__(self) -> str:
+        n = self._num_samples if self._num_samples is not None else "?"
+        return f"DataSource(kind={self.kind!r}, num_samples={n})"
+
+    @property
+    def is_shuffled(self) -> bool:
+        """True when iterating twice can give different batches (a shuffling DataLoader)."""
+        return self.kind == "loader" and isinstance(self.data.sampler, RandomSampler)
+
+    def _raw(self) -> Iterator[tuple[Any, Any]]:
+        if self.kind == "pair":
+            x, y = self.data
+            n = batch_size_of(y)
+            bs = self.batch_size or n
+            for start in range(0, n, bs):
+                sl = slice(start, min(start + bs, n))
+                xb = {k: v[sl] for k, v in x.items()} if isinstance(x, Mapping) else x[sl]
+                yield xb, y[sl]
+        else:
+            for b in self.data:
+                if not (isinstance(b, (tuple, list)) and len(b) >= 2):
+                    raise TypeError(
+                        f"the data yielded a {type(b).__name__}; expected (inputs, targets)"
+                    )
+                yield b[0], b[1]
+
+    def __iter__(self) -> Iterator[Batch]:
+        seen = 0
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.shard else (0, 1)
+        count = 0
+        for i, (x, y) in enumerate(self._raw()):
+            n = batch_size_of(y)
+            if self.max_samples is not None:
+                if seen >= self.max_samples:
+                    break
+                if seen + n > self.max_samples:
+                    keep = self.max_samples - seen
+                    x = {k: v[:keep] for k, v in x.items()} if isinstance(x, Mapping) else (
+                        type(x)(t[:keep] for t in x) if isinstance(x, (tuple, list)) else x[:keep]
+                    )
+                    y, n = y[:keep], keep
+            seen += n
+            if n == 0:
+                continue
+            count += n
+            if world > 1 and i % world != rank:
+                continue
+            yield Batch(x, y, n, i)
+        if count == 0:
+            raise ValueError("data is empty (it yielded no samples)")
+        self._num_samples = count
+
+    def num_samples(self) -> int:
+        """Total number of samples over all ranks (one pass over the data if not yet known)."""
+        if self._num_samples is None:
+            for _ in self:
+                pass
+        return self._num_samples  # type: ignore[return-value]
+
+
+def as_data(
+    data: Data,
+    *,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+    shard: bool = False,
+) -> DataSource:
+    """Wrap any accepted data form into a :class:`DataSource` (see the module docstring)."""
+    if data is None:
+        raise ValueError("data is required (got None)")
+    return DataSource(data, batch_size=batch_size, max_samples=max_samples, shard=shard)

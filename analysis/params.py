@@ -1,0 +1,223 @@
+"""Flat parameter vectors: the one helper for flattening and unflattening parameter lists.
+
+Every quantity in :mod:`analysis` and :mod:`landscape` that lives in parameter space (Hessian
+matvecs, eigenvectors, landscape directions, gradients, momenta) is a single flat 1-D tensor over
+the *trainable* parameters of a model, in the order of ``model.named_parameters()`` (tied
+parameters counted once, parameters with ``requires_grad=False`` left out unless named
+explicitly). :class:`ParameterSpace` records that order, the shapes and offsets, and converts
+between flat vectors and per-parameter tensors.
+
+Example:
+    >>> import torch
+    >>> from analysis import ParameterSpace
+    >>> model = torch.nn.Linear(3, 2)
+    >>> space = ParameterSpace(model)
+    >>> space.names, space.numel
+    (['weight', 'bias'], 8)
+    >>> w = space.vector()              # a copy of the current weights
+    >>> space.add_(torch.ones(8), alpha=0.5)   # w <- w + 0.5 * 1, in place
+    >>> torch.allclose(space.vector(), w + 0.5)
+    True
+    >>> space.copy_(w)                  # restore exactly
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ParameterSpace", "flatten", "unflatten"]
+
+
+def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one flat 1-D tensor (a copy), in order.
+
+    Args:
+        tensors: tensors of any shapes, on one device and of one dtype.
+
+    Returns:
+        A 1-D tensor of length ``sum(t.numel())``.
+    """
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("flatten() got no tensors")
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Split a flat vector into views with the given shapes (inverse of :func:`flatten`).
+
+    Args:
+        vector: 1-D tensor whose length is the total number of elements of ``shapes``.
+        shapes: the target shapes, in order.
+
+    Returns:
+        A list of views into ``vector``.
+    """
+    numels = [int(torch.Size(s).numel()) for s in shapes]
+    if vector.dim() != 1 or vector.numel() != sum(numels):
+        raise ValueError(
+            f"expected a 1-D vector of length {sum(numels)}, got shape {tuple(vector.shape)}"
+        )
+    return [chunk.view(s) for chunk, s in zip(torch.split(vector, numels), shapes)]
+
+
+class ParameterSpace:
+    """The flat coordinate system over a model's trainable parameters.
+
+    Args:
+        model: the module whose parameters span the space.
+        params: which parameters: ``None`` for every parameter with ``requires_grad=True``
+            (tied parameters once, in ``named_parameters()`` order), or an explicit list of
+            parameter names (strings) or of ``nn.Parameter`` objects of ``model``.
+
+    Attributes:
+        names: parameter names, in order.
+        params: the parameter tensors themselves (not copies).
+        shapes: their shapes.
+        numel: total number of scalars ``n``; flat vectors have shape ``(n,)``.
+        device, dtype: those of the first parameter (all must agree).
+
+    Raises:
+        ValueError: if the model has no (selected) trainable parameters, a name is unknown, or
+            parameters sit on different devices or have different dtypes.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[str | nn.Parameter] | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+        named = list(model.named_parameters())  # named_parameters() already skips tied copies
+        if params is None:
+            chosen = [(n, p) for n, p in named if p.requires_grad]
+            if not chosen:
+                raise ValueError(
+                    f"{type(model).__name__} has no trainable parameters "
+                    "(every parameter has requires_grad=False)"
+                )
+        else:
+            by_name = dict(named)
+            by_id = {id(p): n for n, p in named}
+            chosen = []
+            for item in params:
+                if isinstance(item, str):
+                    if item not in by_name:
+                        raise ValueError(
+                            f"unknown parameter name {item!r}; the model has {sorted(by_name)}"
+                        )
+                    chosen.append((item, by_name[item]))
+                elif isinstance(item, torch.Tensor):
+                    if id(item) not in by_id:
+                        raise ValueError("a tensor in `params` is not a parameter of the model")
+                    chosen.append((by_id[id(item)], item))
+                else:
+                    raise TypeError(
+                        f"params must hold parameter names or tensors, got {type(item).__name__}"
+                    )
+            if not chosen:
+                raise ValueError("`params` selects no parameters")
+            if len({id(p) for _, p in chosen}) != len(chosen):
+                raise ValueError("`params` names the same parameter twice")
+        self.names: list[str] = [n for n, _ in chosen]
+        self.params: list[torch.Tensor] = [p for _, p in chosen]
+        self.shapes: list[torch.Size] = [p.shape for p in self.params]
+        self.numels: list[int] = [p.numel() for p in self.params]
+        self.numel: int = sum(self.numels)
+        devices = {p.device for p in self.params}
+        dtypes = {p.dtype for p in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"parameters live on several devices {sorted(map(str, devices))}")
+        if len(dtypes) > 1:
+            raise ValueError(f"parameters have several dtypes {sorted(map(str, dtypes))}")
+        self.device: torch.device = self.params[0].device
+        self.dtype: torch.dtype = self.params[0].dtype
+
+    def __len__(self) -> int:
+        return self.numel
+
+    def __repr__(self) -> str:
+        return (
+            f"ParameterSpace({len(self.names)} tensors, n={self.numel}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+    # -- conversions -------------------------------------------------------------------------
+    def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Flatten per-parameter tensors (``None`` counts as zeros) into one vector."""
+        tensors = list(tensors)
+        if len(tensors) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} tensors, got {len(tensors)}")
+        out = []
+        for t, p in zip(tensors, self.params):
+            if t is None:
+                out.append(torch.zeros(p.numel(), device=self.device, dtype=self.dtype))
+            else:
+                if t.shape != p.shape:
+                    raise ValueError(f"tensor of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
+                out.append(t.reshape(-1).to(self.dtype))
+        return torch.cat(out)
+
+    def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        """Views of ``vector`` shaped like the parameters."""
+        self.check_vector(vector)
+        return unflatten(vector, self.shapes)
+
+    def check_vector(self, vector: torch.Tensor, what: str = "vector") -> torch.Tensor:
+        """Raise a clear error unless ``vector`` is a 1-D tensor of length :attr:`numel`."""
+        if not isinstance(vector, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(vector).__name__}")
+        if vector.dim() != 1 or vector.numel() != self.numel:
+            raise ValueError(
+                f"{what} has shape {tuple(vector.shape)}, expected ({self.numel},) "
+                f"for the {len(self.names)} trainable parameter tensors of this model"
+            )
+        return vector
+
+    def as_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: view}`` for a flat vector, e.g. for ``torch.func.functional_call``."""
+        return dict(zip(self.names, self.unflatten(vector)))
+
+    # -- reading and writing the model ------------------------------------------------------
+    def vector(self) -> torch.Tensor:
+        """A flat copy of the current parameter values."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    def grad_vector(self) -> torch.Tensor:
+        """A flat copy of the parameters' ``.grad`` (zeros where ``.grad`` is None)."""
+        return self.flatten([p.grad for p in self.params])
+
+    @torch.no_grad()
+    def add_(self, vector: torch.Tensor, alpha: float = 1.0) -> None:
+        """In place: ``w <- w + alpha * vector`` (one fused foreach axpy, no copy of the model)."""
+        views = self.unflatten(vector.to(device=self.device, dtype=self.dtype))
+        torch._foreach_add_(self.params, views, alpha=alpha)
+
+    @torch.no_grad()
+    def copy_(self, vector: torch.Tensor) -> None:
+        """In place: ``w <- vector``."""
+        views = self.unflatten(vector.to(device=self.device, dtype=self.dtype))
+        torch._foreach_copy_(self.params, views)
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[torch.Tensor]:
+        """Context manager: on exit (also on error or KeyboardInterrupt) the parameters get back
+        their exact values from entry. Yields the saved flat vector."""
+        saved = self.vector()
+        try:
+            yield saved
+        finally:
+            self.copy_(saved)
+
+    def zeros(self) -> torch.Tensor:
+        """A zero vector of the space's device and dtype."""
+        return torch.zeros(self.numel, device=self.device, dtype=self.dtype)
+
+    def offsets(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each parameter inside a flat vector."""
+        out, start = [], 0
+        for n in self.numels:
+            out.append((start, start + n))
+            start += n
+        return out

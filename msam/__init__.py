@@ -1,0 +1,3 @@
+"""msam: Momentum-SAM and related optimizers (torch.optim style). Imports torch only."""
+
+__all__: list[str] = []

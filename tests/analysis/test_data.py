@@ -1,0 +1,83 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from analysis import as_data, evaluate, model_mode
+from tests.models import classification_data, cnn_bn, mlp
+
+
+def _sizes(source):
+    return [b.size for b in source]
+
+
+def test_pair_is_split_with_uneven_last_batch():
+    x, y = classification_data(n=10)
+    src = as_data((x, y), batch_size=4)
+    assert _sizes(src) == [4, 4, 2]
+    assert src.num_samples() == 10
+
+
+def test_forms_agree():
+    x, y = classification_data(n=10)
+    batches = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+    assert _sizes(as_data(batches)) == _sizes(as_data(loader)) == [4, 4, 2]
+    assert not as_data(loader).is_shuffled
+    assert as_data(DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)).is_shuffled
+
+
+def test_max_samples_truncates():
+    x, y = classification_data(n=10)
+    assert _sizes(as_data((x, y), batch_size=4, max_samples=6)) == [4, 2]
+
+
+def test_bad_data_errors():
+    x, y = classification_data(n=10)
+    with pytest.raises(ValueError, match="10 samples but targets have 9"):
+        as_data((x, y[:9]))
+    with pytest.raises(ValueError, match="empty"):
+        as_data([])
+    with pytest.raises(TypeError, match="single tensor"):
+        as_data(x)
+    with pytest.raises(ValueError, match="batch_size"):
+        as_data((x, y), batch_size=0)
+    with pytest.raises(TypeError, match="unsupported data"):
+        as_data(42)
+
+
+def test_evaluate_weights_exactly_by_sample_count():
+    model = mlp()
+    x, y = classification_data(n=10)
+    full = F.cross_entropy(model(x), y).item()
+    res = evaluate(model, "cross_entropy", (x, y), batch_size=3)  # batches 3,3,3,1
+    assert res.loss == pytest.approx(full, rel=1e-12)
+    acc = (model(x).argmax(1) == y).double().mean().item()
+    assert res.accuracy == pytest.approx(acc)
+    assert res.num_samples == 10
+    assert set(res.to_dict()) == {"loss", "accuracy", "num_samples"}
+
+
+def test_evaluate_casts_float32_data_to_model_dtype():
+    model = mlp()
+    x, y = classification_data(n=8)
+    res32 = evaluate(model, None, (x.float(), y))
+    assert res32.loss == pytest.approx(F.cross_entropy(model(x.float().double()), y).item())
+
+
+def test_model_mode_restores_mixed_modes():
+    model = cnn_bn()
+    model.train()
+    model[1].eval()
+    with model_mode(model, "eval"):
+        assert not any(m.training for m in model.modules())
+    assert model.training and not model[1].training and model[0].training
+
+
+def test_evaluate_regression_has_no_accuracy():
+    model = torch.nn.Linear(3, 1).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(5, 1, dtype=torch.float64)
+    res = evaluate(model, "mse", (x, y))
+    assert res.accuracy is None
+    assert res.loss == pytest.approx(F.mse_loss(model(x), y).item())
