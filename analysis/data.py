@@ -16,8 +16,11 @@ exactly by sample count,
 
 also when the last batch is smaller. Consumers accumulate ``n_b * L_b`` and divide by ``N`` at
 the end, so ``N`` never has to be known in advance. Under ``torch.distributed`` a source built
-with ``shard=True`` yields only this rank's batches (batch ``i`` goes to rank ``i % world``);
-the per-rank sums are then all-reduced by the consumer (see :mod:`analysis.distributed`).
+with ``shard=True`` yields only this rank's batches (batch ``i`` goes to rank ``i % world``; a
+DataLoader whose sampler is a ``DistributedSampler`` is taken as already split); consumers then
+all-reduce both their weighted sums and the sample count ``N`` (see :mod:`analysis.distributed`).
+Note that ``DistributedSampler`` pads ranks to equal size by repeating samples unless the dataset
+size divides evenly.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import distributed as dist
 
@@ -186,6 +189,8 @@ class DataSource:
     def __iter__(self) -> Iterator[Batch]:
         seen = 0
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.shard else (0, 1)
+        # a DataLoader with a DistributedSampler is already split across ranks
+        presharded = self.kind == "loader" and isinstance(self.data.sampler, DistributedSampler)
         count = 0
         for i, (x, y) in enumerate(self._raw()):
             n = batch_size_of(y)
@@ -201,16 +206,19 @@ class DataSource:
             seen += n
             if n == 0:
                 continue
-            count += n
-            if world > 1 and i % world != rank:
-                continue
-            yield Batch(x, y, n, i)
-        if count == 0:
+            if presharded or world == 1 or i % world == rank:
+                count += n
+                yield Batch(x, y, n, i)
+        if seen == 0:
             raise ValueError("data is empty (it yielded no samples)")
         self._num_samples = count
 
     def num_samples(self) -> int:
-        """Total number of samples over all ranks (one pass over the data if not yet known)."""
+        """Number of samples this source yields on this rank (one pass if not yet known).
+
+        On one process this is the dataset size ``N``; with ``shard=True`` it is this rank's
+        share, and consumers all-reduce it together with their weighted sums.
+        """
         if self._num_samples is None:
             for _ in self:
                 pass
