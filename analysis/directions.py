@@ -1,0 +1,576 @@
+"""Directions in parameter space for landscape slices, sharpness probes and curvature.
+
+A *direction* is a flat 1-D tensor over the trainable parameters of a model, in the order of
+:class:`analysis.params.ParameterSpace` (the same convention as the Hessian engine's
+eigenvectors), on the model's device and in its dtype. This module builds the directions the
+loss-landscape literature uses:
+
+* :func:`random_direction`: Gaussian ``d ~ N(0, I)``, then normalized per output filter
+  ("filter normalization", Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets"),
+  per tensor ("layer"), over the whole model ("model") or not at all; 1-D tensors (biases,
+  BatchNorm scales and shifts) zeroed by default (``ignore="biasbn"``), as in Li et al.'s
+  ``--xignore biasbn``.
+* :func:`gradient_direction`: the dataset gradient ``g = sum_b n_b grad L_b(w) / N``.
+* :func:`momentum_direction`: the optimizer's momentum (``momentum_buffer`` of torch SGD and
+  :class:`msam.MSAM`, ``exp_avg`` of AdamW and AdamW-MSAM, the base optimizer's state of the
+  SAM wrapper), the direction MSAM perturbs along (Becker et al. 2024, "Momentum-SAM").
+* :func:`interpolation_direction`: ``w_b - w_a`` between two models (Goodfellow et al. 2015).
+* :func:`pca_directions`: the first principal directions of a trajectory of checkpoints,
+  ``w_i - w_final`` (Li et al. 2018, Sec. 7), with the explained variance ratio.
+* :func:`orthogonalize` and :func:`normalize_direction` to combine them (e.g. a random
+  direction made orthogonal to the gradient, or a filter-normalized Hessian eigenvector).
+
+Example:
+    >>> import torch
+    >>> from analysis.directions import random_direction
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> d1 = random_direction(model, seed=0)
+    >>> d2 = random_direction(model, seed=1, orthogonal_to=d1)
+    >>> abs(float(d1 @ d2)) < 1e-5
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as dist
+from .data import Data, as_data, to_device
+from .evaluation import forward, model_mode, resolve_loss
+from .params import ParameterSpace
+from .results import Result, to_jsonable
+
+__all__ = [
+    "NORMALIZATIONS",
+    "random_direction",
+    "gradient_direction",
+    "momentum_direction",
+    "interpolation_direction",
+    "pca_directions",
+    "PCADirections",
+    "orthogonalize",
+    "normalize_direction",
+]
+
+#: Accepted values of ``normalization``.
+NORMALIZATIONS = ("filter", "layer", "model", None)
+_IGNORES = ("biasbn", None)
+_MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
+_BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _space(model: nn.Module, params: Sequence[str | nn.Parameter] | None) -> ParameterSpace:
+    if isinstance(model, ParameterSpace):
+        return model
+    return ParameterSpace(model, params)
+
+
+def _check_options(normalization: str | None, ignore: str | None) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+        )
+    if ignore not in _IGNORES:
+        raise ValueError(f"ignore must be 'biasbn' or None, got {ignore!r}")
+
+
+def _as_direction(d: Any, space: ParameterSpace, what: str = "direction") -> torch.Tensor:
+    """Validate ``d`` against ``space`` and return it on the space's device and dtype."""
+    if isinstance(d, np.ndarray):
+        d = torch.from_numpy(d)
+    if not isinstance(d, torch.Tensor):
+        raise TypeError(f"{what} must be a flat torch.Tensor, got {type(d).__name__}")
+    space.check_vector(d, what)
+    if not d.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {d.dtype}")
+    return d.detach().to(device=space.device, dtype=space.dtype)
+
+
+def normalize_direction(
+    direction: torch.Tensor,
+    model: nn.Module,
+    normalization: str | None = "filter",
+    ignore: str | None = "biasbn",
+    *,
+    params: Sequence[str | nn.Parameter] | None = None,
+) -> torch.Tensor:
+    """Rescale a direction to the scale of the weights (returns a new tensor).
+
+    With ``w`` the model's current weights and ``d`` the direction, split per parameter tensor:
+
+    * ``"filter"`` (Li et al. 2018): for every tensor and every output filter ``f`` (the slice
+      ``[f, ...]`` along dimension 0, e.g. one output channel of a convolution or one row of a
+      linear layer; for a 1-D tensor each entry), ``d_f <- d_f * ||w_f|| / ||d_f||``;
+    * ``"layer"``: ``d_p <- d_p * ||w_p|| / ||d_p||`` for each parameter tensor ``p``;
+    * ``"model"``: ``d <- d * ||w|| / ||d||`` over all kept entries;
+    * ``None``: no rescaling.
+
+    ``ignore="biasbn"`` (default) sets the 1-D tensors (biases, BatchNorm weights and biases) to
+    zero first, so they stay fixed along the slice. Where a filter of ``w`` or of ``d`` is zero
+    (e.g. a zero-initialized BatchNorm bias or a pruned channel) the result is zero there; there
+    is no division by zero.
+
+    Args:
+        direction: flat tensor over the trainable parameters (ParameterSpace order).
+        model: the model whose weights set the scale.
+        normalization: ``"filter"`` (default), ``"layer"``, ``"model"`` or ``None``.
+        ignore: ``"biasbn"`` (default) or ``None``.
+        params: restrict the parameter space (see :class:`ParameterSpace`).
+
+    Returns:
+        The normalized direction, on the model's device and in its dtype.
+
+    Raises:
+        ValueError: for a direction of the wrong length or an unknown option.
+    """
+    _check_options(normalization, ignore)
+    space = _space(model, params)
+    d = _as_direction(direction, space).clone()
+    views = space.unflatten(d)
+    weights = [p.detach() for p in space.params]
+    if ignore == "biasbn":
+        for v in views:
+            if v.dim() <= 1:
+                v.zero_()
+    if normalization is None:
+        return d
+    if normalization == "model":
+        # only the kept (not ignored) tensors count towards ||w||
+        kept = [i for i, v in enumerate(views) if not (ignore == "biasbn" and v.dim() <= 1)]
+        if not kept:
+            return d
+        wn = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(weights[i]) for i in kept]))
+        dn = torch.linalg.vector_norm(d)
+        d.mul_(torch.where(dn > 0, wn / torch.where(dn > 0, dn, 1), 0))
+        return d
+    for v, w in zip(views, weights):
+        if ignore == "biasbn" and v.dim() <= 1:
+            continue
+        if normalization == "layer" or v.dim() == 0:
+            wn, dn = torch.linalg.vector_norm(w), torch.linalg.vector_norm(v)
+            v.mul_(torch.where(dn > 0, wn / torch.where(dn > 0, dn, 1), 0))
+        else:  # filter
+            v2, w2 = v.reshape(v.shape[0], -1), w.reshape(w.shape[0], -1)
+            wn = torch.linalg.vector_norm(w2, dim=1, keepdim=True)
+            dn = torch.linalg.vector_norm(v2, dim=1, keepdim=True)
+            v2.mul_(torch.where(dn > 0, wn / torch.where(dn > 0, dn, 1), 0))
+    return d
+
+
+def orthogonalize(
+    direction: torch.Tensor,
+    against: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    keep_norm: bool = False,
+) -> torch.Tensor:
+    """Gram-Schmidt: remove from ``direction`` its components along ``against``.
+
+    ``d2 <- d2 - (d2 . d1) / (d1 . d1) * d1`` for one ``d1``; for several, they are first made
+    orthonormal among themselves (modified Gram-Schmidt in float64) and then projected out.
+
+    Args:
+        direction: the flat direction ``d2`` to orthogonalize.
+        against: a flat direction ``d1`` or a sequence of them (same length as ``d2``).
+        keep_norm: rescale the result to ``||d2||`` (keeps the scale of a filter-normalized
+            direction; filter norms then hold only approximately).
+
+    Returns:
+        A new tensor orthogonal to every direction in ``against`` (up to rounding), in the dtype
+        and on the device of ``direction``.
+
+    Raises:
+        ValueError: if shapes differ, an ``against`` direction is zero, or ``direction`` lies in
+            their span (the result would be zero).
+    """
+    if not isinstance(direction, torch.Tensor):
+        raise TypeError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
+    if direction.dim() != 1:
+        raise ValueError(f"direction must be flat (1-D), got shape {tuple(direction.shape)}")
+    basis_in = [against] if isinstance(against, torch.Tensor) else list(against)
+    d = direction.detach().to(torch.float64)
+    basis: list[torch.Tensor] = []
+    for i, b in enumerate(basis_in):
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"against[{i}] must be a torch.Tensor, got {type(b).__name__}")
+        if b.shape != direction.shape:
+            raise ValueError(
+                f"against[{i}] has shape {tuple(b.shape)}, direction has {tuple(direction.shape)}"
+            )
+        u = b.detach().to(device=d.device, dtype=torch.float64)
+        for q in basis:
+            u = u - (u @ q) * q
+        nu = torch.linalg.vector_norm(u)
+        if not nu > 0:
+            raise ValueError(
+                f"against[{i}] is zero (or in the span of the previous ones); cannot orthogonalize"
+            )
+        basis.append(u / nu)
+    norm0 = torch.linalg.vector_norm(d)
+    for q in basis:
+        d = d - (d @ q) * q
+    for q in basis:  # a second pass for full accuracy
+        d = d - (d @ q) * q
+    nd = torch.linalg.vector_norm(d)
+    if not nd > 1e-12 * max(float(norm0), 1e-300):
+        raise ValueError("direction lies in the span of `against`; the orthogonalized direction is zero")
+    if keep_norm:
+        d = d * (norm0 / nd)
+    return d.to(direction.dtype)
+
+
+def random_direction(
+    model: nn.Module,
+    *,
+    normalization: str | None = "filter",
+    ignore: str | None = "biasbn",
+    seed: int = 0,
+    params: Sequence[str | nn.Parameter] | None = None,
+    orthogonal_to: torch.Tensor | Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A seeded Gaussian direction, normalized to the scale of the weights (Li et al. 2018).
+
+    ``d ~ N(0, I)`` is drawn with its own ``torch.Generator`` (the global RNG is untouched) on
+    the CPU in float64, so the same seed gives the same direction on every device and dtype;
+    then :func:`normalize_direction` applies ``normalization`` and ``ignore``. With
+    ``orthogonal_to``, the normalized direction is made orthogonal to the given direction(s)
+    and rescaled to its previous norm (:func:`orthogonalize` with ``keep_norm=True``); in high
+    dimension this changes it very little (random vectors are nearly orthogonal), and the
+    filter norms then hold approximately.
+
+    Args:
+        model: the model (its weights set the scale, its parameters the space).
+        normalization: ``"filter"`` (default), ``"layer"``, ``"model"`` or ``None``.
+        ignore: ``"biasbn"`` (default: 1-D tensors are zero) or ``None``.
+        seed: seed of the generator.
+        params: restrict the parameter space (see :class:`ParameterSpace`).
+        orthogonal_to: a direction or a sequence of directions to be orthogonal to.
+
+    Returns:
+        A flat tensor on the model's device and in its dtype.
+    """
+    _check_options(normalization, ignore)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    space = _space(model, params)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    raw = torch.randn(space.numel, generator=gen, dtype=torch.float64)
+    d = normalize_direction(raw.to(device=space.device, dtype=space.dtype), space, normalization, ignore)
+    if orthogonal_to is not None:
+        against = [orthogonal_to] if isinstance(orthogonal_to, torch.Tensor) else list(orthogonal_to)
+        against = [_as_direction(a, space, "orthogonal_to") for a in against]
+        d = orthogonalize(d, against, keep_norm=True)
+    return d
+
+
+def gradient_direction(
+    model: nn.Module,
+    loss_fn: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    data: Data,
+    *,
+    params: Sequence[str | nn.Parameter] | None = None,
+    mode: str | None = "eval",
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """The dataset gradient ``g = grad L(w) = sum_b n_b grad L_b(w) / N``.
+
+    Computed with ``torch.autograd.grad``, so the parameters' ``.grad`` fields are not touched;
+    the model's train/eval flags are restored. With a sharded data source the weighted sum and
+    ``N`` are all-reduced over ranks.
+
+    Args:
+        model: the network.
+        loss_fn: ``"cross_entropy"``, ``"mse"`` or a callable returning the batch-mean loss.
+        data: an ``(X, y)`` pair, a list of batches or a DataLoader (see :mod:`analysis.data`).
+        params: restrict the parameter space.
+        mode: ``"eval"`` (default: BatchNorm uses running statistics), ``"train"`` or ``None``.
+        batch_size: batch size to split a tensor pair.
+
+    Returns:
+        The flat gradient (ParameterSpace order, model's device and dtype). It points uphill;
+        use its negative for the descent direction.
+    """
+    loss_fn = resolve_loss(loss_fn)
+    space = _space(model, params)
+    source = as_data(data, batch_size=batch_size)
+    total = torch.zeros(space.numel + 1, device=space.device, dtype=torch.float64)
+    with model_mode(model, mode), torch.enable_grad():
+        for batch in source:
+            x = to_device(batch.inputs, space.device, space.dtype)
+            y = to_device(batch.targets, space.device, space.dtype)
+            loss = loss_fn(forward(model, x), y)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn must return a scalar tensor")
+            grads = torch.autograd.grad(loss, space.params, allow_unused=True)
+            total[:-1] += space.flatten(list(grads)).to(torch.float64) * batch.size
+            total[-1] += batch.size
+    if source.shard:
+        dist.all_reduce_sum(total)
+    return (total[:-1] / total[-1]).to(space.dtype)
+
+
+def _momentum_state(optimizer: Any) -> tuple[Any, str | None]:
+    """The optimizer whose state holds the momentum (the base optimizer of a SAM wrapper)."""
+    candidates = [optimizer]
+    base = getattr(optimizer, "base_optimizer", None)
+    if base is not None:
+        candidates.append(base)
+    for opt in candidates:
+        state = getattr(opt, "state", None)
+        if not isinstance(state, Mapping):
+            continue
+        for key in _MOMENTUM_KEYS:
+            for st in state.values():
+                if isinstance(st, Mapping) and isinstance(st.get(key), torch.Tensor):
+                    return opt, key
+    return None, None
+
+
+def momentum_direction(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module | None = None,
+    *,
+    params: Sequence[str | nn.Parameter] | None = None,
+) -> torch.Tensor:
+    """The optimizer's momentum as a flat direction.
+
+    Reads ``state[p]["momentum_buffer"]`` (torch SGD, :class:`msam.MSAM`) or
+    ``state[p]["exp_avg"]`` (torch Adam/AdamW, AdamW-MSAM); for a SAM-style wrapper the state
+    of ``optimizer.base_optimizer``. The buffer accumulates gradients, so it points uphill (the
+    update moves along its negative); MSAM perturbs along ``-v / ||v||`` (Becker et al. 2024).
+    Parameters without state (not yet stepped, or frozen) get zeros.
+
+    Args:
+        optimizer: a stepped optimizer.
+        model: defines the parameter space and its order (recommended); without it, the order of
+            the optimizer's ``param_groups``.
+        params: restrict the model's parameter space.
+
+    Returns:
+        A flat tensor (the model's device and dtype).
+
+    Raises:
+        ValueError: if the optimizer holds no momentum at all (no step taken yet, or momentum 0).
+    """
+    if not hasattr(optimizer, "param_groups") or not hasattr(optimizer, "state"):
+        raise TypeError(f"expected a torch optimizer, got {type(optimizer).__name__}")
+    opt, key = _momentum_state(optimizer)
+    if opt is None:
+        raise ValueError(
+            f"{type(optimizer).__name__} holds no momentum state (no tensor under "
+            f"{' or '.join(repr(k) for k in _MOMENTUM_KEYS)}): take at least one step, with "
+            "momentum > 0 for SGD"
+        )
+    if model is not None:
+        space = _space(model, params)
+        tensors = space.params
+    else:
+        if params is not None:
+            raise ValueError("`params` needs `model`")
+        tensors, seen = [], set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen and p.requires_grad:
+                    seen.add(id(p))
+                    tensors.append(p)
+        if not tensors:
+            raise ValueError("the optimizer has no trainable parameters")
+        space = None
+    bufs = []
+    for p in tensors:
+        st = opt.state.get(p, {})
+        buf = st.get(key) if isinstance(st, Mapping) else None
+        bufs.append(buf.detach() if isinstance(buf, torch.Tensor) else None)
+    if space is not None:
+        return space.flatten(bufs)
+    dtype, device = tensors[0].dtype, tensors[0].device
+    return torch.cat([
+        (b.reshape(-1).to(device=device, dtype=dtype) if b is not None
+         else torch.zeros(p.numel(), device=device, dtype=dtype))
+        for b, p in zip(bufs, tensors)
+    ])
+
+
+def _state_vector(obj: Any, space: ParameterSpace, what: str) -> torch.Tensor:
+    """Flat parameter vector of a model or a state_dict, in ``space``'s order and dtype."""
+    if isinstance(obj, nn.Module):
+        named = dict(obj.named_parameters())
+    elif isinstance(obj, Mapping):
+        named = obj
+    else:
+        raise TypeError(f"{what} must be an nn.Module or a state_dict, got {type(obj).__name__}")
+    parts = []
+    for name, shape in zip(space.names, space.shapes):
+        if name not in named:
+            raise ValueError(f"{what} has no parameter {name!r}")
+        t = named[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{name!r}] is a {type(t).__name__}, not a tensor")
+        if t.shape != shape:
+            raise ValueError(
+                f"{what}[{name!r}] has shape {tuple(t.shape)}, expected {tuple(shape)}"
+            )
+        parts.append(t.detach().reshape(-1).to(device=space.device, dtype=space.dtype))
+    return torch.cat(parts)
+
+
+def interpolation_direction(
+    model_a: nn.Module,
+    model_b: nn.Module | Mapping[str, torch.Tensor],
+    *,
+    params: Sequence[str | nn.Parameter] | None = None,
+) -> torch.Tensor:
+    """``d = w_b - w_a``, so that ``w_a + alpha d`` runs from ``model_a`` (0) to ``model_b`` (1).
+
+    The linear path between two solutions (Goodfellow et al. 2015, "Qualitatively characterizing
+    neural network optimization problems"; Li et al. 2018, Sec. 3).
+
+    Args:
+        model_a: the origin; defines the parameter space.
+        model_b: the end point: a model or a state_dict with the same parameter names and shapes.
+        params: restrict the parameter space of ``model_a``.
+
+    Returns:
+        A flat tensor in ``model_a``'s space (device and dtype).
+
+    Raises:
+        ValueError: if ``model_b`` lacks a parameter or a shape differs.
+    """
+    space = _space(model_a, params)
+    return _state_vector(model_b, space, "model_b") - space.vector()
+
+
+class _NameSpace:
+    """A stand-in for ParameterSpace built from a state_dict (names, shapes, device, dtype)."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor]):
+        keys = [
+            k for k, v in sd.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not k.endswith(_BN_BUFFER_SUFFIXES)
+        ]
+        if not keys:
+            raise ValueError("the checkpoint has no floating-point parameters")
+        self.names = keys
+        self.shapes = [sd[k].shape for k in keys]
+        self.device = sd[keys[0]].device
+        self.dtype = sd[keys[0]].dtype
+
+
+@dataclass(frozen=True, repr=False)
+class PCADirections(Result):
+    """Principal directions of a trajectory (from :func:`pca_directions`).
+
+    Attributes:
+        directions: ``(k, n)`` tensor whose rows are unit-norm flat directions (first = largest
+            variance), so ``d1, d2 = result.directions`` unpacks them.
+        explained_variance_ratio: fraction of the trajectory's variance along each direction.
+        singular_values: the singular values of the (centered) trajectory matrix.
+        coordinates: ``(m, k)`` array, the projection ``(w_i - w_final) . d_j`` of each
+            checkpoint (the final point sits at the origin), for drawing the path on a 2-D slice.
+        names: names of the parameters spanning the space.
+    """
+
+    directions: torch.Tensor
+    explained_variance_ratio: np.ndarray
+    singular_values: np.ndarray
+    coordinates: np.ndarray
+    names: tuple
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (the direction vectors themselves are summarized by their length)."""
+        out = {f: to_jsonable(getattr(self, f)) for f in
+               ("explained_variance_ratio", "singular_values", "coordinates")}
+        out["directions"] = [{"numel": int(d.numel()), "norm": float(d.norm())} for d in self.directions]
+        out["names"] = list(self.names)
+        return out
+
+
+def pca_directions(
+    checkpoints: Sequence[nn.Module | Mapping[str, torch.Tensor]],
+    k: int = 2,
+    *,
+    final: nn.Module | Mapping[str, torch.Tensor] | None = None,
+    model: nn.Module | None = None,
+    center: bool = True,
+) -> PCADirections:
+    """The top-``k`` PCA directions of a training trajectory (Li et al. 2018, Sec. 7).
+
+    With checkpoints ``w_1..w_m`` and the final point ``w_final`` (default: the last
+    checkpoint), the rows ``x_i = w_i - w_final`` form ``M`` (``m x n``); with ``center=True``
+    (default, as Li et al., who use scikit-learn's PCA) the row mean is subtracted first. The
+    directions are the top right singular vectors of ``M`` (unit norm) and the explained
+    variance ratio is ``s_j^2 / sum_i s_i^2``. Computed in float64 through the ``m x m`` Gram
+    matrix, so memory is ``m * n`` floats.
+
+    Args:
+        checkpoints: models or state_dicts (at least 2).
+        k: number of directions (at most ``m - 1`` when centered, ``m`` otherwise).
+        final: the reference point (default: the last checkpoint).
+        model: defines the parameter space (names, device, dtype). Default: the first checkpoint
+            if it is a model; for state_dicts without a model, every floating-point entry except
+            BatchNorm running statistics.
+        center: subtract the mean of the rows before the decomposition.
+
+    Returns:
+        :class:`PCADirections` (directions in the space's device and dtype).
+
+    Raises:
+        ValueError: for fewer than 2 checkpoints, a bad ``k``, mismatched checkpoints, or a
+            trajectory with no variance.
+    """
+    checkpoints = list(checkpoints)
+    if len(checkpoints) < 2:
+        raise ValueError(f"pca_directions needs at least 2 checkpoints, got {len(checkpoints)}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if model is not None:
+        space: Any = _space(model, None)
+    elif isinstance(checkpoints[0], nn.Module):
+        space = _space(checkpoints[0], None)
+    elif isinstance(checkpoints[0], Mapping):
+        space = _NameSpace(checkpoints[0])
+    else:
+        raise TypeError(
+            f"checkpoints must be models or state_dicts, got {type(checkpoints[0]).__name__}"
+        )
+    ref = final if final is not None else checkpoints[-1]
+    w_final = _state_vector(ref, space, "final").to(torch.float64)
+    rows = torch.stack([
+        _state_vector(c, space, f"checkpoints[{i}]").to(torch.float64) - w_final
+        for i, c in enumerate(checkpoints)
+    ])
+    m = rows.shape[0]
+    mat = rows - rows.mean(dim=0, keepdim=True) if center else rows
+    rank_max = m - 1 if center else m
+    if k > rank_max:
+        raise ValueError(f"k={k} exceeds the number of available components ({rank_max}) for {m} checkpoints")
+    gram = mat @ mat.T
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    total = evals.sum()
+    if not total > 0:
+        raise ValueError("the checkpoints are all identical: the trajectory has no variance")
+    s = evals.sqrt()
+    if not s[k - 1] > 1e-12 * s[0]:
+        raise ValueError(f"the trajectory spans fewer than k={k} dimensions")
+    dirs = (mat.T @ evecs[:, :k]) / s[:k]  # (n, k), unit columns
+    for j in range(k):  # deterministic sign: the largest-magnitude entry is positive
+        col = dirs[:, j]
+        if col[col.abs().argmax()] < 0:
+            dirs[:, j] = -col
+    coords = rows @ dirs
+    directions = dirs.T.to(device=space.device, dtype=space.dtype).contiguous()
+    return PCADirections(
+        directions=directions,
+        explained_variance_ratio=(evals[:k] / total).cpu().numpy(),
+        singular_values=s.cpu().numpy(),
+        coordinates=coords.cpu().numpy(),
+        names=tuple(space.names),
+    )
+
