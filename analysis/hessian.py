@@ -1,0 +1,477 @@
+"""Curvature as linear operators: Hessian- and Gauss-Newton-vector products over the dataset loss.
+
+The dataset loss is the exactly sample-weighted mean of batch-mean losses (see
+:mod:`analysis.data`),
+
+    L(w) = sum_b (n_b / N) L_b(w),        so        H v = sum_b (n_b / N) H_b v,
+
+also for a smaller last batch. :class:`HessianOperator` computes ``H v`` for flat vectors ``v``
+over the model's trainable parameters (:class:`analysis.params.ParameterSpace`), on the model's
+device and in its dtype, by forward-over-reverse differentiation::
+
+    H_b v = jvp(grad(L_b), (w,), (v,))        # torch.func.jvp of torch.func.grad over functional_call
+
+with a double-backward fallback (``grad(<grad L_b, v>)``) for models whose operators lack forward-mode
+AD. :class:`GGNOperator` computes the generalized Gauss-Newton product ``G v = J^T H_out J v``
+(``J`` the Jacobian of the network outputs, ``H_out`` the Hessian of the loss in the outputs),
+which for cross-entropy and mean squared error is positive semi-definite.
+
+Both are square linear operators: ``op @ v``, ``op.matvec(v)``, ``op @ V`` for an ``(n, k)``
+matrix of columns, ``op.to_scipy()`` for ``scipy.sparse.linalg``. They refuse nondeterministic
+setups (active dropout, train-mode BatchNorm, a shuffling DataLoader) unless
+``check_deterministic=False``, because Lanczos and the trace estimators need the *same* matrix at
+every product.
+
+Example:
+    >>> import torch
+    >>> from analysis.hessian import HessianOperator, directional_curvature
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    >>> H = HessianOperator(model, "cross_entropy", (x, y))
+    >>> v = torch.randn(H.shape[0])
+    >>> Hv = H @ v
+    >>> c = directional_curvature(H, v)      # v^T H v / ||v||^2 (paper A.4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp
+
+from . import distributed as dist
+from .data import Data, DataSource, as_data, to_device
+from .evaluation import LossFn, model_mode, resolve_loss
+from .params import ParameterSpace
+
+__all__ = [
+    "CurvatureOperator",
+    "HessianOperator",
+    "GGNOperator",
+    "directional_curvature",
+    "check_deterministic_setup",
+]
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+            nn.FeatureAlphaDropout)
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
+
+
+def check_deterministic_setup(model: nn.Module, source: DataSource, mode: str | None) -> None:
+    """Raise ``ValueError`` if products with the curvature would not be reproducible.
+
+    Refused: a dropout module with ``p > 0`` that will be active (``mode="train"``, or
+    ``mode=None`` with the module in training mode), a BatchNorm module in training mode (its
+    output then depends on the batch composition and its running statistics change at every
+    product), and a DataLoader that shuffles.
+
+    Args:
+        model: the network.
+        source: the data source.
+        mode: the mode the curvature is evaluated in (``"eval"``, ``"train"`` or ``None``).
+    """
+    for name, m in model.named_modules():
+        active = mode == "train" or (mode is None and m.training)
+        if not active:
+            continue
+        if isinstance(m, _DROPOUT) and m.p > 0:
+            raise ValueError(
+                f"module {name or type(m).__name__!r} is an active {type(m).__name__}(p={m.p}) "
+                f"under mode={mode!r}, so every curvature product would see another random mask; "
+                "use mode='eval' or pass check_deterministic=False"
+            )
+        if isinstance(m, _BATCHNORM):
+            raise ValueError(
+                f"module {name or type(m).__name__!r} is a {type(m).__name__} in training mode "
+                f"under mode={mode!r}: its output depends on the batch statistics and its running "
+                "statistics change at every product; use mode='eval' or pass "
+                "check_deterministic=False"
+            )
+    if source.is_shuffled:
+        raise ValueError(
+            "the DataLoader shuffles (its sampler is a RandomSampler), so successive curvature "
+            "products would use different batches when the batches are weighted; build it with "
+            "shuffle=False or pass check_deterministic=False"
+        )
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        for v in obj.values():
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(obj, (tuple, list)):
+        for v in obj:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return functional_call(model, state, args=(), kwargs=inputs)
+    if isinstance(inputs, (tuple, list)):
+        return functional_call(model, state, tuple(inputs))
+    return functional_call(model, state, (inputs,))
+
+
+class CurvatureOperator:
+    """Base class: a symmetric ``n x n`` curvature matrix of the dataset loss, applied to vectors.
+
+    Subclasses implement :meth:`_batch_product` (the weighted product of one batch). This class
+    owns the data handling (batches moved to the device once and cached for tensor pairs and
+    lists of batches; a DataLoader is re-iterated), exact sample weighting, the distributed
+    all-reduce, mode handling, input validation and the matvec counter.
+
+    Args:
+        model: the network; its trainable parameters (or ``params``) span the space.
+        loss_fn: ``"cross_entropy"``, ``"mse"`` or a callable ``loss(outputs, targets)``
+            returning the batch-mean scalar.
+        data: an ``(X, y)`` pair, a list of ``(x, y)`` batches, a DataLoader or a DataSource.
+        params: ``None`` (every parameter with ``requires_grad``) or a list of parameter names
+            or parameters: the subspace the operator acts on.
+        mode: ``"eval"`` (default), ``"train"`` or ``None`` (leave the model's flags); the
+            caller's flags are restored after every product.
+        check_deterministic: refuse active dropout, train-mode BatchNorm and shuffling loaders.
+        batch_size: split a tensor pair into batches of this size (``None``: one batch).
+
+    Attributes:
+        space: the :class:`~analysis.params.ParameterSpace`.
+        shape: ``(n, n)``.
+        device, dtype: those of the parameters; vectors must match them.
+        num_matvecs: products computed so far (a matrix of ``k`` columns counts ``k``).
+        num_samples: ``N``, the total number of samples (over all ranks if sharded).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: str | LossFn | None,
+        data: Data | DataSource,
+        *,
+        params: Sequence[str | nn.Parameter] | None = None,
+        mode: str | None = "eval",
+        check_deterministic: bool = True,
+        batch_size: int | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if mode not in (None, "eval", "train"):
+            raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
+        self.model = model
+        self.loss_fn = resolve_loss(loss_fn)
+        self.space = ParameterSpace(model, params)
+        self.source = as_data(data, batch_size=batch_size)
+        self.mode = mode
+        self.check_deterministic = check_deterministic
+        if check_deterministic:
+            check_deterministic_setup(model, self.source, mode)
+        n = self.space.numel
+        self.shape = (n, n)
+        self.device = self.space.device
+        self.dtype = self.space.dtype
+        self.num_matvecs = 0
+        self._names = list(self.space.names)
+        # cache device-resident batches for in-memory data; a DataLoader is re-iterated
+        self._cached: list[tuple[Any, Any, int, int]] | None = None
+        if self.source.kind in ("pair", "batches"):
+            cached = []
+            for b in self.source:
+                x = to_device(b.inputs, self.device, self.dtype)
+                y = to_device(b.targets, self.device, self.dtype)
+                self._check_batch_device(x, b.index)
+                cached.append((x, y, b.size, b.index))
+            self._cached = cached
+            local = sum(c[2] for c in cached)
+            self.num_samples = self._reduce_count(local)
+        else:
+            self.num_samples = None  # known after the first pass over the loader
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _reduce_count(self, local: int) -> int:
+        if not self.source.shard:
+            return local
+        t = torch.tensor([float(local)], device=self.device, dtype=torch.float64)
+        dist.all_reduce_sum(t)
+        return int(t.item())
+
+    def _check_batch_device(self, x: Any, index: int) -> None:
+        t = _first_tensor(x)
+        if t is not None and t.device != self.device:
+            raise ValueError(
+                f"batch {index} could not be moved to the model's device {self.device} "
+                f"(it is on {t.device})"
+            )
+
+    def _batches(self):
+        if self._cached is not None:
+            yield from self._cached
+            return
+        for b in self.source:
+            yield (to_device(b.inputs, self.device, self.dtype),
+                   to_device(b.targets, self.device, self.dtype), b.size, b.index)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """Parameters (detached) and buffers for functional_call; buffers are cloned when the
+        model may write to them (train-mode BatchNorm) so the caller's statistics stay intact."""
+        state = {n: p.detach() for n, p in zip(self._names, self.space.params)}
+        writes = any(
+            isinstance(m, _BATCHNORM) and (self.mode == "train" or (self.mode is None and m.training))
+            for m in self.model.modules()
+        )
+        for name, b in self.model.named_buffers():
+            state[name] = b.clone() if writes else b
+        return state
+
+    def _check_vector(self, v: torch.Tensor) -> torch.Tensor:
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"the vector must be a torch.Tensor, got {type(v).__name__}")
+        if v.device != self.device:
+            raise ValueError(
+                f"the vector is on {v.device} but the operator (the model) is on {self.device}"
+            )
+        if v.dtype != self.dtype:
+            raise TypeError(
+                f"the vector has dtype {v.dtype} but the model's parameters are {self.dtype}; "
+                "cast it with v.to(op.dtype)"
+            )
+        return self.space.check_vector(v)
+
+    def _batch_product(self, state, v_dict, x, y, weight):
+        raise NotImplementedError
+
+    # -- the product --------------------------------------------------------------------------
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``C v`` for a flat vector ``v`` of shape ``(n,)`` (the model's device and dtype).
+
+        Raises:
+            TypeError / ValueError: for a vector of the wrong type, dtype, device or length.
+            FloatingPointError: if the product is not finite (names the first bad batch).
+        """
+        v = self._check_vector(v)
+        out = self._apply(v)
+        self.num_matvecs += 1
+        return out
+
+    def _apply(self, v: torch.Tensor, *, locate: bool = True) -> torch.Tensor:
+        v_dict = dict(zip(self._names, self.space.unflatten(v.detach())))
+        out = None
+        with model_mode(self.model, self.mode), torch.no_grad():
+            state = self._state()
+            if self._cached is not None:
+                total = self.num_samples
+                for x, y, size, _ in self._cached:
+                    hv = self._batch_product(state, v_dict, x, y, size / total)
+                    out = hv if out is None else out.add_(hv)
+            else:
+                local = 0
+                for x, y, size, index in self._batches():
+                    self._check_batch_device(x, index)
+                    hv = self._batch_product(state, v_dict, x, y, float(size))
+                    out = hv if out is None else out.add_(hv)
+                    local += size
+                if self.num_samples is None:
+                    self.num_samples = self._reduce_count(local)
+                if self.source.shard:
+                    dist.all_reduce_sum(out)  # the weighted sum; N was all-reduced above
+                out = out.div_(self.num_samples)
+                return self._finite(out, v, locate)
+            if self.source.shard:
+                dist.all_reduce_sum(out)
+        return self._finite(out, v, locate)
+
+    def _finite(self, out: torch.Tensor, v: torch.Tensor, locate: bool) -> torch.Tensor:
+        if bool(torch.isfinite(out).all()):
+            return out
+        # slow path, only on failure: find the first batch with a non-finite product
+        v_dict = dict(zip(self._names, self.space.unflatten(v.detach())))
+        with model_mode(self.model, self.mode), torch.no_grad():
+            state = self._state()
+            for x, y, _size, index in self._batches():
+                hv = self._batch_product(state, v_dict, x, y, 1.0)
+                if not bool(torch.isfinite(hv).all()):
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: the product is not finite on batch {index} "
+                        "(inf/nan in the loss, its derivatives or the vector)"
+                    )
+        raise FloatingPointError(
+            f"{type(self).__name__}: the product is not finite (inf/nan after summing batches)"
+        )
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``C V`` for an ``(n, k)`` matrix of column vectors (``k`` products)."""
+        if not isinstance(V, torch.Tensor) or V.dim() != 2 or V.shape[0] != self.shape[0]:
+            shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+            raise ValueError(f"expected an ({self.shape[0]}, k) matrix, got {shape}")
+        cols = [self.matvec(V[:, j].contiguous()) for j in range(V.shape[1])]
+        return torch.stack(cols, dim=1)
+
+    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
+        if isinstance(v, torch.Tensor) and v.dim() == 2:
+            return self.matmat(v)
+        return self.matvec(v)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self @ v
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy vectors in and out; each
+        product moves the vector to the model's device and dtype and back)."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x):
+            x = np.asarray(x).reshape(-1)
+            t = torch.as_tensor(x).to(device=self.device, dtype=self.dtype)
+            return self.matvec(t).detach().cpu().double().numpy()
+
+        def mm(X):
+            t = torch.as_tensor(np.asarray(X)).to(device=self.device, dtype=self.dtype)
+            return self.matmat(t).detach().cpu().double().numpy()
+
+        return LinearOperator(self.shape, matvec=mv, matmat=mm, rmatvec=mv, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n={self.shape[0]}, device={self.device}, dtype={self.dtype}, "
+            f"mode={self.mode!r}, num_matvecs={self.num_matvecs})"
+        )
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian of the dataset loss as a linear operator, ``v -> H v``.
+
+    ``H v = sum_b (n_b / N) H_b v`` with ``H_b`` the Hessian of the batch-mean loss of batch
+    ``b``; each ``H_b v`` is computed by forward-over-reverse AD,
+    ``torch.func.jvp(torch.func.grad(L_b), (w,), (v,))`` over ``torch.func.functional_call``
+    (cost about two to three gradients), or by double backward when an operator has no
+    forward-mode derivative. Arguments and attributes are those of :class:`CurvatureOperator`.
+
+    The method used is in :attr:`method` (``"forward-over-reverse"`` or ``"double-backward"``,
+    decided at the first product).
+
+    Example:
+        >>> H = HessianOperator(model, "cross_entropy", (x, y))      # doctest: +SKIP
+        >>> Hv = H @ torch.randn(H.shape[0])                          # doctest: +SKIP
+    """
+
+    method: str
+
+    def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
+                 check_deterministic=True, batch_size=None):
+        super().__init__(model, loss_fn, data, params=params, mode=mode,
+                         check_deterministic=check_deterministic, batch_size=batch_size)
+        self.method = "forward-over-reverse"
+        loss_fn = self.loss_fn
+        model = self.model
+
+        def batch_loss(p, state, x, y, weight):
+            loss = loss_fn(_call(model, {**state, **p}, x), y)
+            if loss.dim() != 0:
+                raise ValueError(
+                    f"loss_fn must return a scalar (the batch mean), got shape {tuple(loss.shape)}"
+                )
+            return loss * weight
+
+        self._batch_loss = batch_loss
+        self._grad = grad(batch_loss)
+
+    def _batch_product(self, state, v_dict, x, y, weight):
+        primals = {n: state[n] for n in self._names}
+        if self.method == "forward-over-reverse":
+            try:
+                _, hv = jvp(lambda p: self._grad(p, state, x, y, weight), (primals,), (v_dict,))
+            except (NotImplementedError, RuntimeError) as err:
+                if "forward" not in str(err).lower() and "jvp" not in str(err).lower():
+                    raise
+                self.method = "double-backward"
+            else:
+                return torch.cat([hv[n].reshape(-1) for n in self._names])
+        return self._double_backward(primals, state, v_dict, x, y, weight)
+
+    def _double_backward(self, primals, state, v_dict, x, y, weight):
+        with torch.enable_grad():
+            leaves = {n: t.detach().requires_grad_(True) for n, t in primals.items()}
+            loss = self._batch_loss(leaves, state, x, y, weight)
+            params = [leaves[n] for n in self._names]
+            g = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            pairs = [(gi, v_dict[n]) for gi, n in zip(g, self._names) if gi is not None
+                     and gi.requires_grad]
+            if not pairs:
+                return torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
+            hv = torch.autograd.grad([p for p, _ in pairs], params,
+                                     grad_outputs=[u for _, u in pairs], allow_unused=True)
+        return self.space.flatten([h.detach() if h is not None else None for h in hv])
+
+
+class GGNOperator(CurvatureOperator):
+    """The generalized Gauss-Newton matrix of the dataset loss, ``v -> G v``.
+
+    ``G = sum_b (n_b / N) J_b^T H_out,b J_b`` with ``J_b`` the Jacobian of the network outputs on
+    batch ``b`` in the parameters and ``H_out,b`` the Hessian of the batch-mean loss in the
+    outputs. For cross-entropy and mean squared error ``H_out`` is positive semi-definite, so
+    ``G`` is too; for a model that is linear in its parameters ``G = H``. Each product costs
+    one Jacobian-vector product, one loss-Hessian product in output space and one
+    vector-Jacobian product. Arguments and attributes are those of :class:`CurvatureOperator`.
+    """
+
+    def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
+                 check_deterministic=True, batch_size=None):
+        super().__init__(model, loss_fn, data, params=params, mode=mode,
+                         check_deterministic=check_deterministic, batch_size=batch_size)
+        loss_fn = self.loss_fn
+
+        def out_loss(out, y, weight):
+            loss = loss_fn(out, y)
+            if loss.dim() != 0:
+                raise ValueError(
+                    f"loss_fn must return a scalar (the batch mean), got shape {tuple(loss.shape)}"
+                )
+            return loss * weight
+
+        self._out_grad = grad(out_loss)
+
+    def _batch_product(self, state, v_dict, x, y, weight):
+        primals = {n: state[n] for n in self._names}
+        model = self.model
+
+        def f(p):
+            return _call(model, {**state, **p}, x)
+
+        out, jv = jvp(f, (primals,), (v_dict,))
+        _, hjv = jvp(lambda o: self._out_grad(o, y, weight), (out,), (jv,))
+        _, vjp_fn = vjp(f, primals)
+        (g,) = vjp_fn(hjv)
+        return torch.cat([g[n].reshape(-1) for n in self._names])
+
+
+def directional_curvature(op: CurvatureOperator | Callable[[torch.Tensor], torch.Tensor],
+                          d: torch.Tensor) -> float:
+    """Curvature of the loss along a direction: ``d^T H d / ||d||^2`` (MSAM paper, App. A.4).
+
+    Args:
+        op: a curvature operator (or any callable ``v -> H v``).
+        d: a flat direction (any nonzero length-``n`` vector; e.g. the momentum buffer).
+
+    Returns:
+        The Rayleigh quotient as a Python float (one matvec).
+
+    Raises:
+        ValueError: for a zero direction.
+    """
+    if not isinstance(d, torch.Tensor):
+        raise TypeError(f"d must be a torch.Tensor, got {type(d).__name__}")
+    if isinstance(op, CurvatureOperator):
+        d = d.to(device=op.device, dtype=op.dtype)
+    nrm2 = torch.dot(d, d)
+    if not bool(nrm2 > 0):
+        raise ValueError("the direction d is zero; its curvature is undefined")
+    hd = op @ d
+    return float(torch.dot(d, hd) / nrm2)
