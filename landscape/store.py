@@ -1,0 +1,245 @@
+"""Resumable, atomic on-disk storage of landscape grids.
+
+A 2-D slice over an ``nx x ny`` grid is computed row by row (row ``i`` = every ``ys`` at
+``xs[i]``). :class:`GridStore` keeps the finished rows in one ``.npz`` file and rewrites it after
+every row *atomically* (write a temporary file in the same folder, then ``os.replace``), so a run
+killed at any moment leaves either the previous or the new complete file, never a torn one.
+
+Every store carries a *fingerprint* of the arguments that determine the values: the grid, hashes
+of the directions, of the model's parameters and buffers and of the data, the data size, the
+loss, the mode and the metrics. Opening a store whose fingerprint differs is a clear
+:class:`StoreMismatchError` naming the differing entries, and the file is left untouched. A
+resumed run therefore continues exactly the computation that was interrupted; since each grid
+value depends only on its coordinates (the parameters are set to ``w + x d1 + y d2`` from the
+saved ``w`` at every point), the resumed grid equals an uninterrupted one bit for bit.
+
+``path`` may be a file (``"grid.npz"``) or a directory: in a directory each fingerprint gets its
+own file ``landscape-<hash>.npz``, so different grids can share one folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "GridStore",
+    "StoreMismatchError",
+    "tensor_hash",
+    "tensors_hash",
+    "fingerprint_hash",
+]
+
+_FORMAT = "msam-landscape-grid/1"
+
+
+class StoreMismatchError(ValueError):
+    """An existing store was written with different arguments (it is left untouched)."""
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().reshape(-1).contiguous().cpu()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def tensors_hash(tensors: Iterable[Any]) -> str:
+    """SHA-256 (hex, 16 characters) of tensors' dtypes, shapes and exact bytes, in order.
+
+    Nested tuples, lists and dicts of tensors are walked in order; other leaves are hashed by
+    ``repr``.
+    """
+    h = hashlib.sha256()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            h.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
+            h.update(_tensor_bytes(obj))
+        elif isinstance(obj, np.ndarray):
+            walk(torch.from_numpy(np.ascontiguousarray(obj)))
+        elif isinstance(obj, Mapping):
+            for k in obj:
+                h.update(repr(k).encode())
+                walk(obj[k])
+        elif isinstance(obj, (tuple, list)):
+            h.update(b"[")
+            for v in obj:
+                walk(v)
+            h.update(b"]")
+        else:
+            h.update(repr(obj).encode())
+
+    for t in tensors:
+        walk(t)
+    return h.hexdigest()[:16]
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    """SHA-256 (hex, 16 characters) of one tensor's dtype, shape and exact bytes."""
+    return tensors_hash([t])
+
+
+def _canonical(fp: Mapping[str, Any]) -> str:
+    return json.dumps(fp, sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint_hash(fp: Mapping[str, Any]) -> str:
+    """Short hash of a fingerprint dictionary (used for file names in a directory store)."""
+    return hashlib.sha256(_canonical(fp).encode()).hexdigest()[:16]
+
+
+def _normalize_fp(fp: Mapping[str, Any]) -> dict[str, Any]:
+    """Round-trip through JSON so that tuples and lists compare equal."""
+    return json.loads(_canonical(fp))
+
+
+class GridStore:
+    """Finished rows of an ``nx x ny`` grid of metrics, saved atomically to an ``.npz`` file.
+
+    Args:
+        path: a ``.npz`` file, or a directory (one file per fingerprint inside it). A path that
+            exists as a directory or ends with a path separator is a directory; a file path gets
+            its parent folders created.
+        fingerprint: JSON-serializable dictionary of the arguments that determine the values.
+        xs, ys: the grid coordinates (row ``i`` is ``xs[i]``).
+        metrics: names of the stored arrays, each of shape ``(nx, ny)``.
+        resume: load the finished rows of an existing store with the same fingerprint (default).
+            With ``False`` the rows are recomputed and the file replaced; a store with a
+            different fingerprint is an error in both cases.
+
+    Raises:
+        StoreMismatchError: the file exists with another fingerprint or grid (nothing written).
+        ValueError: the file is not a landscape store.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fingerprint: Mapping[str, Any],
+        xs: Sequence[float] | np.ndarray,
+        ys: Sequence[float] | np.ndarray,
+        metrics: Sequence[str],
+        *,
+        resume: bool = True,
+    ):
+        self.fingerprint = _normalize_fp(fingerprint)
+        self.xs = np.asarray(xs, dtype=np.float64)
+        self.ys = np.asarray(ys, dtype=np.float64)
+        self.metrics = tuple(metrics)
+        raw = os.fspath(path)
+        p = Path(raw)
+        if p.is_dir() or raw.endswith(("/", os.sep)):
+            p.mkdir(parents=True, exist_ok=True)
+            p = p / f"landscape-{fingerprint_hash(self.fingerprint)}.npz"
+        elif p.suffix != ".npz":
+            p = p.with_name(p.name + ".npz")
+        self.path = p
+        shape = (len(self.xs), len(self.ys))
+        self.values = {m: np.full(shape, np.nan) for m in self.metrics}
+        self.done = np.zeros(shape[0], dtype=bool)
+        self.extra: dict[str, Any] = {}
+        if self.path.exists():
+            self._check_and_load(resume)
+
+    # -- reading -------------------------------------------------------------------------
+    def _check_and_load(self, resume: bool) -> None:
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                files = set(z.files)
+                if "format" not in files or str(z["format"]) != _FORMAT:
+                    raise ValueError(
+                        f"{self.path} exists but is not a landscape store; choose another path"
+                    )
+                stored_fp = json.loads(str(z["fingerprint"]))
+                arrays = {k: np.array(z[k]) for k in files}
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"cannot read the landscape store {self.path}: {err}") from err
+        diff = sorted(
+            k for k in set(stored_fp) | set(self.fingerprint)
+            if stored_fp.get(k) != self.fingerprint.get(k)
+        )
+        if diff:
+            raise StoreMismatchError(
+                f"the store {self.path} was written with different arguments "
+                f"(differs in: {', '.join(diff)}); it was left untouched. Use the same "
+                "arguments to resume, or another path (or delete the file) to start over"
+            )
+        if not resume:
+            return
+        for m in self.metrics:
+            if m not in arrays or arrays[m].shape != self.values[m].shape:
+                raise StoreMismatchError(f"the store {self.path} lacks a valid {m!r} array")
+            self.values[m] = arrays[m].astype(np.float64)
+        self.done = arrays["done"].astype(bool)
+        for k, v in arrays.items():
+            if k.startswith("extra_"):
+                self.extra[k[len("extra_"):]] = v.item() if v.ndim == 0 else v
+
+    @property
+    def rows_done(self) -> int:
+        """Number of finished rows."""
+        return int(self.done.sum())
+
+    @property
+    def complete(self) -> bool:
+        """True when every row is finished."""
+        return bool(self.done.all())
+
+    def pending_rows(self) -> list[int]:
+        """Indices of the rows still to compute, in order."""
+        return [int(i) for i in np.flatnonzero(~self.done)]
+
+    # -- writing -------------------------------------------------------------------------
+    def set_extra(self, **values: Any) -> None:
+        """Attach scalars or small arrays (e.g. the loss at the origin); saved with the next row."""
+        self.extra.update(values)
+
+    def write_row(self, i: int, row: Mapping[str, np.ndarray]) -> None:
+        """Record row ``i`` (``{metric: values over ys}``) and save the store atomically."""
+        for m in self.metrics:
+            v = np.asarray(row[m], dtype=np.float64)
+            if v.shape != (len(self.ys),):
+                raise ValueError(f"row {i} of {m!r} has shape {v.shape}, expected ({len(self.ys)},)")
+            self.values[m][i] = v
+        self.done[i] = True
+        self.save()
+
+    def save(self) -> None:
+        """Write the whole store to a temporary file and move it over ``path`` (atomic)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, Any] = {
+            "format": np.array(_FORMAT),
+            "fingerprint": np.array(_canonical(self.fingerprint)),
+            "xs": self.xs,
+            "ys": self.ys,
+            "done": self.done,
+        }
+        arrays.update(self.values)
+        for k, v in self.extra.items():
+            arrays[f"extra_{k}"] = np.asarray(v)
+        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def __repr__(self) -> str:
+        return (
+            f"GridStore({str(self.path)!r}, grid={len(self.xs)}x{len(self.ys)}, "
+            f"rows_done={self.rows_done})"
+        )
