@@ -1,3 +1,27 @@
-"""msam: Momentum-SAM and related optimizers (torch.optim style). Imports torch only."""
+"""msam: Momentum-SAM and related optimizers (torch.optim style). Imports torch only.
 
-__all__: list[str] = []
+- :class:`MSAM`: Momentum-SAM on SGD with momentum (Becker et al. 2024, Algorithm 1), with the
+  A.2 ablation ladder down to :class:`NAG` (Nesterov momentum, Sutskever's form).
+- :class:`AdamWMSAM`: Momentum-SAM on AdamW.
+- :class:`SAM`: SAM / ASAM wrapping any torch optimizer.
+- :func:`recalibrate_batchnorm`, :func:`frozen_batchnorm_stats`: BatchNorm helpers.
+"""
+
+from msam._perturbation import PerturbedOptimizer
+from msam.adamw_msam import AdamWMSAM
+from msam.batchnorm import frozen_batchnorm_stats, recalibrate_batchnorm
+from msam.msam import MSAM, NAG
+from msam.sam import SAM
+
+__all__ = [
+    # Momentum-SAM optimizers
+    "MSAM",
+    "NAG",
+    "AdamWMSAM",
+    "PerturbedOptimizer",
+    # SAM / ASAM
+    "SAM",
+    # BatchNorm helpers
+    "recalibrate_batchnorm",
+    "frozen_batchnorm_stats",
+]

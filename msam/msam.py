@@ -1,0 +1,237 @@
+"""MSAM: Momentum-SAM for SGD with momentum, and the ablation ladder down to Nesterov momentum.
+
+Becker, Altrock, Risse, "Momentum-SAM: Sharpness Aware Minimization without Computational
+Overhead", arXiv:2401.12033 (2024), Algorithm 1 and appendix A.2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from msam._perturbation import (
+    SCALE_KEY,
+    PerturbedOptimizer,
+    Scale,
+    check_foreach,
+    check_real,
+    group_by_device_dtype,
+    shift_,
+)
+
+__all__ = ["MSAM", "NAG"]
+
+
+class MSAM(PerturbedOptimizer):
+    r"""Momentum-SAM on top of SGD with (heavy-ball) momentum, paper Algorithm 1.
+
+    The parameters live at the perturbed point ``w~ = w - eps`` between steps, with::
+
+        eps = rho * v / ||v||          (normalize=True,  scale_by_lr=False; the default MSAM)
+        eps = rho * v                  (normalize=False, scale_by_lr=False)
+        eps = rho * lr * v / ||v||     (normalize=True,  scale_by_lr=True)
+        eps = rho * lr * v             (normalize=False, scale_by_lr=True)
+
+    ``||v||`` is the global L2 norm over every parameter of every group; ``v = 0`` (the start)
+    gives ``eps = 0``. The gradient ``g`` of the user's forward/backward is taken at ``w~``, then
+    ``step()`` does::
+
+        w     = w~ + eps_old                    # with the STORED eps coefficient
+        v     = momentum * v + g + weight_decay * w
+        w     = w - lr * v
+        w~    = w - eps_new
+
+    ``v`` is ``state[p]["momentum_buffer"]`` with exactly torch.optim.SGD's meaning (no
+    dampening), so ``rho=0`` reproduces ``torch.optim.SGD(lr, momentum, weight_decay=wd)``
+    bit for bit, and ``normalize=False, scale_by_lr=True, rho=momentum`` is Nesterov momentum in
+    Sutskever's form (gradient at ``w - lr * momentum * v``), see :class:`NAG`.
+
+    Differences from the authors' code: weight decay is an L2 term on the UNPERTURBED weights
+    ``w`` (theirs adds it at ``w~``); the applied coefficient is stored in
+    ``group["perturbation_scale"]``, so changing ``rho`` or ``lr`` between steps never leaves a
+    residual (theirs moves back with the current ``rho``); several parameter groups are allowed.
+    ``rho`` may differ per group (the norm stays global) and may be negative (the paper's
+    signed-rho sweep; negative ``rho`` moves along ``+v``).
+
+    Evaluate and save inference weights at ``w``: call ``optimizer.eval()`` (or use
+    ``with optimizer.unperturbed():``) and ``optimizer.train()`` before training again.
+    ``step()`` called while unperturbed takes the gradient as taken at ``w`` and ends at ``w~``.
+    BatchNorm running statistics collected during training are taken at ``w~``; recompute them
+    at ``w`` with :func:`msam.recalibrate_batchnorm` at the end of training.
+
+    Args:
+        params: iterable of parameters or of parameter-group dicts.
+        lr: learning rate (default 0.1).
+        momentum: heavy-ball momentum ``mu`` in ``[0, 1)`` (default 0.9).
+        rho: perturbation radius (default 3.0, about 10x SAM's; any finite value).
+        weight_decay: L2 coefficient on the unperturbed weights (default 0).
+        normalize: divide by the global ``||v||`` (default True).
+        scale_by_lr: multiply the perturbation by ``lr`` (default False).
+        foreach: use the torch._foreach multi-tensor path; None picks it on accelerators.
+
+    Raises:
+        ValueError: lr < 0, momentum outside [0, 1), non-finite rho, weight_decay < 0.
+        RuntimeError: from ``step()`` when a gradient is sparse.
+    """
+
+    _direction_key = "momentum_buffer"
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, rho: float = 3.0,
+                 weight_decay: float = 0.0, *, normalize: bool = True, scale_by_lr: bool = False,
+                 foreach: bool | None = None):
+        check_foreach(foreach)
+        defaults = dict(lr=lr, momentum=momentum, rho=rho, weight_decay=weight_decay,
+                        normalize=bool(normalize), scale_by_lr=bool(scale_by_lr), foreach=foreach)
+        self._validate_group(defaults)
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_real("learning rate", group["lr"], low=0.0)
+        check_real("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
+        check_real("rho", group["rho"])
+        check_real("weight_decay", group["weight_decay"], low=0.0)
+
+    def _rho(self, group: dict[str, Any]) -> float:
+        return float(group["rho"])
+
+    def _needs_norm(self, group: dict[str, Any]) -> bool:
+        return bool(group["normalize"]) and self._rho(group) != 0.0
+
+    def _group_scale(self, group: dict[str, Any], norm: Tensor | None) -> Scale:
+        coef = self._rho(group)
+        if group["scale_by_lr"]:
+            coef *= float(group["lr"])
+        if coef == 0.0:
+            return 0.0
+        if not group["normalize"]:
+            return coef
+        if norm is None:
+            return 0.0
+        # rho / ||v|| without a host sync; ||v|| = 0 gives no perturbation
+        return torch.where(norm > 0, coef / norm, torch.zeros_like(norm))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One MSAM step from the gradient taken at the live parameters (w~).
+
+        Args:
+            closure: optional callable that re-evaluates the model (at w~), calls backward and
+                returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_sparse(type(self).__name__, self.param_groups)
+
+        pairs = self._all_directions()
+        self._undo(pairs)  # w~ -> w with the stored coefficients
+        stepped: list[tuple[list[Tensor], list[Tensor]]] = []
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                params.append(p)
+                grads.append(p.grad)
+                bufs.append(self.state[p].get("momentum_buffer"))
+            foreach = self._use_foreach(group, params)
+            kernel = _momentum_update_foreach if foreach else _momentum_update_single
+            kernel(params, grads, bufs, momentum=float(group["momentum"]),
+                   weight_decay=float(group["weight_decay"]))
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+            stepped.append((params, bufs))
+
+        pairs = self._all_directions()
+        scales = self._new_scales(pairs)
+        for group, (params, bufs), (all_params, all_bufs), scale in zip(
+                self.param_groups, stepped, pairs, scales):
+            foreach = self._use_foreach(group, all_params)
+            lr = float(group["lr"])
+            # stepped parameters: w~ = w - (lr + c) v in one pass; the others only re-perturb
+            shift_(params, bufs, _neg_add(scale, lr), foreach=foreach)
+            ids = {id(p) for p in params}
+            rest = [(p, b) for p, b in zip(all_params, all_bufs) if id(p) not in ids]
+            if rest:
+                shift_([p for p, _ in rest], [b for _, b in rest], _neg_add(scale, 0.0),
+                       foreach=foreach)
+            group[SCALE_KEY] = scale
+        self._perturbed = True
+        return loss
+
+
+def _neg_add(scale: Scale, lr: float) -> Scale:
+    """-(lr + scale), exactly -lr when scale is the float 0."""
+    if isinstance(scale, Tensor):
+        return -(scale + lr)
+    return -(lr + float(scale))
+
+
+def _momentum_update_single(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor | None],
+                            *, momentum: float, weight_decay: float) -> None:
+    """torch.optim.SGD's momentum update, one tensor at a time (bufs updated in place)."""
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        if bufs[i] is None:
+            bufs[i] = g.detach().clone()
+        else:
+            bufs[i].mul_(momentum).add_(g)
+
+
+def _momentum_update_foreach(params: list[Tensor], grads: list[Tensor],
+                             bufs: list[Tensor | None], *, momentum: float,
+                             weight_decay: float) -> None:
+    """The same update with torch._foreach kernels grouped by device and dtype."""
+    if not params:
+        return
+    index = list(range(len(params)))
+    for ps, gs, idx in group_by_device_dtype(params, grads, index).values():
+        if weight_decay != 0:
+            gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+        old = [bufs[i] for i in idx]
+        if all(b is not None for b in old):
+            torch._foreach_mul_(old, momentum)
+            torch._foreach_add_(old, gs)
+        else:
+            for i, g in zip(idx, gs):
+                if bufs[i] is None:
+                    bufs[i] = g.detach().clone()
+                else:
+                    bufs[i].mul_(momentum).add_(g)
+
+
+class NAG(MSAM):
+    r"""Nesterov momentum in Sutskever's form, as the last rung of the MSAM ablation ladder.
+
+    ``NAG(params, lr, momentum, weight_decay)`` is ``MSAM(normalize=False, scale_by_lr=True,
+    rho=momentum)`` with ``rho`` tied to the group's current ``momentum``: the parameters live
+    at ``w~ = w - lr * momentum * v`` and::
+
+        v = momentum * v + grad L(w - lr * momentum * v) + weight_decay * w
+        w = w - lr * v
+
+    (Sutskever et al. 2013). The live parameters are the look-ahead point; ``eval()`` gives ``w``.
+
+    Args:
+        params: iterable of parameters or of parameter-group dicts.
+        lr: learning rate (default 0.1).
+        momentum: momentum in [0, 1) (default 0.9).
+        weight_decay: L2 coefficient on ``w`` (default 0).
+        foreach: use the torch._foreach path; None picks it on accelerators.
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 0.0, *, foreach: bool | None = None):
+        super().__init__(params, lr=lr, momentum=momentum, rho=momentum,
+                         weight_decay=weight_decay, normalize=False, scale_by_lr=True,
+                         foreach=foreach)
+
+    def _rho(self, group: dict[str, Any]) -> float:
+        return float(group["momentum"])

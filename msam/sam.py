@@ -1,0 +1,224 @@
+"""SAM and ASAM wrapping any torch optimizer (Foret et al. 2021; Kwon et al. 2021)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from msam._perturbation import check_real, global_norm
+
+__all__ = ["SAM"]
+
+_BASE_OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+def _resolve_base(base_optimizer: Any) -> type[Optimizer]:
+    if isinstance(base_optimizer, str):
+        try:
+            return _BASE_OPTIMIZERS[base_optimizer.lower()]
+        except KeyError:
+            raise ValueError(f"Unknown base optimizer: {base_optimizer!r} (known names: "
+                             f"{sorted(_BASE_OPTIMIZERS)}, or pass a torch.optim.Optimizer "
+                             "subclass)") from None
+    if isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+        if issubclass(base_optimizer, SAM):
+            raise ValueError(f"Unknown base optimizer: {base_optimizer!r} (SAM cannot wrap SAM)")
+        return base_optimizer
+    raise ValueError(f"Unknown base optimizer: {base_optimizer!r} (expected a "
+                     "torch.optim.Optimizer subclass or one of "
+                     f"{sorted(_BASE_OPTIMIZERS)})")
+
+
+class SAM(Optimizer):
+    r"""Sharpness-Aware Minimization around any torch optimizer; ``adaptive=True`` gives ASAM.
+
+    One SAM step uses two forward/backward passes::
+
+        g   = grad L_B(w)                              (first pass, by the caller)
+        e   = rho * T^2 g / ||T g||                    (first_step: w <- w + e)
+        g_e = grad L_B(w + e)                          (second pass, by the caller)
+        w   = base_optimizer.step(w, g_e)              (second_step: back to w, then step)
+
+    with ``T = 1`` (SAM, Foret et al. 2021) or ``T = |w| + eta`` elementwise (ASAM, Kwon et al.
+    2021), the norm global over all groups and ``e = 0`` when the gradient is zero. The
+    parameters before the ascent are kept (``state[p]["old_p"]``) and copied back exactly.
+
+    Compared with the popular port: ``state_dict()`` holds the base optimizer's state (resume
+    without spikes), ``param_groups`` is shared with ``base_optimizer`` (lr schedulers on the
+    SAM object work), :func:`msam.frozen_batchnorm_stats` keeps BatchNorm statistics out of the
+    second pass, and there are recipes for GradScaler and gradient accumulation.
+
+    Usage::
+
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        with frozen_batchnorm_stats(model):
+            loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    GradScaler: the ascent direction is invariant to the gradient scale, so no unscaling is
+    needed before ``first_step``; restore, then let the scaler step the base optimizer (it
+    unscales and skips the step on inf/NaN gradients, the parameters stay exactly at ``w``)::
+
+        scaler.scale(loss_fn(model(x), y)).backward()
+        opt.first_step(zero_grad=True)
+        scaler.scale(loss_fn(model(x), y)).backward()
+        opt.unperturb()
+        scaler.step(opt.base_optimizer)
+        scaler.update()
+        opt.zero_grad()
+
+    Gradient accumulation: accumulate micro-batch gradients (loss / k) for the first pass,
+    ``first_step(zero_grad=True)``, accumulate again at ``w + e``, ``second_step()``.
+
+    Args:
+        params: iterable of parameters or of parameter-group dicts.
+        base_optimizer: a torch.optim.Optimizer subclass (default torch.optim.SGD) or one of the
+            names "sgd", "adam", "adamw", "rmsprop", "adagrad".
+        rho: neighbourhood radius (default 0.05; any finite value, may differ per group).
+        adaptive: ASAM's scale-invariant ascent (default False).
+        eta: ASAM's offset in ``T = |w| + eta`` (default 0.01).
+        **base_kwargs: passed to the base optimizer (lr, momentum, weight_decay, ...).
+
+    Raises:
+        ValueError: unknown base optimizer, non-finite rho, eta < 0.
+    """
+
+    def __init__(self, params, base_optimizer: Any = torch.optim.SGD, rho: float = 0.05,
+                 adaptive: bool = False, *, eta: float = 0.01, **base_kwargs: Any):
+        base_cls = _resolve_base(base_optimizer)
+        check_real("rho", rho)
+        check_real("eta", eta, low=0.0)
+        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, **base_kwargs)
+        super().__init__(params, defaults)
+        self.base_optimizer = base_cls(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self._perturbed = False
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True between first_step() and second_step()/unperturb()."""
+        return self._perturbed
+
+    def _ascent_scale(self, group: dict[str, Any], p: Tensor) -> Tensor | None:
+        if group["adaptive"]:
+            return p.abs().add_(float(group["eta"]))
+        return None
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to the ascent point ``w + e``, ``e = rho * T^2 g / ||T g||`` (keeps ``w``)."""
+        if self._perturbed:
+            raise RuntimeError("SAM.first_step() called twice without second_step()/unperturb()")
+        scaled: list[Tensor] = []
+        items: list[tuple[dict[str, Any], Tensor, Tensor | None]] = []
+        for group in self.param_groups:
+            check_real("rho", group["rho"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SAM does not support sparse gradients (parameter of "
+                                       f"shape {tuple(p.shape)})")
+                t = self._ascent_scale(group, p)
+                scaled.append(p.grad if t is None else p.grad * t)
+                items.append((group, p, t))
+        norm = global_norm(scaled, foreach=False)
+        for group, p, t in items:
+            coef = torch.where(norm > 0, float(group["rho"]) / norm, torch.zeros_like(norm))
+            state = self.state[p]
+            old = state.get("old_p")
+            if old is None or old.shape != p.shape or old.dtype != p.dtype:
+                state["old_p"] = p.detach().clone()
+            else:
+                old.copy_(p)
+            e = p.grad if t is None else p.grad * t * t
+            p.addcmul_(e, coef.to(p.device, p.dtype))
+        self._perturbed = True
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def unperturb(self) -> None:
+        """Copy the weights from before ``first_step`` back (exact); keeps the gradients."""
+        if not self._perturbed:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                old = self.state[p].get("old_p") if p in self.state else None
+                if old is not None:
+                    p.copy_(old)
+        self._perturbed = False
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Back to ``w`` and one base-optimizer step with the gradient taken at ``w + e``."""
+        if not self._perturbed:
+            raise RuntimeError("SAM.second_step() called without first_step()")
+        self.unperturb()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """A full SAM step. With ``closure`` (forward + backward, returns the loss): gradients
+        are zeroed, the closure runs at ``w``, ``first_step``, the closure runs at ``w + e``,
+        ``second_step``; returns the loss at ``w``. Without a closure: ``second_step()``.
+        Wrap the closure's forward in :func:`msam.frozen_batchnorm_stats` for BatchNorm nets
+        if the second pass must not move the running statistics."""
+        if closure is None:
+            self.second_step()
+            return None
+        closure = torch.enable_grad()(closure)
+        self.zero_grad()
+        loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (its state and the shared param groups, which carry
+        rho/adaptive/eta) plus ``"sam"``: ``{"perturbed": bool, "old_p": {index: tensor}}``
+        (``old_p`` only when saved between first_step and second_step)."""
+        sd = self.base_optimizer.state_dict()
+        old: dict[int, Tensor] = {}
+        if self._perturbed:
+            index = 0
+            for group in self.param_groups:
+                for p in group["params"]:
+                    t = self.state[p].get("old_p") if p in self.state else None
+                    if t is not None:
+                        old[index] = t
+                    index += 1
+        sd["sam"] = {"perturbed": bool(self._perturbed), "old_p": old}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict)."""
+        sd = dict(state_dict)
+        sam = sd.pop("sam", {"perturbed": False, "old_p": {}})
+        self.base_optimizer.load_state_dict(sd)
+        self.param_groups = self.base_optimizer.param_groups
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, t in sam.get("old_p", {}).items():
+            p = params[int(index)]
+            self.state[p]["old_p"] = t.to(device=p.device, dtype=p.dtype)
+        self._perturbed = bool(sam.get("perturbed", False))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["base_optimizer"] = self.base_optimizer
+        state["_perturbed"] = self._perturbed
+        return state
