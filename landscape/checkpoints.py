@@ -289,18 +289,18 @@ def _parameter_names(state: dict[str, torch.Tensor], model: nn.Module | None) ->
 def _unperturb(
     state: dict[str, torch.Tensor], opt_state: Mapping[str, Any], model: nn.Module | None, path: pathlib.Path
 ) -> dict[str, torch.Tensor]:
-    """Move ``w~`` back to ``w = w~ + rho_g * v / ||v||`` (global norm over all buffers)."""
+    """Move ``w~`` back to ``w = w~ + c_g * d`` for every parameter group ``g``.
+
+    ``d`` is the stored direction buffer (``momentum_buffer`` for MSAM / NAG, ``exp_avg`` for
+    AdamW-MSAM) and ``c_g`` the coefficient the optimizer actually applied, stored in the group
+    as ``"perturbation_scale"`` (``rho / ||v||`` for default MSAM, with the global norm over all
+    groups). Without that entry, ``c_g = rho_g / ||d||`` (the paper's definition) is used.
+    """
     groups = opt_state.get("param_groups") or []
     per_param = opt_state.get("state") or {}
-    order: list[tuple[Any, float]] = []
-    for g in groups:
-        rho = g.get("perturbed_rho", g.get("applied_rho", g.get("rho")))
-        if rho is None:
-            raise CheckpointError(
-                f"{path}: the optimizer state says the weights are perturbed but has no 'rho'; "
-                "cannot move them back (load with unperturb=False to take them as they are)"
-            )
-        order += [(pid, float(_scalar(rho))) for pid in g.get("params", [])]
+    order: list[tuple[Any, int]] = []
+    for gi, g in enumerate(groups):
+        order += [(pid, gi) for pid in g.get("params", [])]
     names = _parameter_names(state, model)
     explain = (
         "cannot match the optimizer state to the parameters to undo MSAM's perturbation "
@@ -311,8 +311,8 @@ def _unperturb(
         raise CheckpointError(
             f"{path}: the optimizer has {len(order)} parameters but the model {len(names)}; {explain}"
         )
-    bufs: list[tuple[str, torch.Tensor, float]] = []
-    for (pid, rho), name in zip(order, names):
+    bufs: list[tuple[str, torch.Tensor, int]] = []
+    for (pid, gi), name in zip(order, names):
         st = per_param.get(pid, per_param.get(str(pid), {}))
         buf = _perturbation_buffer(st) if isinstance(st, Mapping) else None
         if buf is None:
@@ -323,16 +323,32 @@ def _unperturb(
                 f"{path}: momentum of optimizer parameter {pid} has shape {tuple(buf.shape)} but "
                 f"{name!r} is {got}; {explain}"
             )
-        bufs.append((name, buf, rho))
+        bufs.append((name, buf, gi))
     if not bufs:
         return state
-    norm = math.sqrt(sum(float(b.double().pow(2).sum()) for _, b, _ in bufs))
-    if norm == 0.0:
-        return state
+    scales: list[float] = []
+    norm: float | None = None
+    for g in groups:
+        if "perturbation_scale" in g:
+            c = _scalar(g["perturbation_scale"])
+            scales.append(0.0 if c is None else float(c))
+            continue
+        rho = g.get("rho")
+        if rho is None:
+            raise CheckpointError(
+                f"{path}: the optimizer state says the weights are perturbed but records neither "
+                "'perturbation_scale' nor 'rho'; cannot move them back (load with "
+                "unperturb=False to take them as they are)"
+            )
+        if norm is None:
+            norm = math.sqrt(sum(float(b.double().pow(2).sum()) for _, b, _ in bufs))
+        scales.append(float(_scalar(rho)) / norm if norm > 0 else 0.0)
     state = dict(state)
-    for name, buf, rho in bufs:
+    for name, buf, gi in bufs:
+        if scales[gi] == 0.0:
+            continue
         w = state[name]
-        state[name] = (w.double() + (rho / norm) * buf.to(w.device).double()).to(w.dtype)
+        state[name] = (w.double() + scales[gi] * buf.to(w.device).double()).to(w.dtype)
     return state
 
 

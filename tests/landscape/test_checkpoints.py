@@ -182,3 +182,105 @@ def test_no_warning_for_plain_checkpoint(tmp_path):
         warnings.simplefilter("error", PerturbedCheckpointWarning)
         ck = load_checkpoint(tmp_path / "sgd.pt", _fresh(1))
     assert not ck.perturbed and ck.optimizer_state is not None
+
+
+# --------------------------------------------------------------------------------------------
+# MSAM: a checkpoint saved mid-training at the perturbed point w~
+
+
+def _msam_run(opt_factory, steps=5, seed=0, factory=cnn_bn):
+    from tests.models import image_data
+
+    model = factory(seed=seed)
+    x, y = image_data(seed=seed)
+    opt = opt_factory(model.parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def _msam(params):
+    from msam.msam import MSAM
+
+    return MSAM(params, lr=0.05, momentum=0.9, rho=0.7)
+
+
+def _adamw_msam(params):
+    from msam.adamw_msam import AdamWMSAM
+
+    return AdamWMSAM(params, lr=1e-2, rho=0.5)
+
+
+@pytest.mark.parametrize("opt_factory", [_msam, _adamw_msam], ids=["MSAM", "AdamWMSAM"])
+@pytest.mark.parametrize("with_model", [True, False], ids=["into-model", "no-model"])
+def test_perturbed_msam_checkpoint_moved_back(tmp_path, opt_factory, with_model):
+    model, opt = _msam_run(opt_factory)
+    assert opt.is_perturbed
+    path = tmp_path / "mid.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 5}, path)
+    perturbed = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # independent reference 1: the hand formula w = w~ + rho * d / ||d|| (global norm)
+    key = "momentum_buffer" if "momentum_buffer" in next(iter(opt.state.values())) else "exp_avg"
+    names = [n for n, _ in model.named_parameters()]
+    bufs = {n: opt.state[p][key] for n, p in model.named_parameters()}
+    norm = torch.sqrt(sum(b.pow(2).sum() for b in bufs.values()))
+    rho = opt.param_groups[0]["rho"]
+    by_hand = {n: perturbed[n] + rho * bufs[n] / norm for n in names}
+    # independent reference 2: the optimizer's own eval()
+    opt.eval()
+    truth = {k: v.clone() for k, v in model.state_dict().items()}
+    for n in names:
+        torch.testing.assert_close(by_hand[n], truth[n], rtol=1e-12, atol=1e-12)
+    shift = torch.sqrt(sum((perturbed[n] - truth[n]).pow(2).sum() for n in names))
+    torch.testing.assert_close(shift, torch.tensor(abs(rho), dtype=shift.dtype))  # ||eps|| = rho
+
+    target = cnn_bn(seed=9) if with_model else None
+    with pytest.warns(PerturbedCheckpointWarning, match="perturbed"):
+        ck = load_checkpoint(path, target)
+    assert ck.perturbed and ck.unperturbed and ck.metadata == {"step": 5}
+    loaded = target.state_dict() if with_model else ck.state_dict
+    for k in truth:
+        torch.testing.assert_close(loaded[k], truth[k], rtol=1e-12, atol=1e-12)
+
+    raw = load_checkpoint(path, unperturb=False)
+    assert raw.perturbed and not raw.unperturbed
+    for k in perturbed:
+        assert torch.equal(raw.state_dict[k], perturbed[k])
+
+
+def test_msam_uses_stored_coefficient_after_rho_change(tmp_path):
+    """A rho changed after the last step must not leak into the move-back (the paper's code
+    moves back with the current rho and leaves (rho_new - rho_old) v/||v|| in the weights)."""
+    model, opt = _msam_run(_msam)
+    for g in opt.param_groups:
+        g["rho"] = 2.5
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "m.pt")
+    opt.eval()
+    with pytest.warns(PerturbedCheckpointWarning):
+        ck = load_checkpoint(tmp_path / "m.pt")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ck.state_dict[k], v, rtol=1e-12, atol=1e-12)
+
+
+def test_msam_saved_after_eval_is_not_touched(tmp_path):
+    model, opt = _msam_run(_msam)
+    opt.eval()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "e.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerturbedCheckpointWarning)
+        ck = load_checkpoint(tmp_path / "e.pt")
+    assert not ck.perturbed
+    for k, v in model.state_dict().items():
+        assert torch.equal(ck.state_dict[k], v)
+
+
+def test_msam_state_that_does_not_match_is_refused(tmp_path):
+    model, opt = _msam_run(_msam)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+    torch.save({"model": model.state_dict(), "optimizer": sd}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="cannot match the optimizer state"):
+        load_checkpoint(tmp_path / "x.pt", cnn_bn(seed=1))
