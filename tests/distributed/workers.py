@@ -89,3 +89,246 @@ def torchrun_session(rank: int, world: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- analysis
+
+
+# --------------------------------------------------------------------------- shared data
+
+N_SAMPLES, BATCH = 50, 8  # 7 batches, the last one of 2 samples: uneven shards (26 / 24)
+
+
+def classification_problem():
+    from tests.models import classification_data, mlp
+
+    x, y = classification_data(n=N_SAMPLES, d=6, classes=3, seed=3)
+    return mlp(seed=1), x, y
+
+
+# --------------------------------------------------------------------------- optimizers
+
+GLOBAL_BATCH, STEPS = 8, 5
+
+
+def _optimizer(name: str, model: torch.nn.Module):
+    if name == "msam":
+        from msam.msam import MSAM
+
+        return MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.5, weight_decay=1e-3)
+    if name == "adamw_msam":
+        from msam.adamw_msam import AdamWMSAM
+
+        return AdamWMSAM(model.parameters(), lr=1e-2, weight_decay=1e-2, rho=0.3)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    if name in ("sam", "sam_sync"):
+        from msam.sam import SAM
+
+        return SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.1, lr=0.1,
+                   momentum=0.9)
+    raise ValueError(name)
+
+
+class _CollectiveCounter:
+    """Counts Python-level collectives (all_reduce & co.) while active (monkeypatched)."""
+
+    NAMES = ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_reduce_coalesced",
+             "all_gather_into_tensor", "reduce_scatter_tensor")
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.count, self.saved = dist, 0, {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            fn = getattr(self.dist, name, None)
+            if fn is None:
+                continue
+            self.saved[name] = fn
+
+            def wrapped(*a, _fn=fn, **k):
+                self.count += 1
+                return _fn(*a, **k)
+
+            setattr(self.dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(self.dist, name, fn)
+
+
+def train_run(name: str, rank: int = 0, world: int = 1, checkpoint: str | None = None) -> dict:
+    """``STEPS`` steps of optimizer ``name`` with a global batch of ``GLOBAL_BATCH`` samples.
+
+    On ``world`` ranks each rank takes its contiguous ``GLOBAL_BATCH / world`` rows of the global
+    batch and the model is wrapped in DistributedDataParallel (gradients averaged by DDP, so the
+    step equals one process on the whole global batch). Run with ``world=1`` (no process group)
+    for the reference. SAM: ``"sam"`` runs the ascent inside ``no_sync`` (per-rank ascent),
+    ``"sam_sync"`` all-reduces the ascent gradient with ``all_reduce_gradients``.
+    """
+    import torch.nn.functional as F
+
+    from tests.models import classification_data, mlp
+
+    model = mlp(seed=2)
+    x, y = classification_data(n=GLOBAL_BATCH * STEPS, d=6, classes=3, seed=4)
+    per_rank = GLOBAL_BATCH // world
+    net: torch.nn.Module = model
+    hook_calls = {"n": 0}
+    if world > 1:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model)
+
+        def counting_hook(state, bucket):
+            state["n"] += 1
+            return default_hooks.allreduce_hook(None, bucket)
+
+        net.register_comm_hook(hook_calls, counting_hook)
+    opt = _optimizer(name, model)
+    step_collectives = 0
+    for i in range(STEPS):
+        lo = i * GLOBAL_BATCH + rank * per_rank
+        xb, yb = x[lo:lo + per_rank], y[lo:lo + per_rank]
+        opt.zero_grad()
+        if name in ("sam", "sam_sync"):
+            ctx = net.no_sync() if world > 1 else _nullcontext()
+            with ctx:  # ascent gradient: per-rank, no DDP all-reduce
+                F.cross_entropy(net(xb), yb).backward()
+            if name == "sam_sync":
+                D.all_reduce_gradients(model)  # no-op on one process
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(net(xb), yb).backward()  # DDP averages the descent gradient
+            with _CollectiveCounter() as c:
+                opt.second_step(zero_grad=True)
+        else:
+            F.cross_entropy(net(xb), yb).backward()
+            with _CollectiveCounter() as c:
+                opt.step()
+        step_collectives += c.count
+    out: dict[str, Any] = {
+        "live": [p.detach().clone() for p in model.parameters()],
+        "hook_calls": hook_calls["n"],
+        "step_collectives": step_collectives,
+    }
+    state_key = {"msam": "momentum_buffer", "adamw_msam": "exp_avg", "sgd": "momentum_buffer"}
+    if name in state_key:
+        buf = torch.cat([opt.state[p][state_key[name]].reshape(-1) for p in model.parameters()])
+        D.assert_same_across_ranks(buf, f"{name} {state_key[name]}")  # replicated: exact
+        out["buffer"] = buf
+    if hasattr(opt, "eval"):  # the MSAM family: inference weights w, from any rank
+        opt.eval()
+        out["eval"] = [p.detach().clone() for p in model.parameters()]
+        if checkpoint is not None and rank == world - 1:  # save from the LAST rank
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint)
+        opt.train()
+        out["train_again"] = [p.detach().clone() for p in model.parameters()]
+    return out
+
+
+def continue_from_checkpoint(name: str, checkpoint: str, steps: int = 2) -> list[torch.Tensor]:
+    """Load a checkpoint saved by :func:`train_run` on one process and take ``steps`` more steps
+    (batch ``GLOBAL_BATCH``, new data); returns the eval() weights."""
+    import torch.nn.functional as F
+
+    from tests.models import classification_data, mlp
+
+    model = mlp(seed=7)  # different init: everything must come from the checkpoint
+    opt = _optimizer(name, model)
+    ck = torch.load(checkpoint, weights_only=True)
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    opt.train()
+    x, y = classification_data(n=GLOBAL_BATCH * steps, d=6, classes=3, seed=5)
+    for i in range(steps):
+        opt.zero_grad()
+        sl = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+        F.cross_entropy(model(x[sl]), y[sl]).backward()
+        opt.step()
+    opt.eval()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def continue_in_place(name: str, steps: int = 2) -> list[torch.Tensor]:
+    """The uninterrupted one-process reference for :func:`continue_from_checkpoint`: ``STEPS``
+    steps as :func:`train_run` (world 1), ``eval()``/``train()``, then ``steps`` more."""
+    import torch.nn.functional as F
+
+    from tests.models import classification_data, mlp
+
+    model = mlp(seed=2)
+    opt = _optimizer(name, model)
+    for seed, n in ((4, STEPS), (5, steps)):
+        x, y = classification_data(n=GLOBAL_BATCH * n, d=6, classes=3, seed=seed)
+        for i in range(n):
+            opt.zero_grad()
+            sl = slice(i * GLOBAL_BATCH, (i + 1) * GLOBAL_BATCH)
+            F.cross_entropy(model(x[sl]), y[sl]).backward()
+            opt.step()
+        opt.eval()
+        opt.train()
+    opt.eval()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def sam_reference(sync: bool, world: int = 2) -> list[torch.Tensor]:
+    """Hand-written SAM under DDP on one process: SGD with momentum (lr 0.1, mu 0.9) on
+    ``mean_r grad L_r(w + e_r)``, ``e_r = rho g_r / ||g_r||`` with ``g_r`` rank ``r``'s batch
+    gradient (per-rank ascent), or ``e = rho g / ||g||`` with the global-batch ``g`` (sync)."""
+    import torch.nn.functional as F
+
+    from tests.models import classification_data, mlp
+
+    rho, lr, mu = 0.1, 0.1, 0.9
+    model = mlp(seed=2)
+    params = list(model.parameters())
+    x, y = classification_data(n=GLOBAL_BATCH * STEPS, d=6, classes=3, seed=4)
+    per_rank = GLOBAL_BATCH // world
+    bufs = [torch.zeros_like(p) for p in params]
+
+    def grad_at(w_shift, xb, yb):
+        with torch.no_grad():
+            for p, e in zip(params, w_shift):
+                p.add_(e)
+        g = torch.autograd.grad(F.cross_entropy(model(xb), yb), params)
+        with torch.no_grad():
+            for p, e in zip(params, w_shift):
+                p.sub_(e)
+        return g
+
+    zero = [torch.zeros_like(p) for p in params]
+    for i in range(STEPS):
+        chunks = [(x[i * GLOBAL_BATCH + r * per_rank:i * GLOBAL_BATCH + (r + 1) * per_rank],
+                   y[i * GLOBAL_BATCH + r * per_rank:i * GLOBAL_BATCH + (r + 1) * per_rank])
+                  for r in range(world)]
+        asc = [grad_at(zero, xb, yb) for xb, yb in chunks]
+        if sync:
+            g = [sum(gs) / world for gs in zip(*asc)]
+            asc = [g] * world
+        descent = []
+        for (xb, yb), g in zip(chunks, asc):
+            norm = torch.sqrt(sum((t * t).sum() for t in g))
+            descent.append(grad_at([rho * t / norm for t in g], xb, yb))
+        g2 = [sum(gs) / world for gs in zip(*descent)]
+        with torch.no_grad():
+            for p, b, g in zip(params, bufs, g2):
+                b.mul_(mu).add_(g)
+                p.sub_(lr * b)
+    return [p.detach().clone() for p in params]
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def optimizer_checks(rank: int, world: int, checkpoint_dir: str) -> dict:
+    """Every optimizer check on one spawn."""
+    names = ("sgd", "msam", "adamw_msam", "sam", "sam_sync")
+    return _run_checks({
+        n: (lambda n=n: train_run(n, rank, world, f"{checkpoint_dir}/{n}.pt")) for n in names
+    })
