@@ -1,0 +1,112 @@
+"""GridStore: round trip, atomic writes, mismatch errors, directory stores, hashes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from landscape import store as store_mod
+from landscape.store import (
+    GridStore,
+    StoreMismatchError,
+    fingerprint_hash,
+    tensor_hash,
+    tensors_hash,
+)
+
+FP = {"kind": "test", "xs": [0.0, 1.0, 2.0], "model": "abc", "tuple": (1, 2)}
+
+
+def _store(path, fp=FP, **kw):
+    return GridStore(path, fp, [0.0, 1.0, 2.0], [-1.0, 1.0], ("loss", "accuracy"), **kw)
+
+
+def test_round_trip_and_pending_rows(tmp_path):
+    path = tmp_path / "sub" / "grid.npz"
+    s = _store(path)
+    assert s.pending_rows() == [0, 1, 2] and not path.exists()
+    s.set_extra(loss_at_origin=0.25)
+    s.write_row(1, {"loss": np.array([1.0, np.nan]), "accuracy": np.array([0.5, 0.75])})
+    assert path.exists()
+    t = _store(path, fp={**FP, "tuple": [1, 2]})  # tuples and lists compare equal (JSON)
+    assert t.pending_rows() == [0, 2] and t.rows_done == 1 and not t.complete
+    np.testing.assert_array_equal(t.values["loss"][1], [1.0, np.nan])
+    np.testing.assert_array_equal(t.values["accuracy"][1], [0.5, 0.75])
+    assert np.isnan(t.values["loss"][0]).all()
+    assert t.extra["loss_at_origin"] == 0.25
+    for i in (0, 2):
+        t.write_row(i, {"loss": np.zeros(2), "accuracy": np.ones(2)})
+    assert _store(path).complete
+    # resume=False ignores the finished rows (they will be recomputed and replaced)
+    assert _store(path, resume=False).pending_rows() == [0, 1, 2]
+    # no temporary files left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == ["grid.npz"]
+
+
+def test_mismatch_names_the_differences_and_leaves_the_file(tmp_path):
+    path = tmp_path / "grid.npz"
+    _store(path).write_row(0, {"loss": np.ones(2), "accuracy": np.ones(2)})
+    before = path.read_bytes()
+    with pytest.raises(StoreMismatchError, match="model") as info:
+        _store(path, fp={**FP, "model": "xyz"})
+    assert "xs" not in str(info.value)
+    with pytest.raises(StoreMismatchError, match="extra_key"):
+        _store(path, fp={**FP, "extra_key": 1}, resume=False)
+    assert path.read_bytes() == before
+
+
+def test_write_is_atomic_when_saving_fails(tmp_path, monkeypatch):
+    path = tmp_path / "grid.npz"
+    s = _store(path)
+    s.write_row(0, {"loss": np.ones(2), "accuracy": np.ones(2)})
+    before = path.read_bytes()
+
+    def broken(f, **arrays):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod.np, "savez", broken)
+    with pytest.raises(KeyboardInterrupt):
+        s.write_row(1, {"loss": np.zeros(2), "accuracy": np.zeros(2)})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.npz"]
+
+
+def test_not_a_store_and_bad_rows(tmp_path):
+    path = tmp_path / "other.npz"
+    np.savez(path, a=np.ones(3))
+    with pytest.raises(ValueError, match="not a landscape store"):
+        _store(path)
+    s = _store(tmp_path / "g.npz")
+    with pytest.raises(ValueError, match="shape"):
+        s.write_row(0, {"loss": np.ones(3), "accuracy": np.ones(3)})
+
+
+def test_directory_store_and_suffix(tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    a = _store(folder)
+    b = _store(folder, fp={**FP, "model": "other"})
+    assert a.path.parent == folder and a.path != b.path
+    assert a.path.name == f"landscape-{fingerprint_hash(FP)}.npz"
+    c = _store(str(tmp_path / "new_dir") + "/")
+    assert c.path.parent == tmp_path / "new_dir"
+    d = _store(tmp_path / "plain")
+    assert d.path.name == "plain.npz"
+
+
+def test_hashes_are_exact():
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    assert tensor_hash(t) == tensor_hash(t.clone())
+    u = t.clone()
+    u.view(-1)[4] = torch.nextafter(u.view(-1)[4], torch.tensor(100.0))  # one ulp
+    assert tensor_hash(u) != tensor_hash(t)
+    assert tensor_hash(t.double()) != tensor_hash(t)
+    assert tensor_hash(t.reshape(3, 2)) != tensor_hash(t)
+    assert tensor_hash(t.T) == tensor_hash(t.T.contiguous())  # values, not memory layout
+    assert tensors_hash([t, t]) != tensors_hash([t])
+    assert tensors_hash([(t, {"a": 1})]) == tensors_hash([(t.clone(), {"a": 1})])
+    assert len(tensor_hash(torch.zeros(0))) == 16
+    assert tensor_hash(torch.tensor([True, False])) != tensor_hash(torch.tensor([False, True]))
+    assert tensor_hash(torch.ones(2, dtype=torch.bfloat16)) != tensor_hash(torch.ones(2, dtype=torch.float16))
