@@ -248,6 +248,8 @@ class PerturbedOptimizer(Optimizer):
         perturbed = bool(sd.pop(PERTURBED_KEY, False))
         super().load_state_dict(sd)
         for group in self.param_groups:
+            for key, value in self.defaults.items():  # e.g. a torch.optim.SGD state dict
+                group.setdefault(key, value)
             scale = group.get(SCALE_KEY)
             if isinstance(scale, Tensor) and group["params"]:
                 group[SCALE_KEY] = scale.to(group["params"][0].device)
