@@ -7,6 +7,7 @@ hide the others; ``("missing", message)`` marks code that has not landed (Import
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -332,3 +333,167 @@ def optimizer_checks(rank: int, world: int, checkpoint_dir: str) -> dict:
     return _run_checks({
         n: (lambda n=n: train_run(n, rank, world, f"{checkpoint_dir}/{n}.pt")) for n in names
     })
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def _sharded(x, y, batch_size=BATCH):
+    from analysis.data import as_data
+
+    return as_data((x, y), batch_size=batch_size, shard=True)
+
+
+def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict:
+    """Every sharded analysis quantity on this rank's share of the same 50-sample dataset.
+
+    Called on 2 ranks (each sees its batches: 26 and 24 samples) and, as the reference, on one
+    process without a process group (``shard=True`` then yields every batch). The values must
+    agree to rounding (float64). Collectives are counted per matvec.
+    """
+    model, x, y = classification_problem()
+    torch.manual_seed(100)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+
+    def evaluate_check():
+        from analysis.evaluation import evaluate
+
+        r = evaluate(model, "cross_entropy", _sharded(x, y))
+        return {"loss": r.loss, "accuracy": r.accuracy, "num_samples": r.num_samples}
+
+    def hvp_check():
+        from analysis.hessian import HessianOperator
+
+        op = HessianOperator(model, "cross_entropy", _sharded(x, y))
+        with _CollectiveCounter() as c:
+            hv = [op @ v for _ in range(3)]
+        return {"hv": hv[0], "repeat": torch.equal(hv[0], hv[2]), "collectives": c.count,
+                "num_samples": op.num_samples}
+
+    def hvp_loader_check():
+        from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+        from analysis.data import as_data
+        from analysis.hessian import HessianOperator
+
+        ds = TensorDataset(x, y)
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
+        loader = DataLoader(ds, batch_size=BATCH, sampler=sampler)
+        op = HessianOperator(model, "cross_entropy", as_data(loader, shard=True))
+        first = op @ v  # counts N on the first pass (one extra all-reduce)
+        with _CollectiveCounter() as c:
+            second = op @ v
+        return {"hv": first, "repeat": torch.equal(first, second), "collectives": c.count}
+
+    def eig_check():
+        from analysis.hessian import HessianOperator
+        from analysis.lanczos import top_eigenpairs
+
+        op = HessianOperator(model, "cross_entropy", _sharded(x, y))
+        with _CollectiveCounter() as c:
+            res = top_eigenpairs(op, k=5, tol=1e-10, seed=0)
+        # the Lanczos basis is replicated: the Ritz vectors agree bit for bit on every rank
+        D.assert_same_across_ranks(res.eigenvectors, "Ritz vectors")
+        return {"eigenvalues": res.eigenvalues, "eigenvectors": res.eigenvectors,
+                "num_matvecs": res.num_matvecs, "collectives": c.count,
+                "converged": res.converged}
+
+    def trace_check():
+        from analysis.trace import hessian_trace
+
+        from analysis.hessian import HessianOperator
+
+        op = HessianOperator(model, "cross_entropy", _sharded(x, y))
+        out = {}
+        for method in ("hutchinson", "hutch++"):
+            before = op.num_matvecs
+            with _CollectiveCounter() as c:
+                r = hessian_trace(op, num_matvecs=30, method=method, seed=0)
+            out[method] = {"result": _plain(r), "collectives": c.count,
+                           "matvecs": op.num_matvecs - before}
+        return out
+
+    def density_check():
+        from analysis.density import spectral_density
+
+        from analysis.hessian import HessianOperator
+
+        op = HessianOperator(model, "cross_entropy", _sharded(x, y))
+        return _plain(spectral_density(op, num_iter=20, num_runs=2, seed=0))
+
+    def sharpness_worst_check():
+        from analysis.sharpness import sharpness
+
+        r = sharpness(model, "cross_entropy", _sharded(x, y), kind="worst", rho=0.05, m=BATCH,
+                      n_eval=None, steps=5, init="zero", progress=False)
+        return {"value": r.value, "loss": r.loss, "num_batches": r.num_batches}
+
+    def sharpness_average_check():
+        from analysis.sharpness import sharpness
+
+        r = sharpness(model, "cross_entropy", _sharded(x, y), kind="average", rho=0.05,
+                      m=BATCH, n_eval=None, samples=4, seed=0, progress=False)
+        return {"value": r.value, "loss": r.loss, "num_batches": r.num_batches}
+
+    def directional_check():
+        from analysis.sharpness import directional_sharpness
+
+        r = directional_sharpness(model, "cross_entropy", _sharded(x, y), v, [-0.5, 0.2, 1.0])
+        return _plain(r)
+
+    def epsilon_check():
+        from analysis.sharpness import epsilon_sharpness
+
+        r = epsilon_sharpness(model, "cross_entropy", _sharded(x, y), epsilon=1e-2,
+                              method="apgd", steps=3, seed=0)
+        return _plain(r)
+
+    def slice_1d_check():
+        from landscape.slices import slice_1d
+
+        r = slice_1d(model, "cross_entropy", _sharded(x, y), v, [-0.5, 0.0, 0.5], progress=False)
+        return {"loss": r.loss, "accuracy": r.accuracy}
+
+    def slice_2d_check():
+        from landscape.slices import slice_2d
+
+        d2 = torch.roll(v, 1)
+        with _CollectiveCounter() as c:
+            r = slice_2d(model, "cross_entropy", _sharded(x, y), v, d2, [-0.5, 0.0, 0.5, 1.0],
+                         [-1.0, 0.25, 1.0], progress=False)
+        return {"loss": r.loss, "accuracy": r.accuracy, "num_samples": r.num_samples,
+                "collectives": c.count}
+
+    def slice_2d_store_check():
+        from landscape.slices import slice_2d
+
+        if store_dir is None:
+            return None
+        path = os.path.join(store_dir, "grid.npz")
+        d2 = torch.roll(v, 1)
+        r = slice_2d(model, "cross_entropy", _sharded(x, y), v, d2, [-0.5, 0.5], [-1.0, 1.0],
+                     store=path, progress=False)
+        D.barrier()
+        again = slice_2d(model, "cross_entropy", _sharded(x, y), v, d2, [-0.5, 0.5], [-1.0, 1.0],
+                         store=path, progress=False)  # resumes: every row is done
+        return {"loss": r.loss, "again": again.loss, "resumed_rows": again.resumed_rows}
+
+    checks = {
+        "evaluate": evaluate_check, "hvp": hvp_check, "hvp_loader": hvp_loader_check,
+        "eig": eig_check, "trace": trace_check, "density": density_check,
+        "sharpness_worst": sharpness_worst_check, "sharpness_average": sharpness_average_check,
+        "directional": directional_check, "epsilon": epsilon_check,
+        "slice_1d": slice_1d_check, "slice_2d": slice_2d_check,
+        "slice_2d_store": slice_2d_store_check,
+    }
+    return _run_checks(checks)
+
+
+def _plain(result: Any) -> Any:
+    """A result object as a dict of plain values (tensors kept), for comparison."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(result):
+        return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+                if not f.name.startswith(("seconds", "time"))}
+    return result
