@@ -165,10 +165,16 @@ class SAM(Optimizer):
         """Back to ``w`` and one base-optimizer step with the gradient taken at ``w + e``."""
         if not self._perturbed:
             raise RuntimeError("SAM.second_step() called without first_step()")
-        self.unperturb()
-        self.base_optimizer.step()
+        # through step() so that lr schedulers and step hooks registered on SAM see it
+        self.step()
         if zero_grad:
             self.zero_grad()
+
+    def _second_step(self) -> None:
+        if not self._perturbed:
+            raise RuntimeError("SAM.second_step() called without first_step()")
+        self.unperturb()
+        self.base_optimizer.step()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -178,14 +184,14 @@ class SAM(Optimizer):
         Wrap the closure's forward in :func:`msam.frozen_batchnorm_stats` for BatchNorm nets
         if the second pass must not move the running statistics."""
         if closure is None:
-            self.second_step()
+            self._second_step()
             return None
         closure = torch.enable_grad()(closure)
         self.zero_grad()
         loss = closure()
         self.first_step(zero_grad=True)
         closure()
-        self.second_step()
+        self._second_step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
