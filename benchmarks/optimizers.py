@@ -3,7 +3,8 @@
 Run standalone: ``python benchmarks/optimizers.py`` (a few minutes on one CPU core). Prints
 markdown tables of medians and ratios against torch.optim.SGD measured in the same process.
 Repetitions of the candidates are interleaved (A B C A B C ...), so load changes on a shared
-machine hit every candidate alike; the medians are reported.
+machine hit every candidate alike; ratios are medians of the per-repetition paired ratios, for
+wall-clock time and for process CPU time (less sensitive to other processes on a shared machine).
 
 Workloads:
 - digits CNN (landscape.models.digits_cnn, ~151k parameters), batches of 128 digits images;
@@ -62,18 +63,19 @@ def training_step(model, opt, x, y):
 
 
 def interleaved(candidates: dict[str, callable], reps: int, inner: int, warmup: int):
-    """Median seconds per call of each candidate, repetitions interleaved."""
+    """Per-repetition (wall, cpu) seconds per call of each candidate, repetitions interleaved."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {k: [] for k in candidates}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in candidates}
     for _ in range(reps):
         for name, fn in candidates.items():
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             for _ in range(inner):
                 fn()
-            times[name].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[name].append(((time.perf_counter() - w0) / inner,
+                                (time.process_time() - c0) / inner))
+    return times
 
 
 def bench_training(model_fn, batches, names, reps, inner, foreach):
@@ -118,9 +120,17 @@ def big_mlp() -> nn.Module:
 
 
 def table(title, results, baseline, note=""):
-    lines = [f"### {title}", "", f"| candidate | median ms | ratio to {baseline} |", "|---|---|---|"]
-    for name, sec in results.items():
-        lines.append(f"| {name} | {sec * 1e3:.2f} | {sec / results[baseline]:.3f} |")
+    """Median wall time; ratios are medians over repetitions of the paired (same repetition)
+    ratio to the baseline, for wall-clock and for process CPU time."""
+    lines = [f"### {title}", "",
+             f"| candidate | median ms | ratio to {baseline} (wall) | ratio (CPU time) |",
+             "|---|---|---|---|"]
+    base = results[baseline]
+    for name, runs in results.items():
+        wall = statistics.median(r[0] for r in runs)
+        ratio_wall = statistics.median(r[0] / b[0] for r, b in zip(runs, base))
+        ratio_cpu = statistics.median(r[1] / b[1] for r, b in zip(runs, base))
+        lines.append(f"| {name} | {wall * 1e3:.2f} | {ratio_wall:.3f} | {ratio_cpu:.3f} |")
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"
