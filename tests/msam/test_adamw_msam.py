@@ -137,3 +137,25 @@ def test_loss_goes_down():
         opt.step()
     with opt.unperturbed():
         assert F.cross_entropy(model(x), y).item() < 0.7 * first
+
+
+def test_matches_reference_on_random_quadratic():
+    from tests.models import random_spd
+
+    n = 6
+    A = random_spd(n, seed=2)
+    c = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    w = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+    kw = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, rho=0.2)
+    ref = adamw_msam_reference([w.detach().clone()], lambda t, live: [A @ (live[0] - c)], STEPS,
+                               **kw)
+    opt = AdamWMSAM([w], **kw)
+    hist = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        (0.5 * (w - c) @ A @ (w - c)).backward()
+        opt.step()
+        live = [w.detach().clone()]
+        with opt.unperturbed():
+            hist.append((live, [w.detach().clone()]))
+    assert_history(hist, ref)
