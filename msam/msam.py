@@ -127,40 +127,51 @@ class MSAM(PerturbedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_sparse(type(self).__name__, self.param_groups)
-
-        pairs = self._all_directions()
-        self._undo(pairs)  # w~ -> w with the stored coefficients
-        stepped: list[tuple[list[Tensor], list[Tensor]]] = []
+        name = type(self).__name__
+        # one pass over the parameters: (with gradient, gradient, buffer) and (buffer only)
+        collected = []
         for group in self.param_groups:
-            params, grads, bufs = [], [], []
+            params, grads, bufs, idle, idle_bufs = [], [], [], [], []
             for p in group["params"]:
-                if p.grad is None:
+                state = self.state.get(p)
+                buf = state.get("momentum_buffer") if state else None
+                grad = p.grad
+                if grad is None:
+                    if buf is not None:
+                        idle.append(p)
+                        idle_bufs.append(buf)
                     continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients (parameter "
+                                       f"of shape {tuple(p.shape)}); use a dense embedding")
                 params.append(p)
-                grads.append(p.grad)
-                bufs.append(self.state[p].get("momentum_buffer"))
-            foreach = self._use_foreach(group, params)
+                grads.append(grad)
+                bufs.append(buf)
+            collected.append((params, grads, bufs, idle, idle_bufs))
+
+        for group, (params, grads, bufs, idle, idle_bufs) in zip(self.param_groups, collected):
+            foreach = self._use_foreach(group, params or idle)
+            if self._perturbed:  # w~ -> w with the stored coefficient
+                scale = group.get(SCALE_KEY)
+                have = [(p, b) for p, b in zip(params, bufs) if b is not None]
+                shift_([p for p, _ in have] + idle, [b for _, b in have] + idle_bufs, scale,
+                       foreach=foreach)
+                group[SCALE_KEY] = None
             kernel = _momentum_update_foreach if foreach else _momentum_update_single
             kernel(params, grads, bufs, momentum=float(group["momentum"]),
                    weight_decay=float(group["weight_decay"]))
             for p, b in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = b
-            stepped.append((params, bufs))
 
-        pairs = self._all_directions()
+        pairs = [(params + idle, bufs + idle_bufs)
+                 for params, _, bufs, idle, idle_bufs in collected]
         scales = self._new_scales(pairs)
-        for group, (params, bufs), (all_params, all_bufs), scale in zip(
-                self.param_groups, stepped, pairs, scales):
-            foreach = self._use_foreach(group, all_params)
-            lr = float(group["lr"])
-            # stepped parameters: w~ = w - (lr + c) v in one pass; the others only re-perturb
-            shift_(params, bufs, _neg_add(scale, lr), foreach=foreach)
-            ids = {id(p) for p in params}
-            rest = [(p, b) for p, b in zip(all_params, all_bufs) if id(p) not in ids]
-            if rest:
-                shift_([p for p, _ in rest], [b for _, b in rest], _neg_add(scale, 0.0),
-                       foreach=foreach)
+        for group, (params, _, bufs, idle, idle_bufs), scale in zip(
+                self.param_groups, collected, scales):
+            foreach = self._use_foreach(group, params or idle)
+            # stepped parameters: w~ = w - (lr + c) v in one pass; idle ones only re-perturb
+            shift_(params, bufs, _neg_add(scale, float(group["lr"])), foreach=foreach)
+            shift_(idle, idle_bufs, _neg_add(scale, 0.0), foreach=foreach)
             group[SCALE_KEY] = scale
         self._perturbed = True
         return loss
