@@ -1,0 +1,717 @@
+"""The ``landscape`` command line: sharpness, Hessian spectra, slices and reports of checkpoints.
+
+Usage (``landscape COMMAND --help`` shows every option with an example)::
+
+    landscape sharpness ckpts/ --model mypkg.models:resnet --data mypkg.data:val_loader
+    landscape hessian model.pt --model net.py:build --data net.py:data --top-k 5 --trace
+    landscape slice model.pt --model net.py:build --data net.py:data --dims 2 --out fig.html
+    landscape report a.pt b.pt --model net.py:build --data net.py:data --out report.html
+    landscape demo --out demo_out
+
+Models and data are named as ``module:function`` or ``path/to/file.py:function``: a callable
+that returns an ``nn.Module``, or the data (a DataLoader, an ``(X, y)`` tuple or a list of
+``(x, y)`` batches). The object itself may also be given (``module:MODEL``).
+
+Exit codes: 0 success, 2 usage errors, 1 runtime failures (a one-line cause on stderr; the
+traceback only with ``--debug``). Tables go to stdout, progress bars to stderr; ``--json PATH``
+(``-`` for stdout) writes a stable machine-readable document (``"schema": "landscape.<command>/1"``).
+Under ``torchrun`` (or with ``--distributed``) the data is sharded across processes and only rank 0
+prints and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser", "load_object", "load_model", "load_data", "CLIError", "UsageError"]
+
+SCHEMA_VERSION = 1
+
+
+class CLIError(Exception):
+    """A runtime failure reported as one line with exit code 1."""
+
+
+class UsageError(CLIError):
+    """A malformed argument value reported with exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# output helpers (rank 0 only)
+
+
+class _Ctx:
+    """Per-invocation settings: progress, distributed, where output goes."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.progress = not getattr(args, "quiet", False)
+        self.distributed = False
+        self.main = True
+
+    def log(self, msg: str) -> None:
+        if self.main and self.progress:
+            print(msg, file=sys.stderr, flush=True)
+
+    def out(self, text: str) -> None:
+        """A table or summary: stdout, or stderr when stdout carries the JSON document."""
+        if not self.main:
+            return
+        stream = sys.stderr if getattr(self.args, "json", None) == "-" else sys.stdout
+        print(text, file=stream, flush=True)
+
+    def write_json(self, doc: dict) -> None:
+        target = getattr(self.args, "json", None)
+        if not target or not self.main:
+            return
+        from analysis.results import to_jsonable
+
+        text = json.dumps(to_jsonable(doc), indent=2, sort_keys=False, allow_nan=False)
+        if target == "-":
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        else:
+            _write_text(target, text + "\n")
+            self.log(f"wrote {target}")
+
+
+def _check_writable(path: str | os.PathLike, what: str = "output") -> pathlib.Path:
+    """Fail early (before any computation) when ``path`` cannot be written."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        raise CLIError(f"cannot write {what} {p}: it is a directory")
+    parent = p.parent if str(p.parent) else pathlib.Path(".")
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CLIError(f"cannot write {what} {p}: {exc.strerror or exc}") from None
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise CLIError(f"cannot write {what} {p}: directory {parent} is not writable")
+    return p
+
+
+def _write_text(path: str | os.PathLike, text: str) -> None:
+    p = _check_writable(path)
+    try:
+        p.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot write {p}: {exc.strerror or exc}") from None
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with right-aligned numbers (used by every command and the demo)."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, bool):
+            return str(v)
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return str(v)
+            return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+        return str(v)
+
+    cells = [[cell(v) for v in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
+    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(header))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+# ---------------------------------------------------------------------------------------------
+# model / data specs
+
+
+def load_object(spec: str, what: str = "object") -> Any:
+    """Import ``module:attr`` or ``path/to/file.py:attr`` (``attr`` may be dotted).
+
+    Raises:
+        UsageError: the spec has no ``:`` or an empty part.
+        CLIError: the module or file does not import, or has no such attribute.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise UsageError(
+            f"--{what} {spec!r} must look like 'module:function' or 'path/to/file.py:function'"
+        )
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise UsageError(f"--{what} {spec!r}: both the module and the function name are needed")
+    try:
+        if target.endswith(".py") or os.sep in target or "/" in target:
+            path = pathlib.Path(target)
+            if not path.is_file():
+                raise CLIError(f"--{what} {spec!r}: file {target} not found")
+            name = f"_landscape_spec_{abs(hash(str(path.resolve())))}"
+            module = sys.modules.get(name)
+            if module is None:
+                sys.path.insert(0, str(path.resolve().parent))
+                mod_spec = importlib.util.spec_from_file_location(name, path)
+                if mod_spec is None or mod_spec.loader is None:
+                    raise CLIError(f"--{what} {spec!r}: cannot import {target}")
+                module = importlib.util.module_from_spec(mod_spec)
+                sys.modules[name] = module
+                try:
+                    mod_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+    except CLIError:
+        raise
+    except Exception as exc:
+        raise CLIError(f"--{what} {spec!r}: importing {target} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CLIError(f"--{what} {spec!r}: {target} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_model(spec: str) -> Any:
+    """Build the model named by ``spec`` (a callable returning an ``nn.Module``, or a module)."""
+    from torch import nn
+
+    obj = load_object(spec, "model")
+    if not isinstance(obj, nn.Module):
+        if not callable(obj):
+            raise CLIError(f"--model {spec!r} is a {type(obj).__name__}, not a callable or an nn.Module")
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise CLIError(f"--model {spec!r} raised {type(exc).__name__}: {_first_line(exc)}") from None
+    if not isinstance(obj, nn.Module):
+        raise CLIError(f"--model {spec!r} returned a {type(obj).__name__}, expected a torch.nn.Module")
+    return obj
+
+
+def load_data(spec: str, *, batch_size: int | None = None, max_samples: int | None = None,
+              shard: bool = False) -> Any:
+    """The data named by ``spec`` as a :class:`analysis.data.DataSource`."""
+    from torch.utils.data import DataLoader
+
+    from analysis.data import as_data
+
+    obj = load_object(spec, "data")
+    if callable(obj) and not isinstance(obj, (DataLoader, tuple, list)):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise CLIError(f"--data {spec!r} raised {type(exc).__name__}: {_first_line(exc)}") from None
+    try:
+        return as_data(obj, batch_size=batch_size, max_samples=max_samples, shard=shard)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--data {spec!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _resolve_loss(spec: str) -> Callable:
+    from analysis.evaluation import resolve_loss
+
+    if spec in ("cross_entropy", "mse"):
+        return resolve_loss(spec)
+    fn = load_object(spec, "loss")
+    if not callable(fn):
+        raise CLIError(f"--loss {spec!r} is not callable")
+    return fn
+
+
+class _Setup:
+    """Model factory, data, loss and device for the analysis commands."""
+
+    def __init__(self, args: argparse.Namespace, ctx: _Ctx):
+        import torch
+
+        self.args = args
+        self.ctx = ctx
+        self.loss_fn = _resolve_loss(args.loss)
+        try:
+            self.device = torch.device(args.device)
+        except RuntimeError as exc:
+            raise UsageError(f"--device {args.device!r}: {_first_line(exc)}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+        self.dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
+        self.data = load_data(args.data, batch_size=args.batch_size, max_samples=args.max_samples,
+                              shard=ctx.distributed)
+        self._checked = False
+
+    def model(self) -> Any:
+        m = load_model(self.args.model)
+        if self.dtype is not None:
+            m = m.to(self.dtype)
+        return m.to(self.device)
+
+    def load(self, path: pathlib.Path) -> tuple[Any, Any]:
+        """A fresh model with the checkpoint's weights, and the :class:`Checkpoint`."""
+        from .checkpoints import load_checkpoint
+
+        model = self.model()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ckpt = load_checkpoint(path, model, map_location=self.device, strict=not self.args.non_strict,
+                                   allow_pickle=self.args.trust_pickle)
+        for w in caught:
+            self.ctx.log(f"warning: {w.message}")
+        for k, a, b in ckpt.shape_mismatches:
+            self.ctx.log(f"warning: {path}: {k} has shape {list(a)} in the checkpoint, {list(b)} in the model (left as initialized)")
+        if ckpt.missing_keys:
+            self.ctx.log(f"warning: {path}: missing keys left as initialized: {', '.join(ckpt.missing_keys[:8])}")
+        if not self._checked:
+            self.check_fit(model)
+            self._checked = True
+        return model, ckpt
+
+    def check_fit(self, model: Any) -> None:
+        """Run the first batch through the model: wrong shapes fail here in one line."""
+        import torch
+
+        from analysis.data import to_device
+        from analysis.evaluation import forward, model_device_dtype, model_mode
+
+        device, dtype = model_device_dtype(model)
+        batch = next(iter(self.data))
+        try:
+            with torch.no_grad(), model_mode(model, "eval"):
+                out = forward(model, to_device(batch.inputs, device, dtype))
+                loss = self.loss_fn(out, to_device(batch.targets, device, dtype))
+        except Exception as exc:
+            raise CLIError(
+                f"the data does not fit the model: {type(exc).__name__}: {_first_line(exc)}"
+            ) from None
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise CLIError("the loss function must return a scalar (the batch mean)")
+
+
+def _checkpoints(paths: Sequence[str]) -> list[pathlib.Path]:
+    from .checkpoints import find_checkpoints
+
+    return find_checkpoints(list(paths))
+
+
+def _label(path: pathlib.Path, all_paths: Sequence[pathlib.Path]) -> str:
+    names = [p.name for p in all_paths]
+    return path.name if names.count(path.name) == 1 else str(path)
+
+
+def _envelope(command: str, **body: Any) -> dict:
+    return {"schema": f"landscape.{command}/{SCHEMA_VERSION}", "command": command, **body}
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_sharpness(args: argparse.Namespace, ctx: _Ctx) -> int:
+    from .report import METRIC_NAMES, checkpoint_metrics
+
+    metrics = args.metric or list(METRIC_NAMES[:3])
+    setup = _Setup(args, ctx)
+    paths = _checkpoints(args.checkpoints)
+    records = []
+    for path in paths:
+        ctx.log(f"[{path}] computing {', '.join(metrics)}")
+        model, ckpt = setup.load(path)
+        values = checkpoint_metrics(model, setup.loss_fn, setup.data, metrics, rho=args.rho,
+                                    m=args.m, seed=args.seed, progress=ctx.progress)
+        records.append({"checkpoint": str(path), "perturbed": ckpt.perturbed, **values})
+    header = ["checkpoint", "loss", "accuracy", *metrics]
+    rows = [[_label(pathlib.Path(r["checkpoint"]), paths), r["loss"], r["accuracy"],
+             *[r["metrics"][m] for m in metrics]] for r in records]
+    ctx.out(format_table(header, rows))
+    ctx.write_json(_envelope("sharpness", metrics=metrics, rho=args.rho, checkpoints=records))
+    return 0
+
+
+def cmd_hessian(args: argparse.Namespace, ctx: _Ctx) -> int:
+    from .report import hessian_summary
+
+    if args.density:
+        _check_writable(args.density, "--density")
+    setup = _Setup(args, ctx)
+    (path,) = _checkpoints([args.checkpoint])
+    model, _ = setup.load(path)
+    ctx.log(f"[{path}] top-{args.top_k} Hessian eigenvalues" + (" + trace" if args.trace else ""))
+    summary = hessian_summary(model, setup.loss_fn, setup.data, top_k=args.top_k, trace=args.trace,
+                              density=bool(args.density), seed=args.seed, progress=ctx.progress,
+                              tol=args.tol)
+    rows = [[i + 1, float(v)] for i, v in enumerate(summary["eigenvalues"])]
+    text = format_table(["k", "eigenvalue"], rows)
+    if summary.get("trace") is not None:
+        text += f"\ntrace ~ {summary['trace']:.6g} (Hutchinson, +- {summary['trace_stderr']:.2g})"
+    ctx.out(text)
+    if args.density and ctx.main:
+        from .report import density_figure
+
+        fig = density_figure({path.name: summary["density"]})
+        _save_figure(fig, args.density)
+        ctx.log(f"wrote {args.density}")
+    doc = {k: v for k, v in summary.items() if k != "density"}
+    if summary.get("density") is not None:
+        doc["density"] = {"grid": summary["density"]["grid"], "density": summary["density"]["density"]}
+    ctx.write_json(_envelope("hessian", checkpoint=str(path), **doc))
+    return 0
+
+
+def _parse_direction(spec: str) -> tuple[str, str | None]:
+    kind, _, arg = spec.partition(":")
+    if kind not in ("random", "gradient", "eigen", "interpolate", "pca"):
+        raise UsageError(
+            f"--direction {spec!r}: choose random, gradient, eigen, interpolate:CKPT2 or pca:DIR"
+        )
+    if kind in ("interpolate", "pca") and not arg:
+        raise UsageError(f"--direction {kind} needs an argument: {kind}:PATH")
+    return kind, (arg or None)
+
+
+def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
+    from .report import compute_slice
+
+    kind, arg = _parse_direction(args.direction)
+    if kind == "interpolate" and args.dims != 1:
+        raise UsageError("--direction interpolate:CKPT2 gives a 1-D slice; use --dims 1")
+    out = _check_writable(args.out, "--out")
+    if out.suffix not in (".png", ".pdf", ".svg", ".html"):
+        raise UsageError(f"--out {args.out}: use .png, .pdf, .svg or .html")
+    lo, hi = args.range
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise UsageError(f"--range {lo} {hi}: need two finite numbers with MIN < MAX")
+    if args.steps < 2:
+        raise UsageError(f"--steps {args.steps}: need at least 2")
+    setup = _Setup(args, ctx)
+    (path,) = _checkpoints([args.checkpoint])
+    model, _ = setup.load(path)
+    other = None
+    if kind == "interpolate":
+        other, _ = setup.load(pathlib.Path(arg))  # type: ignore[arg-type]
+    elif kind == "pca":
+        other = [setup.load(p)[0].state_dict() for p in _checkpoints([arg])]  # type: ignore[list-item]
+    ctx.log(f"[{path}] {args.dims}-D slice along {args.direction}, {args.steps} steps per axis")
+    res = compute_slice(model, setup.loss_fn, setup.data, dims=args.dims, direction=kind, other=other,
+                        lo=lo, hi=hi, steps=args.steps, seed=args.seed, store=args.store,
+                        normalization=args.normalization, progress=ctx.progress, label=path.name)
+    if ctx.main:
+        if out.suffix == ".html":
+            fig = res.plot_interactive() if args.dims == 1 else res.plot_interactive(kind="surface")
+            fig.write_html(str(out), include_plotlyjs=True)
+        else:
+            _save_figure(res.plot(), out)
+        ctx.log(f"wrote {out}")
+    summary = {"checkpoint": str(path), "dims": args.dims, "direction": args.direction,
+               "loss_at_origin": res.loss_at_origin, "accuracy_at_origin": res.accuracy_at_origin}
+    if args.dims == 1:
+        i = int(max(range(len(res.loss)), key=lambda j: res.loss[j] if res.loss[j] == res.loss[j] else -1e300))
+        ctx.out(format_table(["checkpoint", "L(w)", "max L on slice", "at alpha"],
+                             [[path.name, res.loss_at_origin, float(res.loss[i]), float(res.alphas[i])]]))
+        grid = {"alphas": res.alphas, "loss": res.loss, "accuracy": res.accuracy}
+    else:
+        import numpy as np
+
+        ctx.out(format_table(["checkpoint", "L(w)", "max L on grid", "mean L on grid"],
+                             [[path.name, res.loss_at_origin, float(np.nanmax(res.loss)), float(np.nanmean(res.loss))]]))
+        grid = {"xs": res.xs, "ys": res.ys, "loss": res.loss, "accuracy": res.accuracy,
+                "resumed_rows": res.resumed_rows}
+    ctx.write_json(_envelope("slice", **summary, grid=grid, out=str(out)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, ctx: _Ctx) -> int:
+    from .report import analyze_checkpoint, write_report
+
+    out = _check_writable(args.out, "--out")
+    setup = _Setup(args, ctx)
+    paths = _checkpoints(args.checkpoints)
+    entries = []
+    for path in paths:
+        ctx.log(f"[{path}] metrics, slices and spectral density")
+        model, ckpt = setup.load(path)
+        entries.append(analyze_checkpoint(model, setup.loss_fn, setup.data, name=_label(path, paths),
+                                          steps_1d=args.steps_1d, steps_2d=args.steps_2d,
+                                          radius=args.radius, seed=args.seed, progress=ctx.progress,
+                                          density=not args.no_density))
+    if ctx.main:
+        write_report(entries, out, title=args.title)
+        ctx.log(f"wrote {out}")
+    header = ["checkpoint", "loss", "accuracy", "lambda_max", "sharpness"]
+    ctx.out(format_table(header, [[e.name, e.metrics.get("loss"), e.metrics.get("accuracy"),
+                                   e.metrics.get("lambda_max"), e.metrics.get("sharpness")] for e in entries]))
+    ctx.write_json(_envelope("report", out=str(out), checkpoints=[e.summary() for e in entries]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, ctx: _Ctx) -> int:
+    from .demo import run_demo
+
+    out_dir = pathlib.Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"--out {out_dir}: exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {out_dir}: {exc.strerror or exc}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise CLIError(f"--out {out_dir}: directory is not writable")
+    result = run_demo(out_dir, quick=args.quick, epochs=args.epochs, seed=args.seed,
+                      optimizers=args.optimizers, progress=ctx.progress, log=ctx.log)
+    ctx.out(result.table())
+    ctx.out(f"\nreport: {result.report}")
+    ctx.write_json(_envelope("demo", **result.to_dict()))
+    return 0
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> None:
+    p = _check_writable(path)
+    if hasattr(fig, "savefig"):
+        fig.savefig(p, dpi=120, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    elif p.suffix == ".html":
+        fig.write_html(str(p), include_plotlyjs=True)
+    else:
+        raise CLIError(f"cannot write a {type(fig).__name__} to {p}")
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+_EPILOG = {
+    "sharpness": """example:
+  landscape sharpness runs/ --model mypkg.models:resnet18 --data mypkg.data:val_loader \\
+      --metric worst --metric adaptive_worst --metric lambda_max --json sharpness.json""",
+    "hessian": """example:
+  landscape hessian model.pt --model net.py:build --data net.py:data --top-k 5 --trace \\
+      --density density.png""",
+    "slice": """example:
+  landscape slice model.pt --model net.py:build --data net.py:data --dims 2 \\
+      --direction random --range -1 1 --steps 21 --out surface.html --store grid.npz""",
+    "report": """example:
+  landscape report sgd.pt msam.pt --model net.py:build --data net.py:data --out report.html""",
+    "demo": """example:
+  landscape demo --out demo_out            # about 1-2 minutes on 2 CPU cores
+  landscape demo --out /tmp/d --quick      # seconds (a smoke test)""",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # exit 2, one line, with a hint
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser, *, needs_model: bool = True) -> None:
+    g = p.add_argument_group("model and data")
+    if needs_model:
+        g.add_argument("--model", required=True, metavar="SPEC",
+                       help="module:function or path/file.py:function returning an nn.Module")
+        g.add_argument("--data", required=True, metavar="SPEC",
+                       help="module:function or file.py:function returning a DataLoader, an (X, y) "
+                            "tuple or a list of (x, y) batches")
+        g.add_argument("--loss", default="cross_entropy", metavar="LOSS",
+                       help="cross_entropy (default), mse or module:function(outputs, targets)")
+        g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        g.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                       help="cast the model (default: keep its dtype)")
+        g.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                       help="split an (X, y) tuple into batches of N (default: one batch)")
+        g.add_argument("--max-samples", type=_positive_int, default=None, metavar="N",
+                       help="use only the first N samples")
+        g.add_argument("--trust-pickle", action="store_true",
+                       help="load checkpoints that need full unpickling (RUNS CODE from the file; "
+                            "only for files you created)")
+        g.add_argument("--non-strict", action="store_true",
+                       help="load checkpoints whose keys or shapes differ from the model (listed)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", default=None,
+                   help="write machine-readable results to PATH ('-' for stdout)")
+    o.add_argument("--seed", type=int, default=0, help="seed for random directions and probes")
+    o.add_argument("--quiet", action="store_true", help="no progress bars or messages on stderr")
+    o.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback on errors")
+    o.add_argument("--distributed", action="store_true",
+                   help="shard the data across torchrun processes (auto-detected under torchrun)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``landscape`` command (subcommands and their options)."""
+    from .report import METRIC_NAMES
+
+    parser = _Parser(
+        prog="landscape",
+        description="Sharpness, Hessian spectra, loss-landscape slices and reports for PyTorch "
+                    "checkpoints, and a demo comparing SGD, NAG, SAM and MSAM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(_EPILOG.values()),
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog=_EPILOG.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("sharpness", "table of sharpness metrics for one or many checkpoints")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or directories")
+    p.add_argument("--metric", action="append", choices=list(METRIC_NAMES), metavar="NAME",
+                   help=f"repeatable; one of {', '.join(METRIC_NAMES)} "
+                        f"(default: {', '.join(METRIC_NAMES[:3])})")
+    p.add_argument("--rho", type=float, default=None,
+                   help="perturbation radius for the worst/average metrics (default: per metric)")
+    p.add_argument("--m", type=_positive_int, default=None, metavar="M",
+                   help="samples per batch of the m-sharpness metrics (default: min(128, N))")
+    _common(p)
+    p.set_defaults(func=cmd_sharpness)
+
+    p = add("hessian", "top-k Hessian eigenvalues (Lanczos), trace and spectral density")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K")
+    p.add_argument("--trace", action="store_true", help="also estimate the trace (Hutchinson)")
+    p.add_argument("--density", metavar="OUT", default=None,
+                   help="write the spectral density (SLQ) figure to OUT (.png/.pdf/.svg/.html)")
+    p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the eigenvalues")
+    _common(p)
+    p.set_defaults(func=cmd_hessian)
+
+    p = add("slice", "1-D or 2-D loss-landscape slice through a checkpoint")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--dims", type=int, choices=[1, 2], default=1)
+    p.add_argument("--direction", default="random", metavar="KIND",
+                   help="random (filter-normalized), gradient, eigen (top Hessian eigenvectors), "
+                        "interpolate:CKPT2 or pca:DIR (a directory of trajectory checkpoints)")
+    p.add_argument("--range", type=float, nargs=2, default=[-1.0, 1.0], metavar=("MIN", "MAX"))
+    p.add_argument("--steps", type=int, default=41, help="points per axis (default 41)")
+    p.add_argument("--out", required=True, help="figure: .png/.pdf/.svg (matplotlib) or .html (plotly)")
+    p.add_argument("--store", default=None, metavar="GRID.npz",
+                   help="save finished rows of a 2-D grid; rerun to resume")
+    p.add_argument("--normalization", choices=["filter", "layer", "model", "none"], default="filter",
+                   help="scaling of random directions (default: filter, Li et al. 2018)")
+    _common(p)
+    p.set_defaults(func=cmd_slice)
+
+    p = add("report", "self-contained HTML report: metrics, 1-D/2-D slices, spectral densities")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    p.add_argument("--out", required=True, help="the .html file to write")
+    p.add_argument("--title", default="Loss landscape report")
+    p.add_argument("--steps-1d", type=int, default=41)
+    p.add_argument("--steps-2d", type=int, default=21)
+    p.add_argument("--radius", type=float, default=1.0, help="slices span [-radius, radius]")
+    p.add_argument("--no-density", action="store_true", help="skip the spectral density")
+    _common(p)
+    p.set_defaults(func=cmd_report)
+
+    p = add("demo", "train a small CNN on the bundled digits with SGD, NAG, SAM and MSAM; report")
+    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs per optimizer")
+    p.add_argument("--optimizers", nargs="+", default=None, metavar="NAME",
+                   choices=["sgd", "nag", "sam", "msam"], help="subset of sgd nag sam msam")
+    _common(p, needs_model=False)
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from . import reproduce
+    except ImportError:
+        reproduce = None  # type: ignore[assignment]
+    if reproduce is not None and hasattr(reproduce, "register_cli"):
+        reproduce.register_cli(sub)
+    return parser
+
+
+def _start_distributed(args: argparse.Namespace, ctx: _Ctx) -> None:
+    from analysis import distributed as dist
+
+    wanted = getattr(args, "distributed", False) or (
+        hasattr(dist, "launched_by_torchrun") and dist.launched_by_torchrun()
+    )
+    if not wanted:
+        return
+    if not hasattr(dist, "init_from_env"):
+        raise CLIError("--distributed: this installation has no analysis.distributed.init_from_env")
+    active = dist.init_from_env()
+    if not active and getattr(args, "distributed", False):
+        raise CLIError("--distributed needs the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR...)")
+    ctx.distributed = active and dist.get_world_size() > 1
+    ctx.main = dist.is_main_process()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``landscape`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    debug = bool(getattr(args, "debug", False)) or "--debug" in argv
+    ctx = _Ctx(args)
+    prog = f"landscape {args.command}"
+    started = False
+    try:
+        _start_distributed(args, ctx)
+        started = ctx.distributed
+        t0 = time.perf_counter()
+        code = args.func(args, ctx)
+        ctx.log(f"done in {time.perf_counter() - t0:.1f} s")
+        return code
+    except UsageError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        msg = _first_line(exc)
+        if not isinstance(exc, (CLIError, ValueError, TypeError, OSError)):
+            msg = f"{type(exc).__name__}: {msg}"
+        print(f"{prog}: error: {msg}" + ("" if debug else " (--debug for the traceback)"), file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            from analysis import distributed as dist
+
+            if hasattr(dist, "shutdown"):
+                dist.shutdown()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""The self-contained HTML report, and the per-checkpoint analysis behind it.
+
+:func:`analyze_checkpoint` measures one trained model: loss and accuracy, ``lambda_max`` (Lanczos),
+worst-case adaptive m-sharpness (Andriushchenko et al. 2023), optionally the Hessian trace, 1-D
+slices along a filter-normalized random direction and along the (filter-normalized) gradient, a
+2-D slice on two orthogonal filter-normalized random directions (Li et al. 2018), and the Hessian
+spectral density (stochastic Lanczos quadrature, Ghorbani et al. 2019). It returns a
+:class:`ReportEntry`.
+
+:func:`write_report` renders entries into ONE offline HTML page: a metrics table, the 1-D slices
+of all checkpoints overlaid (one figure per direction kind), one 2-D contour per checkpoint and
+the spectral densities overlaid, plus optional extra figures (the demo adds training curves).
+plotly's JavaScript is embedded exactly once (in the first figure), so the page needs no
+network; figures are 2-D SVG plots (contours, not WebGL surfaces), which render in any browser,
+headless ones included.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import importlib.util
+import math
+import os
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis.results import Result, to_jsonable
+
+__all__ = [
+    "ReportEntry",
+    "analyze_checkpoint",
+    "write_report",
+    "report_html",
+    "checkpoint_metrics",
+    "hessian_summary",
+    "compute_slice",
+    "density_figure",
+    "METRIC_NAMES",
+]
+
+try:  # the metric names understood by analysis.sharpness.sharpness_report
+    from analysis.sharpness import METRICS as _SHARPNESS_METRICS
+except ImportError:  # pragma: no cover - only while the sharpness module is missing
+    _SHARPNESS_METRICS = ("worst", "average", "epsilon", "pac_bayes", "pac_bayes_mag", "lambda_max", "trace")
+
+#: Metric names accepted by :func:`checkpoint_metrics` (and ``landscape sharpness --metric``).
+#: The first three are the default set.
+METRIC_NAMES: tuple[str, ...] = ("worst", "average", "lambda_max", "trace") + tuple(
+    m for m in _SHARPNESS_METRICS if m not in ("worst", "average", "lambda_max", "trace")
+) + ("worst_plain", "average_plain")
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def checkpoint_metrics(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    metrics: Sequence[str],
+    *,
+    rho: float | None = None,
+    m: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Loss, accuracy and the chosen sharpness metrics of one model.
+
+    ``worst`` / ``average`` are adaptive (``c = |w|``) m-sharpness with the defaults of
+    :func:`analysis.sharpness.sharpness_report`; ``worst_plain`` / ``average_plain`` the same
+    with ``c = 1``; ``lambda_max`` and ``trace`` the top Hessian eigenvalue (Lanczos) and the
+    Hutchinson trace. ``rho`` overrides the radius of the worst/average metrics and ``m`` their
+    batch size (default ``min(128, N)``, so that small data sets work).
+
+    Returns:
+        ``{"loss", "accuracy", "num_samples", "metrics": {name: value}, "seconds": {name: s}}``.
+    """
+    from analysis.evaluation import evaluate
+    from analysis.sharpness import sharpness_report
+
+    unknown = [m for m in metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
+    ev = evaluate(model, loss_fn, data)
+    values: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for name in metrics:
+        base = name.removesuffix("_plain")
+        opts: dict[str, Any] = {}
+        if base in ("worst", "average"):
+            opts["adaptive"] = not name.endswith("_plain")
+            opts["m"] = m if m is not None else min(128, ev.num_samples)
+            if rho is not None:
+                opts["rho"] = rho
+        t0 = time.perf_counter()
+        rep = sharpness_report(model, loss_fn, data, [base], options={base: opts} if opts else None,
+                               seed=seed, progress=progress)
+        seconds[name] = time.perf_counter() - t0
+        values[name] = float(rep.values[base])
+    return {"loss": ev.loss, "accuracy": ev.accuracy, "num_samples": ev.num_samples,
+            "metrics": values, "seconds": seconds}
+
+
+def _density_dict(res: Any) -> dict[str, Any]:
+    return {"grid": np.asarray(res.grid, dtype=np.float64), "density": np.asarray(res.density, dtype=np.float64)}
+
+
+def hessian_summary(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    top_k: int = 5,
+    trace: bool = False,
+    density: bool = False,
+    seed: int = 0,
+    tol: float | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Top-``k`` Hessian eigenvalues (Lanczos), optionally the trace and the spectral density.
+
+    Returns:
+        ``{"eigenvalues": [...], "num_matvecs": int, "trace": float | None, "trace_stderr":
+        float | None, "density": {"grid", "density"} | None, "seconds": float}``.
+    """
+    from analysis.hessian import HessianOperator
+    from analysis.lanczos import top_eigenpairs
+
+    t0 = time.perf_counter()
+    op = HessianOperator(model, loss_fn, data)
+    kw: dict[str, Any] = {"k": top_k}
+    if tol is not None:
+        kw["tol"] = tol
+    eig = top_eigenpairs(op, **kw)
+    out: dict[str, Any] = {
+        "eigenvalues": [float(v) for v in torch.as_tensor(eig.eigenvalues).reshape(-1).tolist()],
+        "residuals": [float(v) for v in torch.as_tensor(eig.residuals).reshape(-1).tolist()],
+        "converged": bool(eig.converged),
+        "trace": None,
+        "trace_stderr": None,
+        "density": None,
+    }
+    if trace:
+        from analysis.trace import hessian_trace
+
+        tr = hessian_trace(op, seed=seed)
+        out["trace"] = float(tr.estimate)
+        out["trace_stderr"] = float(getattr(tr, "stderr", float("nan")))
+    if density:
+        from analysis.density import spectral_density
+
+        out["density"] = _density_dict(spectral_density(op, seed=seed))
+    out["num_matvecs"] = int(op.num_matvecs)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _direction(kind: str, model: nn.Module, loss_fn: Any, data: Any, *, seed: int,
+               normalization: str | None, other: Any = None, index: int = 0,
+               orthogonal_to: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    from analysis import directions as D
+
+    norm = None if normalization in (None, "none") else normalization
+    if kind == "random":
+        return D.random_direction(model, seed=seed + index, normalization=norm,
+                                  orthogonal_to=orthogonal_to), f"random{index + 1}"
+    if kind == "gradient":
+        g = D.gradient_direction(model, loss_fn, data)
+        if index == 0:
+            return (D.normalize_direction(g, model, normalization=norm) if norm else g), "gradient"
+        return D.random_direction(model, seed=seed, normalization=norm, orthogonal_to=g), "random"
+    if kind == "eigen":
+        from analysis.lanczos import top_eigenpairs
+
+        eig = top_eigenpairs(model, loss_fn, data, k=2)  # rows are unit eigenvectors
+        return eig.eigenvectors[index].reshape(-1), f"eigen{index + 1} (lambda={float(eig.eigenvalues[index]):.4g})"
+    if kind == "interpolate":
+        return D.interpolation_direction(model, other), "interpolation"
+    if kind == "pca":
+        pca = D.pca_directions(other, k=2, model=model)
+        d = pca.directions[index]
+        return torch.as_tensor(d).reshape(-1), f"PC{index + 1}"
+    raise ValueError(f"unknown direction kind {kind!r}")
+
+
+def compute_slice(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    dims: int = 1,
+    direction: str = "random",
+    other: Any = None,
+    lo: float = -1.0,
+    hi: float = 1.0,
+    steps: int = 41,
+    seed: int = 0,
+    store: str | os.PathLike | None = None,
+    normalization: str | None = "filter",
+    progress: bool = False,
+    label: str = "",
+) -> Any:
+    """A 1-D or 2-D slice through ``model`` along directions of one kind (the CLI's ``slice``).
+
+    ``direction``: ``"random"`` (seeded, filter-normalized; Li et al. 2018), ``"gradient"`` (the
+    dataset gradient, filter-normalized; its 2-D partner a random direction orthogonal to it),
+    ``"eigen"`` (the top two Hessian eigenvectors, unit norm), ``"interpolate"`` (toward the
+    model ``other``; 1-D) or ``"pca"`` (the top PCA directions of the state dicts ``other``).
+    """
+    from .slices import slice_1d, slice_2d
+
+    coords = np.linspace(lo, hi, steps)
+    if direction == "interpolate":
+        from .slices import interpolate
+
+        return interpolate(model, other, loss_fn, data, coords, progress=progress)
+    d1, n1 = _direction(direction, model, loss_fn, data, seed=seed, normalization=normalization,
+                        other=other, index=0)
+    if dims == 1:
+        return slice_1d(model, loss_fn, data, d1, coords, name=n1, label=label or n1, progress=progress)
+    d2, n2 = _direction(direction, model, loss_fn, data, seed=seed, normalization=normalization,
+                        other=other, index=1, orthogonal_to=d1)
+    return slice_2d(model, loss_fn, data, d1, d2, coords, coords, store=store, names=(n1, n2),
+                    label=label, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# report entries
+
+
+@dataclass(frozen=True, repr=False)
+class ReportEntry(Result):
+    """Everything the report shows about one checkpoint.
+
+    Attributes:
+        name: the label (file name or optimizer).
+        metrics: headline numbers, e.g. ``loss``, ``accuracy``, ``lambda_max``, ``sharpness``,
+            ``trace``; ``None`` where not computed.
+        slices_1d: :class:`landscape.slices.Slice1D` results, their ``label`` the direction kind.
+        slice_2d: a :class:`landscape.slices.Slice2D` or ``None``.
+        density: ``{"grid", "density"}`` of the Hessian spectrum or ``None``.
+        eigenvalues: top Hessian eigenvalues.
+        info: free-form extra fields shown in the table (e.g. wall time per epoch).
+    """
+
+    name: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    slices_1d: tuple = ()
+    slice_2d: Any = None
+    density: dict[str, Any] | None = None
+    eigenvalues: tuple[float, ...] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe headline numbers (no grids)."""
+        return to_jsonable({"name": self.name, **self.info, **self.metrics,
+                            "eigenvalues": list(self.eigenvalues)})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.summary()
+        out["slices_1d"] = [s.to_dict() for s in self.slices_1d]
+        out["slice_2d"] = self.slice_2d.to_dict() if self.slice_2d is not None else None
+        out["density"] = to_jsonable(self.density)
+        return out
+
+    def __repr__(self) -> str:
+        nums = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}"
+                         for k, v in self.metrics.items())
+        return f"ReportEntry(name={self.name!r}, {nums}, slices_1d={len(self.slices_1d)}, " \
+               f"slice_2d={'yes' if self.slice_2d is not None else 'no'})"
+
+
+def analyze_checkpoint(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    name: str,
+    steps_1d: int = 41,
+    steps_2d: int = 21,
+    radius: float = 1.0,
+    seed: int = 0,
+    sharpness_rho: float = 0.1,
+    sharpness_options: Mapping[str, Any] | None = None,
+    directions_1d: Sequence[str] = ("random", "gradient"),
+    density: bool = True,
+    density_options: Mapping[str, Any] | None = None,
+    trace: bool = False,
+    slice_data: Any = None,
+    info: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> ReportEntry:
+    """Measure one model for the report (see the module docstring).
+
+    Args:
+        model, loss_fn, data: the network at the checkpoint, the loss and the data.
+        name: label in tables and legends.
+        steps_1d, steps_2d: points per axis of the slices on ``[-radius, radius]`` (0: skip).
+        seed: seed of the random directions (the same seed for every checkpoint).
+        sharpness_rho: radius of the worst-case adaptive m-sharpness (default 0.1).
+        sharpness_options: more keyword arguments for :func:`analysis.sharpness.sharpness`.
+        directions_1d: 1-D slice directions: ``"random"``, ``"gradient"``.
+        density: compute the spectral density (SLQ).
+        density_options: keyword arguments for :func:`analysis.density.spectral_density`.
+        trace: also estimate the Hessian trace (Hutchinson).
+        slice_data: data for the slices (default ``data``).
+        info: extra fields for the table.
+        progress: progress bars on stderr.
+        log: called with a short message before each stage.
+    """
+    from analysis.evaluation import evaluate
+    from analysis.hessian import HessianOperator
+    from analysis.lanczos import top_eigenpairs
+    from analysis.sharpness import sharpness
+
+    say = log or (lambda _msg: None)
+    slice_data = data if slice_data is None else slice_data
+    ev = evaluate(model, loss_fn, data)
+    metrics: dict[str, Any] = {"loss": ev.loss, "accuracy": ev.accuracy}
+    say(f"{name}: lambda_max")
+    op = HessianOperator(model, loss_fn, data)
+    eig = top_eigenpairs(op, k=1)
+    eigenvalues = tuple(float(v) for v in torch.as_tensor(eig.eigenvalues).reshape(-1).tolist())
+    metrics["lambda_max"] = eigenvalues[0]
+    say(f"{name}: sharpness")
+    sh_opts = {"m": min(128, ev.num_samples), **dict(sharpness_options or {})}
+    sh = sharpness(model, loss_fn, data, rho=sharpness_rho, kind="worst", adaptive=True, seed=seed,
+                   progress=progress, **sh_opts)
+    metrics["sharpness"] = float(sh.value)
+    if trace:
+        from analysis.trace import hessian_trace
+
+        metrics["trace"] = float(hessian_trace(op, seed=seed).estimate)
+    dens = None
+    if density and importlib.util.find_spec("analysis.density") is not None:
+        say(f"{name}: spectral density")
+        from analysis.density import spectral_density
+
+        dens = _density_dict(spectral_density(op, seed=seed, **dict(density_options or {})))
+    slices = []
+    if steps_1d:
+        for kind in directions_1d:
+            say(f"{name}: 1-D slice along {kind}")
+            s = compute_slice(model, loss_fn, slice_data, dims=1, direction=kind, lo=-radius, hi=radius,
+                              steps=steps_1d, seed=seed, progress=progress, label=kind)
+            slices.append(s)
+    s2 = None
+    if steps_2d:
+        say(f"{name}: 2-D slice")
+        s2 = compute_slice(model, loss_fn, slice_data, dims=2, direction="random", lo=-radius, hi=radius,
+                           steps=steps_2d, seed=seed, progress=progress, label=name)
+    return ReportEntry(name=name, metrics=metrics, slices_1d=tuple(slices), slice_2d=s2,
+                       density=dens, eigenvalues=eigenvalues, info=dict(info or {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# figures and HTML
+
+
+def density_figure(densities: Mapping[str, Any], *, title: str = "Hessian spectral density (SLQ)"):
+    """A plotly figure overlaying spectral densities ``{label: {"grid", "density"}}`` (log y)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for label, d in densities.items():
+        if d is None:
+            continue
+        grid = np.asarray(d["grid"] if isinstance(d, Mapping) else d.grid, dtype=np.float64)
+        dens = np.asarray(d["density"] if isinstance(d, Mapping) else d.density, dtype=np.float64)
+        floor = max(float(np.nanmax(dens)) if dens.size else 1.0, 1e-300) * 1e-10
+        fig.add_trace(go.Scatter(x=grid, y=np.maximum(dens, floor), mode="lines", name=str(label)))
+    fig.update_layout(title=title, xaxis_title="eigenvalue", yaxis_title="density",
+                      template="plotly_white")
+    fig.update_yaxes(type="log")
+    return fig
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "&ndash;"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return html.escape(str(v))
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+    return html.escape(str(v))
+
+
+_LABELS = {
+    "loss": "loss",
+    "accuracy": "accuracy",
+    "test_accuracy": "test accuracy",
+    "train_loss": "train loss",
+    "lambda_max": "&lambda;<sub>max</sub>",
+    "sharpness": "adaptive worst-case sharpness",
+    "trace": "trace(H)",
+    "seconds_per_epoch": "s / epoch",
+}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
+padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}
+table.metrics{border-collapse:collapse;margin:1em 0}
+table.metrics th,table.metrics td{border:1px solid #ccc;padding:.3em .7em;text-align:right}
+table.metrics th:first-child,table.metrics td:first-child{text-align:left}
+table.metrics thead th{background:#f3f3f3}
+.note{color:#555;font-size:.92em}.grid2{display:flex;flex-wrap:wrap;gap:1em}
+.grid2>div{flex:1 1 480px;min-width:420px}
+"""
+
+
+def _table(entries: Sequence[ReportEntry], columns: Sequence[str] | None) -> str:
+    if columns is None:
+        seen: list[str] = []
+        for e in entries:
+            for k in list(e.info) + list(e.metrics):
+                if k not in seen:
+                    seen.append(k)
+        columns = seen
+    head = "".join(f"<th>{_LABELS.get(c, html.escape(c))}</th>" for c in columns)
+    rows = []
+    for e in entries:
+        vals = {**e.info, **e.metrics}
+        cells = "".join(f"<td>{_fmt(vals.get(c))}</td>" for c in columns)
+        rows.append(f"<tr><td>{html.escape(e.name)}</td>{cells}</tr>")
+    return (f"<table class='metrics' id='metrics'><thead><tr><th>checkpoint</th>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def report_html(
+    entries: Sequence[ReportEntry],
+    *,
+    title: str = "Loss landscape report",
+    intro: str | None = None,
+    columns: Sequence[str] | None = None,
+    extra_figures: Sequence[tuple[str, Any]] = (),
+    notes: Sequence[str] = (),
+) -> str:
+    """The report as one HTML string (see :func:`write_report`)."""
+    import plotly.io as pio
+
+    if not entries:
+        raise ValueError("the report needs at least one entry")
+    figures: list[tuple[str, str, Any]] = []  # (section, caption, fig)
+    for caption, fig in extra_figures:
+        figures.append(("Training", caption, fig))
+    kinds: list[str] = []
+    for e in entries:
+        for s in e.slices_1d:
+            if s.label not in kinds:
+                kinds.append(s.label)
+    from .plots import plotly_1d, plotly_contour
+
+    for kind in kinds:
+        items = [(e.name, s) for e in entries for s in e.slices_1d if s.label == kind]
+        what = "a filter-normalized random direction" if kind == "random" else (
+            "the filter-normalized gradient" if kind == "gradient" else kind)
+        fig = plotly_1d([s for _, s in items], labels=[n for n, _ in items],
+                        title=f"1-D loss slice along {what}")
+        figures.append(("1-D slices", f"L(w + alpha d), d = {what}, per checkpoint", fig))
+    for e in entries:
+        if e.slice_2d is not None:
+            fig = plotly_contour(e.slice_2d, title=f"{e.name}: loss on a random 2-D plane")
+            figures.append(("2-D slices", f"{e.name}: L(w + x d1 + y d2), filter-normalized d1, d2", fig))
+    dens = {e.name: e.density for e in entries if e.density is not None}
+    if dens:
+        figures.append(("Hessian spectral density", "stochastic Lanczos quadrature, Gaussian-smoothed",
+                        density_figure(dens)))
+
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if intro:
+        parts.append(f"<p>{html.escape(intro)}</p>")
+    parts.append("<h2>Metrics</h2>")
+    parts.append(_table(entries, columns))
+    for n in notes:
+        parts.append(f"<p class='note'>{html.escape(n)}</p>")
+    section = None
+    config = {"displaylogo": False, "responsive": True}
+    for i, (sec, caption, fig) in enumerate(figures):
+        if sec != section:
+            if section == "2-D slices":
+                parts.append("</div>")
+            parts.append(f"<h2>{html.escape(sec)}</h2>")
+            if sec == "2-D slices":
+                parts.append("<div class='grid2'>")
+            section = sec
+        fig.update_layout(height=420 if sec != "2-D slices" else 460, margin={"t": 60, "b": 50})
+        div = pio.to_html(fig, full_html=False, include_plotlyjs=(i == 0), div_id=f"figure-{i}",
+                          config=config, validate=False)
+        parts.append(f"<figure><div>{div}</div><figcaption class='note'>{html.escape(caption)}</figcaption></figure>")
+    if section == "2-D slices":
+        parts.append("</div>")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts.append(f"<p class='note'>Generated by the landscape toolkit on {stamp}. "
+                 "Self-contained: opens offline.</p></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(
+    entries: Sequence[ReportEntry],
+    path: str | os.PathLike,
+    **kwargs: Any,
+) -> pathlib.Path:
+    """Write the self-contained HTML report of ``entries`` to ``path`` (parents created).
+
+    Keyword arguments are those of :func:`report_html` (``title``, ``intro``, ``columns``,
+    ``extra_figures`` as ``[(caption, plotly_figure)]``, ``notes``). The file is written to a
+    temporary name and renamed, so a reader never sees half a page.
+    """
+    text = report_html(entries, **kwargs)
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)
+    return p

@@ -1,0 +1,111 @@
+"""The HTML report: self-contained, one plotly.js, every figure present, the metrics table right."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.evaluation import evaluate
+from analysis.reference import dense_hessian
+from landscape.report import ReportEntry, analyze_checkpoint, report_html, write_report
+from tests.models import classification_data, mlp
+
+PLOTLY_DIV = re.compile(r'<div id="(figure-\d+)" class="plotly-graph-div"')
+
+
+def build_entries(n: int = 2) -> list[ReportEntry]:
+    """Two tiny models analysed with small grids (shared by the browser test)."""
+    data = classification_data(n=40, seed=0)
+    entries = []
+    for i in range(n):
+        model = mlp(seed=i)
+        entries.append(analyze_checkpoint(model, "cross_entropy", data, name=f"model-{i}",
+                                          steps_1d=7, steps_2d=5, radius=0.5, seed=0,
+                                          sharpness_options={"steps": 3, "m": 20}))
+    return entries
+
+
+@pytest.fixture(scope="module")
+def entries():
+    return build_entries()
+
+
+def test_entry_numbers_match_references(entries):
+    data = classification_data(n=40, seed=0)
+    model = mlp(seed=0)
+    e = entries[0]
+    ev = evaluate(model, "cross_entropy", data)
+    assert e.metrics["loss"] == pytest.approx(ev.loss, rel=1e-10)
+    assert e.metrics["accuracy"] == pytest.approx(ev.accuracy)
+    H = dense_hessian(model, "cross_entropy", data)
+    lam = torch.linalg.eigvalsh(H).max().item()
+    assert e.metrics["lambda_max"] == pytest.approx(lam, rel=1e-3)
+    assert e.metrics["sharpness"] >= 0
+    # the 1-D slices pass through L(w) at alpha = 0
+    for s in e.slices_1d:
+        i0 = int(np.argmin(np.abs(s.alphas)))
+        assert s.alphas[i0] == 0 and s.loss[i0] == pytest.approx(ev.loss, rel=1e-10)
+    assert {s.label for s in e.slices_1d} == {"random", "gradient"}
+    assert e.slice_2d.loss.shape == (5, 5)
+    json.dumps(e.to_dict())
+    json.dumps(e.summary())
+    assert "ReportEntry(name='model-0'" in repr(e)
+
+
+def test_report_is_self_contained(entries, tmp_path):
+    path = write_report(entries, tmp_path / "sub" / "r.html", title="T <&>", intro="hello")
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    assert not (tmp_path / "sub" / "r.html.tmp").exists()
+    # plotly.js embedded exactly once, nothing fetched from the network
+    assert text.count("plotly.js v") >= 1
+    assert len(re.findall(r"<script[^>]*>\s*/\*\*\s*\n?\s*\* plotly\.js", text)) <= 1
+    assert not re.search(r"<script[^>]+src=", text), "external script"
+    assert not re.search(r"<link[^>]+href=[\"']https?:", text), "external stylesheet"
+    assert "cdn.plot.ly" not in text.split("</head>")[0]
+    assert "T &lt;&amp;&gt;" in text  # escaped title
+    # figures: 1-D random, 1-D gradient, one 2-D per entry, the density if computed
+    ids = PLOTLY_DIV.findall(text)
+    expected = 2 + len(entries) + (1 if entries[0].density is not None else 0)
+    assert len(ids) == expected and len(set(ids)) == expected
+    # the metrics table holds each entry's numbers
+    table = text[text.index("<table class='metrics'"):text.index("</table>")]
+    for e in entries:
+        assert e.name in table
+        assert f"{e.metrics['lambda_max']:.4g}" in table
+
+
+def test_plotlyjs_embedded_once(entries):
+    import plotly.offline
+
+    js = plotly.offline.get_plotlyjs()
+    text = report_html(entries)
+    marker = js[200:400]
+    assert text.count(marker) == 1
+
+
+def test_columns_and_extra_figures(entries):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[3, 4]))
+    text = report_html(entries, columns=["lambda_max", "missing"], extra_figures=[("curve", fig)],
+                       notes=["a note"])
+    head = text[text.index("<thead>"):text.index("</thead>")]
+    assert "&lambda;<sub>max</sub>" in head and "missing" in head and "sharpness" not in head
+    assert "&ndash;" in text  # the missing column shows a dash
+    assert "a note" in text and "Training" in text
+    assert len(PLOTLY_DIV.findall(text)) == len(PLOTLY_DIV.findall(report_html(entries))) + 1
+
+
+def test_report_needs_entries(tmp_path):
+    with pytest.raises(ValueError, match="at least one entry"):
+        write_report([], tmp_path / "r.html")
+
+
+def test_entry_without_slices():
+    e = ReportEntry(name="bare", metrics={"loss": 1.0, "lambda_max": float("nan")})
+    text = report_html([e])
+    assert "bare" in text and "nan" in text
+    assert PLOTLY_DIV.findall(text) == []
