@@ -376,3 +376,37 @@ def top_eigenpairs(
         which=which,
         tol=float(tol),
     )
+
+
+def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_iter: int) -> torch.Tensor:
+    """``num_iter`` Lanczos steps with full reorthogonalization from ``v0``; returns ``T``.
+
+    ``T = Q^T H Q`` is the ``(m, m)`` symmetric tridiagonal matrix (float64, on the CPU) of the
+    Krylov basis ``Q`` (not kept: memory is ``num_iter * n`` during the run). ``m < num_iter``
+    when the Krylov space is invariant (a lucky breakdown). Used by stochastic Lanczos
+    quadrature (:mod:`analysis.density`).
+    """
+    n = int(op.shape[0])
+    num_iter = min(int(num_iter), n)
+    device, dtype = op.device, op.dtype
+    eps = torch.finfo(dtype).eps
+    Q = torch.zeros(num_iter, n, device=device, dtype=dtype)
+    Q[0] = v0.to(device=device, dtype=dtype) / torch.linalg.vector_norm(v0)
+    T = torch.zeros(num_iter, num_iter, dtype=torch.float64)
+    for j in range(num_iter):
+        w = op.matvec(Q[j])
+        basis = Q[: j + 1]
+        h = basis @ w
+        w = w - h @ basis
+        h2 = basis @ w
+        w = w - h2 @ basis
+        T[j, j] = float(h[j] + h2[j])
+        if j + 1 == num_iter:
+            break
+        beta = float(torch.linalg.vector_norm(w))
+        scale = float(T[: j + 1, : j + 1].abs().max())
+        if beta <= max(scale, 1e-300) * eps * 10:
+            return T[: j + 1, : j + 1]
+        T[j, j + 1] = T[j + 1, j] = beta
+        Q[j + 1] = w / beta
+    return T
