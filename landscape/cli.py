@@ -260,9 +260,14 @@ class _Setup:
         self.dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
         self.data = load_data(args.data, batch_size=args.batch_size, max_samples=args.max_samples,
                               shard=ctx.distributed)
-        self._checked = False
+        # build one model now: a bad spec or data that do not fit fail before any work
+        self._spare: Any = self.model()
+        self.check_fit(self._spare)
 
     def model(self) -> Any:
+        spare, self._spare = getattr(self, "_spare", None), None
+        if spare is not None:
+            return spare
         m = load_model(self.args.model)
         if self.dtype is not None:
             m = m.to(self.dtype)
@@ -283,9 +288,6 @@ class _Setup:
             self.ctx.log(f"warning: {path}: {k} has shape {list(a)} in the checkpoint, {list(b)} in the model (left as initialized)")
         if ckpt.missing_keys:
             self.ctx.log(f"warning: {path}: missing keys left as initialized: {', '.join(ckpt.missing_keys[:8])}")
-        if not self._checked:
-            self.check_fit(model)
-            self._checked = True
         return model, ckpt
 
     def check_fit(self, model: Any) -> None:

@@ -32,6 +32,11 @@ def model() -> nn.Module:
     return GatedNet()
 
 
+def model_wide() -> nn.Module:
+    """Same layers, other widths: checkpoints of ``model`` do not fit it."""
+    return GatedNet(hidden=8)
+
+
 def model64() -> nn.Module:
     return model().double()
 

@@ -1,0 +1,346 @@
+"""The ``landscape`` command line: end to end on a model this repository does not define.
+
+Most tests call ``landscape.cli.main(argv)`` in-process (fast); a few run the real console entry
+through ``sys.executable -m landscape`` in a subprocess, with the model named by file path.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.evaluation import evaluate
+from analysis.reference import dense_hessian
+from landscape.cli import format_table, load_object, main
+from tests.landscape import cli_fixtures as fx
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FIX = "tests.landscape.cli_fixtures"
+SPEC = ["--model", f"{FIX}:model", "--data", f"{FIX}:data", "--quiet"]
+SPEC64 = ["--model", f"{FIX}:model64", "--data", f"{FIX}:data", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.save({"model": fx.trained_state(20), "epoch": 1}, d / "a.pt")
+    torch.save(fx.trained_state(60), d / "b.pt")
+    return d
+
+
+def _model(path, dtype=torch.float32):
+    m = fx.model().to(dtype)
+    sd = torch.load(path, weights_only=True)
+    m.load_state_dict(sd.get("model", sd))
+    return m
+
+
+def _data(dtype=torch.float32):
+    x, y = fx.data()
+    return x.to(dtype), y
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------
+# help and usage errors (exit 2)
+
+
+@pytest.mark.parametrize("cmd", ["sharpness", "hessian", "slice", "report", "demo"])
+def test_help_has_an_example(cmd, capsys):
+    code, out, _ = _run([cmd, "--help"], capsys)
+    assert code == 0
+    assert "example:" in out and f"landscape {cmd}" in out
+
+
+def test_top_level_help(capsys):
+    code, out, _ = _run(["--help"], capsys)
+    assert code == 0
+    for cmd in ("sharpness", "hessian", "slice", "report", "demo"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        pytest.param([], id="no-command"),
+        pytest.param(["frobnicate"], id="unknown-command"),
+        pytest.param(["sharpness", "x.pt", "--data", f"{FIX}:data"], id="missing-model"),
+        pytest.param(["slice", "x.pt", *SPEC, "--out", "f.png", "--steps", "many"], id="bad-int"),
+        pytest.param(["sharpness", "x.pt", *SPEC, "--metric", "bogus"], id="bad-metric"),
+        pytest.param(["hessian", "x.pt", *SPEC, "--top-k", "0"], id="top-k-0"),
+    ],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert "error:" in err
+
+
+def test_bad_values_exit_2(ckpts, tmp_path, capsys):
+    a = str(ckpts / "a.pt")
+    out = str(tmp_path / "f.png")
+    cases = [
+        ["sharpness", a, "--model", "no_colon_here", "--data", f"{FIX}:data", "--quiet"],
+        ["slice", a, *SPEC, "--out", out, "--direction", "sideways"],
+        ["slice", a, *SPEC, "--out", out, "--direction", "interpolate"],
+        ["slice", a, *SPEC, "--out", out, "--range", "1", "-1"],
+        ["slice", a, *SPEC, "--out", str(tmp_path / "f.txt")],
+    ]
+    for argv in cases:
+        code, _, err = _run(argv, capsys)
+        assert code == 2, argv
+        assert err.count("\n") == 1 and "error:" in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime errors (exit 1, one line, no traceback unless --debug)
+
+
+def _fails(argv, capsys, match):
+    code, _, err = _run(argv, capsys)
+    assert code == 1, (argv, err)
+    lines = err.strip().splitlines()
+    assert [ln for ln in lines if "error:" in ln] == lines[-1:], err  # one error line, last
+    assert lines[-1].startswith(f"landscape {argv[0]}: error: ")
+    assert "Traceback" not in err
+    assert match in lines[-1], err
+    return lines[-1]
+
+
+def test_runtime_errors_are_one_line(ckpts, tmp_path, capsys):
+    a = str(ckpts / "a.pt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(["sharpness", str(tmp_path / "nope.pt"), *SPEC], capsys, "checkpoint not found")
+    _fails(["sharpness", str(empty), *SPEC], capsys, "no checkpoints in directory")
+    _fails(["sharpness", a, "--model", "no_such_module_xyz:model", "--data", f"{FIX}:data"],
+           capsys, "importing no_such_module_xyz failed")
+    _fails(["sharpness", a, "--model", f"{FIX}:nothing", "--data", f"{FIX}:data"], capsys,
+           "has no attribute 'nothing'")
+    _fails(["sharpness", a, "--model", f"{FIX}:not_a_model", "--data", f"{FIX}:data"], capsys,
+           "returned a dict, expected a torch.nn.Module")
+    _fails(["sharpness", a, "--model", f"{FIX}:raising_model", "--data", f"{FIX}:data"], capsys,
+           "cannot build the model today")
+    _fails(["sharpness", a, "--model", f"{FIX}:model", "--data", f"{FIX}:wrong_shape_data"],
+           capsys, "the data does not fit the model")
+    err = _fails(["sharpness", a, "--model", f"{FIX}:model_wide", "--data", f"{FIX}:data"],
+                 capsys, "does not match GatedNet: shape mismatches: inp.weight (checkpoint [6, 7] vs model [8, 7])")
+    assert "head.weight" in err
+    _fails(["sharpness", a, "--model", "landscape.models:digits_mlp", "--data", f"{FIX}:data"],
+           capsys, "the data does not fit the model")
+    _fails(["sharpness", a, *SPEC, "--model", f"{FIX}:model", "--data", str(tmp_path / "x.py:data")],
+           capsys, "not found")
+    # an output path that cannot be written: fails before any computation
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _fails(["slice", a, *SPEC, "--out", str(blocker / "sub" / "f.png")], capsys, "cannot write")
+    _fails(["report", a, *SPEC, "--out", str(tmp_path)], capsys, "is a directory")
+    _fails(["sharpness", a, *SPEC, "--distributed"], capsys, "torchrun")
+
+
+def test_debug_shows_traceback(tmp_path, capsys):
+    code, _, err = _run(["--debug", "sharpness", str(tmp_path / "nope.pt"), *SPEC], capsys)
+    assert code == 1 and "Traceback" in err
+
+
+def test_malicious_checkpoint_refused_by_cli(tmp_path, capsys):
+    from tests.landscape.test_checkpoints import _OsPayload
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": fx.trained_state(1), "x": _OsPayload(marker)}, tmp_path / "evil.pt")
+    err = _fails(["sharpness", str(tmp_path / "evil.pt"), *SPEC], capsys, "refused to load")
+    assert "--trust-pickle" in err
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# results (checked against independent references)
+
+
+def test_sharpness_json_schema_and_values(ckpts, capsys):
+    code, out, err = _run(["sharpness", str(ckpts), *SPEC64, "--metric", "worst", "--metric",
+                           "lambda_max", "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["schema"] == "landscape.sharpness/1" and doc["command"] == "sharpness"
+    assert doc["metrics"] == ["worst", "lambda_max"]
+    assert [pathlib.Path(c["checkpoint"]).name for c in doc["checkpoints"]] == ["a.pt", "b.pt"]
+    x, y = _data(torch.float64)
+    for rec in doc["checkpoints"]:
+        assert set(rec) >= {"checkpoint", "perturbed", "loss", "accuracy", "num_samples", "metrics",
+                            "seconds"}
+        assert set(rec["metrics"]) == {"worst", "lambda_max"}
+        model = _model(rec["checkpoint"], torch.float64)
+        ev = evaluate(model, "cross_entropy", (x, y))
+        assert rec["loss"] == pytest.approx(ev.loss, rel=1e-9)
+        assert rec["accuracy"] == pytest.approx(ev.accuracy)
+        lam = torch.linalg.eigvalsh(dense_hessian(model, "cross_entropy", (x, y))).max().item()
+        assert rec["metrics"]["lambda_max"] == pytest.approx(lam, rel=1e-3)
+        assert rec["metrics"]["worst"] > 0
+    # the table went to stderr because stdout carries the JSON
+    assert "lambda_max" in err and "a.pt" in err
+
+
+def test_hessian_top_k_matches_dense(ckpts, tmp_path, capsys):
+    a = ckpts / "a.pt"
+    code, out, err = _run(["hessian", str(a), *SPEC64, "--top-k", "3", "--tol", "1e-8",
+                           "--json", str(tmp_path / "h.json")], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "h.json").read_text())
+    assert doc["schema"] == "landscape.hessian/1" and doc["converged"] is True
+    x, y = _data(torch.float64)
+    ev = torch.linalg.eigvalsh(dense_hessian(_model(a, torch.float64), "cross_entropy", (x, y)))
+    np.testing.assert_allclose(doc["eigenvalues"], ev.flip(0)[:3].numpy(), rtol=1e-6)
+    assert "eigenvalue" in out
+
+
+def test_slice_1d_json_and_figure(ckpts, tmp_path, capsys):
+    a = ckpts / "a.pt"
+    code, _, err = _run(["slice", str(a), *SPEC64, "--dims", "1", "--steps", "5", "--range", "-1", "1",
+                         "--out", str(tmp_path / "s.png"), "--json", str(tmp_path / "s.json")], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["schema"] == "landscape.slice/1"
+    assert doc["grid"]["alphas"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    ev = evaluate(_model(a, torch.float64), "cross_entropy", _data(torch.float64))
+    assert doc["grid"]["loss"][2] == pytest.approx(ev.loss, rel=1e-9)
+    assert doc["loss_at_origin"] == pytest.approx(ev.loss, rel=1e-9)
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_slice_interpolate_endpoints(ckpts, tmp_path, capsys):
+    a, b = ckpts / "a.pt", ckpts / "b.pt"
+    code, _, err = _run(["slice", str(a), *SPEC64, "--direction", f"interpolate:{b}", "--range",
+                         "0", "1", "--steps", "3", "--out", str(tmp_path / "i.html"), "--json",
+                         str(tmp_path / "i.json")], capsys)
+    assert code == 0, err
+    loss = json.loads((tmp_path / "i.json").read_text())["grid"]["loss"]
+    la = evaluate(_model(a, torch.float64), "cross_entropy", _data(torch.float64)).loss
+    lb = evaluate(_model(b, torch.float64), "cross_entropy", _data(torch.float64)).loss
+    assert loss[0] == pytest.approx(la, rel=1e-9) and loss[2] == pytest.approx(lb, rel=1e-6)
+    assert "plotly" in (tmp_path / "i.html").read_text()[:5000].lower()
+
+
+def test_slice_2d_store_resumes(ckpts, tmp_path, capsys):
+    a = ckpts / "a.pt"
+    argv = ["slice", str(a), *SPEC, "--dims", "2", "--steps", "4", "--out", str(tmp_path / "s.html"),
+            "--store", str(tmp_path / "grid.npz"), "--json", "-"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["grid"]["resumed_rows"] == 0 and np.array(first["grid"]["loss"]).shape == (4, 4)
+    code, out, err = _run(argv, capsys)
+    second = json.loads(out)
+    assert code == 0 and second["grid"]["resumed_rows"] == 4
+    assert second["grid"]["loss"] == first["grid"]["loss"]
+
+
+@pytest.mark.parametrize("data", ["loader", "batches"])
+def test_data_forms_give_the_same_loss(ckpts, data, capsys):
+    a = str(ckpts / "a.pt")
+    outs = []
+    for spec in ("data", data):
+        code, out, err = _run(["sharpness", a, "--model", f"{FIX}:model64", "--data", f"{FIX}:{spec}",
+                               "--metric", "lambda_max", "--quiet", "--json", "-"], capsys)
+        assert code == 0, err
+        outs.append(json.loads(out)["checkpoints"][0])
+    assert outs[0]["loss"] == pytest.approx(outs[1]["loss"], rel=1e-12)
+    assert outs[0]["num_samples"] == outs[1]["num_samples"] == 96
+
+
+def test_custom_loss_and_max_samples(ckpts, capsys):
+    a = str(ckpts / "a.pt")
+    code, out, err = _run(["sharpness", a, *SPEC64, "--loss", f"{FIX}:my_loss", "--max-samples", "50",
+                           "--metric", "lambda_max", "--json", "-"], capsys)
+    assert code == 0, err
+    rec = json.loads(out)["checkpoints"][0]
+    x, y = _data(torch.float64)
+    ev = evaluate(_model(a, torch.float64), fx.my_loss, (x[:50], y[:50]))
+    assert rec["num_samples"] == 50 and rec["loss"] == pytest.approx(ev.loss, rel=1e-9)
+
+
+def test_report_command(ckpts, tmp_path, capsys):
+    out = tmp_path / "r" / "report.html"
+    code, stdout, err = _run(["report", str(ckpts / "a.pt"), str(ckpts / "b.pt"), *SPEC, "--out", str(out),
+                              "--steps-1d", "5", "--steps-2d", "3", "--no-density", "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["schema"] == "landscape.report/1" and [c["name"] for c in doc["checkpoints"]] == ["a.pt", "b.pt"]
+    assert {"loss", "accuracy", "lambda_max", "sharpness"} <= set(doc["checkpoints"][0])
+    text = out.read_text()
+    assert "a.pt" in text and "b.pt" in text and text.count('class="plotly-graph-div"') == 4
+
+
+def test_perturbed_msam_checkpoint_warns(tmp_path, capsys):
+    from msam.msam import MSAM
+
+    net = fx.model()
+    x, y = fx.data()
+    opt = MSAM(net.parameters(), lr=0.1, rho=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "m.pt")
+    opt.eval()
+    ref = evaluate(net, "cross_entropy", (x, y)).loss
+    code, out, err = _run(["sharpness", str(tmp_path / "m.pt"), "--model", f"{FIX}:model", "--data",
+                           f"{FIX}:data", "--metric", "lambda_max", "--json", "-"], capsys)
+    assert code == 0, err
+    assert "warning:" in err and "perturbed" in err
+    rec = json.loads(out)["checkpoints"][0]
+    assert rec["perturbed"] is True and rec["loss"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_format_table_and_load_object():
+    t = format_table(["name", "x"], [["a", 1.0], ["bb", None], ["c", 1.5e-7]])
+    lines = t.splitlines()
+    assert lines[0].split() == ["name", "x"] and "-" in lines[3] or "-" in lines[2]
+    assert "1.500e-07" in t
+    assert load_object("landscape.models:digits_cnn") is not None
+    assert load_object(f"{FIX}:GatedNet.forward") is fx.GatedNet.forward
+
+
+# ---------------------------------------------------------------------------------------------
+# the real entry point, in a subprocess, with the model named by its file path
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.mark.slow
+def test_subprocess_file_spec_end_to_end(ckpts, tmp_path):
+    net = tmp_path / "elsewhere" / "net.py"
+    net.parent.mkdir()
+    shutil.copy(pathlib.Path(fx.__file__), net)
+    res = subprocess.run(
+        [sys.executable, "-m", "landscape", "sharpness", str(ckpts / "a.pt"), "--model", f"{net}:model",
+         "--data", f"{net}:data", "--metric", "lambda_max", "--json", str(tmp_path / "o.json")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
+    assert res.returncode == 0, res.stderr
+    assert "lambda_max" in res.stdout and "a.pt" in res.stdout
+    assert "lambda_max" in res.stderr or "computing" in res.stderr  # progress on stderr
+    doc = json.loads((tmp_path / "o.json").read_text())
+    assert doc["checkpoints"][0]["metrics"]["lambda_max"] > 0
+    bad = subprocess.run([sys.executable, "-m", "landscape", "sharpness", str(tmp_path / "missing.pt"),
+                          "--model", f"{net}:model", "--data", f"{net}:data"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "landscape", "slice"], capture_output=True, text=True,
+                           timeout=300, cwd=tmp_path, env=_env())
+    assert usage.returncode == 2
