@@ -123,7 +123,7 @@ def global_norm(dirs: list[Tensor], *, foreach: bool) -> Tensor | None:
     device = dirs[0].device
     parts: list[Tensor] = []
     for (_, dtype), (ds,) in group_by_device_dtype(dirs).items():
-        if foreach and dtype in (torch.float32, torch.float64):
+        if foreach and dtype == norm_dtype:
             norms = torch._foreach_norm(ds)
         else:
             norms = [torch.linalg.vector_norm(d, dtype=norm_dtype) for d in ds]

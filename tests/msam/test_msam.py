@@ -479,3 +479,23 @@ def test_closure_and_float32():
     assert loss.dtype == torch.float32
     scale = opt.param_groups[0]["perturbation_scale"]
     assert isinstance(scale, torch.Tensor) and scale.ndim == 0
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+def test_mixed_dtypes_global_norm(foreach):
+    a = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(3, dtype=torch.float32))
+    opt = MSAM([{"params": [a]}, {"params": [b], "rho": 2.0}], rho=1.0, foreach=foreach)
+    opt.step()  # no gradients at all: nothing happens
+    assert opt.is_perturbed and "momentum_buffer" not in opt.state[a]
+    for _ in range(3):
+        opt.zero_grad()
+        ((a * a).sum() + (b.double() ** 3).sum()).backward()
+        opt.step()
+    live = [a.detach().clone(), b.detach().clone()]
+    opt.eval()
+    va, vb = opt.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"].double()
+    norm = torch.cat([va, vb]).norm()
+    torch.testing.assert_close(a.detach() - live[0], 1.0 * va / norm, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close((b.detach() - live[1]).double(), 2.0 * vb / norm, rtol=1e-5,
+                               atol=1e-6)
