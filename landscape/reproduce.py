@@ -565,6 +565,7 @@ class RunCache:
         self.problem, self.config, self.progress = problem, config, progress
         self.eager_probes = eager_probes
         self._runs: dict[tuple, TrainedRun] = {}
+        self._probed: dict[tuple, tuple[bool, bool]] = {}
 
     def get(self, spec: OptimizerSpec, seed: int, *, curvature: bool = False,
             angles: bool = False) -> TrainedRun:
@@ -574,12 +575,14 @@ class RunCache:
             angles = angles or spec.kind == "sgd"
         key = (spec.key, seed)
         run = self._runs.get(key)
-        if run is not None and (not curvature or run.history["curvature"]) and (
-                not angles or run.history["angles"]):
+        had = self._probed.get(key, (False, False))
+        if run is not None and (had[0] or not curvature) and (had[1] or not angles):
             return run
+        curvature, angles = curvature or had[0], angles or had[1]
         run = train_run(self.problem, spec, seed, self.config, curvature=curvature,
                         angles=angles, progress=self.progress)
         self._runs[key] = run
+        self._probed[key] = (curvature, angles)
         return run
 
     def __len__(self) -> int:
@@ -1526,7 +1529,7 @@ selected.
 
 _REPORT_FOOTER = """## Full scale: CIFAR-100 with a WRN-16-4 (the paper's recipe)
 
-The same functions take your model and data through :class:`landscape.reproduce.Problem`; nothing
+The same functions take your model and data through `landscape.reproduce.Problem`; nothing
 is downloaded. With CIFAR-100 available locally (e.g. through torchvision with
 `download=False`) and a WRN-16-4 of your own:
 
