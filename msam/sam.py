@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from msam._perturbation import check_real, global_norm
+from msam.batchnorm import frozen_batchnorm_stats
 
 __all__ = ["SAM"]
 
@@ -177,12 +178,19 @@ class SAM(Optimizer):
         self.base_optimizer.step()
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """A full SAM step. With ``closure`` (forward + backward, returns the loss): gradients
-        are zeroed, the closure runs at ``w``, ``first_step``, the closure runs at ``w + e``,
+    def step(self, closure=None, *, model: torch.nn.Module | None = None):
+        """A full SAM step, or the second half of one.
+
+        With ``closure`` (forward + backward, returns the loss): gradients are zeroed, the
+        closure runs at ``w``, ``first_step``, the closure runs again at ``w + e`` (inside
+        :func:`msam.frozen_batchnorm_stats(model) <msam.frozen_batchnorm_stats>` when ``model``
+        is given, so BatchNorm running statistics are only updated by the first pass), then
         ``second_step``; returns the loss at ``w``. Without a closure: ``second_step()``.
-        Wrap the closure's forward in :func:`msam.frozen_batchnorm_stats` for BatchNorm nets
-        if the second pass must not move the running statistics."""
+
+        Args:
+            closure: callable doing forward and backward and returning the loss.
+            model: the network whose BatchNorm statistics the second pass must not move.
+        """
         if closure is None:
             self._second_step()
             return None
@@ -190,7 +198,11 @@ class SAM(Optimizer):
         self.zero_grad()
         loss = closure()
         self.first_step(zero_grad=True)
-        closure()
+        if model is None:
+            closure()
+        else:
+            with frozen_batchnorm_stats(model):
+                closure()
         self._second_step()
         return loss
 

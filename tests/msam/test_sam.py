@@ -277,3 +277,22 @@ def test_misuse_is_a_clear_error():
     opt.first_step()
     with pytest.raises(RuntimeError, match="twice"):
         opt.first_step()
+
+
+def test_closure_step_with_model_freezes_batchnorm_on_second_pass():
+    model, reference = cnn_bn(), cnn_bn()
+    model.train()
+    reference.train()
+    x, y = image_data()
+    opt = SAM(model.parameters(), lr=0.1, rho=0.05)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure, model=model)
+    reference(x)  # exactly one training-mode pass at the same (initial) weights
+    assert torch.equal(model[1].running_mean, reference[1].running_mean)
+    assert torch.equal(model[1].running_var, reference[1].running_var)
+    assert int(model[1].num_batches_tracked) == 1
