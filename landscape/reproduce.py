@@ -276,7 +276,7 @@ def digits_problem(config: ReproConfig | None = None, *, data_seed: int = 0) -> 
     from .datasets import load_digits
     from .models import digits_cnn
 
-    config = config or ReproConfig()
+    config = config if config is not None else ReproConfig()
     d = load_digits(test_fraction=config.test_fraction, seed=data_seed,
                     label_noise=config.label_noise, train_size=config.train_size)
     width = config.width
@@ -732,9 +732,9 @@ def run_table(config: ReproConfig | None = None, *, problem: Problem | None = No
     ladder reproduced if MSAM-lr-scaled has a lower test accuracy than MSAM.
     """
     t0 = time.perf_counter()
-    config = config or ReproConfig()
-    problem = problem or digits_problem(config)
-    cache = cache or RunCache(problem, config, progress=progress)
+    config = config if config is not None else ReproConfig()
+    problem = problem if problem is not None else digits_problem(config)
+    cache = cache if cache is not None else RunCache(problem, config, progress=progress)
     specs = optimizer_specs(config)
     unknown = [o for o in optimizers if o not in specs]
     if unknown:
@@ -850,9 +850,9 @@ def run_rho_sweep(config: ReproConfig | None = None, *, problem: Problem | None 
     ``_RULES["rho-sweep"]``.
     """
     t0 = time.perf_counter()
-    config = config or ReproConfig()
-    problem = problem or digits_problem(config)
-    cache = cache or RunCache(problem, config, progress=progress)
+    config = config if config is not None else ReproConfig()
+    problem = problem if problem is not None else digits_problem(config)
+    cache = cache if cache is not None else RunCache(problem, config, progress=progress)
     specs = optimizer_specs(config)
     seeds = config.seed_list()[:config.sweep_seeds]
     grid = sorted(set(float(r) for r in config.rho_grid) | {0.0})
@@ -928,9 +928,9 @@ def run_cosine(config: ReproConfig | None = None, *, problem: Problem | None = N
     the lr decays. MSAM's series (its gradient is taken at the perturbed point) is logged too.
     """
     t0 = time.perf_counter()
-    config = config or ReproConfig()
-    problem = problem or digits_problem(config)
-    cache = cache or RunCache(problem, config, progress=progress)
+    config = config if config is not None else ReproConfig()
+    problem = problem if problem is not None else digits_problem(config)
+    cache = cache if cache is not None else RunCache(problem, config, progress=progress)
     specs = optimizer_specs(config)
     series: dict[str, list[list[float]]] = {}
     for name in ("SGD", "MSAM"):
@@ -1014,9 +1014,9 @@ def run_angle(config: ReproConfig | None = None, *, problem: Problem | None = No
     ``best_rho`` (default: read from ``out/rho-sweep.json`` if present) is the comparison.
     """
     t0 = time.perf_counter()
-    config = config or ReproConfig()
-    problem = problem or digits_problem(config)
-    cache = cache or RunCache(problem, config, progress=progress)
+    config = config if config is not None else ReproConfig()
+    problem = problem if problem is not None else digits_problem(config)
+    cache = cache if cache is not None else RunCache(problem, config, progress=progress)
     spec = optimizer_specs(config)["SGD"]
     per_seed = []
     rhos: list[float] = sorted(float(r) for r in config.angle_rhos)
@@ -1104,9 +1104,9 @@ def run_directions(config: ReproConfig | None = None, *, problem: Problem | None
     from .slices import slice_2d
 
     t0 = time.perf_counter()
-    config = config or ReproConfig()
-    problem = problem or digits_problem(config)
-    cache = cache or RunCache(problem, config, progress=progress)
+    config = config if config is not None else ReproConfig()
+    problem = problem if problem is not None else digits_problem(config)
+    cache = cache if cache is not None else RunCache(problem, config, progress=progress)
     specs = optimizer_specs(config)
     names = ("SGD", "SAM", "MSAM")
     R = config.slice_radius
@@ -1231,9 +1231,9 @@ def run_eigenvalues(config: ReproConfig | None = None, *, problem: Problem | Non
     MSAM 4.15 3.03 2.30 1.88 1.81.
     """
     t0 = time.perf_counter()
-    config = config or ReproConfig()
-    problem = problem or digits_problem(config)
-    cache = cache or RunCache(problem, config, progress=progress)
+    config = config if config is not None else ReproConfig()
+    problem = problem if problem is not None else digits_problem(config)
+    cache = cache if cache is not None else RunCache(problem, config, progress=progress)
     specs = optimizer_specs(config)
     names = ("SGD", "SAM", "MSAM")
     probe = problem.probe_data(config)
@@ -1289,9 +1289,9 @@ def run_curvature(config: ReproConfig | None = None, *, problem: Problem | None 
     (b) MSAM flattening the loss along its own perturbation direction.
     """
     t0 = time.perf_counter()
-    config = config or ReproConfig()
-    problem = problem or digits_problem(config)
-    cache = cache or RunCache(problem, config, progress=progress)
+    config = config if config is not None else ReproConfig()
+    problem = problem if problem is not None else digits_problem(config)
+    cache = cache if cache is not None else RunCache(problem, config, progress=progress)
     specs = optimizer_specs(config)
     names = ("SGD", "SAM", "MSAM")
     seed = config.seed_list()[0]
@@ -1359,8 +1359,8 @@ def run_all(config: ReproConfig | None = None, *, problem: Problem | None = None
             out: str | os.PathLike | None = None, progress: bool = False,
             log: Callable[[str], None] | None = None) -> list[ExperimentResult]:
     """Every experiment, sharing trained runs; writes ``summary.md`` into ``out`` too."""
-    config = config or ReproConfig()
-    problem = problem or digits_problem(config)
+    config = config if config is not None else ReproConfig()
+    problem = problem if problem is not None else digits_problem(config)
     cache = RunCache(problem, config, progress=progress, eager_probes=True)
     results = []
     for name in _ORDER:

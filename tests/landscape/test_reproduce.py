@@ -208,6 +208,17 @@ def test_build_optimizer_ladder_end_is_nag():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+def test_experiments_use_the_cache_they_are_given_even_when_empty():
+    problem, _, _ = _tiny_problem()
+    config = _config(epochs=1)
+    cache = R.RunCache(problem, config)
+    assert len(cache) == 0
+    R.run_table(config, problem=problem, cache=cache, optimizers=["SGD", "MSAM"])
+    assert len(cache) == 2
+    R.run_cosine(config, problem=problem, cache=cache)  # SGD and MSAM: nothing new to train
+    assert len(cache) == 2
+
+
 def test_run_cache_reuses_and_upgrades():
     problem, _, _ = _tiny_problem()
     config = _config(epochs=1)
