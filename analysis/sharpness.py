@@ -463,7 +463,6 @@ class SharpnessReport(Result):
             ``lambda_max``, trace estimate).
         results: ``{metric: full result object}``.
         seconds: wall-clock seconds per metric.
-        loss: ``L(w)`` over the data (eval mode, from the first metric that reports it).
     """
 
     values: dict[str, float]
