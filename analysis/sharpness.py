@@ -535,7 +535,9 @@ def sharpness(
         samples: noise draws per batch for the average (default 64).
         init: ``"random"`` (default) or ``"zero"`` APGD start.
         eta: added to ``|w|`` in ``c`` when adaptive (ASAM's eta; default 0).
-        seed: seed of the private generator (global RNG untouched).
+        seed: seed of the private generators (global RNG untouched): the APGD start is drawn
+            on the CPU, the average's noise on the model's device (so values for one seed
+            differ between CPU and GPU within the statistical error).
         mode: ``"eval"`` (default), ``"train"`` or ``None`` (leave the modules as they are).
         params: restrict the perturbed parameters (see :class:`ParameterSpace`).
         progress: show a progress bar over batches.
@@ -571,7 +573,8 @@ def sharpness(
     source = as_data(data)
     rho = float(rho)
     counter = _Counter()
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))  # APGD start points
+    noise_gen = torch.Generator(device=space.device).manual_seed(int(seed))  # average: on device
     values: list[float] = []
     losses: list[float] = []
     with preserved_state(model), model_mode(model, mode):
@@ -612,8 +615,9 @@ def sharpness(
                     raise _nonfinite(l0, where0)
                 acc = torch.zeros((), dtype=torch.float64, device=space.device)
                 for k in range(int(samples)):
-                    z = torch.randn(space.numel, generator=gen, dtype=torch.float64)
-                    delta = (rho * c) * z.to(device=space.device, dtype=space.dtype)
+                    z = torch.randn(space.numel, generator=noise_gen, device=space.device,
+                                    dtype=space.dtype)
+                    delta = (rho * c) * z
                     ev.set(delta)
                     lk = ev.loss(x, y, m, f"at noise draw {k} on batch {b}")
                     if not bool(torch.isfinite(lk)):
@@ -898,9 +902,8 @@ def pac_bayes_flatness(
             evaluations += 1
             total = 0.0
             for k in range(int(draws)):
-                gen = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + k)
-                z = torch.randn(space.numel, generator=gen, dtype=torch.float64)
-                z = z.to(device=space.device, dtype=space.dtype)
+                gen = torch.Generator(device=space.device).manual_seed(int(seed) * 1_000_003 + k)
+                z = torch.randn(space.numel, generator=gen, device=space.device, dtype=space.dtype)
                 if scale is None:
                     delta = sigma * z
                 else:
