@@ -511,3 +511,25 @@ def test_nan_loss_is_reported_with_its_location():
 
     with pytest.raises(FloatingPointError, match="APGD"):
         sharpness(model, nan_when_far, data, rho=100.0, adaptive=False, m=16, progress=False)
+
+
+class DictModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(seed=6)
+
+    def forward(self, a, b):
+        return self.net(a + b)
+
+
+def test_dict_inputs_and_dataloader_are_rebatched():
+    x, y = classification_data(n=40, seed=6)
+    half = 0.5 * x
+    model = DictModel()
+    kw = dict(rho=0.1, m=16, steps=4, init="zero", progress=False)
+    ref = sharpness(model.net, "cross_entropy", (x, y), **kw)
+    as_dict = sharpness(model, "cross_entropy", ({"a": half, "b": x - half}, y), **kw)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
+    as_loader = sharpness(model.net, "cross_entropy", loader, **kw)
+    assert as_dict.batch_values == pytest.approx(ref.batch_values, rel=1e-9)
+    assert as_loader.batch_values == pytest.approx(ref.batch_values, rel=1e-12)
