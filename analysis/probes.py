@@ -54,8 +54,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Data, as_data, to_device
-from .evaluation import forward, model_mode, resolve_loss
+from .data import Data, as_data, batch_size_of, to_device
+from .evaluation import forward, model_device_dtype, model_mode, resolve_loss
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 from .sharpness import preserved_state
@@ -180,7 +180,7 @@ def feature_rank(
     module = _find_module(model, layer)
     name = layer if isinstance(layer, str) else next(n for n, m in model.named_modules() if m is module)
     source = as_data(data, batch_size=batch_size, max_samples=max_samples)
-    device, dtype = _device_dtype(model)
+    device, dtype = model_device_dtype(model)
     feats = []
     with preserved_state(model), model_mode(model, mode), torch.no_grad(), _capture(module) as out:
         for batch in source:
@@ -192,12 +192,6 @@ def feature_rank(
         rank=rank_for_variance(f, threshold), threshold=float(threshold), layer=str(name),
         num_samples=int(f.shape[0]), num_features=int(f.shape[1]),
     )
-
-
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
 
 
 class MechanismProbe:
@@ -300,8 +294,6 @@ class MechanismProbe:
             raise TypeError(f"batch must be an (inputs, targets) pair, got {type(batch).__name__}")
         x = to_device(batch[0], self.space.device, self.space.dtype)
         y = to_device(batch[1], self.space.device, self.space.dtype)
-        from .data import batch_size_of
-
         return x, y, batch_size_of(y)
 
     def _loss(self, x: Any, y: Any, w: torch.Tensor, delta: torch.Tensor | None, where: str) -> float:
