@@ -274,3 +274,29 @@ def test_pca_errors():
         pca_directions([mlp(seed=0), mlp(seed=0), mlp(seed=0)], k=1)
     with pytest.raises(ValueError, match="k must"):
         pca_directions([mlp(seed=0), mlp(seed=1)], k=0)
+
+
+def test_momentum_direction_of_the_msam_optimizers():
+    msam_mod = pytest.importorskip("msam.msam")
+    sam_mod = pytest.importorskip("msam.sam")
+    x, y = classification_data()
+
+    model = mlp()
+    opt = msam_mod.MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.0)  # rho=0: plain SGD
+    g1 = _step(model, opt, x, y)
+    torch.testing.assert_close(momentum_direction(opt, model), g1)
+
+    model = mlp()
+    sam = sam_mod.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    F.cross_entropy(model(x), y).backward()
+    sam.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    g_adv = ParameterSpace(model).grad_vector()  # the gradient at the ascent point
+    sam.second_step(zero_grad=True)
+    torch.testing.assert_close(momentum_direction(sam, model), g_adv)  # base SGD: v_1 = g
+
+    adamw_mod = pytest.importorskip("msam.adamw_msam")
+    model = mlp()
+    opt = adamw_mod.AdamWMSAM(model.parameters(), lr=0.01, betas=(0.8, 0.99), rho=0.0)
+    g1 = _step(model, opt, x, y)
+    torch.testing.assert_close(momentum_direction(opt, model), 0.2 * g1)  # exp_avg = (1-b1) g
