@@ -356,22 +356,30 @@ def cmd_hessian(args: argparse.Namespace, ctx: _Ctx) -> int:
 
     if args.density:
         _check_writable(args.density, "--density")
+        if pathlib.Path(args.density).suffix not in (".png", ".pdf", ".svg", ".html"):
+            raise UsageError(f"--density {args.density}: use .png, .pdf, .svg or .html")
     setup = _Setup(args, ctx)
     (path,) = _checkpoints([args.checkpoint])
     model, _ = setup.load(path)
     ctx.log(f"[{path}] top-{args.top_k} Hessian eigenvalues" + (" + trace" if args.trace else ""))
     summary = hessian_summary(model, setup.loss_fn, setup.data, top_k=args.top_k, trace=args.trace,
                               density=bool(args.density), seed=args.seed, progress=ctx.progress,
-                              tol=args.tol)
+                              tol=args.tol, density_iter=args.density_iter,
+                              density_runs=args.density_runs)
     rows = [[i + 1, float(v)] for i, v in enumerate(summary["eigenvalues"])]
     text = format_table(["k", "eigenvalue"], rows)
     if summary.get("trace") is not None:
-        text += f"\ntrace ~ {summary['trace']:.6g} (Hutchinson, +- {summary['trace_stderr']:.2g})"
+        text += f"\ntrace ~ {summary['trace']:.6g} (Hutch++, standard error {summary['trace_stderr']:.2g})"
     ctx.out(text)
     if args.density and ctx.main:
-        from .report import density_figure
+        if pathlib.Path(args.density).suffix == ".html":
+            from .report import density_figure
 
-        fig = density_figure({path.name: summary["density"]})
+            fig = density_figure({path.name: summary["density"]})
+        else:
+            from .plots import plot_spectral_density
+
+            fig = plot_spectral_density(summary["density"], label=path.name)
         _save_figure(fig, args.density)
         ctx.log(f"wrote {args.density}")
     doc = {k: v for k, v in summary.items() if k != "density"}
@@ -483,6 +491,9 @@ def cmd_demo(args: argparse.Namespace, ctx: _Ctx) -> int:
                       optimizers=args.optimizers, progress=ctx.progress, log=ctx.log)
     ctx.out(result.table())
     ctx.out(f"\nreport: {result.report}")
+    if result.config.get("width") == 16:
+        ctx.out(f"checkpoints: landscape sharpness {out_dir / 'checkpoints'} "
+                "--model landscape.demo:demo_model --data landscape.demo:demo_data")
     ctx.write_json(_envelope("demo", **result.to_dict()))
     return 0
 
@@ -607,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", metavar="OUT", default=None,
                    help="write the spectral density (SLQ) figure to OUT (.png/.pdf/.svg/.html)")
     p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the eigenvalues")
+    p.add_argument("--density-iter", type=_positive_int, default=80, metavar="N",
+                   help="Lanczos steps per SLQ run (default 80)")
+    p.add_argument("--density-runs", type=_positive_int, default=10, metavar="N",
+                   help="random start vectors of SLQ (default 10)")
     _common(p)
     p.set_defaults(func=cmd_hessian)
 

@@ -17,7 +17,7 @@ What :func:`run_demo` does (``landscape demo --out DIR`` / ``make demo``):
 3. measures each trained model: test accuracy, wall time per training epoch, ``lambda_max`` of
    the training-loss Hessian (Lanczos), worst-case adaptive m-sharpness (``rho = 0.1``,
    Andriushchenko et al. 2023), 1-D slices along a filter-normalized random direction and the
-   gradient, a 2-D slice and the Hessian spectral density, all on 512 training images;
+   gradient, a 2-D slice and the Hessian spectral density, all on 256 training images;
 4. writes ``DIR/report.html`` (self-contained), ``DIR/summary.json`` and the checkpoints
    ``DIR/checkpoints/<optimizer>.pt``, and returns a :class:`DemoResult` whose ``table()`` is the
    summary printed by the command.
@@ -71,21 +71,24 @@ class DemoConfig:
     sam_rho: float = 0.1
     msam_rho: float = 1.0
     train_size: int | None = None
-    analysis_samples: int = 512
+    analysis_samples: int = 256
     sharpness_rho: float = 0.1
     sharpness_steps: int = 10
-    sharpness_samples: int = 512
-    steps_1d: int = 31
-    steps_2d: int = 15
+    sharpness_samples: int = 256
+    steps_1d: int = 21
+    steps_2d: int = 11
     radius: float = 1.0
     density: bool = True
+    density_iter: int = 25
+    density_runs: int = 1
     seed: int = 0
 
     @classmethod
     def quick(cls) -> DemoConfig:
         """A seconds-long configuration for smoke tests."""
         return cls(width=4, epochs=1, train_size=256, analysis_samples=128, sharpness_steps=2,
-                   sharpness_samples=128, steps_1d=5, steps_2d=4, density=True)
+                   sharpness_samples=128, steps_1d=5, steps_2d=4, density=True, density_iter=8,
+                   density_runs=1)
 
 
 def demo_model(width: int = 16) -> nn.Module:
@@ -94,9 +97,9 @@ def demo_model(width: int = 16) -> nn.Module:
 
 
 def demo_data() -> tuple[torch.Tensor, torch.Tensor]:
-    """The demo's analysis data: the first 512 training digits (``--data landscape.demo:demo_data``)."""
+    """The demo's analysis data: the first 256 training digits (``--data landscape.demo:demo_data``)."""
     d = load_digits(seed=0)
-    return d.x_train[:512], d.y_train[:512]
+    return d.x_train[:256], d.y_train[:256]
 
 
 def make_optimizer(name: str, params: Any, cfg: DemoConfig) -> torch.optim.Optimizer:
@@ -277,6 +280,7 @@ def run_demo(
             sharpness_options={"steps": cfg.sharpness_steps, "n_eval": cfg.sharpness_samples,
                                "m": min(128, n_an)},
             density=cfg.density, progress=progress,
+            density_options={"num_iter": cfg.density_iter, "num_runs": cfg.density_runs},
             info={"test_accuracy": te.accuracy, "seconds_per_epoch": train_seconds / cfg.epochs},
         )
         entries.append(entry)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import importlib.util
 import math
 import os
 import pathlib
@@ -122,6 +121,8 @@ def hessian_summary(
     top_k: int = 5,
     trace: bool = False,
     density: bool = False,
+    density_iter: int = 80,
+    density_runs: int = 10,
     seed: int = 0,
     tol: float | None = None,
     progress: bool = False,
@@ -154,11 +155,12 @@ def hessian_summary(
 
         tr = hessian_trace(op, seed=seed)
         out["trace"] = float(tr.estimate)
-        out["trace_stderr"] = float(getattr(tr, "stderr", float("nan")))
+        out["trace_stderr"] = float(tr.std_error)
     if density:
         from analysis.density import spectral_density
 
-        out["density"] = _density_dict(spectral_density(op, seed=seed))
+        out["density"] = _density_dict(spectral_density(op, seed=seed, num_iter=density_iter,
+                                                        num_runs=density_runs))
     out["num_matvecs"] = int(op.num_matvecs)
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -311,7 +313,8 @@ def analyze_checkpoint(
         sharpness_options: more keyword arguments for :func:`analysis.sharpness.sharpness`.
         directions_1d: 1-D slice directions: ``"random"``, ``"gradient"``.
         density: compute the spectral density (SLQ).
-        density_options: keyword arguments for :func:`analysis.density.spectral_density`.
+        density_options: keyword arguments for :func:`analysis.density.spectral_density`
+            (default here ``num_iter=30, num_runs=2``: 60 Hessian-vector products).
         trace: also estimate the Hessian trace (Hutchinson).
         slice_data: data for the slices (default ``data``).
         info: extra fields for the table.
@@ -342,11 +345,12 @@ def analyze_checkpoint(
 
         metrics["trace"] = float(hessian_trace(op, seed=seed).estimate)
     dens = None
-    if density and importlib.util.find_spec("analysis.density") is not None:
+    if density:
         say(f"{name}: spectral density")
         from analysis.density import spectral_density
 
-        dens = _density_dict(spectral_density(op, seed=seed, **dict(density_options or {})))
+        dopts = {"num_iter": 30, "num_runs": 2, **dict(density_options or {})}
+        dens = _density_dict(spectral_density(op, seed=seed, **dopts))
     slices = []
     if steps_1d:
         for kind in directions_1d:

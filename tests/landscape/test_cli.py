@@ -344,3 +344,19 @@ def test_subprocess_file_spec_end_to_end(ckpts, tmp_path):
     usage = subprocess.run([sys.executable, "-m", "landscape", "slice"], capture_output=True, text=True,
                            timeout=300, cwd=tmp_path, env=_env())
     assert usage.returncode == 2
+
+
+def test_hessian_trace_and_density(ckpts, tmp_path, capsys):
+    a = ckpts / "a.pt"
+    code, out, err = _run(["hessian", str(a), *SPEC64, "--trace", "--density", str(tmp_path / "d.png"),
+                           "--density-runs", "2", "--density-iter", "20", "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    H = dense_hessian(_model(a, torch.float64), "cross_entropy", _data(torch.float64))
+    # Hutch++ with 99 products on a 105-parameter model: within a few standard errors
+    assert abs(doc["trace"] - torch.trace(H).item()) <= 4 * doc["trace_stderr"] + 1e-6 * abs(doc["trace"])
+    grid, dens = np.array(doc["density"]["grid"]), np.array(doc["density"]["density"])
+    assert grid.shape == dens.shape and (dens >= 0).all()
+    assert np.trapezoid(dens, grid) == pytest.approx(1.0, rel=0.05)  # a probability density
+    assert grid.max() >= torch.linalg.eigvalsh(H).max().item() * 0.99
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
