@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, grad, jvp
 
 from . import distributed as dist
 from .data import Data, DataSource, as_data, to_device
@@ -235,7 +235,7 @@ class CurvatureOperator:
             raise TypeError(f"the vector must be a torch.Tensor, got {type(v).__name__}")
         if v.device != self.device:
             raise ValueError(
-                f"the vector is on {v.device} but the operator (the model) is on {self.device}"
+                f"the vector is on device {v.device} but the operator (the model) is on device {self.device}"
             )
         if v.dtype != self.dtype:
             raise TypeError(
@@ -360,7 +360,8 @@ class HessianOperator(CurvatureOperator):
     * ``"forward-over-reverse"``: ``torch.func.jvp(torch.func.grad(L_b), (w,), (v,))`` over
       ``torch.func.functional_call`` (parameters and buffers passed explicitly); about two to
       three gradients per product and no state kept between products. Falls back to
-      ``"double-backward"`` for operators without a forward-mode derivative.
+      ``"double-backward"`` when forward-mode AD fails (an operator without a forward-mode
+      derivative); the reason is kept in :attr:`fallback_reason`.
     * ``"double-backward"``: ``grad(<grad L_b, v>)`` by reverse-over-reverse.
     * ``"cached-graph"``: the first-order graph ``g_b = grad L_b`` is built once (with
       ``create_graph=True``) and every product is one backward pass through it,
@@ -396,6 +397,7 @@ class HessianOperator(CurvatureOperator):
                 "not a DataLoader"
             )
         self.method = method
+        self.fallback_reason: str | None = None
         self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._signature: tuple | None = None
         loss_fn = self.loss_fn
@@ -436,10 +438,11 @@ class HessianOperator(CurvatureOperator):
             try:
                 _, hv = jvp(lambda p: self._grad(p, state, x, y, weight), (primals,), (v_dict,))
             except (NotImplementedError, RuntimeError) as err:
-                text = str(err).lower()
-                if "forward" not in text and "jvp" not in text:
-                    raise
+                # an operator without a forward-mode derivative (or a forward-AD bug, e.g.
+                # mse_loss on some versions): use reverse-over-reverse from now on; a genuine
+                # error in the model resurfaces there
                 self.method = "double-backward"
+                self.fallback_reason = f"{type(err).__name__}: {err}"
             else:
                 return torch.cat([hv[n].reshape(-1) for n in self._names])
         return self._double_backward(primals, state, v_dict, x, y, weight)
@@ -492,30 +495,49 @@ class GGNOperator(CurvatureOperator):
                  check_deterministic=True, batch_size=None):
         super().__init__(model, loss_fn, data, params=params, mode=mode,
                          check_deterministic=check_deterministic, batch_size=batch_size)
-        loss_fn = self.loss_fn
+        self.method = "forward-over-reverse"
+        self.fallback_reason: str | None = None
 
-        def out_loss(out, y, weight):
-            loss = loss_fn(out, y)
+    def _batch_product(self, state, v_dict, x, y, weight, key=None):
+        model = self.model
+        names = self._names
+        with torch.enable_grad():
+            leaves = [state[n].detach().requires_grad_(True) for n in names]
+            out = _call(model, {**state, **dict(zip(names, leaves))}, x)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"GGNOperator needs a model returning a tensor, got {type(out).__name__}")
+            jv = self._jvp(state, v_dict, x, out, leaves)
+            # H_out (J v) by double backward in output space (cheap: outputs only)
+            o = out.detach().requires_grad_(True)
+            loss = self.loss_fn(o, y)
             if loss.dim() != 0:
                 raise ValueError(
                     f"loss_fn must return a scalar (the batch mean), got shape {tuple(loss.shape)}"
                 )
-            return loss * weight
+            (g,) = torch.autograd.grad(loss * weight, o, create_graph=True)
+            (hjv,) = torch.autograd.grad(g, o, grad_outputs=jv, allow_unused=True)
+            if hjv is None:
+                hjv = torch.zeros_like(out)
+            gv = torch.autograd.grad(out, leaves, grad_outputs=hjv.detach(), allow_unused=True)
+        return self.space.flatten(gv)
 
-        self._out_grad = grad(out_loss)
-
-    def _batch_product(self, state, v_dict, x, y, weight, key=None):
-        primals = {n: state[n] for n in self._names}
-        model = self.model
-
-        def f(p):
-            return _call(model, {**state, **p}, x)
-
-        out, jv = jvp(f, (primals,), (v_dict,))
-        _, hjv = jvp(lambda o: self._out_grad(o, y, weight), (out,), (jv,))
-        _, vjp_fn = vjp(f, primals)
-        (g,) = vjp_fn(hjv)
-        return torch.cat([g[n].reshape(-1) for n in self._names])
+    def _jvp(self, state, v_dict, x, out, leaves):
+        """``J v``: forward mode, or the double-vjp trick when forward AD is unavailable."""
+        if self.method == "forward-over-reverse":
+            primals = {n: state[n] for n in self._names}
+            try:
+                with torch.no_grad():
+                    _, jv = jvp(lambda p: _call(self.model, {**state, **p}, x), (primals,), (v_dict,))
+                return jv
+            except (NotImplementedError, RuntimeError) as err:
+                self.method = "double-vjp"
+                self.fallback_reason = f"{type(err).__name__}: {err}"
+        u = torch.zeros_like(out, requires_grad=True)
+        vjps = torch.autograd.grad(out, leaves, grad_outputs=u, create_graph=True, allow_unused=True)
+        pairs = [(g, v_dict[n]) for g, n in zip(vjps, self._names) if g is not None and g.requires_grad]
+        (jv,) = torch.autograd.grad([g for g, _ in pairs], u, grad_outputs=[w for _, w in pairs],
+                                    retain_graph=True)
+        return jv.detach()
 
 
 def directional_curvature(op: CurvatureOperator | Callable[[torch.Tensor], torch.Tensor],
