@@ -62,7 +62,14 @@ from torch import nn
 from analysis import distributed as dist
 from analysis.data import Data, DataSource, as_data, to_device
 from analysis.directions import interpolation_direction
-from analysis.evaluation import correct_count, forward, model_mode, progress_bar, resolve_loss
+from analysis.evaluation import (
+    correct_count,
+    forward,
+    model_device_dtype,
+    model_mode,
+    progress_bar,
+    resolve_loss,
+)
 from analysis.params import ParameterSpace
 from analysis.results import Result
 
@@ -255,7 +262,7 @@ class _Evaluator:
         if cache not in ("auto", True, False):
             raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
         self.model, self.loss_fn, self.source = model, loss_fn, source
-        self.device, self.dtype = ParameterSpace(model).device, ParameterSpace(model).dtype
+        self.device, self.dtype = model_device_dtype(model)
         self.want_accuracy = want_accuracy
         self.has_accuracy = want_accuracy
         do_cache = cache is True or (cache == "auto" and source.kind in ("pair", "batches"))
