@@ -1,0 +1,175 @@
+"""top_eigenpairs against dense eigendecompositions (known spectra and small-model Hessians)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from analysis.hessian import GGNOperator, HessianOperator
+from analysis.lanczos import as_linear_operator, lanczos_tridiagonal, top_eigenpairs
+from analysis.reference import dense_ggn, dense_hessian
+from tests.models import TiedFrozen, classification_data, cnn_bn, image_data, mlp, random_spd
+
+
+def _spectrum_matrix(n=300, seed=0):
+    # separated extremes at both ends and in magnitude, a bulk in between
+    ev = torch.cat([torch.tensor([20.0, 15.0, 12.0, 10.0, 9.0, -30.0, -8.0, -6.5]),
+                    torch.linspace(-2.0, 4.0, n - 8)]).double()
+    return random_spd(n, seed=seed, eigenvalues=ev), ev
+
+
+def _aligned(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """|cos| between matching rows (eigenvectors agree up to sign)."""
+    return (U * V).sum(1).abs() / (U.norm(dim=1) * V.norm(dim=1))
+
+
+@pytest.mark.parametrize("which,expected", [
+    ("LA", [20.0, 15.0, 12.0, 10.0, 9.0]),
+    ("SA", [-2.0, -6.5, -8.0, -30.0]),
+    ("LM", [20.0, 15.0, 12.0, 10.0, 9.0, -30.0]),
+])
+def test_known_spectrum(which, expected):
+    A, _ = _spectrum_matrix()
+    k = len(expected)
+    res = top_eigenpairs(A, k=k, which=which, tol=1e-10)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-8, atol=1e-8)
+    assert res.eigenvectors.shape == (k, A.shape[0])
+    # eigenvectors up to sign, residuals recomputed independently
+    evals, evecs = torch.linalg.eigh(A)
+    for lam, x, r in zip(res.eigenvalues, res.eigenvectors, res.residuals):
+        j = int(torch.argmin((evals - lam).abs()))
+        assert float((x @ evecs[:, j]).abs()) == pytest.approx(1.0, abs=1e-6)
+        assert float((A @ x - lam * x).norm()) == pytest.approx(float(r), abs=1e-9)
+    assert res.num_matvecs == res.num_iter
+
+
+def test_error_bound_holds_and_tol_is_met():
+    A, ev = _spectrum_matrix(seed=1)
+    true = torch.sort(ev, descending=True).values[:5]
+    for tol in [1e-2, 1e-3, 1e-5]:
+        res = top_eigenpairs(A, k=5, tol=tol)
+        assert res.converged
+        err = (res.eigenvalues - true).abs()
+        assert bool((err <= res.error_bounds * (1 + 1e-6) + 1e-12).all()), (tol, err, res.error_bounds)
+        assert bool((err <= tol * true.abs()).all())
+    # looser tolerance, fewer matvecs
+    assert top_eigenpairs(A, k=5, tol=1e-2).num_matvecs <= top_eigenpairs(A, k=5, tol=1e-8).num_matvecs
+
+
+def test_thick_restart_matches():
+    A, _ = _spectrum_matrix(seed=2)
+    full = top_eigenpairs(A, k=4, tol=1e-10)
+    small = top_eigenpairs(A, k=4, tol=1e-10, max_basis=8)
+    assert small.num_restarts > 0 and small.converged
+    torch.testing.assert_close(small.eigenvalues, full.eigenvalues, rtol=1e-8, atol=1e-8)
+    assert bool((_aligned(small.eigenvectors, full.eigenvectors) > 1 - 1e-6).all())
+
+
+def test_k_equals_n_and_invariant_subspaces():
+    A = random_spd(6, eigenvalues=[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    res = top_eigenpairs(A, k=6, tol=1e-10)
+    torch.testing.assert_close(res.eigenvalues, torch.arange(6.0, 0.0, -1.0, dtype=torch.float64))
+    # few distinct eigenvalues: the Krylov space becomes invariant early
+    D = torch.diag(torch.tensor([3.0] * 10 + [1.0] * 10 + [0.5] * 10, dtype=torch.float64))
+    res = top_eigenpairs(D, k=2, tol=1e-10, v0=torch.ones(30, dtype=torch.float64))
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 1.0], dtype=torch.float64))
+
+
+MODELS = {
+    "mlp": lambda: (mlp(), classification_data()),
+    "cnn-bn-eval": lambda: (cnn_bn().train(), image_data()),
+    "tied-frozen": lambda: (TiedFrozen(), classification_data(d=5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_model_hessian_matches_dense(name, which):
+    model, data = MODELS[name]()
+    flags = [m.training for m in model.modules()]
+    Hd = dense_hessian(model, "cross_entropy", data)
+    evals, evecs = torch.linalg.eigh(Hd)
+    k = 3
+    if which == "LA":
+        idx = torch.arange(len(evals) - 1, len(evals) - 1 - k, -1)
+    elif which == "SA":
+        idx = torch.arange(k - 1, -1, -1)
+    else:
+        idx = torch.argsort(evals.abs(), descending=True)[:k]
+        idx = idx[torch.argsort(evals[idx], descending=True)]
+    res = top_eigenpairs(model, "cross_entropy", data, k=k, which=which, tol=1e-10, batch_size=10)
+    assert res.converged
+    torch.testing.assert_close(res.eigenvalues, evals[idx], rtol=1e-7, atol=1e-9)
+    gaps = [min((evals[i] - evals[j]).abs() for j in range(len(evals)) if j != i) for i in idx]
+    for x, i, gap in zip(res.eigenvectors, idx, gaps):
+        if gap > 1e-3:  # well-separated: the eigenvector is determined up to sign
+            assert float((x @ evecs[:, i]).abs()) == pytest.approx(1.0, abs=1e-6)
+    assert [m.training for m in model.modules()] == flags  # the caller's mode is restored
+
+
+def test_accepts_operators_and_ggn():
+    model, data = MODELS["mlp"]()
+    G = GGNOperator(model, "cross_entropy", data)
+    res = top_eigenpairs(G, k=2, tol=1e-10)
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(dense_ggn(model, "cross_entropy", data))[-2:].flip(0),
+                               rtol=1e-7, atol=1e-10)
+    H = HessianOperator(model, "cross_entropy", data)
+    before = H.num_matvecs
+    res = top_eigenpairs(H, k=1)
+    assert H.num_matvecs - before == res.num_matvecs
+    json.dumps(res.to_dict())
+    assert "EigenResult" in repr(res)
+
+
+def test_float32_eigenvectors_on_model_dtype():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = classification_data(dtype=torch.float32)
+    res = top_eigenpairs(model, "cross_entropy", (x, y), k=2, tol=1e-4)
+    assert res.eigenvectors.dtype == torch.float32 and res.eigenvalues.dtype == torch.float32
+    ref = torch.linalg.eigvalsh(dense_hessian(model, "cross_entropy", (x, y)))[-2:].flip(0)
+    torch.testing.assert_close(res.eigenvalues.double(), ref, rtol=1e-3, atol=1e-6)
+
+
+def test_not_converged_flag():
+    A, _ = _spectrum_matrix()
+    res = top_eigenpairs(A, k=5, tol=1e-12, max_iter=6)
+    assert not res.converged and res.num_matvecs == 6
+
+
+def test_bad_inputs():
+    A, _ = _spectrum_matrix(n=20)
+    with pytest.raises(ValueError, match="k must be"):
+        top_eigenpairs(A, k=21)
+    with pytest.raises(ValueError, match="k must be"):
+        top_eigenpairs(A, k=0)
+    with pytest.raises(ValueError, match="which"):
+        top_eigenpairs(A, which="BE")
+    with pytest.raises(ValueError, match="tol"):
+        top_eigenpairs(A, tol=0)
+    with pytest.raises(ValueError, match="v0"):
+        top_eigenpairs(A, v0=torch.ones(3))
+    with pytest.raises(ValueError, match="zero"):
+        top_eigenpairs(A, v0=torch.zeros(20, dtype=torch.float64))
+    with pytest.raises(ValueError, match="square"):
+        top_eigenpairs(torch.ones(3, 4))
+    with pytest.raises(ValueError, match="data is required"):
+        top_eigenpairs(mlp(), "cross_entropy")
+    with pytest.raises(TypeError, match="expected a model"):
+        top_eigenpairs("H")
+    model, data = MODELS["mlp"]()
+    with pytest.raises(ValueError, match="k must be"):
+        top_eigenpairs(model, "cross_entropy", data, k=54)
+
+
+def test_lanczos_tridiagonal_is_projection():
+    A, _ = _spectrum_matrix(n=50)
+    v = torch.randn(50, dtype=torch.float64)
+    T = lanczos_tridiagonal(as_linear_operator(A), v, 50)
+    # full Lanczos: T is similar to A
+    torch.testing.assert_close(torch.linalg.eigvalsh(T), torch.linalg.eigvalsh(A), rtol=1e-8, atol=1e-8)
+    assert T[0, 0].item() == pytest.approx(float(v @ A @ v / (v @ v)), rel=1e-12)
