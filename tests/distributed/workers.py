@@ -399,9 +399,8 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
                 "converged": res.converged}
 
     def trace_check():
-        from analysis.trace import hessian_trace
-
         from analysis.hessian import HessianOperator
+        from analysis.trace import hessian_trace
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
         out = {}
@@ -415,7 +414,6 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
 
     def density_check():
         from analysis.density import spectral_density
-
         from analysis.hessian import HessianOperator
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
@@ -426,6 +424,13 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
 
         r = sharpness(model, "cross_entropy", _sharded(x, y), kind="worst", rho=0.05, m=BATCH,
                       n_eval=None, steps=5, init="zero", progress=False)
+        return {"value": r.value, "loss": r.loss, "num_batches": r.num_batches}
+
+    def sharpness_worst_random_check():
+        from analysis.sharpness import sharpness
+
+        r = sharpness(model, "cross_entropy", _sharded(x, y), kind="worst", rho=0.05, m=BATCH,
+                      n_eval=None, steps=3, init="random", seed=0, progress=False)
         return {"value": r.value, "loss": r.loss, "num_batches": r.num_batches}
 
     def sharpness_average_check():
@@ -482,11 +487,35 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
         "evaluate": evaluate_check, "hvp": hvp_check, "hvp_loader": hvp_loader_check,
         "eig": eig_check, "trace": trace_check, "density": density_check,
         "sharpness_worst": sharpness_worst_check, "sharpness_average": sharpness_average_check,
+        "sharpness_worst_random": sharpness_worst_random_check,
         "directional": directional_check, "epsilon": epsilon_check,
         "slice_1d": slice_1d_check, "slice_2d": slice_2d_check,
         "slice_2d_store": slice_2d_store_check,
     }
     return _run_checks(checks)
+
+
+def one_batch_values(rank: int, world: int) -> dict:
+    """Fewer batches than ranks: the data is one batch, so rank 1 holds no sample and must still
+    take part in every all-reduce (with zero sums). Own spawn: a rank that fails here leaves the
+    other one waiting in a collective until the timeout."""
+    from analysis.evaluation import evaluate
+    from analysis.hessian import HessianOperator
+
+    model, x, y = classification_problem()
+    torch.manual_seed(100)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    from analysis.sharpness import directional_sharpness
+    from landscape.slices import slice_1d
+
+    data = _sharded(x, y, batch_size=None)
+    r = evaluate(model, "cross_entropy", data)
+    out = {"loss": r.loss, "num_samples": r.num_samples}
+    out["slice"] = slice_1d(model, "cross_entropy", data, v, [-0.5, 0.5], progress=False).loss
+    out["directional"] = directional_sharpness(model, "cross_entropy", data, v, [0.5]).values
+    op = HessianOperator(model, "cross_entropy", data)  # last: fails today on rank 1
+    out["hv"] = op @ v
+    return out
 
 
 def _plain(result: Any) -> Any:
