@@ -221,7 +221,23 @@ def load_data(spec: str, *, batch_size: int | None = None, max_samples: int | No
         except Exception as exc:
             raise CLIError(f"--data {spec!r} raised {type(exc).__name__}: {_first_line(exc)}") from None
     try:
-        return as_data(obj, batch_size=batch_size, max_samples=max_samples, shard=shard)
+        source = as_data(obj, batch_size=batch_size, max_samples=max_samples, shard=shard)
+        if shard:
+            from analysis.data import batch_size_of
+            from analysis.distributed import get_world_size
+
+            world = get_world_size()
+            if source.kind == "pair" and batch_size is None:
+                # one batch per process, so that every rank gets a share of the samples
+                n = batch_size_of(obj[1])
+                if max_samples is not None:
+                    n = min(n, max_samples)
+                source = as_data(obj, batch_size=max(1, math.ceil(n / world)),
+                                 max_samples=max_samples, shard=True)
+            elif source.kind == "batches" and len(obj) < world:
+                raise CLIError(f"--data {spec!r}: {len(obj)} batches for {world} processes; "
+                               "every process needs at least one batch")
+        return source
     except (TypeError, ValueError) as exc:
         raise CLIError(f"--data {spec!r}: {_first_line(exc)}") from None
 
@@ -297,8 +313,12 @@ class _Setup:
         from analysis.data import to_device
         from analysis.evaluation import forward, model_device_dtype, model_mode
 
+        from analysis.data import DataSource
+
         device, dtype = model_device_dtype(model)
-        batch = next(iter(self.data))
+        src = self.data
+        unsharded = DataSource(src.data, batch_size=src.batch_size, max_samples=src.max_samples)
+        batch = next(iter(unsharded))
         try:
             with torch.no_grad(), model_mode(model, "eval"):
                 out = forward(model, to_device(batch.inputs, device, dtype))

@@ -78,7 +78,8 @@ def checkpoint_metrics(
     :func:`analysis.sharpness.sharpness_report`; ``worst_plain`` / ``average_plain`` the same
     with ``c = 1``; ``lambda_max`` and ``trace`` the top Hessian eigenvalue (Lanczos) and the
     Hutchinson trace. ``rho`` overrides the radius of the worst/average metrics and ``m`` their
-    batch size (default ``min(128, N)``, so that small data sets work).
+    batch size (default ``min(128, N)``, so that small data sets work; ``N`` is this process's
+    share of the samples under torchrun).
 
     Returns:
         ``{"loss", "accuracy", "num_samples", "metrics": {name: value}, "seconds": {name: s}}``.
@@ -97,7 +98,7 @@ def checkpoint_metrics(
         opts: dict[str, Any] = {}
         if base in ("worst", "average"):
             opts["adaptive"] = not name.endswith("_plain")
-            opts["m"] = m if m is not None else min(128, ev.num_samples)
+            opts["m"] = m if m is not None else min(128, _local_samples(data))
             if rho is not None:
                 opts["rho"] = rho
         t0 = time.perf_counter()
@@ -107,6 +108,13 @@ def checkpoint_metrics(
         values[name] = float(rep.values[base])
     return {"loss": ev.loss, "accuracy": ev.accuracy, "num_samples": ev.num_samples,
             "metrics": values, "seconds": seconds}
+
+
+def _local_samples(data: Any) -> int:
+    """Samples this process sees (all of them on one process; its shard under torchrun)."""
+    from analysis.data import as_data
+
+    return as_data(data).num_samples()
 
 
 def _density_dict(res: Any) -> dict[str, Any]:
@@ -336,7 +344,7 @@ def analyze_checkpoint(
     eigenvalues = tuple(float(v) for v in torch.as_tensor(eig.eigenvalues).reshape(-1).tolist())
     metrics["lambda_max"] = eigenvalues[0]
     say(f"{name}: sharpness")
-    sh_opts = {"m": min(128, ev.num_samples), **dict(sharpness_options or {})}
+    sh_opts = {"m": min(128, _local_samples(data)), **dict(sharpness_options or {})}
     sh = sharpness(model, loss_fn, data, rho=sharpness_rho, kind="worst", adaptive=True, seed=seed,
                    progress=progress, **sh_opts)
     metrics["sharpness"] = float(sh.value)

@@ -360,3 +360,28 @@ def test_hessian_trace_and_density(ckpts, tmp_path, capsys):
     assert np.trapezoid(dens, grid) == pytest.approx(1.0, rel=0.05)  # a probability density
     assert grid.max() >= torch.linalg.eigvalsh(H).max().item() * 0.99
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(ckpts, tmp_path, capsys):
+    """`torchrun --nproc_per_node 2 -m landscape ...`: sharded data, all-reduced numbers, one
+    table and one JSON (rank 0 only), equal to the single-process run."""
+    torchrun = shutil.which("torchrun", path=str(pathlib.Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    a = str(ckpts / "a.pt")
+    common = ["hessian", a, "--model", f"{FIX}:model64", "--data", f"{FIX}:data", "--top-k", "2",
+              "--tol", "1e-8", "--quiet"]
+    code, out, err = _run([*common, "--json", "-"], capsys)
+    assert code == 0, err
+    single = json.loads(out)
+    from analysis.distributed import find_free_port
+
+    res = subprocess.run(
+        [torchrun, "--nproc_per_node=2", f"--master_port={find_free_port()}", "-m", "landscape",
+         *common, "--json", str(tmp_path / "d.json")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("eigenvalue") == 1  # printed by rank 0 only
+    multi = json.loads((tmp_path / "d.json").read_text())
+    np.testing.assert_allclose(multi["eigenvalues"], single["eigenvalues"], rtol=1e-8)
