@@ -310,10 +310,8 @@ class _Setup:
         """Run the first batch through the model: wrong shapes fail here in one line."""
         import torch
 
-        from analysis.data import to_device
+        from analysis.data import DataSource, to_device
         from analysis.evaluation import forward, model_device_dtype, model_mode
-
-        from analysis.data import DataSource
 
         device, dtype = model_device_dtype(model)
         src = self.data
