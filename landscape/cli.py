@@ -458,6 +458,7 @@ def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
         ctx.out(format_table(["checkpoint", "L(w)", "max L on slice", "at alpha"],
                              [[path.name, res.loss_at_origin, float(res.loss[i]), float(res.alphas[i])]]))
         grid = {"alphas": res.alphas, "loss": res.loss, "accuracy": res.accuracy}
+        summary["directions"] = [res.direction]
     else:
         import numpy as np
 
@@ -465,6 +466,7 @@ def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
                              [[path.name, res.loss_at_origin, float(np.nanmax(res.loss)), float(np.nanmean(res.loss))]]))
         grid = {"xs": res.xs, "ys": res.ys, "loss": res.loss, "accuracy": res.accuracy,
                 "resumed_rows": res.resumed_rows}
+        summary["directions"] = list(res.directions)
     ctx.write_json(_envelope("slice", **summary, grid=grid, out=str(out)))
     return 0
 

@@ -174,32 +174,38 @@ def hessian_summary(
     return out
 
 
-def _direction(kind: str, model: nn.Module, loss_fn: Any, data: Any, *, seed: int,
-               normalization: str | None, other: Any = None, index: int = 0,
-               orthogonal_to: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+def _directions(kind: str, model: nn.Module, loss_fn: Any, data: Any, count: int, *, seed: int,
+                normalization: str | None, other: Any = None) -> list[tuple[torch.Tensor, str]]:
+    """``count`` (1 or 2) directions of one kind with their names."""
     from analysis import directions as D
 
     norm = None if normalization in (None, "none") else normalization
     if kind == "random":
-        return D.random_direction(model, seed=seed + index, normalization=norm,
-                                  orthogonal_to=orthogonal_to), f"random{index + 1}"
+        d1 = D.random_direction(model, seed=seed, normalization=norm)
+        out = [(d1, "random1")]
+        if count > 1:
+            out.append((D.random_direction(model, seed=seed + 1, normalization=norm, orthogonal_to=d1),
+                        "random2"))
+        return out
     if kind == "gradient":
         g = D.gradient_direction(model, loss_fn, data)
-        if index == 0:
-            return (D.normalize_direction(g, model, normalization=norm) if norm else g), "gradient"
-        return D.random_direction(model, seed=seed, normalization=norm, orthogonal_to=g), "random"
+        out = [((D.normalize_direction(g, model, normalization=norm) if norm else g), "gradient")]
+        if count > 1:
+            out.append((D.random_direction(model, seed=seed, normalization=norm, orthogonal_to=g),
+                        "random (orthogonal to the gradient)"))
+        return out
     if kind == "eigen":
         from analysis.lanczos import top_eigenpairs
 
-        eig = top_eigenpairs(model, loss_fn, data, k=2)  # rows are unit eigenvectors
-        return eig.eigenvectors[index].reshape(-1), f"eigen{index + 1} (lambda={float(eig.eigenvalues[index]):.4g})"
-    if kind == "interpolate":
-        return D.interpolation_direction(model, other), "interpolation"
+        eig = top_eigenpairs(model, loss_fn, data, k=count)  # rows: unit eigenvectors
+        return [(eig.eigenvectors[i].reshape(-1), f"eigenvector {i + 1} (lambda={float(eig.eigenvalues[i]):.4g})")
+                for i in range(count)]
     if kind == "pca":
-        pca = D.pca_directions(other, k=2, model=model)
-        d = pca.directions[index]
-        return torch.as_tensor(d).reshape(-1), f"PC{index + 1}"
-    raise ValueError(f"unknown direction kind {kind!r}")
+        pca = D.pca_directions(other, k=count, model=model)
+        return [(pca.directions[i].reshape(-1),
+                 f"PC{i + 1} ({100 * float(pca.explained_variance_ratio[i]):.1f}% of the variance)")
+                for i in range(count)]
+    raise ValueError(f"unknown direction kind {kind!r}; choose random, gradient, eigen, interpolate or pca")
 
 
 def compute_slice(
@@ -233,12 +239,12 @@ def compute_slice(
         from .slices import interpolate
 
         return interpolate(model, other, loss_fn, data, coords, progress=progress)
-    d1, n1 = _direction(direction, model, loss_fn, data, seed=seed, normalization=normalization,
-                        other=other, index=0)
+    dirs = _directions(direction, model, loss_fn, data, dims, seed=seed, normalization=normalization,
+                       other=other)
     if dims == 1:
+        (d1, n1), = dirs
         return slice_1d(model, loss_fn, data, d1, coords, name=n1, label=label or n1, progress=progress)
-    d2, n2 = _direction(direction, model, loss_fn, data, seed=seed, normalization=normalization,
-                        other=other, index=1, orthogonal_to=d1)
+    (d1, n1), (d2, n2) = dirs
     return slice_2d(model, loss_fn, data, d1, d2, coords, coords, store=store, names=(n1, n2),
                     label=label, progress=progress)
 

@@ -385,3 +385,34 @@ def test_torchrun_two_processes_match_one(ckpts, tmp_path, capsys):
     assert res.stdout.count("eigenvalue") == 1  # printed by rank 0 only
     multi = json.loads((tmp_path / "d.json").read_text())
     np.testing.assert_allclose(multi["eigenvalues"], single["eigenvalues"], rtol=1e-8)
+
+
+def test_slice_along_top_eigenvector_has_curvature_lambda_max(ckpts, tmp_path, capsys):
+    a = ckpts / "a.pt"
+    h = 1e-3
+    code, out, err = _run(["slice", str(a), *SPEC64, "--direction", "eigen", "--range", str(-h), str(h),
+                           "--steps", "3", "--out", str(tmp_path / "e.png"), "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["directions"][0]["name"].startswith("eigenvector 1")
+    lo, mid, hi = doc["grid"]["loss"]
+    H = dense_hessian(_model(a, torch.float64), "cross_entropy", _data(torch.float64))
+    lam = torch.linalg.eigvalsh(H).max().item()
+    assert (lo - 2 * mid + hi) / h**2 == pytest.approx(lam, rel=1e-3)
+
+
+def test_slice_2d_on_pca_of_a_trajectory(tmp_path, capsys):
+    traj = tmp_path / "traj"
+    traj.mkdir()
+    for i, steps in enumerate((2, 5, 10, 20, 40)):
+        torch.save(fx.trained_state(steps), traj / f"step{i}.pt")
+    code, out, err = _run(["slice", str(traj / "step4.pt"), *SPEC64, "--dims", "2", "--direction",
+                           f"pca:{traj}", "--steps", "3", "--out", str(tmp_path / "p.html"), "--json", "-"],
+                          capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    names = [d["name"] for d in doc["directions"]]
+    assert names[0].startswith("PC1") and names[1].startswith("PC2")
+    assert abs(doc["directions"][0]["norm"] - 1.0) < 1e-9
+    ev = evaluate(_model(traj / "step4.pt", torch.float64), "cross_entropy", _data(torch.float64))
+    assert doc["grid"]["loss"][1][1] == pytest.approx(ev.loss, rel=1e-9)  # the centre is w
