@@ -526,3 +526,25 @@ def _plain(result: Any) -> Any:
         return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)
                 if not f.name.startswith(("seconds", "time"))}
     return result
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def cli_hessian(rank: int, world: int, checkpoint: str, out_json: str) -> dict:
+    """``landscape hessian`` as torchrun would run it; returns the exit code and stdout."""
+    import contextlib
+    import io
+
+    from landscape.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main([
+            "hessian", checkpoint, "--model", "tests.distributed.cli_net:build",
+            "--data", "tests.distributed.cli_net:data", "--batch-size", str(BATCH),
+            "--dtype", "float64", "--top-k", "3", "--tol", "1e-8", "--json", out_json, "--quiet",
+        ])
+    import torch.distributed as dist
+
+    return {"code": code, "stdout": buf.getvalue(), "initialized_after": dist.is_initialized()}
