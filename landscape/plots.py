@@ -291,7 +291,8 @@ def plot_spectral_density(
             or one row per probe vector), e.g. ``analysis.density.spectral_density(...)``.
         ax: an axis to draw into (default: a new figure).
         log: logarithmic density axis (default; the spectrum spans many decades).
-        show_nodes: draw the quadrature nodes as a rug along the bottom.
+        show_nodes: draw the quadrature nodes (those with a positive weight) as a rug along the
+            bottom.
         title: the title (default: "Hessian spectral density").
         label: legend label for the curve.
 
@@ -311,6 +312,9 @@ def plot_spectral_density(
     nodes = _get(result, "nodes", None)
     if show_nodes and nodes is not None:
         nd = np.asarray(nodes, dtype=np.float64).reshape(-1)
+        weights = _get(result, "weights", None)
+        if weights is not None and np.size(weights) == nd.size:
+            nd = nd[np.asarray(weights, dtype=np.float64).reshape(-1) > 0]  # drop padding
         nd = nd[np.isfinite(nd)]
         if nd.size:
             ax.plot(nd, np.zeros_like(nd), "|", color="tab:red", ms=8,

@@ -191,3 +191,16 @@ def test_spectral_density(tmp_path):
         plots.plot_spectral_density({"grid": grid, "density": dens[:-1]})
     with pytest.raises(ValueError, match="grid"):
         plots.plot_spectral_density({"density": dens})
+
+
+def test_spectral_density_of_the_hessian_engine(tmp_path):
+    density = pytest.importorskip("analysis.density")
+    from tests.models import random_spd
+
+    res = density.spectral_density(random_spd(12, seed=0), num_iter=6, num_runs=2)
+    fig = plots.plot_spectral_density(res)
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.get_lines()[0].get_xdata(), res.grid)
+    rug = ax.get_lines()[1].get_xdata()
+    assert len(rug) == int((np.asarray(res.weights) > 0).sum())
+    _check_saved(fig, tmp_path, "slq")
