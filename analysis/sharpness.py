@@ -169,20 +169,30 @@ def _take(obj: Any, start: int, stop: int) -> Any:
 
 def _m_batches(source: DataSource, m: int, n_eval: int | None, device, dtype) -> Iterator[tuple[Any, Any]]:
     """Re-batch ``source`` into consecutive batches of exactly ``m`` samples (at most ``n_eval``
-    samples in total); a last incomplete batch is dropped. Raises if not one full batch fits."""
+    samples in total); a last incomplete batch is dropped. Raises if not one full batch fits.
+
+    Yields ``(x, y, key)`` where ``key = (source batch index, offset)`` names where the m-batch
+    starts in the whole data set, so that random draws seeded by ``key`` are the same on one
+    process and under data sharding (when source batches are not split across ranks)."""
     xs: list[Any] = []
     ys: list[Any] = []
     have = used = seen = 0
+    start = (0, 0)  # (source batch index, offset) where the pending samples begin
     for batch in source:
+        if not xs:
+            start = (batch.index, 0)
         xs.append(batch.inputs)
         ys.append(batch.targets)
         have += batch.size
         seen += batch.size
         while have >= m and (n_eval is None or used + m <= n_eval):
             x, y = _cat(xs), _cat(ys)
-            yield to_device(_take(x, 0, m), device, dtype), to_device(_take(y, 0, m), device, dtype)
+            yield (to_device(_take(x, 0, m), device, dtype), to_device(_take(y, 0, m), device, dtype),
+                   start)
             used += m
             have -= m
+            # the rest of this source batch starts m samples later (offset within `batch`)
+            start = (batch.index, batch.size - have)
             xs, ys = ([_take(x, m, m + have)], [_take(y, m, m + have)]) if have else ([], [])
         if n_eval is not None and used + m > n_eval:
             break
@@ -573,8 +583,6 @@ def sharpness(
     source = as_data(data)
     rho = float(rho)
     counter = _Counter()
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))  # APGD start points
-    noise_gen = torch.Generator(device=space.device).manual_seed(int(seed))  # average: on device
     values: list[float] = []
     losses: list[float] = []
     with preserved_state(model), model_mode(model, mode):
@@ -583,8 +591,10 @@ def sharpness(
         ev = _Evaluator(model, loss_fn, space, w0, counter)
         batches = _m_batches(source, int(m), n_eval, space.device, space.dtype)
         desc = f"{kind} sharpness"
-        for b, (x, y) in enumerate(progress_bar(batches, enabled=progress, desc=desc, unit="batch")):
+        for b, (x, y, key) in enumerate(progress_bar(batches, enabled=progress, desc=desc, unit="batch")):
             where0 = f"at the unperturbed weights on batch {b}"
+            # draws seeded per m-batch of the WHOLE data set: identical under data sharding
+            batch_seed = ((int(seed) * 1_000_003 + key[0]) * 1_000_003 + key[1]) % (2**63)
             if kind == "worst":
                 ev.set(None)
                 if init == "zero":
@@ -594,6 +604,7 @@ def sharpness(
                 else:
                     l0_t = ev.loss(x, y, m, where0)
                     start = None
+                    gen = torch.Generator(device="cpu").manual_seed(batch_seed)
                     u0 = _random_start(space, rho, norm, gen)
                 l0 = float(l0_t)
                 if not math.isfinite(l0):
@@ -614,6 +625,7 @@ def sharpness(
                 if not math.isfinite(l0):
                     raise _nonfinite(l0, where0)
                 acc = torch.zeros((), dtype=torch.float64, device=space.device)
+                noise_gen = torch.Generator(device=space.device).manual_seed(batch_seed)
                 for k in range(int(samples)):
                     z = torch.randn(space.numel, generator=noise_gen, device=space.device,
                                     dtype=space.dtype)
@@ -672,6 +684,15 @@ def _random_start(space: ParameterSpace, rho: float, norm: str, gen: torch.Gener
 # ------------------------------------------------------------------------------------------------
 # full-data helpers
 # ------------------------------------------------------------------------------------------------
+def _global_num_samples(source: DataSource, device: torch.device) -> int:
+    """The data set's sample count ``N``, summed over ranks when the source is sharded."""
+    n = source.num_samples()
+    if source.shard:
+        t = torch.tensor([float(n)], dtype=torch.float64, device=device)
+        n = int(dist.all_reduce_sum(t).item())
+    return n
+
+
 def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, where: str,
                need_grad: bool = False, accuracy: bool = False):
     """Sample-weighted loss (and gradient, or accuracy) over the whole source at ``w0 + delta``."""
@@ -821,7 +842,7 @@ def epsilon_sharpness(
         steps=int(steps),
         seed=int(seed),
         mode=mode,
-        num_samples=source.num_samples(),
+        num_samples=_global_num_samples(source, space.device),
         **counter.as_dict(),
     )
 
@@ -948,7 +969,7 @@ def pac_bayes_flatness(
         seed=int(seed),
         mode=mode,
         evaluations=evaluations,
-        num_samples=source.num_samples(),
+        num_samples=_global_num_samples(source, space.device),
         **counter.as_dict(),
     )
 
@@ -1046,7 +1067,7 @@ def directional_sharpness(
         loss=l0,
         direction_norm=dn,
         mode=mode,
-        num_samples=source.num_samples(),
+        num_samples=_global_num_samples(source, space.device),
         **counter.as_dict(),
     )
 
