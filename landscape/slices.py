@@ -614,7 +614,27 @@ def slice_2d(
             "recalibrate_bn": s.recalibrate_bn,
             "dtype": str(s.space.dtype),
         }
-        grid = GridStore(store, fp, xs_arr, ys_arr, s.metrics, resume=resume)
+        if not dist.is_distributed():
+            grid = GridStore(store, fp, xs_arr, ys_arr, s.metrics, resume=resume)
+        else:
+            # one store for the whole job: the data hash covers every rank's share, rank 0
+            # alone reads and writes the file, and the other ranks follow its finished rows
+            fp["data"] = tensors_hash([dist.all_gather_object(fp["data"])])
+            main = dist.is_main_process()
+            payload: tuple = ("ok", None)
+            grid = None
+            if main:
+                try:
+                    grid = GridStore(store, fp, xs_arr, ys_arr, s.metrics, resume=resume)
+                    payload = ("ok", grid.state())
+                except Exception as err:  # re-raised on every rank below
+                    payload = ("error", err)
+            payload = dist.broadcast_object(payload)
+            if payload[0] == "error":
+                raise payload[1]
+            if not main:
+                grid = GridStore(store, fp, xs_arr, ys_arr, s.metrics, resume=resume, writer=False)
+                grid.adopt(payload[1])
         l0, a0 = s.finish(origin)
         grid.set_extra(loss_at_origin=float(l0[0]),
                        accuracy_at_origin=float("nan") if a0 is None else float(a0[0]))

@@ -115,6 +115,9 @@ class GridStore:
         resume: load the finished rows of an existing store with the same fingerprint (default).
             With ``False`` the rows are recomputed and the file replaced; a store with a
             different fingerprint is an error in both cases.
+        writer: ``False`` keeps the store in memory only (never reads or writes the file); used
+            on the non-zero ranks of a distributed run, which receive rank 0's rows with
+            :meth:`adopt`.
 
     Raises:
         StoreMismatchError: the file exists with another fingerprint or grid (nothing written).
@@ -130,7 +133,9 @@ class GridStore:
         metrics: Sequence[str],
         *,
         resume: bool = True,
+        writer: bool = True,
     ):
+        self.writer = bool(writer)
         self.fingerprint = _normalize_fp(fingerprint)
         self.xs = np.asarray(xs, dtype=np.float64)
         self.ys = np.asarray(ys, dtype=np.float64)
@@ -138,7 +143,8 @@ class GridStore:
         raw = os.fspath(path)
         p = Path(raw)
         if p.is_dir() or raw.endswith(("/", os.sep)):
-            p.mkdir(parents=True, exist_ok=True)
+            if self.writer:
+                p.mkdir(parents=True, exist_ok=True)
             p = p / f"landscape-{fingerprint_hash(self.fingerprint)}.npz"
         elif p.suffix != ".npz":
             p = p.with_name(p.name + ".npz")
@@ -147,7 +153,7 @@ class GridStore:
         self.values = {m: np.full(shape, np.nan) for m in self.metrics}
         self.done = np.zeros(shape[0], dtype=bool)
         self.extra: dict[str, Any] = {}
-        if self.path.exists():
+        if self.writer and self.path.exists():
             self._check_and_load(resume)
 
     # -- reading -------------------------------------------------------------------------
@@ -198,6 +204,17 @@ class GridStore:
         """Indices of the rows still to compute, in order."""
         return [int(i) for i in np.flatnonzero(~self.done)]
 
+    def state(self) -> dict[str, Any]:
+        """The finished rows and their values (picklable), for :meth:`adopt` on other ranks."""
+        return {"done": self.done.copy(), "values": {k: v.copy() for k, v in self.values.items()},
+                "path": str(self.path)}
+
+    def adopt(self, state: Mapping[str, Any]) -> None:
+        """Take over another store's finished rows (from :meth:`state`)."""
+        self.done = np.asarray(state["done"], dtype=bool).copy()
+        self.values = {k: np.asarray(v, dtype=np.float64).copy() for k, v in state["values"].items()}
+        self.path = Path(state["path"])
+
     # -- writing -------------------------------------------------------------------------
     def set_extra(self, **values: Any) -> None:
         """Attach scalars or small arrays (e.g. the loss at the origin); saved with the next row."""
@@ -215,6 +232,8 @@ class GridStore:
 
     def save(self) -> None:
         """Write the whole store to a temporary file and move it over ``path`` (atomic)."""
+        if not self.writer:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, Any] = {
             "format": np.array(_FORMAT),

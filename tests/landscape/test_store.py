@@ -110,3 +110,15 @@ def test_hashes_are_exact():
     assert len(tensor_hash(torch.zeros(0))) == 16
     assert tensor_hash(torch.tensor([True, False])) != tensor_hash(torch.tensor([False, True]))
     assert tensor_hash(torch.ones(2, dtype=torch.bfloat16)) != tensor_hash(torch.ones(2, dtype=torch.float16))
+
+
+def test_reader_only_store_adopts_rows_and_never_touches_disk(tmp_path):
+    main = _store(tmp_path / "grid.npz")
+    main.write_row(2, {"loss": np.array([3.0, 4.0]), "accuracy": np.array([0.1, 0.2])})
+    follower = _store(tmp_path / "other_dir" / "grid.npz", writer=False)
+    follower.adopt(main.state())
+    assert follower.pending_rows() == [0, 1] and follower.path == main.path
+    np.testing.assert_array_equal(follower.values["loss"][2], [3.0, 4.0])
+    follower.write_row(0, {"loss": np.zeros(2), "accuracy": np.zeros(2)})
+    assert not (tmp_path / "other_dir").exists()
+    assert _store(tmp_path / "grid.npz").pending_rows() == [0, 1]  # rank 0's file unchanged
