@@ -425,6 +425,44 @@ class HessianOperator(CurvatureOperator):
             self._graphs.clear()
             self._signature = sig
 
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the dataset loss, ``sum_b (n_b / N) grad L_b`` (same data, mode
+        and weighting as the products). Free with ``"cached-graph"`` (the cached first-order
+        graphs hold it); one pass over the data otherwise."""
+        out = None
+        local = 0
+        with model_mode(self.model, self.mode), torch.no_grad():
+            state = self._state()
+            self._prepare()
+            primals = {n: state[n] for n in self._names}
+            if self._cached is not None:
+                total = self.num_samples
+                for pos, (x, y, size, _) in enumerate(self._cached):
+                    if self.method == "cached-graph":
+                        entry = self._graphs.get(pos)
+                        if entry is None:
+                            with torch.enable_grad():
+                                entry = self._first_order_graph(primals, state, x, y, size / total)
+                            self._graphs[pos] = entry
+                        g = entry[2]
+                    else:
+                        gd = self._grad(primals, state, x, y, size / total)
+                        g = torch.cat([gd[n].reshape(-1) for n in self._names])
+                    out = g.clone() if out is None else out.add_(g)
+                if self.source.shard:
+                    dist.all_reduce_sum(out)
+                return out
+            for x, y, size, _ in self._batches():
+                gd = self._grad(primals, state, x, y, float(size))
+                g = torch.cat([gd[n].reshape(-1) for n in self._names])
+                out = g if out is None else out.add_(g)
+                local += size
+            if self.num_samples is None:
+                self.num_samples = self._reduce_count(local)
+            if self.source.shard:
+                dist.all_reduce_sum(out)
+            return out.div_(self.num_samples)
+
     def clear_cache(self) -> None:
         """Drop cached graphs (they are rebuilt at the next product)."""
         self._graphs.clear()
@@ -452,7 +490,8 @@ class HessianOperator(CurvatureOperator):
         loss = self._batch_loss(dict(zip(self._names, leaves)), state, x, y, weight)
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         keep = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return leaves, keep
+        flat = self.space.flatten([None if g is None else g.detach() for g in grads])
+        return leaves, keep, flat
 
     def _cached_product(self, primals, state, v_dict, x, y, weight, key):
         entry = self._graphs.get(key)
@@ -460,7 +499,7 @@ class HessianOperator(CurvatureOperator):
             if entry is None:
                 entry = self._first_order_graph(primals, state, x, y, weight)
                 self._graphs[key] = entry
-            leaves, keep = entry
+            leaves, keep, _ = entry
             if not keep:
                 return torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
             vs = [v_dict[n] for n in self._names]
@@ -471,7 +510,7 @@ class HessianOperator(CurvatureOperator):
 
     def _double_backward(self, primals, state, v_dict, x, y, weight):
         with torch.enable_grad():
-            leaves, keep = self._first_order_graph(primals, state, x, y, weight)
+            leaves, keep, _ = self._first_order_graph(primals, state, x, y, weight)
             if not keep:
                 return torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
             vs = [v_dict[n] for n in self._names]

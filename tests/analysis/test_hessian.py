@@ -270,3 +270,19 @@ def test_non_finite_product_names_the_batch(method):
                         else None, method=method)
     with pytest.raises(FloatingPointError, match="batch 2" if method != "cached-graph" else "batch 0"):
         H @ torch.ones(H.shape[0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_matches_autograd(method):
+    from analysis.reference import dense_loss_function
+
+    model, loss, data = CASES["cnn-bn-ce"]()
+    f, w0 = dense_loss_function(model.eval(), loss, data)  # the operators use mode="eval"
+    model.train()
+    g_ref = torch.func.grad(f)(w0)
+    H = HessianOperator(model, loss, data, method=method,
+                        batch_size=None if method == "cached-graph" else 7)
+    torch.testing.assert_close(H.gradient(), g_ref, rtol=1e-9, atol=1e-12)
+    x, y = data
+    L = HessianOperator(model, loss, DataLoader(TensorDataset(x, y), batch_size=7))
+    torch.testing.assert_close(L.gradient(), g_ref, rtol=1e-9, atol=1e-12)

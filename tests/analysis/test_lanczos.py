@@ -173,3 +173,15 @@ def test_lanczos_tridiagonal_is_projection():
     # full Lanczos: T is similar to A
     torch.testing.assert_close(torch.linalg.eigvalsh(T), torch.linalg.eigvalsh(A), rtol=1e-8, atol=1e-8)
     assert T[0, 0].item() == pytest.approx(float(v @ A @ v / (v @ v)), rel=1e-12)
+
+
+def test_start_vectors():
+    model, data = MODELS["cnn-bn-eval"]()
+    ref = torch.linalg.eigvalsh(dense_hessian(model, "cross_entropy", data))[-3:].flip(0)
+    for v0 in ["auto", "random", "gradient"]:
+        res = top_eigenpairs(model, "cross_entropy", data, k=3, tol=1e-10, v0=v0)
+        torch.testing.assert_close(res.eigenvalues, ref, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="v0"):
+        top_eigenpairs(torch.eye(4, dtype=torch.float64), k=1, v0="gradient")
+    with pytest.raises(ValueError, match="v0"):
+        top_eigenpairs(torch.eye(4, dtype=torch.float64), k=1, v0="ones")
