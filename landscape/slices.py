@@ -409,13 +409,14 @@ class _Session:
     def _has_acc(self) -> bool:
         return "accuracy" in self.metrics and self.evaluator.has_accuracy
 
-    def run(self, body: Callable[[], Any]) -> Any:
-        """Run ``body`` with the mode set, no autograd, and parameters/buffers restored."""
+    def run(self, body: Callable[[torch.Tensor], Any]) -> Any:
+        """Run ``body(w)`` (``w``: the saved flat weights) with the mode set, no autograd, and
+        parameters and buffers restored exactly at the end."""
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         momenta = [(m, m.momentum) for m in self.bns]
         try:
-            with self.space.restored(), model_mode(self.model, self.mode), torch.no_grad():
-                return body()
+            with self.space.restored() as w, model_mode(self.model, self.mode), torch.no_grad():
+                return body(w)
         finally:
             with torch.no_grad():
                 for b, saved in buffers:
@@ -496,8 +497,7 @@ def slice_1d(
     d = _direction(direction, s.space, "direction")
     start = time.perf_counter()
 
-    def body():
-        w = s.space.vector()
+    def body(w):
         mover = _Mover(s.space, w, [d])
         origin = s.evaluate_points(mover, [(0.0,)], None)
         bar = _bar(len(alphas_arr), progress, "slice_1d")
@@ -640,8 +640,7 @@ def slice_2d(
                        accuracy_at_origin=float("nan") if a0 is None else float(a0[0]))
         return grid
 
-    def body():
-        w = s.space.vector()
+    def body(w):
         buffers = tensors_hash(list(model.buffers())) if store is not None else None
         mover = _Mover(s.space, w, [t1, t2])
         origin = s.evaluate_points(mover, [(0.0, 0.0)], None).cpu().numpy()
