@@ -208,7 +208,7 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=5, help="grid side of the 2-D slice")
     p.add_argument("--cores", type=int, default=2, help="cores to compare over (T)")
     p.add_argument("--resnet50", action="store_true", help="measure ResNet-50 per-image costs")
-    p.add_argument("--resnet-batch", type=int, default=4)
+    p.add_argument("--resnet-batch", type=int, default=2)
     args = p.parse_args()
     cfg = {"samples": args.samples, "batch": args.batch, "hvps": args.hvps, "grid": args.grid}
     T = args.cores
@@ -231,7 +231,7 @@ def main() -> None:
     ratio = rows[(1, 1)]["hvp"] / rows[(1, 1)]["grad"]
     print(f"\nHVP / gradient on one core: {ratio:.2f}")
     if args.resnet50:
-        r = resnet50_cost(args.resnet_batch, 2)
+        r = resnet50_cost(args.resnet_batch, 1)
         if r:
             ratio = r["hvp"] / r["grad"]
             print(f"\nResNet-50 ({r['n']:,} parameters, 224x224, float32, batch "
