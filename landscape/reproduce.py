@@ -1472,7 +1472,8 @@ def cmd_reproduce(args: argparse.Namespace, ctx: Any = None) -> int:
 def write_report(out: str | os.PathLike, path: str | os.PathLike) -> pathlib.Path:
     """Render every experiment JSON in ``out`` into the markdown report ``path``
     (docs/REPRODUCTION.md): the setting, the summary table, a section per experiment with its
-    figures (linked relative to ``path``), and the full-scale recipe."""
+    figures (linked relative to ``path``), the hand-written ``out/NOTES.md`` if present (as a
+    labelled discussion section) and the full-scale recipe."""
     path = pathlib.Path(path)
     docs = load_results(out)
     if not docs:
@@ -1486,9 +1487,14 @@ def write_report(out: str | os.PathLike, path: str | os.PathLike) -> pathlib.Pat
         rho_un=cfg["rho_unnormalized"], rho_lr=cfg["rho_lr_scaled"],
         total=sum(d["seconds"] for d in docs) / 60, out=pathlib.Path(out).as_posix(),
         path=path.as_posix(), smoke=" (SMOKE RUN: --quick, not the real results)" if cfg.get("smoke") else "")
+    notes_file = pathlib.Path(out) / "NOTES.md"
+    notes = ""
+    if notes_file.exists():
+        notes = ("## Discussion (written by hand after the run, from the numbers above)\n\n"
+                 + notes_file.read_text(encoding="utf-8").strip() + "\n\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + render_markdown(docs, figures_rel=rel) + "\n" + _REPORT_FOOTER,
-                    encoding="utf-8")
+    path.write_text(header + render_markdown(docs, figures_rel=rel) + "\n" + notes
+                    + _REPORT_FOOTER, encoding="utf-8")
     return path
 
 

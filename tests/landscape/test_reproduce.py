@@ -106,6 +106,11 @@ def test_markdown_report(quick_results, tmp_path):
         if line.startswith("!["):
             rel = line[line.index("(") + 1:-1]
             assert (path.parent / rel).exists(), rel
+    assert "## Discussion" not in text
+    (out / "NOTES.md").write_text("hand-written caveat\n")
+    text = R.write_report(out, tmp_path / "R2.md").read_text()
+    assert "## Discussion" in text and "hand-written caveat" in text
+    (out / "NOTES.md").unlink()
     with pytest.raises(ValueError, match="no experiment JSONs"):
         R.write_report(tmp_path / "empty", tmp_path / "x.md")
 
