@@ -498,6 +498,8 @@ def cmd_report(args: argparse.Namespace, ctx: _Ctx) -> int:
 def cmd_demo(args: argparse.Namespace, ctx: _Ctx) -> int:
     from .demo import run_demo
 
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: must be >= 0")
     out_dir = pathlib.Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise CLIError(f"--out {out_dir}: exists and is not a directory")
@@ -508,7 +510,8 @@ def cmd_demo(args: argparse.Namespace, ctx: _Ctx) -> int:
     if not os.access(out_dir, os.W_OK):
         raise CLIError(f"--out {out_dir}: directory is not writable")
     result = run_demo(out_dir, quick=args.quick, epochs=args.epochs, seed=args.seed,
-                      optimizers=args.optimizers, progress=ctx.progress, log=ctx.log)
+                      optimizers=args.optimizers, progress=ctx.progress, log=ctx.log,
+                      threads=args.threads or None)
     ctx.out(result.table())
     ctx.out(f"\nreport: {result.report}")
     if result.config.get("width") == 16:
@@ -678,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs per optimizer")
     p.add_argument("--optimizers", nargs="+", default=None, metavar="NAME",
                    choices=["sgd", "nag", "sam", "msam"], help="subset of sgd nag sam msam")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads (default 1: the models are tiny; 0 keeps torch's default)")
     _common(p, needs_model=False)
     p.set_defaults(func=cmd_demo)
 
