@@ -22,7 +22,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     messages = []
-    return out, run_demo(out, quick=True, log=messages.append), messages
+    before = torch.get_num_threads()
+    res = run_demo(out, quick=True, log=messages.append)
+    assert torch.get_num_threads() == before  # the demo's one-thread setting is undone
+    return out, res, messages
 
 
 def test_quick_demo_outputs(quick):
