@@ -13,6 +13,16 @@ from analysis.reference import dense_ggn, dense_hessian
 from tests.models import TiedFrozen, classification_data, cnn_bn, image_data, mlp, relu_mlp
 
 RTOL, ATOL = 1e-6, 1e-10
+_DENSE: dict = {}
+
+
+def _dense(case: str, kind: str = "hessian") -> torch.Tensor:
+    """Dense reference of a case (memoized: the case builders are deterministic)."""
+    if (case, kind) not in _DENSE:
+        model, loss, data = CASES[case]()
+        fn = dense_hessian if kind == "hessian" else dense_ggn
+        _DENSE[case, kind] = fn(model, loss, data)
+    return _DENSE[case, kind]
 
 
 def _mse(out, y):
@@ -41,7 +51,7 @@ METHODS = ["auto", "forward-over-reverse", "double-backward", "cached-graph"]
 def test_hvp_matches_dense(case, batch_size, method):
     model, loss, data = CASES[case]()
     H = HessianOperator(model, loss, data, batch_size=batch_size, method=method)
-    Hd = dense_hessian(model, loss, data)
+    Hd = _dense(case)
     assert H.shape == tuple(Hd.shape)
     assert H.space.numel == Hd.shape[0]
     V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -55,7 +65,7 @@ def test_hvp_matches_dense(case, batch_size, method):
 def test_ggn_matches_dense(case):
     model, loss, data = CASES[case]()
     G = GGNOperator(model, loss, data, batch_size=7)
-    Gd = dense_ggn(model, loss, data)
+    Gd = _dense(case, "ggn")
     V = torch.randn(G.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(G @ V, Gd @ V, rtol=RTOL, atol=ATOL)
     # positive semi-definite for cross-entropy and MSE
