@@ -1,19 +1,77 @@
-"""analysis: the numerical engine (parameter vectors, data, Hessian operators, sharpness, probes).
+"""analysis: the numerical engine.
 
-May import :mod:`msam`; never imports :mod:`landscape`.
+Parameter vectors, data, Hessian operators with Lanczos eigenpairs, trace and spectral density,
+landscape directions, sharpness metrics and the MSAM mechanism probes. May import :mod:`msam`;
+never imports :mod:`landscape`.
 """
 
 from .data import Batch, DataSource, as_data, batch_size_of, to_device
+from .density import SpectralDensity, spectral_density
+from .directions import (
+    NORMALIZATIONS,
+    PCADirections,
+    gradient_direction,
+    interpolation_direction,
+    momentum_direction,
+    normalize_direction,
+    orthogonalize,
+    pca_directions,
+    random_direction,
+)
+from .distributed import (
+    all_reduce_sum,
+    distributed_session,
+    get_rank,
+    get_world_size,
+    init_from_env,
+    is_distributed,
+    is_main_process,
+    shutdown,
+)
 from .evaluation import EvalResult, evaluate, forward, model_mode, resolve_loss
+from .hessian import CurvatureOperator, GGNOperator, HessianOperator, directional_curvature
+from .lanczos import EigenResult, top_eigenpairs
 from .params import ParameterSpace, flatten, unflatten
+from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
+from .reference import dense_ggn, dense_hessian
 from .results import Result, to_jsonable
+from .sharpness import METRICS as SHARPNESS_METRICS
+from .sharpness import (
+    DirectionalSharpnessResult,
+    EpsilonSharpnessResult,
+    PacBayesResult,
+    SharpnessReport,
+    SharpnessResult,
+    directional_sharpness,
+    epsilon_sharpness,
+    pac_bayes_flatness,
+    preserved_state,
+    sharpness,
+    sharpness_report,
+)
+from .trace import TraceResult, hessian_trace
 
 __all__ = [
-    # parameter vectors
+    # parameter vectors and data
     "ParameterSpace", "flatten", "unflatten",
-    # data and evaluation
     "Batch", "DataSource", "as_data", "batch_size_of", "to_device",
     "EvalResult", "evaluate", "forward", "model_mode", "resolve_loss",
-    # results
     "Result", "to_jsonable",
+    # curvature
+    "CurvatureOperator", "HessianOperator", "GGNOperator", "directional_curvature",
+    "EigenResult", "top_eigenpairs", "TraceResult", "hessian_trace",
+    "SpectralDensity", "spectral_density", "dense_hessian", "dense_ggn",
+    # directions
+    "NORMALIZATIONS", "random_direction", "gradient_direction", "momentum_direction",
+    "interpolation_direction", "pca_directions", "PCADirections", "orthogonalize",
+    "normalize_direction",
+    # sharpness
+    "sharpness", "epsilon_sharpness", "pac_bayes_flatness", "directional_sharpness",
+    "sharpness_report", "SharpnessResult", "EpsilonSharpnessResult", "PacBayesResult",
+    "DirectionalSharpnessResult", "SharpnessReport", "SHARPNESS_METRICS", "preserved_state",
+    # probes
+    "MechanismProbe", "PROBES", "feature_rank", "FeatureRankResult", "rank_for_variance",
+    # distributed
+    "init_from_env", "shutdown", "distributed_session", "is_distributed", "get_rank",
+    "get_world_size", "is_main_process", "all_reduce_sum",
 ]

@@ -1,9 +1,47 @@
-"""landscape: what people touch (slices, figures, reports, checkpoints, the CLI, the demo).
+"""landscape: what people touch.
 
-May import :mod:`analysis` and :mod:`msam`.
+1-D and 2-D loss slices with a resumable store, matplotlib and plotly figures, safe checkpoint
+loading, the self-contained HTML report, the bundled digits demo, the paper's experiments
+(:mod:`landscape.reproduce`) and the ``landscape`` command line. May import :mod:`analysis` and
+:mod:`msam`.
 """
 
+from .checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    PerturbedCheckpointWarning,
+    UnsafeCheckpointError,
+    find_checkpoints,
+    load_checkpoint,
+)
 from .datasets import Digits, load_digits
+from .demo import DemoConfig, DemoResult, run_demo
 from .models import digits_cnn, digits_mlp
+from .plots import (
+    plot_1d,
+    plot_contour,
+    plot_contourf,
+    plot_spectral_density,
+    plot_surface,
+    plotly_1d,
+    plotly_contour,
+    plotly_surface,
+    save_html,
+)
+from .report import ReportEntry, analyze_checkpoint, report_html, write_report
+from .slices import Slice1D, Slice2D, interpolate, slice_1d, slice_2d
+from .store import GridStore, StoreMismatchError
 
-__all__ = ["Digits", "load_digits", "digits_cnn", "digits_mlp"]
+__all__ = [
+    # slices
+    "slice_1d", "slice_2d", "interpolate", "Slice1D", "Slice2D", "GridStore", "StoreMismatchError",
+    # figures
+    "plot_1d", "plot_contour", "plot_contourf", "plot_surface", "plot_spectral_density",
+    "plotly_1d", "plotly_surface", "plotly_contour", "save_html",
+    # checkpoints and reports
+    "load_checkpoint", "find_checkpoints", "Checkpoint", "CheckpointError",
+    "UnsafeCheckpointError", "PerturbedCheckpointWarning", "write_report", "report_html",
+    "analyze_checkpoint", "ReportEntry",
+    # data, models and the demo
+    "Digits", "load_digits", "digits_cnn", "digits_mlp", "DemoConfig", "DemoResult", "run_demo",
+]
