@@ -101,7 +101,8 @@ def test_top5_eigenvalues(ranks, reference):
         _close(ref["eigenvalues"], got["eigenvalues"], "eigenvalues")
         # same seed, same start vector: the Ritz vectors agree with one process up to rounding
         _close(ref["eigenvectors"], got["eigenvectors"], "eigenvectors", rtol=1e-6)
-        assert got["collectives"] == got["num_matvecs"]  # one all-reduce per matvec, no more
+        # one all-reduce per matvec, plus at most one for the gradient of the v0="auto" start
+        assert got["num_matvecs"] <= got["collectives"] <= got["num_matvecs"] + 1
     # the Lanczos basis is replicated: both ranks hold the same vectors bit for bit
     assert torch.equal(per_rank[0]["eigenvectors"], per_rank[1]["eigenvectors"])
 
@@ -128,11 +129,6 @@ def test_worst_case_sharpness(ranks, reference):
         _close(ref, got, "worst-case sharpness")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "analysis/sharpness.py sharpness(kind='average' or init='random'): one generator is "
-    "consumed batch after batch, so rank r's j-th m-batch draws the noise (random start) of the "
-    "one-process j-th batch, not of its global batch; fix: form the m-batches on the unsharded "
-    "source, keep m-batch j on rank j % world, seed the noise per global m-batch index"))
 @pytest.mark.parametrize("name", ["sharpness_average", "sharpness_worst_random"])
 def test_random_sharpness(ranks, reference, name):
     ref, per_rank = _get(ranks, reference, name)
@@ -164,9 +160,6 @@ def test_full_data_sharpness(ranks, reference, name):
                {k: v for k, v in got.items() if k not in skip}, name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "analysis/sharpness.py directional_sharpness / epsilon_sharpness report this rank's "
-    "sample count as num_samples; fix: take N from the all-reduced stats"))
 @pytest.mark.parametrize("name", ["directional", "epsilon"])
 def test_sharded_sample_counts(ranks, reference, name):
     _, per_rank = _get(ranks, reference, name)
@@ -185,11 +178,6 @@ def test_slices(ranks, reference, name):
         assert per_rank[0]["collectives"] == 5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "landscape/slices.py slice_2d(store=...) under torch.distributed: every rank opens and "
-    "writes the same store with its own shard's data hash, so the second rank sees a store "
-    "'written with different arguments'; fix: rank 0 alone opens/writes the store, the data "
-    "hash covers the whole dataset (or is all-gathered), pending rows are broadcast"))
 def test_slice_2d_store_written_by_rank_zero(ranks, reference):
     ref, per_rank = _get(ranks, reference, "slice_2d_store")
     for got in per_rank:
