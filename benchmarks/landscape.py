@@ -15,6 +15,10 @@ Measured in one process; with ``--repeats`` > 1 the grids are repeated and the b
   Its ``random_plane(normalization="filter")`` is also run once to record what it does on a
   model with zero BatchNorm biases.
 
+A second table interleaves point by point (one bare forward, one point of ours, one point of
+loss-landscapes per round) and reports median CPU-time ratios, which a busy machine disturbs
+much less than whole-grid wall times.
+
 Run: ``python benchmarks/landscape.py`` (by default only 5 rows of the peer grid are timed and
 extrapolated to the 21 rows, to keep the run short; ``--peer-rows 0`` times the whole grid).
 Prints a markdown table.
@@ -114,15 +118,76 @@ def _planar_rows(ll_main, start, end1, end2, metric, steps, rows):
     return np.array(out)
 
 
+def paired_points(model, x, y, d1, d2, n: int, with_peer: bool) -> dict[str, np.ndarray]:
+    """Point-by-point interleaving (robust to a busy machine): per round (order rotated), one
+    bare forward, one
+    grid point of ours (the in-place move + the cached evaluation slice_2d runs per point, from
+    its internals) and, if available, one grid point of loss-landscapes (its in-place
+    ``ModelParameters.add_`` + ``Loss`` metric). Returns CPU seconds per round for each."""
+    from analysis.data import as_data
+    from landscape.slices import _Evaluator, _Mover
+
+    space = ParameterSpace(model)
+    w = space.vector()
+    mover = _Mover(space, w, [d1, d2])
+    evaluator = _Evaluator(model, F.cross_entropy, as_data((x, y)), want_accuracy=False,
+                           cache="auto", bn_source=None)
+    stats = torch.zeros(n, 3, dtype=torch.float64)
+    peer = None
+    if with_peer:
+        from loss_landscapes.main import wrap_model
+        from loss_landscapes.metrics import Loss
+
+        peer_model = copy.deepcopy(model).eval()
+        wrapper = wrap_model(peer_model)
+        p0 = wrapper.get_module_parameters()
+        step = copy.deepcopy(p0)
+        for t, dv in zip(step.parameters, space.unflatten(d2 * 0.05)):
+            t.copy_(dv)
+        metric = Loss(F.cross_entropy, x, y)
+        peer = (p0, step, metric, wrapper)
+    out: dict[str, list[float]] = {"bare": [], "ours": [], "peer": []}
+    model.eval()
+    with torch.no_grad():
+        def run_bare(k):
+            F.cross_entropy(model(x), y).item()
+
+        def run_ours(k):
+            mover.set((0.05 * k, -0.05 * k))
+            evaluator.point(stats[k])
+
+        def run_peer(k):
+            p0, step, metric, wrapper = peer
+            p0.add_(step)
+            metric(wrapper)
+
+        runners = [("bare", run_bare), ("ours", run_ours)]
+        if peer is not None:
+            runners.append(("peer", run_peer))
+        for k in range(n):
+            shift = k % len(runners)  # rotate the order: no method always runs first
+            for name, fn in runners[shift:] + runners[:shift]:
+                c = time.process_time()
+                fn(k)
+                out[name].append(time.process_time() - c)
+        space.copy_(w)
+    return {k: np.array(v) for k, v in out.items() if v}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=21)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--paired", type=int, default=40,
+                        help="rounds of the point-by-point interleaved measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--peer-rows", type=int, default=5,
                         help="time only this many rows of the peer grid and extrapolate "
                              "(0: the whole grid)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     digits = load_digits(seed=0)
@@ -224,6 +289,19 @@ def main(argv=None) -> int:
     print(f"- ours: L(origin) = {result.loss_at_origin:.6f}, {result.nonfinite} non-finite points")
     for note in notes:
         print(f"- {note}")
+
+    paired = paired_points(model, x, y, d1, d2, args.paired, with_peer=bool(peer))
+    print(f"\n### Per point, interleaved point by point ({args.paired} rounds, CPU time)\n")
+    print("| method | median CPU per point | median paired ratio to bare forward |")
+    print("|---|---:|---:|")
+    names = {"bare": "bare forward", "ours": "ours (move + cached evaluation)",
+             "peer": "loss-landscapes (add_ + Loss metric)"}
+    for key, v in paired.items():
+        print(f"| {names[key]} | {np.median(v) * 1e3:.2f} ms | "
+              f"{np.median(v / paired['bare']):.3f} |")
+    if "peer" in paired:
+        print(f"\n- ours / loss-landscapes, paired median: "
+              f"{np.median(paired['ours'] / paired['peer']):.3f}")
     return 0
 
 
