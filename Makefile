@@ -7,7 +7,7 @@ MARK ?= not slow
 ARGS ?=
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench reproduce clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ bench: install
 	$(PY) benchmarks/optimizers.py
 	$(PY) benchmarks/curvature.py
 	$(PY) benchmarks/landscape.py
+
+reproduce: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/landscape reproduce all --out docs/reproduction --markdown docs/REPRODUCTION.md
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
