@@ -296,3 +296,38 @@ def test_gradient_matches_autograd(method):
     x, y = data
     L = HessianOperator(model, loss, DataLoader(TensorDataset(x, y), batch_size=7))
     torch.testing.assert_close(L.gradient(), g_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_ggn_double_vjp_fallback():
+    model = _NoForwardModel()
+    data = classification_data()
+    G = GGNOperator(model, "cross_entropy", data)
+    v = torch.randn(G.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(G @ v, dense_ggn(model, "cross_entropy", data) @ v,
+                               rtol=RTOL, atol=ATOL)
+    assert G.method == "double-vjp"
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 3).double()
+        self.b = nn.Linear(2, 3).double()
+
+    def forward(self, x, z):
+        return torch.tanh(self.a(x)) * self.b(z)
+
+
+def test_tuple_and_dict_inputs():
+    x, y = classification_data()
+    z = torch.randn(48, 2, dtype=torch.float64)
+    model = _TwoInputs()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    ref = None
+    for inputs in [(x, z), {"x": x, "z": z}]:
+        for method in ["cached-graph", "forward-over-reverse"]:
+            H = HessianOperator(model, "cross_entropy", [(inputs, y)], method=method)
+            if ref is None:
+                ref = dense_hessian(model, "cross_entropy", [(inputs, y)]) @ v
+            torch.testing.assert_close(H @ v, ref, rtol=RTOL, atol=ATOL)
