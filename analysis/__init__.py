@@ -19,13 +19,21 @@ from .directions import (
     random_direction,
 )
 from .distributed import (
+    DEFAULT_TIMEOUT,
+    all_gather_object,
+    all_reduce_gradients,
     all_reduce_sum,
+    assert_same_across_ranks,
+    barrier,
+    broadcast_object,
+    default_device,
     distributed_session,
     get_rank,
     get_world_size,
     init_from_env,
     is_distributed,
     is_main_process,
+    launched_by_torchrun,
     shutdown,
 )
 from .evaluation import EvalResult, evaluate, forward, model_mode, resolve_loss
@@ -73,5 +81,7 @@ __all__ = [
     "MechanismProbe", "PROBES", "feature_rank", "FeatureRankResult", "rank_for_variance",
     # distributed
     "init_from_env", "shutdown", "distributed_session", "is_distributed", "get_rank",
-    "get_world_size", "is_main_process", "all_reduce_sum",
+    "get_world_size", "is_main_process", "all_reduce_sum", "all_reduce_gradients", "barrier",
+    "broadcast_object", "all_gather_object", "assert_same_across_ranks", "default_device",
+    "launched_by_torchrun", "DEFAULT_TIMEOUT",
 ]

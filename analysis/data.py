@@ -98,7 +98,8 @@ class DataSource:
         batch_size: batch size used to split a tensor pair (``None``: one batch). Ignored for
             the other forms.
         max_samples: stop after this many samples (the last batch is truncated to fit).
-        shard: under an initialized process group, yield only this rank's batches.
+        shard: under an initialized process group, yield only this rank's batches. A DataLoader
+            whose sampler is a ``DistributedSampler`` is always treated as sharded.
 
     Raises:
         ValueError: for empty data, a pair whose inputs and targets disagree in length, a
@@ -137,6 +138,8 @@ class DataSource:
             self.kind = "pair"
         elif isinstance(data, DataLoader):
             self.kind = "loader"
+            if isinstance(data.sampler, DistributedSampler) and dist.is_distributed():
+                self.shard = True  # already split across ranks: consumers must all-reduce
         elif isinstance(data, (list, tuple)):
             if len(data) == 0:
                 raise ValueError("data is empty (an empty list of batches)")

@@ -723,10 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(getattr(args, "debug", False)) or "--debug" in argv
     ctx = _Ctx(args)
     prog = f"landscape {args.command}"
-    started = False
     try:
         _start_distributed(args, ctx)
-        started = ctx.distributed
         t0 = time.perf_counter()
         code = args.func(args, ctx)
         ctx.log(f"done in {time.perf_counter() - t0:.1f} s")
@@ -748,11 +746,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {msg}" + ("" if debug else " (--debug for the traceback)"), file=sys.stderr)
         return 1
     finally:
-        if started:
-            from analysis import distributed as dist
+        from analysis import distributed as dist
 
-            if hasattr(dist, "shutdown"):
-                dist.shutdown()
+        dist.shutdown()  # no-op unless init_from_env created the group (also a 1-rank torchrun)
 
 
 if __name__ == "__main__":  # pragma: no cover
