@@ -20,11 +20,19 @@ The stopping rule bounds the error of the **eigenvalues** a posteriori. For each
   r_i^2 / gap_i`` (Kato-Temple / the residual-squared bound, Parlett, *The Symmetric Eigenvalue
   Problem*, Thm 11.7.1).
 
+* for a cluster: if the ``p`` most extreme Ritz values (a block containing ``theta_i``) are
+  separated by ``delta_p`` from the rest of the spectrum, every one of them is within
+  ``sum_{j<=p} r_j^2 / delta_p`` of an eigenvalue (the quadratic residual bound for a block,
+  Mathias 1998; Li & Li 2005), which stays small inside a tight cluster where ``gap_i`` does not.
+
 ``gap_i`` is estimated from the Ritz values as the distance from ``theta_i`` to the nearest other
 Ritz value, reduced by that value's residual (``gap_i = min_j |theta_i - theta_j| - r_j``, at
-least 0), so the estimate used is
+least 0), and ``delta_p`` likewise as the distance from the block's innermost Ritz value to the
+next one, less its residual; the estimate used is
 
-    err_i = min(r_i, r_i^2 / gap_i).
+    err_i = min(r_i, r_i^2 / gap_i, min_{p: i in block p} sum_{j<=p} r_j^2 / delta_p)
+
+(the block term for ``which="LA"`` and ``"SA"``).
 
 The gap is an estimate, not a guarantee: an eigenvalue that the Krylov space has not seen yet can
 lie closer (it then usually surfaces as a new Ritz value within a few iterations; start vectors
@@ -71,7 +79,7 @@ class EigenResult(Result):
             ``eigenvalues[i]``; on the operator's device and dtype, usable as landscape directions.
         residuals: ``(k,)`` tensor, ``||H x_i - lambda_i x_i||``.
         error_bounds: ``(k,)`` tensor, the a-posteriori eigenvalue error estimate
-            ``min(r_i, r_i^2 / gap_i)`` the stop used.
+            ``min(r_i, r_i^2 / gap_i, cluster bound)`` the stop used (see the module docstring).
         converged: True when every ``error_bounds[i] <= tol * |eigenvalues[i]|``.
         num_matvecs: matvecs used by this call.
         num_iter: Lanczos steps taken (equal to ``num_matvecs``).
@@ -178,18 +186,42 @@ def _wanted(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     return torch.argsort(theta.abs(), descending=True)[:kk]
 
 
-def _error_bounds(theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``min(r_i, r_i^2 / gap_i)`` for the Ritz values ``idx`` (gap from the other Ritz values)."""
+def _error_bounds(theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor,
+                  which: str = "LA") -> torch.Tensor:
+    """Eigenvalue error estimates for the Ritz values ``idx`` (``theta`` ascending).
+
+    ``min(r_i, r_i^2 / gap_i, block_i)``: the residual bound, the single-pair residual-squared
+    bound with the gap to the other Ritz values (less their residuals), and for ``LA`` / ``SA``
+    the cluster bound ``sum_{j in B} r_j^2 / delta_B`` over blocks ``B`` of extreme Ritz values
+    that contain ``i`` (``delta_B`` the gap from the block to the next Ritz value, less its
+    residual), which stays small inside a cluster of close eigenvalues.
+    """
+    m = theta.numel()
     out = torch.empty(idx.numel(), dtype=theta.dtype)
     for a, i in enumerate(idx.tolist()):
         r = res[i]
-        if theta.numel() > 1:
-            others = torch.cat([torch.arange(0, i), torch.arange(i + 1, theta.numel())])
+        if m > 1:
+            others = torch.cat([torch.arange(0, i), torch.arange(i + 1, m)])
             gap = ((theta[others] - theta[i]).abs() - res[others]).min().clamp_min(0.0)
         else:
             gap = torch.tensor(0.0, dtype=theta.dtype)
         quad = r * r / gap if gap > 0 else torch.tensor(math.inf, dtype=theta.dtype)
         out[a] = torch.minimum(r, quad)
+    if which in ("LA", "SA") and m > 1:
+        # blocks of the p most extreme Ritz values, p = 1 .. m-1 (Mathias 1998; Li & Li 2005:
+        # |lambda_j - theta_j| <= ||R||^2 / delta for all j in the block, ||R||^2 = sum r_j^2)
+        th = theta.flip(0) if which == "LA" else theta
+        rs = res.flip(0) if which == "LA" else res
+        r2 = torch.cumsum(rs * rs, 0)[:-1]  # blocks 1..m-1
+        delta = ((th[:-1] - th[1:]).abs() - rs[1:]).clamp_min(0.0)
+        # the gap below block p is min over the block's lowest member: th[p-1] vs th[p]
+        bound = torch.where(delta > 0, r2 / delta, torch.full_like(delta, math.inf))
+        # pair at extreme-rank q (0-based) is in every block p >= q + 1
+        suffix_min = torch.flip(torch.cummin(torch.flip(bound, [0]), 0).values, [0])
+        for a, i in enumerate(idx.tolist()):
+            q = (m - 1 - i) if which == "LA" else i
+            if q < m - 1:
+                out[a] = torch.minimum(out[a], suffix_min[q])
     return out
 
 
@@ -212,9 +244,9 @@ def top_eigenpairs(
 
     Lanczos with full reorthogonalization on the operator's device, thick restarts when the basis
     reaches ``max_basis``, and an a-posteriori stop on the eigenvalue error: the iteration ends as
-    soon as ``min(r_i, r_i^2 / gap_i) <= tol * |theta_i|`` for all ``k`` wanted Ritz pairs
-    (residual ``r_i``, gap to the other Ritz values ``gap_i``; see the module docstring for the
-    bound and its caveats). PyHessian's power iteration instead needs about 25 matvecs per
+    soon as ``min(r_i, r_i^2 / gap_i, cluster bound) <= tol * |theta_i|`` for all ``k`` wanted
+    Ritz pairs (residual ``r_i``, gap to the other Ritz values ``gap_i``; see the module
+    docstring for the bounds and their caveats). PyHessian's power iteration instead needs about 25 matvecs per
     eigenpair for ~1% error (MSAM paper, Table A.5 reports such top eigenvalues).
 
     Args:
@@ -326,7 +358,7 @@ def top_eigenpairs(
         res = (beta * S[-1, :]).abs()
         idx = _wanted(theta, k, which)
         scale = torch.clamp(theta[idx].abs(), min=math.sqrt(eps) * float(theta.abs().max()))
-        errs = _error_bounds(theta, res, idx)
+        errs = _error_bounds(theta, res, idx, which)
         tnorm = float(theta.abs().max())
         breakdown = beta <= max(tnorm, 1e-300) * eps * 10 or m == n
         if idx.numel() >= k and bool((errs <= tol * scale).all()):

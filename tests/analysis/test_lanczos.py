@@ -186,3 +186,16 @@ def test_start_vectors():
         top_eigenpairs(torch.eye(4, dtype=torch.float64), k=1, v0="gradient")
     with pytest.raises(ValueError, match="v0"):
         top_eigenpairs(torch.eye(4, dtype=torch.float64), k=1, v0="ones")
+
+
+def test_cluster_bound_stops_early_and_holds():
+    """A tight cluster of top eigenvalues with a gap below it: the block bound certifies it."""
+    ev = torch.cat([torch.tensor([10.0, 9.999, 9.998]), torch.linspace(0.0, 5.0, 197)]).double()
+    A = random_spd(200, seed=8, eigenvalues=ev)
+    res = top_eigenpairs(A, k=3, tol=1e-6, v0="random")
+    assert res.converged
+    err = (res.eigenvalues - ev[:3]).abs()
+    assert bool((err <= res.error_bounds * (1 + 1e-6) + 1e-12).all())
+    assert bool((err <= 1e-6 * ev[:3]).all())
+    # the residuals alone would not certify 1e-6: the cluster bound did
+    assert bool((res.residuals > 1e-6 * res.eigenvalues).any())
