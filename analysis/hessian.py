@@ -285,10 +285,14 @@ class CurvatureOperator:
                     local += size
                 if self.num_samples is None:
                     self.num_samples = self._reduce_count(local)
+                if out is None:  # a rank with no batches still joins the all-reduce
+                    out = torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
                 if self.source.shard:
                     dist.all_reduce_sum(out)  # the weighted sum; N was all-reduced above
                 out = out.div_(self.num_samples)
                 return self._finite(out, v, locate)
+            if out is None:
+                out = torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
             if self.source.shard:
                 dist.all_reduce_sum(out)
         return self._finite(out, v, locate)

@@ -136,11 +136,6 @@ def test_random_sharpness(ranks, reference, name):
         _close(ref, got, name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "analysis/hessian.py CurvatureOperator._apply: on a rank without batches `out` stays None "
-    "and all_reduce_sum(None) fails (the other rank then dies in its all-reduce); fix: "
-    "`if out is None: out = torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)` "
-    "before both all-reduces"))
 def test_fewer_batches_than_ranks():
     out = run_ranks(workers.one_batch_values, 2, collective_timeout=20, deadline=90, check=False)
     errors = [f"rank {o.rank}:\n{o.error}" for o in out if o.error]
