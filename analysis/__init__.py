@@ -37,8 +37,14 @@ from .distributed import (
     shutdown,
 )
 from .evaluation import EvalResult, evaluate, forward, model_mode, resolve_loss
-from .hessian import CurvatureOperator, GGNOperator, HessianOperator, directional_curvature
-from .lanczos import EigenResult, top_eigenpairs
+from .hessian import (
+    CurvatureOperator,
+    GGNOperator,
+    HessianOperator,
+    check_deterministic_setup,
+    directional_curvature,
+)
+from .lanczos import EigenResult, as_linear_operator, lanczos_tridiagonal, top_eigenpairs
 from .params import ParameterSpace, flatten, unflatten
 from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
 from .reference import dense_ggn, dense_hessian
@@ -67,7 +73,8 @@ __all__ = [
     "Result", "to_jsonable",
     # curvature
     "CurvatureOperator", "HessianOperator", "GGNOperator", "directional_curvature",
-    "EigenResult", "top_eigenpairs", "TraceResult", "hessian_trace",
+    "EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
+    "check_deterministic_setup", "TraceResult", "hessian_trace",
     "SpectralDensity", "spectral_density", "dense_hessian", "dense_ggn",
     # directions
     "NORMALIZATIONS", "random_direction", "gradient_direction", "momentum_direction",
