@@ -1,6 +1,9 @@
-"""The README's Python examples run as written (all fences in one namespace, in a temp dir)."""
+"""The README's Python examples run as written.
 
-import os
+Each ``## `` section runs in its own namespace (its fences top to bottom), in a temporary
+working directory, on CPU.
+"""
+
 import pathlib
 import re
 
@@ -11,24 +14,35 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
-def _blocks(path: pathlib.Path) -> list[str]:
-    return FENCE.findall(path.read_text())
+def _sections() -> dict[str, list[str]]:
+    text = (ROOT / "README.md").read_text()
+    out: dict[str, list[str]] = {}
+    for chunk in re.split(r"^(?=## )", text, flags=re.M):
+        title = chunk.splitlines()[0].lstrip("# ").strip() if chunk.startswith("## ") else "intro"
+        blocks = FENCE.findall(chunk)
+        if blocks:
+            out[title] = blocks
+    return out
+
+
+SECTIONS = _sections()
 
 
 def test_readme_has_examples():
-    assert len(_blocks(ROOT / "README.md")) >= 1
+    assert len(SECTIONS) >= 5, sorted(SECTIONS)
 
 
-def test_readme_examples_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("title", sorted(SECTIONS))
+def test_readme_section_runs(title, tmp_path, monkeypatch):
     matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}
-    for i, code in enumerate(_blocks(ROOT / "README.md")):
+    for i, code in enumerate(SECTIONS[title]):
         try:
-            exec(compile(code, f"README.md[python block {i}]", "exec"), namespace)
-        except Exception as exc:  # pragma: no cover - the message is the point
-            pytest.fail(f"README python block {i} failed: {type(exc).__name__}: {exc}\n{code}")
+            exec(compile(code, f"README.md[{title}, python block {i}]", "exec"), namespace)
+        except Exception as exc:  # the message is the point
+            pytest.fail(f"README section {title!r}, python block {i} failed: "
+                        f"{type(exc).__name__}: {exc}\n{code}")
     import matplotlib.pyplot as plt
 
     plt.close("all")
-    assert os.getcwd() == str(tmp_path)
