@@ -22,7 +22,7 @@ with a gloo process group; each configuration is timed in its own processes:
 
 With ``--resnet50`` the script also measures, on one process, the gradient and HVP time per
 224x224 image of ResNet-50 (torchvision's architecture, defined here; eval-mode BatchNorm,
-float32) and prints the ImageNet-1k estimate of docs/readme/60_distributed.md from that ratio
+float32) and prints the ImageNet-1k estimate of the README (section "Scaling out") from that ratio
 (from the digits CNN's ratio otherwise).
 
 Timings on a shared 2-core machine are noisy; ratios measured in the same process are more
@@ -238,7 +238,7 @@ def main() -> None:
                   f"{args.resnet_batch}, {torch.get_num_threads()} threads): gradient "
                   f"{r['grad']:.3f} s/image, HVP {r['hvp']:.3f} s/image, HVP / gradient "
                   f"{ratio:.2f}")
-    # the ImageNet estimate (assumptions in docs/readme/60_distributed.md)
+    # the ImageNet estimate (assumptions in the README (section "Scaling out"))
     hvp_img_s = A100_TF32_TRAIN_IMG_S / ratio
     per_hvp = IMAGENET_TRAIN / (8 * hvp_img_s)
     total = LANCZOS_MATVECS_TOP5 * per_hvp
