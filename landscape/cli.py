@@ -35,6 +35,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from landscape._format import format_value
+
 __all__ = ["main", "build_parser", "load_object", "load_model", "load_data", "CLIError", "UsageError"]
 
 SCHEMA_VERSION = 1
@@ -113,21 +115,7 @@ def _write_text(path: str | os.PathLike, text: str) -> None:
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table with right-aligned numbers (used by every command and the demo)."""
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, bool):
-            return str(v)
-        if isinstance(v, int):
-            return str(v)
-        if isinstance(v, float):
-            if not math.isfinite(v):
-                return str(v)
-            return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
-        return str(v)
-
-    cells = [[cell(v) for v in r] for r in rows]
+    cells = [[format_value(v) for v in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
     numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(header))]
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-import math
 import os
 import pathlib
 import time
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from analysis.results import Result, to_jsonable
+from landscape._format import format_value
 
 __all__ = [
     "ReportEntry",
@@ -404,17 +404,7 @@ def density_figure(densities: Mapping[str, Any], *, title: str = "Hessian spectr
 
 
 def _fmt(v: Any) -> str:
-    if v is None:
-        return "&ndash;"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return html.escape(str(v))
-        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
-    return html.escape(str(v))
+    return "&ndash;" if v is None else html.escape(format_value(v))
 
 
 _LABELS = {
