@@ -84,7 +84,8 @@ def hessian_trace(
             square tensor, or any object with ``shape`` and ``matvec``.
         loss_fn, data: with a model; see :mod:`analysis.data`.
         num_matvecs: the budget (default 99). Hutch++ uses ``3 * (num_matvecs // 3)``, at least
-            3; Hutchinson at least 2 (for a standard error).
+            3, and only ``2n`` when that covers the whole space (the result is then exact);
+            Hutchinson at least 2 (for a standard error).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         seed: seed of the Rademacher vectors (drawn on the CPU, so devices agree).
         progress: show a tqdm bar.
@@ -119,17 +120,18 @@ def hessian_trace(
         Z = _rademacher(n, num_matvecs, gen, device, dtype)
         samples = torch.stack([torch.dot(z, apply(z)) for z in Z]).double().cpu()
     else:
-        k = num_matvecs // 3
+        k = min(num_matvecs // 3, n)  # more than n sketch vectors add nothing
         S = _rademacher(n, k, gen, device, dtype)
         HS = torch.stack([apply(s) for s in S], dim=1)  # (n, k)
         Q, _ = torch.linalg.qr(HS)  # (n, k), orthonormal columns
         HQ = torch.stack([apply(Q[:, i].contiguous()) for i in range(k)], dim=1)
         low = float(torch.einsum("ij,ij->", Q, HQ))
-        G = _rademacher(n, k, gen, device, dtype)
-        G = G - (G @ Q) @ Q.T  # (I - QQ^T) g
-        samples = torch.stack([torch.dot(g, apply(g.contiguous())) for g in G]).double().cpu()
-        if k >= n:  # Q spans everything: the low-rank part is the exact trace
-            samples = torch.zeros_like(samples)
+        if k >= n:  # Q spans everything: the low-rank part is the exact trace (2n matvecs)
+            samples = torch.zeros(k, dtype=torch.float64)
+        else:
+            G = _rademacher(n, k, gen, device, dtype)
+            G = G - (G @ Q) @ Q.T  # (I - QQ^T) g
+            samples = torch.stack([torch.dot(g, apply(g.contiguous())) for g in G]).double().cpu()
     if hasattr(bar, "close"):
         bar.close()
     m = samples.numel()

@@ -297,15 +297,26 @@ class _Evaluator:
         return tensors_hash([(x, y) for x, y, _ in self.batches])
 
     def recalibrate(self, bns: list[nn.modules.batchnorm._BatchNorm]) -> None:
-        """Recompute BatchNorm running statistics at the current parameters (cumulative mean)."""
+        """Recompute BatchNorm running statistics at the current parameters.
+
+        As :func:`msam.recalibrate_batchnorm`: only the BatchNorm layers run in training mode
+        (dropout stays off), and each batch gets momentum ``n_b / (N_seen + n_b)``, so the
+        statistics are the sample-weighted mean over batches (exact for an uneven last batch).
+        The caller restores the momenta afterwards.
+        """
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None
         flags = [(m, m.training) for m in self.model.modules()]
         try:
-            self.model.train()
-            for x, _, _ in self._iter(self.bn_batches, self.bn_source):
+            self.model.eval()
+            for m in bns:
+                m.train()
+            seen = 0
+            for x, _, n in self._iter(self.bn_batches, self.bn_source):
+                for m in bns:
+                    m.momentum = n / (seen + n)
                 forward(self.model, x)
+                seen += n
         finally:
             for m, f in flags:
                 m.training = f

@@ -61,6 +61,13 @@ def test_hutchpp_exact_with_full_sketch():
     assert r.std_error == 0.0
 
 
+def test_hutchpp_budget_larger_than_3n_is_capped_and_exact():
+    A, tr = _matrix(n=10)
+    r = hessian_trace(A, num_matvecs=99)  # the default budget on a 10-parameter model
+    assert r.estimate == pytest.approx(tr, rel=1e-10)
+    assert r.num_matvecs == 20  # 2n: the sketch and its product, no residual samples needed
+
+
 def test_model_hessian_trace_within_statistical_bound():
     model, data = mlp(), classification_data()
     tr = float(torch.trace(dense_hessian(model, "cross_entropy", data)))

@@ -362,3 +362,26 @@ def test_result_dicts_are_json():
     out = json.loads(json.dumps(s.to_dict()))
     assert out["loss"][0][0] == pytest.approx(s.loss_at_origin)
     assert "Slice2D" in repr(s) and "<table>" in s._repr_html_()
+
+
+def test_bn_recalibration_weights_batches_by_size_and_keeps_dropout_off():
+    from msam import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.Tanh(),
+        torch.nn.Dropout(0.5), torch.nn.Flatten(), torch.nn.Linear(75, 3),
+    ).double()
+    x, y = image_data(n=24)
+    d = random_direction(model, seed=1)
+    alphas = [0.0, 0.7]
+    s = slice_1d(model, "cross_entropy", (x, y), d, alphas, recalibrate_bn=True, batch_size=10,
+                 progress=False)  # batches of 10, 10 and 4 samples
+    for k, a in enumerate(alphas):
+        m = copy.deepcopy(model)
+        ParameterSpace(m).add_(d, alpha=a)
+        recalibrate_batchnorm(m, (x, y), batch_size=10)  # sample-weighted, dropout off
+        m.eval()
+        with torch.no_grad():
+            ref = float(F.cross_entropy(m(x), y))
+        assert s.loss[k] == pytest.approx(ref, rel=1e-10)
