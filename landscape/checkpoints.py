@@ -286,6 +286,64 @@ def _parameter_names(state: dict[str, torch.Tensor], model: nn.Module | None) ->
     return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(buffers)]
 
 
+def _strip_name(name: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+def _match_optimizer_params(
+    groups: list, per_param: Mapping, order: list[tuple[Any, int]], names: list[str],
+    state: Mapping[str, torch.Tensor], path: pathlib.Path, explain: str,
+) -> list[str]:
+    """The model parameter name of each optimizer parameter, in ``order``.
+
+    * By name when every group records ``param_names`` (torch >= 2.5 optimizers built from
+      ``model.named_parameters()``).
+    * By position when there is one parameter group (an optimizer built from
+      ``model.parameters()`` lists them in ``named_parameters()`` order).
+    * With several groups and no names, by shape when every perturbed parameter's shape
+      identifies one model parameter; otherwise the match is ambiguous and refused, since a
+      wrong match would silently add another parameter's momentum.
+    """
+    if groups and all(isinstance(g.get("param_names"), (list, tuple))
+                      and len(g["param_names"]) == len(g.get("params", [])) for g in groups):
+        recorded = [_strip_name(str(n)) for g in groups for n in g["param_names"]]
+        known = set(names)
+        missing = [n for n in recorded if n not in known]
+        if missing:
+            raise CheckpointError(
+                f"{path}: the optimizer names parameters the model does not have {missing[:5]}; "
+                f"{explain}"
+            )
+        return recorded
+    if len(groups) <= 1:
+        return list(names)
+    shapes: dict[tuple, list[str]] = {}
+    for n in names:
+        if n in state:
+            shapes.setdefault(tuple(state[n].shape), []).append(n)
+    matched: list[str] = []
+    used: set[str] = set()
+    for pid, _ in order:
+        st = per_param.get(pid, per_param.get(str(pid), {}))
+        buf = _perturbation_buffer(st) if isinstance(st, Mapping) else None
+        if buf is None:
+            matched.append("")  # not perturbed: never looked up
+            continue
+        candidates = [n for n in shapes.get(tuple(buf.shape), []) if n not in used]
+        if len(shapes.get(tuple(buf.shape), [])) != 1 or not candidates:
+            raise CheckpointError(
+                f"{path}: the optimizer has {len(groups)} parameter groups and records no "
+                f"parameter names, and its parameter {pid} (shape {tuple(buf.shape)}) could be "
+                f"any of {shapes.get(tuple(buf.shape), [])}; {explain}"
+            )
+        matched.append(candidates[0])
+        used.add(candidates[0])
+    return matched
+
+
 def _unperturb(
     state: dict[str, torch.Tensor], opt_state: Mapping[str, Any], model: nn.Module | None, path: pathlib.Path
 ) -> dict[str, torch.Tensor]:
@@ -294,7 +352,8 @@ def _unperturb(
     ``d`` is the stored direction buffer (``momentum_buffer`` for MSAM / NAG, ``exp_avg`` for
     AdamW-MSAM) and ``c_g`` the coefficient the optimizer actually applied, stored in the group
     as ``"perturbation_scale"`` (``rho / ||v||`` for default MSAM, with the global norm over all
-    groups). Without that entry, ``c_g = rho_g / ||d||`` (the paper's definition) is used.
+    groups). Without that entry, ``c_g = rho_g / ||d||`` (the paper's definition; times ``lr``
+    with ``scale_by_lr`` and without the norm when ``normalize`` is False) is used.
     """
     groups = opt_state.get("param_groups") or []
     per_param = opt_state.get("state") or {}
@@ -311,8 +370,9 @@ def _unperturb(
         raise CheckpointError(
             f"{path}: the optimizer has {len(order)} parameters but the model {len(names)}; {explain}"
         )
+    matched = _match_optimizer_params(groups, per_param, order, names, state, path, explain)
     bufs: list[tuple[str, torch.Tensor, int]] = []
-    for (pid, gi), name in zip(order, names):
+    for (pid, gi), name in zip(order, matched):
         st = per_param.get(pid, per_param.get(str(pid), {}))
         buf = _perturbation_buffer(st) if isinstance(st, Mapping) else None
         if buf is None:
@@ -342,7 +402,10 @@ def _unperturb(
             )
         if norm is None:
             norm = math.sqrt(sum(float(b.double().pow(2).sum()) for _, b, _ in bufs))
-        scales.append(float(_scalar(rho)) / norm if norm > 0 else 0.0)
+        coef = float(_scalar(rho)) * (float(_scalar(g.get("lr", 1.0))) if g.get("scale_by_lr") else 1.0)
+        if g.get("normalize", True):
+            coef = coef / norm if norm > 0 else 0.0
+        scales.append(coef)
     state = dict(state)
     for name, buf, gi in bufs:
         if scales[gi] == 0.0:
@@ -405,6 +468,13 @@ def load_checkpoint(
         fmt = "torch"
     state = _strip_prefixes(state, model)
 
+    sam_state = opt_state.get("sam") if isinstance(opt_state, Mapping) else None
+    if isinstance(sam_state, Mapping) and bool(_scalar(sam_state.get("perturbed", False))):
+        raise CheckpointError(
+            f"{path} was saved between SAM's first_step() and second_step(): its weights are at "
+            "the ascent point w + e, not at w; save after second_step() (or after "
+            "optimizer.unperturb())"
+        )
     perturbed = bool(opt_state) and _perturbed_flag(opt_state)  # type: ignore[arg-type]
     unperturbed = False
     if perturbed and unperturb:

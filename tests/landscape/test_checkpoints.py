@@ -284,3 +284,78 @@ def test_msam_state_that_does_not_match_is_refused(tmp_path):
     torch.save({"model": model.state_dict(), "optimizer": sd}, tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="cannot match the optimizer state"):
         load_checkpoint(tmp_path / "x.pt", cnn_bn(seed=1))
+
+
+def _two_layer(seed=0, **_):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4)).double()
+
+
+def _run_groups(groups_of, steps=3):
+    from msam.msam import MSAM
+
+    model = _two_layer()
+    x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(1))
+    opt = MSAM(groups_of(model), lr=0.1, momentum=0.9, rho=1.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def test_groups_in_another_order_with_equal_shapes_are_refused_not_guessed(tmp_path):
+    # groups list the last layer first; both layers have the same shapes: a positional match
+    # would add the wrong momentum silently
+    model, opt = _run_groups(lambda m: [{"params": list(m[2].parameters())},
+                                        {"params": list(m[0].parameters())}])
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "g.pt")
+    with pytest.raises(CheckpointError, match="parameter groups"):
+        load_checkpoint(tmp_path / "g.pt", _two_layer(seed=3))
+
+
+def test_groups_with_recorded_names_are_matched_by_name(tmp_path):
+    model, opt = _run_groups(lambda m: [{"params": list(m[2].named_parameters())},
+                                        {"params": list(m[0].named_parameters())}])
+    sd = opt.state_dict()
+    if "param_names" not in sd["param_groups"][0]:
+        pytest.skip("this torch does not record param_names in optimizer state dicts")
+    # the names recorded per group are the sub-module's ('weight', 'bias'): make them the model's
+    sd["param_groups"][0]["param_names"] = ["2.weight", "2.bias"]
+    sd["param_groups"][1]["param_names"] = ["0.weight", "0.bias"]
+    torch.save({"model": model.state_dict(), "optimizer": sd}, tmp_path / "n.pt")
+    opt.eval()
+    with pytest.warns(PerturbedCheckpointWarning):
+        ck = load_checkpoint(tmp_path / "n.pt")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ck.state_dict[k], v, rtol=1e-12, atol=1e-12)
+
+
+def test_groups_with_unique_shapes_are_matched_by_shape(tmp_path):
+    # decay / no-decay split: weights first, then biases (not named_parameters order)
+    def groups(m):
+        m[2] = torch.nn.Linear(4, 3).double()  # shapes now all distinct
+        return [{"params": [m[0].weight, m[2].weight]}, {"params": [m[0].bias, m[2].bias],
+                                                         "weight_decay": 0.0}]
+
+    model, opt = _run_groups(groups)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "u.pt")
+    opt.eval()
+    with pytest.warns(PerturbedCheckpointWarning):
+        ck = load_checkpoint(tmp_path / "u.pt")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ck.state_dict[k], v, rtol=1e-12, atol=1e-12)
+
+
+def test_sam_saved_between_its_two_passes_is_refused(tmp_path):
+    from msam.sam import SAM
+
+    model = _two_layer()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    torch.nn.functional.mse_loss(model(x), x).backward()
+    opt.first_step(zero_grad=True)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "s.pt")
+    with pytest.raises(CheckpointError, match="first_step"):
+        load_checkpoint(tmp_path / "s.pt")
