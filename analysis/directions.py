@@ -280,7 +280,8 @@ def gradient_direction(
     """The dataset gradient ``g = grad L(w) = sum_b n_b grad L_b(w) / N``.
 
     Computed with ``torch.autograd.grad``, so the parameters' ``.grad`` fields are not touched;
-    the model's train/eval flags are restored. With a sharded data source the weighted sum and
+    the model's train/eval flags and its buffers (BatchNorm running statistics, which
+    ``mode="train"`` would update) are restored. With a sharded data source the weighted sum and
     ``N`` are all-reduced over ranks.
 
     Args:
@@ -299,16 +300,22 @@ def gradient_direction(
     space = _space(model, params)
     source = as_data(data, batch_size=batch_size)
     total = torch.zeros(space.numel + 1, device=space.device, dtype=torch.float64)
-    with model_mode(model, mode), torch.enable_grad():
-        for batch in source:
-            x = to_device(batch.inputs, space.device, space.dtype)
-            y = to_device(batch.targets, space.device, space.dtype)
-            loss = loss_fn(forward(model, x), y)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise ValueError("loss_fn must return a scalar tensor")
-            grads = torch.autograd.grad(loss, space.params, allow_unused=True)
-            total[:-1] += space.flatten(list(grads)).to(torch.float64) * batch.size
-            total[-1] += batch.size
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # train-mode BN would move them
+    try:
+        with model_mode(model, mode), torch.enable_grad():
+            for batch in source:
+                x = to_device(batch.inputs, space.device, space.dtype)
+                y = to_device(batch.targets, space.device, space.dtype)
+                loss = loss_fn(forward(model, x), y)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise ValueError("loss_fn must return a scalar tensor")
+                grads = torch.autograd.grad(loss, space.params, allow_unused=True)
+                total[:-1] += space.flatten(list(grads)).to(torch.float64) * batch.size
+                total[-1] += batch.size
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
     if source.shard:
         dist.all_reduce_sum(total)
     return (total[:-1] / total[-1]).to(space.dtype)

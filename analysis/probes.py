@@ -206,8 +206,9 @@ class MechanismProbe:
         optimizer: where the momentum is read: torch SGD (``momentum_buffer``), Adam/AdamW
             (``exp_avg``), :class:`msam.MSAM`, :class:`msam.AdamWMSAM` or the base optimizer
             of :class:`msam.SAM`.
-        rho: the MSAM radius for ``"msam_loss"`` (default: the optimizer's ``rho`` when it has
-            one and is not a SAM wrapper, else 3.0, the paper's README value).
+        rho: the MSAM radius for ``"msam_loss"`` (default: the optimizer's ``rho`` when it is a
+            normalized, not lr-scaled MSAM; else 3.0, the paper's README value. For NAG and the
+            other ladder rungs ``rho`` is a coefficient of ``v``, not a radius).
         rho_sam: the SAM radius of ``g_SAM`` for ``"angles"`` (default: a SAM optimizer's
             ``rho``, else 0.2, the paper's README value).
         mode: module mode of the probe passes: ``None`` (default: as the loop left the modules,
@@ -248,9 +249,13 @@ class MechanismProbe:
         self.space = ParameterSpace(model, params)
         self._params = params
         is_sam = hasattr(optimizer, "base_optimizer")
-        group_rho = optimizer.param_groups[0].get("rho") if optimizer.param_groups else None
+        group = optimizer.param_groups[0] if optimizer.param_groups else {}
+        group_rho = group.get("rho")
+        # the optimizer's rho is a radius only for a normalized, not lr-scaled MSAM (for NAG and
+        # the other ladder rungs it is a coefficient of v, not the length of the step)
+        is_radius = bool(group.get("normalize", True)) and not bool(group.get("scale_by_lr", False))
         if rho is None:
-            rho = float(group_rho) if (group_rho is not None and not is_sam) else 3.0
+            rho = float(group_rho) if (group_rho is not None and not is_sam and is_radius) else 3.0
         if rho_sam is None:
             rho_sam = float(group_rho) if (group_rho is not None and is_sam) else 0.2
         for name, value in (("rho", rho), ("rho_sam", rho_sam)):

@@ -569,6 +569,9 @@ def slice_2d(
     finished row (``resume=True``) and gives exactly the grid of an uninterrupted run. Arguments
     that differ from the store's (grid, directions, model weights and buffers, data, loss, mode,
     metrics) raise :class:`landscape.store.StoreMismatchError` and leave the file untouched.
+    The data is fingerprinted by its contents when it is cached on the device (a tensor pair or
+    a list of batches, the default); a DataLoader that is not cached is fingerprinted only by
+    its sample count, so resuming with different data of the same size is not detected.
 
     Args:
         model, loss_fn, data: as in :func:`slice_1d`.

@@ -300,3 +300,15 @@ def test_momentum_direction_of_the_msam_optimizers():
     opt = adamw_mod.AdamWMSAM(model.parameters(), lr=0.01, betas=(0.8, 0.99), rho=0.0)
     g1 = _step(model, opt, x, y)
     torch.testing.assert_close(momentum_direction(opt, model), 0.2 * g1)  # exp_avg = (1-b1) g
+
+
+def test_gradient_direction_in_train_mode_leaves_batchnorm_statistics_alone():
+    from analysis.directions import gradient_direction
+    from tests.models import cnn_bn, image_data
+
+    model = cnn_bn()
+    x, y = image_data()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    gradient_direction(model, "cross_entropy", (x, y), mode="train")
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k

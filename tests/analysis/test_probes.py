@@ -334,3 +334,15 @@ def test_probe_errors():
     sam.second_step()
     assert MechanismProbe(model, "cross_entropy", sam).rho_sam == 0.05
     assert math.isfinite(MechanismProbe(model, "cross_entropy", sam).cosine(batch)["cos_v_g"])
+
+
+def test_default_radius_only_from_a_normalized_msam():
+    from analysis.probes import MechanismProbe
+    from msam import MSAM, NAG
+
+    model = mlp()
+    assert MechanismProbe(model, "cross_entropy", MSAM(model.parameters(), rho=1.5)).rho == 1.5
+    # NAG's rho is the momentum coefficient (0.9), not a radius; unnormalized MSAM likewise
+    assert MechanismProbe(model, "cross_entropy", NAG(model.parameters(), lr=0.1, momentum=0.9)).rho == 3.0
+    unnorm = MSAM(model.parameters(), rho=0.5, normalize=False)
+    assert MechanismProbe(model, "cross_entropy", unnorm).rho == 3.0
