@@ -29,6 +29,8 @@ How a grid is evaluated:
 * a tqdm bar (``progress=True``) shows points/s and the ETA;
 * with a sharded data source (``as_data(..., shard=True)`` under ``torch.distributed``) each rank
   evaluates its share and the per-point sums and counts are all-reduced once per row;
+  ``slice_2d(..., shard_rows=True)`` instead splits the grid rows across the ranks, each rank
+  holding the full data (rank 0 writes the store);
 * :func:`slice_2d` with ``store="grid.npz"`` (or a directory) saves every finished row
   atomically; rerunning the same call resumes after the last finished row and yields exactly the
   grid of an uninterrupted run (see :mod:`landscape.store`).
@@ -73,7 +75,7 @@ from analysis.evaluation import (
 from analysis.params import ParameterSpace
 from analysis.results import Result
 
-from .store import GridStore, tensor_hash, tensors_hash
+from .store import GridStore, fingerprint_hash, tensor_hash, tensors_hash
 
 __all__ = ["Slice1D", "Slice2D", "slice_1d", "slice_2d", "interpolate", "METRICS"]
 
@@ -561,6 +563,7 @@ def slice_2d(
     names: tuple[str, str] = ("d1", "d2"),
     label: str = "",
     progress: bool = True,
+    shard_rows: bool = False,
 ) -> Slice2D:
     """The 2-D slice ``f(x, y) = L(w + x d1 + y d2)`` on the grid ``xs x ys`` (Li et al. 2018).
 
@@ -572,6 +575,17 @@ def slice_2d(
     The data is fingerprinted by its contents when it is cached on the device (a tensor pair or
     a list of batches, the default); a DataLoader that is not cached is fingerprinted only by
     its sample count, so resuming with different data of the same size is not detected.
+
+    With ``shard_rows=True`` under an initialized process group of ``W`` ranks, the grid rows are
+    split across ranks instead of the data: every rank holds the FULL (unsharded) data, the
+    ``k``-th pending row goes to rank ``k % W``, and after each round of ``W`` rows the finished
+    rows are gathered with one all-reduce of a ``(W, len(ys), 3)`` tensor (each rank fills its
+    own slot, the others are zero, so the sum is exact). Rank 0 alone writes the store; all ranks
+    agree on the pending rows (rank 0's store state is broadcast), so resuming works as on one
+    process, and a store written by one process resumes under row sharding and vice versa (a
+    data-sharded run fingerprints its data per rank, so its store is not interchangeable with
+    these). Every rank returns the same complete grid, equal
+    to the one-process grid. On one process ``shard_rows`` changes nothing.
 
     Args:
         model, loss_fn, data: as in :func:`slice_1d`.
@@ -586,12 +600,17 @@ def slice_2d(
             :func:`slice_1d`.
         names: names of ``d1`` and ``d2`` (axis labels).
         label: a label for titles.
+        shard_rows: split the grid rows across ``torch.distributed`` ranks (default ``False``);
+            the data must not be sharded (``as_data(..., shard=True)`` or a
+            ``DistributedSampler`` loader raise ``ValueError``). A no-op on one process.
 
     Returns:
         :class:`Slice2D` with ``loss[i, j]`` at ``(xs[i], ys[j])``.
 
     Raises:
-        ValueError: bad coordinates or directions (wrong length, zero, non-finite, parallel).
+        ValueError: bad coordinates or directions (wrong length, zero, non-finite, parallel);
+            ``shard_rows=True`` with sharded data, or with different weights, directions or data
+            on different ranks.
         landscape.store.StoreMismatchError: the store was written with other arguments.
     """
     xs_arr, ys_arr = _coords(xs, "xs"), _coords(ys, "ys")
@@ -599,6 +618,14 @@ def slice_2d(
         raise ValueError(f"names must be a pair of strings, got {names!r}")
     s = _Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
                  cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params)
+    if shard_rows and (s.source.shard or (s.evaluator.bn_source is not None
+                                          and s.evaluator.bn_source.shard)):
+        raise ValueError(
+            "shard_rows=True splits the grid rows across ranks and needs the FULL data on every "
+            "rank, but the data source is sharded (as_data(..., shard=True) or a "
+            "DistributedSampler); pass the unsharded data, or shard_rows=False to shard the data"
+        )
+    row_shard = bool(shard_rows) and dist.is_distributed()
     t1 = _direction(d1, s.space, "d1")
     t2 = _direction(d2, s.space, "d2")
     a, b = t1.double(), t2.double()
@@ -633,7 +660,14 @@ def slice_2d(
         else:
             # one store for the whole job: the data hash covers every rank's share, rank 0
             # alone reads and writes the file, and the other ranks follow its finished rows
-            fp["data"] = tensors_hash([dist.all_gather_object(fp["data"])])
+            if row_shard:  # full data on every rank: the one-process fingerprint, checked equal
+                if len(set(dist.all_gather_object(fingerprint_hash(fp)))) != 1:
+                    raise ValueError(
+                        "shard_rows=True needs the same weights, buffers, directions and data "
+                        "on every rank, but they differ across ranks"
+                    )
+            else:
+                fp["data"] = tensors_hash([dist.all_gather_object(fp["data"])])
             main = dist.is_main_process()
             payload: tuple = ("ok", None)
             grid = None
@@ -664,16 +698,35 @@ def slice_2d(
         todo = list(range(nx)) if grid is None else grid.pending_rows()
         resumed = nx - len(todo)
         bar = _bar(len(todo) * ny, progress, "slice_2d")
+
+        def row_points(i):
+            return [(float(xs_arr[i]), float(y)) for y in ys_arr]
+
+        def record(i, row):
+            stats[i] = row
+            if grid is not None:  # rank 0 saves; the other ranks' stores stay in memory
+                loss, acc = s.finish(stats[i])
+                values = {"loss": loss}
+                if "accuracy" in grid.metrics:
+                    values["accuracy"] = acc if acc is not None else np.full(ny, np.nan)
+                grid.write_row(i, values)
+
         try:
-            for i in todo:
-                row = s.evaluate_points(mover, [(float(xs_arr[i]), float(y)) for y in ys_arr], bar)
-                stats[i] = row.cpu().numpy()
-                if grid is not None:
-                    loss, acc = s.finish(stats[i])
-                    values = {"loss": loss}
-                    if "accuracy" in grid.metrics:
-                        values["accuracy"] = acc if acc is not None else np.full(ny, np.nan)
-                    grid.write_row(i, values)
+            if not row_shard:
+                for i in todo:
+                    record(i, s.evaluate_points(mover, row_points(i), bar).cpu().numpy())
+            else:
+                world, rank = dist.get_world_size(), dist.get_rank()
+                for k0 in range(0, len(todo), world):
+                    rows = todo[k0:k0 + world]
+                    buf = torch.zeros(world, ny, 3, device=s.space.device, dtype=torch.float64)
+                    if rank < len(rows):
+                        buf[rank] = s.evaluate_points(mover, row_points(rows[rank]), None)
+                    buf = dist.all_reduce_sum(buf).cpu().numpy()  # exact: one slot per rank
+                    for r, i in enumerate(rows):
+                        record(i, buf[r])
+                    if bar is not None:
+                        bar.update(len(rows) * ny)
         finally:
             if bar is not None:
                 bar.close()
