@@ -36,7 +36,12 @@ next one, less its residual; the estimate used is
 
 The gap is an estimate, not a guarantee: an eigenvalue that the Krylov space has not seen yet can
 lie closer (it then usually surfaces as a new Ritz value within a few iterations; start vectors
-are random, so it is seen with probability one). Single-vector Lanczos finds one copy of an
+are random, so it is seen with probability one). As a guard, the stop also requires the first
+unwanted Ritz value to be resolved (residual below 10% of its distance to the wanted ones, or
+converged to ``10 tol``), so that a close ``(k+1)``-th eigenvalue is located before the gaps are
+trusted. A wanted eigenvalue that the Krylov space has not seen at all can still be missed, with
+``converged=True``: when two eigenvalues near the ``k``-th are close, ask for ``k + 2`` pairs or a
+smaller ``tol``. Single-vector Lanczos finds one copy of an
 eigenvalue of multiplicity > 1 per invariant subspace hit; a lucky breakdown restarts from a fresh
 random vector while fewer than ``k`` Ritz values exist.
 
@@ -225,6 +230,37 @@ def _error_bounds(theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor,
     return out
 
 
+#: Guard on the first unwanted Ritz value (see :func:`_guard_ok`).
+GUARD_FACTOR = 10.0
+GUARD_GAP_FRACTION = 0.1
+
+
+def _guard_ok(theta: torch.Tensor, res: torch.Tensor, k: int, which: str, tol: float,
+              eps: float) -> bool:
+    """Whether the first unwanted Ritz value ``theta_g`` is resolved well enough to trust the gaps.
+
+    The gaps in the error estimates of the wanted pairs are measured to the other Ritz values;
+    while the eigenvalue just beyond the ``k`` wanted ones is not yet resolved, its Ritz value
+    lies further away, the gap is overestimated and the stop can come too early (seen: two
+    eigenvalues 1% apart at positions ``k`` and ``k + 1`` gave relative errors 2-3x ``tol``).
+    So the stop also asks that ``theta_g`` is located either to ``GUARD_GAP_FRACTION`` of its
+    distance to the nearest wanted Ritz value (residual ``r_g <= 0.1 * gap``: cheap when the
+    wanted eigenvalues are well separated from the rest) or to ``GUARD_FACTOR * tol`` relative
+    accuracy (when it sits close to them).
+    """
+    m = theta.numel()
+    if m <= k:
+        return True
+    wanted = _wanted(theta, k, which)
+    g = _wanted(theta, k + 1, which)[-1:]
+    gap = float((theta[wanted] - theta[g]).abs().min())
+    if float(res[g]) <= GUARD_GAP_FRACTION * gap:
+        return True
+    err = _error_bounds(theta, res, g, which)
+    scale = torch.clamp(theta[g].abs(), min=math.sqrt(eps) * float(theta.abs().max()))
+    return bool((err <= GUARD_FACTOR * tol * scale).all())
+
+
 def top_eigenpairs(
     model_or_op: Any,
     loss_fn: Any = None,
@@ -361,7 +397,8 @@ def top_eigenpairs(
         errs = _error_bounds(theta, res, idx, which)
         tnorm = float(theta.abs().max())
         breakdown = beta <= max(tnorm, 1e-300) * eps * 10 or m == n
-        if idx.numel() >= k and bool((errs <= tol * scale).all()):
+        if idx.numel() >= k and bool((errs <= tol * scale).all()) and _guard_ok(
+                theta, res, k, which, tol, eps):
             converged = True
             break
         if breakdown and m >= n:

@@ -199,3 +199,20 @@ def test_cluster_bound_stops_early_and_holds():
     assert bool((err <= 1e-6 * ev[:3]).all())
     # the residuals alone would not certify 1e-6: the cluster bound did
     assert bool((res.residuals > 1e-6 * res.eigenvalues).any())
+
+
+def test_close_kth_and_next_eigenvalues_do_not_stop_early():
+    """Eigenvalues k and k+1 1% apart (seen on a trained MLP): the gap estimate must not trust a
+    Ritz value that has not resolved the (k+1)-th eigenvalue yet. Before the guard, 26 of 30
+    runs stopped with a relative error above tol; an eigenvalue the Krylov space has not seen at
+    all can still be missed (documented), so a small failure rate is allowed."""
+    top = torch.tensor([3.8947, 2.4804, 2.4522, 1.9175, 1.7092, 1.4874], dtype=torch.float64)
+    bad = 0
+    for bulk_seed in range(3):
+        g = torch.Generator().manual_seed(bulk_seed)
+        bulk = torch.rand(300, generator=g, dtype=torch.float64) ** 3 * 1.4
+        A = random_spd(306, seed=bulk_seed, eigenvalues=torch.cat([top, bulk]))
+        for s in range(10):
+            r = top_eigenpairs(A, k=2, tol=1e-3, seed=s, v0="random")
+            bad += float(((r.eigenvalues - top[:2]).abs() / top[:2]).max()) > 1e-3
+    assert bad <= 4, f"{bad} of 30 runs stopped early"
