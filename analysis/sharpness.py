@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -540,7 +541,8 @@ def sharpness(
         norm: ``"l2"`` (default) or ``"linf"`` ball (worst case only).
         m: samples per batch (default 128, as Andriushchenko et al.).
         n_eval: use at most this many samples (default 1024; ``None``: all). An incomplete
-            last batch is dropped.
+            last batch is dropped: ``num_samples`` says how many were used, and ``loss`` is the
+            loss of those samples (not of the whole data set).
         steps: APGD iterations (default 20).
         samples: noise draws per batch for the average (default 64).
         init: ``"random"`` (default) or ``"zero"`` APGD start.
@@ -581,6 +583,14 @@ def sharpness(
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
     source = as_data(data)
+    if source.is_shuffled:
+        warnings.warn(
+            "sharpness(): the data is a shuffling DataLoader, so the batches of m samples (and "
+            "the value) change from call to call; build the loader with shuffle=False for "
+            "reproducible numbers",
+            UserWarning,
+            stacklevel=2,
+        )
     rho = float(rho)
     counter = _Counter()
     values: list[float] = []

@@ -533,3 +533,13 @@ def test_dict_inputs_and_dataloader_are_rebatched():
     as_loader = sharpness(model.net, "cross_entropy", loader, **kw)
     assert as_dict.batch_values == pytest.approx(ref.batch_values, rel=1e-9)
     assert as_loader.batch_values == pytest.approx(ref.batch_values, rel=1e-12)
+
+
+def test_shuffling_loader_warns_that_values_are_not_reproducible():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = mlp()
+    x, y = classification_data(n=64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    with pytest.warns(UserWarning, match="shuffle=False"):
+        sharpness(model, "cross_entropy", loader, rho=0.1, m=32, steps=2, progress=False)
