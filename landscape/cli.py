@@ -90,18 +90,39 @@ class _Ctx:
 
 
 def _check_writable(path: str | os.PathLike, what: str = "output") -> pathlib.Path:
-    """Fail early (before any computation) when ``path`` cannot be written."""
+    """Fail early (before any computation) when ``path`` cannot be written.
+
+    The path must not be a directory; its parent must exist (or be created here) and accept a
+    new file (probed with a temporary file, so that read-only or virtual file systems such as
+    ``/proc`` fail now rather than after the computation); an existing file must be writable.
+    """
+    import tempfile
+
     p = pathlib.Path(path)
     if p.is_dir():
         raise CLIError(f"cannot write {what} {p}: it is a directory")
     parent = p.parent if str(p.parent) else pathlib.Path(".")
+    for anc in [parent, *parent.parents]:
+        if anc.exists():
+            if not anc.is_dir():
+                raise CLIError(f"cannot write {what} {p}: {anc} is a file, not a directory")
+            break
     if not parent.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CLIError(f"cannot write {what} {p}: {exc.strerror or exc}") from None
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise CLIError(f"cannot write {what} {p}: directory {parent} is not writable")
+            raise CLIError(f"cannot write {what} {p}: cannot create directory {parent}: "
+                           f"{exc.strerror or exc}") from None
+    if not parent.is_dir():
+        raise CLIError(f"cannot write {what} {p}: {parent} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".landscape-probe-"):
+            pass
+    except OSError as exc:
+        raise CLIError(f"cannot write {what} {p}: directory {parent} is not writable "
+                       f"({exc.strerror or exc})") from None
+    if p.exists() and not os.access(p, os.W_OK):
+        raise CLIError(f"cannot write {what} {p}: the file is not writable")
     return p
 
 
@@ -306,7 +327,8 @@ class _Setup:
         unsharded = DataSource(src.data, batch_size=src.batch_size, max_samples=src.max_samples)
         batch = next(iter(unsharded))
         try:
-            with torch.no_grad(), model_mode(model, "eval"):
+            with torch.no_grad(), model_mode(model, "eval"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. mse broadcasting: the error below says it
                 out = forward(model, to_device(batch.inputs, device, dtype))
                 loss = self.loss_fn(out, to_device(batch.targets, device, dtype))
         except Exception as exc:
@@ -317,10 +339,42 @@ class _Setup:
             raise CLIError("the loss function must return a scalar (the batch mean)")
 
 
+_CKPT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
+def _looks_like_checkpoint(path: pathlib.Path) -> bool:
+    """A torch zip archive, a legacy torch pickle or a safetensors file (by its first bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return True  # let the loader report the real error
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip / pickle protocol >= 2
+        return True
+    if len(head) >= 9:  # safetensors: u64 little-endian header length, then a JSON object
+        n = int.from_bytes(head[:8], "little")
+        return 0 < n < 1 << 32 and head[8:9] == b"{"
+    return False
+
+
 def _checkpoints(paths: Sequence[str]) -> list[pathlib.Path]:
+    """Expand files and directories; refuse a file that is plainly not a checkpoint."""
     from .checkpoints import find_checkpoints
 
-    return find_checkpoints(list(paths))
+    found = find_checkpoints(list(paths))
+    for p in found:
+        if p.suffix not in _CKPT_SUFFIXES and not _looks_like_checkpoint(p):
+            raise CLIError(f"{p} is not a checkpoint (expected a torch.save file "
+                           f"{'/'.join(_CKPT_SUFFIXES[:-1])} or {_CKPT_SUFFIXES[-1]})")
+    return found
+
+
+def _one_checkpoint(command: str, spec: str) -> pathlib.Path:
+    paths = _checkpoints([spec])
+    if len(paths) != 1:
+        raise UsageError(f"{command} takes one checkpoint; {spec} holds {len(paths)} "
+                         f"({', '.join(p.name for p in paths[:4])}{', ...' if len(paths) > 4 else ''})")
+    return paths[0]
 
 
 def _label(path: pathlib.Path, all_paths: Sequence[pathlib.Path]) -> str:
@@ -340,8 +394,10 @@ def cmd_sharpness(args: argparse.Namespace, ctx: _Ctx) -> int:
     from .report import METRIC_NAMES, checkpoint_metrics
 
     metrics = args.metric or list(METRIC_NAMES[:3])
-    setup = _Setup(args, ctx)
+    if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
+        raise UsageError(f"--rho {args.rho}: need a finite number > 0")
     paths = _checkpoints(args.checkpoints)
+    setup = _Setup(args, ctx)
     records = []
     for path in paths:
         ctx.log(f"[{path}] computing {', '.join(metrics)}")
@@ -352,8 +408,14 @@ def cmd_sharpness(args: argparse.Namespace, ctx: _Ctx) -> int:
     header = ["checkpoint", "loss", "accuracy", *metrics]
     rows = [[_label(pathlib.Path(r["checkpoint"]), paths), r["loss"], r["accuracy"],
              *[r["metrics"][m] for m in metrics]] for r in records]
-    ctx.out(format_table(header, rows))
-    ctx.write_json(_envelope("sharpness", metrics=metrics, rho=args.rho, checkpoints=records))
+    text = format_table(header, rows)
+    notes = _settings_notes(metrics, records)
+    if notes:
+        text += "\n" + "\n".join(notes)
+    ctx.out(text)
+    settings = records[0].get("settings", {}) if records else {}
+    ctx.write_json(_envelope("sharpness", metrics=metrics, rho=args.rho, m=args.m,
+                             settings={k: settings.get(k, {}) for k in metrics}, checkpoints=records))
     return 0
 
 
@@ -364,16 +426,19 @@ def cmd_hessian(args: argparse.Namespace, ctx: _Ctx) -> int:
         _check_writable(args.density, "--density")
         if pathlib.Path(args.density).suffix not in (".png", ".pdf", ".svg", ".html"):
             raise UsageError(f"--density {args.density}: use .png, .pdf, .svg or .html")
+    path = _one_checkpoint("hessian", args.checkpoint)
     setup = _Setup(args, ctx)
-    (path,) = _checkpoints([args.checkpoint])
     model, _ = setup.load(path)
     ctx.log(f"[{path}] top-{args.top_k} Hessian eigenvalues" + (" + trace" if args.trace else ""))
     summary = hessian_summary(model, setup.loss_fn, setup.data, top_k=args.top_k, trace=args.trace,
                               density=bool(args.density), seed=args.seed, progress=ctx.progress,
                               tol=args.tol, density_iter=args.density_iter,
                               density_runs=args.density_runs)
-    rows = [[i + 1, float(v)] for i, v in enumerate(summary["eigenvalues"])]
-    text = format_table(["k", "eigenvalue"], rows)
+    res = summary.get("residuals") or [None] * len(summary["eigenvalues"])
+    rows = [[i + 1, float(v), r] for i, (v, r) in enumerate(zip(summary["eigenvalues"], res))]
+    text = format_table(["k", "eigenvalue", "residual ||Hv - lambda v||"], rows)
+    if summary.get("converged") is False:
+        text += "\nwarning: Lanczos stopped before reaching --tol (see the residuals)"
     if summary.get("trace") is not None:
         text += f"\ntrace ~ {summary['trace']:.6g} (Hutch++, standard error {summary['trace_stderr']:.2g})"
     ctx.out(text)
@@ -393,6 +458,22 @@ def cmd_hessian(args: argparse.Namespace, ctx: _Ctx) -> int:
         doc["density"] = {"grid": summary["density"]["grid"], "density": summary["density"]["density"]}
     ctx.write_json(_envelope("hessian", checkpoint=str(path), **doc))
     return 0
+
+
+def _settings_notes(metrics: Sequence[str], records: Sequence[dict]) -> list[str]:
+    """One footnote per worst/average metric: the rho, m and steps/samples it used."""
+    notes = []
+    for name in metrics:
+        if name.removesuffix("_plain") not in ("worst", "average"):
+            continue
+        seen = {(st.get("rho"), st.get("m"), st.get("steps"), st.get("samples"), st.get("adaptive"))
+                for st in (r.get("settings", {}).get(name, {}) for r in records)}
+        for rho, m, steps, samples, adaptive in sorted(seen, key=str):
+            parts = [f"rho={format_value(rho)}", f"m={m}"]
+            parts.append(f"{steps} ascent steps" if steps is not None else f"{samples} samples")
+            parts.append("adaptive (c=|w|)" if adaptive else "plain (c=1)")
+            notes.append(f"{name}: " + ", ".join(parts))
+    return notes
 
 
 def _parse_direction(spec: str) -> tuple[str, str | None]:
@@ -420,8 +501,14 @@ def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
         raise UsageError(f"--range {lo} {hi}: need two finite numbers with MIN < MAX")
     if args.steps < 2:
         raise UsageError(f"--steps {args.steps}: need at least 2")
+    if args.store is not None:
+        if args.dims != 2:
+            raise UsageError("--store applies to --dims 2 (a 1-D slice is not stored)")
+        if pathlib.Path(args.store).suffix != ".npz":
+            raise UsageError(f"--store {args.store}: use a .npz file")
+        _check_writable(args.store, "--store")
+    path = _one_checkpoint("slice", args.checkpoint)
     setup = _Setup(args, ctx)
-    (path,) = _checkpoints([args.checkpoint])
     model, _ = setup.load(path)
     other = None
     if kind == "interpolate":
@@ -462,9 +549,17 @@ def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
 def cmd_report(args: argparse.Namespace, ctx: _Ctx) -> int:
     from .report import analyze_checkpoint, write_report
 
+    if not pathlib.Path(args.out).is_dir() and pathlib.Path(args.out).suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--out {args.out}: the report is HTML; use a .html or .htm file")
+    if args.steps_1d < 2:
+        raise UsageError(f"--steps-1d {args.steps_1d}: need at least 2")
+    if args.steps_2d < 2:
+        raise UsageError(f"--steps-2d {args.steps_2d}: need at least 2")
+    if not (math.isfinite(args.radius) and args.radius > 0):
+        raise UsageError(f"--radius {args.radius}: need a finite number > 0")
     out = _check_writable(args.out, "--out")
-    setup = _Setup(args, ctx)
     paths = _checkpoints(args.checkpoints)
+    setup = _Setup(args, ctx)
     entries = []
     for path in paths:
         ctx.log(f"[{path}] metrics, slices and spectral density")
@@ -528,7 +623,7 @@ def _save_figure(fig: Any, path: str | os.PathLike) -> None:
 _EPILOG = {
     "sharpness": """example:
   landscape sharpness runs/ --model mypkg.models:resnet18 --data mypkg.data:val_loader \\
-      --metric worst --metric adaptive_worst --metric lambda_max --json sharpness.json""",
+      --metric worst --metric worst_plain --metric lambda_max --json sharpness.json""",
     "hessian": """example:
   landscape hessian model.pt --model net.py:build --data net.py:data --top-k 5 --trace \\
       --density density.png""",
@@ -541,6 +636,19 @@ _EPILOG = {
   landscape demo --out demo_out            # about 1-2 minutes on 2 CPU cores
   landscape demo --out /tmp/d --quick      # seconds (a smoke test)""",
 }
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks and appends ``(default: X)`` where the help has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" not in text and not any(default is v for v in (None, False, argparse.SUPPRESS))
+                and action.option_strings and not isinstance(action, argparse._HelpAction)):
+            shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -557,8 +665,8 @@ def _common(p: argparse.ArgumentParser, *, needs_model: bool = True) -> None:
                        help="module:function or file.py:function returning a DataLoader, an (X, y) "
                             "tuple or a list of (x, y) batches")
         g.add_argument("--loss", default="cross_entropy", metavar="LOSS",
-                       help="cross_entropy (default), mse or module:function(outputs, targets)")
-        g.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+                       help="cross_entropy, mse or module:function(outputs, targets) returning the batch mean")
+        g.add_argument("--device", default="cpu", help="torch device")
         g.add_argument("--dtype", choices=["float32", "float64"], default=None,
                        help="cast the model (default: keep its dtype)")
         g.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
@@ -578,7 +686,7 @@ def _common(p: argparse.ArgumentParser, *, needs_model: bool = True) -> None:
     o.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback on errors")
     o.add_argument("--distributed", action="store_true",
-                   help="shard the data across torchrun processes (auto-detected under torchrun)")
+                   help="shard the data across torchrun processes (automatic under torchrun)")
 
 
 def _positive_int(text: str) -> int:
@@ -599,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="landscape",
         description="Sharpness, Hessian spectra, loss-landscape slices and reports for PyTorch "
                     "checkpoints, and a demo comparing SGD, NAG, SAM and MSAM.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog="\n\n".join(_EPILOG.values()),
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -608,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_, epilog=_EPILOG.get(name),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=_HelpFormatter)
 
     p = add("sharpness", "table of sharpness metrics for one or many checkpoints")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or directories")
@@ -616,49 +724,54 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"repeatable; one of {', '.join(METRIC_NAMES)} "
                         f"(default: {', '.join(METRIC_NAMES[:3])})")
     p.add_argument("--rho", type=float, default=None,
-                   help="perturbation radius for the worst/average metrics (default: per metric)")
+                   help="perturbation radius rho of the worst/average metrics (default: each metric's "
+                        "own, recorded in the JSON and shown under the table)")
     p.add_argument("--m", type=_positive_int, default=None, metavar="M",
-                   help="samples per batch of the m-sharpness metrics (default: min(128, N))")
+                   help="samples per batch m of the worst/average m-sharpness metrics "
+                        "(default: min(128, N))")
     _common(p)
     p.set_defaults(func=cmd_sharpness)
 
     p = add("hessian", "top-k Hessian eigenvalues (Lanczos), trace and spectral density")
-    p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K")
-    p.add_argument("--trace", action="store_true", help="also estimate the trace (Hutchinson)")
+    p.add_argument("checkpoint", metavar="CKPT", help="one checkpoint file")
+    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
+                   help="number of largest eigenvalues (Lanczos)")
+    p.add_argument("--trace", action="store_true", help="also estimate the trace (Hutch++)")
     p.add_argument("--density", metavar="OUT", default=None,
                    help="write the spectral density (SLQ) figure to OUT (.png/.pdf/.svg/.html)")
     p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the eigenvalues")
     p.add_argument("--density-iter", type=_positive_int, default=80, metavar="N",
-                   help="Lanczos steps per SLQ run (default 80)")
+                   help="Lanczos steps per SLQ run")
     p.add_argument("--density-runs", type=_positive_int, default=10, metavar="N",
-                   help="random start vectors of SLQ (default 10)")
+                   help="random start vectors of SLQ")
     _common(p)
     p.set_defaults(func=cmd_hessian)
 
     p = add("slice", "1-D or 2-D loss-landscape slice through a checkpoint")
-    p.add_argument("checkpoint", metavar="CKPT")
-    p.add_argument("--dims", type=int, choices=[1, 2], default=1)
+    p.add_argument("checkpoint", metavar="CKPT", help="one checkpoint file")
+    p.add_argument("--dims", type=int, choices=[1, 2], default=1,
+                   help="1: a line through the checkpoint; 2: a plane (grid)")
     p.add_argument("--direction", default="random", metavar="KIND",
                    help="random (filter-normalized), gradient, eigen (top Hessian eigenvectors), "
                         "interpolate:CKPT2 or pca:DIR (a directory of trajectory checkpoints)")
-    p.add_argument("--range", type=float, nargs=2, default=[-1.0, 1.0], metavar=("MIN", "MAX"))
-    p.add_argument("--steps", type=int, default=41, help="points per axis (default 41)")
+    p.add_argument("--range", type=float, nargs=2, default=[-1.0, 1.0], metavar=("MIN", "MAX"),
+                   help="step sizes along each direction (interpolate: 0 is CKPT, 1 is CKPT2)")
+    p.add_argument("--steps", type=int, default=41, help="points per axis (>= 2)")
     p.add_argument("--out", required=True, help="figure: .png/.pdf/.svg (matplotlib) or .html (plotly)")
     p.add_argument("--store", default=None, metavar="GRID.npz",
-                   help="save finished rows of a 2-D grid; rerun to resume")
+                   help="with --dims 2: save finished rows of the grid; rerun to resume")
     p.add_argument("--normalization", choices=["filter", "layer", "model", "none"], default="filter",
-                   help="scaling of random directions (default: filter, Li et al. 2018)")
+                   help="scaling of random directions (filter: Li et al. 2018)")
     _common(p)
     p.set_defaults(func=cmd_slice)
 
     p = add("report", "self-contained HTML report: metrics, 1-D/2-D slices, spectral densities")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT")
-    p.add_argument("--out", required=True, help="the .html file to write")
-    p.add_argument("--title", default="Loss landscape report")
-    p.add_argument("--steps-1d", type=int, default=41)
-    p.add_argument("--steps-2d", type=int, default=21)
-    p.add_argument("--radius", type=float, default=1.0, help="slices span [-radius, radius]")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or directories")
+    p.add_argument("--out", required=True, help="the .html (or .htm) file to write")
+    p.add_argument("--title", default="Loss landscape report", help="the report's heading")
+    p.add_argument("--steps-1d", type=int, default=41, help="points of each 1-D slice (>= 2)")
+    p.add_argument("--steps-2d", type=int, default=21, help="points per axis of the 2-D slice (>= 2)")
+    p.add_argument("--radius", type=float, default=1.0, help="slices span [-radius, radius] (> 0)")
     p.add_argument("--no-density", action="store_true", help="skip the spectral density")
     _common(p)
     p.set_defaults(func=cmd_report)
@@ -670,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", nargs="+", default=None, metavar="NAME",
                    choices=["sgd", "nag", "sam", "msam"], help="subset of sgd nag sam msam")
     p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="torch threads (default 1: the models are tiny; 0 keeps torch's default)")
+                   help="torch threads (1 by default: the models are tiny; 0 keeps torch's default)")
     _common(p, needs_model=False)
     p.set_defaults(func=cmd_demo)
 
@@ -713,6 +826,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"landscape {args.command}"
     try:
         _start_distributed(args, ctx)
+        target = getattr(args, "json", None)
+        if target and target != "-":
+            _check_writable(target, "--json")
         t0 = time.perf_counter()
         code = args.func(args, ctx)
         ctx.log(f"done in {time.perf_counter() - t0:.1f} s")
@@ -729,6 +845,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         msg = _first_line(exc)
+        # the library suggests a keyword argument; the CLI has no such flag
+        msg = msg.replace(" or pass check_deterministic=False", "").replace(
+            "pass check_deterministic=False", "build the DataLoader with shuffle=False")
         if not isinstance(exc, (CLIError, ValueError, TypeError, OSError)):
             msg = f"{type(exc).__name__}: {msg}"
         print(f"{prog}: error: {msg}" + ("" if debug else " (--debug for the traceback)"), file=sys.stderr)

@@ -21,6 +21,7 @@ import datetime as _dt
 import html
 import os
 import pathlib
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ def checkpoint_metrics(
     share of the samples under torchrun).
 
     Returns:
-        ``{"loss", "accuracy", "num_samples", "metrics": {name: value}, "seconds": {name: s}}``.
+        ``{"loss", "accuracy", "num_samples", "metrics": {name: value}, "settings": {name:
+        {"rho", "m", "steps", "samples", "stderr", "num_batches", ...}}, "seconds": {name: s}}``
+        (``settings`` holds what each metric actually used, from its result's ``to_dict()``).
     """
     from analysis.evaluation import evaluate
     from analysis.sharpness import sharpness_report
@@ -92,6 +95,7 @@ def checkpoint_metrics(
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
     ev = evaluate(model, loss_fn, data)
     values: dict[str, Any] = {}
+    settings: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     for name in metrics:
         base = name.removesuffix("_plain")
@@ -106,8 +110,19 @@ def checkpoint_metrics(
                                seed=seed, progress=progress)
         seconds[name] = time.perf_counter() - t0
         values[name] = float(rep.values[base])
+        result = rep.results.get(base)
+        full = result.to_dict() if hasattr(result, "to_dict") else {}
+        settings[name] = {k: full[k] for k in _SETTING_KEYS
+                          if k in full and (full[k] is None or isinstance(full[k], (bool, int, float, str)))}
     return {"loss": ev.loss, "accuracy": ev.accuracy, "num_samples": ev.num_samples,
-            "metrics": values, "seconds": seconds}
+            "metrics": values, "settings": settings, "seconds": seconds}
+
+
+#: The per-metric settings and error bars that :func:`checkpoint_metrics` records (those a
+#: result carries; e.g. ``rho``/``m``/``steps`` for worst/average, ``num_matvecs`` for lambda_max).
+_SETTING_KEYS = ("kind", "rho", "adaptive", "norm", "m", "steps", "samples", "stderr", "std_error",
+                 "num_batches", "num_samples", "epsilon", "sigma", "method", "num_matvecs",
+                 "residual", "converged", "mode")
 
 
 def _local_samples(data: Any) -> int:
@@ -266,6 +281,8 @@ class ReportEntry(Result):
         density: ``{"grid", "density"}`` of the Hessian spectrum or ``None``.
         eigenvalues: top Hessian eigenvalues.
         info: free-form extra fields shown in the table (e.g. wall time per epoch).
+        settings: ``{metric: {setting: value}}``, what a metric used (e.g. ``rho``, ``m``,
+            ``steps`` of ``sharpness``); shown as a note under the table and in the JSON.
     """
 
     name: str
@@ -275,11 +292,14 @@ class ReportEntry(Result):
     density: dict[str, Any] | None = None
     eigenvalues: tuple[float, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe headline numbers (no grids)."""
-        return to_jsonable({"name": self.name, **self.info, **self.metrics,
-                            "eigenvalues": list(self.eigenvalues)})
+        out = {"name": self.name, **self.info, **self.metrics, "eigenvalues": list(self.eigenvalues)}
+        if self.settings:
+            out["settings"] = self.settings
+        return to_jsonable(out)
 
     def to_dict(self) -> dict[str, Any]:
         out = self.summary()
@@ -354,6 +374,8 @@ def analyze_checkpoint(
     sh = sharpness(model, loss_fn, data, rho=sharpness_rho, kind="worst", adaptive=True, seed=seed,
                    progress=progress, **sh_opts)
     metrics["sharpness"] = float(sh.value)
+    settings = {"sharpness": {k: getattr(sh, k) for k in ("rho", "m", "steps", "adaptive", "norm", "num_batches")
+                              if hasattr(sh, k)}}
     if trace:
         from analysis.trace import hessian_trace
 
@@ -378,7 +400,7 @@ def analyze_checkpoint(
         s2 = compute_slice(model, loss_fn, slice_data, dims=2, direction="random", lo=-radius, hi=radius,
                            steps=steps_2d, seed=seed, progress=progress, label=name)
     return ReportEntry(name=name, metrics=metrics, slices_1d=tuple(slices), slice_2d=s2,
-                       density=dens, eigenvalues=eigenvalues, info=dict(info or {}))
+                       density=dens, eigenvalues=eigenvalues, info=dict(info or {}), settings=settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,6 +471,27 @@ def _table(entries: Sequence[ReportEntry], columns: Sequence[str] | None) -> str
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+def _settings_notes(entries: Sequence[ReportEntry]) -> list[str]:
+    """``"<metric label>: rho=0.1, m=128, 20 ascent steps"`` per distinct metric setting."""
+    out: list[str] = []
+    for e in entries:
+        for metric, st in e.settings.items():
+            parts = [f"{k}={_plain(st[k])}" for k in ("rho", "m") if st.get(k) is not None]
+            if st.get("steps") is not None:
+                parts.append(f"{st['steps']} ascent steps")
+            if st.get("adaptive") is not None:
+                parts.append("adaptive, c = |w|" if st["adaptive"] else "c = 1")
+            label = re.sub(r"<[^>]+>", "", _LABELS.get(metric, metric)).replace("&lambda;", "lambda")
+            line = f"{label}: " + ", ".join(parts)
+            if parts and line not in out:
+                out.append(line)
+    return out
+
+
+def _plain(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def report_html(
     entries: Sequence[ReportEntry],
     *,
@@ -500,7 +543,7 @@ def report_html(
         parts.append(f"<p>{html.escape(intro)}</p>")
     parts.append("<h2>Metrics</h2>")
     parts.append(_table(entries, columns))
-    for n in notes:
+    for n in [*_settings_notes(entries), *notes]:
         parts.append(f"<p class='note'>{html.escape(n)}</p>")
     section = None
     config = {"displaylogo": False, "responsive": True}
