@@ -342,19 +342,18 @@ class _Setup:
 _CKPT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
-def _looks_like_checkpoint(path: pathlib.Path) -> bool:
-    """A torch zip archive, a legacy torch pickle or a safetensors file (by its first bytes)."""
+def _checkpoint_format(path: pathlib.Path) -> str | None:
+    """``"torch"`` (zip archive or legacy pickle), ``"safetensors"`` or ``None``, by the first bytes."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError:
-        return True  # let the loader report the real error
+        return "unknown"  # let the loader report the real error
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch zip / pickle protocol >= 2
-        return True
-    if len(head) >= 9:  # safetensors: u64 little-endian header length, then a JSON object
-        n = int.from_bytes(head[:8], "little")
-        return 0 < n < 1 << 32 and head[8:9] == b"{"
-    return False
+        return "torch"
+    if len(head) >= 9 and 0 < int.from_bytes(head[:8], "little") < 1 << 32 and head[8:9] == b"{":
+        return "safetensors"  # u64 little-endian header length, then a JSON object
+    return None
 
 
 def _checkpoints(paths: Sequence[str]) -> list[pathlib.Path]:
@@ -363,9 +362,14 @@ def _checkpoints(paths: Sequence[str]) -> list[pathlib.Path]:
 
     found = find_checkpoints(list(paths))
     for p in found:
-        if p.suffix not in _CKPT_SUFFIXES and not _looks_like_checkpoint(p):
+        if p.suffix in _CKPT_SUFFIXES:
+            continue
+        fmt = _checkpoint_format(p)
+        if fmt is None:
             raise CLIError(f"{p} is not a checkpoint (expected a torch.save file "
                            f"{'/'.join(_CKPT_SUFFIXES[:-1])} or {_CKPT_SUFFIXES[-1]})")
+        if fmt == "safetensors":
+            raise CLIError(f"{p} looks like a safetensors file: name it {p.stem}.safetensors")
     return found
 
 

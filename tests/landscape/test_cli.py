@@ -416,3 +416,171 @@ def test_slice_2d_on_pca_of_a_trajectory(tmp_path, capsys):
     assert abs(doc["directions"][0]["norm"] - 1.0) < 1e-9
     ev = evaluate(_model(traj / "step4.pt", torch.float64), "cross_entropy", _data(torch.float64))
     assert doc["grid"]["loss"][1][1] == pytest.approx(ev.loss, rel=1e-9)  # the centre is w
+
+
+# ---------------------------------------------------------------------------------------------
+# problems a new user reported (each fails fast, in one line)
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Any model/data setup (the start of every computation) fails the test."""
+    import landscape.cli as cli
+
+    def boom(*a, **k):
+        raise AssertionError("the command computed before checking its output paths")
+
+    monkeypatch.setattr(cli._Setup, "__init__", boom)
+
+
+def test_output_paths_checked_before_any_computation(ckpts, tmp_path, capsys, no_compute):
+    a = str(ckpts / "a.pt")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    err = _fails(["sharpness", a, *SPEC, "--json", str(afile / "s.json")], capsys, "cannot write --json")
+    assert "is a file, not a directory" in err
+    _fails(["hessian", a, *SPEC, "--json", str(tmp_path)], capsys, "is a directory")
+    _fails(["slice", a, *SPEC, "--dims", "2", "--out", str(tmp_path / "f.png"),
+            "--store", str(afile / "g.npz")], capsys, "cannot write --store")
+    if pathlib.Path("/proc").is_dir():  # a directory no file can be created in, even as root
+        _fails(["hessian", a, *SPEC, "--json", "/proc/h.json"], capsys, "cannot write --json /proc/h.json")
+        err = _fails(["report", a, *SPEC, "--out", "/proc/r.html"], capsys, "cannot write --out /proc/r.html")
+        assert ".tmp" not in err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK) or os.geteuid() != 0:
+            _fails(["sharpness", a, *SPEC, "--json", str(ro / "s.json")], capsys, "not writable")
+    finally:
+        ro.chmod(0o700)
+    assert not list(tmp_path.glob("**/.landscape-probe-*"))  # the probe file is removed
+
+
+def test_report_and_slice_option_checks_exit_2(ckpts, tmp_path, capsys, no_compute):
+    a = str(ckpts / "a.pt")
+    cases = {
+        ("report", "--out", str(tmp_path / "r.pdf")): "use a .html or .htm file",
+        ("report", "--out", str(tmp_path / "r.html"), "--steps-2d", "1"): "--steps-2d 1: need at least 2",
+        ("report", "--out", str(tmp_path / "r.html"), "--steps-1d", "0"): "--steps-1d 0: need at least 2",
+        ("report", "--out", str(tmp_path / "r.html"), "--radius", "-1"): "--radius -1.0: need a finite number > 0",
+        ("report", "--out", str(tmp_path / "r.html"), "--radius", "nan"): "--radius nan",
+        ("slice", "--dims", "1", "--out", str(tmp_path / "f.png"), "--store", str(tmp_path / "big.npz")):
+            "--store applies to --dims 2",
+        ("sharpness", "--rho", "0"): "--rho 0.0: need a finite number > 0",
+    }
+    for (cmd, *rest), match in cases.items():
+        code, _, err = _run([cmd, a, *SPEC, *rest], capsys)
+        assert code == 2, (cmd, rest, err)
+        assert err.count("\n") == 1 and match in err, err
+    assert not (tmp_path / "r.pdf").exists() and not (tmp_path / "big.npz").exists()
+
+
+def test_hessian_of_a_directory_says_one_checkpoint(ckpts, capsys, no_compute):
+    for cmd, extra in (("hessian", []), ("slice", ["--out", "never.png"])):
+        code, _, err = _run([cmd, str(ckpts), *SPEC, *extra], capsys)
+        assert code == 2, err
+        assert f"{cmd} takes one checkpoint; {ckpts} holds 2 (a.pt, b.pt)" in err
+        assert "unpack" not in err
+
+
+def test_non_checkpoint_file_is_named_not_pickle_refused(ckpts, tmp_path, capsys):
+    net = tmp_path / "net.py"
+    net.write_text("import torch\n")
+    err = _fails(["sharpness", str(net), *SPEC], capsys, f"{net} is not a checkpoint (expected")
+    assert "--trust-pickle" not in err and ".safetensors" in err
+    # the magic number decides, not the suffix: a torch.save file named .model still loads
+    other = tmp_path / "weights.model"
+    shutil.copy(ckpts / "b.pt", other)
+    code, out, err = _run(["sharpness", str(other), *SPEC, "--metric", "lambda_max"], capsys)
+    assert code == 0 and "weights.model" in out, err
+    from safetensors.torch import save_file
+
+    save_file(fx.trained_state(5), str(tmp_path / "w.weights"))
+    _fails(["hessian", str(tmp_path / "w.weights"), *SPEC], capsys, "looks like a safetensors file")
+    (tmp_path / "w.weights").rename(tmp_path / "w.safetensors")
+    code, out, err = _run(["hessian", str(tmp_path / "w.safetensors"), *SPEC, "--top-k", "1"], capsys)
+    assert code == 0, err
+
+
+def test_shuffled_loader_error_names_no_library_keyword(ckpts, tmp_path, capsys):
+    spec = tmp_path / "shuffled.py"
+    spec.write_text(
+        "import torch\n"
+        "from tests.landscape.cli_fixtures import data\n"
+        "def loader():\n"
+        "    x, y = data()\n"
+        "    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32,\n"
+        "                                       shuffle=True)\n")
+    err = _fails(["hessian", str(ckpts / "a.pt"), "--model", f"{FIX}:model", "--data", f"{spec}:loader",
+                  "--quiet"], capsys, "shuffle=False")
+    assert "check_deterministic" not in err
+
+
+def test_mse_on_class_labels_is_one_line(ckpts, capsys):
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("default")  # pytest would otherwise hide a leak
+        code, _, err = _run(["sharpness", str(ckpts / "a.pt"), *SPEC, "--loss", "mse"], capsys)
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "UserWarning" not in err, err
+    assert "the data does not fit the model" in err
+
+
+def test_help_examples_are_valid_and_defaults_shown(capsys):
+    import re
+    import shlex
+
+    from landscape.cli import build_parser
+
+    parser = build_parser()
+    for cmd in ("sharpness", "hessian", "slice", "report", "demo"):
+        code, out, _ = _run([cmd, "--help"], capsys)
+        assert code == 0
+        example = out.split("example:", 1)[1].replace("\\\n", " ")
+        for line in example.strip().splitlines():
+            argv = shlex.split(line.split("#", 1)[0])
+            assert argv[0] == "landscape"
+            parser.parse_args(argv[1:])  # exits 2 on an invalid choice (was --metric adaptive_worst)
+        # every option documents itself; defaults are shown
+        for opt in re.findall(r"^  (--[a-z0-9-]+)", out, flags=re.M):
+            assert not re.search(rf"^  {opt}( [A-Z.{{}}0-9,_ ]+)?$", out, flags=re.M), (cmd, opt)
+    _, out, _ = _run(["hessian", "--help"], capsys)
+    assert "(default: 5)" in out and "Hutch++" in out and "Hutchinson" not in out
+    _, out, _ = _run(["slice", "--help"], capsys)
+    assert "(default: -1.0 1.0)" in out and "(default: 41)" in out
+    _, out, _ = _run(["report", "--help"], capsys)
+    assert "(default: 21)" in out and "(default: Loss landscape report)" in out
+
+
+def test_hessian_table_shows_residuals(ckpts, capsys):
+    code, out, err = _run(["hessian", str(ckpts / "b.pt"), *SPEC64, "--top-k", "2", "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert "residual" in err
+    for r in doc["residuals"]:
+        assert format_table(["x"], [[r]]).splitlines()[-1].strip() in err
+
+
+def test_sharpness_records_the_settings_used(ckpts, capsys):
+    code, out, err = _run(["sharpness", str(ckpts / "a.pt"), *SPEC64, "--metric", "worst", "--metric",
+                           "average", "--metric", "lambda_max", "--m", "48", "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    s = doc["checkpoints"][0]["settings"]
+    from analysis.sharpness import sharpness
+
+    # the defaults the library used, not null: the same call reproduces the value
+    assert s["worst"]["rho"] > 0 and s["worst"]["m"] == 48 and s["worst"]["num_batches"] == 2
+    assert s["average"]["m"] == 48 and s["average"]["samples"] > 0
+    assert {"rho", "m", "steps", "samples", "stderr", "num_batches"} <= set(s["worst"])
+    assert doc["settings"]["worst"] == s["worst"] and doc["m"] == 48
+    x, y = _data(torch.float64)
+    ref = sharpness(_model(str(ckpts / "a.pt"), torch.float64), "cross_entropy", (x, y), rho=s["worst"]["rho"],
+                    kind="worst", adaptive=True, m=48, steps=s["worst"]["steps"], seed=0)
+    assert doc["checkpoints"][0]["metrics"]["worst"] == pytest.approx(ref.value, rel=1e-9)
+    # the table says which rho and m each column used
+    assert f"worst: rho={s['worst']['rho']:g}, m=48" in err
+    assert f"average: rho={s['average']['rho']:g}, m=48" in err
+    code, out, err = _run(["sharpness", str(ckpts / "a.pt"), *SPEC64, "--metric", "worst", "--rho", "0.02",
+                           "--json", "-"], capsys)
+    assert json.loads(out)["checkpoints"][0]["settings"]["worst"]["rho"] == 0.02

@@ -109,3 +109,23 @@ def test_entry_without_slices():
     text = report_html([e])
     assert "bare" in text and "nan" in text
     assert PLOTLY_DIV.findall(text) == []
+
+
+def test_sharpness_settings_recorded_and_shown(entries):
+    from analysis.sharpness import sharpness
+
+    e = entries[0]
+    st = e.settings["sharpness"]
+    assert st["rho"] == 0.1 and st["m"] == 20 and st["steps"] == 3 and st["adaptive"] is True
+    assert st["num_batches"] == 2  # 40 samples in batches of m = 20
+    ref = sharpness(mlp(seed=0), "cross_entropy", classification_data(n=40, seed=0), rho=st["rho"],
+                    kind="worst", adaptive=True, m=st["m"], steps=st["steps"], seed=0)
+    assert e.metrics["sharpness"] == pytest.approx(ref.value, rel=1e-9)
+    assert e.summary()["settings"]["sharpness"]["rho"] == 0.1
+    assert json.loads(json.dumps(e.to_dict()))["settings"] == e.summary()["settings"]
+    text = report_html(entries)
+    notes = re.findall(r"<p class='note'>([^<]*)</p>", text)
+    # one note for both entries (same settings), naming rho and m next to the table
+    assert notes.count("adaptive worst-case sharpness: rho=0.1, m=20, 3 ascent steps, adaptive, c = |w|") == 1
+    bare = ReportEntry(name="bare", metrics={"loss": 1.0})
+    assert "rho=" not in report_html([bare])
