@@ -332,8 +332,10 @@ class _Setup:
                 out = forward(model, to_device(batch.inputs, device, dtype))
                 loss = self.loss_fn(out, to_device(batch.targets, device, dtype))
         except Exception as exc:
+            hint = ("; --loss mse needs float targets shaped like the outputs (class labels need "
+                    "cross_entropy)" if self.args.loss == "mse" else "")
             raise CLIError(
-                f"the data does not fit the model: {type(exc).__name__}: {_first_line(exc)}"
+                f"the data does not fit the model: {type(exc).__name__}: {_first_line(exc)}{hint}"
             ) from None
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise CLIError("the loss function must return a scalar (the batch mean)")

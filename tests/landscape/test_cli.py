@@ -518,12 +518,15 @@ def test_shuffled_loader_error_names_no_library_keyword(ckpts, tmp_path, capsys)
 
 
 def test_mse_on_class_labels_is_one_line(ckpts, capsys):
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("default")  # pytest would otherwise hide a leak
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # a warning would print 3 lines
+        warnings.simplefilter("always")
         code, _, err = _run(["sharpness", str(ckpts / "a.pt"), *SPEC, "--loss", "mse"], capsys)
     assert code == 1
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
     assert err.strip().count("\n") == 0 and "UserWarning" not in err, err
-    assert "the data does not fit the model" in err
+    assert "the data does not fit the model" in err and "class labels need cross_entropy" in err
 
 
 def test_help_examples_are_valid_and_defaults_shown(capsys):
