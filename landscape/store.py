@@ -41,6 +41,12 @@ __all__ = [
 _FORMAT = "msam-landscape-grid/1"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class StoreMismatchError(ValueError):
     """An existing store was written with different arguments (it is left untouched)."""
 
@@ -251,6 +257,7 @@ class GridStore:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
             os.replace(tmp, self.path)
         except BaseException:
             if os.path.exists(tmp):

@@ -122,3 +122,20 @@ def test_reader_only_store_adopts_rows_and_never_touches_disk(tmp_path):
     follower.write_row(0, {"loss": np.zeros(2), "accuracy": np.zeros(2)})
     assert not (tmp_path / "other_dir").exists()
     assert _store(tmp_path / "grid.npz").pending_rows() == [0, 1]  # rank 0's file unchanged
+
+
+def test_store_file_gets_the_usual_mode_not_mkstemps_0600(tmp_path):
+    import os
+
+    import numpy as np
+
+    from landscape.store import GridStore
+
+    mask = os.umask(0o022)
+    try:
+        store = GridStore(tmp_path / "g.npz", {"a": 1}, np.linspace(-1, 1, 3),
+                          np.linspace(-1, 1, 3), ("loss",))
+        store.save()
+        assert (os.stat(tmp_path / "g.npz").st_mode & 0o777) == 0o644
+    finally:
+        os.umask(mask)
