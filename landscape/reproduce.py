@@ -1577,6 +1577,8 @@ run single experiments (`run_table`, `run_rho_sweep`, ...) with a shared `RunCac
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``landscape reproduce EXPERIMENT [--quick] [--out DIR] [--seeds N] [--device D]``."""
+    from landscape.cli import _positive_int  # the CLI's argument types (no import cycle)
+
     p = subparsers.add_parser(
         "reproduce", help="rerun the MSAM paper's experiments at small scale (digits)",
         description="Rerun the MSAM paper's experiments on the bundled digits: "
@@ -1599,14 +1601,4 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_reproduce)
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
