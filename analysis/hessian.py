@@ -96,6 +96,9 @@ def check_deterministic_setup(model: nn.Module, source: DataSource, mode: str | 
             "products would use different batches when the batches are weighted; build it with "
             "shuffle=False or pass check_deterministic=False"
         )
+    from .checks import check_repeatable_forward  # catches F.dropout(training=True) in forward
+
+    check_repeatable_forward(model, source, mode, where="curvature operator")
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:

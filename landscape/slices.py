@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import os
+import pathlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -62,6 +63,7 @@ import torch
 from torch import nn
 
 from analysis import distributed as dist
+from analysis.checks import check_first_batch
 from analysis.data import Data, DataSource, as_data, to_device
 from analysis.directions import interpolation_direction
 from analysis.evaluation import (
@@ -364,7 +366,7 @@ class _Session:
     """Shared setup of a slice: validation, mode, buffers, exact restore."""
 
     def __init__(self, model, loss_fn, data, *, metrics, mode, batch_size, cache,
-                 recalibrate_bn, bn_data, params):
+                 recalibrate_bn, bn_data, params, check_deterministic=True, where="slice"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if mode not in ("eval", "train", None):
@@ -376,6 +378,10 @@ class _Session:
         self.mode = mode
         self.space = ParameterSpace(model, params)
         self.source = as_data(data, batch_size=batch_size)
+        if not isinstance(check_deterministic, bool):
+            raise TypeError(f"check_deterministic must be True or False, got {check_deterministic!r}")
+        check_first_batch(model, self.loss_fn, self.source, mode, where=where,
+                          deterministic=check_deterministic)
         self.recalibrate_bn = bool(recalibrate_bn)
         self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if self.recalibrate_bn and not self.bns:
@@ -438,6 +444,37 @@ class _Session:
                 m.momentum = mom
 
 
+def _check_store_path(store: Any) -> None:
+    """Refuse, before computing, a ``store`` that cannot be written (as the CLI does).
+
+    A directory (existing, or named with a trailing separator) or the parent of a ``.npz``
+    path must be, or be creatable under, a writable directory; an existing store file must be a
+    writable regular file. Skipped under ``torch.distributed`` (rank 0 alone writes and its
+    errors reach every rank).
+    """
+    if not isinstance(store, (str, os.PathLike)):
+        raise TypeError(f"store must be a path (str or os.PathLike), got {type(store).__name__}")
+    raw = os.fspath(store)
+    if not raw:
+        raise ValueError("store is an empty path")
+    if dist.is_distributed():
+        return
+    p = pathlib.Path(raw)
+    is_dir = p.is_dir() or raw.endswith(("/", os.sep))
+    if not is_dir:
+        target = p if p.suffix == ".npz" else p.with_name(p.name + ".npz")
+        if target.exists() and (not target.is_file() or not os.access(target, os.W_OK)):
+            raise ValueError(f"store {target} exists but is not a writable regular file")
+    folder = p if is_dir else (p.parent if str(p.parent) else pathlib.Path("."))
+    anc = folder
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ValueError(f"cannot write store {raw}: {anc} is a file, not a directory")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write store {raw}: directory {anc} is not writable")
+
+
 def _bar(total: int, progress: bool, desc: str):
     if not progress or total == 0 or not dist.is_main_process():
         return None
@@ -473,6 +510,7 @@ def slice_1d(
     name: str = "d",
     label: str = "",
     progress: bool = True,
+    check_deterministic: bool = True,
 ) -> Slice1D:
     """The 1-D slice ``f(alpha) = L(w + alpha d)`` (Goodfellow et al. 2015; Li et al. 2018).
 
@@ -496,6 +534,10 @@ def slice_1d(
         name: name of the direction (axis label).
         label: label for legends.
         progress: show a tqdm bar with points/s.
+        check_deterministic: refuse, before computing, a model whose forward is random under
+            ``mode`` (active dropout, named; or two evaluations of the first batch differing,
+            e.g. ``F.dropout(training=True)`` in ``forward``); see :mod:`analysis.checks`.
+            The first batch is also checked against the loss (shapes, dtypes, class range).
 
     Returns:
         :class:`Slice1D`.
@@ -506,7 +548,8 @@ def slice_1d(
     """
     alphas_arr = _coords(alphas, "alphas")
     s = _Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
-                 cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params)
+                 cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
+                 check_deterministic=check_deterministic, where="slice_1d()")
     d = _direction(direction, s.space, "direction")
     start = time.perf_counter()
 
@@ -564,6 +607,7 @@ def slice_2d(
     label: str = "",
     progress: bool = True,
     shard_rows: bool = False,
+    check_deterministic: bool = True,
 ) -> Slice2D:
     """The 2-D slice ``f(x, y) = L(w + x d1 + y d2)`` on the grid ``xs x ys`` (Li et al. 2018).
 
@@ -603,6 +647,7 @@ def slice_2d(
         shard_rows: split the grid rows across ``torch.distributed`` ranks (default ``False``);
             the data must not be sharded (``as_data(..., shard=True)`` or a
             ``DistributedSampler`` loader raise ``ValueError``). A no-op on one process.
+        check_deterministic: as in :func:`slice_1d`.
 
     Returns:
         :class:`Slice2D` with ``loss[i, j]`` at ``(xs[i], ys[j])``.
@@ -616,8 +661,11 @@ def slice_2d(
     xs_arr, ys_arr = _coords(xs, "xs"), _coords(ys, "ys")
     if not (isinstance(names, (tuple, list)) and len(names) == 2):
         raise ValueError(f"names must be a pair of strings, got {names!r}")
+    if store is not None:
+        _check_store_path(store)
     s = _Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
-                 cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params)
+                 cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
+                 check_deterministic=check_deterministic, where="slice_2d()")
     if shard_rows and (s.source.shard or (s.evaluator.bn_source is not None
                                           and s.evaluator.bn_source.shard)):
         raise ValueError(

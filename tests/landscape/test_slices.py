@@ -190,8 +190,9 @@ def test_resume_gives_the_uninterrupted_grid(tmp_path, where):
     full = slice_2d(model, CountingLoss(), (x, y), d1, d2, xs, ys, progress=False)
 
     store = tmp_path / "grid.npz"
-    # one call for the origin, then ny per row (one batch): fail at the start / middle of row 2
-    fail_at = 1 + 2 * ny + (1 if where == "row_boundary" else 3)
+    # one call for the input check of the first batch, one for the origin, then ny per row
+    # (one batch): fail at the start / middle of row 2
+    fail_at = 2 + 2 * ny + (1 if where == "row_boundary" else 3)
     with pytest.raises(KeyboardInterrupt):
         slice_2d(model, CountingLoss(fail_at), (x, y), d1, d2, xs, ys, store=store, progress=False)
     assert _same(model, saved)
@@ -200,7 +201,7 @@ def test_resume_gives_the_uninterrupted_grid(tmp_path, where):
     loss = CountingLoss()
     resumed = slice_2d(model, loss, (x, y), d1, d2, xs, ys, store=store, progress=False)
     assert resumed.resumed_rows == 2
-    assert loss.calls == 1 + (len(xs) - 2) * ny  # only the missing rows were computed
+    assert loss.calls == 2 + (len(xs) - 2) * ny  # check + origin + only the missing rows
     np.testing.assert_array_equal(resumed.loss, full.loss)
     np.testing.assert_array_equal(resumed.accuracy, full.accuracy)
     assert resumed.loss_at_origin == full.loss_at_origin
@@ -209,12 +210,12 @@ def test_resume_gives_the_uninterrupted_grid(tmp_path, where):
     # a finished store is read back without evaluating any grid point
     again = CountingLoss()
     done = slice_2d(model, again, (x, y), d1, d2, xs, ys, store=store, progress=False)
-    assert again.calls == 1 and done.resumed_rows == len(xs)
+    assert again.calls == 2 and done.resumed_rows == len(xs)  # input check + origin
     np.testing.assert_array_equal(done.loss, full.loss)
     # resume=False recomputes every row
     fresh = CountingLoss()
     redo = slice_2d(model, fresh, (x, y), d1, d2, xs, ys, store=store, resume=False, progress=False)
-    assert fresh.calls == 1 + len(xs) * ny and redo.resumed_rows == 0
+    assert fresh.calls == 2 + len(xs) * ny and redo.resumed_rows == 0
     np.testing.assert_array_equal(redo.loss, full.loss)
 
 
