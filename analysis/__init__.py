@@ -5,6 +5,7 @@ landscape directions, sharpness metrics and the MSAM mechanism probes. May impor
 never imports :mod:`landscape`.
 """
 
+from .checks import check_first_batch, check_repeatable_forward
 from .data import Batch, DataSource, as_data, batch_size_of, to_device
 from .density import SpectralDensity, spectral_density
 from .directions import (
@@ -75,6 +76,7 @@ __all__ = [
     "CurvatureOperator", "HessianOperator", "GGNOperator", "directional_curvature",
     "EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
     "check_deterministic_setup", "TraceResult", "hessian_trace",
+    "check_first_batch", "check_repeatable_forward",
     "SpectralDensity", "spectral_density", "dense_hessian", "dense_ggn",
     # directions
     "NORMALIZATIONS", "random_direction", "gradient_direction", "momentum_direction",

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from .checks import check_first_batch
 from .data import Data, as_data, to_device
 from .evaluation import forward, model_mode, resolve_loss
 from .params import ParameterSpace
@@ -192,6 +193,8 @@ def orthogonalize(
         raise TypeError(f"direction must be a torch.Tensor, got {type(direction).__name__}")
     if direction.dim() != 1:
         raise ValueError(f"direction must be flat (1-D), got shape {tuple(direction.shape)}")
+    if not isinstance(against, (torch.Tensor, list, tuple)):
+        raise TypeError(f"against must be a flat tensor or a list of them, got {type(against).__name__}")
     basis_in = [against] if isinstance(against, torch.Tensor) else list(against)
     d = direction.detach().to(torch.float64)
     basis: list[torch.Tensor] = []
@@ -299,6 +302,9 @@ def gradient_direction(
     loss_fn = resolve_loss(loss_fn)
     space = _space(model, params)
     source = as_data(data, batch_size=batch_size)
+    # the first batch against the model and the loss (one-line errors instead of torch's)
+    check_first_batch(model, loss_fn, source, mode, where="gradient_direction()",
+                      deterministic=False)
     total = torch.zeros(space.numel + 1, device=space.device, dtype=torch.float64)
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # train-mode BN would move them
     try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,9 +42,14 @@ def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     Returns:
         A 1-D tensor of length ``sum(t.numel())``.
     """
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Iterable):
+        raise TypeError(f"flatten() needs an iterable of tensors, got {type(tensors).__name__}")
     tensors = list(tensors)
     if not tensors:
         raise ValueError("flatten() got no tensors")
+    bad = [type(t).__name__ for t in tensors if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise TypeError(f"flatten() needs tensors, got {bad[0]}")
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
@@ -57,6 +63,11 @@ def unflatten(vector: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.
     Returns:
         A list of views into ``vector``.
     """
+    if not isinstance(vector, torch.Tensor):
+        raise TypeError(f"unflatten() needs a torch.Tensor, got {type(vector).__name__}"
+                        + (" (convert it with torch.from_numpy)" if hasattr(vector, "__array__") else ""))
+    if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Iterable):
+        raise TypeError(f"shapes must be a sequence of shapes, got {type(shapes).__name__}")
     numels = [int(torch.Size(s).numel()) for s in shapes]
     if vector.dim() != 1 or vector.numel() != sum(numels):
         raise ValueError(
@@ -98,6 +109,9 @@ class ParameterSpace:
                     "(every parameter has requires_grad=False)"
                 )
         else:
+            if isinstance(params, (str, torch.Tensor)) or not isinstance(params, Iterable):
+                shown = f"the string {params!r}" if isinstance(params, str) else type(params).__name__
+                raise TypeError(f"params must be a list of parameter names or parameters, got {shown}")
             by_name = dict(named)
             by_id = {id(p): n for n, p in named}
             chosen = []
@@ -175,6 +189,14 @@ class ParameterSpace:
             )
         return vector
 
+    def _check_writable(self, vector: Any, what: str) -> None:
+        if not isinstance(vector, torch.Tensor):
+            hint = " (convert it with torch.from_numpy)" if hasattr(vector, "__array__") else ""
+            raise TypeError(f"{what}() needs a flat torch.Tensor, got {type(vector).__name__}{hint}")
+        if not (vector.is_floating_point() or vector.is_complex()) and self.dtype.is_floating_point:
+            raise TypeError(f"{what}() needs a floating-point vector, got dtype {vector.dtype}")
+        self.check_vector(vector)
+
     def as_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{name: view}`` for a flat vector, e.g. for ``torch.func.functional_call``."""
         return dict(zip(self.names, self.unflatten(vector)))
@@ -191,12 +213,16 @@ class ParameterSpace:
     @torch.no_grad()
     def add_(self, vector: torch.Tensor, alpha: float = 1.0) -> None:
         """In place: ``w <- w + alpha * vector`` (one fused foreach axpy, no copy of the model)."""
+        self._check_writable(vector, "add_")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
         views = self.unflatten(vector.to(device=self.device, dtype=self.dtype))
         torch._foreach_add_(self.params, views, alpha=alpha)
 
     @torch.no_grad()
     def copy_(self, vector: torch.Tensor) -> None:
         """In place: ``w <- vector``."""
+        self._check_writable(vector, "copy_")
         views = self.unflatten(vector.to(device=self.device, dtype=self.dtype))
         torch._foreach_copy_(self.params, views)
 

@@ -93,8 +93,16 @@ def rank_for_variance(features: torch.Tensor, threshold: float = 0.99) -> int:
     (Andriushchenko et al. 2023, "SAM leads to low-rank features"; MSAM paper App. A.6).
     Returns 0 for constant features.
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    if isinstance(features, np.ndarray):
+        features = torch.from_numpy(features)
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a tensor, got {type(features).__name__}")
+    if features.dim() < 2 or features.shape[0] < 1:
+        raise ValueError(f"features must be (N, D) with N >= 1, got shape {tuple(features.shape)}")
     f = features.detach().reshape(features.shape[0], -1).double()
     f = f - f.mean(dim=0, keepdim=True)
     s2 = torch.linalg.svdvals(f) ** 2
@@ -261,6 +269,12 @@ class MechanismProbe:
         for name, value in (("rho", rho), ("rho_sam", rho_sam)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+        if layer is not None:
+            if not isinstance(layer, (str, nn.Module)):
+                raise TypeError(f"layer must be a module name or a module, got {type(layer).__name__}")
+            _find_module(model, layer)  # unknown layers fail now, listing the model's layers
         self.rho = float(rho)
         self.rho_sam = float(rho_sam)
         self.mode = mode

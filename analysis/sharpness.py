@@ -143,6 +143,16 @@ def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
 def _check_mode(mode: Any) -> None:
     if mode not in (None, "eval", "train"):
         raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
@@ -596,8 +606,13 @@ def sharpness(
         _check_positive("n_eval", n_eval, integer=True)
         if n_eval < m:
             raise ValueError(f"m={m} is larger than n_eval={n_eval}; lower m or raise n_eval")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)):
+        raise TypeError(f"eta must be a number, got {type(eta).__name__}")
+    if not (math.isfinite(float(eta)) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    _check_flag("adaptive", adaptive)
+    _check_flag("check_deterministic", check_deterministic)
+    _check_seed(seed)
     _check_mode(mode)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
@@ -831,6 +846,8 @@ def epsilon_sharpness(
     _check_positive("steps", steps, integer=True)
     if method not in ("lbfgsb", "apgd"):
         raise ValueError(f"method must be 'lbfgsb' or 'apgd', got {method!r}")
+    _check_seed(seed)
+    _check_flag("check_deterministic", check_deterministic)
     _check_mode(mode)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
@@ -946,6 +963,11 @@ def pac_bayes_flatness(
     _check_positive("sigma_max", sigma_max)
     _check_positive("tolerance", tolerance)
     _check_positive("max_evaluations", max_evaluations, integer=True)
+    if target >= 1:
+        raise ValueError(f"the accuracy cannot drop by target={target!r}; target must be < 1")
+    _check_flag("magnitude_aware", magnitude_aware)
+    _check_flag("check_deterministic", check_deterministic)
+    _check_seed(seed)
     _check_mode(mode)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
@@ -1090,6 +1112,7 @@ def directional_sharpness(
     """
     _check_model(model)
     _check_mode(mode)
+    _check_flag("check_deterministic", check_deterministic)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
     d = as_flat_direction(direction, space)
@@ -1137,6 +1160,33 @@ _REPORT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _report_keywords(metric: str) -> set[str]:
+    """Keyword arguments a metric of :func:`sharpness_report` accepts in ``options``."""
+    import inspect
+
+    if metric in ("worst", "average"):
+        fn: Callable = sharpness
+    elif metric == "epsilon":
+        fn = epsilon_sharpness
+    elif metric in ("pac_bayes", "pac_bayes_mag"):
+        fn = pac_bayes_flatness
+    elif metric == "lambda_max":
+        from .lanczos import top_eigenpairs as fn
+    else:
+        from .trace import hessian_trace as fn
+    def kw_only(f: Callable) -> set[str]:
+        return {n for n, p in inspect.signature(f).parameters.items() if p.kind == p.KEYWORD_ONLY}
+
+    keys = kw_only(fn)
+    if metric == "lambda_max":  # top_eigenpairs(model, ...) builds the operator from these
+        from .hessian import CurvatureOperator
+
+        keys |= kw_only(CurvatureOperator.__init__)
+    elif metric == "trace":  # the report builds the operator itself, with this mode
+        keys |= {"mode"}
+    return keys - {"progress", "kind"}
+
+
 def sharpness_report(
     model: nn.Module,
     loss_fn: str | LossFn | None,
@@ -1170,16 +1220,30 @@ def sharpness_report(
     _check_model(model)
     if isinstance(metrics, str):
         metrics = (metrics,)
+    if not isinstance(metrics, (list, tuple)):
+        raise TypeError(f"metrics must be a metric name or a list of names, got "
+                        f"{type(metrics).__name__}")
     metrics = list(metrics)
     unknown = [mm for mm in metrics if mm not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
     if not metrics:
         raise ValueError("metrics is empty")
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"options must be a dict {{metric: {{option: value}}}}, got "
+                        f"{type(options).__name__}")
     options = dict(options or {})
     bad = [k for k in options if k not in METRICS]
     if bad:
         raise ValueError(f"options for unknown metric(s) {bad}; choose from {list(METRICS)}")
+    for k, v in options.items():
+        if not isinstance(v, Mapping):
+            raise TypeError(f"options[{k!r}] must be a dict of keyword arguments, got "
+                            f"{type(v).__name__}")
+        unknown_kw = sorted(set(v) - _report_keywords(k))
+        if unknown_kw:
+            raise ValueError(f"options[{k!r}] has unknown option(s) {unknown_kw}; choose from "
+                             f"{sorted(_report_keywords(k))}")
     loss_fn = resolve_loss(loss_fn)
     values: dict[str, float] = {}
     results: dict[str, Any] = {}

@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 from torch import nn
 
 __all__ = ["digits_cnn", "digits_mlp"]
+
+
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _bool_arg(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
 
 
 def digits_cnn(width: int = 32, *, batchnorm: bool = True, num_classes: int = 10) -> nn.Sequential:
     """A small CNN: two 3x3 conv blocks (+BatchNorm, ReLU), max-pool, two linear layers.
 
     With the default ``width=32`` it has about 151k parameters.
+
+    Raises:
+        TypeError / ValueError: ``width`` or ``num_classes`` not a positive integer,
+            ``batchnorm`` not a bool.
     """
+    width = _int_arg("width", width, 1)
+    num_classes = _int_arg("num_classes", num_classes, 1)
+    batchnorm = _bool_arg("batchnorm", batchnorm)
+
     def block(cin: int, cout: int) -> list[nn.Module]:
         layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not batchnorm)]
         if batchnorm:
@@ -31,7 +56,17 @@ def digits_cnn(width: int = 32, *, batchnorm: bool = True, num_classes: int = 10
 
 
 def digits_mlp(hidden: int = 64, depth: int = 2, *, num_classes: int = 10) -> nn.Sequential:
-    """A ReLU MLP on flattened 8x8 images (input 64 features)."""
+    """A ReLU MLP on flattened 8x8 images (input 64 features).
+
+    ``depth`` hidden layers of ``hidden`` units (``depth=0``: a linear model).
+
+    Raises:
+        TypeError / ValueError: ``hidden`` or ``num_classes`` not a positive integer, ``depth``
+            not a non-negative integer.
+    """
+    hidden = _int_arg("hidden", hidden, 1)
+    depth = _int_arg("depth", depth, 0)
+    num_classes = _int_arg("num_classes", num_classes, 1)
     layers: list[nn.Module] = [nn.Flatten()]
     d_in = 64
     for _ in range(depth):
