@@ -543,3 +543,114 @@ def test_shuffling_loader_warns_that_values_are_not_reproducible():
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     with pytest.warns(UserWarning, match="shuffle=False"):
         sharpness(model, "cross_entropy", loader, rho=0.1, m=32, steps=2, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# L-inf worst case: a lower bound; random restarts (issue 15, "Also")
+# ------------------------------------------------------------------------------------------------
+def _linf_vertex_max(A: torch.Tensor, rho: float) -> float:
+    """Brute force: max of 0.5 d^T A d over the box |d_i| <= rho; for PSD A (convex) the
+    maximum is attained at a vertex, so enumerating the 2^n vertices is exact."""
+    n = A.shape[0]
+    verts = rho * torch.tensor(list(itertools.product([-1.0, 1.0], repeat=n)), dtype=DT)
+    return float((0.5 * ((verts @ A) * verts).sum(1)).max())
+
+
+def test_linf_worst_case_is_a_lower_bound_and_restarts_reach_the_vertex_maximum():
+    n, rho = 10, 0.1
+    gaps = []
+    for seed in (1, 5, 9):  # problems where one ascent from the critical point stalls early
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(n, n, generator=g, dtype=DT)
+        A = a @ a.T / n
+        true = _linf_vertex_max(A, rho)
+        model = Quadratic(A)  # w = c = 0: an exact critical point
+        kw = dict(rho=rho, norm="linf", adaptive=False, m=4, n_eval=None, steps=20,
+                  progress=False)
+        one = sharpness(model, quadratic_loss, dummy(4), **kw)
+        many = sharpness(model, quadratic_loss, dummy(4), restarts=20, **kw)
+        assert one.lower_bound and many.lower_bound and many.restarts == 20
+        assert one.value <= true * (1 + 1e-12) and many.value <= true * (1 + 1e-12)
+        assert many.value >= one.value  # the first ascent is the same; restarts only add
+        assert many.value == pytest.approx(true, rel=1e-9)
+        gaps.append(1 - one.value / true)
+        # the cost: every restart is one more APGD run of steps + 1 forward passes
+        assert many.forward_passes == one.forward_passes + 20 * (kw["steps"] + 1)
+    assert max(gaps) > 0.05  # without restarts the ascent stops clearly below the maximum
+
+
+def test_lower_bound_flag_and_restart_validation():
+    model, data = mlp(), classification_data(n=32)
+    avg = sharpness(model, "cross_entropy", data, rho=0.05, kind="average", m=16, samples=2,
+                    progress=False)
+    assert avg.lower_bound is False and avg.restarts == 0
+    worst = sharpness(model, "cross_entropy", data, rho=0.05, m=16, steps=2, progress=False)
+    assert worst.to_dict()["lower_bound"] is True
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="restarts"):
+            sharpness(model, "cross_entropy", data, rho=0.05, m=16, restarts=bad, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# nondeterministic forwards are refused (issue 15, item 15)
+# ------------------------------------------------------------------------------------------------
+class FunctionalDropout(nn.Module):
+    """Randomness no module scan sees: F.dropout(training=True) inside forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(6, 8).double()
+        self.b = nn.Linear(8, 3).double()
+
+    def forward(self, x):
+        return self.b(nn.functional.dropout(torch.tanh(self.a(x)), 0.5, training=True))
+
+
+def _random_models():
+    torch.manual_seed(0)
+    drop = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    return [(FunctionalDropout(), "eval", "forward is random"),
+            (drop.train(), None, r"active dropout under mode=None in '2' \(Dropout\(p=0.3\)\)"),
+            (copy.deepcopy(drop), "train", "active dropout")]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_every_metric_refuses_a_random_forward_before_changing_anything(case):
+    model, mode, match = _random_models()[case]
+    data = classification_data(n=32)
+    n = ParameterSpace(model).numel
+    calls = [
+        lambda **k: sharpness(model, "cross_entropy", data, rho=0.1, m=16, steps=2, mode=mode,
+                              progress=False, **k),
+        lambda **k: sharpness(model, "cross_entropy", data, rho=0.1, kind="average", m=16,
+                              samples=2, mode=mode, progress=False, **k),
+        lambda **k: epsilon_sharpness(model, "cross_entropy", data, steps=2, mode=mode, **k),
+        lambda **k: directional_sharpness(model, "cross_entropy", data, torch.ones(n, dtype=DT),
+                                          [0.1], mode=mode, **k),
+        lambda **k: pac_bayes_flatness(model, "cross_entropy", data, mode=mode, draws=1,
+                                       max_evaluations=2, target=0.01, **k),
+    ]
+    snap = snapshot(model)
+    rng = torch.get_rng_state()
+    for call in calls:
+        with pytest.raises(ValueError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value) and "check_deterministic=False" in str(err.value)
+        assert_same_state(model, snap)
+        assert torch.equal(torch.get_rng_state(), rng)  # the check forked the global RNG
+    # the opt-out runs (the numbers are then noisy, which is the user's call)
+    r = sharpness(model, "cross_entropy", data, rho=0.1, m=16, steps=2, mode=mode,
+                  progress=False, check_deterministic=False)
+    assert math.isfinite(r.value)
+
+
+def test_train_mode_batchnorm_is_a_fixed_function_and_is_accepted():
+    # on a fixed batch, train-mode BatchNorm (batch statistics) is deterministic: two calls agree
+    model = cnn_bn()
+    from tests.models import image_data
+
+    data = image_data(n=16)
+    a = sharpness(model, "cross_entropy", data, rho=0.05, m=8, steps=3, mode="train", progress=False)
+    b = sharpness(model, "cross_entropy", data, rho=0.05, m=8, steps=3, mode="train", progress=False)
+    assert a.value == b.value

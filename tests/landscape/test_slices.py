@@ -386,3 +386,101 @@ def test_bn_recalibration_weights_batches_by_size_and_keeps_dropout_off():
         with torch.no_grad():
             ref = float(F.cross_entropy(m(x), y))
         assert s.loss[k] == pytest.approx(ref, rel=1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 15: random forwards refused, the first batch checked, store paths checked up front
+# --------------------------------------------------------------------------------------------
+class _FunctionalDropout(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(6, 3).double()
+
+    def forward(self, x):
+        return self.lin(F.dropout(x, 0.5, training=True))
+
+
+@pytest.mark.parametrize("case", ["functional", "module"])
+def test_slices_refuse_a_random_forward_and_allow_opting_out(tmp_path, case):
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    if case == "functional":
+        model, mode, match = _FunctionalDropout(), "eval", "forward is random"
+    else:
+        model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Dropout(0.5),
+                                    torch.nn.Linear(4, 3)).double().train()
+        mode, match = None, "active dropout under mode=None in '1'"
+    saved = _state(model)
+    d1 = random_direction(model, seed=0)
+    d2 = random_direction(model, seed=1, orthogonal_to=d1)
+    store = tmp_path / "s.npz"
+    other = _perturbed(model)  # interpolate needs two different models
+    calls = [
+        lambda **k: slice_1d(model, "cross_entropy", (x, y), d1, [0.0, 1.0], mode=mode,
+                             progress=False, **k),
+        lambda **k: slice_2d(model, "cross_entropy", (x, y), d1, d2, [0, 1], [0, 1],
+                             mode=mode, store=store, progress=False, **k),
+        lambda **k: interpolate(model, other, "cross_entropy", (x, y), [0.0, 1.0],
+                                mode=mode, progress=False, **k),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert _same(model, saved) and not store.exists()
+    s = slice_1d(model, "cross_entropy", (x, y), d1, [0.0, 1.0], mode=mode, progress=False,
+                 check_deterministic=False)
+    assert s.loss.shape == (2,)
+    assert _same(model, saved)
+
+
+def _perturbed(model):
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    return other
+
+
+def test_slice_first_batch_is_checked_against_the_loss():
+    model = mlp()
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    d = random_direction(model, seed=0)
+    saved = _state(model)
+    cases = [
+        ("cross_entropy", (x, y.double()), TypeError, r"integer class indices .*float64 \(20,\)"),
+        ("mse", (x, y), TypeError, "mse needs floating targets.*class labels"),
+        ("cross_entropy", (x, y + 3), ValueError, r"class indices in \[0, 3\).*got 3 \.\.\. 5"),
+        ("cross_entropy", (x[:, :4], y), ValueError,
+         r"forward pass failed on batch 0 \(inputs float64 \(20, 4\)"),
+        ("cross_entropy", (x.long(), y), ValueError, r"forward pass failed on batch 0 \(inputs int64"),
+    ]
+    for loss, data, exc, match in cases:
+        with pytest.raises(exc, match=match) as err:
+            slice_1d(model, loss, data, d, [0.0, 1.0], progress=False)
+        assert "\n" not in str(err.value) and str(err.value).startswith("slice_1d()")
+        assert _same(model, saved)
+
+
+def test_slice_2d_store_path_is_checked_before_computing(tmp_path):
+    model = mlp()
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    d1 = random_direction(model, seed=0)
+    d2 = random_direction(model, seed=1, orthogonal_to=d1)
+    afile = tmp_path / "plain.txt"
+    afile.write_text("x")
+    calls = {"n": 0}
+
+    def counting(out, t):
+        calls["n"] += 1
+        return F.cross_entropy(out, t)
+
+    with pytest.raises(ValueError, match="plain.txt is a file, not a directory"):
+        slice_2d(model, counting, (x, y), d1, d2, [0, 1], [0, 1], store=afile / "grid.npz",
+                 progress=False)
+    (tmp_path / "grid.npz").mkdir()  # store="grid" means the file grid.npz
+    with pytest.raises(ValueError, match="not a writable regular file"):
+        slice_2d(model, counting, (x, y), d1, d2, [0, 1], [0, 1], store=tmp_path / "grid",
+                 progress=False)
+    with pytest.raises(TypeError, match="store must be a path"):
+        slice_2d(model, counting, (x, y), d1, d2, [0, 1], [0, 1], store=3, progress=False)
+    assert calls["n"] == 0  # nothing was evaluated
