@@ -312,3 +312,19 @@ def test_gradient_direction_in_train_mode_leaves_batchnorm_statistics_alone():
     gradient_direction(model, "cross_entropy", (x, y), mode="train")
     for k, v in model.named_buffers():
         assert torch.equal(v, before[k]), k
+
+
+def test_gradient_direction_checks_the_first_batch_and_orthogonalize_types():
+    # issue 15 items 13/14: float class targets failed deep inside cross_entropy
+    model = mlp()
+    x, y = classification_data(n=12)
+    snap = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"gradient_direction\(\): cross_entropy needs integer class"):
+        gradient_direction(model, "cross_entropy", (x, y.double()))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\).*got 9"):
+        gradient_direction(model, "cross_entropy", (x, y + 9))
+    with pytest.raises(ValueError, match=r"forward pass failed on batch 0 \(inputs float64 \(12, 2\)"):
+        gradient_direction(model, "cross_entropy", (x[:, :2], y))
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), snap))
+    with pytest.raises(TypeError, match="against must be a flat tensor or a list of them, got NoneType"):
+        orthogonalize(torch.ones(3, dtype=torch.float64), None)

@@ -83,3 +83,35 @@ def test_grad_vector_zero_for_missing_grads():
     model = mlp()
     space = ParameterSpace(model)
     assert torch.equal(space.grad_vector(), torch.zeros(space.numel, dtype=torch.float64))
+
+
+def test_writes_and_types_are_checked():
+    # issue 15 item 14: copy_(numpy) gave an AttributeError, an integer vector was cast silently
+    import numpy as np
+
+    model = mlp()
+    space = ParameterSpace(model)
+    w = space.vector()
+    with pytest.raises(TypeError, match=r"copy_\(\) needs a flat torch.Tensor, got ndarray \(convert"):
+        space.copy_(np.zeros(space.numel))
+    with pytest.raises(TypeError, match=r"add_\(\) needs a flat torch.Tensor, got list"):
+        space.add_([0.0] * space.numel)
+    with pytest.raises(TypeError, match="floating-point vector, got dtype torch.int64"):
+        space.copy_(torch.zeros(space.numel, dtype=torch.long))
+    with pytest.raises(TypeError, match="alpha must be a number, got str"):
+        space.add_(torch.zeros(space.numel, dtype=torch.float64), alpha="2")
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        space.copy_(torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(space.vector(), w)  # nothing was written
+    with pytest.raises(TypeError, match="got the string '0.weight'"):
+        ParameterSpace(model, "0.weight")
+    with pytest.raises(TypeError, match="got int"):
+        ParameterSpace(model, 3)
+    with pytest.raises(TypeError, match="iterable of tensors, got NoneType"):
+        flatten(None)
+    with pytest.raises(TypeError, match="needs tensors, got list"):
+        flatten([[1.0]])
+    with pytest.raises(TypeError, match=r"unflatten\(\) needs a torch.Tensor, got ndarray"):
+        unflatten(np.zeros(3), [torch.Size([3])])
+    with pytest.raises(TypeError, match="shapes must be a sequence of shapes, got NoneType"):
+        unflatten(torch.zeros(3), None)

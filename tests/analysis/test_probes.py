@@ -346,3 +346,30 @@ def test_default_radius_only_from_a_normalized_msam():
     assert MechanismProbe(model, "cross_entropy", NAG(model.parameters(), lr=0.1, momentum=0.9)).rho == 3.0
     unnorm = MSAM(model.parameters(), rho=0.5, normalize=False)
     assert MechanismProbe(model, "cross_entropy", unnorm).rho == 3.0
+
+
+def test_probe_checks_layer_and_seed_at_construction():
+    # issue 15 item 14: MechanismProbe(layer='nope') used to be accepted and fail at the first
+    # feature_rank call, long after construction
+    model, opt, batch = trained_sgd()
+    with pytest.raises(ValueError, match=r"unknown layer 'nope'; the model has \['0', '1', '2'\]"):
+        MechanismProbe(model, "cross_entropy", opt, layer="nope")
+    with pytest.raises(TypeError, match="layer must be a module name or a module, got int"):
+        MechanismProbe(model, "cross_entropy", opt, layer=3)
+    with pytest.raises(ValueError, match="not part of the model"):
+        MechanismProbe(model, "cross_entropy", opt, layer=nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="seed must be an integer, got str 'a'"):
+        MechanismProbe(model, "cross_entropy", opt, seed="a")
+    probe = MechanismProbe(model, "cross_entropy", opt, layer="1")
+    assert probe.feature_rank(batch)["feature_rank"] >= 1
+
+
+def test_rank_for_variance_types():
+    f = torch.randn(10, 4, dtype=torch.float64)
+    assert rank_for_variance(f.numpy()) == rank_for_variance(f)  # numpy accepted as a tensor
+    with pytest.raises(TypeError, match="features must be a tensor, got list"):
+        rank_for_variance([[1.0]])
+    with pytest.raises(ValueError, match=r"\(N, D\).*shape \(4,\)"):
+        rank_for_variance(torch.ones(4))
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        rank_for_variance(f, threshold="0.9")
