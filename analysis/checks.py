@@ -105,12 +105,13 @@ def _untouched(model: nn.Module, mode: str | None, device: torch.device) -> Iter
                 b.copy_(saved)
 
 
-def _first_batch(source: DataSource, device, dtype) -> tuple[Any, Any, int]:
+def _first_batch(source: DataSource, device, dtype) -> tuple[Any, Any, int] | None:
+    """This rank's first batch (``None`` for a sharded rank that holds no batch)."""
     for batch in source:
         x = to_device(_head(batch.inputs, CHECK_SAMPLES), device, dtype)
         y = to_device(batch.targets, device, dtype)
         return x, y, batch.index
-    raise ValueError("data is empty (it yielded no samples)")  # pragma: no cover - DataSource raises
+    return None
 
 
 def _run_forward(model: nn.Module, x: Any, index: int, where: str, device, dtype) -> Any:
@@ -189,7 +190,10 @@ def check_repeatable_forward(model: nn.Module, source: DataSource, mode: str | N
     where = where or "check_repeatable_forward"
     _check_dropout(model, mode, where)
     device, dtype = model_device_dtype(model)
-    x, _, index = _first_batch(source, device, dtype)
+    first = _first_batch(source, device, dtype)
+    if first is None:
+        return
+    x, _, index = first
     with _untouched(model, mode, device):
         a = _run_forward(model, x, index, where, device, dtype)
         b = _run_forward(model, x, index, where, device, dtype)
@@ -279,7 +283,10 @@ def check_first_batch(
     if deterministic:
         _check_dropout(model, mode, where)
     device, dtype = model_device_dtype(model)
-    x, y, index = _first_batch(source, device, dtype)
+    first = _first_batch(source, device, dtype)
+    if first is None:  # a sharded rank without batches: nothing to check here
+        return
+    x, y, index = first
     y_head = _head(y, CHECK_SAMPLES)
     with _untouched(model, mode, device):
         out = _run_forward(model, x, index, where, device, dtype)

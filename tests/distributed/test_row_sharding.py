@@ -94,8 +94,9 @@ def test_row_sharded_grid_equals_one_process(ranks, reference):
         _same(ref, g)
         assert g["resumed_rows"] == 0
     # the rows were split: rank 0 computed rows 0, 2, 4 and rank 1 rows 1, 3 (3 points each,
-    # one forward per point on one full batch), plus the origin on each rank
-    assert [g["forwards"] for g in got] == [1 + 3 * len(W.YS), 1 + 2 * len(W.YS)]
+    # one forward per point on one full batch), plus the origin and the two forwards of the
+    # first-batch check (analysis.checks) on each rank
+    assert [g["forwards"] for g in got] == [3 + 3 * len(W.YS), 3 + 2 * len(W.YS)]
     assert all(ok for ok in _get(ranks, "restored"))
 
 
@@ -125,7 +126,7 @@ def test_resume_after_interruption_equals_uninterrupted(ranks, reference):
     for g in got:
         _same(ref, g)  # the NaN rows of the interrupted store were recomputed
         assert g["resumed_rows"] == DONE_ROWS
-    assert [g["forwards"] for g in got] == [1 + 2 * len(W.YS), 1 + (pending - 2) * len(W.YS)]
+    assert [g["forwards"] for g in got] == [3 + 2 * len(W.YS), 3 + (pending - 2) * len(W.YS)]
     with np.load(os.path.join(store_dir, "partial.npz")) as z:
         assert z["done"].all()
         np.testing.assert_allclose(z["loss"], ref.loss, rtol=RTOL, atol=0)
