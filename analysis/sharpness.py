@@ -586,7 +586,9 @@ def sharpness(
 
     Raises:
         ValueError: ``rho <= 0``, ``m`` larger than the data, unknown ``kind``/``norm``/``init``,
-            a model with no trainable parameters.
+            a model with no trainable parameters; a first batch the model or the loss cannot
+            take (named, with its shapes) or a random forward (see :mod:`analysis.checks`).
+        TypeError: arguments of the wrong type; targets of the wrong dtype for the loss.
         FloatingPointError: a non-finite loss (names the batch and the step).
     """
     _check_model(model)
