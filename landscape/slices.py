@@ -378,8 +378,9 @@ class _Session:
         self.mode = mode
         self.space = ParameterSpace(model, params)
         self.source = as_data(data, batch_size=batch_size)
-        if not isinstance(check_deterministic, bool):
-            raise TypeError(f"check_deterministic must be True or False, got {check_deterministic!r}")
+        for flag, value in (("check_deterministic", check_deterministic),
+                            ("recalibrate_bn", recalibrate_bn)):
+            _check_bool(flag, value)
         check_first_batch(model, self.loss_fn, self.source, mode, where=where,
                           deterministic=check_deterministic)
         self.recalibrate_bn = bool(recalibrate_bn)
@@ -442,6 +443,16 @@ class _Session:
                     b.copy_(saved)
             for m, mom in momenta:
                 m.momentum = mom
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def _check_label(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}")
 
 
 def _check_store_path(store: Any) -> None:
@@ -547,6 +558,8 @@ def slice_1d(
             non-finite, an unknown metric or mode.
     """
     alphas_arr = _coords(alphas, "alphas")
+    _check_label("name", name)
+    _check_label("label", label)
     s = _Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
                  cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
                  check_deterministic=check_deterministic, where="slice_1d()")
@@ -661,6 +674,11 @@ def slice_2d(
     xs_arr, ys_arr = _coords(xs, "xs"), _coords(ys, "ys")
     if not (isinstance(names, (tuple, list)) and len(names) == 2):
         raise ValueError(f"names must be a pair of strings, got {names!r}")
+    for nm in names:
+        _check_label("names", nm)
+    _check_label("label", label)
+    _check_bool("resume", resume)
+    _check_bool("shard_rows", shard_rows)
     if store is not None:
         _check_store_path(store)
     s = _Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,

@@ -484,3 +484,22 @@ def test_slice_2d_store_path_is_checked_before_computing(tmp_path):
     with pytest.raises(TypeError, match="store must be a path"):
         slice_2d(model, counting, (x, y), d1, d2, [0, 1], [0, 1], store=3, progress=False)
     assert calls["n"] == 0  # nothing was evaluated
+
+
+def test_flags_and_labels_are_type_checked():
+    # recalibrate_bn="no" and resume="no" used to be truthy, i.e. silently the opposite
+    model = mlp()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    d1 = random_direction(model, seed=0)
+    d2 = random_direction(model, seed=1, orthogonal_to=d1)
+    with pytest.raises(TypeError, match="recalibrate_bn must be True or False, got str 'no'"):
+        slice_1d(model, "cross_entropy", (x, y), d1, [0.0], recalibrate_bn="no", progress=False)
+    with pytest.raises(TypeError, match="name must be a string, got int 3"):
+        slice_1d(model, "cross_entropy", (x, y), d1, [0.0], name=3, progress=False)
+    with pytest.raises(TypeError, match="resume must be True or False, got str 'no'"):
+        slice_2d(model, "cross_entropy", (x, y), d1, d2, [0], [0], resume="no", progress=False)
+    with pytest.raises(TypeError, match="names must be a string, got int 1"):
+        slice_2d(model, "cross_entropy", (x, y), d1, d2, [0], [0], names=(1, 2), progress=False)
+    with pytest.raises(TypeError, match="check_deterministic must be True or False"):
+        slice_1d(model, "cross_entropy", (x, y), d1, [0.0], check_deterministic=None,
+                 progress=False)
