@@ -67,6 +67,8 @@ def check_deterministic_setup(model: nn.Module, source: DataSource, mode: str | 
     ``mode=None`` with the module in training mode), a BatchNorm module in training mode (its
     output then depends on the batch composition and its running statistics change at every
     product), and a DataLoader that shuffles.
+    Then the outputs of the first batch are computed twice and must agree
+    (:func:`analysis.checks.check_repeatable_forward`): this catches ``F.dropout`` in ``forward``.
 
     Args:
         model: the network.
