@@ -104,7 +104,7 @@ def checkpoint_metrics(
         opts: dict[str, Any] = {}
         if base in ("worst", "average"):
             opts["adaptive"] = not name.endswith("_plain")
-            opts["m"] = m if m is not None else min(128, _local_samples(data))
+            opts["m"] = m if m is not None else min(_default_m(), _local_samples(data))
             if rho is not None:
                 opts["rho"] = rho
         t0 = time.perf_counter()
@@ -125,6 +125,14 @@ def checkpoint_metrics(
 _SETTING_KEYS = ("kind", "rho", "adaptive", "norm", "m", "steps", "samples", "stderr", "std_error",
                  "num_batches", "num_samples", "epsilon", "sigma", "method", "num_matvecs",
                  "residual", "converged", "mode")
+
+
+def _default_m() -> int:
+    """The default m of m-sharpness (:data:`landscape.defaults.DEFAULTS`, the same as
+    :func:`analysis.sharpness.sharpness`'s), capped at the data size by the callers."""
+    from .defaults import cli_default
+
+    return int(cli_default("sharpness", "--m"))
 
 
 def _local_samples(data: Any) -> int:
@@ -241,6 +249,7 @@ def compute_slice(
     normalization: str | None = "filter",
     progress: bool = False,
     label: str = "",
+    overwrite: bool = False,
 ) -> Any:
     """A 1-D or 2-D slice through ``model`` along directions of one kind (the CLI's ``slice``).
 
@@ -248,6 +257,7 @@ def compute_slice(
     dataset gradient, filter-normalized; its 2-D partner a random direction orthogonal to it),
     ``"eigen"`` (the top two Hessian eigenvectors, unit norm), ``"interpolate"`` (toward the
     model ``other``; 1-D) or ``"pca"`` (the top PCA directions of the state dicts ``other``).
+    ``overwrite`` replaces an existing ``store`` file instead of resuming from it.
     """
     from .slices import slice_1d, slice_2d
 
@@ -263,7 +273,7 @@ def compute_slice(
         return slice_1d(model, loss_fn, data, d1, coords, name=n1, label=label or n1, progress=progress)
     (d1, n1), (d2, n2) = dirs
     return slice_2d(model, loss_fn, data, d1, d2, coords, coords, store=store, names=(n1, n2),
-                    label=label, progress=progress)
+                    label=label, progress=progress, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +427,7 @@ def analyze_checkpoint(
     eigenvalues = tuple(float(v) for v in torch.as_tensor(eig.eigenvalues).reshape(-1).tolist())
     metrics["lambda_max"] = eigenvalues[0]
     say(f"{name}: sharpness")
-    sh_opts = {"m": min(128, _local_samples(data)), **dict(sharpness_options or {})}
+    sh_opts = {"m": min(_default_m(), _local_samples(data)), **dict(sharpness_options or {})}
     sh = sharpness(model, loss_fn, data, rho=sharpness_rho, kind="worst", adaptive=True, seed=seed,
                    progress=progress, **sh_opts)
     metrics["sharpness"] = float(sh.value)
