@@ -668,13 +668,16 @@ def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
     elif args.restart:
         raise UsageError("--restart applies to --store (it replaces the store file)")
     path = _one_checkpoint("slice", args.checkpoint)
+    # the checkpoints the direction needs are header-checked up front too
+    extra = _one_checkpoint("slice", arg) if kind == "interpolate" else (
+        _checkpoints([arg]) if kind == "pca" else None)  # type: ignore[list-item]
     setup = _Setup(args, ctx)
     model, ckpt = setup.load(path)
     other = None
     if kind == "interpolate":
-        other, _ = setup.load(pathlib.Path(arg))  # type: ignore[arg-type]
+        other, _ = setup.load(extra)  # type: ignore[arg-type]
     elif kind == "pca":
-        other = [setup.load(p)[0].state_dict() for p in _checkpoints([arg])]  # type: ignore[list-item]
+        other = [setup.load(p)[0].state_dict() for p in extra]  # type: ignore[union-attr]
     ctx.log(f"[{path}] {args.dims}-D slice along {args.direction}, {args.steps} steps per axis")
     res = compute_slice(model, setup.loss_fn, setup.data, dims=args.dims, direction=kind, other=other,
                         lo=lo, hi=hi, steps=args.steps, seed=args.seed, store=args.store,

@@ -125,3 +125,23 @@ def test_directory_scan_skips_a_fifo_and_checks_the_rest(tmp_path, capsys):
     code, out, err = _run_with_timeout(["sharpness", str(d), *SPEC, "--metric", "lambda_max"], capsys)
     assert code == 0, err
     assert "good.pt" in out and "pipe.pt" not in out
+
+
+@pytest.mark.parametrize("direction", ["interpolate", "pca"])
+def test_slice_direction_checkpoints_checked_up_front(direction, tmp_path, capsys, no_compute):
+    good, bad = _corpus(tmp_path)
+    target = bad["truncated zip"]
+    if direction == "pca":
+        d = tmp_path / "traj"
+        d.mkdir()
+        (d / "step1.pt").write_bytes(good.read_bytes())
+        (d / "step2.pt").write_bytes(target.read_bytes())
+        target = d / "step2.pt"
+        spec = f"pca:{d}"
+    else:
+        spec = f"interpolate:{target}"
+    argv = [*_argv("slice", good, tmp_path), "--direction", spec]
+    code, _, err = _run_with_timeout(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"{target} is a damaged or truncated zip archive" in lines[0]
