@@ -511,6 +511,38 @@ def _keys_note(records: Sequence[dict], paths: Sequence[pathlib.Path]) -> list[s
     return notes
 
 
+def _per_file(paths: Sequence[pathlib.Path], ctx: _Ctx, work: Callable[[pathlib.Path], Any]
+              ) -> tuple[list[Any], list[dict]]:
+    """Run ``work`` on every checkpoint; a failure of one of several files is recorded
+    (``{"checkpoint", "error"}``) and the others go on, so nothing computed is lost."""
+    results: list[Any] = []
+    failures: list[dict] = []
+    for path in paths:
+        try:
+            results.append(work(path))
+        except (KeyboardInterrupt, UsageError):
+            raise
+        except Exception as exc:
+            if len(paths) == 1:
+                raise
+            msg = _first_line(exc)
+            if not isinstance(exc, (CLIError, ValueError, TypeError, OSError)):
+                msg = f"{type(exc).__name__}: {msg}"
+            failures.append({"checkpoint": str(path), "error": msg})
+            ctx.log(f"error: {path}: {msg}")
+    return results, failures
+
+
+def _raise_failures(failures: Sequence[dict], paths: Sequence[pathlib.Path], kept: str) -> None:
+    if failures and len(failures) == len(paths):
+        raise CLIError(f"all {len(paths)} checkpoints failed; first error: {failures[0]['checkpoint']}: "
+                       f"{failures[0]['error']}")
+    if failures:
+        names = ", ".join(_label(pathlib.Path(f["checkpoint"]), paths) for f in failures)
+        raise CLIError(f"{len(failures)} of {len(paths)} checkpoints failed ({names}); the others "
+                       f"were computed{kept}; first error: {failures[0]['error']}")
+
+
 def cmd_sharpness(args: argparse.Namespace, ctx: _Ctx) -> int:
     from .report import METRIC_NAMES, checkpoint_keys, checkpoint_metrics
 
@@ -519,28 +551,17 @@ def cmd_sharpness(args: argparse.Namespace, ctx: _Ctx) -> int:
         raise UsageError(f"--rho {args.rho}: need a finite number > 0")
     paths = _checkpoints(args.checkpoints)
     setup = _Setup(args, ctx, check_data=_data_size_check(args, ctx))
-    records: list[dict] = []
-    failures: list[dict] = []
-    for path in paths:
+
+    def work(path: pathlib.Path) -> dict:
         ctx.log(f"[{path}] computing {', '.join(metrics)}")
-        try:
-            model, ckpt = setup.load(path)
-            values = checkpoint_metrics(model, setup.loss_fn, setup.data, metrics, rho=args.rho,
-                                        m=args.m, seed=args.seed, progress=ctx.progress)
-        except (KeyboardInterrupt, UsageError):
-            raise
-        except Exception as exc:  # keep what was computed; report this file and go on
-            if len(paths) == 1:
-                raise
-            msg = _first_line(exc)
-            if not isinstance(exc, (CLIError, ValueError, TypeError, OSError)):
-                msg = f"{type(exc).__name__}: {msg}"
-            failures.append({"checkpoint": str(path), "error": msg})
-            ctx.log(f"error: {path}: {msg}")
-            continue
+        model, ckpt = setup.load(path)
+        values = checkpoint_metrics(model, setup.loss_fn, setup.data, metrics, rho=args.rho,
+                                    m=args.m, seed=args.seed, progress=ctx.progress)
         keys = checkpoint_keys(ckpt)
-        records.append({"checkpoint": str(path), "perturbed": ckpt.perturbed, **values,
-                        **({"checkpoint_keys": keys} if any(keys.values()) else {})})
+        return {"checkpoint": str(path), "perturbed": ckpt.perturbed, **values,
+                **({"checkpoint_keys": keys} if any(keys.values()) else {})}
+
+    records, failures = _per_file(paths, ctx, work)
     header = ["checkpoint", "loss", "accuracy", *metrics]
     rows = [[_label(pathlib.Path(r["checkpoint"]), paths) + (" *" if r.get("checkpoint_keys") else ""),
              r["loss"], r["accuracy"], *[r["metrics"][m] for m in metrics]] for r in records]
@@ -557,11 +578,7 @@ def cmd_sharpness(args: argparse.Namespace, ctx: _Ctx) -> int:
     ctx.write_json(_envelope("sharpness", metrics=metrics, rho=args.rho, m=args.m,
                              settings={k: settings.get(k, {}) for k in metrics}, checkpoints=records,
                              errors=failures))
-    if failures:
-        names = ", ".join(_label(pathlib.Path(f["checkpoint"]), paths) for f in failures)
-        raise CLIError(f"{len(failures)} of {len(paths)} checkpoints failed ({names}); the others "
-                       "were computed" + (" and written to --json" if args.json else "")
-                       + f"; first error: {failures[0]['error']}")
+    _raise_failures(failures, paths, " and written to --json" if args.json else "")
     return 0
 
 
@@ -727,8 +744,8 @@ def cmd_report(args: argparse.Namespace, ctx: _Ctx) -> int:
     out = _check_writable(args.out, "--out")
     paths = _checkpoints(args.checkpoints)
     setup = _Setup(args, ctx)
-    entries = []
-    for path in paths:
+
+    def work(path: pathlib.Path) -> Any:
         ctx.log(f"[{path}] metrics, slices and spectral density")
         model, ckpt = setup.load(path)
         entry = analyze_checkpoint(model, setup.loss_fn, setup.data, name=_label(path, paths),
@@ -736,17 +753,22 @@ def cmd_report(args: argparse.Namespace, ctx: _Ctx) -> int:
                                    radius=args.radius, seed=args.seed, progress=ctx.progress,
                                    density=not args.no_density)
         keys = checkpoint_keys(ckpt)
-        entries.append(dataclasses.replace(entry, checkpoint_keys=keys) if any(keys.values()) else entry)
-    if ctx.main:
-        write_report(entries, out, title=args.title)
+        return dataclasses.replace(entry, checkpoint_keys=keys) if any(keys.values()) else entry
+
+    entries, failures = _per_file(paths, ctx, work)
+    failed_notes = [f"failed: {_label(pathlib.Path(f['checkpoint']), paths)}: {f['error']}" for f in failures]
+    if ctx.main and entries:
+        write_report(entries, out, title=args.title, notes=failed_notes)
         ctx.log(f"wrote {out}")
     header = ["checkpoint", "loss", "accuracy", "lambda_max", "sharpness"]
     text = format_table(header, [[e.name + (" *" if e.checkpoint_keys else ""), e.metrics.get("loss"),
                                   e.metrics.get("accuracy"), e.metrics.get("lambda_max"),
                                   e.metrics.get("sharpness")] for e in entries])
     notes = [f"* {e.name}: {describe_checkpoint_keys(e.checkpoint_keys)}" for e in entries if e.checkpoint_keys]
-    ctx.out("\n".join([text, *notes]))
-    ctx.write_json(_envelope("report", out=str(out), checkpoints=[e.summary() for e in entries]))
+    ctx.out("\n".join([text, *notes, *failed_notes]))
+    ctx.write_json(_envelope("report", out=str(out), checkpoints=[e.summary() for e in entries],
+                             errors=failures))
+    _raise_failures(failures, paths, " and written to the report" + (" and --json" if args.json else ""))
     return 0
 
 

@@ -697,6 +697,32 @@ def test_sharpness_mid_run_failure_keeps_results_and_errors(ckpts, tmp_path, cap
     assert "c.pt (failed)" in out
 
 
+def test_report_mid_run_failure_writes_the_computed_entries(ckpts, tmp_path, capsys):
+    from tests.landscape.cli_fixtures import model_wide
+
+    d = tmp_path / "runs"
+    d.mkdir()
+    shutil.copy(ckpts / "a.pt", d / "a.pt")
+    torch.save(model_wide().state_dict(), d / "c.pt")
+    out, js = tmp_path / "r.html", tmp_path / "r.json"
+    argv = ["report", str(d), *SPEC, "--out", str(out), "--steps-1d", "3", "--steps-2d", "3",
+            "--no-density", "--json", str(js)]
+    code, _, err = _run(argv, capsys)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(
+        "landscape report: error: 1 of 2 checkpoints failed (c.pt); the others were computed and "
+        "written to the report and --json")
+    page = out.read_text()
+    assert "a.pt" in page and "failed: c.pt: " in page
+    doc = json.loads(js.read_text())
+    assert [c["name"] for c in doc["checkpoints"]] == ["a.pt"]
+    assert [pathlib.Path(e["checkpoint"]).name for e in doc["errors"]] == ["c.pt"]
+    (d / "a.pt").unlink()
+    torch.save(model_wide().state_dict(), d / "e.pt")
+    code, _, err = _run(argv, capsys)
+    assert code == 1 and "all 2 checkpoints failed; first error: " in err.strip().splitlines()[-1]
+
+
 def test_missing_and_unexpected_keys_reported(ckpts, tmp_path, capsys):
     sd = fx.trained_state(20)
     sd.pop("head.bias")
