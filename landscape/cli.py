@@ -12,8 +12,13 @@ Models and data are named as ``module:function`` or ``path/to/file.py:function``
 that returns an ``nn.Module``, or the data (a DataLoader, an ``(X, y)`` tuple or a list of
 ``(x, y)`` batches). The object itself may also be given (``module:MODEL``).
 
-Exit codes: 0 success, 2 usage errors, 1 runtime failures (a one-line cause on stderr; the
-traceback only with ``--debug``). Tables go to stdout, progress bars to stderr; ``--json PATH``
+Exit codes: 0 success, 2 usage errors (including ``--top-k``/``--m`` above what the model or the
+data allow, checked before any forward pass), 1 runtime failures (a one-line cause on stderr;
+the traceback only with ``--debug``; under torchrun from rank 0 only). Every checkpoint is
+header-checked before anything is computed (one line names every bad file); when one of several
+checkpoints fails mid-run, ``sharpness`` and ``report`` keep the others (in the table, the report
+and ``--json``, with ``"errors"``) and exit 1. Every file is written atomically
+(:mod:`landscape._atomic`); option defaults come from :mod:`landscape.defaults`. Tables go to stdout, progress bars to stderr; ``--json PATH``
 (``-`` for stdout) writes a stable machine-readable document (``"schema": "landscape.<command>/1"``).
 Under ``torchrun`` (or with ``--distributed``) the data is sharded across processes and only rank 0
 prints and writes files.
