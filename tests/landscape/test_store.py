@@ -232,3 +232,32 @@ def test_stale_temporaries_removed_on_open(tmp_path):
     stale[0].write_bytes(b"partial")
     _store(path, writer=False)
     assert stale[0].exists()
+
+
+def test_atomic_write_mode_cleanup_and_stale_names(tmp_path):
+    import os
+
+    from landscape._atomic import atomic_write, remove_stale_temporaries
+
+    path = tmp_path / "sub" / "out.json"
+    old = os.umask(0o027)
+    try:
+        with atomic_write(path) as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "{}" and (path.stat().st_mode & 0o777) == 0o640
+    for exc in (KeyboardInterrupt(), OSError(28, "No space left on device")):
+        with pytest.raises(type(exc)):
+            with atomic_write(path, "wb") as f:
+                f.write(b"half")
+                names = [p.name for p in path.parent.iterdir()]
+                assert any(n.startswith(".out.json.") and n.endswith(".tmp") for n in names)
+                raise exc
+        assert path.read_text() == "{}"
+        assert [p.name for p in path.parent.iterdir()] == ["out.json"]
+    with pytest.raises(ValueError, match="'a'"):
+        with atomic_write(path, "a"):
+            pass
+    (path.parent / ".out.json.zz.tmp").write_text("stale")
+    assert [p.name for p in remove_stale_temporaries(path)] == [".out.json.zz.tmp"]
