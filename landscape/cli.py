@@ -12,8 +12,13 @@ Models and data are named as ``module:function`` or ``path/to/file.py:function``
 that returns an ``nn.Module``, or the data (a DataLoader, an ``(X, y)`` tuple or a list of
 ``(x, y)`` batches). The object itself may also be given (``module:MODEL``).
 
-Exit codes: 0 success, 2 usage errors, 1 runtime failures (a one-line cause on stderr; the
-traceback only with ``--debug``). Tables go to stdout, progress bars to stderr; ``--json PATH``
+Exit codes: 0 success, 2 usage errors (including ``--top-k``/``--m`` above what the model or the
+data allow, checked before any forward pass), 1 runtime failures (a one-line cause on stderr;
+the traceback only with ``--debug``; under torchrun from rank 0 only). Every checkpoint is
+header-checked before anything is computed (one line names every bad file); when one of several
+checkpoints fails mid-run, ``sharpness`` and ``report`` keep the others (in the table, the report
+and ``--json``, with ``"errors"``) and exit 1. Every file is written atomically
+(:mod:`landscape._atomic`); option defaults come from :mod:`landscape.defaults`. Tables go to stdout, progress bars to stderr; ``--json PATH``
 (``-`` for stdout) writes a stable machine-readable document (``"schema": "landscape.<command>/1"``).
 Under ``torchrun`` (or with ``--distributed``) the data is sharded across processes and only rank 0
 prints and writes files.
@@ -28,6 +33,8 @@ import json
 import math
 import os
 import pathlib
+import re
+import stat
 import sys
 import time
 import traceback
@@ -36,6 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from landscape._format import format_value
+from landscape.defaults import cli_default
 
 __all__ = ["main", "build_parser", "load_object", "load_model", "load_data", "CLIError", "UsageError"]
 
@@ -127,9 +135,12 @@ def _check_writable(path: str | os.PathLike, what: str = "output") -> pathlib.Pa
 
 
 def _write_text(path: str | os.PathLike, text: str) -> None:
+    from ._atomic import atomic_write
+
     p = _check_writable(path)
     try:
-        p.write_text(text, encoding="utf-8")
+        with atomic_write(p) as f:  # an old file survives a full disk
+            f.write(text)
     except OSError as exc:
         raise CLIError(f"cannot write {p}: {exc.strerror or exc}") from None
 
@@ -270,7 +281,12 @@ def _resolve_loss(spec: str) -> Callable:
 class _Setup:
     """Model factory, data, loss and device for the analysis commands."""
 
-    def __init__(self, args: argparse.Namespace, ctx: _Ctx):
+    def __init__(self, args: argparse.Namespace, ctx: _Ctx, *,
+                 check_data: Callable[[Any], None] | None = None,
+                 check_model: Callable[[Any], None] | None = None):
+        """``check_data(source)`` runs right after the data is loaded, ``check_model(model)``
+        right after the model is built, both before any forward pass (for option values that
+        depend on the data size or the number of parameters)."""
         import torch
 
         self.args = args
@@ -285,8 +301,12 @@ class _Setup:
         self.dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
         self.data = load_data(args.data, batch_size=args.batch_size, max_samples=args.max_samples,
                               shard=ctx.distributed)
+        if check_data is not None:
+            check_data(self.data)
         # build one model now: a bad spec or data that do not fit fail before any work
         self._spare: Any = self.model()
+        if check_model is not None:
+            check_model(self._spare)
         self.check_fit(self._spare)
 
     def model(self) -> Any:
@@ -309,10 +329,11 @@ class _Setup:
                                    allow_pickle=self.args.trust_pickle)
         for w in caught:
             self.ctx.log(f"warning: {w.message}")
-        for k, a, b in ckpt.shape_mismatches:
-            self.ctx.log(f"warning: {path}: {k} has shape {list(a)} in the checkpoint, {list(b)} in the model (left as initialized)")
-        if ckpt.missing_keys:
-            self.ctx.log(f"warning: {path}: missing keys left as initialized: {', '.join(ckpt.missing_keys[:8])}")
+        from .report import checkpoint_keys, describe_checkpoint_keys
+
+        text = describe_checkpoint_keys(checkpoint_keys(ckpt))
+        if text:
+            self.ctx.log(f"warning: {path}: {text}")
         return model, ckpt
 
     def check_fit(self, model: Any) -> None:
@@ -358,20 +379,92 @@ def _checkpoint_format(path: pathlib.Path) -> str | None:
     return None
 
 
+def _header_problem(path: pathlib.Path) -> str | None:
+    """What is wrong with ``path`` as a checkpoint, from a cheap look at it (``None``: looks fine).
+
+    A regular, non-empty file; a zip archive (``torch.save``) must have a readable central
+    directory (a truncated copy has none), a safetensors file a JSON header and at least the
+    bytes its header announces; a legacy pickle is accepted as is. Reads a few bytes (plus the
+    zip directory at the end of the file), never the tensors.
+    """
+    import zipfile
+
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else
+                "a directory" if stat.S_ISDIR(st.st_mode) else
+                "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        return f"is {kind}, not a regular file"
+    if st.st_size == 0:
+        return "is empty (0 bytes)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if head.startswith(b"PK"):
+                try:
+                    zipfile.ZipFile(f).close()
+                except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+                    return f"is a damaged or truncated zip archive ({_first_line(exc)})"
+                return None
+            if head[:1] == b"\x80":
+                return None
+            fmt = _checkpoint_format(path)
+            if fmt == "safetensors":
+                n = int.from_bytes(head[:8], "little")
+                if 8 + n > st.st_size:
+                    return f"is a truncated safetensors file (header of {n} bytes, file of {st.st_size})"
+                f.seek(8)
+                try:
+                    header = json.loads(f.read(n))
+                except (ValueError, UnicodeDecodeError) as exc:
+                    return f"has a damaged safetensors header ({_first_line(exc)})"
+                if not isinstance(header, dict):
+                    return "has a damaged safetensors header (not a JSON object)"
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"
+                        and isinstance(v, dict) and isinstance(v.get("data_offsets"), list)
+                        and len(v["data_offsets"]) == 2 and isinstance(v["data_offsets"][1], int)]
+                need = 8 + n + max(ends, default=0)
+                if need > st.st_size:
+                    return f"is a truncated safetensors file ({need} bytes announced, {st.st_size} present)"
+                return None
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if path.suffix in _CKPT_SUFFIXES:
+        kind = ("a PNG image" if head.startswith(b"\x89PNG") else
+                "text/JSON" if head.lstrip()[:1] in (b"{", b"[") else f"starts with {head[:8]!r}")
+        return (f"is not a checkpoint (its content is {kind}, neither a torch.save archive or "
+                "pickle nor safetensors)")
+    return None
+
+
 def _checkpoints(paths: Sequence[str]) -> list[pathlib.Path]:
-    """Expand files and directories; refuse a file that is plainly not a checkpoint."""
+    """Expand files and directories; refuse, in one line naming each, files that are not
+    readable checkpoints (before anything is computed)."""
     from .checkpoints import find_checkpoints
 
     found = find_checkpoints(list(paths))
+    problems = []
     for p in found:
+        problem = _header_problem(p)
+        if problem is not None:
+            problems.append(f"{p} {problem}")
+            continue
         if p.suffix in _CKPT_SUFFIXES:
             continue
         fmt = _checkpoint_format(p)
         if fmt is None:
-            raise CLIError(f"{p} is not a checkpoint (expected a torch.save file "
-                           f"{'/'.join(_CKPT_SUFFIXES[:-1])} or {_CKPT_SUFFIXES[-1]})")
-        if fmt == "safetensors":
-            raise CLIError(f"{p} looks like a safetensors file: name it {p.stem}.safetensors")
+            problems.append(f"{p} is not a checkpoint (expected a torch.save file "
+                            f"{'/'.join(_CKPT_SUFFIXES[:-1])} or {_CKPT_SUFFIXES[-1]})")
+        elif fmt == "safetensors":
+            problems.append(f"{p} looks like a safetensors file: name it {p.stem}.safetensors")
+    if len(problems) == 1:
+        raise CLIError(problems[0] + ("" if len(found) == 1 else " (nothing was computed)"))
+    if problems:
+        raise CLIError(f"{len(problems)} of {len(found)} checkpoints cannot be used (nothing was "
+                       f"computed): " + "; ".join(problems))
     return found
 
 
@@ -396,45 +489,121 @@ def _envelope(command: str, **body: Any) -> dict:
 # commands
 
 
+def _data_size_check(args: argparse.Namespace, ctx: _Ctx) -> Callable[[Any], None]:
+    """``--m`` must not exceed the samples (after --max-samples; per process under torchrun)."""
+
+    def check(source: Any) -> None:
+        if args.m is None:
+            return
+        n = source.num_samples()
+        if args.m > n:
+            where = f" (this process's share of {ctx.args.data} under torchrun)" if ctx.distributed else ""
+            cap = f" after --max-samples {args.max_samples}" if args.max_samples else ""
+            raise UsageError(f"--m {args.m} is larger than the {n} samples of --data{cap}{where}; "
+                             f"pass --m {n} or less")
+
+    return check
+
+
+def _keys_note(records: Sequence[dict], paths: Sequence[pathlib.Path]) -> list[str]:
+    from .report import describe_checkpoint_keys
+
+    notes = []
+    for r in records:
+        text = describe_checkpoint_keys(r.get("checkpoint_keys") or {})
+        if text:
+            notes.append(f"* {_label(pathlib.Path(r['checkpoint']), paths)}: {text}")
+    return notes
+
+
+def _per_file(paths: Sequence[pathlib.Path], ctx: _Ctx, work: Callable[[pathlib.Path], Any]
+              ) -> tuple[list[Any], list[dict]]:
+    """Run ``work`` on every checkpoint; a failure of one of several files is recorded
+    (``{"checkpoint", "error"}``) and the others go on, so nothing computed is lost."""
+    results: list[Any] = []
+    failures: list[dict] = []
+    for path in paths:
+        try:
+            results.append(work(path))
+        except (KeyboardInterrupt, UsageError):
+            raise
+        except Exception as exc:
+            if len(paths) == 1:
+                raise
+            msg = _first_line(exc)
+            if not isinstance(exc, (CLIError, ValueError, TypeError, OSError)):
+                msg = f"{type(exc).__name__}: {msg}"
+            failures.append({"checkpoint": str(path), "error": msg})
+            ctx.log(f"error: {path}: {msg}")
+    return results, failures
+
+
+def _raise_failures(failures: Sequence[dict], paths: Sequence[pathlib.Path], kept: str) -> None:
+    if failures and len(failures) == len(paths):
+        raise CLIError(f"all {len(paths)} checkpoints failed; first error: {failures[0]['checkpoint']}: "
+                       f"{failures[0]['error']}")
+    if failures:
+        names = ", ".join(_label(pathlib.Path(f["checkpoint"]), paths) for f in failures)
+        raise CLIError(f"{len(failures)} of {len(paths)} checkpoints failed ({names}); the others "
+                       f"were computed{kept}; first error: {failures[0]['error']}")
+
+
 def cmd_sharpness(args: argparse.Namespace, ctx: _Ctx) -> int:
-    from .report import METRIC_NAMES, checkpoint_metrics
+    from .report import METRIC_NAMES, checkpoint_keys, checkpoint_metrics
 
     metrics = args.metric or list(METRIC_NAMES[:3])
     if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
         raise UsageError(f"--rho {args.rho}: need a finite number > 0")
     paths = _checkpoints(args.checkpoints)
-    setup = _Setup(args, ctx)
-    records = []
-    for path in paths:
+    setup = _Setup(args, ctx, check_data=_data_size_check(args, ctx))
+
+    def work(path: pathlib.Path) -> dict:
         ctx.log(f"[{path}] computing {', '.join(metrics)}")
         model, ckpt = setup.load(path)
         values = checkpoint_metrics(model, setup.loss_fn, setup.data, metrics, rho=args.rho,
                                     m=args.m, seed=args.seed, progress=ctx.progress)
-        records.append({"checkpoint": str(path), "perturbed": ckpt.perturbed, **values})
+        keys = checkpoint_keys(ckpt)
+        return {"checkpoint": str(path), "perturbed": ckpt.perturbed, **values,
+                **({"checkpoint_keys": keys} if any(keys.values()) else {})}
+
+    records, failures = _per_file(paths, ctx, work)
     header = ["checkpoint", "loss", "accuracy", *metrics]
-    rows = [[_label(pathlib.Path(r["checkpoint"]), paths), r["loss"], r["accuracy"],
-             *[r["metrics"][m] for m in metrics]] for r in records]
+    rows = [[_label(pathlib.Path(r["checkpoint"]), paths) + (" *" if r.get("checkpoint_keys") else ""),
+             r["loss"], r["accuracy"], *[r["metrics"][m] for m in metrics]] for r in records]
+    rows += [[_label(pathlib.Path(f["checkpoint"]), paths) + " (failed)", None, None,
+              *[None] * len(metrics)] for f in failures]
     text = format_table(header, rows)
-    notes = _settings_notes(metrics, records)
+    notes = _settings_notes(metrics, records, m_given=args.m is not None)
+    notes += _keys_note(records, paths)
+    notes += [f"failed: {_label(pathlib.Path(f['checkpoint']), paths)}: {f['error']}" for f in failures]
     if notes:
         text += "\n" + "\n".join(notes)
     ctx.out(text)
     settings = records[0].get("settings", {}) if records else {}
     ctx.write_json(_envelope("sharpness", metrics=metrics, rho=args.rho, m=args.m,
-                             settings={k: settings.get(k, {}) for k in metrics}, checkpoints=records))
+                             settings={k: settings.get(k, {}) for k in metrics}, checkpoints=records,
+                             errors=failures))
+    _raise_failures(failures, paths, " and written to --json" if args.json else "")
     return 0
 
 
 def cmd_hessian(args: argparse.Namespace, ctx: _Ctx) -> int:
-    from .report import hessian_summary
+    from .report import checkpoint_keys, hessian_summary
 
     if args.density:
         _check_writable(args.density, "--density")
         if pathlib.Path(args.density).suffix not in (".png", ".pdf", ".svg", ".html"):
             raise UsageError(f"--density {args.density}: use .png, .pdf, .svg or .html")
     path = _one_checkpoint("hessian", args.checkpoint)
-    setup = _Setup(args, ctx)
-    model, _ = setup.load(path)
+
+    def check_top_k(model: Any) -> None:  # known once the model exists, before any data pass
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if args.top_k > n:
+            raise UsageError(f"--top-k {args.top_k} is larger than the model's {n} trainable "
+                             f"parameters; pass --top-k {n} or less")
+
+    setup = _Setup(args, ctx, check_model=check_top_k)
+    model, ckpt = setup.load(path)
     ctx.log(f"[{path}] top-{args.top_k} Hessian eigenvalues" + (" + trace" if args.trace else ""))
     summary = hessian_summary(model, setup.loss_fn, setup.data, top_k=args.top_k, trace=args.trace,
                               density=bool(args.density), seed=args.seed, progress=ctx.progress,
@@ -462,12 +631,14 @@ def cmd_hessian(args: argparse.Namespace, ctx: _Ctx) -> int:
     doc = {k: v for k, v in summary.items() if k != "density"}
     if summary.get("density") is not None:
         doc["density"] = {"grid": summary["density"]["grid"], "density": summary["density"]["density"]}
-    ctx.write_json(_envelope("hessian", checkpoint=str(path), **doc))
+    ctx.write_json(_envelope("hessian", checkpoint=str(path), checkpoint_keys=checkpoint_keys(ckpt), **doc))
     return 0
 
 
-def _settings_notes(metrics: Sequence[str], records: Sequence[dict]) -> list[str]:
-    """One footnote per worst/average metric: the rho, m and steps/samples it used."""
+def _settings_notes(metrics: Sequence[str], records: Sequence[dict], *, m_given: bool = True) -> list[str]:
+    """One footnote per worst/average metric: the rho, m and steps/samples it used (and, when
+    the default m was capped at a small data set's size, that it was)."""
+    default_m = cli_default("sharpness", "--m")
     notes = []
     for name in metrics:
         if name.removesuffix("_plain") not in ("worst", "average"):
@@ -475,7 +646,10 @@ def _settings_notes(metrics: Sequence[str], records: Sequence[dict]) -> list[str
         seen = {(st.get("rho"), st.get("m"), st.get("steps"), st.get("samples"), st.get("adaptive"))
                 for st in (r.get("settings", {}).get(name, {}) for r in records)}
         for rho, m, steps, samples, adaptive in sorted(seen, key=str):
-            parts = [f"rho={format_value(rho)}", f"m={m}"]
+            capped = not m_given and isinstance(m, int) and m < default_m
+            parts = [f"rho={format_value(rho)}",
+                     f"m={m}" + (f" (the default {default_m} capped at the {m} samples; set --m "
+                                 "to choose)" if capped else "")]
             parts.append(f"{steps} ascent steps" if steps is not None else f"{samples} samples")
             parts.append("adaptive (c=|w|)" if adaptive else "plain (c=1)")
             notes.append(f"{name}: " + ", ".join(parts))
@@ -494,7 +668,7 @@ def _parse_direction(spec: str) -> tuple[str, str | None]:
 
 
 def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
-    from .report import compute_slice
+    from .report import checkpoint_keys, compute_slice
 
     kind, arg = _parse_direction(args.direction)
     if kind == "interpolate" and args.dims != 1:
@@ -513,26 +687,33 @@ def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
         if pathlib.Path(args.store).suffix != ".npz":
             raise UsageError(f"--store {args.store}: use a .npz file")
         _check_writable(args.store, "--store")
+    elif args.restart:
+        raise UsageError("--restart applies to --store (it replaces the store file)")
     path = _one_checkpoint("slice", args.checkpoint)
+    # the checkpoints the direction needs are header-checked up front too
+    extra = _one_checkpoint("slice", arg) if kind == "interpolate" else (
+        _checkpoints([arg]) if kind == "pca" else None)  # type: ignore[list-item]
     setup = _Setup(args, ctx)
-    model, _ = setup.load(path)
+    model, ckpt = setup.load(path)
     other = None
     if kind == "interpolate":
-        other, _ = setup.load(pathlib.Path(arg))  # type: ignore[arg-type]
+        other, _ = setup.load(extra)  # type: ignore[arg-type]
     elif kind == "pca":
-        other = [setup.load(p)[0].state_dict() for p in _checkpoints([arg])]  # type: ignore[list-item]
+        other = [setup.load(p)[0].state_dict() for p in extra]  # type: ignore[union-attr]
     ctx.log(f"[{path}] {args.dims}-D slice along {args.direction}, {args.steps} steps per axis")
     res = compute_slice(model, setup.loss_fn, setup.data, dims=args.dims, direction=kind, other=other,
                         lo=lo, hi=hi, steps=args.steps, seed=args.seed, store=args.store,
-                        normalization=args.normalization, progress=ctx.progress, label=path.name)
+                        normalization=args.normalization, progress=ctx.progress, label=path.name,
+                        overwrite=args.restart)
     if ctx.main:
         if out.suffix == ".html":
             fig = res.plot_interactive() if args.dims == 1 else res.plot_interactive(kind="surface")
-            fig.write_html(str(out), include_plotlyjs=True)
+            _save_figure(fig, out)
         else:
             _save_figure(res.plot(), out)
         ctx.log(f"wrote {out}")
-    summary = {"checkpoint": str(path), "dims": args.dims, "direction": args.direction,
+    summary = {"checkpoint": str(path), "checkpoint_keys": checkpoint_keys(ckpt),
+               "dims": args.dims, "direction": args.direction,
                "loss_at_origin": res.loss_at_origin, "accuracy_at_origin": res.accuracy_at_origin}
     if args.dims == 1:
         i = int(max(range(len(res.loss)), key=lambda j: res.loss[j] if res.loss[j] == res.loss[j] else -1e300))
@@ -553,7 +734,9 @@ def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
 
 
 def cmd_report(args: argparse.Namespace, ctx: _Ctx) -> int:
-    from .report import analyze_checkpoint, write_report
+    import dataclasses
+
+    from .report import analyze_checkpoint, checkpoint_keys, describe_checkpoint_keys, write_report
 
     if not pathlib.Path(args.out).is_dir() and pathlib.Path(args.out).suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out {args.out}: the report is HTML; use a .html or .htm file")
@@ -566,21 +749,31 @@ def cmd_report(args: argparse.Namespace, ctx: _Ctx) -> int:
     out = _check_writable(args.out, "--out")
     paths = _checkpoints(args.checkpoints)
     setup = _Setup(args, ctx)
-    entries = []
-    for path in paths:
+
+    def work(path: pathlib.Path) -> Any:
         ctx.log(f"[{path}] metrics, slices and spectral density")
         model, ckpt = setup.load(path)
-        entries.append(analyze_checkpoint(model, setup.loss_fn, setup.data, name=_label(path, paths),
-                                          steps_1d=args.steps_1d, steps_2d=args.steps_2d,
-                                          radius=args.radius, seed=args.seed, progress=ctx.progress,
-                                          density=not args.no_density))
-    if ctx.main:
-        write_report(entries, out, title=args.title)
+        entry = analyze_checkpoint(model, setup.loss_fn, setup.data, name=_label(path, paths),
+                                   steps_1d=args.steps_1d, steps_2d=args.steps_2d,
+                                   radius=args.radius, seed=args.seed, progress=ctx.progress,
+                                   density=not args.no_density)
+        keys = checkpoint_keys(ckpt)
+        return dataclasses.replace(entry, checkpoint_keys=keys) if any(keys.values()) else entry
+
+    entries, failures = _per_file(paths, ctx, work)
+    failed_notes = [f"failed: {_label(pathlib.Path(f['checkpoint']), paths)}: {f['error']}" for f in failures]
+    if ctx.main and entries:
+        write_report(entries, out, title=args.title, notes=failed_notes)
         ctx.log(f"wrote {out}")
     header = ["checkpoint", "loss", "accuracy", "lambda_max", "sharpness"]
-    ctx.out(format_table(header, [[e.name, e.metrics.get("loss"), e.metrics.get("accuracy"),
-                                   e.metrics.get("lambda_max"), e.metrics.get("sharpness")] for e in entries]))
-    ctx.write_json(_envelope("report", out=str(out), checkpoints=[e.summary() for e in entries]))
+    text = format_table(header, [[e.name + (" *" if e.checkpoint_keys else ""), e.metrics.get("loss"),
+                                  e.metrics.get("accuracy"), e.metrics.get("lambda_max"),
+                                  e.metrics.get("sharpness")] for e in entries])
+    notes = [f"* {e.name}: {describe_checkpoint_keys(e.checkpoint_keys)}" for e in entries if e.checkpoint_keys]
+    ctx.out("\n".join([text, *notes, *failed_notes]))
+    ctx.write_json(_envelope("report", out=str(out), checkpoints=[e.summary() for e in entries],
+                             errors=failures))
+    _raise_failures(failures, paths, " and written to the report" + (" and --json" if args.json else ""))
     return 0
 
 
@@ -611,16 +804,26 @@ def cmd_demo(args: argparse.Namespace, ctx: _Ctx) -> int:
 
 
 def _save_figure(fig: Any, path: str | os.PathLike) -> None:
-    p = _check_writable(path)
-    if hasattr(fig, "savefig"):
-        fig.savefig(p, dpi=120, bbox_inches="tight")
-        import matplotlib.pyplot as plt
+    """Write a matplotlib or plotly figure atomically (temporary file + rename)."""
+    from ._atomic import atomic_path, atomic_write
 
-        plt.close(fig)
-    elif p.suffix == ".html":
-        fig.write_html(str(p), include_plotlyjs=True)
-    else:
-        raise CLIError(f"cannot write a {type(fig).__name__} to {p}")
+    p = _check_writable(path)
+    try:
+        if hasattr(fig, "savefig"):
+            import matplotlib.pyplot as plt
+
+            try:
+                with atomic_path(p) as tmp:
+                    fig.savefig(tmp, format=p.suffix.lstrip(".").lower(), dpi=120, bbox_inches="tight")
+            finally:
+                plt.close(fig)
+        elif p.suffix == ".html":
+            with atomic_write(p) as f:
+                fig.write_html(f, include_plotlyjs=True)
+        else:
+            raise CLIError(f"cannot write a {type(fig).__name__} to {p}")
+    except OSError as exc:
+        raise CLIError(f"cannot write {p}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,9 +860,22 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+#: Numbers that argparse must read as values, not options: ``-1``, ``-.5``, ``-1e-3``, ``-2E+4``.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _rank0() -> bool:
+    """False on the non-zero ranks of a torchrun job (their error lines would repeat rank 0's)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # exit 2, one line, with a hint
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own misses 1e-3 forms
+
+    def error(self, message: str):  # exit 2, one line, with a hint (rank 0 only)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if _rank0() else None)
 
 
 def _common(p: argparse.ArgumentParser, *, needs_model: bool = True) -> None:
@@ -687,12 +903,23 @@ def _common(p: argparse.ArgumentParser, *, needs_model: bool = True) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", default=None,
                    help="write machine-readable results to PATH ('-' for stdout)")
-    o.add_argument("--seed", type=int, default=0, help="seed for random directions and probes")
+    o.add_argument("--seed", type=int, default=cli_default("*", "--seed"),
+                   help="seed for random directions and probes")
     o.add_argument("--quiet", action="store_true", help="no progress bars or messages on stderr")
     o.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback on errors")
     o.add_argument("--distributed", action="store_true",
                    help="shard the data across torchrun processes (automatic under torchrun)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
 
 
 def _positive_int(text: str) -> int:
@@ -734,21 +961,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "own, recorded in the JSON and shown under the table)")
     p.add_argument("--m", type=_positive_int, default=None, metavar="M",
                    help="samples per batch m of the worst/average m-sharpness metrics "
-                        "(default: min(128, N))")
+                        f"(default: min({cli_default('sharpness', '--m')}, N), N the samples)")
     _common(p)
     p.set_defaults(func=cmd_sharpness)
 
     p = add("hessian", "top-k Hessian eigenvalues (Lanczos), trace and spectral density")
     p.add_argument("checkpoint", metavar="CKPT", help="one checkpoint file")
-    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
+    p.add_argument("--top-k", type=_positive_int, default=cli_default("hessian", "--top-k"), metavar="K",
                    help="number of largest eigenvalues (Lanczos)")
     p.add_argument("--trace", action="store_true", help="also estimate the trace (Hutch++)")
     p.add_argument("--density", metavar="OUT", default=None,
                    help="write the spectral density (SLQ) figure to OUT (.png/.pdf/.svg/.html)")
-    p.add_argument("--tol", type=float, default=1e-4, help="relative tolerance of the eigenvalues")
-    p.add_argument("--density-iter", type=_positive_int, default=80, metavar="N",
-                   help="Lanczos steps per SLQ run")
-    p.add_argument("--density-runs", type=_positive_int, default=10, metavar="N",
+    p.add_argument("--tol", type=_positive_float, default=cli_default("hessian", "--tol"),
+                   help="relative tolerance of the eigenvalues (> 0)")
+    p.add_argument("--density-iter", type=_positive_int, default=cli_default("hessian", "--density-iter"),
+                   metavar="N", help="Lanczos steps per SLQ run")
+    p.add_argument("--density-runs", type=_positive_int, default=cli_default("hessian", "--density-runs"),
+                   metavar="N",
                    help="random start vectors of SLQ")
     _common(p)
     p.set_defaults(func=cmd_hessian)
@@ -757,16 +986,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CKPT", help="one checkpoint file")
     p.add_argument("--dims", type=int, choices=[1, 2], default=1,
                    help="1: a line through the checkpoint; 2: a plane (grid)")
-    p.add_argument("--direction", default="random", metavar="KIND",
+    p.add_argument("--direction", default=cli_default("slice", "--direction"), metavar="KIND",
                    help="random (filter-normalized), gradient, eigen (top Hessian eigenvectors), "
                         "interpolate:CKPT2 or pca:DIR (a directory of trajectory checkpoints)")
-    p.add_argument("--range", type=float, nargs=2, default=[-1.0, 1.0], metavar=("MIN", "MAX"),
+    p.add_argument("--range", type=float, nargs=2, default=cli_default("slice", "--range"),
+                   metavar=("MIN", "MAX"),
                    help="step sizes along each direction (interpolate: 0 is CKPT, 1 is CKPT2)")
-    p.add_argument("--steps", type=int, default=41, help="points per axis (>= 2)")
+    p.add_argument("--steps", type=int, default=cli_default("slice", "--steps"), help="points per axis (>= 2)")
     p.add_argument("--out", required=True, help="figure: .png/.pdf/.svg (matplotlib) or .html (plotly)")
     p.add_argument("--store", default=None, metavar="GRID.npz",
                    help="with --dims 2: save finished rows of the grid; rerun to resume")
-    p.add_argument("--normalization", choices=["filter", "layer", "model", "none"], default="filter",
+    p.add_argument("--restart", action="store_true",
+                   help="with --store: ignore an existing (damaged or other) store file and replace it")
+    p.add_argument("--normalization", choices=["filter", "layer", "model", "none"],
+                   default=cli_default("slice", "--normalization"),
                    help="scaling of random directions (filter: Li et al. 2018)")
     _common(p)
     p.set_defaults(func=cmd_slice)
@@ -774,10 +1007,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", "self-contained HTML report: metrics, 1-D/2-D slices, spectral densities")
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoint files or directories")
     p.add_argument("--out", required=True, help="the .html (or .htm) file to write")
-    p.add_argument("--title", default="Loss landscape report", help="the report's heading")
-    p.add_argument("--steps-1d", type=int, default=41, help="points of each 1-D slice (>= 2)")
-    p.add_argument("--steps-2d", type=int, default=21, help="points per axis of the 2-D slice (>= 2)")
-    p.add_argument("--radius", type=float, default=1.0, help="slices span [-radius, radius] (> 0)")
+    p.add_argument("--title", default=cli_default("report", "--title"), help="the report's heading")
+    p.add_argument("--steps-1d", type=int, default=cli_default("report", "--steps-1d"),
+                   help="points of each 1-D slice (>= 2)")
+    p.add_argument("--steps-2d", type=int, default=cli_default("report", "--steps-2d"),
+                   help="points per axis of the 2-D slice (>= 2)")
+    p.add_argument("--radius", type=float, default=cli_default("report", "--radius"),
+                   help="slices span [-radius, radius] (> 0)")
     p.add_argument("--no-density", action="store_true", help="skip the spectral density")
     _common(p)
     p.set_defaults(func=cmd_report)
@@ -840,14 +1076,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         ctx.log(f"done in {time.perf_counter() - t0:.1f} s")
         return code
     except UsageError as exc:
+        if not (ctx.main and _rank0()):  # under torchrun rank 0 alone says it
+            return 2
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        if ctx.main and _rank0():
+            print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        if not (ctx.main and _rank0()):
+            return 1
         if debug:
             traceback.print_exc()
         msg = _first_line(exc)

@@ -87,7 +87,26 @@ def _axes(ax: Any, projection: str | None = None, figsize=(6.0, 4.5)):
     return fig, ax
 
 
-def _check_2d(result: Any, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _require(result: Any, fields: Sequence[str], what: str, func: str) -> None:
+    """TypeError naming the value when ``result`` lacks the attributes a plot reads."""
+    missing = [f for f in fields if not hasattr(result, f)]
+    if missing:
+        shown = repr(result) if len(repr(result)) <= 60 else type(result).__name__
+        raise TypeError(f"{func} expects {what}, got {shown} ({type(result).__name__}, "
+                        f"without {', '.join(missing)})")
+
+
+def _slices_1d(results: Any, func: str) -> list:
+    items = list(results) if isinstance(results, (list, tuple)) else [results]
+    if not items:
+        raise ValueError(f"{func} needs at least one result")
+    for r in items:
+        _require(r, ("alphas",), "a Slice1D or a list of them", func)
+    return items
+
+
+def _check_2d(result: Any, metric: str, func: str = "plot") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    _require(result, ("xs", "ys"), "a Slice2D", func)
     xs = np.asarray(result.xs, dtype=np.float64)
     ys = np.asarray(result.ys, dtype=np.float64)
     z = _values(result, metric)
@@ -129,9 +148,7 @@ def plot_1d(
     Returns:
         The matplotlib Figure.
     """
-    items = list(results) if isinstance(results, (list, tuple)) else [results]
-    if not items:
-        raise ValueError("plot_1d needs at least one result")
+    items = _slices_1d(results, "plot_1d")
     if labels is not None and len(labels) != len(items):
         raise ValueError(f"got {len(labels)} labels for {len(items)} results")
     fig, ax = _axes(ax)
@@ -186,7 +203,7 @@ def plot_contour(
     Returns:
         The matplotlib Figure.
     """
-    xs, ys, z = _check_2d(result, metric)
+    xs, ys, z = _check_2d(result, metric, "plot_contour")
     zt = _transform(z, log).T
     fig, ax = _axes(ax)
     cs = ax.contour(xs, ys, zt, levels=levels, cmap=cmap)
@@ -213,7 +230,7 @@ def plot_contourf(
 
     Arguments as in :func:`plot_contour`. Returns the matplotlib Figure.
     """
-    xs, ys, z = _check_2d(result, metric)
+    xs, ys, z = _check_2d(result, metric, "plot_contourf")
     zt = _transform(z, log).T
     fig, ax = _axes(ax)
     cf = ax.contourf(xs, ys, zt, levels=levels, cmap=cmap)
@@ -259,7 +276,7 @@ def plot_surface(
     Returns:
         The matplotlib Figure.
     """
-    xs, ys, z = _check_2d(result, metric)
+    xs, ys, z = _check_2d(result, metric, "plot_surface")
     zt = _transform(z, log).T
     fig, ax = _axes(ax, projection="3d", figsize=(7.0, 5.5))
     X, Y = np.meshgrid(xs, ys)
@@ -299,6 +316,9 @@ def plot_spectral_density(
     Returns:
         The matplotlib Figure.
     """
+    if not isinstance(result, dict):
+        _require(result, ("grid", "density"), "a spectral density result (or a dict with "
+                 "'grid' and 'density')", "plot_spectral_density")
     grid = np.asarray(_get(result, "grid"), dtype=np.float64).reshape(-1)
     dens = np.asarray(_get(result, "density"), dtype=np.float64).reshape(-1)
     if grid.shape != dens.shape or grid.size == 0:
@@ -357,9 +377,7 @@ def plotly_1d(
     """
     import plotly.graph_objects as go
 
-    items = list(results) if isinstance(results, (list, tuple)) else [results]
-    if not items:
-        raise ValueError("plotly_1d needs at least one result")
+    items = _slices_1d(results, "plotly_1d")
     if labels is not None and len(labels) != len(items):
         raise ValueError(f"got {len(labels)} labels for {len(items)} results")
     fig = go.Figure()
@@ -381,8 +399,8 @@ def plotly_1d(
     return fig
 
 
-def _plotly_grid(result: Any, metric: str, log: bool):
-    xs, ys, z = _check_2d(result, metric)
+def _plotly_grid(result: Any, metric: str, log: bool, func: str = "plotly"):
+    xs, ys, z = _check_2d(result, metric, func)
     zt = _transform(z, log).T  # plotly: rows follow y
     n1, n2 = _dir_names(result)
     hover = n1 + "=%{x:.4g}<br>" + n2 + "=%{y:.4g}<br>" + _zlabel(metric, log) + "=%{z:.6g}<extra></extra>"
@@ -403,7 +421,7 @@ def plotly_surface(
     """
     import plotly.graph_objects as go
 
-    xs, ys, zt, n1, n2, hover = _plotly_grid(result, metric, log)
+    xs, ys, zt, n1, n2, hover = _plotly_grid(result, metric, log, "plotly_surface")
     zl = _zlabel(metric, log)
     fig = go.Figure(go.Surface(
         x=xs, y=ys, z=zt, colorscale=colorscale, hovertemplate=hover,
@@ -433,7 +451,7 @@ def plotly_contour(
     """
     import plotly.graph_objects as go
 
-    xs, ys, zt, n1, n2, hover = _plotly_grid(result, metric, log)
+    xs, ys, zt, n1, n2, hover = _plotly_grid(result, metric, log, "plotly_contour")
     fig = go.Figure(go.Contour(
         x=xs, y=ys, z=zt, colorscale=colorscale, hovertemplate=hover, ncontours=ncontours,
         contours={"showlabels": True, "labelfont": {"size": 9, "color": "white"}},
@@ -455,14 +473,18 @@ def save_html(fig: Any, path: str | os.PathLike) -> Path:
 
     Args:
         fig: a ``plotly.graph_objects.Figure``.
-        path: the output file (parent folders are created).
+        path: the output file (parent folders are created; written atomically).
 
     Returns:
         The path written.
     """
     if not hasattr(fig, "write_html"):
         raise TypeError(f"expected a plotly Figure, got {type(fig).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {path!r}")
+    from ._atomic import atomic_write
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(p), include_plotlyjs=True, full_html=True)
+    with atomic_write(p) as f:  # temp file + rename: an old file survives a failed write
+        fig.write_html(f, include_plotlyjs=True, full_html=True)
     return p

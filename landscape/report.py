@@ -43,6 +43,8 @@ __all__ = [
     "hessian_summary",
     "compute_slice",
     "density_figure",
+    "checkpoint_keys",
+    "describe_checkpoint_keys",
     "METRIC_NAMES",
 ]
 
@@ -102,7 +104,7 @@ def checkpoint_metrics(
         opts: dict[str, Any] = {}
         if base in ("worst", "average"):
             opts["adaptive"] = not name.endswith("_plain")
-            opts["m"] = m if m is not None else min(128, _local_samples(data))
+            opts["m"] = m if m is not None else min(_default_m(), _local_samples(data))
             if rho is not None:
                 opts["rho"] = rho
         t0 = time.perf_counter()
@@ -123,6 +125,14 @@ def checkpoint_metrics(
 _SETTING_KEYS = ("kind", "rho", "adaptive", "norm", "m", "steps", "samples", "stderr", "std_error",
                  "num_batches", "num_samples", "epsilon", "sigma", "method", "num_matvecs",
                  "residual", "converged", "mode")
+
+
+def _default_m() -> int:
+    """The default m of m-sharpness (:data:`landscape.defaults.DEFAULTS`, the same as
+    :func:`analysis.sharpness.sharpness`'s), capped at the data size by the callers."""
+    from .defaults import cli_default
+
+    return int(cli_default("sharpness", "--m"))
 
 
 def _local_samples(data: Any) -> int:
@@ -239,6 +249,7 @@ def compute_slice(
     normalization: str | None = "filter",
     progress: bool = False,
     label: str = "",
+    overwrite: bool = False,
 ) -> Any:
     """A 1-D or 2-D slice through ``model`` along directions of one kind (the CLI's ``slice``).
 
@@ -246,6 +257,7 @@ def compute_slice(
     dataset gradient, filter-normalized; its 2-D partner a random direction orthogonal to it),
     ``"eigen"`` (the top two Hessian eigenvectors, unit norm), ``"interpolate"`` (toward the
     model ``other``; 1-D) or ``"pca"`` (the top PCA directions of the state dicts ``other``).
+    ``overwrite`` replaces an existing ``store`` file instead of resuming from it.
     """
     from .slices import slice_1d, slice_2d
 
@@ -261,11 +273,49 @@ def compute_slice(
         return slice_1d(model, loss_fn, data, d1, coords, name=n1, label=label or n1, progress=progress)
     (d1, n1), (d2, n2) = dirs
     return slice_2d(model, loss_fn, data, d1, d2, coords, coords, store=store, names=(n1, n2),
-                    label=label, progress=progress)
+                    label=label, progress=progress, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------
 # report entries
+
+
+def checkpoint_keys(ckpt: Any) -> dict[str, Any]:
+    """``{"missing_keys", "unexpected_keys", "shape_mismatches"}`` of a loaded
+    :class:`landscape.checkpoints.Checkpoint` (JSON-safe lists; empty lists for a clean load)."""
+    return {
+        "missing_keys": [str(k) for k in getattr(ckpt, "missing_keys", ()) or ()],
+        "unexpected_keys": [str(k) for k in getattr(ckpt, "unexpected_keys", ()) or ()],
+        "shape_mismatches": [[str(k), list(a), list(b)]
+                             for k, a, b in getattr(ckpt, "shape_mismatches", ()) or ()],
+    }
+
+
+def describe_checkpoint_keys(keys: Mapping[str, Any], *, limit: int = 6) -> str | None:
+    """One line on what a non-strict load left out, or ``None`` when every key matched.
+
+    E.g. ``"2 missing keys left as initialized (head.weight, head.bias); 1 unexpected key
+    ignored (extra.weight)"``.
+    """
+
+    def names(items: Sequence[Any]) -> str:
+        shown = ", ".join(str(k) for k in items[:limit])
+        return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+    parts = []
+    missing = list(keys.get("missing_keys") or ())
+    unexpected = list(keys.get("unexpected_keys") or ())
+    mismatched = list(keys.get("shape_mismatches") or ())
+    if missing:
+        parts.append(f"{len(missing)} missing key{'s' * (len(missing) != 1)} left as initialized "
+                     f"({names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key{'s' * (len(unexpected) != 1)} ignored "
+                     f"({names(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatch{'es' * (len(mismatched) != 1)} left as "
+                     f"initialized ({names([m[0] for m in mismatched])})")
+    return "; ".join(parts) or None
 
 
 @dataclass(frozen=True, repr=False)
@@ -283,6 +333,9 @@ class ReportEntry(Result):
         info: free-form extra fields shown in the table (e.g. wall time per epoch).
         settings: ``{metric: {setting: value}}``, what a metric used (e.g. ``rho``, ``m``,
             ``steps`` of ``sharpness``); shown as a note under the table and in the JSON.
+        checkpoint_keys: how the checkpoint matched the model, ``{"missing_keys": [...],
+            "unexpected_keys": [...], "shape_mismatches": [[key, ckpt_shape, model_shape]]}``
+            (empty for a strict load); shown as a note under the table and in the JSON.
     """
 
     name: str
@@ -293,12 +346,15 @@ class ReportEntry(Result):
     eigenvalues: tuple[float, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checkpoint_keys: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe headline numbers (no grids)."""
         out = {"name": self.name, **self.info, **self.metrics, "eigenvalues": list(self.eigenvalues)}
         if self.settings:
             out["settings"] = self.settings
+        if self.checkpoint_keys:
+            out["checkpoint_keys"] = self.checkpoint_keys
         return to_jsonable(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -360,6 +416,7 @@ def analyze_checkpoint(
     from analysis.lanczos import top_eigenpairs
     from analysis.sharpness import sharpness
 
+    _check_analyze_args(name, steps_1d, steps_2d, radius, sharpness_rho)
     say = log or (lambda _msg: None)
     slice_data = data if slice_data is None else slice_data
     ev = evaluate(model, loss_fn, data)
@@ -370,7 +427,7 @@ def analyze_checkpoint(
     eigenvalues = tuple(float(v) for v in torch.as_tensor(eig.eigenvalues).reshape(-1).tolist())
     metrics["lambda_max"] = eigenvalues[0]
     say(f"{name}: sharpness")
-    sh_opts = {"m": min(128, _local_samples(data)), **dict(sharpness_options or {})}
+    sh_opts = {"m": min(_default_m(), _local_samples(data)), **dict(sharpness_options or {})}
     sh = sharpness(model, loss_fn, data, rho=sharpness_rho, kind="worst", adaptive=True, seed=seed,
                    progress=progress, **sh_opts)
     metrics["sharpness"] = float(sh.value)
@@ -401,6 +458,22 @@ def analyze_checkpoint(
                            steps=steps_2d, seed=seed, progress=progress, label=name)
     return ReportEntry(name=name, metrics=metrics, slices_1d=tuple(slices), slice_2d=s2,
                        density=dens, eigenvalues=eigenvalues, info=dict(info or {}), settings=settings)
+
+
+def _check_analyze_args(name: Any, steps_1d: Any, steps_2d: Any, radius: Any, rho: Any) -> None:
+    """One-line TypeError/ValueError for arguments of :func:`analyze_checkpoint`, before any work."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {name!r}")
+    for label, steps in (("steps_1d", steps_1d), ("steps_2d", steps_2d)):
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise TypeError(f"{label} must be an int (0 to skip, or >= 2), got {steps!r}")
+        if steps != 0 and steps < 2:
+            raise ValueError(f"{label}={steps}: a slice needs at least 2 points (0 skips it)")
+    for label, v in (("radius", radius), ("sharpness_rho", rho)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+            raise TypeError(f"{label} must be a number, got {v!r}")
+        if not (np.isfinite(v) and v > 0):
+            raise ValueError(f"{label}={v}: need a finite number > 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,8 +577,7 @@ def report_html(
     """The report as one HTML string (see :func:`write_report`)."""
     import plotly.io as pio
 
-    if not entries:
-        raise ValueError("the report needs at least one entry")
+    _check_entries(entries)
     figures: list[tuple[str, str, Any]] = []  # (section, caption, fig)
     for caption, fig in extra_figures:
         figures.append(("Training", caption, fig))
@@ -543,7 +615,12 @@ def report_html(
         parts.append(f"<p>{html.escape(intro)}</p>")
     parts.append("<h2>Metrics</h2>")
     parts.append(_table(entries, columns))
-    for n in [*_settings_notes(entries), *notes]:
+    key_notes = []
+    for e in entries:
+        text = describe_checkpoint_keys(e.checkpoint_keys) if e.checkpoint_keys else None
+        if text:
+            key_notes.append(f"{e.name}: loaded non-strictly: {text}")
+    for n in [*_settings_notes(entries), *key_notes, *notes]:
         parts.append(f"<p class='note'>{html.escape(n)}</p>")
     section = None
     config = {"displaylogo": False, "responsive": True}
@@ -567,6 +644,18 @@ def report_html(
     return "\n".join(parts)
 
 
+def _check_entries(entries: Any) -> None:
+    if isinstance(entries, ReportEntry):
+        raise TypeError("entries must be a list of ReportEntry, got one ReportEntry (wrap it in a list)")
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+        raise TypeError(f"entries must be a list of ReportEntry, got {entries!r}")
+    if not entries:
+        raise ValueError("the report needs at least one entry")
+    for i, e in enumerate(entries):
+        if not isinstance(e, ReportEntry):
+            raise TypeError(f"entries[{i}] must be a ReportEntry (from analyze_checkpoint), got {e!r}")
+
+
 def write_report(
     entries: Sequence[ReportEntry],
     path: str | os.PathLike,
@@ -576,12 +665,19 @@ def write_report(
 
     Keyword arguments are those of :func:`report_html` (``title``, ``intro``, ``columns``,
     ``extra_figures`` as ``[(caption, plotly_figure)]``, ``notes``). The file is written to a
-    temporary name and renamed, so a reader never sees half a page.
+    temporary file in the same folder and renamed (:func:`landscape._atomic.atomic_write`), so a
+    reader never sees half a page and a failed write leaves an old report as it was.
+
+    Raises:
+        TypeError: ``entries`` is not a list of :class:`ReportEntry`, or ``path`` not a path.
     """
+    from ._atomic import atomic_write
+
+    _check_entries(entries)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {path!r}")
     text = report_html(entries, **kwargs)
     p = pathlib.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
+    with atomic_write(p) as f:
+        f.write(text)
     return p

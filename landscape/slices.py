@@ -172,11 +172,11 @@ class Slice2D(Result):
     label: str = ""
 
     def plot(self, kind: str = "contour", **kwargs: Any) -> Any:
-        """Matplotlib figure: ``kind="contour"`` (labelled lines), ``"filled"`` or ``"surface"``
-        (see :mod:`landscape.plots`); returns the figure."""
+        """Matplotlib figure: ``kind="contour"`` (labelled lines), ``"filled"`` (also
+        ``"contourf"``) or ``"surface"`` (see :mod:`landscape.plots`); returns the figure."""
         from . import plots
 
-        kinds = {"contour": plots.plot_contour, "filled": plots.plot_contourf,
+        kinds = {"contour": plots.plot_contour, "filled": plots.plot_contourf, "contourf": plots.plot_contourf,
                  "surface": plots.plot_surface}
         if kind not in kinds:
             raise ValueError(f"kind must be one of {sorted(kinds)}, got {kind!r}")
@@ -609,6 +609,7 @@ def slice_2d(
     *,
     store: str | os.PathLike | None = None,
     resume: bool = True,
+    overwrite: bool = False,
     metrics: Sequence[str] = ("loss", "accuracy"),
     mode: str | None = "eval",
     recalibrate_bn: bool = False,
@@ -653,6 +654,8 @@ def slice_2d(
         store: ``None`` (default), a ``.npz`` path, or a directory.
         resume: continue from the store's finished rows (default); ``False`` recomputes every
             row and replaces the store file.
+        overwrite: ignore an existing store file (damaged, or written with other arguments)
+            and replace it.
         metrics, mode, recalibrate_bn, bn_data, batch_size, cache, params, progress: as in
             :func:`slice_1d`.
         names: names of ``d1`` and ``d2`` (axis labels).
@@ -722,7 +725,7 @@ def slice_2d(
             "dtype": str(s.space.dtype),
         }
         if not dist.is_distributed():
-            grid = GridStore(store, fp, xs_arr, ys_arr, s.metrics, resume=resume)
+            grid = GridStore(store, fp, xs_arr, ys_arr, s.metrics, resume=resume, overwrite=overwrite)
         else:
             # one store for the whole job: the data hash covers every rank's share, rank 0
             # alone reads and writes the file, and the other ranks follow its finished rows
@@ -739,7 +742,7 @@ def slice_2d(
             grid = None
             if main:
                 try:
-                    grid = GridStore(store, fp, xs_arr, ys_arr, s.metrics, resume=resume)
+                    grid = GridStore(store, fp, xs_arr, ys_arr, s.metrics, resume=resume, overwrite=overwrite)
                     payload = ("ok", grid.state())
                 except Exception as err:  # re-raised on every rank below
                     payload = ("error", err)

@@ -19,10 +19,11 @@ own file ``landscape-<hash>.npz``, so different grids can share one folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._atomic import atomic_write, remove_stale_temporaries
+
 __all__ = [
     "GridStore",
     "StoreMismatchError",
+    "StoreCorruptError",
     "tensor_hash",
     "tensors_hash",
     "fingerprint_hash",
@@ -41,14 +45,22 @@ __all__ = [
 _FORMAT = "msam-landscape-grid/1"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 class StoreMismatchError(ValueError):
     """An existing store was written with different arguments (it is left untouched)."""
+
+
+class StoreCorruptError(StoreMismatchError):
+    """An existing store file is damaged or not a valid store (it is left untouched).
+
+    A subclass of :class:`StoreMismatchError`, so code catching that catches this too. The
+    message names the file, what is wrong, and how to start over (delete the file, or pass
+    ``overwrite=True`` / ``landscape slice --restart``).
+    """
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -124,10 +136,16 @@ class GridStore:
         writer: ``False`` keeps the store in memory only (never reads or writes the file); used
             on the non-zero ranks of a distributed run, which receive rank 0's rows with
             :meth:`adopt`.
+        overwrite: ignore an existing file (damaged, or written with other arguments) and
+            start over; it is replaced when the first row is saved.
+
+    Opening a writer store removes the temporary files a killed run left beside the file
+    (``.<name>.*.tmp``, and ``<name>.*.tmp`` of older versions).
 
     Raises:
         StoreMismatchError: the file exists with another fingerprint or grid (nothing written).
-        ValueError: the file is not a landscape store.
+        StoreCorruptError: the file is damaged or not a landscape store (nothing written); the
+            message says how to start over.
     """
 
     def __init__(
@@ -140,6 +158,7 @@ class GridStore:
         *,
         resume: bool = True,
         writer: bool = True,
+        overwrite: bool = False,
     ):
         self.writer = bool(writer)
         self.fingerprint = _normalize_fp(fingerprint)
@@ -159,22 +178,48 @@ class GridStore:
         self.values = {m: np.full(shape, np.nan) for m in self.metrics}
         self.done = np.zeros(shape[0], dtype=bool)
         self.extra: dict[str, Any] = {}
-        if self.writer and self.path.exists():
+        if self.writer:
+            self._remove_stale_temporaries()
+        if self.writer and self.path.exists() and not overwrite:
             self._check_and_load(resume)
 
+    def _remove_stale_temporaries(self) -> None:
+        remove_stale_temporaries(self.path)
+        legacy = self.path.name + "."  # tempfile.mkstemp names of earlier versions
+        if self.path.parent.is_dir():
+            for entry in self.path.parent.iterdir():
+                if entry.name.startswith(legacy) and entry.name.endswith(".tmp") and entry.is_file():
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+
     # -- reading -------------------------------------------------------------------------
+    def _corrupt(self, what: str) -> StoreCorruptError:
+        return StoreCorruptError(
+            f"the landscape store {self.path} is damaged: {what}; it was left untouched. To start "
+            "over, delete the file or pass overwrite=True (landscape slice --restart)"
+        )
+
     def _check_and_load(self, resume: bool) -> None:
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 files = set(z.files)
                 if "format" not in files or str(z["format"]) != _FORMAT:
-                    raise ValueError(
-                        f"{self.path} exists but is not a landscape store; choose another path"
+                    raise StoreCorruptError(
+                        f"{self.path} exists but is not a landscape store (no {_FORMAT!r} format "
+                        "entry); choose another path, delete the file or pass overwrite=True "
+                        "(landscape slice --restart) to replace it"
                     )
+                if "fingerprint" not in files:
+                    raise self._corrupt("it has no 'fingerprint' entry")
                 stored_fp = json.loads(str(z["fingerprint"]))
                 arrays = {k: np.array(z[k]) for k in files}
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"cannot read the landscape store {self.path}: {err}") from err
+        except StoreCorruptError:
+            raise
+        except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zipfile.LargeZipFile,
+                json.JSONDecodeError) as err:  # ValueError: e.g. an object array needing pickle
+            raise self._corrupt(f"cannot read it ({type(err).__name__}: {_first_line(err)})") from None
+        if not isinstance(stored_fp, dict):
+            raise self._corrupt("its fingerprint is not a JSON object")
         diff = sorted(
             k for k in set(stored_fp) | set(self.fingerprint)
             if stored_fp.get(k) != self.fingerprint.get(k)
@@ -183,15 +228,47 @@ class GridStore:
             raise StoreMismatchError(
                 f"the store {self.path} was written with different arguments "
                 f"(differs in: {', '.join(diff)}); it was left untouched. Use the same "
-                "arguments to resume, or another path (or delete the file) to start over"
+                "arguments to resume, or another path, delete the file or pass overwrite=True "
+                "(landscape slice --restart) to start over"
             )
+        for name, ref in (("xs", self.xs), ("ys", self.ys)):
+            got = arrays.get(name)
+            if got is None:
+                raise self._corrupt(f"it has no {name!r} array")
+            if got.shape != ref.shape or not np.array_equal(got.astype(np.float64), ref):
+                raise StoreMismatchError(
+                    f"the store {self.path} holds another grid ({name} has {got.size} values, "
+                    f"expected {ref.size} equal ones); it was left untouched. Use another path, "
+                    "delete the file or pass overwrite=True (landscape slice --restart)"
+                )
+        nx = len(self.xs)
+        done = arrays.get("done")
+        if done is None:
+            raise self._corrupt("it has no 'done' array")
+        if done.dtype != np.bool_ or done.shape != (nx,):
+            raise self._corrupt(f"its 'done' array has dtype {done.dtype} and shape {done.shape}, "
+                                f"expected bool of shape ({nx},)")
+        values = {}
+        for m in self.metrics:
+            v = arrays.get(m)
+            if v is None:
+                raise self._corrupt(f"it has no {m!r} array")
+            if v.shape != self.values[m].shape or v.dtype.kind != "f":
+                raise self._corrupt(f"its {m!r} array has dtype {v.dtype} and shape {v.shape}, "
+                                    f"expected float of shape {self.values[m].shape}")
+            mask = arrays.get(f"nan_{m}")
+            if mask is not None:
+                if mask.dtype != np.bool_ or mask.shape != v.shape:
+                    raise self._corrupt(f"its 'nan_{m}' array has dtype {mask.dtype} and shape {mask.shape}")
+                bad = np.flatnonzero(done & (np.isnan(v) != mask).any(axis=1))
+                if bad.size:
+                    raise self._corrupt(f"row {int(bad[0])} is marked done but its {m!r} values hold "
+                                        "NaN where none was computed (or lost a recorded NaN)")
+            values[m] = v.astype(np.float64)
         if not resume:
             return
-        for m in self.metrics:
-            if m not in arrays or arrays[m].shape != self.values[m].shape:
-                raise StoreMismatchError(f"the store {self.path} lacks a valid {m!r} array")
-            self.values[m] = arrays[m].astype(np.float64)
-        self.done = arrays["done"].astype(bool)
+        self.values.update(values)
+        self.done = done.copy()
         for k, v in arrays.items():
             if k.startswith("extra_"):
                 self.extra[k[len("extra_"):]] = v.item() if v.ndim == 0 else v
@@ -249,20 +326,12 @@ class GridStore:
             "done": self.done,
         }
         arrays.update(self.values)
+        for m, v in self.values.items():  # which NaN are results (a diverged point), not gaps
+            arrays[f"nan_{m}"] = np.isnan(v) & self.done[:, None]
         for k, v in self.extra.items():
             arrays[f"extra_{k}"] = np.asarray(v)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(self.path, "wb") as f:
+            np.savez(f, **arrays)
 
     def __repr__(self) -> str:
         return (

@@ -587,3 +587,234 @@ def test_sharpness_records_the_settings_used(ckpts, capsys):
     code, out, err = _run(["sharpness", str(ckpts / "a.pt"), *SPEC64, "--metric", "worst", "--rho", "0.02",
                            "--json", "-"], capsys)
     assert json.loads(out)["checkpoints"][0]["settings"]["worst"]["rho"] == 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 15 (reliability) and 13.8 (shared defaults)
+
+
+def _usage(argv, capsys, match):
+    code, _, err = _run(argv, capsys)
+    assert code == 2, (argv, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], err
+    return lines[0]
+
+
+def test_range_accepts_negative_scientific_notation(ckpts, tmp_path, capsys):
+    from landscape.cli import build_parser
+
+    for lo, hi in [("-1e-3", "1e-3"), ("-2E+1", "-1.5e-2"), ("-.5", "-1"), ("-1", "2")]:
+        args = build_parser().parse_args(["slice", "c.pt", "--model", "m:f", "--data", "d:f",
+                                          "--out", "x.png", "--range", lo, hi])
+        assert args.range == [float(lo), float(hi)]
+    js = tmp_path / "s.json"
+    code, _, err = _run(["slice", str(ckpts / "a.pt"), *SPEC, "--range", "-1e-3", "1e-3", "--steps", "3",
+                         "--out", str(tmp_path / "s.png"), "--json", str(js)], capsys)
+    assert code == 0, err
+    doc = json.loads(js.read_text())
+    assert doc["grid"]["alphas"] == [-1e-3, 0.0, 1e-3]
+    ref = evaluate(_model(ckpts / "a.pt"), "cross_entropy", _data()).loss
+    assert doc["grid"]["loss"][1] == pytest.approx(ref, rel=1e-6)
+
+
+def test_tol_top_k_and_m_are_usage_errors_before_any_data_pass(ckpts, capsys, monkeypatch):
+    import landscape.cli as cli
+
+    a = str(ckpts / "a.pt")
+    for tol in ("0", "-1e-3", "nan", "inf"):
+        _usage(["hessian", a, *SPEC, "--tol", tol], capsys, f"--tol: expected a finite number > 0, got '{tol}'")
+
+    def no_data_pass(self, model):
+        raise AssertionError("a forward pass ran before the option was checked")
+
+    monkeypatch.setattr(cli._Setup, "check_fit", no_data_pass)
+    n = sum(p.numel() for p in fx.model().parameters())
+    _usage(["hessian", a, *SPEC, "--top-k", "1000000"], capsys,
+           f"--top-k 1000000 is larger than the model's {n} trainable parameters; pass --top-k {n} or less")
+    _usage(["sharpness", a, *SPEC, "--m", "100000"], capsys,
+           "--m 100000 is larger than the 96 samples of --data; pass --m 96 or less")
+    _usage(["sharpness", a, *SPEC, "--m", "60", "--max-samples", "50"], capsys,
+           "--m 60 is larger than the 50 samples of --data after --max-samples 50")
+
+
+def test_default_m_capped_at_small_data_is_said(ckpts, capsys):
+    code, out, err = _run(["sharpness", str(ckpts / "a.pt"), *SPEC, "--metric", "worst"], capsys)
+    assert code == 0, err
+    assert "m=96 (the default 128 capped at the 96 samples; set --m to choose)" in out
+    code, out, err = _run(["sharpness", str(ckpts / "a.pt"), *SPEC, "--metric", "worst", "--m", "48"], capsys)
+    assert code == 0 and "m=48," in out and "capped" not in out
+
+
+def test_only_rank_0_prints_errors(ckpts, tmp_path, capsys, monkeypatch):
+    a = str(ckpts / "a.pt")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # no process group: only the printing differs
+    code, out, err = _run(["hessian", a, *SPEC, "--tol", "0"], capsys)  # argparse
+    assert (code, out, err) == (2, "", "")
+    code, out, err = _run(["slice", a, *SPEC, "--out", str(tmp_path / "f.png"), "--range", "1", "0"], capsys)
+    assert (code, out, err) == (2, "", "")
+    code, out, err = _run(["sharpness", str(tmp_path / "nope.pt"), *SPEC], capsys)
+    assert (code, out, err) == (1, "", "")
+    monkeypatch.setenv("RANK", "0")
+    assert _run(["hessian", a, *SPEC, "--tol", "0"], capsys)[2].count("error:") == 1
+
+
+def test_bad_checkpoints_refused_up_front_naming_every_file(ckpts, tmp_path, capsys, no_compute):
+    d = tmp_path / "runs"
+    d.mkdir()
+    shutil.copy(ckpts / "a.pt", d / "a.pt")
+    (d / "c.pt").write_bytes((ckpts / "b.pt").read_bytes()[:500])  # truncated copy
+    (d / "e.pt").write_bytes(b"")
+    js = tmp_path / "s.json"
+    err = _fails(["sharpness", str(d), *SPEC, "--json", str(js)], capsys, "2 of 3 checkpoints cannot be used")
+    assert f"{d / 'c.pt'} is a damaged or truncated zip archive" in err
+    assert f"{d / 'e.pt'} is empty" in err and "a.pt" not in err.split("used")[1]
+    assert not js.exists()
+
+
+def test_sharpness_mid_run_failure_keeps_results_and_errors(ckpts, tmp_path, capsys):
+    from tests.landscape.cli_fixtures import model_wide
+
+    d = tmp_path / "runs"
+    d.mkdir()
+    shutil.copy(ckpts / "a.pt", d / "a.pt")
+    shutil.copy(ckpts / "b.pt", d / "b.pt")
+    torch.save(model_wide().state_dict(), d / "c.pt")  # a valid file that does not fit the model
+    js = tmp_path / "s.json"
+    code, out, err = _run(["sharpness", str(d), *SPEC, "--metric", "lambda_max", "--json", str(js)], capsys)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("landscape sharpness: error: 1 of 3 checkpoints failed (c.pt)")
+    assert "written to --json" in last and "Traceback" not in err
+    doc = json.loads(js.read_text())
+    assert [pathlib.Path(r["checkpoint"]).name for r in doc["checkpoints"]] == ["a.pt", "b.pt"]
+    assert [pathlib.Path(e["checkpoint"]).name for e in doc["errors"]] == ["c.pt"]
+    assert "shape mismatches" in doc["errors"][0]["error"]
+    ref = evaluate(_model(ckpts / "b.pt"), "cross_entropy", _data()).loss
+    assert doc["checkpoints"][1]["loss"] == pytest.approx(ref, rel=1e-6)
+    assert "c.pt (failed)" in out
+
+
+def test_report_mid_run_failure_writes_the_computed_entries(ckpts, tmp_path, capsys):
+    from tests.landscape.cli_fixtures import model_wide
+
+    d = tmp_path / "runs"
+    d.mkdir()
+    shutil.copy(ckpts / "a.pt", d / "a.pt")
+    torch.save(model_wide().state_dict(), d / "c.pt")
+    out, js = tmp_path / "r.html", tmp_path / "r.json"
+    argv = ["report", str(d), *SPEC, "--out", str(out), "--steps-1d", "3", "--steps-2d", "3",
+            "--no-density", "--json", str(js)]
+    code, _, err = _run(argv, capsys)
+    assert code == 1
+    assert err.strip().splitlines()[-1].startswith(
+        "landscape report: error: 1 of 2 checkpoints failed (c.pt); the others were computed and "
+        "written to the report and --json")
+    page = out.read_text()
+    assert "a.pt" in page and "failed: c.pt: " in page
+    doc = json.loads(js.read_text())
+    assert [c["name"] for c in doc["checkpoints"]] == ["a.pt"]
+    assert [pathlib.Path(e["checkpoint"]).name for e in doc["errors"]] == ["c.pt"]
+    (d / "a.pt").unlink()
+    torch.save(model_wide().state_dict(), d / "e.pt")
+    code, _, err = _run(argv, capsys)
+    assert code == 1 and "all 2 checkpoints failed; first error: " in err.strip().splitlines()[-1]
+
+
+def test_missing_and_unexpected_keys_reported(ckpts, tmp_path, capsys):
+    sd = fx.trained_state(20)
+    sd.pop("head.bias")
+    sd["extra.weight"] = torch.zeros(2)
+    torch.save(sd, tmp_path / "partial.pt")
+    js = tmp_path / "s.json"
+    code, out, err = _run(["sharpness", str(tmp_path / "partial.pt"), *SPEC, "--non-strict",
+                           "--metric", "lambda_max", "--json", str(js)], capsys)
+    assert code == 0, err
+    assert "partial.pt *" in out
+    assert ("* partial.pt: 1 missing key left as initialized (head.bias); 1 unexpected key ignored "
+            "(extra.weight)") in out
+    rec = json.loads(js.read_text())["checkpoints"][0]
+    assert rec["checkpoint_keys"] == {"missing_keys": ["head.bias"], "unexpected_keys": ["extra.weight"],
+                                      "shape_mismatches": []}
+    html_out = tmp_path / "r.html"
+    code, out, err = _run(["report", str(tmp_path / "partial.pt"), *SPEC, "--non-strict", "--out",
+                           str(html_out), "--steps-1d", "3", "--steps-2d", "3", "--no-density",
+                           "--json", str(js)], capsys)
+    assert code == 0, err
+    assert "partial.pt: loaded non-strictly: 1 missing key left as initialized (head.bias)" in html_out.read_text()
+    assert json.loads(js.read_text())["checkpoints"][0]["checkpoint_keys"]["unexpected_keys"] == ["extra.weight"]
+    # a clean load has no footnote and empty lists
+    code, out, err = _run(["hessian", str(ckpts / "b.pt"), *SPEC, "--top-k", "1", "--json", str(js)], capsys)
+    assert code == 0 and "*" not in out
+    assert json.loads(js.read_text())["checkpoint_keys"]["missing_keys"] == []
+
+
+def test_cli_defaults_match_the_python_api():
+    import argparse
+
+    from landscape.cli import build_parser
+    from landscape.defaults import DEFAULTS, python_default
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    seen = set()
+    for row in DEFAULTS:
+        commands = ["sharpness", "hessian", "slice", "report"] if row.command == "*" else [row.command]
+        for cmd in commands:
+            action = next(a for a in sub.choices[cmd]._actions if row.option in a.option_strings)
+            cli = action.default
+            if row.option == "--m":  # None on the command line: min(value, N) at run time
+                assert cli is None and row.value == python_default(row)
+                continue
+            want = list(row.value) if isinstance(row.value, tuple) else row.value
+            assert cli == want, (cmd, row.option, cli, want)
+            py = python_default(row)
+            assert (list(py) if isinstance(py, tuple) else py) == want, (row.function, row.parameter, py)
+            seen.add(row.option)
+    assert {"--tol", "--top-k", "--steps", "--range", "--radius", "--steps-1d", "--steps-2d"} <= seen
+
+
+def test_atomic_cli_writers_keep_the_old_file(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from landscape.cli import CLIError, _save_figure, _write_text
+
+    png = tmp_path / "f.png"
+    fig = plt.figure()
+    _save_figure(fig, png)
+    before = png.read_bytes()
+
+    def full_disk(self, fname, *a, **k):
+        pathlib.Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(fig), "savefig", full_disk)
+    with pytest.raises(CLIError, match="No space left"):
+        _save_figure(plt.figure(), png)
+    assert png.read_bytes() == before
+    js = tmp_path / "o.json"
+    _write_text(js, "{}\n")
+    monkeypatch.setattr("landscape._atomic.os.replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        _write_text(js, '{"new": 1}\n')
+    assert js.read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "o.json"]
+
+
+def test_slice_restart_replaces_a_damaged_store(ckpts, tmp_path, capsys):
+    store = tmp_path / "g.npz"
+    store.write_bytes(b"PK\x03\x04 damaged")
+    argv = ["slice", str(ckpts / "a.pt"), *SPEC, "--dims", "2", "--steps", "3", "--out",
+            str(tmp_path / "s.png"), "--store", str(store)]
+    err = _fails(argv, capsys, f"the landscape store {store} is damaged")
+    assert "--restart" in err
+    code, _, err = _run([*argv, "--restart"], capsys)
+    assert code == 0, err
+    code, _, err = _run([*argv, "--json", str(tmp_path / "s.json")], capsys)  # resumes all rows
+    assert code == 0 and json.loads((tmp_path / "s.json").read_text())["grid"]["resumed_rows"] == 3
+    _usage(["slice", str(ckpts / "a.pt"), *SPEC, "--out", str(tmp_path / "s.png"), "--restart"], capsys,
+           "--restart applies to --store")

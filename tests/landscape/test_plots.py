@@ -204,3 +204,56 @@ def test_spectral_density_of_the_hessian_engine(tmp_path):
     rug = ax.get_lines()[1].get_xdata()
     assert len(rug) == int((np.asarray(res.weights) > 0).sum())
     _check_saved(fig, tmp_path, "slq")
+
+
+# ---------------------------------------------------------------------------------------------
+# wrong argument types (issue 15.14) and atomic writing (15.8)
+
+
+@pytest.mark.parametrize("func", ["plot_1d", "plotly_1d", "plot_contour", "plot_contourf",
+                                  "plot_surface", "plotly_contour", "plotly_surface",
+                                  "plot_spectral_density"])
+@pytest.mark.parametrize("value", [None, "loss.npz", 3.5])
+def test_wrong_argument_type_is_a_type_error_naming_it(func, value):
+    import landscape.plots as P
+
+    with pytest.raises(TypeError, match=func) as info:
+        getattr(P, func)(value)
+    assert repr(value) in str(info.value) and "\n" not in str(info.value)
+    plt.close("all")
+
+
+def test_a_list_with_one_bad_item_is_a_type_error():
+    from landscape.plots import plot_1d
+
+    with pytest.raises(TypeError, match="Slice1D"):
+        plot_1d([_slice1d(), _slice2d()])
+    plt.close("all")
+
+
+def test_contourf_kind_is_accepted():
+    fig = _slice2d().plot("contourf")
+    assert len(fig.axes) == 2 and fig.axes[0].get_xlabel() == "random A"
+    plt.close(fig)
+
+
+def test_save_html_is_atomic(tmp_path, monkeypatch):
+    from landscape.plots import plotly_contour, save_html
+
+    path = tmp_path / "fig.html"
+    save_html(plotly_contour(_slice2d()), path)
+    before = path.read_bytes()
+    assert b"plotly" in before
+    fig = plotly_contour(_slice2d())
+
+    def full_disk(self, file, *a, **k):
+        file.write("<html>half a page")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(fig), "write_html", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_html(fig, path)
+    assert path.read_bytes() == before  # the old figure survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.html"]  # no temporary left
+    with pytest.raises(TypeError, match="path"):
+        save_html(plotly_contour(_slice2d()), None)

@@ -129,3 +129,78 @@ def test_sharpness_settings_recorded_and_shown(entries):
     assert notes.count("adaptive worst-case sharpness: rho=0.1, m=20, 3 ascent steps, adaptive, c = |w|") == 1
     bare = ReportEntry(name="bare", metrics={"loss": 1.0})
     assert "rho=" not in report_html([bare])
+
+
+# ---------------------------------------------------------------------------------------------
+# wrong arguments (issue 15.14), atomic writing (15.8), checkpoint keys (15.5)
+
+
+@pytest.mark.parametrize("bad", [["x"], "report.html", None, [None]])
+def test_write_report_wrong_types_are_type_errors(bad, tmp_path):
+    with pytest.raises(TypeError, match="ReportEntry") as info:
+        write_report(bad, tmp_path / "r.html")
+    assert repr(bad if not isinstance(bad, list) else bad[0]) in str(info.value)
+    assert not (tmp_path / "r.html").exists()
+    e = ReportEntry(name="bare", metrics={"loss": 1.0})
+    with pytest.raises(TypeError, match="list"):
+        write_report(e, tmp_path / "r.html")
+    with pytest.raises(TypeError, match="path"):
+        write_report([e], 42)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"radius": 0.0}, "radius=0.0"), ({"radius": -1.0}, "radius=-1.0"),
+    ({"radius": float("nan")}, "radius=nan"), ({"steps_1d": 1}, "steps_1d=1"),
+    ({"steps_2d": 1}, "steps_2d=1"), ({"sharpness_rho": 0}, "sharpness_rho=0"),
+])
+def test_analyze_checkpoint_refuses_bad_values_before_work(kw, match, monkeypatch):
+    import analysis.evaluation
+
+    def boom(*a, **k):
+        raise AssertionError("computed before checking the arguments")
+
+    monkeypatch.setattr(analysis.evaluation, "evaluate", boom)
+    with pytest.raises(ValueError, match=match):
+        analyze_checkpoint(mlp(seed=0), "cross_entropy", classification_data(n=8, seed=0),
+                           name="m", **kw)
+    with pytest.raises(TypeError, match="steps_1d"):
+        analyze_checkpoint(mlp(seed=0), "cross_entropy", None, name="m", steps_1d=2.5)
+
+
+def test_write_report_is_atomic(tmp_path, monkeypatch):
+    import landscape.report as R
+
+    e = ReportEntry(name="bare", metrics={"loss": 1.0})
+    path = tmp_path / "r.html"
+    write_report([e], path)
+    before = path.read_bytes()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "report_html", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report([e], path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
+def test_checkpoint_keys_shown_in_report_and_summary():
+    from landscape.report import checkpoint_keys, describe_checkpoint_keys
+
+    class Ck:
+        missing_keys = ("head.weight", "head.bias")
+        unexpected_keys = ("extra.w",)
+        shape_mismatches = (("inp.weight", (6, 7), (8, 7)),)
+
+    keys = checkpoint_keys(Ck())
+    assert keys == {"missing_keys": ["head.weight", "head.bias"], "unexpected_keys": ["extra.w"],
+                    "shape_mismatches": [["inp.weight", [6, 7], [8, 7]]]}
+    line = describe_checkpoint_keys(keys)
+    assert line == ("2 missing keys left as initialized (head.weight, head.bias); 1 unexpected key "
+                    "ignored (extra.w); 1 shape mismatch left as initialized (inp.weight)")
+    assert describe_checkpoint_keys(checkpoint_keys(object())) is None
+    e = ReportEntry(name="a.pt", metrics={"loss": 1.0}, checkpoint_keys=keys)
+    assert json.loads(json.dumps(e.summary()))["checkpoint_keys"] == keys
+    notes = re.findall(r"<p class='note'>([^<]*)</p>", report_html([e]))
+    assert f"a.pt: loaded non-strictly: {line}" in notes

@@ -139,3 +139,125 @@ def test_store_file_gets_the_usual_mode_not_mkstemps_0600(tmp_path):
         assert (os.stat(tmp_path / "g.npz").st_mode & 0o777) == 0o644
     finally:
         os.umask(mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged files (issue 15.9), stale temporaries and overwrite (15.8)
+
+
+def _good(path):
+    s = _store(path)
+    s.write_row(0, {"loss": np.array([1.0, np.nan]), "accuracy": np.ones(2)})  # a NaN result
+    s.write_row(1, {"loss": np.array([2.0, 3.0]), "accuracy": np.ones(2)})
+    return path
+
+
+def _rewrite(path, **changes):
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    for k, v in changes.items():
+        if v is None:
+            arrays.pop(k)
+        else:
+            arrays[k] = v
+    with open(path, "wb") as f:  # np.savez(path) would append .npz to names without it
+        np.savez(f, **arrays)
+
+
+def _damage_done_over_nan(path):
+    with np.load(path) as z:
+        loss = z["loss"].copy()
+    loss[1, 0] = np.nan  # row 1 is done but this NaN was never computed
+    _rewrite(path, loss=loss)
+
+
+DAMAGES = {
+    "truncated zip": lambda p: p.write_bytes(p.read_bytes()[:300]),
+    "garbage bytes": lambda p: p.write_bytes(b"\x00\x01not a zip at all" * 10),
+    "empty file": lambda p: p.write_bytes(b""),
+    "object array (pickle)": lambda p: _rewrite(p, extra_obj=np.array([{"a": 1}], dtype=object)),
+    "no done": lambda p: _rewrite(p, done=None),
+    "done of floats": lambda p: _rewrite(p, done=np.array([1.0, 1.0, 0.0])),
+    "done too short": lambda p: _rewrite(p, done=np.array([True, True])),
+    "done over unrecorded NaN": _damage_done_over_nan,
+    "no fingerprint": lambda p: _rewrite(p, fingerprint=None),
+    "loss of ints": lambda p: _rewrite(p, loss=np.ones((3, 2), dtype=np.int64)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_store_is_one_corrupt_error_naming_the_file(tmp_path, damage):
+    from landscape import StoreCorruptError
+
+    path = _good(tmp_path / "grid.npz")
+    DAMAGES[damage](path)
+    before = path.read_bytes()
+    with pytest.raises(StoreCorruptError) as info:
+        _store(path)
+    msg = str(info.value)
+    assert isinstance(info.value, StoreMismatchError)  # old handlers still catch it
+    assert str(path) in msg and "\n" not in msg
+    assert "delete the file" in msg and "overwrite=True" in msg
+    assert path.read_bytes() == before  # untouched
+    # starting over is possible, and then the file is a valid store again
+    s = _store(path, overwrite=True)
+    assert s.pending_rows() == [0, 1, 2]
+    s.write_row(2, {"loss": np.zeros(2), "accuracy": np.zeros(2)})
+    assert _store(path).pending_rows() == [0, 1]
+
+
+def test_recorded_nan_results_resume_without_error(tmp_path):
+    path = _good(tmp_path / "grid.npz")
+    t = _store(path)
+    assert t.pending_rows() == [2]
+    np.testing.assert_array_equal(t.values["loss"][0], [1.0, np.nan])
+
+
+def test_another_grid_is_a_mismatch(tmp_path):
+    path = _good(tmp_path / "grid.npz")
+    with pytest.raises(StoreMismatchError, match="another grid"):
+        GridStore(path, FP, [0.0, 1.0, 2.5], [-1.0, 1.0], ("loss", "accuracy"))
+
+
+def test_stale_temporaries_removed_on_open(tmp_path):
+    path = _good(tmp_path / "grid.npz")
+    stale = [tmp_path / ".grid.npz.k1ll3d.tmp", tmp_path / "grid.npz.abc123.tmp"]  # new, legacy
+    keep = [tmp_path / ".other.npz.x.tmp", tmp_path / "grid.npz.notes"]
+    for p in stale + keep:
+        p.write_bytes(b"partial")
+    _store(path)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in keep)
+    # a reader-only store (non-zero ranks) touches nothing
+    stale[0].write_bytes(b"partial")
+    _store(path, writer=False)
+    assert stale[0].exists()
+
+
+def test_atomic_write_mode_cleanup_and_stale_names(tmp_path):
+    import os
+
+    from landscape._atomic import atomic_write, remove_stale_temporaries
+
+    path = tmp_path / "sub" / "out.json"
+    old = os.umask(0o027)
+    try:
+        with atomic_write(path) as f:
+            f.write("{}")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "{}" and (path.stat().st_mode & 0o777) == 0o640
+    for exc in (KeyboardInterrupt(), OSError(28, "No space left on device")):
+        with pytest.raises(type(exc)):
+            with atomic_write(path, "wb") as f:
+                f.write(b"half")
+                names = [p.name for p in path.parent.iterdir()]
+                assert any(n.startswith(".out.json.") and n.endswith(".tmp") for n in names)
+                raise exc
+        assert path.read_text() == "{}"
+        assert [p.name for p in path.parent.iterdir()] == ["out.json"]
+    with pytest.raises(ValueError, match="'a'"):
+        with atomic_write(path, "a"):
+            pass
+    (path.parent / ".out.json.zz.tmp").write_text("stale")
+    assert [p.name for p in remove_stale_temporaries(path)] == [".out.json.zz.tmp"]

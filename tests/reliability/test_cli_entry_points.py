@@ -1,0 +1,147 @@
+"""Every ``landscape`` subcommand that reads checkpoints, run on a corpus of bad files.
+
+Each bad file is refused up front (before the model or the data are loaded) with exit code 1
+(documented: unreadable inputs are runtime failures; malformed option values exit 2), one
+stderr line naming the file, and no traceback; a FIFO never blocks.
+
+The corpus is built inline here (a FIFO, a truncated torch zip, a PNG named ``.pt``, an empty
+file, a truncated safetensors file, JSON named ``.pth``); ``tests/reliability/corpus.py`` may
+replace it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+
+from landscape.cli import main
+from tests.landscape import cli_fixtures as fx
+
+FIX = "tests.landscape.cli_fixtures"
+SPEC = ["--model", f"{FIX}:model", "--data", f"{FIX}:data", "--quiet"]
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
+
+
+def _corpus(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(fx.trained_state(5), good)
+    bad = {}
+    if hasattr(os, "mkfifo"):
+        bad["fifo"] = tmp_path / "pipe.pt"
+        os.mkfifo(bad["fifo"])
+    bad["truncated zip"] = tmp_path / "truncated.pt"
+    bad["truncated zip"].write_bytes(good.read_bytes()[:700])
+    bad["png"] = tmp_path / "image.pt"
+    bad["png"].write_bytes(PNG)
+    bad["empty"] = tmp_path / "empty.pt"
+    bad["empty"].write_bytes(b"")
+    bad["json"] = tmp_path / "config.pth"
+    bad["json"].write_text('{"lr": 0.1}')
+    from safetensors.torch import save_file
+
+    full = tmp_path / "full.safetensors"
+    save_file(fx.trained_state(5), str(full))
+    bad["truncated safetensors"] = tmp_path / "cut.safetensors"
+    bad["truncated safetensors"].write_bytes(full.read_bytes()[:-40])
+    return good, bad
+
+
+EXPECT = {
+    "fifo": "is a FIFO (named pipe), not a regular file",
+    "truncated zip": "is a damaged or truncated zip archive",
+    "png": "is not a checkpoint (its content is a PNG image",
+    "empty": "is empty (0 bytes)",
+    "json": "is not a checkpoint (its content is text/JSON",
+    "truncated safetensors": "is a truncated safetensors file",
+}
+
+
+def _argv(cmd, ckpt, tmp_path):
+    extra = {"sharpness": [], "hessian": ["--top-k", "1"],
+             "slice": ["--out", str(tmp_path / "s.png"), "--steps", "3"],
+             "report": ["--out", str(tmp_path / "r.html")]}[cmd]
+    return [cmd, str(ckpt), *SPEC, *extra]
+
+
+def _run_with_timeout(argv, capsys, seconds=60):
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("code", main(argv)), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"landscape {argv[0]} blocked on {argv[1]}"
+    out, err = capsys.readouterr()
+    return box["code"], out, err
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    import landscape.cli as cli
+
+    def boom(*a, **k):
+        raise AssertionError("the model or data were loaded before the checkpoint was checked")
+
+    monkeypatch.setattr(cli._Setup, "__init__", boom)
+
+
+@pytest.mark.parametrize("cmd", ["sharpness", "hessian", "slice", "report"])
+def test_every_bad_file_is_one_line_exit_1(cmd, tmp_path, capsys, no_compute):
+    _, bad = _corpus(tmp_path)
+    for kind, path in bad.items():
+        code, out, err = _run_with_timeout(_argv(cmd, path, tmp_path), capsys)
+        lines = err.strip().splitlines()
+        assert code == 1, (kind, err)
+        assert len(lines) == 1 and "Traceback" not in err, (kind, err)
+        assert lines[0].startswith(f"landscape {cmd}: error: {path} {EXPECT[kind]}"), (kind, err)
+        assert out == ""
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("cmd", ["sharpness", "report"])
+def test_good_and_bad_files_together_name_every_bad_one(cmd, tmp_path, capsys, no_compute):
+    good, bad = _corpus(tmp_path)
+    argv = _argv(cmd, good, tmp_path)
+    argv[2:2] = [str(p) for p in bad.values()]
+    code, _, err = _run_with_timeout(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"{len(bad)} of {len(bad) + 1} checkpoints cannot be used (nothing was computed)" in lines[0]
+    for path in bad.values():
+        assert str(path) in lines[0]
+    assert str(good) not in lines[0]
+
+
+def test_directory_scan_skips_a_fifo_and_checks_the_rest(tmp_path, capsys):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    good, _ = _corpus(tmp_path)
+    d = tmp_path / "runs"
+    d.mkdir()
+    os.mkfifo(d / "pipe.pt")
+    (d / "good.pt").write_bytes(good.read_bytes())
+    code, out, err = _run_with_timeout(["sharpness", str(d), *SPEC, "--metric", "lambda_max"], capsys)
+    assert code == 0, err
+    assert "good.pt" in out and "pipe.pt" not in out
+
+
+@pytest.mark.parametrize("direction", ["interpolate", "pca"])
+def test_slice_direction_checkpoints_checked_up_front(direction, tmp_path, capsys, no_compute):
+    good, bad = _corpus(tmp_path)
+    target = bad["truncated zip"]
+    if direction == "pca":
+        d = tmp_path / "traj"
+        d.mkdir()
+        (d / "step1.pt").write_bytes(good.read_bytes())
+        (d / "step2.pt").write_bytes(target.read_bytes())
+        target = d / "step2.pt"
+        spec = f"pca:{d}"
+    else:
+        spec = f"interpolate:{target}"
+    argv = [*_argv("slice", good, tmp_path), "--direction", spec]
+    code, _, err = _run_with_timeout(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"{target} is a damaged or truncated zip archive" in lines[0]
