@@ -62,7 +62,6 @@ from analysis.tracker import CurvatureTracker, TrackerHistory
 from msam.batchnorm import frozen_batchnorm_stats, recalibrate_batchnorm
 from msam.sam import SAM
 
-from .datasets import load_digits
 from .models import digits_cnn
 from .report import ReportEntry, analyze_checkpoint, write_report
 from .reproduce import ReproConfig, build_optimizer, digits_problem, optimizer_specs
