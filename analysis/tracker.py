@@ -345,6 +345,9 @@ class CurvatureTracker:
                 v0 = self.ritz_vectors.sum(dim=0)
                 if bool(torch.linalg.vector_norm(v0) > 0):
                     kwargs["v0"] = v0
+                    # a warm start needs few steps: a small basis (thick restarts if exceeded)
+                    # saves allocating and zeroing max_basis x n numbers at every check
+                    kwargs["max_basis"] = min(int(op.shape[0]), 2 * self.k + 10)
                 else:
                     cold = True
             res = top_eigenpairs(op, **kwargs)
