@@ -66,6 +66,7 @@ class MSAMTrainerCallback(TrainerCallback):
         self.recalibrate_data = recalibrate_data
         self._tracker_arg = tracker
         self.tracker: Any = tracker if hasattr(tracker, "maybe_measure") else None
+        self._last_step = -1
 
     def _opts(self, kwargs: dict[str, Any]) -> list[Any]:
         return perturbed_optimizers(kwargs.get("optimizer"))
@@ -77,8 +78,9 @@ class MSAMTrainerCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.tracker is None and self._tracker_arg is not None:
             self.tracker = self._tracker_arg(kwargs.get("model"), kwargs.get("optimizer"))
-        if self.tracker is not None:
-            self.tracker.maybe_measure(int(state.global_step))
+        if self.tracker is not None and int(state.global_step) != self._last_step:
+            self._last_step = int(state.global_step)
+            self.tracker.maybe_measure(self._last_step)
         self._maybe_to_w(control, kwargs)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

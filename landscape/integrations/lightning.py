@@ -73,6 +73,7 @@ class MSAMCallback(Callback):
         self.tracker: Any = tracker if hasattr(tracker, "maybe_measure") else None
         self.stay_at_w = bool(stay_at_w)
         self._fitting = False
+        self._last_step = -1
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
@@ -104,8 +105,11 @@ class MSAMCallback(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.tracker is not None:
-            self.tracker.maybe_measure(int(trainer.global_step))
+        step = int(trainer.global_step)
+        # with gradient accumulation several batches share one optimizer step: measure once
+        if self.tracker is not None and step != self._last_step:
+            self._last_step = step
+            self.tracker.maybe_measure(step)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._fitting = False

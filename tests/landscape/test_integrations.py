@@ -220,3 +220,27 @@ def test_huggingface_trainer_saves_and_evaluates_at_w(tmp_path):
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     assert len(evals) == 2 and evals[-1] == pytest.approx(ref, rel=1e-5)
     assert [r.step for r in cb.tracker.history] == [3, 6]  # 4 steps per epoch, 2 epochs
+
+
+def test_lightning_callback_measures_once_per_optimizer_step():
+    """Gradient accumulation: several batches end with the same global_step; one check each."""
+    pytest.importorskip("lightning.pytorch")
+    from landscape.integrations.lightning import MSAMCallback
+
+    calls = []
+
+    class Tracker:
+        def maybe_measure(self, step):
+            calls.append(step)
+
+    class Trainer:
+        optimizers: list = []
+        global_step = 0
+
+    cb, tr = MSAMCallback(tracker=Tracker()), Trainer()
+    for step in (1, 1, 2, 2, 3):
+        tr.global_step = step
+        cb.on_train_batch_end(tr, None, None, None, 0)
+    assert calls == [1, 2, 3]
+    with pytest.raises(TypeError, match="tracker must be a CurvatureTracker or a callable"):
+        MSAMCallback(tracker=3)
