@@ -49,6 +49,17 @@ def _eos(lrs: list[float | None], lr: float | None) -> list[float] | None:
     return None
 
 
+def _y_limits(series, lr) -> tuple[float, float] | None:
+    """Axis limits that keep the lambda_max curves readable when 2/lr shoots up (an lr schedule
+    decaying to 0): at most 5x the largest lambda_max; None when no limit is needed."""
+    lam = [v for _, _, ls, _ in series for v in ls if v == v]
+    eos = [v for _, _, _, lrs in series for v in (_eos(lrs, lr) or [])]
+    if not lam or not eos or max(eos) <= 5 * max(lam):
+        return None
+    low = min(min(lam), min(eos))
+    return (low if low > 0 else min(lam)), 5 * max(lam)
+
+
 def plot_tracker(history: Any, *, lr: float | None = None, label: str | None = None,
                  ax: Any = None, title: str | None = None, log: bool = False):
     """``lambda_max`` against the step with the ``2 / lr`` line (matplotlib).
@@ -83,6 +94,9 @@ def plot_tracker(history: Any, *, lr: float | None = None, label: str | None = N
     ax.set_ylabel("lambda_max of the Hessian")
     if log:
         ax.set_yscale("log")
+    limits = _y_limits(series, lr)
+    if limits is not None:
+        ax.set_ylim(limits[0] * (0.8 if log else 0.0), limits[1])
     ax.set_title(title or "lambda_max during training")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -108,4 +122,10 @@ def plotly_tracker(history: Any, *, lr: float | None = None, label: str | None =
     fig.update_layout(title=title or "lambda_max during training (dashed: 2/lr)",
                       xaxis_title="training step", yaxis_title="lambda_max",
                       yaxis_type="log" if log else "linear", template="plotly_white")
+    limits = _y_limits(series, lr)
+    if limits is not None:
+        import math
+
+        fig.update_yaxes(range=[math.log10(0.8 * limits[0]), math.log10(limits[1])] if log
+                         else [0.0, limits[1]])
     return fig

@@ -41,3 +41,14 @@ def test_plotly_tracker_and_errors():
         plot_tracker(h, lr=-1.0)
     with pytest.raises(TypeError, match="TrackerRecord-like"):
         plot_tracker([1, 2])
+
+
+def test_decaying_lr_keeps_the_curves_readable():
+    """A schedule decaying to ~0 sends 2/lr to ~1e6: the y axis stops at 5x max lambda_max."""
+    h = _hist([0.1, 0.01, 1e-6], [3.0, 4.0, 2.0])
+    fig = plot_tracker(h, log=True)
+    assert fig.axes[0].get_ylim()[1] == pytest.approx(20.0)
+    pfig = plotly_tracker(h, log=True)
+    assert 10 ** pfig.layout.yaxis.range[1] == pytest.approx(20.0)
+    assert plotly_tracker(_hist([0.1, 0.1], [3.0, 4.0])).layout.yaxis.range is None
+    matplotlib.pyplot.close("all")
