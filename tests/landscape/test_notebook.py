@@ -33,6 +33,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)
 
 
+@pytest.mark.slow  # about 6 s of CPU, but the kernel start makes it 10-17 s on a busy machine
 def test_edge_of_stability_notebook_executes(tmp_path, monkeypatch):
     """examples/edge_of_stability.ipynb: two learning rates, lambda_max reaches about 2/lr."""
     import re
