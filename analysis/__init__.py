@@ -65,6 +65,7 @@ from .sharpness import (
     sharpness_report,
 )
 from .trace import TraceResult, hessian_trace
+from .tracker import CurvatureTracker, TrackerHistory, TrackerRecord
 
 __all__ = [
     # parameter vectors and data
@@ -93,4 +94,6 @@ __all__ = [
     "get_world_size", "is_main_process", "all_reduce_sum", "all_reduce_gradients", "barrier",
     "broadcast_object", "all_gather_object", "assert_same_across_ranks", "default_device",
     "launched_by_torchrun", "DEFAULT_TIMEOUT",
+    # curvature during training
+    "CurvatureTracker", "TrackerRecord", "TrackerHistory",
 ]

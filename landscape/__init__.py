@@ -31,6 +31,7 @@ from .plots import (
 from .report import ReportEntry, analyze_checkpoint, report_html, write_report
 from .slices import Slice1D, Slice2D, interpolate, slice_1d, slice_2d
 from .store import GridStore, StoreCorruptError, StoreMismatchError
+from .training_plots import plot_tracker, plotly_tracker
 
 __all__ = [
     # slices
@@ -46,4 +47,6 @@ __all__ = [
     "Digits", "load_digits", "digits_cnn", "digits_mlp", "DemoConfig", "DemoResult", "run_demo",
     # damaged store files
     "StoreCorruptError",
+    # curvature during training
+    "plot_tracker", "plotly_tracker",
 ]

@@ -1,6 +1,7 @@
 """The bundled demo in quick mode (what `make demo` runs, shrunk to seconds)."""
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from analysis.evaluation import evaluate
+from analysis.tracker import TrackerHistory
 from landscape.checkpoints import load_checkpoint
 from landscape.datasets import load_digits
 from landscape.demo import OPTIMIZERS, DemoConfig, make_optimizer, run_demo
@@ -35,8 +37,11 @@ def test_quick_demo_outputs(quick):
     text = (out / "report.html").read_text()
     for label in ("SGD", "NAG", "SAM", "MSAM"):
         assert f"<td>{label}</td>" in text
-    # training curves, 1-D random + gradient, one 2-D per optimizer, the density
-    assert text.count('class="plotly-graph-div"') == 1 + 2 + 4 + 1
+    # training curves (test accuracy, lambda_max from the tracker), 1-D random + gradient
+    # (all four overlaid), one 2-D per optimizer, the density
+    assert text.count('class="plotly-graph-div"') == 2 + 2 + 4 + 1
+    assert "lambda_max during training" in text and "20% of the labels flipped" in text
+    assert text.index("<h2>Metrics</h2>") < text.index("<h2>Training</h2>") < text.index("1-D slices")
     summary = json.loads((out / "summary.json").read_text())
     assert [r["optimizer"] for r in summary["runs"]] == list(OPTIMIZERS)
     table = res.table()
@@ -59,6 +64,24 @@ def test_quick_demo_numbers_are_the_checkpoints(quick):
         assert run.test_loss == pytest.approx(ev.loss, rel=1e-5)
         assert run.seconds_per_epoch > 0 and run.lambda_max > 0 and run.sharpness >= 0
         assert len(run.test_accuracy_history) == cfg.epochs
+        # the tracker's curve: every track_every steps, also written as CSV
+        steps = math.ceil(cfg.train_size / cfg.batch_size) * cfg.epochs
+        assert [s for s, _ in run.lambda_max_curve] == list(range(cfg.track_every, steps + 1,
+                                                                   cfg.track_every))
+        hist = TrackerHistory.read_csv(pathlib.Path(run.checkpoint).parents[1] / "tracker"
+                                       / f"{run.optimizer}.csv")
+        assert [(r.step, r.lambda_max) for r in hist] == list(run.lambda_max_curve)
+        assert all(lam > 0 for _, lam in run.lambda_max_curve) and run.tracker_hvps > 0
+
+
+def test_demo_uses_the_reproduction_setting():
+    """The full demo trains the reproduction's noisy-label problem with its recipe."""
+    from landscape.reproduce import ReproConfig
+
+    cfg, rc = DemoConfig(), ReproConfig()
+    assert (cfg.label_noise, cfg.epochs, cfg.lr, cfg.sam_rho, cfg.msam_rho, cfg.batch_size) == (
+        rc.label_noise, rc.epochs, rc.lr, rc.rho_sam, rc.rho_msam, rc.batch_size)
+    assert cfg.label_noise > 0 and cfg.track_every > 0
 
 
 def test_make_optimizer_types():
@@ -70,6 +93,8 @@ def test_make_optimizer_types():
     kinds = {n: type(make_optimizer(n, params, cfg)) for n in OPTIMIZERS}
     assert kinds == {"sgd": torch.optim.SGD, "nag": NAG, "sam": SAM, "msam": MSAM}
     assert make_optimizer("msam", params, cfg).param_groups[0]["rho"] == cfg.msam_rho
+    assert make_optimizer("sam", params, cfg).param_groups[0]["rho"] == cfg.sam_rho
+    assert make_optimizer("sgd", params, cfg).param_groups[0]["lr"] == cfg.lr
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         make_optimizer("adam", params, cfg)
     with pytest.raises(ValueError, match="unknown optimizer"):

@@ -1,0 +1,104 @@
+"""CurvatureTracker cost: Hessian-vector products per check and the overhead on a training run.
+
+Run standalone: ``python benchmarks/tracker.py`` (about a minute on one CPU core). Trains the
+digits CNN (landscape.models.digits_cnn(16), batch 64, MSAM rho=1, 20 % label noise) for
+``--epochs`` epochs with and without a :class:`analysis.tracker.CurvatureTracker` checking
+``lambda_max`` every ``--every`` steps on a fixed probe batch, repetitions interleaved (untracked,
+tracked, untracked, ...) in the same process, and prints:
+
+- the median wall-clock and CPU-time ratio tracked / untracked (the overhead);
+- Hessian-vector products per check (warm-started checks; the first check is cold) and, for
+  reference, a cold-start Lanczos at the same weights (``tol=1e-6``) and the relative error of
+  the tracked ``lambda_max`` against it.
+
+Target (issue 12): <= 5 products per warm check at 1e-2 relative error; <= 10 % overhead at N=50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from analysis.hessian import HessianOperator  # noqa: E402
+from analysis.lanczos import top_eigenpairs  # noqa: E402
+from analysis.tracker import CurvatureTracker  # noqa: E402
+from landscape.datasets import load_digits  # noqa: E402
+from landscape.models import digits_cnn  # noqa: E402
+from msam.msam import MSAM  # noqa: E402
+
+
+def train(x, y, probe, *, epochs: int, every: int, tracked: bool, reference: bool = False):
+    torch.manual_seed(0)
+    model = digits_cnn(16)
+    opt = MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=1.0, weight_decay=5e-4)
+    tracker = CurvatureTracker(model, "cross_entropy", probe, optimizer=opt, every=every) \
+        if tracked else None
+    gen = torch.Generator().manual_seed(1)
+    errors = []
+    step = 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            step += 1
+            if tracker is not None:
+                rec = tracker.maybe_measure(step)
+                if rec is not None and reference:
+                    with opt.unperturbed():
+                        model.eval()
+                        ref = top_eigenpairs(HessianOperator(model, "cross_entropy", [probe]),
+                                             k=1, tol=1e-6)
+                        model.train()
+                    errors.append(abs(rec.lambda_max - float(ref.eigenvalues[0]))
+                                  / abs(float(ref.eigenvalues[0])))
+    return time.perf_counter() - wall, time.process_time() - cpu, tracker, errors
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--probe", type=int, default=256, help="probe batch size")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    d = load_digits(seed=0, label_noise=0.2)
+    x, y = d.train
+    probe = (x[:args.probe], y[:args.probe])
+    _, _, tracker, errors = train(x, y, probe, epochs=args.epochs, every=args.every, tracked=True,
+                                  reference=True)
+    recs = list(tracker.history)
+    warm = [r.lanczos_hvps for r in recs if r.warm]
+    print(f"torch {torch.__version__}, 1 thread; digits CNN, MSAM, {args.epochs} epochs, "
+          f"check every {args.every} steps on {args.probe} probe images")
+    print(f"checks: {len(recs)}; HVPs per check: {[r.lanczos_hvps for r in recs]} "
+          f"(first cold); warm median {statistics.median(warm) if warm else float('nan')}, "
+          f"max {max(warm) if warm else float('nan')}")
+    print(f"relative error vs cold Lanczos (tol 1e-6): max {max(errors):.2e}, "
+          f"median {statistics.median(errors):.2e}")
+    ratios_wall, ratios_cpu = [], []
+    for _ in range(args.reps):
+        w0, c0, _, _ = train(x, y, probe, epochs=args.epochs, every=args.every, tracked=False)
+        w1, c1, _, _ = train(x, y, probe, epochs=args.epochs, every=args.every, tracked=True)
+        ratios_wall.append(w1 / w0)
+        ratios_cpu.append(c1 / c0)
+        print(f"  untracked {w0:.2f} s, tracked {w1:.2f} s (ratio {w1 / w0:.3f}; cpu {c1 / c0:.3f})")
+    print(f"overhead at N={args.every}: wall {statistics.median(ratios_wall):.3f}x, "
+          f"cpu {statistics.median(ratios_cpu):.3f}x (median of {args.reps} paired runs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Hugging Face ``transformers`` callback for MSAM-style optimizers (``pip install landscape[huggingface]``).
+
+Example:
+    >>> from transformers import Trainer                                       # doctest: +SKIP
+    >>> from landscape.integrations.huggingface import MSAMTrainerCallback      # doctest: +SKIP
+    >>> opt = msam.AdamWMSAM(model.parameters(), lr=1e-4, rho=0.3)              # doctest: +SKIP
+    >>> trainer = Trainer(model, args, train_dataset=ds, eval_dataset=ev,       # doctest: +SKIP
+    ...                   optimizers=(opt, None), callbacks=[MSAMTrainerCallback()])
+
+``transformers`` has no hook *before* evaluation or saving, but the flow callback decides both at
+the end of a step or epoch (``control.should_evaluate`` / ``control.should_save``), and this
+callback runs after it. :class:`MSAMTrainerCallback` then:
+
+* calls ``optimizer.eval()`` (parameters at ``w``) at ``on_step_end`` / ``on_epoch_end`` when
+  the trainer is about to evaluate or save, so metrics and saved weights (and the saved optimizer
+  state, marked unperturbed) are those of ``w``, and ``optimizer.train()`` (back to ``w~``) at the
+  next ``on_step_begin``;
+* at ``on_train_end``: ``optimizer.eval()`` and, for models with BatchNorm,
+  :func:`msam.recalibrate_batchnorm` on ``recalibrate_data`` or the training dataloader;
+* with ``tracker=``: ``tracker.maybe_measure(state.global_step)`` after every optimizer step.
+
+``trainer.evaluate()`` called by hand after training sees ``w`` (the parameters stay there); in
+the middle of training call ``optimizer.eval()`` yourself first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from msam import recalibrate_batchnorm
+
+from . import perturbed_optimizers
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("landscape.integrations.huggingface needs transformers: pip install "
+                      "'landscape[huggingface]'") from exc
+
+__all__ = ["MSAMTrainerCallback"]
+
+
+class MSAMTrainerCallback(TrainerCallback):
+    """Evaluate and save MSAM-trained ``transformers`` models at the unperturbed weights ``w``.
+
+    Args:
+        recalibrate: recompute BatchNorm statistics at ``w`` when training ends (default True;
+            nothing happens for models without BatchNorm).
+        recalibrate_data: data for the recalibration (default: the trainer's training
+            dataloader; its batches must be what the model's ``forward`` takes: a dict of
+            tensors is passed as keyword arguments).
+        tracker: a :class:`analysis.tracker.CurvatureTracker`, or a callable
+            ``(model, optimizer) -> CurvatureTracker`` called at the first step.
+
+    Attributes:
+        tracker: the tracker in use (None without one).
+    """
+
+    def __init__(self, *, recalibrate: bool = True, recalibrate_data: Any = None,
+                 tracker: Any = None):
+        if tracker is not None and not (hasattr(tracker, "maybe_measure") or callable(tracker)):
+            raise TypeError(f"tracker must be a CurvatureTracker or a callable, got {type(tracker).__name__}")
+        self.recalibrate = bool(recalibrate)
+        self.recalibrate_data = recalibrate_data
+        self._tracker_arg = tracker
+        self.tracker: Any = tracker if hasattr(tracker, "maybe_measure") else None
+        self._last_step = -1
+
+    def _opts(self, kwargs: dict[str, Any]) -> list[Any]:
+        return perturbed_optimizers(kwargs.get("optimizer"))
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for opt in self._opts(kwargs):
+            opt.train()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.tracker is None and self._tracker_arg is not None:
+            self.tracker = self._tracker_arg(kwargs.get("model"), kwargs.get("optimizer"))
+        if self.tracker is not None and int(state.global_step) != self._last_step:
+            self._last_step = int(state.global_step)
+            self.tracker.maybe_measure(self._last_step)
+        self._maybe_to_w(control, kwargs)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._maybe_to_w(control, kwargs)
+
+    def _maybe_to_w(self, control: Any, kwargs: dict[str, Any]) -> None:
+        if getattr(control, "should_evaluate", False) or getattr(control, "should_save", False):
+            for opt in self._opts(kwargs):
+                opt.eval()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        opts = self._opts(kwargs)
+        for opt in opts:
+            opt.eval()
+        model = kwargs.get("model")
+        if not (self.recalibrate and opts and isinstance(model, nn.Module)):
+            return
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            data = self.recalibrate_data
+            if data is None:
+                data = kwargs.get("train_dataloader")
+            if data is not None:
+                _recalibrate(model, data)
+
+
+_INPUT_KEYS = ("pixel_values", "input_values", "input_ids", "inputs_embeds", "inputs", "x")
+
+
+class _KeywordModel(nn.Module):
+    """Calls ``model(**{key: tensor})``: lets recalibrate_batchnorm feed dict batches."""
+
+    def __init__(self, model: nn.Module, key: str):
+        super().__init__()
+        self.model = model
+        self.key = key
+
+    def forward(self, tensor: Any) -> Any:
+        return self.model(**{self.key: tensor})
+
+
+def _recalibrate(model: nn.Module, data: Any) -> None:
+    """recalibrate_batchnorm for tensor batches and for ``transformers``-style dict batches
+    (the model input is the first of ``pixel_values``, ``input_values``, ``input_ids``, ...)."""
+    it = iter(data)
+    try:
+        first = next(it)
+    except StopIteration:
+        return
+    if not isinstance(first, dict):
+        recalibrate_batchnorm(model, data)
+        return
+    key = next((k for k in _INPUT_KEYS if k in first), None)
+    if key is None:
+        raise ValueError(f"cannot find the model input among the batch keys {sorted(first)}; "
+                         "pass recalibrate_data= (an (X, y) pair)")
+    recalibrate_batchnorm(_KeywordModel(model, key), [(b[key], None) for b in data])
