@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from msam._perturbation import check_real, global_norm
+from msam._perturbation import (
+    ArgumentTypeError,
+    check_bool,
+    check_finite_buffer,
+    check_loaded_state,
+    check_real,
+    global_norm,
+    saved_flag,
+)
 from msam.batchnorm import frozen_batchnorm_stats
 
 __all__ = ["SAM"]
@@ -34,7 +43,8 @@ def _resolve_base(base_optimizer: Any) -> type[Optimizer]:
         if issubclass(base_optimizer, SAM):
             raise ValueError(f"Unknown base optimizer: {base_optimizer!r} (SAM cannot wrap SAM)")
         return base_optimizer
-    raise ValueError(f"Unknown base optimizer: {base_optimizer!r} (expected a "
+    error = ValueError if isinstance(base_optimizer, type) else ArgumentTypeError
+    raise error(f"Unknown base optimizer: {base_optimizer!r} (expected a "
                      "torch.optim.Optimizer subclass or one of "
                      f"{sorted(_BASE_OPTIMIZERS)})")
 
@@ -91,7 +101,10 @@ class SAM(Optimizer):
         **base_kwargs: passed to the base optimizer (lr, momentum, weight_decay, ...).
 
     Raises:
-        ValueError: unknown base optimizer, non-finite rho, eta < 0.
+        ValueError: unknown base optimizer, non-finite rho, eta < 0 (rho and eta are checked
+            again at each ``first_step``, before the weights move).
+        TypeError: ``adaptive`` not a bool, ``base_optimizer`` neither a name nor a class,
+            rho/eta not real numbers.
     """
 
     def __init__(self, params, base_optimizer: Any = torch.optim.SGD, rho: float = 0.05,
@@ -99,7 +112,8 @@ class SAM(Optimizer):
         base_cls = _resolve_base(base_optimizer)
         check_real("rho", rho)
         check_real("eta", eta, low=0.0)
-        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, **base_kwargs)
+        check_bool("adaptive", adaptive)
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         super().__init__(params, defaults)
         self.base_optimizer = base_cls(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
@@ -110,6 +124,12 @@ class SAM(Optimizer):
     def is_perturbed(self) -> bool:
         """True between first_step() and second_step()/unperturb()."""
         return self._perturbed
+
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        check_real("rho", group["rho"])
+        check_real("eta", group["eta"], low=0.0)
+        check_bool("adaptive", group["adaptive"])
 
     def _ascent_scale(self, group: dict[str, Any], p: Tensor) -> Tensor | None:
         if group["adaptive"]:
@@ -124,7 +144,8 @@ class SAM(Optimizer):
         scaled: list[Tensor] = []
         items: list[tuple[dict[str, Any], Tensor, Tensor | None]] = []
         for group in self.param_groups:
-            check_real("rho", group["rho"])
+            self._validate_group(group)
+        for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -186,6 +207,8 @@ class SAM(Optimizer):
         :func:`msam.frozen_batchnorm_stats(model) <msam.frozen_batchnorm_stats>` when ``model``
         is given, so BatchNorm running statistics are only updated by the first pass), then
         ``second_step``; returns the loss at ``w``. Without a closure: ``second_step()``.
+        If the second closure raises, the weights are restored to ``w`` before the exception
+        propagates (the base optimizer does not step).
 
         Args:
             closure: callable doing forward and backward and returning the loss.
@@ -198,11 +221,15 @@ class SAM(Optimizer):
         self.zero_grad()
         loss = closure()
         self.first_step(zero_grad=True)
-        if model is None:
-            closure()
-        else:
-            with frozen_batchnorm_stats(model):
+        try:
+            if model is None:
                 closure()
+            else:
+                with frozen_batchnorm_stats(model):
+                    closure()
+        except BaseException:
+            self.unperturb()  # back to w: never leave the weights at the ascent point
+            raise
         self._second_step()
         return loss
 
@@ -224,16 +251,62 @@ class SAM(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict)."""
+        """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict).
+
+        Everything is checked before anything is loaded: the base optimizer's buffers and the
+        saved ``old_p`` against the parameters' shapes, the groups' rho/eta/adaptive, and
+        (for a state saved between the two passes) that ``old_p``, which is copied into the
+        weights by ``unperturb()``, is finite. Dtypes and devices are cast as torch.optim does.
+
+        Raises:
+            ValueError: naming the group, parameter, entry and both shapes (or the bad value).
+            TypeError: ``state_dict`` is not a mapping.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"SAM.load_state_dict: expected a state dict (a mapping), got "
+                            f"{type(state_dict).__name__}")
         sd = dict(state_dict)
         sam = sd.pop("sam", {"perturbed": False, "old_p": {}})
+        check_loaded_state(self.base_optimizer, sd, "SAM")
+        for gi, saved in enumerate(sd["param_groups"]):
+            try:
+                self._validate_group({**self.defaults, **saved})
+            except ValueError as exc:
+                raise type(exc)(f"SAM.load_state_dict: parameter group {gi}: {exc}") from None
+        if not isinstance(sam, Mapping):
+            raise ValueError(f"SAM.load_state_dict: 'sam' must be a dict, got "
+                             f"{type(sam).__name__}")
+        perturbed = saved_flag(sam.get("perturbed", False),
+                               "SAM.load_state_dict: 'sam'['perturbed']")
+        old_p = sam.get("old_p", {}) or {}
+        if not isinstance(old_p, Mapping):
+            raise ValueError(f"SAM.load_state_dict: 'sam'['old_p'] must be a dict, got "
+                             f"{type(old_p).__name__}")
+        where = [(gi, pi, p) for gi, g in enumerate(self.param_groups)
+                 for pi, p in enumerate(g["params"])]
+        loaded: list[tuple[Tensor, Tensor]] = []
+        for index, t in old_p.items():
+            try:
+                gi, pi, p = where[int(index)]
+            except (TypeError, ValueError, IndexError):
+                raise ValueError(f"SAM.load_state_dict: 'old_p' index {index!r} is not one of "
+                                 f"the optimizer's {len(where)} parameters") from None
+            if not isinstance(t, Tensor):
+                raise ValueError(f"SAM.load_state_dict: 'old_p' of parameter {pi} of group "
+                                 f"{gi} is a {type(t).__name__}, expected a tensor")
+            if t.shape != p.shape:
+                raise ValueError(f"SAM.load_state_dict: 'old_p' of parameter {pi} of group {gi} "
+                                 f"has shape {tuple(t.shape)} but the parameter has shape "
+                                 f"{tuple(p.shape)} (a state dict of another model?); nothing "
+                                 "was loaded")
+            if perturbed:
+                check_finite_buffer("SAM", "old_p", gi, pi, t)
+            loaded.append((p, t))
         self.base_optimizer.load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, t in sam.get("old_p", {}).items():
-            p = params[int(index)]
+        for p, t in loaded:
             self.state[p]["old_p"] = t.to(device=p.device, dtype=p.dtype)
-        self._perturbed = bool(sam.get("perturbed", False))
+        self._perturbed = perturbed
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
