@@ -101,8 +101,9 @@ class SAM(Optimizer):
         **base_kwargs: passed to the base optimizer (lr, momentum, weight_decay, ...).
 
     Raises:
-        ValueError: unknown base optimizer, non-finite rho, eta < 0 (rho and eta are checked
-            again at each ``first_step``, before the weights move).
+        ValueError: unknown base optimizer, non-finite rho, eta < 0, a non-finite or negative
+            lr/weight_decay/momentum (all checked again at each ``first_step``, before the
+            weights move).
         TypeError: ``adaptive`` not a bool, ``base_optimizer`` neither a name nor a class,
             rho/eta not real numbers.
     """
@@ -117,6 +118,8 @@ class SAM(Optimizer):
         super().__init__(params, defaults)
         self.base_optimizer = base_cls(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            self._validate_group(group)
         self.defaults.update(self.base_optimizer.defaults)
         self._perturbed = False
 
@@ -130,6 +133,14 @@ class SAM(Optimizer):
         check_real("rho", group["rho"])
         check_real("eta", group["eta"], low=0.0)
         check_bool("adaptive", group["adaptive"])
+        # the base optimizer's usual hyperparameters, when they are plain numbers (torch.optim
+        # accepts lr=nan, and nothing re-checks a value edited after construction)
+        for key, name in (("lr", "learning rate"), ("weight_decay", "weight_decay"),
+                          ("momentum", "momentum")):
+            value = group.get(key)
+            if (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+                    isinstance(value, Tensor) and value.numel() == 1):
+                check_real(name, value, low=0.0)
 
     def _ascent_scale(self, group: dict[str, Any], p: Tensor) -> Tensor | None:
         if group["adaptive"]:

@@ -315,14 +315,19 @@ def test_bad_hyperparameter_set_after_construction_is_refused_at_step(kind, key,
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_sam_bad_eta_set_after_construction_is_refused_at_first_step():
+@pytest.mark.parametrize("key, bad, match", [
+    ("eta", -1.0, "eta: -1.0"), ("rho", math.nan, "rho: nan"),
+    ("lr", math.nan, "learning rate: nan"), ("momentum", -0.5, "momentum: -0.5"),
+    ("weight_decay", math.inf, "weight_decay: inf"), ("adaptive", "yes", "adaptive: 'yes'"),
+])
+def test_sam_bad_hyperparameter_set_after_construction_is_refused_at_first_step(key, bad, match):
     model = mlp()
-    opt = SAM(model.parameters(), lr=0.1, adaptive=True)
-    opt.param_groups[0]["eta"] = -1.0
+    opt = SAM(model.parameters(), lr=0.1, momentum=0.9, adaptive=True)
+    opt.param_groups[0][key] = bad
     before = weights(model)
     x, y = classification_data(16, 6, 3)
     F.cross_entropy(model(x), y).backward()
-    with pytest.raises(ValueError, match="eta: -1.0"):
+    with pytest.raises((ValueError, TypeError), match=match):
         opt.first_step()
     assert same(weights(model), before)
     assert not opt.is_perturbed
@@ -350,6 +355,12 @@ def test_wrongly_typed_arguments_are_type_errors(make, match):
     with pytest.raises(TypeError, match=match) as info:
         make(mlp().parameters())
     assert isinstance(info.value, ValueError)  # and still caught by `except ValueError`
+
+
+def test_sam_nan_learning_rate_is_refused_although_torch_accepts_it():
+    torch.optim.SGD(mlp().parameters(), lr=math.nan)  # torch's own check is `lr < 0`
+    with pytest.raises(ValueError, match="learning rate: nan"):
+        SAM(mlp().parameters(), lr=math.nan)
 
 
 def test_wrongly_typed_group_argument_is_a_type_error_and_not_added():
