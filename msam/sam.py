@@ -122,6 +122,7 @@ class SAM(Optimizer):
             self._validate_group(group)
         self.defaults.update(self.base_optimizer.defaults)
         self._perturbed = False
+        self._saved: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def is_perturbed(self) -> bool:
@@ -167,6 +168,7 @@ class SAM(Optimizer):
                 scaled.append(p.grad if t is None else p.grad * t)
                 items.append((group, p, t))
         norm = global_norm(scaled, foreach=False)
+        saved: list[tuple[Tensor, Tensor]] = []
         for group, p, t in items:
             coef = torch.where(norm > 0, float(group["rho"]) / norm, torch.zeros_like(norm))
             state = self.state[p]
@@ -175,8 +177,12 @@ class SAM(Optimizer):
                 state["old_p"] = p.detach().clone()
             else:
                 old.copy_(p)
+            saved.append((p, state["old_p"]))
             e = p.grad if t is None else p.grad * t * t
             p.addcmul_(e, coef.to(p.device, p.dtype))
+        # exactly the parameters moved now, with their saved weights (kept apart from
+        # self.state, so clearing it cannot strand the ascent in the weights)
+        self._saved = saved
         self._perturbed = True
         if zero_grad:
             self.zero_grad()
@@ -186,12 +192,18 @@ class SAM(Optimizer):
         """Copy the weights from before ``first_step`` back (exact); keeps the gradients."""
         if not self._perturbed:
             return
-        for group in self.param_groups:
-            for p in group["params"]:
-                old = self.state[p].get("old_p") if p in self.state else None
-                if old is not None:
-                    p.copy_(old)
+        for p, old in self._saved_weights():
+            p.copy_(old)
+        self._saved = None
         self._perturbed = False
+
+    def _saved_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """(parameter, weights before first_step) for the parameters first_step moved."""
+        saved = getattr(self, "_saved", None)
+        if saved is not None:
+            return saved
+        return [(p, self.state[p]["old_p"]) for g in self.param_groups for p in g["params"]
+                if p in self.state and self.state[p].get("old_p") is not None]
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -251,13 +263,11 @@ class SAM(Optimizer):
         sd = self.base_optimizer.state_dict()
         old: dict[int, Tensor] = {}
         if self._perturbed:
-            index = 0
-            for group in self.param_groups:
-                for p in group["params"]:
-                    t = self.state[p].get("old_p") if p in self.state else None
-                    if t is not None:
-                        old[index] = t
-                    index += 1
+            index = {id(p): i for i, p in enumerate(
+                p for g in self.param_groups for p in g["params"])}
+            for p, t in self._saved_weights():
+                if id(p) in index:
+                    old[index[id(p)]] = t
         sd["sam"] = {"perturbed": bool(self._perturbed), "old_p": old}
         return sd
 
@@ -315,12 +325,16 @@ class SAM(Optimizer):
             loaded.append((p, t))
         self.base_optimizer.load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
+        saved = []
         for p, t in loaded:
             self.state[p]["old_p"] = t.to(device=p.device, dtype=p.dtype)
+            saved.append((p, self.state[p]["old_p"]))
+        self._saved = saved if perturbed else None
         self._perturbed = perturbed
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["base_optimizer"] = self.base_optimizer
         state["_perturbed"] = self._perturbed
+        state["_saved"] = getattr(self, "_saved", None)
         return state

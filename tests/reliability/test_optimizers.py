@@ -7,6 +7,7 @@ and the optimizer's own state are compared with copies taken before the call.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 
@@ -241,6 +242,45 @@ def test_sam_second_closure_raising_restores_the_weights(with_model):
     assert same(weights(model), w)
     assert not opt.is_perturbed
     sam_train(model, opt, steps=1)  # usable afterwards
+
+
+def test_sam_parameter_without_gradient_is_not_reverted_to_an_old_step():
+    # b gets a gradient in step 1 (SAM saves its weights), none in step 2: step 2 must leave
+    # b alone (it was put back to its value from before step 1)
+    a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = SAM([a, b], lr=0.1)
+    opt.step(lambda: (a.sum() + b.sum()).backward())
+    b_after_step_1 = b.detach().clone()
+    assert not torch.equal(b_after_step_1, torch.ones(3, dtype=torch.float64))
+    opt.step(lambda: a.square().sum().backward())
+    assert torch.equal(b, b_after_step_1)
+    opt.zero_grad()
+    a.square().sum().backward()
+    opt.first_step()
+    assert list(opt.state_dict()["sam"]["old_p"]) == [0]  # only what this first_step moved
+
+
+@pytest.mark.parametrize("how", ["clear", "replace", "deepcopy"])
+def test_sam_clearing_the_state_between_the_passes_does_not_strand_the_ascent(how):
+    model = mlp()
+    opt = SAM(model.parameters(), lr=0.1, momentum=0.9)
+    sam_train(model, opt, steps=2)
+    w = weights(model)
+    x, y = classification_data(16, 6, 3, seed=5)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    assert not same(weights(model), w)
+    if how == "clear":
+        opt.state.clear()
+    elif how == "replace":
+        opt.state = defaultdict(dict)
+    else:
+        model, opt = copy.deepcopy((model, opt))
+    sd = opt.state_dict()
+    assert sorted(sd["sam"]["old_p"]) == [0, 1, 2, 3]
+    opt.unperturb()
+    assert same(weights(model), w)
 
 
 @pytest.mark.parametrize("how", ["clear", "replace"])
