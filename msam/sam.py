@@ -61,7 +61,8 @@ class SAM(Optimizer):
 
     with ``T = 1`` (SAM, Foret et al. 2021) or ``T = |w| + eta`` elementwise (ASAM, Kwon et al.
     2021), the norm global over all groups and ``e = 0`` when the gradient is zero. The
-    parameters before the ascent are kept (``state[p]["old_p"]``) and copied back exactly.
+    parameters before the ascent are kept (``state[p]["old_p"]``) and copied back exactly, for
+    exactly the parameters that ``first_step`` moved (those with a gradient).
 
     Compared with the popular port: ``state_dict()`` holds the base optimizer's state (resume
     without spikes), ``param_groups`` is shared with ``base_optimizer`` (lr schedulers on the
