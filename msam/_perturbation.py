@@ -80,8 +80,8 @@ def check_bool(name: str, value: Any) -> bool:
 
 # state entries of torch.optim optimizers (and ours) that have the parameter's shape
 PARAM_SHAPED_KEYS = frozenset({
-    "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "grad_avg",
-    "acc_delta", "sum", "ax", "prev", "mu_product_buffer", "old_p",
+    "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg",
+    "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size", "old_p",
 })
 
 

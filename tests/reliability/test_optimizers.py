@@ -114,6 +114,45 @@ def test_sam_base_state_of_another_model_is_refused():
                 before)
 
 
+BASES = [(torch.optim.SGD, dict(momentum=0.9)), (torch.optim.Adam, dict(amsgrad=True)),
+         (torch.optim.AdamW, {}), (torch.optim.Adamax, {}), (torch.optim.Adadelta, {}),
+         (torch.optim.Adagrad, {}), (torch.optim.ASGD, {}), (torch.optim.NAdam, {}),
+         (torch.optim.RAdam, {}), (torch.optim.RMSprop, dict(momentum=0.9, centered=True)),
+         (torch.optim.Rprop, {})]
+
+
+@pytest.mark.parametrize("base, kw", BASES, ids=[b.__name__ for b, _ in BASES])
+def test_sam_refuses_every_torch_base_state_of_another_model(base, kw):
+    big, small = mlp(hidden=5), mlp(hidden=4, seed=1)
+    opt_big = SAM(big.parameters(), base, lr=0.01, **kw)
+    sam_train(big, opt_big, steps=1)
+    opt = SAM(small.parameters(), base, lr=0.01, **kw)
+    sam_train(small, opt, steps=1)
+    before = [{k: v.clone() for k, v in opt.base_optimizer.state[p].items()}
+              for p in small.parameters()]
+    with pytest.raises(ValueError, match=r"of parameter 0 of group 0 has shape \(5, 6\)"):
+        opt.load_state_dict(opt_big.state_dict())
+    for p, b in zip(small.parameters(), before):
+        assert all(torch.equal(opt.base_optimizer.state[p][k], v) for k, v in b.items())
+    opt.load_state_dict(opt.state_dict())  # its own state still loads
+
+
+def test_sam_state_that_is_not_parameter_shaped_still_loads():
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.Adafactor, lr=0.01)  # row/column factors
+    sam_train(model, opt, steps=2)
+    sd = opt.state_dict()
+    fresh = SAM(mlp(seed=2).parameters(), torch.optim.Adafactor, lr=0.01)
+    fresh.load_state_dict(sd)
+    sam_train(model, opt, steps=1)  # the optimizer now holds row_var/col_var of its own
+    sd = opt.state_dict()
+    sd["state"][0] = dict(sd["state"][0], row_var=torch.zeros(7, 1))
+    with pytest.raises(ValueError, match=r"'row_var' of parameter 0 of group 0 has shape "
+                                         r"\(7, 1\) but the optimizer's own entry has shape "
+                                         r"\(5, 1\)"):
+        opt.load_state_dict(sd)
+
+
 def test_sam_saved_weights_of_another_model_are_refused():
     big, small = mlp(hidden=5), mlp(hidden=4, seed=1)
     opt_big = SAM(big.parameters(), lr=0.1)
