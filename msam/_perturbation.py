@@ -256,7 +256,8 @@ class PerturbedOptimizer(Optimizer):
         # per group, the (parameters, direction tensors) the applied perturbation was made
         # with: undoing uses these, so clearing or replacing ``self.state`` while perturbed
         # cannot strand the perturbation in the weights. None: rebuild from the state.
-        self._applied: list[tuple[list[Tensor], list[Tensor]]] | None = None
+        self._applied: list[tuple[list[Tensor], list[Tensor]]] | None = [
+            ([], []) for _ in self.param_groups]
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _group_scale(self, group: dict[str, Any], norm: Tensor | None) -> Scale:
@@ -434,7 +435,8 @@ class PerturbedOptimizer(Optimizer):
             if not perturbed:
                 group[SCALE_KEY] = None
         self._perturbed = perturbed
-        self._applied = None  # the loaded state describes the perturbation of the loaded weights
+        # the loaded state describes the perturbation of the loaded weights
+        self._applied = self._all_directions() if perturbed else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -444,8 +446,8 @@ class PerturbedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         self._perturbed = state.pop("_perturbed", True)
-        self._applied = None
         super().__setstate__(state)
+        self._applied = self._all_directions() if self._perturbed else None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group.setdefault(SCALE_KEY, None)

@@ -345,6 +345,27 @@ def test_clearing_the_state_while_perturbed_does_not_strand_the_perturbation(kin
     opt.state_dict()
 
 
+@pytest.mark.parametrize("route", ["load_state_dict", "deepcopy"])
+@pytest.mark.parametrize("kind", sorted(PERTURBED))
+def test_clearing_the_state_right_after_loading_does_not_strand_the_perturbation(kind, route):
+    make, _ = PERTURBED[kind]
+    model = mlp()
+    opt = make(model.parameters())
+    train(model, opt)
+    with opt.unperturbed():
+        w = weights(model)
+    if route == "load_state_dict":
+        clone = mlp(seed=4)
+        clone.load_state_dict(model.state_dict())
+        opt2 = make(clone.parameters())
+        opt2.load_state_dict(opt.state_dict())
+    else:
+        clone, opt2 = copy.deepcopy((model, opt))
+    opt2.state.clear()
+    opt2.eval()
+    assert same(weights(clone), w)
+
+
 def test_step_after_clearing_the_state_starts_from_the_unperturbed_weights():
     model = mlp()
     opt = MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.5)
