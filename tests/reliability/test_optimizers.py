@@ -322,15 +322,21 @@ def test_sam_clearing_the_state_between_the_passes_does_not_strand_the_ascent(ho
     assert same(weights(model), w)
 
 
-@pytest.mark.parametrize("how", ["clear", "replace"])
-@pytest.mark.parametrize("kind", sorted(PERTURBED))
-def test_clearing_the_state_while_perturbed_does_not_strand_the_perturbation(kind, how):
+def trained_with_w(kind):
+    """(factory, model at w~, optimizer, the unperturbed weights w)."""
     make, _ = PERTURBED[kind]
     model = mlp()
     opt = make(model.parameters())
     train(model, opt)
     with opt.unperturbed():
         w = weights(model)
+    return make, model, opt, w
+
+
+@pytest.mark.parametrize("how", ["clear", "replace"])
+@pytest.mark.parametrize("kind", sorted(PERTURBED))
+def test_clearing_the_state_while_perturbed_does_not_strand_the_perturbation(kind, how):
+    make, model, opt, w = trained_with_w(kind)
     assert not same(weights(model), w)  # the test needs a real perturbation
     if how == "clear":
         opt.state.clear()
@@ -348,12 +354,7 @@ def test_clearing_the_state_while_perturbed_does_not_strand_the_perturbation(kin
 @pytest.mark.parametrize("route", ["load_state_dict", "deepcopy"])
 @pytest.mark.parametrize("kind", sorted(PERTURBED))
 def test_clearing_the_state_right_after_loading_does_not_strand_the_perturbation(kind, route):
-    make, _ = PERTURBED[kind]
-    model = mlp()
-    opt = make(model.parameters())
-    train(model, opt)
-    with opt.unperturbed():
-        w = weights(model)
+    make, model, opt, w = trained_with_w(kind)
     if route == "load_state_dict":
         clone = mlp(seed=4)
         clone.load_state_dict(model.state_dict())
