@@ -31,6 +31,11 @@ _BASE_OPTIMIZERS = {
 }
 
 
+# the base optimizer's usual non-negative hyperparameters: (key, name in messages)
+_BASE_NUMBERS = (("lr", "learning rate"), ("weight_decay", "weight_decay"),
+                 ("momentum", "momentum"))
+
+
 def _resolve_base(base_optimizer: Any) -> type[Optimizer]:
     if isinstance(base_optimizer, str):
         try:
@@ -106,7 +111,8 @@ class SAM(Optimizer):
             lr/weight_decay/momentum (all checked again at each ``first_step``, before the
             weights move).
         TypeError: ``adaptive`` not a bool, ``base_optimizer`` neither a name nor a class,
-            rho/eta not real numbers.
+            rho/eta not real numbers, lr/weight_decay/momentum given as a string, None or
+            bool.
     """
 
     def __init__(self, params, base_optimizer: Any = torch.optim.SGD, rho: float = 0.05,
@@ -115,6 +121,10 @@ class SAM(Optimizer):
         check_real("rho", rho)
         check_real("eta", eta, low=0.0)
         check_bool("adaptive", adaptive)
+        for key, name in _BASE_NUMBERS:  # torch.optim compares them with 0 (a raw TypeError)
+            value = base_kwargs.get(key, 0.0)
+            if value is None or isinstance(value, (str, bytes, bool)):
+                raise ArgumentTypeError(f"Invalid {name}: {value!r} (expected a real number)")
         defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         super().__init__(params, defaults)
         self.base_optimizer = base_cls(self.param_groups, **base_kwargs)
@@ -137,8 +147,7 @@ class SAM(Optimizer):
         check_bool("adaptive", group["adaptive"])
         # the base optimizer's usual hyperparameters, when they are plain numbers (torch.optim
         # accepts lr=nan, and nothing re-checks a value edited after construction)
-        for key, name in (("lr", "learning rate"), ("weight_decay", "weight_decay"),
-                          ("momentum", "momentum")):
+        for key, name in _BASE_NUMBERS:
             value = group.get(key)
             if (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
                     isinstance(value, Tensor) and value.numel() == 1):

@@ -451,6 +451,9 @@ def test_sam_bad_hyperparameter_set_after_construction_is_refused_at_first_step(
     (lambda ps: SAM(ps, adaptive="no", lr=0.1), "adaptive: 'no'"),
     (lambda ps: SAM(ps, base_optimizer=3, lr=0.1), "Unknown base optimizer: 3"),
     (lambda ps: SAM(ps, rho="0.05", lr=0.1), "rho: '0.05'"),
+    (lambda ps: SAM(ps, lr="0.1"), "learning rate: '0.1'"),
+    (lambda ps: SAM(ps, lr=0.1, momentum=None), "momentum: None"),
+    (lambda ps: SAM(ps, "adam", lr=0.1, weight_decay=True), "weight_decay: True"),
 ])
 def test_wrongly_typed_arguments_are_type_errors(make, match):
     with pytest.raises(TypeError, match=match) as info:
