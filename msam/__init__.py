@@ -5,6 +5,7 @@
 - :class:`AdamWMSAM`: Momentum-SAM on AdamW.
 - :class:`SAM`: SAM / ASAM wrapping any torch optimizer.
 - :func:`recalibrate_batchnorm`, :func:`frozen_batchnorm_stats`: BatchNorm helpers.
+- :func:`unperturbed_parameters`: weights saved at the perturbed point moved back to ``w``.
 """
 
 from msam._perturbation import PerturbedOptimizer
@@ -12,6 +13,7 @@ from msam.adamw_msam import AdamWMSAM
 from msam.batchnorm import frozen_batchnorm_stats, recalibrate_batchnorm
 from msam.msam import MSAM, NAG
 from msam.sam import SAM
+from msam.saved_state import unperturbed_parameters
 
 __all__ = [
     # Momentum-SAM optimizers
@@ -24,4 +26,6 @@ __all__ = [
     # BatchNorm helpers
     "recalibrate_batchnorm",
     "frozen_batchnorm_stats",
+    # saved-state format
+    "unperturbed_parameters",
 ]

@@ -25,7 +25,7 @@ perturbed point ``w~`` when it was taken.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -41,15 +41,21 @@ PERTURBED_KEY = "perturbed"
 Scale = float | Tensor
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """A hyperparameter of the wrong type. A TypeError, and also a ValueError so that code
+    written when these were ValueErrors keeps catching them."""
+
+
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                high_open: bool = False) -> float:
-    """Validate a real hyperparameter; raise ValueError naming it and its value."""
+    """Validate a real hyperparameter; raise ValueError (TypeError for a wrong type) naming it
+    and its value."""
     if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
+        if value.numel() != 1 or value.is_complex():
+            raise ArgumentTypeError(f"Invalid {name}: {value!r} (expected a real number)")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}: {value!r} (expected a real number)")
+        raise ArgumentTypeError(f"Invalid {name}: {value!r} (expected a real number)")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"Invalid {name}: {value} (must be finite)")
@@ -62,7 +68,108 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
 
 def check_foreach(foreach: Any) -> None:
     if foreach is not None and not isinstance(foreach, bool):
-        raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
+        raise ArgumentTypeError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """Validate a flag: only True or False (a string such as 'no' would be truthy)."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"Invalid {name}: {value!r} (expected True or False)")
+    return value
+
+
+# state entries of torch.optim optimizers (and ours) that have the parameter's shape
+PARAM_SHAPED_KEYS = frozenset({
+    "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg",
+    "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size", "old_p",
+})
+
+
+def check_loaded_state(optimizer: Optimizer, state_dict: Any, name: str,
+                       ) -> list[tuple[int, int, Tensor, Mapping[str, Any]]]:
+    """Check a state dict against ``optimizer``'s parameters before anything is loaded.
+
+    Refuses (ValueError naming the group, the parameter index, the entry and both shapes) a
+    parameter-shaped buffer whose shape differs from its parameter's, or from the shape of the
+    entry the optimizer already holds; dtypes and devices are cast on load as torch.optim does.
+
+    Returns:
+        ``(group index, index in group, parameter, saved per-parameter state)`` for every saved
+        state entry that maps to a parameter.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{name}.load_state_dict: expected a state dict (a mapping), got "
+                        f"{type(state_dict).__name__}")
+    saved_groups = state_dict.get("param_groups")
+    saved_state = state_dict.get("state", {})
+    if not isinstance(saved_groups, (list, tuple)) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple))
+            for g in saved_groups):
+        raise ValueError(f"{name}.load_state_dict: 'param_groups' must be a list of dicts "
+                         f"with a 'params' list, got {type(saved_groups).__name__}")
+    if not isinstance(saved_state, Mapping):
+        raise ValueError(f"{name}.load_state_dict: 'state' must be a dict, got "
+                         f"{type(saved_state).__name__}")
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"{name}.load_state_dict: the state dict has {len(saved_groups)} "
+                         f"parameter groups, the optimizer {len(groups)}")
+    where: dict[Any, tuple[int, int, Tensor]] = {}
+    for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"{name}.load_state_dict: parameter group {gi} has "
+                             f"{len(saved['params'])} parameters in the state dict, "
+                             f"{len(group['params'])} in the optimizer")
+        for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
+            where[pid] = (gi, pi, p)
+    out = []
+    for pid, st in saved_state.items():
+        if pid not in where:
+            continue
+        gi, pi, p = where[pid]
+        if not isinstance(st, Mapping):
+            raise ValueError(f"{name}.load_state_dict: the state of parameter {pi} of group "
+                             f"{gi} is a {type(st).__name__}, expected a dict")
+        current = optimizer.state.get(p, {})
+        for key, value in st.items():
+            if not isinstance(value, Tensor):
+                if key in PARAM_SHAPED_KEYS and value is not None:
+                    raise ValueError(f"{name}.load_state_dict: {key!r} of parameter {pi} of "
+                                     f"group {gi} is a {type(value).__name__}, expected a tensor")
+                continue
+            if key in PARAM_SHAPED_KEYS:
+                expected, what = p.shape, "the parameter has shape"
+            elif key != "step" and isinstance(current.get(key), Tensor):
+                expected, what = current[key].shape, "the optimizer's own entry has shape"
+            else:
+                continue
+            if value.shape != expected:
+                raise ValueError(
+                    f"{name}.load_state_dict: {key!r} of parameter {pi} of group {gi} has shape "
+                    f"{tuple(value.shape)} but {what} {tuple(expected)} (a state dict of "
+                    "another model?); nothing was loaded")
+        out.append((gi, pi, p, st))
+    return out
+
+
+def saved_flag(value: Any, what: str) -> bool:
+    """A saved boolean flag: a bool, a one-element tensor, a numpy bool or 0/1 (JSON)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if type(value).__name__ == "bool_" or (type(value) is int and value in (0, 1)):
+        value = bool(value)
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
+def check_finite_buffer(name: str, key: str, gi: int, pi: int, value: Any) -> None:
+    """Refuse a buffer with inf/NaN entries that would be used to move the weights."""
+    if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}.load_state_dict: {key!r} of parameter {pi} of group {gi} "
+                             "has inf or NaN entries; loading it would put them into the "
+                             "weights (nothing was loaded)")
 
 
 def default_foreach(params: list[Tensor]) -> bool:
@@ -146,6 +253,11 @@ class PerturbedOptimizer(Optimizer):
         super().__init__(params, defaults)
         # v_0 = 0: the perturbation is zero, so the parameters are trivially at w~ = w.
         self._perturbed = True
+        # per group, the (parameters, direction tensors) the applied perturbation was made
+        # with: undoing uses these, so clearing or replacing ``self.state`` while perturbed
+        # cannot strand the perturbation in the weights. None: rebuild from the state.
+        self._applied: list[tuple[list[Tensor], list[Tensor]]] | None = [
+            ([], []) for _ in self.param_groups]
 
     # -- hooks for subclasses -------------------------------------------------------------
     def _group_scale(self, group: dict[str, Any], norm: Tensor | None) -> Scale:
@@ -158,6 +270,12 @@ class PerturbedOptimizer(Optimizer):
     def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         foreach = group.get("foreach")
         return default_foreach(params) if foreach is None else bool(foreach)
+
+    def _check_groups(self) -> None:
+        """Validate every group's hyperparameters (they may have been edited since
+        construction); ValueError/TypeError before anything moves."""
+        for group in self.param_groups:
+            self._validate_group(group)
 
     # -- the perturbation -----------------------------------------------------------------
     def _group_directions(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
@@ -172,14 +290,31 @@ class PerturbedOptimizer(Optimizer):
     def _all_directions(self) -> list[tuple[list[Tensor], list[Tensor]]]:
         return [self._group_directions(g) for g in self.param_groups]
 
-    def _undo(self, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> None:
-        """Move from w~ back to w with the stored coefficients (no-op when not perturbed)."""
+    def _undo(self, pairs: list[tuple[list[Tensor], list[Tensor]]] | None = None) -> None:
+        """Move from w~ back to w with the stored coefficients and the direction tensors the
+        perturbation was applied with (no-op when not perturbed). ``pairs`` is ignored (kept
+        for subclasses written against the old signature)."""
         if not self._perturbed:
             return
-        for group, (params, dirs) in zip(self.param_groups, pairs):
+        record = self._applied if self._applied is not None else self._all_directions()
+        for gi, group in enumerate(self.param_groups):
+            params, dirs = record[gi] if gi < len(record) else ([], [])
             scale = group.get(SCALE_KEY)
             shift_(params, dirs, scale, foreach=self._use_foreach(group, params))
             group[SCALE_KEY] = None
+        self._applied = None
+
+    def _state_matches_record(self) -> bool:
+        if self._applied is None:
+            return True
+        for group, (params, dirs) in zip(self.param_groups, self._applied):
+            if is_zero(group.get(SCALE_KEY)):
+                continue
+            for p, d in zip(params, dirs):
+                st = self.state.get(p)
+                if st is None or st.get(self._direction_key) is not d:
+                    return False
+        return True
 
     def _new_scales(self, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> list[Scale]:
         norm = None
@@ -194,6 +329,7 @@ class PerturbedOptimizer(Optimizer):
             neg = -scale if isinstance(scale, Tensor) else -float(scale)
             shift_(params, dirs, neg, foreach=self._use_foreach(group, params))
             group[SCALE_KEY] = scale
+        self._applied = [(list(ps), list(ds)) for ps, ds in pairs]
 
     @property
     def is_perturbed(self) -> bool:
@@ -205,7 +341,7 @@ class PerturbedOptimizer(Optimizer):
         """Move the parameters to the unperturbed weights w (idempotent). Call before evaluation
         and before saving weights meant for inference."""
         if self._perturbed:
-            self._undo(self._all_directions())
+            self._undo()
             self._perturbed = False
         return self
 
@@ -214,6 +350,7 @@ class PerturbedOptimizer(Optimizer):
         """Move the parameters back to the perturbed point w~ computed from the current
         hyperparameters and buffers (idempotent)."""
         if not self._perturbed:
+            self._check_groups()
             pairs = self._all_directions()
             self._apply(pairs, self._new_scales(pairs))
             self._perturbed = True
@@ -236,16 +373,58 @@ class PerturbedOptimizer(Optimizer):
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus ``"perturbed"``: whether the parameters were at w~."""
+        """torch.optim's state dict plus ``"perturbed"``: whether the parameters were at w~.
+
+        Raises:
+            RuntimeError: the state no longer holds the buffers the current perturbation was
+                applied with (``optimizer.state`` cleared or replaced while perturbed), so a
+                loader could not move the saved weights back; call ``eval()`` first.
+        """
+        if self._perturbed and not self._state_matches_record():
+            raise RuntimeError(
+                f"{type(self).__name__}.state_dict(): the optimizer state no longer holds the "
+                "buffers the weights were perturbed with (was optimizer.state cleared or "
+                "replaced?); call optimizer.eval() (moves the weights back to w) or step() first")
         sd = super().state_dict()
         sd[PERTURBED_KEY] = bool(self._perturbed)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict. A dict without ``"perturbed"`` (e.g. from torch.optim.SGD) is
-        taken as saved at the unperturbed weights w."""
+        taken as saved at the unperturbed weights w.
+
+        Everything is checked before anything is loaded: buffer shapes against the
+        parameters, the groups' hyperparameters, and (since they move the weights) that the
+        direction buffers and, for a perturbed state, the stored ``perturbation_scale`` are
+        finite. Dtypes and devices are cast to the parameters' as torch.optim does.
+
+        Raises:
+            ValueError: a buffer of another shape (naming group, parameter, entry and both
+                shapes), a non-finite direction buffer or coefficient, a bad hyperparameter.
+            TypeError: ``state_dict`` is not a mapping, a hyperparameter has a wrong type.
+        """
+        name = type(self).__name__
+        entries = check_loaded_state(self, state_dict, name)
         sd = dict(state_dict)
-        perturbed = bool(sd.pop(PERTURBED_KEY, False))
+        perturbed = saved_flag(sd.pop(PERTURBED_KEY, False), f"{name}.load_state_dict: "
+                               "'perturbed'")
+        for gi, pi, _, st in entries:
+            check_finite_buffer(name, self._direction_key, gi, pi, st.get(self._direction_key))
+        for gi, saved in enumerate(sd["param_groups"]):
+            merged = {**self.defaults, **saved}
+            try:
+                self._validate_group(merged)
+            except ValueError as exc:
+                raise type(exc)(f"{name}.load_state_dict: parameter group {gi}: {exc}") from None
+            if perturbed:
+                scale = saved.get(SCALE_KEY)
+                if scale is not None:
+                    try:
+                        check_real(SCALE_KEY, scale)
+                    except ValueError as exc:
+                        raise ValueError(f"{name}.load_state_dict: parameter group {gi}: {exc}; "
+                                         "it is used to move the weights back (nothing was "
+                                         "loaded)") from None
         super().load_state_dict(sd)
         for group in self.param_groups:
             for key, value in self.defaults.items():  # e.g. a torch.optim.SGD state dict
@@ -256,6 +435,8 @@ class PerturbedOptimizer(Optimizer):
             if not perturbed:
                 group[SCALE_KEY] = None
         self._perturbed = perturbed
+        # the loaded state describes the perturbation of the loaded weights
+        self._applied = self._all_directions() if perturbed else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -266,6 +447,7 @@ class PerturbedOptimizer(Optimizer):
         state = dict(state)
         self._perturbed = state.pop("_perturbed", True)
         super().__setstate__(state)
+        self._applied = self._all_directions() if self._perturbed else None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group.setdefault(SCALE_KEY, None)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from msam._perturbation import (
+    ArgumentTypeError,
     PerturbedOptimizer,
     Scale,
     check_foreach,
@@ -54,7 +55,11 @@ class AdamWMSAM(PerturbedOptimizer):
         foreach: use the torch._foreach path; None picks it on accelerators.
 
     Raises:
-        ValueError: lr < 0, betas outside [0, 1), eps < 0, weight_decay < 0, non-finite rho.
+        ValueError: lr < 0, betas outside [0, 1), eps < 0, weight_decay < 0, non-finite rho;
+            also from ``step()``/``train()`` when a group's hyperparameters were set so
+            afterwards (checked before the weights move).
+        TypeError: betas not a pair, foreach not None/True/False, a hyperparameter that is
+            not a real number.
         RuntimeError: from ``step()`` when a gradient is sparse.
     """
 
@@ -63,7 +68,6 @@ class AdamWMSAM(PerturbedOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, rho: float = 1.0, *,
                  foreach: bool | None = None):
-        check_foreach(foreach)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rho=rho,
                         foreach=foreach)
         self._validate_group(defaults)
@@ -73,12 +77,13 @@ class AdamWMSAM(PerturbedOptimizer):
         check_real("learning rate", group["lr"], low=0.0)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r} (expected a pair)")
+            raise ArgumentTypeError(f"Invalid betas: {betas!r} (expected a pair)")
         check_real("beta parameter at index 0", betas[0], low=0.0, high=1.0, high_open=True)
         check_real("beta parameter at index 1", betas[1], low=0.0, high=1.0, high_open=True)
         check_real("epsilon value", group["eps"], low=0.0)
         check_real("weight_decay value", group["weight_decay"], low=0.0)
         check_real("rho", group["rho"])
+        check_foreach(group.get("foreach"))
 
     def _needs_norm(self, group: dict[str, Any]) -> bool:
         return float(group["rho"]) != 0.0
@@ -100,13 +105,14 @@ class AdamWMSAM(PerturbedOptimizer):
         Returns:
             The closure's loss, or None.
         """
+        self._check_groups()  # hyperparameters may have been edited since construction
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_sparse(type(self).__name__, self.param_groups)
 
-        self._undo(self._all_directions())
+        self._undo()
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             for p in group["params"]:

@@ -15,6 +15,7 @@ from msam._perturbation import (
     SCALE_KEY,
     PerturbedOptimizer,
     Scale,
+    check_bool,
     check_foreach,
     check_real,
     group_by_device_dtype,
@@ -72,7 +73,11 @@ class MSAM(PerturbedOptimizer):
         foreach: use the torch._foreach multi-tensor path; None picks it on accelerators.
 
     Raises:
-        ValueError: lr < 0, momentum outside [0, 1), non-finite rho, weight_decay < 0.
+        ValueError: lr < 0, momentum outside [0, 1), non-finite rho, weight_decay < 0; also from
+            ``step()``/``train()`` when a group's hyperparameters were set so afterwards
+            (checked before the weights move).
+        TypeError: a flag (normalize, scale_by_lr, foreach) that is not a bool (``'no'`` would
+            be truthy), a hyperparameter that is not a real number.
         RuntimeError: from ``step()`` when a gradient is sparse.
     """
 
@@ -81,9 +86,8 @@ class MSAM(PerturbedOptimizer):
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, rho: float = 3.0,
                  weight_decay: float = 0.0, *, normalize: bool = True, scale_by_lr: bool = False,
                  foreach: bool | None = None):
-        check_foreach(foreach)
         defaults = dict(lr=lr, momentum=momentum, rho=rho, weight_decay=weight_decay,
-                        normalize=bool(normalize), scale_by_lr=bool(scale_by_lr), foreach=foreach)
+                        normalize=normalize, scale_by_lr=scale_by_lr, foreach=foreach)
         self._validate_group(defaults)
         super().__init__(params, defaults)
 
@@ -92,6 +96,9 @@ class MSAM(PerturbedOptimizer):
         check_real("momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
         check_real("rho", group["rho"])
         check_real("weight_decay", group["weight_decay"], low=0.0)
+        check_bool("normalize", group["normalize"])
+        check_bool("scale_by_lr", group["scale_by_lr"])
+        check_foreach(group.get("foreach"))
 
     def _rho(self, group: dict[str, Any]) -> float:
         return float(group["rho"])
@@ -123,6 +130,7 @@ class MSAM(PerturbedOptimizer):
         Returns:
             The closure's loss, or None.
         """
+        self._check_groups()  # hyperparameters may have been edited since construction
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -149,14 +157,10 @@ class MSAM(PerturbedOptimizer):
                 bufs.append(buf)
             collected.append((params, grads, bufs, idle, idle_bufs))
 
-        for group, (params, grads, bufs, idle, idle_bufs) in zip(self.param_groups, collected):
+        # w~ -> w with the stored coefficients and the buffers the perturbation was made with
+        self._undo()
+        for group, (params, grads, bufs, idle, _) in zip(self.param_groups, collected):
             foreach = self._use_foreach(group, params or idle)
-            if self._perturbed:  # w~ -> w with the stored coefficient
-                scale = group.get(SCALE_KEY)
-                have = [(p, b) for p, b in zip(params, bufs) if b is not None]
-                shift_([p for p, _ in have] + idle, [b for _, b in have] + idle_bufs, scale,
-                       foreach=foreach)
-                group[SCALE_KEY] = None
             kernel = _momentum_update_foreach if foreach else _momentum_update_single
             kernel(params, grads, bufs, momentum=float(group["momentum"]),
                    weight_decay=float(group["weight_decay"]))
@@ -173,6 +177,7 @@ class MSAM(PerturbedOptimizer):
             shift_(params, bufs, _neg_add(scale, float(group["lr"])), foreach=foreach)
             shift_(idle, idle_bufs, _neg_add(scale, 0.0), foreach=foreach)
             group[SCALE_KEY] = scale
+        self._applied = [(list(ps), list(ds)) for ps, ds in pairs]
         self._perturbed = True
         return loss
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from msam._perturbation import check_real, global_norm
+from msam._perturbation import (
+    ArgumentTypeError,
+    check_bool,
+    check_finite_buffer,
+    check_loaded_state,
+    check_real,
+    global_norm,
+    saved_flag,
+)
 from msam.batchnorm import frozen_batchnorm_stats
 
 __all__ = ["SAM"]
@@ -20,6 +29,11 @@ _BASE_OPTIMIZERS = {
     "rmsprop": torch.optim.RMSprop,
     "adagrad": torch.optim.Adagrad,
 }
+
+
+# the base optimizer's usual non-negative hyperparameters: (key, name in messages)
+_BASE_NUMBERS = (("lr", "learning rate"), ("weight_decay", "weight_decay"),
+                 ("momentum", "momentum"))
 
 
 def _resolve_base(base_optimizer: Any) -> type[Optimizer]:
@@ -34,7 +48,8 @@ def _resolve_base(base_optimizer: Any) -> type[Optimizer]:
         if issubclass(base_optimizer, SAM):
             raise ValueError(f"Unknown base optimizer: {base_optimizer!r} (SAM cannot wrap SAM)")
         return base_optimizer
-    raise ValueError(f"Unknown base optimizer: {base_optimizer!r} (expected a "
+    error = ValueError if isinstance(base_optimizer, type) else ArgumentTypeError
+    raise error(f"Unknown base optimizer: {base_optimizer!r} (expected a "
                      "torch.optim.Optimizer subclass or one of "
                      f"{sorted(_BASE_OPTIMIZERS)})")
 
@@ -51,7 +66,8 @@ class SAM(Optimizer):
 
     with ``T = 1`` (SAM, Foret et al. 2021) or ``T = |w| + eta`` elementwise (ASAM, Kwon et al.
     2021), the norm global over all groups and ``e = 0`` when the gradient is zero. The
-    parameters before the ascent are kept (``state[p]["old_p"]``) and copied back exactly.
+    parameters before the ascent are kept (``state[p]["old_p"]``) and copied back exactly, for
+    exactly the parameters that ``first_step`` moved (those with a gradient).
 
     Compared with the popular port: ``state_dict()`` holds the base optimizer's state (resume
     without spikes), ``param_groups`` is shared with ``base_optimizer`` (lr schedulers on the
@@ -91,7 +107,12 @@ class SAM(Optimizer):
         **base_kwargs: passed to the base optimizer (lr, momentum, weight_decay, ...).
 
     Raises:
-        ValueError: unknown base optimizer, non-finite rho, eta < 0.
+        ValueError: unknown base optimizer, non-finite rho, eta < 0, a non-finite or negative
+            lr/weight_decay/momentum (all checked again at each ``first_step``, before the
+            weights move).
+        TypeError: ``adaptive`` not a bool, ``base_optimizer`` neither a name nor a class,
+            rho/eta not real numbers, lr/weight_decay/momentum given as a string, None or
+            bool.
     """
 
     def __init__(self, params, base_optimizer: Any = torch.optim.SGD, rho: float = 0.05,
@@ -99,17 +120,38 @@ class SAM(Optimizer):
         base_cls = _resolve_base(base_optimizer)
         check_real("rho", rho)
         check_real("eta", eta, low=0.0)
-        defaults = dict(rho=rho, adaptive=bool(adaptive), eta=eta, **base_kwargs)
+        check_bool("adaptive", adaptive)
+        for key, name in _BASE_NUMBERS:  # torch.optim compares them with 0 (a raw TypeError)
+            value = base_kwargs.get(key, 0.0)
+            if value is None or isinstance(value, (str, bytes, bool)):
+                raise ArgumentTypeError(f"Invalid {name}: {value!r} (expected a real number)")
+        defaults = dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs)
         super().__init__(params, defaults)
         self.base_optimizer = base_cls(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            self._validate_group(group)
         self.defaults.update(self.base_optimizer.defaults)
         self._perturbed = False
+        self._saved: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def is_perturbed(self) -> bool:
         """True between first_step() and second_step()/unperturb()."""
         return self._perturbed
+
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        check_real("rho", group["rho"])
+        check_real("eta", group["eta"], low=0.0)
+        check_bool("adaptive", group["adaptive"])
+        # the base optimizer's usual hyperparameters, when they are plain numbers (torch.optim
+        # accepts lr=nan, and nothing re-checks a value edited after construction)
+        for key, name in _BASE_NUMBERS:
+            value = group.get(key)
+            if (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+                    isinstance(value, Tensor) and value.numel() == 1):
+                check_real(name, value, low=0.0)
 
     def _ascent_scale(self, group: dict[str, Any], p: Tensor) -> Tensor | None:
         if group["adaptive"]:
@@ -124,7 +166,8 @@ class SAM(Optimizer):
         scaled: list[Tensor] = []
         items: list[tuple[dict[str, Any], Tensor, Tensor | None]] = []
         for group in self.param_groups:
-            check_real("rho", group["rho"])
+            self._validate_group(group)
+        for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -135,6 +178,7 @@ class SAM(Optimizer):
                 scaled.append(p.grad if t is None else p.grad * t)
                 items.append((group, p, t))
         norm = global_norm(scaled, foreach=False)
+        saved: list[tuple[Tensor, Tensor]] = []
         for group, p, t in items:
             coef = torch.where(norm > 0, float(group["rho"]) / norm, torch.zeros_like(norm))
             state = self.state[p]
@@ -143,8 +187,12 @@ class SAM(Optimizer):
                 state["old_p"] = p.detach().clone()
             else:
                 old.copy_(p)
+            saved.append((p, state["old_p"]))
             e = p.grad if t is None else p.grad * t * t
             p.addcmul_(e, coef.to(p.device, p.dtype))
+        # exactly the parameters moved now, with their saved weights (kept apart from
+        # self.state, so clearing it cannot strand the ascent in the weights)
+        self._saved = saved
         self._perturbed = True
         if zero_grad:
             self.zero_grad()
@@ -154,12 +202,18 @@ class SAM(Optimizer):
         """Copy the weights from before ``first_step`` back (exact); keeps the gradients."""
         if not self._perturbed:
             return
-        for group in self.param_groups:
-            for p in group["params"]:
-                old = self.state[p].get("old_p") if p in self.state else None
-                if old is not None:
-                    p.copy_(old)
+        for p, old in self._saved_weights():
+            p.copy_(old)
+        self._saved = None
         self._perturbed = False
+
+    def _saved_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """(parameter, weights before first_step) for the parameters first_step moved."""
+        saved = getattr(self, "_saved", None)
+        if saved is not None:
+            return saved
+        return [(p, self.state[p]["old_p"]) for g in self.param_groups for p in g["params"]
+                if p in self.state and self.state[p].get("old_p") is not None]
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -186,6 +240,8 @@ class SAM(Optimizer):
         :func:`msam.frozen_batchnorm_stats(model) <msam.frozen_batchnorm_stats>` when ``model``
         is given, so BatchNorm running statistics are only updated by the first pass), then
         ``second_step``; returns the loss at ``w``. Without a closure: ``second_step()``.
+        If the second closure raises, the weights are restored to ``w`` before the exception
+        propagates (the base optimizer does not step).
 
         Args:
             closure: callable doing forward and backward and returning the loss.
@@ -198,11 +254,15 @@ class SAM(Optimizer):
         self.zero_grad()
         loss = closure()
         self.first_step(zero_grad=True)
-        if model is None:
-            closure()
-        else:
-            with frozen_batchnorm_stats(model):
+        try:
+            if model is None:
                 closure()
+            else:
+                with frozen_batchnorm_stats(model):
+                    closure()
+        except BaseException:
+            self.unperturb()  # back to w: never leave the weights at the ascent point
+            raise
         self._second_step()
         return loss
 
@@ -213,30 +273,78 @@ class SAM(Optimizer):
         sd = self.base_optimizer.state_dict()
         old: dict[int, Tensor] = {}
         if self._perturbed:
-            index = 0
-            for group in self.param_groups:
-                for p in group["params"]:
-                    t = self.state[p].get("old_p") if p in self.state else None
-                    if t is not None:
-                        old[index] = t
-                    index += 1
+            index = {id(p): i for i, p in enumerate(
+                p for g in self.param_groups for p in g["params"])}
+            for p, t in self._saved_weights():
+                if id(p) in index:
+                    old[index[id(p)]] = t
         sd["sam"] = {"perturbed": bool(self._perturbed), "old_p": old}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict)."""
+        """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict).
+
+        Everything is checked before anything is loaded: the base optimizer's buffers and the
+        saved ``old_p`` against the parameters' shapes, the groups' rho/eta/adaptive, and
+        (for a state saved between the two passes) that ``old_p``, which is copied into the
+        weights by ``unperturb()``, is finite. Dtypes and devices are cast as torch.optim does.
+
+        Raises:
+            ValueError: naming the group, parameter, entry and both shapes (or the bad value).
+            TypeError: ``state_dict`` is not a mapping.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"SAM.load_state_dict: expected a state dict (a mapping), got "
+                            f"{type(state_dict).__name__}")
         sd = dict(state_dict)
         sam = sd.pop("sam", {"perturbed": False, "old_p": {}})
+        check_loaded_state(self.base_optimizer, sd, "SAM")
+        for gi, saved in enumerate(sd["param_groups"]):
+            try:
+                self._validate_group({**self.defaults, **saved})
+            except ValueError as exc:
+                raise type(exc)(f"SAM.load_state_dict: parameter group {gi}: {exc}") from None
+        if not isinstance(sam, Mapping):
+            raise ValueError(f"SAM.load_state_dict: 'sam' must be a dict, got "
+                             f"{type(sam).__name__}")
+        perturbed = saved_flag(sam.get("perturbed", False),
+                               "SAM.load_state_dict: 'sam'['perturbed']")
+        old_p = sam.get("old_p", {}) or {}
+        if not isinstance(old_p, Mapping):
+            raise ValueError(f"SAM.load_state_dict: 'sam'['old_p'] must be a dict, got "
+                             f"{type(old_p).__name__}")
+        where = [(gi, pi, p) for gi, g in enumerate(self.param_groups)
+                 for pi, p in enumerate(g["params"])]
+        loaded: list[tuple[Tensor, Tensor]] = []
+        for index, t in old_p.items():
+            try:
+                gi, pi, p = where[int(index)]
+            except (TypeError, ValueError, IndexError):
+                raise ValueError(f"SAM.load_state_dict: 'old_p' index {index!r} is not one of "
+                                 f"the optimizer's {len(where)} parameters") from None
+            if not isinstance(t, Tensor):
+                raise ValueError(f"SAM.load_state_dict: 'old_p' of parameter {pi} of group "
+                                 f"{gi} is a {type(t).__name__}, expected a tensor")
+            if t.shape != p.shape:
+                raise ValueError(f"SAM.load_state_dict: 'old_p' of parameter {pi} of group {gi} "
+                                 f"has shape {tuple(t.shape)} but the parameter has shape "
+                                 f"{tuple(p.shape)} (a state dict of another model?); nothing "
+                                 "was loaded")
+            if perturbed:
+                check_finite_buffer("SAM", "old_p", gi, pi, t)
+            loaded.append((p, t))
         self.base_optimizer.load_state_dict(sd)
         self.param_groups = self.base_optimizer.param_groups
-        params = [p for g in self.param_groups for p in g["params"]]
-        for index, t in sam.get("old_p", {}).items():
-            p = params[int(index)]
+        saved = []
+        for p, t in loaded:
             self.state[p]["old_p"] = t.to(device=p.device, dtype=p.dtype)
-        self._perturbed = bool(sam.get("perturbed", False))
+            saved.append((p, self.state[p]["old_p"]))
+        self._saved = saved if perturbed else None
+        self._perturbed = perturbed
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["base_optimizer"] = self.base_optimizer
         state["_perturbed"] = self._perturbed
+        state["_saved"] = getattr(self, "_saved", None)
         return state
