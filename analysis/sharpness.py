@@ -504,7 +504,7 @@ def sharpness(
     kind: str = "worst",
     adaptive: bool = True,
     norm: str = "l2",
-    m: int = 128,
+    m: int | None = None,
     n_eval: int | None = 1024,
     steps: int = 20,
     samples: int = 64,
@@ -539,7 +539,8 @@ def sharpness(
         kind: ``"worst"`` (default) or ``"average"``.
         adaptive: ``c = |w|`` (default True) or ``c = 1``.
         norm: ``"l2"`` (default) or ``"linf"`` ball (worst case only).
-        m: samples per batch (default 128, as Andriushchenko et al.).
+        m: samples per batch (default ``None``: ``min(128, N, n_eval)`` with ``N`` the samples
+            this process sees, 128 as Andriushchenko et al.; the choice is the result's ``m``).
         n_eval: use at most this many samples (default 1024; ``None``: all). An incomplete
             last batch is dropped: ``num_samples`` says how many were used, and ``loss`` is the
             loss of those samples (not of the whole data set).
@@ -570,12 +571,13 @@ def sharpness(
     if init not in ("random", "zero"):
         raise ValueError(f"init must be 'random' or 'zero', got {init!r}")
     _check_positive("rho", rho)
-    _check_positive("m", m, integer=True)
+    if m is not None:
+        _check_positive("m", m, integer=True)
     _check_positive("steps", steps, integer=True)
     _check_positive("samples", samples, integer=True)
     if n_eval is not None:
         _check_positive("n_eval", n_eval, integer=True)
-        if n_eval < m:
+        if m is not None and n_eval < m:
             raise ValueError(f"m={m} is larger than n_eval={n_eval}; lower m or raise n_eval")
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
@@ -583,6 +585,8 @@ def sharpness(
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
     source = as_data(data)
+    if m is None:  # a default that fits small data sets
+        m = min(128, source.num_samples(), *([n_eval] if n_eval is not None else []))
     if source.is_shuffled:
         warnings.warn(
             "sharpness(): the data is a shuffling DataLoader, so the batches of m samples (and "
