@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,11 +11,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm  # plain text bars: no ipywidgets needed in Jupyter
 
 from . import distributed as dist
 from .data import Data, DataSource, as_data, to_device
 from .results import Result
+
+with warnings.catch_warnings():  # widget bars in Jupyter; text bars (and no warning) elsewhere
+    warnings.simplefilter("ignore")  # or when ipywidgets is missing
+    from tqdm.auto import tqdm
 
 __all__ = [
     "EvalResult",
