@@ -587,6 +587,8 @@ def sharpness(
     source = as_data(data)
     if m is None:  # a default that fits small data sets
         m = min(128, source.num_samples(), *([n_eval] if n_eval is not None else []))
+        if source.shard:  # one m on every rank: the smallest shard decides
+            m = min(dist.all_gather_object(m))
     if source.is_shuffled:
         warnings.warn(
             "sharpness(): the data is a shuffling DataLoader, so the batches of m samples (and "
