@@ -239,3 +239,8 @@ class LogitsOf(nn.Module):
 
 def hf_gpt2_logits() -> nn.Module:
     return LogitsOf(hf_gpt2())
+
+
+def hf_gpt2_eager_logits() -> nn.Module:
+    """The same with ``attn_implementation="eager"`` (matmul + softmax attention)."""
+    return LogitsOf(hf_gpt2("eager"))
