@@ -361,3 +361,42 @@ def test_math_backend_workaround(name):
         hv = (HessianOperator(model, loss, data) @ v.float()).double()
     ref = D @ v
     assert torch.allclose(hv, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.slow
+def test_cli_report_on_resnet_checkpoints(tmp_path, capsys):
+    """``landscape report`` on two ResNet checkpoints (BatchNorm buffers included): one HTML
+    file whose headline lambda_max is the dense Hessian's."""
+    model, data, loss = _case("resnet")
+    torch.save(model.state_dict(), tmp_path / "a.pt")
+    evals = torch.linalg.eigvalsh(_dense("resnet"))
+    other, _, _ = _case("resnet", trained=False)
+    torch.save(other.state_dict(), tmp_path / "b.pt")
+    out, js = tmp_path / "r.html", tmp_path / "r.json"
+    code = main(["report", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), *_SPECS["resnet"],
+                 "--quiet", "--steps-1d", "3", "--steps-2d", "3", "--no-density", "--out", str(out),
+                 "--json", str(js)])
+    assert code == 0, capsys.readouterr().err
+    html = out.read_text()
+    assert html.startswith("<!DOCTYPE html>") or "<html" in html[:200]
+    text = js.read_text()
+    assert "a.pt" in text and "b.pt" in text
+    lam = _find_number(json.loads(text), "lambda_max")
+    assert lam == pytest.approx(float(evals[-1]), rel=2e-3)
+
+
+def _find_number(obj, key):
+    """The first number stored under ``key`` anywhere in a JSON document (``None`` if none)."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get(key), (int, float)):
+            return obj[key]
+        children = obj.values()
+    elif isinstance(obj, list):
+        children = obj
+    else:
+        return None
+    for v in children:
+        r = _find_number(v, key)
+        if r is not None:
+            return r
+    return None
