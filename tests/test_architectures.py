@@ -400,3 +400,18 @@ def _find_number(obj, key):
         if r is not None:
             return r
     return None
+
+
+def test_resnet_ggn_matches_dense_ggn():
+    """The Gauss-Newton operator of the BatchNorm ResNet (eval mode) against the dense float64
+    ``J^T H_out J``, and its top eigenvalue against the dense matrix's."""
+    from analysis import GGNOperator, dense_ggn
+
+    model, data, _ = _case("resnet")
+    G = dense_ggn(model, "cross_entropy", data)
+    op = GGNOperator(model, "cross_entropy", data)
+    v = torch.randn(G.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref = G @ v
+    assert torch.allclose((op @ v.float()).double(), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
+    top = top_eigenpairs(op, k=1, tol=1e-5).eigenvalues[0]
+    assert float(top) == pytest.approx(float(torch.linalg.eigvalsh(G)[-1]), rel=1e-3)
