@@ -5,6 +5,7 @@ landscape directions, sharpness metrics and the MSAM mechanism probes. May impor
 never imports :mod:`landscape`.
 """
 
+from .attention import second_order_attention
 from .data import Batch, DataSource, as_data, batch_size_of, to_device
 from .density import SpectralDensity, spectral_density
 from .directions import (
@@ -45,6 +46,7 @@ from .hessian import (
     directional_curvature,
 )
 from .lanczos import EigenResult, as_linear_operator, lanczos_tridiagonal, top_eigenpairs
+from .losses import CausalLMLoss, ModelLoss, OutputLoss, logits_of, loss_terms
 from .params import ParameterSpace, flatten, unflatten
 from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
 from .reference import dense_ggn, dense_hessian
@@ -91,4 +93,6 @@ __all__ = [
     "get_world_size", "is_main_process", "all_reduce_sum", "all_reduce_gradients", "barrier",
     "broadcast_object", "all_gather_object", "assert_same_across_ranks", "default_device",
     "launched_by_torchrun", "DEFAULT_TIMEOUT",
+    # transformers and language models
+    "second_order_attention", "CausalLMLoss", "ModelLoss", "OutputLoss", "logits_of", "loss_terms",
 ]
