@@ -201,6 +201,19 @@ def lm_data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, targets
 
 
+def hf_batches(sizes: tuple[int, ...] = (5, 3, 4)) -> list[dict[str, torch.Tensor]]:
+    """The :func:`lm_sequences` as tokenizer-style batch dicts of uneven sizes and padding:
+    ``input_ids``, ``attention_mask`` and ``labels`` (the ids, ``-100`` at padding)."""
+    ids, mask = lm_sequences(sum(sizes))
+    labels = ids.masked_fill(mask == 0, IGNORE)
+    out, i = [], 0
+    for n in sizes:
+        out.append({"input_ids": ids[i:i + n], "attention_mask": mask[i:i + n],
+                    "labels": labels[i:i + n]})
+        i += n
+    return out
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the non-padding targets (a user-written LM loss)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),

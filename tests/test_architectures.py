@@ -8,8 +8,9 @@ through ``analysis.dense_hessian``, computed under the math SDPA backend, which 
 backward), hand-evaluated losses at perturbed weights, and the data's BatchNorm statistics.
 
 The attention models (ViT, LMs) are analyzed exactly as a user would call the library, with no
-``sdpa_kernel`` context: that needs second derivatives through attention chosen automatically
-(issue 13 item 1). ``test_math_backend_workaround`` covers the explicit workaround.
+``sdpa_kernel`` context: the curvature code selects attention with double backward itself
+(``analysis.attention.second_order_attention``); ``test_math_backend_workaround`` checks that an
+explicit ``sdpa_kernel(SDPBackend.MATH)`` around it changes nothing.
 """
 
 from __future__ import annotations
@@ -43,14 +44,6 @@ from tests import arch_models as A
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
-# The attention models need curvature products that pick a double-differentiable attention
-# kernel by themselves (issue 13 item 1, worked on in branch e-models); strict, so the marker
-# must go once that lands.
-_NEEDS_ATTENTION_FIX = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="second derivatives through F.scaled_dot_product_attention need the math SDPA "
-           "backend chosen automatically (issue 13 item 1, branch e-models, not merged yet)")
-
 CASES = {
     # name: (model factory, data factory, loss, uses attention)
     "resnet": (A.resnet, A.image_data, "cross_entropy", False),
@@ -62,21 +55,17 @@ CASES = {
 }
 
 
-def _params(names, second_order=True, mark=_NEEDS_ATTENTION_FIX):
+def _params(names):
     out = []
     for name in names:
         marks = []
-        if CASES[name][3] and second_order:
-            marks.append(mark)
         if name.startswith("hf") and not HAVE_TRANSFORMERS:
             marks = [pytest.mark.skip(reason="transformers is not installed (pip install .[hf])")]
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
 
-ALL = _params(CASES)  # second derivatives
-FIRST_ORDER = _params(CASES, second_order=False)  # slices and training: the fast kernels work
-CLI = _params(CASES, mark=pytest.mark.xfail(strict=True, reason=_NEEDS_ATTENTION_FIX.kwargs["reason"]))
+ALL = _params(CASES)
 
 
 _TRAINED: dict[str, dict] = {}
@@ -210,7 +199,7 @@ def test_sharpness_metrics(name):
 # ------------------------------------------------------------------------------------------------
 # slices against hand-evaluated losses
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", FIRST_ORDER)
+@pytest.mark.parametrize("name", ALL)
 def test_slices_match_hand_evaluated_loss(name):
     model, data, loss = _case(name)
     w = ParameterSpace(model).vector().detach()
@@ -273,7 +262,7 @@ def test_msam_resnet_with_batchnorm_recalibration():
         assert float(F.cross_entropy(model(x), y)) < l0
 
 
-@pytest.mark.parametrize("name", [p for p in FIRST_ORDER if p.id != "resnet"])
+@pytest.mark.parametrize("name", [p for p in ALL if p.id != "resnet"])
 def test_adamw_msam_attention_models(name):
     model, data, loss = _case(name, trained=False)
     x, y = data
@@ -303,7 +292,7 @@ _SPECS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CLI)
+@pytest.mark.parametrize("name", ALL)
 def test_cli_on_a_checkpoint(name, tmp_path, capsys):
     model, data, loss = _case(name)
     with torch.no_grad():  # a checkpoint that is not the factory's initialization
@@ -415,3 +404,47 @@ def test_resnet_ggn_matches_dense_ggn():
     assert torch.allclose((op @ v.float()).double(), ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
     top = top_eigenpairs(op, k=1, tol=1e-5).eigenvalues[0]
     assert float(top) == pytest.approx(float(torch.linalg.eigvalsh(G)[-1]), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face without glue: ModelOutput, dict batches, the built-in LM losses
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed (pip install .[hf])")
+@pytest.mark.parametrize("loss", [pytest.param("lm", marks=pytest.mark.slow),  # dense: ~20 s
+                                  "model_lm"])
+def test_hf_gpt2_dict_batches_without_glue(loss):
+    """The raw GPT2LMHeadModel on uneven, padded dict batches with ``--loss lm`` (shifted labels,
+    attention mask) or ``model_lm`` (the model's own ``output.loss``) has the token-weighted
+    Hessian of the hand-written glue (``model(ids).logits``, shifted targets, one batch)."""
+    _case("hf_gpt2")  # trains and caches the weights
+    model = A.hf_gpt2()
+    model.load_state_dict({k[len("model."):]: v for k, v in _TRAINED["hf_gpt2"].items()})
+    batches = A.hf_batches()
+    ref = _dense("hf_gpt2")  # LogitsOf + lm_loss on (ids, next-token targets), one batch
+    if loss == "lm":  # model_lm: HF computes its loss on float32 logits even for a float64 model
+        D = dense_hessian(model, loss, batches)
+        assert torch.allclose(D, ref, rtol=1e-6, atol=1e-9 * float(ref.abs().max()))
+    H = HessianOperator(model, loss, batches)
+    v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    hv, want = (H @ v.float()).double(), ref @ v
+    assert torch.allclose(hv, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    top = top_eigenpairs(model, loss, batches, k=1, tol=1e-4)
+    assert float(top.eigenvalues[0]) == pytest.approx(float(torch.linalg.eigvalsh(ref)[-1]), rel=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed (pip install .[hf])")
+def test_cli_hf_gpt2_with_lm_loss_on_dict_batches(tmp_path, capsys):
+    """``landscape hessian --loss lm`` on a raw GPT2LMHeadModel checkpoint and dict batches."""
+    _case("hf_gpt2")
+    model = A.hf_gpt2()
+    model.load_state_dict({k[len("model."):]: v for k, v in _TRAINED["hf_gpt2"].items()})
+    ckpt = tmp_path / "gpt2.pt"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "h.json"
+    code = main(["hessian", str(ckpt), "--model", "tests.arch_models:hf_gpt2", "--data",
+                 "tests.arch_models:hf_batches", "--loss", "lm", "--top-k", "1", "--quiet",
+                 "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    top = _find_list(json.loads(out.read_text()), "eigenvalues")
+    assert top[0] == pytest.approx(float(torch.linalg.eigvalsh(_dense("hf_gpt2"))[-1]), rel=2e-3)
