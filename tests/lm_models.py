@@ -77,7 +77,8 @@ class TinyCausalLM(nn.Module):
     """A GPT-style causal LM: token + position embeddings, one pre-norm block with
     ``F.scaled_dot_product_attention(is_causal=True)`` and a tanh MLP, tied output head.
 
-    ``forward(input_ids, attention_mask=None)`` returns ``(B, T, vocab)`` logits; with right
+    ``forward(input_ids, attention_mask=None, labels=None)`` returns ``(B, T, vocab)`` logits
+    (``labels`` is accepted and unused, so batch dicts can be passed whole); with right
     padding and causal attention the logits of real tokens do not depend on the padding.
     """
 
@@ -90,7 +91,7 @@ class TinyCausalLM(nn.Module):
         self.proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, d))
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, labels=None):
         t = input_ids.shape[1]
         h = self.tok(input_ids) + self.pos(torch.arange(t, device=input_ids.device))
         q, k, v = self.qkv(self.ln(h)).chunk(3, dim=-1)
