@@ -182,7 +182,9 @@ class ModelLoss:
 
     For models called with their labels (e.g. a Hugging Face model given a batch dict with
     ``labels``), ``output.loss`` / ``output["loss"]`` / the first element of a tuple. The targets
-    are not used by the loss, only to count its terms.
+    are not used by the loss, only to count its terms. Note that Hugging Face's causal-LM loss
+    casts the logits to float32 (``logits.float()``), also in a float64 model; use ``"lm"`` for
+    float64 accuracy.
 
     Args:
         terms: how the batch loss is averaged, for the weighting: ``"samples"`` (default),
