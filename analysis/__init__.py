@@ -6,6 +6,7 @@ never imports :mod:`landscape`.
 """
 
 from .checks import check_first_batch, check_repeatable_forward
+from .attention import second_order_attention
 from .data import Batch, DataSource, as_data, batch_size_of, to_device
 from .density import SpectralDensity, spectral_density
 from .directions import (
@@ -46,6 +47,7 @@ from .hessian import (
     directional_curvature,
 )
 from .lanczos import EigenResult, as_linear_operator, lanczos_tridiagonal, top_eigenpairs
+from .losses import CausalLMLoss, ModelLoss, OutputLoss, logits_of, loss_terms
 from .params import ParameterSpace, flatten, unflatten
 from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
 from .reference import dense_ggn, dense_hessian
@@ -96,4 +98,6 @@ __all__ = [
     "launched_by_torchrun", "DEFAULT_TIMEOUT",
     # curvature during training
     "CurvatureTracker", "TrackerRecord", "TrackerHistory",
+    # transformers and language models
+    "second_order_attention", "CausalLMLoss", "ModelLoss", "OutputLoss", "logits_of", "loss_terms",
 ]

@@ -5,16 +5,22 @@ three forms and turns it into a :class:`DataSource`:
 
 * a pair ``(X, y)`` of tensors (split into batches of ``batch_size``; one batch if ``None``),
 * a list (or tuple) of batches ``[(x_1, y_1), (x_2, y_2), ...]``,
-* a ``torch.utils.data.DataLoader`` (or any re-iterable yielding ``(inputs, targets)``).
+* a ``torch.utils.data.DataLoader`` (or any re-iterable yielding ``(inputs, targets)``),
+* a dict of tensors (``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, e.g. a
+  tokenizer's output; split like a pair), or batches that are such dicts (a list of dicts, a
+  DataLoader yielding dicts, as Hugging Face collators do).
 
 Inputs may be a tensor, a tuple of tensors or a dict of tensors; targets are a tensor whose first
-dimension counts the samples. The loss function is assumed to return the **mean** over the batch
+dimension counts the samples. A batch that is a single dict is passed to the model as keyword
+arguments and is also its own target (``Batch.targets is Batch.inputs``), so a language-model
+loss can read ``labels`` / ``attention_mask`` from it (:mod:`analysis.losses`). The loss function is assumed to return the **mean** over the batch
 (as ``F.cross_entropy`` and ``F.mse_loss`` do by default); dataset quantities are then weighted
-exactly by sample count,
+exactly by the number of loss terms, the samples by default,
 
     L(w) = sum_b (n_b / N) * L_b(w),      N = sum_b n_b,
 
-also when the last batch is smaller. Consumers accumulate ``n_b * L_b`` and divide by ``N`` at
+also when the last batch is smaller (a loss with ``num_terms``, e.g. a language-model loss over
+tokens, weights by its terms instead: :func:`analysis.losses.loss_terms`). Consumers accumulate ``n_b * L_b`` and divide by ``N`` at
 the end, so ``N`` never has to be known in advance. Under ``torch.distributed`` a source built
 with ``shard=True`` yields only this rank's batches (batch ``i`` goes to rank ``i % world``; a
 DataLoader whose sampler is a ``DistributedSampler`` is taken as already split); consumers then
@@ -80,6 +86,29 @@ def to_device(obj: Any, device: torch.device | str | None, dtype: torch.dtype | 
     return obj
 
 
+def _take(obj: Any, keep: int) -> Any:
+    """The first ``keep`` samples of a tensor / dict / tuple batch."""
+    if isinstance(obj, Mapping):
+        return {k: _take(v, keep) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take(t, keep) for t in obj)
+    return obj[:keep] if isinstance(obj, torch.Tensor) else obj
+
+
+def _check_count(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive integer or None, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _is_dict_data(data: Any) -> bool:
+    return (isinstance(data, Mapping) and bool(data)
+            and all(isinstance(v, torch.Tensor) for v in data.values()))
+
+
 def _is_pair(data: Any) -> bool:
     return (
         isinstance(data, (tuple, list))
@@ -120,10 +149,10 @@ class DataSource:
             max_samples = max_samples if max_samples is not None else data.max_samples
             shard = shard or data.shard
             data = data.data
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if max_samples is not None and (not isinstance(max_samples, int) or max_samples <= 0):
-            raise ValueError(f"max_samples must be a positive integer, got {max_samples!r}")
+        _check_count("batch_size", batch_size)
+        _check_count("max_samples", max_samples)
+        if not isinstance(shard, bool):
+            raise TypeError(f"shard must be True or False, got {shard!r}")
         self.data = data
         self.batch_size = batch_size
         self.max_samples = max_samples
@@ -136,6 +165,13 @@ class DataSource:
             if ny == 0:
                 raise ValueError("data is empty (0 samples)")
             self.kind = "pair"
+        elif _is_dict_data(data):
+            sizes = {k: batch_size_of(v) for k, v in data.items()}
+            if len(set(sizes.values())) != 1:
+                raise ValueError(f"the tensors of the data dict disagree in length: {sizes}")
+            if next(iter(sizes.values())) == 0:
+                raise ValueError("data is empty (0 samples)")
+            self.kind = "dict"
         elif isinstance(data, DataLoader):
             self.kind = "loader"
             if isinstance(data.sampler, DistributedSampler) and dist.is_distributed():
@@ -144,15 +180,22 @@ class DataSource:
             if len(data) == 0:
                 raise ValueError("data is empty (an empty list of batches)")
             for i, b in enumerate(data):
-                if not (isinstance(b, (tuple, list)) and len(b) == 2):
+                if not ((isinstance(b, (tuple, list)) and len(b) == 2) or isinstance(b, Mapping)):
                     raise TypeError(
-                        f"batch {i} is a {type(b).__name__}; expected an (inputs, targets) pair"
+                        f"batch {i} is a {type(b).__name__}; expected an (inputs, targets) pair "
+                        "or a dict of tensors"
                     )
             self.kind = "batches"
         elif isinstance(data, torch.Tensor):
             raise TypeError(
                 "data is a single tensor; pass an (inputs, targets) pair, a list of batches or "
                 "a DataLoader"
+            )
+        elif isinstance(data, Mapping):
+            raise TypeError(
+                "a data dict must map names to tensors of equal length, got values of types "
+                f"{sorted({type(v).__name__ for v in data.values()})}" if data else
+                "data is an empty dict"
             )
         elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Iterator)):
             self.kind = "iterable"
@@ -181,8 +224,17 @@ class DataSource:
                 sl = slice(start, min(start + bs, n))
                 xb = {k: v[sl] for k, v in x.items()} if isinstance(x, Mapping) else x[sl]
                 yield xb, y[sl]
+        elif self.kind == "dict":
+            n = batch_size_of(self.data)
+            bs = self.batch_size or n
+            for start in range(0, n, bs):
+                b = {k: v[start:start + bs] for k, v in self.data.items()}
+                yield b, b
         else:
             for b in self.data:
+                if isinstance(b, Mapping):  # a batch dict is its own target
+                    yield b, b
+                    continue
                 if not (isinstance(b, (tuple, list)) and len(b) >= 2):
                     raise TypeError(
                         f"the data yielded a {type(b).__name__}; expected (inputs, targets)"
@@ -202,10 +254,9 @@ class DataSource:
                     break
                 if seen + n > self.max_samples:
                     keep = self.max_samples - seen
-                    x = {k: v[:keep] for k, v in x.items()} if isinstance(x, Mapping) else (
-                        type(x)(t[:keep] for t in x) if isinstance(x, (tuple, list)) else x[:keep]
-                    )
-                    y, n = y[:keep], keep
+                    same = y is x
+                    x = _take(x, keep)
+                    y, n = (x if same else _take(y, keep)), keep
             seen += n
             if n == 0:
                 continue
@@ -235,7 +286,12 @@ def as_data(
     max_samples: int | None = None,
     shard: bool = False,
 ) -> DataSource:
-    """Wrap any accepted data form into a :class:`DataSource` (see the module docstring)."""
+    """Wrap any accepted data form into a :class:`DataSource` (see the module docstring).
+
+    Raises:
+        ValueError: for ``None`` or empty data and non-positive counts.
+        TypeError: for data of another form and counts that are not integers (a bool included).
+    """
     if data is None:
         raise ValueError("data is required (got None)")
     return DataSource(data, batch_size=batch_size, max_samples=max_samples, shard=shard)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,11 +11,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm  # plain text bars: no ipywidgets needed in Jupyter
 
 from . import distributed as dist
 from .data import Data, DataSource, as_data, to_device
+from .losses import CausalLMLoss, ModelLoss, OutputLoss, loss_terms
 from .results import Result
+
+with warnings.catch_warnings():  # widget bars in Jupyter; text bars (and no warning) elsewhere
+    warnings.simplefilter("ignore")  # or when ipywidgets is missing
+    from tqdm.auto import tqdm
 
 __all__ = [
     "EvalResult",
@@ -30,18 +35,28 @@ __all__ = [
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _LOSSES: dict[str, LossFn] = {
-    "cross_entropy": F.cross_entropy,
-    "mse": F.mse_loss,
+    "cross_entropy": OutputLoss(F.cross_entropy),
+    "mse": OutputLoss(F.mse_loss),
+    "lm": CausalLMLoss(),
+    "causal_lm": CausalLMLoss(),
+    "model": ModelLoss(),
+    "model_lm": ModelLoss("causal_lm"),
 }
+
+LOSS_NAMES: tuple[str, ...] = tuple(_LOSSES)
 
 
 def resolve_loss(loss: str | LossFn | None) -> LossFn:
     """A loss callable ``loss(outputs, targets) -> mean scalar`` from a name or a callable.
 
-    Names: ``"cross_entropy"`` (default when ``None``) and ``"mse"``.
+    Names (see :mod:`analysis.losses`): ``"cross_entropy"`` (default when ``None``) and
+    ``"mse"`` (both take ``.logits`` / ``["logits"]`` / the first element of a model output that
+    is not a tensor), ``"lm"`` / ``"causal_lm"`` (next-token cross-entropy over counted tokens),
+    ``"model"`` (the model's own ``output.loss``, weighted by samples) and ``"model_lm"`` (the
+    same, weighted by the shifted tokens of ``labels`` like a Hugging Face causal LM).
     """
     if loss is None:
-        return F.cross_entropy
+        return _LOSSES["cross_entropy"]
     if isinstance(loss, str):
         if loss not in _LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose from {sorted(_LOSSES)} or pass a callable")
@@ -129,9 +144,10 @@ def evaluate(
     batch_size: int | None = None,
     progress: bool = False,
 ) -> EvalResult:
-    """Sample-weighted mean loss and accuracy of ``model`` over ``data``.
+    """Term-weighted mean loss and accuracy of ``model`` over ``data``.
 
-    ``L = sum_b n_b L_b / N``; accuracy is the fraction of correct argmax predictions. Batches are
+    ``L = sum_b N_b L_b / N`` with ``N_b`` the loss terms of batch ``b`` (its samples, or its
+    counted tokens for a language-model loss; :func:`analysis.losses.loss_terms`); accuracy is the fraction of correct argmax predictions. Batches are
     moved to the model's device (floating inputs cast to its dtype). Under an initialized process
     group with a sharded source, per-rank sums are all-reduced.
 
@@ -149,7 +165,7 @@ def evaluate(
     loss_fn = resolve_loss(loss_fn)
     source = as_data(data, batch_size=batch_size)
     device, dtype = model_device_dtype(model)
-    stats = torch.zeros(3, dtype=torch.float64, device=device)  # sum n*L, correct, n
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # sum N_b*L, correct, n, N
     has_acc = True
     with model_mode(model, mode):
         for batch in progress_bar(source, enabled=progress, desc="evaluate", unit="batch"):
@@ -159,7 +175,9 @@ def evaluate(
             loss = loss_fn(out, y)
             if loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-            stats[0] += loss.double() * batch.size
+            terms = loss_terms(loss_fn, x, y, batch.size)
+            stats[0] += loss.double() * terms
+            stats[3] += terms
             c = correct_count(out, y)
             if c is None:
                 has_acc = False
@@ -170,7 +188,7 @@ def evaluate(
         dist.all_reduce_sum(stats)
     n = stats[2].item()
     return EvalResult(
-        loss=stats[0].item() / n,
+        loss=stats[0].item() / stats[3].item() if stats[3].item() > 0 else float("nan"),
         accuracy=(stats[1].item() / n) if has_acc else None,
         num_samples=int(n),
     )

@@ -1,7 +1,8 @@
 """Curvature as linear operators: Hessian- and Gauss-Newton-vector products over the dataset loss.
 
-The dataset loss is the exactly sample-weighted mean of batch-mean losses (see
-:mod:`analysis.data`),
+The dataset loss is the exactly weighted mean of batch-mean losses (see :mod:`analysis.data`;
+``n_b`` counts the loss terms of batch ``b``, its samples or, for a language-model loss, its
+tokens: :mod:`analysis.losses`),
 
     L(w) = sum_b (n_b / N) L_b(w),        so        H v = sum_b (n_b / N) H_b v,
 
@@ -43,8 +44,10 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from . import distributed as dist
+from .attention import second_order_attention
 from .data import Data, DataSource, as_data, to_device
 from .evaluation import LossFn, model_mode, resolve_loss
+from .losses import logits_of, loss_terms
 from .params import ParameterSpace
 
 __all__ = [
@@ -152,7 +155,10 @@ class CurvatureOperator:
         shape: ``(n, n)``.
         device, dtype: those of the parameters; vectors must match them.
         num_matvecs: products computed so far (a matrix of ``k`` columns counts ``k``).
-        num_samples: ``N``, the total number of samples (over all ranks if sharded).
+        num_samples: the total number of samples (over all ranks if sharded).
+        num_terms: ``N``, the total number of loss terms the batches are weighted by (samples
+            for classification; tokens for a language-model loss, see
+            :func:`analysis.losses.loss_terms`), so ``C = sum_b (N_b / N) C_b``.
     """
 
     def __init__(
@@ -188,16 +194,20 @@ class CurvatureOperator:
         self._cached: list[tuple[Any, Any, int, int]] | None = None
         if self.source.kind in ("pair", "batches"):
             cached = []
+            local_samples = 0
             for b in self.source:
                 x = to_device(b.inputs, self.device, self.dtype)
                 y = to_device(b.targets, self.device, self.dtype)
                 self._check_batch_device(x, b.index)
-                cached.append((x, y, b.size, b.index))
+                cached.append((x, y, loss_terms(self.loss_fn, x, y, b.size), b.index))
+                local_samples += b.size
             self._cached = cached
             local = sum(c[2] for c in cached)
-            self.num_samples = self._reduce_count(local)
+            self.num_terms = self._reduce_count(local)
+            self.num_samples = self._reduce_count(local_samples)
         else:
             self.num_samples = None  # known after the first pass over the loader
+            self.num_terms = None
 
     # -- helpers -------------------------------------------------------------------------------
     def _reduce_count(self, local: int) -> int:
@@ -219,9 +229,14 @@ class CurvatureOperator:
         if self._cached is not None:
             yield from self._cached
             return
+        samples = 0
         for b in self.source:
-            yield (to_device(b.inputs, self.device, self.dtype),
-                   to_device(b.targets, self.device, self.dtype), b.size, b.index)
+            x = to_device(b.inputs, self.device, self.dtype)
+            y = to_device(b.targets, self.device, self.dtype)
+            samples += b.size
+            yield x, y, loss_terms(self.loss_fn, x, y, b.size), b.index
+        if self.num_samples is None:
+            self.num_samples = self._reduce_count(samples)
 
     def _state(self) -> dict[str, torch.Tensor]:
         """Parameters (detached) and buffers for functional_call; buffers are cloned when the
@@ -273,11 +288,11 @@ class CurvatureOperator:
     def _apply(self, v: torch.Tensor, *, locate: bool = True) -> torch.Tensor:
         v_dict = dict(zip(self._names, self.space.unflatten(v.detach())))
         out = None
-        with model_mode(self.model, self.mode), torch.no_grad():
+        with model_mode(self.model, self.mode), torch.no_grad(), second_order_attention():
             state = self._state()
             self._prepare()
             if self._cached is not None:
-                total = self.num_samples
+                total = self.num_terms
                 for pos, (x, y, size, _) in enumerate(self._cached):
                     hv = self._batch_product(state, v_dict, x, y, size / total, pos)
                     out = hv if out is None else out.add_(hv)
@@ -288,13 +303,13 @@ class CurvatureOperator:
                     hv = self._batch_product(state, v_dict, x, y, float(size))
                     out = hv if out is None else out.add_(hv)
                     local += size
-                if self.num_samples is None:
-                    self.num_samples = self._reduce_count(local)
+                if self.num_terms is None:
+                    self.num_terms = self._reduce_count(local)
                 if out is None:  # a rank with no batches still joins the all-reduce
                     out = torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
                 if self.source.shard:
                     dist.all_reduce_sum(out)  # the weighted sum; N was all-reduced above
-                out = out.div_(self.num_samples)
+                out = out.div_(self.num_terms)
                 return self._finite(out, v, locate)
             if out is None:
                 out = torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
@@ -307,7 +322,7 @@ class CurvatureOperator:
             return out
         # slow path, only on failure: find the first batch with a non-finite product
         v_dict = dict(zip(self._names, self.space.unflatten(v.detach())))
-        with model_mode(self.model, self.mode), torch.no_grad():
+        with model_mode(self.model, self.mode), torch.no_grad(), second_order_attention():
             state = self._state()
             for x, y, _size, index in self._batches():
                 hv = self._batch_product(state, v_dict, x, y, 1.0)
@@ -440,12 +455,12 @@ class HessianOperator(CurvatureOperator):
         graphs hold it); one pass over the data otherwise."""
         out = None
         local = 0
-        with model_mode(self.model, self.mode), torch.no_grad():
+        with model_mode(self.model, self.mode), torch.no_grad(), second_order_attention():
             state = self._state()
             self._prepare()
             primals = {n: state[n] for n in self._names}
             if self._cached is not None:
-                total = self.num_samples
+                total = self.num_terms
                 for pos, (x, y, size, _) in enumerate(self._cached):
                     if self.method == "cached-graph":
                         entry = self._graphs.get(pos)
@@ -466,11 +481,11 @@ class HessianOperator(CurvatureOperator):
                 g = torch.cat([gd[n].reshape(-1) for n in self._names])
                 out = g if out is None else out.add_(g)
                 local += size
-            if self.num_samples is None:
-                self.num_samples = self._reduce_count(local)
+            if self.num_terms is None:
+                self.num_terms = self._reduce_count(local)
             if self.source.shard:
                 dist.all_reduce_sum(out)
-            return out.div_(self.num_samples)
+            return out.div_(self.num_terms)
 
     def clear_cache(self) -> None:
         """Drop cached graphs (they are rebuilt at the next product)."""
@@ -551,9 +566,7 @@ class GGNOperator(CurvatureOperator):
         names = self._names
         with torch.enable_grad():
             leaves = [state[n].detach().requires_grad_(True) for n in names]
-            out = _call(model, {**state, **dict(zip(names, leaves))}, x)
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"GGNOperator needs a model returning a tensor, got {type(out).__name__}")
+            out = logits_of(_call(model, {**state, **dict(zip(names, leaves))}, x))
             jv = self._jvp(state, v_dict, x, out, leaves)
             # H_out (J v) by double backward in output space (cheap: outputs only)
             o = out.detach().requires_grad_(True)
@@ -575,7 +588,8 @@ class GGNOperator(CurvatureOperator):
             primals = {n: state[n] for n in self._names}
             try:
                 with torch.no_grad():
-                    _, jv = jvp(lambda p: _call(self.model, {**state, **p}, x), (primals,), (v_dict,))
+                    _, jv = jvp(lambda p: logits_of(_call(self.model, {**state, **p}, x)), (primals,),
+                                (v_dict,))
                 return jv
             except (NotImplementedError, RuntimeError) as err:
                 self.method = "double-vjp"

@@ -4,7 +4,9 @@ These build the whole ``n x n`` matrix (``O(n^2)`` memory, about ``n`` backward 
 are meant for models with at most a few thousand parameters: tests of every curvature routine
 and users checking a setup. The model is copied and cast to float64 (the caller's model is not
 touched); the data are cast too. The dataset loss is weighted exactly as everywhere else,
-``L(w) = sum_b (n_b / N) L_b(w)``.
+``L(w) = sum_b (N_b / N) L_b(w)`` with ``N_b`` the loss terms of batch ``b`` (samples, or tokens
+for a language-model loss; :func:`analysis.losses.loss_terms`). The references differentiate
+inside :func:`analysis.attention.second_order_attention`, so attention models work.
 
 Example:
     >>> import torch
@@ -25,9 +27,11 @@ import torch
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
 
+from .attention import second_order_attention
 from .data import Data, DataSource, as_data, to_device
 from .evaluation import LossFn, model_mode, resolve_loss
 from .hessian import _call
+from .losses import logits_of, loss_terms
 from .params import ParameterSpace
 
 __all__ = ["dense_hessian", "dense_ggn", "dense_loss_function"]
@@ -35,7 +39,7 @@ __all__ = ["dense_hessian", "dense_ggn", "dense_loss_function"]
 _MAX_DENSE = 20_000
 
 
-def _setup(model: nn.Module, params, data, batch_size):
+def _setup(model: nn.Module, params, data, batch_size, loss_fn):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     space = ParameterSpace(model, params)  # validates the selection on the caller's model
@@ -48,10 +52,11 @@ def _setup(model: nn.Module, params, data, batch_size):
     space64 = ParameterSpace(model64, list(space.names))
     source = as_data(data, batch_size=batch_size)
     device = space64.device
-    batches = [
-        (to_device(b.inputs, device, torch.float64), to_device(b.targets, device, torch.float64), b.size)
-        for b in source
-    ]
+    batches = []
+    for b in source:
+        x = to_device(b.inputs, device, torch.float64)
+        y = to_device(b.targets, device, torch.float64)
+        batches.append((x, y, loss_terms(loss_fn, x, y, b.size)))
     total = sum(b[2] for b in batches)
     return model64, space64, batches, total
 
@@ -62,11 +67,11 @@ def dense_loss_function(model: nn.Module, loss_fn: str | LossFn | None, data: Da
     """The dataset loss as a function of a flat float64 vector, and the current point.
 
     Returns:
-        ``(f, w0)``: ``f(w) = sum_b (n_b / N) loss_fn(model_w(x_b), y_b)`` evaluated on a float64
+        ``(f, w0)``: ``f(w) = sum_b (N_b / N) loss_fn(model_w(x_b), y_b)`` evaluated on a float64
         copy of the model (in its current train/eval flags), and ``w0`` the current parameters.
     """
     loss_fn = resolve_loss(loss_fn)
-    model64, space64, batches, total = _setup(model, params, data, batch_size)
+    model64, space64, batches, total = _setup(model, params, data, batch_size, loss_fn)
     names = list(space64.names)
     buffers = dict(model64.named_buffers())
 
@@ -86,7 +91,7 @@ def dense_loss_function(model: nn.Module, loss_fn: str | LossFn | None, data: Da
 def dense_hessian(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataSource, *,
                   params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
                   batch_size: int | None = None) -> torch.Tensor:
-    """The full Hessian of the dataset loss in float64, ``H = sum_b (n_b / N) d^2 L_b / dw^2``.
+    """The full Hessian of the dataset loss in float64, ``H = sum_b (N_b / N) d^2 L_b / dw^2``.
 
     Computed by ``torch.autograd.functional.hessian`` over the flat parameter vector of a float64
     copy of the model (the independent reference for :class:`analysis.hessian.HessianOperator`).
@@ -102,7 +107,7 @@ def dense_hessian(model: nn.Module, loss_fn: str | LossFn | None, data: Data | D
     Returns:
         A symmetric ``(n, n)`` float64 tensor on the model's device.
     """
-    with model_mode(model, mode):
+    with model_mode(model, mode), second_order_attention():
         f, w0 = dense_loss_function(model, loss_fn, data, params=params, batch_size=batch_size)
         H = hessian(f, w0)
     return 0.5 * (H + H.T)
@@ -111,7 +116,7 @@ def dense_hessian(model: nn.Module, loss_fn: str | LossFn | None, data: Data | D
 def dense_ggn(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataSource, *,
               params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
               batch_size: int | None = None) -> torch.Tensor:
-    """The full generalized Gauss-Newton matrix in float64, ``G = sum_b (n_b/N) J_b^T H_b J_b``.
+    """The full generalized Gauss-Newton matrix in float64, ``G = sum_b (N_b/N) J_b^T H_b J_b``.
 
     ``J_b`` is the Jacobian of the flattened outputs of batch ``b`` in the parameters (by
     ``torch.autograd.functional.jacobian``), ``H_b`` the Hessian of the batch-mean loss in the
@@ -121,8 +126,8 @@ def dense_ggn(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataS
         A symmetric ``(n, n)`` float64 tensor.
     """
     loss_fn = resolve_loss(loss_fn)
-    with model_mode(model, mode):
-        model64, space64, batches, total = _setup(model, params, data, batch_size)
+    with model_mode(model, mode), second_order_attention():
+        model64, space64, batches, total = _setup(model, params, data, batch_size, loss_fn)
         names = list(space64.names)
         buffers = dict(model64.named_buffers())
         w0 = space64.vector()
@@ -130,7 +135,7 @@ def dense_ggn(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataS
         for x, y, n in batches:
             def outputs(w, x=x):
                 state = {**buffers, **dict(zip(names, space64.unflatten(w)))}
-                return _call(model64, state, x)
+                return logits_of(_call(model64, state, x))
 
             out = outputs(w0).detach()
             J = jacobian(lambda w: outputs(w).reshape(-1), w0)  # (m, n)

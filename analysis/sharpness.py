@@ -520,7 +520,7 @@ def sharpness(
     kind: str = "worst",
     adaptive: bool = True,
     norm: str = "l2",
-    m: int = 128,
+    m: int | None = None,
     n_eval: int | None = 1024,
     steps: int = 20,
     samples: int = 64,
@@ -561,7 +561,8 @@ def sharpness(
         kind: ``"worst"`` (default) or ``"average"``.
         adaptive: ``c = |w|`` (default True) or ``c = 1``.
         norm: ``"l2"`` (default) or ``"linf"`` ball (worst case only).
-        m: samples per batch (default 128, as Andriushchenko et al.).
+        m: samples per batch (default ``None``: ``min(128, N, n_eval)`` with ``N`` the samples
+            this process sees, 128 as Andriushchenko et al.; the choice is the result's ``m``).
         n_eval: use at most this many samples (default 1024; ``None``: all). An incomplete
             last batch is dropped: ``num_samples`` says how many were used, and ``loss`` is the
             loss of those samples (not of the whole data set).
@@ -599,14 +600,15 @@ def sharpness(
     if init not in ("random", "zero"):
         raise ValueError(f"init must be 'random' or 'zero', got {init!r}")
     _check_positive("rho", rho)
-    _check_positive("m", m, integer=True)
+    if m is not None:
+        _check_positive("m", m, integer=True)
     _check_positive("steps", steps, integer=True)
     _check_positive("samples", samples, integer=True)
     if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 0:
         raise ValueError(f"restarts must be a non-negative integer, got {restarts!r}")
     if n_eval is not None:
         _check_positive("n_eval", n_eval, integer=True)
-        if n_eval < m:
+        if m is not None and n_eval < m:
             raise ValueError(f"m={m} is larger than n_eval={n_eval}; lower m or raise n_eval")
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)):
         raise TypeError(f"eta must be a number, got {type(eta).__name__}")
@@ -621,6 +623,10 @@ def sharpness(
     source = as_data(data)
     check_first_batch(model, loss_fn, source, mode, where="sharpness()",
                       deterministic=check_deterministic)
+    if m is None:  # a default that fits small data sets
+        m = min(128, source.num_samples(), *([n_eval] if n_eval is not None else []))
+        if source.shard:  # one m on every rank: the smallest shard decides
+            m = min(dist.all_gather_object(m))
     if source.is_shuffled:
         warnings.warn(
             "sharpness(): the data is a shuffling DataLoader, so the batches of m samples (and "

@@ -270,7 +270,7 @@ def _first_line(exc: BaseException) -> str:
 def _resolve_loss(spec: str) -> Callable:
     from analysis.evaluation import resolve_loss
 
-    if spec in ("cross_entropy", "mse"):
+    if spec in ("cross_entropy", "mse", "lm", "causal_lm", "model", "model_lm"):
         return resolve_loss(spec)
     fn = load_object(spec, "loss")
     if not callable(fn):
@@ -887,7 +887,9 @@ def _common(p: argparse.ArgumentParser, *, needs_model: bool = True) -> None:
                        help="module:function or file.py:function returning a DataLoader, an (X, y) "
                             "tuple or a list of (x, y) batches")
         g.add_argument("--loss", default="cross_entropy", metavar="LOSS",
-                       help="cross_entropy, mse or module:function(outputs, targets) returning the batch mean")
+                       help="cross_entropy, mse, lm (next-token, over counted tokens), model (the model's "
+                            "output.loss), model_lm, or module:function(outputs, targets) returning "
+                            "the batch mean")
         g.add_argument("--device", default="cpu", help="torch device")
         g.add_argument("--dtype", choices=["float32", "float64"], default=None,
                        help="cast the model (default: keep its dtype)")

@@ -83,6 +83,7 @@ def _axes(ax: Any, projection: str | None = None, figsize=(6.0, 4.5)):
     if ax is not None:
         return ax.figure, ax
     fig = plt.figure(figsize=figsize)
+    plt.close(fig)  # returned, not kept by pyplot: shown once in Jupyter, no pile-up of figures
     ax = fig.add_subplot(111, projection=projection) if projection else fig.add_subplot(111)
     return fig, ax
 

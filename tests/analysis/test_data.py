@@ -81,3 +81,50 @@ def test_evaluate_regression_has_no_accuracy():
     res = evaluate(model, "mse", (x, y))
     assert res.accuracy is None
     assert res.loss == pytest.approx(F.mse_loss(model(x), y).item())
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": True}, {"batch_size": 2.5}, {"batch_size": "4"},
+                                    {"max_samples": False}, {"max_samples": 3.0},
+                                    {"shard": "yes"}])
+def test_wrong_types_are_refused_with_type_error(kwargs):
+    x, y = classification_data(n=6)
+    name = next(iter(kwargs))
+    with pytest.raises(TypeError, match=f"{name} must be"):
+        as_data((x, y), **kwargs)
+
+
+def _token_dict(n=5, t=4):
+    ids = torch.arange(n * t).reshape(n, t) % 7
+    mask = torch.ones(n, t, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+
+
+def test_dict_data_is_split_and_each_batch_is_its_own_target():
+    data = _token_dict()
+    src = as_data(data, batch_size=2)
+    assert src.kind == "dict" and _sizes(src) == [2, 2, 1]
+    batches = list(src)
+    assert all(b.targets is b.inputs for b in batches)
+    torch.testing.assert_close(torch.cat([b.inputs["input_ids"] for b in batches]),
+                               data["input_ids"])
+    assert src.num_samples() == 5
+
+
+def test_batch_dicts_in_lists_and_loaders_with_max_samples():
+    batches = [_token_dict(3), _token_dict(2)]
+    src = as_data(batches, max_samples=4)
+    got = list(src)
+    assert [b.size for b in got] == [3, 1]
+    assert got[1].targets is got[1].inputs and got[1].inputs["labels"].shape == (1, 4)
+    loader = DataLoader(batches, batch_size=None)
+    assert _sizes(as_data(loader)) == [3, 2]
+
+
+def test_bad_dict_data_is_refused():
+    data = _token_dict()
+    with pytest.raises(ValueError, match="disagree in length"):
+        as_data({**data, "labels": data["labels"][:3]})
+    with pytest.raises(TypeError, match="a data dict must map names to tensors"):
+        as_data({"input_ids": [1, 2, 3]})
+    with pytest.raises(TypeError, match="batch 1 is a int"):
+        as_data([_token_dict(), 3])

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import types
 
 import pytest
 
@@ -15,6 +16,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells.extend(nbformat.v4.new_code_cell(src) for src in _EXTRA_CELLS)  # not saved
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -58,3 +60,64 @@ def test_edge_of_stability_notebook_executes(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("<caption>TrackerRecord</caption>" in h for h in html)
+    _check_figures_shown_once(nb)
+
+
+# figures the library returns, a progress bar, then what pyplot still holds open
+_EXTRA_CELLS = [
+    'surface.plot("contour")',
+    'surface.plot("surface")',
+    "from landscape.plots import plot_1d\n"
+    "plot_1d(slice_1d(msam_model, 'cross_entropy', probe, d1, radii, progress=True))",
+    "import matplotlib.pyplot as plt\nprint('open figures', plt.get_fignums())",
+]
+
+
+def _check_figures_shown_once(nb):
+    """Every cell that draws shows exactly one image (no pyplot double display), progress
+    bars are widgets with ipywidgets (text without it, and no warning), no figure stays open."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for cell in code:
+        images = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+        draws = ".plot(" in cell.source or "plot_1d(" in cell.source or "plt.show()" in cell.source
+        assert len(images) == (1 if draws else 0), (cell.source[:80], cell.get("outputs"))
+    *figures, last = code[-len(_EXTRA_CELLS):]
+    stderr = "".join(o.get("text", "") for c in code for o in c.get("outputs", [])
+                     if o.get("name") == "stderr")
+    assert "IProgress" not in stderr and "TqdmWarning" not in stderr, stderr
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        pass
+    else:  # tqdm.auto: a notebook widget, not stderr text
+        assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                   for o in figures[-1].get("outputs", []))
+    assert [o.get("text") for o in last.outputs] == ["open figures []\n"]
+
+
+def test_plot_functions_leave_no_open_figures():
+    """The returned figures are not registered with pyplot (no double display, no pile-up),
+    and they still save."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from landscape import plots
+
+    plt.close("all")
+    s1 = types.SimpleNamespace(alphas=np.linspace(-1, 1, 5), loss=np.linspace(1, 2, 5) ** 2,
+                               accuracy=None, label="a", direction={"name": "d"},
+                               loss_at_origin=1.0)
+    grid = np.linspace(-1, 1, 4)
+    s2 = types.SimpleNamespace(xs=grid, ys=grid, loss=np.add.outer(grid**2, grid**2) + 1.0,
+                               accuracy=None, label="b", directions=({"name": "x"}, {"name": "y"}))
+    figs = [plots.plot_1d(s1), plots.plot_contour(s2), plots.plot_contourf(s2), plots.plot_surface(s2)]
+    assert plt.get_fignums() == []
+    for fig in figs:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
