@@ -37,6 +37,7 @@ from torch import nn
 
 from .data import DataSource, to_device
 from .evaluation import forward, model_device_dtype, model_mode
+from .losses import OutputLoss
 
 __all__ = [
     "CHECK_SAMPLES",
@@ -206,6 +207,8 @@ def _check_targets(loss_fn: Callable, out: Any, y: Any, y_all: Any, index: int, 
     """``y``: the targets of the checked samples; ``y_all``: all of batch ``index``'s targets."""
     if not (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor)):
         return
+    if isinstance(loss_fn, OutputLoss):  # the built-in names wrap the functional losses
+        loss_fn = loss_fn.fn
     if loss_fn is F.cross_entropy:
         if not out.is_floating_point() or out.dim() == 0:
             raise ValueError(f"{where}: cross_entropy needs floating (N, C) outputs (logits); "
