@@ -48,6 +48,9 @@ from .evaluation import correct_count, forward, model_mode, progress_bar, resolv
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 
+#: ``m=None`` in :func:`sharpness` means ``min(DEFAULT_M, N)`` (N: the number of samples).
+DEFAULT_M = 128
+
 __all__ = [
     "SharpnessResult",
     "EpsilonSharpnessResult",
@@ -624,7 +627,7 @@ def sharpness(
     check_first_batch(model, loss_fn, source, mode, where="sharpness()",
                       deterministic=check_deterministic)
     if m is None:  # a default that fits small data sets
-        m = min(128, source.num_samples(), *([n_eval] if n_eval is not None else []))
+        m = min(DEFAULT_M, source.num_samples(), *([n_eval] if n_eval is not None else []))
         if source.shard:  # one m on every rank: the smallest shard decides
             m = min(dist.all_gather_object(m))
     if source.is_shuffled:

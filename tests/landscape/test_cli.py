@@ -764,8 +764,10 @@ def test_cli_defaults_match_the_python_api():
         for cmd in commands:
             action = next(a for a in sub.choices[cmd]._actions if row.option in a.option_strings)
             cli = action.default
-            if row.option == "--m":  # None on the command line: min(value, N) at run time
-                assert cli is None and row.value == python_default(row)
+            if row.option == "--m":  # None in both: min(value, N) at run time
+                from analysis.sharpness import DEFAULT_M
+
+                assert cli is None and python_default(row) is None and row.value == DEFAULT_M
                 continue
             want = list(row.value) if isinstance(row.value, tuple) else row.value
             assert cli == want, (cmd, row.option, cli, want)
