@@ -5,8 +5,8 @@ landscape directions, sharpness metrics and the MSAM mechanism probes. May impor
 never imports :mod:`landscape`.
 """
 
-from .checks import check_first_batch, check_repeatable_forward
 from .attention import second_order_attention
+from .checks import check_first_batch, check_repeatable_forward
 from .data import Batch, DataSource, as_data, batch_size_of, to_device
 from .density import SpectralDensity, spectral_density
 from .directions import (
