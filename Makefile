@@ -5,17 +5,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MARK ?= not slow
 ARGS ?=
+# optional extras to install beside the test tools (CI adds the framework integrations)
+EXTRAS ?= test
 DEMO_OUT ?= demo_out
 
 .PHONY: install demo test lint bench reproduce clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/landscape demo --out $(DEMO_OUT)
