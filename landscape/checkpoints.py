@@ -2,12 +2,23 @@
 
 :func:`load_checkpoint` reads
 
-* ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` files with ``torch.load(weights_only=True)``: a plain
-  ``state_dict``, or a dictionary holding one under ``"model"``, ``"state_dict"`` or
-  ``"model_state_dict"`` (training checkpoints such as ``{"model": ..., "optimizer": ...,
-  "epoch": 3}``), with ``nn.DataParallel`` / DDP ``"module."`` and ``torch.compile``
-  ``"_orig_mod."`` prefixes removed;
-* ``.safetensors`` files with :func:`safetensors.torch.load_file`.
+* torch files with ``torch.load(weights_only=True)``: a plain ``state_dict``, or a dictionary
+  holding one under ``"model"``, ``"state_dict"`` or ``"model_state_dict"`` (training
+  checkpoints such as ``{"model": ..., "optimizer": ..., "epoch": 3}`` and PyTorch Lightning
+  ``.ckpt`` files, whose ``"optimizer_states"`` list is read too), with ``nn.DataParallel`` /
+  DDP ``"module."`` and ``torch.compile`` ``"_orig_mod."`` prefixes removed (also nested), and a
+  module-attribute prefix such as Lightning's ``"model."`` removed when it is the only prefix
+  that makes the keys match the model (or when given as ``prefix=``);
+* safetensors files;
+* Hugging Face ``save_pretrained`` folders (``model.safetensors`` or ``pytorch_model.bin``,
+  possibly sharded with their ``.index.json``); tied weights absent from the files (a language
+  model head) are not reported missing.
+
+Files are checked before anything parses them: a path that is not a regular file (a FIFO, a
+device, a dangling symlink) is refused from ``os.stat`` alone, without opening it, so nothing can
+block; the format is recognized by content, whatever the suffix (:func:`checkpoint_format`), so
+an image, JSON or text file named ``.pt`` is reported as such; the CRC-32 of every member of a
+torch zip is verified (``torch.load`` does not check them, so a flipped bit would load silently).
 
 Security: a pickle that references anything beyond tensors and plain containers (a class, a
 function such as ``os.system``) is refused with :class:`UnsafeCheckpointError` *before* any of it
@@ -27,6 +38,10 @@ because the optimizer state holds everything the correction needs exactly (the s
 optimizer's own ``eval()`` applies), while refusing would leave the user with no way to evaluate
 the file. If the state cannot be matched to the parameters (different counts or shapes), the
 file is refused with an explanation instead; ``unperturb=False`` loads the raw perturbed weights.
+A malformed optimizer entry (``param_groups`` not a list, a ``perturbed`` flag that is a tensor,
+a non-numeric ``perturbation_scale``) or non-finite move-back data (``perturbation_scale``,
+``rho``, a momentum buffer) is refused with a :class:`CheckpointError` naming the file and the
+key, before any weight is changed.
 """
 
 from __future__ import annotations

@@ -653,3 +653,33 @@ def test_hugging_face_bin_folder_sharded(tmp_path):
     (tmp_path / "pytorch_model.bin.index.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not a valid shard index"):
         load_checkpoint(tmp_path, _fresh(1))
+
+
+def test_lightning_hyperparameters_with_objects_are_refused_clearly(tmp_path):
+    """Lightning pickles ``save_hyperparameters()`` of an ``argparse.Namespace`` as the object:
+    weights_only loading refuses it, and the message says why (checked on a real Lightning file
+    by hand; here the same layout without running a Trainer)."""
+    import argparse
+
+    torch.save({"state_dict": {f"model.{k}": v for k, v in _fresh(0).state_dict().items()},
+                "hyper_parameters": {"args": argparse.Namespace(width=5)}, "epoch": 0},
+               tmp_path / "ns.ckpt")
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_checkpoint(tmp_path / "ns.ckpt", _fresh(1))
+    msg = str(info.value)
+    assert "argparse.Namespace" in msg and "Lightning checkpoint" in msg and "allow_pickle=True" in msg
+    ck = load_checkpoint(tmp_path / "ns.ckpt", _fresh(1), allow_pickle=True)
+    assert ck.prefix == "model."
+
+
+def test_cli_prefix_option(tmp_path, capsys):
+    from landscape.cli import main
+    from tests.reliability.corpus import make_corpus
+
+    path = make_corpus(tmp_path)["ambiguous_prefix"]  # "student." and "teacher." both fit
+    spec = ["--model", "tests.reliability.corpus:corpus_model",
+            "--data", "tests.reliability.corpus:corpus_data", "--quiet"]
+    assert main(["sharpness", str(path), *spec]) == 1
+    assert "several prefixes" in capsys.readouterr().err
+    assert main(["sharpness", str(path), *spec, "--prefix", "teacher.", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoints"][0]["checkpoint"].endswith("ambiguous_prefix.ckpt")
