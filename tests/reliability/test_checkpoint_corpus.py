@@ -11,10 +11,35 @@ from landscape.checkpoints import CheckpointError, checkpoint_format, load_check
 from tests.reliability.corpus import REASONS, corpus_model, make_corpus, make_renamed, marker_path
 
 
+def _load_in_child(path, queue):
+    try:
+        load_checkpoint(path)
+        queue.put("loaded")
+    except Exception as exc:
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def _load_with_timeout(path, seconds=20.0):
+    """load_checkpoint(path) in a forked child; fails the test if it does not return in time."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_load_in_child, args=(path, queue))
+    child.start()
+    child.join(timeout=seconds)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail(f"load_checkpoint blocked on {path} for {seconds} s")
+    return queue.get(timeout=5)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
-    return folder, make_corpus(folder)
+    files = make_corpus(folder)
+    if "fifo" in files:  # before anything in this process may open it
+        assert "CheckpointError" in _load_with_timeout(files["fifo"])
+    return folder, files
 
 
 def _snapshot(model):
@@ -63,30 +88,12 @@ def test_corpus_without_model(corpus):
     assert not marker_path(folder).exists()
 
 
-def _load_in_child(path, queue):
-    try:
-        load_checkpoint(path)
-        queue.put("loaded")
-    except CheckpointError as exc:
-        queue.put(str(exc))
-
-
 def test_fifo_never_blocks(corpus):
-    """A writer never opens the FIFO: a loader that opened it for reading would block forever."""
+    """(The ``corpus`` fixture loads the FIFO in a child process first: a loader that opened it
+    for reading would block forever, and fails the fixture instead of hanging the suite.)"""
     _, files = corpus
     if "fifo" not in files:
         pytest.skip("no os.mkfifo on this platform")
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_load_in_child, args=(files["fifo"], queue))
-    child.start()
-    child.join(timeout=20)
-    blocked = child.is_alive()
-    if blocked:
-        child.kill()
-        child.join()
-    assert not blocked, "load_checkpoint blocked on a FIFO"
-    assert "FIFO" in queue.get(timeout=5)
     with pytest.raises(CheckpointError, match="FIFO"):
         checkpoint_format(files["fifo"])
 
