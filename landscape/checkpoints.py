@@ -479,8 +479,11 @@ def _load_folder(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> t
     raise CheckpointError(f"{path} is a directory without model weights (looked for {looked})")
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor], model: nn.Module | None) -> dict[str, torch.Tensor]:
-    model_keys = set(model.state_dict()) if model is not None else set()
+def _strip_prefixes(
+    state: dict[str, torch.Tensor], model: nn.Module | None, model_keys: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    if model_keys is None:
+        model_keys = set(model.state_dict()) if model is not None else set()
     changed = True
     while changed:
         changed = False
@@ -503,7 +506,8 @@ def _tie_groups(model: nn.Module) -> list[list[str]]:
     """Model state_dict keys grouped by shared storage (tied weights such as a LM head)."""
     groups: dict[tuple, list[str]] = {}
     for k, t in model.state_dict(keep_vars=True).items():
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else (k,)
+        shared = t.numel() and not t.is_meta and t.data_ptr() != 0
+        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if shared else (k,)
         groups.setdefault(ident, []).append(k)
     return list(groups.values())
 
@@ -527,9 +531,11 @@ def _prefix_hint(state: Mapping[str, Any], model_keys: list[str]) -> str:
     )
 
 
-def _under(state: dict[str, torch.Tensor], prefix: str, model: nn.Module | None) -> tuple[dict, list[str]]:
+def _under(
+    state: dict[str, torch.Tensor], prefix: str, model: nn.Module | None, model_keys: set[str] | None = None
+) -> tuple[dict, list[str]]:
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return _strip_prefixes(sub, model), [k for k in state if not k.startswith(prefix)]
+    return _strip_prefixes(sub, model, model_keys), [k for k in state if not k.startswith(prefix)]
 
 
 def _select_prefix(
@@ -559,15 +565,17 @@ def _select_prefix(
     groups = _tie_groups(model)
     if _covers(set(state), groups):
         return state, "", []
-    candidates: set[str] = set()
+    counts: dict[str, int] = {}
     for k in state:
         parts = k.split(".")[:-1]
         for i in range(1, min(len(parts), 4) + 1):
             if parts[i - 1] not in ("module", "_orig_mod"):
-                candidates.add(".".join(parts[:i]) + ".")
+                p = ".".join(parts[:i]) + "."
+                counts[p] = counts.get(p, 0) + 1
+    model_keys = {k for g in groups for k in g}
     fits = []
-    for p in sorted(candidates):
-        sub, outside = _under(state, p, model)
+    for p in sorted(p for p, n in counts.items() if n >= len(groups)):  # enough keys to cover
+        sub, outside = _under(state, p, model, model_keys)
         if _covers(set(sub), groups):
             fits.append((p, sub, outside))
     if len(fits) == 1:

@@ -683,3 +683,16 @@ def test_cli_prefix_option(tmp_path, capsys):
     assert "several prefixes" in capsys.readouterr().err
     assert main(["sharpness", str(path), *spec, "--prefix", "teacher.", "--json", "-"]) == 0
     assert json.loads(capsys.readouterr().out)["checkpoints"][0]["checkpoint"].endswith("ambiguous_prefix.ckpt")
+
+
+def test_meta_device_model_keys_are_not_taken_for_tied(tmp_path):
+    """On the meta device every tensor has data_ptr 0: that must not make all keys "tied"."""
+    sd = dict(mlp(d=5, classes=5).state_dict())  # 0.bias and 2.bias: same shape, same stride
+    del sd["2.bias"]
+    torch.save(sd, tmp_path / "m.pt")
+    with torch.device("meta"):
+        target = mlp(d=5, classes=5)
+    ck = load_checkpoint(tmp_path / "m.pt", mlp(d=5, classes=5, seed=1), strict=False)
+    assert ck.missing_keys == ("2.bias",)
+    with pytest.raises(CheckpointError, match="missing keys: 2.bias"):
+        load_checkpoint(tmp_path / "m.pt", target)
