@@ -696,3 +696,22 @@ def test_meta_device_model_keys_are_not_taken_for_tied(tmp_path):
     assert ck.missing_keys == ("2.bias",)
     with pytest.raises(CheckpointError, match="missing keys: 2.bias"):
         load_checkpoint(tmp_path / "m.pt", target)
+
+
+def test_real_compile_and_data_parallel_wrappers(tmp_path):
+    """State dicts of the real wrappers (torch.compile compiles lazily: no compilation here)."""
+    src = _fresh(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # raised by importing torch._dynamo
+        compiled = torch.compile(src)
+    holder = _Holder(compiled)  # a Lightning-like module around a compiled network
+    for name, sd in [("compiled", compiled.state_dict()),
+                     ("dp-compiled", nn.DataParallel(compiled).state_dict()),
+                     ("holder-compiled", {"state_dict": holder.state_dict()})]:
+        torch.save(sd, tmp_path / f"{name}.pt")
+        dst = _fresh(1)
+        load_checkpoint(tmp_path / f"{name}.pt", dst)
+        assert _same(src, dst), name
+    raw = torch.load(tmp_path / "dp-compiled.pt", weights_only=True)
+    assert all(k.startswith("module._orig_mod.") for k in raw)
+    assert any(k.startswith("net._orig_mod.") for k in torch.load(tmp_path / "holder-compiled.pt")["state_dict"])

@@ -37,6 +37,7 @@ REASONS: dict[str, str] = {
     "truncated_zip": r"truncated or damaged zip",
     "bitflip_zip": r"corrupt: member '.*data/\d+' fails its CRC-32",
     "zip_not_torch": r"zip archive without data\.pkl",
+    "truncated_legacy": r"not a readable PyTorch checkpoint",
     "truncated_safetensors": r"not a readable safetensors file",
     "pickle_reduce": r"refused to load .*nothing in it was run",
     "legacy_pickle_reduce": r"refused to load .*nothing in it was run",
@@ -139,6 +140,9 @@ def make_corpus(folder: str | pathlib.Path) -> dict[str, pathlib.Path]:
     flipped = bytearray(blob)
     flipped[start + info.file_size // 2] ^= 0x04
     put("bitflip_zip").write_bytes(bytes(flipped))
+    buf = io.BytesIO()
+    torch.save(good, buf, _use_new_zipfile_serialization=False)
+    put("truncated_legacy").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
     with zipfile.ZipFile(put("zip_not_torch"), "w") as zf:
         zf.writestr("hello.txt", "not a model")
 
