@@ -294,6 +294,11 @@ def checkpoint_format(path: str | pathlib.Path) -> str:
         n = int.from_bytes(head[:8], "little")
         if 0 < n <= size - 8 and head[8:9] == b"{":
             return "safetensors"
+        if head[8:9] == b"{" and 0 < n < 1 << 32:
+            raise CheckpointError(
+                f"{path} is a truncated safetensors file: its header says {n} bytes, the file has "
+                f"{size - 8} after the length field"
+            )
     seen = _looks_like(head)
     if seen is None:
         seen = f"unrecognized binary data (first bytes {head[:8].hex(' ')})"

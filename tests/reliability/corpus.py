@@ -39,6 +39,7 @@ REASONS: dict[str, str] = {
     "zip_not_torch": r"zip archive without data\.pkl",
     "truncated_legacy": r"not a readable PyTorch checkpoint",
     "truncated_safetensors": r"not a readable safetensors file",
+    "truncated_safetensors_header": r"truncated safetensors file: its header says \d+ bytes",
     "pickle_reduce": r"refused to load .*nothing in it was run",
     "legacy_pickle_reduce": r"refused to load .*nothing in it was run",
     "raw_pickle_reduce": r"refused to load .*nothing in it was run",
@@ -150,6 +151,7 @@ def make_corpus(folder: str | pathlib.Path) -> dict[str, pathlib.Path]:
 
     st = st_save({k: v.contiguous() for k, v in good.items()})
     put("truncated_safetensors", ".safetensors").write_bytes(st[: len(st) - 20])
+    put("truncated_safetensors_header", ".safetensors").write_bytes(st[:40])
 
     torch.save({"model": good, "extra": _Payload(marker)}, put("pickle_reduce"))
     torch.save({"model": good, "extra": _Payload(marker)}, put("legacy_pickle_reduce"),
