@@ -11,6 +11,7 @@ from .checkpoints import (
     CheckpointError,
     PerturbedCheckpointWarning,
     UnsafeCheckpointError,
+    checkpoint_format,
     find_checkpoints,
     load_checkpoint,
 )
@@ -42,7 +43,7 @@ __all__ = [
     # checkpoints and reports
     "load_checkpoint", "find_checkpoints", "Checkpoint", "CheckpointError",
     "UnsafeCheckpointError", "PerturbedCheckpointWarning", "write_report", "report_html",
-    "analyze_checkpoint", "ReportEntry",
+    "analyze_checkpoint", "ReportEntry", "checkpoint_format",
     # data, models and the demo
     "Digits", "load_digits", "digits_cnn", "digits_mlp", "DemoConfig", "DemoResult", "run_demo",
     # damaged store files

@@ -326,7 +326,7 @@ class _Setup:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ckpt = load_checkpoint(path, model, map_location=self.device, strict=not self.args.non_strict,
-                                   allow_pickle=self.args.trust_pickle)
+                                   allow_pickle=self.args.trust_pickle, prefix=getattr(self.args, "prefix", None))
         for w in caught:
             self.ctx.log(f"warning: {w.message}")
         from .report import checkpoint_keys, describe_checkpoint_keys
@@ -902,6 +902,9 @@ def _common(p: argparse.ArgumentParser, *, needs_model: bool = True) -> None:
                             "only for files you created)")
         g.add_argument("--non-strict", action="store_true",
                        help="load checkpoints whose keys or shapes differ from the model (listed)")
+        g.add_argument("--prefix", default=None, metavar="PREFIX",
+                       help="take the checkpoint keys under PREFIX, e.g. model. for a Lightning module "
+                            "(default: detected when exactly one prefix fits; '' turns that off)")
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", default=None,
                    help="write machine-readable results to PATH ('-' for stdout)")

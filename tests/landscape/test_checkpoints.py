@@ -146,11 +146,14 @@ def test_malicious_pickle_refused_and_not_run(tmp_path, payload):
 def test_unreadable_and_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
-    with pytest.raises(FileNotFoundError, match="directory"):
+    with pytest.raises(CheckpointError, match="directory without model weights"):
         load_checkpoint(tmp_path)
     (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint: it looks like text"):
         load_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "bin.pt").write_bytes(b"\x00\x01\x02\xfe\xff" * 4)
+    with pytest.raises(CheckpointError, match="unrecognized binary data"):
+        load_checkpoint(tmp_path / "bin.pt")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00\x01nope")
     with pytest.raises(CheckpointError, match="safetensors"):
         load_checkpoint(tmp_path / "junk.safetensors")
@@ -189,10 +192,10 @@ def test_no_warning_for_plain_checkpoint(tmp_path):
 
 
 def _msam_run(opt_factory, steps=5, seed=0, factory=cnn_bn):
-    from tests.models import image_data
+    from tests.models import classification_data, image_data
 
     model = factory(seed=seed)
-    x, y = image_data(seed=seed)
+    x, y = image_data(seed=seed) if factory is cnn_bn else classification_data(seed=seed)
     opt = opt_factory(model.parameters())
     for _ in range(steps):
         opt.zero_grad()
@@ -359,3 +362,356 @@ def test_sam_saved_between_its_two_passes_is_refused(tmp_path):
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "s.pt")
     with pytest.raises(CheckpointError, match="first_step"):
         load_checkpoint(tmp_path / "s.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# files as they come: FIFOs, formats by content, CRCs, zero matches, optimizer entries
+
+
+def test_dangling_symlink_refused(tmp_path):
+    """(FIFOs: tests/reliability/test_checkpoint_corpus.py, with a timeout.)"""
+    link = tmp_path / "dangling.pt"
+    link.symlink_to(tmp_path / "gone.pt")
+    with pytest.raises(CheckpointError, match="dangling symlink"):
+        load_checkpoint(link)
+
+
+@pytest.mark.parametrize(
+    ("content", "looks"),
+    [
+        (b"\x89PNG\r\n\x1a\n" + bytes(40), "a PNG image"),
+        (b'{"weights": [1, 2, 3]}', "JSON"),
+        (b"  [1, 2]", "JSON"),
+        (b"hello\n", "text"),
+        (b"\x1f\x8b\x08\x00" + bytes(20), "gzip data"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n", "a Git LFS pointer"),
+    ],
+)
+def test_non_checkpoint_content_named_pt_is_not_called_a_pickle(tmp_path, content, looks):
+    path = tmp_path / "ck.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, _fresh(0))
+    msg = str(info.value)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+    assert f"{path} is not a checkpoint: it looks like {looks}" in msg
+    assert "pickle" not in msg.replace("(zip or pickle)", "")
+
+
+def test_formats_by_content_whatever_the_suffix(tmp_path):
+    src = _fresh(0)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    save_file(sd, tmp_path / "a.pt")
+    torch.save(sd, tmp_path / "b.safetensors")
+    torch.save(sd, tmp_path / "c.bin", _use_new_zipfile_serialization=False)
+    (tmp_path / "d.weights").write_bytes((tmp_path / "a.pt").read_bytes())
+    for name, fmt in [("a.pt", "safetensors"), ("b.safetensors", "torch"), ("c.bin", "torch"),
+                      ("d.weights", "safetensors")]:
+        dst = _fresh(1)
+        ck = load_checkpoint(tmp_path / name, dst)
+        assert ck.format == fmt and _same(src, dst), name
+
+
+def _member_data_offset(blob: bytes, member: str) -> int:
+    import io
+    import struct
+    import zipfile
+
+    info = zipfile.ZipFile(io.BytesIO(blob)).getinfo(member)
+    n, e = struct.unpack("<HH", blob[info.header_offset + 26: info.header_offset + 30])
+    return info.header_offset + 30 + n + e
+
+
+def test_bit_flip_in_a_tensor_is_caught(tmp_path):
+    import zipfile
+
+    path = tmp_path / "ck.pt"
+    torch.save(_fresh(0).state_dict(), path)
+    blob = bytearray(path.read_bytes())
+    member = next(n for n in zipfile.ZipFile(path).namelist() if n.endswith("data/0"))
+    blob[_member_data_offset(bytes(blob), member) + 3] ^= 0x01
+    path.write_bytes(bytes(blob))
+    torch.load(path, weights_only=True)  # torch itself does not notice
+    dst = _fresh(1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"ck\.pt is corrupt: member '{member}' fails its CRC-32"):
+        load_checkpoint(path, dst)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+
+
+def test_non_strict_zero_match_refused_and_keys_recorded(tmp_path):
+    sd = {f"encoder.{k}": v for k, v in _fresh(0).state_dict().items()}
+    sd["encoder.extra"] = torch.ones(2)  # not a module prefix of everything: no detection
+    torch.save({"weights": sd["encoder.0.weight"], "other": sd}, tmp_path / "w.pt")
+    torch.save({"foo.a": torch.zeros(1), "bar.b": torch.zeros(1)}, tmp_path / "none.pt")
+    dst = _fresh(1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "none.pt", dst, strict=False)
+    msg = str(info.value)
+    assert "matches none of Sequential's keys" in msg and "foo.a" in msg and "0.weight" in msg
+    assert "pass prefix=" in msg
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+    # a partial match loads and records both kinds of key problems
+    part = dict(_fresh(0).state_dict())
+    del part["2.bias"]
+    part["head.weight"] = torch.zeros(1)
+    torch.save(part, tmp_path / "part.pt")
+    ck = load_checkpoint(tmp_path / "part.pt", dst, strict=False)
+    assert ck.missing_keys == ("2.bias",) and ck.unexpected_keys == ("head.weight",)
+    assert ck.to_dict()["unexpected_keys"] == ["head.weight"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda sd: sd.update(param_groups="oops"), r"optimizer\['param_groups'\] is a str"),
+        (lambda sd: sd.update(perturbed=torch.ones(2)), r"optimizer\['perturbed'\] is a tensor of shape \[2\]"),
+        (lambda sd: sd["param_groups"][0].update(perturbation_scale="abc"),
+         r"\['param_groups'\]\[0\]\['perturbation_scale'\] is a str"),
+        (lambda sd: sd["param_groups"][0].update(perturbation_scale=float("inf")),
+         r"\['param_groups'\]\[0\]\['perturbation_scale'\] is inf"),
+        (lambda sd: sd["param_groups"][0].update(perturbation_scale=torch.tensor(float("nan"))),
+         r"\['perturbation_scale'\] is nan"),
+        (lambda sd: sd.update(state="x"), r"optimizer\['state'\] is a str"),
+        (lambda sd: sd["state"].update({0: 5}), r"optimizer\['state'\]\[0\] is an int"),
+        (lambda sd: sd["state"][0]["momentum_buffer"].fill_(float("nan")),
+         r"\['state'\]\[0\]\['momentum_buffer'\] \(for '0.weight'\) holds non-finite"),
+        (lambda sd: sd["param_groups"][0].update(normalize="yes"), r"\['normalize'\] is a str"),
+    ],
+)
+def test_malformed_or_non_finite_msam_state_refused(tmp_path, edit, key):
+    from msam.msam import MSAM
+
+    model, opt = _msam_run(lambda p: MSAM(p, lr=0.05, momentum=0.9, rho=0.7), factory=mlp)
+    sd = opt.state_dict()
+    assert sd["perturbed"]
+    if "normalize" in key:
+        sd["param_groups"][0].pop("perturbation_scale")
+    edit(sd)
+    path = tmp_path / "m.pt"
+    torch.save({"model": model.state_dict(), "optimizer": sd}, path)
+    dst = _fresh(1)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NaN weights with a warning: an error
+        with pytest.raises(CheckpointError, match=key) as info:
+            load_checkpoint(path, dst)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints as frameworks write them: prefixes, Lightning, Hugging Face folders
+
+
+class _Holder(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.net = inner
+        self.criterion = nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64))
+
+
+def test_module_attribute_prefix_detected_and_explicit(tmp_path):
+    src = _fresh(0)
+    torch.save({"state_dict": _Holder(src).state_dict(), "epoch": 1}, tmp_path / "h.ckpt")
+    dst = _fresh(1)
+    ck = load_checkpoint(tmp_path / "h.ckpt", dst)
+    assert _same(src, dst)
+    assert ck.prefix == "net." and ck.ignored_keys == ("criterion.weight",)
+    assert not ck.unexpected_keys and ck.to_dict()["prefix"] == "net."
+    dst = _fresh(2)
+    ck = load_checkpoint(tmp_path / "h.ckpt", dst, prefix="net")  # the dot is optional
+    assert _same(src, dst) and ck.prefix == "net."
+    with pytest.raises(CheckpointError, match="no key starts with prefix 'model.'"):
+        load_checkpoint(tmp_path / "h.ckpt", _fresh(2), prefix="model.")
+    with pytest.raises(CheckpointError, match=r"matches none.*pass prefix=.net\.."):  # "" turns detection off
+        load_checkpoint(tmp_path / "h.ckpt", _fresh(2), prefix="")
+    with pytest.raises(TypeError, match="prefix"):
+        load_checkpoint(tmp_path / "h.ckpt", _fresh(2), prefix=1)
+
+
+@pytest.mark.parametrize(
+    "rename",
+    [
+        pytest.param(lambda k: f"_orig_mod.{k}", id="compile"),
+        pytest.param(lambda k: f"module.{k}", id="ddp"),
+        pytest.param(lambda k: f"module._orig_mod.{k}", id="ddp+compile"),
+        pytest.param(lambda k: f"model._orig_mod.{k}", id="lightning+compile"),
+        pytest.param(lambda k: f"model.module.{k}", id="lightning+ddp"),
+        pytest.param(lambda k: k.replace("0.", "0._orig_mod.", 1) if k.startswith("0.") else k,
+                     id="compiled-submodule"),
+    ],
+)
+def test_wrapper_prefixes_also_nested(tmp_path, rename):
+    src = _fresh(0)
+    torch.save({"state_dict": {rename(k): v for k, v in src.state_dict().items()}}, tmp_path / "c.pt")
+    dst = _fresh(1)
+    load_checkpoint(tmp_path / "c.pt", dst)
+    assert _same(src, dst)
+
+
+def test_lightning_checkpoint_written_by_lightning(tmp_path):
+    L = pytest.importorskip("lightning", reason="lightning is not installed")
+
+    class Module(L.LightningModule):
+        def __init__(self, width=5):
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = mlp(hidden=width, dtype=torch.float32)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=True,
+                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    module = Module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    path = next(tmp_path.rglob("*.ckpt"))
+    raw = torch.load(path, weights_only=False)
+    assert set(raw["state_dict"]) == {f"model.{k}" for k in module.model.state_dict()}
+    dst = mlp(seed=4, dtype=torch.float32)
+    ck = load_checkpoint(path, dst)  # weights_only=True: Lightning 2.x writes plain containers
+    assert ck.prefix == "model." and ck.optimizer_state is not None
+    assert ck.metadata["epoch"] == 0 and ck.metadata["hyper_parameters"] == {"width": 5}
+    for k, v in module.model.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v)
+
+
+def test_lightning_like_msam_checkpoint_is_moved_back(tmp_path):
+    """Lightning stores optimizers under "optimizer_states": the MSAM move-back uses it."""
+    model, opt = _msam_run(_msam, factory=mlp)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "optimizer_states": [opt.state_dict()], "epoch": 0}, tmp_path / "l.ckpt")
+    opt.eval()
+    dst = _fresh(3)
+    with pytest.warns(PerturbedCheckpointWarning):
+        ck = load_checkpoint(tmp_path / "l.ckpt", dst)
+    assert ck.unperturbed and ck.prefix == "model."
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(dst.state_dict()[k], v, rtol=1e-12, atol=1e-12)
+    sd = opt.state_dict()
+    sd["param_groups"] = 3
+    torch.save({"state_dict": model.state_dict(), "optimizer_states": [sd]}, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match=r"optimizer_states\[0\]\['param_groups'\] is an int"):
+        load_checkpoint(tmp_path / "bad.ckpt", _fresh(3))
+
+
+def _tiny_gpt2(seed):
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize("shard", ["10KB", None], ids=["sharded", "single"])
+def test_hugging_face_save_pretrained_folder(tmp_path, shard):
+    src = _tiny_gpt2(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if shard:
+            src.save_pretrained(tmp_path, max_shard_size=shard)
+        else:
+            src.save_pretrained(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert ("model.safetensors.index.json" in names) == bool(shard), names
+    dst = _tiny_gpt2(1)
+    assert not _same(src, dst)
+    ck = load_checkpoint(tmp_path, dst)  # the tied lm_head.weight is not in the files
+    assert _same(src, dst) and ck.format == "safetensors" and not ck.missing_keys
+    assert dst.lm_head.weight.data_ptr() == dst.transformer.wte.weight.data_ptr()  # still tied
+    if shard:
+        assert ck.metadata["shards"] > 1
+    assert find_checkpoints([tmp_path]) == [tmp_path]
+
+
+def test_hugging_face_bin_folder_sharded(tmp_path):
+    """``pytorch_model.bin`` shards with their index (written by hand: transformers 5 writes safetensors)."""
+    src = _fresh(0)
+    sd = src.state_dict()
+    keys = list(sd)
+    torch.save({k: sd[k] for k in keys[:2]}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: sd[k] for k in keys[2:]}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    weight_map = {k: f"pytorch_model-0000{1 + (i >= 2)}-of-00002.bin" for i, k in enumerate(keys)}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    dst = _fresh(1)
+    ck = load_checkpoint(tmp_path, dst)
+    assert _same(src, dst) and ck.format == "torch"
+    weight_map[keys[0]] = "pytorch_model-00002-of-00002.bin"  # the index disagrees with the shards
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"00002\.bin lacks tensors .*{keys[0]}"):
+        load_checkpoint(tmp_path, _fresh(1))
+    (tmp_path / "pytorch_model.bin.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid shard index"):
+        load_checkpoint(tmp_path, _fresh(1))
+
+
+def test_lightning_hyperparameters_with_objects_are_refused_clearly(tmp_path):
+    """Lightning pickles ``save_hyperparameters()`` of an ``argparse.Namespace`` as the object:
+    weights_only loading refuses it, and the message says why (checked on a real Lightning file
+    by hand; here the same layout without running a Trainer)."""
+    import argparse
+
+    torch.save({"state_dict": {f"model.{k}": v for k, v in _fresh(0).state_dict().items()},
+                "hyper_parameters": {"args": argparse.Namespace(width=5)}, "epoch": 0},
+               tmp_path / "ns.ckpt")
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_checkpoint(tmp_path / "ns.ckpt", _fresh(1))
+    msg = str(info.value)
+    assert "argparse.Namespace" in msg and "Lightning checkpoint" in msg and "allow_pickle=True" in msg
+    ck = load_checkpoint(tmp_path / "ns.ckpt", _fresh(1), allow_pickle=True)
+    assert ck.prefix == "model."
+
+
+def test_cli_prefix_option(tmp_path, capsys):
+    from landscape.cli import main
+    from tests.reliability.corpus import make_corpus
+
+    path = make_corpus(tmp_path)["ambiguous_prefix"]  # "student." and "teacher." both fit
+    spec = ["--model", "tests.reliability.corpus:corpus_model",
+            "--data", "tests.reliability.corpus:corpus_data", "--quiet"]
+    assert main(["sharpness", str(path), *spec]) == 1
+    assert "several prefixes" in capsys.readouterr().err
+    assert main(["sharpness", str(path), *spec, "--prefix", "teacher.", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoints"][0]["checkpoint"].endswith("ambiguous_prefix.ckpt")
+
+
+def test_meta_device_model_keys_are_not_taken_for_tied(tmp_path):
+    """On the meta device every tensor has data_ptr 0: that must not make all keys "tied"."""
+    sd = dict(mlp(d=5, classes=5).state_dict())  # 0.bias and 2.bias: same shape, same stride
+    del sd["2.bias"]
+    torch.save(sd, tmp_path / "m.pt")
+    with torch.device("meta"):
+        target = mlp(d=5, classes=5)
+    ck = load_checkpoint(tmp_path / "m.pt", mlp(d=5, classes=5, seed=1), strict=False)
+    assert ck.missing_keys == ("2.bias",)
+    with pytest.raises(CheckpointError, match="missing keys: 2.bias"):
+        load_checkpoint(tmp_path / "m.pt", target)
+
+
+def test_real_compile_and_data_parallel_wrappers(tmp_path):
+    """State dicts of the real wrappers (torch.compile compiles lazily: no compilation here)."""
+    src = _fresh(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # raised by importing torch._dynamo
+        compiled = torch.compile(src)
+    holder = _Holder(compiled)  # a Lightning-like module around a compiled network
+    for name, sd in [("compiled", compiled.state_dict()),
+                     ("dp-compiled", nn.DataParallel(compiled).state_dict()),
+                     ("holder-compiled", {"state_dict": holder.state_dict()})]:
+        torch.save(sd, tmp_path / f"{name}.pt")
+        dst = _fresh(1)
+        load_checkpoint(tmp_path / f"{name}.pt", dst)
+        assert _same(src, dst), name
+    raw = torch.load(tmp_path / "dp-compiled.pt", weights_only=True)
+    assert all(k.startswith("module._orig_mod.") for k in raw)
+    assert any(k.startswith("net._orig_mod.") for k in torch.load(tmp_path / "holder-compiled.pt")["state_dict"])
