@@ -153,7 +153,8 @@ def evaluate(
 
     Args:
         model: the network.
-        loss_fn: ``"cross_entropy"``, ``"mse"`` or a callable returning the batch-mean loss.
+        loss_fn: a name of :func:`resolve_loss` (``"cross_entropy"``, ``"mse"``, ``"lm"``,
+            ``"model"``, ...) or a callable returning the batch-mean loss.
         data: see :mod:`analysis.data`.
         mode: ``"eval"`` (default), ``"train"`` or ``None``; the caller's mode is restored.
         batch_size: batch size for a tensor pair.

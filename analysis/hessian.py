@@ -47,7 +47,7 @@ from . import distributed as dist
 from .attention import second_order_attention
 from .data import Data, DataSource, as_data, to_device
 from .evaluation import LossFn, model_mode, resolve_loss
-from .losses import logits_of, loss_terms
+from .losses import ModelLoss, logits_of, loss_terms
 from .params import ParameterSpace
 
 __all__ = [
@@ -556,6 +556,11 @@ class GGNOperator(CurvatureOperator):
 
     def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
                  check_deterministic=True, batch_size=None):
+        if isinstance(resolve_loss(loss_fn), ModelLoss):
+            raise TypeError(
+                "GGNOperator needs a loss of the model outputs (e.g. 'lm' or 'cross_entropy'), "
+                f"not the model's own loss {loss_fn!r}"
+            )
         super().__init__(model, loss_fn, data, params=params, mode=mode,
                          check_deterministic=check_deterministic, batch_size=batch_size)
         self.method = "forward-over-reverse"

@@ -45,6 +45,7 @@ from . import distributed as dist
 from .checks import check_first_batch
 from .data import Data, DataSource, as_data, to_device
 from .evaluation import correct_count, forward, model_mode, progress_bar, resolve_loss
+from .losses import loss_terms
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 
@@ -769,9 +770,10 @@ def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, w
         x = to_device(batch.inputs, space.device, space.dtype)
         y = to_device(batch.targets, space.device, space.dtype)
         w = f"{where} on batch {batch.index}"
+        terms = loss_terms(ev.loss_fn, x, y, batch.size)  # samples, or tokens for an LM loss
         if need_grad:
             loss, g = ev.loss_grad(x, y, batch.size, w)
-            grad += g.double() * batch.size
+            grad += g.double() * terms
         elif accuracy:
             with torch.no_grad():
                 out = forward(ev.model, x)
@@ -787,8 +789,8 @@ def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, w
             stats[1] += corr
         else:
             loss = ev.loss(x, y, batch.size, w)
-        stats[0] += loss.double() * batch.size
-        stats[2] += batch.size
+        stats[0] += loss.double() * terms
+        stats[2] += terms
     if source.shard:
         packed = stats if grad is None else torch.cat([stats, grad])
         dist.all_reduce_sum(packed)

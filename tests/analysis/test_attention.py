@@ -23,6 +23,7 @@ from analysis import (
     dense_ggn,
     dense_hessian,
     directional_curvature,
+    hessian_trace,
     second_order_attention,
     top_eigenpairs,
 )
@@ -116,6 +117,15 @@ def test_top_eigenpairs_and_curvature_through_encoder():
     d = _vectors(H_ref.shape[0], 1)[:, 0]
     op = HessianOperator(model, "cross_entropy", (x, y), batch_size=4)
     assert directional_curvature(op, d) == pytest.approx(float(d @ H_ref @ d / (d @ d)), rel=1e-9)
+
+
+def test_hutchpp_trace_through_user_sdpa_is_exact_with_a_full_sketch():
+    model = _classifier("sdpa")
+    x, y = lm.sequence_data()
+    H_ref = _dense_reference(model, F.cross_entropy, x, y)
+    n = H_ref.shape[0]
+    res = hessian_trace(model, "cross_entropy", (x, y), num_matvecs=3 * n)  # Q spans R^n
+    assert res.estimate == pytest.approx(float(torch.trace(H_ref)), rel=1e-8)
 
 
 def test_without_second_order_attention_the_fused_kernel_fails(monkeypatch):
