@@ -1009,7 +1009,7 @@ def find_checkpoints(paths: list[str | pathlib.Path]) -> list[pathlib.Path]:
     """Expand files and directories into a sorted list of checkpoint files.
 
     A directory contributes its files ending in one of :data:`CHECKPOINT_SUFFIXES` (not
-    recursive); a Hugging Face ``save_pretrained`` folder (it holds ``model.safetensors``,
+    recursive; regular files only); a Hugging Face ``save_pretrained`` folder (it holds ``model.safetensors``,
     ``pytorch_model.bin`` or their ``.index.json``) is one checkpoint, returned as the folder.
     Raises ``FileNotFoundError`` for a missing path and ``CheckpointError`` for a directory
     without checkpoints.
@@ -1022,7 +1022,8 @@ def find_checkpoints(paths: list[str | pathlib.Path]) -> list[pathlib.Path]:
             if any(os.path.lexists(p / name) for pair in _HF_LAYOUTS for name in pair):
                 out.append(p)
                 continue
-            found = sorted(q for q in p.iterdir() if q.suffix in CHECKPOINT_SUFFIXES and not q.is_dir())
+            # a scan takes regular files only (a FIFO or socket named x.pt is skipped, never opened)
+            found = sorted(q for q in p.iterdir() if q.suffix in CHECKPOINT_SUFFIXES and q.is_file())
             if not found:
                 raise CheckpointError(
                     f"no checkpoints in directory {p} (looked for {', '.join(CHECKPOINT_SUFFIXES)})"

@@ -443,23 +443,23 @@ def _header_problem(path: pathlib.Path) -> str | None:
 def _checkpoints(paths: Sequence[str]) -> list[pathlib.Path]:
     """Expand files and directories; refuse, in one line naming each, files that are not
     readable checkpoints (before anything is computed)."""
-    from .checkpoints import find_checkpoints
+    from .checkpoints import CheckpointError, checkpoint_format, find_checkpoints
 
     found = find_checkpoints(list(paths))
     problems = []
     for p in found:
+        if p.is_dir():  # a Hugging Face save_pretrained folder: the loader checks its files
+            continue
         problem = _header_problem(p)
         if problem is not None:
             problems.append(f"{p} {problem}")
             continue
         if p.suffix in _CKPT_SUFFIXES:
             continue
-        fmt = _checkpoint_format(p)
-        if fmt is None:
-            problems.append(f"{p} is not a checkpoint (expected a torch.save file "
-                            f"{'/'.join(_CKPT_SUFFIXES[:-1])} or {_CKPT_SUFFIXES[-1]})")
-        elif fmt == "safetensors":
-            problems.append(f"{p} looks like a safetensors file: name it {p.stem}.safetensors")
+        try:  # any name: the format is read from the content (never opens a FIFO)
+            checkpoint_format(p)
+        except CheckpointError as exc:
+            problems.append(_first_line(exc))
     if len(problems) == 1:
         raise CLIError(problems[0] + ("" if len(found) == 1 else " (nothing was computed)"))
     if problems:
