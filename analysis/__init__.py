@@ -5,6 +5,7 @@ landscape directions, sharpness metrics and the MSAM mechanism probes. May impor
 never imports :mod:`landscape`.
 """
 
+from .blocks import LayerSpectrum, PerLayerSpectrum, per_layer_spectrum
 from .data import Batch, DataSource, as_data, batch_size_of, to_device
 from .density import SpectralDensity, spectral_density
 from .directions import (
@@ -42,6 +43,7 @@ from .hessian import (
     GGNOperator,
     HessianOperator,
     check_deterministic_setup,
+    default_block_size,
     directional_curvature,
 )
 from .lanczos import EigenResult, as_linear_operator, lanczos_tridiagonal, top_eigenpairs
@@ -76,6 +78,7 @@ __all__ = [
     "EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
     "check_deterministic_setup", "TraceResult", "hessian_trace",
     "SpectralDensity", "spectral_density", "dense_hessian", "dense_ggn",
+    "LayerSpectrum", "PerLayerSpectrum", "per_layer_spectrum", "default_block_size",
     # directions
     "NORMALIZATIONS", "random_direction", "gradient_direction", "momentum_direction",
     "interpolation_direction", "pca_directions", "PCADirections", "orthogonalize",
