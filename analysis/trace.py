@@ -174,14 +174,28 @@ def hessian_trace(
         Y = torch.empty(n, k, device=device, dtype=dtype)
         for c0, c1 in blocks(k):
             Y[:, c0:c1] = apply(_rademacher(n, c1 - c0, gen, device, dtype).T)
-        # Q = orth(H S), in place, block by block (block Gram-Schmidt twice, then a thin QR)
+        # Q = orth(H S), in place, block by block: (project out the previous columns, thin
+        # QR) twice; the second round acts on unit columns, so a block that is numerically in
+        # the span of the previous ones (a rank-deficient H) still comes out orthogonal to them
         for c0, c1 in blocks(k):
             Yb = Y[:, c0:c1]
+            before = torch.linalg.vector_norm(Yb, dim=0)
             for _ in range(2):
                 if c0:
                     P = Y[:, :c0]
                     Yb -= P @ (P.T @ Yb)
-            Yb.copy_(torch.linalg.qr(Yb)[0])
+            # columns (numerically) in the span of the previous ones carry nothing new: any
+            # unit direction orthogonal to them keeps the estimator unbiased, so take a random one
+            lost = torch.linalg.vector_norm(Yb, dim=0) <= 1e3 * torch.finfo(dtype).eps * before
+            lost |= before == 0
+            if bool(lost.any()):
+                R = _rademacher(n, int(lost.sum()), gen, device, dtype).T
+                Yb[:, lost] = R
+            for _ in range(2):
+                if c0:
+                    P = Y[:, :c0]
+                    Yb -= P @ (P.T @ Yb)
+                Yb.copy_(torch.linalg.qr(Yb)[0])
         Q = Y
         for c0, c1 in blocks(k):
             Qb = Q[:, c0:c1].contiguous()
