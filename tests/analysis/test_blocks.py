@@ -77,3 +77,27 @@ def test_layer_plot_draws_one_bar_pair_per_layer(tmp_path):
     assert (tmp_path / "layers.png").stat().st_size > 0
     with pytest.raises(TypeError, match="PerLayerSpectrum"):
         plot_layer_spectrum(object())
+
+
+def test_cli_hessian_per_layer_matches_dense_blocks(tmp_path, capsys):
+    # the `landscape hessian --per-layer` option (its fixtures are those of tests/landscape)
+    import tests.landscape.cli_fixtures as fx
+    from landscape.cli import main
+    from tests.landscape.test_cli import SPEC64, _data, _model
+    path = tmp_path / "a.pt"
+    torch.save(fx.trained_state(20), path)
+    code = main(["hessian", str(path), *SPEC64, "--top-k", "2", "--tol", "1e-9", "--trace",
+                 "--per-layer", "--json", str(tmp_path / "h.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "per-layer" in out
+    doc = json.loads((tmp_path / "h.json").read_text())
+    model = _model(path, torch.float64)
+    H = dense_hessian(model, "cross_entropy", _data(torch.float64))
+    offsets = _blocks(model)
+    assert [layer["name"] for layer in doc["per_layer"]] == list(offsets)
+    for layer in doc["per_layer"]:
+        a, b = offsets[layer["name"]]
+        ev = torch.linalg.eigvalsh(H[a:b, a:b]).flip(0)[:2]
+        assert layer["eigenvalues"] == pytest.approx(ev.tolist(), rel=1e-6, abs=1e-8)
+        assert layer["trace"] == pytest.approx(float(H[a:b, a:b].trace()), rel=1e-6, abs=1e-8)
