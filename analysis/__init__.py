@@ -46,7 +46,13 @@ from .hessian import (
     default_block_size,
     directional_curvature,
 )
-from .lanczos import EigenResult, as_linear_operator, lanczos_tridiagonal, top_eigenpairs
+from .lanczos import (
+    EigenResult,
+    as_linear_operator,
+    lanczos_tridiagonal,
+    lanczos_tridiagonals,
+    top_eigenpairs,
+)
 from .params import ParameterSpace, flatten, unflatten
 from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
 from .reference import dense_ggn, dense_hessian
@@ -79,6 +85,7 @@ __all__ = [
     "check_deterministic_setup", "TraceResult", "hessian_trace",
     "SpectralDensity", "spectral_density", "dense_hessian", "dense_ggn",
     "LayerSpectrum", "PerLayerSpectrum", "per_layer_spectrum", "default_block_size",
+    "lanczos_tridiagonals",
     # directions
     "NORMALIZATIONS", "random_direction", "gradient_direction", "momentum_direction",
     "interpolation_direction", "pca_directions", "PCADirections", "orthogonalize",

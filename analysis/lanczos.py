@@ -98,7 +98,8 @@ from .evaluation import progress_bar
 from .hessian import CurvatureOperator, HessianOperator
 from .results import Result
 
-__all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "dot64", "norm64"]
+__all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
+           "lanczos_tridiagonals"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -710,6 +711,60 @@ def top_eigenpairs(
         basis_bytes=int(peak_bytes),
         memory_bound_bytes=int((max_basis + 3) * n * itemsize),
     )
+
+
+def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int) -> list[torch.Tensor]:
+    """Independent Lanczos runs from the columns of ``V0`` (``(n, b)``), in lockstep.
+
+    The same as :func:`lanczos_tridiagonal` for each column, but each step applies the operator
+    to the ``b`` current vectors at once (``op.matmat`` when it has one: one batched pass over
+    the data); a run that breaks down early drops out of the block. Memory: ``b`` bases of up
+    to ``num_iter`` vectors and a block of ``b`` products.
+    """
+    n = int(op.shape[0])
+    num_iter = min(int(num_iter), n)
+    device, dtype = op.device, op.dtype
+    eps = torch.finfo(dtype).eps
+    b = V0.shape[1]
+    bases = []
+    for r in range(b):
+        q = V0[:, r].to(device=device, dtype=dtype).clone()
+        basis = KrylovBasis(n, num_iter, dtype, device, first=16)
+        basis.set_row(0, q.div_(norm64(q)))
+        bases.append(basis)
+    Ts = [torch.zeros(num_iter, num_iter, dtype=torch.float64) for _ in range(b)]
+    sizes = [num_iter] * b
+    active = list(range(b))
+    for j in range(num_iter):
+        if not active:
+            break
+        Q = torch.stack([bases[r].row(j) for r in active], 1)
+        W = op.matmat(Q) if hasattr(op, "matmat") else torch.stack(
+            [op.matvec(Q[:, i].contiguous()) for i in range(Q.shape[1])], 1)
+        del Q
+        still = []
+        for c, r in enumerate(active):
+            basis, T, w = bases[r], Ts[r], W[:, c].contiguous()
+            m = j + 1
+            alpha = dot64(basis.row(j), w)
+            basis.subtract(w, basis.project(w, m), m)
+            h2 = basis.project(w, m)
+            basis.subtract(w, h2, m)
+            T[j, j] = alpha + float(h2[j])
+            if j + 1 == num_iter:
+                continue
+            beta = norm64(w)
+            scale = float(T[: j + 1, : j + 1].abs().max())
+            if beta <= max(scale, 1e-300) * eps * 10:
+                sizes[r] = j + 1
+                bases[r] = None  # free it
+                continue
+            T[j, j + 1] = T[j + 1, j] = beta
+            basis.set_row(j + 1, w.div_(beta))
+            still.append(r)
+        del W
+        active = still
+    return [T[: sizes[r], : sizes[r]] for r, T in enumerate(Ts)]
 
 
 def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_iter: int) -> torch.Tensor:
