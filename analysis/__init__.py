@@ -6,6 +6,7 @@ never imports :mod:`landscape`.
 """
 
 from .attention import second_order_attention
+from .blocks import LayerSpectrum, PerLayerSpectrum, per_layer_spectrum
 from .checks import check_first_batch, check_repeatable_forward
 from .data import Batch, DataSource, as_data, batch_size_of, to_device
 from .density import SpectralDensity, spectral_density
@@ -44,9 +45,16 @@ from .hessian import (
     GGNOperator,
     HessianOperator,
     check_deterministic_setup,
+    default_block_size,
     directional_curvature,
 )
-from .lanczos import EigenResult, as_linear_operator, lanczos_tridiagonal, top_eigenpairs
+from .lanczos import (
+    EigenResult,
+    as_linear_operator,
+    lanczos_tridiagonal,
+    lanczos_tridiagonals,
+    top_eigenpairs,
+)
 from .losses import CausalLMLoss, ModelLoss, OutputLoss, logits_of, loss_terms
 from .params import ParameterSpace, flatten, unflatten
 from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
@@ -81,6 +89,8 @@ __all__ = [
     "check_deterministic_setup", "TraceResult", "hessian_trace",
     "check_first_batch", "check_repeatable_forward",
     "SpectralDensity", "spectral_density", "dense_hessian", "dense_ggn",
+    "LayerSpectrum", "PerLayerSpectrum", "per_layer_spectrum", "default_block_size",
+    "lanczos_tridiagonals",
     # directions
     "NORMALIZATIONS", "random_direction", "gradient_direction", "momentum_direction",
     "interpolation_direction", "pca_directions", "PCADirections", "orthogonalize",

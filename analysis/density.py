@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .evaluation import progress_bar
-from .lanczos import as_linear_operator, lanczos_tridiagonal
+from .lanczos import as_linear_operator, lanczos_tridiagonals
 from .results import Result
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -87,6 +87,7 @@ def spectral_density(
     sigma: float | None = None,
     num_points: int = 1000,
     seed: int = 0,
+    block_size: int | None = None,
     progress: bool = False,
     **operator_kwargs: Any,
 ) -> SpectralDensity:
@@ -106,11 +107,18 @@ def spectral_density(
             every node coincides).
         num_points: size of the default grid.
         seed: seed of the start vectors (Rademacher, drawn on the CPU).
-        progress: show a tqdm bar over the runs.
+        block_size: runs advanced in lockstep, their products batched (``op @ V``, one pass
+            over the data per step); default 1. Memory: ``block_size`` bases of ``num_iter``
+            vectors (``num_iter * n`` numbers per run; a run's basis grows as it goes and is
+            freed when it ends), never the whole ``num_iter * num_runs`` budget.
+        progress: show a tqdm bar over the blocks of runs.
 
     Returns:
         :class:`SpectralDensity` with ``grid``, ``density``, ``nodes`` and ``weights``.
     """
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
+                                   or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     for name, val in (("num_iter", num_iter), ("num_runs", num_runs), ("num_points", num_points)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
@@ -123,16 +131,20 @@ def spectral_density(
     start = op.num_matvecs
     nodes = np.zeros((num_runs, m))
     weights = np.zeros((num_runs, m))
-    for r in progress_bar(range(num_runs), enabled=progress, desc="slq", unit="run"):
-        v = torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
-        T = lanczos_tridiagonal(op, v, m)
-        theta, S = torch.linalg.eigh(T)
-        tau = S[0, :] ** 2
-        tau = tau / tau.sum()
-        j = theta.numel()
-        nodes[r, :j] = theta.numpy()
-        nodes[r, j:] = theta[-1].item()
-        weights[r, :j] = tau.numpy()
+    b = min(block_size or 1, num_runs)
+    for r0 in progress_bar(range(0, num_runs, b), enabled=progress, desc="slq", unit="block"):
+        runs = range(r0, min(r0 + b, num_runs))
+        V = torch.stack([torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
+                         for _ in runs], 1)
+        for r, T in zip(runs, lanczos_tridiagonals(op, V, m)):
+            theta, S = torch.linalg.eigh(T)
+            tau = S[0, :] ** 2
+            tau = tau / tau.sum()
+            j = theta.numel()
+            nodes[r, :j] = theta.numpy()
+            nodes[r, j:] = theta[-1].item()
+            weights[r, :j] = tau.numpy()
+        del V
     spread = float(nodes.max() - nodes.min())
     if sigma is None:
         sigma = 0.01 * spread if spread > 0 else 1e-3

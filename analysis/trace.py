@@ -14,6 +14,18 @@ Both only need products ``H v``. With Rademacher vectors ``z`` (entries +-1),
   error falls like ``1/m`` instead of ``1/sqrt(m)`` for spectra with a few large eigenvalues
   (Hessians). Its standard error is that of the Hutchinson part (``Q`` held fixed).
 
+Probes are drawn and applied in blocks of ``block_size`` columns (``op @ V``: one batched pass
+over the data per block where the operator supports it, see
+:meth:`analysis.hessian.HessianOperator.matmat`), and the quadratic forms are accumulated in
+float64. Peak extra memory (outside the products' own working memory):
+
+* Hutchinson: ``3 * block_size * n * itemsize`` (a block of probes, its products, a slab),
+* Hutch++: ``(s + 4 * block_size) * n * itemsize`` with ``s = num_matvecs // 3`` the sketch:
+  the sketch ``H S`` is orthonormalized in place, block by block, and ``tr(Q^T H Q)`` and the
+  deflated Hutchinson part are computed a block at a time.
+
+``TraceResult.memory_bound_bytes`` reports that bound.
+
 Example:
     >>> import torch
     >>> from analysis.trace import hessian_trace
@@ -32,7 +44,8 @@ from typing import Any
 import torch
 
 from .evaluation import progress_bar
-from .lanczos import as_linear_operator
+from .hessian import default_block_size
+from .lanczos import as_linear_operator, dot64
 from .results import Result
 
 __all__ = ["TraceResult", "hessian_trace"]
@@ -50,6 +63,9 @@ class TraceResult(Result):
         method: ``"hutchinson"`` or ``"hutch++"``.
         samples: the quadratic forms ``z_i^T H z_i`` of the Hutchinson part.
         low_rank_part: ``tr(Q^T H Q)`` for Hutch++ (0 for Hutchinson).
+        block_size: probes applied per block.
+        memory_bound_bytes: the bound on the peak extra memory outside the products (see the
+            module docstring).
     """
 
     estimate: float
@@ -58,11 +74,25 @@ class TraceResult(Result):
     method: str
     samples: list
     low_rank_part: float
+    block_size: int = 1
+    memory_bound_bytes: int = 0
 
 
 def _rademacher(n: int, k: int, gen: torch.Generator, device, dtype) -> torch.Tensor:
     z = torch.randint(0, 2, (k, n), generator=gen, dtype=torch.int8)
     return (z.to(dtype) * 2 - 1).to(device)
+
+
+def apply_block(op: Any, V: torch.Tensor) -> torch.Tensor:
+    """``op @ V`` for an ``(n, b)`` block: the operator's ``matmat`` if it has one (batched
+    products), else ``b`` matvecs."""
+    if hasattr(op, "matmat"):
+        return op.matmat(V)
+    return torch.stack([op.matvec(V[:, i].contiguous()) for i in range(V.shape[1])], dim=1)
+
+
+def _column_dots(A: torch.Tensor, B: torch.Tensor) -> list[float]:
+    return [dot64(A[:, i], B[:, i]) for i in range(A.shape[1])]
 
 
 def hessian_trace(
@@ -73,6 +103,7 @@ def hessian_trace(
     num_matvecs: int = 99,
     method: str = "hutch++",
     seed: int = 0,
+    block_size: int | None = None,
     progress: bool = False,
     **operator_kwargs: Any,
 ) -> TraceResult:
@@ -88,13 +119,16 @@ def hessian_trace(
             Hutchinson at least 2 (for a standard error).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         seed: seed of the Rademacher vectors (drawn on the CPU, so devices agree).
+        block_size: probes per batched product (default
+            :func:`~analysis.hessian.default_block_size`, memory-aware: at most 16 and about
+            256 MiB of probes). Memory: see the module docstring.
         progress: show a tqdm bar.
 
     Returns:
         :class:`TraceResult` with ``estimate`` and ``std_error``.
 
     Raises:
-        ValueError: for an unknown method or too small a budget.
+        ValueError: for an unknown method, too small a budget or a bad ``block_size``.
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
@@ -103,35 +137,80 @@ def hessian_trace(
     minimum = 3 if method == "hutch++" else 2
     if num_matvecs < minimum:
         raise ValueError(f"num_matvecs must be >= {minimum} for {method}, got {num_matvecs}")
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
+                                   or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     op = as_linear_operator(op, loss_fn, data, **operator_kwargs)
     n = int(op.shape[0])
     device, dtype = op.device, op.dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    b = block_size or default_block_size(n, itemsize)
     gen = torch.Generator().manual_seed(seed)
     start = op.num_matvecs
     bar = progress_bar(range(num_matvecs), enabled=progress, desc="trace", unit="matvec")
     it = iter(bar)
 
-    def apply(v: torch.Tensor) -> torch.Tensor:
-        next(it, None)
-        return op.matvec(v)
+    def apply(V: torch.Tensor) -> torch.Tensor:
+        for _ in range(V.shape[1]):
+            next(it, None)
+        return apply_block(op, V)
+
+    def blocks(total: int):
+        for c in range(0, total, b):
+            yield c, min(c + b, total)
 
     low = 0.0
     if method == "hutchinson":
-        Z = _rademacher(n, num_matvecs, gen, device, dtype)
-        samples = torch.stack([torch.dot(z, apply(z)) for z in Z]).double().cpu()
+        bound = 3 * b * n * itemsize
+        vals: list[float] = []
+        for c0, c1 in blocks(num_matvecs):
+            Z = _rademacher(n, c1 - c0, gen, device, dtype).T
+            vals += _column_dots(Z, apply(Z))
+            del Z
+        samples = torch.tensor(vals, dtype=torch.float64)
     else:
         k = min(num_matvecs // 3, n)  # more than n sketch vectors add nothing
-        S = _rademacher(n, k, gen, device, dtype)
-        HS = torch.stack([apply(s) for s in S], dim=1)  # (n, k)
-        Q, _ = torch.linalg.qr(HS)  # (n, k), orthonormal columns
-        HQ = torch.stack([apply(Q[:, i].contiguous()) for i in range(k)], dim=1)
-        low = float(torch.einsum("ij,ij->", Q, HQ))
+        bound = (k + 4 * b) * n * itemsize
+        Y = torch.empty(n, k, device=device, dtype=dtype)
+        for c0, c1 in blocks(k):
+            Y[:, c0:c1] = apply(_rademacher(n, c1 - c0, gen, device, dtype).T)
+        # Q = orth(H S), in place, block by block: (project out the previous columns, thin
+        # QR) twice; the second round acts on unit columns, so a block that is numerically in
+        # the span of the previous ones (a rank-deficient H) still comes out orthogonal to them
+        for c0, c1 in blocks(k):
+            Yb = Y[:, c0:c1]
+            before = torch.linalg.vector_norm(Yb, dim=0)
+            for _ in range(2):
+                if c0:
+                    P = Y[:, :c0]
+                    Yb -= P @ (P.T @ Yb)
+            # columns (numerically) in the span of the previous ones carry nothing new: any
+            # unit direction orthogonal to them keeps the estimator unbiased, so take a random one
+            lost = torch.linalg.vector_norm(Yb, dim=0) <= 1e3 * torch.finfo(dtype).eps * before
+            lost |= before == 0
+            if bool(lost.any()):
+                R = _rademacher(n, int(lost.sum()), gen, device, dtype).T
+                Yb[:, lost] = R
+            for _ in range(2):
+                if c0:
+                    P = Y[:, :c0]
+                    Yb -= P @ (P.T @ Yb)
+                Yb.copy_(torch.linalg.qr(Yb)[0])
+        Q = Y
+        for c0, c1 in blocks(k):
+            Qb = Q[:, c0:c1].contiguous()
+            low += sum(_column_dots(Qb, apply(Qb)))
         if k >= n:  # Q spans everything: the low-rank part is the exact trace (2n matvecs)
             samples = torch.zeros(k, dtype=torch.float64)
         else:
-            G = _rademacher(n, k, gen, device, dtype)
-            G = G - (G @ Q) @ Q.T  # (I - QQ^T) g
-            samples = torch.stack([torch.dot(g, apply(g.contiguous())) for g in G]).double().cpu()
+            vals = []
+            for c0, c1 in blocks(k):
+                G = _rademacher(n, c1 - c0, gen, device, dtype).T.contiguous()
+                G -= Q @ (Q.T @ G)  # (I - QQ^T) g
+                vals += _column_dots(G, apply(G))
+                del G
+            samples = torch.tensor(vals, dtype=torch.float64)
+        del Q, Y
     if hasattr(bar, "close"):
         bar.close()
     m = samples.numel()
@@ -144,4 +223,6 @@ def hessian_trace(
         method=method,
         samples=samples.tolist(),
         low_rank_part=low,
+        block_size=b,
+        memory_bound_bytes=int(bound),
     )

@@ -17,6 +17,7 @@ from .checkpoints import (
 )
 from .datasets import Digits, load_digits
 from .demo import DemoConfig, DemoResult, run_demo
+from .layer_plots import plot_layer_spectrum
 from .models import digits_cnn, digits_mlp
 from .plots import (
     plot_1d,
@@ -39,7 +40,7 @@ __all__ = [
     "slice_1d", "slice_2d", "interpolate", "Slice1D", "Slice2D", "GridStore", "StoreMismatchError",
     # figures
     "plot_1d", "plot_contour", "plot_contourf", "plot_surface", "plot_spectral_density",
-    "plotly_1d", "plotly_surface", "plotly_contour", "save_html",
+    "plotly_1d", "plotly_surface", "plotly_contour", "save_html", "plot_layer_spectrum",
     # checkpoints and reports
     "load_checkpoint", "find_checkpoints", "Checkpoint", "CheckpointError",
     "UnsafeCheckpointError", "PerturbedCheckpointWarning", "write_report", "report_html",

@@ -616,6 +616,16 @@ def cmd_hessian(args: argparse.Namespace, ctx: _Ctx) -> int:
         text += "\nwarning: Lanczos stopped before reaching --tol (see the residuals)"
     if summary.get("trace") is not None:
         text += f"\ntrace ~ {summary['trace']:.6g} (Hutch++, standard error {summary['trace_stderr']:.2g})"
+    if getattr(args, "per_layer", False):
+        from analysis.blocks import per_layer_spectrum
+
+        layers = per_layer_spectrum(model, setup.loss_fn, setup.data, k=args.top_k,
+                                    trace=args.trace, tol=args.tol, seed=args.seed,
+                                    progress=ctx.progress)
+        rows = [[lay.name, lay.num_params, lay.eigenvalues[0], lay.trace] for lay in layers.layers]
+        text += "\n\nper-layer diagonal Hessian blocks\n" + format_table(
+            ["module", "parameters", "top eigenvalue", "trace"], rows)
+        summary["per_layer"] = layers.to_dict()["layers"]
     ctx.out(text)
     if args.density and ctx.main:
         if pathlib.Path(args.density).suffix == ".html":
@@ -975,6 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=cli_default("hessian", "--top-k"), metavar="K",
                    help="number of largest eigenvalues (Lanczos)")
     p.add_argument("--trace", action="store_true", help="also estimate the trace (Hutch++)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also the top-k eigenvalues (and with --trace the trace) of each module's "
+                        "diagonal Hessian block")
     p.add_argument("--density", metavar="OUT", default=None,
                    help="write the spectral density (SLQ) figure to OUT (.png/.pdf/.svg/.html)")
     p.add_argument("--tol", type=_positive_float, default=cli_default("hessian", "--tol"),

@@ -85,3 +85,24 @@ def test_custom_grid_and_bad_inputs():
         spectral_density(A, sigma=-1.0)
     with pytest.raises(ValueError, match="grid"):
         spectral_density(A, num_iter=5, num_runs=1, grid=[3.0, 1.0])
+
+
+def test_slq_blocks_of_runs_equal_one_run_at_a_time():
+    # lockstep runs with batched products give the same quadrature as sequential runs
+    H = HessianOperator(mlp(), "cross_entropy", classification_data())
+    a = spectral_density(H, num_iter=12, num_runs=5)
+    before = H.num_matvecs
+    b = spectral_density(H, num_iter=12, num_runs=5, block_size=3)
+    assert H.num_matvecs - before == b.num_matvecs == a.num_matvecs
+    np.testing.assert_allclose(b.nodes, a.nodes, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(b.weights, a.weights, rtol=1e-8, atol=1e-11)
+    with pytest.raises(ValueError, match="block_size"):
+        spectral_density(H, block_size=0)
+
+
+def test_slq_block_with_an_early_breakdown():
+    # a rank-2 matrix: every run breaks down after 2-3 steps, runs in one block drop out
+    A = torch.diag(torch.cat([torch.zeros(28), torch.tensor([2.0, 5.0])]).double())
+    d = spectral_density(A, num_iter=10, num_runs=4, block_size=4)
+    assert abs(d.integral() - 1) < 1e-3
+    assert d.nodes.max() == pytest.approx(5.0, rel=1e-10)

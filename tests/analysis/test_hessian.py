@@ -331,3 +331,53 @@ def test_tuple_and_dict_inputs():
             if ref is None:
                 ref = dense_hessian(model, "cross_entropy", [(inputs, y)]) @ v
             torch.testing.assert_close(H @ v, ref, rtol=RTOL, atol=ATOL)
+
+
+# -- batched products: op @ V in one pass per block ---------------------------------------------
+
+@pytest.mark.parametrize("method", ["forward-over-reverse", "double-backward", "cached-graph"])
+@pytest.mark.parametrize("case", ["mlp-ce", "tied-frozen-ce", "mlp-mse"])
+def test_matmat_batched_equals_matvecs_and_dense(method, case):
+    model, loss, data = CASES[case]()
+    x, y = data
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]  # two weighted batches
+    H = HessianOperator(model, loss, batches, method=method)
+    n = H.shape[0]
+    V = torch.randn(n, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    HV = H.matmat(V, block_size=3)  # blocks of 3, 3, 1
+    assert getattr(H, "batched_fallback_reason", None) is None  # the batched path was used
+    assert H.num_matvecs == 7
+    stacked = torch.stack([H.matvec(V[:, j].contiguous()) for j in range(7)], 1)
+    torch.testing.assert_close(HV, stacked, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(HV, _dense(case) @ V, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(H @ V, HV, rtol=1e-10, atol=1e-12)
+
+
+def test_matmat_falls_back_to_the_loop_when_batching_fails(monkeypatch):
+    model, loss, data = CASES["mlp-ce"]()
+    H = HessianOperator(model, loss, data, method="forward-over-reverse")
+
+    def fail(*a, **k):
+        raise RuntimeError("vmap: not supported here")
+
+    monkeypatch.setattr(H, "_block_product", fail)
+    V = torch.randn(H.shape[0], 4, dtype=torch.float64)
+    HV = H.matmat(V)
+    assert "vmap" in H.batched_fallback_reason
+    assert H.num_matvecs == 4
+    torch.testing.assert_close(HV, _dense("mlp-ce") @ V, rtol=RTOL, atol=ATOL)
+
+
+def test_matmat_rejects_a_bad_block_size():
+    model, loss, data = CASES["mlp-ce"]()
+    H = HessianOperator(model, loss, data)
+    with pytest.raises(ValueError, match="block_size"):
+        H.matmat(torch.zeros(H.shape[0], 2, dtype=torch.float64), block_size=0)
+
+
+def test_default_block_size_is_memory_aware():
+    from analysis.hessian import BLOCK_BYTES, default_block_size
+    assert default_block_size(1000, 8) == 16
+    assert default_block_size(50_000_000, 4) == 1
+    b = default_block_size(2_000_000, 8)
+    assert 1 <= b < 16 and 4 * b * 2_000_000 * 8 <= BLOCK_BYTES
