@@ -436,6 +436,7 @@ class HessianOperator(CurvatureOperator):
             )
         self.method = method
         self.fallback_reason: str | None = None
+        self.batched_fallback_reason: str | None = None  # why matmat loops, if it does
         self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._signature: tuple | None = None
         loss_fn = self.loss_fn
@@ -621,11 +622,11 @@ class HessianOperator(CurvatureOperator):
     def _block_pass(self, v_dict, rows) -> torch.Tensor:
         """One pass over the data for a ``(b, n)`` block of rows; ``(b, n)`` result."""
         out = None
-        with model_mode(self.model, self.mode), torch.no_grad():
+        with model_mode(self.model, self.mode), torch.no_grad(), second_order_attention():
             state = self._state()
             self._prepare()
             if self._cached is not None:
-                total = self.num_samples
+                total = self.num_terms
                 for pos, (x, y, size, _) in enumerate(self._cached):
                     hv = self._block_product(state, v_dict, x, y, size / total, pos)
                     out = hv if out is None else out.add_(hv)
@@ -636,10 +637,10 @@ class HessianOperator(CurvatureOperator):
                     hv = self._block_product(state, v_dict, x, y, float(size))
                     out = hv if out is None else out.add_(hv)
                     local += size
-                if self.num_samples is None:
-                    self.num_samples = self._reduce_count(local)
+                if self.num_terms is None:
+                    self.num_terms = self._reduce_count(local)
                 if out is not None:
-                    out = out.div_(self.num_samples)
+                    out = out.div_(self.num_terms)
             if out is None:
                 out = torch.zeros_like(rows)
             if self.source.shard:

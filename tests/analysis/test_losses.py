@@ -227,3 +227,16 @@ def test_cli_accepts_the_new_loss_names():
     assert isinstance(_resolve_loss("lm"), CausalLMLoss)
     assert isinstance(_resolve_loss("model"), ModelLoss)
     assert _resolve_loss("model_lm").terms == "causal_lm"
+
+
+@pytest.mark.parametrize("form", ["dicts", "loader"])
+@pytest.mark.parametrize("method", ["forward-over-reverse", "double-backward"])
+def test_batched_products_are_token_weighted(reference, form, method):
+    """matmat's one-pass blocks use the same term weighting (and attention backend) as matvec."""
+    model, seqs, (_, _, H0) = reference
+    batches = lm.padded_batches(seqs, SIZES)
+    data = DataLoader(batches, batch_size=None) if form == "loader" else batches
+    op = HessianOperator(model, "lm", data, method=method)
+    V = torch.randn(op.shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(op.matmat(V, block_size=4), H0 @ V, rtol=1e-8, atol=1e-12)
+    assert op.method == method and op.batched_fallback_reason is None
