@@ -62,6 +62,7 @@ from analysis.tracker import CurvatureTracker, TrackerHistory
 from msam.batchnorm import frozen_batchnorm_stats, recalibrate_batchnorm
 from msam.sam import SAM
 
+from ._atomic import atomic_write
 from .models import digits_cnn
 from .report import ReportEntry, analyze_checkpoint, write_report
 from .reproduce import ReproConfig, build_optimizer, digits_problem, optimizer_specs
@@ -366,8 +367,9 @@ def _run_demo(out_dir, *, quick, epochs, seed, optimizers, config, progress, log
             recalibrate_batchnorm(model, (x, y), batch_size=cfg.batch_size)
         model.eval()
         ck_path = out / "checkpoints" / f"{name}.pt"
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "epochs": cfg.epochs, "width": cfg.width}, ck_path)
+        with atomic_write(ck_path, "wb") as fh:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "epochs": cfg.epochs, "width": cfg.width}, fh)
         te = evaluate(model, "cross_entropy", test, batch_size=512)
         say(f"{label}: trained {cfg.epochs} epochs in {train_seconds:.1f} s, test accuracy "
             f"{100 * te.accuracy:.2f}%; measuring")
@@ -412,5 +414,6 @@ def _run_demo(out_dir, *, quick, epochs, seed, optimizers, config, progress, log
     )
     result = DemoResult(runs=tuple(runs), report=str(report), config=dict(cfg.__dict__),
                         seconds=time.perf_counter() - t_start)
-    (out / "summary.json").write_text(json.dumps(to_jsonable(result.to_dict()), indent=2) + "\n")
+    with atomic_write(out / "summary.json") as fh:
+        fh.write(json.dumps(to_jsonable(result.to_dict()), indent=2) + "\n")
     return result

@@ -65,6 +65,8 @@ from msam.batchnorm import frozen_batchnorm_stats, recalibrate_batchnorm
 from msam.msam import MSAM, NAG
 from msam.sam import SAM
 
+from ._atomic import atomic_path, atomic_write
+
 __all__ = [
     "EXPERIMENTS",
     "OPTIMIZERS",
@@ -691,9 +693,8 @@ def _finish(name: str, title: str, paper: str, ours: str, verdict: str, rule: st
         seconds=time.perf_counter() - t0, command=command or _command(name, config, out))
     if out_dir is not None:
         text = json.dumps(res.to_dict(), indent=1, allow_nan=False)
-        tmp = out_dir / f".{name}.json.tmp"
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir / f"{name}.json")
+        with atomic_write(out_dir / f"{name}.json") as fh:
+            fh.write(text + "\n")
     return res
 
 
@@ -706,7 +707,8 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (5.0, 3.
 
 
 def _save(fig: Any, path: pathlib.Path) -> pathlib.Path:
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format=path.suffix.lstrip(".") or "png")
     return path
 
 
@@ -1369,7 +1371,8 @@ def run_all(config: ReproConfig | None = None, *, problem: Problem | None = None
             log(f"{name}: {res.verdict} ({res.seconds:.0f} s)")
         results.append(res)
     if out is not None:
-        (pathlib.Path(out) / "summary.md").write_text(render_markdown(results), encoding="utf-8")
+        with atomic_write(pathlib.Path(out) / "summary.md") as fh:
+            fh.write(render_markdown(results))
     return results
 
 
@@ -1493,8 +1496,8 @@ def write_report(out: str | os.PathLike, path: str | os.PathLike) -> pathlib.Pat
         notes = ("## Discussion (written by hand after the run, from the numbers above)\n\n"
                  + notes_file.read_text(encoding="utf-8").strip() + "\n\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + render_markdown(docs, figures_rel=rel) + "\n" + notes
-                    + _REPORT_FOOTER, encoding="utf-8")
+    with atomic_write(path) as fh:
+        fh.write(header + render_markdown(docs, figures_rel=rel) + "\n" + notes + _REPORT_FOOTER)
     return path
 
 
