@@ -77,13 +77,10 @@ def plot_tracker(history: Any, *, lr: float | None = None, label: str | None = N
     Returns:
         The matplotlib ``Figure``.
     """
-    import matplotlib.pyplot as plt
+    from .plots import _axes
 
     series = _series(history, label)
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    else:
-        fig = ax.figure
+    fig, ax = _axes(ax, figsize=(6.0, 4.0))  # returned once, not kept open by pyplot
     for name, steps, lam, lrs in series:
         line, = ax.plot(steps, lam, marker="o", ms=3, label=name)
         eos = _eos(lrs, lr)

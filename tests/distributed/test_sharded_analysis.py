@@ -112,8 +112,9 @@ def test_trace_with_the_same_probes(ranks, reference):
     for got in per_rank:
         for method in ref:
             _close(ref[method]["result"], got[method]["result"], f"trace {method}")
-            # the probes are replicated (same seed): one all-reduce per matvec, nothing else
-            assert got[method]["collectives"] == got[method]["matvecs"] > 0
+            # the probes are replicated (same seed): one all-reduce per pass over the data (a
+            # block of probes is one pass), nothing else
+            assert 0 < got[method]["collectives"] <= got[method]["matvecs"]
 
 
 def test_spectral_density(ranks, reference):

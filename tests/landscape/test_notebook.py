@@ -33,6 +33,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert any("<table><caption>EigenResult</caption>" in h for h in html)
     assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)
     assert any("image/png" in o.get("data", {}) for o in outputs)
+    _check_figures_shown_once(nb)
 
 
 @pytest.mark.slow  # about 6 s of CPU, but the kernel start makes it 10-17 s on a busy machine
@@ -60,7 +61,7 @@ def test_edge_of_stability_notebook_executes(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("<caption>TrackerRecord</caption>" in h for h in html)
-    _check_figures_shown_once(nb)
+    _check_images_shown_once(nb)
 
 
 # figures the library returns, a progress bar, then what pyplot still holds open
@@ -73,14 +74,19 @@ _EXTRA_CELLS = [
 ]
 
 
+def _check_images_shown_once(nb):
+    """Every cell that draws shows exactly one image (no pyplot double display)."""
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        images = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+        draws = any(s in cell.source for s in (".plot(", "plot_1d(", "plot_tracker(", "plt.show()"))
+        assert len(images) == (1 if draws else 0), (cell.source[:80], cell.get("outputs"))
+
+
 def _check_figures_shown_once(nb):
     """Every cell that draws shows exactly one image (no pyplot double display), progress
     bars are widgets with ipywidgets (text without it, and no warning), no figure stays open."""
+    _check_images_shown_once(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    for cell in code:
-        images = [o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-        draws = ".plot(" in cell.source or "plot_1d(" in cell.source or "plt.show()" in cell.source
-        assert len(images) == (1 if draws else 0), (cell.source[:80], cell.get("outputs"))
     *figures, last = code[-len(_EXTRA_CELLS):]
     stderr = "".join(o.get("text", "") for c in code for o in c.get("outputs", [])
                      if o.get("name") == "stderr")

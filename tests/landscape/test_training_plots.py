@@ -52,3 +52,21 @@ def test_decaying_lr_keeps_the_curves_readable():
     assert 10 ** pfig.layout.yaxis.range[1] == pytest.approx(20.0)
     assert plotly_tracker(_hist([0.1, 0.1], [3.0, 4.0])).layout.yaxis.range is None
     matplotlib.pyplot.close("all")
+
+
+def test_tracker_and_layer_figures_are_not_kept_open_by_pyplot():
+    """Returned once in Jupyter: pyplot holds no reference (no double display, no pile-up)."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from analysis.blocks import per_layer_spectrum
+    from landscape.layer_plots import plot_layer_spectrum
+
+    plt.close("all")
+    fig = plot_tracker(_hist([0.5, 0.5], [1.0, 2.0]))
+    assert plt.get_fignums() == [] and fig.axes
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    data = (torch.randn(16, 3), torch.randint(0, 2, (16,)))
+    fig = plot_layer_spectrum(per_layer_spectrum(model, "cross_entropy", data, k=1))
+    assert plt.get_fignums() == [] and fig.axes
