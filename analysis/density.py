@@ -110,7 +110,9 @@ def spectral_density(
         block_size: runs advanced in lockstep, their products batched (``op @ V``, one pass
             over the data per step); default 1. Memory: ``block_size`` bases of ``num_iter``
             vectors (``num_iter * n`` numbers per run; a run's basis grows as it goes and is
-            freed when it ends), never the whole ``num_iter * num_runs`` budget.
+            freed when it ends), never the whole ``num_iter * num_runs`` budget. Measured peak
+            (tests/analysis/test_memory.py): at most ``(num_iter + 5) * n`` numbers per run
+            (basis, start vector, product and two temporaries) plus one product's working memory.
         progress: show a tqdm bar over the blocks of runs.
 
     Returns:

@@ -71,7 +71,7 @@ _SCRIPT = textwrap.dedent("""
         out.update(bound=res.memory_bound_bytes)
     elif what == "slq":
         res = spectral_density(op, num_iter=20, num_runs=3)
-        out.update(bound=(20 + 3) * n * 8)
+        out.update(bound=(20 + 5) * n * 8)   # the basis, the start vector, w and two temporaries
     out["delta"] = peak() - base
     out["delta_minus_hvp"] = out["delta"] - hvp
     print(json.dumps(out))
