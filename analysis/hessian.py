@@ -301,35 +301,39 @@ class CurvatureOperator:
 
     def _apply(self, v: torch.Tensor, *, locate: bool = True) -> torch.Tensor:
         v_dict = dict(zip(self._names, self.space.unflatten(v.detach())))
-        out = None
         with model_mode(self.model, self.mode), torch.no_grad(), second_order_attention():
-            state = self._state()
-            self._prepare()
-            if self._cached is not None:
-                total = self.num_terms
-                for pos, (x, y, size, _) in enumerate(self._cached):
-                    hv = self._batch_product(state, v_dict, x, y, size / total, pos)
-                    out = hv if out is None else out.add_(hv)
-            else:
-                local = 0
-                for x, y, size, index in self._batches():
-                    self._check_batch_device(x, index)
-                    hv = self._batch_product(state, v_dict, x, y, float(size))
-                    out = hv if out is None else out.add_(hv)
-                    local += size
-                if self.num_terms is None:
-                    self.num_terms = self._reduce_count(local)
-                if out is None:  # a rank with no batches still joins the all-reduce
-                    out = torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
-                if self.source.shard:
-                    dist.all_reduce_sum(out)  # the weighted sum; N was all-reduced above
-                out = out.div_(self.num_terms)
-                return self._finite(out, v, locate)
-            if out is None:
-                out = torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
-            if self.source.shard:
-                dist.all_reduce_sum(out)
+            out = self._weighted_sum(
+                lambda state, x, y, weight, key: self._batch_product(state, v_dict, x, y, weight, key),
+                lambda: torch.zeros(self.shape[0], device=self.device, dtype=self.dtype))
         return self._finite(out, v, locate)
+
+    def _weighted_sum(self, product, zeros) -> torch.Tensor:
+        """``sum_b N_b P_b / N`` over the data: ``product(state, x, y, weight, key)`` returns
+        ``weight * P_b`` for one batch (``N_b`` its loss terms, ``N`` theirs in all); cached
+        batches come pre-weighted by ``N_b / N``, a loader's are divided by ``N`` at the end.
+        A rank without batches contributes ``zeros()`` to the all-reduce (one per call)."""
+        out = None
+        state = self._state()
+        self._prepare()
+        if self._cached is not None:
+            total = self.num_terms
+            for pos, (x, y, size, _) in enumerate(self._cached):
+                part = product(state, x, y, size / total, pos)
+                out = part if out is None else out.add_(part)
+        else:
+            local = 0
+            for x, y, size, index in self._batches():
+                self._check_batch_device(x, index)
+                part = product(state, x, y, float(size), None)
+                out = part if out is None else out.add_(part)
+                local += size
+            if self.num_terms is None:
+                self.num_terms = self._reduce_count(local)
+        if out is None:  # a rank with no batches still joins the all-reduce
+            out = zeros()
+        if self.source.shard:
+            dist.all_reduce_sum(out)  # the weighted sum; N was all-reduced above
+        return out if self._cached is not None else out.div_(self.num_terms)
 
     def _finite(self, out: torch.Tensor, v: torch.Tensor, locate: bool) -> torch.Tensor:
         if bool(torch.isfinite(out).all()):
@@ -621,31 +625,10 @@ class HessianOperator(CurvatureOperator):
 
     def _block_pass(self, v_dict, rows) -> torch.Tensor:
         """One pass over the data for a ``(b, n)`` block of rows; ``(b, n)`` result."""
-        out = None
         with model_mode(self.model, self.mode), torch.no_grad(), second_order_attention():
-            state = self._state()
-            self._prepare()
-            if self._cached is not None:
-                total = self.num_terms
-                for pos, (x, y, size, _) in enumerate(self._cached):
-                    hv = self._block_product(state, v_dict, x, y, size / total, pos)
-                    out = hv if out is None else out.add_(hv)
-            else:
-                local = 0
-                for x, y, size, index in self._batches():
-                    self._check_batch_device(x, index)
-                    hv = self._block_product(state, v_dict, x, y, float(size))
-                    out = hv if out is None else out.add_(hv)
-                    local += size
-                if self.num_terms is None:
-                    self.num_terms = self._reduce_count(local)
-                if out is not None:
-                    out = out.div_(self.num_terms)
-            if out is None:
-                out = torch.zeros_like(rows)
-            if self.source.shard:
-                dist.all_reduce_sum(out)
-        return out
+            return self._weighted_sum(
+                lambda state, x, y, weight, key: self._block_product(state, v_dict, x, y, weight, key),
+                lambda: torch.zeros_like(rows))
 
     def _flat_block(self, tensors, b: int) -> torch.Tensor:
         cols = [torch.zeros(b, nm, device=self.device, dtype=self.dtype) if t is None
