@@ -773,33 +773,8 @@ def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_iter: int) -> torch.Tenso
     ``T = Q^T H Q`` is the ``(m, m)`` symmetric tridiagonal matrix (float64, on the CPU) of the
     Krylov basis ``Q`` (not kept: it grows with the steps taken, at most ``num_iter * n``
     numbers, plus two vectors). ``m < num_iter`` when the Krylov space is invariant (a lucky
-    breakdown). The diagonal and the norms are accumulated in float64. Used by stochastic
-    Lanczos quadrature (:mod:`analysis.density`).
+    breakdown). The diagonal and the norms are accumulated in float64. The one-column case of
+    :func:`lanczos_tridiagonals`, which stochastic Lanczos quadrature (:mod:`analysis.density`)
+    runs in blocks.
     """
-    n = int(op.shape[0])
-    num_iter = min(int(num_iter), n)
-    device, dtype = op.device, op.dtype
-    eps = torch.finfo(dtype).eps
-    q = v0.to(device=device, dtype=dtype).clone()
-    basis = KrylovBasis(n, num_iter, dtype, device, first=16)
-    basis.set_row(0, q.div_(norm64(q)))
-    del q
-    T = torch.zeros(num_iter, num_iter, dtype=torch.float64)
-    for j in range(num_iter):
-        qj = basis.row(j)
-        w = op.matvec(qj)
-        m = j + 1
-        alpha = dot64(qj, w)
-        basis.subtract(w, basis.project(w, m), m)
-        h2 = basis.project(w, m)
-        basis.subtract(w, h2, m)
-        T[j, j] = alpha + float(h2[j])
-        if j + 1 == num_iter:
-            break
-        beta = norm64(w)
-        scale = float(T[: j + 1, : j + 1].abs().max())
-        if beta <= max(scale, 1e-300) * eps * 10:
-            return T[: j + 1, : j + 1]
-        T[j, j + 1] = T[j + 1, j] = beta
-        basis.set_row(j + 1, w.div_(beta))
-    return T
+    return lanczos_tridiagonals(op, v0.reshape(-1, 1), num_iter)[0]
