@@ -287,6 +287,7 @@ class CurvatureTracker:
         self.ritz_vectors: torch.Tensor | None = None
         self._records: list[TrackerRecord] = []
         self._checks = 0
+        self._determinism_checked = False  # per process: see measure()
         self._probe = None
         if needs_opt:
             from .probes import MechanismProbe
@@ -336,8 +337,12 @@ class CurvatureTracker:
                 or (self.cold_every is not None and self._checks % self.cold_every == 0))
         extra: dict[str, Any] = {}
         with self._at_w():
+            # the model's randomness (dropout modules, a random forward) does not change between
+            # checks: the double evaluation of the probe batch runs at the first check only
             op = HessianOperator(self.model, self.loss_fn, [self.data], mode=self.mode,
-                                 check_deterministic=self.mode == "eval")
+                                 check_deterministic=self.mode == "eval"
+                                 and not self._determinism_checked)
+            self._determinism_checked = True
             kwargs: dict[str, Any] = {"k": self.k, "tol": self.tol, "seed": self.seed + self._checks}
             if self.max_iter is not None:
                 kwargs["max_iter"] = self.max_iter

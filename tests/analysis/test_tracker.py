@@ -259,3 +259,23 @@ def test_bad_types():
         CurvatureTracker(mlp(), "cross_entropy", x)
     with pytest.raises(TypeError, match="nn.Module"):
         CurvatureTracker("model", "cross_entropy", (x, y))
+
+
+def test_a_random_forward_is_refused_at_the_first_check():
+    """The determinism check (two evaluations of the probe batch) runs once, at the first check."""
+    from torch import nn
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return F.dropout(self.lin(x), 0.5, training=True)
+
+    torch.manual_seed(0)
+    data = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    tracker = CurvatureTracker(Noisy(), "cross_entropy", data, every=1)
+    with pytest.raises(ValueError, match="random"):
+        tracker.measure(1)
+    assert len(tracker.history) == 0
