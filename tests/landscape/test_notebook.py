@@ -10,18 +10,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 
 
-@pytest.mark.slow
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+def _execute(path, tmp_path, monkeypatch, *, timeout, extra_cells=()):
+    """Run a notebook top to bottom in a fresh kernel (cells appended in memory, not saved)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nb.cells.extend(nbformat.v4.new_code_cell(src) for src in _EXTRA_CELLS)  # not saved
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.extend(nbformat.v4.new_code_cell(src) for src in extra_cells)
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
+    return nb
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    nb = _execute(NOTEBOOK, tmp_path, monkeypatch, timeout=600, extra_cells=_EXTRA_CELLS)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
@@ -41,15 +47,7 @@ def test_edge_of_stability_notebook_executes(tmp_path, monkeypatch):
     """examples/edge_of_stability.ipynb: two learning rates, lambda_max reaches about 2/lr."""
     import re
 
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    nb = nbformat.read(ROOT / "examples" / "edge_of_stability.ipynb", as_version=4)
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
+    nb = _execute(ROOT / "examples" / "edge_of_stability.ipynb", tmp_path, monkeypatch, timeout=120)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "\n".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
