@@ -14,7 +14,7 @@ from torch import nn
 
 from . import distributed as dist
 from .data import Data, DataSource, as_data, to_device
-from .losses import CausalLMLoss, ModelLoss, OutputLoss, loss_terms
+from .losses import CausalLMLoss, LossFn, ModelLoss, OutputLoss, loss_terms
 from .results import Result
 
 with warnings.catch_warnings():  # widget bars in Jupyter; text bars (and no warning) elsewhere
@@ -32,7 +32,6 @@ __all__ = [
     "model_device_dtype",
 ]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _LOSSES: dict[str, LossFn] = {
     "cross_entropy": OutputLoss(F.cross_entropy),

@@ -46,8 +46,8 @@ from torch.func import functional_call, grad, jvp, vmap
 from . import distributed as dist
 from .attention import second_order_attention
 from .data import Data, DataSource, as_data, to_device
-from .evaluation import LossFn, model_mode, resolve_loss
-from .losses import ModelLoss, logits_of, loss_terms
+from .evaluation import model_mode, resolve_loss
+from .losses import LossFn, ModelLoss, logits_of, loss_terms
 from .params import ParameterSpace
 
 __all__ = [

@@ -47,6 +47,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+#: A loss ``loss_fn(output, target) -> scalar`` (mean over the batch's loss terms).
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 __all__ = [
     "logits_of",
     "loss_terms",

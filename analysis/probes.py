@@ -46,7 +46,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,13 +56,13 @@ from torch import nn
 
 from .data import Data, as_data, batch_size_of, to_device
 from .evaluation import forward, model_device_dtype, model_mode, resolve_loss
+from .losses import LossFn
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 from .sharpness import preserved_state
 
 __all__ = ["MechanismProbe", "PROBES", "feature_rank", "FeatureRankResult", "rank_for_variance"]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Probe names accepted by :meth:`MechanismProbe.log`.
 PROBES = ("cosine", "msam_loss", "angles", "curvature", "profiles", "feature_rank")

@@ -29,9 +29,9 @@ from torch.autograd.functional import hessian, jacobian
 
 from .attention import second_order_attention
 from .data import Data, DataSource, as_data, to_device
-from .evaluation import LossFn, model_mode, resolve_loss
+from .evaluation import model_mode, resolve_loss
 from .hessian import _call
-from .losses import logits_of, loss_terms
+from .losses import LossFn, logits_of, loss_terms
 from .params import ParameterSpace
 
 __all__ = ["dense_hessian", "dense_ggn", "dense_loss_function"]

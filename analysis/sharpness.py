@@ -45,7 +45,7 @@ from . import distributed as dist
 from .checks import check_first_batch
 from .data import Data, DataSource, as_data, to_device
 from .evaluation import correct_count, forward, model_mode, progress_bar, resolve_loss
-from .losses import loss_terms
+from .losses import LossFn, loss_terms
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 
@@ -68,7 +68,6 @@ __all__ = [
     "METRICS",
 ]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Metric names understood by :func:`sharpness_report`.
 METRICS = ("worst", "average", "epsilon", "pac_bayes", "pac_bayes_mag", "lambda_max", "trace")

@@ -180,7 +180,7 @@ class DemoResult(Result):
 
     def table(self) -> str:
         """The summary table printed by ``landscape demo``."""
-        from .cli import format_table
+        from ._format import format_table
 
         rows = [[_LABELS.get(r.optimizer, r.optimizer), 100.0 * r.test_accuracy, r.test_loss,
                  r.seconds_per_epoch, r.lambda_max, r.sharpness] for r in self.runs]

@@ -1429,7 +1429,7 @@ def _config_from_args(args: argparse.Namespace) -> ReproConfig:
 
 def cmd_reproduce(args: argparse.Namespace, ctx: Any = None) -> int:
     """CLI handler of ``landscape reproduce`` (returns the exit code)."""
-    from .cli import CLIError, UsageError
+    from .cli._common import CLIError, UsageError
 
     choices = list(EXPERIMENTS) + ["all", "report"]
     if args.experiment not in choices:
@@ -1580,7 +1580,7 @@ run single experiments (`run_table`, `run_rho_sweep`, ...) with a shared `RunCac
 
 def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``landscape reproduce EXPERIMENT [--quick] [--out DIR] [--seeds N] [--device D]``."""
-    from landscape.cli import _positive_int  # the CLI's argument types (no import cycle)
+    from landscape.cli._common import positive_int as _positive_int
 
     p = subparsers.add_parser(
         "reproduce", help="rerun the MSAM paper's experiments at small scale (digits)",

@@ -74,6 +74,7 @@ from analysis.evaluation import (
     progress_bar,
     resolve_loss,
 )
+from analysis.losses import LossFn
 from analysis.params import ParameterSpace
 from analysis.results import Result
 
@@ -84,7 +85,6 @@ __all__ = ["Slice1D", "Slice2D", "slice_1d", "slice_2d", "interpolate", "METRICS
 #: Metrics a slice can record.
 METRICS = ("loss", "accuracy")
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,20 +42,18 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from landscape._format import format_value
+from landscape._format import format_table, format_value
 from landscape.defaults import cli_default
+
+from ._common import CLIError, UsageError
+from ._common import positive_float as _positive_float
+from ._common import positive_int as _positive_int
 
 __all__ = ["main", "build_parser", "load_object", "load_model", "load_data", "CLIError", "UsageError"]
 
 SCHEMA_VERSION = 1
 
 
-class CLIError(Exception):
-    """A runtime failure reported as one line with exit code 1."""
-
-
-class UsageError(CLIError):
-    """A malformed argument value reported with exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +133,7 @@ def _check_writable(path: str | os.PathLike, what: str = "output") -> pathlib.Pa
 
 
 def _write_text(path: str | os.PathLike, text: str) -> None:
-    from ._atomic import atomic_write
+    from .._atomic import atomic_write
 
     p = _check_writable(path)
     try:
@@ -143,18 +141,6 @@ def _write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
     except OSError as exc:
         raise CLIError(f"cannot write {p}: {exc.strerror or exc}") from None
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table with right-aligned numbers (used by every command and the demo)."""
-    cells = [[format_value(v) for v in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(header)]
-    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(header))]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +306,7 @@ class _Setup:
 
     def load(self, path: pathlib.Path) -> tuple[Any, Any]:
         """A fresh model with the checkpoint's weights, and the :class:`Checkpoint`."""
-        from .checkpoints import load_checkpoint
+        from ..checkpoints import load_checkpoint
 
         model = self.model()
         with warnings.catch_warnings(record=True) as caught:
@@ -329,7 +315,7 @@ class _Setup:
                                    allow_pickle=self.args.trust_pickle, prefix=getattr(self.args, "prefix", None))
         for w in caught:
             self.ctx.log(f"warning: {w.message}")
-        from .report import checkpoint_keys, describe_checkpoint_keys
+        from ..report import checkpoint_keys, describe_checkpoint_keys
 
         text = describe_checkpoint_keys(checkpoint_keys(ckpt))
         if text:
@@ -443,7 +429,7 @@ def _header_problem(path: pathlib.Path) -> str | None:
 def _checkpoints(paths: Sequence[str]) -> list[pathlib.Path]:
     """Expand files and directories; refuse, in one line naming each, files that are not
     readable checkpoints (before anything is computed)."""
-    from .checkpoints import CheckpointError, checkpoint_format, find_checkpoints
+    from ..checkpoints import CheckpointError, checkpoint_format, find_checkpoints
 
     found = find_checkpoints(list(paths))
     problems = []
@@ -506,7 +492,7 @@ def _data_size_check(args: argparse.Namespace, ctx: _Ctx) -> Callable[[Any], Non
 
 
 def _keys_note(records: Sequence[dict], paths: Sequence[pathlib.Path]) -> list[str]:
-    from .report import describe_checkpoint_keys
+    from ..report import describe_checkpoint_keys
 
     notes = []
     for r in records:
@@ -549,7 +535,7 @@ def _raise_failures(failures: Sequence[dict], paths: Sequence[pathlib.Path], kep
 
 
 def cmd_sharpness(args: argparse.Namespace, ctx: _Ctx) -> int:
-    from .report import METRIC_NAMES, checkpoint_keys, checkpoint_metrics
+    from ..report import METRIC_NAMES, checkpoint_keys, checkpoint_metrics
 
     metrics = args.metric or list(METRIC_NAMES[:3])
     if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
@@ -588,7 +574,7 @@ def cmd_sharpness(args: argparse.Namespace, ctx: _Ctx) -> int:
 
 
 def cmd_hessian(args: argparse.Namespace, ctx: _Ctx) -> int:
-    from .report import checkpoint_keys, hessian_summary
+    from ..report import checkpoint_keys, hessian_summary
 
     if args.density:
         _check_writable(args.density, "--density")
@@ -629,11 +615,11 @@ def cmd_hessian(args: argparse.Namespace, ctx: _Ctx) -> int:
     ctx.out(text)
     if args.density and ctx.main:
         if pathlib.Path(args.density).suffix == ".html":
-            from .report import density_figure
+            from ..report import density_figure
 
             fig = density_figure({path.name: summary["density"]})
         else:
-            from .plots import plot_spectral_density
+            from ..plots import plot_spectral_density
 
             fig = plot_spectral_density(summary["density"], label=path.name)
         _save_figure(fig, args.density)
@@ -678,7 +664,7 @@ def _parse_direction(spec: str) -> tuple[str, str | None]:
 
 
 def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
-    from .report import checkpoint_keys, compute_slice
+    from ..report import checkpoint_keys, compute_slice
 
     kind, arg = _parse_direction(args.direction)
     if kind == "interpolate" and args.dims != 1:
@@ -746,7 +732,7 @@ def cmd_slice(args: argparse.Namespace, ctx: _Ctx) -> int:
 def cmd_report(args: argparse.Namespace, ctx: _Ctx) -> int:
     import dataclasses
 
-    from .report import analyze_checkpoint, checkpoint_keys, describe_checkpoint_keys, write_report
+    from ..report import analyze_checkpoint, checkpoint_keys, describe_checkpoint_keys, write_report
 
     if not pathlib.Path(args.out).is_dir() and pathlib.Path(args.out).suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out {args.out}: the report is HTML; use a .html or .htm file")
@@ -788,7 +774,7 @@ def cmd_report(args: argparse.Namespace, ctx: _Ctx) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, ctx: _Ctx) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     if args.threads < 0:
         raise UsageError(f"--threads {args.threads}: must be >= 0")
@@ -815,7 +801,7 @@ def cmd_demo(args: argparse.Namespace, ctx: _Ctx) -> int:
 
 def _save_figure(fig: Any, path: str | os.PathLike) -> None:
     """Write a matplotlib or plotly figure atomically (temporary file + rename)."""
-    from ._atomic import atomic_path, atomic_write
+    from .._atomic import atomic_path, atomic_write
 
     p = _check_writable(path)
     try:
@@ -927,29 +913,9 @@ def _common(p: argparse.ArgumentParser, *, needs_model: bool = True) -> None:
                    help="shard the data across torchrun processes (automatic under torchrun)")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``landscape`` command (subcommands and their options)."""
-    from .report import METRIC_NAMES
+    from ..report import METRIC_NAMES
 
     parser = _Parser(
         prog="landscape",
@@ -1047,12 +1013,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, needs_model=False)
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from . import reproduce
-    except ImportError:
-        reproduce = None  # type: ignore[assignment]
-    if reproduce is not None and hasattr(reproduce, "register_cli"):
-        reproduce.register_cli(sub)
+    from .. import reproduce  # a broken import is an error, never a silently missing command
+
+    reproduce.register_cli(sub)
     return parser
 
 
