@@ -65,7 +65,7 @@ from msam.batchnorm import frozen_batchnorm_stats, recalibrate_batchnorm
 from msam.msam import MSAM, NAG
 from msam.sam import SAM
 
-from ._atomic import atomic_path, atomic_write
+from .._atomic import atomic_path, atomic_write
 
 __all__ = [
     "EXPERIMENTS",
@@ -275,8 +275,8 @@ def digits_problem(config: ReproConfig | None = None, *, data_seed: int = 0) -> 
     The split and the noisy labels are fixed (``data_seed``); seeds vary the initialization and
     the batch order, so optimizers are compared on the same data (paired).
     """
-    from .datasets import load_digits
-    from .models import digits_cnn
+    from ..datasets import load_digits
+    from ..models import digits_cnn
 
     config = config if config is not None else ReproConfig()
     d = load_digits(test_fraction=config.test_fraction, seed=data_seed,
@@ -1083,7 +1083,7 @@ def run_angle(config: ReproConfig | None = None, *, problem: Problem | None = No
 def _slice_loss(model: nn.Module, loss_fn: Any, data: Data, d: torch.Tensor,
                 alphas: Sequence[float]) -> list[float]:
     """``L(w + alpha d)`` for each alpha (eval mode; weights restored exactly)."""
-    from .slices import slice_1d
+    from ..slices import slice_1d
 
     res = slice_1d(model, loss_fn, data, d, list(alphas), metrics=("loss",), batch_size=512,
                    progress=False)
@@ -1103,7 +1103,7 @@ def run_directions(config: ReproConfig | None = None, *, problem: Problem | None
 
     Paper (Fig. 4): SAM- and MSAM-trained models are flatter than SGD's along these directions.
     """
-    from .slices import slice_2d
+    from ..slices import slice_2d
 
     t0 = time.perf_counter()
     config = config if config is not None else ReproConfig()
@@ -1429,7 +1429,7 @@ def _config_from_args(args: argparse.Namespace) -> ReproConfig:
 
 def cmd_reproduce(args: argparse.Namespace, ctx: Any = None) -> int:
     """CLI handler of ``landscape reproduce`` (returns the exit code)."""
-    from .cli._common import CLIError, UsageError
+    from ..cli._common import CLIError, UsageError
 
     choices = list(EXPERIMENTS) + ["all", "report"]
     if args.experiment not in choices:
