@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.directions import momentum_direction
 from landscape import reproduce as R
 
 
@@ -195,7 +196,7 @@ def test_msam_run_is_evaluated_at_the_unperturbed_point():
     run = R.train_run(problem, R.optimizer_specs(config)["MSAM"], 0, config)
     assert run.optimizer.is_perturbed is False
     run.optimizer.train()  # back to w~ = w - rho v / ||v||
-    v = R.momentum_direction(run.optimizer, run.model)
+    v = momentum_direction(run.optimizer, run.model)
     w_tilde = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()])
     run.optimizer.eval()
     w = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()])
