@@ -18,8 +18,8 @@ from .runs import RunCache
 from .stats import _pm, _verdict
 
 RULE = ("reproduced if the mean angle (over batches and seeds) crosses zero at a positive rho_0 and rho_0 is within "
-       "a factor 3 of the best rho of the sweep; not reproduced if it never crosses or is "
-       "off by more than that; inconclusive without a sweep.")
+        "a factor 3 of the best rho of the sweep; not reproduced if it never crosses or is "
+        "off by more than that; inconclusive without a sweep.")
 """The verdict rule, as quoted in the report."""
 
 
@@ -33,6 +33,16 @@ def zero_crossing(xs: Sequence[float], ys: Sequence[float]) -> float | None:
         if y0 > 0 >= y1:
             return xs[i - 1] + (xs[i] - xs[i - 1]) * y0 / (y0 - y1)
     return None
+
+
+def decide(rho_0: float | None, best_rho: float | None) -> str:
+    """The verdict (:data:`RULE`) from the zero crossing ``rho_0`` of the mean angle curve
+    (``None``: no crossing) and the best positive rho of the sweep (``None``: no sweep)."""
+    if rho_0 is None:
+        return "not reproduced"
+    if best_rho is None or best_rho <= 0:
+        return "inconclusive"
+    return _verdict(best_rho / 3 <= rho_0 <= best_rho * 3)
 
 
 def run_angle(config: ReproConfig | None = None, *, problem: Problem | None = None,
@@ -78,12 +88,7 @@ def run_angle(config: ReproConfig | None = None, *, problem: Problem | None = No
         sweep = pathlib.Path(out) / "rho-sweep.json"
         if sweep.exists():
             best_rho = json.loads(sweep.read_text())["data"].get("best_positive_rho")
-    if rho0 is None:
-        verdict = "not reproduced"
-    elif best_rho is None or best_rho <= 0:
-        verdict = "inconclusive"
-    else:
-        verdict = _verdict(best_rho / 3 <= rho0 <= best_rho * 3)
+    verdict = decide(rho0, best_rho)
     ours = (f"rho_0 = {rho0:.2f} (per batch {_pm(crossed, 1, 2)}, {len(crossed)}/{len(batch_r0)} "
             f"batches cross)" if rho0 is not None else f"no zero crossing up to rho = {rhos[-1]:g}")
     ours += f"; best rho of the sweep {best_rho:g}" if best_rho is not None else ""

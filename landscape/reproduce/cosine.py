@@ -6,6 +6,7 @@ import math
 import os
 import pathlib
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,9 +18,21 @@ from .runs import RunCache
 from .stats import _pm, _stats
 
 RULE = ("reproduced if cos(v_{t-1}, g_t) < 0 on more than half of the steps (mean over "
-       "seeds) and |mean cos| over the last 10 % of steps is below |mean cos| over the "
-       "first half.")
+        "seeds) and |mean cos| over the last 10 % of steps is below |mean cos| over the "
+        "first half.")
 """The verdict rule, as quoted in the report."""
+
+
+def decide(fraction_negative: Sequence[float], mean_first_half: Sequence[float],
+           mean_last_10pct: Sequence[float]) -> str:
+    """The verdict (:data:`RULE`) from SGD's per-seed fraction of steps with ``cos < 0`` and
+    mean ``cos`` over the first half and the last 10 % of the steps; inconclusive when any
+    value is not finite (a run too short to have them)."""
+    frac, first, last = list(fraction_negative), list(mean_first_half), list(mean_last_10pct)
+    if not all(math.isfinite(v) for v in frac + first + last):
+        return "inconclusive"
+    ok = (_stats(frac)[0] > 0.5) and (abs(_stats(last)[0]) < abs(_stats(first)[0]))
+    return "reproduced" if ok else "not reproduced"
 
 
 def run_cosine(config: ReproConfig | None = None, *, problem: Problem | None = None,
@@ -51,10 +64,7 @@ def run_cosine(config: ReproConfig | None = None, *, problem: Problem | None = N
     frac = [p["fraction_negative"] for p in per_seed]
     first = [p["mean_first_half"] for p in per_seed]
     last = [p["mean_last_10pct"] for p in per_seed]
-    ok = (_stats(frac)[0] > 0.5) and (abs(_stats(last)[0]) < abs(_stats(first)[0]))
-    verdict = "reproduced" if ok else "not reproduced"
-    if not all(math.isfinite(v) for v in frac + first + last):
-        verdict = "inconclusive"
+    verdict = decide(frac, first, last)
     ours = (f"SGD: cos < 0 on {_pm(frac, 100)} % of steps; mean cos first half "
             f"{_pm(first, 1, 3)}, last 10 % {_pm(last, 1, 3)}")
     msam_means = [float(np.mean(c)) if c else float("nan") for c in series["MSAM"]]

@@ -17,9 +17,20 @@ from .runs import RunCache
 from .stats import _verdict
 
 RULE = ("reproduced if, averaged over training, the curvature along the momentum "
-       "exceeds the curvature along a random direction for SGD, and MSAM's momentum "
-       "curvature is below SGD's.")
+        "exceeds the curvature along a random direction for SGD, and MSAM's momentum "
+        "curvature is below SGD's.")
 """The verdict rule, as quoted in the report."""
+
+
+def decide(mean: dict[str, dict[str, float]]) -> str:
+    """The verdict (:data:`RULE`) from the curvature averaged over training,
+    ``mean[optimizer][direction]`` (directions ``"momentum"``, ``"random"``; optimizers
+    ``"SGD"``, ``"MSAM"``); inconclusive when a momentum curvature is not finite."""
+    if not all(math.isfinite(mean[n]["momentum"]) for n in mean):
+        return "inconclusive"
+    ok_a = mean["SGD"]["momentum"] > mean["SGD"]["random"]
+    ok_b = mean["MSAM"]["momentum"] < mean["SGD"]["momentum"]
+    return _verdict(ok_a and ok_b)
 
 
 def run_curvature(config: ReproConfig | None = None, *, problem: Problem | None = None,
@@ -46,10 +57,7 @@ def run_curvature(config: ReproConfig | None = None, *, problem: Problem | None 
         a = np.asarray(rows[n], dtype=float)
         summary[n] = {k: float(np.nanmean(a[:, i + 1])) for i, k in
                       enumerate(("momentum", "gradient", "random"))}
-    ok_a = summary["SGD"]["momentum"] > summary["SGD"]["random"]
-    ok_b = summary["MSAM"]["momentum"] < summary["SGD"]["momentum"]
-    verdict = _verdict(ok_a and ok_b) if all(
-        math.isfinite(summary[n]["momentum"]) for n in names) else "inconclusive"
+    verdict = decide(summary)
     ours = "; ".join(f"{n}: momentum {s['momentum']:.3g}, gradient {s['gradient']:.3g}, random "
                      f"{s['random']:.3g}" for n, s in summary.items()) + " (mean over training, 1 seed)"
     data = {"rows": {n: rows[n] for n in names}, "columns": ["step", "momentum", "gradient", "random"],

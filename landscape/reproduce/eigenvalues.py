@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from .runs import RunCache
 from .stats import _compare, _pm
 
 RULE = ("reproduced if lambda_1 of SAM and of MSAM are below SGD's by more than the "
-       "standard error; not reproduced if either is above.")
+        "standard error; not reproduced if either is above.")
 """The verdict rule, as quoted in the report."""
 
 
@@ -39,6 +40,14 @@ def _top_eigenvalues(op: HessianOperator, k: int, seed: int) -> list[float]:
     vals = eigsh(lin, k=k, which="LA", v0=rng.standard_normal(lin.shape[0]), tol=1e-4,
                  return_eigenvectors=False)
     return sorted((float(x) for x in vals), reverse=True)
+
+
+def decide(lambda_1: dict[str, Sequence[float]]) -> str:
+    """The verdict (:data:`RULE`) from the per-seed top eigenvalue of SGD, SAM and MSAM."""
+    checks = [_compare(lambda_1[n], lambda_1["SGD"]) for n in ("SAM", "MSAM")]
+    if all(c < 0 for c in checks):
+        return "reproduced"
+    return "not reproduced" if any(c > 0 for c in checks) else "inconclusive"
 
 
 def run_eigenvalues(config: ReproConfig | None = None, *, problem: Problem | None = None,
@@ -64,9 +73,7 @@ def run_eigenvalues(config: ReproConfig | None = None, *, problem: Problem | Non
             op = HessianOperator(run.model, problem.loss, probe, mode="eval", batch_size=512)
             eig[name].append(_top_eigenvalues(op, config.top_k, seed))
     lam1 = {n: [e[0] for e in eig[n]] for n in names}
-    checks = [_compare(lam1[n], lam1["SGD"]) for n in ("SAM", "MSAM")]
-    verdict = "reproduced" if all(c < 0 for c in checks) else (
-        "not reproduced" if any(c > 0 for c in checks) else "inconclusive")
+    verdict = decide(lam1)
     means = {n: np.mean(np.asarray(eig[n]), axis=0).tolist() for n in names}
     ours = "; ".join(f"{n} " + " ".join(f"{x:.2f}" for x in means[n])
                      + f" (lambda_1 {_pm(lam1[n], 1, 2)})" for n in names)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import time
+from typing import Any
 
 import numpy as np
 
@@ -16,10 +17,35 @@ from .runs import RunCache
 from .stats import _compare, _pm, _stats
 
 RULE = ("positive side: the best positive rho beats rho = 0 (SGD) by more than the "
-       "standard error; negative side: the most negative rho is below rho = 0 by more "
-       "than the standard error. Reproduced if both hold, not reproduced if the "
-       "negative side is at least as good as rho = 0 or the positive side does not help.")
+        "standard error; negative side: the most negative rho is below rho = 0 by more "
+        "than the standard error. Reproduced if both hold, not reproduced if the "
+        "negative side is at least as good as rho = 0 or the positive side does not help.")
 """The verdict rule, as quoted in the report."""
+
+
+def _landmarks(points: list[dict[str, Any]]) -> tuple[dict, dict | None, dict | None]:
+    """The ``rho = 0`` point, the best positive rho (by mean test accuracy) and the most
+    negative rho (``None`` when the grid has no such side)."""
+    zero = next(p for p in points if p["rho"] == 0.0)
+    pos = [p for p in points if p["rho"] > 0]
+    neg = [p for p in points if p["rho"] < 0]
+    best_pos = max(pos, key=lambda p: _stats(p["test_acc"])[0]) if pos else None
+    most_neg = min(neg, key=lambda p: p["rho"]) if neg else None
+    return zero, best_pos, most_neg
+
+
+def decide(points: list[dict[str, Any]]) -> str:
+    """The verdict (:data:`RULE`) from the sweep's points ``{"rho", "test_acc": [per seed]}``
+    (one of them at ``rho = 0``)."""
+    zero, best_pos, most_neg = _landmarks(points)
+    helps = _compare(best_pos["test_acc"], zero["test_acc"]) if best_pos else 0
+    hurts = _compare(most_neg["test_acc"], zero["test_acc"]) if most_neg else 0
+    if helps > 0 and hurts < 0:
+        return "reproduced"
+    if (most_neg is not None and _stats(most_neg["test_acc"])[0] >= _stats(zero["test_acc"])[0]) \
+            or helps <= 0:
+        return "not reproduced"
+    return "inconclusive"
 
 
 def run_rho_sweep(config: ReproConfig | None = None, *, problem: Problem | None = None,
@@ -49,21 +75,9 @@ def run_rho_sweep(config: ReproConfig | None = None, *, problem: Problem | None 
         runs = [cache.get(specs[name], s) for s in seeds]
         refs[name] = {"test_acc": [r.final["test_acc"] for r in runs],
                       "train_acc": [r.final["train_acc"] for r in runs]}
-    zero = next(p for p in points if p["rho"] == 0.0)
-    pos = [p for p in points if p["rho"] > 0]
-    neg = [p for p in points if p["rho"] < 0]
-    best_pos = max(pos, key=lambda p: _stats(p["test_acc"])[0]) if pos else None
+    zero, best_pos, most_neg = _landmarks(points)
     best = max(points, key=lambda p: _stats(p["test_acc"])[0])
-    helps = _compare(best_pos["test_acc"], zero["test_acc"]) if best_pos else 0
-    most_neg = min(neg, key=lambda p: p["rho"]) if neg else None
-    hurts = _compare(most_neg["test_acc"], zero["test_acc"]) if most_neg else 0
-    if helps > 0 and hurts < 0:
-        verdict = "reproduced"
-    elif (most_neg is not None and _stats(most_neg["test_acc"])[0] >= _stats(zero["test_acc"])[0]) \
-            or helps <= 0:
-        verdict = "not reproduced"
-    else:
-        verdict = "inconclusive"
+    verdict = decide(points)
     gain = (_stats(best_pos["test_acc"])[0] - _stats(zero["test_acc"])[0]) * 100 if best_pos else float("nan")
     ours = (f"best rho {best['rho']:g}: test {_pm(best['test_acc'], 100)} % vs SGD "
             f"{_pm(zero['test_acc'], 100)} % (best positive rho {best_pos['rho']:g}: {gain:+.1f} points)"

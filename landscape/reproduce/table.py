@@ -18,10 +18,37 @@ from .runs import RunCache
 from .stats import _combine, _compare, _pm, _stats, _verdict
 
 RULE = ("accuracy: MSAM above SGD and NAG by more than the standard error of the difference "
-       "of means (reproduced), below SGD by that much (not reproduced), else inconclusive; "
-       "speed: MSAM >= 0.85x SGD and SAM <= 0.67x SGD; ladder: lr-scaled below MSAM. "
-       "Overall 'partly reproduced' when the parts disagree.")
+        "of means (reproduced), below SGD by that much (not reproduced), else inconclusive; "
+        "speed: MSAM >= 0.85x SGD and SAM <= 0.67x SGD; ladder: lr-scaled below MSAM. "
+        "Overall 'partly reproduced' when the parts disagree.")
 """The verdict rule, as quoted in the report."""
+
+
+def decide(rows: dict[str, dict[str, Any]]) -> tuple[str, dict[str, str]]:
+    """The verdict (:data:`RULE`) and its parts from the table's rows.
+
+    Args:
+        rows: optimizer name -> ``{"test_acc": [per seed], "speed_vs_sgd": float}``; a part is
+            decided only when its optimizers are present.
+
+    Returns:
+        ``(overall, parts)``: ``parts`` maps ``"accuracy"``, ``"speed"``, ``"ladder"`` to
+        ``"reproduced"``, ``"not reproduced"`` or ``"inconclusive"``; ``overall`` combines
+        them (:func:`landscape.reproduce.stats._combine`).
+    """
+    verdicts = {}
+    if {"SGD", "NAG", "MSAM"} <= rows.keys():
+        c_sgd = _compare(rows["MSAM"]["test_acc"], rows["SGD"]["test_acc"])
+        c_nag = _compare(rows["MSAM"]["test_acc"], rows["NAG"]["test_acc"])
+        verdicts["accuracy"] = _verdict(True if (c_sgd > 0 and c_nag > 0) else
+                                        (False if c_sgd < 0 else None))
+    if {"SGD", "SAM", "MSAM"} <= rows.keys():
+        ok = rows["MSAM"]["speed_vs_sgd"] >= 0.85 and rows["SAM"]["speed_vs_sgd"] <= 1 / 1.5
+        verdicts["speed"] = _verdict(ok)
+    if {"MSAM", "MSAM-lr-scaled"} <= rows.keys():
+        c = _compare(rows["MSAM-lr-scaled"]["test_acc"], rows["MSAM"]["test_acc"])
+        verdicts["ladder"] = _verdict(True if c < 0 else (False if c > 0 else None))
+    return _combine(list(verdicts.values())), verdicts
 
 
 def run_table(config: ReproConfig | None = None, *, problem: Problem | None = None,
@@ -58,19 +85,7 @@ def run_table(config: ReproConfig | None = None, *, problem: Problem | None = No
     base_t = _stats(rows["SGD"]["seconds_per_epoch"])[0] if "SGD" in rows else float("nan")
     for r in rows.values():
         r["speed_vs_sgd"] = base_t / _stats(r["seconds_per_epoch"])[0]
-    verdicts = {}
-    if {"SGD", "NAG", "MSAM"} <= rows.keys():
-        c_sgd = _compare(rows["MSAM"]["test_acc"], rows["SGD"]["test_acc"])
-        c_nag = _compare(rows["MSAM"]["test_acc"], rows["NAG"]["test_acc"])
-        verdicts["accuracy"] = _verdict(True if (c_sgd > 0 and c_nag > 0) else
-                                        (False if c_sgd < 0 else None))
-    if {"SGD", "SAM", "MSAM"} <= rows.keys():
-        ok = rows["MSAM"]["speed_vs_sgd"] >= 0.85 and rows["SAM"]["speed_vs_sgd"] <= 1 / 1.5
-        verdicts["speed"] = _verdict(ok)
-    if {"MSAM", "MSAM-lr-scaled"} <= rows.keys():
-        c = _compare(rows["MSAM-lr-scaled"]["test_acc"], rows["MSAM"]["test_acc"])
-        verdicts["ladder"] = _verdict(True if c < 0 else (False if c > 0 else None))
-    overall = _combine(list(verdicts.values()))
+    overall, verdicts = decide(rows)
     ours = "; ".join(
         f"{n} {_pm(r['test_acc'], 100)} % (speed {r['speed_vs_sgd']:.2f})" for n, r in rows.items())
     data = {"rows": rows, "verdicts": verdicts, "seeds": config.seed_list()}
