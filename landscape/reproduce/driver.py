@@ -15,7 +15,7 @@ from .directions import run_directions
 from .eigenvalues import run_eigenvalues
 from .markdown import render_markdown
 from .problems import Problem, digits_problem
-from .results import EXPERIMENT_NAMES, ExperimentResult
+from .results import ExperimentResult
 from .rho_sweep import run_rho_sweep
 from .runs import RunCache
 from .table import run_table
@@ -30,8 +30,6 @@ EXPERIMENTS: dict[str, Callable[..., ExperimentResult]] = {
     "curvature": run_curvature,
 }
 """Experiment name -> function ``f(config, *, problem, out, cache, progress)``."""
-
-assert tuple(EXPERIMENTS) == EXPERIMENT_NAMES
 
 _ORDER = ("curvature", "table", "cosine", "rho-sweep", "angle", "directions", "eigenvalues")
 

@@ -323,6 +323,16 @@ def test_run_cache_reuses_and_upgrades():
 # ------------------------------------------------------------------------------------------------
 # helpers, validation, CLI
 # ------------------------------------------------------------------------------------------------
+def test_experiment_names_agree():
+    """The registry, the order run_all uses and the order load_results reads are one set."""
+    from landscape.reproduce.driver import _ORDER
+    from landscape.reproduce.results import EXPERIMENT_NAMES
+
+    assert tuple(R.EXPERIMENTS) == EXPERIMENT_NAMES
+    assert sorted(_ORDER) == sorted(EXPERIMENT_NAMES) and len(_ORDER) == len(EXPERIMENT_NAMES)
+    assert _ORDER.index("rho-sweep") < _ORDER.index("angle")  # angle reads the sweep's best rho
+
+
 def test_cosine_lr_by_hand():
     assert R._cosine_lr(0.1, 0, 10) == pytest.approx(0.1)
     assert R._cosine_lr(0.1, 5, 10) == pytest.approx(0.05)
