@@ -33,6 +33,7 @@ from .plots import (
 from .report import ReportEntry, analyze_checkpoint, report_html, write_report
 from .slices import Slice1D, Slice2D, interpolate, slice_1d, slice_2d
 from .store import GridStore, StoreCorruptError, StoreMismatchError
+from .training import train_step
 from .training_plots import plot_tracker, plotly_tracker
 
 __all__ = [
@@ -51,4 +52,6 @@ __all__ = [
     "StoreCorruptError",
     # curvature during training
     "plot_tracker", "plotly_tracker",
+    # one training step for every optimizer (SAM through SAM.step)
+    "train_step",
 ]

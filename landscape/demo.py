@@ -59,13 +59,14 @@ from torch import nn
 from analysis.evaluation import evaluate, progress_bar
 from analysis.results import Result, to_jsonable
 from analysis.tracker import CurvatureTracker, TrackerHistory
-from msam.batchnorm import frozen_batchnorm_stats, recalibrate_batchnorm
+from msam.batchnorm import recalibrate_batchnorm
 from msam.sam import SAM
 
 from ._atomic import atomic_write
 from .models import digits_cnn
 from .report import ReportEntry, analyze_checkpoint, write_report
 from .reproduce import ReproConfig, build_optimizer, digits_problem, optimizer_specs
+from .training import train_step
 
 __all__ = ["DemoConfig", "DemoRun", "DemoResult", "run_demo", "demo_model", "demo_data",
            "OPTIMIZERS", "make_optimizer", "PILOT"]
@@ -188,8 +189,9 @@ class DemoResult(Result):
         return format_table(header, rows)
 
 
-def _epoch(model, opt, name, x, y, bs, gen, *, sched=None, tracker=None, step=0) -> tuple[float, int, float]:
-    """One training epoch (the lr schedule stepped per step, the tracker after each step).
+def _epoch(model, opt, x, y, bs, gen, *, sched=None, tracker=None, step=0) -> tuple[float, int, float]:
+    """One training epoch (:func:`landscape.training.train_step` per batch; the lr schedule
+    stepped per step, the tracker after each step).
 
     Returns the sample-weighted mean training loss (at the live weights), the step counter and
     the seconds spent in the tracker (to exclude them from the timing)."""
@@ -199,19 +201,7 @@ def _epoch(model, opt, name, x, y, bs, gen, *, sched=None, tracker=None, step=0)
     tracked = 0.0
     for start in range(0, len(y), bs):
         idx = perm[start:start + bs]
-        xb, yb = x[idx], y[idx]
-        if name == "sam":
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            opt.first_step(zero_grad=True)
-            with frozen_batchnorm_stats(model):
-                F.cross_entropy(model(xb), yb).backward()
-            opt.second_step(zero_grad=True)
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            opt.step()
+        loss = train_step(model, opt, F.cross_entropy, x[idx], y[idx])
         total += loss.detach().double() * len(idx)
         step += 1
         if tracker is not None:
@@ -242,7 +232,7 @@ def _train(name: str, cfg: DemoConfig, init: dict, x, y, test, probe, *, progres
     step = 0
     for _ in progress_bar(range(cfg.epochs), enabled=progress, desc=f"train {label}", unit="epoch"):
         t0 = time.perf_counter()
-        train_loss, step, tracked = _epoch(model, opt, name, x, y, cfg.batch_size, gen,
+        train_loss, step, tracked = _epoch(model, opt, x, y, cfg.batch_size, gen,
                                            sched=sched, tracker=tracker, step=step)
         seconds += time.perf_counter() - t0 - tracked
         hist.append(_test_accuracy(model, opt, test))
@@ -323,8 +313,7 @@ def run_demo(
         torch.set_num_threads(saved_threads)
 
 
-def _run_demo(out_dir, *, quick, epochs, seed, optimizers, config, progress, log) -> DemoResult:
-    say = log or (lambda _msg: None)
+def _resolve_config(config, quick, seed, epochs, optimizers) -> tuple[DemoConfig, list[str]]:
     cfg = config or (DemoConfig.quick() if quick else DemoConfig())
     overrides: dict[str, Any] = {"seed": seed}
     if epochs is not None:
@@ -334,6 +323,70 @@ def _run_demo(out_dir, *, quick, epochs, seed, optimizers, config, progress, log
     bad = [n for n in names if n not in OPTIMIZERS]
     if bad:
         raise ValueError(f"unknown optimizer(s) {bad}; choose from {list(OPTIMIZERS)}")
+    return cfg, names
+
+
+def _save_tracker(tracker, out: pathlib.Path, name: str) -> tuple[tuple, float]:
+    """Write the tracker's CSV; returns its ``(step, lambda_max)`` curve and mean HVPs."""
+    if tracker is None or not len(tracker.history):
+        return (), 0.0
+    (out / "tracker").mkdir(exist_ok=True)
+    tracker.history.to_csv(out / "tracker" / f"{name}.csv")
+    curve = tuple((r.step, r.lambda_max) for r in tracker.history)
+    return curve, sum(r.lanczos_hvps for r in tracker.history) / len(tracker.history)
+
+
+def _finalize(model, opt, cfg: DemoConfig, train: tuple, ck_path: pathlib.Path) -> None:
+    """Move to the unperturbed weights, recompute BatchNorm there, save the checkpoint."""
+    if hasattr(opt, "eval") and hasattr(opt, "is_perturbed"):
+        opt.eval()  # evaluate and save the unperturbed weights w = w~ + rho v/||v||
+        recalibrate_batchnorm(model, train, batch_size=cfg.batch_size)
+    model.eval()
+    with atomic_write(ck_path, "wb") as fh:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "epochs": cfg.epochs, "width": cfg.width}, fh)
+
+
+def _measure(model, label: str, cfg: DemoConfig, analysis_data, te, train_seconds: float,
+             progress: bool) -> ReportEntry:
+    return analyze_checkpoint(
+        model, "cross_entropy", analysis_data, name=label, steps_1d=cfg.steps_1d,
+        steps_2d=cfg.steps_2d, radius=cfg.radius, seed=cfg.seed,
+        sharpness_rho=cfg.sharpness_rho,
+        sharpness_options={"steps": cfg.sharpness_steps, "n_eval": cfg.sharpness_samples,
+                           "m": min(128, len(analysis_data[1]))},
+        density=cfg.density, progress=progress,
+        density_options={"num_iter": cfg.density_iter, "num_runs": cfg.density_runs},
+        info={"test_accuracy": te.accuracy, "seconds_per_epoch": train_seconds / cfg.epochs},
+    )
+
+
+def _write_html(entries, out: pathlib.Path, cfg: DemoConfig, n_train: int, n_test: int,
+                n_an: int, histories, trackers) -> pathlib.Path:
+    return write_report(
+        entries,
+        out / "report.html",
+        title="MSAM demo: SGD, NAG, SAM and MSAM on the bundled digits",
+        intro=(f"digits_cnn(width={cfg.width}) trained for {cfg.epochs} epochs (batch "
+               f"{cfg.batch_size}, lr {cfg.lr} with per-step cosine decay, momentum {cfg.momentum}, "
+               f"weight decay {cfg.weight_decay}; SAM rho={cfg.sam_rho}, MSAM rho={cfg.msam_rho}) "
+               f"on {n_train} training images with {cfg.label_noise:.0%} of the labels flipped "
+               f"(the reproduction's setting; seed {cfg.seed}); test accuracy on {n_test} "
+               f"clean held-out images. Curvature, sharpness and slices on {n_an} training images; "
+               f"lambda_max during training every {cfg.track_every} steps at the unperturbed "
+               "weights (warm-started Lanczos, not counted in s/epoch)."),
+        columns=["test_accuracy", "seconds_per_epoch", "loss", "accuracy", "lambda_max", "sharpness"],
+        extra_figures=_training_figures(histories, trackers, cfg),
+        notes=["loss / accuracy: on the analysis images (training data). sharpness: worst-case "
+               f"adaptive m-sharpness, rho={cfg.sharpness_rho} (Andriushchenko et al. 2023). "
+               "lambda_max: top eigenvalue of the training-loss Hessian (Lanczos). Wall times are "
+               "measured on this machine, including whatever else it was running."],
+    )
+
+
+def _run_demo(out_dir, *, quick, epochs, seed, optimizers, config, progress, log) -> DemoResult:
+    say = log or (lambda _msg: None)
+    cfg, names = _resolve_config(config, quick, seed, epochs, optimizers)
     out = pathlib.Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -354,35 +407,15 @@ def _run_demo(out_dir, *, quick, epochs, seed, optimizers, config, progress, log
         label = _LABELS[name]
         model, opt, hist, train_loss, train_seconds, tracker = _train(
             name, cfg, init, x, y, test, analysis_data, progress=progress)
-        curve: tuple[tuple[int, float], ...] = ()
-        hvps = 0.0
-        if tracker is not None and len(tracker.history):
+        curve, hvps = _save_tracker(tracker, out, name)
+        if curve:
             trackers[label] = tracker.history
-            (out / "tracker").mkdir(exist_ok=True)
-            tracker.history.to_csv(out / "tracker" / f"{name}.csv")
-            curve = tuple((r.step, r.lambda_max) for r in tracker.history)
-            hvps = sum(r.lanczos_hvps for r in tracker.history) / len(tracker.history)
-        if hasattr(opt, "eval") and hasattr(opt, "is_perturbed"):
-            opt.eval()  # evaluate and save the unperturbed weights w = w~ + rho v/||v||
-            recalibrate_batchnorm(model, (x, y), batch_size=cfg.batch_size)
-        model.eval()
         ck_path = out / "checkpoints" / f"{name}.pt"
-        with atomic_write(ck_path, "wb") as fh:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "epochs": cfg.epochs, "width": cfg.width}, fh)
+        _finalize(model, opt, cfg, (x, y), ck_path)
         te = evaluate(model, "cross_entropy", test, batch_size=512)
         say(f"{label}: trained {cfg.epochs} epochs in {train_seconds:.1f} s, test accuracy "
             f"{100 * te.accuracy:.2f}%; measuring")
-        entry = analyze_checkpoint(
-            model, "cross_entropy", analysis_data, name=label, steps_1d=cfg.steps_1d,
-            steps_2d=cfg.steps_2d, radius=cfg.radius, seed=cfg.seed,
-            sharpness_rho=cfg.sharpness_rho,
-            sharpness_options={"steps": cfg.sharpness_steps, "n_eval": cfg.sharpness_samples,
-                               "m": min(128, n_an)},
-            density=cfg.density, progress=progress,
-            density_options={"num_iter": cfg.density_iter, "num_runs": cfg.density_runs},
-            info={"test_accuracy": te.accuracy, "seconds_per_epoch": train_seconds / cfg.epochs},
-        )
+        entry = _measure(model, label, cfg, analysis_data, te, train_seconds, progress)
         entries.append(entry)
         histories[label] = hist
         runs.append(DemoRun(
@@ -393,25 +426,7 @@ def _run_demo(out_dir, *, quick, epochs, seed, optimizers, config, progress, log
             checkpoint=str(ck_path), lambda_max_curve=curve, tracker_hvps=hvps,
         ))
 
-    report = write_report(
-        entries,
-        out / "report.html",
-        title="MSAM demo: SGD, NAG, SAM and MSAM on the bundled digits",
-        intro=(f"digits_cnn(width={cfg.width}) trained for {cfg.epochs} epochs (batch "
-               f"{cfg.batch_size}, lr {cfg.lr} with per-step cosine decay, momentum {cfg.momentum}, "
-               f"weight decay {cfg.weight_decay}; SAM rho={cfg.sam_rho}, MSAM rho={cfg.msam_rho}) "
-               f"on {len(y)} training images with {cfg.label_noise:.0%} of the labels flipped "
-               f"(the reproduction's setting; seed {cfg.seed}); test accuracy on {len(test[1])} "
-               f"clean held-out images. Curvature, sharpness and slices on {n_an} training images; "
-               f"lambda_max during training every {cfg.track_every} steps at the unperturbed "
-               "weights (warm-started Lanczos, not counted in s/epoch)."),
-        columns=["test_accuracy", "seconds_per_epoch", "loss", "accuracy", "lambda_max", "sharpness"],
-        extra_figures=_training_figures(histories, trackers, cfg),
-        notes=["loss / accuracy: on the analysis images (training data). sharpness: worst-case "
-               f"adaptive m-sharpness, rho={cfg.sharpness_rho} (Andriushchenko et al. 2023). "
-               "lambda_max: top eigenvalue of the training-loss Hessian (Lanczos). Wall times are "
-               "measured on this machine, including whatever else it was running."],
-    )
+    report = _write_html(entries, out, cfg, len(y), len(test[1]), n_an, histories, trackers)
     result = DemoResult(runs=tuple(runs), report=str(report), config=dict(cfg.__dict__),
                         seconds=time.perf_counter() - t_start)
     with atomic_write(out / "summary.json") as fh:

@@ -1013,9 +1013,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, needs_model=False)
     p.set_defaults(func=cmd_demo)
 
-    from .. import reproduce  # a broken import is an error, never a silently missing command
+    from . import (
+        reproduce as _reproduce_cmd,  # a broken import is an error, never a silently missing command
+    )
 
-    reproduce.register_cli(sub)
+    _reproduce_cmd.register(sub)
     return parser
 
 

@@ -101,6 +101,26 @@ def test_make_optimizer_types():
         run_demo("unused", optimizers=["adam"])
 
 
+def test_demo_optimizers_are_the_reproduction_factory():
+    """make_optimizer is build_optimizer with the demo's settings threaded through (non-default
+    values, so a setting that is dropped on the way shows up)."""
+    from landscape.reproduce import build_optimizer, optimizer_specs
+
+    cfg = DemoConfig(lr=0.3, momentum=0.8, weight_decay=1e-3, sam_rho=0.2, msam_rho=2.5)
+    rc = cfg.repro()
+    labels = {"sgd": "SGD", "nag": "NAG", "sam": "SAM", "msam": "MSAM"}
+    params = list(digits_cnn(2).parameters())
+    for name in OPTIMIZERS:
+        a = make_optimizer(name, params, cfg)
+        b = build_optimizer(optimizer_specs(rc)[labels[name]], params, rc)
+        assert type(a) is type(b)
+        strip = [{k: v for k, v in g.items() if k != "params"} for g in a.param_groups]
+        assert strip == [{k: v for k, v in g.items() if k != "params"} for g in b.param_groups]
+        assert strip[0]["lr"] == 0.3 and strip[0]["momentum"] == 0.8
+    assert make_optimizer("sam", params, cfg).param_groups[0]["rho"] == 0.2
+    assert make_optimizer("msam", params, cfg).param_groups[0]["rho"] == 2.5
+
+
 @pytest.mark.slow
 def test_demo_command_quick(tmp_path):
     """`landscape demo --quick` through the real entry point (what `make demo` runs, shrunk)."""

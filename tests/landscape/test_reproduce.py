@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis.directions import momentum_direction
 from landscape import reproduce as R
 
 
@@ -51,10 +52,9 @@ def quick_results(quick, tmp_path_factory):
 def test_quick_experiment_writes_json_and_figure(quick_results, name):
     out, results = quick_results
     res = results[name]
-    assert isinstance(res, R.ExperimentResult)
     assert res.experiment == name and res.verdict in VERDICTS
     doc = json.loads((out / f"{name}.json").read_text(), parse_constant=lambda c: pytest.fail(c))
-    assert doc["experiment"] == name
+    assert doc == json.loads(json.dumps(res.to_dict()))  # the JSON is the returned result
     assert doc["verdict"] == res.verdict
     assert doc["config"]["smoke"] is True
     assert doc["command"].startswith(f"landscape reproduce {name} --quick")
@@ -89,6 +89,41 @@ def test_quick_numbers_are_sane(quick_results, quick):
     curv = results["curvature"].data["rows"]
     assert all(len(row) == 4 for rows_ in curv.values() for row in rows_)
     assert curv["SGD"][0][0] == 1  # first probe after step 1
+
+
+def _recomputed_verdict(name, data):
+    """The experiment's rule (its module's decide) applied to the numbers it recorded."""
+    from landscape.reproduce import (
+        angle,
+        cosine,
+        curvature,
+        directions,
+        eigenvalues,
+        rho_sweep,
+        table,
+    )
+
+    if name == "table":
+        overall, parts = table.decide(data["rows"])
+        assert parts == data["verdicts"]
+        return overall
+    if name == "cosine":
+        ps = data["per_seed"]
+        return cosine.decide([p["fraction_negative"] for p in ps],
+                             [p["mean_first_half"] for p in ps], [p["mean_last_10pct"] for p in ps])
+    return {"rho-sweep": lambda: rho_sweep.decide(data["points"]),
+            "angle": lambda: angle.decide(data["rho_0"], data["best_rho"]),
+            "directions": lambda: directions.decide(data["sharpness"]),
+            "eigenvalues": lambda: eigenvalues.decide(data["lambda_1"]),
+            "curvature": lambda: curvature.decide(data["mean"])}[name]()
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_recorded_verdict_is_the_rule_on_the_recorded_numbers(quick_results, name):
+    _, results = quick_results
+    res = results[name]
+    assert res.verdict == _recomputed_verdict(name, res.data)
+    assert res.rule == R._RULES[name]
 
 
 def test_markdown_report(quick_results, tmp_path):
@@ -171,6 +206,50 @@ def test_sgd_run_matches_hand_written_loop():
     assert run.final["test_acc"] == pytest.approx(acc)
 
 
+def test_sam_run_matches_hand_written_two_pass_loop():
+    """SAM through train_run (SAM.step via landscape.training.train_step) is the hand-written
+    first_step / second pass with BatchNorm frozen / second_step loop, bit for bit."""
+    from msam.batchnorm import frozen_batchnorm_stats
+    from msam.sam import SAM
+
+    x, y = _tiny_problem()[1:]
+
+    def model_fn(s):
+        torch.manual_seed(s)
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+    problem = R.Problem(model_fn, (x, y), (x[:16], y[:16]), name="tiny-bn")
+    config = _config(rho_sam=0.1)
+    run = R.train_run(problem, R.optimizer_specs(config)["SAM"], 4, config)
+    model = model_fn(4).double()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=config.lr, momentum=0.9,
+              weight_decay=1e-3)
+    gen = torch.Generator().manual_seed(10_000 + 4)
+    total, step, cos = config.epochs * 3, 0, []
+    for _ in range(config.epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 16):
+            idx = perm[i:i + 16]
+            xb, yb = x[idx].double(), y[idx]
+            for group in opt.param_groups:
+                group["lr"] = 0.5 * config.lr * (1 + math.cos(math.pi * step / total))
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            if step > 0:  # cos(v, g) with g the gradient at w (before the ascent)
+                v = torch.cat([opt.base_optimizer.state[p]["momentum_buffer"].reshape(-1)
+                               for p in model.parameters()])
+                g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+                cos.append(float(v @ g / (v.norm() * g.norm())))
+            opt.first_step(zero_grad=True)
+            with frozen_batchnorm_stats(model):
+                F.cross_entropy(model(xb), yb).backward()
+            opt.second_step(zero_grad=True)
+            step += 1
+    for a, b in zip(run.model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    np.testing.assert_allclose(run.history["cos"], cos, rtol=1e-10, atol=1e-12)
+
+
 def test_msam_rho_zero_is_sgd_and_probes_do_not_change_the_run():
     problem, _, _ = _tiny_problem()
     config = _config()
@@ -195,7 +274,7 @@ def test_msam_run_is_evaluated_at_the_unperturbed_point():
     run = R.train_run(problem, R.optimizer_specs(config)["MSAM"], 0, config)
     assert run.optimizer.is_perturbed is False
     run.optimizer.train()  # back to w~ = w - rho v / ||v||
-    v = R.momentum_direction(run.optimizer, run.model)
+    v = momentum_direction(run.optimizer, run.model)
     w_tilde = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()])
     run.optimizer.eval()
     w = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()])
@@ -244,29 +323,21 @@ def test_run_cache_reuses_and_upgrades():
 # ------------------------------------------------------------------------------------------------
 # helpers, validation, CLI
 # ------------------------------------------------------------------------------------------------
-def test_zero_crossing():
-    xs = [0.0, 1.0, 2.0, 4.0]
-    assert R.zero_crossing(xs, [3.0, 1.0, -1.0, -5.0]) == pytest.approx(1.5)
-    assert R.zero_crossing(xs, [2.0, 1.0, 0.5, 0.25]) is None
-    assert R.zero_crossing(xs, [-1.0, 1.0, 2.0, 3.0]) is None  # upward crossing is not rho_0
-    assert R.zero_crossing(xs, [1.0, 0.0, -1.0, -2.0]) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="differ in length"):
-        R.zero_crossing([0.0, 1.0], [1.0])
+def test_experiment_names_agree():
+    """The registry, the order run_all uses and the order load_results reads are one set."""
+    from landscape.reproduce.driver import _ORDER
+    from landscape.reproduce.results import EXPERIMENT_NAMES
+
+    assert tuple(R.EXPERIMENTS) == EXPERIMENT_NAMES
+    assert sorted(_ORDER) == sorted(EXPERIMENT_NAMES) and len(_ORDER) == len(EXPERIMENT_NAMES)
+    assert _ORDER.index("rho-sweep") < _ORDER.index("angle")  # angle reads the sweep's best rho
 
 
-def test_statistics_helpers():
-    m, s = R._stats([1.0, 2.0, 3.0])
-    assert m == pytest.approx(2.0) and s == pytest.approx(1.0)
-    assert R._stats([5.0]) == (5.0, 0.0)
-    assert R._compare([0.9, 0.91, 0.92], [0.80, 0.81, 0.82]) == 1
-    assert R._compare([0.80, 0.81, 0.82], [0.9, 0.91, 0.92]) == -1
-    assert R._compare([0.80, 0.90], [0.81, 0.89]) == 0
-    assert R._combine(["reproduced", "reproduced"]) == "reproduced"
-    assert R._combine(["reproduced", "not reproduced"]) == "partly reproduced"
-    assert R._combine(["inconclusive", "not reproduced"]) == "inconclusive"
+def test_cosine_lr_by_hand():
     assert R._cosine_lr(0.1, 0, 10) == pytest.approx(0.1)
     assert R._cosine_lr(0.1, 5, 10) == pytest.approx(0.05)
     assert R._cosine_lr(0.1, 10, 10) == pytest.approx(0.0)
+    assert R._cosine_lr(0.1, 0, 0) == pytest.approx(0.1)  # no division by zero
 
 
 def test_config_and_problem_validation():
@@ -316,3 +387,16 @@ def test_cli(tmp_path, capsys):
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["results"][0]["experiment"] == "cosine"
     assert "| cosine |" in capsys.readouterr().out
+
+
+def test_library_does_not_import_the_cli():
+    """landscape.reproduce and landscape.demo stand without the command line (which imports
+    them): importing them in a fresh interpreter loads no landscape.cli module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, landscape.reproduce, landscape.demo, landscape.training; "
+            "print(sorted(m for m in sys.modules if m.startswith('landscape.cli')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
