@@ -41,13 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed as dist
-from .checks import check_first_batch
-from .data import Data, DataSource, as_data, to_device
-from .evaluation import correct_count, forward, model_mode, progress_bar, resolve_loss
-from .losses import LossFn, loss_terms
-from .params import ParameterSpace
-from .results import Result, to_jsonable
+from .. import distributed as dist
+from ..checks import check_first_batch
+from ..data import Data, DataSource, as_data, to_device
+from ..evaluation import correct_count, forward, model_mode, progress_bar, resolve_loss
+from ..losses import LossFn, loss_terms
+from ..params import ParameterSpace
+from ..results import Result, to_jsonable
 
 #: ``m=None`` in :func:`sharpness` means ``min(DEFAULT_M, N)`` (N: the number of samples).
 DEFAULT_M = 128
@@ -1183,15 +1183,15 @@ def _report_keywords(metric: str) -> set[str]:
     elif metric in ("pac_bayes", "pac_bayes_mag"):
         fn = pac_bayes_flatness
     elif metric == "lambda_max":
-        from .lanczos import top_eigenpairs as fn
+        from ..lanczos import top_eigenpairs as fn
     else:
-        from .trace import hessian_trace as fn
+        from ..trace import hessian_trace as fn
     def kw_only(f: Callable) -> set[str]:
         return {n for n, p in inspect.signature(f).parameters.items() if p.kind == p.KEYWORD_ONLY}
 
     keys = kw_only(fn)
     if metric == "lambda_max":  # top_eigenpairs(model, ...) builds the operator from these
-        from .hessian import CurvatureOperator
+        from ..hessian import CurvatureOperator
 
         keys |= kw_only(CurvatureOperator.__init__)
     elif metric == "trace":  # the report builds the operator itself, with this mode
@@ -1275,14 +1275,14 @@ def sharpness_report(
             res = pac_bayes_flatness(model, loss_fn, data, progress=progress, **kw)
             val = res.flatness
         elif name == "lambda_max":
-            from .lanczos import top_eigenpairs
+            from ..lanczos import top_eigenpairs
 
             with preserved_state(model):
                 res = top_eigenpairs(model, loss_fn, data, **kw)
             val = float(res.eigenvalues[0])
         else:  # trace
-            from .hessian import HessianOperator
-            from .trace import hessian_trace
+            from ..hessian import HessianOperator
+            from ..trace import hessian_trace
 
             kw.pop("seed", None)
             op_mode = kw.pop("mode", mode)
