@@ -49,6 +49,7 @@ from .results import Result, to_jsonable
 
 __all__ = [
     "NORMALIZATIONS",
+    "as_direction",
     "random_direction",
     "gradient_direction",
     "momentum_direction",
@@ -81,16 +82,53 @@ def _check_options(normalization: str | None, ignore: str | None) -> None:
         raise ValueError(f"ignore must be 'biasbn' or None, got {ignore!r}")
 
 
-def _as_direction(d: Any, space: ParameterSpace, what: str = "direction") -> torch.Tensor:
-    """Validate ``d`` against ``space`` and return it on the space's device and dtype."""
-    if isinstance(d, np.ndarray):
-        d = torch.from_numpy(d)
-    if not isinstance(d, torch.Tensor):
-        raise TypeError(f"{what} must be a flat torch.Tensor, got {type(d).__name__}")
-    space.check_vector(d, what)
-    if not d.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor, got dtype {d.dtype}")
-    return d.detach().to(device=space.device, dtype=space.dtype)
+def as_direction(direction: Any, space: ParameterSpace, what: str = "direction", *,
+                 nonzero: str | None = None) -> torch.Tensor:
+    """A direction checked against ``space``, returned flat, detached and contiguous on the
+    space's device and in its dtype (the one validator of the toolkit's directions).
+
+    Accepted: a flat tensor or numpy array over the space (ParameterSpace order), a list or
+    tuple of per-parameter tensors (one per parameter, in order) or a ``{name: tensor}`` dict
+    with exactly the space's names.
+
+    Args:
+        direction: the direction.
+        space: the parameter space it lives in.
+        what: its name in error messages.
+        nonzero: refuse the zero vector, with this reason appended to the message (default
+            ``None``: zero is allowed).
+
+    Raises:
+        TypeError: not a tensor, a list of tensors or a dict; not floating point.
+        ValueError: the wrong length or shapes, dict keys that do not match, non-finite
+            entries, or the zero vector when ``nonzero`` is given.
+    """
+    if isinstance(direction, np.ndarray):
+        direction = torch.from_numpy(direction)
+    if isinstance(direction, Mapping):
+        missing = [n for n in space.names if n not in direction]
+        extra = [n for n in direction if n not in space.names]
+        if missing or extra:
+            raise ValueError(f"{what} keys do not match the parameters: missing {missing}, "
+                             f"unexpected {extra}")
+        direction = [direction[n] for n in space.names]
+    if isinstance(direction, (list, tuple)):
+        if not all(isinstance(t, (torch.Tensor, np.ndarray)) for t in direction):
+            raise TypeError(f"{what} must be a flat tensor, a list of per-parameter tensors or a "
+                            "dict; got a list that is not all tensors")
+        direction = space.flatten([torch.as_tensor(t) for t in direction])
+    if not isinstance(direction, torch.Tensor):
+        raise TypeError(f"{what} must be a flat torch.Tensor, a list of tensors or a dict, got "
+                        f"{type(direction).__name__}")
+    if not direction.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got dtype {direction.dtype}")
+    space.check_vector(direction, what)
+    d = direction.detach().to(device=space.device, dtype=space.dtype).contiguous()
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError(f"{what} contains non-finite values")
+    if nonzero is not None and not bool((d != 0).any()):
+        raise ValueError(f"{what} is the zero vector (zero norm); {nonzero}")
+    return d
 
 
 def normalize_direction(
@@ -132,7 +170,7 @@ def normalize_direction(
     """
     _check_options(normalization, ignore)
     space = _space(model, params)
-    d = _as_direction(direction, space).clone()
+    d = as_direction(direction, space).clone()
     views = space.unflatten(d)
     weights = [p.detach() for p in space.params]
     if ignore == "biasbn":
@@ -161,6 +199,14 @@ def normalize_direction(
             wn = torch.linalg.vector_norm(w2, dim=1, keepdim=True)
             dn = torch.linalg.vector_norm(v2, dim=1, keepdim=True)
             v2.mul_(torch.where(dn > 0, wn / torch.where(dn > 0, dn, 1), 0))
+    return d
+
+
+def _project_out(d: torch.Tensor, basis: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One Gram-Schmidt pass: ``d <- d - (d . q) q`` for each unit vector ``q`` of the
+    orthonormal ``basis`` in turn (modified Gram-Schmidt), in ``d``'s dtype."""
+    for q in basis:
+        d = d - (d @ q) * q
     return d
 
 
@@ -205,9 +251,7 @@ def orthogonalize(
             raise ValueError(
                 f"against[{i}] has shape {tuple(b.shape)}, direction has {tuple(direction.shape)}"
             )
-        u = b.detach().to(device=d.device, dtype=torch.float64)
-        for q in basis:
-            u = u - (u @ q) * q
+        u = _project_out(b.detach().to(device=d.device, dtype=torch.float64), basis)
         nu = torch.linalg.vector_norm(u)
         if not nu > 0:
             raise ValueError(
@@ -215,10 +259,7 @@ def orthogonalize(
             )
         basis.append(u / nu)
     norm0 = torch.linalg.vector_norm(d)
-    for q in basis:
-        d = d - (d @ q) * q
-    for q in basis:  # a second pass for full accuracy
-        d = d - (d @ q) * q
+    d = _project_out(_project_out(d, basis), basis)  # a second pass for full accuracy
     nd = torch.linalg.vector_norm(d)
     if not nd > 1e-12 * max(float(norm0), 1e-300):
         raise ValueError("direction lies in the span of `against`; the orthogonalized direction is zero")
@@ -266,7 +307,7 @@ def random_direction(
     d = normalize_direction(raw.to(device=space.device, dtype=space.dtype), space, normalization, ignore)
     if orthogonal_to is not None:
         against = [orthogonal_to] if isinstance(orthogonal_to, torch.Tensor) else list(orthogonal_to)
-        against = [_as_direction(a, space, "orthogonal_to") for a in against]
+        against = [as_direction(a, space, "orthogonal_to") for a in against]
         d = orthogonalize(d, against, keep_norm=True)
     return d
 
