@@ -4,7 +4,7 @@ the weights, maximized by L-BFGS-B (as Keskar et al.) or APGD."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,37 +120,9 @@ def epsilon_sharpness(
         w0 = space.vector()
         ev = _Evaluator(model, loss_fn, space, w0, counter)
         l0 = _full_loss(ev, source, None, "at the unperturbed weights")
-        bound = eps * (w0.abs() + 1)
         bar = progress_bar(range(int(steps)), enabled=progress, desc="epsilon sharpness")
-        bar_iter = iter(bar)
-        if method == "apgd":
-            def objective(delta, need_grad, where):
-                next(bar_iter, None)
-                if need_grad:
-                    return _full_loss(ev, source, delta, where, need_grad=True)
-                return _full_loss(ev, source, delta, where), None
-
-            c = w0.abs() + 1
-            u0 = (2 * torch.rand(space.numel, generator=gen, dtype=torch.float64) - 1) * (0.01 * eps)
-            best = _apgd(objective, c, u0.to(space.device, space.dtype), eps, "linf", int(steps))
-        else:
-            from scipy.optimize import Bounds, minimize
-
-            ub = bound.detach().cpu().double().numpy()
-            best_seen = [-math.inf]
-
-            def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
-                next(bar_iter, None)
-                delta = torch.from_numpy(z).to(device=space.device, dtype=space.dtype)
-                f, g = _full_loss(ev, source, delta, "during L-BFGS-B", need_grad=True)
-                best_seen[0] = max(best_seen[0], f)
-                return -f, -g.detach().cpu().double().numpy()
-
-            x0 = ((2 * torch.rand(space.numel, generator=gen, dtype=torch.float64) - 1).numpy()
-                  * ub * 0.01)
-            minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=Bounds(-ub, ub),
-                     options={"maxiter": int(steps)})
-            best = best_seen[0]
+        maximize = _apgd_max if method == "apgd" else _lbfgsb_max
+        best = maximize(ev, source, w0, eps, int(steps), gen, iter(bar))
     best = max(best, l0)
     return EpsilonSharpnessResult(
         value=100.0 * (best - l0) / (1.0 + l0),
@@ -164,3 +136,45 @@ def epsilon_sharpness(
         num_samples=_global_num_samples(source, space.device),
         **counter.as_dict(),
     )
+
+
+def _apgd_max(ev: _Evaluator, source: DataSource, w0: torch.Tensor, eps: float, steps: int,
+              gen: torch.Generator, bar_iter: Iterator) -> float:
+    """The largest full-data loss APGD finds in the L-inf box ``|z_i| <= eps (|w_i| + 1)``
+    (``u = z / (|w| + 1)``, started at a tiny seeded random point)."""
+    space = ev.space
+
+    def objective(delta, need_grad, where):
+        next(bar_iter, None)
+        if need_grad:
+            return _full_loss(ev, source, delta, where, need_grad=True)
+        return _full_loss(ev, source, delta, where), None
+
+    c = w0.abs() + 1
+    u0 = (2 * torch.rand(space.numel, generator=gen, dtype=torch.float64) - 1) * (0.01 * eps)
+    return _apgd(objective, c, u0.to(space.device, space.dtype), eps, "linf", steps)
+
+
+def _lbfgsb_max(ev: _Evaluator, source: DataSource, w0: torch.Tensor, eps: float, steps: int,
+                gen: torch.Generator, bar_iter: Iterator) -> float:
+    """The largest full-data loss seen by scipy's L-BFGS-B minimizing ``-L`` with the box
+    ``|z_i| <= eps (|w_i| + 1)`` as bounds (Keskar et al. 2017), ``steps`` iterations from a
+    tiny seeded random point."""
+    from scipy.optimize import Bounds, minimize
+
+    space = ev.space
+    ub = (eps * (w0.abs() + 1)).detach().cpu().double().numpy()
+    best_seen = [-math.inf]
+
+    def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
+        next(bar_iter, None)
+        delta = torch.from_numpy(z).to(device=space.device, dtype=space.dtype)
+        f, g = _full_loss(ev, source, delta, "during L-BFGS-B", need_grad=True)
+        best_seen[0] = max(best_seen[0], f)
+        return -f, -g.detach().cpu().double().numpy()
+
+    x0 = ((2 * torch.rand(space.numel, generator=gen, dtype=torch.float64) - 1).numpy()
+          * ub * 0.01)
+    minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=Bounds(-ub, ub),
+             options={"maxiter": steps})
+    return best_seen[0]
