@@ -13,6 +13,7 @@ from .density import SpectralDensity, spectral_density
 from .directions import (
     NORMALIZATIONS,
     PCADirections,
+    as_direction,
     gradient_direction,
     interpolation_direction,
     momentum_direction,
@@ -59,7 +60,7 @@ from .losses import CausalLMLoss, ModelLoss, OutputLoss, logits_of, loss_terms
 from .params import ParameterSpace, flatten, unflatten
 from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
 from .reference import dense_ggn, dense_hessian
-from .results import Result, to_jsonable
+from .results import COST_FIELDS, CostedResult, Result, to_jsonable
 from .sharpness import METRICS as SHARPNESS_METRICS
 from .sharpness import (
     DirectionalSharpnessResult,
@@ -69,6 +70,7 @@ from .sharpness import (
     SharpnessResult,
     directional_sharpness,
     epsilon_sharpness,
+    loss_along_line,
     pac_bayes_flatness,
     preserved_state,
     sharpness,
@@ -94,11 +96,12 @@ __all__ = [
     # directions
     "NORMALIZATIONS", "random_direction", "gradient_direction", "momentum_direction",
     "interpolation_direction", "pca_directions", "PCADirections", "orthogonalize",
-    "normalize_direction",
+    "normalize_direction", "as_direction",
     # sharpness
     "sharpness", "epsilon_sharpness", "pac_bayes_flatness", "directional_sharpness",
     "sharpness_report", "SharpnessResult", "EpsilonSharpnessResult", "PacBayesResult",
     "DirectionalSharpnessResult", "SharpnessReport", "SHARPNESS_METRICS", "preserved_state",
+    "loss_along_line", "CostedResult", "COST_FIELDS",
     # probes
     "MechanismProbe", "PROBES", "feature_rank", "FeatureRankResult", "rank_for_variance",
     # distributed

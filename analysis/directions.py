@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,10 +44,11 @@ from .checks import check_first_batch
 from .data import Data, as_data, to_device
 from .evaluation import forward, model_mode, resolve_loss
 from .params import ParameterSpace
-from .results import Result, to_jsonable
+from .pca import _BN_BUFFER_SUFFIXES, PCADirections, _NameSpace, _state_vector, pca_directions  # noqa: F401
 
 __all__ = [
     "NORMALIZATIONS",
+    "as_direction",
     "random_direction",
     "gradient_direction",
     "momentum_direction",
@@ -63,7 +63,6 @@ __all__ = [
 NORMALIZATIONS = ("filter", "layer", "model", None)
 _IGNORES = ("biasbn", None)
 _MOMENTUM_KEYS = ("momentum_buffer", "exp_avg")
-_BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _space(model: nn.Module, params: Sequence[str | nn.Parameter] | None) -> ParameterSpace:
@@ -81,16 +80,53 @@ def _check_options(normalization: str | None, ignore: str | None) -> None:
         raise ValueError(f"ignore must be 'biasbn' or None, got {ignore!r}")
 
 
-def _as_direction(d: Any, space: ParameterSpace, what: str = "direction") -> torch.Tensor:
-    """Validate ``d`` against ``space`` and return it on the space's device and dtype."""
-    if isinstance(d, np.ndarray):
-        d = torch.from_numpy(d)
-    if not isinstance(d, torch.Tensor):
-        raise TypeError(f"{what} must be a flat torch.Tensor, got {type(d).__name__}")
-    space.check_vector(d, what)
-    if not d.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor, got dtype {d.dtype}")
-    return d.detach().to(device=space.device, dtype=space.dtype)
+def as_direction(direction: Any, space: ParameterSpace, what: str = "direction", *,
+                 nonzero: str | None = None) -> torch.Tensor:
+    """A direction checked against ``space``, returned flat, detached and contiguous on the
+    space's device and in its dtype (the one validator of the toolkit's directions).
+
+    Accepted: a flat tensor or numpy array over the space (ParameterSpace order), a list or
+    tuple of per-parameter tensors (one per parameter, in order) or a ``{name: tensor}`` dict
+    with exactly the space's names.
+
+    Args:
+        direction: the direction.
+        space: the parameter space it lives in.
+        what: its name in error messages.
+        nonzero: refuse the zero vector, with this reason appended to the message (default
+            ``None``: zero is allowed).
+
+    Raises:
+        TypeError: not a tensor, a list of tensors or a dict; not floating point.
+        ValueError: the wrong length or shapes, dict keys that do not match, non-finite
+            entries, or the zero vector when ``nonzero`` is given.
+    """
+    if isinstance(direction, np.ndarray):
+        direction = torch.from_numpy(direction)
+    if isinstance(direction, Mapping):
+        missing = [n for n in space.names if n not in direction]
+        extra = [n for n in direction if n not in space.names]
+        if missing or extra:
+            raise ValueError(f"{what} keys do not match the parameters: missing {missing}, "
+                             f"unexpected {extra}")
+        direction = [direction[n] for n in space.names]
+    if isinstance(direction, (list, tuple)):
+        if not all(isinstance(t, (torch.Tensor, np.ndarray)) for t in direction):
+            raise TypeError(f"{what} must be a flat tensor, a list of per-parameter tensors or a "
+                            "dict; got a list that is not all tensors")
+        direction = space.flatten([torch.as_tensor(t) for t in direction])
+    if not isinstance(direction, torch.Tensor):
+        raise TypeError(f"{what} must be a flat torch.Tensor, a list of tensors or a dict, got "
+                        f"{type(direction).__name__}")
+    if not direction.is_floating_point():
+        raise TypeError(f"{what} must be floating point, got dtype {direction.dtype}")
+    space.check_vector(direction, what)
+    d = direction.detach().to(device=space.device, dtype=space.dtype).contiguous()
+    if not bool(torch.isfinite(d).all()):
+        raise ValueError(f"{what} contains non-finite values")
+    if nonzero is not None and not bool((d != 0).any()):
+        raise ValueError(f"{what} is the zero vector (zero norm); {nonzero}")
+    return d
 
 
 def normalize_direction(
@@ -132,7 +168,7 @@ def normalize_direction(
     """
     _check_options(normalization, ignore)
     space = _space(model, params)
-    d = _as_direction(direction, space).clone()
+    d = as_direction(direction, space).clone()
     views = space.unflatten(d)
     weights = [p.detach() for p in space.params]
     if ignore == "biasbn":
@@ -161,6 +197,14 @@ def normalize_direction(
             wn = torch.linalg.vector_norm(w2, dim=1, keepdim=True)
             dn = torch.linalg.vector_norm(v2, dim=1, keepdim=True)
             v2.mul_(torch.where(dn > 0, wn / torch.where(dn > 0, dn, 1), 0))
+    return d
+
+
+def _project_out(d: torch.Tensor, basis: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One Gram-Schmidt pass: ``d <- d - (d . q) q`` for each unit vector ``q`` of the
+    orthonormal ``basis`` in turn (modified Gram-Schmidt), in ``d``'s dtype."""
+    for q in basis:
+        d = d - (d @ q) * q
     return d
 
 
@@ -205,9 +249,7 @@ def orthogonalize(
             raise ValueError(
                 f"against[{i}] has shape {tuple(b.shape)}, direction has {tuple(direction.shape)}"
             )
-        u = b.detach().to(device=d.device, dtype=torch.float64)
-        for q in basis:
-            u = u - (u @ q) * q
+        u = _project_out(b.detach().to(device=d.device, dtype=torch.float64), basis)
         nu = torch.linalg.vector_norm(u)
         if not nu > 0:
             raise ValueError(
@@ -215,10 +257,7 @@ def orthogonalize(
             )
         basis.append(u / nu)
     norm0 = torch.linalg.vector_norm(d)
-    for q in basis:
-        d = d - (d @ q) * q
-    for q in basis:  # a second pass for full accuracy
-        d = d - (d @ q) * q
+    d = _project_out(_project_out(d, basis), basis)  # a second pass for full accuracy
     nd = torch.linalg.vector_norm(d)
     if not nd > 1e-12 * max(float(norm0), 1e-300):
         raise ValueError("direction lies in the span of `against`; the orthogonalized direction is zero")
@@ -266,7 +305,7 @@ def random_direction(
     d = normalize_direction(raw.to(device=space.device, dtype=space.dtype), space, normalization, ignore)
     if orthogonal_to is not None:
         against = [orthogonal_to] if isinstance(orthogonal_to, torch.Tensor) else list(orthogonal_to)
-        against = [_as_direction(a, space, "orthogonal_to") for a in against]
+        against = [as_direction(a, space, "orthogonal_to") for a in against]
         d = orthogonalize(d, against, keep_norm=True)
     return d
 
@@ -409,29 +448,6 @@ def momentum_direction(
     ])
 
 
-def _state_vector(obj: Any, space: ParameterSpace, what: str) -> torch.Tensor:
-    """Flat parameter vector of a model or a state_dict, in ``space``'s order and dtype."""
-    if isinstance(obj, nn.Module):
-        named = dict(obj.named_parameters())
-    elif isinstance(obj, Mapping):
-        named = obj
-    else:
-        raise TypeError(f"{what} must be an nn.Module or a state_dict, got {type(obj).__name__}")
-    parts = []
-    for name, shape in zip(space.names, space.shapes):
-        if name not in named:
-            raise ValueError(f"{what} has no parameter {name!r}")
-        t = named[name]
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what}[{name!r}] is a {type(t).__name__}, not a tensor")
-        if t.shape != shape:
-            raise ValueError(
-                f"{what}[{name!r}] has shape {tuple(t.shape)}, expected {tuple(shape)}"
-            )
-        parts.append(t.detach().reshape(-1).to(device=space.device, dtype=space.dtype))
-    return torch.cat(parts)
-
-
 def interpolation_direction(
     model_a: nn.Module,
     model_b: nn.Module | Mapping[str, torch.Tensor],
@@ -456,134 +472,3 @@ def interpolation_direction(
     """
     space = _space(model_a, params)
     return _state_vector(model_b, space, "model_b") - space.vector()
-
-
-class _NameSpace:
-    """A stand-in for ParameterSpace built from a state_dict (names, shapes, device, dtype)."""
-
-    def __init__(self, sd: Mapping[str, torch.Tensor]):
-        keys = [
-            k for k, v in sd.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point()
-            and not k.endswith(_BN_BUFFER_SUFFIXES)
-        ]
-        if not keys:
-            raise ValueError("the checkpoint has no floating-point parameters")
-        self.names = keys
-        self.shapes = [sd[k].shape for k in keys]
-        self.device = sd[keys[0]].device
-        self.dtype = sd[keys[0]].dtype
-
-
-@dataclass(frozen=True, repr=False)
-class PCADirections(Result):
-    """Principal directions of a trajectory (from :func:`pca_directions`).
-
-    Attributes:
-        directions: ``(k, n)`` tensor whose rows are unit-norm flat directions (first = largest
-            variance), so ``d1, d2 = result.directions`` unpacks them.
-        explained_variance_ratio: fraction of the trajectory's variance along each direction.
-        singular_values: the singular values of the (centered) trajectory matrix.
-        coordinates: ``(m, k)`` array, the projection ``(w_i - w_final) . d_j`` of each
-            checkpoint (the final point sits at the origin), for drawing the path on a 2-D slice.
-        names: names of the parameters spanning the space.
-    """
-
-    directions: torch.Tensor
-    explained_variance_ratio: np.ndarray
-    singular_values: np.ndarray
-    coordinates: np.ndarray
-    names: tuple
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe summary (the direction vectors themselves are summarized by their length)."""
-        out = {f: to_jsonable(getattr(self, f)) for f in
-               ("explained_variance_ratio", "singular_values", "coordinates")}
-        out["directions"] = [{"numel": int(d.numel()), "norm": float(d.norm())} for d in self.directions]
-        out["names"] = list(self.names)
-        return out
-
-
-def pca_directions(
-    checkpoints: Sequence[nn.Module | Mapping[str, torch.Tensor]],
-    k: int = 2,
-    *,
-    final: nn.Module | Mapping[str, torch.Tensor] | None = None,
-    model: nn.Module | None = None,
-    center: bool = True,
-) -> PCADirections:
-    """The top-``k`` PCA directions of a training trajectory (Li et al. 2018, Sec. 7).
-
-    With checkpoints ``w_1..w_m`` and the final point ``w_final`` (default: the last
-    checkpoint), the rows ``x_i = w_i - w_final`` form ``M`` (``m x n``); with ``center=True``
-    (default, as Li et al., who use scikit-learn's PCA) the row mean is subtracted first. The
-    directions are the top right singular vectors of ``M`` (unit norm) and the explained
-    variance ratio is ``s_j^2 / sum_i s_i^2``. Computed in float64 through the ``m x m`` Gram
-    matrix, so memory is ``m * n`` floats.
-
-    Args:
-        checkpoints: models or state_dicts (at least 2).
-        k: number of directions (at most ``m - 1`` when centered, ``m`` otherwise).
-        final: the reference point (default: the last checkpoint).
-        model: defines the parameter space (names, device, dtype). Default: the first checkpoint
-            if it is a model; for state_dicts without a model, every floating-point entry except
-            BatchNorm running statistics.
-        center: subtract the mean of the rows before the decomposition.
-
-    Returns:
-        :class:`PCADirections` (directions in the space's device and dtype).
-
-    Raises:
-        ValueError: for fewer than 2 checkpoints, a bad ``k``, mismatched checkpoints, or a
-            trajectory with no variance.
-    """
-    checkpoints = list(checkpoints)
-    if len(checkpoints) < 2:
-        raise ValueError(f"pca_directions needs at least 2 checkpoints, got {len(checkpoints)}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if model is not None:
-        space: Any = _space(model, None)
-    elif isinstance(checkpoints[0], nn.Module):
-        space = _space(checkpoints[0], None)
-    elif isinstance(checkpoints[0], Mapping):
-        space = _NameSpace(checkpoints[0])
-    else:
-        raise TypeError(
-            f"checkpoints must be models or state_dicts, got {type(checkpoints[0]).__name__}"
-        )
-    ref = final if final is not None else checkpoints[-1]
-    w_final = _state_vector(ref, space, "final").to(torch.float64)
-    rows = torch.stack([
-        _state_vector(c, space, f"checkpoints[{i}]").to(torch.float64) - w_final
-        for i, c in enumerate(checkpoints)
-    ])
-    m = rows.shape[0]
-    mat = rows - rows.mean(dim=0, keepdim=True) if center else rows
-    rank_max = m - 1 if center else m
-    if k > rank_max:
-        raise ValueError(f"k={k} exceeds the number of available components ({rank_max}) for {m} checkpoints")
-    gram = mat @ mat.T
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
-    total = evals.sum()
-    if not total > 0:
-        raise ValueError("the checkpoints are all identical: the trajectory has no variance")
-    s = evals.sqrt()
-    if not s[k - 1] > 1e-12 * s[0]:
-        raise ValueError(f"the trajectory spans fewer than k={k} dimensions")
-    dirs = (mat.T @ evecs[:, :k]) / s[:k]  # (n, k), unit columns
-    for j in range(k):  # deterministic sign: the largest-magnitude entry is positive
-        col = dirs[:, j]
-        if col[col.abs().argmax()] < 0:
-            dirs[:, j] = -col
-    coords = rows @ dirs
-    directions = dirs.T.to(device=space.device, dtype=space.dtype).contiguous()
-    return PCADirections(
-        directions=directions,
-        explained_variance_ratio=(evals[:k] / total).cpu().numpy(),
-        singular_values=s.cpu().numpy(),
-        coordinates=coords.cpu().numpy(),
-        names=tuple(space.names),
-    )
-

@@ -55,11 +55,13 @@ import torch
 from torch import nn
 
 from .data import Data, as_data, batch_size_of, to_device
+from .directions import _project_out
 from .evaluation import forward, model_device_dtype, model_mode, resolve_loss
 from .losses import LossFn
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 from .sharpness import preserved_state
+from .sharpness.directional import loss_along_line
 
 __all__ = ["MechanismProbe", "PROBES", "feature_rank", "FeatureRankResult", "rank_for_variance"]
 
@@ -424,7 +426,7 @@ class MechanismProbe:
                 raise ValueError("the batch gradient is zero; the angles are undefined")
             _, g_sam = self._grad(x, y, w, (rho_sam / gn) * g_sgd, "at the SAM point")
             e1 = g_sam / g_sam.norm()
-            e2 = g_sgd - (g_sgd @ e1) * e1
+            e2 = _project_out(g_sgd, [e1])
             e2n = e2.norm()
             if not bool(e2n > 0):
                 raise ValueError("g_SGD and g_SAM are parallel; the plane is undefined")
@@ -494,16 +496,14 @@ class MechanismProbe:
         x, y, _ = self._batch(batch)
         out: dict[str, Any] = {"radii": r}
         with self._at_w() as w:
-            l0 = self._loss(x, y, w, None, "at w")
+            def loss_at(delta: torch.Tensor | None, where: str) -> float:
+                return self._loss(x, y, w, delta, where)
+
+            l0 = loss_at(None, "at w")
             for name in directions:
                 d = self._direction(name, x, y, w)
-                dn = float(d.norm())
-                if not dn > 0:
-                    raise ValueError(f"the {name} direction is zero")
-                u = d / dn
-                out[f"profile_{name}"] = [
-                    self._loss(x, y, w, ri * u, f"at r={ri} along {name}") - l0 for ri in r
-                ]
+                _, losses, _ = loss_along_line(loss_at, d, r, origin=l0, what=f"{name} direction")
+                out[f"profile_{name}"] = [li - l0 for li in losses]
         return out
 
     def feature_rank(self, batch: Any, layer: str | nn.Module | None = None,

@@ -1,5 +1,6 @@
-"""Base class for the toolkit's small result dataclasses: ``to_dict()`` for JSON, a readable
-repr and an HTML table in Jupyter."""
+"""Base classes for the toolkit's small result dataclasses: ``to_dict()`` for JSON, a readable
+repr and an HTML table in Jupyter; :class:`CostedResult` adds the pass-count fields a metric's
+result ends with."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Result", "to_jsonable"]
+__all__ = ["Result", "CostedResult", "COST_FIELDS", "to_jsonable"]
+
+#: The cost fields of a :class:`CostedResult`, in this order: batch-level forward and backward
+#: calls, and the samples they covered.
+COST_FIELDS = ("forward_passes", "backward_passes", "forward_samples", "backward_samples")
 
 
 def to_jsonable(value: Any) -> Any:
@@ -73,3 +78,29 @@ class Result:
             for f in dataclasses.fields(self)  # type: ignore[arg-type]
         )
         return f"<table><caption>{type(self).__name__}</caption>{rows}</table>"
+
+
+class CostedResult(Result):
+    """Mixin for a metric's frozen dataclass that records its cost: the ``int`` fields of
+    :data:`COST_FIELDS` (``forward_passes``, ``backward_passes``, ``forward_samples``,
+    ``backward_samples``), defined once here.
+
+    A subclass lists only its own fields; the cost fields are added to its annotations before
+    ``@dataclass`` reads them, right after its fields without a default (required fields cannot
+    follow defaulted ones), so ``to_dict()``, ``repr`` and the constructor keep the order
+    "own required fields, cost fields, own defaulted fields".
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        inherited = any(set(COST_FIELDS) & set(getattr(base, "__dataclass_fields__", {}))
+                        for base in cls.__mro__[1:])
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        if inherited or set(COST_FIELDS) & set(own):
+            return
+        names = list(own)
+        cut = next((i for i, n in enumerate(names) if n in cls.__dict__), len(names))
+        merged = {n: own[n] for n in names[:cut]}
+        merged.update({n: "int" for n in COST_FIELDS})
+        merged.update({n: own[n] for n in names[cut:]})
+        cls.__annotations__ = merged

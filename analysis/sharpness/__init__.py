@@ -1,0 +1,80 @@
+"""Sharpness metrics: worst-case and average (adaptive, m-) sharpness, Keskar's epsilon-sharpness,
+PAC-Bayes flatness, directional sharpness, and a report computing a chosen set in one call.
+
+Definitions (``L_B`` the batch-mean loss, ``c = |w|`` for adaptive metrics, ``c = 1`` otherwise):
+
+* worst-case m-sharpness (Andriushchenko et al. 2023, "A Modern Look at the Relationship between
+  Sharpness and Generalization"; adaptive: Kwon et al. 2021, ASAM)::
+
+      S_max = mean_B [ max_{||delta / c||_p <= rho} L_B(w + delta) - L_B(w) ]
+
+  every batch ``B`` of ``m`` samples is maximized on its own by APGD (Croce & Hein 2020):
+  ``steps`` iterations of projected ascent in the normalized coordinates ``u = delta / c``
+  (step ``2 rho``, momentum 0.75, step halving at the checkpoints
+  ``0, 0.22, 0.41, 0.57, ... * steps`` when too few steps improved or the best value stalled).
+* average sharpness: ``S_avg = mean_B E_{delta ~ N(0, rho^2 diag(c^2))}[L_B(w + delta) - L_B(w)]``.
+* epsilon-sharpness (Keskar et al. 2017): ``100 * (max_{|z_i| <= eps (|w_i| + 1)} L(w + z) - L(w))
+  / (1 + L(w))`` on the whole data, maximized by L-BFGS-B (as Keskar et al.) or APGD.
+* PAC-Bayes flatness (Jiang et al. 2020, "Fantastic Generalization Measures"): ``1 / sigma'^2``
+  with ``sigma'`` the largest noise scale such that ``w + u``, ``u ~ N(0, sigma^2 I)`` (plain) or
+  ``u_i ~ N(0, sigma^2 w_i^2 + 1e-6)`` (magnitude-aware), lowers the training accuracy by
+  ``target`` (0.1) on average; found by bisection with common random numbers.
+* directional sharpness (MSAM paper, Fig. 4): ``L(w + r d / ||d||) - L(w)`` for each radius ``r``.
+
+Every function leaves the model exactly as it found it (parameters, buffers such as BatchNorm
+running statistics, ``.grad``, ``requires_grad`` and train/eval flags, bit for bit, also on
+error) and never touches the global random number generator. Every result records the number
+of forward and backward passes (batch-level calls, and the samples they covered) it used.
+
+Modules: :mod:`.apgd` (the ascent), :mod:`.m_sharpness` (worst-case and average),
+:mod:`.epsilon`, :mod:`.pac_bayes`, :mod:`.directional`, :mod:`.report`; :mod:`.state`
+(``preserved_state``) and ``_common`` (argument checks, pass counting, the full-data loss) are
+shared by all of them. Every name is importable from ``analysis.sharpness`` as before the split.
+"""
+
+from __future__ import annotations
+
+# private helpers, reachable from the old module path for code written against it
+from ._common import (  # noqa: F401
+    _check_flag,
+    _check_mode,
+    _check_model,
+    _check_positive,
+    _check_seed,
+    _Counter,
+    _Evaluator,
+    _full_loss,
+    _global_num_samples,
+    _nonfinite,
+    _scalar_loss,
+)
+from .apgd import _apgd, _ascent_direction, _project, _random_start, apgd_checkpoints  # noqa: F401
+from .directional import (  # noqa: F401
+    DirectionalSharpnessResult,
+    LossAt,
+    as_flat_direction,
+    directional_sharpness,
+    loss_along_line,
+)
+from .epsilon import EpsilonSharpnessResult, epsilon_sharpness
+from .m_sharpness import DEFAULT_M, SharpnessResult, _cat, _m_batches, _take, sharpness  # noqa: F401
+from .pac_bayes import PacBayesResult, pac_bayes_flatness
+from .report import _REPORT_DEFAULTS, METRICS, SharpnessReport, _report_keywords, sharpness_report  # noqa: F401
+from .state import preserved_state
+
+__all__ = [
+    "SharpnessResult",
+    "EpsilonSharpnessResult",
+    "PacBayesResult",
+    "DirectionalSharpnessResult",
+    "SharpnessReport",
+    "sharpness",
+    "epsilon_sharpness",
+    "pac_bayes_flatness",
+    "directional_sharpness",
+    "loss_along_line",
+    "sharpness_report",
+    "preserved_state",
+    "apgd_checkpoints",
+    "METRICS",
+]

@@ -1,0 +1,176 @@
+"""What every sharpness metric shares: argument checks, pass counting, the evaluator that writes
+``w0 + delta`` into the model, and the sample-weighted loss over a whole data source."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import distributed as dist
+from ..data import DataSource, to_device
+from ..evaluation import correct_count, forward
+from ..losses import LossFn, loss_terms
+from ..params import ParameterSpace
+from ..results import COST_FIELDS
+
+
+class _Counter:
+    """Counts batch-level forward and backward passes and the samples they covered."""
+
+    def __init__(self) -> None:
+        self.forward = 0
+        self.backward = 0
+        self.forward_samples = 0
+        self.backward_samples = 0
+
+    def add(self, n: int, backward: bool) -> None:
+        self.forward += 1
+        self.forward_samples += n
+        if backward:
+            self.backward += 1
+            self.backward_samples += n
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts under the result classes' cost field names (:data:`COST_FIELDS`)."""
+        counts = (self.forward, self.backward, self.forward_samples, self.backward_samples)
+        return dict(zip(COST_FIELDS, counts))
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+
+
+def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+    if integer:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(float(value)) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def _check_mode(mode: Any) -> None:
+    if mode not in (None, "eval", "train"):
+        raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
+
+
+def _scalar_loss(loss: Any, where: str) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"loss_fn must return a scalar tensor (the batch mean), got {shape} {where}")
+    return loss
+
+
+def _nonfinite(value: float, where: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"the loss is {value} {where}; the model or loss_fn produced a non-finite value "
+        "(check the weights, the inputs and the perturbation radius)"
+    )
+
+
+class _Evaluator:
+    """Loss (and gradient) of a batch at ``w0 + delta``, written into the model in place."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, space: ParameterSpace, w0: torch.Tensor,
+                 counter: _Counter):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.space = space
+        self.w0 = w0
+        self.counter = counter
+
+    def set(self, delta: torch.Tensor | None) -> None:
+        if delta is None:
+            self.space.copy_(self.w0)
+        else:
+            self.space.copy_(self.w0 + delta)
+
+    def loss(self, x: Any, y: Any, n: int, where: str) -> torch.Tensor:
+        with torch.no_grad():
+            loss = _scalar_loss(self.loss_fn(forward(self.model, x), y), where)
+        self.counter.add(n, backward=False)
+        return loss.detach()
+
+    def loss_grad(self, x: Any, y: Any, n: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            loss = _scalar_loss(self.loss_fn(forward(self.model, x), y), where)
+            if not loss.requires_grad:
+                raise ValueError(f"the loss does not depend on the trainable parameters {where}")
+            grads = torch.autograd.grad(loss, self.space.params, allow_unused=True)
+        self.counter.add(n, backward=True)
+        return loss.detach(), self.space.flatten(list(grads))
+
+
+def _global_num_samples(source: DataSource, device: torch.device) -> int:
+    """The data set's sample count ``N``, summed over ranks when the source is sharded."""
+    n = source.num_samples()
+    if source.shard:
+        t = torch.tensor([float(n)], dtype=torch.float64, device=device)
+        n = int(dist.all_reduce_sum(t).item())
+    return n
+
+
+def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, where: str,
+               need_grad: bool = False, accuracy: bool = False):
+    """Sample-weighted loss (and gradient, or accuracy) over the whole source at ``w0 + delta``."""
+    ev.set(delta)
+    space = ev.space
+    stats = torch.zeros(3, dtype=torch.float64, device=space.device)  # sum n L, sum correct, N
+    grad = torch.zeros(space.numel, dtype=torch.float64, device=space.device) if need_grad else None
+    for batch in source:
+        x = to_device(batch.inputs, space.device, space.dtype)
+        y = to_device(batch.targets, space.device, space.dtype)
+        w = f"{where} on batch {batch.index}"
+        terms = loss_terms(ev.loss_fn, x, y, batch.size)  # samples, or tokens for an LM loss
+        if need_grad:
+            loss, g = ev.loss_grad(x, y, batch.size, w)
+            grad += g.double() * terms
+        elif accuracy:
+            with torch.no_grad():
+                out = forward(ev.model, x)
+                loss = _scalar_loss(ev.loss_fn(out, y), w)
+                corr = correct_count(out, y)
+            ev.counter.add(batch.size, backward=False)
+            if corr is None:
+                raise ValueError(
+                    "pac_bayes_flatness needs class-index targets and (N, classes) outputs to "
+                    f"measure accuracy; batch {batch.index} has outputs of shape "
+                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+                )
+            stats[1] += corr
+        else:
+            loss = ev.loss(x, y, batch.size, w)
+        stats[0] += loss.double() * terms
+        stats[2] += terms
+    if source.shard:
+        packed = stats if grad is None else torch.cat([stats, grad])
+        dist.all_reduce_sum(packed)
+        stats = packed[:3]
+        if grad is not None:
+            grad = packed[3:]
+    n = stats[2]
+    loss = float(stats[0] / n)
+    if not math.isfinite(loss):
+        raise _nonfinite(loss, where)
+    if need_grad:
+        return loss, (grad / n).to(space.dtype)
+    if accuracy:
+        return loss, float(stats[1] / n)
+    return loss

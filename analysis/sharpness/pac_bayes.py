@@ -1,0 +1,204 @@
+"""PAC-Bayes flatness (Jiang et al. 2020, "Fantastic Generalization Measures"): ``1 / sigma'^2``
+with ``sigma'`` the noise scale that lowers the training accuracy by ``target``, found by
+bracketing and bisection with common random numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..checks import check_first_batch
+from ..data import Data, DataSource, as_data
+from ..evaluation import model_mode, progress_bar, resolve_loss
+from ..losses import LossFn
+from ..params import ParameterSpace
+from ..results import CostedResult
+from ._common import (
+    _check_flag,
+    _check_mode,
+    _check_model,
+    _check_positive,
+    _check_seed,
+    _Counter,
+    _Evaluator,
+    _full_loss,
+    _global_num_samples,
+)
+from .state import preserved_state
+
+__all__ = ["PacBayesResult", "pac_bayes_flatness"]
+
+
+@dataclass(frozen=True, repr=False)
+class PacBayesResult(CostedResult):
+    """Jiang et al.'s PAC-Bayes flatness ``1 / sigma'^2``.
+
+    Attributes:
+        flatness: ``1 / sigma^2`` (larger means flatter).
+        sigma: the noise scale found (relative to ``|w_i|`` when magnitude-aware).
+        deviation: the mean accuracy drop measured at ``sigma``.
+        accuracy: the unperturbed training accuracy.
+        magnitude_aware, target, draws, seed, mode: the settings used.
+        evaluations: number of sigmas tried (bracketing and bisection).
+        num_samples, forward_passes, backward_passes, forward_samples, backward_samples: cost.
+    """
+
+    flatness: float
+    sigma: float
+    deviation: float
+    accuracy: float
+    magnitude_aware: bool
+    target: float
+    draws: int
+    seed: int
+    mode: str | None
+    evaluations: int
+    num_samples: int
+
+
+def pac_bayes_flatness(
+    model: nn.Module,
+    loss_fn: str | LossFn | None,
+    data: Data | DataSource,
+    *,
+    magnitude_aware: bool = False,
+    target: float = 0.1,
+    draws: int = 10,
+    sigma_max: float = 1.0,
+    tolerance: float = 0.01,
+    max_evaluations: int = 40,
+    seed: int = 0,
+    mode: str | None = "eval",
+    batch_size: int | None = None,
+    params: Sequence[str | nn.Parameter] | None = None,
+    progress: bool = False,
+    check_deterministic: bool = True,
+) -> PacBayesResult:
+    """PAC-Bayes flatness of Jiang et al. (2020): ``1 / sigma'^2``.
+
+    ``sigma'`` is the noise scale at which the mean training accuracy over ``draws`` noisy
+    copies drops by ``target`` (default 0.1): ``acc(w) - mean_k acc(w + u_k) ~= target`` with
+    ``u_k = sigma z_k`` (plain) or ``u_k,i = sqrt(sigma^2 w_i^2 + 1e-6) z_k,i``
+    (``magnitude_aware=True``), ``z_k ~ N(0, I)`` drawn from a private seeded generator and
+    reused for every ``sigma`` (common random numbers make the deviation monotone in practice).
+    The bracket ``[0, sigma_max]`` is doubled until the deviation exceeds ``target``, then
+    bisected until ``|deviation - target| <= tolerance`` or ``max_evaluations``.
+
+    Cost: ``draws`` forward passes over the data per evaluated sigma, plus one.
+
+    Args:
+        model, loss_fn, data: as in :func:`sharpness`; targets must be class indices.
+        magnitude_aware: the magnitude-aware variant (default False).
+        target: accuracy drop defining ``sigma'`` (default 0.1).
+        draws: noise draws per sigma (default 10).
+        sigma_max: initial upper end of the bracket (default 1.0; doubled as needed).
+        tolerance: accepted ``|deviation - target|`` (default 0.01).
+        max_evaluations: cap on evaluated sigmas (default 40).
+        seed, mode, batch_size, params, progress: as elsewhere.
+        check_deterministic: refuse a random forward (see :func:`sharpness`).
+
+    Returns:
+        :class:`PacBayesResult`.
+
+    Raises:
+        ValueError: non-classification data, a ``target`` the accuracy cannot drop by.
+    """
+    _check_model(model)
+    _check_positive("target", target)
+    _check_positive("draws", draws, integer=True)
+    _check_positive("sigma_max", sigma_max)
+    _check_positive("tolerance", tolerance)
+    _check_positive("max_evaluations", max_evaluations, integer=True)
+    if target >= 1:
+        raise ValueError(f"the accuracy cannot drop by target={target!r}; target must be < 1")
+    _check_flag("magnitude_aware", magnitude_aware)
+    _check_flag("check_deterministic", check_deterministic)
+    _check_seed(seed)
+    _check_mode(mode)
+    loss_fn = resolve_loss(loss_fn)
+    space = ParameterSpace(model, params)
+    source = as_data(data, batch_size=batch_size)
+    check_first_batch(model, loss_fn, source, mode, where="pac_bayes_flatness()",
+                      deterministic=check_deterministic)
+    counter = _Counter()
+    evaluations = 0
+    with preserved_state(model), model_mode(model, mode):
+        w0 = space.vector()
+        ev = _Evaluator(model, loss_fn, space, w0, counter)
+        _, acc0 = _full_loss(ev, source, None, "at the unperturbed weights", accuracy=True)
+        if acc0 - target <= 0:
+            raise ValueError(
+                f"the training accuracy {acc0:.4f} cannot drop by target={target}; "
+                "lower the target"
+            )
+        scale = w0.abs() if magnitude_aware else None
+
+        def deviation(sigma: float) -> float:
+            nonlocal evaluations
+            evaluations += 1
+            total = 0.0
+            for k in range(int(draws)):
+                gen = torch.Generator(device=space.device).manual_seed(int(seed) * 1_000_003 + k)
+                z = torch.randn(space.numel, generator=gen, device=space.device, dtype=space.dtype)
+                if scale is None:
+                    delta = sigma * z
+                else:
+                    delta = torch.sqrt(sigma * sigma * scale * scale + 1e-6) * z
+                _, acc = _full_loss(ev, source, delta, f"at sigma={sigma:.4g}, draw {k}",
+                                    accuracy=True)
+                total += acc
+            return acc0 - total / int(draws)
+
+        bar = progress_bar(range(int(max_evaluations)), enabled=progress, desc="PAC-Bayes sigma")
+        sigma, dev = _find_sigma(deviation, lambda: evaluations, iter(bar), target=target,
+                                 sigma_max=float(sigma_max), tolerance=tolerance,
+                                 max_evaluations=max_evaluations)
+    return PacBayesResult(
+        flatness=1.0 / (sigma * sigma),
+        sigma=sigma,
+        deviation=dev,
+        accuracy=acc0,
+        magnitude_aware=bool(magnitude_aware),
+        target=float(target),
+        draws=int(draws),
+        seed=int(seed),
+        mode=mode,
+        evaluations=evaluations,
+        num_samples=_global_num_samples(source, space.device),
+        **counter.as_dict(),
+    )
+
+
+def _find_sigma(deviation: Callable[[float], float], evaluations: Callable[[], int],
+                bar_iter: Iterator, *, target: float, sigma_max: float, tolerance: float,
+                max_evaluations: int) -> tuple[float, float]:
+    """``(sigma, deviation(sigma))`` with the deviation within ``tolerance`` of ``target``: the
+    bracket ``[0, sigma_max]`` doubled until the deviation exceeds ``target``, then bisected
+    until ``|deviation - target| <= tolerance`` or ``max_evaluations`` sigmas were tried
+    (``evaluations()`` counts them, ``bar_iter`` advances a progress bar)."""
+    lo, hi = 0.0, sigma_max
+    next(bar_iter, None)
+    dev_hi = deviation(hi)
+    while dev_hi < target:
+        if evaluations() >= max_evaluations:
+            raise ValueError(
+                f"the accuracy never dropped by target={target} (deviation {dev_hi:.4f} at "
+                f"sigma={hi:.4g}); raise sigma_max or max_evaluations"
+            )
+        lo, hi = hi, 2 * hi
+        next(bar_iter, None)
+        dev_hi = deviation(hi)
+    sigma, dev = hi, dev_hi
+    while abs(dev - target) > tolerance and evaluations() < max_evaluations:
+        mid = 0.5 * (lo + hi)
+        next(bar_iter, None)
+        d_mid = deviation(mid)
+        sigma, dev = mid, d_mid
+        if d_mid > target:
+            hi = mid
+        else:
+            lo = mid
+    return sigma, dev
