@@ -48,13 +48,13 @@ class Slice1D(Result):
 
     def plot(self, ax: Any = None, **kwargs: Any) -> Any:
         """Matplotlib curve (see :func:`landscape.plots.plot_1d`); returns the figure."""
-        from .plots import plot_1d
+        from ..plots import plot_1d
 
         return plot_1d(self, ax=ax, **kwargs)
 
     def plot_interactive(self, **kwargs: Any) -> Any:
         """Plotly curve with hover values (see :func:`landscape.plots.plotly_1d`)."""
-        from .plots import plotly_1d
+        from ..plots import plotly_1d
 
         return plotly_1d(self, **kwargs)
 
@@ -97,7 +97,7 @@ class Slice2D(Result):
     def plot(self, kind: str = "contour", **kwargs: Any) -> Any:
         """Matplotlib figure: ``kind="contour"`` (labelled lines), ``"filled"`` (also
         ``"contourf"``) or ``"surface"`` (see :mod:`landscape.plots`); returns the figure."""
-        from . import plots
+        from .. import plots
 
         kinds = {"contour": plots.plot_contour, "filled": plots.plot_contourf, "contourf": plots.plot_contourf,
                  "surface": plots.plot_surface}
@@ -107,7 +107,7 @@ class Slice2D(Result):
 
     def plot_interactive(self, kind: str = "surface", **kwargs: Any) -> Any:
         """Plotly figure (``kind="surface"`` or ``"contour"``) with hover values."""
-        from . import plots
+        from .. import plots
 
         kinds = {"surface": plots.plotly_surface, "contour": plots.plotly_contour}
         if kind not in kinds:
