@@ -1,22 +1,15 @@
 """The self-contained HTML report, and the per-checkpoint analysis behind it.
 
-:func:`analyze_checkpoint` measures one trained model: loss and accuracy, ``lambda_max`` (Lanczos),
-worst-case adaptive m-sharpness (Andriushchenko et al. 2023), optionally the Hessian trace, 1-D
-slices along a filter-normalized random direction and along the (filter-normalized) gradient, a
-2-D slice on two orthogonal filter-normalized random directions (Li et al. 2018), and the Hessian
-spectral density (stochastic Lanczos quadrature, Ghorbani et al. 2019). It returns a
-:class:`ReportEntry`.
+Two modules, every name importable from ``landscape.report``:
 
-:func:`write_report` renders entries into ONE offline HTML page: a metrics table, the 1-D slices
-of all checkpoints overlaid (one figure per direction kind), one 2-D contour per checkpoint and
-the spectral densities overlaid, plus optional extra figures (the demo adds training curves).
-plotly's JavaScript is embedded exactly once (in the first figure), so the page needs no
-network; figures are 2-D SVG plots (contours, not WebGL surfaces), which render in any browser,
-headless ones included.
-
-The package: :mod:`landscape.report.compute` measures (every number of the report, no HTML) and
-:mod:`landscape.report.render` draws (figures and the HTML page, no measurement); every name is
-importable from ``landscape.report``.
+* :mod:`landscape.report.compute` measures, no HTML: :func:`analyze_checkpoint` (loss, accuracy,
+  ``lambda_max``, adaptive worst-case m-sharpness, optionally the trace, 1-D and 2-D slices and
+  the spectral density of one model, as a :class:`ReportEntry`), and the CLI's
+  :func:`checkpoint_metrics`, :func:`hessian_summary`, :func:`compute_slice`,
+  :func:`checkpoint_keys`, :func:`describe_checkpoint_keys`, :data:`METRIC_NAMES`;
+* :mod:`landscape.report.render` draws, no measurement: :func:`report_html` and
+  :func:`write_report` (ONE offline page, plotly's JavaScript embedded once) and
+  :func:`density_figure`.
 """
 
 from __future__ import annotations
