@@ -168,7 +168,7 @@ def test_analyze_checkpoint_refuses_bad_values_before_work(kw, match, monkeypatc
 
 
 def test_write_report_is_atomic(tmp_path, monkeypatch):
-    import landscape.report as R
+    import landscape.report.render as R  # the rendering module write_report calls
 
     e = ReportEntry(name="bare", metrics={"loss": 1.0})
     path = tmp_path / "r.html"

@@ -1,0 +1,239 @@
+"""Evaluating the loss at points ``w + sum_k c_k d_k``: the per-point evaluator, the in-place
+parameter mover, the shared setup of a slice and :func:`evaluate_line` (the one call that
+evaluates a list of points, e.g. the points of a line)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis import distributed as dist
+from analysis.checks import check_first_batch
+from analysis.data import DataSource, as_data, to_device
+from analysis.evaluation import correct_count, forward, model_device_dtype, model_mode, resolve_loss
+from analysis.losses import LossFn
+from analysis.params import ParameterSpace
+
+from ..store import tensor_hash, tensors_hash
+from ._checks import _check_bool, _loss_name, _metrics
+
+
+class _Evaluator:
+    """Evaluates ``sum n_b L_b``, correct predictions and ``N`` at the current parameters."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        source: DataSource,
+        *,
+        want_accuracy: bool,
+        cache: bool | str,
+        bn_source: DataSource | None,
+    ):
+        if cache not in ("auto", True, False):
+            raise ValueError(f"cache must be 'auto', True or False, got {cache!r}")
+        self.model, self.loss_fn, self.source = model, loss_fn, source
+        self.device, self.dtype = model_device_dtype(model)
+        self.want_accuracy = want_accuracy
+        self.has_accuracy = want_accuracy
+        do_cache = cache is True or (cache == "auto" and source.kind in ("pair", "batches"))
+        self.batches = self._load(source) if do_cache else None
+        self.bn_source = bn_source
+        self.bn_batches = None
+        if bn_source is not None:
+            if bn_source is source and self.batches is not None:
+                self.bn_batches = self.batches
+            elif do_cache:
+                self.bn_batches = self._load(bn_source)
+
+    def _load(self, source: DataSource) -> list[tuple[Any, Any, int]]:
+        return [
+            (to_device(b.inputs, self.device, self.dtype),
+             to_device(b.targets, self.device, self.dtype), b.size)
+            for b in source
+        ]
+
+    def _iter(self, batches: list | None, source: DataSource):
+        if batches is not None:
+            yield from batches
+        else:
+            for b in source:
+                yield (to_device(b.inputs, self.device, self.dtype),
+                       to_device(b.targets, self.device, self.dtype), b.size)
+
+    def data_hash(self) -> str | None:
+        """Hash of the cached data (``None`` when not cached)."""
+        if self.batches is None:
+            return None
+        return tensors_hash([(x, y) for x, y, _ in self.batches])
+
+    def recalibrate(self, bns: list[nn.modules.batchnorm._BatchNorm]) -> None:
+        """Recompute BatchNorm running statistics at the current parameters.
+
+        As :func:`msam.recalibrate_batchnorm`: only the BatchNorm layers run in training mode
+        (dropout stays off), and each batch gets momentum ``n_b / (N_seen + n_b)``, so the
+        statistics are the sample-weighted mean over batches (exact for an uneven last batch).
+        The caller restores the momenta afterwards.
+        """
+        for m in bns:
+            m.reset_running_stats()
+        flags = [(m, m.training) for m in self.model.modules()]
+        try:
+            self.model.eval()
+            for m in bns:
+                m.train()
+            seen = 0
+            for x, _, n in self._iter(self.bn_batches, self.bn_source):
+                for m in bns:
+                    m.momentum = n / (seen + n)
+                forward(self.model, x)
+                seen += n
+        finally:
+            for m, f in flags:
+                m.training = f
+
+    def point(self, out: torch.Tensor) -> None:
+        """Write ``[sum n L, correct, N]`` of the current parameters into ``out`` (on device)."""
+        out.zero_()
+        for x, y, n in self._iter(self.batches, self.source):
+            outputs = forward(self.model, x)
+            loss = self.loss_fn(outputs, y)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError(
+                    "loss_fn must return a scalar tensor (the batch mean), got "
+                    + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__)
+                )
+            out[0] += loss.detach().to(torch.float64) * n
+            if self.has_accuracy:
+                c = correct_count(outputs, y)
+                if c is None:
+                    self.has_accuracy = False
+                else:
+                    out[1] += c
+            out[2] += n
+
+
+class _Mover:
+    """Sets the parameters to ``w + sum_k c_k d_k`` in place with foreach ops."""
+
+    def __init__(self, space: ParameterSpace, origin: torch.Tensor, directions: Sequence[torch.Tensor]):
+        self.params = space.params
+        self.w = space.unflatten(origin)
+        self.ds = [space.unflatten(d) for d in directions]
+
+    @torch.no_grad()
+    def set(self, coeffs: Sequence[float]) -> None:
+        torch._foreach_copy_(self.params, self.w)
+        for c, d in zip(coeffs, self.ds):
+            if c != 0.0:
+                torch._foreach_add_(self.params, d, alpha=float(c))
+
+
+class _Session:
+    """Shared setup of a slice: validation, mode, buffers, exact restore."""
+
+    def __init__(self, model, loss_fn, data, *, metrics, mode, batch_size, cache,
+                 recalibrate_bn, bn_data, params, check_deterministic=True, where="slice"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if mode not in ("eval", "train", None):
+            raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
+        self.model = model
+        self.metrics = _metrics(metrics)
+        self.loss_name = _loss_name(loss_fn)
+        self.loss_fn = resolve_loss(loss_fn)
+        self.mode = mode
+        self.space = ParameterSpace(model, params)
+        self.source = as_data(data, batch_size=batch_size)
+        for flag, value in (("check_deterministic", check_deterministic),
+                            ("recalibrate_bn", recalibrate_bn)):
+            _check_bool(flag, value)
+        check_first_batch(model, self.loss_fn, self.source, mode, where=where,
+                          deterministic=check_deterministic)
+        self.recalibrate_bn = bool(recalibrate_bn)
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if self.recalibrate_bn and not self.bns:
+            warnings.warn("recalibrate_bn=True but the model has no BatchNorm layer", stacklevel=3)
+            self.recalibrate_bn = False
+        bn_source = None
+        if self.recalibrate_bn:
+            bn_source = self.source if bn_data is None else as_data(bn_data, batch_size=batch_size)
+        self.evaluator = _Evaluator(
+            model, self.loss_fn, self.source, want_accuracy="accuracy" in self.metrics,
+            cache=cache, bn_source=bn_source,
+        )
+
+    def weight_meta(self, d: torch.Tensor, name: str, w: torch.Tensor) -> dict:
+        return {
+            "name": name,
+            "norm": float(torch.linalg.vector_norm(d.double())),
+            "numel": int(d.numel()),
+            "weight_norm": float(torch.linalg.vector_norm(w.double())),
+            "hash": tensor_hash(d),
+        }
+
+    def finish(self, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        n = stats[..., 2]
+        loss = stats[..., 0] / n
+        loss = np.where(np.isfinite(loss), loss, np.nan)
+        acc = stats[..., 1] / n if self._has_acc() else None
+        return loss, acc
+
+    def _has_acc(self) -> bool:
+        return "accuracy" in self.metrics and self.evaluator.has_accuracy
+
+    def run(self, body: Callable[[torch.Tensor], Any]) -> Any:
+        """Run ``body(w)`` (``w``: the saved flat weights) with the mode set, no autograd, and
+        parameters and buffers restored exactly at the end."""
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        momenta = [(m, m.momentum) for m in self.bns]
+        try:
+            with self.space.restored() as w, model_mode(self.model, self.mode), torch.no_grad():
+                return body(w)
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m, mom in momenta:
+                m.momentum = mom
+
+
+def evaluate_line(session: _Session, mover: _Mover, coords: Sequence[Sequence[float]],
+                  bar: Any = None) -> torch.Tensor:
+    """The sums ``[sum_b n_b L_b, correct, N]`` at the points ``w + sum_k c_k d_k``, one row per
+    coefficient tuple ``c`` of ``coords`` (the points of a line ``w + alpha d``, of a grid row
+    ``w + x d1 + y d2`` at fixed ``x``, or the origin ``[(0, ...)]``).
+
+    This is the one place a slice evaluates points: per point the parameters are set in place
+    from the saved ``w`` (:class:`_Mover`), BatchNorm statistics are recomputed if
+    ``session.recalibrate_bn``, and one pass over the data adds into a ``float64`` row on the
+    model's device; with sharded data the ``(len(coords), 3)`` sums are all-reduced once.
+    Must run inside :meth:`_Session.run` (mode set, no autograd, weights restored after).
+
+    Args:
+        session: the slice's shared setup (model, data, evaluator, BatchNorm layers).
+        mover: sets the parameters to ``w + sum_k c_k d_k``.
+        coords: the coefficient tuples, one per point.
+        bar: a tqdm bar advanced by one per point, or ``None``.
+
+    Returns:
+        A ``(len(coords), 3)`` float64 tensor on the model's device; the loss at point ``p`` is
+        ``out[p, 0] / out[p, 2]`` (see :meth:`_Session.finish`).
+    """
+    stats = torch.zeros(len(coords), 3, device=session.space.device, dtype=torch.float64)
+    for k, c in enumerate(coords):
+        mover.set(c)
+        if session.recalibrate_bn:
+            session.evaluator.recalibrate(session.bns)
+        session.evaluator.point(stats[k])
+        if bar is not None:
+            bar.update(1)
+    if session.source.shard:
+        dist.all_reduce_sum(stats)
+    return stats

@@ -1,0 +1,145 @@
+"""The units inside landscape.slices: evaluate_line (the loss at the points of a line) and
+ResumableGrid (the store coordination of slice_2d), each against an independent reference."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.directions import random_direction
+from analysis.evaluation import evaluate
+from analysis.params import ParameterSpace
+from landscape.slices._grid import ResumableGrid
+from landscape.slices._points import _Mover, _Session, evaluate_line
+from landscape.store import StoreMismatchError, tensors_hash
+from tests.models import Quadratic, classification_data, mlp, quadratic_loss, random_spd
+
+
+def _session(model, data, **kw):
+    opts = dict(metrics=("loss", "accuracy"), mode="eval", batch_size=None, cache="auto",
+                recalibrate_bn=False, bn_data=None, params=None)
+    opts.update(kw)
+    return _Session(model, "cross_entropy", data, **opts)
+
+
+def _moved(model, w, ds, coeffs):
+    """An independent copy of ``model`` with weights ``w + sum c_k d_k`` (float64 arithmetic)."""
+    m = copy.deepcopy(model)
+    v = w.double().clone()
+    for c, d in zip(coeffs, ds):
+        v += c * d.double()
+    torch.nn.utils.vector_to_parameters(v.to(w.dtype), m.parameters())
+    return m
+
+
+def test_evaluate_line_matches_evaluate_at_each_point():
+    model = mlp(seed=0)
+    data = classification_data(n=30, seed=1)
+    d = random_direction(model, seed=0)
+    s = _session(model, data)
+    alphas = [-1.0, -0.25, 0.0, 0.5, 2.0]
+
+    def body(w):
+        return w.clone(), evaluate_line(s, _Mover(s.space, w, [d]), [(a,) for a in alphas]).cpu().numpy()
+
+    w, stats = s.run(body)
+    loss, acc = s.finish(stats)
+    assert stats.shape == (len(alphas), 3) and np.all(stats[:, 2] == 30)
+    for k, a in enumerate(alphas):
+        ref = evaluate(_moved(model, w, [d], [a]), "cross_entropy", data)
+        assert loss[k] == pytest.approx(ref.loss, rel=1e-12)
+        assert acc[k] == pytest.approx(ref.accuracy, abs=1e-15)
+    assert torch.equal(ParameterSpace(model).vector(), w)  # restored bit for bit
+
+
+def test_evaluate_line_on_a_plane_row_is_the_closed_form_quadratic():
+    n = 5
+    A = random_spd(n, seed=3)
+    g = torch.Generator().manual_seed(4)
+    c, w0 = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    model = Quadratic(A, c, w0)
+    data = (torch.zeros(4, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+    s = _Session(model, quadratic_loss, data, metrics=("loss",), mode="eval", batch_size=None,
+                 cache="auto", recalibrate_bn=False, bn_data=None, params=None)
+    d1, d2 = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    x, ys = 0.7, [-1.0, 0.0, 1.5]
+    stats = s.run(lambda w: evaluate_line(s, _Mover(s.space, w, [d1, d2]), [(x, y) for y in ys]).numpy())
+    loss, acc = s.finish(stats)
+    assert acc is None
+    for k, y in enumerate(ys):
+        r = w0 + x * d1 + y * d2 - c
+        assert loss[k] == pytest.approx(0.5 * float(r @ A @ r), rel=1e-12)
+
+
+def _grid_inputs():
+    model = mlp(seed=0)
+    data = classification_data(n=20, seed=2)
+    s = _session(model, data)
+    d1 = random_direction(model, seed=0)
+    d2 = random_direction(model, seed=1, orthogonal_to=d1)
+    xs, ys = np.linspace(-1, 1, 4), np.array([-0.5, 0.5, 1.0])
+    return model, s, (d1, d2), xs, ys
+
+
+def _open(path, s, dirs, xs, ys, model, **kw):
+    buffers = tensors_hash(list(model.buffers())) if path is not None else None
+    w = s.space.vector()
+    origin = np.array([[20 * 1.25, 10.0, 20.0]])
+    opts = dict(resume=True, overwrite=False, row_shard=False)
+    opts.update(kw)
+    return ResumableGrid.open(path, s, xs, ys, dirs, w, buffers, origin, **opts)
+
+
+def _row(i, ny):
+    """Fake sums of row i: loss (i + j + 1) / 4, accuracy j / 4 on N = 4."""
+    return np.array([[i + j + 1.0, float(j), 4.0] for j in range(ny)])
+
+
+def test_grid_in_memory_keeps_every_row():
+    model, s, dirs, xs, ys = _grid_inputs()
+    grid = _open(None, s, dirs, xs, ys, model)
+    assert grid.pending == [0, 1, 2, 3] and grid.resumed == 0 and grid.path is None
+    for i in grid.pending:
+        grid.record(i, _row(i, len(ys)))
+    loss, acc = grid.values(has_accuracy=True)
+    expect = np.array([[(i + j + 1) / 4 for j in range(len(ys))] for i in range(len(xs))])
+    np.testing.assert_array_equal(loss, expect)
+    np.testing.assert_array_equal(acc, np.tile(np.arange(len(ys)) / 4, (len(xs), 1)))
+
+
+def test_grid_store_resumes_after_the_recorded_rows(tmp_path):
+    model, s, dirs, xs, ys = _grid_inputs()
+    path = tmp_path / "g.npz"
+    first = _open(path, s, dirs, xs, ys, model)
+    assert first.pending == [0, 1, 2, 3]
+    for i in (0, 1):
+        first.record(i, _row(i, len(ys)))
+    again = _open(path, s, dirs, xs, ys, model)
+    assert again.pending == [2, 3] and again.resumed == 2 and again.path == str(path)
+    for i in again.pending:
+        again.record(i, _row(i, len(ys)))
+    loss, acc = again.values(has_accuracy=True)
+    expect = np.array([[(i + j + 1) / 4 for j in range(len(ys))] for i in range(len(xs))])
+    np.testing.assert_array_equal(loss, expect)  # rows 0, 1 read back from the file
+    assert again.values(has_accuracy=False)[1] is None
+    done = _open(path, s, dirs, xs, ys, model)
+    assert done.pending == [] and done.resumed == len(xs)
+    redo = _open(path, s, dirs, xs, ys, model, resume=False)
+    assert redo.pending == [0, 1, 2, 3] and redo.resumed == 0
+
+
+def test_grid_store_refuses_other_arguments(tmp_path):
+    model, s, dirs, xs, ys = _grid_inputs()
+    path = tmp_path / "g.npz"
+    _open(path, s, dirs, xs, ys, model).record(0, _row(0, len(ys)))
+    before = path.read_bytes()
+    with pytest.raises(StoreMismatchError):
+        _open(path, s, dirs[::-1], xs, ys, model)  # directions swapped
+    with pytest.raises(StoreMismatchError):
+        _open(path, s, dirs, xs, ys[:2], model)  # another grid
+    assert path.read_bytes() == before
+    fresh = _open(path, s, dirs[::-1], xs, ys, model, overwrite=True)
+    assert fresh.pending == [0, 1, 2, 3]
