@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from analysis import distributed as dist
+from analysis.directions import as_direction
 from analysis.evaluation import progress_bar
 from analysis.params import ParameterSpace
 
@@ -37,20 +38,8 @@ def _coords(values: Any, what: str) -> np.ndarray:
 
 
 def _direction(d: Any, space: ParameterSpace, what: str) -> torch.Tensor:
-    if isinstance(d, np.ndarray):
-        d = torch.from_numpy(d)
-    if not isinstance(d, torch.Tensor):
-        raise TypeError(f"{what} must be a flat torch.Tensor, got {type(d).__name__}")
-    space.check_vector(d, what)
-    if not d.is_floating_point():
-        raise TypeError(f"{what} must be floating point, got dtype {d.dtype}")
-    d = d.detach().to(device=space.device, dtype=space.dtype)
-    norm = torch.linalg.vector_norm(d.double())
-    if not torch.isfinite(norm):
-        raise ValueError(f"{what} contains non-finite values")
-    if norm == 0:
-        raise ValueError(f"{what} is the zero vector; a slice needs a nonzero direction")
-    return d.contiguous()
+    """A slice's direction, checked by the toolkit's one validator (nonzero required)."""
+    return as_direction(d, space, what, nonzero="a slice needs a nonzero direction")
 
 
 def _plane(d1: Any, d2: Any, space: ParameterSpace) -> tuple[torch.Tensor, torch.Tensor, float]:
