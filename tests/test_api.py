@@ -21,7 +21,16 @@ def test_all_names_resolve_and_are_documented(package):
     assert not undocumented, f"{package}: no docstring for {undocumented}"
 
 
-def test_console_script_entry_point_exists():
-    from landscape.cli import main
+def test_console_script_entry_point_runs(capsys):
+    # the `landscape` script named in pyproject resolves and answers --help with exit code 0
+    import pathlib
+    import tomllib
 
-    assert callable(main)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["landscape"].partition(":")
+    main = getattr(importlib.import_module(module), attr)
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("sharpness", "hessian", "slice", "report", "demo", "reproduce"):
+        assert command in out, f"`landscape --help` does not list {command!r}"
