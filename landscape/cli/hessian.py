@@ -66,11 +66,25 @@ def costs(args: argparse.Namespace, n: int, itemsize: int, model: Any = None) ->
         out.append(E.density_cost(n, itemsize, num_iter=args.density_iter,
                                   num_runs=args.density_runs, block_size=block))
     if getattr(args, "per_layer", False) and model is not None:
-        blocks = [E.lanczos_cost(nl, min(args.top_k, nl), itemsize) for nl in _block_sizes(model)]
-        out.append(E.Cost(f"per-layer top-{args.top_k} eigenvalues ({len(blocks)} blocks, Lanczos)",
-                          hvps=sum(c.hvps for c in blocks), data_passes=sum(c.data_passes for c in blocks),
-                          memory_bytes=max((c.memory_bytes for c in blocks), default=0), exact=False))
+        sizes = _block_sizes(model)
+        out.append(_summed(f"per-layer top-{args.top_k} eigenvalues ({len(sizes)} blocks, Lanczos)",
+                           [E.lanczos_cost(nl, min(args.top_k, nl), itemsize) for nl in sizes]))
+        if args.trace:
+            from analysis.blocks import per_layer_spectrum
+
+            budget = E.defaults_of(per_layer_spectrum)["trace_matvecs"]
+            # per_layer_spectrum: the exact trace (3n budget, 2n products) for small blocks
+            out.append(_summed(f"per-layer trace ({len(sizes)} blocks, Hutch++)", [
+                E.trace_cost(nl, itemsize, num_matvecs=3 * nl if 2 * nl <= budget else budget)
+                for nl in sizes]))
     return out
+
+
+def _summed(name: str, blocks: list[E.Cost]) -> E.Cost:
+    """The blocks run one after the other: products and passes add up, memory is the largest."""
+    return E.Cost(name, hvps=sum(c.hvps for c in blocks), data_passes=sum(c.data_passes for c in blocks),
+                  memory_bytes=max((c.memory_bytes for c in blocks), default=0),
+                  exact=all(c.exact for c in blocks))
 
 
 def run(args: argparse.Namespace, ctx: Ctx) -> int:

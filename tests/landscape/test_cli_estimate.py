@@ -227,3 +227,18 @@ def test_report_prints_one_line_per_stage(ckpt, tmp_path, capsys):
     assert names == ["lambda_max (Lanczos, k=1)", "sharpness (worst)", "1-D slice along random (3 points)",
                      "gradient direction", "1-D slice along gradient (3 points)", "2-D slice (3x3 points)"]
     assert len(_estimates(err)) == len(names)
+
+
+def test_per_layer_estimate_bounds_the_products_of_each_block(ckpt, capsys):
+    code, out, err = _run(["hessian", str(ckpt), *SPEC, "--top-k", "1", "--trace", "--per-layer",
+                           "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    lanczos, trace = doc["estimate"][2:]
+    assert lanczos["analysis"] == "per-layer top-1 eigenvalues (4 blocks, Lanczos)" and not lanczos["exact"]
+    assert trace["analysis"] == "per-layer trace (4 blocks, Hutch++)" and trace["exact"]
+    # blocks of 48, 42, 12 and 21 parameters: 2n products (exact) up to 49, else 99
+    assert trace["hvps"] == 2 * (48 + 42 + 12 + 21)
+    used = sum(layer["num_matvecs"] for layer in doc["per_layer"])
+    assert 4 <= used - trace["hvps"] <= lanczos["hvps"]
+    assert len(_estimates(err)) == 4
