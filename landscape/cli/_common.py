@@ -1,12 +1,13 @@
 """What every subcommand of the ``landscape`` command line shares: its error types and argument
-types. Library code never imports the CLI; subcommand modules import this one."""
+types and the one-line form of an error. Library code never imports the CLI; subcommand
+modules import this one."""
 
 from __future__ import annotations
 
 import argparse
 import math
 
-__all__ = ["CLIError", "UsageError", "positive_float", "positive_int"]
+__all__ = ["CLIError", "UsageError", "first_line", "positive_float", "positive_int"]
 
 
 class CLIError(Exception):
@@ -38,3 +39,9 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return v
 
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,228 @@
+"""What an analysis will cost, predicted from its options before the first data pass.
+
+Every function here is a pure formula (no model, no data): the number of Hessian-vector products
+(HVPs) or forward passes, the passes over the data, and the peak extra memory in bytes, taken from
+the docstrings of the routines the commands call (``n`` trainable parameters of ``itemsize``
+bytes, ``N`` samples):
+
+* :func:`lanczos_cost`: :func:`analysis.lanczos.top_eigenpairs`, at most ``max_iter`` products
+  (default ``min(max(300, 30 k), 10 n)``; it usually stops far earlier, so an upper bound) and
+  ``(max_basis + 3) * n * itemsize`` bytes (default ``max_basis = min(n, max(2k + 20, 40))``;
+  a half-precision model gets a float32 basis);
+* :func:`trace_cost`: :func:`analysis.trace.hessian_trace`, exact counts: Hutchinson
+  ``num_matvecs`` products and ``3 * block_size * n * itemsize`` bytes; Hutch++ ``3 s``
+  products with ``s = min(num_matvecs // 3, n)`` (``2 n`` when ``s = n``) and
+  ``(s + 4 * block_size) * n * itemsize`` bytes; one data pass per block of products;
+* :func:`density_cost`: :func:`analysis.density.spectral_density` (SLQ), ``num_runs * m``
+  products with ``m = min(num_iter, n)`` (fewer only if a run breaks down on an invariant
+  subspace) and at most ``(m + 5) * n * itemsize`` bytes per run held at once (``block_size``);
+* :func:`m_sharpness_cost`: :func:`analysis.sharpness.sharpness`, exact: per batch of ``m``
+  samples (``min(N, n_eval) // m`` batches) ``1 + (steps + 1)`` forward and ``steps`` backward
+  passes for the worst case (one forward less with ``init="zero"``, ``steps + 1`` more per
+  restart), ``1 + samples`` forward passes for the average;
+* :func:`slice_cost`: :mod:`landscape.slices`, one forward pass over the data per grid point
+  (``steps ** dims``, plus one at the origin), the saved weights and the directions
+  (``(dims + 1) * n * itemsize`` bytes; the model is not copied).
+
+The commands print one line per analysis (:func:`describe`) on stderr, rank 0 only, unless
+``--quiet``, and add the list (:meth:`Cost.to_dict`) to the JSON document under ``"estimate"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Cost", "announce", "defaults_of", "density_cost", "describe", "lanczos_cost", "m_sharpness_cost",
+           "slice_cost", "trace_cost", "trace_defaults", "unknown_cost"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The predicted cost of one analysis.
+
+    Attributes:
+        analysis: what is computed, e.g. ``"lambda_max (Lanczos, k=1)"``.
+        hvps: Hessian-vector products (0 when the analysis needs none).
+        forward_passes: forward passes (over the data, or over batches of ``m`` samples for
+            m-sharpness); 0 when the analysis is all products.
+        backward_passes: backward passes outside the products.
+        data_passes: passes over the data (a block of batched products is one pass).
+        memory_bytes: peak extra memory outside the model and one product's working memory;
+            ``None`` where no formula is documented.
+        exact: the counts are exact (``False``: upper bounds).
+        unit: what ``forward_passes`` counts (``"data"`` or ``"batches of m samples"``).
+    """
+
+    analysis: str
+    hvps: int | None = 0
+    forward_passes: int | None = 0
+    backward_passes: int | None = 0
+    data_passes: int | None = 0
+    memory_bytes: int | None = None
+    exact: bool = True
+    unit: str = "data"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dictionary."""
+        return dataclasses.asdict(self)
+
+
+def defaults_of(fn: Any) -> dict[str, Any]:
+    """The keyword defaults of ``fn`` (the estimates follow the library's own defaults)."""
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def trace_defaults() -> dict[str, Any]:
+    """``num_matvecs``, ``method`` and ``block_size`` of :func:`analysis.trace.hessian_trace`."""
+    from analysis.trace import hessian_trace
+
+    d = defaults_of(hessian_trace)
+    return {k: d[k] for k in ("num_matvecs", "method", "block_size")}
+
+
+def _basis_itemsize(itemsize: int) -> int:
+    """Bytes per entry of a Lanczos basis: half-precision operators get a float32 basis."""
+    return max(4, int(itemsize))
+
+
+def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
+                 max_basis: int | None = None, label: str | None = None) -> Cost:
+    """Upper bounds for :func:`analysis.lanczos.top_eigenpairs` on an ``n x n`` Hessian.
+
+    Products: ``max_iter`` (default ``min(max(300, 30 k), 10 n)``), one data pass each, plus one
+    for the gradient start vector. Memory: ``(max_basis + 3) * n * itemsize`` with the default
+    ``max_basis = min(n, max(2 k + 20, 40))`` (README, "Memory, precision, batched products and
+    per-layer spectra"; ``EigenResult.memory_bound_bytes``).
+    """
+    if max_iter is None:
+        max_iter = min(max(300, 30 * k), 10 * n)
+    if max_basis is None:
+        max_basis = min(n, max(2 * k + 20, 40))
+    max_basis = min(max_basis, n)
+    return Cost(label or f"top-{k} eigenvalues (Lanczos)", hvps=max_iter, data_passes=max_iter + 1,
+                memory_bytes=(max_basis + 3) * n * _basis_itemsize(itemsize), exact=False)
+
+
+def _block_size(n: int, itemsize: int, block_size: int | None) -> int:
+    if block_size is not None:
+        return block_size
+    from analysis.hessian import default_block_size
+
+    return default_block_size(n, itemsize)
+
+
+def trace_cost(n: int, itemsize: int, *, num_matvecs: int = 99, method: str = "hutch++",
+               block_size: int | None = None, label: str | None = None) -> Cost:
+    """Exact counts for :func:`analysis.trace.hessian_trace` (module docstring of
+    :mod:`analysis.trace`; ``TraceResult.memory_bound_bytes``).
+
+    Hutchinson: ``num_matvecs`` products in ``ceil(num_matvecs / b)`` passes, memory
+    ``3 b n itemsize``. Hutch++: sketch size ``s = min(num_matvecs // 3, n)``; ``s`` products for
+    the sketch, ``s`` for ``tr(Q^T H Q)`` and ``s`` for the deflated Hutchinson part (skipped when
+    ``s = n``), each stage in ``ceil(s / b)`` passes; memory ``(s + 4 b) n itemsize``. ``b`` is
+    ``block_size`` (default :func:`analysis.hessian.default_block_size`).
+    """
+    b = _block_size(n, itemsize, block_size)
+    name = label or f"trace ({'Hutch++' if method == 'hutch++' else 'Hutchinson'}, {num_matvecs} products)"
+    if method == "hutchinson":
+        return Cost(name, hvps=num_matvecs, data_passes=math.ceil(num_matvecs / b),
+                    memory_bytes=3 * b * n * itemsize)
+    s = min(num_matvecs // 3, n)
+    stages = 2 if s >= n else 3
+    return Cost(name, hvps=stages * s, data_passes=stages * math.ceil(s / b),
+                memory_bytes=(s + 4 * b) * n * itemsize)
+
+
+def density_cost(n: int, itemsize: int, *, num_iter: int = 80, num_runs: int = 10,
+                 block_size: int | None = None, label: str | None = None) -> Cost:
+    """Counts for :func:`analysis.density.spectral_density` (stochastic Lanczos quadrature).
+
+    ``m = min(num_iter, n)`` steps per run, ``num_runs * m`` products (exact unless a run breaks
+    down early), ``ceil(num_runs / b) * m`` data passes with ``b = min(block_size or 1,
+    num_runs)`` runs in lockstep, and at most ``(m + 5) * n * itemsize`` bytes per run held at once
+    (measured bound, docstring of ``spectral_density`` and tests/analysis/test_memory.py).
+    """
+    m = min(num_iter, n)
+    b = min(block_size or 1, num_runs)
+    return Cost(label or f"spectral density (SLQ, {num_runs} runs x {m} steps)", hvps=num_runs * m,
+                data_passes=math.ceil(num_runs / b) * m, memory_bytes=b * (m + 5) * n * itemsize)
+
+
+def m_sharpness_cost(num_samples: int, *, kind: str, m: int, n_eval: int | None = 1024,
+                     steps: int = 20, samples: int = 64, init: str = "random", restarts: int = 0,
+                     label: str | None = None) -> Cost:
+    """Exact counts for :func:`analysis.sharpness.sharpness` (its "Cost" paragraph).
+
+    ``B = min(N, n_eval) // m`` batches of ``m`` samples (the incomplete last batch is dropped).
+    Worst case: ``B (1 + steps + 1)`` forward passes (one fewer per batch with ``init="zero"``)
+    and ``B steps`` backward passes, plus ``B (steps + 1)`` forward and ``B steps`` backward
+    passes per restart. Average: ``B (1 + samples)`` forward passes. Counted in batches of ``m``
+    samples, as ``SharpnessResult.forward_passes``; no memory formula is documented.
+    """
+    used = num_samples if n_eval is None else min(num_samples, n_eval)
+    batches = used // m
+    name = label or f"{kind} m-sharpness (m={m})"
+    if kind == "average":
+        fwd, bwd = batches * (1 + samples), 0
+    else:
+        fwd = batches * (1 + steps + (0 if init == "zero" else 1) + restarts * (steps + 1))
+        bwd = batches * steps * (1 + restarts)
+    passes = math.ceil(fwd / batches) if batches else 0
+    return Cost(name, hvps=0, forward_passes=fwd, backward_passes=bwd, data_passes=passes,
+                unit="batches of m samples")
+
+
+def slice_cost(n: int, itemsize: int, *, dims: int, steps: int, label: str | None = None) -> Cost:
+    """Counts for a slice of :mod:`landscape.slices`: ``steps ** dims`` grid points and the origin
+    ``w``, one forward pass over the data each (fewer when a ``--store`` resumes; the determinism
+    check's two forward passes of the first batch are not counted); memory
+    ``(dims + 1) * n * itemsize`` (the saved weights ``w`` and the directions; parameters are set
+    in place to ``w + x d1 + y d2``, the model is not copied)."""
+    passes = steps ** dims + 1
+    return Cost(label or f"{dims}-D slice ({steps}{'x' + str(steps) if dims == 2 else ''} points)",
+                forward_passes=passes, data_passes=passes, memory_bytes=(dims + 1) * n * itemsize)
+
+
+def unknown_cost(analysis: str) -> Cost:
+    """An analysis whose cost depends on the data (an optimizer's iterations): not predicted."""
+    return Cost(analysis, hvps=None, forward_passes=None, backward_passes=None, data_passes=None,
+                exact=False)
+
+
+def _bytes(b: int) -> str:
+    return f"{b / 2**20:.1f} MB" if b >= 2**20 / 10 else f"{b} bytes"
+
+
+def describe(cost: Cost, suffix: str = "") -> str:
+    """One line for stderr, e.g. ``cost estimate: trace (Hutch++, 99 products): 99 Hessian-vector
+    products, 21 data passes, peak extra memory 3.1 MB``."""
+    if cost.data_passes is None:
+        return (f"cost estimate: {cost.analysis}: not predicted (its iterations depend on the "
+                f"data){suffix}")
+    le = "" if cost.exact else "<= "
+    parts = []
+    if cost.hvps:
+        parts.append(f"{le}{cost.hvps} Hessian-vector products")
+    if cost.forward_passes:
+        unit = "" if cost.unit == "data" else f" ({cost.unit})"
+        parts.append(f"{le}{cost.forward_passes} forward{unit}")
+    if cost.backward_passes:
+        parts.append(f"{le}{cost.backward_passes} backward")
+    parts.append(f"{le}{cost.data_passes} data pass{'' if cost.data_passes == 1 else 'es'}")
+    if cost.memory_bytes is not None:
+        parts.append(f"peak extra memory {le}{_bytes(cost.memory_bytes)}")
+    return f"cost estimate: {cost.analysis}: " + ", ".join(parts) + suffix
+
+
+def announce(costs: list[Cost], log: Any, *, checkpoints: int = 1) -> None:
+    """Pass one :func:`describe` line per cost to ``log`` (the commands' rank-0, not-``--quiet``
+    stderr logger), noting when each line holds for each of several checkpoints."""
+    each = f" (each of {checkpoints} checkpoints)" if checkpoints > 1 else ""
+    for cost in costs:
+        log(describe(cost, each))

@@ -1,0 +1,150 @@
+"""``landscape hessian``: top-k Hessian eigenvalues (Lanczos), trace and spectral density."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+from typing import Any
+
+from landscape._format import format_table
+from landscape.defaults import cli_default
+
+from . import estimate as E
+from ._common import UsageError, positive_float, positive_int
+from .files import one_checkpoint
+from .options import add_command, add_common_options
+from .output import Ctx, check_writable, envelope, save_figure
+from .setup import Setup
+
+__all__ = ["EPILOG", "costs", "register", "run"]
+
+EPILOG = """example:
+  landscape hessian model.pt --model net.py:build --data net.py:data --top-k 5 --trace \\
+      --density density.png"""
+
+
+def register(sub: Any) -> None:
+    """Add the ``hessian`` subcommand to the subparsers ``sub``."""
+    p = add_command(sub, "hessian", "top-k Hessian eigenvalues (Lanczos), trace and spectral density",
+                    EPILOG)
+    p.add_argument("checkpoint", metavar="CKPT", help="one checkpoint file")
+    p.add_argument("--top-k", type=positive_int, default=cli_default("hessian", "--top-k"), metavar="K",
+                   help="number of largest eigenvalues (Lanczos)")
+    p.add_argument("--trace", action="store_true", help="also estimate the trace (Hutch++)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also the top-k eigenvalues (and with --trace the trace) of each module's "
+                        "diagonal Hessian block")
+    p.add_argument("--density", metavar="OUT", default=None,
+                   help="write the spectral density (SLQ) figure to OUT (.png/.pdf/.svg/.html)")
+    p.add_argument("--tol", type=positive_float, default=cli_default("hessian", "--tol"),
+                   help="relative tolerance of the eigenvalues (> 0)")
+    p.add_argument("--density-iter", type=positive_int, default=cli_default("hessian", "--density-iter"),
+                   metavar="N", help="Lanczos steps per SLQ run")
+    p.add_argument("--density-runs", type=positive_int, default=cli_default("hessian", "--density-runs"),
+                   metavar="N",
+                   help="random start vectors of SLQ")
+    add_common_options(p)
+    p.set_defaults(func=run)
+
+
+def _block_sizes(model: Any) -> list[int]:
+    """Trainable parameters of each module owning some directly (``per_layer_spectrum``'s blocks)."""
+    sizes = [sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad)
+             for m in model.modules()]
+    return [s for s in sizes if s]
+
+
+def costs(args: argparse.Namespace, n: int, itemsize: int, model: Any = None) -> list[E.Cost]:
+    """The predicted cost of each analysis the options ask for."""
+    out = [E.lanczos_cost(n, args.top_k, itemsize, label=f"top-{args.top_k} eigenvalues (Lanczos)")]
+    if args.trace:
+        out.append(E.trace_cost(n, itemsize, **E.trace_defaults()))
+    if args.density:
+        from analysis.density import spectral_density
+
+        block = E.defaults_of(spectral_density)["block_size"]
+        out.append(E.density_cost(n, itemsize, num_iter=args.density_iter,
+                                  num_runs=args.density_runs, block_size=block))
+    if getattr(args, "per_layer", False) and model is not None:
+        sizes = _block_sizes(model)
+        out.append(_summed(f"per-layer top-{args.top_k} eigenvalues ({len(sizes)} blocks, Lanczos)",
+                           [E.lanczos_cost(nl, min(args.top_k, nl), itemsize) for nl in sizes]))
+        if args.trace:
+            from analysis.blocks import per_layer_spectrum
+
+            budget = E.defaults_of(per_layer_spectrum)["trace_matvecs"]
+            # per_layer_spectrum: the exact trace (3n budget, 2n products) for small blocks
+            out.append(_summed(f"per-layer trace ({len(sizes)} blocks, Hutch++)", [
+                E.trace_cost(nl, itemsize, num_matvecs=3 * nl if 2 * nl <= budget else budget)
+                for nl in sizes]))
+    return out
+
+
+def _summed(name: str, blocks: list[E.Cost]) -> E.Cost:
+    """The blocks run one after the other: products and passes add up, memory is the largest."""
+    return E.Cost(name, hvps=sum(c.hvps for c in blocks), data_passes=sum(c.data_passes for c in blocks),
+                  memory_bytes=max((c.memory_bytes for c in blocks), default=0),
+                  exact=all(c.exact for c in blocks))
+
+
+def run(args: argparse.Namespace, ctx: Ctx) -> int:
+    """Eigenvalues (and the trace, the density figure, per-layer spectra) of one checkpoint."""
+    from ..report import checkpoint_keys, hessian_summary
+
+    if args.density:
+        check_writable(args.density, "--density")
+        if pathlib.Path(args.density).suffix not in (".png", ".pdf", ".svg", ".html"):
+            raise UsageError(f"--density {args.density}: use .png, .pdf, .svg or .html")
+    path = one_checkpoint("hessian", args.checkpoint)
+
+    def check_top_k(model: Any) -> None:  # known once the model exists, before any data pass
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if args.top_k > n:
+            raise UsageError(f"--top-k {args.top_k} is larger than the model's {n} trainable "
+                             f"parameters; pass --top-k {n} or less")
+
+    setup = Setup(args, ctx, check_model=check_top_k)
+    model, ckpt = setup.load(path)
+    planned = costs(args, setup.num_params, setup.itemsize, model)
+    E.announce(planned, ctx.log)
+    ctx.log(f"[{path}] top-{args.top_k} Hessian eigenvalues" + (" + trace" if args.trace else ""))
+    summary = hessian_summary(model, setup.loss_fn, setup.data, top_k=args.top_k, trace=args.trace,
+                              density=bool(args.density), seed=args.seed, progress=ctx.progress,
+                              tol=args.tol, density_iter=args.density_iter,
+                              density_runs=args.density_runs)
+    res = summary.get("residuals") or [None] * len(summary["eigenvalues"])
+    rows = [[i + 1, float(v), r] for i, (v, r) in enumerate(zip(summary["eigenvalues"], res))]
+    text = format_table(["k", "eigenvalue", "residual ||Hv - lambda v||"], rows)
+    if summary.get("converged") is False:
+        text += "\nwarning: Lanczos stopped before reaching --tol (see the residuals)"
+    if summary.get("trace") is not None:
+        text += f"\ntrace ~ {summary['trace']:.6g} (Hutch++, standard error {summary['trace_stderr']:.2g})"
+    if getattr(args, "per_layer", False):
+        from analysis.blocks import per_layer_spectrum
+
+        layers = per_layer_spectrum(model, setup.loss_fn, setup.data, k=args.top_k,
+                                    trace=args.trace, tol=args.tol, seed=args.seed,
+                                    progress=ctx.progress)
+        rows = [[lay.name, lay.num_params, lay.eigenvalues[0], lay.trace] for lay in layers.layers]
+        text += "\n\nper-layer diagonal Hessian blocks\n" + format_table(
+            ["module", "parameters", "top eigenvalue", "trace"], rows)
+        summary["per_layer"] = layers.to_dict()["layers"]
+    ctx.out(text)
+    if args.density and ctx.main:
+        if pathlib.Path(args.density).suffix == ".html":
+            from ..report import density_figure
+
+            fig = density_figure({path.name: summary["density"]})
+        else:
+            from ..plots import plot_spectral_density
+
+            fig = plot_spectral_density(summary["density"], label=path.name)
+        save_figure(fig, args.density)
+        ctx.log(f"wrote {args.density}")
+    doc = {k: v for k, v in summary.items() if k != "density"}
+    if summary.get("density") is not None:
+        doc["density"] = {"grid": summary["density"]["grid"], "density": summary["density"]["density"]}
+    ctx.write_json(envelope("hessian", checkpoint=str(path), checkpoint_keys=checkpoint_keys(ckpt), **doc,
+                            estimate=[c.to_dict() for c in planned]))
+    return 0
+

@@ -1,0 +1,244 @@
+"""The cost estimates the CLI prints before a long run (landscape/cli/estimate.py).
+
+The formulas are compared with what the routines really did: the products counted by the
+operators, the forward/backward passes counted by m-sharpness, the forward passes seen by a
+hook, and the memory bounds the results report; the hand-written numbers check the formulas.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.density import spectral_density
+from analysis.directions import random_direction
+from analysis.hessian import HessianOperator
+from analysis.lanczos import top_eigenpairs
+from analysis.sharpness import sharpness
+from analysis.trace import hessian_trace
+from landscape.cli import estimate as E
+from landscape.cli import main
+from landscape.slices import slice_1d, slice_2d
+from tests.landscape import cli_fixtures as fx
+
+FIX = "tests.landscape.cli_fixtures"
+SPEC = ["--model", f"{FIX}:model", "--data", f"{FIX}:data"]
+N = 123  # trainable parameters of cli_fixtures.model (7*6+6 + 6*6+6 + 2*6 + 6*3+3)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("est") / "a.pt"
+    torch.save(fx.trained_state(20), path)
+    return path
+
+
+def _spd(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    return A @ A.T / n + torch.diag(torch.linspace(0.1, 5.0, n, dtype=torch.float64))
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------
+# the formulas against the routines
+
+
+def test_memory_formulas_by_hand():
+    # Lanczos: (max_basis + 3) n itemsize with max_basis = min(n, max(2k + 20, 40))
+    assert E.lanczos_cost(1000, 5, 4).memory_bytes == (40 + 3) * 1000 * 4
+    assert E.lanczos_cost(1000, 30, 8).memory_bytes == (80 + 3) * 1000 * 8
+    assert E.lanczos_cost(1000, 5, 2).memory_bytes == 43 * 1000 * 4  # half: a float32 basis
+    assert E.lanczos_cost(30, 5, 8).memory_bytes == (30 + 3) * 30 * 8  # the basis capped at n
+    assert E.lanczos_cost(1000, 5, 4).hvps == 300 and E.lanczos_cost(1000, 20, 4).hvps == 600
+    assert E.lanczos_cost(12, 1, 4).hvps == 120  # at most 10 n
+    # Hutch++: s = num_matvecs // 3, (s + 4 b) n itemsize; Hutchinson 3 b n itemsize
+    assert E.trace_cost(1000, 4, num_matvecs=99, block_size=16).memory_bytes == (33 + 64) * 1000 * 4
+    assert E.trace_cost(1000, 8, num_matvecs=40, method="hutchinson", block_size=4).memory_bytes == 96000
+    # SLQ: (num_iter + 5) n itemsize per run held at once
+    assert E.density_cost(N, 4, num_iter=80, num_runs=10).memory_bytes == 85 * N * 4
+    assert E.density_cost(N, 8, num_iter=20, num_runs=6, block_size=3).memory_bytes == 3 * 25 * N * 8
+    assert E.slice_cost(N, 4, dims=2, steps=5).memory_bytes == 3 * N * 4
+
+
+@pytest.mark.parametrize("n,num_matvecs,method,block", [
+    (50, 99, "hutch++", None), (50, 30, "hutch++", 4), (20, 99, "hutch++", 5),  # s >= n: 2n
+    (50, 17, "hutchinson", 4), (50, 99, "hutchinson", None)])
+def test_trace_cost_is_the_products_counted(n, num_matvecs, method, block):
+    res = hessian_trace(_spd(n), num_matvecs=num_matvecs, method=method, block_size=block)
+    cost = E.trace_cost(n, 8, num_matvecs=num_matvecs, method=method, block_size=block)
+    assert cost.exact and cost.hvps == res.num_matvecs
+    assert cost.memory_bytes == res.memory_bound_bytes
+
+
+@pytest.mark.parametrize("method,block", [("hutch++", None), ("hutch++", 5), ("hutchinson", 8)])
+def test_trace_cost_data_passes_are_the_blocks_applied(method, block):
+    op = HessianOperator(fx.model(), "cross_entropy", fx.data())
+    blocks = []
+    matmat = op.matmat
+
+    def counted(V):  # one weighted pass over the data per block (HessianOperator.matmat)
+        blocks.append(V.shape[1])
+        return matmat(V)
+
+    op.matmat = counted
+    res = hessian_trace(op, method=method, block_size=block)
+    cost = E.trace_cost(N, 4, method=method, block_size=block)
+    assert cost.data_passes == len(blocks) and cost.hvps == sum(blocks) == res.num_matvecs
+    assert cost.memory_bytes == res.memory_bound_bytes
+
+
+@pytest.mark.parametrize("n,num_iter,num_runs", [(60, 20, 3), (60, 7, 5), (15, 40, 2)])
+def test_density_cost_is_the_products_counted(n, num_iter, num_runs):
+    res = spectral_density(_spd(n), num_iter=num_iter, num_runs=num_runs)
+    cost = E.density_cost(n, 8, num_iter=num_iter, num_runs=num_runs)
+    assert cost.hvps == res.num_matvecs == num_runs * min(num_iter, n)
+
+
+@pytest.mark.parametrize("k,max_iter", [(1, None), (5, None), (3, 7)])
+def test_lanczos_cost_is_an_upper_bound(k, max_iter):
+    n = 80
+    res = top_eigenpairs(_spd(n), k=k, max_iter=max_iter)
+    cost = E.lanczos_cost(n, k, 8, max_iter=max_iter)
+    assert not cost.exact and 1 <= res.num_matvecs <= cost.hvps
+    if max_iter is not None:  # a run that does not converge uses the whole budget
+        assert res.num_matvecs == cost.hvps == max_iter
+    assert cost.memory_bytes == res.memory_bound_bytes
+
+
+def test_lanczos_cost_bounds_a_hessian_run():
+    model, (x, y) = fx.model(), fx.data()
+    res = top_eigenpairs(HessianOperator(model, "cross_entropy", (x, y)), k=2)
+    cost = E.lanczos_cost(N, 2, 4)
+    assert res.num_matvecs <= cost.hvps and cost.memory_bytes == res.memory_bound_bytes
+
+
+@pytest.mark.parametrize("kw", [dict(kind="worst", m=32), dict(kind="worst", m=40, steps=5),
+                                dict(kind="worst", m=32, init="zero", steps=4),
+                                dict(kind="worst", m=48, restarts=2, steps=3),
+                                dict(kind="average", m=32, samples=5),
+                                dict(kind="worst", m=16, n_eval=50, steps=2)])
+def test_m_sharpness_cost_is_the_passes_counted(kw):
+    x, y = fx.data()  # 96 samples
+    res = sharpness(fx.model(), "cross_entropy", (x, y), rho=0.05, progress=False, **kw)
+    cost = E.m_sharpness_cost(96, **kw)
+    assert (cost.forward_passes, cost.backward_passes) == (res.forward_passes, res.backward_passes)
+    assert cost.forward_passes > 0
+
+
+@pytest.mark.parametrize("dims,steps", [(1, 7), (2, 4)])
+def test_slice_cost_is_the_forward_passes_seen(dims, steps):
+    model, data = fx.model(), fx.data()  # one batch: one forward call per pass
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
+    coords = np.linspace(-1, 1, steps)
+    if dims == 1:
+        slice_1d(model, "cross_entropy", data, d1, coords, progress=False)
+    else:
+        slice_2d(model, "cross_entropy", data, d1, d2, coords, coords, progress=False)
+    cost = E.slice_cost(N, 4, dims=dims, steps=steps)
+    # plus the determinism check: the first batch evaluated twice (analysis.checks)
+    assert len(calls) == cost.forward_passes + 2 == steps ** dims + 1 + 2
+
+
+def test_describe_says_bounds_and_exact_counts():
+    line = E.describe(E.lanczos_cost(1000, 5, 4))
+    assert line == ("cost estimate: top-5 eigenvalues (Lanczos): <= 300 Hessian-vector products, "
+                    "<= 301 data passes, peak extra memory <= 0.2 MB")
+    line = E.describe(E.trace_cost(N, 4, num_matvecs=99, block_size=16), " (each of 2 checkpoints)")
+    assert line == ("cost estimate: trace (Hutch++, 99 products): 99 Hessian-vector products, "
+                    "9 data passes, peak extra memory 47724 bytes (each of 2 checkpoints)")
+    assert "not predicted" in E.describe(E.unknown_cost("epsilon"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: the line on stderr, the JSON field, --quiet
+
+
+def _estimates(err):
+    return [ln for ln in err.splitlines() if ln.startswith("cost estimate: ")]
+
+
+def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys):
+    argv = ["hessian", str(ckpt), *SPEC, "--top-k", "2", "--trace", "--density", str(tmp_path / "d.png"),
+            "--density-iter", "12", "--density-runs", "3", "--json", "-"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    lanczos, trace, density = doc["estimate"]
+    assert [e["analysis"] for e in doc["estimate"]] == [
+        "top-2 eigenvalues (Lanczos)", "trace (Hutch++, 99 products)",
+        "spectral density (SLQ, 3 runs x 12 steps)"]
+    assert trace["hvps"] == 99 and density["hvps"] == 36 and lanczos["hvps"] == 300
+    assert lanczos["memory_bytes"] == (40 + 3) * N * 4 and density["memory_bytes"] == 17 * N * 4
+    # one operator served all three: what is left for Lanczos is within its bound
+    used_by_lanczos = doc["num_matvecs"] - trace["hvps"] - density["hvps"]
+    assert 1 <= used_by_lanczos <= lanczos["hvps"]
+    lines = _estimates(err)
+    assert len(lines) == 3 and lines[0].startswith("cost estimate: top-2 eigenvalues (Lanczos): <= 300")
+    assert err.index("cost estimate: ") < err.index("top-2 Hessian eigenvalues")  # before the work
+    code, out, err = _run([*argv, "--quiet"], capsys)
+    assert code == 0 and _estimates(err) == [] and json.loads(out)["estimate"] == doc["estimate"]
+
+
+def test_sharpness_estimate_matches_the_recorded_settings(ckpt, capsys):
+    code, out, err = _run(["sharpness", str(ckpt), str(ckpt), *SPEC, "--metric", "worst", "--metric",
+                           "trace", "--metric", "lambda_max", "--metric", "epsilon", "--m", "32",
+                           "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    est = {e["analysis"]: e for e in doc["estimate"]}
+    settings = doc["checkpoints"][0]["settings"]
+    assert est["trace (Hutch++, 99 products)"]["hvps"] == settings["trace"]["num_matvecs"]
+    assert settings["lambda_max"]["num_matvecs"] <= est["lambda_max (Lanczos, k=1)"]["hvps"]
+    worst = est["worst"]
+    assert worst["forward_passes"] == settings["worst"]["num_batches"] * (settings["worst"]["steps"] + 2)
+    assert est["epsilon"]["hvps"] is None and est["epsilon"]["data_passes"] is None
+    lines = _estimates(err)
+    assert len(lines) == 4 and all(ln.endswith("(each of 2 checkpoints)") for ln in lines)
+
+
+@pytest.mark.parametrize("extra,want", [
+    (["--dims", "2", "--steps", "3"], ["2-D slice (3x3 points): 10 forward, 10 data passes"]),
+    (["--direction", "gradient", "--steps", "4"],
+     ["gradient direction: 1 forward, 1 backward, 1 data pass,", "1-D slice (4 points): 5 forward"])])
+def test_slice_prints_the_estimate(ckpt, tmp_path, capsys, extra, want):
+    code, out, err = _run(["slice", str(ckpt), *SPEC, *extra, "--out", str(tmp_path / "s.png"),
+                           "--json", str(tmp_path / "s.json")], capsys)
+    assert code == 0, err
+    lines = _estimates(err)
+    assert len(lines) == len(want) and all(w in ln for w, ln in zip(want, lines)), lines
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["estimate"][-1]["forward_passes"] == (9 if "--dims" in extra else 4) + 1
+
+
+def test_report_prints_one_line_per_stage(ckpt, tmp_path, capsys):
+    code, out, err = _run(["report", str(ckpt), *SPEC, "--out", str(tmp_path / "r.html"), "--steps-1d", "3",
+                           "--steps-2d", "3", "--no-density", "--json", str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    names = [e["analysis"] for e in json.loads((tmp_path / "r.json").read_text())["estimate"]]
+    assert names == ["lambda_max (Lanczos, k=1)", "sharpness (worst)", "1-D slice along random (3 points)",
+                     "gradient direction", "1-D slice along gradient (3 points)", "2-D slice (3x3 points)"]
+    assert len(_estimates(err)) == len(names)
+
+
+def test_per_layer_estimate_bounds_the_products_of_each_block(ckpt, capsys):
+    code, out, err = _run(["hessian", str(ckpt), *SPEC, "--top-k", "1", "--trace", "--per-layer",
+                           "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    lanczos, trace = doc["estimate"][2:]
+    assert lanczos["analysis"] == "per-layer top-1 eigenvalues (4 blocks, Lanczos)" and not lanczos["exact"]
+    assert trace["analysis"] == "per-layer trace (4 blocks, Hutch++)" and trace["exact"]
+    # blocks of 48, 42, 12 and 21 parameters: 2n products (exact) up to 49, else 99
+    assert trace["hvps"] == 2 * (48 + 42 + 12 + 21)
+    used = sum(layer["num_matvecs"] for layer in doc["per_layer"])
+    assert 4 <= used - trace["hvps"] <= lanczos["hvps"]
+    assert len(_estimates(err)) == 4
