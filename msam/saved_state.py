@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from msam._perturbation import PERTURBED_KEY, SCALE_KEY, check_real, saved_flag
+from msam._checks import check_real, saved_flag
+from msam._perturbation import PERTURBED_KEY, SCALE_KEY
 
 __all__ = ["unperturbed_parameters"]
 
