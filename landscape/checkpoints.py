@@ -47,7 +47,6 @@ key, before any weight is changed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import pickle
@@ -63,6 +62,12 @@ import torch
 from torch import nn
 
 from analysis.results import Result, to_jsonable
+from msam.saved_state import (
+    DIRECTION_KEYS,
+    SavedStateError,
+    direction_buffer,
+    unperturbed_parameters,
+)
 
 __all__ = [
     "Checkpoint",
@@ -598,7 +603,6 @@ def _select_prefix(
 # MSAM: saved at the perturbed point
 
 _FLAG_KEYS = ("perturbed", "is_perturbed", "msam_perturbed")
-_BUFFER_KEYS = ("momentum_buffer", "exp_avg")
 
 
 def _describe(value: Any) -> str:
@@ -622,21 +626,6 @@ def _flag(value: Any, path: pathlib.Path, key: str) -> bool:
     if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
         return bool(value)
     raise _malformed(path, key, f"{_describe(value)}; expected a boolean")
-
-
-def _finite(value: Any, path: pathlib.Path, key: str) -> float:
-    """A finite real number stored as int, float or a one-element tensor."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _malformed(path, key, f"{_describe(value)}; expected a real number")
-    if not math.isfinite(value):
-        raise CheckpointError(
-            f"{path}: optimizer state {key} is {value}: the data needed to move MSAM's weights "
-            "back is not finite (it would turn the weights into NaN); refused. Load with "
-            "unperturb=False to take the perturbed weights as they are"
-        )
-    return float(value)
 
 
 def _check_optimizer(opt: Mapping[str, Any], path: pathlib.Path, okey: str) -> None:
@@ -677,7 +666,7 @@ def _check_optimizer(opt: Mapping[str, Any], path: pathlib.Path, okey: str) -> N
             where = f"{okey}['state'][{pid!r}]"
             if not isinstance(st, Mapping):
                 raise _malformed(path, where, f"{_describe(st)}; expected a dict")
-            for key in _BUFFER_KEYS:
+            for key in DIRECTION_KEYS:
                 if key in st and st[key] is not None and not (
                         isinstance(st[key], torch.Tensor) and st[key].is_floating_point()):
                     raise _malformed(path, f"{where}[{key!r}]", f"{_describe(st[key])}; expected a float tensor")
@@ -700,13 +689,6 @@ def _perturbed_flag(opt_state: Mapping[str, Any]) -> bool:
 
 def _scalar(x: Any) -> Any:
     return x.item() if isinstance(x, torch.Tensor) and x.numel() == 1 else x
-
-
-def _perturbation_buffer(st: Mapping[str, Any]) -> torch.Tensor | None:
-    for key in _BUFFER_KEYS:
-        if isinstance(st.get(key), torch.Tensor):
-            return st[key]
-    return None
 
 
 def _parameter_names(state: dict[str, torch.Tensor], model: nn.Module | None) -> list[str]:
@@ -758,7 +740,7 @@ def _match_optimizer_params(
     used: set[str] = set()
     for pid, _ in order:
         st = per_param.get(pid, per_param.get(str(pid), {}))
-        buf = _perturbation_buffer(st) if isinstance(st, Mapping) else None
+        buf = direction_buffer(st) if isinstance(st, Mapping) else None
         if buf is None:
             matched.append("")  # not perturbed: never looked up
             continue
@@ -780,17 +762,16 @@ def _unperturb(
 ) -> dict[str, torch.Tensor]:
     """Move ``w~`` back to ``w = w~ + c_g * d`` for every parameter group ``g``.
 
-    ``d`` is the stored direction buffer (``momentum_buffer`` for MSAM / NAG, ``exp_avg`` for
-    AdamW-MSAM) and ``c_g`` the coefficient the optimizer actually applied, stored in the group
-    as ``"perturbation_scale"`` (``rho / ||v||`` for default MSAM, with the global norm over all
-    groups). Without that entry, ``c_g = rho_g / ||d||`` (the paper's definition; times ``lr``
-    with ``scale_by_lr`` and without the norm when ``normalize`` is False) is used.
+    The loader's part is matching the optimizer's parameters to the weights' names; the
+    move-back itself (``d`` the stored direction buffer, ``c_g`` the coefficient the optimizer
+    applied, or the paper's definition from ``rho``) is :func:`msam.unperturbed_parameters`,
+    whose errors are reported here in the checkpoint's own terms.
     """
-    groups = opt_state.get("param_groups") or []
+    groups = [dict(g, params=list(g.get("params", []))) for g in opt_state.get("param_groups") or []]
     per_param = opt_state.get("state") or {}
     order: list[tuple[Any, int]] = []
     for gi, g in enumerate(groups):
-        order += [(pid, gi) for pid in g.get("params", [])]
+        order += [(pid, gi) for pid in g["params"]]
     names = _parameter_names(state, model)
     explain = (
         "cannot match the optimizer state to the parameters to undo MSAM's perturbation "
@@ -801,68 +782,70 @@ def _unperturb(
         raise CheckpointError(
             f"{path}: the optimizer has {len(order)} parameters but the model {len(names)}; {explain}"
         )
-    matched = _match_optimizer_params(groups, per_param, order, names, state, path, explain)
-    bufs: list[tuple[str, torch.Tensor, int]] = []
-    for (pid, gi), name in zip(order, matched):
-        st = per_param.get(pid, per_param.get(str(pid), {}))
-        buf = _perturbation_buffer(st) if isinstance(st, Mapping) else None
-        if buf is None:
-            continue  # no momentum yet for this parameter: it was not perturbed
-        if name not in state or tuple(state[name].shape) != tuple(buf.shape):
-            got = tuple(state[name].shape) if name in state else "absent"
-            raise CheckpointError(
-                f"{path}: momentum of optimizer parameter {pid} has shape {tuple(buf.shape)} but "
-                f"{name!r} is {got}; {explain}"
-            )
-        if not bool(torch.isfinite(buf).all()):
-            key = next(k for k in _BUFFER_KEYS if st.get(k) is buf)
-            raise CheckpointError(
-                f"{path}: optimizer state {okey or 'optimizer'}['state'][{pid!r}][{key!r}] "
-                f"(for {name!r}) holds non-finite values: the data needed to move MSAM's weights "
-                "back is not finite (it would turn the weights into NaN); refused. Load with "
-                "unperturb=False to take the perturbed weights as they are"
-            )
-        bufs.append((name, buf, gi))
-    if not bufs:
+    if not order:
         return state
-    scales: list[float] = []
-    norm: float | None = None
-    okey = okey or "optimizer"
-    for gi, g in enumerate(groups):
-        where = f"{okey}['param_groups'][{gi}]"
-        if "perturbation_scale" in g:
-            c = g["perturbation_scale"]
-            scales.append(0.0 if c is None else _finite(c, path, f"{where}['perturbation_scale']"))
+    matched = _match_optimizer_params(groups, per_param, order, names, state, path, explain)
+    # a weight the checkpoint lacks is a placeholder: an error only if it was perturbed
+    weights = [state.get(name, _ABSENT) for name in matched]
+    try:
+        moved = unperturbed_parameters({"param_groups": groups, "state": per_param}, weights,
+                                       assume_perturbed=True)
+    except SavedStateError as exc:
+        raise _move_back_error(exc, path, okey or "optimizer", order, matched, state, explain) from None
+    out = dict(state)
+    for (pid, _), name, w, new in zip(order, matched, weights, moved):
+        if new is w:
             continue
-        rho = g.get("rho")
-        if rho is None:
-            raise CheckpointError(
-                f"{path}: the optimizer state says the weights are perturbed but records neither "
-                "'perturbation_scale' nor 'rho'; cannot move them back (load with "
-                "unperturb=False to take them as they are)"
-            )
-        if norm is None:
-            norm = math.sqrt(sum(float(b.double().pow(2).sum()) for _, b, _ in bufs))
-        coef = _finite(rho, path, f"{where}['rho']")
-        if _flag(g.get("scale_by_lr", False), path, f"{where}['scale_by_lr']"):
-            coef *= _finite(g.get("lr", 1.0), path, f"{where}['lr']")
-        if _flag(g.get("normalize", True), path, f"{where}['normalize']"):
-            coef = coef / norm if norm > 0 else 0.0
-        scales.append(coef)
-    state = dict(state)
-    for name, buf, gi in bufs:
-        if scales[gi] == 0.0:
-            continue
-        w = state[name]
-        moved = (w.double() + scales[gi] * buf.to(w.device).double()).to(w.dtype)
-        if not bool(torch.isfinite(moved).all()) and bool(torch.isfinite(w).all()):
-            raise CheckpointError(
-                f"{path}: moving {name!r} back from MSAM's perturbed point overflows {w.dtype} "
-                f"(coefficient {scales[gi]:.3g}); refused. Load with unperturb=False to take the "
-                "perturbed weights as they are"
-            )
-        state[name] = moved
-    return state
+        if name not in state:  # only an empty buffer matches the placeholder's shape
+            raise CheckpointError(f"{path}: momentum of optimizer parameter {pid} has shape "
+                                  f"{tuple(new.shape)} but {name!r} is absent; {explain}")
+        out[name] = new
+    return out
+
+
+_ABSENT = torch.empty(0)
+
+
+def _move_back_error(
+    exc: SavedStateError, path: pathlib.Path, okey: str, order: list[tuple[Any, int]],
+    matched: list[str], state: Mapping[str, torch.Tensor], explain: str,
+) -> CheckpointError:
+    """msam's refusal to move the weights back, naming the checkpoint's entry."""
+    if exc.reason == "shape":
+        pid, name = order[exc.position][0], matched[exc.position]
+        got = tuple(state[name].shape) if name in state else "absent"
+        return CheckpointError(f"{path}: momentum of optimizer parameter {pid} has shape "
+                               f"{tuple(exc.value.shape)} but {name!r} is {got}; {explain}")
+    if exc.reason == "buffer_not_finite":
+        pid, name = order[exc.position][0], matched[exc.position]
+        where, value = f"{okey}['state'][{pid!r}][{exc.key!r}] (for {name!r})", "non-finite values"
+        return CheckpointError(f"{path}: optimizer state {where} holds {value}: {_NOT_FINITE}")
+    where = f"{okey}['param_groups'][{exc.group}][{exc.key!r}]"
+    if exc.reason == "not_finite":
+        return CheckpointError(f"{path}: optimizer state {where} is {_scalar(exc.value)}: {_NOT_FINITE}")
+    if exc.reason == "not_a_number":
+        return _malformed(path, where, f"{_describe(exc.value)}; expected a real number")
+    if exc.reason == "not_a_flag":
+        return _malformed(path, where, f"{_describe(exc.value)}; expected a boolean")
+    if exc.reason == "overflow":
+        name = matched[exc.position]
+        return CheckpointError(
+            f"{path}: moving {name!r} back from MSAM's perturbed point overflows "
+            f"{state[name].dtype} (coefficient {exc.value:.3g}); refused. Load with "
+            "unperturb=False to take the perturbed weights as they are"
+        )
+    if exc.reason == "no_coefficient":
+        return CheckpointError(
+            f"{path}: the optimizer state says the weights are perturbed but records neither "
+            "'perturbation_scale' nor 'rho'; cannot move them back (load with "
+            "unperturb=False to take them as they are)"
+        )
+    return CheckpointError(f"{path}: {exc}")
+
+
+_NOT_FINITE = ("the data needed to move MSAM's weights back is not finite (it would turn the "
+               "weights into NaN); refused. Load with unperturb=False to take the perturbed "
+               "weights as they are")
 
 
 # --------------------------------------------------------------------------------------------
