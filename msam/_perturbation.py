@@ -241,28 +241,26 @@ class PerturbedOptimizer(Optimizer):
         Raises:
             RuntimeError: a sparse gradient.
         """
-        step = GroupStep(state={key: [] for key in self._state_keys})
-        lists = list(step.state.values())
-        keys = self._state_keys
+        params, grads, states, idle, idle_dirs = [], [], [], [], []
         for p in group["params"]:
             state = self.state.get(p)
             grad = p.grad
             if grad is None:
                 d = state.get(self._direction_key) if state else None
                 if d is not None:
-                    step.idle.append(p)
-                    step.idle_dirs.append(d)
+                    idle.append(p)
+                    idle_dirs.append(d)
                 continue
             if grad.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients (parameter of "
                     f"shape {tuple(p.shape)}); use a dense embedding (sparse=False)")
-            step.params.append(p)
-            step.grads.append(grad)
-            for key, values in zip(keys, lists):
-                values.append(state.get(key) if state else None)
-        step.foreach = self._use_foreach(group, step.params or step.idle)
-        return step
+            params.append(p)
+            grads.append(grad)
+            states.append(state)
+        lists = {key: [st.get(key) if st else None for st in states] for key in self._state_keys}
+        return GroupStep(params, grads, lists, idle, idle_dirs,
+                         self._use_foreach(group, params or idle))
 
     def _perturb(self, steps: list[GroupStep]) -> None:
         """``w -> w~`` with new coefficients from the updated buffers; records what was applied."""
