@@ -13,7 +13,7 @@ from msam.adamw_msam import AdamWMSAM
 from msam.batchnorm import frozen_batchnorm_stats, recalibrate_batchnorm
 from msam.msam import MSAM, NAG
 from msam.sam import SAM
-from msam.saved_state import unperturbed_parameters
+from msam.saved_state import SavedStateError, unperturbed_parameters
 
 __all__ = [
     # Momentum-SAM optimizers
@@ -28,4 +28,5 @@ __all__ = [
     "frozen_batchnorm_stats",
     # saved-state format
     "unperturbed_parameters",
+    "SavedStateError",
 ]

@@ -18,158 +18,42 @@ Pseudo-code of one step (Becker et al. 2024, Algorithm 1, efficient form)::
     c_new = scale(group, ||d||)      # global norm over all groups
     w~ = w - c_new * d               # perturb again, store c_new
 
+:meth:`PerturbedOptimizer.step` is this template, in torch.optim's style: ``_init_group``
+collects each group's tensors (one :class:`GroupStep`; nothing changes, a sparse gradient is
+refused), ``_init_state`` creates missing per-parameter state, ``_undo`` moves to ``w``,
+``_update`` runs the subclass's functional kernel (single-tensor or ``torch._foreach``) and
+``_perturb`` moves to the new ``w~``. Subclasses fill in ``_update`` (and, if they fuse the
+update with the perturbation as MSAM does, ``_directions`` / ``_shift``).
+
 The state dict carries ``state_dict()["perturbed"]`` (bool): whether the parameters were at the
 perturbed point ``w~`` when it was taken.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["PerturbedOptimizer"]
+from msam._checks import (
+    ArgumentTypeError,
+    check_finite_buffer,
+    check_loaded_state,
+    check_real,
+    saved_flag,
+)
+
+__all__ = ["PerturbedOptimizer", "GroupStep", "ArgumentTypeError"]
 
 SCALE_KEY = "perturbation_scale"
 PERTURBED_KEY = "perturbed"
 
 Scale = float | Tensor
-
-
-class ArgumentTypeError(TypeError, ValueError):
-    """A hyperparameter of the wrong type. A TypeError, and also a ValueError so that code
-    written when these were ValueErrors keeps catching them."""
-
-
-def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-               high_open: bool = False) -> float:
-    """Validate a real hyperparameter; raise ValueError (TypeError for a wrong type) naming it
-    and its value."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise ArgumentTypeError(f"Invalid {name}: {value!r} (expected a real number)")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentTypeError(f"Invalid {name}: {value!r} (expected a real number)")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value} (must be finite)")
-    if low is not None and value < low:
-        raise ValueError(f"Invalid {name}: {value} (must be >= {low})")
-    if high is not None and (value >= high if high_open else value > high):
-        raise ValueError(f"Invalid {name}: {value} (must be {'<' if high_open else '<='} {high})")
-    return value
-
-
-def check_foreach(foreach: Any) -> None:
-    if foreach is not None and not isinstance(foreach, bool):
-        raise ArgumentTypeError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """Validate a flag: only True or False (a string such as 'no' would be truthy)."""
-    if not isinstance(value, bool):
-        raise ArgumentTypeError(f"Invalid {name}: {value!r} (expected True or False)")
-    return value
-
-
-# state entries of torch.optim optimizers (and ours) that have the parameter's shape
-PARAM_SHAPED_KEYS = frozenset({
-    "momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg",
-    "grad_avg", "acc_delta", "sum", "ax", "prev", "step_size", "old_p",
-})
-
-
-def check_loaded_state(optimizer: Optimizer, state_dict: Any, name: str,
-                       ) -> list[tuple[int, int, Tensor, Mapping[str, Any]]]:
-    """Check a state dict against ``optimizer``'s parameters before anything is loaded.
-
-    Refuses (ValueError naming the group, the parameter index, the entry and both shapes) a
-    parameter-shaped buffer whose shape differs from its parameter's, or from the shape of the
-    entry the optimizer already holds; dtypes and devices are cast on load as torch.optim does.
-
-    Returns:
-        ``(group index, index in group, parameter, saved per-parameter state)`` for every saved
-        state entry that maps to a parameter.
-    """
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"{name}.load_state_dict: expected a state dict (a mapping), got "
-                        f"{type(state_dict).__name__}")
-    saved_groups = state_dict.get("param_groups")
-    saved_state = state_dict.get("state", {})
-    if not isinstance(saved_groups, (list, tuple)) or not all(
-            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple))
-            for g in saved_groups):
-        raise ValueError(f"{name}.load_state_dict: 'param_groups' must be a list of dicts "
-                         f"with a 'params' list, got {type(saved_groups).__name__}")
-    if not isinstance(saved_state, Mapping):
-        raise ValueError(f"{name}.load_state_dict: 'state' must be a dict, got "
-                         f"{type(saved_state).__name__}")
-    groups = optimizer.param_groups
-    if len(saved_groups) != len(groups):
-        raise ValueError(f"{name}.load_state_dict: the state dict has {len(saved_groups)} "
-                         f"parameter groups, the optimizer {len(groups)}")
-    where: dict[Any, tuple[int, int, Tensor]] = {}
-    for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
-        if len(saved["params"]) != len(group["params"]):
-            raise ValueError(f"{name}.load_state_dict: parameter group {gi} has "
-                             f"{len(saved['params'])} parameters in the state dict, "
-                             f"{len(group['params'])} in the optimizer")
-        for pi, (pid, p) in enumerate(zip(saved["params"], group["params"])):
-            where[pid] = (gi, pi, p)
-    out = []
-    for pid, st in saved_state.items():
-        if pid not in where:
-            continue
-        gi, pi, p = where[pid]
-        if not isinstance(st, Mapping):
-            raise ValueError(f"{name}.load_state_dict: the state of parameter {pi} of group "
-                             f"{gi} is a {type(st).__name__}, expected a dict")
-        current = optimizer.state.get(p, {})
-        for key, value in st.items():
-            if not isinstance(value, Tensor):
-                if key in PARAM_SHAPED_KEYS and value is not None:
-                    raise ValueError(f"{name}.load_state_dict: {key!r} of parameter {pi} of "
-                                     f"group {gi} is a {type(value).__name__}, expected a tensor")
-                continue
-            if key in PARAM_SHAPED_KEYS:
-                expected, what = p.shape, "the parameter has shape"
-            elif key != "step" and isinstance(current.get(key), Tensor):
-                expected, what = current[key].shape, "the optimizer's own entry has shape"
-            else:
-                continue
-            if value.shape != expected:
-                raise ValueError(
-                    f"{name}.load_state_dict: {key!r} of parameter {pi} of group {gi} has shape "
-                    f"{tuple(value.shape)} but {what} {tuple(expected)} (a state dict of "
-                    "another model?); nothing was loaded")
-        out.append((gi, pi, p, st))
-    return out
-
-
-def saved_flag(value: Any, what: str) -> bool:
-    """A saved boolean flag: a bool, a one-element tensor, a numpy bool or 0/1 (JSON)."""
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if type(value).__name__ == "bool_" or (type(value) is int and value in (0, 1)):
-        value = bool(value)
-    if not isinstance(value, bool):
-        raise ValueError(f"{what} must be True or False, got {value!r}")
-    return value
-
-
-def check_finite_buffer(name: str, key: str, gi: int, pi: int, value: Any) -> None:
-    """Refuse a buffer with inf/NaN entries that would be used to move the weights."""
-    if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name}.load_state_dict: {key!r} of parameter {pi} of group {gi} "
-                             "has inf or NaN entries; loading it would put them into the "
-                             "weights (nothing was loaded)")
 
 
 def default_foreach(params: list[Tensor]) -> bool:
@@ -191,6 +75,11 @@ def group_by_device_dtype(*lists: list[Tensor]) -> dict[tuple, tuple[list[Tensor
 
 def is_zero(scale: Scale | None) -> bool:
     return scale is None or (not isinstance(scale, Tensor) and scale == 0.0)
+
+
+def negated(scale: Scale) -> Scale:
+    """``-scale`` for a float or a 0-d tensor."""
+    return -scale if isinstance(scale, Tensor) else -float(scale)
 
 
 def shift_(params: list[Tensor], dirs: list[Tensor], scale: Scale | None, *, foreach: bool) -> None:
@@ -239,15 +128,36 @@ def global_norm(dirs: list[Tensor], *, foreach: bool) -> Tensor | None:
     return torch.linalg.vector_norm(flat)
 
 
+@dataclass
+class GroupStep:
+    """One parameter group's tensors for one step, gathered by ``_init_group``.
+
+    ``state`` holds one list per key of ``_state_keys``, parallel to ``params`` (None where the
+    parameter has no such entry yet); ``idle`` are the parameters without a gradient that
+    carry a direction buffer (``idle_dirs``): they are not updated, only perturbed again.
+    """
+
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    state: dict[str, list[Tensor | None]] = field(default_factory=dict)
+    idle: list[Tensor] = field(default_factory=list)
+    idle_dirs: list[Tensor] = field(default_factory=list)
+    foreach: bool = False
+
+
 class PerturbedOptimizer(Optimizer):
     """Base class: parameters live at ``w~ = w - c_g * d`` between steps (see module docstring).
 
-    Subclasses set ``_direction_key`` (the state key of ``d``), implement
-    ``_group_scale(group, norm)`` and their ``step``. They get ``eval()``, ``train()``,
-    ``is_perturbed``, ``unperturbed()`` and a state dict with a ``"perturbed"`` flag.
+    Subclasses set ``_direction_key`` (the state key of ``d``) and ``_state_keys`` (the state
+    entries their kernel reads), implement ``_group_scale(group, norm)``, ``_needs_norm`` and
+    ``_update(group, step)`` (the base optimizer's kernel at ``w``), and may override
+    ``_init_state``, ``_directions`` and ``_shift``. They get the template ``step()``,
+    ``eval()``, ``train()``, ``is_perturbed``, ``unperturbed()`` and a state dict with a
+    ``"perturbed"`` flag.
     """
 
     _direction_key: str = ""
+    _state_keys: tuple[str, ...] = ()
 
     def __init__(self, params, defaults: dict[str, Any]):
         super().__init__(params, defaults)
@@ -267,6 +177,25 @@ class PerturbedOptimizer(Optimizer):
     def _needs_norm(self, group: dict[str, Any]) -> bool:
         raise NotImplementedError
 
+    def _init_state(self, step: GroupStep) -> None:
+        """Create missing per-parameter state for ``step.params`` (and fill ``step.state``).
+        Called once every group was collected, so a refused step leaves the state unchanged."""
+
+    def _update(self, group: dict[str, Any], step: GroupStep) -> None:
+        """The base optimizer's update at the unperturbed ``w`` (a functional kernel)."""
+        raise NotImplementedError
+
+    def _directions(self, group: dict[str, Any], step: GroupStep,
+                    ) -> tuple[list[Tensor], list[Tensor]]:
+        """(parameters, direction buffers) of the new perturbation, after ``_update``; by
+        default every parameter of the group that has a buffer, in group order."""
+        return self._group_directions(group)
+
+    def _shift(self, group: dict[str, Any], step: GroupStep, params: list[Tensor],
+               dirs: list[Tensor], scale: Scale) -> None:
+        """Move the group from ``w`` to ``w~ = w - scale * d`` after ``_update``."""
+        shift_(params, dirs, negated(scale), foreach=self._use_foreach(group, params))
+
     def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         foreach = group.get("foreach")
         return default_foreach(params) if foreach is None else bool(foreach)
@@ -276,6 +205,72 @@ class PerturbedOptimizer(Optimizer):
         construction); ValueError/TypeError before anything moves."""
         for group in self.param_groups:
             self._validate_group(group)
+
+    # -- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step from the gradient taken at the live parameters (``w~``).
+
+        collect (``_init_group``) -> undo (``w~ -> w``, stored coefficients) -> update (the
+        base optimizer at ``w``) -> perturb (``w -> w~`` with the new coefficients).
+
+        Args:
+            closure: optional callable that re-evaluates the model (at ``w~``), calls backward
+                and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        self._check_groups()  # hyperparameters may have been edited since construction
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        steps = [self._init_group(group) for group in self.param_groups]
+        for step in steps:
+            self._init_state(step)
+        self._undo()
+        for group, step in zip(self.param_groups, steps):
+            self._update(group, step)
+        self._perturb(steps)
+        return loss
+
+    def _init_group(self, group: dict[str, Any]) -> GroupStep:
+        """Collect a group's parameters, gradients and state (changes nothing).
+
+        Raises:
+            RuntimeError: a sparse gradient.
+        """
+        params, grads, states, idle, idle_dirs = [], [], [], [], []
+        for p in group["params"]:
+            state = self.state.get(p)
+            grad = p.grad
+            if grad is None:
+                d = state.get(self._direction_key) if state else None
+                if d is not None:
+                    idle.append(p)
+                    idle_dirs.append(d)
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter of "
+                    f"shape {tuple(p.shape)}); use a dense embedding (sparse=False)")
+            params.append(p)
+            grads.append(grad)
+            states.append(state)
+        lists = {key: [st.get(key) if st else None for st in states] for key in self._state_keys}
+        return GroupStep(params, grads, lists, idle, idle_dirs,
+                         self._use_foreach(group, params or idle))
+
+    def _perturb(self, steps: list[GroupStep]) -> None:
+        """``w -> w~`` with new coefficients from the updated buffers; records what was applied."""
+        pairs = [self._directions(g, s) for g, s in zip(self.param_groups, steps)]
+        scales = self._new_scales(pairs)
+        for group, step, (params, dirs), scale in zip(self.param_groups, steps, pairs, scales):
+            self._shift(group, step, params, dirs, scale)
+            group[SCALE_KEY] = scale
+        self._applied = [(list(ps), list(ds)) for ps, ds in pairs]
+        self._perturbed = True
 
     # -- the perturbation -----------------------------------------------------------------
     def _group_directions(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
@@ -326,8 +321,7 @@ class PerturbedOptimizer(Optimizer):
 
     def _apply(self, pairs, scales: list[Scale]) -> None:
         for group, (params, dirs), scale in zip(self.param_groups, pairs, scales):
-            neg = -scale if isinstance(scale, Tensor) else -float(scale)
-            shift_(params, dirs, neg, foreach=self._use_foreach(group, params))
+            shift_(params, dirs, negated(scale), foreach=self._use_foreach(group, params))
             group[SCALE_KEY] = scale
         self._applied = [(list(ps), list(ds)) for ps, ds in pairs]
 
@@ -460,12 +454,3 @@ class PerturbedOptimizer(Optimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:  # overridden by subclasses
         pass
-
-    @staticmethod
-    def _check_sparse(name: str, groups) -> None:
-        for group in groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{name} does not support sparse gradients (parameter of shape "
-                        f"{tuple(p.shape)}); use a dense embedding (sparse=False)")

@@ -7,14 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from msam._perturbation import (
-    ArgumentTypeError,
-    PerturbedOptimizer,
-    Scale,
-    check_foreach,
-    check_real,
-    group_by_device_dtype,
-)
+from msam._checks import ArgumentTypeError, check_foreach, check_real
+from msam._perturbation import GroupStep, PerturbedOptimizer, Scale, group_by_device_dtype
 
 __all__ = ["AdamWMSAM"]
 
@@ -64,6 +58,7 @@ class AdamWMSAM(PerturbedOptimizer):
     """
 
     _direction_key = "exp_avg"
+    _state_keys = ("step", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, rho: float = 1.0, *,
@@ -94,51 +89,23 @@ class AdamWMSAM(PerturbedOptimizer):
             return 0.0
         return torch.where(norm > 0, rho / norm, torch.zeros_like(norm))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW-MSAM step from the gradient taken at the live parameters (w~).
-
-        Args:
-            closure: optional callable that re-evaluates the model, calls backward and returns
-                the loss.
-
-        Returns:
-            The closure's loss, or None.
-        """
-        self._check_groups()  # hyperparameters may have been edited since construction
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._check_sparse(type(self).__name__, self.param_groups)
-
-        self._undo()
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+    def _init_state(self, step: GroupStep) -> None:
+        """torch.optim.AdamW's lazy state: step 0 and zero moments."""
+        for i, p in enumerate(step.params):
+            if step.state["exp_avg"][i] is None:
                 state = self.state[p]
-                if len(state) == 0 or "exp_avg" not in state:
-                    state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p,
-                                                           memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
-            beta1, beta2 = (float(b) for b in group["betas"])
-            kernel = _adamw_foreach if self._use_foreach(group, params) else _adamw_single
-            kernel(params, grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2,
-                   lr=float(group["lr"]), weight_decay=float(group["weight_decay"]),
-                   eps=float(group["eps"]))
+                state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for key in self._state_keys:
+                    step.state[key][i] = state[key]
 
-        pairs = self._all_directions()
-        self._apply(pairs, self._new_scales(pairs))
-        self._perturbed = True
-        return loss
+    def _update(self, group: dict[str, Any], step: GroupStep) -> None:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        kernel = _adamw_foreach if step.foreach else _adamw_single
+        kernel(step.params, step.grads, step.state["exp_avg"], step.state["exp_avg_sq"],
+               step.state["step"], beta1=beta1, beta2=beta2, lr=float(group["lr"]),
+               weight_decay=float(group["weight_decay"]), eps=float(group["eps"]))
 
 
 def _adamw_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, beta1, beta2, lr,

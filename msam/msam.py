@@ -11,16 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from msam._perturbation import (
-    SCALE_KEY,
-    PerturbedOptimizer,
-    Scale,
-    check_bool,
-    check_foreach,
-    check_real,
-    group_by_device_dtype,
-    shift_,
-)
+from msam._checks import check_bool, check_foreach, check_real
+from msam._perturbation import GroupStep, PerturbedOptimizer, Scale, group_by_device_dtype, shift_
 
 __all__ = ["MSAM", "NAG"]
 
@@ -82,6 +74,7 @@ class MSAM(PerturbedOptimizer):
     """
 
     _direction_key = "momentum_buffer"
+    _state_keys = ("momentum_buffer",)
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, rho: float = 3.0,
                  weight_decay: float = 0.0, *, normalize: bool = True, scale_by_lr: bool = False,
@@ -119,67 +112,25 @@ class MSAM(PerturbedOptimizer):
         # rho / ||v|| without a host sync; ||v|| = 0 gives no perturbation
         return torch.where(norm > 0, coef / norm, torch.zeros_like(norm))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One MSAM step from the gradient taken at the live parameters (w~).
+    def _update(self, group: dict[str, Any], step: GroupStep) -> None:
+        """torch.optim.SGD's momentum update of the buffers (the weights move in ``_shift``)."""
+        bufs = step.state["momentum_buffer"]
+        kernel = _momentum_update_foreach if step.foreach else _momentum_update_single
+        kernel(step.params, step.grads, bufs, momentum=float(group["momentum"]),
+               weight_decay=float(group["weight_decay"]))
+        for p, b in zip(step.params, bufs):
+            self.state[p]["momentum_buffer"] = b
 
-        Args:
-            closure: optional callable that re-evaluates the model (at w~), calls backward and
-                returns the loss.
+    def _directions(self, group: dict[str, Any], step: GroupStep,
+                    ) -> tuple[list[Tensor], list[Tensor]]:
+        return step.params + step.idle, step.state["momentum_buffer"] + step.idle_dirs
 
-        Returns:
-            The closure's loss, or None.
-        """
-        self._check_groups()  # hyperparameters may have been edited since construction
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        name = type(self).__name__
-        # one pass over the parameters: (with gradient, gradient, buffer) and (buffer only)
-        collected = []
-        for group in self.param_groups:
-            params, grads, bufs, idle, idle_bufs = [], [], [], [], []
-            for p in group["params"]:
-                state = self.state.get(p)
-                buf = state.get("momentum_buffer") if state else None
-                grad = p.grad
-                if grad is None:
-                    if buf is not None:
-                        idle.append(p)
-                        idle_bufs.append(buf)
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients (parameter "
-                                       f"of shape {tuple(p.shape)}); use a dense embedding")
-                params.append(p)
-                grads.append(grad)
-                bufs.append(buf)
-            collected.append((params, grads, bufs, idle, idle_bufs))
-
-        # w~ -> w with the stored coefficients and the buffers the perturbation was made with
-        self._undo()
-        for group, (params, grads, bufs, idle, _) in zip(self.param_groups, collected):
-            foreach = self._use_foreach(group, params or idle)
-            kernel = _momentum_update_foreach if foreach else _momentum_update_single
-            kernel(params, grads, bufs, momentum=float(group["momentum"]),
-                   weight_decay=float(group["weight_decay"]))
-            for p, b in zip(params, bufs):
-                self.state[p]["momentum_buffer"] = b
-
-        pairs = [(params + idle, bufs + idle_bufs)
-                 for params, _, bufs, idle, idle_bufs in collected]
-        scales = self._new_scales(pairs)
-        for group, (params, _, bufs, idle, idle_bufs), scale in zip(
-                self.param_groups, collected, scales):
-            foreach = self._use_foreach(group, params or idle)
-            # stepped parameters: w~ = w - (lr + c) v in one pass; idle ones only re-perturb
-            shift_(params, bufs, _neg_add(scale, float(group["lr"])), foreach=foreach)
-            shift_(idle, idle_bufs, _neg_add(scale, 0.0), foreach=foreach)
-            group[SCALE_KEY] = scale
-        self._applied = [(list(ps), list(ds)) for ps, ds in pairs]
-        self._perturbed = True
-        return loss
+    def _shift(self, group: dict[str, Any], step: GroupStep, params: list[Tensor],
+               dirs: list[Tensor], scale: Scale) -> None:
+        # stepped parameters: w~ = w - (lr + c) v in one pass; idle ones only re-perturb
+        shift_(step.params, step.state["momentum_buffer"], _neg_add(scale, float(group["lr"])),
+               foreach=step.foreach)
+        shift_(step.idle, step.idle_dirs, _neg_add(scale, 0.0), foreach=step.foreach)
 
 
 def _neg_add(scale: Scale, lr: float) -> Scale:

@@ -9,15 +9,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from msam._perturbation import (
+from msam._checks import (
     ArgumentTypeError,
     check_bool,
     check_finite_buffer,
     check_loaded_state,
     check_real,
-    global_norm,
     saved_flag,
 )
+from msam._perturbation import global_norm
 from msam.batchnorm import frozen_batchnorm_stats
 
 __all__ = ["SAM"]

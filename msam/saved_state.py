@@ -17,27 +17,73 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from msam._perturbation import PERTURBED_KEY, SCALE_KEY, check_real, saved_flag
+from msam._checks import check_real, saved_flag
+from msam._perturbation import PERTURBED_KEY, SCALE_KEY
 
-__all__ = ["unperturbed_parameters"]
+__all__ = ["unperturbed_parameters", "SavedStateError", "direction_buffer", "DIRECTION_KEYS"]
 
+#: the state entries that hold the direction ``d`` of the perturbation, in lookup order
 DIRECTION_KEYS = ("momentum_buffer", "exp_avg")
 
 
-def _as_float(value: Any, name: str, gi: int) -> float:
+class SavedStateError(ValueError):
+    """A saved optimizer state that cannot be used to move the weights back, with where and why.
+
+    The message is one line for people; the attributes let a caller (a checkpoint loader)
+    name the entry in its own terms.
+
+    Attributes:
+        reason: ``"structure"`` (not a list of groups / not a dict of states), ``"count"``
+            (number of parameters), ``"shape"`` (buffer vs weight), ``"buffer_not_finite"``,
+            ``"not_a_number"``, ``"not_finite"``, ``"not_a_flag"``, ``"no_coefficient"`` or
+            ``"overflow"`` (the moved weight is not finite in its dtype; ``value`` is ``c_g``).
+        key: the entry concerned: a group key (``"perturbation_scale"``, ``"rho"``, ``"lr"``,
+            ``"scale_by_lr"``, ``"normalize"``), a state key (``"momentum_buffer"``,
+            ``"exp_avg"``) or None.
+        group: index of the parameter group, or None.
+        index: index of the parameter within its group, or None.
+        position: index of the parameter in ``params`` (all groups in order), or None.
+        value: the offending value (the buffer for ``"shape"``/``"buffer_not_finite"``).
+    """
+
+    def __init__(self, message: str, *, reason: str, key: str | None = None,
+                 group: int | None = None, index: int | None = None,
+                 position: int | None = None, value: Any = None):
+        super().__init__(message)
+        self.reason, self.key, self.value = reason, key, value
+        self.group, self.index, self.position = group, index, position
+
+
+def _as_float(g: Mapping[str, Any], name: str, gi: int, default: Any = None) -> float:
+    value = g.get(name, default)
     try:
         return check_real(name, value)
     except ValueError as exc:  # ArgumentTypeError included
-        raise ValueError(f"unperturbed_parameters: group {gi}: {exc}; it is used to move the "
-                         "weights back") from None
+        reason = "not_a_number" if isinstance(exc, TypeError) else "not_finite"
+        raise SavedStateError(f"unperturbed_parameters: group {gi}: {exc}; it is used to move "
+                              "the weights back", reason=reason, key=name, group=gi,
+                              value=value) from None
 
 
-def _direction(st: Any) -> Tensor | None:
-    if not isinstance(st, Mapping):
+def _as_flag(g: Mapping[str, Any], name: str, gi: int, default: bool) -> bool:
+    """A saved flag: a bool, 0/1 or a one-element real tensor holding one of them."""
+    value = raw = g.get(name, default)
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+        return bool(value)
+    raise SavedStateError(f"unperturbed_parameters: group {gi}: {name!r} must be True or False, "
+                          f"got {raw!r}", reason="not_a_flag", key=name, group=gi, value=raw)
+
+
+def direction_buffer(param_state: Any) -> Tensor | None:
+    """The direction ``d`` in one parameter's saved state (``momentum_buffer``, else
+    ``exp_avg``); None when it has none (that parameter was not perturbed)."""
+    if not isinstance(param_state, Mapping):
         return None
     for key in DIRECTION_KEYS:
-        if isinstance(st.get(key), Tensor):
-            return st[key]
+        if isinstance(param_state.get(key), Tensor):
+            return param_state[key]
     return None
 
 
@@ -68,9 +114,11 @@ def unperturbed_parameters(state_dict: Mapping[str, Any], params: Sequence[Tenso
         A new list; tensors that need no change are the input tensors themselves (not copied).
 
     Raises:
-        ValueError: a malformed state, a count or shape mismatch (naming the group, the
-            parameter index and both shapes), a non-finite or non-numeric coefficient or buffer,
-            no way to know the coefficient (neither ``perturbation_scale`` nor ``rho``).
+        SavedStateError: (a ValueError) a malformed state, a count or shape mismatch (naming
+            the group, the parameter index and both shapes), a non-finite or non-numeric
+            coefficient or buffer, a flag (``scale_by_lr``, ``normalize``, ``perturbed``) that
+            is not boolean, no way to know the coefficient (neither ``perturbation_scale`` nor
+            ``rho``), a moved weight that overflows its dtype; its attributes say which entry.
         TypeError: ``state_dict`` is not a mapping or ``params`` holds a non-tensor.
     """
     if not isinstance(state_dict, Mapping):
@@ -82,66 +130,101 @@ def unperturbed_parameters(state_dict: Mapping[str, Any], params: Sequence[Tenso
             raise TypeError(f"unperturbed_parameters: params[{i}] is a {type(p).__name__}, "
                             "expected a tensor")
     if assume_perturbed is None:
-        perturbed = saved_flag(state_dict.get(PERTURBED_KEY, False),
-                               "unperturbed_parameters: 'perturbed'")
+        try:
+            perturbed = saved_flag(state_dict.get(PERTURBED_KEY, False),
+                                   "unperturbed_parameters: 'perturbed'")
+        except ValueError as exc:
+            raise SavedStateError(str(exc), reason="not_a_flag", key=PERTURBED_KEY,
+                                  value=state_dict.get(PERTURBED_KEY)) from None
     else:
         perturbed = bool(assume_perturbed)
     if not perturbed:
         return params
-    groups = state_dict.get("param_groups")
-    per_param = state_dict.get("state", {})
-    if not isinstance(groups, (list, tuple)) or not all(
-            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups):
-        raise ValueError("unperturbed_parameters: 'param_groups' must be a list of dicts with a "
-                         "'params' list")
-    if not isinstance(per_param, Mapping):
-        raise ValueError(f"unperturbed_parameters: 'state' must be a dict, got "
-                         f"{type(per_param).__name__}")
-    count = sum(len(g["params"]) for g in groups)
-    if count != len(params):
-        raise ValueError(f"unperturbed_parameters: the optimizer state has {count} parameters, "
-                         f"{len(params)} were given")
-    # (index into params, group index, buffer) for every parameter that was perturbed
-    found: list[tuple[int, int, Tensor]] = []
-    index = 0
-    for gi, g in enumerate(groups):
-        for pi, pid in enumerate(g["params"]):
-            d = _direction(per_param.get(pid, per_param.get(str(pid))))
-            p = params[index]
-            if d is not None:
-                if d.shape != p.shape:
-                    raise ValueError(f"unperturbed_parameters: the direction buffer of parameter "
-                                     f"{pi} of group {gi} has shape {tuple(d.shape)} but the "
-                                     f"weight has shape {tuple(p.shape)}")
-                if not bool(torch.isfinite(d).all()):
-                    raise ValueError(f"unperturbed_parameters: the direction buffer of parameter "
-                                     f"{pi} of group {gi} has inf or NaN entries")
-                found.append((index, gi, d))
-            index += 1
+    groups = _groups(state_dict, len(params))
+    found = _directions(groups, state_dict["state"], params)
     if not found:
         return params
-    scales: list[float] = []
-    norm: float | None = None
-    for gi, g in enumerate(groups):
-        if SCALE_KEY in g:
-            c = g[SCALE_KEY]
-            scales.append(0.0 if c is None else _as_float(c, SCALE_KEY, gi))
-            continue
-        if g.get("rho") is None:
-            raise ValueError(f"unperturbed_parameters: group {gi} records neither "
-                             f"{SCALE_KEY!r} nor 'rho'; cannot move the weights back")
-        coef = _as_float(g["rho"], "rho", gi)
-        if g.get("scale_by_lr"):
-            coef *= _as_float(g.get("lr", 1.0), "lr", gi)
-        if g.get("normalize", True):
-            if norm is None:
-                norm = math.sqrt(sum(float(d.double().pow(2).sum()) for _, _, d in found))
-            coef = coef / norm if norm > 0 else 0.0
-        scales.append(coef)
+    scales = _coefficients(groups, [d for _, _, d in found])
     out = list(params)
     for i, gi, d in found:
         if scales[gi] == 0.0:
             continue
         w = params[i]
         out[i] = (w.double() + scales[gi] * d.to(w.device).double()).to(w.dtype)
+        if not bool(torch.isfinite(out[i]).all()) and bool(torch.isfinite(w).all()):
+            pi = i - sum(len(g["params"]) for g in groups[:gi])
+            raise SavedStateError(
+                f"unperturbed_parameters: moving parameter {pi} of group {gi} back overflows "
+                f"{w.dtype} (coefficient {scales[gi]:.3g})", reason="overflow", group=gi,
+                index=pi, position=i, value=scales[gi])
     return out
+
+
+def _groups(state_dict: Mapping[str, Any], count: int) -> list[Mapping[str, Any]]:
+    """The saved parameter groups, checked against the number of weights given."""
+    groups = state_dict.get("param_groups")
+    per_param = state_dict.get("state", {})
+    if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups):
+        raise SavedStateError("unperturbed_parameters: 'param_groups' must be a list of dicts "
+                              "with a 'params' list", reason="structure", key="param_groups",
+                              value=groups)
+    if not isinstance(per_param, Mapping):
+        raise SavedStateError(f"unperturbed_parameters: 'state' must be a dict, got "
+                              f"{type(per_param).__name__}", reason="structure", key="state",
+                              value=per_param)
+    saved = sum(len(g["params"]) for g in groups)
+    if saved != count:
+        raise SavedStateError(f"unperturbed_parameters: the optimizer state has {saved} "
+                              f"parameters, {count} were given", reason="count", value=saved)
+    return list(groups)
+
+
+def _directions(groups: list[Mapping[str, Any]], per_param: Mapping[Any, Any],
+                params: list[Tensor]) -> list[tuple[int, int, Tensor]]:
+    """(index into params, group index, buffer) for every parameter that was perturbed."""
+    found: list[tuple[int, int, Tensor]] = []
+    index = 0
+    for gi, g in enumerate(groups):
+        for pi, pid in enumerate(g["params"]):
+            st = per_param.get(pid, per_param.get(str(pid)))
+            d = direction_buffer(st)
+            p = params[index]
+            if d is not None:
+                key = next(k for k in DIRECTION_KEYS if st.get(k) is d)
+                where = dict(key=key, group=gi, index=pi, position=index, value=d)
+                if d.shape != p.shape:
+                    raise SavedStateError(
+                        f"unperturbed_parameters: the direction buffer of parameter {pi} of "
+                        f"group {gi} has shape {tuple(d.shape)} but the weight has shape "
+                        f"{tuple(p.shape)}", reason="shape", **where)
+                if not bool(torch.isfinite(d).all()):
+                    raise SavedStateError(
+                        f"unperturbed_parameters: the direction buffer of parameter {pi} of "
+                        f"group {gi} has inf or NaN entries", reason="buffer_not_finite", **where)
+                found.append((index, gi, d))
+            index += 1
+    return found
+
+
+def _coefficients(groups: list[Mapping[str, Any]], dirs: list[Tensor]) -> list[float]:
+    """``c_g`` per group: the stored ``perturbation_scale``, else from rho (lr, normalize)."""
+    scales: list[float] = []
+    norm: float | None = None
+    for gi, g in enumerate(groups):
+        if SCALE_KEY in g:
+            scales.append(0.0 if g[SCALE_KEY] is None else _as_float(g, SCALE_KEY, gi))
+            continue
+        if g.get("rho") is None:
+            raise SavedStateError(f"unperturbed_parameters: group {gi} records neither "
+                                  f"{SCALE_KEY!r} nor 'rho'; cannot move the weights back",
+                                  reason="no_coefficient", key="rho", group=gi)
+        coef = _as_float(g, "rho", gi)
+        if _as_flag(g, "scale_by_lr", gi, False):
+            coef *= _as_float(g, "lr", gi, 1.0)
+        if _as_flag(g, "normalize", gi, True):
+            if norm is None:
+                norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in dirs))
+            coef = coef / norm if norm > 0 else 0.0
+        scales.append(coef)
+    return scales

@@ -715,3 +715,51 @@ def test_real_compile_and_data_parallel_wrappers(tmp_path):
     raw = torch.load(tmp_path / "dp-compiled.pt", weights_only=True)
     assert all(k.startswith("module._orig_mod.") for k in raw)
     assert any(k.startswith("net._orig_mod.") for k in torch.load(tmp_path / "holder-compiled.pt")["state_dict"])
+
+
+def test_the_package_keeps_the_old_import_paths():
+    """landscape/checkpoints.py became a package: the names other code imports from
+    ``landscape.checkpoints`` are the objects defined in its modules."""
+    import landscape.checkpoints as ck
+    from landscape.checkpoints import finding, loading, reading, result, unperturb
+
+    assert ck.CHECKPOINT_SUFFIXES is finding.CHECKPOINT_SUFFIXES
+    assert ck.find_checkpoints is finding.find_checkpoints
+    assert ck.load_checkpoint is loading.load_checkpoint
+    assert ck.checkpoint_format is reading.checkpoint_format
+    assert ck._unperturb is unperturb._unperturb
+    for name in ("Checkpoint", "CheckpointError", "UnsafeCheckpointError",
+                 "PerturbedCheckpointWarning"):
+        assert getattr(ck, name) is getattr(result, name)
+    assert set(ck.__all__) <= set(dir(ck))
+
+
+def test_perturbed_weights_are_moved_back_by_msam(tmp_path, monkeypatch):
+    """The move-back is msam's (msam owns its state format): the loader hands the weights in
+    the optimizer's order to msam.unperturbed_parameters and stores what it returns."""
+    from landscape.checkpoints import unperturb
+    from msam import MSAM
+
+    model = _fresh(0)
+    opt = MSAM(model.parameters(), lr=0.1, rho=0.5)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        opt.step()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "p.pt")
+    calls = []
+    real = unperturb.unperturbed_parameters
+
+    def spy(state_dict, params, **kw):
+        calls.append([p.clone() for p in params])
+        return real(state_dict, params, **kw)
+
+    monkeypatch.setattr(unperturb, "unperturbed_parameters", spy)
+    with pytest.warns(PerturbedCheckpointWarning):
+        ck = load_checkpoint(tmp_path / "p.pt")
+    assert len(calls) == 1
+    assert all(torch.equal(a, p) for a, p in zip(calls[0], model.parameters()))
+    opt.eval()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ck.state_dict[name], p.detach(), rtol=0, atol=1e-14)

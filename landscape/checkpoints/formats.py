@@ -1,0 +1,162 @@
+"""Checkpoint layouts: training dicts (``model`` / ``state_dict`` / ``model_state_dict`` beside an
+optimizer), PyTorch Lightning ``.ckpt`` (``optimizer_states``), Hugging Face ``save_pretrained``
+folders (sharded with an index), and the DDP ``module.`` / ``torch.compile`` ``_orig_mod.``
+prefixes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .reading import _regular_file, _safetensors_load, _torch_load, _verify_zip, checkpoint_format
+from .result import CheckpointError, _names
+
+_WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
+
+
+_OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt")
+
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+# Hugging Face ``save_pretrained`` folders: (index file, single file), safetensors first
+_HF_LAYOUTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def _split(obj: Any, path: pathlib.Path) -> tuple[dict, dict | None, dict, str]:
+    """(state_dict, optimizer_state, metadata, optimizer key) from whatever torch.load returned."""
+    if isinstance(obj, nn.Module):  # only reachable with allow_pickle=True
+        return dict(obj.state_dict()), None, {}, ""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}; expected a state_dict or a dict with a "
+            f"'model' / 'state_dict' / 'model_state_dict' entry"
+        )
+    if _is_state_dict(obj):
+        return dict(obj), None, {}, ""
+    for key in _WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, nn.Module):
+            inner = inner.state_dict()
+        if _is_state_dict(inner):
+            okey = next((k for k in _OPTIMIZER_KEYS if isinstance(obj.get(k), Mapping)), "")
+            opt = obj[okey] if okey else None
+            # PyTorch Lightning: "optimizer_states" is a list, one state_dict per optimizer
+            states = obj.get("optimizer_states")
+            if opt is None and isinstance(states, (list, tuple)) and len(states) == 1:
+                okey, opt = "optimizer_states[0]", states[0]
+                if not isinstance(opt, Mapping):
+                    raise CheckpointError(
+                        f"{path}: malformed optimizer state: optimizer_states[0] is a "
+                        f"{type(opt).__name__}, expected a dict"
+                    )
+            skip = {key, *_OPTIMIZER_KEYS} | ({"optimizer_states"} if okey.startswith("optimizer_states") else set())
+            meta = {k: v for k, v in obj.items() if k not in skip}
+            return dict(inner), (dict(opt) if opt is not None else None), meta, okey
+    # a state dict mixed with a few non-tensor extras (e.g. a version number)
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if tensors and len(tensors) >= len(obj) - 2 and not any(isinstance(v, Mapping) for v in obj.values()):
+        return tensors, None, {k: v for k, v in obj.items() if k not in tensors}, ""
+    keys = [str(k) for k in obj][:10]
+    raise CheckpointError(
+        f"{path} has no model weights: top-level keys are {keys}; expected a state_dict or a "
+        f"dict with a 'model' / 'state_dict' / 'model_state_dict' entry"
+    )
+
+
+def _load_file(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> tuple[dict, dict | None, dict, str, str]:
+    """(state, optimizer state, metadata, optimizer key, format) of one file, format sniffed."""
+    fmt = checkpoint_format(path)
+    if fmt == "safetensors":
+        state, meta = _safetensors_load(path, map_location)
+        return state, None, meta, "", fmt
+    with open(path, "rb") as fh:
+        is_zip = fh.read(2) == b"PK"
+    if is_zip:
+        _verify_zip(path)
+    obj = _torch_load(path, map_location, allow_pickle)
+    state, opt, meta, okey = _split(obj, path)
+    return state, opt, meta, okey, fmt
+
+
+def _load_folder(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> tuple[dict, dict, str]:
+    """A Hugging Face ``save_pretrained`` folder: one weights file or shards listed in an index."""
+    for index_name, single in _HF_LAYOUTS:
+        index = path / index_name
+        if os.path.lexists(index):
+            _regular_file(index)
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise TypeError("weight_map is not a mapping of names to files")
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{index} is not a valid shard index: {type(exc).__name__}: {exc}") from None
+            shards = sorted(set(weight_map.values()))
+            bad = [s for s in shards if pathlib.PurePath(s).name != s or s in ("", ".", "..")]
+            if bad:
+                raise CheckpointError(f"{index} names shard files outside its folder: {bad[:3]}")
+            absent = [s for s in shards if not os.path.lexists(path / s)]
+            if absent:
+                raise CheckpointError(f"{index} lists shard files that are not found in {path}: {_names(absent, 3)}")
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                part, _, _, _, fmt = _load_file(path / shard, map_location, allow_pickle)
+                expected = [k for k, v in weight_map.items() if v == shard]
+                absent = [k for k in expected if k not in part]
+                if absent:
+                    raise CheckpointError(
+                        f"{path / shard} lacks tensors that {index_name} places in it: {_names(absent, 5)}"
+                    )
+                twice = [k for k in part if k in state]
+                if twice:
+                    raise CheckpointError(f"{path / shard} repeats tensors of another shard: {_names(twice, 5)}")
+                state.update(part)
+            return state, {"shards": len(shards), "index": index_name}, fmt
+        if os.path.lexists(path / single):
+            state, _, meta, _, fmt = _load_file(path / single, map_location, allow_pickle)
+            return state, meta, fmt
+    looked = ", ".join(n for pair in _HF_LAYOUTS for n in pair)
+    raise CheckpointError(f"{path} is a directory without model weights (looked for {looked})")
+
+
+def _strip_prefixes(
+    state: dict[str, torch.Tensor], model: nn.Module | None, model_keys: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    if model_keys is None:
+        model_keys = set(model.state_dict()) if model is not None else set()
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if state and all(k.startswith(prefix) for k in state):
+                stripped = {k[len(prefix):]: v for k, v in state.items()}
+                # keep the prefix if the model itself is wrapped and the names already match
+                if model is not None and set(state) <= model_keys and not set(stripped) <= model_keys:
+                    continue
+                state, changed = stripped, True
+    # torch.compile on a sub-module: "encoder._orig_mod.0.weight" (never a real attribute name)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        n = k if k in model_keys else ".".join(c for c in k.split(".") if c != "_orig_mod")
+        out[n if n not in out and n not in state else k] = v
+    return out
