@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from msam.batchnorm import BATCHNORM_BUFFERS
+
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 
 __all__ = ["PCADirections", "pca_directions"]
 
-_BN_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+_BN_BUFFER_SUFFIXES = BATCHNORM_BUFFERS
 
 
 def _state_vector(obj: Any, space: ParameterSpace, what: str) -> torch.Tensor:

@@ -24,6 +24,7 @@ def test_all_names_resolve_and_are_documented(package):
 def test_console_script_entry_point_runs(capsys):
     # the `landscape` script named in pyproject resolves and answers --help with exit code 0
     import pathlib
+
     import tomllib
 
     root = pathlib.Path(__file__).resolve().parents[1]

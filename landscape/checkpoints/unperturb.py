@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from msam.batchnorm import BATCHNORM_BUFFERS
 from msam.saved_state import (
     DIRECTION_KEYS,
     SavedStateError,
@@ -124,8 +125,7 @@ def _scalar(x: Any) -> Any:
 def _parameter_names(state: dict[str, torch.Tensor], model: nn.Module | None) -> list[str]:
     if model is not None:
         return [n for n, _ in model.named_parameters()]
-    buffers = ("running_mean", "running_var", "num_batches_tracked")
-    return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(buffers)]
+    return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(BATCHNORM_BUFFERS)]
 
 
 def _strip_name(name: str) -> str:

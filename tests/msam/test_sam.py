@@ -248,9 +248,13 @@ def test_second_pass_with_frozen_batchnorm_keeps_running_stats():
 
 def test_base_optimizers_by_name_and_class():
     model = mlp()
-    for base in ("sgd", "adam", "AdamW", torch.optim.RMSprop):
+    expected = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "AdamW": torch.optim.AdamW,
+                torch.optim.RMSprop: torch.optim.RMSprop}
+    for base, cls in expected.items():
         opt = SAM(model.parameters(), base, lr=1e-3)
-        assert isinstance(opt.base_optimizer, torch.optim.Optimizer)
+        assert type(opt.base_optimizer) is cls, (base, type(opt.base_optimizer))
+        assert opt.base_optimizer.param_groups[0]["lr"] == 1e-3
+        assert opt.base_optimizer.param_groups is opt.param_groups  # one set of groups
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
