@@ -8,8 +8,8 @@ cost floor of full reorthogonalization, ``m n`` numbers per pass); rotations
 slab, with temporaries of about one vector.
 
 Reductions that decide convergence accumulate in float64 without float64 copies of whole
-vectors: :func:`dot64` and :func:`norm64` multiply a slab in the working precision and sum it
-in float64 (error at most the products' rounding, independent of ``n``); low-precision projections are two-level (working-precision partial sums over
+vectors: :func:`dot64` and :func:`norm64` cast a slab that fits in cache to float64 and sum
+its products there; low-precision projections are two-level (working-precision partial sums over
 ``EXACT_SLAB`` entries, added in float64), since a plain float32 product over ``5e6`` entries is
 off by ``~1e-4`` relative (its error scales with ``|q| |w|``, not ``|q . w|``).
 """
@@ -28,6 +28,8 @@ __all__ = ["KrylovBasis", "dot64", "norm64", "lanczos_tridiagonal", "lanczos_tri
 SLAB = 1 << 20
 #: Slab of the two-level low-precision projections (partial sums of this many entries).
 EXACT_SLAB = 8192
+#: Slab of :func:`dot64` (its float64 copies stay in cache: 512 KiB).
+DOT_SLAB = 1 << 16
 #: Columns per slab of :meth:`KrylovBasis.subtract` over several chunks (a slab of ``w`` in cache).
 SUBTRACT_SLAB = 1 << 16
 
@@ -35,20 +37,18 @@ SUBTRACT_SLAB = 1 << 16
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     """``a . b`` accumulated in float64 (slab by slab, so no float64 copy of a whole vector).
 
-    Each slab's products are formed in the working precision (each rounded once, relative
-    error at most ``u``, the unit roundoff) and summed in float64, so
-    ``|error| <= (u + n u_64) sum_i |a_i b_i|`` whatever ``n`` (a float32 accumulation instead
-    drifts by ``~sqrt(n) u`` and more: 3.6e-4 relative over 1.1e7 entries); for norms that is
-    a relative error of at most ``u``. Temporaries: one slab (no float64 copy of a vector).
+    Slabs of ``DOT_SLAB`` entries are cast to float64 (small enough to stay in cache, so the
+    casts cost about one read of ``a`` and ``b``) and their products, exact in float64 for
+    float32 inputs, are summed in float64: ``|error| <= n u_64 sum_i |a_i b_i|`` (a float32
+    accumulation instead drifts by ``~sqrt(n) u_32`` and more: 3.6e-4 relative over 1.1e7
+    entries).
     """
     if a.dtype == torch.float64 and b.dtype == torch.float64:
         return float(torch.dot(a, b))
     n = a.numel()
-    if n <= SLAB:
-        return float(torch.mul(a, b).sum(dtype=torch.float64))
     total = 0.0
-    for s in range(0, n, SLAB):
-        total += float(torch.mul(a[s:s + SLAB], b[s:s + SLAB]).sum(dtype=torch.float64))
+    for s in range(0, n, DOT_SLAB):
+        total += float(torch.dot(a[s:s + DOT_SLAB].double(), b[s:s + DOT_SLAB].double()))
     return total
 
 

@@ -64,10 +64,9 @@ accelerator; then only two vectors live on the accelerator next to the activatio
 ``max_iter`` caps the total number of matvecs.
 
 Precision: the Lanczos coefficients ``alpha_j = q_j^T H q_j`` and ``beta_j = ||w||`` and every norm
-are accumulated in float64 (products rounded once in the working precision, sums in float64,
-slab by slab, without float64 copies of whole vectors: the error does not grow with ``n``); the
-three-term recurrence uses these coefficients; in float32 the
-Gram-Schmidt projections are two-level (float32 partial sums over 8192 entries, added in float64),
+are accumulated in float64 (slab by slab, slabs that fit in cache, without float64 copies of
+whole vectors); the three-term recurrence uses these coefficients; in float32 the Gram-Schmidt
+projections are two-level (float32 partial sums over 8192 entries, added in float64),
 since a plain float32 product over 5e6 entries is off by ~1e-4 relative and moved Ritz values by
 3e-3. The eigenvectors are normalized in float64. The error bounds are floored by the
 rounding level of the products, ``sqrt(m) * max(noise, 4 eps ||T||)`` with ``noise`` the largest

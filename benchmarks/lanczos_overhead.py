@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from analysis import lanczos
 from analysis.hessian import HessianOperator
-from analysis.lanczos import top_eigenpairs
 
 #: The last revision before the overhead work (full second Gram-Schmidt pass on every large
 #: cancellation, float64 slab copies in every norm).
@@ -88,13 +88,44 @@ def load_baseline(rev: str):
     return mod
 
 
-def measure(fn, op, k: int, max_iter: int) -> tuple[int, float, float, bool]:
-    """``(products, total s, products s, converged)`` of one run of ``fn`` on ``op``."""
+class PassTimer:
+    """Times the Gram-Schmidt passes (``project`` and ``subtract``) of a ``KrylovBasis`` class
+    and counts the basis bytes they read, to show how close they run to memory bandwidth."""
+
+    def __init__(self, cls):
+        self.cls, self.seconds, self.bytes, self.passes = cls, 0.0, 0, 0
+        self.saved = {name: getattr(cls, name) for name in ("project", "subtract")}
+
+    def __enter__(self):
+        for name, orig in self.saved.items():
+            setattr(self.cls, name, self._wrap(orig, name == "project"))
+        return self
+
+    def _wrap(self, orig, count):
+        def timed(basis, w, *args):
+            t = time.perf_counter()
+            out = orig(basis, w, *args)
+            self.seconds += time.perf_counter() - t
+            self.bytes += args[-1] * basis.n * w.element_size()
+            self.passes += count
+            return out
+        return timed
+
+    def __exit__(self, *exc):
+        for name, orig in self.saved.items():
+            setattr(self.cls, name, orig)
+
+
+def measure(mod, op, k: int, max_iter: int) -> dict:
+    """Products, seconds (total, in products, in Gram-Schmidt passes) of one run on ``op``."""
     timed = Timed(op)
-    t = time.perf_counter()
-    res = fn(timed, k=k, max_iter=max_iter, v0="random")
-    total = time.perf_counter() - t
-    return res.num_matvecs, total, timed.seconds, res.converged
+    with PassTimer(mod.KrylovBasis) as gs:
+        t = time.perf_counter()
+        res = mod.top_eigenpairs(timed, k=k, max_iter=max_iter, v0="random")
+        total = time.perf_counter() - t
+    return dict(matvecs=res.num_matvecs, total=total, products=timed.seconds, gs=gs.seconds,
+                gbps=gs.bytes / max(gs.seconds, 1e-12) / 1e9, passes=gs.passes,
+                converged=res.converged)
 
 
 def main() -> None:
@@ -112,22 +143,27 @@ def main() -> None:
                                 torch.nn.Linear(200, 10))
     x, y = torch.randn(args.batch, 784), torch.randint(0, 10, (args.batch,))
     n = sum(p.numel() for p in model.parameters())
-    impls = [("after", top_eigenpairs)]
+    impls = [("after", lanczos)]
     old = None if args.baseline == "none" else load_baseline(args.baseline)
     if old is not None:
-        impls.insert(0, ("before", old.top_eigenpairs))
+        impls.insert(0, ("before", old))
     print(f"model: {n} parameters, float32, batch {args.batch}, {torch.get_num_threads()} threads;"
           f" max_iter {args.max_iter}; before = {args.baseline if old else 'n/a'}")
-    print(f"{'product':>8} {'k':>4} {'code':>7} {'matvecs':>8} {'total s':>8} {'ms/product':>11}"
-          f" {'overhead':>9} {'converged':>9}")
+    print("overhead = share of the wall time outside the products; GS = the share in the "
+          "Gram-Schmidt passes (reading the basis), GB/s = basis bytes they read per second")
+    print(f"{'product':>8} {'k':>4} {'code':>7} {'matvecs':>8} {'passes':>7} {'total s':>8}"
+          f" {'ms/product':>11} {'overhead':>9} {'GS':>6} {'GB/s':>6} {'converged':>9}")
     for kind in args.products:
         for k in args.ks:
-            for name, fn in impls:
+            for name, mod in impls:
                 op = (HessianOperator(model, "cross_entropy", (x, y)) if kind == "hvp"
                       else GradientCost(model, x, y))
-                mv, total, prod, conv = measure(fn, op, k, args.max_iter)
-                print(f"{kind:>8} {k:>4} {name:>7} {mv:>8} {total:>8.2f} {1e3 * prod / mv:>11.1f}"
-                      f" {(total - prod) / total:>9.1%} {conv!s:>9}", flush=True)
+                r = measure(mod, op, k, args.max_iter)
+                print(f"{kind:>8} {k:>4} {name:>7} {r['matvecs']:>8} {r['passes']:>7}"
+                      f" {r['total']:>8.2f} {1e3 * r['products'] / r['matvecs']:>11.1f}"
+                      f" {(r['total'] - r['products']) / r['total']:>9.1%}"
+                      f" {r['gs'] / r['total']:>6.1%} {r['gbps']:>6.1f} {r['converged']!s:>9}",
+                      flush=True)
 
 
 if __name__ == "__main__":
