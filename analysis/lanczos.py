@@ -5,9 +5,11 @@ Algorithm (symmetric Lanczos, Golub & Van Loan 10.1; thick restart of Wu & Simon
     q_0 = v0 / ||v0||                       (random Gaussian by default)
     for j = 0, 1, ...:
         w = H q_j                            (one matvec, on the operator's device and dtype)
-        h = Q_j^T w ; w -= Q_j h             (full reorthogonalization, done twice: DGKS)
+        alpha = q_j^T w ; w -= alpha q_j + beta_{j-1} q_{j-1}     (three-term recurrence)
+        h = Q_j^T w ; w -= Q_j h             (full reorthogonalization; a second pass: DGKS)
         beta_j = ||w|| ; q_{j+1} = w / beta_j
-        T[:j+1, j] = T[j, :j+1] = h ; T[j+1, j] = T[j, j+1] = beta_j
+        T[:j+1, j] = T[j, :j+1] = h + alpha e_j + beta_{j-1} e_{j-1}
+        T[j+1, j] = T[j, j+1] = beta_j
         Rayleigh-Ritz: T_j = S diag(theta) S^T (float64, on the CPU: the matrix is tiny)
         residual of Ritz pair i:   r_i = ||H y_i - theta_i y_i|| = |beta_j * S[j, i]|
         stop when err_i <= tol * |theta_i| for the k wanted pairs
@@ -62,8 +64,9 @@ accelerator; then only two vectors live on the accelerator next to the activatio
 ``max_iter`` caps the total number of matvecs.
 
 Precision: the Lanczos coefficients ``alpha_j = q_j^T H q_j`` and ``beta_j = ||w||`` and every norm
-are accumulated in float64 (slab by slab, without float64 copies of whole vectors); in float32 the
-Gram-Schmidt projections are two-level (float32 partial sums over 8192 entries, added in float64),
+are accumulated in float64 (slab by slab, slabs that fit in cache, without float64 copies of
+whole vectors); the three-term recurrence uses these coefficients; in float32 the Gram-Schmidt
+projections are two-level (float32 partial sums over 8192 entries, added in float64),
 since a plain float32 product over 5e6 entries is off by ~1e-4 relative and moved Ritz values by
 3e-3. The eigenvectors are normalized in float64. The error bounds are floored by the
 rounding level of the products, ``sqrt(m) * max(noise, 4 eps ||T||)`` with ``noise`` the largest
@@ -72,9 +75,17 @@ working precision can resolve (in bfloat16 a ``tol`` of ``1e-3`` is then not rea
 A bfloat16 or float16 operator gets a float32 basis (``itemsize`` 4 in the formula below), since
 a half-precision basis loses orthogonality at ``1e-2`` and with it whole eigenvalues.
 
-Cost outside the products: each step is one or two classical Gram-Schmidt passes (the second
-only when the first cancelled more than ``1/sqrt 2`` of ``w``, the DGKS criterion), each pass one
-matrix-vector product per basis chunk; plus an ``m x m`` eigendecomposition on the CPU.
+Cost outside the products: each step subtracts the three-term recurrence (two vectors), then
+makes one classical Gram-Schmidt pass over the whole basis (one matrix-vector product per basis
+chunk for ``Q^T w`` and one for ``w -= Q h``: the basis is read twice, ``2 m n`` numbers, the floor
+of full reorthogonalization), a second pass only when the first removed more than ``1 - 1/sqrt 2``
+of the norm (the DGKS criterion, measured after the recurrence, so it fires only on a real
+loss of orthogonality, not on the expected cancellation of ``alpha q_j``); plus an ``m x m``
+eigendecomposition on the CPU. With products as cheap as one gradient of a 1M-parameter model,
+the basis traffic dominates all the same: ``benchmarks/lanczos_overhead.py`` measures it.
+
+The basis (:class:`~analysis.krylov.KrylovBasis`, :func:`~analysis.krylov.dot64`) lives in
+:mod:`analysis.krylov` and the error bounds in :mod:`analysis.ritz`; both are re-exported here.
 
 Example:
     >>> import torch
@@ -96,7 +107,17 @@ from torch import nn
 
 from .evaluation import progress_bar
 from .hessian import CurvatureOperator, HessianOperator
+from .krylov import (  # noqa: F401 (re-exported: the old import paths)
+    EXACT_SLAB,
+    SLAB,
+    KrylovBasis,
+    dot64,
+    lanczos_tridiagonal,
+    lanczos_tridiagonals,
+    norm64,
+)
 from .results import Result
+from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
 
 __all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
            "lanczos_tridiagonals"]
@@ -220,238 +241,6 @@ def as_linear_operator(obj: Any, loss_fn=None, data=None, **kwargs) -> Any:
     )
 
 
-# -- memory-bounded Krylov basis and float64 reductions -------------------------------------------
-
-#: Entries per slab of the float64 reductions and the in-place basis rotations (bounds their
-#: temporaries to a few slabs instead of whole ``n``-vectors).
-SLAB = 1 << 20
-#: Slab of the two-level low-precision projections (partial sums of this many entries).
-EXACT_SLAB = 8192
-
-
-def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``a . b`` accumulated in float64 (slab by slab, so no float64 copy of a whole vector)."""
-    if a.dtype == torch.float64 and b.dtype == torch.float64:
-        return float(torch.dot(a, b))
-    n = a.numel()
-    total = 0.0
-    for s in range(0, n, SLAB):
-        total += float(torch.dot(a[s:s + SLAB].double(), b[s:s + SLAB].double()))
-    return total
-
-
-def norm64(a: torch.Tensor) -> float:
-    """``||a||_2`` accumulated in float64 (see :func:`dot64`)."""
-    return math.sqrt(max(dot64(a, a), 0.0))
-
-
-class KrylovBasis:
-    """Orthonormal rows stored in chunks that are allocated as the basis grows.
-
-    Rows live in chunks of ``first`` rows (the first chunk, which ends up holding the returned
-    eigenvectors) and then ``chunk`` rows, never more than ``capacity`` rows in all, on
-    ``device`` (optionally pinned host memory). Each Gram-Schmidt pass is one matrix-vector
-    product per chunk (blocked BLAS); rotations ``Q[:p] <- S^T Q[:m]`` are done in place, slab of
-    columns by slab, so their temporaries hold about ``n`` numbers (one vector).
-    """
-
-    def __init__(self, n: int, capacity: int, dtype: torch.dtype, device: Any, *,
-                 first: int, chunk: int = 16, pin: bool = False):
-        self.n, self.capacity, self.dtype = n, capacity, dtype
-        self.device = torch.device(device)
-        self.first = max(1, min(first, capacity))
-        self.chunk = max(1, chunk)
-        self.pin = pin
-        #: accumulate projections in float64 (slab by slab) for low-precision bases: a float32
-        #: gemv over 5e6 entries is off by ~1e-4 relative whatever the number of passes (its
-        #: error scales with |q| |w|, not |q . w|), which moved Ritz values by 3e-3
-        self.exact = dtype != torch.float64
-        self.chunks: list[torch.Tensor] = []
-        self.size = 0
-        self.peak_rows = 0
-
-    @property
-    def allocated_rows(self) -> int:
-        return sum(c.shape[0] for c in self.chunks)
-
-    @property
-    def nbytes(self) -> int:
-        return self.allocated_rows * self.n * torch.empty((), dtype=self.dtype).element_size()
-
-    def _grow(self) -> None:
-        have = self.allocated_rows
-        rows = self.first if not self.chunks else min(self.chunk, self.capacity - have)
-        if rows <= 0:
-            raise RuntimeError("the Krylov basis is full")
-        t = torch.empty(rows, self.n, dtype=self.dtype, device=self.device,
-                        pin_memory=self.pin)
-        self.chunks.append(t)
-        self.peak_rows = max(self.peak_rows, self.allocated_rows)
-
-    def _locate(self, i: int) -> tuple[torch.Tensor, int]:
-        for c in self.chunks:
-            if i < c.shape[0]:
-                return c, i
-            i -= c.shape[0]
-        raise IndexError(i)
-
-    def row(self, i: int) -> torch.Tensor:
-        c, r = self._locate(i)
-        return c[r]
-
-    def set_row(self, i: int, v: torch.Tensor) -> None:
-        while i >= self.allocated_rows:
-            self._grow()
-        c, r = self._locate(i)
-        c[r].copy_(v)
-        self.size = max(self.size, i + 1)
-
-    def _parts(self, m: int):
-        """``(chunk[:rows], start)`` over the first ``m`` rows."""
-        start = 0
-        for c in self.chunks:
-            if start >= m:
-                break
-            rows = min(c.shape[0], m - start)
-            yield c[:rows], start
-            start += rows
-
-    def project(self, w: torch.Tensor, m: int) -> torch.Tensor:
-        """``Q[:m] w`` (one product per chunk), as a float64 CPU vector."""
-        h = torch.empty(m, dtype=torch.float64)
-        if self.dtype == torch.float64 or not self.exact:
-            for part, s in self._parts(m):
-                h[s:s + part.shape[0]] = (part @ w).cpu()
-            return h
-        # low precision: accumulate in float64, a slab of columns at a time (a float32 gemv
-        # over 1e7 entries is off by ~1e-4 relative, enough to spoil the Ritz values)
-        # two-level: working-precision partial sums over short slabs (error ~ sqrt(W) eps),
-        # added up in float64 (no float64 copies of the basis: those casts cost more than
-        # the whole projection)
-        width = EXACT_SLAB
-        parts = list(self._parts(m))
-        acc = torch.zeros(m, dtype=torch.float64, device=self.device)
-        for a in range(0, self.n, width):
-            b = min(a + width, self.n)
-            wa = w[a:b]
-            for part, s in parts:
-                acc[s:s + part.shape[0]] += part[:, a:b] @ wa
-        h.copy_(acc.cpu())
-        return h
-
-    def subtract(self, w: torch.Tensor, h: torch.Tensor, m: int) -> torch.Tensor:
-        """``w - Q[:m]^T h`` in place."""
-        hh = h.to(device=self.device, dtype=self.dtype)
-        for part, s in self._parts(m):
-            w.addmv_(part.T, hh[s:s + part.shape[0]], alpha=-1)  # no temporary vector
-        return w
-
-    def rotate(self, S: torch.Tensor, m: int) -> None:
-        """``Q[:p] <- S^T Q[:m]`` in place for an ``(m, p)`` float64 matrix ``S``, ``p <= m``."""
-        p = S.shape[1]
-        St = S.T.to(device=self.device, dtype=self.dtype)
-        width = max(1024, min(SLAB, self.n // (m + p)))  # temporaries (m + p) * width <= ~n
-        for a in range(0, self.n, width):
-            b = min(a + width, self.n)
-            X = torch.cat([part[:, a:b] for part, _ in self._parts(m)], 0)  # (m, s) copy
-            Y = St @ X
-            for part, s in self._parts(p):
-                part[:, a:b].copy_(Y[s:s + part.shape[0]])
-        self.size = p
-
-    def truncate(self, p: int) -> None:
-        """Free every chunk past row ``p``."""
-        keep, have = [], 0
-        for c in self.chunks:
-            if have >= p:
-                break
-            keep.append(c)
-            have += c.shape[0]
-        self.chunks = keep
-        self.size = min(self.size, p)
-
-
-def _wanted(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
-    """Indices of the k wanted Ritz values (theta ascending)."""
-    m = theta.numel()
-    kk = min(k, m)
-    if which == "LA":
-        return torch.arange(m - 1, m - 1 - kk, -1)
-    if which == "SA":
-        return torch.arange(0, kk)
-    return torch.argsort(theta.abs(), descending=True)[:kk]
-
-
-def _error_bounds(theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor,
-                  which: str = "LA") -> torch.Tensor:
-    """Eigenvalue error estimates for the Ritz values ``idx`` (``theta`` ascending).
-
-    ``min(r_i, r_i^2 / gap_i, block_i)``: the residual bound, the single-pair residual-squared
-    bound with the gap to the other Ritz values (less their residuals), and for ``LA`` / ``SA``
-    the cluster bound ``sum_{j in B} r_j^2 / delta_B`` over blocks ``B`` of extreme Ritz values
-    that contain ``i`` (``delta_B`` the gap from the block to the next Ritz value, less its
-    residual), which stays small inside a cluster of close eigenvalues.
-    """
-    m = theta.numel()
-    r = res[idx]
-    if m > 1:
-        D = (theta[None, :] - theta[idx][:, None]).abs() - res[None, :]
-        D[torch.arange(idx.numel()), idx] = math.inf
-        gap = D.min(1).values.clamp_min(0.0)
-        quad = torch.where(gap > 0, r * r / gap.clamp_min(1e-300),
-                           torch.full_like(r, math.inf))
-    else:
-        quad = torch.full_like(r, math.inf)
-    out = torch.minimum(r, quad)
-    if which in ("LA", "SA") and m > 1:
-        # blocks of the p most extreme Ritz values, p = 1 .. m-1 (Mathias 1998; Li & Li 2005:
-        # |lambda_j - theta_j| <= ||R||^2 / delta for all j in the block, ||R||^2 = sum r_j^2)
-        th = theta.flip(0) if which == "LA" else theta
-        rs = res.flip(0) if which == "LA" else res
-        r2 = torch.cumsum(rs * rs, 0)[:-1]  # blocks 1..m-1
-        delta = ((th[:-1] - th[1:]).abs() - rs[1:]).clamp_min(0.0)
-        # the gap below block p is min over the block's lowest member: th[p-1] vs th[p]
-        bound = torch.where(delta > 0, r2 / delta, torch.full_like(delta, math.inf))
-        # pair at extreme-rank q (0-based) is in every block p >= q + 1
-        suffix_min = torch.flip(torch.cummin(torch.flip(bound, [0]), 0).values, [0])
-        q = (m - 1 - idx) if which == "LA" else idx
-        inner = q < m - 1
-        cand = torch.where(inner, suffix_min[q.clamp_max(m - 2)], torch.full_like(out, math.inf))
-        out = torch.minimum(out, cand)
-    return out
-
-
-#: Guard on the first unwanted Ritz value (see :func:`_guard_ok`).
-GUARD_FACTOR = 10.0
-GUARD_GAP_FRACTION = 0.1
-
-
-def _guard_ok(theta: torch.Tensor, res: torch.Tensor, k: int, which: str, tol: float,
-              eps: float) -> bool:
-    """Whether the first unwanted Ritz value ``theta_g`` is resolved well enough to trust the gaps.
-
-    The gaps in the error estimates of the wanted pairs are measured to the other Ritz values;
-    while the eigenvalue just beyond the ``k`` wanted ones is not yet resolved, its Ritz value
-    lies further away, the gap is overestimated and the stop can come too early (seen: two
-    eigenvalues 1% apart at positions ``k`` and ``k + 1`` gave relative errors 2-3x ``tol``).
-    So the stop also asks that ``theta_g`` is located either to ``GUARD_GAP_FRACTION`` of its
-    distance to the nearest wanted Ritz value (residual ``r_g <= 0.1 * gap``: cheap when the
-    wanted eigenvalues are well separated from the rest) or to ``GUARD_FACTOR * tol`` relative
-    accuracy (when it sits close to them).
-    """
-    m = theta.numel()
-    if m <= k:
-        return True
-    wanted = _wanted(theta, k, which)
-    g = _wanted(theta, k + 1, which)[-1:]
-    gap = float((theta[wanted] - theta[g]).abs().min())
-    if float(res[g]) <= GUARD_GAP_FRACTION * gap:
-        return True
-    err = _error_bounds(theta, res, g, which)
-    scale = torch.clamp(theta[g].abs(), min=math.sqrt(eps) * float(theta.abs().max()))
-    return bool((err <= GUARD_FACTOR * tol * scale).all())
-
-
 def top_eigenpairs(
     model_or_op: Any,
     loss_fn: Any = None,
@@ -518,11 +307,27 @@ def top_eigenpairs(
         ValueError: for ``k`` outside ``[1, n]``, an unknown ``which``, a bad ``tol``, or a
             ``max_basis`` too small for ``k``.
     """
+
+    op = as_linear_operator(model_or_op, loss_fn, data, **operator_kwargs)
+    n, max_basis, max_iter = _check_arguments(op, k, which, tol, max_iter, max_basis)
+    run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory)
+    run.start(_start_vector(op, v0, which, run))
+    bar = progress_bar(range(max_iter), enabled=progress, desc="lanczos", unit="matvec")
+    for _ in bar:
+        if run.step():
+            break
+    if hasattr(bar, "close"):
+        bar.close()
+    return run.result()
+
+
+def _check_arguments(op: Any, k: Any, which: Any, tol: Any, max_iter: Any,
+                     max_basis: Any) -> tuple[int, int, int]:
+    """``(n, max_basis, max_iter)`` with the defaults filled in; ValueError for bad values."""
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
-    op = as_linear_operator(model_or_op, loss_fn, data, **operator_kwargs)
     n = int(op.shape[0])
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
         raise ValueError(f"k must be an integer in [1, n={n}], got {k!r}")
@@ -535,24 +340,12 @@ def top_eigenpairs(
         max_iter = min(max(300, 30 * k), 10 * n)
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    return n, max_basis, max_iter
 
-    device, op_dtype = op.device, op.dtype
-    # half-precision operators get a float32 basis: a bfloat16 basis loses orthogonality at
-    # 1e-2 and with it whole eigenvalues
-    dtype = torch.float32 if op_dtype in (torch.bfloat16, torch.float16) else op_dtype
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    bdev = torch.device(device if basis_device is None else basis_device)
-    if pin_memory is None:
-        pin_memory = bdev.type == "cpu" and torch.device(device).type == "cuda"
-    pin_memory = bool(pin_memory) and bdev.type == "cpu" and torch.cuda.is_available()
-    eps = torch.finfo(dtype).eps  # the basis precision: breakdown and scale tests
-    op_eps = torch.finfo(op_dtype).eps  # the products' precision: the floor of the bounds
-    gen = torch.Generator().manual_seed(seed)
 
-    def random_vector() -> torch.Tensor:
-        return torch.randn(n, generator=gen, dtype=torch.float64).to(device=bdev, dtype=dtype)
-
-    T = torch.zeros(max_basis + 1, max_basis + 1, dtype=torch.float64)
+def _start_vector(op: Any, v0: Any, which: str, run: _Lanczos) -> torch.Tensor:
+    """The unnormalized start vector on the basis device and dtype (see ``v0``)."""
+    n = run.n
     if v0 == "auto" or v0 is None:
         v0 = "gradient" if isinstance(op, HessianOperator) and which == "LA" else "random"
     if isinstance(v0, str):
@@ -561,220 +354,219 @@ def top_eigenpairs(
         if v0 == "gradient" and not hasattr(op, "gradient"):
             raise ValueError("v0='gradient' needs a HessianOperator (or a model), got "
                              f"{type(op).__name__}")
-        q = random_vector()
+        q = run.random_vector()
         if v0 == "gradient":
-            g = op.gradient().to(device=bdev, dtype=dtype)
+            g = op.gradient().to(device=run.bdev, dtype=run.dtype)
             gn = norm64(g)
             q.div_(norm64(q))
             if gn > 0 and math.isfinite(gn):
                 q.add_(g, alpha=1.0 / gn)
             del g
-    else:
-        if not isinstance(v0, torch.Tensor) or v0.shape != (n,):
-            raise ValueError(f"v0 must be a tensor of shape ({n},), got "
-                             f"{tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
-        q = v0.detach().to(device=bdev, dtype=dtype).clone()
-    nrm = norm64(q)
-    if not nrm > 0 or not math.isfinite(nrm):
-        raise ValueError("the start vector v0 is zero or not finite")
-    basis = KrylovBasis(n, max_basis + 1, dtype, bdev, first=k, pin=pin_memory)
-    basis.set_row(0, q.div_(nrm))
-    del q
+        return q
+    if not isinstance(v0, torch.Tensor) or v0.shape != (n,):
+        raise ValueError(f"v0 must be a tensor of shape ({n},), got "
+                         f"{tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
+    return v0.detach().to(device=run.bdev, dtype=run.dtype).clone()
 
-    start_matvecs = op.num_matvecs
-    j = 0  # index of the column being computed; basis rows 0..j are the basis
-    band = 2  # off-band entries h[:j-1] are zero in exact arithmetic once j >= band
-    noise = 0.0  # largest off-band |q_i^T H q_j|: the rounding level of the products
-    restarts = 0
-    steps = 0
-    beta = 0.0
-    theta = S = res = errs = idx = None
-    converged = False
 
-    def bounds(theta, res, idx, m):
+#: DGKS: a second Gram-Schmidt pass when the first kept less than this fraction of the norm.
+DGKS_ETA = 0.7071
+
+
+class _Lanczos:
+    """The state of one thick-restart Lanczos run of :func:`top_eigenpairs`.
+
+    Rows ``0..j`` of :attr:`basis` are the Krylov basis, :attr:`T` its projected matrix
+    ``Q^T H Q`` (float64, CPU); :meth:`step` takes one product and updates the Ritz pairs
+    (``theta`` ascending, eigenvectors ``S`` of ``T``, residuals, error bounds of the wanted
+    ones ``idx``).
+    """
+
+    def __init__(self, op: Any, k: int, which: str, tol: float, max_basis: int, max_iter: int,
+                 seed: int, basis_device: Any, pin_memory: bool | None):
+        self.op, self.k, self.which, self.tol, self.max_basis = op, k, which, tol, max_basis
+        self.max_iter = max_iter
+        self.n = n = int(op.shape[0])
+        self.device, self.op_dtype = op.device, op.dtype
+        # half-precision operators get a float32 basis: a bfloat16 basis loses orthogonality at
+        # 1e-2 and with it whole eigenvalues
+        dtype = torch.float32 if op.dtype in (torch.bfloat16, torch.float16) else op.dtype
+        self.dtype = dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.bdev = torch.device(self.device if basis_device is None else basis_device)
+        pin = self.bdev.type == "cpu" and torch.device(self.device).type == "cuda" \
+            if pin_memory is None else pin_memory
+        pin = bool(pin) and self.bdev.type == "cpu" and torch.cuda.is_available()
+        self.same = self.bdev == torch.device(self.device) and dtype == op.dtype
+        self.eps = torch.finfo(dtype).eps  # the basis precision: breakdown and scale tests
+        self.op_eps = torch.finfo(op.dtype).eps  # the products' precision: the bounds' floor
+        self.gen = torch.Generator().manual_seed(seed)
+        self.basis = KrylovBasis(n, max_basis + 1, dtype, self.bdev, first=k, pin=pin)
+        self.T = torch.zeros(max_basis + 1, max_basis + 1, dtype=torch.float64)
+        self.j = 0  # index of the column being computed; basis rows 0..j are the basis
+        self.band = 2  # off-band entries h[:j-1] are zero in exact arithmetic once j >= band
+        self.noise = 0.0  # largest off-band |q_i^T H q_j|: the rounding level of the products
+        self.restarts = self.steps = 0
+        self.theta = self.S = self.res = self.errs = self.idx = None
+        self.converged = False
+        self.start_matvecs = op.num_matvecs
+
+    def random_vector(self) -> torch.Tensor:
+        v = torch.randn(self.n, generator=self.gen, dtype=torch.float64)
+        return v.to(device=self.bdev, dtype=self.dtype)
+
+    def start(self, q: torch.Tensor) -> None:
+        nrm = norm64(q)
+        if not nrm > 0 or not math.isfinite(nrm):
+            raise ValueError("the start vector v0 is zero or not finite")
+        self.basis.set_row(0, q.div_(nrm))
+
+    def bounds(self, theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor,
+               m: int) -> torch.Tensor:
+        """The error estimates, floored by the rounding level of the products."""
         tnorm = float(theta.abs().max()) if theta.numel() else 0.0
-        floor = math.sqrt(m) * max(noise, 4 * op_eps * tnorm)
-        return torch.clamp(_error_bounds(theta, res, idx, which), min=floor)
+        floor = math.sqrt(m) * max(self.noise, 4 * self.op_eps * tnorm)
+        return torch.clamp(_error_bounds(theta, res, idx, self.which), min=floor)
 
-    bar = progress_bar(range(max_iter), enabled=progress, desc="lanczos", unit="matvec")
-    for _ in bar:
+    def _expand(self, j: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """``w = H q_j`` orthogonalized against rows ``0..j``: ``(w, ||w||, Q^T H q_j)``.
+
+        The three-term recurrence ``w -= alpha q_j + beta q_{j-1}`` comes first (float64
+        coefficients), then one classical Gram-Schmidt pass over the whole basis, and a second
+        only when that pass cancelled more than ``1 - DGKS_ETA`` of the norm (DGKS); the
+        projections of all passes add up to the column ``Q^T H q_j``.
+        """
+        basis = self.basis
         qj = basis.row(j)
-        w = op.matvec(qj if bdev == torch.device(device) and dtype == op_dtype else
-                      qj.to(device=device, dtype=op_dtype, non_blocking=True))
-        steps += 1
-        if w.device != bdev or w.dtype != dtype:
-            w = w.to(device=bdev, dtype=dtype)
+        w = self.op.matvec(qj if self.same else
+                           qj.to(device=self.device, dtype=self.op_dtype, non_blocking=True))
+        self.steps += 1
+        if w.device != self.bdev or w.dtype != self.dtype:
+            w = w.to(device=self.bdev, dtype=self.dtype)
         m = j + 1
-        w0 = norm64(w)
         alpha = dot64(qj, w)
+        c = float(self.T[j - 1, j]) if j >= 1 else 0.0
+        w.add_(qj, alpha=-alpha)
+        if c != 0.0:
+            w.add_(basis.row(j - 1), alpha=-c)
+        w1 = float(torch.linalg.vector_norm(w))  # only for the DGKS test: working precision
         h = basis.project(w, m)
         basis.subtract(w, h, m)
         wn = norm64(w)
-        if wn < 0.7071 * w0:  # DGKS: a second pass only when cancellation happened
+        if not wn >= DGKS_ETA * w1:
             h2 = basis.project(w, m)
             basis.subtract(w, h2, m)
-            h = h + h2
-            alpha += float(h2[j])
+            h += h2
             wn = norm64(w)
-        if j >= band and j > 1:
-            noise = max(noise, float(h[: j - 1].abs().max()))
-        h[j] = alpha
-        beta = wn
-        T[:m, j] = h
-        T[j, :m] = h
-        theta, S = torch.linalg.eigh(T[:m, :m])
-        res = (beta * S[-1, :]).abs()
-        idx = _wanted(theta, k, which)
-        scale = torch.clamp(theta[idx].abs(), min=math.sqrt(eps) * float(theta.abs().max()))
-        errs = bounds(theta, res, idx, m)
+        if j >= self.band and j > 1:
+            self.noise = max(self.noise, float(h[: j - 1].abs().max()))
+        h[j] += alpha
+        if j >= 1:
+            h[j - 1] += c
+        return w, wn, h
+
+    def _ritz(self, m: int, coupling: torch.Tensor) -> None:
+        """Ritz pairs of ``T[:m, :m]`` with residuals ``|S^T coupling|`` (last row(s))."""
+        self.theta, self.S = torch.linalg.eigh(self.T[:m, :m])
+        self.res = (self.S.T @ coupling).abs() if coupling.dim() else \
+            (coupling * self.S[-1, :]).abs()
+        self.idx = _wanted(self.theta, self.k, self.which)
+        self.errs = self.bounds(self.theta, self.res, self.idx, m)
+
+    def step(self) -> bool:
+        """One Lanczos step (one product); True when the iteration stops."""
+        j, m, n = self.j, self.j + 1, self.n
+        w, beta, h = self._expand(j)
+        self.T[:m, j] = h
+        self.T[j, :m] = h
+        self._ritz(m, torch.tensor(beta, dtype=torch.float64))
+        theta, idx = self.theta, self.idx
         tnorm = float(theta.abs().max())
-        breakdown = beta <= max(tnorm, 1e-300) * eps * 10 or m == n
-        if idx.numel() >= k and bool((errs <= tol * scale).all()) and _guard_ok(
-                theta, res, k, which, tol, eps):
-            converged = True
-            break
+        scale = torch.clamp(theta[idx].abs(), min=math.sqrt(self.eps) * tnorm)
+        ok = bool((self.errs <= self.tol * scale).all())
+        breakdown = beta <= max(tnorm, 1e-300) * self.eps * 10 or m == n
+        if idx.numel() >= self.k and ok and _guard_ok(theta, self.res, self.k, self.which,
+                                                      self.tol, self.eps):
+            self.converged = True
+            return True
         if breakdown and m >= n:
-            converged = bool((errs <= tol * scale).all()) if idx.numel() >= k else False
-            break
+            self.converged = ok if idx.numel() >= self.k else False
+            return True
         if breakdown:
-            # invariant subspace: continue with a fresh random vector orthogonal to the basis
-            beta_new = 0.0
-            for _try in range(3):
-                w = random_vector()
-                basis.subtract(w, basis.project(w, m), m)
-                basis.subtract(w, basis.project(w, m), m)
-                beta_new = norm64(w)
-                if beta_new > eps * 100:
-                    break
-            w.div_(beta_new)
-            T[m, j] = T[j, m] = 0.0
-            beta = 0.0
+            w, beta = self._fresh_vector(m), 0.0
         else:
             w.div_(beta)
-            T[m, j] = T[j, m] = beta
-        if m < max_basis:
-            basis.set_row(m, w)
-            del w
-            j = m
-            continue
-        # thick restart: keep the wanted Ritz vectors (and a few more), then the residual
-        keep = min(max(k + (max_basis - k) // 2, k), max_basis - 1)
+        self.T[m, j] = self.T[j, m] = beta
+        if m < self.max_basis:
+            self.basis.set_row(m, w)
+            self.j = m
+            return False
+        self._restart(w, beta, m)
+        return False
+
+    def _fresh_vector(self, m: int) -> torch.Tensor:
+        """After a lucky breakdown: a random unit vector orthogonal to the ``m`` rows."""
+        beta_new, basis = 0.0, self.basis
+        for _try in range(3):
+            w = self.random_vector()
+            basis.subtract(w, basis.project(w, m), m)
+            basis.subtract(w, basis.project(w, m), m)
+            beta_new = norm64(w)
+            if beta_new > self.eps * 100:
+                break
+        return w.div_(beta_new)
+
+    def _restart(self, w: torch.Tensor, beta: float, m: int) -> None:
+        """Thick restart: keep the wanted Ritz vectors (and a few more), then the residual."""
+        k, which, theta, S = self.k, self.which, self.theta, self.S
+        keep = min(max(k + (self.max_basis - k) // 2, k), self.max_basis - 1)
         order = _wanted(theta, keep, which) if which != "LM" else torch.argsort(
             theta.abs(), descending=True)[:keep]
         coupling = beta * S[-1, order]
-        basis.rotate(S[:, order], m)  # rows 0..keep-1 <- the Ritz vectors, in place
-        basis.set_row(keep, w)
-        del w
+        self.basis.rotate(S[:, order], m)  # rows 0..keep-1 <- the Ritz vectors, in place
+        self.basis.set_row(keep, w)
+        T = self.T
         T.zero_()
         T[:keep, :keep] = torch.diag(theta[order])
         T[:keep, keep] = coupling
         T[keep, :keep] = coupling
-        j = keep
-        band = keep + 1
-        restarts += 1
+        self.j = keep
+        self.band = keep + 1
+        self.restarts += 1
         # the Ritz pairs of the kept block (in case the iteration budget ends here)
-        theta, S = torch.linalg.eigh(T[:keep, :keep])
-        res = (S.T @ coupling).abs()
-        idx = _wanted(theta, k, which)
-        errs = bounds(theta, res, idx, keep)
-    if hasattr(bar, "close"):
-        bar.close()
+        self._ritz(keep, coupling)
 
-    assert theta is not None and S is not None and res is not None and idx is not None
-    m = S.shape[0]
-    if idx.numel() < k:  # cannot happen for k <= n unless max_iter < k
-        raise ValueError(f"max_iter={max_iter} is too small to find k={k} eigenpairs")
-    order = torch.argsort(theta[idx], descending=True)
-    idx = idx[order]
-    errs = errs[order]
-    # Ritz vectors in place in the first k rows of the basis; the rest is freed
-    basis.rotate(S[:, idx], m)
-    basis.truncate(k)
-    peak_bytes = basis.peak_rows * n * itemsize
-    vecs = basis.chunks[0][:k]
-    del basis
-    for i in range(k):
-        vecs[i].div_(norm64(vecs[i]))
-    if op_dtype != dtype:
-        vecs = vecs.to(op_dtype)
-    return EigenResult(
-        eigenvalues=theta[idx].to(device=device, dtype=op_dtype),
-        eigenvectors=vecs,
-        residuals=res[idx].to(device=device, dtype=op_dtype),
-        error_bounds=errs.to(device=device, dtype=torch.float64),
-        converged=converged,
-        num_matvecs=op.num_matvecs - start_matvecs,
-        num_iter=steps,
-        num_restarts=restarts,
-        which=which,
-        tol=float(tol),
-        basis_bytes=int(peak_bytes),
-        memory_bound_bytes=int((max_basis + 3) * n * itemsize),
-    )
-
-
-def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int) -> list[torch.Tensor]:
-    """Independent Lanczos runs from the columns of ``V0`` (``(n, b)``), in lockstep.
-
-    The same as :func:`lanczos_tridiagonal` for each column, but each step applies the operator
-    to the ``b`` current vectors at once (``op.matmat`` when it has one: one batched pass over
-    the data); a run that breaks down early drops out of the block. Memory: ``b`` bases of up
-    to ``num_iter`` vectors and a block of ``b`` products.
-    """
-    n = int(op.shape[0])
-    num_iter = min(int(num_iter), n)
-    device, dtype = op.device, op.dtype
-    eps = torch.finfo(dtype).eps
-    b = V0.shape[1]
-    bases = []
-    for r in range(b):
-        q = V0[:, r].to(device=device, dtype=dtype).clone()
-        basis = KrylovBasis(n, num_iter, dtype, device, first=16)
-        basis.set_row(0, q.div_(norm64(q)))
-        bases.append(basis)
-    Ts = [torch.zeros(num_iter, num_iter, dtype=torch.float64) for _ in range(b)]
-    sizes = [num_iter] * b
-    active = list(range(b))
-    for j in range(num_iter):
-        if not active:
-            break
-        Q = torch.stack([bases[r].row(j) for r in active], 1)
-        W = op.matmat(Q) if hasattr(op, "matmat") else torch.stack(
-            [op.matvec(Q[:, i].contiguous()) for i in range(Q.shape[1])], 1)
-        del Q
-        still = []
-        for c, r in enumerate(active):
-            basis, T, w = bases[r], Ts[r], W[:, c].contiguous()
-            m = j + 1
-            alpha = dot64(basis.row(j), w)
-            basis.subtract(w, basis.project(w, m), m)
-            h2 = basis.project(w, m)
-            basis.subtract(w, h2, m)
-            T[j, j] = alpha + float(h2[j])
-            if j + 1 == num_iter:
-                continue
-            beta = norm64(w)
-            scale = float(T[: j + 1, : j + 1].abs().max())
-            if beta <= max(scale, 1e-300) * eps * 10:
-                sizes[r] = j + 1
-                bases[r] = None  # free it
-                continue
-            T[j, j + 1] = T[j + 1, j] = beta
-            basis.set_row(j + 1, w.div_(beta))
-            still.append(r)
-        del W
-        active = still
-    return [T[: sizes[r], : sizes[r]] for r, T in enumerate(Ts)]
-
-
-def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_iter: int) -> torch.Tensor:
-    """``num_iter`` Lanczos steps with full reorthogonalization from ``v0``; returns ``T``.
-
-    ``T = Q^T H Q`` is the ``(m, m)`` symmetric tridiagonal matrix (float64, on the CPU) of the
-    Krylov basis ``Q`` (not kept: it grows with the steps taken, at most ``num_iter * n``
-    numbers, plus two vectors). ``m < num_iter`` when the Krylov space is invariant (a lucky
-    breakdown). The diagonal and the norms are accumulated in float64. The one-column case of
-    :func:`lanczos_tridiagonals`, which stochastic Lanczos quadrature (:mod:`analysis.density`)
-    runs in blocks.
-    """
-    return lanczos_tridiagonals(op, v0.reshape(-1, 1), num_iter)[0]
+    def result(self) -> EigenResult:
+        """The wanted Ritz pairs, descending; the eigenvectors rotated in place into the basis."""
+        theta, S, res, idx, errs = self.theta, self.S, self.res, self.idx, self.errs
+        assert theta is not None and S is not None and res is not None and idx is not None
+        k, n, m = self.k, self.n, S.shape[0]
+        if idx.numel() < k:  # cannot happen for k <= n unless max_iter < k
+            raise ValueError(f"max_iter={self.max_iter} is too small to find k={k} eigenpairs")
+        order = torch.argsort(theta[idx], descending=True)
+        idx, errs = idx[order], errs[order]
+        basis = self.basis
+        basis.rotate(S[:, idx], m)  # Ritz vectors in place in the first k rows; rest freed
+        basis.truncate(k)
+        vecs = basis.chunks[0][:k]
+        peak_bytes = basis.peak_rows * n * self.itemsize
+        del basis
+        self.basis = None
+        for i in range(k):
+            vecs[i].div_(norm64(vecs[i]))
+        if self.op_dtype != self.dtype:
+            vecs = vecs.to(self.op_dtype)
+        return EigenResult(
+            eigenvalues=theta[idx].to(device=self.device, dtype=self.op_dtype),
+            eigenvectors=vecs,
+            residuals=res[idx].to(device=self.device, dtype=self.op_dtype),
+            error_bounds=errs.to(device=self.device, dtype=torch.float64),
+            converged=self.converged,
+            num_matvecs=self.op.num_matvecs - self.start_matvecs,
+            num_iter=self.steps,
+            num_restarts=self.restarts,
+            which=self.which,
+            tol=float(self.tol),
+            basis_bytes=int(peak_bytes),
+            memory_bound_bytes=int((self.max_basis + 3) * n * self.itemsize),
+        )

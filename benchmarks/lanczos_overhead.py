@@ -1,8 +1,17 @@
 """Lanczos overhead: the share of top_eigenpairs' wall time spent outside the products.
 
-A ~1M-parameter MLP in float32 on a small batch (cheap products) on the CPU; for each k the
-products are timed inside the operator and the rest (Gram-Schmidt, eigendecompositions, restarts,
-Ritz vectors) is reported as a fraction of the total. No timing asserts in the tests: run
+"Cheap products", two of them, on a ~1M-parameter float32 MLP (784-1024-200-10) on the CPU:
+
+* ``hvp``: the real Hessian-vector product of the MLP on a small batch (32 samples);
+* ``grad``: an operator of known spectrum whose product costs one loss gradient of the same MLP
+  on the same batch (it computes the gradient, then returns ``D v`` for a fixed diagonal ``D``):
+  the cheapest product a Hessian method can have, the adversarial case for the overhead.
+
+For each ``k`` the products are timed inside the operator and the rest (Gram-Schmidt, the
+``m x m`` eigendecompositions, restarts, Ritz vectors, bookkeeping) is reported as a fraction of
+the total, for the current code ("after") and, in the same process, for ``analysis/lanczos.py``
+as of a git revision ("before", ``--baseline``; ``none`` skips it). No timing asserts in the
+tests: run
 
     PYTHONPATH=. python benchmarks/lanczos_overhead.py --ks 5 20 50
 """
@@ -10,12 +19,20 @@ Ritz vectors) is reported as a fraction of the total. No timing asserts in the t
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 
+from analysis import lanczos
 from analysis.hessian import HessianOperator
-from analysis.lanczos import top_eigenpairs
+
+#: The last revision before the overhead work (full second Gram-Schmidt pass on every large
+#: cancellation, float64 slab copies in every norm).
+BASELINE = "0ec725e"
 
 
 class Timed:
@@ -36,11 +53,89 @@ class Timed:
         return out
 
 
+class GradientCost:
+    """``D v`` for a fixed diagonal ``D`` (a few separated top eigenvalues), at the cost of one
+    loss gradient of ``model`` on ``(x, y)`` per product."""
+
+    def __init__(self, model, x, y):
+        self.model, self.x, self.y = model, x, y
+        n = sum(p.numel() for p in model.parameters())
+        g = torch.Generator().manual_seed(0)
+        self.d = torch.rand(n, generator=g)
+        self.d[:60] = torch.linspace(10.0, 2.0, 60)
+        self.shape, self.device, self.dtype = (n, n), self.d.device, self.d.dtype
+        self.num_matvecs = 0
+
+    def matvec(self, v):
+        self.num_matvecs += 1
+        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        torch.autograd.grad(loss, list(self.model.parameters()))
+        return self.d * v
+
+
+def load_baseline(rev: str):
+    """``analysis/lanczos.py`` at git revision ``rev`` as a module (None when unavailable)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(["git", "show", f"{rev}:analysis/lanczos.py"], cwd=root, check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    mod = types.ModuleType("analysis._lanczos_baseline")
+    mod.__package__ = "analysis"
+    sys.modules[mod.__name__] = mod
+    exec(compile(src, f"{rev}:analysis/lanczos.py", "exec"), mod.__dict__)
+    return mod
+
+
+class PassTimer:
+    """Times the Gram-Schmidt passes (``project`` and ``subtract``) of a ``KrylovBasis`` class
+    and counts the basis bytes they read, to show how close they run to memory bandwidth."""
+
+    def __init__(self, cls):
+        self.cls, self.seconds, self.bytes, self.passes = cls, 0.0, 0, 0
+        self.saved = {name: getattr(cls, name) for name in ("project", "subtract")}
+
+    def __enter__(self):
+        for name, orig in self.saved.items():
+            setattr(self.cls, name, self._wrap(orig, name == "project"))
+        return self
+
+    def _wrap(self, orig, count):
+        def timed(basis, w, *args):
+            t = time.perf_counter()
+            out = orig(basis, w, *args)
+            self.seconds += time.perf_counter() - t
+            self.bytes += args[-1] * basis.n * w.element_size()
+            self.passes += count
+            return out
+        return timed
+
+    def __exit__(self, *exc):
+        for name, orig in self.saved.items():
+            setattr(self.cls, name, orig)
+
+
+def measure(mod, op, k: int, max_iter: int) -> dict:
+    """Products, seconds (total, in products, in Gram-Schmidt passes) of one run on ``op``."""
+    timed = Timed(op)
+    with PassTimer(mod.KrylovBasis) as gs:
+        t = time.perf_counter()
+        res = mod.top_eigenpairs(timed, k=k, max_iter=max_iter, v0="random")
+        total = time.perf_counter() - t
+    return dict(matvecs=res.num_matvecs, total=total, products=timed.seconds, gs=gs.seconds,
+                gbps=gs.bytes / max(gs.seconds, 1e-12) / 1e9, passes=gs.passes,
+                converged=res.converged)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", type=int, nargs="+", default=[5, 20, 50])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-iter", type=int, default=150)
+    ap.add_argument("--products", nargs="+", default=["hvp", "grad"], choices=["hvp", "grad"])
+    ap.add_argument("--baseline", default=BASELINE,
+                    help="git revision of the 'before' code, or 'none'")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.Tanh(),
@@ -48,15 +143,27 @@ def main() -> None:
                                 torch.nn.Linear(200, 10))
     x, y = torch.randn(args.batch, 784), torch.randint(0, 10, (args.batch,))
     n = sum(p.numel() for p in model.parameters())
-    print(f"model: {n} parameters, float32, batch {args.batch}, {torch.get_num_threads()} threads")
-    print(f"{'k':>4} {'matvecs':>8} {'total s':>9} {'products s':>11} {'overhead':>9}")
-    for k in args.ks:
-        op = Timed(HessianOperator(model, "cross_entropy", (x, y)))
-        t = time.perf_counter()
-        res = top_eigenpairs(op, k=k, max_iter=args.max_iter, v0="random")
-        total = time.perf_counter() - t
-        frac = (total - op.seconds) / total
-        print(f"{k:>4} {res.num_matvecs:>8} {total:>9.2f} {op.seconds:>11.2f} {frac:>9.1%}")
+    impls = [("after", lanczos)]
+    old = None if args.baseline == "none" else load_baseline(args.baseline)
+    if old is not None:
+        impls.insert(0, ("before", old))
+    print(f"model: {n} parameters, float32, batch {args.batch}, {torch.get_num_threads()} threads;"
+          f" max_iter {args.max_iter}; before = {args.baseline if old else 'n/a'}")
+    print("overhead = share of the wall time outside the products; GS = the share in the "
+          "Gram-Schmidt passes (reading the basis), GB/s = basis bytes they read per second")
+    print(f"{'product':>8} {'k':>4} {'code':>7} {'matvecs':>8} {'passes':>7} {'total s':>8}"
+          f" {'ms/product':>11} {'overhead':>9} {'GS':>6} {'GB/s':>6} {'converged':>9}")
+    for kind in args.products:
+        for k in args.ks:
+            for name, mod in impls:
+                op = (HessianOperator(model, "cross_entropy", (x, y)) if kind == "hvp"
+                      else GradientCost(model, x, y))
+                r = measure(mod, op, k, args.max_iter)
+                print(f"{kind:>8} {k:>4} {name:>7} {r['matvecs']:>8} {r['passes']:>7}"
+                      f" {r['total']:>8.2f} {1e3 * r['products'] / r['matvecs']:>11.1f}"
+                      f" {(r['total'] - r['products']) / r['total']:>9.1%}"
+                      f" {r['gs'] / r['total']:>6.1%} {r['gbps']:>6.1f} {r['converged']!s:>9}",
+                      flush=True)
 
 
 if __name__ == "__main__":
