@@ -61,7 +61,7 @@ FIELDS = {
     PacBayesResult: (
         "flatness", "sigma", "deviation", "accuracy", "magnitude_aware", "target", "draws", "seed",
         "mode", "evaluations", "num_samples", "forward_passes", "backward_passes",
-        "forward_samples", "backward_samples"),
+        "forward_samples", "backward_samples", "accuracy_unit"),
     DirectionalSharpnessResult: (
         "radii", "values", "losses", "loss", "direction_norm", "mode", "num_samples",
         "forward_passes", "backward_passes", "forward_samples", "backward_samples"),

@@ -1,0 +1,133 @@
+"""Padded language-model batches are weighted by their counted tokens everywhere: m-sharpness
+means over batches, the probes' losses, and accuracy counted per next token (hand counts and
+the term-weighted full-data loss of :func:`analysis.evaluate` are the references)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from analysis import CausalLMLoss, ModelLoss, evaluate
+from analysis.evaluation import accuracy_unit, correct_count
+from analysis.sharpness import pac_bayes_flatness
+from tests import lm_models as lm
+from tests.models import classification_data, mlp
+
+LENGTHS = (5, 5, 2, 2, 4, 3)   # batches of 2 sequences hold 8, 2 and 5 next-token targets
+SIZES = (2, 2, 2)
+TERMS = (8, 2, 5)
+
+
+def _batches(seqs=None):
+    return lm.padded_batches(lm.token_sequences(LENGTHS) if seqs is None else seqs, SIZES)
+
+
+def _hand_terms(batch) -> int:
+    """Next-token targets of a right-padded batch dict: positions 1.. whose label counts."""
+    labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+    return sum(1 for row in labels.tolist() for v in row[1:] if v != -100)
+
+
+def _hand_accuracy(model, batches) -> tuple[int, int]:
+    """(correct, counted) next-token predictions, one position at a time."""
+    correct = total = 0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(b["input_ids"])
+            labels = b["labels"].masked_fill(b["attention_mask"] == 0, -100)
+            for i in range(labels.shape[0]):
+                for t in range(labels.shape[1] - 1):
+                    target = int(labels[i, t + 1])
+                    if target == -100:
+                        continue
+                    total += 1
+                    correct += int(int(logits[i, t].argmax()) == target)
+    return correct, total
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The tiny causal LM fitted to the padded batches (token accuracy well above chance)."""
+    model = lm.lm_model()
+    data = _batches()
+    loss = CausalLMLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(100):
+        opt.zero_grad()
+        total = sum(loss(model(**b), b) * loss.num_terms(None, b) for b in data) / sum(TERMS)
+        total.backward()
+        opt.step()
+    return model.eval(), data
+
+
+# -- token accuracy ------------------------------------------------------------------------------
+def test_token_accuracy_is_a_hand_count_of_next_token_predictions(trained):
+    model, data = trained
+    # a prompt position masked with -100 inside a real sequence is not counted either
+    data = [dict(b) for b in data]
+    data[0]["labels"] = data[0]["labels"].clone()
+    data[0]["labels"][0, 2] = -100
+    correct, total = _hand_accuracy(model, data)
+    assert total == sum(TERMS) - 1 and 0 < correct < total
+    r = evaluate(model, "lm", data)
+    assert r.accuracy == correct / total
+    assert r.num_terms == total and r.num_samples == 6 and r.accuracy_unit == "token"
+    # pairs (inputs without labels, label tensor) count the same positions
+    pairs = [({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, b["labels"])
+             for b in data]
+    assert evaluate(model, "lm", pairs).accuracy == correct / total
+    assert r.to_dict()["accuracy_unit"] == "token"
+
+
+def test_token_accuracy_counts_batches_by_their_tokens(trained):
+    # the data set's accuracy is not the mean of the batches' accuracies when they differ in tokens
+    model, data = trained
+    per_batch = [_hand_accuracy(model, [b]) for b in data]
+    assert [t for _, t in per_batch] == list(TERMS)
+    want = sum(c for c, _ in per_batch) / sum(TERMS)
+    assert evaluate(model, "lm", data).accuracy == want
+    assert want != pytest.approx(sum(c / t for c, t in per_batch) / 3, abs=1e-3)
+
+
+def test_correct_count_of_the_lm_losses_and_of_classification():
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 0, 2] = logits[0, 1, 0] = logits[0, 2, 1] = 1.0   # predicts 2, 0, 1 for t = 1, 2, 3
+    labels = torch.tensor([[0, 2, 1, -100]])
+    assert int(correct_count(logits, labels, CausalLMLoss())) == 1   # t=1 right, t=2 wrong, t=3 ignored
+    assert int(CausalLMLoss(shift=False).num_correct(logits, torch.tensor([[2, 0, 1, -100]]))) == 3
+    out = type("Out", (), {"logits": logits, "loss": torch.tensor(0.0)})()
+    assert int(correct_count(out, {"input_ids": labels.clamp(min=0), "labels": labels},
+                             ModelLoss("causal_lm"))) == 1
+    assert correct_count(out, labels, ModelLoss()) is None           # the model's own loss: none
+    z, y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1, 1])
+    assert int(correct_count(z, y)) == int(correct_count(z, y, F.cross_entropy)) == 2
+    assert accuracy_unit(CausalLMLoss()) == "token" and accuracy_unit(F.cross_entropy) == "sample"
+    assert accuracy_unit(ModelLoss()) == "sample" and accuracy_unit(ModelLoss("tokens")) == "token"
+
+
+def test_hf_model_lm_token_accuracy_equals_lm():
+    pytest.importorskip("transformers")
+    model = lm.hf_gpt2("sdpa")
+    data = _batches()
+    a, b = evaluate(model, "model_lm", data), evaluate(model, "lm", data)
+    assert a.accuracy == b.accuracy and a.accuracy_unit == "token" and a.num_terms == sum(TERMS)
+    assert evaluate(model, "model", data).accuracy is None
+
+
+def test_classification_accuracy_stays_per_sample():
+    model = mlp(seed=0)
+    x, y = classification_data(n=23, seed=0)
+    r = evaluate(model, "cross_entropy", (x, y), batch_size=5)
+    with torch.no_grad():
+        hand = sum(int(int(model(x[i:i + 1]).argmax()) == int(y[i])) for i in range(23))
+    assert r.accuracy == hand / 23 and r.num_terms == 23 and r.accuracy_unit == "sample"
+    m = evaluate(model, "mse", (x, torch.zeros(23, 3, dtype=x.dtype)))
+    assert m.accuracy is None and m.accuracy_unit is None
+
+
+def test_pac_bayes_flatness_on_a_language_model_uses_token_accuracy(trained):
+    model, data = trained
+    p = pac_bayes_flatness(model, "lm", data, draws=3, max_evaluations=10, tolerance=0.05)
+    assert p.accuracy == evaluate(model, "lm", data).accuracy and p.accuracy_unit == "token"
+    assert p.deviation == pytest.approx(0.1, abs=0.05) and p.sigma > 0
