@@ -4,13 +4,15 @@ the term-weighted full-data loss of :func:`analysis.evaluate` are the references
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from analysis import CausalLMLoss, ModelLoss, evaluate
 from analysis.evaluation import accuracy_unit, correct_count
-from analysis.sharpness import pac_bayes_flatness
+from analysis.sharpness import pac_bayes_flatness, sharpness
 from tests import lm_models as lm
 from tests.models import classification_data, mlp
 
@@ -124,6 +126,78 @@ def test_classification_accuracy_stays_per_sample():
     assert r.accuracy == hand / 23 and r.num_terms == 23 and r.accuracy_unit == "sample"
     m = evaluate(model, "mse", (x, torch.zeros(23, 3, dtype=x.dtype)))
     assert m.accuracy is None and m.accuracy_unit is None
+
+
+# -- m-sharpness ---------------------------------------------------------------------------------
+def _weighted_stderr(values, weights):
+    n, nb = sum(weights), len(values)
+    mean = sum(w * v for w, v in zip(weights, values)) / n
+    return math.sqrt(nb / (nb - 1) * sum((w / n) ** 2 * (v - mean) ** 2 for w, v in zip(weights, values)))
+
+
+@pytest.mark.parametrize("kind", ["worst", "average"])
+def test_m_sharpness_weights_batches_by_their_tokens(kind):
+    model = lm.lm_model()
+    data = _batches()
+    assert [_hand_terms(b) for b in data] == list(TERMS)
+    r = sharpness(model, "lm", data, rho=0.05, kind=kind, m=2, steps=5, samples=8, progress=False)
+    assert r.num_batches == 3 and r.batch_terms == TERMS and r.num_terms == sum(TERMS)
+    v = r.batch_values
+    want = sum(t * x for t, x in zip(TERMS, v)) / sum(TERMS)
+    assert r.value == pytest.approx(want, rel=1e-12, abs=0)
+    assert r.stderr == pytest.approx(_weighted_stderr(v, TERMS), rel=1e-10)
+    # the unperturbed loss is the full-data (token-weighted) loss: m = batch size covers all data
+    assert r.loss == pytest.approx(evaluate(model, "lm", data).loss, rel=1e-12)
+    assert r.perturbed_loss == pytest.approx(r.loss + r.value, rel=1e-14)
+    # and not the mean over batches a sample weighting would give
+    assert r.value != pytest.approx(sum(v) / 3, rel=1e-3)
+
+
+def test_worst_case_batch_values_are_each_batch_on_its_own():
+    # init="zero" makes the ascent deterministic, so every batch value can be recomputed alone
+    model = lm.lm_model()
+    data = _batches()
+    r = sharpness(model, "lm", data, rho=0.05, m=2, init="zero", steps=4, progress=False)
+    alone = [sharpness(model, "lm", [b], rho=0.05, m=2, init="zero", steps=4, progress=False)
+             for b in data]
+    assert r.batch_values == pytest.approx([a.value for a in alone], rel=1e-12)
+    hand = sum(t * a.value for t, a in zip(TERMS, alone)) / sum(TERMS)
+    assert r.value == pytest.approx(hand, rel=1e-12)
+    assert r.loss == pytest.approx(sum(t * a.loss for t, a in zip(TERMS, alone)) / sum(TERMS),
+                                   rel=1e-12)
+
+
+def test_a_batch_without_counted_tokens_weighs_nothing():
+    model = lm.lm_model()
+    data = _batches()
+    empty = lm.pad_batch(lm.token_sequences((1, 1), seed=3))   # one token each: no next token
+    assert _hand_terms(empty) == 0
+    kw = dict(rho=0.05, m=2, init="zero", steps=3, progress=False)
+    with_empty = sharpness(model, "lm", [data[0], empty, data[2]], **kw)
+    without = sharpness(model, "lm", [data[0], data[2]], **kw)
+    assert with_empty.batch_terms == (8, 0, 5) and with_empty.num_batches == 3
+    assert with_empty.value == pytest.approx(without.value, rel=1e-13)
+    assert with_empty.loss == pytest.approx(without.loss, rel=1e-13)
+    with pytest.raises(ValueError, match="hold no loss terms"):
+        sharpness(model, "lm", [empty, empty], **kw)
+
+
+def test_equal_terms_keep_the_plain_mean_bit_for_bit():
+    model = mlp(seed=0)
+    x, y = classification_data(n=24, seed=0)
+    r = sharpness(model, "cross_entropy", (x, y), rho=0.05, kind="average", m=6, samples=4,
+                  progress=False)
+    v = r.batch_values
+    assert r.batch_terms == (6, 6, 6, 6) and r.num_terms == r.num_samples == 24
+    assert r.value == sum(v) / 4                       # the unweighted formula, exactly
+    s2 = max(sum(t * t for t in v) - 4 * r.value ** 2, 0.0) / 3
+    assert r.stderr == math.sqrt(s2 / 4)
+
+
+def test_m_that_would_join_different_padded_lengths_is_refused():
+    # batches padded to 5, 2 and 4 tokens: an m-batch of 3 sequences would mix two lengths
+    with pytest.raises(ValueError, match="different shapes"):
+        sharpness(lm.lm_model(), "lm", _batches(), rho=0.05, m=3, steps=2, progress=False)
 
 
 def test_pac_bayes_flatness_on_a_language_model_uses_token_accuracy(trained):
