@@ -4,14 +4,19 @@ the term-weighted full-data loss of :func:`analysis.evaluate` are the references
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from analysis import CausalLMLoss, ModelLoss, evaluate
 from analysis.evaluation import accuracy_unit, correct_count
+from analysis.params import ParameterSpace
+from analysis.probes import MechanismProbe
 from analysis.sharpness import pac_bayes_flatness, sharpness
 from tests import lm_models as lm
 from tests.models import classification_data, mlp
@@ -205,3 +210,70 @@ def test_pac_bayes_flatness_on_a_language_model_uses_token_accuracy(trained):
     p = pac_bayes_flatness(model, "lm", data, draws=3, max_evaluations=10, tolerance=0.05)
     assert p.accuracy == evaluate(model, "lm", data).accuracy and p.accuracy_unit == "token"
     assert p.deviation == pytest.approx(0.1, abs=0.05) and p.sigma > 0
+
+
+# -- probes --------------------------------------------------------------------------------------
+def _hand_lm_loss_at(model, w, batch):
+    """The token loss of ``batch`` at the flat weights ``w``, one next-token term at a time."""
+    m = copy.deepcopy(model)
+    ParameterSpace(m).copy_(w)
+    with torch.no_grad():
+        logits = m(batch["input_ids"])
+    labels = batch["labels"]
+    terms = [-torch.log_softmax(logits[i, t], -1)[labels[i, t + 1]]
+             for i in range(labels.shape[0]) for t in range(labels.shape[1] - 1)
+             if labels[i, t + 1] != -100]
+    return float(torch.stack(terms).mean())
+
+
+def _stepped_lm():
+    model = lm.lm_model()
+    data = _batches()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss = CausalLMLoss()
+    for b in data:
+        opt.zero_grad()
+        loss(model(**b), b).backward()
+        opt.step()
+    return model, opt, data
+
+
+def test_probe_losses_equal_evaluate_on_padded_batches():
+    model, opt, data = _stepped_lm()
+    probe = MechanismProbe(model, "lm", opt, rho=0.5)
+    w = ParameterSpace(model).vector()
+    v = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+    for b in data:
+        ref = evaluate(model, "lm", [b]).loss
+        pair = ({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, b["labels"])
+        for form in (b, pair, (b, b)):
+            row = probe.msam_loss(form)
+            assert row["loss"] == pytest.approx(ref, rel=1e-12)
+            assert row["loss"] == pytest.approx(_hand_lm_loss_at(model, w, b), rel=1e-12)
+            assert row["loss_msam"] == pytest.approx(
+                _hand_lm_loss_at(model, w - 0.5 * v / v.norm(), b), rel=1e-12)
+            assert probe.cosine(form)["loss"] == pytest.approx(ref, rel=1e-12)
+    assert torch.equal(ParameterSpace(model).vector(), w)
+
+
+def test_probe_curvature_on_a_padded_batch_matches_the_dense_token_hessian():
+    model, opt, data = _stepped_lm()
+    b = data[0]
+    probe = MechanismProbe(model, "lm", opt)
+    out = probe.curvature(b, directions=("momentum", "gradient"))
+    params = dict(model.named_parameters())
+    names, shapes = list(params), [p.shape for p in params.values()]
+    sizes = [p.numel() for p in params.values()]
+    w0 = torch.cat([p.detach().reshape(-1) for p in params.values()])
+    loss = CausalLMLoss()
+
+    def f(w):
+        state = {n: c.reshape(s) for n, c, s in zip(names, torch.split(w, sizes), shapes)}
+        return loss(functional_call(model, state, args=(), kwargs={"input_ids": b["input_ids"]}), b)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        H = torch.autograd.functional.hessian(f, w0)
+        g = torch.autograd.functional.jacobian(f, w0)
+    v = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+    for name, d in (("momentum", v), ("gradient", g)):
+        assert out[f"curv_{name}"] == pytest.approx(float(d @ H @ d / (d @ d)), rel=1e-9)
