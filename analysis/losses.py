@@ -237,10 +237,15 @@ class ModelLoss:
 
     def num_correct(self, output: Any, targets: Any) -> torch.Tensor | None:
         """Token accuracy count from ``output.logits`` for the token-weighted variants (see
-        :meth:`CausalLMLoss.num_correct`); ``None`` (no accuracy) for ``terms="samples"``."""
+        :meth:`CausalLMLoss.num_correct`); ``None`` (no accuracy) for ``terms="samples"`` and
+        for outputs without ``(B, T, V)`` logits matching the labels (the loss is the model's
+        own, so its logits may be anything)."""
         if self._lm is None:
             return None
-        return self._lm.num_correct(output, targets)
+        try:
+            return self._lm.num_correct(output, targets)
+        except (TypeError, ValueError):
+            return None
 
     def __call__(self, output: Any, targets: Any = None) -> torch.Tensor:
         loss = getattr(output, "loss", None)

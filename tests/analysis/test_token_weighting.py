@@ -107,6 +107,8 @@ def test_correct_count_of_the_lm_losses_and_of_classification():
     assert int(correct_count(out, {"input_ids": labels.clamp(min=0), "labels": labels},
                              ModelLoss("causal_lm"))) == 1
     assert correct_count(out, labels, ModelLoss()) is None           # the model's own loss: none
+    # a model that returns only its loss still evaluates, without an accuracy
+    assert correct_count({"loss": torch.tensor(1.0)}, labels, ModelLoss("causal_lm")) is None
     z, y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1, 1])
     assert int(correct_count(z, y)) == int(correct_count(z, y, F.cross_entropy)) == 2
     assert accuracy_unit(CausalLMLoss()) == "token" and accuracy_unit(F.cross_entropy) == "sample"
@@ -120,6 +122,17 @@ def test_hf_model_lm_token_accuracy_equals_lm():
     a, b = evaluate(model, "model_lm", data), evaluate(model, "lm", data)
     assert a.accuracy == b.accuracy and a.accuracy_unit == "token" and a.num_terms == sum(TERMS)
     assert evaluate(model, "model", data).accuracy is None
+
+    class LossOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, **batch):
+            return {"loss": self.inner(**batch).loss}
+
+    r = evaluate(LossOnly(), "model_lm", data)
+    assert r.accuracy is None and r.accuracy_unit is None and r.loss == a.loss
 
 
 def test_classification_accuracy_stays_per_sample():
@@ -197,6 +210,25 @@ def test_equal_terms_keep_the_plain_mean_bit_for_bit():
     assert r.value == sum(v) / 4                       # the unweighted formula, exactly
     s2 = max(sum(t * t for t in v) - 4 * r.value ** 2, 0.0) / 3
     assert r.stderr == math.sqrt(s2 / 4)
+
+
+@pytest.mark.parametrize("terms", [(8, 2, 5, 0, 3), (4, 4, 4, 4, 4)])
+def test_sharded_batch_statistics_are_sums_over_ranks(monkeypatch, terms):
+    # rank 0 holds batches 0, 2, 4 and rank 1 batches 1, 3: the all-reduced sums give the whole
+    from analysis.sharpness import m_sharpness as ms
+
+    values, losses = [0.3, -0.1, 0.25, 0.0, 0.05], [2.0, 1.0, 1.5, 0.0, 3.0]
+    whole = ms._batch_statistics(values, losses, list(terms), torch.device("cpu"), False)
+    parts = [[i for i in range(5) if i % 2 == r] for r in (0, 1)]
+    sent = []
+    monkeypatch.setattr(ms.dist, "all_reduce_sum", lambda t: sent.append(t.clone()) or t)
+    ms._batch_statistics([values[i] for i in parts[1]], [losses[i] for i in parts[1]],
+                         [terms[i] for i in parts[1]], torch.device("cpu"), True)
+    monkeypatch.setattr(ms.dist, "all_reduce_sum", lambda t: t.add_(sent[0]))
+    sharded = ms._batch_statistics([values[i] for i in parts[0]], [losses[i] for i in parts[0]],
+                                   [terms[i] for i in parts[0]], torch.device("cpu"), True)
+    assert sharded == pytest.approx(whole, rel=1e-12)
+    assert whole[0] == pytest.approx(sum(t * v for t, v in zip(terms, values)) / sum(terms))
 
 
 def test_m_that_would_join_different_padded_lengths_is_refused():
