@@ -30,6 +30,8 @@ __all__ = [
     "correct_count",
     "progress_bar",
     "model_device_dtype",
+    "accuracy_per_term",
+    "accuracy_unit",
 ]
 
 
@@ -103,8 +105,18 @@ def model_mode(model: nn.Module, mode: str | None) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def correct_count(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-    """Number of correct class predictions, or ``None`` when targets are not class indices."""
+def correct_count(outputs: Any, targets: Any, loss_fn: LossFn | None = None) -> torch.Tensor | None:
+    """Number of correct predictions, or ``None`` when there is no accuracy to count.
+
+    With a ``loss_fn`` that defines ``num_correct(outputs, targets)`` (the language-model losses
+    of :mod:`analysis.losses`: correct next-token predictions over the counted, shifted
+    positions, ``ignore_index`` excluded) its count, one per loss term; otherwise the correct
+    argmax class predictions of ``(N, classes)`` outputs for ``(N,)`` class-index targets, one
+    per sample (:func:`accuracy_per_term` says which).
+    """
+    count = getattr(loss_fn, "num_correct", None)
+    if count is not None:
+        return count(outputs, targets)
     if (
         isinstance(outputs, torch.Tensor)
         and isinstance(targets, torch.Tensor)
@@ -117,6 +129,20 @@ def correct_count(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor 
     return None
 
 
+def accuracy_per_term(loss_fn: LossFn | None) -> bool:
+    """Whether :func:`correct_count` counts per loss term (the loss defines ``num_correct``), so
+    the accuracy divides by the terms, not by the samples."""
+    return getattr(loss_fn, "num_correct", None) is not None
+
+
+def accuracy_unit(loss_fn: LossFn | None) -> str:
+    """What an accuracy count is for ``loss_fn``: its ``term_unit`` (``"token"`` for the
+    language-model losses) when it counts per term, else ``"sample"``."""
+    if accuracy_per_term(loss_fn):
+        return str(getattr(loss_fn, "term_unit", "term"))
+    return "sample"
+
+
 def progress_bar(iterable: Iterable, *, enabled: bool, total: int | None = None, desc: str = "", unit: str = "it"):
     """A tqdm bar on stderr (only on rank 0), or the bare iterable when ``enabled`` is False."""
     if not enabled or not dist.is_main_process():
@@ -126,11 +152,23 @@ def progress_bar(iterable: Iterable, *, enabled: bool, total: int | None = None,
 
 @dataclass(frozen=True, repr=False)
 class EvalResult(Result):
-    """Dataset loss and accuracy. ``accuracy`` is ``None`` for non-classification targets."""
+    """Dataset loss and accuracy.
+
+    Attributes:
+        loss: the term-weighted mean loss.
+        accuracy: the fraction of correct predictions, counted per ``accuracy_unit``: samples
+            for classification, next tokens for a language-model loss (``None`` when there is
+            nothing to count, e.g. regression targets).
+        num_samples: samples (sequences) in the data.
+        num_terms: loss terms in the data (samples, or counted tokens).
+        accuracy_unit: ``"sample"`` or ``"token"`` (``None`` without an accuracy).
+    """
 
     loss: float
     accuracy: float | None
     num_samples: int
+    num_terms: int | None = None
+    accuracy_unit: str | None = None
 
 
 @torch.no_grad()
@@ -146,9 +184,13 @@ def evaluate(
     """Term-weighted mean loss and accuracy of ``model`` over ``data``.
 
     ``L = sum_b N_b L_b / N`` with ``N_b`` the loss terms of batch ``b`` (its samples, or its
-    counted tokens for a language-model loss; :func:`analysis.losses.loss_terms`); accuracy is the fraction of correct argmax predictions. Batches are
-    moved to the model's device (floating inputs cast to its dtype). Under an initialized process
-    group with a sharded source, per-rank sums are all-reduced.
+    counted tokens for a language-model loss; :func:`analysis.losses.loss_terms`); accuracy is
+    the fraction of correct argmax predictions over the samples for classification, over the
+    loss's terms for a loss that counts them (token accuracy of a causal LM: the next-token
+    predictions of the shifted logits at the counted positions, ``-100`` labels excluded; see
+    :func:`correct_count`). Batches are moved to the model's device (floating inputs cast to its
+    dtype). Under an initialized process group with a sharded source, per-rank sums are
+    all-reduced.
 
     Args:
         model: the network.
@@ -160,13 +202,15 @@ def evaluate(
         progress: show a tqdm bar.
 
     Returns:
-        :class:`EvalResult` with ``loss``, ``accuracy`` and ``num_samples``.
+        :class:`EvalResult` with ``loss``, ``accuracy``, ``num_samples``, ``num_terms`` and
+        ``accuracy_unit``.
     """
     loss_fn = resolve_loss(loss_fn)
     source = as_data(data, batch_size=batch_size)
     device, dtype = model_device_dtype(model)
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # sum N_b*L, correct, n, N
     has_acc = True
+    per_term = accuracy_per_term(loss_fn)
     with model_mode(model, mode):
         for batch in progress_bar(source, enabled=progress, desc="evaluate", unit="batch"):
             x = to_device(batch.inputs, device, dtype)
@@ -178,7 +222,7 @@ def evaluate(
             terms = loss_terms(loss_fn, x, y, batch.size)
             stats[0] += loss.double() * terms
             stats[3] += terms
-            c = correct_count(out, y)
+            c = correct_count(out, y, loss_fn) if has_acc else None
             if c is None:
                 has_acc = False
             else:
@@ -186,9 +230,12 @@ def evaluate(
             stats[2] += batch.size
     if source.shard:
         dist.all_reduce_sum(stats)
-    n = stats[2].item()
+    n, terms = stats[2].item(), stats[3].item()
+    counted = terms if per_term else n
     return EvalResult(
-        loss=stats[0].item() / stats[3].item() if stats[3].item() > 0 else float("nan"),
-        accuracy=(stats[1].item() / n) if has_acc else None,
+        loss=stats[0].item() / terms if terms > 0 else float("nan"),
+        accuracy=(stats[1].item() / counted if counted > 0 else float("nan")) if has_acc else None,
         num_samples=int(n),
+        num_terms=int(terms),
+        accuracy_unit=accuracy_unit(loss_fn) if has_acc else None,
     )

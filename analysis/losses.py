@@ -10,7 +10,11 @@ regression, its counted tokens for a language model (positions whose label is no
 ``ignore_index`` and whose attention mask is 1). Weighting batches by ``N_b`` makes uneven padding
 give the same loss, gradient and Hessian as one big batch holding all tokens. A loss declares its
 terms with a method ``num_terms(inputs, targets) -> int``; a loss without one counts samples
-(:func:`loss_terms`), so plain functions such as ``F.cross_entropy`` behave as before.
+(:func:`loss_terms`), so plain functions such as ``F.cross_entropy`` behave as before. Accuracy
+is counted over the same terms: a loss may define ``num_correct(outputs, targets)`` (the
+language-model losses count the correct next-token predictions, argmax of the shifted logits,
+over the counted positions; :func:`analysis.evaluation.correct_count`) and ``term_unit``
+(``"token"``), the unit the accuracy is reported in.
 
 Built-in losses (names for :func:`analysis.evaluation.resolve_loss` and the CLI's ``--loss``):
 
@@ -35,6 +39,8 @@ Example:
     >>> lm = CausalLMLoss()
     >>> lm.num_terms(None, labels)     # 3 + 1 next-token targets
     4
+    >>> 0 <= int(lm.num_correct(logits, labels)) <= 4
+    True
     >>> float(lm(logits, labels)) > 0
     True
 """
@@ -143,7 +149,11 @@ class CausalLMLoss:
         shift: shift logits and labels for next-token prediction (default ``True``).
 
     The model output may be a ``(B, T, V)`` tensor or anything :func:`logits_of` accepts.
+    Token accuracy (:meth:`num_correct`) counts the same positions.
     """
+
+    #: what a loss term (and so an accuracy count) is
+    term_unit = "token"
 
     def __init__(self, ignore_index: int = -100, *, shift: bool = True):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -159,7 +169,8 @@ class CausalLMLoss:
         """The number of counted next-token targets in the batch."""
         return int((self._labels(targets) != self.ignore_index).sum())
 
-    def __call__(self, output: Any, targets: Any) -> torch.Tensor:
+    def _aligned(self, output: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, labels)`` with ``logits[:, t]`` predicting ``labels[:, t]``."""
         logits = logits_of(output)
         labels = self._labels(targets)
         if logits.dim() != 3:
@@ -170,6 +181,16 @@ class CausalLMLoss:
             raise ValueError(
                 f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}"
             )
+        return logits, labels
+
+    def num_correct(self, output: Any, targets: Any) -> torch.Tensor:
+        """Correct next-token predictions: positions counted by :meth:`num_terms` whose label is
+        the argmax of the logits predicting it."""
+        logits, labels = self._aligned(output, targets)
+        return ((logits.argmax(dim=-1) == labels) & (labels != self.ignore_index)).sum()
+
+    def __call__(self, output: Any, targets: Any) -> torch.Tensor:
+        logits, labels = self._aligned(output, targets)
         flat = logits.reshape(-1, logits.shape[-1])
         target = labels.reshape(-1)
         count = (target != self.ignore_index).sum()
@@ -204,6 +225,7 @@ class ModelLoss:
         self.terms = terms
         self._lm = None if terms == "samples" else CausalLMLoss(ignore_index,
                                                                shift=terms == "causal_lm")
+        self.term_unit = "sample" if self._lm is None else "token"
 
     def num_terms(self, inputs: Any, targets: Any) -> int:
         """Terms of the batch (see ``terms``)."""
@@ -212,6 +234,18 @@ class ModelLoss:
         if self._lm is None:
             return batch_size_of(targets if targets is not None else inputs)
         return self._lm.num_terms(inputs, targets)
+
+    def num_correct(self, output: Any, targets: Any) -> torch.Tensor | None:
+        """Token accuracy count from ``output.logits`` for the token-weighted variants (see
+        :meth:`CausalLMLoss.num_correct`); ``None`` (no accuracy) for ``terms="samples"`` and
+        for outputs without ``(B, T, V)`` logits matching the labels (the loss is the model's
+        own, so its logits may be anything)."""
+        if self._lm is None:
+            return None
+        try:
+            return self._lm.num_correct(output, targets)
+        except (TypeError, ValueError):
+            return None
 
     def __call__(self, output: Any, targets: Any = None) -> torch.Tensor:
         loss = getattr(output, "loss", None)

@@ -46,7 +46,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,8 +207,12 @@ def feature_rank(
 class MechanismProbe:
     """The MSAM mechanism probes for a training loop (see the module docstring).
 
-    Each probe method takes one batch ``(inputs, targets)`` and returns a dict of plain Python
-    values; :meth:`log` runs a chosen set, adds ``step`` and appends the row to :attr:`history`.
+    Each probe method takes one batch ``(inputs, targets)`` (or a batch dict such as
+    ``{"input_ids", "attention_mask", "labels"}``, its own target, see :mod:`analysis.data`) and
+    returns a dict of plain Python values; :meth:`log` runs a chosen set, adds ``step`` and
+    appends the row to :attr:`history`. Losses are the batch means ``loss_fn`` returns, over the
+    batch's loss terms (its counted tokens for a language-model loss), so a probe's ``"loss"``
+    is ``evaluate(model, loss_fn, [batch]).loss`` at the unperturbed weights.
 
     Args:
         model: the network being trained.
@@ -311,8 +315,13 @@ class MechanismProbe:
                 yield self.space.vector()
 
     def _batch(self, batch: Any) -> tuple[Any, Any, int]:
+        if isinstance(batch, Mapping):  # a batch dict is its own target, as in analysis.data
+            x = to_device(dict(batch), self.space.device, self.space.dtype)
+            return x, x, batch_size_of(x)
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise TypeError(f"batch must be an (inputs, targets) pair, got {type(batch).__name__}")
+            raise TypeError(
+                f"batch must be an (inputs, targets) pair or a batch dict, got {type(batch).__name__}"
+            )
         x = to_device(batch[0], self.space.device, self.space.dtype)
         y = to_device(batch[1], self.space.device, self.space.dtype)
         return x, y, batch_size_of(y)

@@ -13,6 +13,8 @@ Definitions (``L_B`` the batch-mean loss, ``c = |w|`` for adaptive metrics, ``c 
   (step ``2 rho``, momentum 0.75, step halving at the checkpoints
   ``0, 0.22, 0.41, 0.57, ... * steps`` when too few steps improved or the best value stalled).
 * average sharpness: ``S_avg = mean_B E_{delta ~ N(0, rho^2 diag(c^2))}[L_B(w + delta) - L_B(w)]``.
+  ``mean_B`` weights each batch by its loss terms (samples, or the counted tokens of a
+  language-model loss), like the full-data loss.
 * epsilon-sharpness (Keskar et al. 2017): ``100 * (max_{|z_i| <= eps (|w_i| + 1)} L(w + z) - L(w))
   / (1 + L(w))`` on the whole data, maximized by L-BFGS-B (as Keskar et al.) or APGD.
 * PAC-Bayes flatness (Jiang et al. 2020, "Fantastic Generalization Measures"): ``1 / sigma'^2``

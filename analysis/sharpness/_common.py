@@ -1,5 +1,5 @@
 """What every sharpness metric shares: argument checks, pass counting, the evaluator that writes
-``w0 + delta`` into the model, and the sample-weighted loss over a whole data source."""
+``w0 + delta`` into the model, and the term-weighted loss over a whole data source."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import distributed as dist
 from ..data import DataSource, to_device
-from ..evaluation import correct_count, forward
+from ..evaluation import accuracy_per_term, correct_count, forward
 from ..losses import LossFn, loss_terms
 from ..params import ParameterSpace
 from ..results import COST_FIELDS
@@ -129,10 +129,15 @@ def _global_num_samples(source: DataSource, device: torch.device) -> int:
 
 def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, where: str,
                need_grad: bool = False, accuracy: bool = False):
-    """Sample-weighted loss (and gradient, or accuracy) over the whole source at ``w0 + delta``."""
+    """Term-weighted loss (and gradient, or accuracy) over the whole source at ``w0 + delta``:
+    ``sum_b N_b L_b / N`` with ``N_b`` the loss terms of batch ``b`` (samples, or counted tokens,
+    :func:`analysis.losses.loss_terms`); the accuracy counts per sample for classification, per
+    term for a loss that counts its correct terms (token accuracy of a language model)."""
     ev.set(delta)
     space = ev.space
-    stats = torch.zeros(3, dtype=torch.float64, device=space.device)  # sum n L, sum correct, N
+    # sum N_b L_b, sum correct, N, and the accuracy's denominator (N, or the samples)
+    stats = torch.zeros(4, dtype=torch.float64, device=space.device)
+    per_term = accuracy_per_term(ev.loss_fn)
     grad = torch.zeros(space.numel, dtype=torch.float64, device=space.device) if need_grad else None
     for batch in source:
         x = to_device(batch.inputs, space.device, space.dtype)
@@ -146,15 +151,17 @@ def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, w
             with torch.no_grad():
                 out = forward(ev.model, x)
                 loss = _scalar_loss(ev.loss_fn(out, y), w)
-                corr = correct_count(out, y)
+                corr = correct_count(out, y, ev.loss_fn)
             ev.counter.add(batch.size, backward=False)
             if corr is None:
                 raise ValueError(
-                    "pac_bayes_flatness needs class-index targets and (N, classes) outputs to "
-                    f"measure accuracy; batch {batch.index} has outputs of shape "
+                    "pac_bayes_flatness needs class-index targets and (N, classes) outputs, or a "
+                    "language-model loss, to measure accuracy; batch "
+                    f"{batch.index} has outputs of shape "
                     f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
                 )
             stats[1] += corr
+            stats[3] += terms if per_term else batch.size
         else:
             loss = ev.loss(x, y, batch.size, w)
         stats[0] += loss.double() * terms
@@ -162,9 +169,9 @@ def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, w
     if source.shard:
         packed = stats if grad is None else torch.cat([stats, grad])
         dist.all_reduce_sum(packed)
-        stats = packed[:3]
+        stats = packed[:4]
         if grad is not None:
-            grad = packed[3:]
+            grad = packed[4:]
     n = stats[2]
     loss = float(stats[0] / n)
     if not math.isfinite(loss):
@@ -172,5 +179,5 @@ def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, w
     if need_grad:
         return loss, (grad / n).to(space.dtype)
     if accuracy:
-        return loss, float(stats[1] / n)
+        return loss, float(stats[1] / stats[3])
     return loss

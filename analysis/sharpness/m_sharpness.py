@@ -1,6 +1,8 @@
 """Worst-case and average (adaptive) m-sharpness (Andriushchenko et al. 2023; adaptive: Kwon et
 al. 2021, ASAM): the data re-batched into batches of ``m`` samples, each maximized by APGD
-(worst case) or averaged over Gaussian noise (average) on its own."""
+(worst case) or averaged over Gaussian noise (average) on its own; the batches' values are
+averaged with the weights of the full-data loss, their loss terms ``N_B`` (samples, or the
+counted tokens of a language-model loss)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .. import distributed as dist
 from ..checks import check_first_batch
 from ..data import Data, DataSource, as_data, to_device
 from ..evaluation import model_mode, progress_bar, resolve_loss
-from ..losses import LossFn
+from ..losses import LossFn, loss_terms
 from ..params import ParameterSpace
 from ..results import CostedResult
 from ._common import (
@@ -43,6 +45,13 @@ DEFAULT_M = 128
 def _cat(parts: list[Any]) -> Any:
     first = parts[0]
     if isinstance(first, torch.Tensor):
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"an m-batch would join samples of source batches of different shapes "
+                f"{sorted(shapes)} (e.g. padded to different lengths); choose an m that divides "
+                "every batch size, or pad the batches to one length"
+            )
         return torch.cat(parts)
     if isinstance(first, Mapping):
         return {k: _cat([p[k] for p in parts]) for k in first}
@@ -102,10 +111,16 @@ def _m_batches(source: DataSource, m: int, n_eval: int | None, device, dtype) ->
 class SharpnessResult(CostedResult):
     """Worst-case or average (m-)sharpness.
 
+    Means over batches are weighted like the full-data loss: ``mean_B x_B = sum_B N_B x_B / N``
+    with ``N_B`` the loss terms of batch ``B`` (``m`` samples for classification, its counted
+    tokens for a language-model loss; :func:`analysis.losses.loss_terms`) and ``N = sum_B N_B``.
+
     Attributes:
         value: ``mean_B [L_B(w + delta_B) - L_B(w)]`` (worst case: the best ascent found per
             batch; average: the mean over noise draws).
-        stderr: standard error of ``value`` over the batches (``nan`` for a single batch).
+        stderr: standard error of ``value`` over the batches (``nan`` for a single batch):
+            ``sqrt(nb / (nb - 1) * sum_B (N_B / N)^2 (x_B - value)^2)`` for ``nb`` batches, the
+            usual ``s / sqrt(nb)`` when every batch has the same number of terms.
         loss: ``mean_B L_B(w)``, the unperturbed loss of the batches used.
         perturbed_loss: ``loss + value``.
         kind, rho, adaptive, norm, m, steps, samples, seed, mode: the settings used
@@ -118,6 +133,9 @@ class SharpnessResult(CostedResult):
         restarts: extra random-start ascents per batch (worst case).
         lower_bound: True for the worst case: ``value`` is the best ascent found, a lower bound
             of the true maximum (raise ``steps`` or ``restarts`` to tighten it).
+        num_terms: ``N``, the loss terms of the batches used (``num_samples`` for
+            classification, counted tokens for a language model).
+        batch_terms: ``N_B`` of each batch, the weights of the means.
     """
 
     value: float
@@ -138,6 +156,8 @@ class SharpnessResult(CostedResult):
     batch_values: tuple[float, ...]
     restarts: int = 0
     lower_bound: bool = False
+    num_terms: int | None = None
+    batch_terms: tuple[int, ...] = ()
 
 
 def sharpness(
@@ -174,7 +194,10 @@ def sharpness(
     vertex of the box (a KKT point) that one ascent can miss by a few percent (2-12% measured on
     small quadratics); ``restarts=k`` runs ``k`` more ascents per batch from random points of
     the ball (uniform in the L-inf box, of norm ``rho / 2`` in L2) and keeps the best.
-    Average: ``mean_B mean_k [L_B(w + rho c * z_k) - L_B(w)]``, ``z_k ~ N(0, I)``.
+    Average: ``mean_B mean_k [L_B(w + rho c * z_k) - L_B(w)]``, ``z_k ~ N(0, I)``. ``mean_B``
+    weights each batch by its loss terms ``N_B``, as the full-data loss does (``m`` samples for
+    classification, the counted tokens of a padded language-model batch; see
+    :class:`SharpnessResult`).
 
     ``c = |w| + eta`` when ``adaptive`` (default, with ``eta = 0``), else ``c = 1``. Adaptive
     sharpness is invariant to rescaling a ReLU layer by ``a`` and the next by ``1 / a``.
@@ -190,7 +213,7 @@ def sharpness(
         kind: ``"worst"`` (default) or ``"average"``.
         adaptive: ``c = |w|`` (default True) or ``c = 1``.
         norm: ``"l2"`` (default) or ``"linf"`` ball (worst case only).
-        m: samples per batch (default ``None``: ``min(128, N, n_eval)`` with ``N`` the samples
+        m: samples (sequences for a language model) per batch (default ``None``: ``min(128, N, n_eval)`` with ``N`` the samples
             this process sees, 128 as Andriushchenko et al.; the choice is the result's ``m``).
         n_eval: use at most this many samples (default 1024; ``None``: all). An incomplete
             last batch is dropped: ``num_samples`` says how many were used, and ``loss`` is the
@@ -244,6 +267,7 @@ def sharpness(
     counter = _Counter()
     values: list[float] = []
     losses: list[float] = []
+    terms: list[int] = []  # N_B, the weights of the batch means
     with preserved_state(model), model_mode(model, mode):
         w0 = space.vector()
         c = (w0.abs() + eta) if adaptive else torch.ones_like(w0)
@@ -262,7 +286,9 @@ def sharpness(
                 l0, value = _average(ev, batch, c, rho=rho, samples=int(samples))
             values.append(value)
             losses.append(l0)
-    mean, stderr, mean_loss, nb = _batch_statistics(values, losses, space.device, source.shard)
+            terms.append(loss_terms(loss_fn, x, y, int(m)))
+    mean, stderr, mean_loss, nb, num_terms = _batch_statistics(values, losses, terms,
+                                                               space.device, source.shard)
     return SharpnessResult(
         value=mean,
         stderr=stderr,
@@ -283,6 +309,8 @@ def sharpness(
         **counter.as_dict(),
         restarts=int(restarts) if kind == "worst" else 0,
         lower_bound=kind == "worst",
+        num_terms=int(num_terms),
+        batch_terms=tuple(terms),
     )
 
 
@@ -397,21 +425,34 @@ def _average(ev: _Evaluator, batch: _MBatch, c: torch.Tensor, *, rho: float,
     return l0, float(acc) / samples - l0
 
 
-def _batch_statistics(values: list[float], losses: list[float], device: torch.device,
-                      shard: bool) -> tuple[float, float, float, float]:
-    """``(mean, standard error, mean loss, number of batches)`` over the batches (all ranks'
-    batches when ``shard``); the standard error is ``nan`` for a single batch."""
+def _batch_statistics(values: list[float], losses: list[float], terms: list[int],
+                      device: torch.device, shard: bool) -> tuple[float, float, float, float, float]:
+    """``(mean, standard error, mean loss, number of batches, N)`` over the batches (all ranks'
+    batches when ``shard``), weighted by the batches' loss terms ``N_B`` (see
+    :class:`SharpnessResult`); the standard error is ``nan`` for a single batch.
+
+    When every batch has the same ``N_B`` (classification: ``m`` samples each) the plain means
+    are taken, bit for bit the numbers of the unweighted formulas."""
+    w = [float(t) for t in terms]
     stats = torch.tensor(
-        [sum(values), sum(v * v for v in values), sum(losses), float(len(values))],
+        [sum(values), sum(v * v for v in values), sum(losses), float(len(values)),
+         sum(w), sum(t * t for t in w), sum(t * v for t, v in zip(w, values)),
+         sum(t * t * v for t, v in zip(w, values)), sum(t * t * v * v for t, v in zip(w, values)),
+         sum(t * x for t, x in zip(w, losses))],
         dtype=torch.float64, device=device,
     )
     if shard:
         dist.all_reduce_sum(stats)
-    total, total_sq, total_loss, nb = stats.tolist()
-    mean = total / nb
-    if nb > 1:
-        var = max(total_sq - nb * mean * mean, 0.0) / (nb - 1)
-        stderr = math.sqrt(var / nb)
-    else:
-        stderr = float("nan")
-    return mean, stderr, total_loss / nb, nb
+    total, total_sq, total_loss, nb, n, n_sq, wv, w2v, w2v2, wl = stats.tolist()
+    if n <= 0:
+        raise ValueError(
+            f"the {int(nb)} batches of m samples hold no loss terms (every label is ignored); "
+            "pass data with counted targets"
+        )
+    if nb * n_sq == n * n:  # equal weights (exact: integer counts): the unweighted formulas
+        mean = total / nb
+        var = max(total_sq - nb * mean * mean, 0.0) / (nb - 1) / nb if nb > 1 else float("nan")
+        return mean, math.sqrt(var), total_loss / nb, nb, n
+    mean = wv / n
+    var = nb / (nb - 1) * max(w2v2 - 2.0 * mean * w2v + mean * mean * n_sq, 0.0) / (n * n)
+    return mean, math.sqrt(var), wl / n, nb, n

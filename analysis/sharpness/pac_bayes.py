@@ -12,7 +12,7 @@ from torch import nn
 
 from ..checks import check_first_batch
 from ..data import Data, DataSource, as_data
-from ..evaluation import model_mode, progress_bar, resolve_loss
+from ..evaluation import accuracy_unit, model_mode, progress_bar, resolve_loss
 from ..losses import LossFn
 from ..params import ParameterSpace
 from ..results import CostedResult
@@ -40,10 +40,12 @@ class PacBayesResult(CostedResult):
         flatness: ``1 / sigma^2`` (larger means flatter).
         sigma: the noise scale found (relative to ``|w_i|`` when magnitude-aware).
         deviation: the mean accuracy drop measured at ``sigma``.
-        accuracy: the unperturbed training accuracy.
+        accuracy: the unperturbed training accuracy (counted per ``accuracy_unit``).
         magnitude_aware, target, draws, seed, mode: the settings used.
         evaluations: number of sigmas tried (bracketing and bisection).
         num_samples, forward_passes, backward_passes, forward_samples, backward_samples: cost.
+        accuracy_unit: what the accuracy counts: ``"sample"`` (classification) or ``"token"``
+            (the next-token predictions of a language-model loss).
     """
 
     flatness: float
@@ -57,6 +59,7 @@ class PacBayesResult(CostedResult):
     mode: str | None
     evaluations: int
     num_samples: int
+    accuracy_unit: str = "sample"
 
 
 def pac_bayes_flatness(
@@ -90,7 +93,8 @@ def pac_bayes_flatness(
     Cost: ``draws`` forward passes over the data per evaluated sigma, plus one.
 
     Args:
-        model, loss_fn, data: as in :func:`sharpness`; targets must be class indices.
+        model, loss_fn, data: as in :func:`sharpness`; targets must be class indices, or the
+            loss a language-model loss (the accuracy is then the token accuracy).
         magnitude_aware: the magnitude-aware variant (default False).
         target: accuracy drop defining ``sigma'`` (default 0.1).
         draws: noise draws per sigma (default 10).
@@ -104,7 +108,8 @@ def pac_bayes_flatness(
         :class:`PacBayesResult`.
 
     Raises:
-        ValueError: non-classification data, a ``target`` the accuracy cannot drop by.
+        ValueError: data without an accuracy (neither class-index targets nor a language-model
+            loss), a ``target`` the accuracy cannot drop by.
     """
     _check_model(model)
     _check_positive("target", target)
@@ -169,6 +174,7 @@ def pac_bayes_flatness(
         evaluations=evaluations,
         num_samples=_global_num_samples(source, space.device),
         **counter.as_dict(),
+        accuracy_unit=accuracy_unit(loss_fn),
     )
 
 

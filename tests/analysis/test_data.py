@@ -55,7 +55,8 @@ def test_evaluate_weights_exactly_by_sample_count():
     acc = (model(x).argmax(1) == y).double().mean().item()
     assert res.accuracy == pytest.approx(acc)
     assert res.num_samples == 10
-    assert set(res.to_dict()) == {"loss", "accuracy", "num_samples"}
+    assert set(res.to_dict()) == {"loss", "accuracy", "num_samples", "num_terms", "accuracy_unit"}
+    assert res.num_terms == 10 and res.accuracy_unit == "sample"
 
 
 def test_evaluate_casts_float32_data_to_model_dtype():

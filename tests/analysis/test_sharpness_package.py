@@ -54,14 +54,14 @@ FIELDS = {
         "value", "stderr", "loss", "perturbed_loss", "kind", "rho", "adaptive", "norm", "m",
         "steps", "samples", "seed", "mode", "num_batches", "num_samples", "batch_values",
         "forward_passes", "backward_passes", "forward_samples", "backward_samples", "restarts",
-        "lower_bound"),
+        "lower_bound", "num_terms", "batch_terms"),
     EpsilonSharpnessResult: (
         "value", "loss", "max_loss", "epsilon", "method", "steps", "seed", "mode", "num_samples",
         "forward_passes", "backward_passes", "forward_samples", "backward_samples"),
     PacBayesResult: (
         "flatness", "sigma", "deviation", "accuracy", "magnitude_aware", "target", "draws", "seed",
         "mode", "evaluations", "num_samples", "forward_passes", "backward_passes",
-        "forward_samples", "backward_samples"),
+        "forward_samples", "backward_samples", "accuracy_unit"),
     DirectionalSharpnessResult: (
         "radii", "values", "losses", "loss", "direction_norm", "mode", "num_samples",
         "forward_passes", "backward_passes", "forward_samples", "backward_samples"),
