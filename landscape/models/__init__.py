@@ -1,76 +1,31 @@
-"""Small reference models for the bundled digits data (8x8 grey images, 10 classes)."""
+"""Reference models to try the toolkit on, and deterministic synthetic data for them.
 
-from __future__ import annotations
+- the bundled digits (8x8 grey images): :func:`digits_cnn`, :func:`digits_mlp`;
+- CIFAR-shaped images: :func:`resnet` (CIFAR-style ResNet-10/18/34/50/101/152 with torchvision's
+  blocks; ResNet-18 has 11,173,962 parameters) and :func:`vit` (a Vision Transformer);
+- language: :func:`gpt` (a GPT-2-style causal LM taking padded batch dicts and ``-100``
+  labels) and :func:`hf_gpt2` (a Hugging Face ``GPT2LMHeadModel`` from a config; needs
+  ``pip install msam-landscape[huggingface]``);
+- data: :func:`image_data`, :func:`lm_sequences`, :func:`lm_data`, :func:`lm_batches`.
 
-import numbers
-from typing import Any
+No torchvision needed. Every factory checks its arguments (one-line ``TypeError`` /
+``ValueError`` naming the value) and documents its parameter count.
+"""
 
-from torch import nn
+from .digits import digits_cnn, digits_mlp
+from .gpt import GPT, IGNORE_INDEX, GPTBlock, gpt
+from .huggingface import hf_gpt2
+from .resnet import RESNET_DEPTHS, BasicBlock, Bottleneck, ResNet, resnet
+from .synthetic import image_data, lm_batches, lm_data, lm_sequences
+from .vit import ViT, vit
 
-__all__ = ["digits_cnn", "digits_mlp"]
-
-
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _bool_arg(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
-
-
-def digits_cnn(width: int = 32, *, batchnorm: bool = True, num_classes: int = 10) -> nn.Sequential:
-    """A small CNN: two 3x3 conv blocks (+BatchNorm, ReLU), max-pool, two linear layers.
-
-    With the default ``width=32`` it has about 151k parameters.
-
-    Raises:
-        TypeError / ValueError: ``width`` or ``num_classes`` not a positive integer,
-            ``batchnorm`` not a bool.
-    """
-    width = _int_arg("width", width, 1)
-    num_classes = _int_arg("num_classes", num_classes, 1)
-    batchnorm = _bool_arg("batchnorm", batchnorm)
-
-    def block(cin: int, cout: int) -> list[nn.Module]:
-        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not batchnorm)]
-        if batchnorm:
-            layers.append(nn.BatchNorm2d(cout))
-        layers.append(nn.ReLU())
-        return layers
-
-    return nn.Sequential(
-        *block(1, width),
-        *block(width, 2 * width),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(2 * width * 16, 128),
-        nn.ReLU(),
-        nn.Linear(128, num_classes),
-    )
-
-
-def digits_mlp(hidden: int = 64, depth: int = 2, *, num_classes: int = 10) -> nn.Sequential:
-    """A ReLU MLP on flattened 8x8 images (input 64 features).
-
-    ``depth`` hidden layers of ``hidden`` units (``depth=0``: a linear model).
-
-    Raises:
-        TypeError / ValueError: ``hidden`` or ``num_classes`` not a positive integer, ``depth``
-            not a non-negative integer.
-    """
-    hidden = _int_arg("hidden", hidden, 1)
-    depth = _int_arg("depth", depth, 0)
-    num_classes = _int_arg("num_classes", num_classes, 1)
-    layers: list[nn.Module] = [nn.Flatten()]
-    d_in = 64
-    for _ in range(depth):
-        layers += [nn.Linear(d_in, hidden), nn.ReLU()]
-        d_in = hidden
-    layers.append(nn.Linear(d_in, num_classes))
-    return nn.Sequential(*layers)
+__all__ = [
+    # digits
+    "digits_cnn", "digits_mlp",
+    # images
+    "resnet", "ResNet", "BasicBlock", "Bottleneck", "RESNET_DEPTHS", "vit", "ViT",
+    # language
+    "gpt", "GPT", "GPTBlock", "IGNORE_INDEX", "hf_gpt2",
+    # synthetic data
+    "image_data", "lm_sequences", "lm_data", "lm_batches",
+]
