@@ -15,8 +15,6 @@ Named by the CLI tests as ``tests.arch_models:resnet`` and ``tests.arch_models:i
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -72,9 +70,20 @@ def causal_lm() -> nn.Module:
     return TinyGPT().eval()
 
 
-lm_sequences = functools.partial(M.lm_sequences, vocab_size=VOCAB, max_len=SEQ)
-lm_data = functools.partial(M.lm_data, vocab_size=VOCAB, max_len=SEQ)
-hf_batches = functools.partial(M.lm_batches, vocab_size=VOCAB, max_len=SEQ)
+def lm_sequences(n: int = 12, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded sequences of lengths 2..:data:`SEQ` over :data:`VOCAB` tokens, and the mask."""
+    return M.lm_sequences(n, vocab_size=VOCAB, max_len=SEQ, seed=seed)
+
+
+def lm_data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, targets)``: targets are the next token, ``-100`` at padding and the last position."""
+    return M.lm_data(n, vocab_size=VOCAB, max_len=SEQ)
+
+
+def hf_batches(sizes: tuple[int, ...] = (5, 3, 4)) -> list[dict[str, torch.Tensor]]:
+    """The :func:`lm_sequences` as batch dicts of uneven sizes (``input_ids``,
+    ``attention_mask``, ``labels``)."""
+    return M.lm_batches(sizes, vocab_size=VOCAB, max_len=SEQ)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,11 @@ from .gpt import IGNORE_INDEX
 __all__ = ["image_data", "lm_sequences", "lm_data", "lm_batches"]
 
 
-def image_data(n: int = 24, *, num_classes: int = 4, image_size: int = 8, channels: int = 3,
+def image_data(n: int = 256, *, num_classes: int = 10, image_size: int = 32, channels: int = 3,
                seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` standard-normal CIFAR-shaped images whose class depends on a colour and a
-    spatial pattern.
+    spatial pattern; the defaults fit :func:`~landscape.models.resnet` and
+    :func:`~landscape.models.vit` (256 images 3 x 32 x 32, 10 classes).
 
     The score ``s = mean(x[0]) - mean(x[1, :S/2])`` (channel 0's mean minus the mean of the top
     half of channel 1, or of channel 0 for grey images) is cut at ``num_classes - 1`` equally
@@ -49,12 +50,13 @@ def image_data(n: int = 24, *, num_classes: int = 4, image_size: int = 8, channe
     return x, torch.bucketize(score, cuts)
 
 
-def lm_sequences(n: int = 12, *, vocab_size: int = 11, max_len: int = 6, min_len: int = 2,
+def lm_sequences(n: int = 64, *, vocab_size: int = 256, max_len: int = 64, min_len: int = 2,
                  pad_id: int = 0, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token sequences of random lengths ``min_len .. max_len`` and their mask.
 
     Tokens ``1 .. vocab_size - 1`` follow the rule "next = previous + 1, wrapping around"
-    from a random start, so a causal LM can learn them; ``pad_id`` fills the rest.
+    from a random start, so a causal LM can learn them; ``pad_id`` fills the rest. The
+    defaults fit :func:`~landscape.models.gpt` (vocabulary 256, up to 256 positions).
 
     Args:
         n: number of sequences.
@@ -87,7 +89,7 @@ def lm_sequences(n: int = 12, *, vocab_size: int = 11, max_len: int = 6, min_len
     return ids, mask
 
 
-def lm_data(n: int = 12, **kwargs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_data(n: int = 64, **kwargs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, targets)`` of :func:`lm_sequences` for a loss on pre-shifted targets: the target
     at ``t`` is the token at ``t + 1``, ``-100`` at padding and at the last position.
 
@@ -102,7 +104,7 @@ def lm_data(n: int = 12, **kwargs: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, targets
 
 
-def lm_batches(sizes: tuple[int, ...] = (5, 3, 4), **kwargs: int) -> list[dict[str, torch.Tensor]]:
+def lm_batches(sizes: tuple[int, ...] = (16, 16, 16, 16), **kwargs: int) -> list[dict[str, torch.Tensor]]:
     """:func:`lm_sequences` as tokenizer-style batch dicts of the given (uneven) sizes:
     ``input_ids``, ``attention_mask`` and ``labels`` (the ids, ``-100`` at padding), ready for
     ``loss_fn="lm"`` or ``model(**batch)``.

@@ -419,7 +419,7 @@ BAD = [
     (M.hf_gpt2, {"attn_implementation": "flash"}, ValueError, "attn_implementation must be one"),
     (M.hf_gpt2, {"vocab_size": 1}, ValueError, "vocab_size must be >= 2, got 1"),
     (M.image_data, {"num_classes": 1}, ValueError, "num_classes must be >= 2, got 1"),
-    (M.lm_sequences, {"min_len": 7}, ValueError, "min_len=7 must be <= max_len=6"),
+    (M.lm_sequences, {"min_len": 7, "max_len": 6}, ValueError, "min_len=7 must be <= max_len=6"),
     (M.lm_batches, {"sizes": (3, 0)}, ValueError, r"sizes\[1\] must be >= 1, got 0"),
 ]
 
