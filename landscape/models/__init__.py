@@ -12,12 +12,12 @@ No torchvision needed. Every factory checks its arguments (one-line ``TypeError`
 ``ValueError`` naming the value) and documents its parameter count.
 """
 
+from .causal_lm import GPT, IGNORE_INDEX, GPTBlock, gpt
 from .digits import digits_cnn, digits_mlp
-from .gpt import GPT, IGNORE_INDEX, GPTBlock, gpt
 from .huggingface import hf_gpt2
-from .resnet import RESNET_DEPTHS, BasicBlock, Bottleneck, ResNet, resnet
+from .residual import RESNET_DEPTHS, BasicBlock, Bottleneck, ResNet, resnet
 from .synthetic import image_data, lm_batches, lm_data, lm_sequences
-from .vit import ViT, vit
+from .vision_transformer import ViT, vit
 
 __all__ = [
     # digits

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._args import int_arg, ints_arg
-from .gpt import IGNORE_INDEX
+from .causal_lm import IGNORE_INDEX
 
 __all__ = ["image_data", "lm_sequences", "lm_data", "lm_batches"]
 
