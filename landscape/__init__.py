@@ -18,7 +18,7 @@ from .checkpoints import (
 from .datasets import Digits, load_digits
 from .demo import DemoConfig, DemoResult, run_demo
 from .layer_plots import plot_layer_spectrum
-from .models import digits_cnn, digits_mlp
+from .models import digits_cnn, digits_mlp, gpt, hf_gpt2, resnet, vit
 from .plots import (
     plot_1d,
     plot_contour,
@@ -48,6 +48,8 @@ __all__ = [
     "analyze_checkpoint", "ReportEntry", "checkpoint_format",
     # data, models and the demo
     "Digits", "load_digits", "digits_cnn", "digits_mlp", "DemoConfig", "DemoResult", "run_demo",
+    # reference models for CIFAR-shaped images and language (more in landscape.models)
+    "resnet", "vit", "gpt", "hf_gpt2",
     # damaged store files
     "StoreCorruptError",
     # curvature during training

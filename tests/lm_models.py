@@ -3,6 +3,8 @@
 Small enough for dense float64 Hessians (a few hundred parameters) yet with every attention
 implementation users have: ``nn.MultiheadAttention``, ``nn.TransformerEncoder`` / ``Decoder``,
 ``F.scaled_dot_product_attention`` in user code, and Hugging Face GPT-2 built from a config.
+:class:`TinyCausalLM` is deliberately smaller than :class:`landscape.models.GPT` (one head, no
+second LayerNorm, a tanh MLP); the reference architectures are in :mod:`landscape.models`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from landscape.models import hf_gpt2 as hf_gpt2_model
 
 VOCAB = 7
 
@@ -142,12 +146,8 @@ def padded_batches(seqs: list[torch.Tensor], sizes=(2, 3, 1)) -> list[dict]:
 
 
 def hf_gpt2(attn_implementation: str = "sdpa", *, seed: int = 0, dtype: torch.dtype = torch.float64):
-    """A tiny Hugging Face ``GPT2LMHeadModel`` from a config (needs ``transformers``)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    """A tiny Hugging Face ``GPT2LMHeadModel`` (:func:`landscape.models.hf_gpt2`; needs
+    ``transformers``)."""
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=8, n_embd=4, n_layer=1, n_head=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    cfg._attn_implementation = attn_implementation
-    model = GPT2LMHeadModel(cfg)
+    model = hf_gpt2_model(VOCAB, 8, 4, 1, 2, attn_implementation=attn_implementation)
     return model.to(dtype).eval()

@@ -448,3 +448,23 @@ def test_cli_hf_gpt2_with_lm_loss_on_dict_batches(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     top = _find_list(json.loads(out.read_text()), "eigenvalues")
     assert top[0] == pytest.approx(float(torch.linalg.eigvalsh(_dense("hf_gpt2"))[-1]), rel=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# landscape.models.GPT on dict batches: its attention mask and its own loss
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("loss", ["lm", "model_lm"])
+def test_gpt_dict_batches_match_dense_hessian(loss):
+    """The GPT called as ``model(**batch)`` on uneven padded dict batches (masked attention,
+    ``-100`` labels; ``model_lm``: the model's own loss) has the dense Hessian of the pairs
+    ``(ids, next-token targets)`` in one batch."""
+    model, _, _ = _case("gpt")
+    batches = A.hf_batches()
+    ref = _dense("gpt")
+    with sdpa_kernel(SDPBackend.MATH):
+        D = dense_hessian(model, loss, batches)
+    assert torch.allclose(D, ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()))
+    H = HessianOperator(model, loss, batches)  # no kernel context: the library picks it
+    v = torch.randn(ref.shape[0], generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    hv, want = (H @ v.float()).double(), ref @ v
+    assert torch.allclose(hv, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-from typing import Any
-
 from torch import nn
 
+from ._args import bool_arg, int_arg
+
 __all__ = ["digits_cnn", "digits_mlp"]
-
-
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _bool_arg(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
 
 
 def digits_cnn(width: int = 32, *, batchnorm: bool = True, num_classes: int = 10) -> nn.Sequential:
@@ -33,9 +18,9 @@ def digits_cnn(width: int = 32, *, batchnorm: bool = True, num_classes: int = 10
         TypeError / ValueError: ``width`` or ``num_classes`` not a positive integer,
             ``batchnorm`` not a bool.
     """
-    width = _int_arg("width", width, 1)
-    num_classes = _int_arg("num_classes", num_classes, 1)
-    batchnorm = _bool_arg("batchnorm", batchnorm)
+    width = int_arg("width", width, 1)
+    num_classes = int_arg("num_classes", num_classes, 1)
+    batchnorm = bool_arg("batchnorm", batchnorm)
 
     def block(cin: int, cout: int) -> list[nn.Module]:
         layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not batchnorm)]
@@ -64,9 +49,9 @@ def digits_mlp(hidden: int = 64, depth: int = 2, *, num_classes: int = 10) -> nn
         TypeError / ValueError: ``hidden`` or ``num_classes`` not a positive integer, ``depth``
             not a non-negative integer.
     """
-    hidden = _int_arg("hidden", hidden, 1)
-    depth = _int_arg("depth", depth, 0)
-    num_classes = _int_arg("num_classes", num_classes, 1)
+    hidden = int_arg("hidden", hidden, 1)
+    depth = int_arg("depth", depth, 0)
+    num_classes = int_arg("num_classes", num_classes, 1)
     layers: list[nn.Module] = [nn.Flatten()]
     d_in = 64
     for _ in range(depth):
