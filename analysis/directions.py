@@ -43,6 +43,7 @@ from . import distributed as dist
 from .checks import check_first_batch
 from .data import Data, as_data, to_device
 from .evaluation import forward, model_mode, resolve_loss
+from .losses import loss_terms
 from .params import ParameterSpace
 from .pca import _BN_BUFFER_SUFFIXES, PCADirections, _NameSpace, _state_vector, pca_directions  # noqa: F401
 
@@ -319,7 +320,8 @@ def gradient_direction(
     mode: str | None = "eval",
     batch_size: int | None = None,
 ) -> torch.Tensor:
-    """The dataset gradient ``g = grad L(w) = sum_b n_b grad L_b(w) / N``.
+    """The dataset gradient ``g = grad L(w) = sum_b t_b grad L_b(w) / T`` (``t_b`` the loss terms of
+    batch ``b``: samples, or counted tokens for a language-model loss; ``T = sum_b t_b``).
 
     Computed with ``torch.autograd.grad``, so the parameters' ``.grad`` fields are not touched;
     the model's train/eval flags and its buffers (BatchNorm running statistics, which
@@ -355,8 +357,9 @@ def gradient_direction(
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise ValueError("loss_fn must return a scalar tensor")
                 grads = torch.autograd.grad(loss, space.params, allow_unused=True)
-                total[:-1] += space.flatten(list(grads)).to(torch.float64) * batch.size
-                total[-1] += batch.size
+                t = loss_terms(loss_fn, x, y, batch.size)  # tokens for an LM, as the loss
+                total[:-1] += space.flatten(list(grads)).to(torch.float64) * t
+                total[-1] += t
     finally:
         with torch.no_grad():
             for b, saved in buffers:

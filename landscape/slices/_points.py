@@ -16,7 +16,7 @@ from analysis import distributed as dist
 from analysis.checks import check_first_batch
 from analysis.data import DataSource, as_data, to_device
 from analysis.evaluation import correct_count, forward, model_device_dtype, model_mode, resolve_loss
-from analysis.losses import LossFn
+from analysis.losses import LossFn, loss_terms
 from analysis.params import ParameterSpace
 
 from ..store import tensor_hash, tensors_hash
@@ -42,6 +42,7 @@ class _Evaluator:
         self.device, self.dtype = model_device_dtype(model)
         self.want_accuracy = want_accuracy
         self.has_accuracy = want_accuracy
+        self.samples = 0
         do_cache = cache is True or (cache == "auto" and source.kind in ("pair", "batches"))
         self.batches = self._load(source) if do_cache else None
         self.bn_source = bn_source
@@ -99,9 +100,18 @@ class _Evaluator:
                 m.training = f
 
     def point(self, out: torch.Tensor) -> None:
-        """Write ``[sum n L, correct, N]`` of the current parameters into ``out`` (on device)."""
+        """Write ``[sum t L, correct, T]`` of the current parameters into ``out`` (on device).
+
+        ``t`` is a batch's number of loss terms (:func:`analysis.losses.loss_terms`: samples
+        for classification, counted tokens for a language model), so ``out[0] / out[2]`` is the
+        dataset loss as :func:`analysis.evaluate` weights it, and ``out[1] / out[2]`` the
+        accuracy per sample or per token (:func:`analysis.evaluation.correct_count`). The samples
+        of the pass are kept in :attr:`samples`.
+        """
         out.zero_()
+        samples = 0
         for x, y, n in self._iter(self.batches, self.source):
+            samples += n
             outputs = forward(self.model, x)
             loss = self.loss_fn(outputs, y)
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -109,14 +119,16 @@ class _Evaluator:
                     "loss_fn must return a scalar tensor (the batch mean), got "
                     + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__)
                 )
-            out[0] += loss.detach().to(torch.float64) * n
+            t = loss_terms(self.loss_fn, x, y, n)
+            out[0] += loss.detach().to(torch.float64) * t
             if self.has_accuracy:
-                c = correct_count(outputs, y)
+                c = correct_count(outputs, y, self.loss_fn)
                 if c is None:
                     self.has_accuracy = False
                 else:
                     out[1] += c
-            out[2] += n
+            out[2] += t
+        self.samples = samples
 
 
 class _Mover:
@@ -177,6 +189,15 @@ class _Session:
             "weight_norm": float(torch.linalg.vector_norm(w.double())),
             "hash": tensor_hash(d),
         }
+
+    def num_samples(self) -> int:
+        """The samples of one pass over the data (all ranks' shards together)."""
+        n = int(self.evaluator.samples)
+        if self.source.shard:
+            t = torch.tensor([float(n)], dtype=torch.float64, device=self.space.device)
+            dist.all_reduce_sum(t)
+            n = int(t.item())
+        return n
 
     def finish(self, stats: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         n = stats[..., 2]

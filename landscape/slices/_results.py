@@ -25,7 +25,9 @@ class Slice1D(Result):
         accuracy_at_origin: accuracy at ``w`` (or ``None``).
         direction: metadata of ``d``: ``name``, ``norm``, ``numel`` (and the parameter norm
             ``weight_norm`` for scale).
-        num_samples: the data size ``N``.
+        num_samples: the data size ``N`` (samples).
+        num_terms: the loss terms the losses are averaged over (``N`` for classification, the
+            counted tokens for a language-model loss; accuracy is per term, too).
         mode: ``"eval"``, ``"train"`` or ``None`` (the model mode used).
         recalibrate_bn: whether BatchNorm statistics were recomputed per point.
         nonfinite: number of points whose loss was not finite.
@@ -45,6 +47,7 @@ class Slice1D(Result):
     nonfinite: int
     seconds: float
     label: str = ""
+    num_terms: int | None = None
 
     def plot(self, ax: Any = None, **kwargs: Any) -> Any:
         """Matplotlib curve (see :func:`landscape.plots.plot_1d`); returns the figure."""
@@ -71,7 +74,7 @@ class Slice2D(Result):
         loss_at_origin, accuracy_at_origin: the values at ``w``.
         directions: metadata of ``(d1, d2)``: ``name``, ``norm``, ``numel``, ``weight_norm``.
         cosine: ``cos(d1, d2)`` (0 for orthogonalized directions).
-        num_samples, mode, recalibrate_bn, nonfinite, seconds: as in :class:`Slice1D`.
+        num_samples, mode, recalibrate_bn, nonfinite, seconds, num_terms: as in :class:`Slice1D`.
         store: path of the store file (or ``None``).
         resumed_rows: rows loaded from the store instead of computed.
         label: a label for titles.
@@ -93,6 +96,7 @@ class Slice2D(Result):
     store: str | None = None
     resumed_rows: int = 0
     label: str = ""
+    num_terms: int | None = None
 
     def plot(self, kind: str = "contour", **kwargs: Any) -> Any:
         """Matplotlib figure: ``kind="contour"`` (labelled lines), ``"filled"`` (also

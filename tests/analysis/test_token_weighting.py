@@ -309,3 +309,39 @@ def test_probe_curvature_on_a_padded_batch_matches_the_dense_token_hessian():
     v = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
     for name, d in (("momentum", v), ("gradient", g)):
         assert out[f"curv_{name}"] == pytest.approx(float(d @ H @ d / (d @ d)), rel=1e-9)
+
+
+# -- slices and the gradient direction weight by tokens, too -------------------------------------
+def test_slice_weights_batches_by_their_tokens(trained):
+    # the loss on a slice is the dataset loss evaluate() reports (token-weighted), at the origin
+    # and at a moved point; accuracy is per token; num_samples counts sequences
+    from landscape.slices import slice_1d
+
+    model, data = trained
+    model = copy.deepcopy(model).double()
+    space = ParameterSpace(model)
+    d = torch.randn(space.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s = slice_1d(model, "lm", data, d, [0.0, 0.01], progress=False)
+    ref = evaluate(model, "lm", data)
+    correct, total = _hand_accuracy(model, data)
+    assert s.num_terms == total == sum(TERMS) and s.num_samples == sum(SIZES)
+    assert s.loss_at_origin == pytest.approx(ref.loss, rel=1e-12)
+    assert s.accuracy_at_origin == pytest.approx(correct / total, rel=1e-12)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        ParameterSpace(moved).add_(d, alpha=0.01)
+    assert s.loss[1] == pytest.approx(evaluate(moved, "lm", data).loss, rel=1e-10)
+
+
+def test_gradient_direction_weights_batches_by_their_tokens(trained):
+    # against autograd of the hand token-weighted loss sum_b t_b L_b / sum_b t_b
+    from analysis.directions import gradient_direction
+
+    model, data = trained
+    model = copy.deepcopy(model).double()
+    loss = CausalLMLoss()
+    total = sum(loss(model(**b), b) * t for b, t in zip(data, TERMS)) / sum(TERMS)
+    ref = torch.autograd.grad(total, list(model.parameters()))
+    ref = torch.cat([g.reshape(-1) for g in ref])
+    g = gradient_direction(model, "lm", data)
+    torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-12)

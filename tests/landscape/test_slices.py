@@ -346,9 +346,9 @@ def test_sharded_sums_and_counts_are_all_reduced(monkeypatch):
 
     sharded = slice_2d(model, "cross_entropy", as_data((x, y), shard=True), d1, d2, [0, 1], [0, 1, 2],
                        progress=False)
-    assert calls == [(1, 3), (3, 3), (3, 3)]  # origin, then once per row
+    assert calls == [(1, 3), (3, 3), (3, 3), (1,)]  # origin, once per row, the sample count
     np.testing.assert_allclose(sharded.loss, plain.loss, rtol=1e-14)
-    assert sharded.num_samples == 24
+    assert sharded.num_samples == 24 and sharded.num_terms == 24
 
 
 def test_result_dicts_are_json():
