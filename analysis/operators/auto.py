@@ -1,0 +1,167 @@
+"""``method="auto"`` of the Hessian operator: time the product methods on the first batch.
+
+The three product methods of :class:`~analysis.hessian.HessianOperator` cost differently on
+different models and devices (forward-mode AD is slow for some operators and missing for
+others; the cached graph skips the forward and first backward pass but holds the graph of every
+batch). :func:`choose_method` measures instead of guessing: on the first batch it runs one
+untimed warm-up and one timed product of each applicable method and keeps the fastest.
+
+* ``"forward-over-reverse"`` and ``"double-backward"`` always apply;
+* ``"cached-graph"`` applies to in-memory data (a tensor pair or a list of batches) when the
+  graphs of all batches are estimated to fit in :data:`CACHE_BYTES`: the bytes of the tensors
+  the first batch's graph saves for backward (parameters and inputs excluded, they are held
+  anyway), scaled by each batch's loss terms. Its time is that of one backward through the
+  graph (the graph is built once and reused by every product).
+* a method that raises ``NotImplementedError`` or ``RuntimeError`` on the model (a module
+  without a forward-mode derivative, ``torch.func`` limits) is skipped, its reason recorded.
+
+The calibration costs a few products on one batch, once per operator, and is not counted in
+``num_matvecs``. Timings include the device synchronization on CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..results import Result
+
+__all__ = ["AutoChoice", "choose_method", "CACHE_BYTES"]
+
+#: Graph memory up to which ``"auto"`` considers the cached graph for several batches.
+CACHE_BYTES = 2 * 2**30
+
+
+@dataclass(frozen=True, repr=False)
+class AutoChoice(Result):
+    """What ``method="auto"`` chose and why.
+
+    Attributes:
+        method: the method kept (the fastest that ran).
+        timings: seconds of one product on the first batch, per method that ran.
+        skipped: the reason per method that was not timed (failed on the model, or the cached
+            graphs would not fit in :data:`CACHE_BYTES`, or the data is a DataLoader).
+        graph_bytes: the estimated memory of the cached graphs of all batches (0 if not
+            estimated).
+    """
+
+    method: str
+    timings: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
+    graph_bytes: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    """Seconds of ``fn()`` after one untimed warm-up call."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
+    """``build()`` and the bytes of the distinct storages its autograd graph saves, leaving out
+    those of ``exclude`` (parameters, buffers, inputs)."""
+    skip = set()
+    for t in exclude:
+        if isinstance(t, torch.Tensor):
+            skip.add(t.untyped_storage().data_ptr())
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+            if st.data_ptr() not in skip:
+                seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):  # e.g. a tensor without storage
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = build()
+    return out, sum(seen.values())
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _candidates(op, state, v_dict, x, y, weight, skipped: dict) -> tuple[dict, int]:
+    """The applicable methods as zero-argument products on the first batch, and the estimated
+    bytes of all cached graphs."""
+    primals = {n: state[n] for n in op._names}
+    cands = {
+        "forward-over-reverse": lambda: op._forward_over_reverse(primals, state, v_dict, x, y,
+                                                                 weight),
+        "double-backward": lambda: op._double_backward(primals, state, v_dict, x, y, weight),
+    }
+    if op._cached is None:
+        skipped["cached-graph"] = "the data is a DataLoader (re-iterated, not cached)"
+        return cands, 0
+    exclude = [*state.values(), *_tensors(x), *_tensors(y)]
+    try:
+        entry, first = _saved_bytes(lambda: op._first_order_graph(primals, state, x, y, weight),
+                                    exclude)
+    except (NotImplementedError, RuntimeError) as err:  # double backward fails alike
+        skipped["cached-graph"] = f"{type(err).__name__}: {err}"
+        return cands, 0
+    size0 = max(1, op._cached[0][2])
+    total = int(first * sum(c[2] for c in op._cached) / size0)
+    if len(op._cached) > 1 and total > CACHE_BYTES:
+        skipped["cached-graph"] = (f"the cached graphs would take about {total} bytes "
+                                   f"(> CACHE_BYTES = {CACHE_BYTES})")
+    else:
+        cands["cached-graph"] = lambda: op._graph_backward(entry, v_dict, retain=True)
+    return cands, total
+
+
+def choose_method(op) -> AutoChoice:
+    """Time one product of each applicable method on ``op``'s first batch; keep the fastest.
+
+    Args:
+        op: a :class:`~analysis.hessian.HessianOperator` (with ``method="auto"``).
+
+    Returns:
+        :class:`AutoChoice`. When every method fails, the first error is raised; on a rank
+        without batches the choice is ``"forward-over-reverse"`` (the fallback still applies).
+    """
+    first = op._first_batch()
+    if first is None:
+        return AutoChoice(method="forward-over-reverse", skipped={"all": "no local batch"})
+    x, y, size, _ = first
+    weight = size / op.num_terms if op._cached is not None else 1.0
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(op.shape[0], generator=gen, dtype=torch.float64).to(op.device, op.dtype)
+    v_dict = dict(zip(op._names, op.space.unflatten(v)))
+    timings: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    errors: list[BaseException] = []
+    with op._context():
+        state = op._state()
+        cands, graph_bytes = _candidates(op, state, v_dict, x, y, weight, skipped)
+        for name, fn in cands.items():
+            try:
+                timings[name] = _timed(fn, op.device)
+            except (NotImplementedError, RuntimeError) as err:
+                errors.append(err)
+                skipped[name] = f"{type(err).__name__}: {err}"
+    if not timings:
+        raise errors[0]
+    best = min(timings, key=timings.get)
+    return AutoChoice(method=best, timings=timings, skipped=skipped, graph_bytes=graph_bytes)
