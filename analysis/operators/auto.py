@@ -41,7 +41,8 @@ class AutoChoice(Result):
 
     Attributes:
         method: the method kept (the fastest that ran).
-        timings: seconds of one product on the first batch, per method that ran.
+        timings: seconds of one product on the first batch (the smaller of two), per method
+            that ran.
         skipped: the reason per method that was not timed (failed on the model, or the cached
             graphs would not fit in :data:`CACHE_BYTES`, or the data is a DataLoader).
         graph_bytes: the estimated memory of the cached graphs of all batches (0 if not
@@ -59,14 +60,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device) -> float:
-    """Seconds of ``fn()`` after one untimed warm-up call."""
+def _timed(fn, device: torch.device, repeats: int = 2) -> float:
+    """The smallest of ``repeats`` timings of ``fn()`` (seconds) after one untimed warm-up call
+    (the minimum: other work on the machine only ever adds time)."""
     fn()
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:

@@ -43,8 +43,8 @@ class HessianOperator(CurvatureOperator):
       alive (a few times the activation memory), and is rebuilt automatically when a
       parameter or buffer of the model is changed in place (tracked by tensor versions).
     * ``"auto"`` (default): at the first product (or :meth:`gradient`), one product of each
-      applicable method is timed on the first batch (after one untimed warm-up) and the fastest
-      is kept: forward-over-reverse and double backward always, the cached graph for in-memory
+      applicable method is timed on the first batch (twice, after one untimed warm-up) and the
+      fastest is kept: forward-over-reverse and double backward always, the cached graph for in-memory
       data whose graphs fit in :data:`~analysis.operators.auto.CACHE_BYTES` (estimated from the
       tensors the first batch's graph saves). A method that fails on the model (e.g. no
       forward-mode derivative) is skipped. The choice, the timings and the reasons are kept in
