@@ -37,13 +37,12 @@ class BasicBlock(nn.Module):
         self.body = nn.Sequential(
             nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
             nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
+        same = stride == 1 and cin == cout
+        self.shortcut = nn.Identity() if same else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
-        return torch.relu(self.body(x) + (x if self.down is None else self.down(x)))
+        return torch.relu(self.body(x) + self.shortcut(x))
 
 
 def resnet18_like(width: int = 64, classes: int = 10) -> nn.Module:
