@@ -130,6 +130,8 @@ def per_layer_spectrum(
         raise TypeError(f"per_layer_spectrum needs a model or a curvature operator (its blocks "
                         f"are parameter subsets), got {type(model).__name__}")
     model = full.model
+    if hasattr(full, "resolve_method"):  # "auto" is timed once, on the whole model
+        full.resolve_method()
     named = dict(model.named_modules())
     if modules is None:
         modules = [name for name, m in named.items()

@@ -66,8 +66,8 @@ class CurvatureOperator(EmpiricalRisk, TorchOperator):
         return (self.space.numel, self.space.numel)
 
     def restricted(self, params: Sequence[str | nn.Parameter]) -> CurvatureOperator:
-        """The same operator (class, loss, data, mode, settings) on the parameters ``params``
-        only: its diagonal block ``C_pp``. The setup was checked already, so the new operator
+        """The same operator (class, loss, data, mode, settings; the product method, a settled
+        ``"auto"``'s choice included) on the parameters ``params`` only: its diagonal block ``C_pp``. The setup was checked already, so the new operator
         does not repeat :func:`check_deterministic_setup`."""
         return type(self)(self.model, self.loss_fn, self._data, params=params, mode=self.mode,
                           check_deterministic=False, batch_size=self._batch_size,

@@ -94,13 +94,16 @@ class HessianOperator(CurvatureOperator):
         self._grad = grad(batch_loss)
 
     def _extra_settings(self) -> dict:
-        return {"method": self.requested_method}
+        return {"method": self.method}  # a settled "auto" passes its choice on
 
-    def _resolve(self) -> None:
-        """Settle ``method="auto"`` (see the class docstring); a no-op once settled."""
+    def resolve_method(self) -> str:
+        """Settle ``method="auto"`` now (see the class docstring; a no-op once settled) and
+        return the method in use. Products and :meth:`gradient` call it themselves."""
         if self.method == "auto":
             self.auto_choice = choose_method(self)
             self.method = self.auto_choice.method
+        return self.method
+
 
     def _state_signature(self) -> tuple:
         return tuple((t._version, t.data_ptr()) for t in
@@ -118,7 +121,7 @@ class HessianOperator(CurvatureOperator):
         """The flat gradient of the dataset loss, ``sum_b (n_b / N) grad L_b`` (same data, mode
         and weighting as the products). Free with ``"cached-graph"`` (the cached first-order
         graphs hold it); one pass over the data otherwise."""
-        self._resolve()
+        self.resolve_method()
 
         def part(state, x, y, weight, key):
             primals = {n: state[n] for n in self._names}
@@ -132,7 +135,7 @@ class HessianOperator(CurvatureOperator):
                 self.shape[0], device=self.device, dtype=self.dtype))
 
     def _apply(self, v: torch.Tensor) -> torch.Tensor:
-        self._resolve()
+        self.resolve_method()
         return super()._apply(v)
 
     def clear_cache(self) -> None:
@@ -218,7 +221,7 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         if V.device != self.device or V.dtype != self.dtype:
             self._check_vector(V[:, 0] if V.shape[1] else V.new_zeros(self.shape[0]))
-        self._resolve()
+        self.resolve_method()
         n, b = V.shape
         bs = block_size or default_block_size(n, V.element_size())
         out = torch.empty(n, b, device=self.device, dtype=self.dtype)
