@@ -12,6 +12,9 @@ untimed warm-up and one timed product of each applicable method and keeps the fa
   the first batch's graph saves for backward (parameters and inputs excluded, they are held
   anyway), scaled by each batch's loss terms. Its time is that of one backward through the
   graph (the graph is built once and reused by every product).
+* when the first use is a block product ``op @ V``, the batched variants are timed instead, on a
+  block of that many columns (``vmap`` over forward-over-reverse, one batched double backward,
+  a loop of backward passes through the cached graph), per column;
 * a method that raises ``NotImplementedError`` or ``RuntimeError`` on the model (a module
   without a forward-mode derivative, ``torch.func`` limits) is skipped, its reason recorded.
 
@@ -47,12 +50,15 @@ class AutoChoice(Result):
             graphs would not fit in :data:`CACHE_BYTES`, or the data is a DataLoader).
         graph_bytes: the estimated memory of the cached graphs of all batches (0 if not
             estimated).
+        block: columns of the timed products (1: matrix-vector products; more: the batched
+            variants of ``op @ V``, the timings then per column).
     """
 
     method: str
     timings: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     graph_bytes: int = 0
+    block: int = 1
 
 
 def _sync(device: torch.device) -> None:
@@ -107,15 +113,25 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _candidates(op, state, v_dict, x, y, weight, skipped: dict) -> tuple[dict, int]:
-    """The applicable methods as zero-argument products on the first batch, and the estimated
-    bytes of all cached graphs."""
+def _candidates(op, state, v_dict, x, y, weight, skipped: dict, block: int) -> tuple[dict, int]:
+    """The applicable methods as zero-argument products on the first batch (of a ``(n, block)``
+    block of tangents for ``block > 1``, as :meth:`HessianOperator.matmat` computes them), and
+    the estimated bytes of all cached graphs."""
     primals = {n: state[n] for n in op._names}
-    cands = {
-        "forward-over-reverse": lambda: op._forward_over_reverse(primals, state, v_dict, x, y,
-                                                                 weight),
-        "double-backward": lambda: op._double_backward(primals, state, v_dict, x, y, weight),
-    }
+    if block == 1:
+        cands = {
+            "forward-over-reverse": lambda: op._forward_over_reverse(primals, state, v_dict, x,
+                                                                     y, weight),
+            "double-backward": lambda: op._double_backward(primals, state, v_dict, x, y, weight),
+        }
+    else:
+        cands = {
+            "forward-over-reverse": lambda: op._forward_over_reverse_block(
+                primals, state, v_dict, x, y, weight, block),
+            "double-backward": lambda: op._graph_backward(
+                op._first_order_graph(primals, state, x, y, weight), v_dict, retain=False,
+                block=block),
+        }
     if op._cached is None:
         skipped["cached-graph"] = "the data is a DataLoader (re-iterated, not cached)"
         return cands, 0
@@ -132,15 +148,22 @@ def _candidates(op, state, v_dict, x, y, weight, skipped: dict) -> tuple[dict, i
         skipped["cached-graph"] = (f"the cached graphs would take about {total} bytes "
                                    f"(> CACHE_BYTES = {CACHE_BYTES})")
     else:
-        cands["cached-graph"] = lambda: op._graph_backward(entry, v_dict, retain=True)
+        if block == 1:
+            cands["cached-graph"] = lambda: op._graph_backward(entry, v_dict, retain=True)
+        else:  # matmat loops over the columns through the cached graph
+            cols = [{k: t[i] for k, t in v_dict.items()} for i in range(block)]
+            cands["cached-graph"] = lambda: [op._graph_backward(entry, c, retain=True)
+                                             for c in cols]
     return cands, total
 
 
-def choose_method(op) -> AutoChoice:
+def choose_method(op, block: int = 1) -> AutoChoice:
     """Time one product of each applicable method on ``op``'s first batch; keep the fastest.
 
     Args:
         op: a :class:`~analysis.hessian.HessianOperator` (with ``method="auto"``).
+        block: columns per product: ``1`` times matrix-vector products, more times the batched
+            variants of ``op @ V`` on a block of that many columns (timings per column).
 
     Returns:
         :class:`AutoChoice`. When every method fails, the first error is raised; on a rank
@@ -152,21 +175,23 @@ def choose_method(op) -> AutoChoice:
     x, y, size, _ = first
     weight = size / op.num_terms if op._cached is not None else 1.0
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(op.shape[0], generator=gen, dtype=torch.float64).to(op.device, op.dtype)
-    v_dict = dict(zip(op._names, op.space.unflatten(v)))
+    V = torch.randn(op.shape[0], block, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
+    v_dict = (dict(zip(op._names, op.space.unflatten(V[:, 0].contiguous()))) if block == 1
+              else op._block_dict(V))
     timings: dict[str, float] = {}
     skipped: dict[str, str] = {}
     errors: list[BaseException] = []
     with op._context():
         state = op._state()
-        cands, graph_bytes = _candidates(op, state, v_dict, x, y, weight, skipped)
+        cands, graph_bytes = _candidates(op, state, v_dict, x, y, weight, skipped, block)
         for name, fn in cands.items():
             try:
-                timings[name] = _timed(fn, op.device)
-            except (NotImplementedError, RuntimeError) as err:
+                timings[name] = _timed(fn, op.device) / block
+            except (NotImplementedError, RuntimeError, TypeError) as err:  # as matmat catches
                 errors.append(err)
                 skipped[name] = f"{type(err).__name__}: {err}"
     if not timings:
         raise errors[0]
     best = min(timings, key=timings.get)
-    return AutoChoice(method=best, timings=timings, skipped=skipped, graph_bytes=graph_bytes)
+    return AutoChoice(method=best, timings=timings, skipped=skipped, graph_bytes=graph_bytes,
+                      block=block)

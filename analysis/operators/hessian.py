@@ -47,7 +47,10 @@ class HessianOperator(CurvatureOperator):
       fastest is kept: forward-over-reverse and double backward always, the cached graph for in-memory
       data whose graphs fit in :data:`~analysis.operators.auto.CACHE_BYTES` (estimated from the
       tensors the first batch's graph saves). A method that fails on the model (e.g. no
-      forward-mode derivative) is skipped. The choice, the timings and the reasons are kept in
+      forward-mode derivative) is skipped. When the first use is ``op @ V`` for a block, the
+      batched variants are timed on a block of that size instead (vmap over forward-over-reverse,
+      one batched double backward, a loop through the cached graph), per column. The choice, the
+      timings and the reasons are kept in
       :attr:`auto_choice` (:class:`~analysis.operators.auto.AutoChoice`); :attr:`method` is the
       method in use from then on.
 
@@ -96,11 +99,12 @@ class HessianOperator(CurvatureOperator):
     def _extra_settings(self) -> dict:
         return {"method": self.method}  # a settled "auto" passes its choice on
 
-    def resolve_method(self) -> str:
+    def resolve_method(self, block: int = 1) -> str:
         """Settle ``method="auto"`` now (see the class docstring; a no-op once settled) and
-        return the method in use. Products and :meth:`gradient` call it themselves."""
+        return the method in use. Products and :meth:`gradient` call it themselves; a first
+        :meth:`matmat` times the batched variants on its block of ``block`` columns."""
         if self.method == "auto":
-            self.auto_choice = choose_method(self)
+            self.auto_choice = choose_method(self, block=block)
             self.method = self.auto_choice.method
         return self.method
 
@@ -221,9 +225,9 @@ class HessianOperator(CurvatureOperator):
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         if V.device != self.device or V.dtype != self.dtype:
             self._check_vector(V[:, 0] if V.shape[1] else V.new_zeros(self.shape[0]))
-        self.resolve_method()
         n, b = V.shape
         bs = block_size or default_block_size(n, V.element_size())
+        self.resolve_method(block=min(b, bs))
         out = torch.empty(n, b, device=self.device, dtype=self.dtype)
         for c0 in range(0, b, bs):
             c1 = min(c0 + bs, b)
@@ -238,9 +242,7 @@ class HessianOperator(CurvatureOperator):
                 or getattr(self, "batched_fallback_reason", None) is not None):
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
         rows = V.detach().T.contiguous()  # (b, n)
-        parts = torch.split(rows, self.space.numels, dim=1)
-        v_dict = {nm: p.reshape(rows.shape[0], *s) for nm, p, s in
-                  zip(self._names, parts, self.space.shapes)}
+        v_dict = self._block_dict(V)
         try:
             out = self._block_pass(v_dict, rows)
         except (NotImplementedError, RuntimeError, TypeError) as err:
@@ -276,12 +278,23 @@ class HessianOperator(CurvatureOperator):
         primals = {n: state[n] for n in self._names}
         b = next(iter(v_dict.values())).shape[0]
         if self.method == "forward-over-reverse":
-            def one(t):
-                return jvp(lambda p: self._grad(p, state, x, y, weight), (primals,), (t,))[1]
-            hv = vmap(one)(v_dict)
-            return self._flat_block([hv[n] for n in self._names], b)
+            return self._forward_over_reverse_block(primals, state, v_dict, x, y, weight, b)
         if self.method == "cached-graph" and key is not None:
             entry = self._graph_entry(primals, state, x, y, weight, key)
             return self._graph_backward(entry, v_dict, retain=True, block=b)
         entry = self._first_order_graph(primals, state, x, y, weight)
         return self._graph_backward(entry, v_dict, retain=False, block=b)
+
+    def _forward_over_reverse_block(self, primals, state, v_dict, x, y, weight, b: int):
+        """``weight * H_b V`` for ``b`` tangents at once: ``vmap`` over forward-over-reverse."""
+        def one(t):
+            return jvp(lambda p: self._grad(p, state, x, y, weight), (primals,), (t,))[1]
+        hv = vmap(one)(v_dict)
+        return self._flat_block([hv[n] for n in self._names], b)
+
+    def _block_dict(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An ``(n, b)`` block as ``{name: (b, *shape)}`` tangents."""
+        rows = V.detach().T.contiguous()  # (b, n)
+        parts = torch.split(rows, self.space.numels, dim=1)
+        return {nm: p.reshape(rows.shape[0], *s) for nm, p, s in
+                zip(self._names, parts, self.space.shapes)}

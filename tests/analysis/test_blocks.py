@@ -109,7 +109,8 @@ def test_auto_is_timed_once_for_all_blocks(monkeypatch):
 
     calls = []
     real = hessian_ops.choose_method
-    monkeypatch.setattr(hessian_ops, "choose_method", lambda op: calls.append(op) or real(op))
+    monkeypatch.setattr(hessian_ops, "choose_method",
+                        lambda op, **kw: calls.append(op) or real(op, **kw))
     model = mlp()
     data = classification_data()
     res = per_layer_spectrum(model, "cross_entropy", data, k=1, batch_size=16, tol=1e-10)

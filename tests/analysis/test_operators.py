@@ -230,3 +230,18 @@ def test_restricted_is_the_dense_diagonal_block():
     torch.testing.assert_close(G @ torch.ones(5, dtype=torch.float64),
                                dense_ggn(model, loss, data)[30:35, 30:35].sum(1),
                                rtol=RTOL, atol=ATOL)
+
+
+def test_auto_times_the_batched_variants_when_first_used_on_a_block():
+    model, loss, data, _ = _problem()
+    ref = dense_hessian(model, loss, data)
+    V = torch.randn(ref.shape[0], 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    H = HessianOperator(model, loss, data, batch_size=7)
+    HV = H.matmat(V, block_size=4)
+    choice = H.auto_choice
+    assert choice.block == 4 and set(choice.timings) == set(EXPLICIT)
+    assert H.method == choice.method and H.num_matvecs == 6
+    torch.testing.assert_close(HV, ref @ V, rtol=1e-6, atol=1e-10)
+    one = HessianOperator(model, loss, data, batch_size=7)
+    one @ V[:, 0]
+    assert one.auto_choice.block == 1
