@@ -55,7 +55,8 @@ class HessianOperator(CurvatureOperator):
       method in use from then on.
 
     Other arguments and attributes are those of :class:`CurvatureOperator`; :attr:`method` holds
-    the method in use (``"auto"`` until the first product).
+    the method in use (``"auto"`` until the first product), :attr:`requested_method` the one
+    asked for, :attr:`auto_choice` what ``"auto"`` chose and why (``None`` otherwise).
 
     Example:
         >>> H = HessianOperator(model, "cross_entropy", (x, y))      # doctest: +SKIP
