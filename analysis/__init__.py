@@ -57,6 +57,7 @@ from .lanczos import (
     top_eigenpairs,
 )
 from .losses import CausalLMLoss, ModelLoss, OutputLoss, logits_of, loss_terms
+from .operators import OPERATOR_KEYWORDS, AutoChoice, EmpiricalRisk, LinearOperator, TorchOperator
 from .params import ParameterSpace, flatten, unflatten
 from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
 from .reference import dense_ggn, dense_hessian
@@ -93,6 +94,7 @@ __all__ = [
     "SpectralDensity", "spectral_density", "dense_hessian", "dense_ggn",
     "LayerSpectrum", "PerLayerSpectrum", "per_layer_spectrum", "default_block_size",
     "lanczos_tridiagonals",
+    "LinearOperator", "TorchOperator", "EmpiricalRisk", "AutoChoice", "OPERATOR_KEYWORDS",
     # directions
     "NORMALIZATIONS", "random_direction", "gradient_direction", "momentum_direction",
     "interpolation_direction", "pca_directions", "PCADirections", "orthogonalize",

@@ -28,8 +28,8 @@ from typing import Any
 from torch import nn
 
 from .evaluation import progress_bar
-from .hessian import HessianOperator
 from .lanczos import top_eigenpairs
+from .operators import CurvatureOperator, as_linear_operator
 from .results import Result
 from .trace import hessian_trace
 
@@ -81,9 +81,9 @@ class PerLayerSpectrum(Result):
 
 
 def per_layer_spectrum(
-    model: nn.Module,
-    loss_fn: Any,
-    data: Any,
+    model: nn.Module | CurvatureOperator,
+    loss_fn: Any = None,
+    data: Any = None,
     *,
     k: int = 1,
     trace: bool = True,
@@ -97,8 +97,11 @@ def per_layer_spectrum(
     """Top-``k`` eigenvalues and trace of each module's diagonal Hessian block, in one call.
 
     Args:
-        model: the network.
-        loss_fn, data: as for :class:`~analysis.hessian.HessianOperator`.
+        model: the network (then ``loss_fn`` and ``data`` are required and the blocks are those
+            of a :class:`~analysis.hessian.HessianOperator` built with ``operator_kwargs``), or
+            a curvature operator (a Hessian or GGN operator: its blocks, with its loss, data,
+            mode and product method, via :meth:`~analysis.operators.CurvatureOperator.restricted`).
+        loss_fn, data: with a model, as for :class:`~analysis.hessian.HessianOperator`.
         k: eigenvalues per block (default 1; capped at the block size).
         trace: also estimate each block's trace (default True).
         trace_matvecs: Hutch++ budget per block (exact, with ``2 n_l`` products, for blocks of at
@@ -108,8 +111,8 @@ def per_layer_spectrum(
             parameters directly).
         seed: seed of the start and probe vectors.
         progress: a tqdm bar over the modules.
-        **operator_kwargs: passed to each block's operator (``mode``, ``batch_size``,
-            ``method``, ``check_deterministic``).
+        **operator_kwargs: with a model, the operator's keywords (``mode``, ``batch_size``,
+            ``method``, ``check_deterministic``; see :func:`~analysis.operators.as_linear_operator`).
 
     Returns:
         :class:`PerLayerSpectrum`.
@@ -122,6 +125,13 @@ def per_layer_spectrum(
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if "params" in operator_kwargs:
         raise ValueError("per_layer_spectrum chooses the parameters of each block; drop params=")
+    full = as_linear_operator(model, loss_fn, data, **operator_kwargs)
+    if not isinstance(full, CurvatureOperator):
+        raise TypeError(f"per_layer_spectrum needs a model or a curvature operator (its blocks "
+                        f"are parameter subsets), got {type(model).__name__}")
+    model = full.model
+    if hasattr(full, "resolve_method"):  # "auto" is timed once, on the whole model
+        full.resolve_method()
     named = dict(model.named_modules())
     if modules is None:
         modules = [name for name, m in named.items()
@@ -137,7 +147,7 @@ def per_layer_spectrum(
         blocks.append((name, own))
     layers = []
     for name, own in progress_bar(blocks, enabled=progress, desc="layers", unit="layer"):
-        op = HessianOperator(model, loss_fn, data, params=own, **operator_kwargs)
+        op = full.restricted(own)
         n = op.shape[0]
         eig = top_eigenpairs(op, k=min(k, n), tol=tol, seed=seed, v0="random")
         tr = se = None

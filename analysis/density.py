@@ -29,9 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .evaluation import progress_bar
-from .lanczos import as_linear_operator, lanczos_tridiagonals
+from .lanczos import lanczos_tridiagonals
+from .operators import LinearOperator, as_linear_operator
 from .results import Result
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -77,7 +79,7 @@ def _smooth(t: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float)
 
 
 def spectral_density(
-    op: Any,
+    op: LinearOperator | nn.Module | torch.Tensor,
     loss_fn: Any = None,
     data: Any = None,
     *,

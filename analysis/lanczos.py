@@ -103,10 +103,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from .evaluation import progress_bar
-from .hessian import CurvatureOperator, HessianOperator
+from .hessian import HessianOperator
 from .krylov import (  # noqa: F401 (re-exported: the old import paths)
     EXACT_SLAB,
     SLAB,
@@ -116,6 +115,7 @@ from .krylov import (  # noqa: F401 (re-exported: the old import paths)
     lanczos_tridiagonals,
     norm64,
 )
+from .operators.adapters import _CallableOperator, _TensorOperator, as_linear_operator  # noqa: F401
 from .results import Result
 from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
 
@@ -169,76 +169,6 @@ class EigenResult(Result):
         return d
 
 
-class _TensorOperator:
-    """A dense symmetric matrix as an operator (tests, known spectra)."""
-
-    def __init__(self, A: torch.Tensor):
-        if A.dim() != 2 or A.shape[0] != A.shape[1]:
-            raise ValueError(f"a matrix operator must be square, got shape {tuple(A.shape)}")
-        self.A = A
-        self.shape = tuple(A.shape)
-        self.device, self.dtype = A.device, A.dtype
-        self.num_matvecs = 0
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.num_matvecs += 1
-        return self.A @ v
-
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        self.num_matvecs += V.shape[1]
-        return self.A @ V
-
-    def __matmul__(self, v):
-        return self.matvec(v)
-
-
-class _CallableOperator:
-    def __init__(self, obj: Any):
-        self.obj = obj
-        n = int(obj.shape[0])
-        self.shape = (n, n)
-        self.device = getattr(obj, "device", torch.device("cpu"))
-        self.dtype = getattr(obj, "dtype", torch.float64)
-        if not isinstance(self.dtype, torch.dtype):
-            self.dtype = torch.float64
-        self.num_matvecs = 0
-
-    def matvec(self, v):
-        self.num_matvecs += 1
-        if hasattr(self.obj, "matvec"):
-            return self.obj.matvec(v)
-        return self.obj @ v
-
-    def __matmul__(self, v):
-        return self.matvec(v)
-
-
-def as_linear_operator(obj: Any, loss_fn=None, data=None, **kwargs) -> Any:
-    """Turn ``obj`` into an operator with ``matvec``, ``shape``, ``device``, ``dtype``.
-
-    ``obj`` may be a curvature operator (returned as is), an ``nn.Module`` (a
-    :class:`~analysis.hessian.HessianOperator` over ``loss_fn`` and ``data`` is built with
-    ``kwargs``), a square tensor, or any object with ``shape`` and ``matvec`` / ``@``.
-    """
-    if isinstance(obj, CurvatureOperator):
-        if loss_fn is not None or data is not None:
-            raise ValueError("pass loss_fn and data only with a model, not with an operator")
-        return obj
-    if isinstance(obj, nn.Module):
-        if data is None:
-            raise ValueError("data is required when a model is passed (got None)")
-        return HessianOperator(obj, loss_fn, data, **kwargs)
-    if isinstance(obj, torch.Tensor):
-        return _TensorOperator(obj)
-    if hasattr(obj, "shape") and (hasattr(obj, "matvec") or hasattr(obj, "__matmul__")):
-        shape = tuple(obj.shape)
-        if len(shape) != 2 or shape[0] != shape[1]:
-            raise ValueError(f"the operator must be square, got shape {shape}")
-        return _CallableOperator(obj)
-    raise TypeError(
-        f"expected a model, a curvature operator, a square tensor or an object with shape and "
-        f"matvec; got {type(obj).__name__}"
-    )
 
 
 def top_eigenpairs(

@@ -42,10 +42,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .evaluation import progress_bar
-from .hessian import default_block_size
-from .lanczos import as_linear_operator, dot64
+from .lanczos import dot64
+from .operators import LinearOperator, as_linear_operator, default_block_size
 from .results import Result
 
 __all__ = ["TraceResult", "hessian_trace"]
@@ -95,8 +96,71 @@ def _column_dots(A: torch.Tensor, B: torch.Tensor) -> list[float]:
     return [dot64(A[:, i], B[:, i]) for i in range(A.shape[1])]
 
 
+def _blocks(total: int, b: int):
+    for c in range(0, total, b):
+        yield c, min(c + b, total)
+
+
+def _hutchinson(apply, n: int, m: int, b: int, gen, device, dtype) -> torch.Tensor:
+    """The ``m`` quadratic forms ``z_i^T H z_i`` of Rademacher probes, ``b`` per block."""
+    vals: list[float] = []
+    for c0, c1 in _blocks(m, b):
+        Z = _rademacher(n, c1 - c0, gen, device, dtype).T
+        vals += _column_dots(Z, apply(Z))
+        del Z
+    return torch.tensor(vals, dtype=torch.float64)
+
+
+def _orthonormalize(Y: torch.Tensor, b: int, gen) -> None:
+    """``Y <- orth(Y)`` in place, block by block: (project out the previous columns, thin QR)
+    twice; the second round acts on unit columns, so a block that is numerically in the span of
+    the previous ones (a rank-deficient H) still comes out orthogonal to them."""
+    n, k = Y.shape
+    for c0, c1 in _blocks(k, b):
+        Yb = Y[:, c0:c1]
+        before = torch.linalg.vector_norm(Yb, dim=0)
+        for _ in range(2):
+            if c0:
+                P = Y[:, :c0]
+                Yb -= P @ (P.T @ Yb)
+        # columns (numerically) in the span of the previous ones carry nothing new: any
+        # unit direction orthogonal to them keeps the estimator unbiased, so take a random one
+        lost = torch.linalg.vector_norm(Yb, dim=0) <= 1e3 * torch.finfo(Y.dtype).eps * before
+        lost |= before == 0
+        if bool(lost.any()):
+            R = _rademacher(n, int(lost.sum()), gen, Y.device, Y.dtype).T
+            Yb[:, lost] = R
+        for _ in range(2):
+            if c0:
+                P = Y[:, :c0]
+                Yb -= P @ (P.T @ Yb)
+            Yb.copy_(torch.linalg.qr(Yb)[0])
+
+
+def _hutchpp(apply, n: int, k: int, b: int, gen, device, dtype) -> tuple[float, torch.Tensor]:
+    """Hutch++ with a sketch of ``k`` columns: ``tr(Q^T H Q)`` and the deflated quadratic forms."""
+    Y = torch.empty(n, k, device=device, dtype=dtype)
+    for c0, c1 in _blocks(k, b):
+        Y[:, c0:c1] = apply(_rademacher(n, c1 - c0, gen, device, dtype).T)
+    _orthonormalize(Y, b, gen)
+    Q = Y
+    low = 0.0
+    for c0, c1 in _blocks(k, b):
+        Qb = Q[:, c0:c1].contiguous()
+        low += sum(_column_dots(Qb, apply(Qb)))
+    if k >= n:  # Q spans everything: the low-rank part is the exact trace (2n matvecs)
+        return low, torch.zeros(k, dtype=torch.float64)
+    vals = []
+    for c0, c1 in _blocks(k, b):
+        G = _rademacher(n, c1 - c0, gen, device, dtype).T.contiguous()
+        G -= Q @ (Q.T @ G)  # (I - QQ^T) g
+        vals += _column_dots(G, apply(G))
+        del G
+    return low, torch.tensor(vals, dtype=torch.float64)
+
+
 def hessian_trace(
-    op: Any,
+    op: LinearOperator | nn.Module | torch.Tensor,
     loss_fn: Any = None,
     data: Any = None,
     *,
@@ -131,7 +195,10 @@ def hessian_trace(
         ValueError: for an unknown method, too small a budget or a bad ``block_size``.
     """
     if method not in ("hutch++", "hutchinson"):
-        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
+        hint = (" (a product method: pass HessianOperator(model, loss_fn, data, method=...) "
+                "as op)" if method in ("auto", "forward-over-reverse", "double-backward",
+                                       "cached-graph") else "")
+        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}{hint}")
     if not isinstance(num_matvecs, int) or isinstance(num_matvecs, bool):
         raise TypeError(f"num_matvecs must be an int, got {type(num_matvecs).__name__}")
     minimum = 3 if method == "hutch++" else 2
@@ -155,62 +222,13 @@ def hessian_trace(
             next(it, None)
         return apply_block(op, V)
 
-    def blocks(total: int):
-        for c in range(0, total, b):
-            yield c, min(c + b, total)
-
-    low = 0.0
     if method == "hutchinson":
-        bound = 3 * b * n * itemsize
-        vals: list[float] = []
-        for c0, c1 in blocks(num_matvecs):
-            Z = _rademacher(n, c1 - c0, gen, device, dtype).T
-            vals += _column_dots(Z, apply(Z))
-            del Z
-        samples = torch.tensor(vals, dtype=torch.float64)
+        low, bound = 0.0, 3 * b * n * itemsize
+        samples = _hutchinson(apply, n, num_matvecs, b, gen, device, dtype)
     else:
         k = min(num_matvecs // 3, n)  # more than n sketch vectors add nothing
+        low, samples = _hutchpp(apply, n, k, b, gen, device, dtype)
         bound = (k + 4 * b) * n * itemsize
-        Y = torch.empty(n, k, device=device, dtype=dtype)
-        for c0, c1 in blocks(k):
-            Y[:, c0:c1] = apply(_rademacher(n, c1 - c0, gen, device, dtype).T)
-        # Q = orth(H S), in place, block by block: (project out the previous columns, thin
-        # QR) twice; the second round acts on unit columns, so a block that is numerically in
-        # the span of the previous ones (a rank-deficient H) still comes out orthogonal to them
-        for c0, c1 in blocks(k):
-            Yb = Y[:, c0:c1]
-            before = torch.linalg.vector_norm(Yb, dim=0)
-            for _ in range(2):
-                if c0:
-                    P = Y[:, :c0]
-                    Yb -= P @ (P.T @ Yb)
-            # columns (numerically) in the span of the previous ones carry nothing new: any
-            # unit direction orthogonal to them keeps the estimator unbiased, so take a random one
-            lost = torch.linalg.vector_norm(Yb, dim=0) <= 1e3 * torch.finfo(dtype).eps * before
-            lost |= before == 0
-            if bool(lost.any()):
-                R = _rademacher(n, int(lost.sum()), gen, device, dtype).T
-                Yb[:, lost] = R
-            for _ in range(2):
-                if c0:
-                    P = Y[:, :c0]
-                    Yb -= P @ (P.T @ Yb)
-                Yb.copy_(torch.linalg.qr(Yb)[0])
-        Q = Y
-        for c0, c1 in blocks(k):
-            Qb = Q[:, c0:c1].contiguous()
-            low += sum(_column_dots(Qb, apply(Qb)))
-        if k >= n:  # Q spans everything: the low-rank part is the exact trace (2n matvecs)
-            samples = torch.zeros(k, dtype=torch.float64)
-        else:
-            vals = []
-            for c0, c1 in blocks(k):
-                G = _rademacher(n, c1 - c0, gen, device, dtype).T.contiguous()
-                G -= Q @ (Q.T @ G)  # (I - QQ^T) g
-                vals += _column_dots(G, apply(G))
-                del G
-            samples = torch.tensor(vals, dtype=torch.float64)
-        del Q, Y
     if hasattr(bar, "close"):
         bar.close()
     m = samples.numel()

@@ -288,6 +288,7 @@ class CurvatureTracker:
         self._records: list[TrackerRecord] = []
         self._checks = 0
         self._determinism_checked = False  # per process: see measure()
+        self._method = "auto"  # the Hessian product method, settled at the first check
         self._probe = None
         if needs_opt:
             from .probes import MechanismProbe
@@ -341,7 +342,7 @@ class CurvatureTracker:
             # checks: the double evaluation of the probe batch runs at the first check only
             op = HessianOperator(self.model, self.loss_fn, [self.data], mode=self.mode,
                                  check_deterministic=self.mode == "eval"
-                                 and not self._determinism_checked)
+                                 and not self._determinism_checked, method=self._method)
             self._determinism_checked = True
             kwargs: dict[str, Any] = {"k": self.k, "tol": self.tol, "seed": self.seed + self._checks}
             if self.max_iter is not None:
@@ -356,6 +357,9 @@ class CurvatureTracker:
                 else:
                     cold = True
             res = top_eigenpairs(op, **kwargs)
+            # the product method "auto" timed at the first check serves every later one (the
+            # model's architecture and the probe batch's shape do not change)
+            self._method = op.method
             lanczos = int(res.num_matvecs)
             self.ritz_vectors = res.eigenvectors.detach().clone()
             if self.trace_probes:

@@ -101,3 +101,20 @@ def test_cli_hessian_per_layer_matches_dense_blocks(tmp_path, capsys):
         ev = torch.linalg.eigvalsh(H[a:b, a:b]).flip(0)[:2]
         assert layer["eigenvalues"] == pytest.approx(ev.tolist(), rel=1e-6, abs=1e-8)
         assert layer["trace"] == pytest.approx(float(H[a:b, a:b].trace()), rel=1e-6, abs=1e-8)
+
+
+def test_auto_is_timed_once_for_all_blocks(monkeypatch):
+    """The product method is chosen on the whole model and passed on to every block."""
+    import analysis.operators.hessian as hessian_ops
+
+    calls = []
+    real = hessian_ops.choose_method
+    monkeypatch.setattr(hessian_ops, "choose_method",
+                        lambda op, **kw: calls.append(op) or real(op, **kw))
+    model = mlp()
+    data = classification_data()
+    res = per_layer_spectrum(model, "cross_entropy", data, k=1, batch_size=16, tol=1e-10)
+    assert len(calls) == 1 and calls[0].shape[0] == sum(p.numel() for p in model.parameters())
+    H = dense_hessian(model, "cross_entropy", data)
+    top0 = float(torch.linalg.eigvalsh(H[:35, :35])[-1])  # block of layer "0": 6*5 + 5
+    assert res.layers[0].eigenvalues[0] == pytest.approx(top0, rel=1e-6)

@@ -148,10 +148,10 @@ def test_determinism_check_fires():
 
 def test_cached_graph_follows_parameter_updates():
     model, loss, data = CASES["mlp-ce"]()
-    H = HessianOperator(model, loss, data)
-    assert H.method == "cached-graph"
+    H = HessianOperator(model, loss, data, method="cached-graph")
     v = torch.randn(H.shape[0], dtype=torch.float64)
     H @ v
+    assert H.method == "cached-graph" and len(H._graphs) == 1
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.3)

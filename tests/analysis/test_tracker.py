@@ -279,3 +279,26 @@ def test_a_random_forward_is_refused_at_the_first_check():
     with pytest.raises(ValueError, match="random"):
         tracker.measure(1)
     assert len(tracker.history) == 0
+
+
+def test_the_product_method_is_timed_once_and_kept(monkeypatch):
+    """``method="auto"`` calibrates at the first check only; later checks reuse its choice."""
+    import analysis.operators.hessian as hessian_ops
+
+    calls = []
+    real = hessian_ops.choose_method
+
+    def counting(op, **kw):
+        calls.append(op)
+        return real(op, **kw)
+
+    monkeypatch.setattr(hessian_ops, "choose_method", counting)
+    model = mlp()
+    x, y = classification_data()
+    tracker = CurvatureTracker(model, "cross_entropy", (x, y), every=1, tol=1e-6)
+    first = tracker.measure(0)
+    second = tracker.measure(1)
+    assert len(calls) == 1 and tracker._method == calls[0].auto_choice.method
+    lam = float(torch.linalg.eigvalsh(dense_hessian(model, "cross_entropy", (x, y)))[-1])
+    assert first.lambda_max == pytest.approx(lam, rel=1e-5)
+    assert second.lambda_max == pytest.approx(lam, rel=1e-5)

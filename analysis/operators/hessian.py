@@ -1,0 +1,301 @@
+"""The Hessian of the dataset loss as a linear operator, by three product methods or the fastest.
+
+``H v = sum_b (n_b / N) H_b v`` (the weighting is :class:`~analysis.operators.EmpiricalRisk`'s);
+each ``H_b v`` is computed by forward-over-reverse differentiation::
+
+    H_b v = jvp(grad(L_b), (w,), (v,))        # torch.func.jvp of torch.func.grad over functional_call
+
+by reverse-over-reverse (double backward, ``grad(<grad L_b, v>)``), or by one backward pass
+through a cached first-order graph; ``method="auto"`` times them on the first batch and keeps the
+fastest (:mod:`analysis.operators.auto`).
+
+The public import path is :mod:`analysis.hessian` (its docstring has an example).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import grad, jvp, vmap
+
+from .auto import AutoChoice, choose_method
+from .curvature import CurvatureOperator, default_block_size
+from .empirical_risk import _call
+
+__all__ = ["HessianOperator"]
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian of the dataset loss as a linear operator, ``v -> H v``.
+
+    ``H v = sum_b (n_b / N) H_b v`` with ``H_b`` the Hessian of the batch-mean loss of batch
+    ``b``. How each ``H_b v`` is computed (``method``):
+
+    * ``"forward-over-reverse"``: ``torch.func.jvp(torch.func.grad(L_b), (w,), (v,))`` over
+      ``torch.func.functional_call`` (parameters and buffers passed explicitly); about two to
+      three gradients per product and no state kept between products. Falls back to
+      ``"double-backward"`` when forward-mode AD fails (an operator without a forward-mode
+      derivative); the reason is kept in :attr:`fallback_reason`.
+    * ``"double-backward"``: ``grad(<grad L_b, v>)`` by reverse-over-reverse.
+    * ``"cached-graph"``: the first-order graph ``g_b = grad L_b`` is built once (with
+      ``create_graph=True``) and every product is one backward pass through it,
+      ``H_b v = grad(g_b, w, grad_outputs=v)``, which skips the forward and first backward pass
+      (about 1.5-2.5 gradients per product on CPU). It keeps the graph of every in-memory batch
+      alive (a few times the activation memory), and is rebuilt automatically when a
+      parameter or buffer of the model is changed in place (tracked by tensor versions).
+    * ``"auto"`` (default): at the first product (or :meth:`gradient`), one product of each
+      applicable method is timed on the first batch (twice, after one untimed warm-up) and the
+      fastest is kept: forward-over-reverse and double backward always, the cached graph for in-memory
+      data whose graphs fit in :data:`~analysis.operators.auto.CACHE_BYTES` (estimated from the
+      tensors the first batch's graph saves). A method that fails on the model (e.g. no
+      forward-mode derivative) is skipped. When the first use is ``op @ V`` for a block, the
+      batched variants are timed on a block of that size instead (vmap over forward-over-reverse,
+      one batched double backward, a loop through the cached graph), per column. The choice, the
+      timings and the reasons are kept in
+      :attr:`auto_choice` (:class:`~analysis.operators.auto.AutoChoice`); :attr:`method` is the
+      method in use from then on.
+
+    Other arguments and attributes are those of :class:`CurvatureOperator`; :attr:`method` holds
+    the method in use (``"auto"`` until the first product), :attr:`requested_method` the one
+    asked for, :attr:`auto_choice` what ``"auto"`` chose and why (``None`` otherwise).
+
+    Example:
+        >>> H = HessianOperator(model, "cross_entropy", (x, y))      # doctest: +SKIP
+        >>> Hv = H @ torch.randn(H.shape[0])                          # doctest: +SKIP
+        >>> H.method, H.auto_choice.timings                           # doctest: +SKIP
+    """
+
+    METHODS = ("auto", "forward-over-reverse", "double-backward", "cached-graph")
+
+    def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
+                 check_deterministic=True, batch_size=None, method="auto"):
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
+        super().__init__(model, loss_fn, data, params=params, mode=mode,
+                         check_deterministic=check_deterministic, batch_size=batch_size)
+        if method == "cached-graph" and self._cached is None:
+            raise ValueError(
+                "method='cached-graph' needs in-memory data (a tensor pair or a list of batches), "
+                "not a DataLoader"
+            )
+        self.method = method
+        self.requested_method = method
+        self.auto_choice: AutoChoice | None = None  # filled at the first product under "auto"
+        self.fallback_reason: str | None = None
+        self.batched_fallback_reason: str | None = None  # why matmat loops, if it does
+        self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._signature: tuple | None = None
+        loss_fn = self.loss_fn
+
+        def batch_loss(p, state, x, y, weight):
+            loss = loss_fn(_call(model, {**state, **p}, x), y)
+            if loss.dim() != 0:
+                raise ValueError(
+                    f"loss_fn must return a scalar (the batch mean), got shape {tuple(loss.shape)}"
+                )
+            return loss * weight
+
+        self._batch_loss = batch_loss
+        self._grad = grad(batch_loss)
+
+    def _extra_settings(self) -> dict:
+        return {"method": self.method}  # a settled "auto" passes its choice on
+
+    def resolve_method(self, block: int = 1) -> str:
+        """Settle ``method="auto"`` now (see the class docstring; a no-op once settled) and
+        return the method in use. Products and :meth:`gradient` call it themselves; a first
+        :meth:`matmat` times the batched variants on its block of ``block`` columns."""
+        if self.method == "auto":
+            self.auto_choice = choose_method(self, block=block)
+            self.method = self.auto_choice.method
+        return self.method
+
+
+    def _state_signature(self) -> tuple:
+        return tuple((t._version, t.data_ptr()) for t in
+                     [*self.model.parameters(), *self.model.buffers()])
+
+    def _prepare(self) -> None:
+        if self.method != "cached-graph":
+            return
+        sig = self._state_signature()
+        if sig != self._signature:
+            self._graphs.clear()
+            self._signature = sig
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the dataset loss, ``sum_b (n_b / N) grad L_b`` (same data, mode
+        and weighting as the products). Free with ``"cached-graph"`` (the cached first-order
+        graphs hold it); one pass over the data otherwise."""
+        self.resolve_method()
+
+        def part(state, x, y, weight, key):
+            primals = {n: state[n] for n in self._names}
+            if self.method == "cached-graph" and key is not None:
+                return self._graph_entry(primals, state, x, y, weight, key)[2].clone()
+            gd = self._grad(primals, state, x, y, weight)
+            return torch.cat([gd[n].reshape(-1) for n in self._names])
+
+        with self._context():
+            return self._weighted_sum(part, lambda: torch.zeros(
+                self.shape[0], device=self.device, dtype=self.dtype))
+
+    def _apply(self, v: torch.Tensor) -> torch.Tensor:
+        self.resolve_method()
+        return super()._apply(v)
+
+    def clear_cache(self) -> None:
+        """Drop cached graphs (they are rebuilt at the next product)."""
+        self._graphs.clear()
+        self._signature = None
+
+    def _batch_product(self, state, v_dict, x, y, weight, key=None):
+        primals = {n: state[n] for n in self._names}
+        if self.method == "cached-graph" and key is not None:
+            entry = self._graph_entry(primals, state, x, y, weight, key)
+            return self._graph_backward(entry, v_dict, retain=True)
+        if self.method == "forward-over-reverse":
+            try:
+                return self._forward_over_reverse(primals, state, v_dict, x, y, weight)
+            except (NotImplementedError, RuntimeError) as err:
+                # an operator without a forward-mode derivative (or a forward-AD bug, e.g.
+                # mse_loss on some versions): use reverse-over-reverse from now on; a genuine
+                # error in the model resurfaces there
+                self.method = "double-backward"
+                self.fallback_reason = f"{type(err).__name__}: {err}"
+        return self._double_backward(primals, state, v_dict, x, y, weight)
+
+    def _forward_over_reverse(self, primals, state, v_dict, x, y, weight):
+        _, hv = jvp(lambda p: self._grad(p, state, x, y, weight), (primals,), (v_dict,))
+        return torch.cat([hv[n].reshape(-1) for n in self._names])
+
+    def _first_order_graph(self, primals, state, x, y, weight):
+        with torch.enable_grad():
+            leaves = [primals[n].detach().requires_grad_(True) for n in self._names]
+            loss = self._batch_loss(dict(zip(self._names, leaves)), state, x, y, weight)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        keep = [(g, i) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        flat = self.space.flatten([None if g is None else g.detach() for g in grads])
+        return leaves, keep, flat
+
+    def _graph_entry(self, primals, state, x, y, weight, key):
+        """The cached first-order graph of in-memory batch ``key`` (built at its first use)."""
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._first_order_graph(primals, state, x, y, weight)
+            self._graphs[key] = entry
+        return entry
+
+    def _graph_backward(self, entry, v_dict, *, retain: bool, block: int | None = None):
+        """``H_b v`` by one backward through a first-order graph (a ``(block, n)`` result for a
+        batch of tangents, ``is_grads_batched``)."""
+        leaves, keep, _ = entry
+        if not keep:
+            shape = (self.shape[0],) if block is None else (block, self.shape[0])
+            return torch.zeros(shape, device=self.device, dtype=self.dtype)
+        vs = [v_dict[n] for n in self._names]
+        with torch.enable_grad():
+            hv = torch.autograd.grad([g for g, _ in keep], leaves,
+                                     grad_outputs=[vs[i] for _, i in keep], retain_graph=retain,
+                                     allow_unused=True, is_grads_batched=block is not None)
+        return self.space.flatten(hv) if block is None else self._flat_block(hv, block)
+
+    def _double_backward(self, primals, state, v_dict, x, y, weight):
+        entry = self._first_order_graph(primals, state, x, y, weight)
+        return self._graph_backward(entry, v_dict, retain=False)
+
+    # -- batched products (``op @ V`` for a block of columns in one pass) -----------------------
+    def matmat(self, V: torch.Tensor, *, block_size: int | None = None) -> torch.Tensor:
+        """``H V`` for an ``(n, b)`` matrix of columns, ``block_size`` columns per pass.
+
+        Each block is one pass over the data: ``torch.func.vmap`` over the tangents of the
+        forward-over-reverse product, or one batched backward (``is_grads_batched``) through the
+        first-order graph for ``"double-backward"``; ``"cached-graph"`` loops (one backward per
+        column through the cached graph was faster than a batched one). Measured per-vector cost
+        on CPU for b = 1, 4, 16 (``benchmarks/batched_products.py``, 265k-parameter MLP, batch
+        256): forward-over-reverse 1.00, 0.62, 0.60; double-backward 1.00, 0.87, 0.94. The block's working
+        memory is about ``block_size`` times that of one product. An operator or model that
+        cannot be batched falls back to one product per column (the reason is kept in
+        :attr:`batched_fallback_reason`). Counts ``b`` matvecs.
+
+        Args:
+            V: ``(n, b)`` matrix on the model's device and dtype.
+            block_size: columns per pass (default :func:`default_block_size`).
+        """
+        self._check_block(V)
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if V.device != self.device or V.dtype != self.dtype:
+            self._check_vector(V[:, 0] if V.shape[1] else V.new_zeros(self.shape[0]))
+        n, b = V.shape
+        bs = block_size or default_block_size(n, V.element_size())
+        self.resolve_method(block=min(b, bs))
+        out = torch.empty(n, b, device=self.device, dtype=self.dtype)
+        for c0 in range(0, b, bs):
+            c1 = min(c0 + bs, b)
+            out[:, c0:c1] = self._apply_block(V[:, c0:c1])
+            self.num_matvecs += c1 - c0
+        return out
+
+    def _apply_block(self, V: torch.Tensor) -> torch.Tensor:
+        # the cached graph is already one backward per product; batching it (vmap over the
+        # backward) measured 1.2-1.4x slower per vector on CPU, so it loops
+        if (V.shape[1] == 1 or self.method == "cached-graph"
+                or getattr(self, "batched_fallback_reason", None) is not None):
+            return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
+        rows = V.detach().T.contiguous()  # (b, n)
+        v_dict = self._block_dict(V)
+        try:
+            out = self._block_pass(v_dict, rows)
+        except (NotImplementedError, RuntimeError, TypeError) as err:
+            if self.method != "forward-over-reverse":
+                out = None
+                self.batched_fallback_reason = f"{type(err).__name__}: {err}"
+            else:  # as for one vector: reverse-over-reverse from now on, then batched again
+                self.method = "double-backward"
+                self.fallback_reason = f"{type(err).__name__}: {err}"
+                try:
+                    out = self._block_pass(v_dict, rows)
+                except (NotImplementedError, RuntimeError, TypeError) as err2:
+                    out = None
+                    self.batched_fallback_reason = f"{type(err2).__name__}: {err2}"
+        if out is None or not bool(torch.isfinite(out).all()):  # loop (locates a bad batch)
+            return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
+        return out.T
+
+    def _block_pass(self, v_dict, rows) -> torch.Tensor:
+        """One pass over the data for a ``(b, n)`` block of rows; ``(b, n)`` result."""
+        with self._context():
+            return self._weighted_sum(
+                lambda state, x, y, weight, key: self._block_product(state, v_dict, x, y, weight, key),
+                lambda: torch.zeros_like(rows))
+
+    def _flat_block(self, tensors, b: int) -> torch.Tensor:
+        cols = [torch.zeros(b, nm, device=self.device, dtype=self.dtype) if t is None
+                else t.reshape(b, -1) for t, nm in zip(tensors, self.space.numels)]
+        return torch.cat(cols, 1)
+
+    def _block_product(self, state, v_dict, x, y, weight, key=None) -> torch.Tensor:
+        """``weight * H_b V`` for one batch as a ``(b, n)`` block."""
+        primals = {n: state[n] for n in self._names}
+        b = next(iter(v_dict.values())).shape[0]
+        if self.method == "forward-over-reverse":
+            return self._forward_over_reverse_block(primals, state, v_dict, x, y, weight, b)
+        if self.method == "cached-graph" and key is not None:
+            entry = self._graph_entry(primals, state, x, y, weight, key)
+            return self._graph_backward(entry, v_dict, retain=True, block=b)
+        entry = self._first_order_graph(primals, state, x, y, weight)
+        return self._graph_backward(entry, v_dict, retain=False, block=b)
+
+    def _forward_over_reverse_block(self, primals, state, v_dict, x, y, weight, b: int):
+        """``weight * H_b V`` for ``b`` tangents at once: ``vmap`` over forward-over-reverse."""
+        def one(t):
+            return jvp(lambda p: self._grad(p, state, x, y, weight), (primals,), (t,))[1]
+        hv = vmap(one)(v_dict)
+        return self._flat_block([hv[n] for n in self._names], b)
+
+    def _block_dict(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
+        """An ``(n, b)`` block as ``{name: (b, *shape)}`` tangents."""
+        rows = V.detach().T.contiguous()  # (b, n)
+        parts = torch.split(rows, self.space.numels, dim=1)
+        return {nm: p.reshape(rows.shape[0], *s) for nm, p, s in
+                zip(self._names, parts, self.space.shapes)}

@@ -1,0 +1,247 @@
+"""The operator protocol, the model + loss + data convenience layer and ``method="auto"``.
+
+References: dense float64 Hessians and GGNs (:func:`analysis.reference.dense_hessian`, built on
+``torch.autograd.functional.hessian``) and dense matrices with known spectra.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from analysis import operators as ops
+from analysis.density import spectral_density
+from analysis.hessian import GGNOperator, HessianOperator
+from analysis.lanczos import as_linear_operator, top_eigenpairs
+from analysis.operators import auto as auto_module
+from analysis.reference import dense_ggn, dense_hessian
+from analysis.trace import hessian_trace
+from tests.analysis.test_hessian import _NoForwardModel
+from tests.models import classification_data, cnn_bn, image_data, mlp
+
+RTOL, ATOL = 1e-8, 1e-11
+EXPLICIT = ["forward-over-reverse", "double-backward", "cached-graph"]
+
+
+class DiagonalOperator:
+    """A user's own operator: satisfies the protocol without inheriting from anything."""
+
+    def __init__(self, d: torch.Tensor):
+        self.d = d
+        self.shape = (d.numel(), d.numel())
+        self.dtype, self.device = d.dtype, d.device
+        self.num_matvecs = 0
+
+    def matvec(self, v):
+        self.num_matvecs += 1
+        return self.d * v
+
+    def matmat(self, V):
+        self.num_matvecs += V.shape[1]
+        return self.d[:, None] * V
+
+    def __matmul__(self, x):
+        return self.matmat(x) if x.dim() == 2 else self.matvec(x)
+
+    def to_scipy(self):
+        return ops.to_scipy_operator(self)
+
+
+class MatvecOnly:
+    """An object with ``shape`` and ``matvec`` only: not the protocol, wrapped by the adapter."""
+
+    def __init__(self, A):
+        self.A, self.shape = A, tuple(A.shape)
+
+    def matvec(self, v):
+        return self.A @ v
+
+
+def _problem(batch_size=None):
+    return mlp(), "cross_entropy", classification_data(), batch_size
+
+
+def test_the_operators_satisfy_the_protocol_and_agree_with_dense():
+    model, loss, data, _ = _problem()
+    A = dense_hessian(model, loss, data)
+    G_ref = dense_ggn(model, loss, data)
+    cases = [(HessianOperator(model, loss, data, batch_size=7), A),
+             (GGNOperator(model, loss, data, batch_size=7), G_ref),
+             (as_linear_operator(A), A),
+             (as_linear_operator(MatvecOnly(A)), A),
+             (DiagonalOperator(torch.diagonal(A).clone()), torch.diag(torch.diagonal(A)))]
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(A.shape[0], generator=gen, dtype=torch.float64)
+    V = torch.randn(A.shape[0], 3, generator=gen, dtype=torch.float64)
+    for op, ref in cases:
+        assert isinstance(op, ops.LinearOperator), type(op).__name__
+        assert op.shape == tuple(ref.shape) and op.dtype == torch.float64
+        torch.testing.assert_close(op.matvec(v), ref @ v, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(op @ v, ref @ v, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(op.matmat(V), ref @ V, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(op @ V, ref @ V, rtol=RTOL, atol=ATOL)
+        sp = op.to_scipy()
+        np.testing.assert_allclose(sp.matvec(v.numpy()), (ref @ v).numpy(), rtol=1e-8, atol=1e-11)
+    assert not isinstance(MatvecOnly(A), ops.LinearOperator)
+    assert not isinstance(A, ops.LinearOperator)
+
+
+def test_every_algorithm_takes_a_users_protocol_operator():
+    d = torch.cat([torch.linspace(0.1, 1.0, 30), torch.tensor([4.0, 7.0])]).double()
+    op = DiagonalOperator(d)
+    assert as_linear_operator(op) is op  # used as is, not wrapped
+    eig = top_eigenpairs(op, k=2, tol=1e-8)
+    torch.testing.assert_close(eig.eigenvalues, torch.tensor([7.0, 4.0], dtype=torch.float64))
+    tr = hessian_trace(op, num_matvecs=3 * d.numel())  # the sketch spans R^n: exact
+    assert tr.estimate == pytest.approx(float(d.sum()), rel=1e-10)
+    dens = spectral_density(op, num_iter=32, num_runs=2)
+    np.testing.assert_allclose(dens.nodes.max(), 7.0, rtol=1e-8)
+    same = spectral_density(torch.diag(d), num_iter=32, num_runs=2)  # the tensor adapter
+    np.testing.assert_allclose(dens.nodes, same.nodes, rtol=1e-10)
+    assert op.num_matvecs == eig.num_matvecs + tr.num_matvecs + dens.num_matvecs
+
+
+@pytest.mark.parametrize("call", ["top_eigenpairs", "hessian_trace", "spectral_density"])
+def test_a_mistyped_operator_keyword_is_a_type_error_naming_it(call):
+    """Regression: ``top_eigenpairs(model, loss, data, modee=...)`` reached HessianOperator
+    unchecked; the error now names the keyword and the allowed ones."""
+    model, loss, data, _ = _problem()
+    fn = {"top_eigenpairs": top_eigenpairs, "hessian_trace": hessian_trace,
+          "spectral_density": spectral_density}[call]
+    with pytest.raises(TypeError, match=r"'modee'.*params, mode, check_deterministic, "
+                                        r"batch_size, method"):
+        fn(model, loss, data, modee="train")
+
+
+def test_operator_keywords_with_an_operator_are_refused():
+    model, loss, data, _ = _problem()
+    H = HessianOperator(model, loss, data)
+    with pytest.raises(TypeError, match="batch_size"):
+        top_eigenpairs(H, batch_size=4)
+    with pytest.raises(ValueError, match="only with a model"):
+        hessian_trace(H, loss, data)
+    with pytest.raises(ValueError, match="product method"):
+        hessian_trace(model, loss, data, method="cached-graph")
+
+
+def test_old_call_forms_give_the_same_numbers():
+    model, loss, data, _ = _problem()
+    kw = {"batch_size": 7, "method": "double-backward"}
+    a = top_eigenpairs(model, loss, data, k=2, **kw)
+    b = top_eigenpairs(HessianOperator(model, loss, data, **kw), k=2)
+    assert torch.equal(a.eigenvalues, b.eigenvalues) and a.num_matvecs == b.num_matvecs
+    a = spectral_density(model, loss, data, num_iter=10, num_runs=2, **kw)
+    b = spectral_density(HessianOperator(model, loss, data, **kw), num_iter=10, num_runs=2)
+    assert np.array_equal(a.nodes, b.nodes)
+    t1 = hessian_trace(model, loss, data, num_matvecs=30, batch_size=7)  # default product method
+    t2 = hessian_trace(HessianOperator(model, loss, data, batch_size=7), num_matvecs=30)
+    assert t1.estimate == pytest.approx(t2.estimate, rel=1e-12)  # methods agree to rounding
+
+
+def _auto_cases():
+    x, y = classification_data()
+    return {
+        "one-batch": (mlp(), (x, y), None),
+        "bs7-uneven": (mlp(), (x, y), 7),
+        "cnn-eval-bs10": (cnn_bn().eval(), image_data(), 10),
+        "loader": (mlp(), DataLoader(TensorDataset(x, y), batch_size=16), None),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_auto_cases()))
+def test_auto_matches_every_explicit_method_and_the_dense_hessian(case):
+    model, data, bs = _auto_cases()[case]
+    ref = dense_hessian(model, "cross_entropy", data, batch_size=bs)
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(ref.shape[0], 3, generator=gen, dtype=torch.float64)
+    H = HessianOperator(model, "cross_entropy", data, batch_size=bs)
+    assert H.method == "auto" and H.auto_choice is None  # settled at the first product
+    hv = H @ V[:, 0]
+    choice = H.auto_choice
+    assert H.method == choice.method and H.num_matvecs == 1  # the timings are not counted
+    assert choice.timings[choice.method] == min(choice.timings.values())
+    assert {"forward-over-reverse", "double-backward"} <= set(choice.timings)
+    if case == "loader":
+        assert "DataLoader" in choice.skipped["cached-graph"]
+    else:
+        assert "cached-graph" in choice.timings and choice.graph_bytes > 0
+    torch.testing.assert_close(hv, ref @ V[:, 0], rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(H @ V, ref @ V, rtol=1e-6, atol=1e-10)
+    for method in EXPLICIT:
+        if method == "cached-graph" and case == "loader":
+            continue
+        E = HessianOperator(model, "cross_entropy", data, batch_size=bs, method=method)
+        torch.testing.assert_close(E @ V[:, 0], hv, rtol=1e-10, atol=1e-13)
+    assert choice.to_dict()["method"] == choice.method
+
+
+def test_auto_falls_back_when_forward_mode_fails():
+    model, data = _NoForwardModel(), classification_data()
+    H = HessianOperator(model, "cross_entropy", data, batch_size=20)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(H @ v, dense_hessian(model, "cross_entropy", data) @ v,
+                               rtol=1e-6, atol=1e-10)
+    assert "forward-over-reverse" in H.auto_choice.skipped
+    assert "forward-over-reverse" not in H.auto_choice.timings
+    assert H.method in ("double-backward", "cached-graph")
+
+
+def test_auto_keeps_the_fastest_and_respects_the_cache_budget(monkeypatch):
+    model, loss, data, _ = _problem()
+    times = iter([3.0, 1.0, 2.0])  # forward-over-reverse, double-backward, cached-graph
+    monkeypatch.setattr(auto_module, "_timed", lambda fn, device: next(times))
+    H = HessianOperator(model, loss, data, batch_size=7)
+    H.gradient()  # the gradient settles the method too
+    assert H.method == "double-backward"
+    assert H.auto_choice.timings == {"forward-over-reverse": 3.0, "double-backward": 1.0,
+                                     "cached-graph": 2.0}
+    monkeypatch.setattr(auto_module, "_timed", lambda fn, device: 1.0)
+    monkeypatch.setattr(auto_module, "CACHE_BYTES", 16)
+    H = HessianOperator(model, loss, data, batch_size=7)
+    H @ torch.zeros(H.shape[0], dtype=torch.float64)
+    assert "CACHE_BYTES" in H.auto_choice.skipped["cached-graph"]
+    one = HessianOperator(model, loss, data)  # one batch: its graph is built by any method
+    one @ torch.zeros(one.shape[0], dtype=torch.float64)
+    assert "cached-graph" in one.auto_choice.timings
+
+
+def test_auto_gradient_matches_autograd():
+    model, loss, data, _ = _problem()
+    H = HessianOperator(model, loss, data, batch_size=7)
+    x, y = data
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    ref = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(H.gradient(), ref, rtol=1e-10, atol=1e-13)
+
+
+def test_restricted_is_the_dense_diagonal_block():
+    model, loss, data, _ = _problem()
+    A = dense_hessian(model, loss, data)
+    H = HessianOperator(model, loss, data, batch_size=7, method="forward-over-reverse")
+    block = H.restricted(["2.weight", "2.bias"])
+    n2 = block.shape[0]
+    assert block.method == "forward-over-reverse" and n2 == 5 * 3 + 3
+    v = torch.randn(n2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(block @ v, A[-n2:, -n2:] @ v, rtol=RTOL, atol=ATOL)
+    G = GGNOperator(model, loss, data).restricted(["0.bias"])
+    torch.testing.assert_close(G @ torch.ones(5, dtype=torch.float64),
+                               dense_ggn(model, loss, data)[30:35, 30:35].sum(1),
+                               rtol=RTOL, atol=ATOL)
+
+
+def test_auto_times_the_batched_variants_when_first_used_on_a_block():
+    model, loss, data, _ = _problem()
+    ref = dense_hessian(model, loss, data)
+    V = torch.randn(ref.shape[0], 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    H = HessianOperator(model, loss, data, batch_size=7)
+    HV = H.matmat(V, block_size=4)
+    choice = H.auto_choice
+    assert choice.block == 4 and set(choice.timings) == set(EXPLICIT)
+    assert H.method == choice.method and H.num_matvecs == 6
+    torch.testing.assert_close(HV, ref @ V, rtol=1e-6, atol=1e-10)
+    one = HessianOperator(model, loss, data, batch_size=7)
+    one @ V[:, 0]
+    assert one.auto_choice.block == 1
