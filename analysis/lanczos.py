@@ -108,9 +108,12 @@ from torch import nn
 from .evaluation import progress_bar
 from .hessian import CurvatureOperator, HessianOperator
 from .krylov import (  # noqa: F401 (re-exported: the old import paths)
+    DGKS_ETA,
     EXACT_SLAB,
     SLAB,
     KrylovBasis,
+    OmegaRecurrence,
+    Reorthogonalizer,
     dot64,
     lanczos_tridiagonal,
     lanczos_tridiagonals,
@@ -256,6 +259,7 @@ def top_eigenpairs(
     progress: bool = False,
     basis_device: Any = None,
     pin_memory: bool | None = None,
+    reorth: str = "partial",
     **operator_kwargs: Any,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian (or any symmetric operator) by Lanczos.
@@ -295,6 +299,9 @@ def top_eigenpairs(
             host memory (each step moves two vectors over the bus).
         pin_memory: pin the host basis (default: when the basis is on the CPU and the operator
             on CUDA).
+        reorth: ``"partial"`` (default): reorthogonalize against the basis only when the
+            estimated loss of orthogonality exceeds ``sqrt(eps)`` (Simon 1984, see the module
+            docstring); ``"full"``: one Gram-Schmidt pass over the basis at every step.
 
     Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` plus one product's working memory
     (see the module docstring); reported in :attr:`EigenResult.basis_bytes` and
@@ -310,7 +317,10 @@ def top_eigenpairs(
 
     op = as_linear_operator(model_or_op, loss_fn, data, **operator_kwargs)
     n, max_basis, max_iter = _check_arguments(op, k, which, tol, max_iter, max_basis)
-    run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory)
+    if reorth not in ("partial", "full"):
+        raise ValueError(f"reorth must be 'partial' or 'full', got {reorth!r}")
+    run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory,
+                   reorth)
     run.start(_start_vector(op, v0, which, run))
     bar = progress_bar(range(max_iter), enabled=progress, desc="lanczos", unit="matvec")
     for _ in bar:
@@ -369,10 +379,6 @@ def _start_vector(op: Any, v0: Any, which: str, run: _Lanczos) -> torch.Tensor:
     return v0.detach().to(device=run.bdev, dtype=run.dtype).clone()
 
 
-#: DGKS: a second Gram-Schmidt pass when the first kept less than this fraction of the norm.
-DGKS_ETA = 0.7071
-
-
 class _Lanczos:
     """The state of one thick-restart Lanczos run of :func:`top_eigenpairs`.
 
@@ -383,7 +389,8 @@ class _Lanczos:
     """
 
     def __init__(self, op: Any, k: int, which: str, tol: float, max_basis: int, max_iter: int,
-                 seed: int, basis_device: Any, pin_memory: bool | None):
+                 seed: int, basis_device: Any, pin_memory: bool | None,
+                 reorth: str = "partial"):
         self.op, self.k, self.which, self.tol, self.max_basis = op, k, which, tol, max_basis
         self.max_iter = max_iter
         self.n = n = int(op.shape[0])
@@ -400,12 +407,17 @@ class _Lanczos:
         self.same = self.bdev == torch.device(self.device) and dtype == op.dtype
         self.eps = torch.finfo(dtype).eps  # the basis precision: breakdown and scale tests
         self.op_eps = torch.finfo(op.dtype).eps  # the products' precision: the bounds' floor
+        # partial reorthogonalization models rounding at the basis precision: products rounded
+        # coarser than that (bfloat16, float16) get full passes, which also measure their noise
+        self.partial = reorth == "partial" and self.op_eps <= self.eps
         self.gen = torch.Generator().manual_seed(seed)
         self.basis = KrylovBasis(n, max_basis + 1, dtype, self.bdev, first=k, pin=pin)
+        self.reorth = Reorthogonalizer(self.basis, self.eps)
         self.T = torch.zeros(max_basis + 1, max_basis + 1, dtype=torch.float64)
         self.j = 0  # index of the column being computed; basis rows 0..j are the basis
         self.band = 2  # off-band entries h[:j-1] are zero in exact arithmetic once j >= band
         self.noise = 0.0  # largest off-band |q_i^T H q_j|: the rounding level of the products
+        self.tnorm = 0.0  # running max of |alpha_j| + |beta_{j-1}| (~ ||T||, for the estimates)
         self.restarts = self.steps = 0
         self.theta = self.S = self.res = self.errs = self.idx = None
         self.converged = False
@@ -429,12 +441,15 @@ class _Lanczos:
         return torch.clamp(_error_bounds(theta, res, idx, self.which), min=floor)
 
     def _expand(self, j: int) -> tuple[torch.Tensor, float, torch.Tensor]:
-        """``w = H q_j`` orthogonalized against rows ``0..j``: ``(w, ||w||, Q^T H q_j)``.
+        """``w = H q_j`` orthogonalized against rows ``0..j``: ``(w, ||w||, column j of T)``.
 
         The three-term recurrence ``w -= alpha q_j + beta q_{j-1}`` comes first (float64
-        coefficients), then one classical Gram-Schmidt pass over the whole basis, and a second
-        only when that pass cancelled more than ``1 - DGKS_ETA`` of the norm (DGKS); the
-        projections of all passes add up to the column ``Q^T H q_j``.
+        coefficients), then (``reorth="full"``, or the first step after a thick restart, whose
+        column is the arrowhead) one classical Gram-Schmidt pass over the whole basis, whose
+        projections add up to the column ``Q^T H q_j``; with ``"partial"`` the pass is made only
+        when the estimated loss of orthogonality asks for it (and at the next step), and the
+        column keeps the tridiagonal entries (Simon 1984: the reorthogonalization coefficients
+        are rounding errors, not part of ``T``).
         """
         basis = self.basis
         qj = basis.row(j)
@@ -449,20 +464,18 @@ class _Lanczos:
         w.add_(qj, alpha=-alpha)
         if c != 0.0:
             w.add_(basis.row(j - 1), alpha=-c)
+        if self.partial and not (self.restarts and j == self.band - 1):
+            self.tnorm = max(self.tnorm, abs(alpha) + abs(c))
+            return self.reorth.partial(w, self.T, j, alpha, c, self.tnorm)
         w1 = float(torch.linalg.vector_norm(w))  # only for the DGKS test: working precision
-        h = basis.project(w, m)
-        basis.subtract(w, h, m)
-        wn = norm64(w)
-        if not wn >= DGKS_ETA * w1:
-            h2 = basis.project(w, m)
-            basis.subtract(w, h2, m)
-            h += h2
-            wn = norm64(w)
+        h, wn = self.reorth.full(w, m, w1)
         if j >= self.band and j > 1:
             self.noise = max(self.noise, float(h[: j - 1].abs().max()))
         h[j] += alpha
         if j >= 1:
             h[j - 1] += c
+        if self.partial:  # the arrowhead step: q_{j+1} orthogonal to working precision
+            self.reorth.reset(j + 1)
         return w, wn, h
 
     def _ritz(self, m: int, coupling: torch.Tensor) -> None:
@@ -494,6 +507,8 @@ class _Lanczos:
             return True
         if breakdown:
             w, beta = self._fresh_vector(m), 0.0
+            if self.partial:
+                self.reorth.reset(m)
         else:
             w.div_(beta)
         self.T[m, j] = self.T[j, m] = beta
@@ -524,6 +539,8 @@ class _Lanczos:
             theta.abs(), descending=True)[:keep]
         coupling = beta * S[-1, order]
         self.basis.rotate(S[:, order], m)  # rows 0..keep-1 <- the Ritz vectors, in place
+        if self.partial:  # w was only semi-orthogonal: to working precision, estimates reset
+            w.div_(self.reorth.restart(w, keep))
         self.basis.set_row(keep, w)
         T = self.T
         T.zero_()
