@@ -1,4 +1,5 @@
-"""Extreme eigenpairs of the Hessian by Lanczos with full reorthogonalization and thick restarts.
+"""Extreme eigenpairs of the Hessian by Lanczos with partial or full reorthogonalization and thick
+restarts.
 
 Algorithm (symmetric Lanczos, Golub & Van Loan 10.1; thick restart of Wu & Simon 2000):
 
@@ -6,7 +7,7 @@ Algorithm (symmetric Lanczos, Golub & Van Loan 10.1; thick restart of Wu & Simon
     for j = 0, 1, ...:
         w = H q_j                            (one matvec, on the operator's device and dtype)
         alpha = q_j^T w ; w -= alpha q_j + beta_{j-1} q_{j-1}     (three-term recurrence)
-        h = Q_j^T w ; w -= Q_j h             (full reorthogonalization; a second pass: DGKS)
+        h = Q_j^T w ; w -= Q_j h             (reorthogonalization: every step, or when needed)
         beta_j = ||w|| ; q_{j+1} = w / beta_j
         T[:j+1, j] = T[j, :j+1] = h + alpha e_j + beta_{j-1} e_{j-1}
         T[j+1, j] = T[j, j+1] = beta_j
@@ -75,14 +76,23 @@ working precision can resolve (in bfloat16 a ``tol`` of ``1e-3`` is then not rea
 A bfloat16 or float16 operator gets a float32 basis (``itemsize`` 4 in the formula below), since
 a half-precision basis loses orthogonality at ``1e-2`` and with it whole eigenvalues.
 
-Cost outside the products: each step subtracts the three-term recurrence (two vectors), then
-makes one classical Gram-Schmidt pass over the whole basis (one matrix-vector product per basis
-chunk for ``Q^T w`` and one for ``w -= Q h``: the basis is read twice, ``2 m n`` numbers, the floor
-of full reorthogonalization), a second pass only when the first removed more than ``1 - 1/sqrt 2``
-of the norm (the DGKS criterion, measured after the recurrence, so it fires only on a real
-loss of orthogonality, not on the expected cancellation of ``alpha q_j``); plus an ``m x m``
-eigendecomposition on the CPU. With products as cheap as one gradient of a 1M-parameter model,
-the basis traffic dominates all the same: ``benchmarks/lanczos_overhead.py`` measures it.
+Cost outside the products: each step subtracts the three-term recurrence (two vectors); with
+``reorth="full"`` it then makes one classical Gram-Schmidt pass over the whole basis (one
+matrix-vector product per basis chunk for ``Q^T w`` and one for ``w -= Q h``: the basis is read
+twice, ``2 m n`` numbers), a second only when the first removed more than ``1 - 1/sqrt 2`` of the
+norm (DGKS, measured after the recurrence). ``reorth="partial"`` (the default; Simon 1984, as in
+PROPACK) estimates ``omega_{j+1, i} ~ q_{j+1}^T q_i`` from ``T`` alone (the omega recurrence of
+:class:`~analysis.krylov.OmegaRecurrence`, ``O(m^2)`` on the CPU, its rounding terms calibrated
+upwards at each pass against the measured ``Q^T w``) and makes the pass only when
+``max |omega| > sqrt(eps)``, and at the next step (so the basis stays semi-orthogonal, which keeps
+the Ritz values accurate to working precision; ``T`` stays tridiagonal). After a thick restart
+every step also makes a pass over the kept Ritz vectors alone (selective orthogonalization,
+Parlett & Scott 1979): their Lanczos relation holds only to ``sqrt(eps)``, which the recurrence
+cannot see (a ghost copy of a converged eigenvalue, without it). Eigenvectors are then
+orthonormal to about ``sqrt(eps)`` rather than ``eps`` (measured: 4e-13 in float64, 2e-6 in
+float32; full: 1e-15, 9e-8). bfloat16 and float16 operators always get full passes (their
+products' rounding, far above the basis ``eps``, is what the bounds' floor measures).
+``benchmarks/lanczos_overhead.py`` measures both.
 
 The basis (:class:`~analysis.krylov.KrylovBasis`, :func:`~analysis.krylov.dot64`) lives in
 :mod:`analysis.krylov` and the error bounds in :mod:`analysis.ritz`; both are re-exported here.
@@ -264,8 +274,8 @@ def top_eigenpairs(
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian (or any symmetric operator) by Lanczos.
 
-    Lanczos with full reorthogonalization on the operator's device, thick restarts when the basis
-    reaches ``max_basis``, and an a-posteriori stop on the eigenvalue error: the iteration ends as
+    Lanczos with partial (or full) reorthogonalization on the operator's device, thick restarts
+    when the basis reaches ``max_basis``, and an a-posteriori stop on the eigenvalue error: the iteration ends as
     soon as ``min(r_i, r_i^2 / gap_i, cluster bound) <= tol * |theta_i|`` for all ``k`` wanted
     Ritz pairs (residual ``r_i``, gap to the other Ritz values ``gap_i``; see the module
     docstring for the bounds and their caveats). PyHessian's power iteration instead needs about 25 matvecs per

@@ -155,10 +155,12 @@ def main() -> None:
     print(f"model: {n} parameters, float32, batch {args.batch}, {torch.get_num_threads()} threads;"
           f" max_iter {args.max_iter}; before = {args.baseline if old else 'n/a'};"
           f" load average {load}")
-    print("overhead = share of the wall time outside the products; GS = the share in the "
-          "Gram-Schmidt passes (reading the basis), GB/s = basis bytes they read per second")
+    print("overhead = share of the wall time outside the products (ms/step out: the same per "
+          "product); GS = the share in the Gram-Schmidt passes (reading the basis), GB/s = "
+          "basis bytes they read per second; passes = KrylovBasis.project calls")
     print(f"{'product':>8} {'k':>4} {'code':>7} {'matvecs':>8} {'passes':>7} {'total s':>8}"
-          f" {'ms/product':>11} {'overhead':>9} {'GS':>6} {'GB/s':>6} {'restarts':>8}"
+          f" {'ms/product':>11} {'ms/step out':>11} {'overhead':>9} {'GS':>6} {'GB/s':>6}"
+          f" {'restarts':>8}"
           f" {'converged':>9}")
     for kind in args.products:
         for k in args.ks:
@@ -168,6 +170,7 @@ def main() -> None:
                 r = measure(fn, basis_cls, op, k, args.max_iter)
                 print(f"{kind:>8} {k:>4} {name:>7} {r['matvecs']:>8} {r['passes']:>7}"
                       f" {r['total']:>8.2f} {1e3 * r['products'] / r['matvecs']:>11.1f}"
+                      f" {1e3 * (r['total'] - r['products']) / r['matvecs']:>11.1f}"
                       f" {(r['total'] - r['products']) / r['total']:>9.1%}"
                       f" {r['gs'] / r['total']:>6.1%} {r['gbps']:>6.1f} {r['restarts']:>8}"
                       f" {r['converged']!s:>9}",
