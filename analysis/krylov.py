@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KrylovBasis", "dot64", "norm64", "lanczos_tridiagonal", "lanczos_tridiagonals"]
+__all__ = ["KrylovBasis", "OmegaRecurrence", "Reorthogonalizer", "dot64", "norm64", "lanczos_tridiagonal", "lanczos_tridiagonals"]
 
 #: Entries per slab of the float64 reductions and the in-place basis rotations (bounds their
 #: temporaries to a few slabs instead of whole ``n``-vectors).
@@ -32,6 +32,11 @@ EXACT_SLAB = 8192
 DOT_SLAB = 1 << 16
 #: Columns per slab of :meth:`KrylovBasis.subtract` over several chunks (a slab of ``w`` in cache).
 SUBTRACT_SLAB = 1 << 16
+#: DGKS: a second Gram-Schmidt pass when the first kept less than this fraction of the norm.
+DGKS_ETA = 0.7071
+#: Initial rounding terms of :class:`OmegaRecurrence`, in units of ``eps ||T||`` (raised by
+#: :meth:`OmegaRecurrence.calibrate` when a Gram-Schmidt pass finds more than estimated).
+OMEGA_NOISE = 30.0
 
 
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -261,3 +266,169 @@ def lanczos_tridiagonal(op: Any, v0: torch.Tensor, num_iter: int) -> torch.Tenso
     runs in blocks.
     """
     return lanczos_tridiagonals(op, v0.reshape(-1, 1), num_iter)[0]
+
+
+class OmegaRecurrence:
+    """Estimates ``omega_{j+1, i} ~ q_{j+1}^T q_i`` of the loss of orthogonality (Simon 1984).
+
+    Partial reorthogonalization (H. D. Simon, *The Lanczos algorithm with partial
+    reorthogonalization*, Math. Comp. 42, 1984; as in PROPACK, Larsen 1998) tracks the inner
+    products of the newest basis vector with the older ones without reading the basis: from
+    ``beta_j q_{j+1} = H q_j - alpha_j q_j - beta_{j-1} q_{j-1} + f_j`` and ``H q_i = sum_l
+    T[l, i] q_l + g_i`` (the columns of the projected matrix ``T``, tridiagonal or the arrowhead
+    of a thick restart, with local rounding ``f``, ``g``),
+
+        beta_j omega_{j+1, i} = sum_l T[l, i] omega_{j, l} - alpha_j omega_{j, i}
+                                - beta_{j-1} omega_{j-1, i} + theta_{j, i},   i < j,
+        omega_{j+1, j} = psi_j,    omega_{j+1, j+1} = 1,
+
+    ``O(m^2)`` float64 numbers per step on the CPU. The rounding terms are
+    ``|theta_{j, i}| = c eps ||T||``, added with the sign of the rest (so the estimate grows in
+    magnitude), and ``psi_j = c eps ||T|| / beta_j``, with ``c = OMEGA_NOISE`` at first (plain
+    float64 Lanczos needed ``c ~ 10`` to stay above the true values; PROPACK takes
+    ``sqrt(n) / 2``) and raised whenever a pass measures a larger loss than estimated
+    (:meth:`calibrate`: the products' own rounding, e.g. of a float32 HVP, is larger). The caller reorthogonalizes when
+    :meth:`need` says ``max_i |omega_{j+1, i}| > sqrt(eps)`` (semi-orthogonality, which keeps
+    the Ritz values accurate to working precision, Simon's Thm), and then at the next step too,
+    and calls :meth:`reset` for each reorthogonalized vector (its estimates back to ``eps``).
+    Needs column ``j`` of ``T`` to be tridiagonal (``T[i, j] = 0`` for ``i < j - 1``); the
+    caller reorthogonalizes fully where it is not (the first step after a thick restart).
+    """
+
+    def __init__(self, size: int, eps: float):
+        self.eps = eps
+        self.threshold = math.sqrt(eps)
+        self.prev = torch.zeros(size, dtype=torch.float64)  # omega_{j-1, :}
+        self.cur = torch.zeros(size, dtype=torch.float64)  # omega_{j, :}
+        self.cur[0] = 1.0
+        self.new: torch.Tensor | None = None
+        self.noise = OMEGA_NOISE
+
+    def update(self, T: torch.Tensor, j: int, beta: float, tnorm: float) -> float:
+        """The estimates of ``q_{j+1}`` (column ``j`` of ``T`` filled); returns their max."""
+        eps, cur, prev = self.eps, self.cur, self.prev
+        new = torch.zeros_like(cur)
+        beta = max(beta, 1e-300)
+        if j >= 1:
+            raw = T[: j + 1, :j].T @ cur[: j + 1] - T[j, j] * cur[:j] - T[j - 1, j] * prev[:j]
+            sign = torch.where(raw >= 0, 1.0, -1.0)
+            new[:j] = (raw + sign * self.noise * eps * tnorm) / beta
+        new[j] = self.noise * eps * max(tnorm, beta) / beta
+        self.new = new
+        return float(new[: j + 1].abs().max())
+
+    def need(self, T: torch.Tensor, j: int, beta: float, tnorm: float, kept: int = 0) -> bool:
+        """Whether ``q_{j+1}`` has lost semi-orthogonality (estimated); the first ``kept`` rows
+        were orthogonalized against at this step (their estimates ``eps``)."""
+        self.update(T, j, beta, tnorm)
+        assert self.new is not None
+        self.new[:kept] = self.eps
+        return float(self.new[: j + 1].abs().max()) > self.threshold
+
+    def calibrate(self, true: float, estimate: float) -> None:
+        """A pass measured ``max_i |q_{j+1}^T q_i| = true`` where ``estimate`` was estimated:
+        scale the rounding terms up when the estimate was low (never down)."""
+        if true > estimate > 0:
+            self.noise = min(self.noise * 2 * true / estimate, 1e8)
+
+    def advance(self, j: int, reorthogonalized: bool) -> None:
+        """Move to step ``j + 1`` (``q_{j+1}`` becomes the newest vector)."""
+        assert self.new is not None
+        new = self.new
+        if reorthogonalized:
+            new[: j + 1] = self.eps
+        new[j + 1:] = 0.0
+        if j + 1 < new.numel():
+            new[j + 1] = 1.0
+        self.prev, self.cur, self.new = self.cur, new, None
+
+    def reset(self, j: int) -> None:
+        """``q_j`` (and ``q_{j-1}``) orthogonal to working precision: every estimate ``eps``."""
+        self.prev.fill_(self.eps)
+        self.cur.fill_(self.eps)
+        self.cur[j:] = 0.0
+        self.cur[j] = 1.0
+        self.prev[max(j - 1, 0):] = 0.0
+        if j >= 1:
+            self.prev[j - 1] = 1.0
+
+
+class Reorthogonalizer:
+    """The Gram-Schmidt passes of a Lanczos run over ``basis``, full or partial.
+
+    :meth:`full` is one classical Gram-Schmidt pass over the first ``m`` rows and a second
+    when the first cancelled more than ``1 - DGKS_ETA`` of the norm (DGKS); :meth:`partial`
+    makes that pass only when :class:`OmegaRecurrence` estimates a loss of semi-orthogonality,
+    and at the step after it (Simon 1984). After a thick restart the kept Ritz vectors are not
+    Lanczos vectors: their relation ``H y_k = theta_k y_k + c_k q`` holds only to the
+    reorthogonalization coefficients left out of ``T`` (``sqrt(eps)``-level), which the omega
+    recurrence does not see (seen: a ghost copy of a converged eigenvalue), so every step
+    orthogonalizes against them (selective orthogonalization against the kept, converged Ritz
+    vectors, Parlett & Scott 1979: a pass over ``kept`` rows instead of ``m``), and the omega
+    recurrence watches the rows built since. :attr:`passes` counts the passes (any length).
+    """
+
+    def __init__(self, basis: KrylovBasis, eps: float):
+        self.basis = basis
+        self.omega = OmegaRecurrence(basis.capacity, eps)
+        self.force = 0  # the step after a triggered reorthogonalization reorthogonalizes too
+        self.passes = 0
+        self.kept = 0  # rows kept by the last thick restart (orthogonalized against each step)
+
+    def full(self, w: torch.Tensor, m: int, w1: float) -> tuple[torch.Tensor, float]:
+        """``w`` orthogonalized in place against rows ``0..m-1``; ``(projections, ||w||)``."""
+        basis = self.basis
+        h = basis.project(w, m)
+        basis.subtract(w, h, m)
+        wn = norm64(w)
+        self.passes += 1
+        if not wn >= DGKS_ETA * w1:
+            h2 = basis.project(w, m)
+            basis.subtract(w, h2, m)
+            h += h2
+            wn = norm64(w)
+            self.passes += 1
+        return h, wn
+
+    def partial(self, w: torch.Tensor, T: torch.Tensor, j: int, alpha: float, c: float,
+                tnorm: float) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Step ``j`` after the three-term recurrence: ``(w, ||w||, column j of T)``.
+
+        The column keeps only the tridiagonal entries ``alpha``, ``c`` (the reorthogonalization
+        coefficients are rounding errors, not part of ``T``: Simon 1984); ``T`` gets it here,
+        since the estimates need it.
+        """
+        m, basis = j + 1, self.basis
+        h = torch.zeros(m, dtype=torch.float64)
+        h[j] = alpha
+        if j >= 1:
+            h[j - 1] = c
+        T[:m, j] = h
+        T[j, :m] = h
+        if self.kept and not self.force:
+            basis.subtract(w, basis.project(w, self.kept), self.kept)
+            self.passes += 1
+        wn = norm64(w)
+        lost = self.omega.need(T, j, wn, max(tnorm, wn + abs(alpha) + abs(c)), self.kept)
+        done = bool(self.force or lost)
+        if done:
+            estimate = float(self.omega.new[:m].abs().max())
+            hr, wn2 = self.full(w, m, wn)
+            self.omega.calibrate(float(hr.abs().max()) / wn, estimate)
+            wn = wn2
+        self.force = int(lost and not self.force)
+        self.omega.advance(j, done)
+        return w, wn, h
+
+    def reset(self, j: int) -> None:
+        """Row ``j`` was orthogonalized to working precision (restart, breakdown, full step)."""
+        self.omega.reset(j)
+        self.force = 0
+
+    def restart(self, w: torch.Tensor, keep: int) -> float:
+        """After a thick restart to ``keep`` rows: ``w`` orthogonalized against them (it was
+        semi-orthogonal), the estimates back to ``eps``; returns ``||w||`` after the pass."""
+        _, wn = self.full(w, keep, 1.0)
+        self.kept = keep
+        self.reset(keep)
+        return wn

@@ -1,4 +1,5 @@
-"""Extreme eigenpairs of the Hessian by Lanczos with full reorthogonalization and thick restarts.
+"""Extreme eigenpairs of the Hessian by Lanczos with partial or full reorthogonalization and thick
+restarts.
 
 Algorithm (symmetric Lanczos, Golub & Van Loan 10.1; thick restart of Wu & Simon 2000):
 
@@ -6,7 +7,7 @@ Algorithm (symmetric Lanczos, Golub & Van Loan 10.1; thick restart of Wu & Simon
     for j = 0, 1, ...:
         w = H q_j                            (one matvec, on the operator's device and dtype)
         alpha = q_j^T w ; w -= alpha q_j + beta_{j-1} q_{j-1}     (three-term recurrence)
-        h = Q_j^T w ; w -= Q_j h             (full reorthogonalization; a second pass: DGKS)
+        h = Q_j^T w ; w -= Q_j h             (reorthogonalization: every step, or when needed)
         beta_j = ||w|| ; q_{j+1} = w / beta_j
         T[:j+1, j] = T[j, :j+1] = h + alpha e_j + beta_{j-1} e_{j-1}
         T[j+1, j] = T[j, j+1] = beta_j
@@ -75,14 +76,23 @@ working precision can resolve (in bfloat16 a ``tol`` of ``1e-3`` is then not rea
 A bfloat16 or float16 operator gets a float32 basis (``itemsize`` 4 in the formula below), since
 a half-precision basis loses orthogonality at ``1e-2`` and with it whole eigenvalues.
 
-Cost outside the products: each step subtracts the three-term recurrence (two vectors), then
-makes one classical Gram-Schmidt pass over the whole basis (one matrix-vector product per basis
-chunk for ``Q^T w`` and one for ``w -= Q h``: the basis is read twice, ``2 m n`` numbers, the floor
-of full reorthogonalization), a second pass only when the first removed more than ``1 - 1/sqrt 2``
-of the norm (the DGKS criterion, measured after the recurrence, so it fires only on a real
-loss of orthogonality, not on the expected cancellation of ``alpha q_j``); plus an ``m x m``
-eigendecomposition on the CPU. With products as cheap as one gradient of a 1M-parameter model,
-the basis traffic dominates all the same: ``benchmarks/lanczos_overhead.py`` measures it.
+Cost outside the products: each step subtracts the three-term recurrence (two vectors); with
+``reorth="full"`` it then makes one classical Gram-Schmidt pass over the whole basis (one
+matrix-vector product per basis chunk for ``Q^T w`` and one for ``w -= Q h``: the basis is read
+twice, ``2 m n`` numbers), a second only when the first removed more than ``1 - 1/sqrt 2`` of the
+norm (DGKS, measured after the recurrence). ``reorth="partial"`` (the default; Simon 1984, as in
+PROPACK) estimates ``omega_{j+1, i} ~ q_{j+1}^T q_i`` from ``T`` alone (the omega recurrence of
+:class:`~analysis.krylov.OmegaRecurrence`, ``O(m^2)`` on the CPU, its rounding terms calibrated
+upwards at each pass against the measured ``Q^T w``) and makes the pass only when
+``max |omega| > sqrt(eps)``, and at the next step (so the basis stays semi-orthogonal, which keeps
+the Ritz values accurate to working precision; ``T`` stays tridiagonal). After a thick restart
+every step also makes a pass over the kept Ritz vectors alone (selective orthogonalization,
+Parlett & Scott 1979): their Lanczos relation holds only to ``sqrt(eps)``, which the recurrence
+cannot see (a ghost copy of a converged eigenvalue, without it). Eigenvectors are then
+orthonormal to about ``sqrt(eps)`` rather than ``eps`` (measured: 4e-13 in float64, 2e-6 in
+float32; full: 1e-15, 9e-8). bfloat16 and float16 operators always get full passes (their
+products' rounding, far above the basis ``eps``, is what the bounds' floor measures).
+``benchmarks/lanczos_overhead.py`` measures both.
 
 The basis (:class:`~analysis.krylov.KrylovBasis`, :func:`~analysis.krylov.dot64`) lives in
 :mod:`analysis.krylov` and the error bounds in :mod:`analysis.ritz`; both are re-exported here.
@@ -107,9 +117,12 @@ import torch
 from .evaluation import progress_bar
 from .hessian import HessianOperator
 from .krylov import (  # noqa: F401 (re-exported: the old import paths)
+    DGKS_ETA,
     EXACT_SLAB,
     SLAB,
     KrylovBasis,
+    OmegaRecurrence,
+    Reorthogonalizer,
     dot64,
     lanczos_tridiagonal,
     lanczos_tridiagonals,
@@ -186,12 +199,13 @@ def top_eigenpairs(
     progress: bool = False,
     basis_device: Any = None,
     pin_memory: bool | None = None,
+    reorth: str = "partial",
     **operator_kwargs: Any,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian (or any symmetric operator) by Lanczos.
 
-    Lanczos with full reorthogonalization on the operator's device, thick restarts when the basis
-    reaches ``max_basis``, and an a-posteriori stop on the eigenvalue error: the iteration ends as
+    Lanczos with partial (or full) reorthogonalization on the operator's device, thick restarts
+    when the basis reaches ``max_basis``, and an a-posteriori stop on the eigenvalue error: the iteration ends as
     soon as ``min(r_i, r_i^2 / gap_i, cluster bound) <= tol * |theta_i|`` for all ``k`` wanted
     Ritz pairs (residual ``r_i``, gap to the other Ritz values ``gap_i``; see the module
     docstring for the bounds and their caveats). PyHessian's power iteration instead needs about 25 matvecs per
@@ -225,6 +239,9 @@ def top_eigenpairs(
             host memory (each step moves two vectors over the bus).
         pin_memory: pin the host basis (default: when the basis is on the CPU and the operator
             on CUDA).
+        reorth: ``"partial"`` (default): reorthogonalize against the basis only when the
+            estimated loss of orthogonality exceeds ``sqrt(eps)`` (Simon 1984, see the module
+            docstring); ``"full"``: one Gram-Schmidt pass over the basis at every step.
 
     Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` plus one product's working memory
     (see the module docstring); reported in :attr:`EigenResult.basis_bytes` and
@@ -240,7 +257,10 @@ def top_eigenpairs(
 
     op = as_linear_operator(model_or_op, loss_fn, data, **operator_kwargs)
     n, max_basis, max_iter = _check_arguments(op, k, which, tol, max_iter, max_basis)
-    run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory)
+    if reorth not in ("partial", "full"):
+        raise ValueError(f"reorth must be 'partial' or 'full', got {reorth!r}")
+    run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory,
+                   reorth)
     run.start(_start_vector(op, v0, which, run))
     bar = progress_bar(range(max_iter), enabled=progress, desc="lanczos", unit="matvec")
     for _ in bar:
@@ -299,10 +319,6 @@ def _start_vector(op: Any, v0: Any, which: str, run: _Lanczos) -> torch.Tensor:
     return v0.detach().to(device=run.bdev, dtype=run.dtype).clone()
 
 
-#: DGKS: a second Gram-Schmidt pass when the first kept less than this fraction of the norm.
-DGKS_ETA = 0.7071
-
-
 class _Lanczos:
     """The state of one thick-restart Lanczos run of :func:`top_eigenpairs`.
 
@@ -313,7 +329,8 @@ class _Lanczos:
     """
 
     def __init__(self, op: Any, k: int, which: str, tol: float, max_basis: int, max_iter: int,
-                 seed: int, basis_device: Any, pin_memory: bool | None):
+                 seed: int, basis_device: Any, pin_memory: bool | None,
+                 reorth: str = "partial"):
         self.op, self.k, self.which, self.tol, self.max_basis = op, k, which, tol, max_basis
         self.max_iter = max_iter
         self.n = n = int(op.shape[0])
@@ -330,12 +347,17 @@ class _Lanczos:
         self.same = self.bdev == torch.device(self.device) and dtype == op.dtype
         self.eps = torch.finfo(dtype).eps  # the basis precision: breakdown and scale tests
         self.op_eps = torch.finfo(op.dtype).eps  # the products' precision: the bounds' floor
+        # partial reorthogonalization models rounding at the basis precision: products rounded
+        # coarser than that (bfloat16, float16) get full passes, which also measure their noise
+        self.partial = reorth == "partial" and self.op_eps <= self.eps
         self.gen = torch.Generator().manual_seed(seed)
         self.basis = KrylovBasis(n, max_basis + 1, dtype, self.bdev, first=k, pin=pin)
+        self.reorth = Reorthogonalizer(self.basis, self.eps)
         self.T = torch.zeros(max_basis + 1, max_basis + 1, dtype=torch.float64)
         self.j = 0  # index of the column being computed; basis rows 0..j are the basis
         self.band = 2  # off-band entries h[:j-1] are zero in exact arithmetic once j >= band
         self.noise = 0.0  # largest off-band |q_i^T H q_j|: the rounding level of the products
+        self.tnorm = 0.0  # running max of |alpha_j| + |beta_{j-1}| (~ ||T||, for the estimates)
         self.restarts = self.steps = 0
         self.theta = self.S = self.res = self.errs = self.idx = None
         self.converged = False
@@ -359,12 +381,15 @@ class _Lanczos:
         return torch.clamp(_error_bounds(theta, res, idx, self.which), min=floor)
 
     def _expand(self, j: int) -> tuple[torch.Tensor, float, torch.Tensor]:
-        """``w = H q_j`` orthogonalized against rows ``0..j``: ``(w, ||w||, Q^T H q_j)``.
+        """``w = H q_j`` orthogonalized against rows ``0..j``: ``(w, ||w||, column j of T)``.
 
         The three-term recurrence ``w -= alpha q_j + beta q_{j-1}`` comes first (float64
-        coefficients), then one classical Gram-Schmidt pass over the whole basis, and a second
-        only when that pass cancelled more than ``1 - DGKS_ETA`` of the norm (DGKS); the
-        projections of all passes add up to the column ``Q^T H q_j``.
+        coefficients), then (``reorth="full"``, or the first step after a thick restart, whose
+        column is the arrowhead) one classical Gram-Schmidt pass over the whole basis, whose
+        projections add up to the column ``Q^T H q_j``; with ``"partial"`` the pass is made only
+        when the estimated loss of orthogonality asks for it (and at the next step), and the
+        column keeps the tridiagonal entries (Simon 1984: the reorthogonalization coefficients
+        are rounding errors, not part of ``T``).
         """
         basis = self.basis
         qj = basis.row(j)
@@ -379,20 +404,18 @@ class _Lanczos:
         w.add_(qj, alpha=-alpha)
         if c != 0.0:
             w.add_(basis.row(j - 1), alpha=-c)
+        if self.partial and not (self.restarts and j == self.band - 1):
+            self.tnorm = max(self.tnorm, abs(alpha) + abs(c))
+            return self.reorth.partial(w, self.T, j, alpha, c, self.tnorm)
         w1 = float(torch.linalg.vector_norm(w))  # only for the DGKS test: working precision
-        h = basis.project(w, m)
-        basis.subtract(w, h, m)
-        wn = norm64(w)
-        if not wn >= DGKS_ETA * w1:
-            h2 = basis.project(w, m)
-            basis.subtract(w, h2, m)
-            h += h2
-            wn = norm64(w)
+        h, wn = self.reorth.full(w, m, w1)
         if j >= self.band and j > 1:
             self.noise = max(self.noise, float(h[: j - 1].abs().max()))
         h[j] += alpha
         if j >= 1:
             h[j - 1] += c
+        if self.partial:  # the arrowhead step: q_{j+1} orthogonal to working precision
+            self.reorth.reset(j + 1)
         return w, wn, h
 
     def _ritz(self, m: int, coupling: torch.Tensor) -> None:
@@ -424,6 +447,8 @@ class _Lanczos:
             return True
         if breakdown:
             w, beta = self._fresh_vector(m), 0.0
+            if self.partial:
+                self.reorth.reset(m)
         else:
             w.div_(beta)
         self.T[m, j] = self.T[j, m] = beta
@@ -454,6 +479,8 @@ class _Lanczos:
             theta.abs(), descending=True)[:keep]
         coupling = beta * S[-1, order]
         self.basis.rotate(S[:, order], m)  # rows 0..keep-1 <- the Ritz vectors, in place
+        if self.partial:  # w was only semi-orthogonal: to working precision, estimates reset
+            w.div_(self.reorth.restart(w, keep))
         self.basis.set_row(keep, w)
         T = self.T
         T.zero_()

@@ -9,9 +9,10 @@
 
 For each ``k`` the products are timed inside the operator and the rest (Gram-Schmidt, the
 ``m x m`` eigendecompositions, restarts, Ritz vectors, bookkeeping) is reported as a fraction of
-the total, for the current code ("after") and, in the same process, for ``analysis/lanczos.py``
-as of a git revision ("before", ``--baseline``; ``none`` skips it). No timing asserts in the
-tests: run
+the total, in the same process for the current code with ``reorth="full"`` and
+``reorth="partial"`` and, optionally, for ``analysis/lanczos.py`` as of a git revision
+(``--baseline REV``, "before"; default ``none``). ``passes`` counts the Gram-Schmidt passes over
+the basis (``KrylovBasis.project`` calls). No timing asserts in the tests: run
 
     PYTHONPATH=. python benchmarks/lanczos_overhead.py --ks 5 20 50
 """
@@ -19,6 +20,8 @@ tests: run
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import subprocess
 import sys
 import time
@@ -116,16 +119,16 @@ class PassTimer:
             setattr(self.cls, name, orig)
 
 
-def measure(mod, op, k: int, max_iter: int) -> dict:
+def measure(fn, basis_cls, op, k: int, max_iter: int) -> dict:
     """Products, seconds (total, in products, in Gram-Schmidt passes) of one run on ``op``."""
     timed = Timed(op)
-    with PassTimer(mod.KrylovBasis) as gs:
+    with PassTimer(basis_cls) as gs:
         t = time.perf_counter()
-        res = mod.top_eigenpairs(timed, k=k, max_iter=max_iter, v0="random")
+        res = fn(timed, k=k, max_iter=max_iter, v0="random")
         total = time.perf_counter() - t
     return dict(matvecs=res.num_matvecs, total=total, products=timed.seconds, gs=gs.seconds,
                 gbps=gs.bytes / max(gs.seconds, 1e-12) / 1e9, passes=gs.passes,
-                converged=res.converged)
+                converged=res.converged, restarts=res.num_restarts)
 
 
 def main() -> None:
@@ -134,8 +137,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-iter", type=int, default=150)
     ap.add_argument("--products", nargs="+", default=["hvp", "grad"], choices=["hvp", "grad"])
-    ap.add_argument("--baseline", default=BASELINE,
-                    help="git revision of the 'before' code, or 'none'")
+    ap.add_argument("--baseline", default="none",
+                    help=f"git revision of a 'before' code (e.g. {BASELINE}), or 'none'")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.Tanh(),
@@ -143,26 +146,34 @@ def main() -> None:
                                 torch.nn.Linear(200, 10))
     x, y = torch.randn(args.batch, 784), torch.randint(0, 10, (args.batch,))
     n = sum(p.numel() for p in model.parameters())
-    impls = [("after", lanczos)]
+    impls = [(mode, functools.partial(lanczos.top_eigenpairs, reorth=mode), lanczos.KrylovBasis)
+             for mode in ("full", "partial")]
     old = None if args.baseline == "none" else load_baseline(args.baseline)
     if old is not None:
-        impls.insert(0, ("before", old))
+        impls.insert(0, ("before", old.top_eigenpairs, old.KrylovBasis))
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"model: {n} parameters, float32, batch {args.batch}, {torch.get_num_threads()} threads;"
-          f" max_iter {args.max_iter}; before = {args.baseline if old else 'n/a'}")
-    print("overhead = share of the wall time outside the products; GS = the share in the "
-          "Gram-Schmidt passes (reading the basis), GB/s = basis bytes they read per second")
+          f" max_iter {args.max_iter}; before = {args.baseline if old else 'n/a'};"
+          f" load average {load}")
+    print("overhead = share of the wall time outside the products (ms/step out: the same per "
+          "product); GS = the share in the Gram-Schmidt passes (reading the basis), GB/s = "
+          "basis bytes they read per second; passes = KrylovBasis.project calls")
     print(f"{'product':>8} {'k':>4} {'code':>7} {'matvecs':>8} {'passes':>7} {'total s':>8}"
-          f" {'ms/product':>11} {'overhead':>9} {'GS':>6} {'GB/s':>6} {'converged':>9}")
+          f" {'ms/product':>11} {'ms/step out':>11} {'overhead':>9} {'GS':>6} {'GB/s':>6}"
+          f" {'restarts':>8}"
+          f" {'converged':>9}")
     for kind in args.products:
         for k in args.ks:
-            for name, mod in impls:
+            for name, fn, basis_cls in impls:
                 op = (HessianOperator(model, "cross_entropy", (x, y)) if kind == "hvp"
                       else GradientCost(model, x, y))
-                r = measure(mod, op, k, args.max_iter)
+                r = measure(fn, basis_cls, op, k, args.max_iter)
                 print(f"{kind:>8} {k:>4} {name:>7} {r['matvecs']:>8} {r['passes']:>7}"
                       f" {r['total']:>8.2f} {1e3 * r['products'] / r['matvecs']:>11.1f}"
+                      f" {1e3 * (r['total'] - r['products']) / r['matvecs']:>11.1f}"
                       f" {(r['total'] - r['products']) / r['total']:>9.1%}"
-                      f" {r['gs'] / r['total']:>6.1%} {r['gbps']:>6.1f} {r['converged']!s:>9}",
+                      f" {r['gs'] / r['total']:>6.1%} {r['gbps']:>6.1f} {r['restarts']:>8}"
+                      f" {r['converged']!s:>9}",
                       flush=True)
 
 
