@@ -170,8 +170,8 @@ def test_slices(ranks, reference, name):
         _close({k: v for k, v in ref.items() if k != "collectives"},
                {k: v for k, v in got.items() if k != "collectives"}, name)
     if name == "slice_2d":
-        # origin + 4 rows: one all-reduce per row, not per point
-        assert per_rank[0]["collectives"] == 5
+        # origin + 4 rows (one all-reduce per row, not per point) + the sample count
+        assert per_rank[0]["collectives"] == 6
 
 
 def test_slice_2d_store_written_by_rank_zero(ranks, reference):
