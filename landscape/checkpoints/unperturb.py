@@ -158,19 +158,17 @@ def _aliases(state: Mapping[str, torch.Tensor], model: nn.Module | None) -> dict
     return {n: g for g in groups.values() if len(g) > 1 for n in g}
 
 
-def _check_tied(state: Mapping[str, torch.Tensor], aliases: dict[str, list[str]],
-                path: pathlib.Path) -> None:
+def _check_tied(state: Mapping[str, torch.Tensor], keys: list[str], path: pathlib.Path) -> None:
     """Refuse tied keys whose saved values differ: which of them is ``w~`` is unknowable."""
-    for keys in {tuple(g) for g in aliases.values()}:
-        present = [k for k in keys if k in state]
-        for k in present[1:]:
-            a, b = state[present[0]], state[k]
-            if a.shape != b.shape or not torch.equal(a, b.to(a.device, a.dtype)):
-                raise CheckpointError(
-                    f"{path}: {present[0]!r} and {k!r} are one tied parameter of the model but "
-                    "hold different values in the checkpoint, so it cannot be moved back from "
-                    "MSAM's perturbed point; load with unperturb=False to take the weights as "
-                    "they are")
+    present = [k for k in keys if k in state]
+    for k in present[1:]:
+        a, b = state[present[0]], state[k]
+        if a.shape != b.shape or not torch.equal(a, b.to(a.device, a.dtype)):
+            raise CheckpointError(
+                f"{path}: {present[0]!r} and {k!r} are one tied parameter of the model but "
+                "hold different values in the checkpoint, so it cannot be moved back from "
+                "MSAM's perturbed point; load with unperturb=False to take the weights as "
+                "they are")
 
 
 def _strip_name(name: str) -> str:
@@ -261,7 +259,6 @@ def _unperturb(
     if not order:
         return state
     aliases = _aliases(state, model)
-    _check_tied(state, aliases, path)
     matched = _match_optimizer_params(groups, per_param, order, names, state, path, explain,
                                       aliases)
     # a tied parameter may be saved under any of its names
@@ -274,6 +271,9 @@ def _unperturb(
                                        assume_perturbed=True)
     except SavedStateError as exc:
         raise _move_back_error(exc, path, okey or "optimizer", order, matched, state, explain) from None
+    for name, w, new in zip(matched, weights, moved):
+        if new is not w:  # only a moved parameter's tied keys must agree
+            _check_tied(state, aliases.get(name, [name]), path)
     out = dict(state)
     for (pid, _), name, w, new in zip(order, matched, weights, moved):
         if new is w:

@@ -131,6 +131,20 @@ def test_tied_keys_with_different_values_are_refused(tmp_path):
     assert "'tok.weight' and 'head.weight'" in msg and "different values" in msg
     assert "\n" not in msg and torch.equal(fresh.tok.weight, before)
     load_checkpoint(tmp_path / "bad.pt", TiedLM(seed=1), unperturb=False)  # taken as they are
+    # a tied parameter that MSAM did not perturb (frozen: no momentum) is not moved: not refused
+    frozen = TiedLM()
+    frozen.tok.weight.requires_grad_(False)
+    opt = MSAM(frozen.parameters(), lr=0.05, rho=1.0)
+    x, y = token_data()
+    for _ in range(2):
+        opt.zero_grad()
+        lm_loss(frozen(x), y).backward()
+        opt.step()
+    sd = dict(frozen.state_dict())
+    sd["head.weight"] = sd["head.weight"] + 1.0
+    torch.save({"model": sd, "optimizer": opt.state_dict()}, tmp_path / "frozen.pt")
+    with pytest.warns(PerturbedCheckpointWarning):
+        load_checkpoint(tmp_path / "frozen.pt", TiedLM(seed=1))
 
 
 def test_sam_between_passes_still_refused_for_a_tied_model(tmp_path):
