@@ -214,6 +214,12 @@ class PerturbedOptimizer(Optimizer):
         collect (``_init_group``) -> undo (``w~ -> w``, stored coefficients) -> update (the
         base optimizer at ``w``) -> perturb (``w -> w~`` with the new coefficients).
 
+        After ``eval()`` (parameters at ``w``) the undo is skipped: the gradient is taken as
+        the gradient at ``w`` (one update of the base optimizer without SAM effect) and the
+        parameters end at the new ``w~``, perturbed again. This is deliberate and does not
+        warn (evaluate, then train on); call ``train()`` before the forward/backward to take
+        the gradient at ``w~``.
+
         Args:
             closure: optional callable that re-evaluates the model (at ``w~``), calls backward
                 and returns the loss.

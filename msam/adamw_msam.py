@@ -38,6 +38,9 @@ class AdamWMSAM(PerturbedOptimizer):
     torch.optim.AdamW's, so ``rho=0`` reproduces ``torch.optim.AdamW`` (amsgrad=False) bit for
     bit. ``eval()``/``train()``/``unperturbed()``/``is_perturbed`` and the state dict's
     ``"perturbed"`` flag work as for :class:`msam.MSAM`; ``rho`` may differ per group.
+    ``step()`` after ``eval()`` (no warning) takes the gradient as taken at ``w``: one plain
+    AdamW step from ``w``, ending at the new ``w~`` (perturbed again); call
+    ``optimizer.train()`` before the forward/backward to take it at ``w~``.
 
     Args:
         params: iterable of parameters or of parameter-group dicts.

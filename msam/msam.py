@@ -50,7 +50,12 @@ class MSAM(PerturbedOptimizer):
 
     Evaluate and save inference weights at ``w``: call ``optimizer.eval()`` (or use
     ``with optimizer.unperturbed():``) and ``optimizer.train()`` before training again.
-    ``step()`` called while unperturbed takes the gradient as taken at ``w`` and ends at ``w~``.
+    ``step()`` after ``eval()`` works, on purpose without a warning (evaluating and then
+    training on is a normal workflow): the gradient of a forward/backward at ``w`` is taken as
+    the gradient at ``w``, so that one step is a plain SGD-momentum update from ``w`` (no SAM
+    effect for that batch), and the parameters end at the new ``w~`` (``is_perturbed`` is True
+    again): training silently continues as MSAM. Call ``optimizer.train()`` before the next
+    forward/backward to get MSAM's gradient at ``w~`` for that batch too.
     BatchNorm running statistics collected during training are taken at ``w~``; recompute them
     at ``w`` with :func:`msam.recalibrate_batchnorm` at the end of training.
 

@@ -239,7 +239,9 @@ class SAM(Optimizer):
         closure runs at ``w``, ``first_step``, the closure runs again at ``w + e`` (inside
         :func:`msam.frozen_batchnorm_stats(model) <msam.frozen_batchnorm_stats>` when ``model``
         is given, so BatchNorm running statistics are only updated by the first pass), then
-        ``second_step``; returns the loss at ``w``. Without a closure: ``second_step()``.
+        ``second_step``; returns the loss at ``w``. Without a closure, only after
+        ``first_step()`` (it is then ``second_step()``); otherwise a RuntimeError shows the
+        call form ``opt.step(closure)``.
         If the second closure raises, the weights are restored to ``w`` before the exception
         propagates (the base optimizer does not step).
 
@@ -248,6 +250,12 @@ class SAM(Optimizer):
             model: the network whose BatchNorm statistics the second pass must not move.
         """
         if closure is None:
+            if not self._perturbed:  # second_step() comes through here after first_step()
+                raise RuntimeError(
+                    "SAM.step() needs a closure that runs forward and backward and returns the "
+                    "loss: 'def closure(): loss = loss_fn(model(x), y); loss.backward(); return "
+                    "loss' then opt.step(closure); or call opt.first_step() after the first "
+                    "backward pass and opt.second_step() after the second")
             self._second_step()
             return None
         closure = torch.enable_grad()(closure)

@@ -38,6 +38,10 @@ because the optimizer state holds everything the correction needs exactly (the s
 optimizer's own ``eval()`` applies), while refusing would leave the user with no way to evaluate
 the file. If the state cannot be matched to the parameters (different counts or shapes), the
 file is refused with an explanation instead; ``unperturb=False`` loads the raw perturbed weights.
+Tied weights (an input embedding shared with a language-model head, saved under two keys) are
+moved back under every key that names the same parameter (the same Parameter in ``model``;
+without a model, the same saved tensor), so the twin loaded last cannot put ``w~`` back; tied
+keys whose saved values differ are refused, naming both.
 A malformed optimizer entry (``param_groups`` not a list, a ``perturbed`` flag that is a tensor,
 a non-numeric ``perturbation_scale``) or non-finite move-back data (``perturbation_scale``,
 ``rho``, a momentum buffer) is refused with a :class:`CheckpointError` naming the file and the

@@ -28,19 +28,29 @@ def _covers(keys: set[str], groups: list[list[str]]) -> bool:
     return all(any(k in keys for k in g) for g in groups)
 
 
-def _prefix_hint(state: Mapping[str, Any], model_keys: list[str]) -> str:
-    counts: dict[str, int] = {}
-    for k in state:
-        head = k.split(".", 1)[0] + "."
-        counts[head] = counts.get(head, 0) + 1
-    model_heads = {k.split(".", 1)[0] + "." for k in model_keys}
-    foreign = sorted((p for p in counts if p not in model_heads), key=lambda p: -counts[p])
-    if not foreign:
+def _fitting_prefix(state: Mapping[str, Any], model: nn.Module, target: Mapping[str, Any]) -> str:
+    """The dotted prefix whose removal makes the most checkpoint keys match ``target`` (name
+    and shape), more than the keys as they are; "" when no prefix helps."""
+    def fits(sub: Mapping[str, Any]) -> int:
+        return sum(1 for k, v in sub.items()
+                   if k in target and tuple(getattr(v, "shape", ())) == tuple(target[k].shape))
+
+    prefixes = {".".join(k.split(".")[:i]) + "." for k in state
+                for i in range(1, min(len(k.split(".")) - 1, 4) + 1)}
+    best, best_count = "", fits(state)
+    for p in sorted(prefixes):
+        count = fits(_under(dict(state), p, model, set(target))[0])
+        if count > best_count:
+            best, best_count = p, count
+    return best
+
+
+def _prefix_hint(state: Mapping[str, Any], model: nn.Module, target: Mapping[str, Any]) -> str:
+    """Suggest ``prefix=`` only when removing it makes keys match the model (checked)."""
+    p = _fitting_prefix(state, model, target)
+    if not p:
         return ""
-    return (
-        f"; the checkpoint's keys start with {', '.join(repr(p) for p in foreign[:4])}: if the "
-        f"weights sit under a prefix, pass prefix={foreign[0]!r} (command line: --prefix {foreign[0]})"
-    )
+    return f"; the weights seem to sit under a prefix: pass prefix={p!r} (command line: --prefix {p})"
 
 
 def _under(
@@ -125,7 +135,8 @@ def _compare_with_model(
             f"{path} matches none of {type(model).__name__}'s keys (nothing would be loaded): "
             f"checkpoint keys {_names(list(state), 4)}; model keys {_names(list(target), 4)}"
             + ("; shape mismatches on every common key" if mismatched else "")
-            + _prefix_hint(state, list(target))
+            + (_prefix_hint(state, model, target) or "; removing a prefix from its keys does not "
+               "make them match either: it looks like a checkpoint of another architecture")
         )
     if strict and (missing or unexpected or mismatched):
         parts = []
@@ -140,6 +151,6 @@ def _compare_with_model(
             )
         raise CheckpointError(
             f"{path} does not match {type(model).__name__}: " + "; ".join(parts)
-            + (_prefix_hint(state, list(target)) if unexpected else "")
+            + (_prefix_hint(state, model, target) if unexpected else "")
         )
     return loadable, missing, unexpected, mismatched

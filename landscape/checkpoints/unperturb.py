@@ -123,9 +123,52 @@ def _scalar(x: Any) -> Any:
 
 
 def _parameter_names(state: dict[str, torch.Tensor], model: nn.Module | None) -> list[str]:
+    """One name per parameter: the model's (tied ones once), else the floating state keys with
+    keys that alias an earlier one (the same saved tensor) left out."""
     if model is not None:
         return [n for n, _ in model.named_parameters()]
-    return [k for k, v in state.items() if v.is_floating_point() and not k.endswith(BATCHNORM_BUFFERS)]
+    first = {}
+    for k, v in state.items():
+        if v.is_floating_point() and not k.endswith(BATCHNORM_BUFFERS):
+            first.setdefault(_storage_identity(v, k), k)
+    return list(first.values())
+
+
+def _storage_identity(t: torch.Tensor, key: str) -> tuple:
+    """Equal for two tensors that are the same view of the same storage (tied weights)."""
+    if not t.numel() or t.is_meta or t.data_ptr() == 0:
+        return (key,)
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _aliases(state: Mapping[str, torch.Tensor], model: nn.Module | None) -> dict[str, list[str]]:
+    """Each parameter name -> every state key holding that parameter (tied weights share one).
+
+    With a model: the keys whose model tensor is the same Parameter object (an input embedding
+    and a language-model head); without: the keys whose saved tensors are the same view of one
+    storage (``torch.save`` keeps the sharing).
+    """
+    groups: dict[Any, list[str]] = {}
+    if model is not None:
+        for n, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(n)
+    else:
+        for k, v in state.items():
+            groups.setdefault(_storage_identity(v, k), []).append(k)
+    return {n: g for g in groups.values() if len(g) > 1 for n in g}
+
+
+def _check_tied(state: Mapping[str, torch.Tensor], keys: list[str], path: pathlib.Path) -> None:
+    """Refuse tied keys whose saved values differ: which of them is ``w~`` is unknowable."""
+    present = [k for k in keys if k in state]
+    for k in present[1:]:
+        a, b = state[present[0]], state[k]
+        if a.shape != b.shape or not torch.equal(a, b.to(a.device, a.dtype)):
+            raise CheckpointError(
+                f"{path}: {present[0]!r} and {k!r} are one tied parameter of the model but "
+                "hold different values in the checkpoint, so it cannot be moved back from "
+                "MSAM's perturbed point; load with unperturb=False to take the weights as "
+                "they are")
 
 
 def _strip_name(name: str) -> str:
@@ -138,6 +181,7 @@ def _strip_name(name: str) -> str:
 def _match_optimizer_params(
     groups: list, per_param: Mapping, order: list[tuple[Any, int]], names: list[str],
     state: Mapping[str, torch.Tensor], path: pathlib.Path, explain: str,
+    aliases: Mapping[str, list[str]] | None = None,
 ) -> list[str]:
     """The model parameter name of each optimizer parameter, in ``order``.
 
@@ -152,7 +196,7 @@ def _match_optimizer_params(
     if groups and all(isinstance(g.get("param_names"), (list, tuple))
                       and len(g["param_names"]) == len(g.get("params", [])) for g in groups):
         recorded = [_strip_name(str(n)) for g in groups for n in g["param_names"]]
-        known = set(names)
+        known = set(names) | set(aliases or ())  # a tied parameter under any of its names
         missing = [n for n in recorded if n not in known]
         if missing:
             raise CheckpointError(
@@ -214,7 +258,12 @@ def _unperturb(
         )
     if not order:
         return state
-    matched = _match_optimizer_params(groups, per_param, order, names, state, path, explain)
+    aliases = _aliases(state, model)
+    matched = _match_optimizer_params(groups, per_param, order, names, state, path, explain,
+                                      aliases)
+    # a tied parameter may be saved under any of its names
+    matched = [next((k for k in aliases.get(n, ()) if k in state), n) if n not in state else n
+               for n in matched]
     # a weight the checkpoint lacks is a placeholder: an error only if it was perturbed
     weights = [state.get(name, _ABSENT) for name in matched]
     try:
@@ -222,6 +271,9 @@ def _unperturb(
                                        assume_perturbed=True)
     except SavedStateError as exc:
         raise _move_back_error(exc, path, okey or "optimizer", order, matched, state, explain) from None
+    for name, w, new in zip(matched, weights, moved):
+        if new is not w:  # only a moved parameter's tied keys must agree
+            _check_tied(state, aliases.get(name, [name]), path)
     out = dict(state)
     for (pid, _), name, w, new in zip(order, matched, weights, moved):
         if new is w:
@@ -229,7 +281,9 @@ def _unperturb(
         if name not in state:  # only an empty buffer matches the placeholder's shape
             raise CheckpointError(f"{path}: momentum of optimizer parameter {pid} has shape "
                                   f"{tuple(new.shape)} but {name!r} is absent; {explain}")
-        out[name] = new
+        for key in aliases.get(name, [name]):  # every key of a tied parameter, or the
+            if key in state:                   # twin loaded after it would undo the move
+                out[key] = new
     return out
 
 

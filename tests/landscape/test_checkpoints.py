@@ -450,7 +450,7 @@ def test_non_strict_zero_match_refused_and_keys_recorded(tmp_path):
         load_checkpoint(tmp_path / "none.pt", dst, strict=False)
     msg = str(info.value)
     assert "matches none of Sequential's keys" in msg and "foo.a" in msg and "0.weight" in msg
-    assert "pass prefix=" in msg
+    assert "another architecture" in msg and "prefix=" not in msg  # no prefix would help
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
     # a partial match loads and records both kinds of key problems
     part = dict(_fresh(0).state_dict())
@@ -763,3 +763,36 @@ def test_perturbed_weights_are_moved_back_by_msam(tmp_path, monkeypatch):
     opt.eval()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ck.state_dict[name], p.detach(), rtol=0, atol=1e-14)
+
+
+class _ConvNet(nn.Module):  # a ResNet's top-level names: stem, layers, fc
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.layers = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4, 2)
+
+
+class _Encoder(nn.Module):  # a ViT's: embed, enc.layers, head
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.enc = nn.Module()
+        self.enc.layers = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+        self.head = nn.Linear(8, 2)
+
+
+def test_wrong_architecture_names_no_prefix_that_cannot_help(tmp_path):
+    """A ResNet file loaded into a ViT used to suggest prefix='layers.', merely one of the
+    ResNet's top-level names; a prefix is suggested only when removing it makes keys match."""
+    torch.save(_ConvNet().state_dict(), tmp_path / "resnet.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "resnet.pt", _Encoder())
+    msg = str(info.value)
+    assert "prefix=" not in msg and "another architecture" in msg and "\n" not in msg
+    assert "layers.0.weight" in msg and "embed.weight" in msg  # a few keys of each side
+    # a real prefix is still suggested, and it does make the file load
+    torch.save({f"student.{k}": v for k, v in _Encoder().state_dict().items()}, tmp_path / "s.pt")
+    with pytest.raises(CheckpointError, match=r"pass prefix='student\.' \(command line: --prefix student\.\)"):
+        load_checkpoint(tmp_path / "s.pt", _Encoder(), prefix="")
+    load_checkpoint(tmp_path / "s.pt", _Encoder(), prefix="student.")

@@ -300,3 +300,19 @@ def test_closure_step_with_model_freezes_batchnorm_on_second_pass():
     assert torch.equal(model[1].running_mean, reference[1].running_mean)
     assert torch.equal(model[1].running_var, reference[1].running_var)
     assert int(model[1].num_batches_tracked) == 1
+
+
+def test_step_without_closure_says_it_needs_one():
+    """step() before first_step() used to report 'second_step() called without first_step()'."""
+    model = mlp()
+    opt = SAM(model.parameters(), lr=0.1)
+    x, y = classification_data()
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"^SAM\.step\(\) needs a closure.*opt\.step\(closure\)") as info:
+        opt.step()
+    assert "\n" not in str(info.value) and "second_step() called" not in str(info.value)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    opt.first_step(zero_grad=True)  # the two-pass form still ends with a closure-less step()
+    F.cross_entropy(model(x), y).backward()
+    assert opt.step() is None and not opt.state_dict()["sam"]["perturbed"]

@@ -44,7 +44,7 @@ REASONS: dict[str, str] = {
     "legacy_pickle_reduce": r"refused to load .*nothing in it was run",
     "raw_pickle_reduce": r"refused to load .*nothing in it was run",
     "wrong_model": r"shape",
-    "zero_match": r"match",
+    "zero_match": r"matches none of .*another architecture",
     "ambiguous_prefix": r"several prefixes",
     "no_weights": r"no model weights",
     "nonfinite_scale": r"\['perturbation_scale'\] is inf.*not finite",
