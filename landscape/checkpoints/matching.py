@@ -111,6 +111,21 @@ def _select_prefix(
     return state, "", []
 
 
+def _refuse_untied(loadable: dict[str, torch.Tensor], groups: list[list[str]], path: pathlib.Path) -> None:
+    """Refuse keys of one tied tensor of the model that hold different values in the file:
+    ``load_state_dict`` would keep whichever comes last, silently."""
+    for g in groups:
+        present = [k for k in g if k in loadable]
+        for k in present[1:]:
+            a, b = loadable[present[0]], loadable[k]
+            if not torch.equal(a, b.to(a.device, a.dtype)):
+                raise CheckpointError(
+                    f"{path}: {present[0]!r} and {k!r} are one tied tensor of the model but hold "
+                    "different values in the checkpoint (max difference "
+                    f"{float((a.double() - b.to(a.device).double()).abs().max()):.3g}); it was "
+                    "not saved from this tied model. Untie them in the model, or drop one key")
+
+
 def _compare_with_model(
     state: dict[str, torch.Tensor], model: nn.Module, strict: bool, path: pathlib.Path,
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
@@ -130,6 +145,7 @@ def _compare_with_model(
     ]
     bad = {k for k, _, _ in mismatched}
     loadable = {k: v for k, v in state.items() if k in target and k not in bad}
+    _refuse_untied(loadable, _tie_groups(model), path)
     if not loadable and target:
         raise CheckpointError(
             f"{path} matches none of {type(model).__name__}'s keys (nothing would be loaded): "

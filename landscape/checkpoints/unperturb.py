@@ -167,8 +167,7 @@ def _check_tied(state: Mapping[str, torch.Tensor], keys: list[str], path: pathli
             raise CheckpointError(
                 f"{path}: {present[0]!r} and {k!r} are one tied parameter of the model but "
                 "hold different values in the checkpoint, so it cannot be moved back from "
-                "MSAM's perturbed point; load with unperturb=False to take the weights as "
-                "they are")
+                "MSAM's perturbed point (it was not saved from this tied model)")
 
 
 def _strip_name(name: str) -> str:

@@ -130,8 +130,15 @@ def test_tied_keys_with_different_values_are_refused(tmp_path):
     msg = str(info.value)
     assert "'tok.weight' and 'head.weight'" in msg and "different values" in msg
     assert "\n" not in msg and torch.equal(fresh.tok.weight, before)
-    load_checkpoint(tmp_path / "bad.pt", TiedLM(seed=1), unperturb=False)  # taken as they are
-    # a tied parameter that MSAM did not perturb (frozen: no momentum) is not moved: not refused
+    # nor as they are: a tied model can hold only one of the two values
+    with pytest.raises(CheckpointError, match="one tied tensor of the model"):
+        load_checkpoint(tmp_path / "bad.pt", TiedLM(seed=1), unperturb=False)
+    sd.pop("head.weight")  # one key of the pair loads (the tie gives the other)
+    torch.save({"model": sd, "optimizer": opt.state_dict()}, tmp_path / "one.pt")
+    with pytest.warns(PerturbedCheckpointWarning):
+        load_checkpoint(tmp_path / "one.pt", TiedLM(seed=1))
+    # a tied parameter that MSAM did not perturb (frozen: no momentum) is not moved, so the
+    # move-back does not refuse it; loading its two differing values into the tied model does
     frozen = TiedLM()
     frozen.tok.weight.requires_grad_(False)
     opt = MSAM(frozen.parameters(), lr=0.05, rho=1.0)
@@ -143,7 +150,7 @@ def test_tied_keys_with_different_values_are_refused(tmp_path):
     sd = dict(frozen.state_dict())
     sd["head.weight"] = sd["head.weight"] + 1.0
     torch.save({"model": sd, "optimizer": opt.state_dict()}, tmp_path / "frozen.pt")
-    with pytest.warns(PerturbedCheckpointWarning):
+    with pytest.raises(CheckpointError, match="one tied tensor of the model"):
         load_checkpoint(tmp_path / "frozen.pt", TiedLM(seed=1))
 
 
@@ -184,3 +191,33 @@ def test_cli_hessian_loads_tied_weights_at_w(tmp_path, monkeypatch):
     assert rc == 0 and loaded
     for k, v in model.state_dict().items():
         assert torch.equal(loaded[-1][k], v), k
+
+
+def test_differing_tied_keys_are_refused_before_loading(tmp_path):
+    # a file whose two keys of one tied tensor differ (not saved from this tied model): the
+    # last one would win silently in load_state_dict; refused, the model unchanged
+    import torch
+    from torch import nn
+
+    from landscape.checkpoints import CheckpointError, load_checkpoint
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(7, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.tok.weight
+
+    src, dst = Tied(), Tied()
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    state["head.weight"] = state["head.weight"] + 0.5
+    path = tmp_path / "untied.pt"
+    torch.save(state, path)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(CheckpointError, match="tok.weight.*head.weight.*tied"):
+        load_checkpoint(path, dst)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())
+    same = {k: v.clone() for k, v in src.state_dict().items()}  # equal twins load fine
+    torch.save(same, path)
+    load_checkpoint(path, dst)
+    assert torch.equal(dst.tok.weight, src.tok.weight)
