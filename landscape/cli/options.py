@@ -46,6 +46,30 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # exit 2, one line, with a hint (rank 0 only)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if rank0() else None)
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """As argparse's, with the closest known option suggested for a mistyped one."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + self._suggest(ns, extras))
+        return ns
+
+    def _suggest(self, ns: argparse.Namespace, extras: list[str]) -> str:
+        """``" (did you mean --top-k?)"`` for unknown ``--options`` close to one of the chosen
+        subcommand's (difflib, cutoff 0.6); empty when none is close."""
+        import difflib
+
+        parser: argparse.ArgumentParser = self
+        for action in self._actions:  # the subcommand's parser knows its options
+            if isinstance(action, argparse._SubParsersAction) and getattr(ns, action.dest, None):
+                parser = action.choices.get(getattr(ns, action.dest), self)
+        known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+        hints, several = [], sum(w.startswith("--") for w in extras) > 1
+        for word in extras:
+            name = word.split("=", 1)[0]
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if name.startswith("--") else []
+            if close:
+                hints.append(f"{close[0]} for {name}" if several else close[0])
+        return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def add_command(sub: Any, name: str, help_: str, epilog: str | None = None) -> argparse.ArgumentParser:
