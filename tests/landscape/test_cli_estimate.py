@@ -151,7 +151,8 @@ def test_slice_cost_is_the_forward_passes_seen(dims, steps):
 def test_describe_says_bounds_and_exact_counts():
     line = E.describe(E.lanczos_cost(1000, 5, 4))
     assert line == ("cost estimate: top-5 eigenvalues (Lanczos): <= 300 Hessian-vector products, "
-                    "<= 301 data passes, peak extra memory <= 0.2 MB")
+                    "<= 301 data passes, peak extra memory <= 0.2 MB (the max_iter cap; it stops at "
+                    "the tolerance, usually far earlier)")
     line = E.describe(E.trace_cost(N, 4, num_matvecs=99, block_size=16), " (each of 2 checkpoints)")
     assert line == ("cost estimate: trace (Hutch++, 99 products): 99 Hessian-vector products, "
                     "9 data passes, peak extra memory 47724 bytes (each of 2 checkpoints)")
@@ -181,11 +182,35 @@ def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys
     # one operator served all three: what is left for Lanczos is within its bound
     used_by_lanczos = doc["num_matvecs"] - trace["hvps"] - density["hvps"]
     assert 1 <= used_by_lanczos <= lanczos["hvps"]
+    # what each analysis used, beside its estimate (counted by its own operator)
+    by = doc["num_matvecs_by_analysis"]
+    assert by == {"lanczos": used_by_lanczos, "trace": 99, "density": 36}
+    assert [e["used"]["hvps"] for e in doc["estimate"]] == [used_by_lanczos, 99, 36]
+    assert all(e["used"]["seconds"] > 0 for e in doc["estimate"])
+    used = [ln for ln in err.splitlines() if ln.startswith("used: ")]
+    assert used[0] == (f"used: top-2 eigenvalues (Lanczos): {used_by_lanczos} Hessian-vector products "
+                       f"(estimate <= 300), {doc['estimate'][0]['used']['seconds']:.3g} s")
+    assert used[1].startswith("used: trace (Hutch++, 99 products): 99 Hessian-vector products (estimate 99)")
+    assert len(used) == 3 and f"Hessian-vector products used: {used_by_lanczos} (Lanczos)" in err
+    # time estimates from the Lanczos run's seconds per product, before the later analyses
+    per = doc["estimate"][0]["used"]["seconds"] / used_by_lanczos
+    times = [ln for ln in err.splitlines() if ln.startswith("time estimate: ")]
+    assert times == [f"time estimate: trace (Hutch++, 99 products): about {99 * per:.3g} s (99 "
+                     f"products at {per:.3g} s each, as measured so far)",
+                     f"time estimate: spectral density (SLQ, 3 runs x 12 steps): about {36 * per:.3g} s "
+                     f"(36 products at {per:.3g} s each, as measured so far)"]
+    assert err.index(times[0]) < err.index(used[1])
     lines = _estimates(err)
     assert len(lines) == 3 and lines[0].startswith("cost estimate: top-2 eigenvalues (Lanczos): <= 300")
     assert err.index("cost estimate: ") < err.index("top-2 Hessian eigenvalues")  # before the work
     code, out, err = _run([*argv, "--quiet"], capsys)
-    assert code == 0 and _estimates(err) == [] and json.loads(out)["estimate"] == doc["estimate"]
+    quiet = json.loads(out)["estimate"]
+    assert code == 0 and _estimates(err) == [] and "\nused: " not in err and "time estimate" not in err
+
+    def drop_used(est):
+        return [{k: v for k, v in e.items() if k != "used"} for e in est]
+
+    assert drop_used(quiet) == drop_used(doc["estimate"])
 
 
 def test_sharpness_estimate_matches_the_recorded_settings(ckpt, capsys):
@@ -242,3 +267,30 @@ def test_per_layer_estimate_bounds_the_products_of_each_block(ckpt, capsys):
     used = sum(layer["num_matvecs"] for layer in doc["per_layer"])
     assert 4 <= used - trace["hvps"] <= lanczos["hvps"]
     assert len(_estimates(err)) == 4
+    # products used per block (JSON and table column) and per analysis, beside the estimates
+    assert all(la["num_matvecs"] == la["eigen_matvecs"] + la["trace_matvecs"] for la in doc["per_layer"])
+    assert trace["used"]["hvps"] == trace["hvps"]
+    assert lanczos["used"]["hvps"] == used - trace["hvps"] == sum(la["eigen_matvecs"] for la in doc["per_layer"])
+    assert doc["num_matvecs_by_analysis"]["per_layer"] == used
+    assert doc["num_matvecs"] == doc["num_matvecs_by_analysis"]["lanczos"] + 99  # whole model, as before
+    header = next(ln for ln in err.splitlines() if ln.startswith("module"))
+    assert header.split()[-1] == "products"
+    assert sum(ln.startswith("time estimate: per-layer") for ln in err.splitlines()) == 2
+
+
+def test_hessian_numbers_are_those_of_hessian_summary(ckpt, tmp_path, capsys):
+    """Counting each analysis apart (its own operator) changes no number."""
+    from landscape.report import hessian_summary
+
+    code, out, err = _run(["hessian", str(ckpt), *SPEC, "--top-k", "2", "--trace", "--density",
+                           str(tmp_path / "d.png"), "--density-iter", "12", "--density-runs", "3",
+                           "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    model = fx.model()
+    model.load_state_dict(torch.load(ckpt))
+    ref = hessian_summary(model, "cross_entropy", fx.data(), top_k=2, trace=True, density=True,
+                          density_iter=12, density_runs=3, seed=0, tol=1e-3)
+    assert doc["eigenvalues"] == ref["eigenvalues"] and doc["trace"] == ref["trace"]
+    assert doc["trace_stderr"] == ref["trace_stderr"] and doc["num_matvecs"] == ref["num_matvecs"]
+    np.testing.assert_array_equal(doc["density"]["density"], ref["density"]["density"])
