@@ -187,15 +187,19 @@ def m_sharpness_cost(num_samples: int, *, kind: str, m: int, n_eval: int | None 
                 unit="batches of m samples")
 
 
-def slice_cost(n: int, itemsize: int, *, dims: int, steps: int, label: str | None = None) -> Cost:
+def slice_cost(n: int, itemsize: int, *, dims: int, steps: int, label: str | None = None,
+               rows_done: int = 0) -> Cost:
     """Counts for a slice of :mod:`landscape.slices`: ``steps ** dims`` grid points and the origin
-    ``w``, one forward pass over the data each (fewer when a ``--store`` resumes; the determinism
-    check's two forward passes of the first batch are not counted); memory
-    ``(dims + 1) * n * itemsize`` (the saved weights ``w`` and the directions; parameters are set
-    in place to ``w + x d1 + y d2``, the model is not copied)."""
-    passes = steps ** dims + 1
-    return Cost(label or f"{dims}-D slice ({steps}{'x' + str(steps) if dims == 2 else ''} points)",
-                forward_passes=passes, data_passes=passes, memory_bytes=(dims + 1) * n * itemsize)
+    ``w``, one forward pass over the data each (``(steps - rows_done) * steps + 1`` when a 2-D
+    ``--store`` resumes ``rows_done`` finished rows; the determinism check's two forward passes
+    of the first batch are not counted); memory ``(dims + 1) * n * itemsize`` (the saved weights
+    ``w`` and the directions; parameters are set in place to ``w + x d1 + y d2``, the model is
+    not copied)."""
+    passes = (steps - rows_done) * steps ** (dims - 1) + 1
+    name = label or f"{dims}-D slice ({steps}{'x' + str(steps) if dims == 2 else ''} points)"
+    if rows_done:
+        name += f", {steps - rows_done} of {steps} rows left"
+    return Cost(name, forward_passes=passes, data_passes=passes, memory_bytes=(dims + 1) * n * itemsize)
 
 
 def unknown_cost(analysis: str) -> Cost:

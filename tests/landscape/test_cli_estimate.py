@@ -294,3 +294,62 @@ def test_hessian_numbers_are_those_of_hessian_summary(ckpt, tmp_path, capsys):
     assert doc["eigenvalues"] == ref["eigenvalues"] and doc["trace"] == ref["trace"]
     assert doc["trace_stderr"] == ref["trace_stderr"] and doc["num_matvecs"] == ref["num_matvecs"]
     np.testing.assert_array_equal(doc["density"]["density"], ref["density"]["density"])
+
+
+def _unfinish(store, keep):
+    """The store file as if the run had been killed after its first ``keep`` rows."""
+    with np.load(store, allow_pickle=False) as z:
+        arrays = {k: np.array(z[k]) for k in z.files}
+    arrays["done"][keep:] = False
+    for k in [k for k in arrays if k.startswith("nan_")]:
+        arrays[k][keep:] = False
+    for m in ("loss", "accuracy"):
+        if m in arrays:
+            arrays[m][keep:] = np.nan
+    with open(store, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_slice_resume_says_so_and_estimates_only_the_rows_left(ckpt, tmp_path, capsys):
+    store = tmp_path / "g.npz"
+    argv = ["slice", str(ckpt), *SPEC, "--dims", "2", "--steps", "4", "--out", str(tmp_path / "s.png"),
+            "--store", str(store), "--json", "-"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["resumed_rows"] == 0 and "resuming" not in err and "resumed " not in err
+    assert first["estimate"][-1]["forward_passes"] == 4 * 4 + 1
+    _unfinish(store, 1)
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["resumed_rows"] == doc["grid"]["resumed_rows"] == 1
+    assert f"resuming {store}: 1 of 4 rows already computed, 3 left" in err
+    assert f"resumed 1 of 4 rows from {store}; computed 3" in err
+    assert doc["estimate"][-1]["forward_passes"] == 3 * 4 + 1
+    assert "2-D slice (4x4 points), 3 of 4 rows left: 13 forward" in err
+    np.testing.assert_array_equal(doc["grid"]["loss"], first["grid"]["loss"])
+    code, out, err = _run(argv, capsys)  # complete: only the origin is evaluated
+    doc = json.loads(out)
+    assert code == 0 and doc["resumed_rows"] == 4 and doc["estimate"][-1]["forward_passes"] == 1
+    code, out, err = _run([*argv, "--restart"], capsys)  # --restart: everything again
+    doc = json.loads(out)
+    assert code == 0 and doc["resumed_rows"] == 0 and doc["estimate"][-1]["forward_passes"] == 17
+
+
+def test_stored_rows_done_reads_a_store_without_changing_it(tmp_path):
+    from landscape.store import GridStore, stored_rows_done
+
+    xs, ys = np.linspace(-1, 1, 3), np.linspace(-1, 1, 2)
+    path = tmp_path / "g.npz"
+    assert stored_rows_done(path, xs, ys) == 0  # no file yet
+    store = GridStore(path, {"kind": "test"}, xs, ys, ["loss"])
+    store.write_row(1, {"loss": np.array([1.0, 2.0])})
+    before = path.read_bytes()
+    assert stored_rows_done(path, xs, ys) == 1
+    assert stored_rows_done(tmp_path / "g", xs, ys) == 1  # the suffix GridStore adds
+    assert stored_rows_done(path, np.linspace(-1, 1, 4), ys) is None  # another grid
+    assert stored_rows_done(tmp_path, xs, ys) is None  # a directory: the name needs the fingerprint
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert stored_rows_done(tmp_path / "bad.npz", xs, ys) is None
+    assert path.read_bytes() == before
