@@ -31,7 +31,10 @@ So that an estimate can be checked against the run, a :class:`Meter` prints afte
 what it used (:func:`describe_used`: the products counted by the operator and the seconds), and
 records it in the JSON beside the estimate (``estimate[i]["used"]``). No product is spent on
 timing: once an analysis has run, its seconds per product give a time estimate of each later
-one before it starts (:func:`describe_time`, "about X s"); the first analysis (Lanczos) has none.
+one before it starts (:func:`describe_time`, "about X s"); the first analysis (Lanczos) has none,
+and the latest analysis's rate is used, since the first one's includes the one-time start-up
+(on a small model the first estimate can therefore be far too high; on a large one, where the
+estimate matters, the start-up is a small share).
 """
 
 from __future__ import annotations
@@ -289,7 +292,7 @@ class Meter:
         """Print and keep what ``cost``'s analysis used."""
         self.used[cost.analysis] = {"hvps": hvps, "forward_passes": forward, "seconds": seconds}
         self.log(describe_used(cost, hvps, seconds, forward))
-        if hvps and self.seconds_per_product is None:
+        if hvps:  # the latest rate: the first includes one-time start-up (kernels, caches)
             self.seconds_per_product = seconds / hvps
 
     def annotate(self, costs: list[Cost]) -> list[dict[str, Any]]:

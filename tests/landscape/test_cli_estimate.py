@@ -6,6 +6,7 @@ hook, and the memory bounds the results report; the hand-written numbers check t
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -163,8 +164,13 @@ def test_describe_says_bounds_and_exact_counts():
 # the command line: the line on stderr, the JSON field, --quiet
 
 
+def _lines(err):
+    """stderr's lines; a progress bar's carriage returns split lines too."""
+    return re.split(r"[\r\n]+", err)
+
+
 def _estimates(err):
-    return [ln for ln in err.splitlines() if ln.startswith("cost estimate: ")]
+    return [ln for ln in _lines(err) if ln.startswith("cost estimate: ")]
 
 
 def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys):
@@ -187,18 +193,19 @@ def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys
     assert by == {"lanczos": used_by_lanczos, "trace": 99, "density": 36}
     assert [e["used"]["hvps"] for e in doc["estimate"]] == [used_by_lanczos, 99, 36]
     assert all(e["used"]["seconds"] > 0 for e in doc["estimate"])
-    used = [ln for ln in err.splitlines() if ln.startswith("used: ")]
+    used = [ln for ln in _lines(err) if ln.startswith("used: ")]
     assert used[0] == (f"used: top-2 eigenvalues (Lanczos): {used_by_lanczos} Hessian-vector products "
                        f"(estimate <= 300), {doc['estimate'][0]['used']['seconds']:.3g} s")
     assert used[1].startswith("used: trace (Hutch++, 99 products): 99 Hessian-vector products (estimate 99)")
     assert len(used) == 3 and f"Hessian-vector products used: {used_by_lanczos} (Lanczos)" in err
-    # time estimates from the Lanczos run's seconds per product, before the later analyses
+    # time estimates from the latest analysis's seconds per product, before the later analyses
     per = doc["estimate"][0]["used"]["seconds"] / used_by_lanczos
-    times = [ln for ln in err.splitlines() if ln.startswith("time estimate: ")]
+    per2 = doc["estimate"][1]["used"]["seconds"] / 99
+    times = [ln for ln in _lines(err) if ln.startswith("time estimate: ")]
     assert times == [f"time estimate: trace (Hutch++, 99 products): about {99 * per:.3g} s (99 "
                      f"products at {per:.3g} s each, as measured so far)",
-                     f"time estimate: spectral density (SLQ, 3 runs x 12 steps): about {36 * per:.3g} s "
-                     f"(36 products at {per:.3g} s each, as measured so far)"]
+                     f"time estimate: spectral density (SLQ, 3 runs x 12 steps): about {36 * per2:.3g} s "
+                     f"(36 products at {per2:.3g} s each, as measured so far)"]
     assert err.index(times[0]) < err.index(used[1])
     lines = _estimates(err)
     assert len(lines) == 3 and lines[0].startswith("cost estimate: top-2 eigenvalues (Lanczos): <= 300")
@@ -228,6 +235,16 @@ def test_sharpness_estimate_matches_the_recorded_settings(ckpt, capsys):
     assert est["epsilon"]["hvps"] is None and est["epsilon"]["data_passes"] is None
     lines = _estimates(err)
     assert len(lines) == 4 and all(ln.endswith("(each of 2 checkpoints)") for ln in lines)
+    # what each checkpoint's run used, beside the estimate
+    lam = est["lambda_max (Lanczos, k=1)"]["used"]
+    assert [u["hvps"] for u in lam] == [c["settings"]["lambda_max"]["num_matvecs"] for c in doc["checkpoints"]]
+    assert [u["hvps"] for u in est["trace (Hutch++, 99 products)"]["used"]] == [99, 99]
+    assert [u["num_batches"] for u in worst["used"]] == [settings["worst"]["num_batches"]] * 2
+    assert all(u["seconds"] > 0 for e in doc["estimate"] for u in e["used"])
+    used = [ln for ln in _lines(err) if ln.startswith("used: ")]
+    assert len(used) == 8 and sum(ln.startswith(
+        f"used: lambda_max (Lanczos, k=1): {lam[0]['hvps']} Hessian-vector products (estimate <= 300)")
+        for ln in used) >= 1
 
 
 @pytest.mark.parametrize("extra,want", [
@@ -273,9 +290,9 @@ def test_per_layer_estimate_bounds_the_products_of_each_block(ckpt, capsys):
     assert lanczos["used"]["hvps"] == used - trace["hvps"] == sum(la["eigen_matvecs"] for la in doc["per_layer"])
     assert doc["num_matvecs_by_analysis"]["per_layer"] == used
     assert doc["num_matvecs"] == doc["num_matvecs_by_analysis"]["lanczos"] + 99  # whole model, as before
-    header = next(ln for ln in err.splitlines() if ln.startswith("module"))
+    header = next(ln for ln in _lines(err) if ln.startswith("module"))
     assert header.split()[-1] == "products"
-    assert sum(ln.startswith("time estimate: per-layer") for ln in err.splitlines()) == 2
+    assert sum(ln.startswith("time estimate: per-layer") for ln in _lines(err)) == 2
 
 
 def test_hessian_numbers_are_those_of_hessian_summary(ckpt, tmp_path, capsys):
