@@ -133,9 +133,10 @@ def per_layer_spectrum(
         stops at ``tol``, usually far earlier) and the trace's
         ``t_l = 2 n_l`` when ``2 n_l <= trace_matvecs`` (exact) and ``t_l = 3 * (trace_matvecs
         // 3)`` otherwise (Hutch++; 99 with the default budget). With ``trace=True`` the traces
-        alone cost ``99 L`` products for large blocks, several times the Lanczos runs (e.g. a
-        ResNet with 31 parameter-owning modules: about 3,000 trace products); ``trace=False``
-        skips them. The counts used are in ``num_matvecs``, ``eigen_matvecs`` and
+        alone cost up to ``99 L`` products, many times the Lanczos runs: on a 44k-parameter
+        ResNet with 31 parameter-owning modules (21 of them over 49 parameters), ``k=1`` took
+        162 Lanczos and 2,559 trace products (26.7 s against 3.9 s with ``trace=False``, one CPU
+        thread); ``trace=False`` skips them. The counts used are in ``num_matvecs``, ``eigen_matvecs`` and
         ``trace_matvecs`` of the result and of each layer.
 
     Returns:
