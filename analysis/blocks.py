@@ -47,7 +47,9 @@ class LayerSpectrum(Result):
         error_bounds: their a-posteriori error bounds.
         trace: ``tr H_ll`` (``None`` when not asked).
         trace_std_error: its standard error (0 when exact).
-        num_matvecs: block products used.
+        num_matvecs: block products used (Lanczos and trace together).
+        eigen_matvecs: block products of the Lanczos run.
+        trace_matvecs: block products of the trace (0 when not asked).
     """
 
     name: str
@@ -57,6 +59,8 @@ class LayerSpectrum(Result):
     trace: float | None
     trace_std_error: float | None
     num_matvecs: int
+    eigen_matvecs: int = 0
+    trace_matvecs: int = 0
 
 
 @dataclass(frozen=True, repr=False)
@@ -66,10 +70,16 @@ class PerLayerSpectrum(Result):
     Attributes:
         layers: one :class:`LayerSpectrum` per module with trainable parameters, in module order.
         k: eigenvalues asked per block.
+        num_matvecs: block products used over all blocks (Lanczos and trace).
+        eigen_matvecs: of those, the Lanczos runs'.
+        trace_matvecs: of those, the traces' (0 with ``trace=False``).
     """
 
     layers: list
     k: int
+    num_matvecs: int = 0
+    eigen_matvecs: int = 0
+    trace_matvecs: int = 0
 
     def names(self) -> list[str]:
         """The module names, in order."""
@@ -103,7 +113,8 @@ def per_layer_spectrum(
             mode and product method, via :meth:`~analysis.operators.CurvatureOperator.restricted`).
         loss_fn, data: with a model, as for :class:`~analysis.hessian.HessianOperator`.
         k: eigenvalues per block (default 1; capped at the block size).
-        trace: also estimate each block's trace (default True).
+        trace: also estimate each block's trace (default True; see "Cost" below: with the
+            default budget it is most of the run's products).
         trace_matvecs: Hutch++ budget per block (exact, with ``2 n_l`` products, for blocks of at
             most ``trace_matvecs // 2`` parameters).
         tol: relative eigenvalue tolerance of the Lanczos runs.
@@ -113,6 +124,20 @@ def per_layer_spectrum(
         progress: a tqdm bar over the modules.
         **operator_kwargs: with a model, the operator's keywords (``mode``, ``batch_size``,
             ``method``, ``check_deterministic``; see :func:`~analysis.operators.as_linear_operator`).
+
+    Cost:
+        Each block product is one Hessian-vector product restricted to the block (about the cost
+        of a full one: the forward and double backward still run through the whole model). Over
+        ``L`` blocks of sizes ``n_l``, the run uses ``sum_l (e_l + t_l)`` block products, where
+        ``e_l`` are the Lanczos steps of block ``l`` (at most ``min(max(300, 30 k), 10 n_l)``; it
+        stops at ``tol``, usually far earlier) and the trace's
+        ``t_l = 2 n_l`` when ``2 n_l <= trace_matvecs`` (exact) and ``t_l = 3 * (trace_matvecs
+        // 3)`` otherwise (Hutch++; 99 with the default budget). With ``trace=True`` the traces
+        alone cost up to ``99 L`` products, many times the Lanczos runs: on a 44k-parameter
+        ResNet with 31 parameter-owning modules (21 of them over 49 parameters), ``k=1`` took
+        162 Lanczos and 2,559 trace products (26.7 s against 3.9 s with ``trace=False``, one CPU
+        thread); ``trace=False`` skips them. The counts used are in ``num_matvecs``, ``eigen_matvecs`` and
+        ``trace_matvecs`` of the result and of each layer.
 
     Returns:
         :class:`PerLayerSpectrum`.
@@ -151,12 +176,16 @@ def per_layer_spectrum(
         n = op.shape[0]
         eig = top_eigenpairs(op, k=min(k, n), tol=tol, seed=seed, v0="random")
         tr = se = None
+        used_trace = 0
         if trace:
             budget = 3 * n if 2 * n <= trace_matvecs else trace_matvecs  # exact: 2n products
             t = hessian_trace(op, num_matvecs=budget, seed=seed)
-            tr, se = t.estimate, t.std_error
+            tr, se, used_trace = t.estimate, t.std_error, int(t.num_matvecs)
         layers.append(LayerSpectrum(
             name=name, num_params=n, eigenvalues=eig.eigenvalues.tolist(),
             error_bounds=eig.error_bounds.tolist(), trace=tr, trace_std_error=se,
-            num_matvecs=op.num_matvecs))
-    return PerLayerSpectrum(layers=layers, k=k)
+            num_matvecs=op.num_matvecs, eigen_matvecs=int(eig.num_matvecs),
+            trace_matvecs=used_trace))
+    return PerLayerSpectrum(layers=layers, k=k, num_matvecs=sum(x.num_matvecs for x in layers),
+                            eigen_matvecs=sum(x.eigen_matvecs for x in layers),
+                            trace_matvecs=sum(x.trace_matvecs for x in layers))

@@ -40,6 +40,7 @@ __all__ = [
     "tensor_hash",
     "tensors_hash",
     "fingerprint_hash",
+    "stored_rows_done",
 ]
 
 _FORMAT = "msam-landscape-grid/1"
@@ -338,3 +339,31 @@ class GridStore:
             f"GridStore({str(self.path)!r}, grid={len(self.xs)}x{len(self.ys)}, "
             f"rows_done={self.rows_done})"
         )
+
+
+def stored_rows_done(path: str | os.PathLike, xs: Sequence[float] | np.ndarray,
+                     ys: Sequence[float] | np.ndarray) -> int | None:
+    """Rows already finished in the store file ``path`` for the grid ``xs x ys``, read only.
+
+    For a cost estimate before a run: ``0`` when there is no file, ``None`` when it cannot be
+    told without the fingerprint (a directory of stores, an unreadable file, another grid). The
+    run itself still checks the fingerprint (:class:`GridStore`); a mismatch is an error there.
+    """
+    p = Path(os.fspath(path))
+    if p.is_dir() or os.fspath(path).endswith(("/", os.sep)):
+        return None
+    if p.suffix != ".npz":
+        p = p.with_name(p.name + ".npz")
+    if not p.exists():
+        return 0
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "format" not in z.files or str(z["format"]) != _FORMAT:
+                return None
+            sx, sy, done = np.array(z["xs"]), np.array(z["ys"]), np.array(z["done"])
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    same = (sx.shape == np.shape(xs) and sy.shape == np.shape(ys) and done.shape == (len(sx),)
+            and np.array_equal(sx.astype(np.float64), np.asarray(xs, dtype=np.float64))
+            and np.array_equal(sy.astype(np.float64), np.asarray(ys, dtype=np.float64)))
+    return int(done.astype(bool).sum()) if same else None

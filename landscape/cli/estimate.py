@@ -26,6 +26,15 @@ bytes, ``N`` samples):
 
 The commands print one line per analysis (:func:`describe`) on stderr, rank 0 only, unless
 ``--quiet``, and add the list (:meth:`Cost.to_dict`) to the JSON document under ``"estimate"``.
+
+So that an estimate can be checked against the run, a :class:`Meter` prints after each analysis
+what it used (:func:`describe_used`: the products counted by the operator and the seconds), and
+records it in the JSON beside the estimate (``estimate[i]["used"]``). No product is spent on
+timing: once an analysis has run, its seconds per product give a time estimate of each later
+one before it starts (:func:`describe_time`, "about X s"); the first analysis (Lanczos) has none,
+and the latest analysis's rate is used, since the first one's includes the one-time start-up
+(on a small model the first estimate can therefore be far too high; on a large one, where the
+estimate matters, the start-up is a small share).
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Cost", "announce", "defaults_of", "density_cost", "describe", "lanczos_cost", "m_sharpness_cost",
+__all__ = ["Cost", "Meter", "announce", "describe_time", "describe_used", "defaults_of", "density_cost", "describe", "lanczos_cost", "m_sharpness_cost",
            "slice_cost", "trace_cost", "trace_defaults", "unknown_cost"]
 
 
@@ -54,6 +63,7 @@ class Cost:
             ``None`` where no formula is documented.
         exact: the counts are exact (``False``: upper bounds).
         unit: what ``forward_passes`` counts (``"data"`` or ``"batches of m samples"``).
+        note: printed after the counts, e.g. why a bound is loose.
     """
 
     analysis: str
@@ -64,6 +74,7 @@ class Cost:
     memory_bytes: int | None = None
     exact: bool = True
     unit: str = "data"
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dictionary."""
@@ -106,7 +117,8 @@ def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
         max_basis = min(n, max(2 * k + 20, 40))
     max_basis = min(max_basis, n)
     return Cost(label or f"top-{k} eigenvalues (Lanczos)", hvps=max_iter, data_passes=max_iter + 1,
-                memory_bytes=(max_basis + 3) * n * _basis_itemsize(itemsize), exact=False)
+                memory_bytes=(max_basis + 3) * n * _basis_itemsize(itemsize), exact=False,
+                note="the max_iter cap; it stops at the tolerance, usually far earlier")
 
 
 def _block_size(n: int, itemsize: int, block_size: int | None) -> int:
@@ -178,15 +190,19 @@ def m_sharpness_cost(num_samples: int, *, kind: str, m: int, n_eval: int | None 
                 unit="batches of m samples")
 
 
-def slice_cost(n: int, itemsize: int, *, dims: int, steps: int, label: str | None = None) -> Cost:
+def slice_cost(n: int, itemsize: int, *, dims: int, steps: int, label: str | None = None,
+               rows_done: int = 0) -> Cost:
     """Counts for a slice of :mod:`landscape.slices`: ``steps ** dims`` grid points and the origin
-    ``w``, one forward pass over the data each (fewer when a ``--store`` resumes; the determinism
-    check's two forward passes of the first batch are not counted); memory
-    ``(dims + 1) * n * itemsize`` (the saved weights ``w`` and the directions; parameters are set
-    in place to ``w + x d1 + y d2``, the model is not copied)."""
-    passes = steps ** dims + 1
-    return Cost(label or f"{dims}-D slice ({steps}{'x' + str(steps) if dims == 2 else ''} points)",
-                forward_passes=passes, data_passes=passes, memory_bytes=(dims + 1) * n * itemsize)
+    ``w``, one forward pass over the data each (``(steps - rows_done) * steps + 1`` when a 2-D
+    ``--store`` resumes ``rows_done`` finished rows; the determinism check's two forward passes
+    of the first batch are not counted); memory ``(dims + 1) * n * itemsize`` (the saved weights
+    ``w`` and the directions; parameters are set in place to ``w + x d1 + y d2``, the model is
+    not copied)."""
+    passes = (steps - rows_done) * steps ** (dims - 1) + 1
+    name = label or f"{dims}-D slice ({steps}{'x' + str(steps) if dims == 2 else ''} points)"
+    if rows_done:
+        name += f", {steps - rows_done} of {steps} rows left"
+    return Cost(name, forward_passes=passes, data_passes=passes, memory_bytes=(dims + 1) * n * itemsize)
 
 
 def unknown_cost(analysis: str) -> Cost:
@@ -217,7 +233,71 @@ def describe(cost: Cost, suffix: str = "") -> str:
     parts.append(f"{le}{cost.data_passes} data pass{'' if cost.data_passes == 1 else 'es'}")
     if cost.memory_bytes is not None:
         parts.append(f"peak extra memory {le}{_bytes(cost.memory_bytes)}")
-    return f"cost estimate: {cost.analysis}: " + ", ".join(parts) + suffix
+    note = f" ({cost.note})" if cost.note else ""
+    return f"cost estimate: {cost.analysis}: " + ", ".join(parts) + note + suffix
+
+
+def describe_used(cost: Cost, hvps: int | None, seconds: float, forward: int | None = None) -> str:
+    """The line printed after an analysis, beside its estimate, e.g. ``used: top-1 eigenvalues
+    (Lanczos): 31 Hessian-vector products (estimate <= 300), 2.1 s``."""
+    le = "" if cost.exact else "<= "
+    parts = []
+    if hvps is not None and (hvps or cost.hvps):
+        parts.append(f"{hvps} Hessian-vector products (estimate {le}{cost.hvps})")
+    if forward is not None:
+        parts.append(f"{forward} forward (estimate {le}{cost.forward_passes})")
+    parts.append(f"{seconds:.3g} s")
+    return f"used: {cost.analysis}: " + ", ".join(parts)
+
+
+def describe_time(cost: Cost, seconds_per_product: float) -> str | None:
+    """``time estimate: ...: about X s`` from the seconds per product measured so far (``None``
+    when the analysis has no products)."""
+    if not cost.hvps:
+        return None
+    le = "at most " if not cost.exact else "about "
+    return (f"time estimate: {cost.analysis}: {le}{cost.hvps * seconds_per_product:.3g} s "
+            f"({cost.hvps} products at {seconds_per_product:.3g} s each, as measured so far)")
+
+
+class Meter:
+    """Prints and records what each analysis used, beside its estimate (see the module docstring).
+
+    ``run(cost, fn)`` prints the time estimate (when a product time is known), runs ``fn()``,
+    which returns ``(result, hvps)``, prints :func:`describe_used` and keeps
+    ``{"hvps", "seconds"}`` for :meth:`annotate`.
+    """
+
+    def __init__(self, log: Any):
+        self.log = log
+        self.used: dict[str, dict[str, Any]] = {}
+        self.seconds_per_product: float | None = None
+
+    def run(self, cost: Cost, fn: Any) -> Any:
+        import time
+
+        self.estimate_time(cost)
+        t0 = time.perf_counter()
+        result, hvps = fn()
+        self.record(cost, hvps, time.perf_counter() - t0)
+        return result
+
+    def estimate_time(self, cost: Cost) -> None:
+        """Print :func:`describe_time` for ``cost`` once a product has been timed."""
+        line = describe_time(cost, self.seconds_per_product) if self.seconds_per_product else None
+        if line:
+            self.log(line)
+
+    def record(self, cost: Cost, hvps: int | None, seconds: float, forward: int | None = None) -> None:
+        """Print and keep what ``cost``'s analysis used."""
+        self.used[cost.analysis] = {"hvps": hvps, "forward_passes": forward, "seconds": seconds}
+        self.log(describe_used(cost, hvps, seconds, forward))
+        if hvps:  # the latest rate: the first includes one-time start-up (kernels, caches)
+            self.seconds_per_product = seconds / hvps
+
+    def annotate(self, costs: list[Cost]) -> list[dict[str, Any]]:
+        """The estimates as JSON, each with ``"used"`` (``None`` where it did not run)."""
+        return [{**c.to_dict(), "used": self.used.get(c.analysis)} for c in costs]
 
 
 def announce(costs: list[Cost], log: Any, *, checkpoints: int = 1) -> None:

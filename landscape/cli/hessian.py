@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import time
 from typing import Any
 
 from landscape._format import format_table
@@ -87,9 +88,74 @@ def _summed(name: str, blocks: list[E.Cost]) -> E.Cost:
                   exact=all(c.exact for c in blocks))
 
 
+def _analyses(args: argparse.Namespace, ctx: Ctx, setup: Setup, model: Any,
+               planned: list[E.Cost], meter: E.Meter) -> dict[str, Any]:
+    """Lanczos (``hessian_summary``), then the trace and the density on their own operator, so
+    that each analysis's products are counted apart (same calls and seeds as
+    ``hessian_summary(trace=..., density=...)``, hence the same numbers)."""
+    import numpy as np
+
+    from analysis.hessian import HessianOperator
+
+    from ..report import hessian_summary
+
+    costs = iter(planned)
+
+    def lanczos() -> tuple[dict, int]:
+        out = hessian_summary(model, setup.loss_fn, setup.data, top_k=args.top_k, seed=args.seed,
+                              progress=ctx.progress, tol=args.tol)
+        return out, out["num_matvecs"]
+
+    summary = meter.run(next(costs), lanczos)
+    matvecs = {"lanczos": summary["num_matvecs"]}
+    if args.trace:
+        from analysis.trace import hessian_trace
+
+        tr = meter.run(next(costs), lambda: _counted(hessian_trace(
+            HessianOperator(model, setup.loss_fn, setup.data), seed=args.seed)))
+        summary["trace"], summary["trace_stderr"] = float(tr.estimate), float(tr.std_error)
+        matvecs["trace"] = int(tr.num_matvecs)
+    if args.density:
+        from analysis.density import spectral_density
+
+        res = meter.run(next(costs), lambda: _counted(spectral_density(
+            HessianOperator(model, setup.loss_fn, setup.data), seed=args.seed,
+            num_iter=args.density_iter, num_runs=args.density_runs)))
+        summary["density"] = {"grid": np.asarray(res.grid, dtype=np.float64),
+                              "density": np.asarray(res.density, dtype=np.float64)}
+        matvecs["density"] = int(res.num_matvecs)
+    summary["num_matvecs"] = sum(matvecs.values())  # the whole-model analyses, as before
+    if getattr(args, "per_layer", False):
+        summary["per_layer_result"] = _per_layer(args, ctx, setup, model, list(costs), meter)
+        matvecs["per_layer"] = summary["per_layer_result"].num_matvecs
+    summary["num_matvecs_by_analysis"] = matvecs
+    return summary
+
+
+def _per_layer(args: argparse.Namespace, ctx: Ctx, setup: Setup, model: Any, per: list[E.Cost],
+               meter: E.Meter) -> Any:
+    """``per_layer_spectrum``; its seconds are split between its Lanczos and trace estimates in
+    proportion to their products."""
+    from analysis.blocks import per_layer_spectrum
+
+    for cost in per:
+        meter.estimate_time(cost)
+    t0 = time.perf_counter()
+    layers = per_layer_spectrum(model, setup.loss_fn, setup.data, k=args.top_k, trace=args.trace,
+                                tol=args.tol, seed=args.seed, progress=ctx.progress)
+    seconds = time.perf_counter() - t0
+    for cost, hvps in zip(per, [layers.eigen_matvecs, layers.trace_matvecs]):
+        meter.record(cost, hvps, seconds * hvps / max(1, layers.num_matvecs))
+    return layers
+
+
+def _counted(result: Any) -> tuple[Any, int]:
+    return result, int(result.num_matvecs)
+
+
 def run(args: argparse.Namespace, ctx: Ctx) -> int:
     """Eigenvalues (and the trace, the density figure, per-layer spectra) of one checkpoint."""
-    from ..report import checkpoint_keys, hessian_summary
+    from ..report import checkpoint_keys
 
     if args.density:
         check_writable(args.density, "--density")
@@ -108,28 +174,36 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     planned = costs(args, setup.num_params, setup.itemsize, model)
     E.announce(planned, ctx.log)
     ctx.log(f"[{path}] top-{args.top_k} Hessian eigenvalues" + (" + trace" if args.trace else ""))
-    summary = hessian_summary(model, setup.loss_fn, setup.data, top_k=args.top_k, trace=args.trace,
-                              density=bool(args.density), seed=args.seed, progress=ctx.progress,
-                              tol=args.tol, density_iter=args.density_iter,
-                              density_runs=args.density_runs)
+    meter = E.Meter(ctx.log)
+    t0 = time.perf_counter()
+    summary = _analyses(args, ctx, setup, model, planned, meter)
+    summary["seconds"] = time.perf_counter() - t0
+    layers = summary.pop("per_layer_result", None)
     res = summary.get("residuals") or [None] * len(summary["eigenvalues"])
     rows = [[i + 1, float(v), r] for i, (v, r) in enumerate(zip(summary["eigenvalues"], res))]
     text = format_table(["k", "eigenvalue", "residual ||Hv - lambda v||"], rows)
     if summary.get("converged") is False:
         text += "\nwarning: Lanczos stopped before reaching --tol (see the residuals)"
+    text += f"\nHessian-vector products used: {summary['num_matvecs_by_analysis']['lanczos']} (Lanczos)"
     if summary.get("trace") is not None:
         text += f"\ntrace ~ {summary['trace']:.6g} (Hutch++, standard error {summary['trace_stderr']:.2g})"
-    if getattr(args, "per_layer", False):
-        from analysis.blocks import per_layer_spectrum
-
-        layers = per_layer_spectrum(model, setup.loss_fn, setup.data, k=args.top_k,
-                                    trace=args.trace, tol=args.tol, seed=args.seed,
-                                    progress=ctx.progress)
-        rows = [[lay.name, lay.num_params, lay.eigenvalues[0], lay.trace] for lay in layers.layers]
+    if layers is not None:
+        rows = [[lay.name, lay.num_params, lay.eigenvalues[0], lay.trace, lay.num_matvecs]
+                for lay in layers.layers]
         text += "\n\nper-layer diagonal Hessian blocks\n" + format_table(
-            ["module", "parameters", "top eigenvalue", "trace"], rows)
+            ["module", "parameters", "top eigenvalue", "trace", "products"], rows)
         summary["per_layer"] = layers.to_dict()["layers"]
     ctx.out(text)
+    _write_density(args, ctx, path, summary)
+    doc = {k: v for k, v in summary.items() if k != "density"}
+    if summary.get("density") is not None:
+        doc["density"] = {"grid": summary["density"]["grid"], "density": summary["density"]["density"]}
+    ctx.write_json(envelope("hessian", checkpoint=str(path), checkpoint_keys=checkpoint_keys(ckpt), **doc,
+                            estimate=meter.annotate(planned)))
+    return 0
+
+
+def _write_density(args: argparse.Namespace, ctx: Ctx, path: pathlib.Path, summary: dict) -> None:
     if args.density and ctx.main:
         if pathlib.Path(args.density).suffix == ".html":
             from ..report import density_figure
@@ -141,10 +215,3 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
             fig = plot_spectral_density(summary["density"], label=path.name)
         save_figure(fig, args.density)
         ctx.log(f"wrote {args.density}")
-    doc = {k: v for k, v in summary.items() if k != "density"}
-    if summary.get("density") is not None:
-        doc["density"] = {"grid": summary["density"]["grid"], "density": summary["density"]["density"]}
-    ctx.write_json(envelope("hessian", checkpoint=str(path), checkpoint_keys=checkpoint_keys(ckpt), **doc,
-                            estimate=[c.to_dict() for c in planned]))
-    return 0
-

@@ -44,8 +44,49 @@ class Parser(argparse.ArgumentParser):
         self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own misses 1e-3 forms
 
     def error(self, message: str):  # exit 2, one line, with a hint (rank 0 only)
+        message += _choice_hint(message)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n" if rank0() else None)
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """As argparse's, with the closest known option suggested for a mistyped one."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser: argparse.ArgumentParser = self
+            for action in self._actions:  # the subcommand's parser knows its options
+                if isinstance(action, argparse._SubParsersAction) and getattr(ns, action.dest, None):
+                    parser = action.choices.get(getattr(ns, action.dest), self)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}" + _suggest(parser, extras))
+        return ns
+
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")
+
+
+def _choice_hint(message: str) -> str:
+    """``" (did you mean 'hessian'?)"`` for an invalid choice close to a valid one (Python 3.11's
+    argparse does not suggest one itself)."""
+    import difflib
+
+    m = _INVALID_CHOICE.search(message)
+    if not m or "did you mean" in message:
+        return ""
+    close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _suggest(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """``" (did you mean --top-k?)"`` for unknown ``--options`` close to one of ``parser``'s
+    (difflib, cutoff 0.6); empty when none is close."""
+    import difflib
+
+    known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    hints, several = [], sum(w.startswith("--") for w in extras) > 1
+    for word in extras:
+        name = word.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6) if name.startswith("--") else []
+        if close:
+            hints.append(f"{close[0]} for {name}" if several else close[0])
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def add_command(sub: Any, name: str, help_: str, epilog: str | None = None) -> argparse.ArgumentParser:

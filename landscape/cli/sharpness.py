@@ -94,12 +94,14 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     setup = Setup(args, ctx, check_data=data_size_check(args, ctx))
     planned = costs(metrics, setup.num_params, setup.itemsize, setup.data.num_samples(), args.m)
     E.announce(planned, ctx.log, checkpoints=len(paths))
+    used: dict[str, list] = {name: [] for name in metrics}
 
     def work(path: pathlib.Path) -> dict:
         ctx.log(f"[{path}] computing {', '.join(metrics)}")
         model, ckpt = setup.load(path)
         values = checkpoint_metrics(model, setup.loss_fn, setup.data, metrics, rho=args.rho,
                                     m=args.m, seed=args.seed, progress=ctx.progress)
+        _log_used(ctx, planned, metrics, values, used, str(path))
         keys = checkpoint_keys(ckpt)
         return {"checkpoint": str(path), "perturbed": ckpt.perturbed, **values,
                 **({"checkpoint_keys": keys} if any(keys.values()) else {})}
@@ -120,9 +122,25 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     settings = records[0].get("settings", {}) if records else {}
     ctx.write_json(envelope("sharpness", metrics=metrics, rho=args.rho, m=args.m,
                             settings={k: settings.get(k, {}) for k in metrics}, checkpoints=records,
-                            errors=failures, estimate=[c.to_dict() for c in planned]))
+                            errors=failures,
+                            estimate=[{**c.to_dict(), "used": used[name]} for c, name in zip(planned, metrics)]))
     raise_failures(failures, paths, " and written to --json" if args.json else "")
     return 0
+
+
+def _log_used(ctx: Ctx, planned: Sequence[E.Cost], metrics: Sequence[str], values: dict,
+              used: dict[str, list], checkpoint: str) -> None:
+    """Print and keep, per metric, what one checkpoint's run used beside the estimate: the
+    products its result counted (``num_matvecs``), its forward passes where the result records
+    them, and its seconds."""
+    for cost, name in zip(planned, metrics):
+        st = values.get("settings", {}).get(name, {})
+        rec = {"checkpoint": checkpoint, "hvps": st.get("num_matvecs"),
+               "forward_passes": st.get("forward_passes"), "num_batches": st.get("num_batches"),
+               "seconds": values.get("seconds", {}).get(name)}
+        used[name].append(rec)
+        if rec["seconds"] is not None:
+            ctx.log(E.describe_used(cost, rec["hvps"], rec["seconds"], rec["forward_passes"]))
 
 
 def settings_notes(metrics: Sequence[str], records: Sequence[dict], *, m_given: bool = True) -> list[str]:

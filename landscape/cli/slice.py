@@ -61,16 +61,34 @@ def parse_direction(spec: str) -> tuple[str, str | None]:
     return kind, (arg or None)
 
 
-def costs(kind: str, dims: int, steps: int, n: int, itemsize: int) -> list[E.Cost]:
-    """The predicted cost of the directions (gradient: one pass; eigen: Lanczos) and the grid."""
+def costs(kind: str, dims: int, steps: int, n: int, itemsize: int, rows_done: int = 0) -> list[E.Cost]:
+    """The predicted cost of the directions (gradient: one pass; eigen: Lanczos) and the grid
+    (only its rows left when a store resumes ``rows_done`` rows)."""
     out = []
     if kind == "gradient":
         out.append(E.Cost("gradient direction", forward_passes=1, backward_passes=1, data_passes=1,
                           memory_bytes=n * itemsize))
     elif kind == "eigen":
         out.append(E.lanczos_cost(n, dims, itemsize, label=f"top-{dims} eigenvectors (Lanczos)"))
-    out.append(E.slice_cost(n, itemsize, dims=dims, steps=steps))
+    out.append(E.slice_cost(n, itemsize, dims=dims, steps=steps, rows_done=rows_done))
     return out
+
+
+def rows_in_store(args: argparse.Namespace, ctx: Ctx) -> int:
+    """Finished rows the ``--store`` file holds for this grid (read only, before the run; the
+    run checks the rest of the fingerprint), with a message when it resumes."""
+    if args.store is None or args.restart:
+        return 0
+    import numpy as np
+
+    from ..store import stored_rows_done
+
+    coords = np.linspace(args.range[0], args.range[1], args.steps)
+    done = stored_rows_done(args.store, coords, coords)
+    if done:
+        ctx.log(f"resuming {args.store}: {done} of {args.steps} rows already computed, "
+                f"{args.steps - done} left")
+    return done or 0
 
 
 def run(args: argparse.Namespace, ctx: Ctx) -> int:
@@ -107,7 +125,8 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
         other, _ = setup.load(extra)  # type: ignore[arg-type]
     elif kind == "pca":
         other = [setup.load(p)[0].state_dict() for p in extra]  # type: ignore[union-attr]
-    planned = costs(kind, args.dims, args.steps, setup.num_params, setup.itemsize)
+    planned = costs(kind, args.dims, args.steps, setup.num_params, setup.itemsize,
+                    rows_in_store(args, ctx))
     E.announce(planned, ctx.log)
     ctx.log(f"[{path}] {args.dims}-D slice along {args.direction}, {args.steps} steps per axis")
     res = compute_slice(model, setup.loss_fn, setup.data, dims=args.dims, direction=kind, other=other,
@@ -138,6 +157,10 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
         grid = {"xs": res.xs, "ys": res.ys, "loss": res.loss, "accuracy": res.accuracy,
                 "resumed_rows": res.resumed_rows}
         summary["directions"] = list(res.directions)
+        summary["resumed_rows"] = int(res.resumed_rows)
+        if res.resumed_rows:
+            ctx.log(f"resumed {res.resumed_rows} of {args.steps} rows from {args.store}; computed "
+                    f"{args.steps - res.resumed_rows}")
     ctx.write_json(envelope("slice", **summary, grid=grid, out=str(out),
                             estimate=[c.to_dict() for c in planned]))
     return 0

@@ -51,6 +51,7 @@ def test_per_layer_hutchpp_on_a_large_block_is_within_error():
     exact = float(H[:n0, :n0].trace())
     layer = res.layers[0]
     assert layer.trace_std_error > 0
+    assert layer.trace_matvecs == 30  # Hutch++: 3 * (30 // 3)
     assert abs(layer.trace - exact) <= 5 * layer.trace_std_error + 1e-8
 
 
@@ -118,3 +119,21 @@ def test_auto_is_timed_once_for_all_blocks(monkeypatch):
     H = dense_hessian(model, "cross_entropy", data)
     top0 = float(torch.linalg.eigvalsh(H[:35, :35])[-1])  # block of layer "0": 6*5 + 5
     assert res.layers[0].eigenvalues[0] == pytest.approx(top0, rel=1e-6)
+
+
+def test_products_used_are_reported_per_block_and_in_total():
+    """Each block's Lanczos and trace counts add up to its operator's own product counter; the
+    exact trace of a small block costs 2 n_l products (a budget of 3 n_l); the totals are sums."""
+    model, data = mlp(), classification_data()
+    res = per_layer_spectrum(model, "cross_entropy", data, k=1)
+    for layer in res.layers:
+        assert layer.eigen_matvecs >= 1
+        assert layer.trace_matvecs == 2 * layer.num_params  # small blocks: exact
+        assert layer.num_matvecs == layer.eigen_matvecs + layer.trace_matvecs
+    assert res.num_matvecs == sum(x.num_matvecs for x in res.layers)
+    assert res.eigen_matvecs == sum(x.eigen_matvecs for x in res.layers)
+    assert res.trace_matvecs == sum(x.trace_matvecs for x in res.layers)
+    assert res.to_dict()["trace_matvecs"] == res.trace_matvecs
+    cheap = per_layer_spectrum(model, "cross_entropy", data, k=1, trace=False)
+    assert cheap.trace_matvecs == 0
+    assert cheap.num_matvecs == cheap.eigen_matvecs == res.eigen_matvecs  # same seeds

@@ -822,3 +822,28 @@ def test_slice_restart_replaces_a_damaged_store(ckpts, tmp_path, capsys):
     assert code == 0 and json.loads((tmp_path / "s.json").read_text())["grid"]["resumed_rows"] == 3
     _usage(["slice", str(ckpts / "a.pt"), *SPEC, "--out", str(tmp_path / "s.png"), "--restart"], capsys,
            "--restart applies to --store")
+
+
+@pytest.mark.parametrize("typo,hint", [
+    (["--topk", "1"], "(did you mean --top-k?)"),
+    (["--trce"], "(did you mean --trace?)"),
+    (["--top-kk", "1", "--denisty", "d.png"], "(did you mean --top-k for --top-kk, --density for --denisty?)"),
+    (["--qiet"], "(did you mean --quiet?)"),  # a shared option of the subcommand
+])
+def test_a_mistyped_option_gets_the_closest_one(typo, hint, capsys):
+    code, out, err = _run(["hessian", "a.pt", *SPEC, *typo], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"unrecognized arguments: {' '.join(typo)} {hint}" in err
+
+
+def test_an_option_close_to_none_gets_no_suggestion(capsys):
+    code, out, err = _run(["hessian", "a.pt", *SPEC, "--zzzz", "1"], capsys)
+    assert code == 2 and "landscape hessian: error: unrecognized arguments: --zzzz 1 (see landscape hessian --help)" in err
+    assert "did you mean" not in err
+
+
+def test_a_mistyped_choice_gets_the_closest_one(capsys):
+    code, out, err = _run(["hesian", "a.pt"], capsys)
+    assert code == 2 and "invalid choice: 'hesian'" in err and "(did you mean 'hessian'?)" in err
+    code, out, err = _run(["slice", "a.pt", *SPEC, "--normalization", "filtr", "--out", "s.png"], capsys)
+    assert code == 2 and "(did you mean 'filter'?)" in err and len(err.strip().splitlines()) == 1

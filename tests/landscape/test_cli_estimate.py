@@ -6,6 +6,7 @@ hook, and the memory bounds the results report; the hand-written numbers check t
 """
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -151,7 +152,8 @@ def test_slice_cost_is_the_forward_passes_seen(dims, steps):
 def test_describe_says_bounds_and_exact_counts():
     line = E.describe(E.lanczos_cost(1000, 5, 4))
     assert line == ("cost estimate: top-5 eigenvalues (Lanczos): <= 300 Hessian-vector products, "
-                    "<= 301 data passes, peak extra memory <= 0.2 MB")
+                    "<= 301 data passes, peak extra memory <= 0.2 MB (the max_iter cap; it stops at "
+                    "the tolerance, usually far earlier)")
     line = E.describe(E.trace_cost(N, 4, num_matvecs=99, block_size=16), " (each of 2 checkpoints)")
     assert line == ("cost estimate: trace (Hutch++, 99 products): 99 Hessian-vector products, "
                     "9 data passes, peak extra memory 47724 bytes (each of 2 checkpoints)")
@@ -162,8 +164,13 @@ def test_describe_says_bounds_and_exact_counts():
 # the command line: the line on stderr, the JSON field, --quiet
 
 
+def _lines(err):
+    """stderr's lines; a progress bar's carriage returns split lines too."""
+    return re.split(r"[\r\n]+", err)
+
+
 def _estimates(err):
-    return [ln for ln in err.splitlines() if ln.startswith("cost estimate: ")]
+    return [ln for ln in _lines(err) if ln.startswith("cost estimate: ")]
 
 
 def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys):
@@ -181,11 +188,36 @@ def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys
     # one operator served all three: what is left for Lanczos is within its bound
     used_by_lanczos = doc["num_matvecs"] - trace["hvps"] - density["hvps"]
     assert 1 <= used_by_lanczos <= lanczos["hvps"]
+    # what each analysis used, beside its estimate (counted by its own operator)
+    by = doc["num_matvecs_by_analysis"]
+    assert by == {"lanczos": used_by_lanczos, "trace": 99, "density": 36}
+    assert [e["used"]["hvps"] for e in doc["estimate"]] == [used_by_lanczos, 99, 36]
+    assert all(e["used"]["seconds"] > 0 for e in doc["estimate"])
+    used = [ln for ln in _lines(err) if ln.startswith("used: ")]
+    assert used[0] == (f"used: top-2 eigenvalues (Lanczos): {used_by_lanczos} Hessian-vector products "
+                       f"(estimate <= 300), {doc['estimate'][0]['used']['seconds']:.3g} s")
+    assert used[1].startswith("used: trace (Hutch++, 99 products): 99 Hessian-vector products (estimate 99)")
+    assert len(used) == 3 and f"Hessian-vector products used: {used_by_lanczos} (Lanczos)" in err
+    # time estimates from the latest analysis's seconds per product, before the later analyses
+    per = doc["estimate"][0]["used"]["seconds"] / used_by_lanczos
+    per2 = doc["estimate"][1]["used"]["seconds"] / 99
+    times = [ln for ln in _lines(err) if ln.startswith("time estimate: ")]
+    assert times == [f"time estimate: trace (Hutch++, 99 products): about {99 * per:.3g} s (99 "
+                     f"products at {per:.3g} s each, as measured so far)",
+                     f"time estimate: spectral density (SLQ, 3 runs x 12 steps): about {36 * per2:.3g} s "
+                     f"(36 products at {per2:.3g} s each, as measured so far)"]
+    assert err.index(times[0]) < err.index(used[1])
     lines = _estimates(err)
     assert len(lines) == 3 and lines[0].startswith("cost estimate: top-2 eigenvalues (Lanczos): <= 300")
     assert err.index("cost estimate: ") < err.index("top-2 Hessian eigenvalues")  # before the work
     code, out, err = _run([*argv, "--quiet"], capsys)
-    assert code == 0 and _estimates(err) == [] and json.loads(out)["estimate"] == doc["estimate"]
+    quiet = json.loads(out)["estimate"]
+    assert code == 0 and _estimates(err) == [] and "\nused: " not in err and "time estimate" not in err
+
+    def drop_used(est):
+        return [{k: v for k, v in e.items() if k != "used"} for e in est]
+
+    assert drop_used(quiet) == drop_used(doc["estimate"])
 
 
 def test_sharpness_estimate_matches_the_recorded_settings(ckpt, capsys):
@@ -203,6 +235,16 @@ def test_sharpness_estimate_matches_the_recorded_settings(ckpt, capsys):
     assert est["epsilon"]["hvps"] is None and est["epsilon"]["data_passes"] is None
     lines = _estimates(err)
     assert len(lines) == 4 and all(ln.endswith("(each of 2 checkpoints)") for ln in lines)
+    # what each checkpoint's run used, beside the estimate
+    lam = est["lambda_max (Lanczos, k=1)"]["used"]
+    assert [u["hvps"] for u in lam] == [c["settings"]["lambda_max"]["num_matvecs"] for c in doc["checkpoints"]]
+    assert [u["hvps"] for u in est["trace (Hutch++, 99 products)"]["used"]] == [99, 99]
+    assert [u["num_batches"] for u in worst["used"]] == [settings["worst"]["num_batches"]] * 2
+    assert all(u["seconds"] > 0 for e in doc["estimate"] for u in e["used"])
+    used = [ln for ln in _lines(err) if ln.startswith("used: ")]
+    assert len(used) == 8 and sum(ln.startswith(
+        f"used: lambda_max (Lanczos, k=1): {lam[0]['hvps']} Hessian-vector products (estimate <= 300)")
+        for ln in used) >= 1
 
 
 @pytest.mark.parametrize("extra,want", [
@@ -242,3 +284,89 @@ def test_per_layer_estimate_bounds_the_products_of_each_block(ckpt, capsys):
     used = sum(layer["num_matvecs"] for layer in doc["per_layer"])
     assert 4 <= used - trace["hvps"] <= lanczos["hvps"]
     assert len(_estimates(err)) == 4
+    # products used per block (JSON and table column) and per analysis, beside the estimates
+    assert all(la["num_matvecs"] == la["eigen_matvecs"] + la["trace_matvecs"] for la in doc["per_layer"])
+    assert trace["used"]["hvps"] == trace["hvps"]
+    assert lanczos["used"]["hvps"] == used - trace["hvps"] == sum(la["eigen_matvecs"] for la in doc["per_layer"])
+    assert doc["num_matvecs_by_analysis"]["per_layer"] == used
+    assert doc["num_matvecs"] == doc["num_matvecs_by_analysis"]["lanczos"] + 99  # whole model, as before
+    header = next(ln for ln in _lines(err) if ln.startswith("module"))
+    assert header.split()[-1] == "products"
+    assert sum(ln.startswith("time estimate: per-layer") for ln in _lines(err)) == 2
+
+
+def test_hessian_numbers_are_those_of_hessian_summary(ckpt, tmp_path, capsys):
+    """Counting each analysis apart (its own operator) changes no number."""
+    from landscape.report import hessian_summary
+
+    code, out, err = _run(["hessian", str(ckpt), *SPEC, "--top-k", "2", "--trace", "--density",
+                           str(tmp_path / "d.png"), "--density-iter", "12", "--density-runs", "3",
+                           "--json", "-"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    model = fx.model()
+    model.load_state_dict(torch.load(ckpt))
+    ref = hessian_summary(model, "cross_entropy", fx.data(), top_k=2, trace=True, density=True,
+                          density_iter=12, density_runs=3, seed=0, tol=1e-3)
+    assert doc["eigenvalues"] == ref["eigenvalues"] and doc["trace"] == ref["trace"]
+    assert doc["trace_stderr"] == ref["trace_stderr"] and doc["num_matvecs"] == ref["num_matvecs"]
+    np.testing.assert_array_equal(doc["density"]["density"], ref["density"]["density"])
+
+
+def _unfinish(store, keep):
+    """The store file as if the run had been killed after its first ``keep`` rows."""
+    with np.load(store, allow_pickle=False) as z:
+        arrays = {k: np.array(z[k]) for k in z.files}
+    arrays["done"][keep:] = False
+    for k in [k for k in arrays if k.startswith("nan_")]:
+        arrays[k][keep:] = False
+    for m in ("loss", "accuracy"):
+        if m in arrays:
+            arrays[m][keep:] = np.nan
+    with open(store, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_slice_resume_says_so_and_estimates_only_the_rows_left(ckpt, tmp_path, capsys):
+    store = tmp_path / "g.npz"
+    argv = ["slice", str(ckpt), *SPEC, "--dims", "2", "--steps", "4", "--out", str(tmp_path / "s.png"),
+            "--store", str(store), "--json", "-"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["resumed_rows"] == 0 and "resuming" not in err and "resumed " not in err
+    assert first["estimate"][-1]["forward_passes"] == 4 * 4 + 1
+    _unfinish(store, 1)
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["resumed_rows"] == doc["grid"]["resumed_rows"] == 1
+    assert f"resuming {store}: 1 of 4 rows already computed, 3 left" in err
+    assert f"resumed 1 of 4 rows from {store}; computed 3" in err
+    assert doc["estimate"][-1]["forward_passes"] == 3 * 4 + 1
+    assert "2-D slice (4x4 points), 3 of 4 rows left: 13 forward" in err
+    np.testing.assert_array_equal(doc["grid"]["loss"], first["grid"]["loss"])
+    code, out, err = _run(argv, capsys)  # complete: only the origin is evaluated
+    doc = json.loads(out)
+    assert code == 0 and doc["resumed_rows"] == 4 and doc["estimate"][-1]["forward_passes"] == 1
+    code, out, err = _run([*argv, "--restart"], capsys)  # --restart: everything again
+    doc = json.loads(out)
+    assert code == 0 and doc["resumed_rows"] == 0 and doc["estimate"][-1]["forward_passes"] == 17
+
+
+def test_stored_rows_done_reads_a_store_without_changing_it(tmp_path):
+    from landscape.store import GridStore, stored_rows_done
+
+    xs, ys = np.linspace(-1, 1, 3), np.linspace(-1, 1, 2)
+    path = tmp_path / "g.npz"
+    assert stored_rows_done(path, xs, ys) == 0  # no file yet
+    store = GridStore(path, {"kind": "test"}, xs, ys, ["loss"])
+    store.write_row(1, {"loss": np.array([1.0, 2.0])})
+    before = path.read_bytes()
+    assert stored_rows_done(path, xs, ys) == 1
+    assert stored_rows_done(tmp_path / "g", xs, ys) == 1  # the suffix GridStore adds
+    assert stored_rows_done(path, np.linspace(-1, 1, 4), ys) is None  # another grid
+    assert stored_rows_done(tmp_path, xs, ys) is None  # a directory: the name needs the fingerprint
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert stored_rows_done(tmp_path / "bad.npz", xs, ys) is None
+    assert path.read_bytes() == before
