@@ -100,7 +100,7 @@ def checkpoint_metrics(
 #: result carries; e.g. ``rho``/``m``/``steps`` for worst/average, ``num_matvecs`` for lambda_max).
 _SETTING_KEYS = ("kind", "rho", "adaptive", "norm", "m", "steps", "samples", "stderr", "std_error",
                  "num_batches", "num_samples", "epsilon", "sigma", "method", "num_matvecs",
-                 "residual", "converged", "mode")
+                 "residual", "converged", "mode", "forward_passes", "backward_passes")
 
 
 def _default_m() -> int:
