@@ -166,7 +166,7 @@ class EmpiricalRisk:
         self._names = list(self.space.names)
         # cache device-resident batches for in-memory data; a DataLoader is re-iterated
         self._cached: list[tuple[Any, Any, int, int]] | None = None
-        if self.source.kind in ("pair", "batches"):
+        if self.source.in_memory:
             cached = []
             local_samples = 0
             for b in self.source:
