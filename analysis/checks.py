@@ -1,5 +1,6 @@
 """Cheap up-front checks of a model, a loss and one batch, shared by every routine that evaluates
-the loss as a fixed function of the weights (sharpness metrics, slices, curvature operators).
+the loss as a fixed function of the weights (sharpness metrics, slices, curvature operators at
+construction).
 
 Two kinds of check run on the first batch, before anything is computed or changed:
 
@@ -8,7 +9,8 @@ Two kinds of check run on the first batch, before anything is computed or change
   shapes and dtypes, with the original error chained), and for the built-in losses the targets
   against the outputs: ``cross_entropy`` needs integer class indices of shape ``(N,)`` in
   ``[0, C)`` (or class probabilities of the outputs' shape), ``mse`` floating targets of the
-  outputs' shape.
+  outputs' shape (:mod:`analysis.target_checks`); a language model's ``(B, T, V)`` logits with
+  token targets under either of them are refused with the advice to use ``"lm"`` or ``"model_lm"``.
 * **determinism** (:func:`check_repeatable_forward`): a dropout module with ``p > 0`` that is
   active under the routine's mode is refused by name, and the outputs of the first batch are
   computed twice and must agree to ``|a - b| <= rtol * max(1, max |a|)`` with
@@ -32,12 +34,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .data import DataSource, to_device
 from .evaluation import forward, model_device_dtype, model_mode
-from .losses import OutputLoss
+from .target_checks import check_targets, describe
 
 __all__ = [
     "CHECK_SAMPLES",
@@ -55,17 +56,6 @@ REPEAT_RTOL = 1e-6
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
-
-
-def describe(obj: Any) -> str:
-    """``"float32 (16, 4)"`` for a tensor; nested for tuples and dicts (for error messages)."""
-    if isinstance(obj, torch.Tensor):
-        return f"{str(obj.dtype).replace('torch.', '')} {tuple(obj.shape)}"
-    if isinstance(obj, Mapping):
-        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in obj.items()) + "}"
-    if isinstance(obj, (tuple, list)):
-        return "(" + ", ".join(describe(v) for v in obj) + ")"
-    return type(obj).__name__
 
 
 def _head(obj: Any, k: int) -> Any:
@@ -203,56 +193,6 @@ def check_repeatable_forward(model: nn.Module, source: DataSource, mode: str | N
     _compare(a, b, index, where)
 
 
-def _check_targets(loss_fn: Callable, out: Any, y: Any, y_all: Any, index: int, where: str) -> None:
-    """``y``: the targets of the checked samples; ``y_all``: all of batch ``index``'s targets."""
-    if not (isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor)):
-        return
-    if isinstance(loss_fn, OutputLoss):  # the built-in names wrap the functional losses
-        loss_fn = loss_fn.fn
-    if loss_fn is F.cross_entropy:
-        if not out.is_floating_point() or out.dim() == 0:
-            raise ValueError(f"{where}: cross_entropy needs floating (N, C) outputs (logits); "
-                             f"batch {index} gave {describe(out)}")
-        if y.dtype == torch.bool or y.is_complex():
-            raise TypeError(f"{where}: cross_entropy needs int64 class indices, got targets "
-                            f"{describe(y)} on batch {index}")
-        want = (out.shape[:1] + out.shape[2:]) if out.dim() >= 2 else torch.Size([])
-        if y.is_floating_point():
-            if tuple(y.shape) != tuple(out.shape):
-                raise TypeError(
-                    f"{where}: cross_entropy needs integer class indices of shape {tuple(want)} "
-                    f"(or class probabilities of the outputs' shape {tuple(out.shape)}), got "
-                    f"float targets {describe(y)} on batch {index}; convert labels with y.long()"
-                )
-            return
-        if tuple(y.shape) != tuple(want):
-            raise ValueError(
-                f"{where}: cross_entropy with outputs {describe(out)} needs class-index targets "
-                f"of shape {tuple(want)}, got {describe(y)} on batch {index}"
-            )
-        classes = out.shape[1] if out.dim() >= 2 else out.shape[0]
-        valid = ((y_all >= 0) & (y_all < classes)) | (y_all == -100)
-        if not bool(valid.all()):
-            bad = y_all[~valid]
-            raise ValueError(
-                f"{where}: targets of batch {index} must be class indices in [0, {classes}) "
-                f"(the model has {classes} outputs), got {int(bad.min())}"
-                + (f" ... {int(bad.max())}" if bad.numel() > 1 else "")
-            )
-    elif loss_fn is F.mse_loss:
-        if not y.is_floating_point():
-            raise TypeError(
-                f"{where}: mse needs floating targets of the outputs' shape {tuple(out.shape)}, "
-                f"got {describe(y)} on batch {index}; these look like class labels: use loss "
-                "'cross_entropy' or one-hot float targets"
-            )
-        if tuple(y.shape) != tuple(out.shape):
-            raise ValueError(
-                f"{where}: mse needs targets of the outputs' shape {tuple(out.shape)}, got "
-                f"{describe(y)} on batch {index} (they would be broadcast)"
-            )
-
-
 def check_first_batch(
     model: nn.Module,
     loss_fn: Callable,
@@ -266,9 +206,10 @@ def check_first_batch(
 
     Raises, before anything is computed: ``ValueError`` for parameters on the meta device, a
     forward or loss that fails on the first batch (the original error chained), targets that do
-    not fit the built-in loss (shape, class range), a non-scalar loss, or a random forward;
-    ``TypeError`` for targets of the wrong dtype for the built-in loss (float class labels for
-    ``cross_entropy``, integer labels for ``mse``).
+    not fit the built-in loss (shape, class range, a language model's ``(B, T)`` tokens), a
+    non-scalar loss, or a random forward; ``TypeError`` for targets of the wrong type or dtype
+    for the built-in loss (float class labels for ``cross_entropy``, integer labels for ``mse``,
+    a batch dict; see :func:`analysis.target_checks.check_targets`).
 
     Args:
         model: the network.
@@ -295,7 +236,7 @@ def check_first_batch(
     y_head = _head(y, CHECK_SAMPLES)
     with _untouched(model, mode, device):
         out = _run_forward(model, x, index, where, device, dtype)
-        _check_targets(loss_fn, out, y_head, y, index, where)
+        check_targets(loss_fn, out, y_head, y, index, where)
         try:
             loss = loss_fn(out, y_head)
         except Exception as err:

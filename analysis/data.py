@@ -1,7 +1,7 @@
 """One way in for data: a tensor pair, a list of batches, or a DataLoader, weighted exactly.
 
 Every routine of the toolkit that evaluates a loss over "the data" accepts ``data`` in one of
-three forms and turns it into a :class:`DataSource`:
+these forms and turns it into a :class:`DataSource`:
 
 * a pair ``(X, y)`` of tensors (split into batches of ``batch_size``; one batch if ``None``),
 * a list (or tuple) of batches ``[(x_1, y_1), (x_2, y_2), ...]``,
@@ -122,8 +122,13 @@ def _is_pair(data: Any) -> bool:
 class DataSource:
     """A re-iterable view of the data that yields :class:`Batch` objects.
 
+    ``kind`` says which form the data has: ``"pair"``, ``"dict"`` (a dict of tensors, split
+    like a pair), ``"batches"`` (a list), ``"loader"`` or ``"iterable"``; the first three are
+    :attr:`in_memory`.
+
     Args:
-        data: ``(X, y)``, a list of ``(x, y)`` batches, a DataLoader, or another DataSource.
+        data: ``(X, y)``, a dict of tensors, a list of ``(x, y)`` batches (or batch dicts), a
+            DataLoader, or another DataSource.
         batch_size: batch size used to split a tensor pair (``None``: one batch). Ignored for
             the other forms.
         max_samples: stop after this many samples (the last batch is truncated to fit).
@@ -209,6 +214,13 @@ class DataSource:
     def __repr__(self) -> str:
         n = self._num_samples if self._num_samples is not None else "?"
         return f"DataSource(kind={self.kind!r}, num_samples={n})"
+
+    @property
+    def in_memory(self) -> bool:
+        """True for data held in memory, which consumers may cache on the device: a tensor pair,
+        a dict of tensors (e.g. one tokenizer batch) or a list of batches; False for a
+        DataLoader or another iterable, which is re-iterated."""
+        return self.kind in ("pair", "dict", "batches")
 
     @property
     def is_shuffled(self) -> bool:

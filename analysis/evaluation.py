@@ -16,6 +16,7 @@ from . import distributed as dist
 from .data import Data, DataSource, as_data, to_device
 from .losses import CausalLMLoss, LossFn, ModelLoss, OutputLoss, loss_terms
 from .results import Result
+from .target_checks import check_targets
 
 with warnings.catch_warnings():  # widget bars in Jupyter; text bars (and no warning) elsewhere
     warnings.simplefilter("ignore")  # or when ipywidgets is missing
@@ -190,7 +191,9 @@ def evaluate(
     predictions of the shifted logits at the counted positions, ``-100`` labels excluded; see
     :func:`correct_count`). Batches are moved to the model's device (floating inputs cast to its
     dtype). Under an initialized process group with a sharded source, per-rank sums are
-    all-reduced.
+    all-reduced. The first batch's targets are checked against a built-in loss first
+    (:func:`analysis.target_checks.check_targets`: a language model's logits under
+    ``cross_entropy`` raise with the advice to use ``"lm"`` or ``"model_lm"``).
 
     Args:
         model: the network.
@@ -204,6 +207,10 @@ def evaluate(
     Returns:
         :class:`EvalResult` with ``loss``, ``accuracy``, ``num_samples``, ``num_terms`` and
         ``accuracy_unit``.
+
+    Raises:
+        TypeError, ValueError: targets of the first batch that do not fit a built-in loss (see
+            :func:`analysis.target_checks.check_targets`), a loss that is not a scalar.
     """
     loss_fn = resolve_loss(loss_fn)
     source = as_data(data, batch_size=batch_size)
@@ -211,11 +218,15 @@ def evaluate(
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # sum N_b*L, correct, n, N
     has_acc = True
     per_term = accuracy_per_term(loss_fn)
+    first = True
     with model_mode(model, mode):
         for batch in progress_bar(source, enabled=progress, desc="evaluate", unit="batch"):
             x = to_device(batch.inputs, device, dtype)
             y = to_device(batch.targets, device, dtype)
             out = forward(model, x)
+            if first:  # targets that do not fit a built-in loss fail in one line
+                check_targets(loss_fn, out, y, y, batch.index, "evaluate()")
+                first = False
             loss = loss_fn(out, y)
             if loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")

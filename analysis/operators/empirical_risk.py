@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from .. import distributed as dist
 from ..attention import second_order_attention
+from ..checks import check_first_batch, check_repeatable_forward
 from ..data import Data, DataSource, as_data, to_device
 from ..evaluation import model_mode, resolve_loss
 from ..losses import LossFn, loss_terms
@@ -53,6 +54,12 @@ def check_deterministic_setup(model: nn.Module, source: DataSource, mode: str | 
         source: the data source.
         mode: the mode the curvature is evaluated in (``"eval"``, ``"train"`` or ``None``).
     """
+    _refuse_random_setup(model, source, mode)
+    check_repeatable_forward(model, source, mode, where="curvature operator")
+
+
+def _refuse_random_setup(model: nn.Module, source: DataSource, mode: str | None) -> None:
+    """The module and loader part of :func:`check_deterministic_setup` (no forward pass)."""
     for name, m in model.named_modules():
         active = mode == "train" or (mode is None and m.training)
         if not active:
@@ -76,9 +83,6 @@ def check_deterministic_setup(model: nn.Module, source: DataSource, mode: str | 
             "products would use different batches when the batches are weighted; build it with "
             "shuffle=False or pass check_deterministic=False"
         )
-    from ..checks import check_repeatable_forward  # catches F.dropout(training=True) in forward
-
-    check_repeatable_forward(model, source, mode, where="curvature operator")
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
@@ -124,7 +128,11 @@ class EmpiricalRisk:
             or parameters: the subspace the operator acts on.
         mode: ``"eval"`` (default), ``"train"`` or ``None`` (leave the model's flags); the
             caller's flags are restored after every product.
-        check_deterministic: refuse active dropout, train-mode BatchNorm and shuffling loaders.
+        check_deterministic: refuse active dropout, train-mode BatchNorm, shuffling loaders
+            and a forward that does not repeat. The first batch's forward and its targets
+            against a built-in loss are checked at construction either way
+            (:func:`analysis.checks.check_first_batch`: a language model under
+            ``cross_entropy`` is refused with the advice to use ``"lm"`` or ``"model_lm"``).
         batch_size: split a tensor pair into batches of this size (``None``: one batch).
 
     Attributes:
@@ -160,13 +168,17 @@ class EmpiricalRisk:
         self.check_deterministic = check_deterministic
         self._data, self._batch_size = data, batch_size  # to rebuild on a subspace
         if check_deterministic:
-            check_deterministic_setup(model, self.source, mode)
+            _refuse_random_setup(model, self.source, mode)
+        # one forward of the first batch (two to see it repeat): a forward or targets that do not
+        # fit the loss (a language model under cross_entropy, ...) fail here, in one line
+        check_first_batch(model, self.loss_fn, self.source, mode, where=f"{type(self).__name__}()",
+                          deterministic=check_deterministic)
         self.device = self.space.device
         self.dtype = self.space.dtype
         self._names = list(self.space.names)
         # cache device-resident batches for in-memory data; a DataLoader is re-iterated
         self._cached: list[tuple[Any, Any, int, int]] | None = None
-        if self.source.kind in ("pair", "batches"):
+        if self.source.in_memory:
             cached = []
             local_samples = 0
             for b in self.source:

@@ -74,8 +74,8 @@ class HessianOperator(CurvatureOperator):
                          check_deterministic=check_deterministic, batch_size=batch_size)
         if method == "cached-graph" and self._cached is None:
             raise ValueError(
-                "method='cached-graph' needs in-memory data (a tensor pair or a list of batches), "
-                "not a DataLoader"
+                "method='cached-graph' needs in-memory data (a tensor pair, a dict batch or a "
+                "list of batches), not a DataLoader"
             )
         self.method = method
         self.requested_method = method

@@ -109,7 +109,11 @@ def pac_bayes_flatness(
 
     Raises:
         ValueError: data without an accuracy (neither class-index targets nor a language-model
-            loss), a ``target`` the accuracy cannot drop by.
+            loss), a ``target`` the accuracy cannot drop by: above the accuracy at ``w``, or
+            not reached before the loss stops being finite (the noise overflows the model, as
+            for a model near chance accuracy, whose accuracy noise cannot lower) or within
+            ``max_evaluations``; the message names the accuracy at ``w``, the target and the
+            largest sigma tried with its drop.
     """
     _check_model(model)
     _check_positive("target", target)
@@ -160,7 +164,7 @@ def pac_bayes_flatness(
         bar = progress_bar(range(int(max_evaluations)), enabled=progress, desc="PAC-Bayes sigma")
         sigma, dev = _find_sigma(deviation, lambda: evaluations, iter(bar), target=target,
                                  sigma_max=float(sigma_max), tolerance=tolerance,
-                                 max_evaluations=max_evaluations)
+                                 max_evaluations=max_evaluations, accuracy=acc0)
     return PacBayesResult(
         flatness=1.0 / (sigma * sigma),
         sigma=sigma,
@@ -178,25 +182,48 @@ def pac_bayes_flatness(
     )
 
 
+def _unreachable(target: float, accuracy: float, dev: float, sigma: float, why: str,
+                 advice: str = "lower the target") -> ValueError:
+    """The one-line error of a bracket that never reached an accuracy drop of ``target``."""
+    return ValueError(
+        f"pac_bayes_flatness(): the accuracy {accuracy:.4f} at w never dropped by target={target} "
+        f"(a drop of {dev:.4f} at sigma={sigma:.4g}, the largest sigma evaluated; {why}): the "
+        "flatness is undefined where noise cannot lower the accuracy by the target, e.g. for a "
+        f"model near chance accuracy; {advice}"
+    )
+
+
 def _find_sigma(deviation: Callable[[float], float], evaluations: Callable[[], int],
                 bar_iter: Iterator, *, target: float, sigma_max: float, tolerance: float,
-                max_evaluations: int) -> tuple[float, float]:
+                max_evaluations: int, accuracy: float) -> tuple[float, float]:
     """``(sigma, deviation(sigma))`` with the deviation within ``tolerance`` of ``target``: the
     bracket ``[0, sigma_max]`` doubled until the deviation exceeds ``target``, then bisected
     until ``|deviation - target| <= tolerance`` or ``max_evaluations`` sigmas were tried
-    (``evaluations()`` counts them, ``bar_iter`` advances a progress bar)."""
+    (``evaluations()`` counts them, ``bar_iter`` advances a progress bar). A bracket that hits
+    ``max_evaluations`` or a non-finite loss (the noise overflowed the model) before the drop
+    reached ``target`` raises :func:`_unreachable` (``accuracy``: the accuracy at ``w``)."""
     lo, hi = 0.0, sigma_max
-    next(bar_iter, None)
-    dev_hi = deviation(hi)
-    while dev_hi < target:
-        if evaluations() >= max_evaluations:
-            raise ValueError(
-                f"the accuracy never dropped by target={target} (deviation {dev_hi:.4f} at "
-                f"sigma={hi:.4g}); raise sigma_max or max_evaluations"
-            )
-        lo, hi = hi, 2 * hi
+    dev_hi: float | None = None
+    while dev_hi is None or dev_hi < target:
+        if dev_hi is not None:
+            if evaluations() >= max_evaluations:
+                raise _unreachable(target, accuracy, dev_hi, hi,
+                                   f"max_evaluations={max_evaluations} reached",
+                                   "lower the target or raise sigma_max or max_evaluations")
+            lo = hi
+            hi = 2 * hi
         next(bar_iter, None)
-        dev_hi = deviation(hi)
+        try:
+            dev_new = deviation(hi)
+        except FloatingPointError as err:
+            if dev_hi is None:
+                raise ValueError(
+                    f"pac_bayes_flatness(): the loss is not finite at sigma=sigma_max={hi:.4g}, "
+                    "the first sigma tried (the noise overflows the model); lower sigma_max"
+                ) from err
+            raise _unreachable(target, accuracy, dev_hi, lo,
+                               f"the loss is not finite at sigma={hi:.4g}") from err
+        dev_hi = dev_new
     sigma, dev = hi, dev_hi
     while abs(dev - target) > tolerance and evaluations() < max_evaluations:
         mid = 0.5 * (lo + hi)

@@ -84,6 +84,7 @@ class Setup:
 
         from analysis.data import DataSource, to_device
         from analysis.evaluation import forward, model_device_dtype, model_mode
+        from analysis.target_checks import check_lm_targets
 
         device, dtype = model_device_dtype(model)
         src = self.data
@@ -93,12 +94,34 @@ class Setup:
             with torch.no_grad(), model_mode(model, "eval"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. mse broadcasting: the error below says it
                 out = forward(model, to_device(batch.inputs, device, dtype))
-                loss = self.loss_fn(out, to_device(batch.targets, device, dtype))
         except Exception as exc:
-            hint = ("; --loss mse needs float targets shaped like the outputs (class labels need "
-                    "cross_entropy)" if self.args.loss == "mse" else "")
-            raise CLIError(
-                f"the data does not fit the model: {type(exc).__name__}: {_first_line(exc)}{hint}"
-            ) from None
+            raise self._misfit(exc, None, None) from None
+        targets = to_device(batch.targets, device, dtype)
+        try:  # a language model's logits under cross_entropy / mse: say to use --loss lm
+            check_lm_targets(self.loss_fn, out, targets, batch.index,
+                             "the data does not fit the model", cli=True)
+        except (TypeError, ValueError) as exc:
+            raise CLIError(_first_line(exc)) from None
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = self.loss_fn(out, targets)
+        except Exception as exc:
+            raise self._misfit(exc, out, targets) from None
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise CLIError("the loss function must return a scalar (the batch mean)")
+
+    def _misfit(self, exc: Exception, out: Any, targets: Any) -> CLIError:
+        """The one-line error for a first batch whose loss failed, with a hint by output shape."""
+        from analysis.target_checks import lm_hint, looks_like_lm
+
+        if out is not None and looks_like_lm(out, targets):
+            hint = f"; the outputs are a language model's (B, T, V) logits: {lm_hint(cli=True)}"
+        elif self.args.loss == "mse":
+            hint = ("; --loss mse needs float targets shaped like the outputs (class labels need "
+                    "cross_entropy)")
+        else:
+            hint = ""
+        return CLIError(
+            f"the data does not fit the model: {type(exc).__name__}: {_first_line(exc)}{hint}"
+        )

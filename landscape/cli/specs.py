@@ -104,9 +104,9 @@ def load_data(spec: str, *, batch_size: int | None = None, max_samples: int | No
             from analysis.distributed import get_world_size
 
             world = get_world_size()
-            if source.kind == "pair" and batch_size is None:
+            if source.kind in ("pair", "dict") and batch_size is None:
                 # one batch per process, so that every rank gets a share of the samples
-                n = batch_size_of(obj[1])
+                n = batch_size_of(obj[1] if source.kind == "pair" else obj)
                 if max_samples is not None:
                     n = min(n, max_samples)
                 source = as_data(obj, batch_size=max(1, math.ceil(n / world)),

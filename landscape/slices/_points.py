@@ -43,7 +43,7 @@ class _Evaluator:
         self.want_accuracy = want_accuracy
         self.has_accuracy = want_accuracy
         self.samples = 0
-        do_cache = cache is True or (cache == "auto" and source.kind in ("pair", "batches"))
+        do_cache = cache is True or (cache == "auto" and source.in_memory)
         self.batches = self._load(source) if do_cache else None
         self.bn_source = bn_source
         self.bn_batches = None

@@ -10,6 +10,7 @@ from torch import nn
 
 from analysis.checks import REPEAT_RTOL, check_first_batch, check_repeatable_forward
 from analysis.data import as_data
+from analysis.evaluation import resolve_loss
 from tests.models import cnn_bn, image_data, mlp
 
 DT = torch.float64
@@ -93,3 +94,44 @@ def test_only_the_first_samples_are_run_but_all_targets_of_batch_0_are_range_che
     with pytest.raises(ValueError, match=r"class indices in \[0, 3\).*got 7"):
         check_first_batch(Spy(), F.cross_entropy, as_data((x, y)), "eval", where="t")
     assert calls == [64]
+
+
+def test_language_model_detection_has_no_false_alarms():
+    from types import SimpleNamespace
+
+    from analysis.target_checks import looks_like_lm
+
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    assert looks_like_lm(logits, ids) and looks_like_lm(logits, {"input_ids": ids})
+    assert looks_like_lm(SimpleNamespace(logits=logits), ids)  # a Hugging Face output
+    assert not looks_like_lm(logits, ids.double())  # float targets: mse regression on (B, T)
+    assert not looks_like_lm(torch.randn(2, 7), ids[:, 0])  # a classifier
+    assert not looks_like_lm(torch.randn(2, 5, 5), ids % 5)  # T == V: also an (N, C, d) layout
+    assert not looks_like_lm(torch.randn(2, 5, 7), torch.randint(0, 5, (2, 7)))  # (N, C, d)
+
+
+def test_per_position_cross_entropy_in_the_n_c_d_layout_still_passes():
+    # (N, C, d) logits with (N, d) targets is valid cross_entropy, not a language model
+    class PerPosition(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3).double()
+
+        def forward(self, x):  # (N, d, 4) -> (N, 3, d)
+            return self.lin(x).transpose(1, 2)
+
+    x = torch.randn(6, 5, 4, dtype=DT)
+    y = torch.randint(0, 3, (6, 5))
+    check_first_batch(PerPosition(), F.cross_entropy, as_data((x, y)), "eval", where="t")
+    check_first_batch(PerPosition(), resolve_loss("cross_entropy"), as_data((x, y)), "eval", where="t")
+
+
+def test_language_model_hint_also_for_the_plain_torch_losses():
+    from tests.lm_models import lm_model
+
+    ids = torch.randint(0, 7, (3, 5))
+    for loss in (F.cross_entropy, F.mse_loss):
+        with pytest.raises(ValueError, match=r"^t: the outputs float64 \(3, 5, 7\) of batch 0 .*"
+                                             r"use loss 'lm' \(next-token, shifted\) or 'model_lm'"):
+            check_first_batch(lm_model(), loss, as_data((ids, ids)), "eval", where="t")

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,3 +130,53 @@ def test_bad_dict_data_is_refused():
         as_data({"input_ids": [1, 2, 3]})
     with pytest.raises(TypeError, match="batch 1 is a int"):
         as_data([_token_dict(), 3])
+
+
+# -- a single dict batch (a tokenizer's output) is in-memory data -----------------------------
+
+def test_data_forms_say_whether_they_are_in_memory():
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    assert as_data((x, y)).in_memory and as_data([(x, y)]).in_memory
+    assert as_data(_token_dict()).in_memory and as_data([_token_dict()]).in_memory
+    assert not as_data(DataLoader(TensorDataset(x, y), batch_size=2)).in_memory
+
+
+@pytest.mark.parametrize("method", ["auto", "forward-over-reverse", "double-backward",
+                                    "cached-graph"])
+def test_hessian_of_one_dict_batch_matches_dense_hessian_of_the_batch_in_a_list(method):
+    # regression: a dict batch was treated like a DataLoader (no device cache, so
+    # method="cached-graph" was refused and "auto" skipped it)
+    from analysis import HessianOperator
+    from analysis.reference import dense_hessian
+    from tests.lm_models import lm_model, pad_batch, token_sequences
+
+    model = lm_model()
+    batch = pad_batch(token_sequences((5, 2, 4)))  # uneven padding: token weighting matters
+    reference = dense_hessian(model, "lm", [batch])  # float64, torch.autograd.functional.hessian
+    H = HessianOperator(model, "lm", batch, method=method)
+    assert H._cached is not None and len(H._cached) == 1
+    assert H.num_terms == 4 + 1 + 3  # next-token targets of the three sequences
+    dense = H.matmat(torch.eye(H.shape[0], dtype=torch.float64))
+    torch.testing.assert_close(dense, reference, rtol=1e-9, atol=1e-11)
+    if method == "cached-graph":
+        assert H.method == "cached-graph"
+
+
+def test_slice_caches_a_dict_batch_and_agrees_with_the_batch_in_a_list():
+    from analysis import random_direction
+    from analysis.evaluation import resolve_loss
+    from landscape.slices import slice_1d
+    from landscape.slices._points import _Evaluator
+    from tests.lm_models import lm_model, pad_batch, token_sequences
+
+    model = lm_model()
+    batch = pad_batch(token_sequences((5, 2, 4)))
+    ev = _Evaluator(model, resolve_loss("lm"), as_data(batch),
+                    want_accuracy=True, cache="auto", bn_source=None)
+    assert ev.batches is not None  # kept on the device for the whole slice
+    d = random_direction(model, seed=0)
+    alphas = [-0.5, 0.0, 0.5]
+    a = slice_1d(model, "lm", batch, d, alphas, progress=False)
+    b = slice_1d(model, "lm", [batch], d, alphas, progress=False)
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-12)
+    assert a.loss[1] == pytest.approx(evaluate(model, "lm", batch).loss, rel=1e-12)

@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -654,3 +655,52 @@ def test_train_mode_batchnorm_is_a_fixed_function_and_is_accepted():
     a = sharpness(model, "cross_entropy", data, rho=0.05, m=8, steps=3, mode="train", progress=False)
     b = sharpness(model, "cross_entropy", data, rho=0.05, m=8, steps=3, mode="train", progress=False)
     assert a.value == b.value
+
+
+class _ExpNet(nn.Module):
+    """``lin2(exp(lin1(x)))`` in float32: the noise overflows ``exp`` near sigma = 8."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin1, self.lin2 = nn.Linear(8, 16).to(dtype), nn.Linear(16, 4).to(dtype)
+
+    def forward(self, x):
+        return self.lin2(torch.exp(self.lin1(x)))
+
+
+def _chance_data(dtype=torch.float32):
+    # labels independent of the inputs and balanced: every predictor, noisy or not, is right on
+    # 1/4 of them, so no noise lowers the accuracy by 0.1
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(400, 8, generator=g, dtype=dtype), torch.arange(400) % 4
+
+
+def test_pac_bayes_at_chance_accuracy_names_the_unreachable_target():
+    # regression: FloatingPointError "the loss is nan at sigma=8, draw 0" once the noise overflowed
+    x, y = _chance_data()
+    acc0 = float((_ExpNet()(x).argmax(1) == y).float().mean())
+    with pytest.raises(ValueError) as err:
+        pac_bayes_flatness(_ExpNet(), "cross_entropy", (x, y), draws=3)
+    msg = str(err.value)
+    assert "\n" not in msg and isinstance(err.value.__cause__, FloatingPointError)
+    assert msg.startswith(f"pac_bayes_flatness(): the accuracy {acc0:.4f} at w never dropped by "
+                          "target=0.1 (a drop of "), msg
+    assert re.search(r"at sigma=(\d+), the largest sigma evaluated; the loss is not finite at "
+                     r"sigma=(\d+)\)", msg), msg
+    lo, hi = map(int, re.search(r"sigma=(\d+), the largest.*sigma=(\d+)\)", msg).groups())
+    assert hi == 2 * lo and "near chance accuracy; lower the target" in msg
+
+
+def test_pac_bayes_without_the_drop_in_max_evaluations_or_overflow_at_sigma_max():
+    x, y = _chance_data(DT)
+    model = nn.Sequential(nn.Linear(8, 4)).double()
+    with pytest.raises(ValueError, match=r"the accuracy 0\.\d{4} at w never dropped by target=0\.1 "
+                                         r"\(a drop of -?0\.\d{4} at sigma=4, the largest sigma "
+                                         r"evaluated; max_evaluations=3 reached\).*raise sigma_max "
+                                         r"or max_evaluations$"):
+        pac_bayes_flatness(model, "cross_entropy", (x, y), draws=2, max_evaluations=3)
+    x, y = _chance_data()
+    with pytest.raises(ValueError, match=r"the loss is not finite at sigma=sigma_max=1000, the "
+                                         r"first sigma tried .*lower sigma_max$"):
+        pac_bayes_flatness(_ExpNet(), "cross_entropy", (x, y), draws=2, sigma_max=1000.0)

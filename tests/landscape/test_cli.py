@@ -847,3 +847,36 @@ def test_a_mistyped_choice_gets_the_closest_one(capsys):
     assert code == 2 and "invalid choice: 'hesian'" in err and "(did you mean 'hessian'?)" in err
     code, out, err = _run(["slice", "a.pt", *SPEC, "--normalization", "filtr", "--out", "s.png"], capsys)
     assert code == 2 and "(did you mean 'filter'?)" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture()
+def lm_spec(tmp_path):
+    from tests.lm_models import lm_model
+
+    spec = tmp_path / "lm_spec.py"
+    spec.write_text(
+        "from tests.lm_models import lm_model, pad_batch, token_sequences\n"
+        "def model():\n"
+        "    return lm_model()\n"
+        "def tokens():\n"
+        "    return pad_batch(token_sequences((5, 3, 4, 5)))\n"
+        "def ids():\n"
+        "    ids = tokens()['input_ids']\n"
+        "    return ids, ids\n")
+    torch.save(lm_model().state_dict(), tmp_path / "lm.pt")
+    return tmp_path
+
+
+@pytest.mark.parametrize("data", ["tokens", "ids"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_language_model_under_a_classification_loss_says_use_loss_lm(lm_spec, capsys, loss, data):
+    # regression: a raw torch error, and for mse the hint "class labels need cross_entropy"
+    spec = lm_spec / "lm_spec.py"
+    argv = ["sharpness", str(lm_spec / "lm.pt"), "--model", f"{spec}:model", "--data",
+            f"{spec}:{data}", "--loss", loss, "--quiet"]
+    err = _fails(argv, capsys, "--loss lm (next-token, shifted) or --loss model_lm (the model "
+                               "computes its own loss from labels)")
+    assert "language model's (B, T, V) logits" in err and "class labels need" not in err, err
+    code, out, err = _run(["hessian", *argv[1:5], f"{spec}:{data}", "--loss", "lm", "--quiet",
+                           "--top-k", "1"], capsys)
+    assert code == 0 and "eigenvalue" in out, err

@@ -21,6 +21,7 @@ from analysis import (
     ParameterSpace,
     directional_sharpness,
     epsilon_sharpness,
+    evaluate,
     feature_rank,
     gradient_direction,
     hessian_trace,
@@ -249,3 +250,100 @@ def test_the_same_model_without_randomness_passes_every_check():
     slice_1d(model, "cross_entropy", data, torch.ones(_n(model), dtype=DT), [0.0], progress=False)
     top_eigenpairs(model, "cross_entropy", data, k=1)
     _assert_unchanged(model, snap)
+
+
+# -- a language model under a classification loss: one line that says to use "lm" ------------
+
+LM_HINT = "use loss 'lm' (next-token, shifted) or 'model_lm' (the model computes its own loss from labels)"
+
+LM_CALLS = [
+    ("evaluate", lambda m, loss, d: evaluate(m, loss, d)),
+    ("sharpness", lambda m, loss, d: sharpness(m, loss, d, **S)),
+    ("epsilon", lambda m, loss, d: epsilon_sharpness(m, loss, d, steps=2)),
+    ("pac_bayes", lambda m, loss, d: pac_bayes_flatness(m, loss, d, draws=2)),
+    ("gradient_direction", lambda m, loss, d: gradient_direction(m, loss, d)),
+    ("slice_1d", lambda m, loss, d: slice_1d(m, loss, d, torch.ones(_n(m), dtype=DT), [0.0], progress=False)),
+    ("HessianOperator", lambda m, loss, d: HessianOperator(m, loss, d)),
+    ("HessianOperator-no-check", lambda m, loss, d: HessianOperator(m, loss, d, check_deterministic=False)),
+    ("top_eigenpairs", lambda m, loss, d: top_eigenpairs(m, loss, d, k=1)),
+    ("hessian_trace", lambda m, loss, d: hessian_trace(m, loss, d, num_matvecs=3)),
+]
+
+
+def _lm_data(form: str):
+    from tests.lm_models import pad_batch, token_sequences
+
+    batch = pad_batch(token_sequences((5, 3, 4, 5)))
+    return batch if form == "dict" else (batch["input_ids"], batch["input_ids"])
+
+
+@pytest.mark.parametrize("form", ["dict", "ids-pair"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("case", LM_CALLS, ids=[c[0] for c in LM_CALLS])
+def test_language_model_under_a_classification_loss_says_use_lm(case, loss, form):
+    # regression: raw torch errors (TypeError "argument 'target' must be Tensor, not dict",
+    # RuntimeError "Expected target size [4, 7], got [4, 5]"), or none (HessianOperator)
+    from analysis.losses import CausalLMLoss
+    from tests.lm_models import lm_model
+
+    name, call = case
+    model = lm_model()
+    batch = _lm_data("dict")
+    CausalLMLoss()(model(**batch), batch).backward()  # every parameter has a .grad
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    snap = _snapshot(model)
+    exc = TypeError if form == "dict" else ValueError
+    with pytest.raises(exc, match=r"\(B, T, V\) logits") as err:
+        call(model, loss, _lm_data(form))
+    msg = str(err.value)
+    assert type(err.value) is exc and "\n" not in msg and msg.endswith(LM_HINT), msg
+    assert f"which {loss} does not fit" in msg and "(4, 5, 7)" in msg, msg
+    assert len(forwards) <= 2, f"{name}: {len(forwards)} forward passes before the error"
+    _assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("form", ["dict", "ids-pair"])
+def test_hugging_face_output_with_logits_under_cross_entropy_says_use_lm(form):
+    pytest.importorskip("transformers")
+    from tests.lm_models import hf_gpt2
+
+    model = hf_gpt2()
+    exc = TypeError if form == "dict" else ValueError
+    for call in (lambda d: top_eigenpairs(model, "cross_entropy", d, k=1),
+                 lambda d: evaluate(model, "cross_entropy", d)):
+        with pytest.raises(exc, match=r"float64 \(4, 5, 7\) of batch 0 are a language model's") as err:
+            call(_lm_data(form))
+        assert str(err.value).endswith(LM_HINT)
+
+
+def test_a_dict_batch_under_cross_entropy_for_a_classifier_says_it_is_no_tensor():
+    class DictClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2).double()
+
+        def forward(self, features, labels=None):
+            return self.lin(features)
+
+    batch = {"features": torch.randn(4, 3, dtype=DT), "labels": torch.tensor([0, 1, 1, 0])}
+    for call in (lambda m: HessianOperator(m, "cross_entropy", batch),
+                 lambda m: evaluate(m, "cross_entropy", batch),
+                 lambda m: sharpness(m, "cross_entropy", batch, **S)):
+        with pytest.raises(TypeError, match=r"cross_entropy needs a tensor of targets, got a batch "
+                                            r"dict of \['features', 'labels'\] on batch 0.*"
+                                            r"loss 'model'") as err:
+            call(DictClassifier())
+        assert "\n" not in str(err.value)
+
+
+def test_language_model_losses_still_pass_the_checks():
+    from tests.lm_models import lm_model
+
+    model = lm_model()
+    batch = _lm_data("dict")
+    ids = batch["input_ids"]
+    assert np.isfinite(evaluate(model, "lm", batch).loss)
+    assert np.isfinite(evaluate(model, "lm", (ids, ids)).loss)
+    H = HessianOperator(model, "lm", batch)
+    assert torch.isfinite(H @ torch.ones(H.shape[0], dtype=DT)).all()
