@@ -9,7 +9,7 @@ ARGS ?=
 EXTRAS ?= test
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint bench reproduce clean
+.PHONY: install demo test lint bench reproduce oracle clean
 
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -33,12 +33,28 @@ lint: install
 
 bench: install
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) -m pip install -q -c constraints.txt $(ORACLE_DEPS)
+	$(PY) -m pip install -q --no-deps $(ORACLE_PEERS)  # see `oracle` below: no torchvision
 	$(PY) benchmarks/optimizers.py
 	$(PY) benchmarks/curvature.py
 	$(PY) benchmarks/landscape.py
+
+# agreement with the peer libraries (tests/oracle), in a venv of its own: the peers are installed
+# without their dependencies, since curvlinops pulls backpack and with it a torchvision that does
+# not load with the CPU torch (and breaks transformers); their own imports need only these
+ORACLE_VENV ?= .venv-oracle
+ORACLE_PEERS := curvlinops-for-pytorch==3.0.1 hessian-eigenthings==1.0.0a5 pyhessian==0.1
+ORACLE_DEPS := einops einconv linear_operator opt-einsum
+
+oracle:
+	$(PYTHON) -m venv $(ORACLE_VENV)
+	$(ORACLE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ORACLE_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[test]' $(ORACLE_DEPS)
+	$(ORACLE_VENV)/bin/python -m pip install -q --no-deps $(ORACLE_PEERS)
+	$(ORACLE_VENV)/bin/python -m pytest tests/oracle -m oracle -p no:cacheprovider $(ARGS)
 
 reproduce: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/landscape reproduce all --out docs/reproduction --markdown docs/REPRODUCTION.md
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
+	rm -rf $(VENV) $(ORACLE_VENV) $(DEMO_OUT) build *.egg-info
