@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from .formats import _load_file, _load_folder, _strip_prefixes
-from .matching import _compare_with_model, _select_prefix
+from .matching import _compare_with_model, _refuse_untied, _select_prefix
 from .result import Checkpoint, PerturbedCheckpointWarning
 from .unperturb import _check_optimizer, _perturbed_flag, _refuse_sam_ascent, _unperturb
 
@@ -79,6 +79,8 @@ def load_checkpoint(
     state, used_prefix, ignored = _select_prefix(state, model, prefix, path)
 
     _refuse_sam_ascent(opt_state, path)
+    if model is not None:
+        _refuse_untied(state, model, path)  # before the move-back writes one value to all twins
     perturbed = bool(opt_state) and _perturbed_flag(opt_state)  # type: ignore[arg-type]
     unperturbed = False
     if perturbed and unperturb:

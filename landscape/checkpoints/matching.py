@@ -14,14 +14,24 @@ from .formats import _strip_prefixes
 from .result import CheckpointError, _names
 
 
+def _storage_identity(t: torch.Tensor, key: str) -> tuple:
+    """Equal for two tensors that are the same view of the same storage (tied weights)."""
+    if not t.numel() or t.is_meta or t.data_ptr() == 0:
+        return (key,)
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Keys grouped by shared storage: tied weights (``torch.save`` keeps the sharing in a file)."""
+    groups: dict[tuple, list[str]] = {}
+    for k, t in tensors.items():
+        groups.setdefault(_storage_identity(t, k), []).append(k)
+    return list(groups.values())
+
+
 def _tie_groups(model: nn.Module) -> list[list[str]]:
     """Model state_dict keys grouped by shared storage (tied weights such as a LM head)."""
-    groups: dict[tuple, list[str]] = {}
-    for k, t in model.state_dict(keep_vars=True).items():
-        shared = t.numel() and not t.is_meta and t.data_ptr() != 0
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if shared else (k,)
-        groups.setdefault(ident, []).append(k)
-    return list(groups.values())
+    return _shared_groups(model.state_dict(keep_vars=True))
 
 
 def _covers(keys: set[str], groups: list[list[str]]) -> bool:
@@ -111,13 +121,16 @@ def _select_prefix(
     return state, "", []
 
 
-def _refuse_untied(loadable: dict[str, torch.Tensor], groups: list[list[str]], path: pathlib.Path) -> None:
-    """Refuse keys of one tied tensor of the model that hold different values in the file:
-    ``load_state_dict`` would keep whichever comes last, silently."""
-    for g in groups:
-        present = [k for k in g if k in loadable]
+def _refuse_untied(state: Mapping[str, torch.Tensor], model: nn.Module, path: pathlib.Path) -> None:
+    """Refuse keys of one tied tensor of the model that hold different values in the file
+    (``load_state_dict`` would keep whichever comes last, silently; and which of them is MSAM's
+    ``w~`` to move back is unknowable). Keys whose shape does not fit the model are left to the
+    shape check."""
+    target = model.state_dict()
+    for g in _tie_groups(model):
+        present = [k for k in g if k in state and tuple(state[k].shape) == tuple(target[k].shape)]
         for k in present[1:]:
-            a, b = loadable[present[0]], loadable[k]
+            a, b = state[present[0]], state[k]
             if not torch.equal(a, b.to(a.device, a.dtype)):
                 raise CheckpointError(
                     f"{path}: {present[0]!r} and {k!r} are one tied tensor of the model but hold "
@@ -145,7 +158,6 @@ def _compare_with_model(
     ]
     bad = {k for k, _, _ in mismatched}
     loadable = {k: v for k, v in state.items() if k in target and k not in bad}
-    _refuse_untied(loadable, _tie_groups(model), path)
     if not loadable and target:
         raise CheckpointError(
             f"{path} matches none of {type(model).__name__}'s keys (nothing would be loaded): "

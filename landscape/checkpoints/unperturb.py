@@ -20,6 +20,7 @@ from msam.saved_state import (
 )
 
 from .formats import _PREFIXES
+from .matching import _shared_groups, _storage_identity, _tie_groups
 from .result import CheckpointError
 
 _FLAG_KEYS = ("perturbed", "is_perturbed", "msam_perturbed")
@@ -134,40 +135,15 @@ def _parameter_names(state: dict[str, torch.Tensor], model: nn.Module | None) ->
     return list(first.values())
 
 
-def _storage_identity(t: torch.Tensor, key: str) -> tuple:
-    """Equal for two tensors that are the same view of the same storage (tied weights)."""
-    if not t.numel() or t.is_meta or t.data_ptr() == 0:
-        return (key,)
-    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
 def _aliases(state: Mapping[str, torch.Tensor], model: nn.Module | None) -> dict[str, list[str]]:
     """Each parameter name -> every state key holding that parameter (tied weights share one).
 
-    With a model: the keys whose model tensor is the same Parameter object (an input embedding
+    With a model: the keys whose model tensors share one storage (an input embedding
     and a language-model head); without: the keys whose saved tensors are the same view of one
     storage (``torch.save`` keeps the sharing).
     """
-    groups: dict[Any, list[str]] = {}
-    if model is not None:
-        for n, p in model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(p), []).append(n)
-    else:
-        for k, v in state.items():
-            groups.setdefault(_storage_identity(v, k), []).append(k)
-    return {n: g for g in groups.values() if len(g) > 1 for n in g}
-
-
-def _check_tied(state: Mapping[str, torch.Tensor], keys: list[str], path: pathlib.Path) -> None:
-    """Refuse tied keys whose saved values differ: which of them is ``w~`` is unknowable."""
-    present = [k for k in keys if k in state]
-    for k in present[1:]:
-        a, b = state[present[0]], state[k]
-        if a.shape != b.shape or not torch.equal(a, b.to(a.device, a.dtype)):
-            raise CheckpointError(
-                f"{path}: {present[0]!r} and {k!r} are one tied parameter of the model but "
-                "hold different values in the checkpoint, so it cannot be moved back from "
-                "MSAM's perturbed point (it was not saved from this tied model)")
+    groups = _tie_groups(model) if model is not None else _shared_groups(state)
+    return {n: g for g in groups if len(g) > 1 for n in g}
 
 
 def _strip_name(name: str) -> str:
@@ -270,9 +246,6 @@ def _unperturb(
                                        assume_perturbed=True)
     except SavedStateError as exc:
         raise _move_back_error(exc, path, okey or "optimizer", order, matched, state, explain) from None
-    for name, w, new in zip(matched, weights, moved):
-        if new is not w:  # only a moved parameter's tied keys must agree
-            _check_tied(state, aliases.get(name, [name]), path)
     out = dict(state)
     for (pid, _), name, w, new in zip(order, matched, weights, moved):
         if new is w:
