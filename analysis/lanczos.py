@@ -133,7 +133,8 @@ from .results import Result
 from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
 
 __all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
-           "lanczos_tridiagonals"]
+           "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
+           "basis_itemsize"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -271,6 +272,29 @@ def top_eigenpairs(
     return run.result()
 
 
+def default_max_basis(n: int, k: int) -> int:
+    """The default Krylov basis size of :func:`top_eigenpairs`: ``min(n, max(2k + 20, 40))``."""
+    return min(n, max(2 * k + 20, 40))
+
+
+def default_max_iter(n: int, k: int) -> int:
+    """The default cap on products of :func:`top_eigenpairs`: ``min(max(300, 30k), 10n)``."""
+    return min(max(300, 30 * k), 10 * n)
+
+
+def memory_bound_bytes(n: int, max_basis: int, itemsize: int) -> int:
+    """The bound on the peak extra memory of :func:`top_eigenpairs` outside the products,
+    ``(max_basis + 3) * n * itemsize`` (eigenvectors included), with ``itemsize`` that of the
+    basis (see :func:`basis_itemsize`)."""
+    return int((max_basis + 3) * n * itemsize)
+
+
+def basis_itemsize(itemsize: int) -> int:
+    """Bytes per entry of the Krylov basis for an operator of ``itemsize``: a bfloat16 or float16
+    operator gets a float32 basis (a half-precision basis loses orthogonality at ``1e-2``)."""
+    return max(4, int(itemsize))
+
+
 def _check_arguments(op: Any, k: Any, which: Any, tol: Any, max_iter: Any,
                      max_basis: Any) -> tuple[int, int, int]:
     """``(n, max_basis, max_iter)`` with the defaults filled in; ValueError for bad values."""
@@ -282,12 +306,12 @@ def _check_arguments(op: Any, k: Any, which: Any, tol: Any, max_iter: Any,
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
         raise ValueError(f"k must be an integer in [1, n={n}], got {k!r}")
     if max_basis is None:
-        max_basis = min(n, max(2 * k + 20, 40))
+        max_basis = default_max_basis(n, k)
     if not isinstance(max_basis, int) or max_basis < min(n, k + 2):
         raise ValueError(f"max_basis must be an integer >= k + 2 = {k + 2} (or n), got {max_basis!r}")
     max_basis = min(max_basis, n)
     if max_iter is None:
-        max_iter = min(max(300, 30 * k), 10 * n)
+        max_iter = default_max_iter(n, k)
     if not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     return n, max_basis, max_iter
@@ -525,5 +549,5 @@ class _Lanczos:
             which=self.which,
             tol=float(self.tol),
             basis_bytes=int(peak_bytes),
-            memory_bound_bytes=int((self.max_basis + 3) * n * self.itemsize),
+            memory_bound_bytes=memory_bound_bytes(n, self.max_basis, self.itemsize),
         )

@@ -49,7 +49,23 @@ from .lanczos import dot64
 from .operators import LinearOperator, as_linear_operator, default_block_size
 from .results import Result
 
-__all__ = ["TraceResult", "hessian_trace"]
+__all__ = ["TraceResult", "hessian_trace", "sketch_size", "trace_memory_bound_bytes"]
+
+
+def sketch_size(n: int, num_matvecs: int) -> int:
+    """Hutch++'s sketch size ``s = min(num_matvecs // 3, n)`` (more than ``n`` sketch vectors add
+    nothing)."""
+    return min(num_matvecs // 3, n)
+
+
+def trace_memory_bound_bytes(n: int, num_matvecs: int, method: str, block_size: int,
+                             itemsize: int) -> int:
+    """The bound on :func:`hessian_trace`'s peak extra memory outside the products:
+    Hutchinson ``3 b n itemsize``, Hutch++ ``(s + 4 b) n itemsize`` (:func:`sketch_size`),
+    with ``b`` the block size."""
+    if method == "hutchinson":
+        return int(3 * block_size * n * itemsize)
+    return int((sketch_size(n, num_matvecs) + 4 * block_size) * n * itemsize)
 
 
 @dataclass(frozen=True, repr=False)
@@ -223,12 +239,11 @@ def hessian_trace(
         return apply_block(op, V)
 
     if method == "hutchinson":
-        low, bound = 0.0, 3 * b * n * itemsize
+        low = 0.0
         samples = _hutchinson(apply, n, num_matvecs, b, gen, device, dtype)
     else:
-        k = min(num_matvecs // 3, n)  # more than n sketch vectors add nothing
-        low, samples = _hutchpp(apply, n, k, b, gen, device, dtype)
-        bound = (k + 4 * b) * n * itemsize
+        low, samples = _hutchpp(apply, n, sketch_size(n, num_matvecs), b, gen, device, dtype)
+    bound = trace_memory_bound_bytes(n, num_matvecs, method, b, itemsize)
     if hasattr(bar, "close"):
         bar.close()
     m = samples.numel()

@@ -97,11 +97,6 @@ def trace_defaults() -> dict[str, Any]:
     return {k: d[k] for k in ("num_matvecs", "method", "block_size")}
 
 
-def _basis_itemsize(itemsize: int) -> int:
-    """Bytes per entry of a Lanczos basis: half-precision operators get a float32 basis."""
-    return max(4, int(itemsize))
-
-
 def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
                  max_basis: int | None = None, label: str | None = None) -> Cost:
     """Upper bounds for :func:`analysis.lanczos.top_eigenpairs` on an ``n x n`` Hessian.
@@ -111,13 +106,20 @@ def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
     ``max_basis = min(n, max(2 k + 20, 40))`` (README, "Memory, precision, batched products and
     per-layer spectra"; ``EigenResult.memory_bound_bytes``).
     """
+    from analysis.lanczos import (
+        basis_itemsize,
+        default_max_basis,
+        default_max_iter,
+        memory_bound_bytes,
+    )
+
     if max_iter is None:
-        max_iter = min(max(300, 30 * k), 10 * n)
+        max_iter = default_max_iter(n, k)
     if max_basis is None:
-        max_basis = min(n, max(2 * k + 20, 40))
+        max_basis = default_max_basis(n, k)
     max_basis = min(max_basis, n)
     return Cost(label or f"top-{k} eigenvalues (Lanczos)", hvps=max_iter, data_passes=max_iter + 1,
-                memory_bytes=(max_basis + 3) * n * _basis_itemsize(itemsize), exact=False,
+                memory_bytes=memory_bound_bytes(n, max_basis, basis_itemsize(itemsize)), exact=False,
                 note="the max_iter cap; it stops at the tolerance, usually far earlier")
 
 
@@ -140,15 +142,16 @@ def trace_cost(n: int, itemsize: int, *, num_matvecs: int = 99, method: str = "h
     ``s = n``), each stage in ``ceil(s / b)`` passes; memory ``(s + 4 b) n itemsize``. ``b`` is
     ``block_size`` (default :func:`analysis.hessian.default_block_size`).
     """
+    from analysis.trace import sketch_size, trace_memory_bound_bytes
+
     b = _block_size(n, itemsize, block_size)
     name = label or f"trace ({'Hutch++' if method == 'hutch++' else 'Hutchinson'}, {num_matvecs} products)"
+    memory = trace_memory_bound_bytes(n, num_matvecs, method, b, itemsize)
     if method == "hutchinson":
-        return Cost(name, hvps=num_matvecs, data_passes=math.ceil(num_matvecs / b),
-                    memory_bytes=3 * b * n * itemsize)
-    s = min(num_matvecs // 3, n)
+        return Cost(name, hvps=num_matvecs, data_passes=math.ceil(num_matvecs / b), memory_bytes=memory)
+    s = sketch_size(n, num_matvecs)
     stages = 2 if s >= n else 3
-    return Cost(name, hvps=stages * s, data_passes=stages * math.ceil(s / b),
-                memory_bytes=(s + 4 * b) * n * itemsize)
+    return Cost(name, hvps=stages * s, data_passes=stages * math.ceil(s / b), memory_bytes=memory)
 
 
 def density_cost(n: int, itemsize: int, *, num_iter: int = 80, num_runs: int = 10,
