@@ -42,7 +42,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the project before this folder: benchmarks/landscape.py must not shadow the landscape package
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
 import scale_models  # noqa: E402
 

@@ -29,8 +29,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# the project before this folder: benchmarks/landscape.py must not shadow the landscape package
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
 import scale_models  # noqa: E402
 
