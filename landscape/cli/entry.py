@@ -55,6 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         code = args.func(args, ctx)
         ctx.log(f"done in {time.perf_counter() - t0:.1f} s")
+        from analysis import distributed as dist
+
+        # every rank done before any tears the group down: a rank that destroyed its gloo group
+        # while rank 0 still wrote its output was seen to abort ("terminate called ...") in CI
+        dist.barrier()
         return code
     except UsageError as exc:
         if not (ctx.main and _rank0()):  # under torchrun rank 0 alone says it
