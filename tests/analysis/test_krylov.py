@@ -28,12 +28,18 @@ def test_dot64_and_norm64_accumulate_in_float64(n):
     a = torch.randn(n, generator=g) * 1e3 + 1.0  # a large mean: a float32 sum would drift
     b = torch.randn(n, generator=g) + 1.0
     ref = float(a.double() @ b.double())  # products of float32 numbers are exact in float64
+    scale = float(a.double().abs() @ b.double().abs())
     u64 = 2.0 ** -53
     # exact products, float64 sums: |err| <= n u64 sum |a_i b_i| (a float32 accumulation is
     # off by ~1e-4 of it here)
-    assert abs(dot64(a, b) - ref) <= n * u64 * float(a.double().abs() @ b.double().abs())
+    assert abs(dot64(a, b) - ref) <= n * u64 * scale
     assert norm64(a) == pytest.approx(math.sqrt(float(a.double() @ a.double())), rel=n * u64)
     assert dot64(a.double(), b.double()) == pytest.approx(ref, rel=1e-13)
+    # the accelerator path (slabs cast to float64, summed on the device) is exact too
+    assert abs(krylov._dot_device(a, b) - ref) <= n * u64 * scale
+    # other dtypes: float64 casts (exact products)
+    h = a.to(torch.bfloat16)
+    assert dot64(h, h) == pytest.approx(float(h.double() @ h.double()), rel=1e-12)
 
 
 def test_dot64_is_not_a_float32_accumulation():
@@ -41,7 +47,8 @@ def test_dot64_is_not_a_float32_accumulation():
     a = torch.full((n,), 1.0 + 2.0 ** -12)  # every product rounds the same way: worst case
     exact = n * (1.0 + 2.0 ** -12) ** 2
     assert dot64(a, a) == pytest.approx(exact, rel=1e-12)
-    assert abs(float(torch.dot(a, a)) - exact) > abs(dot64(a, a) - exact)
+    # one float32 product over all entries drifts by ~5e-4
+    assert abs(float(torch.dot(a, a)) - exact) > 1e6 * abs(dot64(a, a) - exact)
 
 
 def _filled(n, rows, dtype, first=3, chunk=4, seed=0):
@@ -94,8 +101,10 @@ def test_rotate_in_place_matches_dense():
 def test_omega_recurrence_tracks_the_loss_of_orthogonality_of_plain_lanczos(seed):
     """Simon's estimates against the true ``max |Q^T q_{j+1}|`` of Lanczos without any
     reorthogonalization (float64, a dominant eigenvalue: orthogonality is lost fast): within a
-    factor 10 while the loss is small (the rounding terms are a model; top_eigenpairs calibrates
-    them at each pass), and above ``sqrt(eps)`` no later than one step after the truth."""
+    factor 20 while the loss is small (the rounding terms are a model, and the rounding depends
+    on the BLAS kernels: seed 0 was 11x low on an AMD EPYC, within 10x on an Intel Xeon;
+    top_eigenpairs calibrates them at each pass), and above ``sqrt(eps)`` no later than one step
+    after the truth."""
     from analysis.krylov import OmegaRecurrence
     n, steps = 3000, 45
     d = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
@@ -117,7 +126,7 @@ def test_omega_recurrence_tracks_the_loss_of_orthogonality_of_plain_lanczos(seed
         q = w / beta
         true = float((torch.stack(Q) @ q).abs().max())
         if true < 1e-2:
-            assert est >= 0.1 * true, (j, est, true)
+            assert est >= 0.05 * true, (j, est, true)
         worst = max(worst, true)
         if first_true is None and true > math.sqrt(eps):
             first_true = j
