@@ -72,19 +72,29 @@ def _dense(op) -> torch.Tensor:
     return op @ torch.eye(op.shape[0], dtype=torch.float64)
 
 
-def test_top_eigenvalues_vs_eigsh(classifier):
+@pytest.mark.parametrize("reorth", ["full", "partial"])
+def test_top_eigenvalues_vs_eigsh(classifier, reorth):
     """Our Lanczos vs ARPACK (scipy eigsh at machine precision) on curvlinops' Hessian; the
-    eigenvectors' residuals measured with curvlinops' product match the reported ones."""
+    eigenvectors' residuals measured with curvlinops' product match the reported ones: to
+    rounding with full reorthogonalization; with partial, to the semi-orthogonality level of the
+    restarted basis (documented: ``1e-11 ||H||``; measured 6.4e-12 true vs 4.6e-14 reported at
+    ``||H|| = 3.4``)."""
     _, model, batches = classifier
     M = _dense(_theirs(curvlinops.HessianLinearOperator, model, batches))
     ev = np.sort(eigsh(M.numpy(), k=4, which="LA", tol=0, v0=np.ones(M.shape[0]),
                        return_eigenvectors=False))[::-1]
-    res = top_eigenpairs(model, "cross_entropy", batches, k=4, tol=1e-10, method="double-backward")
+    tol = 1e-10
+    res = top_eigenpairs(model, "cross_entropy", batches, k=4, tol=tol, method="double-backward",
+                         reorth=reorth)
     assert res.converged
     np.testing.assert_allclose(res.eigenvalues.numpy(), ev, rtol=1e-8)
     X = res.eigenvectors.T
     residuals = (M @ X - X * res.eigenvalues).norm(dim=0)
-    np.testing.assert_allclose(residuals.numpy(), res.residuals.numpy(), rtol=1e-4, atol=1e-12)
+    atol = 1e-12 if reorth == "full" else 1e-11 * float(ev[0])
+    np.testing.assert_allclose(residuals.numpy(), res.residuals.numpy(), rtol=1e-4, atol=atol)
+    # and the error bounds the stop used cover the distance to ARPACK's eigenvalues
+    err = np.abs(res.eigenvalues.numpy() - ev)
+    assert bool((err <= res.error_bounds.numpy() + 4 * np.finfo(np.float64).eps * ev[0]).all())
 
 
 def test_top_ggn_eigenvalues(classifier):
