@@ -20,7 +20,7 @@ Layout (one concept per module, in the spirit of curvlinops' ``_torch_base.py`` 
 """
 
 from .adapters import OPERATOR_KEYWORDS, as_linear_operator
-from .auto import CACHE_BYTES, AutoChoice, choose_method
+from .auto import CACHE_BYTES, AutoChoice, cache_budget, choose_method
 from .curvature import (
     BLOCK_BYTES,
     CurvatureOperator,
@@ -37,6 +37,6 @@ __all__ = [
     "EmpiricalRisk", "check_deterministic_setup",
     "CurvatureOperator", "GGNOperator", "HessianOperator", "directional_curvature",
     "default_block_size", "BLOCK_BYTES",
-    "AutoChoice", "choose_method", "CACHE_BYTES",
+    "AutoChoice", "choose_method", "cache_budget", "CACHE_BYTES",
     "as_linear_operator", "OPERATOR_KEYWORDS",
 ]

@@ -3,12 +3,19 @@
 The three product methods of :class:`~analysis.hessian.HessianOperator` cost differently on
 different models and devices (forward-mode AD is slow for some operators and missing for
 others; the cached graph skips the forward and first backward pass but holds the graph of every
-batch). :func:`choose_method` measures instead of guessing: on the first batch it runs one
-untimed warm-up and one timed product of each applicable method and keeps the fastest.
+batch). :func:`choose_method` measures instead of guessing: on the first batch it times each
+applicable method and keeps the fastest. A cheap product (its first call under
+:data:`ONE_CALL_S`) is timed by the smaller of two calls after an untimed warm-up; an expensive
+one by the smaller of its first call and one more (two calls, not three, added to the first
+product the user waits for; the second call drops one-time costs, which can double the first
+call of forward-over-reverse on a CPU), or by its first call alone when that took over twice the
+fastest method's time so far. The cached graph is timed first, then double backward, then
+forward-over-reverse.
 
 * ``"forward-over-reverse"`` and ``"double-backward"`` always apply;
 * ``"cached-graph"`` applies to in-memory data (a tensor pair or a list of batches) when the
-  graphs of all batches are estimated to fit in :data:`CACHE_BYTES`: the bytes of the tensors
+  graphs of all batches are estimated to fit in the cache budget (:func:`cache_budget`: a
+  quarter of the memory available on the device, or :data:`CACHE_BYTES` when set): the bytes of the tensors
   the first batch's graph saves for backward (parameters and inputs excluded, they are held
   anyway), scaled by each batch's loss terms. Its time is that of one backward through the
   graph (the graph is built once and reused by every product).
@@ -18,12 +25,14 @@ untimed warm-up and one timed product of each applicable method and keeps the fa
 * a method that raises ``NotImplementedError`` or ``RuntimeError`` on the model (a module
   without a forward-mode derivative, ``torch.func`` limits) is skipped, its reason recorded.
 
-The calibration costs a few products on one batch, once per operator, and is not counted in
-``num_matvecs``. Timings include the device synchronization on CUDA.
+The calibration costs two or three products of each method on one batch, once per operator, and
+is not counted in ``num_matvecs``; when the cached graph wins, the first batch's graph built for
+the calibration is kept for the products. Timings include the device synchronization on CUDA.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,10 +41,21 @@ import torch
 
 from ..results import Result
 
-__all__ = ["AutoChoice", "choose_method", "CACHE_BYTES"]
+__all__ = ["AutoChoice", "choose_method", "cache_budget", "CACHE_BYTES", "CACHE_FRACTION",
+           "ONE_CALL_S"]
 
-#: Graph memory up to which ``"auto"`` considers the cached graph for several batches.
-CACHE_BYTES = 2 * 2**30
+#: Graph memory (bytes) up to which ``"auto"`` considers the cached graph for several batches;
+#: ``None`` (default): :data:`CACHE_FRACTION` of the memory available at the calibration.
+CACHE_BYTES: int | None = None
+
+#: The share of the device's available memory that the cached graphs may take under ``"auto"``.
+CACHE_FRACTION = 0.25
+
+#: The budget where the available memory cannot be read (a device other than CPU and CUDA).
+FALLBACK_CACHE_BYTES = 2 * 2**30
+
+#: Seconds from which one call of a product is its timing (no warm-up, no repeats).
+ONE_CALL_S = 1.0
 
 
 @dataclass(frozen=True, repr=False)
@@ -44,12 +64,15 @@ class AutoChoice(Result):
 
     Attributes:
         method: the method kept (the fastest that ran).
-        timings: seconds of one product on the first batch (the smaller of two), per method
-            that ran.
+        timings: seconds of one product on the first batch, per method that ran (the smaller
+            of its first two calls if the first took at least :data:`ONE_CALL_S`, else the
+            smaller of two calls after a warm-up).
         skipped: the reason per method that was not timed (failed on the model, or the cached
-            graphs would not fit in :data:`CACHE_BYTES`, or the data is a DataLoader).
+            graphs would not fit in the cache budget, or the data is a DataLoader).
         graph_bytes: the estimated memory of the cached graphs of all batches (0 if not
             estimated).
+        cache_budget: the bytes those graphs were allowed (:func:`cache_budget`; 0 if not
+            needed: one batch, or a DataLoader).
         block: columns of the timed products (1: matrix-vector products; more: the batched
             variants of ``op @ V``, the timings then per column).
     """
@@ -59,6 +82,7 @@ class AutoChoice(Result):
     skipped: dict = field(default_factory=dict)
     graph_bytes: int = 0
     block: int = 1
+    cache_budget: int = 0
 
 
 def _sync(device: torch.device) -> None:
@@ -66,18 +90,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device, repeats: int = 2) -> float:
-    """The smallest of ``repeats`` timings of ``fn()`` (seconds) after one untimed warm-up call
-    (the minimum: other work on the machine only ever adds time)."""
+def _available_bytes(device: torch.device) -> int | None:
+    """Memory available for new allocations on ``device`` (``None`` where it cannot be read):
+    CUDA's free memory, or the host's ``MemAvailable`` (Linux) / free physical pages."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def cache_budget(device: torch.device | str = "cpu") -> int:
+    """Bytes the cached graphs of all batches may take under ``method="auto"``.
+
+    :data:`CACHE_BYTES` when it is set; else ``CACHE_FRACTION * available`` with ``available``
+    the memory free on ``device`` now (CUDA: ``torch.cuda.mem_get_info``; CPU: the host's
+    ``MemAvailable``), or :data:`FALLBACK_CACHE_BYTES` where that cannot be read. The budget
+    bounds a choice made for speed: pass ``method=`` to the operator to fix the memory instead.
+    """
+    if CACHE_BYTES is not None:
+        return int(CACHE_BYTES)
+    available = _available_bytes(torch.device(device))
+    if available is None:
+        return FALLBACK_CACHE_BYTES
+    return int(CACHE_FRACTION * available)
+
+
+#: The order of the timings (the cached graph, usually the fastest, sets the bar first).
+_ORDER = ["cached-graph", "double-backward", "forward-over-reverse"]
+
+
+def _once(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _timed(fn, device: torch.device, repeats: int = 2, best: float = float("inf")) -> float:
+    """Seconds of one call of ``fn()``: the smallest of ``repeats`` calls after an untimed
+    warm-up, or, when the warm-up took at least :data:`ONE_CALL_S`, the smaller of it and one
+    more call (the minimum: other work on the machine only ever adds time); that one more call
+    is left out when the first took over twice ``best`` (the fastest method so far: one-time
+    costs would have to be more than half of the first call for it to win)."""
+    first = _once(fn, device)
+    if first >= ONE_CALL_S:
+        return first if first > 2 * best else min(first, _once(fn, device))
+    return min(_once(fn, device) for _ in range(repeats))
 
 
 def _saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
@@ -113,10 +183,12 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _candidates(op, state, v_dict, x, y, weight, skipped: dict, block: int) -> tuple[dict, int]:
+def _candidates(op, state, v_dict, x, y, weight, skipped: dict,
+                block: int) -> tuple[dict, int, Any, int]:
     """The applicable methods as zero-argument products on the first batch (of a ``(n, block)``
-    block of tangents for ``block > 1``, as :meth:`HessianOperator.matmat` computes them), and
-    the estimated bytes of all cached graphs."""
+    block of tangents for ``block > 1``, as :meth:`HessianOperator.matmat` computes them), the
+    estimated bytes of all cached graphs, the first batch's graph (``None`` if not built) and
+    the cache budget (0 if not needed)."""
     primals = {n: state[n] for n in op._names}
     if block == 1:
         cands = {
@@ -134,19 +206,23 @@ def _candidates(op, state, v_dict, x, y, weight, skipped: dict, block: int) -> t
         }
     if op._cached is None:
         skipped["cached-graph"] = "the data is a DataLoader (re-iterated, not cached)"
-        return cands, 0
+        return cands, 0, None, 0
     exclude = [*state.values(), *_tensors(x), *_tensors(y)]
     try:
         entry, first = _saved_bytes(lambda: op._first_order_graph(primals, state, x, y, weight),
                                     exclude)
     except (NotImplementedError, RuntimeError) as err:  # double backward fails alike
         skipped["cached-graph"] = f"{type(err).__name__}: {err}"
-        return cands, 0
+        return cands, 0, None, 0
     size0 = max(1, op._cached[0][2])
     total = int(first * sum(c[2] for c in op._cached) / size0)
-    if len(op._cached) > 1 and total > CACHE_BYTES:
+    budget = cache_budget(op.device) if len(op._cached) > 1 else 0
+    if len(op._cached) > 1 and total > budget:
+        source = "CACHE_BYTES" if CACHE_BYTES is not None else (
+            f"{CACHE_FRACTION:g} of the memory available on {op.device}")
         skipped["cached-graph"] = (f"the cached graphs would take about {total} bytes "
-                                   f"(> CACHE_BYTES = {CACHE_BYTES})")
+                                   f"(> the cache budget {budget}: {source})")
+        return cands, total, None, budget
     else:
         if block == 1:
             cands["cached-graph"] = lambda: op._graph_backward(entry, v_dict, retain=True)
@@ -154,7 +230,7 @@ def _candidates(op, state, v_dict, x, y, weight, skipped: dict, block: int) -> t
             cols = [{k: t[i] for k, t in v_dict.items()} for i in range(block)]
             cands["cached-graph"] = lambda: [op._graph_backward(entry, c, retain=True)
                                              for c in cols]
-    return cands, total
+    return cands, total, entry, budget
 
 
 def choose_method(op, block: int = 1) -> AutoChoice:
@@ -183,15 +259,20 @@ def choose_method(op, block: int = 1) -> AutoChoice:
     errors: list[BaseException] = []
     with op._context():
         state = op._state()
-        cands, graph_bytes = _candidates(op, state, v_dict, x, y, weight, skipped, block)
-        for name, fn in cands.items():
+        cands, graph_bytes, entry, budget = _candidates(op, state, v_dict, x, y, weight,
+                                                        skipped, block)
+        for name in sorted(cands, key=_ORDER.index):  # the usually fastest first
             try:
-                timings[name] = _timed(fn, op.device) / block
+                best = min(timings.values(), default=float("inf")) * block
+                timings[name] = _timed(cands[name], op.device, best=best) / block
             except (NotImplementedError, RuntimeError, TypeError) as err:  # as matmat catches
                 errors.append(err)
                 skipped[name] = f"{type(err).__name__}: {err}"
     if not timings:
         raise errors[0]
     best = min(timings, key=timings.get)
+    if best == "cached-graph" and entry is not None:  # keep the first batch's graph (position 0)
+        op._signature = op._state_signature()
+        op._graphs[0] = entry
     return AutoChoice(method=best, timings=timings, skipped=skipped, graph_bytes=graph_bytes,
-                      block=block)
+                      block=block, cache_budget=budget)

@@ -43,10 +43,13 @@ class HessianOperator(CurvatureOperator):
       alive (a few times the activation memory), and is rebuilt automatically when a
       parameter or buffer of the model is changed in place (tracked by tensor versions).
     * ``"auto"`` (default): at the first product (or :meth:`gradient`), one product of each
-      applicable method is timed on the first batch (twice, after one untimed warm-up) and the
-      fastest is kept: forward-over-reverse and double backward always, the cached graph for in-memory
-      data whose graphs fit in :data:`~analysis.operators.auto.CACHE_BYTES` (estimated from the
-      tensors the first batch's graph saves). A method that fails on the model (e.g. no
+      applicable method is timed on the first batch (twice after a warm-up, or, for a product
+      of a second or more, its first two calls) and the fastest is kept: forward-over-reverse
+      and double backward always, the cached graph for in-memory data whose graphs fit in the
+      cache budget (:func:`~analysis.operators.auto.cache_budget`: a quarter of the memory
+      available on the device unless :data:`~analysis.operators.auto.CACHE_BYTES` is set;
+      estimated from the tensors the first batch's graph saves; the calibration's graph of the
+      first batch is kept). A method that fails on the model (e.g. no
       forward-mode derivative) is skipped. When the first use is ``op @ V`` for a block, the
       batched variants are timed on a block of that size instead (vmap over forward-over-reverse,
       one batched double backward, a loop through the cached graph), per column. The choice, the

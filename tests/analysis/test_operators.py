@@ -190,14 +190,14 @@ def test_auto_falls_back_when_forward_mode_fails():
 
 def test_auto_keeps_the_fastest_and_respects_the_cache_budget(monkeypatch):
     model, loss, data, _ = _problem()
-    times = iter([3.0, 1.0, 2.0])  # forward-over-reverse, double-backward, cached-graph
-    monkeypatch.setattr(auto_module, "_timed", lambda fn, device: next(times))
+    times = iter([2.0, 1.0, 3.0])  # timed in this order: cached-graph, double-backward, f-o-r
+    monkeypatch.setattr(auto_module, "_timed", lambda fn, device, **kw: next(times))
     H = HessianOperator(model, loss, data, batch_size=7)
     H.gradient()  # the gradient settles the method too
     assert H.method == "double-backward"
     assert H.auto_choice.timings == {"forward-over-reverse": 3.0, "double-backward": 1.0,
                                      "cached-graph": 2.0}
-    monkeypatch.setattr(auto_module, "_timed", lambda fn, device: 1.0)
+    monkeypatch.setattr(auto_module, "_timed", lambda fn, device, **kw: 1.0)
     monkeypatch.setattr(auto_module, "CACHE_BYTES", 16)
     H = HessianOperator(model, loss, data, batch_size=7)
     H @ torch.zeros(H.shape[0], dtype=torch.float64)
@@ -205,6 +205,81 @@ def test_auto_keeps_the_fastest_and_respects_the_cache_budget(monkeypatch):
     one = HessianOperator(model, loss, data)  # one batch: its graph is built by any method
     one @ torch.zeros(one.shape[0], dtype=torch.float64)
     assert "cached-graph" in one.auto_choice.timings
+
+
+def test_auto_times_an_expensive_product_by_two_calls(monkeypatch):
+    """A first call of at least ONE_CALL_S counts with one more call (the smaller of the two);
+    a cheaper one is a warm-up, then timed twice."""
+    calls = []
+    clock = iter([0.0, 2.0, 2.0, 3.5])  # 2 s, then 1.5 s
+    monkeypatch.setattr(auto_module.time, "perf_counter", lambda: next(clock))
+    assert auto_module._timed(lambda: calls.append(1), torch.device("cpu")) == 1.5
+    assert len(calls) == 2
+    clock = iter([0.0, 0.5, 1.0, 1.3, 2.0, 2.2])  # warm-up 0.5 s, then 0.3 s and 0.2 s
+    monkeypatch.setattr(auto_module.time, "perf_counter", lambda: next(clock))
+    assert auto_module._timed(lambda: calls.append(1), torch.device("cpu")) == pytest.approx(0.2)
+    assert len(calls) == 5
+    clock = iter([0.0, 2.5])  # 2.5 s, more than twice the best so far: not timed again
+    monkeypatch.setattr(auto_module.time, "perf_counter", lambda: next(clock))
+    assert auto_module._timed(lambda: calls.append(1), torch.device("cpu"), best=1.2) == 2.5
+    assert len(calls) == 6
+    clock = iter([0.0, 2.0, 2.0, 3.8])  # 2 s, under twice 1.2 s: timed once more
+    monkeypatch.setattr(auto_module.time, "perf_counter", lambda: next(clock))
+    assert auto_module._timed(lambda: calls.append(1), torch.device("cpu"),
+                              best=1.2) == pytest.approx(1.8)
+    assert len(calls) == 8
+
+
+def test_cache_budget_is_a_share_of_the_available_memory(monkeypatch):
+    """Unset, the budget is CACHE_FRACTION of the host's MemAvailable (read here from
+    /proc/meminfo independently), the fallback where nothing can be read, CACHE_BYTES when set;
+    the reason for skipping the cached graph names the budget."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/meminfo")
+    got = auto_module.cache_budget("cpu")
+    assert got == pytest.approx(auto_module.CACHE_FRACTION * avail, rel=0.2)
+    monkeypatch.setattr(auto_module, "_available_bytes", lambda device: None)
+    assert auto_module.cache_budget("cpu") == auto_module.FALLBACK_CACHE_BYTES
+    monkeypatch.setattr(auto_module, "_available_bytes", lambda device: 4000)
+    monkeypatch.setattr(auto_module, "_timed", lambda fn, device, **kw: 1.0)
+    model, loss, data, _ = _problem()
+    H = HessianOperator(model, loss, data, batch_size=7)
+    H.resolve_method()
+    assert H.auto_choice.cache_budget == 1000 < H.auto_choice.graph_bytes
+    assert "cache budget 1000: 0.25 of the memory available on cpu" in (
+        H.auto_choice.skipped["cached-graph"])
+    monkeypatch.setattr(auto_module, "CACHE_BYTES", 10**9)
+    H = HessianOperator(model, loss, data, batch_size=7)
+    H.resolve_method()
+    assert H.auto_choice.cache_budget == 10**9 and "cached-graph" in H.auto_choice.timings
+
+
+def test_auto_keeps_the_calibration_graph_of_the_first_batch(monkeypatch):
+    """When the cached graph wins, the first batch's graph built to calibrate is reused: one
+    graph build per batch in all, and the products are still the dense Hessian's."""
+    model, loss, data, _ = _problem()
+    order = iter([1.0, 2.0, 3.0])  # cached-graph, double-backward, forward-over-reverse
+    monkeypatch.setattr(auto_module, "_timed", lambda fn, device, **kw: (fn(), next(order))[1])
+    H = HessianOperator(model, loss, data, batch_size=7)
+    builds = []
+    real = H._first_order_graph
+    monkeypatch.setattr(H, "_first_order_graph", lambda *a: builds.append(1) or real(*a))
+    assert H.resolve_method() == "cached-graph"
+    builds.clear()  # the calibration built the first batch's graph (and double backward's)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hv = H @ v
+    assert len(builds) == len(H._cached) - 1 > 0
+    torch.testing.assert_close(hv, dense_hessian(model, loss, data) @ v, rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(H @ v, hv, rtol=0, atol=0)
+    assert len(builds) == len(H._cached) - 1
+    with torch.no_grad():  # a changed model still drops every graph, the kept one too
+        next(model.parameters()).add_(0.1)
+    torch.testing.assert_close(H @ v, dense_hessian(model, loss, data) @ v, rtol=1e-6, atol=1e-10)
+    assert len(builds) == 2 * len(H._cached) - 1
 
 
 def test_auto_gradient_matches_autograd():

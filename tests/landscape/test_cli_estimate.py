@@ -302,7 +302,7 @@ def test_hessian_numbers_are_those_of_hessian_summary(ckpt, tmp_path, capsys, mo
 
     # method="auto" keeps the fastest product method by timing, which can differ between the
     # two runs (and the results then at rounding level): equal timings make it pick the same
-    monkeypatch.setattr(auto, "_timed", lambda fn, device, repeats=2: (fn(), 1.0)[1])
+    monkeypatch.setattr(auto, "_timed", lambda fn, device, **kw: (fn(), 1.0)[1])
 
     code, out, err = _run(["hessian", str(ckpt), *SPEC, "--top-k", "2", "--trace", "--density",
                            str(tmp_path / "d.png"), "--density-iter", "12", "--density-runs", "3",
