@@ -15,9 +15,9 @@ forward-over-reverse.
 * ``"forward-over-reverse"`` and ``"double-backward"`` always apply;
 * ``"cached-graph"`` applies to in-memory data (a tensor pair or a list of batches) when the
   graphs of all batches are estimated to fit in the cache budget (:func:`cache_budget`: a
-  quarter of the memory available on the device, or :data:`CACHE_BYTES` when set): the bytes of the tensors
-  the first batch's graph saves for backward (parameters and inputs excluded, they are held
-  anyway), scaled by each batch's loss terms. Its time is that of one backward through the
+  quarter of the memory available on the device, or :data:`CACHE_BYTES` when set): the bytes
+  of the tensors the first batch's graph saves for backward (parameters and inputs excluded,
+  they are held anyway), scaled by each batch's loss terms. Its time is that of one backward through the
   graph (the graph is built once and reused by every product).
 * when the first use is a block product ``op @ V``, the batched variants are timed instead, on a
   block of that many columns (``vmap`` over forward-over-reverse, one batched double backward,
@@ -25,7 +25,7 @@ forward-over-reverse.
 * a method that raises ``NotImplementedError`` or ``RuntimeError`` on the model (a module
   without a forward-mode derivative, ``torch.func`` limits) is skipped, its reason recorded.
 
-The calibration costs two or three products of each method on one batch, once per operator, and
+The calibration costs one to three products of each method on one batch, once per operator, and
 is not counted in ``num_matvecs``; when the cached graph wins, the first batch's graph built for
 the calibration is kept for the products. Timings include the device synchronization on CUDA.
 """
