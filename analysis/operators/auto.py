@@ -216,20 +216,20 @@ def _candidates(op, state, v_dict, x, y, weight, skipped: dict,
         return cands, 0, None, 0
     size0 = max(1, op._cached[0][2])
     total = int(first * sum(c[2] for c in op._cached) / size0)
-    budget = cache_budget(op.device) if len(op._cached) > 1 else 0
-    if len(op._cached) > 1 and total > budget:
+    several = len(op._cached) > 1  # one batch: its graph is built by any method
+    budget = cache_budget(op.device) if several else 0
+    if several and total > budget:
         source = "CACHE_BYTES" if CACHE_BYTES is not None else (
             f"{CACHE_FRACTION:g} of the memory available on {op.device}")
         skipped["cached-graph"] = (f"the cached graphs would take about {total} bytes "
                                    f"(> the cache budget {budget}: {source})")
         return cands, total, None, budget
-    else:
-        if block == 1:
-            cands["cached-graph"] = lambda: op._graph_backward(entry, v_dict, retain=True)
-        else:  # matmat loops over the columns through the cached graph
-            cols = [{k: t[i] for k, t in v_dict.items()} for i in range(block)]
-            cands["cached-graph"] = lambda: [op._graph_backward(entry, c, retain=True)
-                                             for c in cols]
+    if block == 1:
+        cands["cached-graph"] = lambda: op._graph_backward(entry, v_dict, retain=True)
+    else:  # matmat loops over the columns through the cached graph
+        cols = [{k: t[i] for k, t in v_dict.items()} for i in range(block)]
+        cands["cached-graph"] = lambda: [op._graph_backward(entry, c, retain=True)
+                                         for c in cols]
     return cands, total, entry, budget
 
 
@@ -271,8 +271,7 @@ def choose_method(op, block: int = 1) -> AutoChoice:
     if not timings:
         raise errors[0]
     best = min(timings, key=timings.get)
-    if best == "cached-graph" and entry is not None:  # keep the first batch's graph (position 0)
-        op._signature = op._state_signature()
-        op._graphs[0] = entry
+    if best == "cached-graph" and entry is not None:
+        op._keep_graph(0, entry)  # the first batch's graph serves the products too
     return AutoChoice(method=best, timings=timings, skipped=skipped, graph_bytes=graph_bytes,
                       block=block, cache_budget=budget)

@@ -118,8 +118,11 @@ class HessianOperator(CurvatureOperator):
                      [*self.model.parameters(), *self.model.buffers()])
 
     def _prepare(self) -> None:
-        if self.method != "cached-graph":
-            return
+        if self.method == "cached-graph":
+            self._prepare_signature()
+
+    def _prepare_signature(self) -> None:
+        """Drop the cached graphs when a parameter or buffer changed since they were built."""
         sig = self._state_signature()
         if sig != self._signature:
             self._graphs.clear()
@@ -187,6 +190,12 @@ class HessianOperator(CurvatureOperator):
             entry = self._first_order_graph(primals, state, x, y, weight)
             self._graphs[key] = entry
         return entry
+
+    def _keep_graph(self, key, entry) -> None:
+        """Cache ``entry`` (built from the model's current state) as in-memory batch ``key``'s
+        graph, so that the next pass over the data does not rebuild it."""
+        self._prepare_signature()
+        self._graphs[key] = entry
 
     def _graph_backward(self, entry, v_dict, *, retain: bool, block: int | None = None):
         """``H_b v`` by one backward through a first-order graph (a ``(block, n)`` result for a
