@@ -32,6 +32,7 @@ the calibration is kept for the products. Timings include the device synchroniza
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from dataclasses import dataclass, field
@@ -117,8 +118,15 @@ def cache_budget(device: torch.device | str = "cpu") -> int:
     the memory free on ``device`` now (CUDA: ``torch.cuda.mem_get_info``; CPU: the host's
     ``MemAvailable``), or :data:`FALLBACK_CACHE_BYTES` where that cannot be read. The budget
     bounds a choice made for speed: pass ``method=`` to the operator to fix the memory instead.
+
+    Raises:
+        ValueError: :data:`CACHE_BYTES` is neither ``None`` nor a non-negative int.
     """
     if CACHE_BYTES is not None:
+        if isinstance(CACHE_BYTES, bool) or not isinstance(CACHE_BYTES, numbers.Integral) \
+                or CACHE_BYTES < 0:
+            raise ValueError("analysis.operators.auto.CACHE_BYTES must be None or a "
+                             f"non-negative int of bytes, got {CACHE_BYTES!r}")
         return int(CACHE_BYTES)
     available = _available_bytes(torch.device(device))
     if available is None:

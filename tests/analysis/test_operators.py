@@ -256,6 +256,10 @@ def test_cache_budget_is_a_share_of_the_available_memory(monkeypatch):
     H = HessianOperator(model, loss, data, batch_size=7)
     H.resolve_method()
     assert H.auto_choice.cache_budget == 10**9 and "cached-graph" in H.auto_choice.timings
+    for bad in (-1, 2.5, "1GB", True):
+        monkeypatch.setattr(auto_module, "CACHE_BYTES", bad)
+        with pytest.raises(ValueError, match=f"CACHE_BYTES must be None or a non-negative int.*{bad!r}"):
+            auto_module.cache_budget("cpu")
 
 
 def test_auto_keeps_the_calibration_graph_of_the_first_batch(monkeypatch):
