@@ -1,12 +1,13 @@
 # make demo : create .venv, install, run the demo on the bundled digits data
-# make test : create .venv, install, run the test suite (MARK= runs the slow tests too)
+# make test : create .venv, install what the default suite needs (the Lightning and Hugging Face
+#             integrations included), run it (MARK= runs the slow tests too)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MARK ?= not slow
 ARGS ?=
-# optional extras to install beside the test tools (CI adds the framework integrations)
-EXTRAS ?= test
+# the extras installed beside the package: the test tools and the integrations the suite tests
+EXTRAS ?= test,lightning,huggingface
 DEMO_OUT ?= demo_out
 
 .PHONY: install demo test lint bench reproduce oracle clean
