@@ -1,6 +1,8 @@
 # make demo : create .venv, install, run the demo on the bundled digits data
 # make test : create .venv, install what the default suite needs (the Lightning and Hugging Face
 #             integrations included), run it (MARK= runs the slow tests too)
+# make docs : install the docs extra, execute examples/*.ipynb into docs/gallery/, build the site
+#             into site/ with mkdocs --strict (about a minute: the notebooks take most of it)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ ARGS ?=
 EXTRAS ?= test,lightning,huggingface
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint bench reproduce oracle clean
+.PHONY: install demo test lint docs bench reproduce oracle clean
 
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -31,6 +33,11 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check msam analysis landscape tests benchmarks
+
+docs: install
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
+	OMP_NUM_THREADS=1 $(PY) docs/scripts/gallery.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: install
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
@@ -58,4 +65,4 @@ reproduce: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/landscape reproduce all --out docs/reproduction --markdown docs/REPRODUCTION.md
 
 clean:
-	rm -rf $(VENV) $(ORACLE_VENV) $(DEMO_OUT) build *.egg-info
+	rm -rf $(VENV) $(ORACLE_VENV) $(DEMO_OUT) build site docs/gallery *.egg-info
