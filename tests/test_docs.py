@@ -108,3 +108,16 @@ def test_page_runs(name, tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_readme_is_short_and_its_quick_start_trains_with_msam():
+    # issue 23: a README of at most 200 lines whose quick start (at most 20 lines) trains with
+    # MSAM, then measures lambda_max and draws a slice; the rest lives in docs/
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    quick = text.split("## Quick start", 1)[1]
+    code = FENCE.search(quick).group(1)
+    assert len(code.splitlines()) <= 20, code
+    for needed in ("from msam import MSAM", "top_eigenpairs(", "slice_1d(", "opt.step()"):
+        assert needed in code, needed
+    assert "make demo" in text and "make test" in text
