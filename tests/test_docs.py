@@ -121,3 +121,40 @@ def test_readme_is_short_and_its_quick_start_trains_with_msam():
     for needed in ("from msam import MSAM", "top_eigenpairs(", "slice_1d(", "opt.step()"):
         assert needed in code, needed
     assert "make demo" in text and "make test" in text
+
+
+def _defaults_table() -> dict[tuple[str, str], tuple[str, str]]:
+    """docs/cli.md's table of shared defaults: (command, option) -> (default, Python counterpart)."""
+    text = (DOCS / "cli.md").read_text()
+    table = text.split("| command | option | default | Python counterpart |", 1)[1]
+    out = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        command, options, defaults, python = (c.strip() for c in line.strip("|").split(" | "))
+        options = re.findall(r"`(--[\w-]+)`", options)
+        values = defaults.split(", ") if len(options) > 1 else [defaults.split(", ")[0]]
+        assert len(values) == len(options), line
+        for option, value in zip(options, values):
+            out[(command.strip("`").replace("all", "*"), option)] = (value, python)
+    return out
+
+
+def test_the_cli_page_shows_the_shared_defaults():
+    # docs/cli.md shows landscape.defaults.DEFAULTS (the one table the CLI and the Python API
+    # take their defaults from): every row is there with its value and its Python function
+    from landscape.defaults import DEFAULTS
+
+    shown = _defaults_table()
+    assert len(shown) == len(DEFAULTS), sorted(shown)
+    for d in DEFAULTS:
+        value, python = shown[(d.command, d.option)]
+        if isinstance(d.value, tuple):
+            assert [float(v) for v in value.split()] == list(d.value), (d.option, value)
+        elif isinstance(d.value, str):
+            assert value == d.value, (d.option, value)
+        else:
+            assert float(value) == d.value, (d.option, value)
+        assert d.function.split(":")[1] + "(" in python, (d.option, python)
+        for parameter in d.parameter.split(","):
+            assert parameter + "=" in python, (d.option, parameter, python)
