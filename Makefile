@@ -1,6 +1,6 @@
 # make demo : create .venv, install, run the demo on the bundled digits data
 # make test : create .venv, install what the default suite needs (the Lightning and Hugging Face
-#             integrations included), run it (MARK= runs the slow tests too)
+#             integrations and the docs tools included), run it (MARK= runs the slow tests too)
 # make docs : install the docs extra, execute examples/*.ipynb into docs/gallery/, build the site
 #             into site/ with mkdocs --strict (about a minute: the notebooks take most of it)
 PYTHON ?= python3
@@ -8,8 +8,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MARK ?= not slow
 ARGS ?=
-# the extras installed beside the package: the test tools and the integrations the suite tests
-EXTRAS ?= test,lightning,huggingface
+# the extras installed beside the package: the test tools, the integrations the suite tests and
+# the docs tools (tests/test_docs_build.py builds the site strictly)
+EXTRAS ?= test,lightning,huggingface,docs
 DEMO_OUT ?= demo_out
 
 .PHONY: install demo test lint docs bench reproduce oracle clean
