@@ -2,7 +2,7 @@
 # make test : create .venv, install what the default suite needs (the Lightning and Hugging Face
 #             integrations and the docs tools included), run it (MARK= runs the slow tests too)
 # make docs : install the docs extra, execute examples/*.ipynb into docs/gallery/, build the site
-#             into site/ with mkdocs --strict (about 30 s on 2 cores: the notebooks 25 s, the build 6 s)
+#             into site/ with mkdocs --strict (30-40 s on 2 cores: the notebooks 25-35 s, the build 6 s)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -33,7 +33,7 @@ test: install
 	$(PY) -m pytest -m "$(MARK)" $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check msam analysis landscape tests benchmarks
+	$(VENV)/bin/ruff check msam analysis landscape tests benchmarks docs/scripts
 
 docs: install
 	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
