@@ -54,3 +54,6 @@ def test_docs_build_strictly(tmp_path):
     api = (site / "api" / "analysis" / "index.html").read_text()
     assert 'id="analysis.top_eigenpairs"' in api and 'id="analysis.HessianOperator"' in api
     assert ":func:<code>" not in api  # the Sphinx roles are dropped (docs/scripts/hooks.py)
+    cli = (site / "cli" / "index.html").read_text()
+    for command in ("sharpness", "hessian", "slice", "report", "demo", "reproduce"):
+        assert f"usage: landscape {command}" in cli, command  # the hook's --help sections
