@@ -1,16 +1,19 @@
 # make demo : create .venv, install, run the demo on the bundled digits data
 # make test : create .venv, install what the default suite needs (the Lightning and Hugging Face
-#             integrations included), run it (MARK= runs the slow tests too)
+#             integrations and the docs tools included), run it (MARK= runs the slow tests too)
+# make docs : install the docs extra, execute examples/*.ipynb into docs/gallery/, build the site
+#             into site/ with mkdocs --strict (30-40 s on 2 cores: the notebooks 25-35 s, the build 6 s)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MARK ?= not slow
 ARGS ?=
-# the extras installed beside the package: the test tools and the integrations the suite tests
-EXTRAS ?= test,lightning,huggingface
+# the extras installed beside the package: the test tools, the integrations the suite tests and
+# the docs tools (tests/test_docs_build.py builds the site strictly)
+EXTRAS ?= test,lightning,huggingface,docs
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint bench reproduce oracle clean
+.PHONY: install demo test lint docs bench reproduce oracle clean
 
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -30,7 +33,12 @@ test: install
 	$(PY) -m pytest -m "$(MARK)" $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check msam analysis landscape tests benchmarks
+	$(VENV)/bin/ruff check msam analysis landscape tests benchmarks docs/scripts
+
+docs: install
+	$(PY) -m pip install -q -c constraints.txt -e '.[docs]'
+	OMP_NUM_THREADS=1 $(PY) docs/scripts/gallery.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: install
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
@@ -58,4 +66,4 @@ reproduce: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/landscape reproduce all --out docs/reproduction --markdown docs/REPRODUCTION.md
 
 clean:
-	rm -rf $(VENV) $(ORACLE_VENV) $(DEMO_OUT) build *.egg-info
+	rm -rf $(VENV) $(ORACLE_VENV) $(DEMO_OUT) build site docs/gallery *.egg-info

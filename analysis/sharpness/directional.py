@@ -88,7 +88,8 @@ class DirectionalSharpnessResult(CostedResult):
     Attributes:
         radii: the radii ``r``; values: the loss differences; losses: ``L(w + r d / ||d||)``.
         loss: ``L(w)``; direction_norm: ``||d||`` of the direction given.
-        mode, num_samples, forward_passes, backward_passes, forward_samples, backward_samples.
+        mode, num_samples, forward_passes, backward_passes, forward_samples, backward_samples:
+            the evaluation mode, the samples used and the passes spent.
     """
 
     radii: tuple[float, ...]
