@@ -1,0 +1,72 @@
+"""analysis.distributed's agreement helpers on one process (their 2-rank behaviour is in
+tests/distributed/test_rank_agreement.py): no-ops that change nothing, and a fingerprint that
+tells weights apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis.distributed import (
+    RanksFailed,
+    all_ranks_succeed,
+    check_same_weights,
+    gather_sizes,
+    torchrun_environment_complete,
+    weights_fingerprint,
+)
+from tests.models import mlp
+
+FULL = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+
+
+def test_only_the_complete_torchrun_environment_counts():
+    assert torchrun_environment_complete(FULL)
+    for name in FULL:
+        partial = {k: v for k, v in FULL.items() if k != name}
+        assert not torchrun_environment_complete(partial), name
+    assert not torchrun_environment_complete({"RANK": "1"})
+    assert not torchrun_environment_complete({**FULL, "MASTER_ADDR": ""})
+
+
+def test_on_one_process_the_block_error_propagates_unchanged():
+    with all_ranks_succeed("step"):
+        x = 1
+    assert x == 1
+    with pytest.raises(KeyError, match="mine"):
+        with all_ranks_succeed("step"):
+            raise KeyError("mine")
+    assert gather_sizes(5) == [5]
+    check_same_weights(mlp())  # nothing to compare with
+
+
+def test_ranks_failed_names_every_rank_and_message():
+    e = RanksFailed("loading x", [(1, "OSError", "cannot read"), (3, "ValueError", "bad")])
+    assert str(e) == ("loading x failed on ranks 1, 3: rank 1: OSError: cannot read; "
+                      "rank 3: ValueError: bad")
+    assert e.failures[0] == (1, "OSError", "cannot read") and e.step == "loading x"
+
+
+def test_fingerprint_is_equal_for_equal_weights_and_tells_changes_apart():
+    a, b = mlp(seed=0), mlp(seed=0)
+    fa = weights_fingerprint(a)
+    assert fa.dtype == torch.float64 and fa.shape == (3 * len(list(a.parameters())),)
+    assert torch.equal(fa, weights_fingerprint(b))
+    with torch.no_grad():  # a permutation keeps the sum and the sum of squares
+        w = b[0].weight
+        w.copy_(w.flip(1))
+    fb = weights_fingerprint(b)
+    assert not torch.equal(fa, fb)
+    torch.testing.assert_close(fa[:2], fb[:2], rtol=1e-14, atol=0)  # equal up to the order
+    assert abs(fa[2] - fb[2]) > 1e-6  # the position-weighted sum saw it
+    c = mlp(seed=0)
+    with torch.no_grad():
+        c[2].bias[0] += 1e-12  # the last bit or so
+    assert not torch.equal(fa, weights_fingerprint(c))
+
+
+def test_fingerprint_counts_floating_buffers():
+    m = torch.nn.BatchNorm1d(3).double()
+    f0 = weights_fingerprint(m)
+    m.running_mean += 1
+    assert not torch.equal(f0, weights_fingerprint(m))
