@@ -18,6 +18,7 @@ from tests.distributed.workers import _run_checks
 
 GLOBAL_BATCH, STEPS, MORE = 8, 20, 5
 OPTIMIZERS = ("msam", "adamw_msam", "sam", "asam")
+FOREACH = ("msam-foreach", "adamw_msam-foreach")  # the torch._foreach kernels on DTensors
 
 
 def make_model(seed: int = 2) -> torch.nn.Module:
@@ -39,14 +40,18 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def make_optimizer(name: str, model: torch.nn.Module):
+    name, _, variant = name.partition("-")
+    foreach = True if variant == "foreach" else None
     if name == "msam":
         from msam.msam import MSAM
 
-        return MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.5, weight_decay=1e-3)
+        return MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.5, weight_decay=1e-3,
+                    foreach=foreach)
     if name == "adamw_msam":
         from msam.adamw_msam import AdamWMSAM
 
-        return AdamWMSAM(model.parameters(), lr=1e-2, weight_decay=1e-2, rho=0.3)
+        return AdamWMSAM(model.parameters(), lr=1e-2, weight_decay=1e-2, rho=0.3,
+                         foreach=foreach)
     if name in ("sam", "asam"):
         from msam.sam import SAM
 
@@ -173,6 +178,8 @@ def optimizer_checks(rank: int, world: int, ckpt_dir: str) -> dict:
         checks[f"{name}-resume-sharded"] = lambda n=name: resume_sharded(n, rank, world,
                                                                            ckpt_dir)
         checks[f"{name}-resume-full"] = lambda n=name: resume_full(n, rank, world, ckpt_dir)
+    for name in FOREACH:
+        checks[name] = lambda n=name: run(n, rank, world)
     return _run_checks(checks)
 
 
@@ -219,4 +226,23 @@ def norm_and_sync_checks(rank: int, world: int) -> dict:
                                                   for a, b in zip(before, full(model)))}
         return {"error": None}
 
-    return _run_checks({"mixed_norm": mixed_norm, "sam_without_sync": sam_without_sync})
+    def nan_in_one_shard():
+        """A sharded state dict whose momentum has a NaN in rank 1's shard only: every rank
+        refuses it (before, rank 0 loaded it and went on alone)."""
+        from torch.distributed.tensor import DTensor
+
+        model, opt = setup("msam", world)
+        train("msam", model, opt, rank, world, 2, seed=4)
+        sd = opt.state_dict()
+        buf = sd["state"][0]["momentum_buffer"]
+        if rank == world - 1:
+            (buf.to_local() if isinstance(buf, DTensor) else buf).view(-1)[0] = float("nan")
+        fresh_model, fresh = setup("msam", world, seed=9)
+        try:
+            fresh.load_state_dict(sd)
+        except ValueError as e:
+            return {"error": str(e), "loaded": bool(fresh.state)}
+        return {"error": None, "loaded": bool(fresh.state)}
+
+    return _run_checks({"mixed_norm": mixed_norm, "sam_without_sync": sam_without_sync,
+                        "nan_in_one_shard": nan_in_one_shard})

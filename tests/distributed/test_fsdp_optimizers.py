@@ -33,7 +33,7 @@ def ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references():
-    return {name: W.reference(name) for name in W.OPTIMIZERS}
+    return {name: W.reference(name) for name in W.OPTIMIZERS + W.FOREACH}
 
 
 def _get(ranks, name):
@@ -45,13 +45,14 @@ def _max_diff(a, b):
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("name", W.OPTIMIZERS)
+@pytest.mark.parametrize("name", W.OPTIMIZERS + W.FOREACH)
 def test_two_sharded_ranks_equal_one_process(ranks, references, name):
     ref = references[name]
     for r, got in enumerate(_get(ranks, name)):
         assert _max_diff(got["live"], ref["live"]) <= ATOL, f"rank {r}"
         last = got.get("train_again", got["live"])
-        assert _max_diff(got["after_save"], last) == 0.0  # saving moves nothing
+        if "after_save" in got:
+            assert _max_diff(got["after_save"], last) == 0.0  # saving moves nothing
         if "eval" in ref:  # the MSAM family: w, then w~ again
             assert _max_diff(got["eval"], ref["eval"]) <= ATOL, f"rank {r} eval()"
             assert _max_diff(got["train_again"], ref["live"]) <= ATOL, f"rank {r} train()"
@@ -99,3 +100,9 @@ def test_sam_first_pass_without_gradient_sync_is_refused(norm_ranks):
         assert got["error"] is not None, f"rank {r}: first_step() accepted no gradients"
         assert "set_requires_gradient_sync(False)" in got["error"]
         assert not got["moved"]
+
+
+def test_a_non_finite_shard_on_one_rank_is_refused_by_every_rank(norm_ranks):
+    for r, got in enumerate(_get(norm_ranks, "nan_in_one_shard")):
+        assert got["error"] is not None and "inf or NaN" in got["error"], f"rank {r}: {got}"
+        assert not got["loaded"]  # nothing was loaded, on any rank
