@@ -371,11 +371,15 @@ def all_ranks_succeed(step: str) -> Iterator[None]:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
-    """A float64 fingerprint of a model's parameters and floating-point buffers: per tensor,
-    the sum and the sum of squares of its entries and a position-weighted sum
-    ``sum_i w_i * (1 + (i mod 997) / 997)`` (so a permutation changes it), in
-    ``named_parameters``/``named_buffers`` order. Equal weights give equal fingerprints bit for
-    bit on the same kind of device; sharded DTensors give the fingerprint of the full tensor."""
+    """An exact, order-independent fingerprint of a model's parameters and floating-point
+    buffers (``named_parameters`` then ``named_buffers`` order), as an int64 tensor.
+
+    Each tensor is cast to float64 and its bit patterns split into four 16-bit chunks; per
+    chunk the plain sum and the position-weighted sum ``sum_i c_i * (1 + i mod 997)`` are kept
+    (8 integers per tensor). Integer sums are exact and do not depend on the summation order,
+    so equal weights give equal fingerprints on any device, a single changed bit changes a
+    plain sum, and a permutation changes a weighted one. Sharded DTensors (FSDP2) give the
+    fingerprint of the full tensor."""
     parts = []
     tensors = [t for _, t in model.named_parameters()]
     tensors += [b for _, b in model.named_buffers() if b.is_floating_point()]
@@ -383,10 +387,12 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
         t = t.detach()
         if hasattr(t, "full_tensor"):  # a DTensor (FSDP2): the full tensor it stands for
             t = t.full_tensor()
-        flat = t.reshape(-1).to(torch.float64)
-        pos = 1 + torch.arange(flat.numel(), device=flat.device, dtype=torch.float64) % 997 / 997
-        parts.append(torch.stack([flat.sum(), (flat * flat).sum(), (flat * pos).sum()]).cpu())
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        bits = t.reshape(-1).to(torch.float64).view(torch.int64)
+        pos = 1 + torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 997
+        for k in range(4):  # sums of 16-bit chunks: no overflow below 1.4e13 entries
+            chunk = (bits >> (16 * k)) & 0xFFFF
+            parts.append(torch.stack([chunk.sum(), (chunk * pos).sum()]).cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
 def check_same_weights(model: torch.nn.Module, what: str = "the model's weights") -> None:

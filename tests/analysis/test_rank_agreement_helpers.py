@@ -47,21 +47,33 @@ def test_ranks_failed_names_every_rank_and_message():
     assert e.failures[0] == (1, "OSError", "cannot read") and e.step == "loading x"
 
 
-def test_fingerprint_is_equal_for_equal_weights_and_tells_changes_apart():
+def _naive_fingerprint(model):
+    """The formula of weights_fingerprint written out with Python integers."""
+    out = []
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    for t in tensors:
+        bits = t.detach().reshape(-1).double().view(torch.int64).tolist()
+        for k in range(4):
+            chunks = [(b >> (16 * k)) & 0xFFFF for b in bits]
+            out += [sum(chunks), sum(c * (1 + i % 997) for i, c in enumerate(chunks))]
+    return out
+
+
+def test_fingerprint_is_the_formula_and_tells_changes_apart():
     a, b = mlp(seed=0), mlp(seed=0)
     fa = weights_fingerprint(a)
-    assert fa.dtype == torch.float64 and fa.shape == (3 * len(list(a.parameters())),)
+    assert fa.dtype == torch.int64 and fa.shape == (8 * len(list(a.parameters())),)
+    assert fa.tolist() == _naive_fingerprint(a)
     assert torch.equal(fa, weights_fingerprint(b))
-    with torch.no_grad():  # a permutation keeps the sum and the sum of squares
+    with torch.no_grad():  # a permutation: the plain sums stay, a weighted sum changes
         w = b[0].weight
         w.copy_(w.flip(1))
     fb = weights_fingerprint(b)
-    assert not torch.equal(fa, fb)
-    torch.testing.assert_close(fa[:2], fb[:2], rtol=1e-14, atol=0)  # equal up to the order
-    assert abs(fa[2] - fb[2]) > 1e-6  # the position-weighted sum saw it
+    assert torch.equal(fa[0:8:2], fb[0:8:2]) and not torch.equal(fa[1:8:2], fb[1:8:2])
     c = mlp(seed=0)
-    with torch.no_grad():
-        c[2].bias[0] += 1e-12  # the last bit or so
+    with torch.no_grad():  # the last bit of one entry
+        bias = c[2].bias
+        bias[0] = torch.nextafter(bias[0], torch.tensor(1.0, dtype=bias.dtype))
     assert not torch.equal(fa, weights_fingerprint(c))
 
 

@@ -244,5 +244,13 @@ def norm_and_sync_checks(rank: int, world: int) -> dict:
             return {"error": str(e), "loaded": bool(fresh.state)}
         return {"error": None, "loaded": bool(fresh.state)}
 
+    def fingerprint():
+        """The fingerprint of a sharded model is that of its full weights, equal on all ranks."""
+        from analysis.distributed import check_same_weights, weights_fingerprint
+
+        model = shard(make_model())
+        check_same_weights(model)
+        return weights_fingerprint(model)
+
     return _run_checks({"mixed_norm": mixed_norm, "sam_without_sync": sam_without_sync,
-                        "nan_in_one_shard": nan_in_one_shard})
+                        "nan_in_one_shard": nan_in_one_shard, "fingerprint": fingerprint})

@@ -106,3 +106,11 @@ def test_a_non_finite_shard_on_one_rank_is_refused_by_every_rank(norm_ranks):
     for r, got in enumerate(_get(norm_ranks, "nan_in_one_shard")):
         assert got["error"] is not None and "inf or NaN" in got["error"], f"rank {r}: {got}"
         assert not got["loaded"]  # nothing was loaded, on any rank
+
+
+def test_the_fingerprint_of_a_sharded_model_is_that_of_its_full_weights(norm_ranks):
+    from analysis.distributed import weights_fingerprint
+
+    expected = weights_fingerprint(W.make_model())
+    for r, got in enumerate(_get(norm_ranks, "fingerprint")):
+        assert torch.equal(got, expected), f"rank {r}"
