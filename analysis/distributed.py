@@ -397,7 +397,7 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
 
 def check_same_weights(model: torch.nn.Module, what: str = "the model's weights") -> None:
     """Refuse weights that differ across ranks (e.g. each node read its own file under the same
-    path): RuntimeError on every rank naming the ranks whose :func:`weights_fingerprint`
+    path): ValueError on every rank naming the ranks whose :func:`weights_fingerprint`
     differs from rank 0's. One ``all_gather_object``; no-op on one process."""
     if not is_distributed():
         return
@@ -406,7 +406,7 @@ def check_same_weights(model: torch.nn.Module, what: str = "the model's weights"
               if f.shape != prints[0].shape or not torch.equal(f, prints[0])]
     if differ:
         ranks = ", ".join(str(r) for r in differ)
-        raise RuntimeError(f"{what} differ across ranks: rank{'s' if len(differ) > 1 else ''} "
+        raise ValueError(f"{what} differ across ranks: rank{'s' if len(differ) > 1 else ''} "
                            f"{ranks} {'have' if len(differ) > 1 else 'has'} other weights than "
                            "rank 0 (different files under the same path?); every rank must "
                            "load the same weights")
