@@ -252,5 +252,39 @@ def norm_and_sync_checks(rank: int, world: int) -> dict:
         check_same_weights(model)
         return weights_fingerprint(model)
 
+    def collectives():
+        """DTensor collectives inside the optimizer: one all-reduce (the norm) per step, per
+        first_step of SAM, and per train() (the norm again); none in eval()."""
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        from tests.models import classification_data
+
+        x, y = classification_data(n=GLOBAL_BATCH, d=6, classes=3, seed=4)
+        xb, yb = x[rank::world], y[rank::world]
+        out = {}
+        for name in ("msam", "adamw_msam", "sam"):
+            model, opt = setup(name, world)
+            counts = {}
+            for _ in range(2):  # the second step has a non-zero direction everywhere
+                opt.zero_grad()
+                F.cross_entropy(model(xb), yb).backward()
+                with CommDebugMode() as c:
+                    if name == "sam":
+                        opt.first_step(zero_grad=True)
+                    else:
+                        opt.step()
+                counts["step"] = c.get_total_counts()
+                if name == "sam":
+                    F.cross_entropy(model(xb), yb).backward()
+                    opt.second_step()
+            if name != "sam":
+                for what in ("eval", "train"):
+                    with CommDebugMode() as c:
+                        getattr(opt, what)()
+                    counts[what] = c.get_total_counts()
+            out[name] = counts
+        return out
+
     return _run_checks({"mixed_norm": mixed_norm, "sam_without_sync": sam_without_sync,
-                        "nan_in_one_shard": nan_in_one_shard, "fingerprint": fingerprint})
+                        "nan_in_one_shard": nan_in_one_shard, "fingerprint": fingerprint,
+                        "collectives": collectives})

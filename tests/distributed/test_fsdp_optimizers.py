@@ -7,7 +7,7 @@
   file per rank) and a full one (torch.distributed.checkpoint's ``get_state_dict`` with
   ``full_state_dict=True``, taken at the perturbed point) resume exactly;
 * the global norm counts every sharded tensor as its full tensor, replicated and plain tensors
-  once; SAM's first pass with gradient sync disabled is refused (the sharded parameters have no
+  once, with one all-reduce per step; SAM's first pass with gradient sync disabled is refused (the sharded parameters have no
   gradient) instead of silently ascending by zero.
 """
 
@@ -114,3 +114,11 @@ def test_the_fingerprint_of_a_sharded_model_is_that_of_its_full_weights(norm_ran
     expected = weights_fingerprint(W.make_model())
     for r, got in enumerate(_get(norm_ranks, "fingerprint")):
         assert torch.equal(got, expected), f"rank {r}"
+
+
+def test_one_all_reduce_per_step_and_none_to_move_back(norm_ranks):
+    """The global norm is the only communication of the optimizers: one all-reduce per step
+    (SAM: per first_step) and per train(); eval() moves the local shards only."""
+    for r, got in enumerate(_get(norm_ranks, "collectives")):
+        assert got["msam"] == got["adamw_msam"] == {"step": 1, "eval": 0, "train": 1}, r
+        assert got["sam"] == {"step": 1}, r
