@@ -41,7 +41,7 @@ __all__ = [
     "barrier", "broadcast_object", "all_gather_object", "all_reduce_gradients",
     "assert_same_across_ranks", "default_device", "find_free_port", "DEFAULT_TIMEOUT",
     "RanksFailed", "all_ranks_succeed", "weights_fingerprint", "check_same_weights",
-    "gather_sizes", "torchrun_environment_complete",
+    "gather_sizes", "torchrun_environment_complete", "FINGERPRINT_SLICE",
 ]
 
 T = TypeVar("T")
@@ -387,12 +387,22 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
         t = t.detach()
         if hasattr(t, "full_tensor"):  # a DTensor (FSDP2): the full tensor it stands for
             t = t.full_tensor()
-        bits = t.reshape(-1).to(torch.float64).view(torch.int64)
-        pos = 1 + torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 997
-        for k in range(4):  # sums of 16-bit chunks: no overflow below 1.4e13 entries
-            chunk = (bits >> (16 * k)) & 0xFFFF
-            parts.append(torch.stack([chunk.sum(), (chunk * pos).sum()]).cpu())
+        flat = t.reshape(-1)
+        sums = torch.zeros(8, dtype=torch.int64, device=flat.device)
+        for start in range(0, flat.numel(), FINGERPRINT_SLICE):  # bounded temporaries
+            bits = flat[start:start + FINGERPRINT_SLICE].to(torch.float64).view(torch.int64)
+            pos = 1 + (start + torch.arange(bits.numel(), device=bits.device,
+                                            dtype=torch.int64)) % 997
+            for k in range(4):  # sums of 16-bit chunks: no overflow below 1.4e13 entries
+                chunk = (bits >> (16 * k)) & 0xFFFF
+                sums[2 * k] += chunk.sum()
+                sums[2 * k + 1] += (chunk * pos).sum()
+        parts.append(sums.cpu())
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+#: Entries per slice of :func:`weights_fingerprint` (its temporaries: about 32 bytes per entry).
+FINGERPRINT_SLICE = 1 << 22
 
 
 def check_same_weights(model: torch.nn.Module, what: str = "the model's weights") -> None:

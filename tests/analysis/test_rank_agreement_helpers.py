@@ -82,3 +82,13 @@ def test_fingerprint_counts_floating_buffers():
     f0 = weights_fingerprint(m)
     m.running_mean += 1
     assert not torch.equal(f0, weights_fingerprint(m))
+
+
+def test_fingerprint_in_slices_equals_one_pass(monkeypatch):
+    import analysis.distributed as D
+
+    m = mlp(d=40, hidden=30)
+    whole = weights_fingerprint(m)
+    monkeypatch.setattr(D, "FINGERPRINT_SLICE", 7)  # slices that split every tensor unevenly
+    assert torch.equal(weights_fingerprint(m), whole)
+    assert whole.tolist() == _naive_fingerprint(m)
