@@ -41,7 +41,7 @@ __all__ = [
     "barrier", "broadcast_object", "all_gather_object", "all_reduce_gradients",
     "assert_same_across_ranks", "default_device", "find_free_port", "DEFAULT_TIMEOUT",
     "RanksFailed", "all_ranks_succeed", "weights_fingerprint", "check_same_weights",
-    "gather_sizes", "torchrun_environment_complete", "FINGERPRINT_SLICE",
+    "torchrun_environment_complete", "FINGERPRINT_SLICE",
 ]
 
 T = TypeVar("T")
@@ -420,9 +420,3 @@ def check_same_weights(model: torch.nn.Module, what: str = "the model's weights"
                            f"{ranks} {'have' if len(differ) > 1 else 'has'} other weights than "
                            "rank 0 (different files under the same path?); every rank must "
                            "load the same weights")
-
-
-def gather_sizes(n: int) -> list[int]:
-    """Every rank's ``n`` (e.g. its number of samples), in rank order (``[n]`` on one
-    process)."""
-    return [int(v) for v in all_gather_object(int(n))]
