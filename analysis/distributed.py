@@ -417,6 +417,6 @@ def check_same_weights(model: torch.nn.Module, what: str = "the model's weights"
     if differ:
         ranks = ", ".join(str(r) for r in differ)
         raise ValueError(f"{what} differ across ranks: rank{'s' if len(differ) > 1 else ''} "
-                           f"{ranks} {'have' if len(differ) > 1 else 'has'} other weights than "
-                           "rank 0 (different files under the same path?); every rank must "
-                           "load the same weights")
+                         f"{ranks} {'have' if len(differ) > 1 else 'has'} other weights than "
+                         "rank 0 (different files under the same path?); every rank must "
+                         "load the same weights")
