@@ -40,6 +40,8 @@ __all__ = [
     "init_from_env", "shutdown", "distributed_session", "launched_by_torchrun",
     "barrier", "broadcast_object", "all_gather_object", "all_reduce_gradients",
     "assert_same_across_ranks", "default_device", "find_free_port", "DEFAULT_TIMEOUT",
+    "RanksFailed", "all_ranks_succeed", "weights_fingerprint", "check_same_weights",
+    "torchrun_environment_complete", "FINGERPRINT_SLICE",
 ]
 
 T = TypeVar("T")
@@ -86,6 +88,14 @@ def launched_by_torchrun(environ: dict[str, str] | None = None) -> bool:
     """True when ``RANK`` and ``WORLD_SIZE`` are set (``torchrun`` / ``torch.distributed.run``)."""
     env = os.environ if environ is None else environ
     return "RANK" in env and "WORLD_SIZE" in env
+
+
+def torchrun_environment_complete(environ: dict[str, str] | None = None) -> bool:
+    """True when every variable torchrun sets for a worker is present (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). A stray ``RANK`` alone
+    is not a torchrun worker: nothing may be silenced because of it."""
+    env = os.environ if environ is None else environ
+    return all(env.get(name) for name in _TORCHRUN_VARS)
 
 
 def _env_int(env: dict[str, str] | os._Environ, name: str, default: int | None = None) -> int:
@@ -302,3 +312,111 @@ def find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+class RanksFailed(RuntimeError):
+    """Raised on every rank by :func:`all_ranks_succeed` when a step failed on some rank.
+
+    Attributes:
+        step: what the ranks were doing.
+        failures: ``(rank, exception type name, first line of its message)`` per failed rank.
+    """
+
+    def __init__(self, step: str, failures: list[tuple[int, str, str]]):
+        self.step = step
+        self.failures = failures
+        ranks = ", ".join(str(r) for r, _, _ in failures)
+        detail = "; ".join(f"rank {r}: {kind}: {msg}" for r, kind, msg in failures)
+        super().__init__(f"{step} failed on rank{'s' if len(failures) > 1 else ''} {ranks}: "
+                         f"{detail}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def all_ranks_succeed(step: str) -> Iterator[None]:
+    """Context manager: a collective agreement that the block succeeded on every rank.
+
+    Every rank runs the block, then the ranks exchange whether it raised (one
+    ``all_gather_object``). If it raised anywhere, every rank raises :class:`RanksFailed`
+    naming the failed ranks and their messages (chained from the rank's own exception), so a
+    failure on rank 1 is reported by rank 0 too and no rank is left waiting in a later
+    collective. Every rank must enter the block. Without a process group the block's exception
+    propagates unchanged.
+
+    Args:
+        step: what the block does, for the message (e.g. ``"loading the checkpoint"``).
+
+    Raises:
+        RanksFailed: the block raised an ``Exception`` on at least one rank.
+    """
+    if not is_distributed():
+        yield
+        return
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then raised
+        error = exc
+    mine = None if error is None else (get_rank(), type(error).__name__, _first_line(error))
+    failures = [f for f in all_gather_object(mine) if f is not None]
+    if failures:
+        raise RanksFailed(step, failures) from error
+
+
+def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """An exact, order-independent fingerprint of a model's parameters and floating-point
+    buffers (``named_parameters`` then ``named_buffers`` order), as an int64 tensor.
+
+    Each tensor is cast to float64 and its bit patterns split into four 16-bit chunks; per
+    chunk the plain sum and the position-weighted sum ``sum_i c_i * (1 + i mod 997)`` are kept
+    (8 integers per tensor). Integer sums are exact and do not depend on the summation order,
+    so equal weights give equal fingerprints on any device, a single changed bit changes a
+    plain sum, and a permutation changes a weighted one. Sharded DTensors (FSDP2) give the
+    fingerprint of the full tensor."""
+    parts = []
+    tensors = [t for _, t in model.named_parameters()]
+    tensors += [b for _, b in model.named_buffers() if b.is_floating_point()]
+    for t in tensors:
+        t = t.detach()
+        if hasattr(t, "full_tensor"):  # a DTensor (FSDP2): the full tensor it stands for
+            t = t.full_tensor()
+        flat = t.reshape(-1)
+        sums = torch.zeros(8, dtype=torch.int64, device=flat.device)
+        for start in range(0, flat.numel(), FINGERPRINT_SLICE):  # bounded temporaries
+            bits = flat[start:start + FINGERPRINT_SLICE].to(torch.float64).view(torch.int64)
+            pos = 1 + (start + torch.arange(bits.numel(), device=bits.device,
+                                            dtype=torch.int64)) % 997
+            for k in range(4):  # sums of 16-bit chunks: no overflow below 1.4e13 entries
+                chunk = (bits >> (16 * k)) & 0xFFFF
+                sums[2 * k] += chunk.sum()
+                sums[2 * k + 1] += (chunk * pos).sum()
+        parts.append(sums.cpu())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+#: Entries per slice of :func:`weights_fingerprint` (its temporaries: about 32 bytes per entry).
+FINGERPRINT_SLICE = 1 << 22
+
+
+def check_same_weights(model: torch.nn.Module, what: str = "the model's weights") -> None:
+    """Refuse weights that differ across ranks (e.g. each node read its own file under the same
+    path): ValueError on every rank naming the ranks whose :func:`weights_fingerprint`
+    differs from rank 0's. One ``all_gather_object``; no-op on one process."""
+    if not is_distributed():
+        return
+    prints = all_gather_object(weights_fingerprint(model))
+    differ = [r for r, f in enumerate(prints)
+              if f.shape != prints[0].shape or not torch.equal(f, prints[0])]
+    if differ:
+        ranks = ", ".join(str(r) for r in differ)
+        raise ValueError(f"{what} differ across ranks: rank{'s' if len(differ) > 1 else ''} "
+                         f"{ranks} {'have' if len(differ) > 1 else 'has'} other weights than "
+                         "rank 0 (different files under the same path?); every rank must "
+                         "load the same weights")

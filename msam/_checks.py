@@ -140,7 +140,10 @@ def saved_flag(value: Any, what: str) -> bool:
 def check_finite_buffer(name: str, key: str, gi: int, pi: int, value: Any) -> None:
     """Refuse a buffer with inf/NaN entries that would be used to move the weights."""
     if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
-        if not bool(torch.isfinite(value).all()):
+        finite = torch.isfinite(value).all()
+        if hasattr(finite, "full_tensor"):  # a sharded DTensor (FSDP2): every rank's shards,
+            finite = finite.full_tensor()   # so that all ranks refuse together
+        if not bool(finite):
             raise ValueError(f"{name}.load_state_dict: {key!r} of parameter {pi} of group {gi} "
                              "has inf or NaN entries; loading it would put them into the "
                              "weights (nothing was loaded)")

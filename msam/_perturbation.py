@@ -26,7 +26,13 @@ refused), ``_init_state`` creates missing per-parameter state, ``_undo`` moves t
 update with the perturbation as MSAM does, ``_directions`` / ``_shift``).
 
 The state dict carries ``state_dict()["perturbed"]`` (bool): whether the parameters were at the
-perturbed point ``w~`` when it was taken.
+perturbed point ``w~`` when it was taken; every ``state_dict()["param_groups"][i]`` carries it too,
+so converters that keep only ``state`` and ``param_groups`` (torch.distributed.checkpoint's
+``get_state_dict`` for FSDP2 models) keep it.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters and buffers are DTensors, each rank
+holds its shards; the kernels run on the local shards through DTensor's dispatch and
+:func:`global_norm` counts every sharded tensor as the full tensor (one all-reduce per step).
 """
 
 from __future__ import annotations
@@ -108,14 +114,18 @@ def shift_(params: list[Tensor], dirs: list[Tensor], scale: Scale | None, *, for
             p.addcmul_(d, s)
 
 
-def global_norm(dirs: list[Tensor], *, foreach: bool) -> Tensor | None:
-    """L2 norm of the concatenation of ``dirs`` as a 0-d tensor (no host sync); None if empty.
-
-    Accumulates in float64 when any buffer is float64, else in float32 (also for half types).
-    """
-    if not dirs:
+def _dtensor_type() -> type | None:
+    """torch.distributed.tensor.DTensor, or None in a build without torch.distributed."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without distributed support
         return None
-    norm_dtype = torch.float64 if any(d.dtype == torch.float64 for d in dirs) else torch.float32
+    return DTensor
+
+
+def _plain_norm(dirs: list[Tensor], norm_dtype: torch.dtype, *, foreach: bool) -> Tensor:
+    """L2 norm of the concatenation of ``dirs`` (all plain tensors or all DTensors of one
+    mesh), accumulated in ``norm_dtype`` on the first tensor's device."""
     device = dirs[0].device
     parts: list[Tensor] = []
     for (_, dtype), (ds,) in group_by_device_dtype(dirs).items():
@@ -126,6 +136,38 @@ def global_norm(dirs: list[Tensor], *, foreach: bool) -> Tensor | None:
         parts.append(torch.stack(norms).to(device=device, dtype=norm_dtype, non_blocking=True))
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)
     return torch.linalg.vector_norm(flat)
+
+
+def global_norm(dirs: list[Tensor], *, foreach: bool) -> Tensor | None:
+    """L2 norm of the concatenation of ``dirs`` as a plain 0-d tensor (no host sync); None if
+    empty.
+
+    Accumulates in float64 when any buffer is float64, else in float32 (also for half types).
+
+    Sharded tensors (``DTensor``, e.g. the parameters and state of an FSDP2 ``fully_shard``
+    model) count as the full tensors they stand for: DTensor's own reductions give each local
+    shard's norm as a partial value, and the norm over a mesh is reduced once (one all-reduce
+    per device mesh, usually one per call; a replicated placement is not counted twice). Plain
+    tensors next to them are taken as replicated (identical on every rank) and counted once:
+    ``||d|| = sqrt(||plain||^2 + sum_mesh ||sharded on mesh||^2)``, the same on every rank.
+    """
+    if not dirs:
+        return None
+    norm_dtype = torch.float64 if any(d.dtype == torch.float64 for d in dirs) else torch.float32
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(d, dtensor) for d in dirs):
+        return _plain_norm(dirs, norm_dtype, foreach=foreach)
+    device = dirs[0].device
+    plain = [d for d in dirs if not isinstance(d, dtensor)]
+    by_mesh: dict[Any, list[Tensor]] = {}
+    for d in dirs:
+        if isinstance(d, dtensor):
+            by_mesh.setdefault(d.device_mesh, []).append(d)
+    norms = [_plain_norm(ds, norm_dtype, foreach=foreach).full_tensor().to(device)
+             for ds in by_mesh.values()]
+    if plain:
+        norms.append(_plain_norm(plain, norm_dtype, foreach=foreach).to(device))
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
 
 @dataclass
@@ -373,7 +415,8 @@ class PerturbedOptimizer(Optimizer):
 
     # -- persistence ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus ``"perturbed"``: whether the parameters were at w~.
+        """torch.optim's state dict plus ``"perturbed"``: whether the parameters were at w~
+        (also put in every saved parameter group, see the module docstring).
 
         Raises:
             RuntimeError: the state no longer holds the buffers the current perturbation was
@@ -387,11 +430,16 @@ class PerturbedOptimizer(Optimizer):
                 "replaced?); call optimizer.eval() (moves the weights back to w) or step() first")
         sd = super().state_dict()
         sd[PERTURBED_KEY] = bool(self._perturbed)
+        # also in every group: state-dict converters that keep only "state" and
+        # "param_groups" (torch.distributed.checkpoint's get_state_dict) keep the flag too
+        for group in sd["param_groups"]:
+            group[PERTURBED_KEY] = bool(self._perturbed)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict. A dict without ``"perturbed"`` (e.g. from torch.optim.SGD) is
-        taken as saved at the unperturbed weights w.
+        """Load a state dict. The ``"perturbed"`` flag is read at the top level, else from
+        the parameter groups (a dict converted by torch.distributed.checkpoint); a dict without
+        it (e.g. from torch.optim.SGD) is taken as saved at the unperturbed weights w.
 
         Everything is checked before anything is loaded: buffer shapes against the
         parameters, the groups' hyperparameters, and (since they move the weights) that the
@@ -406,8 +454,7 @@ class PerturbedOptimizer(Optimizer):
         name = type(self).__name__
         entries = check_loaded_state(self, state_dict, name)
         sd = dict(state_dict)
-        perturbed = saved_flag(sd.pop(PERTURBED_KEY, False), f"{name}.load_state_dict: "
-                               "'perturbed'")
+        perturbed = self._saved_perturbed(sd)
         for gi, pi, _, st in entries:
             check_finite_buffer(name, self._direction_key, gi, pi, st.get(self._direction_key))
         for gi, saved in enumerate(sd["param_groups"]):
@@ -437,6 +484,22 @@ class PerturbedOptimizer(Optimizer):
         self._perturbed = perturbed
         # the loaded state describes the perturbation of the loaded weights
         self._applied = self._all_directions() if perturbed else None
+
+    def _saved_perturbed(self, sd: dict[str, Any]) -> bool:
+        """Pop the ``"perturbed"`` flag from ``sd`` and its groups (a copy of them is put in
+        ``sd``); the top-level flag wins, then the groups' (which must agree); False if none."""
+        name = type(self).__name__
+        groups = [dict(g) for g in sd["param_groups"]]
+        sd["param_groups"] = groups
+        flags = {saved_flag(g.pop(PERTURBED_KEY), f"{name}.load_state_dict: parameter group "
+                            f"{gi}: 'perturbed'")
+                 for gi, g in enumerate(groups) if PERTURBED_KEY in g}
+        if PERTURBED_KEY in sd:
+            return saved_flag(sd.pop(PERTURBED_KEY), f"{name}.load_state_dict: 'perturbed'")
+        if len(flags) > 1:
+            raise ValueError(f"{name}.load_state_dict: the parameter groups disagree on "
+                             "'perturbed' (some True, some False); nothing was loaded")
+        return flags.pop() if flags else False
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -40,7 +40,8 @@ class AdamWMSAM(PerturbedOptimizer):
     ``"perturbed"`` flag work as for :class:`msam.MSAM`; ``rho`` may differ per group.
     ``step()`` after ``eval()`` (no warning) takes the gradient as taken at ``w``: one plain
     AdamW step from ``w``, ending at the new ``w~`` (perturbed again); call
-    ``optimizer.train()`` before the forward/backward to take it at ``w~``.
+    ``optimizer.train()`` before the forward/backward to take it at ``w~``. FSDP2-sharded
+    models work unchanged (``||m||`` over the full tensors; docs/notes/fsdp.md).
 
     Args:
         params: iterable of parameters or of parameter-group dicts.

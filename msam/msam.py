@@ -59,6 +59,11 @@ class MSAM(PerturbedOptimizer):
     BatchNorm running statistics collected during training are taken at ``w~``; recompute them
     at ``w`` with :func:`msam.recalibrate_batchnorm` at the end of training.
 
+    FSDP2 (``fully_shard``) and DDP models work unchanged: under FSDP2 ``||v||`` is the norm of
+    the full tensors (the shards' norms all-reduced once per step), the moves to ``w`` and back
+    are local to each rank's shards, and 2 ranks equal one process to rounding; checkpoints,
+    also through torch.distributed.checkpoint, resume exactly (docs/notes/fsdp.md).
+
     Args:
         params: iterable of parameters or of parameter-group dicts.
         lr: learning rate (default 0.1).

@@ -97,6 +97,15 @@ class SAM(Optimizer):
     Gradient accumulation: accumulate micro-batch gradients (loss / k) for the first pass,
     ``first_step(zero_grad=True)``, accumulate again at ``w + e``, ``second_step()``.
 
+    Data parallel (docs/notes/fsdp.md): under DDP the first pass need not be all-reduced; run
+    it inside ``model.no_sync()`` for a per-rank ascent (m-sharpness with m the per-rank
+    batch), and call ``analysis.distributed.all_reduce_gradients(model)`` before
+    ``first_step`` for SAM on the global batch. Under FSDP2 (``fully_shard``) keep gradient
+    sync on for both passes (each rank holds its shard of the global-batch gradient; ``||T g||``
+    is the norm of the full tensors): with ``set_requires_gradient_sync(False)`` the sharded
+    parameters get no gradient and ``first_step`` raises. For torch.distributed.checkpoint's
+    ``get_state_dict``/``set_state_dict`` pass ``base_optimizer``.
+
     Args:
         params: iterable of parameters or of parameter-group dicts.
         base_optimizer: a torch.optim.Optimizer subclass (default torch.optim.SGD) or one of the
@@ -160,7 +169,12 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move to the ascent point ``w + e``, ``e = rho * T^2 g / ||T g||`` (keeps ``w``)."""
+        """Move to the ascent point ``w + e``, ``e = rho * T^2 g / ||T g||`` (keeps ``w``).
+
+        Raises:
+            RuntimeError: called twice without ``second_step()``, a sparse gradient, or no
+                parameter has a gradient (checked before anything moves).
+        """
         if self._perturbed:
             raise RuntimeError("SAM.first_step() called twice without second_step()/unperturb()")
         scaled: list[Tensor] = []
@@ -177,6 +191,12 @@ class SAM(Optimizer):
                 t = self._ascent_scale(group, p)
                 scaled.append(p.grad if t is None else p.grad * t)
                 items.append((group, p, t))
+        if not items:
+            raise RuntimeError(
+                "SAM.first_step(): no parameter has a gradient; run the first forward/backward "
+                "pass before first_step(). Under FSDP2 (fully_shard) the first pass must not run "
+                "with model.set_requires_gradient_sync(False): the sharded parameters then get "
+                "no gradient (it stays in the unsharded, unreduced buffers)")
         norm = global_norm(scaled, foreach=False)
         saved: list[tuple[Tensor, Tensor]] = []
         for group, p, t in items:

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import broadcast_object, get_rank, is_distributed
 from ..results import Result
 
 __all__ = ["AutoChoice", "choose_method", "cache_budget", "CACHE_BYTES", "CACHE_FRACTION",
@@ -241,18 +242,25 @@ def _candidates(op, state, v_dict, x, y, weight, skipped: dict,
     return cands, total, entry, budget
 
 
-def choose_method(op, block: int = 1) -> AutoChoice:
+def choose_method(op, block: int = 1, *, local: bool = False) -> AutoChoice:
     """Time one product of each applicable method on ``op``'s first batch; keep the fastest.
+
+    Under a process group (``torchrun``) rank 0 alone times, on its first batch, and its
+    :class:`AutoChoice` is broadcast: every rank uses the same method (reproducible, and the
+    other ranks do no calibration work); an error on rank 0 is raised on every rank.
 
     Args:
         op: a :class:`~analysis.hessian.HessianOperator` (with ``method="auto"``).
         block: columns per product: ``1`` times matrix-vector products, more times the batched
             variants of ``op @ V`` on a block of that many columns (timings per column).
+        local: time on this process only, without the broadcast (default False).
 
     Returns:
         :class:`AutoChoice`. When every method fails, the first error is raised; on a rank
         without batches the choice is ``"forward-over-reverse"`` (the fallback still applies).
     """
+    if not local and is_distributed():
+        return _rank0_choice(op, block)
     first = op._first_batch()
     if first is None:
         return AutoChoice(method="forward-over-reverse", skipped={"all": "no local batch"})
@@ -283,3 +291,20 @@ def choose_method(op, block: int = 1) -> AutoChoice:
         op._keep_graph(0, entry)  # the first batch's graph serves the products too
     return AutoChoice(method=best, timings=timings, skipped=skipped, graph_bytes=graph_bytes,
                       block=block, cache_budget=budget)
+
+
+def _rank0_choice(op, block: int) -> AutoChoice:
+    """Rank 0 times (:func:`choose_method` with ``local=True``) and broadcasts the choice, or
+    its error, to every rank."""
+    choice, error = None, None
+    if get_rank() == 0:
+        try:
+            choice = choose_method(op, block, local=True)
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = err
+    got = broadcast_object((choice, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if got[1] is not None:
+        raise RuntimeError(f"method='auto': the calibration failed on rank 0: {got[1]}")
+    return got[0]

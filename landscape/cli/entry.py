@@ -1,5 +1,11 @@
 """The entry point: parse, run the subcommand, and turn every failure into one line and an exit
-code (2 usage, 1 runtime, 130 interrupted), from rank 0 only under torchrun."""
+code (2 usage, 1 runtime, 130 interrupted).
+
+Under torchrun every rank that fails prints its own line, prefixed ``rank r:``; a failure that
+the ranks shared at an agreement point (:func:`analysis.distributed.all_ranks_succeed`: loading
+the data, the model or a checkpoint) is printed once, by rank 0, naming every failed rank. Every
+rank exits non-zero; a rank waiting in a collective for a failed one gets an error as soon as
+the failed process is gone (or after the collective timeout)."""
 
 from __future__ import annotations
 
@@ -62,32 +68,73 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.barrier()
         return code
     except UsageError as exc:
-        if not (ctx.main and _rank0()):  # under torchrun rank 0 alone says it
+        if not _reports(exc, ctx):  # under torchrun rank 0 alone says it
             return 2
         if debug:
             traceback.print_exc()
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {_where(exc, ctx)}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if ctx.main and _rank0():
             print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        if not (ctx.main and _rank0()):
-            return 1
+        from analysis.distributed import RanksFailed
+
+        code = 1
+        if isinstance(exc, RanksFailed):  # usage errors on every failed rank: still a usage error
+            code = 2 if all(kind == "UsageError" for _, kind, _ in exc.failures) else 1
+        if not _reports(exc, ctx):
+            return code
         if debug:
             traceback.print_exc()
-        msg = _first_line(exc)
-        # the library suggests a keyword argument; the CLI has no such flag
-        msg = msg.replace(" or pass check_deterministic=False", "").replace(
-            "pass check_deterministic=False", "build the DataLoader with shuffle=False")
-        if not isinstance(exc, (CLIError, ValueError, TypeError, OSError)):
-            msg = f"{type(exc).__name__}: {msg}"
-        print(f"{prog}: error: {msg}" + ("" if debug else " (--debug for the traceback)"), file=sys.stderr)
-        return 1
+        if isinstance(exc, RanksFailed):
+            ranks = ", ".join(str(r) for r, _, _ in exc.failures)
+            msg = f"{exc.step} failed on rank{'s' if len(exc.failures) > 1 else ''} {ranks}: " + \
+                "; ".join(f"rank {r}: {_message(kind, text)}" for r, kind, text in exc.failures)
+        else:
+            msg = _message(type(exc).__name__, _first_line(exc),
+                           plain=isinstance(exc, (CLIError, ValueError, TypeError, OSError)))
+        print(f"{prog}: error: {_where(exc, ctx)}{msg}" + ("" if debug else " (--debug for the traceback)"),
+              file=sys.stderr)
+        return code
     finally:
         from analysis import distributed as dist
 
         dist.shutdown()  # no-op unless init_from_env created the group (also a 1-rank torchrun)
 
 
+# the exception types whose message is shown without the type name
+_PLAIN_KINDS = ("CLIError", "UsageError", "ValueError", "TypeError", "OSError", "FileNotFoundError",
+                "PermissionError", "IsADirectoryError", "UnpicklingError")
+
+
+def _message(kind: str, text: str, *, plain: bool | None = None) -> str:
+    """One error line: the message (with its type name unless a plain kind), without the
+    library's keyword-argument hints that the command line has no flag for."""
+    # the library suggests a keyword argument; the CLI has no such flag
+    text = text.replace(" or pass check_deterministic=False", "").replace(
+        "pass check_deterministic=False", "build the DataLoader with shuffle=False")
+    if plain is None:
+        plain = kind in _PLAIN_KINDS
+    return text if plain else f"{kind}: {text}"
+
+
+def _reports(exc: BaseException, ctx: Ctx) -> bool:
+    """Whether this process prints ``exc``. In a process group every rank prints its own
+    failure (prefixed with its rank, :func:`_where`), and rank 0 alone a failure shared by
+    :func:`analysis.distributed.all_ranks_succeed` (it names every failed rank). Without one,
+    the process prints unless it is a non-zero rank of a complete torchrun environment (a stray
+    ``RANK`` alone silences nothing)."""
+    from analysis.distributed import RanksFailed
+
+    if ctx.distributed:
+        return ctx.main if isinstance(exc, RanksFailed) else True
+    return _rank0()
+
+
+def _where(exc: BaseException, ctx: Ctx) -> str:
+    """``"rank r: "`` for a rank's own failure in a process group, else nothing."""
+    from analysis.distributed import RanksFailed, get_rank
+
+    return f"rank {get_rank()}: " if ctx.distributed and not isinstance(exc, RanksFailed) else ""

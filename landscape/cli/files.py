@@ -87,7 +87,15 @@ def header_problem(path: pathlib.Path) -> str | None:
 
 def checkpoint_paths(paths: Sequence[str]) -> list[pathlib.Path]:
     """Expand files and directories; refuse, in one line naming each, files that are not
-    readable checkpoints (before anything is computed)."""
+    readable checkpoints (before anything is computed). Under torchrun a refusal on any rank
+    stops every rank (:func:`analysis.distributed.all_ranks_succeed`), named by rank 0."""
+    from analysis.distributed import all_ranks_succeed
+
+    with all_ranks_succeed("checking the checkpoint files"):
+        return _checkpoint_paths(paths)
+
+
+def _checkpoint_paths(paths: Sequence[str]) -> list[pathlib.Path]:
     from ..checkpoints import (
         CHECKPOINT_SUFFIXES,
         CheckpointError,

@@ -34,8 +34,11 @@ _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def rank0() -> bool:
-    """False on the non-zero ranks of a torchrun job (their error lines would repeat rank 0's)."""
-    return os.environ.get("RANK", "0") in ("", "0")
+    """False on the non-zero ranks of a torchrun job (their error lines would repeat rank 0's).
+    Only a complete torchrun environment counts: a stray ``RANK=1`` alone silences nothing."""
+    from analysis.distributed import torchrun_environment_complete
+
+    return not torchrun_environment_complete() or os.environ.get("RANK", "0") in ("", "0")
 
 
 class Parser(argparse.ArgumentParser):

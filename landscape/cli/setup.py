@@ -37,15 +37,22 @@ class Setup:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
         self.dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
-        self.data = load_data(args.data, batch_size=args.batch_size, max_samples=args.max_samples,
-                              shard=ctx.distributed)
-        if check_data is not None:
-            check_data(self.data)
-        # build one model now: a bad spec or data that do not fit fail before any work
-        self._spare: Any = self.model()
-        if check_model is not None:
-            check_model(self._spare)
-        self.check_fit(self._spare)
+        from analysis.distributed import all_ranks_succeed
+
+        # under torchrun: a failure on any rank stops every rank here, named by rank 0
+        with all_ranks_succeed("loading the data and the model"):
+            self.data = load_data(args.data, batch_size=args.batch_size,
+                                  max_samples=args.max_samples, shard=ctx.distributed)
+            if check_data is not None:
+                check_data(self.data)
+            # build one model now: a bad spec or data that do not fit fail before any work
+            self._spare: Any = self.model()
+            if check_model is not None:
+                check_model(self._spare)
+            self.check_fit(self._spare)
+            sizes = self.data_sizes() if ctx.distributed else None
+        if sizes is not None:
+            self.check_data_sizes(sizes)
         trainable = [p for p in self._spare.parameters() if p.requires_grad]
         #: trainable parameters ``n`` and bytes per entry of the model (for the cost estimates)
         self.num_params = sum(p.numel() for p in trainable)
@@ -60,8 +67,49 @@ class Setup:
             m = m.to(self.dtype)
         return m.to(self.device)
 
+    def data_sizes(self) -> tuple[int | None, int | None]:
+        """(samples of the whole data, this rank's share); ``None`` where it would take a pass
+        over a DataLoader (the whole: ``len(loader.dataset)`` when it has one)."""
+        from analysis.data import DataSource
+
+        src = self.data
+        if src.kind == "loader":
+            try:
+                return len(src.data.dataset), None
+            except TypeError:  # an IterableDataset without __len__
+                return None, None
+        whole = DataSource(src.data, batch_size=src.batch_size, max_samples=src.max_samples)
+        return whole.num_samples(), src.num_samples()
+
+    def check_data_sizes(self, sizes: tuple[int | None, int | None]) -> None:
+        """Under torchrun: refuse data whose size differs across ranks (every rank must load
+        the same data and take its share), naming the ranks; report each rank's share."""
+        from analysis.distributed import all_gather_object
+
+        every = all_gather_object(sizes)
+        totals = [t for t, _ in every]
+        differ = [r for r, t in enumerate(totals) if t != totals[0]]
+        if differ:
+            listed = ", ".join(f"rank {r}: {'?' if t is None else t}" for r, t in enumerate(totals))
+            raise CLIError(f"--data differs across ranks ({listed} samples); every rank must load "
+                           "the same data (each takes its share)")
+        shares = [n for _, n in every]
+        if totals[0] is not None:
+            share = "" if None in shares else " (per rank: " + ", ".join(map(str, shares)) + ")"
+            self.ctx.log(f"data: {totals[0]} samples on {len(every)} ranks{share}")
+
     def load(self, path: pathlib.Path) -> tuple[Any, Any]:
-        """A fresh model with the checkpoint's weights, and the :class:`Checkpoint`."""
+        """A fresh model with the checkpoint's weights, and the :class:`Checkpoint`. Under
+        torchrun every rank loads (a failure on any stops all, named by rank 0) and the
+        weights' fingerprints are compared: ranks that read other weights are refused."""
+        from analysis.distributed import all_ranks_succeed, check_same_weights
+
+        with all_ranks_succeed("loading the checkpoint"):
+            model, ckpt = self._load(path)
+        check_same_weights(model, f"the weights loaded from {path}")
+        return model, ckpt
+
+    def _load(self, path: pathlib.Path) -> tuple[Any, Any]:
         from ..checkpoints import load_checkpoint
 
         model = self.model()

@@ -130,3 +130,14 @@ def run_ranks(
         if errors:
             raise RankFailure("\n".join(errors))
     return result
+
+
+def check_values(per_rank: list[dict[str, tuple[str, Any]]], name: str) -> list[Any]:
+    """Every rank's value of check ``name`` (from ``workers._run_checks``), asserting that it
+    ran on every rank ("ok"), with the rank's traceback otherwise."""
+    values = []
+    for r, checks in enumerate(per_rank):
+        status, value = checks[name]
+        assert status == "ok", f"rank {r}, check {name}:\n{value}"
+        values.append(value)
+    return values

@@ -16,6 +16,7 @@ import torch
 
 from tests.distributed import workers
 from tests.distributed.launcher import run_ranks
+from tests.models import mlp
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -106,3 +107,17 @@ def test_sam_synchronized_ascent(ranks):
     assert not torch.allclose(ref[0], workers.sam_reference(sync=False)[0], rtol=1e-6)
     # and the synchronized one is SAM on the global batch (one process, batch 2b)
     _close(workers.sam_reference(sync=True, world=1), ref, "global-batch SAM")
+
+
+def test_sam_under_ddp_equals_the_single_process_sam(ranks):
+    """First pass inside ``no_sync`` (DDP does not all-reduce it), ``all_reduce_gradients``
+    before ``first_step``: SAM on 2 ranks is ``msam.sam.SAM`` itself on one process with the
+    global batch, not only the hand-written reference above."""
+    per_rank = _get(ranks, "sam_sync")
+    one = workers.train_run("sam_sync")  # world 1: no DDP, all_reduce_gradients a no-op
+    for r, got in enumerate(per_rank):
+        diff = max(float((a - b).abs().max()) for a, b in zip(got["live"], one["live"]))
+        assert diff <= 1e-12, f"rank {r}: {diff}"
+        assert got["hook_calls"] == workers.STEPS  # DDP reduced the second pass only
+    start = [p.detach() for p in mlp(seed=2).parameters()]  # train_run's initial weights
+    assert max(float((a - b).abs().max()) for a, b in zip(one["live"], start)) > 1e-2

@@ -15,7 +15,7 @@ import pytest
 from analysis.data import as_data
 from landscape.slices import slice_2d
 from tests.distributed import row_workers as W
-from tests.distributed.launcher import run_ranks
+from tests.distributed.launcher import check_values, run_ranks
 
 RTOL = 1e-12
 DONE_ROWS = 2  # rows the "interrupted" store holds
@@ -52,12 +52,7 @@ def ranks(reference):
 
 
 def _get(ranks, name):
-    values = []
-    for r, checks in enumerate(ranks):
-        status, value = checks[name]
-        assert status == "ok", f"rank {r}, check {name}:\n{value}"
-        values.append(value)
-    return values
+    return check_values(ranks, name)
 
 
 def _same(ref, got):

@@ -649,16 +649,25 @@ def test_default_m_capped_at_small_data_is_said(ckpts, capsys):
     assert code == 0 and "m=48," in out and "capped" not in out
 
 
-def test_only_rank_0_prints_errors(ckpts, tmp_path, capsys, monkeypatch):
+def test_a_stray_rank_silences_nothing_and_rank_1_of_torchrun_leaves_usage_errors_to_rank_0(
+        ckpts, tmp_path, capsys, monkeypatch):
     a = str(ckpts / "a.pt")
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.delenv("WORLD_SIZE", raising=False)  # no process group: only the printing differs
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")  # without the rest of torchrun's variables: not a rank
     code, out, err = _run(["hessian", a, *SPEC, "--tol", "0"], capsys)  # argparse
-    assert (code, out, err) == (2, "", "")
+    assert code == 2 and "--tol" in err and err.count("error:") == 1
     code, out, err = _run(["slice", a, *SPEC, "--out", str(tmp_path / "f.png"), "--range", "1", "0"], capsys)
-    assert (code, out, err) == (2, "", "")
+    assert code == 2 and "error:" in err
     code, out, err = _run(["sharpness", str(tmp_path / "nope.pt"), *SPEC], capsys)
-    assert (code, out, err) == (1, "", "")
+    assert code == 1 and "nope.pt" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's rank 1, but no MASTER_ADDR: a clear error
+    code, out, err = _run(["sharpness", str(tmp_path / "nope.pt"), *SPEC], capsys)
+    assert code == 1 and "MASTER_ADDR" in err
+    # a complete torchrun environment of rank 1: the same usage error is rank 0's to print
+    for name, value in (("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    assert _run(["hessian", a, *SPEC, "--tol", "0"], capsys) == (2, "", "")
     monkeypatch.setenv("RANK", "0")
     assert _run(["hessian", a, *SPEC, "--tol", "0"], capsys)[2].count("error:") == 1
 

@@ -283,6 +283,18 @@ def test_misuse_is_a_clear_error():
         opt.first_step()
 
 
+def test_first_step_without_any_gradient_is_refused():
+    """No gradient at all (no backward, or FSDP2's first pass with gradient sync disabled,
+    tests/distributed/test_fsdp_optimizers.py) was a silent zero ascent; nothing moves."""
+    model = mlp()
+    opt = SAM(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+        opt.first_step()
+    assert not opt.is_perturbed
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 def test_closure_step_with_model_freezes_batchnorm_on_second_pass():
     model, reference = cnn_bn(), cnn_bn()
     model.train()
