@@ -132,6 +132,7 @@ from .krylov import (  # noqa: F401 (re-exported: the old import paths)
     norm64,
 )
 from .operators.adapters import _CallableOperator, _TensorOperator, as_linear_operator  # noqa: F401
+from .precision import autocast_disabled
 from .results import Result
 from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
 
@@ -194,6 +195,7 @@ class EigenResult(Result):
 
 
 
+@autocast_disabled()
 def top_eigenpairs(
     model_or_op: Any,
     loss_fn: Any = None,
@@ -252,6 +254,10 @@ def top_eigenpairs(
         reorth: ``"partial"`` (default): reorthogonalize against the basis only when the
             estimated loss of orthogonality exceeds ``sqrt(eps)`` (Simon 1984, see the module
             docstring); ``"full"``: one Gram-Schmidt pass over the basis at every step.
+
+    Precision: called inside ``torch.autocast`` it runs outside it (products, gradient and basis
+    in the parameters' dtype, :func:`analysis.precision.autocast_disabled`), so the bounds hold;
+    a bfloat16 / float16 operator warns and stops at its precision floor (module docstring).
 
     Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` plus one product's working memory
     (see the module docstring); reported in :attr:`EigenResult.basis_bytes` and

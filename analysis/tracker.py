@@ -58,6 +58,7 @@ from .data import DataSource, as_data
 from .evaluation import model_mode, resolve_loss
 from .hessian import HessianOperator, directional_curvature
 from .lanczos import top_eigenpairs
+from .precision import autocast_disabled
 from .results import Result, to_jsonable
 
 __all__ = ["CurvatureTracker", "TrackerRecord", "TrackerHistory"]
@@ -350,7 +351,8 @@ class CurvatureTracker:
                 f"{type(opt).__name__} is at its perturbed point (between first_step and "
                 "second_step); measure before first_step() or after second_step()")
         device = next(self.model.parameters()).device
-        with _rng_preserved(device), preserved_state(self.model), model_mode(self.model, self.mode):
+        with _rng_preserved(device), preserved_state(self.model), \
+                model_mode(self.model, self.mode), autocast_disabled():
             if perturbed:
                 with opt.unperturbed():
                     yield
