@@ -183,7 +183,10 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     rows = [[i + 1, float(v), r] for i, (v, r) in enumerate(zip(summary["eigenvalues"], res))]
     text = format_table(["k", "eigenvalue", "residual ||Hv - lambda v||"], rows)
     if summary.get("converged") is False:
-        text += "\nwarning: Lanczos stopped before reaching --tol (see the residuals)"
+        reason = str(summary.get("stop_reason") or "")
+        text += ("\nwarning: Lanczos stopped before reaching --tol at the "
+                 f"{reason}" if reason.startswith("precision floor") else
+                 "\nwarning: Lanczos stopped before reaching --tol (see the residuals)")
     text += f"\nHessian-vector products used: {summary['num_matvecs_by_analysis']['lanczos']} (Lanczos)"
     if summary.get("trace") is not None:
         text += f"\ntrace ~ {summary['trace']:.6g} (Hutch++, standard error {summary['trace_stderr']:.2g})"

@@ -36,7 +36,15 @@ class Setup:
             raise UsageError(f"--device {args.device!r}: {_first_line(exc)}") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
-        self.dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
+        self.dtype = {"float32": torch.float32, "float64": torch.float64,
+                      "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[args.dtype]
+        if self.dtype in (torch.bfloat16, torch.float16):
+            from analysis.precision import precision_floor
+
+            ctx.log(f"warning: --dtype {args.dtype}: products are rounded to machine epsilon "
+                    f"{torch.finfo(self.dtype).eps:.2g}, so eigenvalue bounds stop at about "
+                    f"{precision_floor(self.dtype):.2g} |lambda| or more (Lanczos then reports "
+                    "converged=False at the precision floor); use float32 for tighter bounds")
         self.data = load_data(args.data, batch_size=args.batch_size, max_samples=args.max_samples,
                               shard=ctx.distributed)
         if check_data is not None:

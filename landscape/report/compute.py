@@ -139,7 +139,8 @@ def hessian_summary(
     """Top-``k`` Hessian eigenvalues (Lanczos), optionally the trace and the spectral density.
 
     Returns:
-        ``{"eigenvalues": [...], "num_matvecs": int, "trace": float | None, "trace_stderr":
+        ``{"eigenvalues": [...], "residuals": [...], "converged": bool, "stop_reason": str
+        (see :class:`analysis.lanczos.EigenResult`), "num_matvecs": int, "trace": float | None, "trace_stderr":
         float | None, "density": {"grid", "density"} | None, "seconds": float}``.
     """
     from analysis.hessian import HessianOperator
@@ -155,6 +156,7 @@ def hessian_summary(
         "eigenvalues": [float(v) for v in torch.as_tensor(eig.eigenvalues).reshape(-1).tolist()],
         "residuals": [float(v) for v in torch.as_tensor(eig.residuals).reshape(-1).tolist()],
         "converged": bool(eig.converged),
+        "stop_reason": eig.stop_reason,
         "trace": None,
         "trace_stderr": None,
         "density": None,
