@@ -29,12 +29,14 @@ The commands print one line per analysis (:func:`describe`) on stderr, rank 0 on
 
 So that an estimate can be checked against the run, a :class:`Meter` prints after each analysis
 what it used (:func:`describe_used`: the products counted by the operator and the seconds), and
-records it in the JSON beside the estimate (``estimate[i]["used"]``). No product is spent on
-timing: once an analysis has run, its seconds per product give a time estimate of each later
-one before it starts (:func:`describe_time`, "about X s"); the first analysis (Lanczos) has none,
-and the latest analysis's rate is used, since the first one's includes the one-time start-up
-(on a small model the first estimate can therefore be far too high; on a large one, where the
-estimate matters, the start-up is a small share).
+records it in the JSON beside the estimate (``estimate[i]["used"]``). ``landscape hessian``
+times one product before its first analysis (after ``method="auto"``'s calibration, which it
+reports apart; :func:`landscape.cli.hessian.first_product`), so Lanczos gets a time estimate too;
+once an analysis has run, its seconds per product give a time estimate of each later one before
+it starts (:func:`describe_time`, "about X s"), the latest analysis's rate, since the first one's
+includes the one-time start-up. Before any of it, :mod:`landscape.cli.memory` checks the
+estimated peak memory (these formulas plus the products' working memory) against the memory
+available.
 """
 
 from __future__ import annotations

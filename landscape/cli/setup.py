@@ -68,6 +68,19 @@ class Setup:
             m = m.to(self.dtype)
         return m.to(self.device)
 
+    def check_memory(self, costs: list, model: Any = None) -> Any:
+        """:func:`landscape.cli.memory.check_memory` of the planned ``costs`` on ``model`` (default:
+        a model of the spec; its activations do not depend on the weights) and the data; raises
+        :class:`CLIError` when the estimate exceeds the available memory unless
+        ``--no-memory-check``."""
+        from .memory import check_memory
+
+        if model is None:
+            model = self._spare if getattr(self, "_spare", None) is not None else self.model()
+            self._spare = model  # the next model() call takes it
+        return check_memory(costs, model, self.loss_fn, self.data, log=self.ctx.log,
+                            ignore=bool(getattr(self.args, "no_memory_check", False)))
+
     def load(self, path: pathlib.Path) -> tuple[Any, Any]:
         """A fresh model with the checkpoint's weights, and the :class:`Checkpoint`."""
         from ..checkpoints import load_checkpoint
