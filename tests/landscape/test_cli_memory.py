@@ -14,8 +14,8 @@ from torch import nn
 import analysis.operators.auto as auto
 from analysis.lanczos import top_eigenpairs
 from analysis.operators.hessian import HessianOperator
-from landscape.cli import main
 from landscape.cli import estimate as E
+from landscape.cli import main
 from landscape.cli.memory import CALIBRATION_FACTOR, GRAPH_FACTOR, check_memory, product_memory
 from tests.landscape import cli_fixtures as fx
 
