@@ -15,7 +15,7 @@ ReLU network's Hessian does not see.
    curvature inside one linear region, and the kinks crossed at a finite ``h`` add curvature it
    does not contain (at ``h = 1e-6`` no kink is crossed and the two agree).
 4. The memory estimate the CLI checks (``landscape.cli.memory.product_memory``) against the
-   peak resident memory of a first product (``ru_maxrss`` of a fresh subprocess).
+   peak resident memory of a first product (``VmHWM`` of a fresh subprocess).
 
 All times are process CPU time, the median of ``--repeats``; run with one thread::
 
@@ -34,9 +34,14 @@ import subprocess
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# the repository first: benchmarks/landscape.py would shadow the landscape package
+sys.path = [p for p in sys.path if pathlib.Path(p or ".").resolve() != ROOT / "benchmarks"]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 #: width and depth of the GPT-2 and Llama configs (``--dim``, ``--depth``)
 DIM, DEPTH = 256, 4
@@ -166,7 +171,7 @@ def relu_kinks(n: int = 32, width: int = 32, iters: int = 30) -> dict:
 
 
 _MEM_CHILD = """
-import resource, sys, torch
+import sys, torch
 from landscape.models import hf_gpt2
 from analysis.operators.hessian import HessianOperator
 from landscape.cli.memory import product_memory
@@ -175,11 +180,15 @@ from benchmarks.mixed_claims import _batches
 torch.manual_seed(0)
 model = hf_gpt2(vocab_size=256, max_len=64, dim=%d, depth=%d, heads=4).float().eval()
 batches = _batches()
+def hwm():  # this process's peak resident memory (VmHWM; ru_maxrss keeps the parent's across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 est = product_memory(model, "lm", batches)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = hwm()
 op = HessianOperator(model, "lm", batches)
 op @ torch.randn(op.shape[0])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 print(est.total_bytes, est.activation_bytes, peak - base, op.method)
 """
 
