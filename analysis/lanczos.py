@@ -132,13 +132,9 @@ from .krylov import (  # noqa: F401 (re-exported: the old import paths)
     norm64,
 )
 from .operators.adapters import _CallableOperator, _TensorOperator, as_linear_operator  # noqa: F401
-from .precision import autocast_disabled, warn_half_precision
+from .precision import FloorWatch, autocast_disabled, warn_half_precision
 from .results import Result
 from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
-
-#: Products without a 2x improvement of the bounds after which a run whose ``tol`` lies below the
-#: precision floor stops (see :meth:`_Lanczos.at_floor`).
-FLOOR_PATIENCE = 10
 
 __all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
            "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
@@ -174,11 +170,8 @@ class EigenResult(Result):
             as needed, in chunks).
         memory_bound_bytes: ``(max_basis + 3) * n * itemsize``, the bound on the peak extra
             memory outside the products (eigenvectors included).
-        stop_reason: why the iteration ended: ``"converged"``, ``"max_iter"`` (the product
-            cap), ``"exhausted"`` (the Krylov space is the whole space), or ``"precision floor:
-            ..."`` (``tol`` is below what the products' dtype resolves and the bounds reached
-            that floor or stopped improving; ``converged`` is then False, see the module
-            docstring).
+        stop_reason: ``"converged"``, ``"max_iter"``, ``"exhausted"`` (the whole space) or
+            ``"precision floor: ..."`` (:class:`~analysis.precision.FloorWatch`).
     """
 
     eigenvalues: torch.Tensor
@@ -265,9 +258,8 @@ def top_eigenpairs(
             estimated loss of orthogonality exceeds ``sqrt(eps)`` (Simon 1984, see the module
             docstring); ``"full"``: one Gram-Schmidt pass over the basis at every step.
 
-    Precision: called inside ``torch.autocast`` it runs outside it (products, gradient and basis
-    in the parameters' dtype, :func:`analysis.precision.autocast_disabled`), so the bounds hold;
-    a bfloat16 / float16 operator warns and stops at its precision floor (module docstring).
+    Precision: runs outside ``torch.autocast`` (:mod:`analysis.precision`); a bfloat16 / float16
+    operator warns and stops at its precision floor.
 
     Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` plus one product's working memory
     (see the module docstring); reported in :attr:`EigenResult.basis_bytes` and
@@ -413,9 +405,7 @@ class _Lanczos:
         self.tnorm = 0.0  # running max of |alpha_j| + |beta_{j-1}| (~ ||T||, for the estimates)
         self.restarts = self.steps = 0
         self.theta = self.S = self.res = self.errs = self.idx = None
-        self.raw = self.floor = None  # the unfloored bounds of the wanted pairs and the floor
-        self.best: list[float] = []  # per step: the largest relative residual of the wanted
-        self.settled = 0  # consecutive steps with the unfloored bounds below the floor
+        self.watch = FloorWatch(op.dtype)
         self.converged = False
         self.stop_reason = "max_iter"
         self.start_matvecs = op.num_matvecs
@@ -439,36 +429,13 @@ class _Lanczos:
         return torch.clamp(self.raw, min=floor)
 
     def at_floor(self, scale: torch.Tensor) -> str | None:
-        """The precision-floor stop: a reason when ``tol`` is below the floor for some wanted
-        pair (``floor > tol |theta_i|``: bounds that small are not reachable in the products'
-        dtype) and, for the last :data:`FLOOR_PATIENCE` products, either the bounds stayed at
-        the floor or the residuals improved by less than 2x (they stagnate at the rounding
-        level); None otherwise. The patience lets the Krylov space see the top of the spectrum
-        (at a loose floor an early Ritz value can sit near a lower eigenvalue). Unless the guard
-        of :func:`~analysis.ritz._guard_ok` holds at the floor's tolerance, the bounds returned
-        are the residuals (the rigorous bound, no gap trusted), floored."""
-        idx, res, p = self.idx, self.res, FLOOR_PATIENCE
-        r = res[idx]
-        self.best.append(float((r / scale).max()))
-        if not bool((self.floor > self.tol * scale).any()):
-            self.settled = 0
-            return None
-        self.settled = self.settled + 1 if bool((self.raw <= self.floor).all()) else 0
-        dtype = str(self.op_dtype).replace("torch.", "")
-        if self.settled >= p:
-            what = f"the bounds stayed at the {dtype} rounding floor {self.floor:.3g}"
-        elif len(self.best) > p and min(self.best[-p:]) > 0.5 * min(self.best[:-p]):
-            what = (f"the residuals stopped improving over {p} products at "
-                    f"{self.best[-1]:.3g} relative, near the {dtype} rounding floor "
-                    f"{self.floor:.3g}")
-        else:
-            return None
-        tol_floor = min(float((self.floor / scale).max()), 0.5)
-        if not _guard_ok(self.theta, res, self.k, self.which, tol_floor, self.eps):
+        """The precision-floor stop (:class:`~analysis.precision.FloorWatch`); unless the guard
+        holds at the floor's tolerance, the bounds are the residuals (no gap trusted), floored."""
+        r, tol_floor = self.res[self.idx], min(float((self.floor / scale).max()), 0.5)
+        reason = self.watch.update(self.floor, self.raw, r, scale, self.tol)
+        if reason and not _guard_ok(self.theta, self.res, self.k, self.which, tol_floor, self.eps):
             self.errs = torch.maximum(self.errs, torch.clamp(r, min=self.floor))
-        return (f"precision floor: {what}, above tol={self.tol:g} x |theta| "
-                f"(={float((self.tol * scale).min()):.3g}); the products' {dtype} precision "
-                "cannot resolve a smaller error")
+        return reason
 
     def _expand(self, j: int) -> tuple[torch.Tensor, float, torch.Tensor]:
         """``w = H q_j`` orthogonalized against rows ``0..j``: ``(w, ||w||, column j of T)``.
@@ -533,17 +500,14 @@ class _Lanczos:
                 bool((self.res[idx] <= self.tol * scale).all())
                 or _guard_ok(theta, self.res, self.k, self.which, self.tol, self.eps)):
             self.converged = True
-            self.stop_reason = "converged"
             return True
         if breakdown and m >= n:
             self.converged = ok if idx.numel() >= self.k else False
-            self.stop_reason = "converged" if self.converged else "exhausted"
+            self.stop_reason = "exhausted"  # "converged" if it converged (see result())
             return True
-        if idx.numel() >= self.k and not ok:
-            reason = self.at_floor(scale)
-            if reason is not None:
-                self.stop_reason = reason
-                return True
+        if idx.numel() >= self.k and not ok and (reason := self.at_floor(scale)) is not None:
+            self.stop_reason = reason
+            return True
         if breakdown:
             w, beta = self._fresh_vector(m), 0.0
             if self.partial:
@@ -631,5 +595,5 @@ class _Lanczos:
             tol=float(self.tol),
             basis_bytes=int(peak_bytes),
             memory_bound_bytes=memory_bound_bytes(n, self.max_basis, self.itemsize),
-            stop_reason=self.stop_reason,
+            stop_reason="converged" if self.converged else self.stop_reason,
         )

@@ -27,7 +27,11 @@ from collections.abc import Iterator
 import torch
 
 __all__ = ["autocast_disabled", "AUTOCAST_DEVICE_TYPES", "precision_floor", "is_half",
-           "warn_half_precision"]
+           "warn_half_precision", "FloorWatch", "FLOOR_PATIENCE"]
+
+#: Products after which a run whose ``tol`` lies below the precision floor stops (see
+#: :class:`FloorWatch`).
+FLOOR_PATIENCE = 10
 
 #: The device types whose autocast state :func:`autocast_disabled` checks.
 AUTOCAST_DEVICE_TYPES: tuple[str, ...] = ("cpu", "cuda", "xpu", "mps")
@@ -95,3 +99,44 @@ def warn_half_precision(dtype: torch.dtype, tol: float, where: str, stacklevel: 
         f"eigenvalues are resolved to about {floor:.2g} |lambda| at best ({reach}). Convert the "
         "model to float32 for tighter bounds.", UserWarning, stacklevel=stacklevel)
     return True
+
+
+class FloorWatch:
+    """When an iterative eigensolver whose ``tol`` is below the precision floor should stop.
+
+    :meth:`update` is called after each product with the floor of the bounds (``sqrt(m)
+    max(noise, 4 eps ||T||)`` in :mod:`analysis.lanczos`), the unfloored bounds ``raw`` and the
+    residuals ``r`` of the wanted pairs and their scales ``|theta_i|``. It returns a reason (a
+    string starting ``"precision floor"``) when ``floor > tol |theta_i|`` for some wanted pair
+    (bounds that small are not reachable in the products' dtype) and, for the last ``patience``
+    products, either the unfloored bounds stayed below the floor or the largest relative
+    residual improved by less than 2x (it stagnates at the rounding level); else None. The
+    patience lets the Krylov space see the top of the spectrum first (at a loose floor an early
+    Ritz value can sit near a lower eigenvalue).
+    """
+
+    def __init__(self, dtype: torch.dtype, patience: int = FLOOR_PATIENCE):
+        self.name = str(dtype).replace("torch.", "")
+        self.patience = int(patience)
+        self.best: list[float] = []  # per product: the largest relative residual of the wanted
+        self.settled = 0  # consecutive products with the unfloored bounds below the floor
+
+    def update(self, floor: float, raw: torch.Tensor, r: torch.Tensor, scale: torch.Tensor,
+               tol: float) -> str | None:
+        """Record one product; the reason to stop, or None (see the class docstring)."""
+        p, name = self.patience, self.name
+        self.best.append(float((r / scale).max()))
+        if not bool((floor > tol * scale).any()):
+            self.settled = 0
+            return None
+        self.settled = self.settled + 1 if bool((raw <= floor).all()) else 0
+        if self.settled >= p:
+            what = f"the bounds stayed at the {name} rounding floor {floor:.3g}"
+        elif len(self.best) > p and min(self.best[-p:]) > 0.5 * min(self.best[:-p]):
+            what = (f"the residuals stopped improving over {p} products at "
+                    f"{self.best[-1]:.3g} relative, near the {name} rounding floor {floor:.3g}")
+        else:
+            return None
+        return (f"precision floor: {what}, above tol={tol:g} x |theta| "
+                f"(={float((tol * scale).min()):.3g}); the products' {name} precision cannot "
+                "resolve a smaller error")
