@@ -75,9 +75,9 @@ since a plain float32 product over 5e6 entries is off by ~1e-4 relative and move
 3e-3. The eigenvectors are normalized in float64. The error bounds are floored by the
 rounding level of the products, ``sqrt(m) * max(noise, 4 eps ||T||)`` with ``noise`` the largest
 off-band ``|q_i^T H q_j|`` seen (zero in exact arithmetic), so they are not smaller than what the
-working precision can resolve (in bfloat16 a ``tol`` of ``1e-3`` is then not reached, honestly).
-A bfloat16 or float16 operator gets a float32 basis (``itemsize`` 4 in the formula below), since
-a half-precision basis loses orthogonality at ``1e-2`` and with it whole eigenvalues.
+working precision can resolve; a ``tol`` below it (``1e-3`` in bfloat16) stops there, unconverged
+(:class:`~analysis.precision.FloorWatch`). A bfloat16 / float16 operator warns and gets a float32
+basis (``itemsize`` 4 below): a half-precision basis loses orthogonality at ``1e-2``.
 
 Cost outside the products: each step subtracts the three-term recurrence (two vectors); with
 ``reorth="full"`` it then makes one classical Gram-Schmidt pass over the whole basis (one

@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Cost", "Meter", "announce", "describe_time", "describe_used", "defaults_of", "density_cost", "describe", "lanczos_cost", "m_sharpness_cost",
+__all__ = ["Cost", "Meter", "announce", "format_bytes", "describe_time", "describe_used", "defaults_of", "density_cost", "describe", "lanczos_cost", "m_sharpness_cost",
            "slice_cost", "trace_cost", "trace_defaults", "unknown_cost"]
 
 
@@ -216,7 +216,8 @@ def unknown_cost(analysis: str) -> Cost:
                 exact=False)
 
 
-def _bytes(b: int) -> str:
+def format_bytes(b: int) -> str:
+    """``"12.3 MB"`` (MiB), or ``"N bytes"`` below 0.1 MB."""
     return f"{b / 2**20:.1f} MB" if b >= 2**20 / 10 else f"{b} bytes"
 
 
@@ -237,7 +238,7 @@ def describe(cost: Cost, suffix: str = "") -> str:
         parts.append(f"{le}{cost.backward_passes} backward")
     parts.append(f"{le}{cost.data_passes} data pass{'' if cost.data_passes == 1 else 'es'}")
     if cost.memory_bytes is not None:
-        parts.append(f"peak extra memory {le}{_bytes(cost.memory_bytes)}")
+        parts.append(f"peak extra memory {le}{format_bytes(cost.memory_bytes)}")
     note = f" ({cost.note})" if cost.note else ""
     return f"cost estimate: {cost.analysis}: " + ", ".join(parts) + note + suffix
 

@@ -126,10 +126,6 @@ def product_memory(model: Any, loss_fn: Any, data: Any) -> ProductMemory:
     return ProductMemory(int(act), int(calib), cached, int(calib + cached))
 
 
-def _gb(b: int | None) -> str:
-    return "unknown" if b is None else f"{b / 2**30:.2f} GB" if b >= 2**28 else f"{b / 2**20:.1f} MB"
-
-
 def check_memory(costs: list, model: Any, loss_fn: Any, data: Any, *, log: Any,
                  ignore: bool = False, available: int | None = None) -> MemoryCheck:
     """Estimate the peak of ``costs`` (a list of :class:`~landscape.cli.estimate.Cost`) plus the
@@ -144,6 +140,10 @@ def check_memory(costs: list, model: Any, loss_fn: Any, data: Any, *, log: Any,
     from analysis.operators.auto import available_bytes
 
     from ._common import CLIError
+    from .estimate import format_bytes
+
+    def _fmt(b: int | None) -> str:
+        return "unknown" if b is None else format_bytes(b)
 
     device, _ = model_device_dtype(model)
     analyses = max((c.memory_bytes or 0 for c in costs), default=0)
@@ -152,10 +152,10 @@ def check_memory(costs: list, model: Any, loss_fn: Any, data: Any, *, log: Any,
     if any(c.hvps for c in costs):
         products = product_memory(model, loss_fn, data)
         extra = products.total_bytes
-        log(f"memory estimate: Hessian-vector products: {_gb(products.total_bytes)} "
-            f"({CALIBRATION_FACTOR} x the first batch's {_gb(products.activation_bytes)} of saved "
+        log(f"memory estimate: Hessian-vector products: {_fmt(products.total_bytes)} "
+            f"({CALIBRATION_FACTOR} x the first batch's {_fmt(products.activation_bytes)} of saved "
             f"activations for method='auto''s calibration"
-            + (f", {_gb(products.cached_graph_bytes)} of cached graphs" if products.cached_graph_bytes
+            + (f", {_fmt(products.cached_graph_bytes)} of cached graphs" if products.cached_graph_bytes
                else "") + ")")
     elif any(c.backward_passes for c in costs):
         products = product_memory(model, loss_fn, data)
@@ -164,13 +164,12 @@ def check_memory(costs: list, model: Any, loss_fn: Any, data: Any, *, log: Any,
     peak = analyses + extra
     fits = avail is None or peak <= avail
     check = MemoryCheck(int(peak), int(analyses), products, avail, str(device), fits)
-    log(f"memory check: estimated peak extra memory {_gb(peak)} (largest analysis "
-        f"{_gb(analyses)} + products {_gb(extra)}), available on {device}: {_gb(avail)}")
+    log(f"memory check: estimated peak extra memory {_fmt(peak)} (largest analysis "
+        f"{_fmt(analyses)} + products {_fmt(extra)}), available on {device}: {_fmt(avail)}")
     if not fits and not ignore:
         part = "the products' working memory" if extra > analyses else "the largest analysis"
         raise CLIError(
-            f"the estimated peak extra memory {_gb(peak)} exceeds the {_gb(avail)} available on "
-            f"{device} (mostly {part}); reduce --batch-size / --max-samples (products) or "
-            "--top-k / --density-runs / --density-iter (analyses), or pass "
-            "--no-memory-check to start anyway")
+            f"the estimated peak extra memory {_fmt(peak)} exceeds the {_fmt(avail)} available on "
+            f"{device} (mostly {part}); use smaller batches or analyses (--batch-size, "
+            "--max-samples, --top-k, --density-runs), or pass --no-memory-check to start anyway")
     return check

@@ -101,3 +101,18 @@ def test_lanczos_time_estimate_from_a_first_product_that_changes_no_result(ckpt,
     torch.testing.assert_close(torch.tensor(doc["eigenvalues"], dtype=torch.float64),
                                ref.eigenvalues.double(), rtol=1e-6, atol=0)
     assert doc["first_product"]["product_s"] > 0
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["sharpness", "{ckpt}", *SPEC, "--metric", "lambda_max"], id="sharpness"),
+    pytest.param(["slice", "{ckpt}", *SPEC, "--out", "{out}/s.png", "--steps", "3"], id="slice"),
+    pytest.param(["report", "{ckpt}", *SPEC, "--out", "{out}/r.html"], id="report"),
+])
+def test_every_analysis_command_refuses_before_any_analysis(argv, ckpt, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.setattr(auto, "available_bytes", lambda device: 100)
+    code = main([a.format(ckpt=ckpt, out=tmp_path) for a in argv])
+    _, err = capsys.readouterr()
+    assert code == 1, err
+    assert "exceeds the 100 bytes available" in err and "--no-memory-check" in err
+    assert not list(tmp_path.iterdir())  # nothing written
