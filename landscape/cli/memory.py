@@ -130,12 +130,16 @@ def check_memory(costs: list, model: Any, loss_fn: Any, data: Any, *, log: Any,
                  ignore: bool = False, available: int | None = None) -> MemoryCheck:
     """Estimate the peak of ``costs`` (a list of :class:`~landscape.cli.estimate.Cost`) plus the
     products' working memory on ``model`` and ``data``, log it and compare it with the memory
-    available on the model's device (``available`` overrides the reading, for tests).
+    available on the model's device (``available`` overrides the reading, for tests). Under
+    ``torch.distributed`` the ranks compare the largest peak with the least available memory,
+    so that they all go on or all stop. A model whose graph cannot be probed counts the analyses
+    alone (with a warning).
 
     Raises:
         CLIError: the estimate exceeds the available memory and ``ignore`` is False; the message
             names both numbers, the largest part and ``--no-memory-check``.
     """
+    from analysis import distributed as dist
     from analysis.evaluation import model_device_dtype
     from analysis.operators.auto import available_bytes
 
@@ -149,19 +153,28 @@ def check_memory(costs: list, model: Any, loss_fn: Any, data: Any, *, log: Any,
     analyses = max((c.memory_bytes or 0 for c in costs), default=0)
     products = None
     extra = 0
-    if any(c.hvps for c in costs):
-        products = product_memory(model, loss_fn, data)
+    hvps, backward = any(c.hvps for c in costs), any(c.backward_passes for c in costs)
+    if hvps or backward:
+        try:
+            products = product_memory(model, loss_fn, data)
+        except Exception as exc:  # a forward the graph probe cannot take: the analyses only
+            log(f"warning: memory check: the products' memory was not measured "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if products is not None and hvps:
         extra = products.total_bytes
         log(f"memory estimate: Hessian-vector products: {_fmt(products.total_bytes)} "
             f"({CALIBRATION_FACTOR} x the first batch's {_fmt(products.activation_bytes)} of saved "
             f"activations for method='auto''s calibration"
             + (f", {_fmt(products.cached_graph_bytes)} of cached graphs" if products.cached_graph_bytes
                else "") + ")")
-    elif any(c.backward_passes for c in costs):
-        products = product_memory(model, loss_fn, data)
+    elif products is not None:
         extra = products.activation_bytes
     avail = available_bytes(device) if available is None else int(available)
     peak = analyses + extra
+    if dist.is_distributed():  # every rank decides alike: the largest peak, the least memory
+        both = dist.all_gather_object((avail, peak))
+        known = [a for a, _ in both if a is not None]
+        avail, peak = (min(known) if known else None), max(p for _, p in both)
     fits = avail is None or peak <= avail
     check = MemoryCheck(int(peak), int(analyses), products, avail, str(device), fits)
     log(f"memory check: estimated peak extra memory {_fmt(peak)} (largest analysis "
