@@ -123,6 +123,14 @@ class MSAMCallback(Callback):
                         out[f"{name}.{bname}" if name else bname] = b
         return out
 
+    @classmethod
+    def _load_bn(cls, module: Any, stats: dict[str, torch.Tensor]) -> None:
+        """Copy ``stats`` into the module's BatchNorm buffers in place."""
+        live = cls._bn_buffers(module)
+        with torch.no_grad():
+            for k, v in stats.items():
+                live[k].copy_(v)
+
     def _recalibration_data(self, trainer: Any) -> Any:
         data = self.recalibrate_data
         if data is None and not getattr(trainer, "sanity_checking", False):
@@ -179,10 +187,7 @@ class MSAMCallback(Callback):
             opt.eval()
         stats = self._stats_at_w(trainer, pl_module)  # those of the last checkpoint, if saved
         if stats is not None:
-            live = self._bn_buffers(pl_module)
-            with torch.no_grad():
-                for k, v in stats.items():
-                    live[k].copy_(v)
+            self._load_bn(pl_module, stats)
         if not self.stay_at_w:
             for opt in opts:
                 opt.train()
@@ -192,18 +197,12 @@ class MSAMCallback(Callback):
         self._to_w(trainer)
         stats = self._stats_at_w(trainer, pl_module) if self._fitting else None
         if stats is not None:  # validate w with statistics of w; the training ones come back
-            live = self._bn_buffers(pl_module)
-            self._live_bn = {k: v.detach().clone() for k, v in live.items()}
-            with torch.no_grad():
-                for k, v in stats.items():
-                    live[k].copy_(v)
+            self._live_bn = {k: v.detach().clone() for k, v in self._bn_buffers(pl_module).items()}
+            self._load_bn(pl_module, stats)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._live_bn is not None:
-            live = self._bn_buffers(pl_module)
-            with torch.no_grad():
-                for k, v in self._live_bn.items():
-                    live[k].copy_(v)
+            self._load_bn(pl_module, self._live_bn)
             self._live_bn = None
         self._to_w_tilde(trainer)
 

@@ -76,3 +76,11 @@ def test_recalibration_leaves_the_trajectory_unchanged(tmp_path):
     b, *_ = _fit(tmp_path / "b", recalibrate=False)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_recalibrate_batches_must_be_a_positive_int(bad):
+    from landscape.integrations.lightning import MSAMCallback
+
+    with pytest.raises(ValueError, match=f"recalibrate_batches.*{bad!r}"):
+        MSAMCallback(recalibrate_batches=bad)
