@@ -34,6 +34,7 @@ from torch import nn
 from .evaluation import progress_bar
 from .lanczos import lanczos_tridiagonals
 from .operators import LinearOperator, as_linear_operator
+from .precision import autocast_disabled
 from .results import Result
 
 __all__ = ["SpectralDensity", "spectral_density"]
@@ -78,6 +79,7 @@ def _smooth(t: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float)
     return (k @ weights.reshape(-1)) / nodes.shape[0]
 
 
+@autocast_disabled()
 def spectral_density(
     op: LinearOperator | nn.Module | torch.Tensor,
     loss_fn: Any = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from . import distributed as dist
 from .data import Data, DataSource, as_data, to_device
-from .losses import CausalLMLoss, LossFn, ModelLoss, OutputLoss, loss_terms
+from .losses import CausalLMLoss, LossFn, ModelLoss, OutputLoss, logits_of, loss_terms
 from .results import Result
 from .target_checks import check_targets
 
@@ -111,22 +111,34 @@ def correct_count(outputs: Any, targets: Any, loss_fn: LossFn | None = None) -> 
 
     With a ``loss_fn`` that defines ``num_correct(outputs, targets)`` (the language-model losses
     of :mod:`analysis.losses`: correct next-token predictions over the counted, shifted
-    positions, ``ignore_index`` excluded) its count, one per loss term; otherwise the correct
-    argmax class predictions of ``(N, classes)`` outputs for ``(N,)`` class-index targets, one
-    per sample (:func:`accuracy_per_term` says which).
+    positions, ``ignore_index`` excluded) its count, one per loss term; otherwise (and when a
+    per-sample loss such as ``"model"`` has no count of its own) the correct argmax class
+    predictions of ``(N, classes)`` logits for ``(N,)`` class-index targets, one per sample
+    (:func:`accuracy_per_term` says which). The logits are read as the losses read them
+    (:func:`analysis.losses.logits_of`: a tensor, ``output.logits`` of a Hugging Face
+    ``ModelOutput``, ``output["logits"]``), the targets of a batch dict from its ``labels``, so
+    ``BertForSequenceClassification`` / ``ViTForImageClassification`` get an accuracy.
     """
     count = getattr(loss_fn, "num_correct", None)
     if count is not None:
-        return count(outputs, targets)
+        c = count(outputs, targets)
+        # a per-term count that fails is no accuracy; a per-sample loss falls back to the argmax
+        if c is not None or str(getattr(loss_fn, "term_unit", "sample")) != "sample":
+            return c
+    try:
+        logits = logits_of(outputs)
+    except TypeError:
+        return None
+    if isinstance(targets, Mapping):
+        targets = targets.get("labels")
     if (
-        isinstance(outputs, torch.Tensor)
-        and isinstance(targets, torch.Tensor)
-        and outputs.dim() == 2
+        isinstance(targets, torch.Tensor)
+        and logits.dim() == 2
         and targets.dim() == 1
         and not targets.is_floating_point()
-        and outputs.shape[0] == targets.shape[0]
+        and logits.shape[0] == targets.shape[0]
     ):
-        return (outputs.argmax(dim=1) == targets).sum()
+        return (logits.argmax(dim=1) == targets).sum()
     return None
 
 

@@ -75,9 +75,9 @@ since a plain float32 product over 5e6 entries is off by ~1e-4 relative and move
 3e-3. The eigenvectors are normalized in float64. The error bounds are floored by the
 rounding level of the products, ``sqrt(m) * max(noise, 4 eps ||T||)`` with ``noise`` the largest
 off-band ``|q_i^T H q_j|`` seen (zero in exact arithmetic), so they are not smaller than what the
-working precision can resolve (in bfloat16 a ``tol`` of ``1e-3`` is then not reached, honestly).
-A bfloat16 or float16 operator gets a float32 basis (``itemsize`` 4 in the formula below), since
-a half-precision basis loses orthogonality at ``1e-2`` and with it whole eigenvalues.
+working precision can resolve; a ``tol`` below it (``1e-3`` in bfloat16) stops there, unconverged
+(:class:`~analysis.precision.FloorWatch`). A bfloat16 / float16 operator warns and gets a float32
+basis (``itemsize`` 4 below): a half-precision basis loses orthogonality at ``1e-2``.
 
 Cost outside the products: each step subtracts the three-term recurrence (two vectors); with
 ``reorth="full"`` it then makes one classical Gram-Schmidt pass over the whole basis (one
@@ -132,6 +132,7 @@ from .krylov import (  # noqa: F401 (re-exported: the old import paths)
     norm64,
 )
 from .operators.adapters import _CallableOperator, _TensorOperator, as_linear_operator  # noqa: F401
+from .precision import FloorWatch, autocast_disabled, warn_half_precision
 from .results import Result
 from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
 
@@ -169,6 +170,8 @@ class EigenResult(Result):
             as needed, in chunks).
         memory_bound_bytes: ``(max_basis + 3) * n * itemsize``, the bound on the peak extra
             memory outside the products (eigenvectors included).
+        stop_reason: ``"converged"``, ``"max_iter"``, ``"exhausted"`` (the whole space) or
+            ``"precision floor: ..."`` (:class:`~analysis.precision.FloorWatch`).
     """
 
     eigenvalues: torch.Tensor
@@ -183,6 +186,7 @@ class EigenResult(Result):
     tol: float
     basis_bytes: int = 0
     memory_bound_bytes: int = 0
+    stop_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dictionary (the eigenvectors are left out: they are ``k x n`` numbers)."""
@@ -194,6 +198,7 @@ class EigenResult(Result):
 
 
 
+@autocast_disabled()
 def top_eigenpairs(
     model_or_op: Any,
     loss_fn: Any = None,
@@ -253,6 +258,9 @@ def top_eigenpairs(
             estimated loss of orthogonality exceeds ``sqrt(eps)`` (Simon 1984, see the module
             docstring); ``"full"``: one Gram-Schmidt pass over the basis at every step.
 
+    Precision: runs outside ``torch.autocast`` (:mod:`analysis.precision`); a bfloat16 / float16
+    operator warns and stops at its precision floor.
+
     Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` plus one product's working memory
     (see the module docstring); reported in :attr:`EigenResult.basis_bytes` and
     :attr:`EigenResult.memory_bound_bytes`.
@@ -269,6 +277,7 @@ def top_eigenpairs(
     n, max_basis, max_iter = _check_arguments(op, k, which, tol, max_iter, max_basis)
     if reorth not in ("partial", "full"):
         raise ValueError(f"reorth must be 'partial' or 'full', got {reorth!r}")
+    warn_half_precision(op.dtype, float(tol), "top_eigenpairs", stacklevel=4)
     run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory,
                    reorth)
     run.start(_start_vector(op, v0, which, run))
@@ -396,7 +405,9 @@ class _Lanczos:
         self.tnorm = 0.0  # running max of |alpha_j| + |beta_{j-1}| (~ ||T||, for the estimates)
         self.restarts = self.steps = 0
         self.theta = self.S = self.res = self.errs = self.idx = None
+        self.watch = FloorWatch(op.dtype)
         self.converged = False
+        self.stop_reason = "max_iter"
         self.start_matvecs = op.num_matvecs
 
     def random_vector(self) -> torch.Tensor:
@@ -413,8 +424,18 @@ class _Lanczos:
                m: int) -> torch.Tensor:
         """The error estimates, floored by the rounding level of the products."""
         tnorm = float(theta.abs().max()) if theta.numel() else 0.0
-        floor = math.sqrt(m) * max(self.noise, 4 * self.op_eps * tnorm)
-        return torch.clamp(_error_bounds(theta, res, idx, self.which), min=floor)
+        self.floor = floor = math.sqrt(m) * max(self.noise, 4 * self.op_eps * tnorm)
+        self.raw = _error_bounds(theta, res, idx, self.which)
+        return torch.clamp(self.raw, min=floor)
+
+    def at_floor(self, scale: torch.Tensor) -> str | None:
+        """The precision-floor stop (:class:`~analysis.precision.FloorWatch`); unless the guard
+        holds at the floor's tolerance, the bounds are the residuals (no gap trusted), floored."""
+        r, tol_floor = self.res[self.idx], min(float((self.floor / scale).max()), 0.5)
+        reason = self.watch.update(self.floor, self.raw, r, scale, self.tol)
+        if reason and not _guard_ok(self.theta, self.res, self.k, self.which, tol_floor, self.eps):
+            self.errs = torch.maximum(self.errs, torch.clamp(r, min=self.floor))
+        return reason
 
     def _expand(self, j: int) -> tuple[torch.Tensor, float, torch.Tensor]:
         """``w = H q_j`` orthogonalized against rows ``0..j``: ``(w, ||w||, column j of T)``.
@@ -482,6 +503,10 @@ class _Lanczos:
             return True
         if breakdown and m >= n:
             self.converged = ok if idx.numel() >= self.k else False
+            self.stop_reason = "exhausted"  # "converged" if it converged (see result())
+            return True
+        if idx.numel() >= self.k and not ok and (reason := self.at_floor(scale)) is not None:
+            self.stop_reason = reason
             return True
         if breakdown:
             w, beta = self._fresh_vector(m), 0.0
@@ -570,4 +595,5 @@ class _Lanczos:
             tol=float(self.tol),
             basis_bytes=int(peak_bytes),
             memory_bound_bytes=memory_bound_bytes(n, self.max_basis, self.itemsize),
+            stop_reason="converged" if self.converged else self.stop_reason,
         )

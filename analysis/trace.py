@@ -47,6 +47,7 @@ from torch import nn
 from .evaluation import progress_bar
 from .lanczos import dot64
 from .operators import LinearOperator, as_linear_operator, default_block_size
+from .precision import autocast_disabled
 from .results import Result
 
 __all__ = ["TraceResult", "hessian_trace", "sketch_size", "trace_memory_bound_bytes"]
@@ -175,6 +176,7 @@ def _hutchpp(apply, n: int, k: int, b: int, gen, device, dtype) -> tuple[float, 
     return low, torch.tensor(vals, dtype=torch.float64)
 
 
+@autocast_disabled()
 def hessian_trace(
     op: LinearOperator | nn.Module | torch.Tensor,
     loss_fn: Any = None,

@@ -54,9 +54,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import DataSource, as_data
 from .evaluation import model_mode, resolve_loss
 from .hessian import HessianOperator, directional_curvature
 from .lanczos import top_eigenpairs
+from .precision import autocast_disabled
 from .results import Result, to_jsonable
 
 __all__ = ["CurvatureTracker", "TrackerRecord", "TrackerHistory"]
@@ -208,13 +210,28 @@ def _positive_int(name: str, value: Any, *, allow_none: bool = False, allow_zero
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def _single_batch(source: DataSource) -> Any:
+    """The one batch of ``source`` as the probes take it (a pair or a batch dict), or None when
+    the data may hold several batches (a list of several, a DataLoader)."""
+    if source.kind in ("pair", "dict"):
+        return source.data
+    if source.kind == "batches" and len(source.data) == 1:
+        return source.data[0]
+    return None
+
+
 class CurvatureTracker:
     """Measure curvature every ``every`` training steps, warm-started (see the module docstring).
 
     Args:
         model: the network being trained.
         loss_fn: ``"cross_entropy"``, ``"mse"`` or a callable returning the batch mean.
-        data: the fixed probe batch, an ``(inputs, targets)`` pair (e.g. 256 training samples).
+        data: the fixed probe data, in any form the curvature operators take
+            (:mod:`analysis.data`): an ``(inputs, targets)`` pair (e.g. 256 training samples), a
+            dict of tensors, a list of ``(x, y)`` batches or of batch dicts, or a DataLoader
+            (``shuffle=False``); the Hessian is that of the sample-weighted dataset loss, as
+            :class:`~analysis.operators.hessian.HessianOperator` on the same data gives it.
+            ``cosine`` and ``msam_loss`` need a single batch (a pair, a dict, a list of one).
         optimizer: the training optimizer. Needed for MSAM-style optimizers (the parameters are
             moved to ``w`` through ``optimizer.unperturbed()`` during a check), for the learning
             rate in the records and for ``cosine``, ``momentum_curvature`` and ``msam_loss``.
@@ -249,8 +266,10 @@ class CurvatureTracker:
                  rho: float | None = None, mode: str = "eval", seed: int = 0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise TypeError(f"data must be an (inputs, targets) probe batch, got {type(data).__name__}")
+        try:  # the one data layer: every form the operators take, checked before anything else
+            source = as_data(data)
+        except TypeError as err:
+            raise TypeError(f"data (the probe batch or batches): {err}") from err
         if optimizer is not None and not hasattr(optimizer, "param_groups"):
             raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
         _positive_int("every", every)
@@ -268,9 +287,17 @@ class CurvatureTracker:
                                      ("msam_loss", msam_loss)) if on]
         if needs_opt and optimizer is None:
             raise ValueError(f"{', '.join(needs_opt)} need the optimizer (its momentum); pass optimizer=")
+        probe_batch = _single_batch(source)
+        if (cosine or msam_loss) and probe_batch is None:
+            raise ValueError(
+                f"cosine and msam_loss take one probe batch (an (inputs, targets) pair or a batch "
+                f"dict), got data of the form {source.kind!r} ({type(data).__name__}); pass one "
+                "batch or turn them off")
         self.model = model
         self.loss_fn = resolve_loss(loss_fn)
-        self.data = (data[0], data[1])
+        self.data = data
+        self.source = source
+        self._probe_batch = probe_batch
         self.optimizer = optimizer
         self.every = every
         self.k = k
@@ -324,7 +351,8 @@ class CurvatureTracker:
                 f"{type(opt).__name__} is at its perturbed point (between first_step and "
                 "second_step); measure before first_step() or after second_step()")
         device = next(self.model.parameters()).device
-        with _rng_preserved(device), preserved_state(self.model), model_mode(self.model, self.mode):
+        with _rng_preserved(device), preserved_state(self.model), \
+                model_mode(self.model, self.mode), autocast_disabled():
             if perturbed:
                 with opt.unperturbed():
                     yield
@@ -340,7 +368,7 @@ class CurvatureTracker:
         with self._at_w():
             # the model's randomness (dropout modules, a random forward) does not change between
             # checks: the double evaluation of the probe batch runs at the first check only
-            op = HessianOperator(self.model, self.loss_fn, [self.data], mode=self.mode,
+            op = HessianOperator(self.model, self.loss_fn, self.source, mode=self.mode,
                                  check_deterministic=self.mode == "eval"
                                  and not self._determinism_checked, method=self._method)
             self._determinism_checked = True
@@ -379,9 +407,9 @@ class CurvatureTracker:
             if self._probe is not None:
                 try:
                     if self.cosine:
-                        extra["cos_v_g"] = self._probe.cosine(self.data)["cos_v_g"]
+                        extra["cos_v_g"] = self._probe.cosine(self._probe_batch)["cos_v_g"]
                     if self.msam_loss:
-                        m = self._probe.msam_loss(self.data)
+                        m = self._probe.msam_loss(self._probe_batch)
                         extra["loss"], extra["loss_msam"] = m["loss"], m["loss_msam"]
                 except ValueError:  # no momentum yet
                     pass

@@ -44,7 +44,7 @@ from ..distributed import broadcast_object, get_rank, is_distributed
 from ..results import Result
 
 __all__ = ["AutoChoice", "choose_method", "cache_budget", "CACHE_BYTES", "CACHE_FRACTION",
-           "ONE_CALL_S"]
+           "ONE_CALL_S", "available_bytes", "saved_bytes", "tensors_of"]
 
 #: Graph memory (bytes) up to which ``"auto"`` considers the cached graph for several batches;
 #: ``None`` (default): :data:`CACHE_FRACTION` of the memory available at the calibration.
@@ -92,7 +92,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device) -> int | None:
     """Memory available for new allocations on ``device`` (``None`` where it cannot be read):
     CUDA's free memory, or the host's ``MemAvailable`` (Linux) / free physical pages."""
     if device.type == "cuda":
@@ -129,7 +129,7 @@ def cache_budget(device: torch.device | str = "cpu") -> int:
             raise ValueError("analysis.operators.auto.CACHE_BYTES must be None or a "
                              f"non-negative int of bytes, got {CACHE_BYTES!r}")
         return int(CACHE_BYTES)
-    available = _available_bytes(torch.device(device))
+    available = available_bytes(torch.device(device))
     if available is None:
         return FALLBACK_CACHE_BYTES
     return int(CACHE_FRACTION * available)
@@ -159,7 +159,7 @@ def _timed(fn, device: torch.device, repeats: int = 2, best: float = float("inf"
     return min(_once(fn, device) for _ in range(repeats))
 
 
-def _saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
+def saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
     """``build()`` and the bytes of the distinct storages its autograd graph saves, leaving out
     those of ``exclude`` (parameters, buffers, inputs)."""
     skip = set()
@@ -182,13 +182,14 @@ def _saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
     return out, sum(seen.values())
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
+def tensors_of(obj: Any) -> list[torch.Tensor]:
+    """The tensors in ``obj`` (a tensor, or nested dicts / tuples / lists of them)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
+        return [t for v in obj.values() for t in tensors_of(v)]
     if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tensors(v)]
+        return [t for v in obj for t in tensors_of(v)]
     return []
 
 
@@ -216,9 +217,9 @@ def _candidates(op, state, v_dict, x, y, weight, skipped: dict,
     if op._cached is None:
         skipped["cached-graph"] = "the data is a DataLoader (re-iterated, not cached)"
         return cands, 0, None, 0
-    exclude = [*state.values(), *_tensors(x), *_tensors(y)]
+    exclude = [*state.values(), *tensors_of(x), *tensors_of(y)]
     try:
-        entry, first = _saved_bytes(lambda: op._first_order_graph(primals, state, x, y, weight),
+        entry, first = saved_bytes(lambda: op._first_order_graph(primals, state, x, y, weight),
                                     exclude)
     except (NotImplementedError, RuntimeError) as err:  # double backward fails alike
         skipped["cached-graph"] = f"{type(err).__name__}: {err}"

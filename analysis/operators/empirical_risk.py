@@ -31,6 +31,7 @@ from ..data import Data, DataSource, as_data, to_device
 from ..evaluation import model_mode, resolve_loss
 from ..losses import LossFn, loss_terms
 from ..params import ParameterSpace
+from ..precision import autocast_disabled
 
 __all__ = ["EmpiricalRisk", "check_deterministic_setup"]
 
@@ -245,10 +246,12 @@ class EmpiricalRisk:
         return state
 
     def _context(self):
-        """The context of every pass: the operator's mode, no tape, math attention kernels."""
+        """The context of every pass: the operator's mode, no tape, math attention kernels, autocast
+        off (the products are in the parameters' dtype: :mod:`analysis.precision`)."""
         from contextlib import ExitStack
 
         stack = ExitStack()
+        stack.enter_context(autocast_disabled())
         stack.enter_context(model_mode(self.model, self.mode))
         stack.enter_context(torch.no_grad())
         stack.enter_context(second_order_attention())

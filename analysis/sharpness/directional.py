@@ -18,6 +18,7 @@ from ..directions import as_direction
 from ..evaluation import model_mode, progress_bar, resolve_loss
 from ..losses import LossFn
 from ..params import ParameterSpace
+from ..precision import autocast_disabled
 from ..results import CostedResult
 from ._common import (
     _check_flag,
@@ -154,7 +155,7 @@ def directional_sharpness(
     check_first_batch(model, loss_fn, source, mode, where="directional_sharpness()",
                       deterministic=check_deterministic)
     counter = _Counter()
-    with preserved_state(model), model_mode(model, mode):
+    with preserved_state(model), model_mode(model, mode), autocast_disabled():
         ev = _Evaluator(model, loss_fn, space, space.vector(), counter)
 
         def loss_at(delta: torch.Tensor | None, where: str) -> float:

@@ -16,6 +16,7 @@ from ..data import Data, DataSource, as_data
 from ..evaluation import model_mode, progress_bar, resolve_loss
 from ..losses import LossFn
 from ..params import ParameterSpace
+from ..precision import autocast_disabled
 from ..results import CostedResult
 from ._common import (
     _check_flag,
@@ -116,7 +117,7 @@ def epsilon_sharpness(
     counter = _Counter()
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     eps = float(epsilon)
-    with preserved_state(model), model_mode(model, mode):
+    with preserved_state(model), model_mode(model, mode), autocast_disabled():
         w0 = space.vector()
         ev = _Evaluator(model, loss_fn, space, w0, counter)
         l0 = _full_loss(ev, source, None, "at the unperturbed weights")

@@ -22,6 +22,7 @@ from ..data import Data, DataSource, as_data, to_device
 from ..evaluation import model_mode, progress_bar, resolve_loss
 from ..losses import LossFn, loss_terms
 from ..params import ParameterSpace
+from ..precision import autocast_disabled
 from ..results import CostedResult
 from ._common import (
     _check_flag,
@@ -268,7 +269,7 @@ def sharpness(
     values: list[float] = []
     losses: list[float] = []
     terms: list[int] = []  # N_B, the weights of the batch means
-    with preserved_state(model), model_mode(model, mode):
+    with preserved_state(model), model_mode(model, mode), autocast_disabled():
         w0 = space.vector()
         c = (w0.abs() + eta) if adaptive else torch.ones_like(w0)
         ev = _Evaluator(model, loss_fn, space, w0, counter)

@@ -15,6 +15,7 @@ from ..data import Data, DataSource, as_data
 from ..evaluation import accuracy_unit, model_mode, progress_bar, resolve_loss
 from ..losses import LossFn
 from ..params import ParameterSpace
+from ..precision import autocast_disabled
 from ..results import CostedResult
 from ._common import (
     _check_flag,
@@ -134,7 +135,7 @@ def pac_bayes_flatness(
                       deterministic=check_deterministic)
     counter = _Counter()
     evaluations = 0
-    with preserved_state(model), model_mode(model, mode):
+    with preserved_state(model), model_mode(model, mode), autocast_disabled():
         w0 = space.vector()
         ev = _Evaluator(model, loss_fn, space, w0, counter)
         _, acc0 = _full_loss(ev, source, None, "at the unperturbed weights", accuracy=True)

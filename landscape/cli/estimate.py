@@ -29,12 +29,14 @@ The commands print one line per analysis (:func:`describe`) on stderr, rank 0 on
 
 So that an estimate can be checked against the run, a :class:`Meter` prints after each analysis
 what it used (:func:`describe_used`: the products counted by the operator and the seconds), and
-records it in the JSON beside the estimate (``estimate[i]["used"]``). No product is spent on
-timing: once an analysis has run, its seconds per product give a time estimate of each later
-one before it starts (:func:`describe_time`, "about X s"); the first analysis (Lanczos) has none,
-and the latest analysis's rate is used, since the first one's includes the one-time start-up
-(on a small model the first estimate can therefore be far too high; on a large one, where the
-estimate matters, the start-up is a small share).
+records it in the JSON beside the estimate (``estimate[i]["used"]``). ``landscape hessian``
+times one product before its first analysis (after ``method="auto"``'s calibration, which it
+reports apart; :func:`landscape.cli.hessian.first_product`), so Lanczos gets a time estimate too;
+once an analysis has run, its seconds per product give a time estimate of each later one before
+it starts (:func:`describe_time`, "about X s"), the latest analysis's rate, since the first one's
+includes the one-time start-up. Before any of it, :mod:`landscape.cli.memory` checks the
+estimated peak memory (these formulas plus the products' working memory) against the memory
+available.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Cost", "Meter", "announce", "describe_time", "describe_used", "defaults_of", "density_cost", "describe", "lanczos_cost", "m_sharpness_cost",
+__all__ = ["Cost", "Meter", "announce", "format_bytes", "describe_time", "describe_used", "defaults_of", "density_cost", "describe", "lanczos_cost", "m_sharpness_cost",
            "slice_cost", "trace_cost", "trace_defaults", "unknown_cost"]
 
 
@@ -214,7 +216,8 @@ def unknown_cost(analysis: str) -> Cost:
                 exact=False)
 
 
-def _bytes(b: int) -> str:
+def format_bytes(b: int) -> str:
+    """``"12.3 MB"`` (MiB), or ``"N bytes"`` below 0.1 MB."""
     return f"{b / 2**20:.1f} MB" if b >= 2**20 / 10 else f"{b} bytes"
 
 
@@ -235,7 +238,7 @@ def describe(cost: Cost, suffix: str = "") -> str:
         parts.append(f"{le}{cost.backward_passes} backward")
     parts.append(f"{le}{cost.data_passes} data pass{'' if cost.data_passes == 1 else 'es'}")
     if cost.memory_bytes is not None:
-        parts.append(f"peak extra memory {le}{_bytes(cost.memory_bytes)}")
+        parts.append(f"peak extra memory {le}{format_bytes(cost.memory_bytes)}")
     note = f" ({cost.note})" if cost.note else ""
     return f"cost estimate: {cost.analysis}: " + ", ".join(parts) + note + suffix
 

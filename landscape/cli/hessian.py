@@ -101,12 +101,17 @@ def _analyses(args: argparse.Namespace, ctx: Ctx, setup: Setup, model: Any,
 
     costs = iter(planned)
 
+    op = HessianOperator(model, setup.loss_fn, setup.data)
+    first = first_product(op, ctx.log)
+    meter.seconds_per_product = first["product_s"]  # the time estimates start from it
+
     def lanczos() -> tuple[dict, int]:
         out = hessian_summary(model, setup.loss_fn, setup.data, top_k=args.top_k, seed=args.seed,
-                              progress=ctx.progress, tol=args.tol)
+                              progress=ctx.progress, tol=args.tol, operator=op)
         return out, out["num_matvecs"]
 
     summary = meter.run(next(costs), lanczos)
+    summary["first_product"] = first
     matvecs = {"lanczos": summary["num_matvecs"]}
     if args.trace:
         from analysis.trace import hessian_trace
@@ -149,6 +154,24 @@ def _per_layer(args: argparse.Namespace, ctx: Ctx, setup: Setup, model: Any, per
     return layers
 
 
+def first_product(op: Any, log: Any) -> dict[str, Any]:
+    """Settle ``op``'s product method (``"auto"``'s calibration) and time one product on a unit
+    random vector, before the analyses: the time estimates of every analysis (Lanczos's first)
+    start from it. Logs and returns ``{"method", "calibration_s", "product_s"}``; the product is
+    not counted by the analyses (``hessian_summary(operator=op)`` counts from its call)."""
+    import torch
+
+    t0 = time.perf_counter()
+    method = op.resolve_method()
+    t1 = time.perf_counter()
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    op @ (v / v.norm()).to(device=op.device, dtype=op.dtype)
+    t2 = time.perf_counter()
+    log(f"first product: {t2 - t1:.3g} s ({method}; method='auto' chose it in "
+        f"{t1 - t0:.3g} s of calibration)")
+    return {"method": method, "calibration_s": t1 - t0, "product_s": t2 - t1}
+
+
 def _counted(result: Any) -> tuple[Any, int]:
     return result, int(result.num_matvecs)
 
@@ -173,6 +196,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     model, ckpt = setup.load(path)
     planned = costs(args, setup.num_params, setup.itemsize, model)
     E.announce(planned, ctx.log)
+    memory = setup.check_memory(planned, model)
     ctx.log(f"[{path}] top-{args.top_k} Hessian eigenvalues" + (" + trace" if args.trace else ""))
     meter = E.Meter(ctx.log)
     t0 = time.perf_counter()
@@ -183,7 +207,10 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     rows = [[i + 1, float(v), r] for i, (v, r) in enumerate(zip(summary["eigenvalues"], res))]
     text = format_table(["k", "eigenvalue", "residual ||Hv - lambda v||"], rows)
     if summary.get("converged") is False:
-        text += "\nwarning: Lanczos stopped before reaching --tol (see the residuals)"
+        reason = str(summary.get("stop_reason") or "")
+        text += ("\nwarning: Lanczos stopped before reaching --tol at the "
+                 f"{reason}" if reason.startswith("precision floor") else
+                 "\nwarning: Lanczos stopped before reaching --tol (see the residuals)")
     text += f"\nHessian-vector products used: {summary['num_matvecs_by_analysis']['lanczos']} (Lanczos)"
     if summary.get("trace") is not None:
         text += f"\ntrace ~ {summary['trace']:.6g} (Hutch++, standard error {summary['trace_stderr']:.2g})"
@@ -199,7 +226,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     if summary.get("density") is not None:
         doc["density"] = {"grid": summary["density"]["grid"], "density": summary["density"]["density"]}
     ctx.write_json(envelope("hessian", checkpoint=str(path), checkpoint_keys=checkpoint_keys(ckpt), **doc,
-                            estimate=meter.annotate(planned)))
+                            estimate=meter.annotate(planned), memory_check=memory.to_dict()))
     return 0
 
 

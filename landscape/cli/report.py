@@ -86,6 +86,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     setup = Setup(args, ctx)
     planned = costs(args, setup.num_params, setup.itemsize, setup.data.num_samples())
     E.announce(planned, ctx.log, checkpoints=len(paths))
+    setup.check_memory(planned)
 
     def work(path: pathlib.Path) -> Any:
         ctx.log(f"[{path}] metrics, slices and spectral density")

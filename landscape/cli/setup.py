@@ -36,7 +36,15 @@ class Setup:
             raise UsageError(f"--device {args.device!r}: {_first_line(exc)}") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
-        self.dtype = {"float32": torch.float32, "float64": torch.float64, None: None}[args.dtype]
+        self.dtype = {"float32": torch.float32, "float64": torch.float64,
+                      "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[args.dtype]
+        if self.dtype in (torch.bfloat16, torch.float16):
+            from analysis.precision import precision_floor
+
+            ctx.log(f"warning: --dtype {args.dtype}: products are rounded to machine epsilon "
+                    f"{torch.finfo(self.dtype).eps:.2g}, so eigenvalue bounds stop at about "
+                    f"{precision_floor(self.dtype):.2g} |lambda| or more (Lanczos then reports "
+                    "converged=False at the precision floor); use float32 for tighter bounds")
         from analysis.distributed import all_ranks_succeed
 
         # under torchrun: a failure on any rank stops every rank here, named by rank 0
@@ -97,6 +105,19 @@ class Setup:
         if totals[0] is not None:
             share = "" if None in shares else " (per rank: " + ", ".join(map(str, shares)) + ")"
             self.ctx.log(f"data: {totals[0]} samples on {len(every)} ranks{share}")
+
+    def check_memory(self, costs: list, model: Any = None) -> Any:
+        """:func:`landscape.cli.memory.check_memory` of the planned ``costs`` on ``model`` (default:
+        a model of the spec; its activations do not depend on the weights) and the data; raises
+        :class:`CLIError` when the estimate exceeds the available memory unless
+        ``--no-memory-check``."""
+        from .memory import check_memory
+
+        if model is None:
+            model = self._spare if getattr(self, "_spare", None) is not None else self.model()
+            self._spare = model  # the next model() call takes it
+        return check_memory(costs, model, self.loss_fn, self.data, log=self.ctx.log,
+                            ignore=bool(getattr(self.args, "no_memory_check", False)))
 
     def load(self, path: pathlib.Path) -> tuple[Any, Any]:
         """A fresh model with the checkpoint's weights, and the :class:`Checkpoint`. Under

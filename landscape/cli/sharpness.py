@@ -94,6 +94,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     setup = Setup(args, ctx, check_data=data_size_check(args, ctx))
     planned = costs(metrics, setup.num_params, setup.itemsize, setup.data.num_samples(), args.m)
     E.announce(planned, ctx.log, checkpoints=len(paths))
+    setup.check_memory(planned)
     used: dict[str, list] = {name: [] for name in metrics}
 
     def work(path: pathlib.Path) -> dict:

@@ -128,6 +128,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     planned = costs(kind, args.dims, args.steps, setup.num_params, setup.itemsize,
                     rows_in_store(args, ctx))
     E.announce(planned, ctx.log)
+    setup.check_memory(planned, model)
     ctx.log(f"[{path}] {args.dims}-D slice along {args.direction}, {args.steps} steps per axis")
     res = compute_slice(model, setup.loss_fn, setup.data, dims=args.dims, direction=kind, other=other,
                         lo=lo, hi=hi, steps=args.steps, seed=args.seed, store=args.store,

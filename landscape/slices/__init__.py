@@ -21,7 +21,9 @@ How a grid is evaluated:
   per-point overhead is a few small kernels;
 * BatchNorm runs in eval mode by default (``mode="eval"``): the running statistics of ``w`` are
   used at every point, so the slice shows the loss of one fixed network function per point and a
-  point costs exactly one forward pass. ``recalibrate_bn=True`` instead recomputes the running
+  point costs one forward pass over the data (in time not quite one: 1.14-1.30 bare forward
+  passes with the loss per point on a Llama of 2.5M parameters on the CPU, 1.7-1.9 in issue 27's
+  run, ``benchmarks/mixed_claims.py``). ``recalibrate_bn=True`` instead recomputes the running
   statistics at every point from the data (or ``bn_data``) before evaluating, as some papers do
   for large perturbations; it costs one more pass per point. Buffers are restored at the end;
 * non-finite losses are stored as NaN, counted in ``nonfinite`` and reported with a

@@ -242,9 +242,9 @@ def test_cache_budget_is_a_share_of_the_available_memory(monkeypatch):
         pytest.skip("no /proc/meminfo")
     got = auto_module.cache_budget("cpu")
     assert got == pytest.approx(auto_module.CACHE_FRACTION * avail, rel=0.2)
-    monkeypatch.setattr(auto_module, "_available_bytes", lambda device: None)
+    monkeypatch.setattr(auto_module, "available_bytes", lambda device: None)
     assert auto_module.cache_budget("cpu") == auto_module.FALLBACK_CACHE_BYTES
-    monkeypatch.setattr(auto_module, "_available_bytes", lambda device: 4000)
+    monkeypatch.setattr(auto_module, "available_bytes", lambda device: 4000)
     monkeypatch.setattr(auto_module, "_timed", lambda fn, device, **kw: 1.0)
     model, loss, data, _ = _problem()
     H = HessianOperator(model, loss, data, batch_size=7)

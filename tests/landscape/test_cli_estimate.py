@@ -198,10 +198,14 @@ def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys
                        f"(estimate <= 300), {doc['estimate'][0]['used']['seconds']:.3g} s")
     assert used[1].startswith("used: trace (Hutch++, 99 products): 99 Hessian-vector products (estimate 99)")
     assert len(used) == 3 and f"Hessian-vector products used: {used_by_lanczos} (Lanczos)" in err
-    # time estimates from the latest analysis's seconds per product, before the later analyses
+    # time estimates: Lanczos's from a first product timed before it (issue 27), the later ones
+    # from the latest analysis's seconds per product
+    per0 = doc["first_product"]["product_s"]
     per = doc["estimate"][0]["used"]["seconds"] / used_by_lanczos
     per2 = doc["estimate"][1]["used"]["seconds"] / 99
     times = [ln for ln in _lines(err) if ln.startswith("time estimate: ")]
+    assert times.pop(0) == (f"time estimate: top-2 eigenvalues (Lanczos): at most {300 * per0:.3g} "
+                            f"s (300 products at {per0:.3g} s each, as measured so far)")
     assert times == [f"time estimate: trace (Hutch++, 99 products): about {99 * per:.3g} s (99 "
                      f"products at {per:.3g} s each, as measured so far)",
                      f"time estimate: spectral density (SLQ, 3 runs x 12 steps): about {36 * per2:.3g} s "
