@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` callback for MSAM-style optimizers (``pip install landscape[huggingface]``).
+"""Hugging Face ``transformers`` callback for MSAM-style optimizers (``pip install msam-landscape[huggingface]``).
 
 Example:
     >>> from transformers import Trainer                                       # doctest: +SKIP
@@ -37,7 +37,7 @@ try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover
     raise ImportError("landscape.integrations.huggingface needs transformers: pip install "
-                      "'landscape[huggingface]'") from exc
+                      "'msam-landscape[huggingface]'") from exc
 
 __all__ = ["MSAMTrainerCallback"]
 

@@ -1,4 +1,4 @@
-"""PyTorch Lightning callback for MSAM-style optimizers (``pip install landscape[lightning]``).
+"""PyTorch Lightning callback for MSAM-style optimizers (``pip install msam-landscape[lightning]``).
 
 Example:
     >>> import lightning.pytorch as pl                                   # doctest: +SKIP
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - the standalone package
     except ImportError as exc:
         raise ImportError(
             "landscape.integrations.lightning needs PyTorch Lightning: pip install "
-            "'landscape[lightning]' (or lightning)") from exc
+            "'msam-landscape[lightning]' (or lightning)") from exc
 
 __all__ = ["MSAMCallback"]
 

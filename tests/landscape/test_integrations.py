@@ -244,3 +244,37 @@ def test_lightning_callback_measures_once_per_optimizer_step():
     assert calls == [1, 2, 3]
     with pytest.raises(TypeError, match="tracker must be a CurvatureTracker or a callable"):
         MSAMCallback(tracker=3)
+
+
+@pytest.mark.parametrize("module, blocked, extra", [
+    ("landscape.integrations.lightning", ("lightning", "lightning.pytorch", "pytorch_lightning"),
+     "lightning"),
+    ("landscape.integrations.huggingface", ("transformers",), "huggingface"),
+])
+def test_missing_framework_names_the_distribution(monkeypatch, module, blocked, extra):
+    # the ImportError names the extra of the distribution users install (msam-landscape)
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    for name in blocked:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` fails
+    with pytest.raises(ImportError, match=rf"pip install 'msam-landscape\[{extra}\]'"):
+        importlib.import_module(module)
+
+
+def test_every_pip_install_hint_names_the_distribution():
+    # `pip install landscape[...]` names a distribution that does not exist
+    import re
+
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    name = tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"]
+    bad = []
+    for package in ("msam", "analysis", "landscape"):
+        for path in sorted((root / package).rglob("*.py")):
+            for m in re.finditer(r"pip install\W+'?([\w.-]+)\[", path.read_text()):
+                if m.group(1) != name:
+                    bad.append(f"{path.relative_to(root)}: {m.group(0)}")
+    assert not bad, f"pip install hints not naming {name}: {bad}"
