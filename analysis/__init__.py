@@ -41,14 +41,6 @@ from .distributed import (
     shutdown,
 )
 from .evaluation import EvalResult, evaluate, forward, model_mode, resolve_loss
-from .hessian import (
-    CurvatureOperator,
-    GGNOperator,
-    HessianOperator,
-    check_deterministic_setup,
-    default_block_size,
-    directional_curvature,
-)
 from .lanczos import (
     EigenResult,
     as_linear_operator,
@@ -58,6 +50,14 @@ from .lanczos import (
 )
 from .losses import CausalLMLoss, ModelLoss, OutputLoss, logits_of, loss_terms
 from .operators import OPERATOR_KEYWORDS, AutoChoice, EmpiricalRisk, LinearOperator, TorchOperator
+from .operators.curvature import (
+    CurvatureOperator,
+    GGNOperator,
+    default_block_size,
+    directional_curvature,
+)
+from .operators.empirical_risk import check_deterministic_setup
+from .operators.hessian import HessianOperator
 from .params import ParameterSpace, flatten, unflatten
 from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
 from .reference import dense_ggn, dense_hessian

@@ -10,8 +10,8 @@ mode without gradients (``torch._native_multi_head_attention``,
 
 :func:`second_order_attention` selects the math SDPA backend (attention written as
 ``softmax(Q K^T / sqrt(d) + mask) V`` in ordinary differentiable operations) and turns the MHA
-fast path off. Every curvature product of the toolkit (:class:`~analysis.hessian.HessianOperator`,
-:class:`~analysis.hessian.GGNOperator`, their gradients, :func:`~analysis.reference.dense_hessian`
+fast path off. Every curvature product of the toolkit (:class:`~analysis.HessianOperator`,
+:class:`~analysis.GGNOperator`, their gradients, :func:`~analysis.reference.dense_hessian`
 and :func:`~analysis.reference.dense_ggn`, and everything built on them: Lanczos, trace,
 density, sharpness and probes) runs inside it, so ``nn.MultiheadAttention``,
 ``nn.TransformerEncoder/Decoder``, ``F.scaled_dot_product_attention`` in user code and Hugging

@@ -3,7 +3,7 @@
 For a module ``l`` with parameters ``w_l`` (its own, not its children's), the diagonal block of
 the dataset-loss Hessian is ``H_ll = d^2 L / d w_l^2``: the Hessian restricted to ``w_l`` with every
 other parameter held fixed. :func:`per_layer_spectrum` builds a
-:class:`~analysis.hessian.HessianOperator` on each block (``params=`` the module's parameters),
+:class:`~analysis.HessianOperator` on each block (``params=`` the module's parameters),
 runs :func:`~analysis.lanczos.top_eigenpairs` for its ``k`` largest eigenvalues and
 :func:`~analysis.trace.hessian_trace` for its trace (exact, ``tr H_ll``, when the block has at
 most ``trace_matvecs // 2`` parameters; Hutch++ otherwise), as PyHessian users ask for
@@ -108,10 +108,10 @@ def per_layer_spectrum(
 
     Args:
         model: the network (then ``loss_fn`` and ``data`` are required and the blocks are those
-            of a :class:`~analysis.hessian.HessianOperator` built with ``operator_kwargs``), or
+            of a :class:`~analysis.HessianOperator` built with ``operator_kwargs``), or
             a curvature operator (a Hessian or GGN operator: its blocks, with its loss, data,
             mode and product method, via :meth:`~analysis.operators.CurvatureOperator.restricted`).
-        loss_fn, data: with a model, as for :class:`~analysis.hessian.HessianOperator`.
+        loss_fn, data: with a model, as for :class:`~analysis.HessianOperator`.
         k: eigenvalues per block (default 1; capped at the block size).
         trace: also estimate each block's trace (default True; see "Cost" below: with the
             default budget it is most of the run's products).

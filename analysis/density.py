@@ -97,7 +97,7 @@ def spectral_density(
 
     Args:
         op: a curvature operator, a model (then ``loss_fn`` and ``data`` build a
-            :class:`~analysis.hessian.HessianOperator` with ``operator_kwargs``), a square
+            :class:`~analysis.HessianOperator` with ``operator_kwargs``), a square
             tensor, or any object with ``shape`` and ``matvec``.
         loss_fn, data: with a model.
         num_iter: Lanczos steps per run (default 80; at most ``n``). Memory ``num_iter * n``.

@@ -45,7 +45,7 @@ from .data import Data, as_data, to_device
 from .evaluation import forward, model_mode, resolve_loss
 from .losses import loss_terms
 from .params import ParameterSpace
-from .pca import _BN_BUFFER_SUFFIXES, PCADirections, _NameSpace, _state_vector, pca_directions  # noqa: F401
+from .pca import PCADirections, _state_vector, pca_directions
 
 __all__ = [
     "NORMALIZATIONS",

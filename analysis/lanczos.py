@@ -118,22 +118,18 @@ from typing import Any
 import torch
 
 from .evaluation import progress_bar
-from .hessian import HessianOperator
-from .krylov import (  # noqa: F401 (re-exported: the old import paths)
-    DGKS_ETA,
-    EXACT_SLAB,
-    SLAB,
+from .krylov import (
     KrylovBasis,
-    OmegaRecurrence,
     Reorthogonalizer,
     dot64,
     lanczos_tridiagonal,
     lanczos_tridiagonals,
     norm64,
 )
-from .operators.adapters import _CallableOperator, _TensorOperator, as_linear_operator  # noqa: F401
+from .operators.adapters import as_linear_operator
+from .operators.hessian import HessianOperator
 from .results import Result
-from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
+from .ritz import _error_bounds, _guard_ok, _wanted
 
 __all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
            "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
@@ -223,9 +219,9 @@ def top_eigenpairs(
 
     Args:
         model_or_op: an ``nn.Module`` (then ``loss_fn`` and ``data`` are required and a
-            :class:`~analysis.hessian.HessianOperator` is built with ``operator_kwargs``, e.g.
+            :class:`~analysis.HessianOperator` is built with ``operator_kwargs``, e.g.
             ``mode``, ``params``, ``batch_size``), a curvature operator (e.g. a
-            :class:`~analysis.hessian.GGNOperator`), a square tensor, or any object with
+            :class:`~analysis.GGNOperator`), a square tensor, or any object with
             ``shape`` and ``matvec``.
         loss_fn: loss name or callable (with a model).
         data: data (with a model), see :mod:`analysis.data`.

@@ -474,10 +474,11 @@ class MechanismProbe:
         """Directional curvature ``d^T H_B d / ||d||^2`` (App. A.4) along the momentum, the
         batch gradient and a random filter-normalized direction.
 
-        Uses :class:`analysis.hessian.HessianOperator` on the batch (one Hessian-vector product
+        Uses :class:`analysis.HessianOperator` on the batch (one Hessian-vector product
         per direction, about 2-3 gradients each). Returns ``{"curv_<direction>"}``.
         """
-        from .hessian import HessianOperator, directional_curvature
+        from .operators.curvature import directional_curvature
+        from .operators.hessian import HessianOperator
 
         x, y, _ = self._batch(batch)
         out = {}

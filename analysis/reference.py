@@ -30,8 +30,8 @@ from torch.autograd.functional import hessian, jacobian
 from .attention import second_order_attention
 from .data import Data, DataSource, as_data, to_device
 from .evaluation import model_mode, resolve_loss
-from .hessian import _call
 from .losses import LossFn, logits_of, loss_terms
+from .operators.empirical_risk import _call
 from .params import ParameterSpace
 
 __all__ = ["dense_hessian", "dense_ggn", "dense_loss_function"]
@@ -94,7 +94,7 @@ def dense_hessian(model: nn.Module, loss_fn: str | LossFn | None, data: Data | D
     """The full Hessian of the dataset loss in float64, ``H = sum_b (N_b / N) d^2 L_b / dw^2``.
 
     Computed by ``torch.autograd.functional.hessian`` over the flat parameter vector of a float64
-    copy of the model (the independent reference for :class:`analysis.hessian.HessianOperator`).
+    copy of the model (the independent reference for :class:`analysis.HessianOperator`).
 
     Args:
         model: the network (not modified).

@@ -16,7 +16,7 @@ Both only need products ``H v``. With Rademacher vectors ``z`` (entries +-1),
 
 Probes are drawn and applied in blocks of ``block_size`` columns (``op @ V``: one batched pass
 over the data per block where the operator supports it, see
-:meth:`analysis.hessian.HessianOperator.matmat`), and the quadratic forms are accumulated in
+:meth:`analysis.HessianOperator.matmat`), and the quadratic forms are accumulated in
 float64. Peak extra memory (outside the products' own working memory):
 
 * Hutchinson: ``3 * block_size * n * itemsize`` (a block of probes, its products, a slab),
@@ -190,7 +190,7 @@ def hessian_trace(
     """Estimate ``tr(H)`` from ``num_matvecs`` Hessian-vector products.
 
     Args:
-        op: a curvature operator (e.g. :class:`~analysis.hessian.HessianOperator`), a model
+        op: a curvature operator (e.g. :class:`~analysis.HessianOperator`), a model
             (then ``loss_fn`` and ``data`` build a Hessian operator with ``operator_kwargs``), a
             square tensor, or any object with ``shape`` and ``matvec``.
         loss_fn, data: with a model; see :mod:`analysis.data`.
@@ -200,7 +200,7 @@ def hessian_trace(
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         seed: seed of the Rademacher vectors (drawn on the CPU, so devices agree).
         block_size: probes per batched product (default
-            :func:`~analysis.hessian.default_block_size`, memory-aware: at most 16 and about
+            :func:`~analysis.operators.default_block_size`, memory-aware: at most 16 and about
             256 MiB of probes). Memory: see the module docstring.
         progress: show a tqdm bar.
 

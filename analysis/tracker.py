@@ -55,8 +55,9 @@ import torch
 from torch import nn
 
 from .evaluation import model_mode, resolve_loss
-from .hessian import HessianOperator, directional_curvature
 from .lanczos import top_eigenpairs
+from .operators.curvature import directional_curvature
+from .operators.hessian import HessianOperator
 from .results import Result, to_jsonable
 
 __all__ = ["CurvatureTracker", "TrackerRecord", "TrackerHistory"]

@@ -72,9 +72,9 @@ def _worker(rank: int, world: int, threads: int, cfg: dict, outdir: str, init_fi
     try:
         import torch.nn.functional as F
 
+        from analysis import HessianOperator
         from analysis import distributed as D
         from analysis.data import as_data
-        from analysis.hessian import HessianOperator
         from analysis.params import ParameterSpace
         from landscape.datasets import load_digits
         from landscape.models import digits_cnn
@@ -178,7 +178,7 @@ def resnet50_cost(batch: int, repeats: int) -> dict:
     """Seconds per image of a gradient and of an HVP of ResNet-50 at 224x224 (one process)."""
     import torch.nn.functional as F
 
-    from analysis.hessian import HessianOperator
+    from analysis import HessianOperator
     from analysis.params import ParameterSpace
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from analysis.hessian import HessianOperator
+from analysis import HessianOperator
 from analysis.lanczos import default_max_basis, top_eigenpairs
 
 

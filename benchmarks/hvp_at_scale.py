@@ -27,7 +27,7 @@ import torch
 # the project before this folder: benchmarks/landscape.py must not shadow the landscape package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.hessian import HessianOperator  # noqa: E402
+from analysis import HessianOperator  # noqa: E402
 from landscape.models import resnet  # noqa: E402
 
 

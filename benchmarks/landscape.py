@@ -125,7 +125,7 @@ def paired_points(model, x, y, d1, d2, n: int, with_peer: bool) -> dict[str, np.
     its internals) and, if available, one grid point of loss-landscapes (its in-place
     ``ModelParameters.add_`` + ``Loss`` metric). Returns CPU seconds per round for each."""
     from analysis.data import as_data
-    from landscape.slices import _Evaluator, _Mover
+    from landscape.slices._points import _Evaluator, _Mover
 
     space = ParameterSpace(model)
     w = space.vector()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from analysis.hessian import HessianOperator  # noqa: E402
+from analysis import HessianOperator  # noqa: E402
 from analysis.lanczos import top_eigenpairs  # noqa: E402
 from analysis.tracker import CurvatureTracker  # noqa: E402
 from landscape.datasets import load_digits  # noqa: E402

@@ -26,7 +26,7 @@ def _pair():
 
 @pytest.mark.parametrize("method", ["forward-over-reverse", "double-backward", "cached-graph"])
 def test_hvp_and_matmat_on_cuda_match_cpu_float64(method):
-    from analysis.hessian import GGNOperator, HessianOperator
+    from analysis import GGNOperator, HessianOperator
     from analysis.reference import dense_hessian
     model, data, cuda, cdata = _pair()
     H = dense_hessian(model, "cross_entropy", data)
@@ -52,7 +52,7 @@ def test_lanczos_on_cuda_matches_cpu(basis_device):
 
 
 def test_lanczos_cuda_peak_memory_within_formula():
-    from analysis.hessian import HessianOperator
+    from analysis import HessianOperator
     from analysis.lanczos import top_eigenpairs
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(500, 2000), torch.nn.Tanh(),

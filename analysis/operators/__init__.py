@@ -15,8 +15,6 @@ Layout (one concept per module, in the spirit of curvlinops' ``_torch_base.py`` 
 * :mod:`~analysis.operators.auto`: ``method="auto"``, the timed choice of the product method;
 * :mod:`~analysis.operators.adapters`: :func:`as_linear_operator` (tensors, callables, and a
   model + loss + data with an explicit keyword list).
-
-:mod:`analysis.hessian` re-exports the public names (the old import path).
 """
 
 from .adapters import OPERATOR_KEYWORDS, as_linear_operator

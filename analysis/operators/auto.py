@@ -1,6 +1,6 @@
 """``method="auto"`` of the Hessian operator: time the product methods on the first batch.
 
-The three product methods of :class:`~analysis.hessian.HessianOperator` cost differently on
+The three product methods of :class:`~analysis.HessianOperator` cost differently on
 different models and devices (forward-mode AD is slow for some operators and missing for
 others; the cached graph skips the forward and first backward pass but holds the graph of every
 batch). :func:`choose_method` measures instead of guessing: on the first batch it times each
@@ -245,7 +245,7 @@ def choose_method(op, block: int = 1) -> AutoChoice:
     """Time one product of each applicable method on ``op``'s first batch; keep the fastest.
 
     Args:
-        op: a :class:`~analysis.hessian.HessianOperator` (with ``method="auto"``).
+        op: a :class:`~analysis.HessianOperator` (with ``method="auto"``).
         block: columns per product: ``1`` times matrix-vector products, more times the batched
             variants of ``op @ V`` on a block of that many columns (timings per column).
 

@@ -9,7 +9,17 @@ by reverse-over-reverse (double backward, ``grad(<grad L_b, v>)``), or by one ba
 through a cached first-order graph; ``method="auto"`` times them on the first batch and keeps the
 fastest (:mod:`analysis.operators.auto`).
 
-The public import path is :mod:`analysis.hessian` (its docstring has an example).
+Import it from the package: ``from analysis import HessianOperator``.
+
+Example:
+    >>> import torch
+    >>> from analysis import HessianOperator, directional_curvature
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    >>> H = HessianOperator(model, "cross_entropy", (x, y))
+    >>> v = torch.randn(H.shape[0])
+    >>> Hv = H @ v
+    >>> c = directional_curvature(H, v)      # v^T H v / ||v||^2 (paper A.4)
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 An operator is a square ``n x n`` linear map on flat vectors that lives on one device in one
 dtype. :class:`LinearOperator` is the structural type (a ``typing.Protocol``, checked with
-``isinstance``): the curvature operators (:class:`~analysis.hessian.HessianOperator`,
-:class:`~analysis.hessian.GGNOperator`), the adapters of :func:`~analysis.operators.as_linear_operator`
+``isinstance``): the curvature operators (:class:`~analysis.HessianOperator`,
+:class:`~analysis.GGNOperator`), the adapters of :func:`~analysis.operators.as_linear_operator`
 (a dense tensor, any object with ``shape`` and ``matvec``) and a user's own class all satisfy it,
 and :func:`~analysis.lanczos.top_eigenpairs`, :func:`~analysis.trace.hessian_trace`,
 :func:`~analysis.density.spectral_density` and :func:`~analysis.blocks.per_layer_spectrum` need

@@ -83,7 +83,7 @@ def _report_keywords(metric: str) -> set[str]:
 
     keys = kw_only(fn)
     if metric == "lambda_max":  # top_eigenpairs(model, ...) builds the operator from these
-        from ..hessian import CurvatureOperator
+        from ..operators.curvature import CurvatureOperator
 
         keys |= kw_only(CurvatureOperator.__init__)
     elif metric == "trace":  # the report builds the operator itself, with this mode
@@ -190,7 +190,7 @@ def _run_metric(name: str, model: nn.Module, loss_fn: LossFn, data: Data | DataS
         with preserved_state(model):
             res = top_eigenpairs(model, loss_fn, data, **kw)
         return res, float(res.eigenvalues[0])
-    from ..hessian import HessianOperator  # trace
+    from ..operators.hessian import HessianOperator  # trace
     from ..trace import hessian_trace
 
     kw.pop("seed", None)

@@ -52,7 +52,6 @@ from .finding import CHECKPOINT_SUFFIXES, find_checkpoints
 from .loading import load_checkpoint
 from .reading import checkpoint_format
 from .result import Checkpoint, CheckpointError, PerturbedCheckpointWarning, UnsafeCheckpointError
-from .unperturb import _unperturb  # noqa: F401  (used by tests written against the module)
 
 __all__ = [
     "Checkpoint",

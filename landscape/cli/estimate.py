@@ -126,7 +126,7 @@ def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
 def _block_size(n: int, itemsize: int, block_size: int | None) -> int:
     if block_size is not None:
         return block_size
-    from analysis.hessian import default_block_size
+    from analysis.operators.curvature import default_block_size
 
     return default_block_size(n, itemsize)
 
@@ -140,7 +140,7 @@ def trace_cost(n: int, itemsize: int, *, num_matvecs: int = 99, method: str = "h
     ``3 b n itemsize``. Hutch++: sketch size ``s = min(num_matvecs // 3, n)``; ``s`` products for
     the sketch, ``s`` for ``tr(Q^T H Q)`` and ``s`` for the deflated Hutchinson part (skipped when
     ``s = n``), each stage in ``ceil(s / b)`` passes; memory ``(s + 4 b) n itemsize``. ``b`` is
-    ``block_size`` (default :func:`analysis.hessian.default_block_size`).
+    ``block_size`` (default :func:`analysis.operators.default_block_size`).
     """
     from analysis.trace import sketch_size, trace_memory_bound_bytes
 

@@ -142,8 +142,8 @@ def hessian_summary(
         ``{"eigenvalues": [...], "num_matvecs": int, "trace": float | None, "trace_stderr":
         float | None, "density": {"grid", "density"} | None, "seconds": float}``.
     """
-    from analysis.hessian import HessianOperator
     from analysis.lanczos import top_eigenpairs
+    from analysis.operators.hessian import HessianOperator
 
     t0 = time.perf_counter()
     op = HessianOperator(model, loss_fn, data)
@@ -388,8 +388,8 @@ def analyze_checkpoint(
         log: called with a short message before each stage.
     """
     from analysis.evaluation import evaluate
-    from analysis.hessian import HessianOperator
     from analysis.lanczos import top_eigenpairs
+    from analysis.operators.hessian import HessianOperator
     from analysis.sharpness import sharpness
 
     _check_analyze_args(name, steps_1d, steps_2d, radius, sharpness_rho)

@@ -67,13 +67,7 @@ from .problems import Problem, digits_problem
 from .results import ExperimentResult
 from .rho_sweep import RULE as _RULE_RHO_SWEEP
 from .rho_sweep import run_rho_sweep
-from .runs import (
-    RunCache,
-    TrainedRun,
-    _cosine_lr,  # noqa: F401  (private, kept reachable from the old path)
-    train_run,
-)
-from .stats import _combine, _compare, _se_diff, _stats  # noqa: F401  (private, as above)
+from .runs import RunCache, TrainedRun, train_run
 from .table import RULE as _RULE_TABLE
 from .table import run_table
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from analysis.hessian import HessianOperator
+from analysis.operators.hessian import HessianOperator
 
 from .config import ReproConfig
 from .optimizers import optimizer_specs

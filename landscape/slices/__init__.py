@@ -83,7 +83,7 @@ from ._checks import (
     _warn_nonfinite,
 )
 from ._grid import ResumableGrid
-from ._points import _Evaluator, _Mover, _Session, evaluate_line  # noqa: F401 (_Evaluator: benchmarks)
+from ._points import _Mover, _Session, evaluate_line
 from ._results import METRICS, Slice1D, Slice2D
 
 __all__ = ["Slice1D", "Slice2D", "slice_1d", "slice_2d", "interpolate", "METRICS"]

@@ -222,11 +222,11 @@ def test_bad_num_terms_is_refused():
 
 
 def test_cli_accepts_the_new_loss_names():
-    from landscape.cli import _resolve_loss
+    from landscape.cli.specs import resolve_loss
 
-    assert isinstance(_resolve_loss("lm"), CausalLMLoss)
-    assert isinstance(_resolve_loss("model"), ModelLoss)
-    assert _resolve_loss("model_lm").terms == "causal_lm"
+    assert isinstance(resolve_loss("lm"), CausalLMLoss)
+    assert isinstance(resolve_loss("model"), ModelLoss)
+    assert resolve_loss("model_lm").terms == "causal_lm"
 
 
 @pytest.mark.parametrize("form", ["dicts", "loader"])

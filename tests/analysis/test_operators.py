@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from analysis import GGNOperator, HessianOperator
 from analysis import operators as ops
 from analysis.density import spectral_density
-from analysis.hessian import GGNOperator, HessianOperator
 from analysis.lanczos import as_linear_operator, top_eigenpairs
 from analysis.operators import auto as auto_module
 from analysis.reference import dense_ggn, dense_hessian

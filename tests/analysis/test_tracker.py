@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.hessian import HessianOperator
+from analysis import HessianOperator
 from analysis.lanczos import top_eigenpairs
 from analysis.reference import dense_hessian
 from analysis.tracker import CurvatureTracker, TrackerHistory, TrackerRecord

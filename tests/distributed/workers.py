@@ -362,7 +362,7 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
         return {"loss": r.loss, "accuracy": r.accuracy, "num_samples": r.num_samples}
 
     def hvp_check():
-        from analysis.hessian import HessianOperator
+        from analysis import HessianOperator
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
         with _CollectiveCounter() as c:
@@ -373,8 +373,8 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
     def hvp_loader_check():
         from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+        from analysis import HessianOperator
         from analysis.data import as_data
-        from analysis.hessian import HessianOperator
 
         ds = TensorDataset(x, y)
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
@@ -386,7 +386,7 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
         return {"hv": first, "repeat": torch.equal(first, second), "collectives": c.count}
 
     def eig_check():
-        from analysis.hessian import HessianOperator
+        from analysis import HessianOperator
         from analysis.lanczos import top_eigenpairs
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
@@ -399,7 +399,7 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
                 "converged": res.converged}
 
     def trace_check():
-        from analysis.hessian import HessianOperator
+        from analysis import HessianOperator
         from analysis.trace import hessian_trace
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
@@ -413,8 +413,8 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
         return out
 
     def density_check():
+        from analysis import HessianOperator
         from analysis.density import spectral_density
-        from analysis.hessian import HessianOperator
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
         return _plain(spectral_density(op, num_iter=20, num_runs=2, seed=0))
@@ -499,8 +499,8 @@ def one_batch_values(rank: int, world: int) -> dict:
     """Fewer batches than ranks: the data is one batch, so rank 1 holds no sample and must still
     take part in every all-reduce (with zero sums). Own spawn: a rank that fails here leaves the
     other one waiting in a collective until the timeout."""
+    from analysis import HessianOperator
     from analysis.evaluation import evaluate
-    from analysis.hessian import HessianOperator
 
     model, x, y = classification_problem()
     torch.manual_seed(100)

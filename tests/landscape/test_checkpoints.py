@@ -721,13 +721,12 @@ def test_the_package_keeps_the_old_import_paths():
     """landscape/checkpoints.py became a package: the names other code imports from
     ``landscape.checkpoints`` are the objects defined in its modules."""
     import landscape.checkpoints as ck
-    from landscape.checkpoints import finding, loading, reading, result, unperturb
+    from landscape.checkpoints import finding, loading, reading, result
 
     assert ck.CHECKPOINT_SUFFIXES is finding.CHECKPOINT_SUFFIXES
     assert ck.find_checkpoints is finding.find_checkpoints
     assert ck.load_checkpoint is loading.load_checkpoint
     assert ck.checkpoint_format is reading.checkpoint_format
-    assert ck._unperturb is unperturb._unperturb
     for name in ("Checkpoint", "CheckpointError", "UnsafeCheckpointError",
                  "PerturbedCheckpointWarning"):
         assert getattr(ck, name) is getattr(result, name)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from analysis import HessianOperator
 from analysis.density import spectral_density
 from analysis.directions import random_direction
-from analysis.hessian import HessianOperator
 from analysis.lanczos import top_eigenpairs
 from analysis.sharpness import sharpness
 from analysis.trace import hessian_trace

@@ -13,6 +13,7 @@ from torch import nn
 
 from analysis.directions import momentum_direction
 from landscape import reproduce as R
+from landscape.reproduce.runs import _cosine_lr
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -334,10 +335,10 @@ def test_experiment_names_agree():
 
 
 def test_cosine_lr_by_hand():
-    assert R._cosine_lr(0.1, 0, 10) == pytest.approx(0.1)
-    assert R._cosine_lr(0.1, 5, 10) == pytest.approx(0.05)
-    assert R._cosine_lr(0.1, 10, 10) == pytest.approx(0.0)
-    assert R._cosine_lr(0.1, 0, 0) == pytest.approx(0.1)  # no division by zero
+    assert _cosine_lr(0.1, 0, 10) == pytest.approx(0.1)
+    assert _cosine_lr(0.1, 5, 10) == pytest.approx(0.05)
+    assert _cosine_lr(0.1, 10, 10) == pytest.approx(0.0)
+    assert _cosine_lr(0.1, 0, 0) == pytest.approx(0.1)  # no division by zero
 
 
 def test_config_and_problem_validation():
