@@ -45,7 +45,7 @@ from .data import Data, as_data, to_device
 from .evaluation import forward, model_mode, resolve_loss
 from .losses import loss_terms
 from .params import ParameterSpace
-from .pca import PCADirections, _state_vector, pca_directions
+from .pca import PCADirections, pca_directions, state_vector
 
 __all__ = [
     "NORMALIZATIONS",
@@ -201,7 +201,7 @@ def normalize_direction(
     return d
 
 
-def _project_out(d: torch.Tensor, basis: Sequence[torch.Tensor]) -> torch.Tensor:
+def project_out(d: torch.Tensor, basis: Sequence[torch.Tensor]) -> torch.Tensor:
     """One Gram-Schmidt pass: ``d <- d - (d . q) q`` for each unit vector ``q`` of the
     orthonormal ``basis`` in turn (modified Gram-Schmidt), in ``d``'s dtype."""
     for q in basis:
@@ -250,7 +250,7 @@ def orthogonalize(
             raise ValueError(
                 f"against[{i}] has shape {tuple(b.shape)}, direction has {tuple(direction.shape)}"
             )
-        u = _project_out(b.detach().to(device=d.device, dtype=torch.float64), basis)
+        u = project_out(b.detach().to(device=d.device, dtype=torch.float64), basis)
         nu = torch.linalg.vector_norm(u)
         if not nu > 0:
             raise ValueError(
@@ -258,7 +258,7 @@ def orthogonalize(
             )
         basis.append(u / nu)
     norm0 = torch.linalg.vector_norm(d)
-    d = _project_out(_project_out(d, basis), basis)  # a second pass for full accuracy
+    d = project_out(project_out(d, basis), basis)  # a second pass for full accuracy
     nd = torch.linalg.vector_norm(d)
     if not nd > 1e-12 * max(float(norm0), 1e-300):
         raise ValueError("direction lies in the span of `against`; the orthogonalized direction is zero")
@@ -474,4 +474,4 @@ def interpolation_direction(
         ValueError: if ``model_b`` lacks a parameter or a shape differs.
     """
     space = _space(model_a, params)
-    return _state_vector(model_b, space, "model_b") - space.vector()
+    return state_vector(model_b, space, "model_b") - space.vector()

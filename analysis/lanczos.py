@@ -129,7 +129,7 @@ from .krylov import (
 from .operators.adapters import as_linear_operator
 from .operators.hessian import HessianOperator
 from .results import Result
-from .ritz import _error_bounds, _guard_ok, _wanted
+from .ritz import guard_ok, ritz_error_bounds, wanted_indices
 
 __all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
            "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
@@ -410,7 +410,7 @@ class _Lanczos:
         """The error estimates, floored by the rounding level of the products."""
         tnorm = float(theta.abs().max()) if theta.numel() else 0.0
         floor = math.sqrt(m) * max(self.noise, 4 * self.op_eps * tnorm)
-        return torch.clamp(_error_bounds(theta, res, idx, self.which), min=floor)
+        return torch.clamp(ritz_error_bounds(theta, res, idx, self.which), min=floor)
 
     def _expand(self, j: int) -> tuple[torch.Tensor, float, torch.Tensor]:
         """``w = H q_j`` orthogonalized against rows ``0..j``: ``(w, ||w||, column j of T)``.
@@ -455,7 +455,7 @@ class _Lanczos:
         self.theta, self.S = torch.linalg.eigh(self.T[:m, :m])
         self.res = (self.S.T @ coupling).abs() if coupling.dim() else \
             (coupling * self.S[-1, :]).abs()
-        self.idx = _wanted(self.theta, self.k, self.which)
+        self.idx = wanted_indices(self.theta, self.k, self.which)
         self.errs = self.bounds(self.theta, self.res, self.idx, m)
 
     def step(self) -> bool:
@@ -473,7 +473,7 @@ class _Lanczos:
         # the guard protects the gap estimates; residuals that meet tol alone need no gap
         if idx.numel() >= self.k and ok and (
                 bool((self.res[idx] <= self.tol * scale).all())
-                or _guard_ok(theta, self.res, self.k, self.which, self.tol, self.eps)):
+                or guard_ok(theta, self.res, self.k, self.which, self.tol, self.eps)):
             self.converged = True
             return True
         if breakdown and m >= n:
@@ -509,7 +509,7 @@ class _Lanczos:
         """Thick restart: keep the wanted Ritz vectors (and a few more), then the residual."""
         k, which, theta, S = self.k, self.which, self.theta, self.S
         keep = min(max(k + (self.max_basis - k) // 2, k), self.max_basis - 1)
-        order = _wanted(theta, keep, which) if which != "LM" else torch.argsort(
+        order = wanted_indices(theta, keep, which) if which != "LM" else torch.argsort(
             theta.abs(), descending=True)[:keep]
         coupling = beta * S[-1, order]
         self.basis.rotate(S[:, order], m)  # rows 0..keep-1 <- the Ritz vectors, in place

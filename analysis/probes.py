@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .data import Data, as_data, batch_size_of, to_device
-from .directions import _project_out
+from .directions import project_out
 from .evaluation import forward, model_device_dtype, model_mode, resolve_loss
 from .losses import LossFn
 from .params import ParameterSpace
@@ -73,7 +73,7 @@ _DIRECTIONS = ("momentum", "gradient", "random")
 
 
 @contextlib.contextmanager
-def _rng_preserved(device: torch.device) -> Iterator[None]:
+def rng_preserved(device: torch.device) -> Iterator[None]:
     """Save and restore the global CPU RNG and, when CUDA is initialized, every CUDA RNG."""
     cpu = torch.get_rng_state()
     cuda = None
@@ -306,7 +306,7 @@ class MechanismProbe:
                 f"{type(opt).__name__} is at its perturbed point (between first_step and "
                 "second_step); call the probe before first_step() or after second_step()"
             )
-        with _rng_preserved(self.space.device), preserved_state(self.model), \
+        with rng_preserved(self.space.device), preserved_state(self.model), \
                 model_mode(self.model, self.mode):
             if perturbed:
                 with opt.unperturbed():
@@ -435,7 +435,7 @@ class MechanismProbe:
                 raise ValueError("the batch gradient is zero; the angles are undefined")
             _, g_sam = self._grad(x, y, w, (rho_sam / gn) * g_sgd, "at the SAM point")
             e1 = g_sam / g_sam.norm()
-            e2 = _project_out(g_sgd, [e1])
+            e2 = project_out(g_sgd, [e1])
             e2n = e2.norm()
             if not bool(e2n > 0):
                 raise ValueError("g_SGD and g_SAM are parallel; the plane is undefined")

@@ -31,7 +31,7 @@ from .attention import second_order_attention
 from .data import Data, DataSource, as_data, to_device
 from .evaluation import model_mode, resolve_loss
 from .losses import LossFn, logits_of, loss_terms
-from .operators.empirical_risk import _call
+from .operators.empirical_risk import functional_forward
 from .params import ParameterSpace
 
 __all__ = ["dense_hessian", "dense_ggn", "dense_loss_function"]
@@ -79,7 +79,7 @@ def dense_loss_function(model: nn.Module, loss_fn: str | LossFn | None, data: Da
         state = {**buffers, **dict(zip(names, space64.unflatten(w)))}
         loss = 0.0
         for x, y, n in batches:
-            lb = loss_fn(_call(model64, state, x), y)
+            lb = loss_fn(functional_forward(model64, state, x), y)
             if lb.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(lb.shape)}")
             loss = loss + lb * (n / total)
@@ -135,7 +135,7 @@ def dense_ggn(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataS
         for x, y, n in batches:
             def outputs(w, x=x):
                 state = {**buffers, **dict(zip(names, space64.unflatten(w)))}
-                return logits_of(_call(model64, state, x))
+                return logits_of(functional_forward(model64, state, x))
 
             out = outputs(w0).detach()
             J = jacobian(lambda w: outputs(w).reshape(-1), w0)  # (m, n)

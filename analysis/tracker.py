@@ -315,7 +315,7 @@ class CurvatureTracker:
 
     @contextmanager
     def _at_w(self) -> Iterator[None]:
-        from .probes import _rng_preserved
+        from .probes import rng_preserved
         from .sharpness import preserved_state
 
         opt = self.optimizer
@@ -325,7 +325,7 @@ class CurvatureTracker:
                 f"{type(opt).__name__} is at its perturbed point (between first_step and "
                 "second_step); measure before first_step() or after second_step()")
         device = next(self.model.parameters()).device
-        with _rng_preserved(device), preserved_state(self.model), model_mode(self.model, self.mode):
+        with rng_preserved(device), preserved_state(self.model), model_mode(self.model, self.mode):
             if perturbed:
                 with opt.unperturbed():
                     yield

@@ -19,7 +19,7 @@ from torch.func import jvp
 
 from ..evaluation import resolve_loss
 from ..losses import ModelLoss, logits_of
-from .empirical_risk import EmpiricalRisk, _call
+from .empirical_risk import EmpiricalRisk, functional_forward
 from .protocol import TorchOperator
 
 __all__ = ["CurvatureOperator", "GGNOperator", "directional_curvature", "default_block_size",
@@ -147,7 +147,7 @@ class GGNOperator(CurvatureOperator):
         names = self._names
         with torch.enable_grad():
             leaves = [state[n].detach().requires_grad_(True) for n in names]
-            out = logits_of(_call(model, {**state, **dict(zip(names, leaves))}, x))
+            out = logits_of(functional_forward(model, {**state, **dict(zip(names, leaves))}, x))
             jv = self._jvp(state, v_dict, x, out, leaves)
             # H_out (J v) by double backward in output space (cheap: outputs only)
             o = out.detach().requires_grad_(True)
@@ -169,8 +169,8 @@ class GGNOperator(CurvatureOperator):
             primals = {n: state[n] for n in self._names}
             try:
                 with torch.no_grad():
-                    _, jv = jvp(lambda p: logits_of(_call(self.model, {**state, **p}, x)), (primals,),
-                                (v_dict,))
+                    _, jv = jvp(lambda p: logits_of(functional_forward(self.model, {**state, **p}, x)),
+                                (primals,), (v_dict,))
                 return jv
             except (NotImplementedError, RuntimeError) as err:
                 self.method = "double-vjp"

@@ -101,7 +101,7 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
-def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
+def functional_forward(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
     """``model(inputs)`` with the parameters and buffers of ``state`` (``functional_call``)."""
     if isinstance(inputs, dict):
         return functional_call(model, state, args=(), kwargs=inputs)

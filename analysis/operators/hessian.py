@@ -29,7 +29,7 @@ from torch.func import grad, jvp, vmap
 
 from .auto import AutoChoice, choose_method
 from .curvature import CurvatureOperator, default_block_size
-from .empirical_risk import _call
+from .empirical_risk import functional_forward
 
 __all__ = ["HessianOperator"]
 
@@ -100,7 +100,7 @@ class HessianOperator(CurvatureOperator):
         loss_fn = self.loss_fn
 
         def batch_loss(p, state, x, y, weight):
-            loss = loss_fn(_call(model, {**state, **p}, x), y)
+            loss = loss_fn(functional_forward(model, {**state, **p}, x), y)
             if loss.dim() != 0:
                 raise ValueError(
                     f"loss_fn must return a scalar (the batch mean), got shape {tuple(loss.shape)}"

@@ -20,13 +20,13 @@ from ..losses import LossFn
 from ..params import ParameterSpace
 from ..results import CostedResult
 from ._common import (
-    _check_flag,
-    _check_mode,
-    _check_model,
-    _Counter,
-    _Evaluator,
-    _full_loss,
-    _global_num_samples,
+    Counter,
+    Evaluator,
+    check_flag,
+    check_mode,
+    check_model,
+    full_loss,
+    global_num_samples,
 )
 from .state import preserved_state
 
@@ -138,10 +138,10 @@ def directional_sharpness(
     Raises:
         ValueError: a direction of the wrong shape or with zero norm, empty or non-finite radii.
     """
-    _check_model(model)
-    _check_mode(mode)
-    _check_flag("normalize", normalize)
-    _check_flag("check_deterministic", check_deterministic)
+    check_model(model)
+    check_mode(mode)
+    check_flag("normalize", normalize)
+    check_flag("check_deterministic", check_deterministic)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
     d = as_direction(direction, space, nonzero="directional sharpness is undefined")
@@ -152,12 +152,12 @@ def directional_sharpness(
     source = as_data(data, batch_size=batch_size)
     check_first_batch(model, loss_fn, source, mode, where="directional_sharpness()",
                       deterministic=check_deterministic)
-    counter = _Counter()
+    counter = Counter()
     with preserved_state(model), model_mode(model, mode):
-        ev = _Evaluator(model, loss_fn, space, space.vector(), counter)
+        ev = Evaluator(model, loss_fn, space, space.vector(), counter)
 
         def loss_at(delta: torch.Tensor | None, where: str) -> float:
-            return _full_loss(ev, source, delta, where)
+            return full_loss(ev, source, delta, where)
 
         bar = progress_bar(r.tolist(), enabled=progress, desc="directional sharpness")
         l0, losses, dn = loss_along_line(loss_at, d, bar, normalize=bool(normalize))
@@ -168,6 +168,6 @@ def directional_sharpness(
         loss=l0,
         direction_norm=dn,
         mode=mode,
-        num_samples=_global_num_samples(source, space.device),
+        num_samples=global_num_samples(source, space.device),
         **counter.as_dict(),
     )

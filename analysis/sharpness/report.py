@@ -14,7 +14,7 @@ from ..data import Data, DataSource
 from ..evaluation import resolve_loss
 from ..losses import LossFn
 from ..results import Result, to_jsonable
-from ._common import _check_model
+from ._common import check_model
 from .epsilon import epsilon_sharpness
 from .m_sharpness import sharpness
 from .pac_bayes import pac_bayes_flatness
@@ -121,7 +121,7 @@ def sharpness_report(
         :class:`SharpnessReport` with ``values[metric]`` the headline number and
         ``to_dict()`` JSON-ready.
     """
-    _check_model(model)
+    check_model(model)
     metrics, options = _check_report_args(metrics, options)
     loss_fn = resolve_loss(loss_fn)
     values: dict[str, float] = {}

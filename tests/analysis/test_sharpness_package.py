@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.directions import _project_out, as_direction, normalize_direction, orthogonalize
+from analysis.directions import as_direction, normalize_direction, orthogonalize, project_out
 from analysis.params import ParameterSpace
 from analysis.results import COST_FIELDS, CostedResult
 from analysis.sharpness import (
@@ -136,10 +136,10 @@ def test_project_out_matches_a_qr_projector():
     q, _ = torch.linalg.qr(a)
     d = torch.randn(9, generator=g, dtype=DT)
     expected = d - q @ (q.T @ d)
-    got = _project_out(d, list(q.T))
+    got = project_out(d, list(q.T))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
     torch.testing.assert_close(orthogonalize(d, list(a.T)), expected, rtol=0, atol=1e-13)
-    assert torch.equal(_project_out(d, []), d)
+    assert torch.equal(project_out(d, []), d)
 
 
 # ------------------------------------------------------------------------------------------
