@@ -35,9 +35,9 @@ def plot_layer_spectrum(result: Any, *, ax: Any = None, log: bool = True,
     layers = getattr(result, "layers", None)
     if layers is None:
         raise TypeError(f"expected a PerLayerSpectrum, got {type(result).__name__}")
-    from .plots import _axes
+    from .plots import figure_axes
 
-    fig, ax = _axes(ax, figsize=(max(6.0, 0.5 * len(layers) + 2), 4.0))  # not kept open by pyplot
+    fig, ax = figure_axes(ax, figsize=(max(6.0, 0.5 * len(layers) + 2), 4.0))  # not kept open by pyplot
     x = np.arange(len(layers))
     top = [layer.eigenvalues[0] for layer in layers]
     has_trace = all(layer.trace is not None for layer in layers)

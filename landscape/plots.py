@@ -77,7 +77,9 @@ def _title(result: Any, default: str, title: str | None) -> str:
     return f"{default}: {label}" if label else default
 
 
-def _axes(ax: Any, projection: str | None = None, figsize=(6.0, 4.5)):
+def figure_axes(ax: Any, projection: str | None = None, figsize=(6.0, 4.5)):
+    """``(figure, axes)``: those of ``ax``, or a new figure of ``figsize`` with one subplot
+    (``projection``, e.g. ``"3d"``) that pyplot does not keep."""
     import matplotlib.pyplot as plt
 
     if ax is not None:
@@ -152,7 +154,7 @@ def plot_1d(
     items = _slices_1d(results, "plot_1d")
     if labels is not None and len(labels) != len(items):
         raise ValueError(f"got {len(labels)} labels for {len(items)} results")
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     names = set()
     for k, r in enumerate(items):
         a = np.asarray(r.alphas, dtype=np.float64)
@@ -206,7 +208,7 @@ def plot_contour(
     """
     xs, ys, z = _check_2d(result, metric, "plot_contour")
     zt = _transform(z, log).T
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     cs = ax.contour(xs, ys, zt, levels=levels, cmap=cmap)
     if clabel:
         ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
@@ -233,7 +235,7 @@ def plot_contourf(
     """
     xs, ys, z = _check_2d(result, metric, "plot_contourf")
     zt = _transform(z, log).T
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     cf = ax.contourf(xs, ys, zt, levels=levels, cmap=cmap)
     if lines:
         ax.contour(xs, ys, zt, levels=cf.levels, colors="k", linewidths=0.3, alpha=0.5)
@@ -279,7 +281,7 @@ def plot_surface(
     """
     xs, ys, z = _check_2d(result, metric, "plot_surface")
     zt = _transform(z, log).T
-    fig, ax = _axes(ax, projection="3d", figsize=(7.0, 5.5))
+    fig, ax = figure_axes(ax, projection="3d", figsize=(7.0, 5.5))
     X, Y = np.meshgrid(xs, ys)
     surf = ax.plot_surface(X, Y, np.ma.masked_invalid(zt), cmap=cmap, linewidth=0, antialiased=True)
     fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.12, label=_zlabel(metric, log))
@@ -324,7 +326,7 @@ def plot_spectral_density(
     dens = np.asarray(_get(result, "density"), dtype=np.float64).reshape(-1)
     if grid.shape != dens.shape or grid.size == 0:
         raise ValueError(f"grid {grid.shape} and density {dens.shape} must be equal, non-empty")
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     if log:
         floor = max(np.nanmax(dens), 1e-300) * 1e-12
         ax.semilogy(grid, np.maximum(dens, floor), label=label)

@@ -77,10 +77,10 @@ def plot_tracker(history: Any, *, lr: float | None = None, label: str | None = N
     Returns:
         The matplotlib ``Figure``.
     """
-    from .plots import _axes
+    from .plots import figure_axes
 
     series = _series(history, label)
-    fig, ax = _axes(ax, figsize=(6.0, 4.0))  # returned once, not kept open by pyplot
+    fig, ax = figure_axes(ax, figsize=(6.0, 4.0))  # returned once, not kept open by pyplot
     for name, steps, lam, lrs in series:
         line, = ax.plot(steps, lam, marker="o", ms=3, label=name)
         eos = _eos(lrs, lr)

@@ -50,7 +50,8 @@ def optimizer_specs(config: ReproConfig) -> dict[str, OptimizerSpec]:
     }
 
 
-def _msam_spec(rho: float) -> OptimizerSpec:
+def msam_spec(rho: float) -> OptimizerSpec:
+    """The :class:`OptimizerSpec` of MSAM with radius ``rho`` (signed; the label shows it)."""
     return OptimizerSpec(f"MSAM(rho={rho:g})", "msam", rho=float(rho))
 
 

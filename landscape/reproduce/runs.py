@@ -21,7 +21,7 @@ from msam.batchnorm import recalibrate_batchnorm
 from ..training import train_step
 from .config import ReproConfig
 from .optimizers import OptimizerSpec, build_optimizer
-from .problems import Problem, _epoch_batches, _is_pair, _steps_per_epoch
+from .problems import Problem, epoch_batches, is_pair, steps_per_epoch
 
 
 @dataclass
@@ -151,7 +151,7 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, spec: OptimizerSp
     probes.start_epoch()
     _sync(device)
     t_epoch = time.perf_counter()
-    for x, y in _epoch_batches(problem.train, config.batch_size, gen):
+    for x, y in epoch_batches(problem.train, config.batch_size, gen):
         lr_t = _cosine_lr(config.lr, step, total)
         for group in opt.param_groups:
             group["lr"] = lr_t
@@ -210,7 +210,7 @@ def train_run(problem: Problem, spec: OptimizerSpec, seed: int, config: ReproCon
     model = model.to(device=device, dtype=dtype)
     opt = build_optimizer(spec, model.parameters(), config)
     gen = torch.Generator().manual_seed(10_000 + seed)
-    total = _steps_per_epoch(problem.train, config.batch_size) * config.epochs
+    total = steps_per_epoch(problem.train, config.batch_size) * config.epochs
     probes = _RunProbes(model, opt, problem, config, seed, total, curvature=curvature,
                         angles=angles)
     hist = probes.hist
@@ -236,7 +236,7 @@ def train_run(problem: Problem, spec: OptimizerSpec, seed: int, config: ReproCon
 def _recalibrate(model: nn.Module, problem: Problem, config: ReproConfig) -> None:
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    if _is_pair(problem.train):
+    if is_pair(problem.train):
         recalibrate_batchnorm(model, problem.train, batch_size=config.batch_size)
     else:
         recalibrate_batchnorm(model, problem.train)

@@ -73,17 +73,17 @@ from analysis.losses import LossFn
 
 from ..store import tensors_hash
 from ._checks import (
-    _bar,
-    _check_bool,
-    _check_label,
-    _check_store_path,
-    _coords,
-    _direction,
-    _plane,
-    _warn_nonfinite,
+    check_bool,
+    check_coords,
+    check_direction,
+    check_label,
+    check_plane,
+    check_store_path,
+    point_bar,
+    warn_nonfinite,
 )
 from ._grid import ResumableGrid
-from ._points import _Mover, _Session, evaluate_line
+from ._points import Mover, Session, evaluate_line
 from ._results import METRICS, Slice1D, Slice2D
 
 __all__ = ["Slice1D", "Slice2D", "slice_1d", "slice_2d", "interpolate", "METRICS"]
@@ -142,19 +142,19 @@ def slice_1d(
         ValueError: empty or non-finite ``alphas``, a direction of the wrong length, zero or
             non-finite, an unknown metric or mode.
     """
-    alphas_arr = _coords(alphas, "alphas")
-    _check_label("name", name)
-    _check_label("label", label)
-    s = _Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
-                 cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
-                 check_deterministic=check_deterministic, where="slice_1d()")
-    d = _direction(direction, s.space, "direction")
+    alphas_arr = check_coords(alphas, "alphas")
+    check_label("name", name)
+    check_label("label", label)
+    s = Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
+                cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
+                check_deterministic=check_deterministic, where="slice_1d()")
+    d = check_direction(direction, s.space, "direction")
     start = time.perf_counter()
 
     def body(w):
-        mover = _Mover(s.space, w, [d])
+        mover = Mover(s.space, w, [d])
         origin = evaluate_line(s, mover, [(0.0,)])
-        bar = _bar(len(alphas_arr), progress, "slice_1d")
+        bar = point_bar(len(alphas_arr), progress, "slice_1d")
         try:
             stats = evaluate_line(s, mover, [(float(a),) for a in alphas_arr], bar)
         finally:
@@ -166,7 +166,7 @@ def slice_1d(
     loss, acc = s.finish(stats)
     l0, a0 = s.finish(origin)
     nonfinite = int(np.isnan(loss).sum())
-    _warn_nonfinite(nonfinite, len(alphas_arr))
+    warn_nonfinite(nonfinite, len(alphas_arr))
     return Slice1D(
         alphas=alphas_arr,
         loss=loss,
@@ -260,19 +260,19 @@ def slice_2d(
             on different ranks.
         landscape.store.StoreMismatchError: the store was written with other arguments.
     """
-    xs_arr, ys_arr = _coords(xs, "xs"), _coords(ys, "ys")
+    xs_arr, ys_arr = check_coords(xs, "xs"), check_coords(ys, "ys")
     if not (isinstance(names, (tuple, list)) and len(names) == 2):
         raise ValueError(f"names must be a pair of strings, got {names!r}")
     for nm in names:
-        _check_label("names", nm)
-    _check_label("label", label)
-    _check_bool("resume", resume)
-    _check_bool("shard_rows", shard_rows)
+        check_label("names", nm)
+    check_label("label", label)
+    check_bool("resume", resume)
+    check_bool("shard_rows", shard_rows)
     if store is not None:
-        _check_store_path(store)
-    s = _Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
-                 cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
-                 check_deterministic=check_deterministic, where="slice_2d()")
+        check_store_path(store)
+    s = Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
+                cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
+                check_deterministic=check_deterministic, where="slice_2d()")
     if shard_rows and (s.source.shard or (s.evaluator.bn_source is not None
                                           and s.evaluator.bn_source.shard)):
         raise ValueError(
@@ -281,12 +281,12 @@ def slice_2d(
             "DistributedSampler); pass the unsharded data, or shard_rows=False to shard the data"
         )
     row_shard = bool(shard_rows) and dist.is_distributed()
-    t1, t2, cosine = _plane(d1, d2, s.space)
+    t1, t2, cosine = check_plane(d1, d2, s.space)
     start = time.perf_counter()
 
     def body(w):
         buffers = tensors_hash(list(model.buffers())) if store is not None else None
-        mover = _Mover(s.space, w, [t1, t2])
+        mover = Mover(s.space, w, [t1, t2])
         origin = evaluate_line(s, mover, [(0.0, 0.0)]).cpu().numpy()
         grid = ResumableGrid.open(store, s, xs_arr, ys_arr, (t1, t2), w, buffers, origin,
                                   resume=resume, overwrite=overwrite, row_shard=row_shard)
@@ -297,7 +297,7 @@ def slice_2d(
     l0, a0 = s.finish(origin)
     loss, acc = grid.values(has_accuracy=a0 is not None)
     nonfinite = int(np.isnan(loss).sum())
-    _warn_nonfinite(nonfinite, len(xs_arr) * len(ys_arr))
+    warn_nonfinite(nonfinite, len(xs_arr) * len(ys_arr))
     return Slice2D(
         xs=xs_arr,
         ys=ys_arr,
@@ -319,7 +319,7 @@ def slice_2d(
     )
 
 
-def _compute_rows(s: _Session, mover: _Mover, grid: ResumableGrid, progress: bool, row_shard: bool) -> None:
+def _compute_rows(s: Session, mover: Mover, grid: ResumableGrid, progress: bool, row_shard: bool) -> None:
     """Evaluate the pending rows of ``grid`` in order and record each one.
 
     With ``row_shard`` the ``k``-th pending row goes to rank ``k % W``; after each round of
@@ -328,7 +328,7 @@ def _compute_rows(s: _Session, mover: _Mover, grid: ResumableGrid, progress: boo
     """
     ys = grid.ys
     todo = grid.pending
-    bar = _bar(len(todo) * len(ys), progress, "slice_2d")
+    bar = point_bar(len(todo) * len(ys), progress, "slice_2d")
 
     def row_points(i):
         return [(float(grid.xs[i]), float(y)) for y in ys]
