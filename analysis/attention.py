@@ -33,8 +33,6 @@ from collections.abc import Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["second_order_attention"]
-
 
 @contextlib.contextmanager
 def second_order_attention() -> Iterator[None]:
@@ -48,7 +46,7 @@ def second_order_attention() -> Iterator[None]:
 
     Example:
         >>> import torch
-        >>> from analysis.attention import second_order_attention
+        >>> from analysis import second_order_attention
         >>> q = torch.randn(1, 2, 4, 3, requires_grad=True)
         >>> with second_order_attention():
         ...     out = torch.nn.functional.scaled_dot_product_attention(q, q, q)

@@ -4,15 +4,15 @@ For a module ``l`` with parameters ``w_l`` (its own, not its children's), the di
 the dataset-loss Hessian is ``H_ll = d^2 L / d w_l^2``: the Hessian restricted to ``w_l`` with every
 other parameter held fixed. :func:`per_layer_spectrum` builds a
 :class:`~analysis.HessianOperator` on each block (``params=`` the module's parameters),
-runs :func:`~analysis.lanczos.top_eigenpairs` for its ``k`` largest eigenvalues and
-:func:`~analysis.trace.hessian_trace` for its trace (exact, ``tr H_ll``, when the block has at
+runs :func:`~analysis.top_eigenpairs` for its ``k`` largest eigenvalues and
+:func:`~analysis.hessian_trace` for its trace (exact, ``tr H_ll``, when the block has at
 most ``trace_matvecs // 2`` parameters; Hutch++ otherwise), as PyHessian users ask for
 (layer-wise sharpness, e.g. Yao et al. 2020, Fig. 3). The blocks of all layers together are the
 block-diagonal part of ``H``; their traces add up to ``tr H``.
 
 Example:
     >>> import torch
-    >>> from analysis.blocks import per_layer_spectrum
+    >>> from analysis import per_layer_spectrum
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
     >>> res = per_layer_spectrum(model, "cross_entropy", (x, y), k=2)
@@ -29,11 +29,10 @@ from torch import nn
 
 from .evaluation import progress_bar
 from .lanczos import top_eigenpairs
-from .operators import CurvatureOperator, as_linear_operator
+from .operators import CurvatureOperator
+from .operators.adapters import as_linear_operator
 from .results import Result
 from .trace import hessian_trace
-
-__all__ = ["LayerSpectrum", "PerLayerSpectrum", "per_layer_spectrum"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -123,7 +122,7 @@ def per_layer_spectrum(
         seed: seed of the start and probe vectors.
         progress: a tqdm bar over the modules.
         **operator_kwargs: with a model, the operator's keywords (``mode``, ``batch_size``,
-            ``method``, ``check_deterministic``; see :func:`~analysis.operators.as_linear_operator`).
+            ``method``, ``check_deterministic``; see :func:`~analysis.as_linear_operator`).
 
     Cost:
         Each block product is one Hessian-vector product restricted to the block (about the cost

@@ -46,7 +46,6 @@ __all__ = [
     "active_dropout",
     "check_first_batch",
     "check_repeatable_forward",
-    "describe",
 ]
 
 #: At most this many samples of the first batch are used by the checks.

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import distributed as dist
 
-__all__ = ["Batch", "DataSource", "as_data", "to_device", "batch_size_of", "Data"]
+__all__ = ["Batch", "DataSource", "as_data", "to_device", "batch_size_of"]
 
 Data = Union[tuple, list, DataLoader, "DataSource", Iterable]
 

@@ -14,7 +14,7 @@ which integrates to 1 (Lin, Saad & Yang, SIAM Review 2016; Ghorbani, Krishnan & 
 
 Example:
     >>> import torch
-    >>> from analysis.density import spectral_density
+    >>> from analysis import spectral_density
     >>> A = torch.diag(torch.cat([torch.zeros(90), torch.full((10,), 5.0)]).double())
     >>> d = spectral_density(A, num_iter=20, num_runs=4)
     >>> abs(d.integral() - 1) < 1e-3
@@ -32,11 +32,10 @@ import torch
 from torch import nn
 
 from .evaluation import progress_bar
-from .lanczos import lanczos_tridiagonals
-from .operators import LinearOperator, as_linear_operator
+from .krylov import lanczos_tridiagonals
+from .operators.adapters import as_linear_operator
+from .operators.protocol import LinearOperator
 from .results import Result
-
-__all__ = ["SpectralDensity", "spectral_density"]
 
 
 @dataclass(frozen=True, repr=False)

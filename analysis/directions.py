@@ -1,7 +1,7 @@
 """Directions in parameter space for landscape slices, sharpness probes and curvature.
 
 A *direction* is a flat 1-D tensor over the trainable parameters of a model, in the order of
-:class:`analysis.params.ParameterSpace` (the same convention as the Hessian engine's
+:class:`analysis.ParameterSpace` (the same convention as the Hessian engine's
 eigenvectors), on the model's device and in its dtype. This module builds the directions the
 loss-landscape literature uses:
 
@@ -22,7 +22,7 @@ loss-landscape literature uses:
 
 Example:
     >>> import torch
-    >>> from analysis.directions import random_direction
+    >>> from analysis import random_direction
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     >>> d1 = random_direction(model, seed=0)
     >>> d2 = random_direction(model, seed=1, orthogonal_to=d1)
@@ -45,20 +45,9 @@ from .data import Data, as_data, to_device
 from .evaluation import forward, model_mode, resolve_loss
 from .losses import loss_terms
 from .params import ParameterSpace
-from .pca import PCADirections, pca_directions, state_vector
+from .pca import state_vector
 
-__all__ = [
-    "NORMALIZATIONS",
-    "as_direction",
-    "random_direction",
-    "gradient_direction",
-    "momentum_direction",
-    "interpolation_direction",
-    "pca_directions",
-    "PCADirections",
-    "orthogonalize",
-    "normalize_direction",
-]
+__all__ = ["NORMALIZATIONS", "as_direction", "orthogonalize", "normalize_direction"]
 
 #: Accepted values of ``normalization``.
 NORMALIZATIONS = ("filter", "layer", "model", None)

@@ -22,18 +22,8 @@ with warnings.catch_warnings():  # widget bars in Jupyter; text bars (and no war
     warnings.simplefilter("ignore")  # or when ipywidgets is missing
     from tqdm.auto import tqdm
 
-__all__ = [
-    "EvalResult",
-    "evaluate",
-    "forward",
-    "model_mode",
-    "resolve_loss",
-    "correct_count",
-    "progress_bar",
-    "model_device_dtype",
-    "accuracy_per_term",
-    "accuracy_unit",
-]
+__all__ = ["forward", "model_mode", "resolve_loss", "correct_count", "progress_bar",
+           "model_device_dtype", "accuracy_per_term", "accuracy_unit"]
 
 
 _LOSSES: dict[str, LossFn] = {

@@ -102,7 +102,7 @@ The basis (:class:`~analysis.krylov.KrylovBasis`, :func:`~analysis.krylov.dot64`
 
 Example:
     >>> import torch
-    >>> from analysis.lanczos import top_eigenpairs
+    >>> from analysis import top_eigenpairs
     >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> res = top_eigenpairs(A, k=3)
     >>> [round(x) for x in res.eigenvalues.tolist()]
@@ -122,8 +122,6 @@ from .krylov import (
     KrylovBasis,
     Reorthogonalizer,
     dot64,
-    lanczos_tridiagonal,
-    lanczos_tridiagonals,
     norm64,
 )
 from .operators.adapters import as_linear_operator
@@ -131,9 +129,7 @@ from .operators.hessian import HessianOperator
 from .results import Result
 from .ritz import guard_ok, ritz_error_bounds, wanted_indices
 
-__all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
-           "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
-           "basis_itemsize"]
+__all__ = ["default_max_basis", "default_max_iter", "memory_bound_bytes", "basis_itemsize"]
 
 
 @dataclass(frozen=True, repr=False)

@@ -17,8 +17,6 @@ from msam.batchnorm import BATCHNORM_BUFFERS
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 
-__all__ = ["PCADirections", "pca_directions"]
-
 _BN_BUFFER_SUFFIXES = BATCHNORM_BUFFERS
 
 

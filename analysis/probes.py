@@ -63,7 +63,7 @@ from .results import Result, to_jsonable
 from .sharpness import preserved_state
 from .sharpness.directional import loss_along_line
 
-__all__ = ["MechanismProbe", "PROBES", "feature_rank", "FeatureRankResult", "rank_for_variance"]
+__all__ = ["PROBES", "rank_for_variance"]
 
 
 #: Probe names accepted by :meth:`MechanismProbe.log`.

@@ -6,7 +6,7 @@ and users checking a setup. The model is copied and cast to float64 (the caller'
 touched); the data are cast too. The dataset loss is weighted exactly as everywhere else,
 ``L(w) = sum_b (N_b / N) L_b(w)`` with ``N_b`` the loss terms of batch ``b`` (samples, or tokens
 for a language-model loss; :func:`analysis.losses.loss_terms`). The references differentiate
-inside :func:`analysis.attention.second_order_attention`, so attention models work.
+inside :func:`analysis.second_order_attention`, so attention models work.
 
 Example:
     >>> import torch

@@ -28,7 +28,7 @@ float64. Peak extra memory (outside the products' own working memory):
 
 Example:
     >>> import torch
-    >>> from analysis.trace import hessian_trace
+    >>> from analysis import hessian_trace
     >>> A = torch.diag(torch.linspace(0, 1, 50, dtype=torch.float64))
     >>> res = hessian_trace(A, num_matvecs=60)
     >>> abs(res.estimate - 25.0) < 4 * res.std_error + 1e-9
@@ -45,11 +45,13 @@ import torch
 from torch import nn
 
 from .evaluation import progress_bar
-from .lanczos import dot64
-from .operators import LinearOperator, as_linear_operator, default_block_size
+from .krylov import dot64
+from .operators import default_block_size
+from .operators.adapters import as_linear_operator
+from .operators.protocol import LinearOperator
 from .results import Result
 
-__all__ = ["TraceResult", "hessian_trace", "sketch_size", "trace_memory_bound_bytes"]
+__all__ = ["sketch_size", "trace_memory_bound_bytes"]
 
 
 def sketch_size(n: int, num_matvecs: int) -> int:

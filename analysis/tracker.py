@@ -7,7 +7,7 @@ at the **unperturbed** weights ``w`` (for :class:`msam.MSAM`, :class:`msam.NAG` 
 ``optimizer.unperturbed()``):
 
 * ``lambda_max`` and optionally the top-``k`` eigenvalues of the probe-batch Hessian, by Lanczos
-  (:func:`analysis.lanczos.top_eigenpairs`) **warm-started** from the previous check's Ritz
+  (:func:`analysis.top_eigenpairs`) **warm-started** from the previous check's Ritz
   vectors: ``v0 = sum_i y_i`` (the previous unit Ritz vectors). The top eigenvectors rotate
   slowly between checks, so the Krylov space of ``v0`` holds the new top-``k`` invariant
   subspace almost exactly after ``k`` steps and the stop (error bound ``<= tol |theta|``, see
@@ -17,7 +17,7 @@ at the **unperturbed** weights ``w`` (for :class:`msam.MSAM`, :class:`msam.NAG` 
   and the probe-batch gradient at ``w`` (MSAM paper, Fig. 2C), the directional curvature along
   the momentum ``v^T H v / ||v||^2`` (App. A.4, one product) and the loss at ``w`` and at the MSAM
   point ``w - rho v / ||v||`` (App. A.10); these three go through
-  :class:`analysis.probes.MechanismProbe`.
+  :class:`analysis.MechanismProbe`.
 
 Everything a measurement touches is restored bit for bit: parameter values (the live ``w~``
 itself, not ``w~`` recomputed from ``w``), ``.grad`` tensors, ``requires_grad`` flags, module
@@ -26,7 +26,7 @@ global CPU/CUDA RNG, so a run with the tracker follows the same trajectory as on
 
 Example:
     >>> import torch
-    >>> from analysis.tracker import CurvatureTracker
+    >>> from analysis import CurvatureTracker
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -59,8 +59,6 @@ from .lanczos import top_eigenpairs
 from .operators.curvature import directional_curvature
 from .operators.hessian import HessianOperator
 from .results import Result, to_jsonable
-
-__all__ = ["CurvatureTracker", "TrackerRecord", "TrackerHistory"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -231,7 +229,7 @@ class CurvatureTracker:
         momentum_curvature: record ``v^T H v / ||v||^2`` (1 product).
         msam_loss: record the loss at ``w`` and at ``w - rho v / ||v||`` (2 forwards).
         rho: radius for ``msam_loss`` (default: the optimizer's MSAM ``rho``, see
-            :class:`analysis.probes.MechanismProbe`).
+            :class:`analysis.MechanismProbe`).
         mode: module mode of the Hessian products: ``"eval"`` (default; BatchNorm uses running
             statistics, so the matrix is fixed) or ``"train"`` (batch statistics; then
             BatchNorm's running statistics are still restored after the check).

@@ -39,11 +39,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.directions import random_direction  # noqa: E402
-from analysis.params import ParameterSpace  # noqa: E402
+from analysis import ParameterSpace, random_direction  # noqa: E402
+from landscape import slice_2d  # noqa: E402
 from landscape.datasets import load_digits  # noqa: E402
 from landscape.models import digits_cnn  # noqa: E402
-from landscape.slices import slice_2d  # noqa: E402
 
 
 def _clock() -> np.ndarray:

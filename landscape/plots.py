@@ -29,18 +29,6 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "plot_1d",
-    "plot_contour",
-    "plot_contourf",
-    "plot_surface",
-    "plot_spectral_density",
-    "plotly_1d",
-    "plotly_surface",
-    "plotly_contour",
-    "save_html",
-]
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -136,7 +124,7 @@ def plot_1d(
     mark_origin: bool = True,
     **line_kwargs: Any,
 ):
-    """Curves ``metric(alpha)`` of one or several :class:`~landscape.slices.Slice1D` on one axis.
+    """Curves ``metric(alpha)`` of one or several :class:`~landscape.Slice1D` on one axis.
 
     Args:
         results: a Slice1D or a sequence of them (e.g. the same direction for several models).
@@ -192,7 +180,7 @@ def plot_contour(
     """Labelled contour lines of a 2-D slice, with a colorbar and the origin marked.
 
     Args:
-        result: a :class:`~landscape.slices.Slice2D` (``loss[i, j]`` at ``(xs[i], ys[j])``).
+        result: a :class:`~landscape.Slice2D` (``loss[i, j]`` at ``(xs[i], ys[j])``).
         ax: an axis to draw into (default: a new figure).
         metric: ``"loss"`` or ``"accuracy"``.
         levels: number of levels or explicit levels.
@@ -271,7 +259,7 @@ def plot_surface(
     """A 3-D surface of a 2-D slice with a colorbar.
 
     Args:
-        result: a :class:`~landscape.slices.Slice2D`.
+        result: a :class:`~landscape.Slice2D`.
         ax: a 3-D axis (``projection="3d"``) to draw into (default: a new figure).
         metric, log, title, cmap: as in :func:`plot_contour`.
         elev, azim: the view angles.
@@ -308,7 +296,7 @@ def plot_spectral_density(
     Args:
         result: an object with ``grid`` (eigenvalue axis) and ``density`` (same length), and
             optionally ``nodes`` and ``weights`` (the quadrature's Ritz values and weights, 1-D
-            or one row per probe vector), e.g. ``analysis.density.spectral_density(...)``.
+            or one row per probe vector), e.g. ``analysis.spectral_density(...)``.
         ax: an axis to draw into (default: a new figure).
         log: logarithmic density axis (default; the spectrum spans many decades).
         show_nodes: draw the quadrature nodes (those with a positive weight) as a rug along the

@@ -1,4 +1,4 @@
-"""Import paths (issue 23): what is private stays in its module.
+"""Import paths (issue 23): what is private stays in its module, and each public name has one path.
 
 The rules (docs/ARCHITECTURE.md, "Import paths"):
 
@@ -11,12 +11,21 @@ The rules (docs/ARCHITECTURE.md, "Import paths"):
    and the names it shares with them are public (no underscore) within it.
 3. No re-export without ``__all__``: library code has no ``# noqa: F401`` (an import kept only to
    be reachable from another path).
+4. One import path per public name: a name is listed in exactly one ``__all__``. A package's
+   ``__init__`` lists the names users take from the package, and the submodule defining such a
+   name then does not list it; a submodule's ``__all__`` holds only what no enclosing package
+   exports. Every ``from X import name`` of a public library name in the tests, benchmarks,
+   examples and docs uses that one path.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import json
 import pathlib
+import re
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("msam", "analysis", "landscape")
@@ -139,3 +148,121 @@ def test_no_reexport_without_all():
     bad = [f"{p.relative_to(ROOT)}:{i}" for p in LIBRARY.values()
            for i, line in enumerate(p.read_text().splitlines(), 1) if "noqa: F401" in line]
     assert not bad, "imports kept only to be re-exported (list the name in __all__): " + str(bad)
+
+
+def listings() -> dict[tuple[str, int], list[str]]:
+    """``(name, id(object)) -> [modules whose __all__ lists it]`` over every library module."""
+    where: dict[tuple[str, int], list[str]] = {}
+    for name in LIBRARY:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in PACKAGES:
+                raise
+            continue  # an integration whose framework is absent: nothing else lists its names
+        for public in getattr(mod, "__all__", ()):
+            obj = getattr(mod, public)  # AttributeError names a stale __all__ entry
+            where.setdefault((public, id(obj)), []).append(name)
+    return where
+
+
+def duplicated(where: dict[tuple[str, int], list[str]]) -> list[str]:
+    return [f"{name}: {', '.join(mods)}" for (name, _), mods in sorted(where.items()) if len(mods) > 1]
+
+
+def test_each_public_name_is_listed_in_one_all():
+    dups = duplicated(listings())
+    assert not dups, "public names listed in two __all__ (keep one path):\n" + "\n".join(dups)
+
+
+def test_the_one_path_check_finds_a_planted_duplicate():
+    # the checker itself: the same object listed by a package and its submodule is reported
+    obj = object()
+    where = {("f", id(obj)): ["pkg", "pkg.sub"], ("g", 1): ["pkg"]}
+    assert duplicated(where) == ["f: pkg, pkg.sub"]
+
+
+def canonical_paths() -> dict[tuple[str, str], str]:
+    """``(module, name) -> the one module whose __all__ lists that object`` for every module
+    from which the listed object is also reachable."""
+    out = {}
+    for (public, _), mods in listings().items():
+        home = mods[0]
+        obj = getattr(importlib.import_module(home), public)
+        for name in LIBRARY:
+            mod = sys.modules.get(name)
+            if mod is not None and name != home and getattr(mod, public, None) is obj:
+                out[(name, public)] = home
+    return out
+
+
+def docstring_examples(path: pathlib.Path) -> str:
+    """The ``>>>`` lines of a library module (its docstring examples), as code."""
+    return "\n".join(m.group(1) for m in re.finditer(r"^\s*>>> (.*)$", path.read_text(), re.M))
+
+
+def user_imports(attributes: bool = False) -> list[tuple[str, int, str, str]]:
+    """``(file, line, module, name)`` of every ``from <library module> import name`` in the
+    tests, benchmarks, example scripts and notebooks, the docs' Python blocks and the library's
+    docstring examples; with ``attributes``, also every ``alias.name`` read through a module
+    bound by an import (``ops.HessianOperator`` after ``from analysis import operators as ops``:
+    it must exist, but may be the defining module's, which a test spies on)."""
+    out = []
+    sources = [(p, p.read_text()) for d in USER_DIRS for p in sorted((ROOT / d).rglob("*.py"))]
+    sources += [(p, docstring_examples(p)) for p in LIBRARY.values()]
+    if attributes:  # the library's own reads through module aliases (``D.pca_directions``)
+        sources += [(p, p.read_text()) for p in LIBRARY.values()]
+    for nb in sorted((ROOT / "examples").glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        sources.append((nb, "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")))
+    for md in sorted((ROOT / "docs").rglob("*.md")):
+        blocks = re.findall(r"```python\n(.*?)```", md.read_text(), flags=re.S)
+        sources.append((md, "\n".join(blocks)))
+    for path, text in sources:
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:  # a notebook cell with shell magic: only its import lines
+            tree = ast.parse("\n".join(line.strip() for line in text.splitlines()
+                                       if re.match(r"\s*from \w[\w.]* import [\w, ]+(#.*)?$", line)))
+        modules: dict[str, str] = {}  # local name -> the library module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module \
+                    and node.module.split(".")[0] in PACKAGES:
+                out.extend((str(path.relative_to(ROOT)), node.lineno, node.module, a.name)
+                           for a in node.names)
+                modules.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names
+                                if f"{node.module}.{a.name}" in LIBRARY})
+            elif isinstance(node, ast.Import):
+                modules.update({a.asname: a.name for a in node.names
+                                if a.asname and a.name in LIBRARY})
+        for node in ast.walk(tree) if attributes else ():
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in modules and not node.attr.startswith("_"):
+                out.append((str(path.relative_to(ROOT)), node.lineno, modules[node.value.id],
+                            node.attr))
+    return out
+
+
+def test_users_import_each_public_name_from_its_one_path():
+    canonical = canonical_paths()
+    bad = [f"{f}:{line}: from {mod} import {name} -> from {canonical[(mod, name)]} import {name}"
+           for f, line, mod, name in user_imports() if (mod, name) in canonical]
+    assert not bad, "imports from a second path:\n" + "\n".join(bad)
+
+
+def test_every_imported_library_name_exists():
+    # a name moved out of a package (models out of `landscape`, distributed helpers out of
+    # `analysis`) fails here in the notebooks, docs and docstrings too, not only where code runs
+    missing = []
+    for f, line, mod, name in user_imports(attributes=True):
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in PACKAGES:
+                missing.append(f"{f}:{line}: no module {mod}")
+            continue  # an optional framework that is not installed
+        if ROOT not in pathlib.Path(module.__file__).resolve().parents:
+            missing.append(f"{f}:{line}: {mod} is not a module of this tree")  # an old install
+        elif not hasattr(module, name) and f"{mod}.{name}" not in LIBRARY:
+            missing.append(f"{f}:{line}: from {mod} import {name}")
+    assert not missing, "imports of names that do not exist:\n" + "\n".join(missing)

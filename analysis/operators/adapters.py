@@ -1,7 +1,7 @@
 """Adapters to the operator protocol, and the one convenience layer for model + loss + data.
 
 :func:`as_linear_operator` is what every algorithm calls on its first argument: an operator that
-satisfies :class:`~analysis.operators.LinearOperator` is used as is, a square tensor or an object
+satisfies :class:`~analysis.LinearOperator` is used as is, a square tensor or an object
 with ``shape`` and ``matvec`` (or ``@``) is wrapped, and a model with a loss and data becomes a
 :class:`~analysis.HessianOperator` built from the keywords of :data:`OPERATOR_KEYWORDS`
 only; any other keyword is a ``TypeError`` that names it and the allowed ones (it used to flow
@@ -18,8 +18,6 @@ from torch import nn
 from .curvature import CurvatureOperator
 from .hessian import HessianOperator
 from .protocol import LinearOperator, TorchOperator
-
-__all__ = ["as_linear_operator", "OPERATOR_KEYWORDS"]
 
 #: The keywords :func:`as_linear_operator` passes on to :class:`~analysis.HessianOperator`.
 OPERATOR_KEYWORDS = ("params", "mode", "check_deterministic", "batch_size", "method")
@@ -77,7 +75,7 @@ def _check_keywords(kwargs: dict) -> None:
 
 def as_linear_operator(obj: Any, loss_fn: Any = None, data: Any = None,
                        **operator_kwargs: Any) -> LinearOperator:
-    """Turn ``obj`` into an operator of the :class:`~analysis.operators.LinearOperator` protocol.
+    """Turn ``obj`` into an operator of the :class:`~analysis.LinearOperator` protocol.
 
     Args:
         obj: a model (``nn.Module``: then ``loss_fn`` and ``data`` are required and a

@@ -42,8 +42,7 @@ import torch
 
 from ..results import Result
 
-__all__ = ["AutoChoice", "choose_method", "cache_budget", "CACHE_BYTES", "CACHE_FRACTION",
-           "ONE_CALL_S"]
+__all__ = ["CACHE_FRACTION", "ONE_CALL_S"]
 
 #: Graph memory (bytes) up to which ``"auto"`` considers the cached graph for several batches;
 #: ``None`` (default): :data:`CACHE_FRACTION` of the memory available at the calibration.
@@ -125,7 +124,7 @@ def cache_budget(device: torch.device | str = "cpu") -> int:
     if CACHE_BYTES is not None:
         if isinstance(CACHE_BYTES, bool) or not isinstance(CACHE_BYTES, numbers.Integral) \
                 or CACHE_BYTES < 0:
-            raise ValueError("analysis.operators.auto.CACHE_BYTES must be None or a "
+            raise ValueError("analysis.operators.CACHE_BYTES must be None or a "
                              f"non-negative int of bytes, got {CACHE_BYTES!r}")
         return int(CACHE_BYTES)
     available = _available_bytes(torch.device(device))

@@ -22,9 +22,6 @@ from ..losses import ModelLoss, logits_of
 from .empirical_risk import EmpiricalRisk, functional_forward
 from .protocol import TorchOperator
 
-__all__ = ["CurvatureOperator", "GGNOperator", "directional_curvature", "default_block_size",
-           "BLOCK_BYTES"]
-
 #: Probe memory the default block size aims at (the products' working memory comes on top).
 BLOCK_BYTES = 256 * 2**20
 

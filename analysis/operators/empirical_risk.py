@@ -32,8 +32,6 @@ from ..evaluation import model_mode, resolve_loss
 from ..losses import LossFn, loss_terms
 from ..params import ParameterSpace
 
-__all__ = ["EmpiricalRisk", "check_deterministic_setup"]
-
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
 _BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
@@ -137,7 +135,7 @@ class EmpiricalRisk:
 
     Attributes:
         model, loss_fn, source, mode, check_deterministic: as given (``loss_fn`` resolved).
-        space: the :class:`~analysis.params.ParameterSpace`.
+        space: the :class:`~analysis.ParameterSpace`.
         device, dtype: those of the parameters.
         num_samples: the total number of samples (over all ranks if sharded).
         num_terms: ``N``, the total number of loss terms the batches are weighted by (samples

@@ -31,8 +31,6 @@ from .auto import AutoChoice, choose_method
 from .curvature import CurvatureOperator, default_block_size
 from .empirical_risk import functional_forward
 
-__all__ = ["HessianOperator"]
-
 
 class HessianOperator(CurvatureOperator):
     """The Hessian of the dataset loss as a linear operator, ``v -> H v``.
@@ -56,15 +54,15 @@ class HessianOperator(CurvatureOperator):
       applicable method is timed on the first batch (twice after a warm-up, or, for a product
       of a second or more, its first two calls) and the fastest is kept: forward-over-reverse
       and double backward always, the cached graph for in-memory data whose graphs fit in the
-      cache budget (:func:`~analysis.operators.auto.cache_budget`: a quarter of the memory
-      available on the device unless :data:`~analysis.operators.auto.CACHE_BYTES` is set;
+      cache budget (:func:`~analysis.operators.cache_budget`: a quarter of the memory
+      available on the device unless :data:`~analysis.operators.CACHE_BYTES` is set;
       estimated from the tensors the first batch's graph saves; the calibration's graph of the
       first batch is kept). A method that fails on the model (e.g. no
       forward-mode derivative) is skipped. When the first use is ``op @ V`` for a block, the
       batched variants are timed on a block of that size instead (vmap over forward-over-reverse,
       one batched double backward, a loop through the cached graph), per column. The choice, the
       timings and the reasons are kept in
-      :attr:`auto_choice` (:class:`~analysis.operators.auto.AutoChoice`); :attr:`method` is the
+      :attr:`auto_choice` (:class:`~analysis.operators.AutoChoice`); :attr:`method` is the
       method in use from then on.
 
     Other arguments and attributes are those of :class:`CurvatureOperator`; :attr:`method` holds

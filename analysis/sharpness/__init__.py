@@ -32,31 +32,17 @@ Modules: :mod:`.apgd` (the ascent), :mod:`.m_sharpness` (worst-case and average)
 :mod:`.epsilon`, :mod:`.pac_bayes`, :mod:`.directional`, :mod:`.report`; :mod:`.state`
 (``preserved_state``) and ``_common`` (argument checks, pass counting, the full-data loss) are
 shared by all of them.
+
+The metrics and their result types are imported from :mod:`analysis` (``from analysis import
+sharpness``); this package exports the metric table of :func:`~analysis.sharpness_report`
+(``METRICS``), the APGD step-size checkpoints, ``loss_along_line`` and ``preserved_state``.
 """
 
 from __future__ import annotations
 
 from .apgd import apgd_checkpoints
-from .directional import DirectionalSharpnessResult, directional_sharpness, loss_along_line
-from .epsilon import EpsilonSharpnessResult, epsilon_sharpness
-from .m_sharpness import SharpnessResult, sharpness
-from .pac_bayes import PacBayesResult, pac_bayes_flatness
-from .report import METRICS, SharpnessReport, sharpness_report
+from .directional import loss_along_line
+from .report import METRICS
 from .state import preserved_state
 
-__all__ = [
-    "SharpnessResult",
-    "EpsilonSharpnessResult",
-    "PacBayesResult",
-    "DirectionalSharpnessResult",
-    "SharpnessReport",
-    "sharpness",
-    "epsilon_sharpness",
-    "pac_bayes_flatness",
-    "directional_sharpness",
-    "loss_along_line",
-    "sharpness_report",
-    "preserved_state",
-    "apgd_checkpoints",
-    "METRICS",
-]
+__all__ = ["METRICS", "apgd_checkpoints", "loss_along_line", "preserved_state"]

@@ -11,8 +11,6 @@ import torch
 from ..params import ParameterSpace
 from ._common import nonfinite
 
-__all__ = ["apgd_checkpoints"]
-
 
 def apgd_checkpoints(steps: int) -> list[int]:
     """Iterations at which APGD may halve its step: ``ceil(p_j * steps)`` with ``p_0 = 0.22``,

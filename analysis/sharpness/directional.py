@@ -30,8 +30,6 @@ from ._common import (
 )
 from .state import preserved_state
 
-__all__ = ["DirectionalSharpnessResult", "directional_sharpness", "loss_along_line"]
-
 #: ``loss_at(delta, where)``: the loss at ``w + delta`` (``delta=None``: at ``w``), ``where``
 #: naming the point in error messages.
 LossAt = Callable[[torch.Tensor | None, str], float]
@@ -55,7 +53,7 @@ def loss_along_line(
 
     ``u = d / ||d||`` (``normalize=True``, default) or ``u = d``. The one loop behind
     :func:`directional_sharpness` (the whole data set) and
-    :meth:`analysis.probes.MechanismProbe.profiles` (one batch); ``loss_at`` says how a point
+    :meth:`analysis.MechanismProbe.profiles` (one batch); ``loss_at`` says how a point
     is evaluated.
 
     Args:

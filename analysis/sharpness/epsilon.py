@@ -31,8 +31,6 @@ from ._common import (
 from .apgd import apgd
 from .state import preserved_state
 
-__all__ = ["EpsilonSharpnessResult", "epsilon_sharpness"]
-
 
 @dataclass(frozen=True, repr=False)
 class EpsilonSharpnessResult(CostedResult):

@@ -36,7 +36,7 @@ from ._common import (
 from .apgd import apgd, random_start
 from .state import preserved_state
 
-__all__ = ["DEFAULT_M", "SharpnessResult", "sharpness"]
+__all__ = ["DEFAULT_M"]
 
 #: ``m=None`` in :func:`sharpness` means ``min(DEFAULT_M, N)`` (N: the number of samples).
 DEFAULT_M = 128

@@ -29,8 +29,6 @@ from ._common import (
 )
 from .state import preserved_state
 
-__all__ = ["PacBayesResult", "pac_bayes_flatness"]
-
 
 @dataclass(frozen=True, repr=False)
 class PacBayesResult(CostedResult):

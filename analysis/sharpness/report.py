@@ -20,8 +20,6 @@ from .m_sharpness import sharpness
 from .pac_bayes import pac_bayes_flatness
 from .state import preserved_state
 
-__all__ = ["METRICS", "SharpnessReport", "sharpness_report"]
-
 #: Metric names understood by :func:`sharpness_report`.
 METRICS = ("worst", "average", "epsilon", "pac_bayes", "pac_bayes_mag", "lambda_max", "trace")
 
@@ -107,8 +105,8 @@ def sharpness_report(
     Metric names (:data:`METRICS`): ``"worst"`` and ``"average"`` (:func:`sharpness`, defaults
     adaptive L2 with ``rho=0.1`` and ``rho=0.05``), ``"epsilon"`` (:func:`epsilon_sharpness`,
     ``epsilon=1e-3``), ``"pac_bayes"`` and ``"pac_bayes_mag"`` (:func:`pac_bayes_flatness`,
-    plain and magnitude-aware), ``"lambda_max"`` (:func:`analysis.lanczos.top_eigenpairs`) and
-    ``"trace"`` (:func:`analysis.trace.hessian_trace`).
+    plain and magnitude-aware), ``"lambda_max"`` (:func:`analysis.top_eigenpairs`) and
+    ``"trace"`` (:func:`analysis.hessian_trace`).
 
     Args:
         model, loss_fn, data: as in :func:`sharpness`.

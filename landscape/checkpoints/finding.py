@@ -8,9 +8,6 @@ import pathlib
 from .formats import HF_LAYOUTS
 from .result import CheckpointError
 
-__all__ = ["CHECKPOINT_SUFFIXES", "find_checkpoints"]
-
-
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 

@@ -14,8 +14,6 @@ from .matching import compare_with_model, refuse_untied, select_prefix
 from .result import Checkpoint, PerturbedCheckpointWarning
 from .unperturb import check_optimizer, perturbed_flag, refuse_sam_ascent, unperturbed_state
 
-__all__ = ["load_checkpoint"]
-
 
 def load_checkpoint(
     path: str | pathlib.Path,

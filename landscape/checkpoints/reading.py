@@ -16,8 +16,6 @@ import torch
 
 from .result import CheckpointError, UnsafeCheckpointError, short_list
 
-__all__ = ["checkpoint_format"]
-
 
 def _unsafe_reason(exc: BaseException) -> str:
     text = str(exc)

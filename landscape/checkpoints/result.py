@@ -11,8 +11,6 @@ import torch
 
 from analysis.results import Result, to_jsonable
 
-__all__ = ["Checkpoint", "CheckpointError", "UnsafeCheckpointError", "PerturbedCheckpointWarning"]
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded (unreadable, wrong layout, keys or shapes that differ)."""

@@ -62,7 +62,7 @@ class Setup:
 
     def load(self, path: pathlib.Path) -> tuple[Any, Any]:
         """A fresh model with the checkpoint's weights, and the :class:`Checkpoint`."""
-        from ..checkpoints import load_checkpoint
+        from ..checkpoints.loading import load_checkpoint
 
         model = self.model()
         with warnings.catch_warnings(record=True) as caught:

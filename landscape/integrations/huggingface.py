@@ -2,7 +2,7 @@
 
 Example:
     >>> from transformers import Trainer                                       # doctest: +SKIP
-    >>> from landscape.integrations.huggingface import MSAMTrainerCallback      # doctest: +SKIP
+    >>> from landscape.integrations import MSAMTrainerCallback      # doctest: +SKIP
     >>> opt = msam.AdamWMSAM(model.parameters(), lr=1e-4, rho=0.3)              # doctest: +SKIP
     >>> trainer = Trainer(model, args, train_dataset=ds, eval_dataset=ev,       # doctest: +SKIP
     ...                   optimizers=(opt, None), callbacks=[MSAMTrainerCallback()])
@@ -39,8 +39,6 @@ except ImportError as exc:  # pragma: no cover
     raise ImportError("landscape.integrations.huggingface needs transformers: pip install "
                       "'msam-landscape[huggingface]'") from exc
 
-__all__ = ["MSAMTrainerCallback"]
-
 
 class MSAMTrainerCallback(TrainerCallback):
     """Evaluate and save MSAM-trained ``transformers`` models at the unperturbed weights ``w``.
@@ -51,7 +49,7 @@ class MSAMTrainerCallback(TrainerCallback):
         recalibrate_data: data for the recalibration (default: the trainer's training
             dataloader; its batches must be what the model's ``forward`` takes: a dict of
             tensors is passed as keyword arguments).
-        tracker: a :class:`analysis.tracker.CurvatureTracker`, or a callable
+        tracker: a :class:`analysis.CurvatureTracker`, or a callable
             ``(model, optimizer) -> CurvatureTracker`` called at the first step.
 
     Attributes:

@@ -2,7 +2,7 @@
 
 Example:
     >>> import lightning.pytorch as pl                                   # doctest: +SKIP
-    >>> from landscape.integrations.lightning import MSAMCallback          # doctest: +SKIP
+    >>> from landscape.integrations import MSAMCallback          # doctest: +SKIP
     >>> trainer = pl.Trainer(max_epochs=2, callbacks=[MSAMCallback()])    # doctest: +SKIP
     >>> trainer.fit(module, train_loader, val_loader)                     # doctest: +SKIP
 
@@ -43,8 +43,6 @@ except ImportError:  # pragma: no cover - the standalone package
             "landscape.integrations.lightning needs PyTorch Lightning: pip install "
             "'msam-landscape[lightning]' (or lightning)") from exc
 
-__all__ = ["MSAMCallback"]
-
 
 class MSAMCallback(Callback):
     """Evaluate, test and checkpoint MSAM-trained models at the unperturbed weights ``w``.
@@ -53,7 +51,7 @@ class MSAMCallback(Callback):
         recalibrate: recompute BatchNorm statistics at ``w`` when ``fit`` ends (default True).
         recalibrate_data: data for the recalibration (an ``(X, y)`` pair or a DataLoader; default
             the trainer's training dataloader).
-        tracker: a :class:`analysis.tracker.CurvatureTracker`, or a callable
+        tracker: a :class:`analysis.CurvatureTracker`, or a callable
             ``(module, optimizer) -> CurvatureTracker`` called when training starts (for a
             tracker that needs the optimizer Lightning creates).
         stay_at_w: leave the parameters at ``w`` after ``fit`` (default True).

@@ -26,7 +26,7 @@ of the training labels flipped to another class (clean test labels; without nois
 reaches about 97 % and nothing is measurable), a ``digits_cnn(width=16)`` with BatchNorm, SGD
 momentum 0.9, batch 64, peak lr 0.1 with a per-step cosine schedule, weight decay 5e-4, 30 epochs.
 BatchNorm statistics of every final model are recomputed at its unperturbed weights
-(:func:`msam.batchnorm.recalibrate_batchnorm`), as the MSAM authors do.
+(:func:`msam.recalibrate_batchnorm`), as the MSAM authors do.
 
 The same functions take a user's model and data (:class:`Problem`) for full scale, e.g. CIFAR-100
 with a WRN-16-4 (see docs/REPRODUCTION.md for the recipe with the paper's hyperparameters).

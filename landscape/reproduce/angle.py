@@ -54,7 +54,7 @@ def run_angle(config: ReproConfig | None = None, *, problem: Problem | None = No
     mid-training, at the weights ``w`` and momentum ``v`` of the step and on its batch:
     ``g_SGD = grad L_B(w)``, ``g_SAM = grad L_B(w + rho_SAM g_SGD / ||g_SGD||)`` and
     ``g_MSAM(rho) = grad L_B(w - rho v / ||v||)``, the signed angle of ``g_MSAM`` projected into
-    the plane {g_SAM, g_SGD} to ``g_SAM`` (:meth:`analysis.probes.MechanismProbe.angles`).
+    the plane {g_SAM, g_SGD} to ``g_SAM`` (:meth:`analysis.MechanismProbe.angles`).
     ``rho_0`` is the zero crossing of the mean angle curve (:func:`zero_crossing`); the per-batch
     crossings (refined by bisection) give its spread.
 

@@ -37,7 +37,7 @@ class TrainedRun:
             ``lr``; per step ``cos`` = cos(v_{t-1}, g_t) with ``g_t`` the gradient the optimizer
             receives (at ``w`` for SGD and SAM, at the perturbed point for NAG and MSAM) and
             ``v_norm``; ``curvature`` rows ``(step, momentum, gradient, random)`` and ``angles``
-            (the :meth:`analysis.probes.MechanismProbe.angles` dicts) if requested.
+            (the :meth:`analysis.MechanismProbe.angles` dicts) if requested.
         final: ``train_loss``, ``train_acc`` (on the noisy training labels), ``test_loss``,
             ``test_acc``, ``seconds_per_epoch`` (mean).
     """
@@ -72,7 +72,7 @@ class _RunProbes:
     ``cos(v_{t-1}, g_t)`` at every step (free: the gradient is already there); the angles of
     ``g_MSAM`` to ``g_SAM`` on ``config.angle_batches`` steps from mid-training and the
     directional curvature every ``config.curvature_every`` steps when asked, through
-    :class:`analysis.probes.MechanismProbe` (which leaves the run bit-for-bit unchanged).
+    :class:`analysis.MechanismProbe` (which leaves the run bit-for-bit unchanged).
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, problem: Problem,
@@ -178,11 +178,11 @@ def train_run(problem: Problem, spec: OptimizerSpec, seed: int, config: ReproCon
     """Train one model with one optimizer and seed; log the MSAM mechanism probes.
 
     The loop: cosine lr per step ``lr_t = lr/2 (1 + cos(pi t / T))``; one
-    :func:`landscape.training.train_step` per batch (one forward/backward for SGD, NAG and MSAM;
+    :func:`landscape.train_step` per batch (one forward/backward for SGD, NAG and MSAM;
     ``SAM.step(closure, model=model)`` for SAM: a second pass at the ascent point with BatchNorm
     statistics frozen); the test accuracy is evaluated at the unperturbed weights after every
     epoch (``optimizer.eval()`` / ``optimizer.train()`` around it); at the end BatchNorm
-    statistics are recomputed at ``w``. Probes go through :class:`analysis.probes.MechanismProbe`
+    statistics are recomputed at ``w``. Probes go through :class:`analysis.MechanismProbe`
     (which leaves the run bit-for-bit unchanged) and are excluded from the timing.
 
     Args:

@@ -44,8 +44,8 @@ live here.
 
 Example:
     >>> import torch
-    >>> from analysis.directions import random_direction
-    >>> from landscape.slices import slice_2d
+    >>> from analysis import random_direction
+    >>> from landscape import slice_2d
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     >>> d1 = random_direction(model, seed=0)
@@ -86,7 +86,7 @@ from ._grid import ResumableGrid
 from ._points import Mover, Session, evaluate_line
 from ._results import METRICS, Slice1D, Slice2D
 
-__all__ = ["Slice1D", "Slice2D", "slice_1d", "slice_2d", "interpolate", "METRICS"]
+__all__ = ["METRICS"]
 
 
 def slice_1d(
@@ -126,7 +126,7 @@ def slice_1d(
         batch_size: batch size to split a tensor pair (default: one batch).
         cache: ``"auto"`` (default: keep the batches of a pair or list on the device for the
             whole slice), ``True`` (also a DataLoader's) or ``False``.
-        params: restrict the parameter space (see :class:`analysis.params.ParameterSpace`).
+        params: restrict the parameter space (see :class:`analysis.ParameterSpace`).
         name: name of the direction (axis label).
         label: label for legends.
         progress: show a tqdm bar with points/s.

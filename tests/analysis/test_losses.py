@@ -11,18 +11,10 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from analysis import (
-    CausalLMLoss,
-    GGNOperator,
-    HessianOperator,
-    ModelLoss,
-    dense_ggn,
-    dense_hessian,
-    evaluate,
-    logits_of,
-    loss_terms,
-    resolve_loss,
-)
+from analysis import CausalLMLoss, GGNOperator, HessianOperator, evaluate
+from analysis.evaluation import resolve_loss
+from analysis.losses import ModelLoss, logits_of, loss_terms
+from analysis.reference import dense_ggn, dense_hessian
 from tests import lm_models as lm
 
 LENGTHS = (3, 2, 4, 3, 5, 2)   # batches (2, 3, 1) are padded to 3, 5 and 2 tokens

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.directions import as_direction, normalize_direction, orthogonalize, project_out
-from analysis.params import ParameterSpace
-from analysis.results import COST_FIELDS, CostedResult
-from analysis.sharpness import (
+from analysis import (
     DirectionalSharpnessResult,
     EpsilonSharpnessResult,
     PacBayesResult,
+    ParameterSpace,
     SharpnessResult,
     directional_sharpness,
-    loss_along_line,
 )
+from analysis.directions import as_direction, normalize_direction, orthogonalize, project_out
+from analysis.results import COST_FIELDS, CostedResult
+from analysis.sharpness import loss_along_line
 from tests.models import Quadratic, mlp, quadratic_loss, random_spd
 
 DT = torch.float64

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.evaluation import evaluate
+from analysis import evaluate
 from analysis.reference import dense_hessian
 from landscape._format import format_table
 from landscape.cli import load_object, main
@@ -284,7 +284,7 @@ def test_report_command(ckpts, tmp_path, capsys):
 
 
 def test_perturbed_msam_checkpoint_warns(tmp_path, capsys):
-    from msam.msam import MSAM
+    from msam import MSAM
 
     net = fx.model()
     x, y = fx.data()
@@ -572,7 +572,7 @@ def test_sharpness_records_the_settings_used(ckpts, capsys):
     assert code == 0, err
     doc = json.loads(out)
     s = doc["checkpoints"][0]["settings"]
-    from analysis.sharpness import sharpness
+    from analysis import sharpness
 
     # the defaults the library used, not null: the same call reproduces the value
     # (sharpness_report's documented defaults: rho 0.1 worst, 0.05 average, 64 noise samples)

@@ -6,7 +6,8 @@ import argparse
 import pytest
 import torch
 
-from landscape.checkpoints import CheckpointError, checkpoint_format
+from landscape import CheckpointError
+from landscape.checkpoints import checkpoint_format
 from landscape.cli import demo, files, hessian, parser, report, sharpness
 from landscape.cli import slice as slice_cmd
 from tests.landscape import cli_fixtures as fx

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.tracker import CurvatureTracker
+from analysis import CurvatureTracker
 from landscape.datasets import load_digits
 from landscape.integrations import perturbed_optimizers
 from landscape.models import digits_cnn
@@ -50,7 +50,7 @@ def test_perturbed_optimizers_unwraps():
 @pytest.fixture(scope="module")
 def lightning_fit(tmp_path_factory):
     pl = pytest.importorskip("lightning.pytorch")
-    from landscape.integrations.lightning import MSAMCallback
+    from landscape.integrations import MSAMCallback
 
     (x, y), (xv, yv) = _data()
     torch.manual_seed(0)
@@ -182,7 +182,7 @@ def test_huggingface_trainer_saves_and_evaluates_at_w(tmp_path):
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from landscape.integrations.huggingface import MSAMTrainerCallback
+    from landscape.integrations import MSAMTrainerCallback
 
     hf_logging.set_verbosity_error()
     (x, y), (xv, yv) = _data()
@@ -225,7 +225,7 @@ def test_huggingface_trainer_saves_and_evaluates_at_w(tmp_path):
 def test_lightning_callback_measures_once_per_optimizer_step():
     """Gradient accumulation: several batches end with the same global_step; one check each."""
     pytest.importorskip("lightning.pytorch")
-    from landscape.integrations.lightning import MSAMCallback
+    from landscape.integrations import MSAMCallback
 
     calls = []
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.directions import momentum_direction
+from analysis import momentum_direction
 from landscape import reproduce as R
 from landscape.reproduce.runs import _cosine_lr
 
@@ -208,10 +208,9 @@ def test_sgd_run_matches_hand_written_loop():
 
 
 def test_sam_run_matches_hand_written_two_pass_loop():
-    """SAM through train_run (SAM.step via landscape.training.train_step) is the hand-written
+    """SAM through train_run (SAM.step via landscape.train_step) is the hand-written
     first_step / second pass with BatchNorm frozen / second_step loop, bit for bit."""
-    from msam.batchnorm import frozen_batchnorm_stats
-    from msam.sam import SAM
+    from msam import SAM, frozen_batchnorm_stats
 
     x, y = _tiny_problem()[1:]
 

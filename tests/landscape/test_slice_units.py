@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.directions import random_direction
-from analysis.evaluation import evaluate
-from analysis.params import ParameterSpace
+from analysis import ParameterSpace, evaluate, random_direction
 from landscape.slices._grid import ResumableGrid
 from landscape.slices._points import Mover, Session, evaluate_line
 from landscape.store import StoreMismatchError, tensors_hash
