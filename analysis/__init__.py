@@ -25,7 +25,7 @@ from .directions import (
 )
 from .evaluation import EvalResult, evaluate
 from .lanczos import EigenResult, top_eigenpairs
-from .losses import CausalLMLoss
+from .losses import CausalLMLoss, LossSpec
 from .operators.adapters import as_linear_operator
 from .operators.curvature import GGNOperator, directional_curvature
 from .operators.hessian import HessianOperator
@@ -43,7 +43,8 @@ from .tracker import CurvatureTracker, TrackerHistory, TrackerRecord
 
 __all__ = [
     # parameter vectors, data, losses, evaluation
-    "ParameterSpace", "flatten", "unflatten", "Data", "CausalLMLoss", "evaluate", "EvalResult",
+    "ParameterSpace", "flatten", "unflatten", "Data", "LossSpec", "CausalLMLoss", "evaluate",
+    "EvalResult",
     # curvature operators
     "HessianOperator", "GGNOperator", "LinearOperator", "as_linear_operator",
     "directional_curvature",

@@ -27,8 +27,10 @@ from typing import Any
 
 from torch import nn
 
+from .data import Data
 from .evaluation import progress_bar
 from .lanczos import top_eigenpairs
+from .losses import LossSpec
 from .operators import CurvatureOperator
 from .operators.adapters import as_linear_operator
 from .results import Result
@@ -91,8 +93,8 @@ class PerLayerSpectrum(Result):
 
 def per_layer_spectrum(
     model: nn.Module | CurvatureOperator,
-    loss_fn: Any = None,
-    data: Any = None,
+    loss_fn: LossSpec = None,
+    data: Data = None,
     *,
     k: int = 1,
     trace: bool = True,

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import Data
 from .evaluation import progress_bar
 from .krylov import lanczos_tridiagonals
+from .losses import LossSpec
 from .operators.adapters import as_linear_operator
 from .operators.protocol import LinearOperator
 from .results import Result
@@ -79,8 +81,8 @@ def _smooth(t: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float)
 
 def spectral_density(
     op: LinearOperator | nn.Module | torch.Tensor,
-    loss_fn: Any = None,
-    data: Any = None,
+    loss_fn: LossSpec = None,
+    data: Data = None,
     *,
     num_iter: int = 80,
     num_runs: int = 10,

@@ -32,7 +32,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ from . import distributed as dist
 from .checks import check_first_batch
 from .data import Data, as_data, to_device
 from .evaluation import forward, model_mode, resolve_loss
-from .losses import loss_terms
+from .losses import LossSpec, loss_terms
 from .params import ParameterSpace
 from .pca import state_vector
 
@@ -302,7 +302,7 @@ def random_direction(
 
 def gradient_direction(
     model: nn.Module,
-    loss_fn: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    loss_fn: LossSpec,
     data: Data,
     *,
     params: Sequence[str | nn.Parameter] | None = None,

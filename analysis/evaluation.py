@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from .data import Data, DataSource, as_data, to_device
-from .losses import CausalLMLoss, LossFn, ModelLoss, OutputLoss, loss_terms
+from .data import Data, as_data, to_device
+from .losses import CausalLMLoss, LossFn, LossSpec, ModelLoss, OutputLoss, loss_terms
 from .results import Result
 from .target_checks import check_targets
 
@@ -165,8 +165,8 @@ class EvalResult(Result):
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     mode: str | None = "eval",
     batch_size: int | None = None,

@@ -117,6 +117,7 @@ from typing import Any
 
 import torch
 
+from .data import Data
 from .evaluation import progress_bar
 from .krylov import (
     KrylovBasis,
@@ -124,6 +125,7 @@ from .krylov import (
     dot64,
     norm64,
 )
+from .losses import LossSpec
 from .operators.adapters import as_linear_operator
 from .operators.hessian import HessianOperator
 from .results import Result
@@ -188,8 +190,8 @@ class EigenResult(Result):
 
 def top_eigenpairs(
     model_or_op: Any,
-    loss_fn: Any = None,
-    data: Any = None,
+    loss_fn: LossSpec = None,
+    data: Data = None,
     *,
     k: int = 5,
     which: str = "LA",

@@ -56,6 +56,13 @@ import torch.nn.functional as F
 #: A loss ``loss_fn(output, target) -> scalar`` (mean over the batch's loss terms).
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+#: What every entry point accepts as ``loss_fn``: a name (``"cross_entropy"``, ``"mse"``,
+#: ``"lm"`` / ``"causal_lm"``, ``"model"``, ``"model_lm"``; see
+#: :func:`analysis.evaluation.resolve_loss`), a callable ``loss_fn(output, target)`` returning
+#: the batch mean (a :data:`LossFn`, e.g. :class:`CausalLMLoss`), or ``None`` for
+#: ``"cross_entropy"``.
+LossSpec = str | LossFn | None
+
 __all__ = ["logits_of", "loss_terms", "ModelLoss", "OutputLoss"]
 
 

@@ -57,7 +57,7 @@ from torch import nn
 from .data import Data, as_data, batch_size_of, to_device
 from .directions import project_out
 from .evaluation import forward, model_device_dtype, model_mode, resolve_loss
-from .losses import LossFn
+from .losses import LossSpec
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 from .sharpness import preserved_state
@@ -241,7 +241,7 @@ class MechanismProbe:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: str | LossFn | None,
+        loss_fn: LossSpec,
         optimizer: torch.optim.Optimizer,
         *,
         rho: float | None = None,

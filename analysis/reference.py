@@ -28,9 +28,9 @@ from torch import nn
 from torch.autograd.functional import hessian, jacobian
 
 from .attention import second_order_attention
-from .data import Data, DataSource, as_data, to_device
+from .data import Data, as_data, to_device
 from .evaluation import model_mode, resolve_loss
-from .losses import LossFn, logits_of, loss_terms
+from .losses import LossSpec, logits_of, loss_terms
 from .operators.empirical_risk import functional_forward
 from .params import ParameterSpace
 
@@ -61,7 +61,7 @@ def _setup(model: nn.Module, params, data, batch_size, loss_fn):
     return model64, space64, batches, total
 
 
-def dense_loss_function(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataSource,
+def dense_loss_function(model: nn.Module, loss_fn: LossSpec, data: Data,
                         *, params: Sequence[str | nn.Parameter] | None = None,
                         batch_size: int | None = None):
     """The dataset loss as a function of a flat float64 vector, and the current point.
@@ -88,7 +88,7 @@ def dense_loss_function(model: nn.Module, loss_fn: str | LossFn | None, data: Da
     return f, space64.vector()
 
 
-def dense_hessian(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataSource, *,
+def dense_hessian(model: nn.Module, loss_fn: LossSpec, data: Data, *,
                   params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
                   batch_size: int | None = None) -> torch.Tensor:
     """The full Hessian of the dataset loss in float64, ``H = sum_b (N_b / N) d^2 L_b / dw^2``.
@@ -113,7 +113,7 @@ def dense_hessian(model: nn.Module, loss_fn: str | LossFn | None, data: Data | D
     return 0.5 * (H + H.T)
 
 
-def dense_ggn(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataSource, *,
+def dense_ggn(model: nn.Module, loss_fn: LossSpec, data: Data, *,
               params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
               batch_size: int | None = None) -> torch.Tensor:
     """The full generalized Gauss-Newton matrix in float64, ``G = sum_b (N_b/N) J_b^T H_b J_b``.

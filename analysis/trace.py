@@ -44,8 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import Data
 from .evaluation import progress_bar
 from .krylov import dot64
+from .losses import LossSpec
 from .operators import default_block_size
 from .operators.adapters import as_linear_operator
 from .operators.protocol import LinearOperator
@@ -179,8 +181,8 @@ def _hutchpp(apply, n: int, k: int, b: int, gen, device, dtype) -> tuple[float, 
 
 def hessian_trace(
     op: LinearOperator | nn.Module | torch.Tensor,
-    loss_fn: Any = None,
-    data: Any = None,
+    loss_fn: LossSpec = None,
+    data: Data = None,
     *,
     num_matvecs: int = 99,
     method: str = "hutch++",

@@ -54,8 +54,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import Data
 from .evaluation import model_mode, resolve_loss
 from .lanczos import top_eigenpairs
+from .losses import LossSpec
 from .operators.curvature import directional_curvature
 from .operators.hessian import HessianOperator
 from .results import Result, to_jsonable
@@ -240,7 +242,7 @@ class CurvatureTracker:
         ritz_vectors: the last check's ``(k, n)`` Ritz vectors (or None).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Any, data: Any, *,
+    def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
                  optimizer: torch.optim.Optimizer | None = None, every: int = 50, k: int = 1,
                  tol: float = 1e-2, max_iter: int | None = None, warm_start: bool = True,
                  cold_every: int | None = None, trace_probes: int = 0, cosine: bool = False,

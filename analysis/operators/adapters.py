@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import Data
+from ..losses import LossSpec
 from .curvature import CurvatureOperator
 from .hessian import HessianOperator
 from .protocol import LinearOperator, TorchOperator
@@ -73,7 +75,7 @@ def _check_keywords(kwargs: dict) -> None:
         )
 
 
-def as_linear_operator(obj: Any, loss_fn: Any = None, data: Any = None,
+def as_linear_operator(obj: Any, loss_fn: LossSpec = None, data: Data = None,
                        **operator_kwargs: Any) -> LinearOperator:
     """Turn ``obj`` into an operator of the :class:`~analysis.LinearOperator` protocol.
 

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.func import jvp
 
+from ..data import Data
 from ..evaluation import resolve_loss
-from ..losses import ModelLoss, logits_of
+from ..losses import LossSpec, ModelLoss, logits_of
 from .empirical_risk import EmpiricalRisk, functional_forward
 from .protocol import TorchOperator
 
@@ -127,8 +128,9 @@ class GGNOperator(CurvatureOperator):
     vector-Jacobian product. Arguments and attributes are those of :class:`CurvatureOperator`.
     """
 
-    def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
-                 check_deterministic=True, batch_size=None):
+    def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
+                 params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
+                 check_deterministic: bool = True, batch_size: int | None = None) -> None:
         if isinstance(resolve_loss(loss_fn), ModelLoss):
             raise TypeError(
                 "GGNOperator needs a loss of the model outputs (e.g. 'lm' or 'cross_entropy'), "

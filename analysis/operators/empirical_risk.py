@@ -29,7 +29,7 @@ from ..attention import second_order_attention
 from ..checks import check_first_batch, check_repeatable_forward
 from ..data import Data, DataSource, as_data, to_device
 from ..evaluation import model_mode, resolve_loss
-from ..losses import LossFn, loss_terms
+from ..losses import LossSpec, loss_terms
 from ..params import ParameterSpace
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -146,8 +146,8 @@ class EmpiricalRisk:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: str | LossFn | None,
-        data: Data | DataSource,
+        loss_fn: LossSpec,
+        data: Data,
         *,
         params: Sequence[str | nn.Parameter] | None = None,
         mode: str | None = "eval",

@@ -24,9 +24,14 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import nn
 from torch.func import grad, jvp, vmap
 
+from ..data import Data
+from ..losses import LossSpec
 from .auto import AutoChoice, choose_method
 from .curvature import CurvatureOperator, default_block_size
 from .empirical_risk import functional_forward
@@ -77,8 +82,10 @@ class HessianOperator(CurvatureOperator):
 
     METHODS = ("auto", "forward-over-reverse", "double-backward", "cached-graph")
 
-    def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
-                 check_deterministic=True, batch_size=None, method="auto"):
+    def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
+                 params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
+                 check_deterministic: bool = True, batch_size: int | None = None,
+                 method: str = "auto") -> None:
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
         super().__init__(model, loss_fn, data, params=params, mode=mode,

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from ..checks import check_first_batch
-from ..data import Data, DataSource, as_data
+from ..data import Data, as_data
 from ..directions import as_direction
 from ..evaluation import model_mode, progress_bar, resolve_loss
-from ..losses import LossFn
+from ..losses import LossSpec
 from ..params import ParameterSpace
 from ..results import CostedResult
 from ._common import (
@@ -100,8 +100,8 @@ class DirectionalSharpnessResult(CostedResult):
 
 def directional_sharpness(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     direction: Any,
     radii: Sequence[float] | torch.Tensor | np.ndarray,
     *,

@@ -14,7 +14,7 @@ from torch import nn
 from ..checks import check_first_batch
 from ..data import Data, DataSource, as_data
 from ..evaluation import model_mode, progress_bar, resolve_loss
-from ..losses import LossFn
+from ..losses import LossSpec
 from ..params import ParameterSpace
 from ..results import CostedResult
 from ._common import (
@@ -57,8 +57,8 @@ class EpsilonSharpnessResult(CostedResult):
 
 def epsilon_sharpness(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     epsilon: float = 1e-3,
     method: str = "lbfgsb",

@@ -20,7 +20,7 @@ from .. import distributed as dist
 from ..checks import check_first_batch
 from ..data import Data, DataSource, as_data, to_device
 from ..evaluation import model_mode, progress_bar, resolve_loss
-from ..losses import LossFn, loss_terms
+from ..losses import LossSpec, loss_terms
 from ..params import ParameterSpace
 from ..results import CostedResult
 from ._common import (
@@ -162,8 +162,8 @@ class SharpnessResult(CostedResult):
 
 def sharpness(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     rho: float,
     kind: str = "worst",

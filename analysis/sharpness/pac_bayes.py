@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ..checks import check_first_batch
-from ..data import Data, DataSource, as_data
+from ..data import Data, as_data
 from ..evaluation import accuracy_unit, model_mode, progress_bar, resolve_loss
-from ..losses import LossFn
+from ..losses import LossSpec
 from ..params import ParameterSpace
 from ..results import CostedResult
 from ._common import (
@@ -62,8 +62,8 @@ class PacBayesResult(CostedResult):
 
 def pac_bayes_flatness(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     magnitude_aware: bool = False,
     target: float = 0.1,

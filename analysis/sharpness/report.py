@@ -10,9 +10,9 @@ from typing import Any
 
 from torch import nn
 
-from ..data import Data, DataSource
+from ..data import Data
 from ..evaluation import resolve_loss
-from ..losses import LossFn
+from ..losses import LossFn, LossSpec
 from ..results import Result, to_jsonable
 from ._common import check_model
 from .epsilon import epsilon_sharpness
@@ -91,8 +91,8 @@ def _report_keywords(metric: str) -> set[str]:
 
 def sharpness_report(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     metrics: Sequence[str] = ("worst", "average", "epsilon", "pac_bayes", "lambda_max", "trace"),
     *,
     options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -168,7 +168,7 @@ def _check_report_args(metrics: Any, options: Any) -> tuple[list[str], dict[str,
     return metrics, options
 
 
-def _run_metric(name: str, model: nn.Module, loss_fn: LossFn, data: Data | DataSource,
+def _run_metric(name: str, model: nn.Module, loss_fn: LossFn, data: Data,
                 kw: dict[str, Any], *, seed: int, mode: str | None,
                 progress: bool) -> tuple[Any, float]:
     """One metric of :func:`sharpness_report`: ``(full result, headline number)``."""

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from analysis.data import Data
+from analysis.losses import LossSpec
 from analysis.results import Result, to_jsonable
 
 try:  # the metric names understood by analysis.sharpness_report
@@ -42,8 +44,8 @@ METRIC_NAMES: tuple[str, ...] = ("worst", "average", "lambda_max", "trace") + tu
 
 def checkpoint_metrics(
     model: nn.Module,
-    loss_fn: Any,
-    data: Any,
+    loss_fn: LossSpec,
+    data: Data,
     metrics: Sequence[str],
     *,
     rho: float | None = None,
@@ -124,8 +126,8 @@ def _density_dict(res: Any) -> dict[str, Any]:
 
 def hessian_summary(
     model: nn.Module,
-    loss_fn: Any,
-    data: Any,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     top_k: int = 5,
     trace: bool = False,
@@ -213,8 +215,8 @@ def _directions(kind: str, model: nn.Module, loss_fn: Any, data: Any, count: int
 
 def compute_slice(
     model: nn.Module,
-    loss_fn: Any,
-    data: Any,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     dims: int = 1,
     direction: str = "random",
@@ -351,8 +353,8 @@ class ReportEntry(Result):
 
 def analyze_checkpoint(
     model: nn.Module,
-    loss_fn: Any,
-    data: Any,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     name: str,
     steps_1d: int = 41,

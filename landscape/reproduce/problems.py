@@ -12,6 +12,7 @@ from torch import nn
 
 from analysis.data import Data, as_data
 from analysis.evaluation import resolve_loss
+from analysis.losses import LossSpec
 
 from .config import ReproConfig
 
@@ -39,7 +40,7 @@ class Problem:
     train: Data
     test: Data
     probe: Data | None = None
-    loss_fn: Any = "cross_entropy"
+    loss_fn: LossSpec = "cross_entropy"
     name: str = "custom"
     description: str = ""
 

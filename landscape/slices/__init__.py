@@ -69,7 +69,7 @@ from torch import nn
 from analysis import distributed as dist
 from analysis.data import Data
 from analysis.directions import interpolation_direction
-from analysis.losses import LossFn
+from analysis.losses import LossSpec
 
 from ..store import tensors_hash
 from ._checks import (
@@ -91,7 +91,7 @@ __all__ = ["METRICS"]
 
 def slice_1d(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
+    loss_fn: LossSpec,
     data: Data,
     direction: torch.Tensor,
     alphas: Sequence[float] | np.ndarray | torch.Tensor,
@@ -186,7 +186,7 @@ def slice_1d(
 
 def slice_2d(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
+    loss_fn: LossSpec,
     data: Data,
     d1: torch.Tensor,
     d2: torch.Tensor,
@@ -357,7 +357,7 @@ def _compute_rows(s: Session, mover: Mover, grid: ResumableGrid, progress: bool,
 def interpolate(
     model_a: nn.Module,
     model_b: nn.Module,
-    loss_fn: str | LossFn | None,
+    loss_fn: LossSpec,
     data: Data,
     alphas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     *,
