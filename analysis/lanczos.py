@@ -98,7 +98,7 @@ products' rounding, far above the basis ``eps``, is what the bounds' floor measu
 ``benchmarks/lanczos_overhead.py`` measures both.
 
 The basis (:class:`~analysis.krylov.KrylovBasis`, :func:`~analysis.krylov.dot64`) lives in
-:mod:`analysis.krylov` and the error bounds in :mod:`analysis.ritz`; both are re-exported here.
+:mod:`analysis.krylov` and the error bounds in :mod:`analysis.ritz`.
 
 Example:
     >>> import torch
