@@ -3,116 +3,64 @@
 Parameter vectors, data, Hessian operators with Lanczos eigenpairs, trace and spectral density,
 landscape directions, sharpness metrics and the MSAM mechanism probes. May import :mod:`msam`;
 never imports :mod:`landscape`.
+
+What users call is importable from ``analysis`` (the list below); the rest has one home each:
+:mod:`analysis.data` (data sources), :mod:`analysis.losses` (loss protocols, loss terms),
+:mod:`analysis.operators` (the operator machinery), :mod:`analysis.krylov` (Lanczos
+tridiagonals), :mod:`analysis.directions` (normalization, Gram-Schmidt), :mod:`analysis.sharpness`
+(the metric table, APGD checkpoints), :mod:`analysis.checks`, :mod:`analysis.results`,
+:mod:`analysis.reference` (dense float64 references), :mod:`analysis.probes`,
+:mod:`analysis.distributed` (process-group helpers).
 """
 
 from .attention import second_order_attention
 from .blocks import LayerSpectrum, PerLayerSpectrum, per_layer_spectrum
-from .checks import check_first_batch, check_repeatable_forward
-from .data import Batch, DataSource, as_data, batch_size_of, to_device
+from .data import Data
 from .density import SpectralDensity, spectral_density
 from .directions import (
-    NORMALIZATIONS,
-    PCADirections,
-    as_direction,
     gradient_direction,
     interpolation_direction,
     momentum_direction,
-    normalize_direction,
-    orthogonalize,
-    pca_directions,
     random_direction,
 )
-from .distributed import (
-    DEFAULT_TIMEOUT,
-    all_gather_object,
-    all_reduce_gradients,
-    all_reduce_sum,
-    assert_same_across_ranks,
-    barrier,
-    broadcast_object,
-    default_device,
-    distributed_session,
-    get_rank,
-    get_world_size,
-    init_from_env,
-    is_distributed,
-    is_main_process,
-    launched_by_torchrun,
-    shutdown,
-)
-from .evaluation import EvalResult, evaluate, forward, model_mode, resolve_loss
-from .hessian import (
-    CurvatureOperator,
-    GGNOperator,
-    HessianOperator,
-    check_deterministic_setup,
-    default_block_size,
-    directional_curvature,
-)
-from .lanczos import (
-    EigenResult,
-    as_linear_operator,
-    lanczos_tridiagonal,
-    lanczos_tridiagonals,
-    top_eigenpairs,
-)
-from .losses import CausalLMLoss, ModelLoss, OutputLoss, logits_of, loss_terms
-from .operators import OPERATOR_KEYWORDS, AutoChoice, EmpiricalRisk, LinearOperator, TorchOperator
+from .evaluation import EvalResult, evaluate
+from .lanczos import EigenResult, top_eigenpairs
+from .losses import CausalLMLoss, LossSpec
+from .operators.adapters import as_linear_operator
+from .operators.curvature import GGNOperator, directional_curvature
+from .operators.hessian import HessianOperator
+from .operators.protocol import LinearOperator
 from .params import ParameterSpace, flatten, unflatten
-from .probes import PROBES, FeatureRankResult, MechanismProbe, feature_rank, rank_for_variance
-from .reference import dense_ggn, dense_hessian
-from .results import COST_FIELDS, CostedResult, Result, to_jsonable
-from .sharpness import METRICS as SHARPNESS_METRICS
-from .sharpness import (
-    DirectionalSharpnessResult,
-    EpsilonSharpnessResult,
-    PacBayesResult,
-    SharpnessReport,
-    SharpnessResult,
-    directional_sharpness,
-    epsilon_sharpness,
-    loss_along_line,
-    pac_bayes_flatness,
-    preserved_state,
-    sharpness,
-    sharpness_report,
-)
+from .pca import PCADirections, pca_directions
+from .probes import FeatureRankResult, MechanismProbe, feature_rank
+from .sharpness.directional import DirectionalSharpnessResult, directional_sharpness
+from .sharpness.epsilon import EpsilonSharpnessResult, epsilon_sharpness
+from .sharpness.m_sharpness import SharpnessResult, sharpness
+from .sharpness.pac_bayes import PacBayesResult, pac_bayes_flatness
+from .sharpness.report import SharpnessReport, sharpness_report
 from .trace import TraceResult, hessian_trace
 from .tracker import CurvatureTracker, TrackerHistory, TrackerRecord
 
 __all__ = [
-    # parameter vectors and data
-    "ParameterSpace", "flatten", "unflatten",
-    "Batch", "DataSource", "as_data", "batch_size_of", "to_device",
-    "EvalResult", "evaluate", "forward", "model_mode", "resolve_loss",
-    "Result", "to_jsonable",
-    # curvature
-    "CurvatureOperator", "HessianOperator", "GGNOperator", "directional_curvature",
-    "EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
-    "check_deterministic_setup", "TraceResult", "hessian_trace",
-    "check_first_batch", "check_repeatable_forward",
-    "SpectralDensity", "spectral_density", "dense_hessian", "dense_ggn",
-    "LayerSpectrum", "PerLayerSpectrum", "per_layer_spectrum", "default_block_size",
-    "lanczos_tridiagonals",
-    "LinearOperator", "TorchOperator", "EmpiricalRisk", "AutoChoice", "OPERATOR_KEYWORDS",
+    # parameter vectors, data, losses, evaluation
+    "ParameterSpace", "flatten", "unflatten", "Data", "LossSpec", "CausalLMLoss", "evaluate",
+    "EvalResult",
+    # curvature operators
+    "HessianOperator", "GGNOperator", "LinearOperator", "as_linear_operator",
+    "directional_curvature",
+    # spectra
+    "top_eigenpairs", "EigenResult", "hessian_trace", "TraceResult", "spectral_density",
+    "SpectralDensity", "per_layer_spectrum", "PerLayerSpectrum", "LayerSpectrum",
     # directions
-    "NORMALIZATIONS", "random_direction", "gradient_direction", "momentum_direction",
-    "interpolation_direction", "pca_directions", "PCADirections", "orthogonalize",
-    "normalize_direction", "as_direction",
+    "random_direction", "gradient_direction", "momentum_direction", "interpolation_direction",
+    "pca_directions", "PCADirections",
     # sharpness
     "sharpness", "epsilon_sharpness", "pac_bayes_flatness", "directional_sharpness",
     "sharpness_report", "SharpnessResult", "EpsilonSharpnessResult", "PacBayesResult",
-    "DirectionalSharpnessResult", "SharpnessReport", "SHARPNESS_METRICS", "preserved_state",
-    "loss_along_line", "CostedResult", "COST_FIELDS",
-    # probes
-    "MechanismProbe", "PROBES", "feature_rank", "FeatureRankResult", "rank_for_variance",
-    # distributed
-    "init_from_env", "shutdown", "distributed_session", "is_distributed", "get_rank",
-    "get_world_size", "is_main_process", "all_reduce_sum", "all_reduce_gradients", "barrier",
-    "broadcast_object", "all_gather_object", "assert_same_across_ranks", "default_device",
-    "launched_by_torchrun", "DEFAULT_TIMEOUT",
-    # curvature during training
-    "CurvatureTracker", "TrackerRecord", "TrackerHistory",
-    # transformers and language models
-    "second_order_attention", "CausalLMLoss", "ModelLoss", "OutputLoss", "logits_of", "loss_terms",
+    "DirectionalSharpnessResult", "SharpnessReport",
+    # curvature and mechanism during training
+    "CurvatureTracker", "TrackerRecord", "TrackerHistory", "MechanismProbe", "feature_rank",
+    "FeatureRankResult",
+    # transformers
+    "second_order_attention",
 ]

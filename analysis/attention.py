@@ -10,8 +10,8 @@ mode without gradients (``torch._native_multi_head_attention``,
 
 :func:`second_order_attention` selects the math SDPA backend (attention written as
 ``softmax(Q K^T / sqrt(d) + mask) V`` in ordinary differentiable operations) and turns the MHA
-fast path off. Every curvature product of the toolkit (:class:`~analysis.hessian.HessianOperator`,
-:class:`~analysis.hessian.GGNOperator`, their gradients, :func:`~analysis.reference.dense_hessian`
+fast path off. Every curvature product of the toolkit (:class:`~analysis.HessianOperator`,
+:class:`~analysis.GGNOperator`, their gradients, :func:`~analysis.reference.dense_hessian`
 and :func:`~analysis.reference.dense_ggn`, and everything built on them: Lanczos, trace,
 density, sharpness and probes) runs inside it, so ``nn.MultiheadAttention``,
 ``nn.TransformerEncoder/Decoder``, ``F.scaled_dot_product_attention`` in user code and Hugging
@@ -33,8 +33,6 @@ from collections.abc import Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["second_order_attention"]
-
 
 @contextlib.contextmanager
 def second_order_attention() -> Iterator[None]:
@@ -48,7 +46,7 @@ def second_order_attention() -> Iterator[None]:
 
     Example:
         >>> import torch
-        >>> from analysis.attention import second_order_attention
+        >>> from analysis import second_order_attention
         >>> q = torch.randn(1, 2, 4, 3, requires_grad=True)
         >>> with second_order_attention():
         ...     out = torch.nn.functional.scaled_dot_product_attention(q, q, q)

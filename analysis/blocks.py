@@ -3,16 +3,16 @@
 For a module ``l`` with parameters ``w_l`` (its own, not its children's), the diagonal block of
 the dataset-loss Hessian is ``H_ll = d^2 L / d w_l^2``: the Hessian restricted to ``w_l`` with every
 other parameter held fixed. :func:`per_layer_spectrum` builds a
-:class:`~analysis.hessian.HessianOperator` on each block (``params=`` the module's parameters),
-runs :func:`~analysis.lanczos.top_eigenpairs` for its ``k`` largest eigenvalues and
-:func:`~analysis.trace.hessian_trace` for its trace (exact, ``tr H_ll``, when the block has at
+:class:`~analysis.HessianOperator` on each block (``params=`` the module's parameters),
+runs :func:`~analysis.top_eigenpairs` for its ``k`` largest eigenvalues and
+:func:`~analysis.hessian_trace` for its trace (exact, ``tr H_ll``, when the block has at
 most ``trace_matvecs // 2`` parameters; Hutch++ otherwise), as PyHessian users ask for
 (layer-wise sharpness, e.g. Yao et al. 2020, Fig. 3). The blocks of all layers together are the
 block-diagonal part of ``H``; their traces add up to ``tr H``.
 
 Example:
     >>> import torch
-    >>> from analysis.blocks import per_layer_spectrum
+    >>> from analysis import per_layer_spectrum
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
     >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
     >>> res = per_layer_spectrum(model, "cross_entropy", (x, y), k=2)
@@ -27,13 +27,14 @@ from typing import Any
 
 from torch import nn
 
+from .data import Data
 from .evaluation import progress_bar
 from .lanczos import top_eigenpairs
-from .operators import CurvatureOperator, as_linear_operator
+from .losses import LossSpec
+from .operators import CurvatureOperator
+from .operators.adapters import as_linear_operator
 from .results import Result
 from .trace import hessian_trace
-
-__all__ = ["LayerSpectrum", "PerLayerSpectrum", "per_layer_spectrum"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -92,8 +93,8 @@ class PerLayerSpectrum(Result):
 
 def per_layer_spectrum(
     model: nn.Module | CurvatureOperator,
-    loss_fn: Any = None,
-    data: Any = None,
+    loss_fn: LossSpec = None,
+    data: Data = None,
     *,
     k: int = 1,
     trace: bool = True,
@@ -108,10 +109,10 @@ def per_layer_spectrum(
 
     Args:
         model: the network (then ``loss_fn`` and ``data`` are required and the blocks are those
-            of a :class:`~analysis.hessian.HessianOperator` built with ``operator_kwargs``), or
+            of a :class:`~analysis.HessianOperator` built with ``operator_kwargs``), or
             a curvature operator (a Hessian or GGN operator: its blocks, with its loss, data,
             mode and product method, via :meth:`~analysis.operators.CurvatureOperator.restricted`).
-        loss_fn, data: with a model, as for :class:`~analysis.hessian.HessianOperator`.
+        loss_fn, data: with a model, as for :class:`~analysis.HessianOperator`.
         k: eigenvalues per block (default 1; capped at the block size).
         trace: also estimate each block's trace (default True; see "Cost" below: with the
             default budget it is most of the run's products).
@@ -123,7 +124,7 @@ def per_layer_spectrum(
         seed: seed of the start and probe vectors.
         progress: a tqdm bar over the modules.
         **operator_kwargs: with a model, the operator's keywords (``mode``, ``batch_size``,
-            ``method``, ``check_deterministic``; see :func:`~analysis.operators.as_linear_operator`).
+            ``method``, ``check_deterministic``; see :func:`~analysis.as_linear_operator`).
 
     Cost:
         Each block product is one Hessian-vector product restricted to the block (about the cost

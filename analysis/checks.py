@@ -21,7 +21,7 @@ Two kinds of check run on the first batch, before anything is computed or change
 
 Train-mode BatchNorm is *not* refused here: on a fixed batch it is a deterministic function of
 the weights (batch statistics), which is what ``mode="train"`` asks for. (The curvature operators
-refuse it for their own reason, see :func:`analysis.hessian.check_deterministic_setup`.)
+refuse it for their own reason, see :func:`analysis.operators.check_deterministic_setup`.)
 
 Both checks use at most :data:`CHECK_SAMPLES` samples of the first batch, run without autograd,
 restore buffers (BatchNorm statistics), module flags and the global random number generators.
@@ -46,7 +46,6 @@ __all__ = [
     "active_dropout",
     "check_first_batch",
     "check_repeatable_forward",
-    "describe",
 ]
 
 #: At most this many samples of the first batch are used by the checks.

@@ -40,9 +40,13 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import distributed as dist
 
-__all__ = ["Batch", "DataSource", "as_data", "to_device", "batch_size_of", "Data"]
+__all__ = ["Batch", "DataSource", "as_data", "to_device", "batch_size_of"]
 
-Data = Union[tuple, list, DataLoader, "DataSource", Iterable]
+#: What every entry point accepts as ``data``: an ``(X, y)`` pair of tensors (split by
+#: ``batch_size`` where a function has one), a dict of tensors (one batch), a list of ``(x, y)``
+#: batches or batch dicts, a ``DataLoader``, another re-iterable of batches, or a
+#: :class:`DataSource` (:func:`as_data` turns each into one).
+Data = Union[tuple, list, dict, DataLoader, "DataSource", Iterable]
 
 
 @dataclass

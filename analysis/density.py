@@ -14,7 +14,7 @@ which integrates to 1 (Lin, Saad & Yang, SIAM Review 2016; Ghorbani, Krishnan & 
 
 Example:
     >>> import torch
-    >>> from analysis.density import spectral_density
+    >>> from analysis import spectral_density
     >>> A = torch.diag(torch.cat([torch.zeros(90), torch.full((10,), 5.0)]).double())
     >>> d = spectral_density(A, num_iter=20, num_runs=4)
     >>> abs(d.integral() - 1) < 1e-3
@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import Data
 from .evaluation import progress_bar
-from .lanczos import lanczos_tridiagonals
-from .operators import LinearOperator, as_linear_operator
+from .krylov import lanczos_tridiagonals
+from .losses import LossSpec
+from .operators.adapters import as_linear_operator
+from .operators.protocol import LinearOperator
 from .precision import autocast_disabled
 from .results import Result
-
-__all__ = ["SpectralDensity", "spectral_density"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -82,8 +83,8 @@ def _smooth(t: np.ndarray, nodes: np.ndarray, weights: np.ndarray, sigma: float)
 @autocast_disabled()
 def spectral_density(
     op: LinearOperator | nn.Module | torch.Tensor,
-    loss_fn: Any = None,
-    data: Any = None,
+    loss_fn: LossSpec = None,
+    data: Data = None,
     *,
     num_iter: int = 80,
     num_runs: int = 10,
@@ -99,7 +100,7 @@ def spectral_density(
 
     Args:
         op: a curvature operator, a model (then ``loss_fn`` and ``data`` build a
-            :class:`~analysis.hessian.HessianOperator` with ``operator_kwargs``), a square
+            :class:`~analysis.HessianOperator` with ``operator_kwargs``), a square
             tensor, or any object with ``shape`` and ``matvec``.
         loss_fn, data: with a model.
         num_iter: Lanczos steps per run (default 80; at most ``n``). Memory ``num_iter * n``.

@@ -1,7 +1,7 @@
 """Directions in parameter space for landscape slices, sharpness probes and curvature.
 
 A *direction* is a flat 1-D tensor over the trainable parameters of a model, in the order of
-:class:`analysis.params.ParameterSpace` (the same convention as the Hessian engine's
+:class:`analysis.ParameterSpace` (the same convention as the Hessian engine's
 eigenvectors), on the model's device and in its dtype. This module builds the directions the
 loss-landscape literature uses:
 
@@ -22,7 +22,7 @@ loss-landscape literature uses:
 
 Example:
     >>> import torch
-    >>> from analysis.directions import random_direction
+    >>> from analysis import random_direction
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     >>> d1 = random_direction(model, seed=0)
     >>> d2 = random_direction(model, seed=1, orthogonal_to=d1)
@@ -32,7 +32,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,22 +43,11 @@ from . import distributed as dist
 from .checks import check_first_batch
 from .data import Data, as_data, to_device
 from .evaluation import forward, model_mode, resolve_loss
-from .losses import loss_terms
+from .losses import LossSpec, loss_terms
 from .params import ParameterSpace
-from .pca import _BN_BUFFER_SUFFIXES, PCADirections, _NameSpace, _state_vector, pca_directions  # noqa: F401
+from .pca import state_vector
 
-__all__ = [
-    "NORMALIZATIONS",
-    "as_direction",
-    "random_direction",
-    "gradient_direction",
-    "momentum_direction",
-    "interpolation_direction",
-    "pca_directions",
-    "PCADirections",
-    "orthogonalize",
-    "normalize_direction",
-]
+__all__ = ["NORMALIZATIONS", "as_direction", "orthogonalize", "normalize_direction"]
 
 #: Accepted values of ``normalization``.
 NORMALIZATIONS = ("filter", "layer", "model", None)
@@ -201,7 +190,7 @@ def normalize_direction(
     return d
 
 
-def _project_out(d: torch.Tensor, basis: Sequence[torch.Tensor]) -> torch.Tensor:
+def project_out(d: torch.Tensor, basis: Sequence[torch.Tensor]) -> torch.Tensor:
     """One Gram-Schmidt pass: ``d <- d - (d . q) q`` for each unit vector ``q`` of the
     orthonormal ``basis`` in turn (modified Gram-Schmidt), in ``d``'s dtype."""
     for q in basis:
@@ -250,7 +239,7 @@ def orthogonalize(
             raise ValueError(
                 f"against[{i}] has shape {tuple(b.shape)}, direction has {tuple(direction.shape)}"
             )
-        u = _project_out(b.detach().to(device=d.device, dtype=torch.float64), basis)
+        u = project_out(b.detach().to(device=d.device, dtype=torch.float64), basis)
         nu = torch.linalg.vector_norm(u)
         if not nu > 0:
             raise ValueError(
@@ -258,7 +247,7 @@ def orthogonalize(
             )
         basis.append(u / nu)
     norm0 = torch.linalg.vector_norm(d)
-    d = _project_out(_project_out(d, basis), basis)  # a second pass for full accuracy
+    d = project_out(project_out(d, basis), basis)  # a second pass for full accuracy
     nd = torch.linalg.vector_norm(d)
     if not nd > 1e-12 * max(float(norm0), 1e-300):
         raise ValueError("direction lies in the span of `against`; the orthogonalized direction is zero")
@@ -313,7 +302,7 @@ def random_direction(
 
 def gradient_direction(
     model: nn.Module,
-    loss_fn: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    loss_fn: LossSpec,
     data: Data,
     *,
     params: Sequence[str | nn.Parameter] | None = None,
@@ -474,4 +463,4 @@ def interpolation_direction(
         ValueError: if ``model_b`` lacks a parameter or a shape differs.
     """
     space = _space(model_a, params)
-    return _state_vector(model_b, space, "model_b") - space.vector()
+    return state_vector(model_b, space, "model_b") - space.vector()

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from .data import Data, DataSource, as_data, to_device
-from .losses import CausalLMLoss, LossFn, ModelLoss, OutputLoss, logits_of, loss_terms
+from .data import Data, as_data, to_device
+from .losses import CausalLMLoss, LossFn, LossSpec, ModelLoss, OutputLoss, logits_of, loss_terms
 from .results import Result
 from .target_checks import check_targets
 
@@ -22,18 +22,8 @@ with warnings.catch_warnings():  # widget bars in Jupyter; text bars (and no war
     warnings.simplefilter("ignore")  # or when ipywidgets is missing
     from tqdm.auto import tqdm
 
-__all__ = [
-    "EvalResult",
-    "evaluate",
-    "forward",
-    "model_mode",
-    "resolve_loss",
-    "correct_count",
-    "progress_bar",
-    "model_device_dtype",
-    "accuracy_per_term",
-    "accuracy_unit",
-]
+__all__ = ["forward", "model_mode", "resolve_loss", "correct_count", "progress_bar",
+           "model_device_dtype", "accuracy_per_term", "accuracy_unit"]
 
 
 _LOSSES: dict[str, LossFn] = {
@@ -187,8 +177,8 @@ class EvalResult(Result):
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     mode: str | None = "eval",
     batch_size: int | None = None,

@@ -98,11 +98,11 @@ products' rounding, far above the basis ``eps``, is what the bounds' floor measu
 ``benchmarks/lanczos_overhead.py`` measures both.
 
 The basis (:class:`~analysis.krylov.KrylovBasis`, :func:`~analysis.krylov.dot64`) lives in
-:mod:`analysis.krylov` and the error bounds in :mod:`analysis.ritz`; both are re-exported here.
+:mod:`analysis.krylov` and the error bounds in :mod:`analysis.ritz`.
 
 Example:
     >>> import torch
-    >>> from analysis.lanczos import top_eigenpairs
+    >>> from analysis import top_eigenpairs
     >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> res = top_eigenpairs(A, k=3)
     >>> [round(x) for x in res.eigenvalues.tolist()]
@@ -117,28 +117,22 @@ from typing import Any
 
 import torch
 
+from .data import Data
 from .evaluation import progress_bar
-from .hessian import HessianOperator
-from .krylov import (  # noqa: F401 (re-exported: the old import paths)
-    DGKS_ETA,
-    EXACT_SLAB,
-    SLAB,
+from .krylov import (
     KrylovBasis,
-    OmegaRecurrence,
     Reorthogonalizer,
     dot64,
-    lanczos_tridiagonal,
-    lanczos_tridiagonals,
     norm64,
 )
-from .operators.adapters import _CallableOperator, _TensorOperator, as_linear_operator  # noqa: F401
+from .losses import LossSpec
+from .operators.adapters import as_linear_operator
+from .operators.hessian import HessianOperator
 from .precision import FloorWatch, autocast_disabled, warn_half_precision
 from .results import Result
-from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
+from .ritz import guard_ok, ritz_error_bounds, wanted_indices
 
-__all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
-           "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
-           "basis_itemsize"]
+__all__ = ["default_max_basis", "default_max_iter", "memory_bound_bytes", "basis_itemsize"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -201,8 +195,8 @@ class EigenResult(Result):
 @autocast_disabled()
 def top_eigenpairs(
     model_or_op: Any,
-    loss_fn: Any = None,
-    data: Any = None,
+    loss_fn: LossSpec = None,
+    data: Data = None,
     *,
     k: int = 5,
     which: str = "LA",
@@ -228,9 +222,9 @@ def top_eigenpairs(
 
     Args:
         model_or_op: an ``nn.Module`` (then ``loss_fn`` and ``data`` are required and a
-            :class:`~analysis.hessian.HessianOperator` is built with ``operator_kwargs``, e.g.
+            :class:`~analysis.HessianOperator` is built with ``operator_kwargs``, e.g.
             ``mode``, ``params``, ``batch_size``), a curvature operator (e.g. a
-            :class:`~analysis.hessian.GGNOperator`), a square tensor, or any object with
+            :class:`~analysis.GGNOperator`), a square tensor, or any object with
             ``shape`` and ``matvec``.
         loss_fn: loss name or callable (with a model).
         data: data (with a model), see :mod:`analysis.data`.
@@ -425,7 +419,7 @@ class _Lanczos:
         """The error estimates, floored by the rounding level of the products."""
         tnorm = float(theta.abs().max()) if theta.numel() else 0.0
         self.floor = floor = math.sqrt(m) * max(self.noise, 4 * self.op_eps * tnorm)
-        self.raw = _error_bounds(theta, res, idx, self.which)
+        self.raw = ritz_error_bounds(theta, res, idx, self.which)
         return torch.clamp(self.raw, min=floor)
 
     def at_floor(self, scale: torch.Tensor) -> str | None:
@@ -433,7 +427,7 @@ class _Lanczos:
         holds at the floor's tolerance, the bounds are the residuals (no gap trusted), floored."""
         r, tol_floor = self.res[self.idx], min(float((self.floor / scale).max()), 0.5)
         reason = self.watch.update(self.floor, self.raw, r, scale, self.tol)
-        if reason and not _guard_ok(self.theta, self.res, self.k, self.which, tol_floor, self.eps):
+        if reason and not guard_ok(self.theta, self.res, self.k, self.which, tol_floor, self.eps):
             self.errs = torch.maximum(self.errs, torch.clamp(r, min=self.floor))
         return reason
 
@@ -480,7 +474,7 @@ class _Lanczos:
         self.theta, self.S = torch.linalg.eigh(self.T[:m, :m])
         self.res = (self.S.T @ coupling).abs() if coupling.dim() else \
             (coupling * self.S[-1, :]).abs()
-        self.idx = _wanted(self.theta, self.k, self.which)
+        self.idx = wanted_indices(self.theta, self.k, self.which)
         self.errs = self.bounds(self.theta, self.res, self.idx, m)
 
     def step(self) -> bool:
@@ -498,7 +492,7 @@ class _Lanczos:
         # the guard protects the gap estimates; residuals that meet tol alone need no gap
         if idx.numel() >= self.k and ok and (
                 bool((self.res[idx] <= self.tol * scale).all())
-                or _guard_ok(theta, self.res, self.k, self.which, self.tol, self.eps)):
+                or guard_ok(theta, self.res, self.k, self.which, self.tol, self.eps)):
             self.converged = True
             return True
         if breakdown and m >= n:
@@ -538,7 +532,7 @@ class _Lanczos:
         """Thick restart: keep the wanted Ritz vectors (and a few more), then the residual."""
         k, which, theta, S = self.k, self.which, self.theta, self.S
         keep = min(max(k + (self.max_basis - k) // 2, k), self.max_basis - 1)
-        order = _wanted(theta, keep, which) if which != "LM" else torch.argsort(
+        order = wanted_indices(theta, keep, which) if which != "LM" else torch.argsort(
             theta.abs(), descending=True)[:keep]
         coupling = beta * S[-1, order]
         self.basis.rotate(S[:, order], m)  # rows 0..keep-1 <- the Ritz vectors, in place

@@ -33,7 +33,7 @@ labels are then ``labels`` if present, else ``input_ids``, with positions where
 
 Example:
     >>> import torch
-    >>> from analysis.losses import CausalLMLoss
+    >>> from analysis import CausalLMLoss
     >>> logits = torch.randn(2, 4, 7)
     >>> labels = torch.tensor([[1, 2, 3, 4], [5, 6, -100, -100]])
     >>> lm = CausalLMLoss()
@@ -56,13 +56,14 @@ import torch.nn.functional as F
 #: A loss ``loss_fn(output, target) -> scalar`` (mean over the batch's loss terms).
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = [
-    "logits_of",
-    "loss_terms",
-    "CausalLMLoss",
-    "ModelLoss",
-    "OutputLoss",
-]
+#: What every entry point accepts as ``loss_fn``: a name (``"cross_entropy"``, ``"mse"``,
+#: ``"lm"`` / ``"causal_lm"``, ``"model"``, ``"model_lm"``; see
+#: :func:`analysis.evaluation.resolve_loss`), a callable ``loss_fn(output, target)`` returning
+#: the batch mean (a :data:`LossFn`, e.g. :class:`CausalLMLoss`), or ``None`` for
+#: ``"cross_entropy"``.
+LossSpec = str | LossFn | None
+
+__all__ = ["logits_of", "loss_terms", "ModelLoss", "OutputLoss"]
 
 
 def logits_of(output: Any) -> torch.Tensor:

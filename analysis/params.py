@@ -30,8 +30,6 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ParameterSpace", "flatten", "unflatten"]
-
 
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat 1-D tensor (a copy), in order.

@@ -17,12 +17,10 @@ from msam.batchnorm import BATCHNORM_BUFFERS
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 
-__all__ = ["PCADirections", "pca_directions"]
-
 _BN_BUFFER_SUFFIXES = BATCHNORM_BUFFERS
 
 
-def _state_vector(obj: Any, space: ParameterSpace, what: str) -> torch.Tensor:
+def state_vector(obj: Any, space: ParameterSpace, what: str) -> torch.Tensor:
     """Flat parameter vector of a model or a state_dict, in ``space``'s order and dtype."""
     if isinstance(obj, nn.Module):
         named = dict(obj.named_parameters())
@@ -131,9 +129,9 @@ def pca_directions(
         raise ValueError(f"k must be a positive integer, got {k!r}")
     space = _trajectory_space(checkpoints[0], model)
     ref = final if final is not None else checkpoints[-1]
-    w_final = _state_vector(ref, space, "final").to(torch.float64)
+    w_final = state_vector(ref, space, "final").to(torch.float64)
     rows = torch.stack([
-        _state_vector(c, space, f"checkpoints[{i}]").to(torch.float64) - w_final
+        state_vector(c, space, f"checkpoints[{i}]").to(torch.float64) - w_final
         for i, c in enumerate(checkpoints)
     ])
     m = rows.shape[0]

@@ -55,15 +55,15 @@ import torch
 from torch import nn
 
 from .data import Data, as_data, batch_size_of, to_device
-from .directions import _project_out
+from .directions import project_out
 from .evaluation import forward, model_device_dtype, model_mode, resolve_loss
-from .losses import LossFn
+from .losses import LossSpec
 from .params import ParameterSpace
 from .results import Result, to_jsonable
 from .sharpness import preserved_state
 from .sharpness.directional import loss_along_line
 
-__all__ = ["MechanismProbe", "PROBES", "feature_rank", "FeatureRankResult", "rank_for_variance"]
+__all__ = ["PROBES", "rank_for_variance"]
 
 
 #: Probe names accepted by :meth:`MechanismProbe.log`.
@@ -73,7 +73,7 @@ _DIRECTIONS = ("momentum", "gradient", "random")
 
 
 @contextlib.contextmanager
-def _rng_preserved(device: torch.device) -> Iterator[None]:
+def rng_preserved(device: torch.device) -> Iterator[None]:
     """Save and restore the global CPU RNG and, when CUDA is initialized, every CUDA RNG."""
     cpu = torch.get_rng_state()
     cuda = None
@@ -241,7 +241,7 @@ class MechanismProbe:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: str | LossFn | None,
+        loss_fn: LossSpec,
         optimizer: torch.optim.Optimizer,
         *,
         rho: float | None = None,
@@ -306,7 +306,7 @@ class MechanismProbe:
                 f"{type(opt).__name__} is at its perturbed point (between first_step and "
                 "second_step); call the probe before first_step() or after second_step()"
             )
-        with _rng_preserved(self.space.device), preserved_state(self.model), \
+        with rng_preserved(self.space.device), preserved_state(self.model), \
                 model_mode(self.model, self.mode):
             if perturbed:
                 with opt.unperturbed():
@@ -435,7 +435,7 @@ class MechanismProbe:
                 raise ValueError("the batch gradient is zero; the angles are undefined")
             _, g_sam = self._grad(x, y, w, (rho_sam / gn) * g_sgd, "at the SAM point")
             e1 = g_sam / g_sam.norm()
-            e2 = _project_out(g_sgd, [e1])
+            e2 = project_out(g_sgd, [e1])
             e2n = e2.norm()
             if not bool(e2n > 0):
                 raise ValueError("g_SGD and g_SAM are parallel; the plane is undefined")
@@ -474,10 +474,11 @@ class MechanismProbe:
         """Directional curvature ``d^T H_B d / ||d||^2`` (App. A.4) along the momentum, the
         batch gradient and a random filter-normalized direction.
 
-        Uses :class:`analysis.hessian.HessianOperator` on the batch (one Hessian-vector product
+        Uses :class:`analysis.HessianOperator` on the batch (one Hessian-vector product
         per direction, about 2-3 gradients each). Returns ``{"curv_<direction>"}``.
         """
-        from .hessian import HessianOperator, directional_curvature
+        from .operators.curvature import directional_curvature
+        from .operators.hessian import HessianOperator
 
         x, y, _ = self._batch(batch)
         out = {}

@@ -6,7 +6,7 @@ and users checking a setup. The model is copied and cast to float64 (the caller'
 touched); the data are cast too. The dataset loss is weighted exactly as everywhere else,
 ``L(w) = sum_b (N_b / N) L_b(w)`` with ``N_b`` the loss terms of batch ``b`` (samples, or tokens
 for a language-model loss; :func:`analysis.losses.loss_terms`). The references differentiate
-inside :func:`analysis.attention.second_order_attention`, so attention models work.
+inside :func:`analysis.second_order_attention`, so attention models work.
 
 Example:
     >>> import torch
@@ -28,10 +28,10 @@ from torch import nn
 from torch.autograd.functional import hessian, jacobian
 
 from .attention import second_order_attention
-from .data import Data, DataSource, as_data, to_device
+from .data import Data, as_data, to_device
 from .evaluation import model_mode, resolve_loss
-from .hessian import _call
-from .losses import LossFn, logits_of, loss_terms
+from .losses import LossSpec, logits_of, loss_terms
+from .operators.empirical_risk import functional_forward
 from .params import ParameterSpace
 
 __all__ = ["dense_hessian", "dense_ggn", "dense_loss_function"]
@@ -61,7 +61,7 @@ def _setup(model: nn.Module, params, data, batch_size, loss_fn):
     return model64, space64, batches, total
 
 
-def dense_loss_function(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataSource,
+def dense_loss_function(model: nn.Module, loss_fn: LossSpec, data: Data,
                         *, params: Sequence[str | nn.Parameter] | None = None,
                         batch_size: int | None = None):
     """The dataset loss as a function of a flat float64 vector, and the current point.
@@ -79,7 +79,7 @@ def dense_loss_function(model: nn.Module, loss_fn: str | LossFn | None, data: Da
         state = {**buffers, **dict(zip(names, space64.unflatten(w)))}
         loss = 0.0
         for x, y, n in batches:
-            lb = loss_fn(_call(model64, state, x), y)
+            lb = loss_fn(functional_forward(model64, state, x), y)
             if lb.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(lb.shape)}")
             loss = loss + lb * (n / total)
@@ -88,13 +88,13 @@ def dense_loss_function(model: nn.Module, loss_fn: str | LossFn | None, data: Da
     return f, space64.vector()
 
 
-def dense_hessian(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataSource, *,
+def dense_hessian(model: nn.Module, loss_fn: LossSpec, data: Data, *,
                   params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
                   batch_size: int | None = None) -> torch.Tensor:
     """The full Hessian of the dataset loss in float64, ``H = sum_b (N_b / N) d^2 L_b / dw^2``.
 
     Computed by ``torch.autograd.functional.hessian`` over the flat parameter vector of a float64
-    copy of the model (the independent reference for :class:`analysis.hessian.HessianOperator`).
+    copy of the model (the independent reference for :class:`analysis.HessianOperator`).
 
     Args:
         model: the network (not modified).
@@ -113,7 +113,7 @@ def dense_hessian(model: nn.Module, loss_fn: str | LossFn | None, data: Data | D
     return 0.5 * (H + H.T)
 
 
-def dense_ggn(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataSource, *,
+def dense_ggn(model: nn.Module, loss_fn: LossSpec, data: Data, *,
               params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
               batch_size: int | None = None) -> torch.Tensor:
     """The full generalized Gauss-Newton matrix in float64, ``G = sum_b (N_b/N) J_b^T H_b J_b``.
@@ -135,7 +135,7 @@ def dense_ggn(model: nn.Module, loss_fn: str | LossFn | None, data: Data | DataS
         for x, y, n in batches:
             def outputs(w, x=x):
                 state = {**buffers, **dict(zip(names, space64.unflatten(w)))}
-                return logits_of(_call(model64, state, x))
+                return logits_of(functional_forward(model64, state, x))
 
             out = outputs(w0).detach()
             J = jacobian(lambda w: outputs(w).reshape(-1), w0)  # (m, n)

@@ -13,7 +13,7 @@ import math
 import torch
 
 
-def _wanted(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
+def wanted_indices(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     """Indices of the k wanted Ritz values (theta ascending)."""
     m = theta.numel()
     kk = min(k, m)
@@ -24,8 +24,8 @@ def _wanted(theta: torch.Tensor, k: int, which: str) -> torch.Tensor:
     return torch.argsort(theta.abs(), descending=True)[:kk]
 
 
-def _error_bounds(theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor,
-                  which: str = "LA") -> torch.Tensor:
+def ritz_error_bounds(theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor,
+                      which: str = "LA") -> torch.Tensor:
     """Eigenvalue error estimates for the Ritz values ``idx`` (``theta`` ascending).
 
     ``min(r_i, r_i^2 / gap_i, block_i)``: the residual bound, the single-pair residual-squared
@@ -63,13 +63,13 @@ def _error_bounds(theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor,
     return out
 
 
-#: Guard on the first unwanted Ritz value (see :func:`_guard_ok`).
+#: Guard on the first unwanted Ritz value (see :func:`guard_ok`).
 GUARD_FACTOR = 10.0
 GUARD_GAP_FRACTION = 0.1
 
 
-def _guard_ok(theta: torch.Tensor, res: torch.Tensor, k: int, which: str, tol: float,
-              eps: float) -> bool:
+def guard_ok(theta: torch.Tensor, res: torch.Tensor, k: int, which: str, tol: float,
+             eps: float) -> bool:
     """Whether the first unwanted Ritz value ``theta_g`` is resolved well enough to trust the gaps.
 
     The gaps in the error estimates of the wanted pairs are measured to the other Ritz values;
@@ -84,11 +84,11 @@ def _guard_ok(theta: torch.Tensor, res: torch.Tensor, k: int, which: str, tol: f
     m = theta.numel()
     if m <= k:
         return True
-    wanted = _wanted(theta, k, which)
-    g = _wanted(theta, k + 1, which)[-1:]
+    wanted = wanted_indices(theta, k, which)
+    g = wanted_indices(theta, k + 1, which)[-1:]
     gap = float((theta[wanted] - theta[g]).abs().min())
     if float(res[g]) <= GUARD_GAP_FRACTION * gap:
         return True
-    err = _error_bounds(theta, res, g, which)
+    err = ritz_error_bounds(theta, res, g, which)
     scale = torch.clamp(theta[g].abs(), min=math.sqrt(eps) * float(theta.abs().max()))
     return bool((err <= GUARD_FACTOR * tol * scale).all())

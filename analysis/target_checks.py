@@ -1,7 +1,7 @@
 """Targets against outputs for the built-in losses, checked on the first batch before any work.
 
 Shared by :func:`analysis.checks.check_first_batch` (sharpness metrics, slices, the curvature
-operators at construction), :func:`analysis.evaluation.evaluate` and the command line. For
+operators at construction), :func:`analysis.evaluate` and the command line. For
 ``cross_entropy`` (integer class indices of shape ``(N,)`` in ``[0, C)``, ``-100`` ignored, or
 class probabilities of the outputs' shape) and ``mse`` (floating targets of the outputs' shape),
 applied to the prediction tensor of the output (:func:`analysis.losses.logits_of`).

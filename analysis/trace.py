@@ -16,7 +16,7 @@ Both only need products ``H v``. With Rademacher vectors ``z`` (entries +-1),
 
 Probes are drawn and applied in blocks of ``block_size`` columns (``op @ V``: one batched pass
 over the data per block where the operator supports it, see
-:meth:`analysis.hessian.HessianOperator.matmat`), and the quadratic forms are accumulated in
+:meth:`analysis.HessianOperator.matmat`), and the quadratic forms are accumulated in
 float64. Peak extra memory (outside the products' own working memory):
 
 * Hutchinson: ``3 * block_size * n * itemsize`` (a block of probes, its products, a slab),
@@ -28,7 +28,7 @@ float64. Peak extra memory (outside the products' own working memory):
 
 Example:
     >>> import torch
-    >>> from analysis.trace import hessian_trace
+    >>> from analysis import hessian_trace
     >>> A = torch.diag(torch.linspace(0, 1, 50, dtype=torch.float64))
     >>> res = hessian_trace(A, num_matvecs=60)
     >>> abs(res.estimate - 25.0) < 4 * res.std_error + 1e-9
@@ -44,13 +44,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import Data
 from .evaluation import progress_bar
-from .lanczos import dot64
-from .operators import LinearOperator, as_linear_operator, default_block_size
+from .krylov import dot64
+from .losses import LossSpec
+from .operators import default_block_size
+from .operators.adapters import as_linear_operator
+from .operators.protocol import LinearOperator
 from .precision import autocast_disabled
 from .results import Result
 
-__all__ = ["TraceResult", "hessian_trace", "sketch_size", "trace_memory_bound_bytes"]
+__all__ = ["sketch_size", "trace_memory_bound_bytes"]
 
 
 def sketch_size(n: int, num_matvecs: int) -> int:
@@ -179,8 +183,8 @@ def _hutchpp(apply, n: int, k: int, b: int, gen, device, dtype) -> tuple[float, 
 @autocast_disabled()
 def hessian_trace(
     op: LinearOperator | nn.Module | torch.Tensor,
-    loss_fn: Any = None,
-    data: Any = None,
+    loss_fn: LossSpec = None,
+    data: Data = None,
     *,
     num_matvecs: int = 99,
     method: str = "hutch++",
@@ -192,7 +196,7 @@ def hessian_trace(
     """Estimate ``tr(H)`` from ``num_matvecs`` Hessian-vector products.
 
     Args:
-        op: a curvature operator (e.g. :class:`~analysis.hessian.HessianOperator`), a model
+        op: a curvature operator (e.g. :class:`~analysis.HessianOperator`), a model
             (then ``loss_fn`` and ``data`` build a Hessian operator with ``operator_kwargs``), a
             square tensor, or any object with ``shape`` and ``matvec``.
         loss_fn, data: with a model; see :mod:`analysis.data`.
@@ -202,7 +206,7 @@ def hessian_trace(
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         seed: seed of the Rademacher vectors (drawn on the CPU, so devices agree).
         block_size: probes per batched product (default
-            :func:`~analysis.hessian.default_block_size`, memory-aware: at most 16 and about
+            :func:`~analysis.operators.default_block_size`, memory-aware: at most 16 and about
             256 MiB of probes). Memory: see the module docstring.
         progress: show a tqdm bar.
 

@@ -7,7 +7,7 @@ at the **unperturbed** weights ``w`` (for :class:`msam.MSAM`, :class:`msam.NAG` 
 ``optimizer.unperturbed()``):
 
 * ``lambda_max`` and optionally the top-``k`` eigenvalues of the probe-batch Hessian, by Lanczos
-  (:func:`analysis.lanczos.top_eigenpairs`) **warm-started** from the previous check's Ritz
+  (:func:`analysis.top_eigenpairs`) **warm-started** from the previous check's Ritz
   vectors: ``v0 = sum_i y_i`` (the previous unit Ritz vectors). The top eigenvectors rotate
   slowly between checks, so the Krylov space of ``v0`` holds the new top-``k`` invariant
   subspace almost exactly after ``k`` steps and the stop (error bound ``<= tol |theta|``, see
@@ -17,7 +17,7 @@ at the **unperturbed** weights ``w`` (for :class:`msam.MSAM`, :class:`msam.NAG` 
   and the probe-batch gradient at ``w`` (MSAM paper, Fig. 2C), the directional curvature along
   the momentum ``v^T H v / ||v||^2`` (App. A.4, one product) and the loss at ``w`` and at the MSAM
   point ``w - rho v / ||v||`` (App. A.10); these three go through
-  :class:`analysis.probes.MechanismProbe`.
+  :class:`analysis.MechanismProbe`.
 
 Everything a measurement touches is restored bit for bit: parameter values (the live ``w~``
 itself, not ``w~`` recomputed from ``w``), ``.grad`` tensors, ``requires_grad`` flags, module
@@ -26,7 +26,7 @@ global CPU/CUDA RNG, so a run with the tracker follows the same trajectory as on
 
 Example:
     >>> import torch
-    >>> from analysis.tracker import CurvatureTracker
+    >>> from analysis import CurvatureTracker
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -54,14 +54,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import DataSource, as_data
+from .data import Data, DataSource, as_data
 from .evaluation import model_mode, resolve_loss
-from .hessian import HessianOperator, directional_curvature
 from .lanczos import top_eigenpairs
+from .losses import LossSpec
+from .operators.curvature import directional_curvature
+from .operators.hessian import HessianOperator
 from .precision import autocast_disabled
 from .results import Result, to_jsonable
-
-__all__ = ["CurvatureTracker", "TrackerRecord", "TrackerHistory"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -247,7 +247,7 @@ class CurvatureTracker:
         momentum_curvature: record ``v^T H v / ||v||^2`` (1 product).
         msam_loss: record the loss at ``w`` and at ``w - rho v / ||v||`` (2 forwards).
         rho: radius for ``msam_loss`` (default: the optimizer's MSAM ``rho``, see
-            :class:`analysis.probes.MechanismProbe`).
+            :class:`analysis.MechanismProbe`).
         mode: module mode of the Hessian products: ``"eval"`` (default; BatchNorm uses running
             statistics, so the matrix is fixed) or ``"train"`` (batch statistics; then
             BatchNorm's running statistics are still restored after the check).
@@ -258,7 +258,7 @@ class CurvatureTracker:
         ritz_vectors: the last check's ``(k, n)`` Ritz vectors (or None).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Any, data: Any, *,
+    def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
                  optimizer: torch.optim.Optimizer | None = None, every: int = 50, k: int = 1,
                  tol: float = 1e-2, max_iter: int | None = None, warm_start: bool = True,
                  cold_every: int | None = None, trace_probes: int = 0, cosine: bool = False,
@@ -341,7 +341,7 @@ class CurvatureTracker:
 
     @contextmanager
     def _at_w(self) -> Iterator[None]:
-        from .probes import _rng_preserved
+        from .probes import rng_preserved
         from .sharpness import preserved_state
 
         opt = self.optimizer
@@ -351,7 +351,7 @@ class CurvatureTracker:
                 f"{type(opt).__name__} is at its perturbed point (between first_step and "
                 "second_step); measure before first_step() or after second_step()")
         device = next(self.model.parameters()).device
-        with _rng_preserved(device), preserved_state(self.model), \
+        with rng_preserved(device), preserved_state(self.model), \
                 model_mode(self.model, self.mode), autocast_disabled():
             if perturbed:
                 with opt.unperturbed():

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from analysis.hessian import HessianOperator
+from analysis import HessianOperator
 
 
 def main() -> None:

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.hessian import HessianOperator  # noqa: E402
-from analysis.lanczos import top_eigenpairs  # noqa: E402
+from analysis import HessianOperator, top_eigenpairs  # noqa: E402
 from landscape.datasets import load_digits  # noqa: E402
 from landscape.models import digits_cnn  # noqa: E402
 

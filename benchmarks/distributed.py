@@ -16,7 +16,7 @@ with a gloo process group; each configuration is timed in its own processes:
 * per HVP: ``HessianOperator @ v`` over the whole dataset (one all-reduce of ``n`` numbers);
 * per gradient: one forward+backward over the dataset plus the all-reduce (the HVP/gradient
   ratio is what the ImageNet estimate in the README scales);
-* per grid point: ``landscape.slices.slice_2d`` on a ``grid x grid`` grid (one forward pass
+* per grid point: ``landscape.slice_2d`` on a ``grid x grid`` grid (one forward pass
   per point, one all-reduce per row);
 * the all-reduce of an ``n``-vector alone.
 
@@ -72,13 +72,12 @@ def _worker(rank: int, world: int, threads: int, cfg: dict, outdir: str, init_fi
     try:
         import torch.nn.functional as F
 
+        from analysis import HessianOperator, ParameterSpace
         from analysis import distributed as D
         from analysis.data import as_data
-        from analysis.hessian import HessianOperator
-        from analysis.params import ParameterSpace
+        from landscape import slice_2d
         from landscape.datasets import load_digits
         from landscape.models import digits_cnn
-        from landscape.slices import slice_2d
 
         torch.manual_seed(0)
         digits = load_digits(train_size=cfg["samples"])
@@ -178,8 +177,7 @@ def resnet50_cost(batch: int, repeats: int) -> dict:
     """Seconds per image of a gradient and of an HVP of ResNet-50 at 224x224 (one process)."""
     import torch.nn.functional as F
 
-    from analysis.hessian import HessianOperator
-    from analysis.params import ParameterSpace
+    from analysis import HessianOperator, ParameterSpace
 
     torch.manual_seed(0)
     model = resnet50().eval()

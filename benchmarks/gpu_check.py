@@ -16,8 +16,8 @@ import time
 import torch
 from torch import nn
 
-from analysis.hessian import HessianOperator
-from analysis.lanczos import default_max_basis, top_eigenpairs
+from analysis import HessianOperator, top_eigenpairs
+from analysis.lanczos import default_max_basis
 
 
 class Bottleneck(nn.Module):

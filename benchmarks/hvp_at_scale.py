@@ -6,7 +6,7 @@ of 64 (CIFAR ResNet-18, 11.17M parameters, eval-mode BatchNorm, float32): one gr
 batches (the unit), ours (``method="auto"``: its first product includes the calibration; then
 steady products), curvlinops' ``HessianLinearOperator``, and last ours with
 ``method="cached-graph"`` forced (``"auto"`` leaves it out when the graphs of all batches would
-exceed its cache budget, ``analysis.operators.auto.cache_budget``; the growth of the peak resident memory over that stage is its price).
+exceed its cache budget, ``analysis.operators.cache_budget``; the growth of the peak resident memory over that stage is its price).
 Wall time, the smallest of ``--repeats`` steady products; the products are checked to agree.
 
     PYTHONPATH=. .venv-oracle/bin/python benchmarks/hvp_at_scale.py --json out.json  # ~5 min
@@ -27,7 +27,7 @@ import torch
 # the project before this folder: benchmarks/landscape.py must not shadow the landscape package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.hessian import HessianOperator  # noqa: E402
+from analysis import HessianOperator  # noqa: E402
 from landscape.models import resnet  # noqa: E402
 
 

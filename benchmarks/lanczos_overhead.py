@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-from analysis import lanczos
-from analysis.hessian import HessianOperator
+from analysis import HessianOperator, lanczos
 
 #: The last revision before the overhead work (full second Gram-Schmidt pass on every large
 #: cancellation, float64 slab copies in every norm).

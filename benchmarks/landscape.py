@@ -39,11 +39,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.directions import random_direction  # noqa: E402
-from analysis.params import ParameterSpace  # noqa: E402
+from analysis import ParameterSpace, random_direction  # noqa: E402
+from landscape import slice_2d  # noqa: E402
 from landscape.datasets import load_digits  # noqa: E402
 from landscape.models import digits_cnn  # noqa: E402
-from landscape.slices import slice_2d  # noqa: E402
 
 
 def _clock() -> np.ndarray:
@@ -125,13 +124,13 @@ def paired_points(model, x, y, d1, d2, n: int, with_peer: bool) -> dict[str, np.
     its internals) and, if available, one grid point of loss-landscapes (its in-place
     ``ModelParameters.add_`` + ``Loss`` metric). Returns CPU seconds per round for each."""
     from analysis.data import as_data
-    from landscape.slices import _Evaluator, _Mover
+    from landscape.slices._points import Evaluator, Mover
 
     space = ParameterSpace(model)
     w = space.vector()
-    mover = _Mover(space, w, [d1, d2])
-    evaluator = _Evaluator(model, F.cross_entropy, as_data((x, y)), want_accuracy=False,
-                           cache="auto", bn_source=None)
+    mover = Mover(space, w, [d1, d2])
+    evaluator = Evaluator(model, F.cross_entropy, as_data((x, y)), want_accuracy=False,
+                          cache="auto", bn_source=None)
     stats = torch.zeros(n, 3, dtype=torch.float64)
     peer = None
     if with_peer:

@@ -71,8 +71,8 @@ def _gradient(model, loss_fn, batches):
 
 
 def gpt2_first_product(repeats: int) -> dict:
+    from analysis import HessianOperator
     from analysis.evaluation import resolve_loss
-    from analysis.operators.hessian import HessianOperator
     from landscape.models import hf_gpt2
 
     torch.manual_seed(0)
@@ -98,9 +98,9 @@ def gpt2_first_product(repeats: int) -> dict:
 def llama_slice(repeats: int, points: int = 9) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from analysis.directions import random_direction
+    from analysis import random_direction
     from analysis.evaluation import forward, resolve_loss
-    from landscape.slices import slice_1d
+    from landscape import slice_1d
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=DIM, intermediate_size=2 * DIM,
                       num_hidden_layers=DEPTH, num_attention_heads=4, num_key_value_heads=2,
@@ -134,8 +134,7 @@ def llama_slice(repeats: int, points: int = 9) -> dict:
 
 
 def relu_kinks(n: int = 32, width: int = 32, iters: int = 30) -> dict:
-    from analysis.lanczos import top_eigenpairs
-    from analysis.params import ParameterSpace
+    from analysis import ParameterSpace, top_eigenpairs
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 10, generator=g, dtype=torch.float64)
@@ -173,7 +172,7 @@ def relu_kinks(n: int = 32, width: int = 32, iters: int = 30) -> dict:
 _MEM_CHILD = """
 import sys, torch
 from landscape.models import hf_gpt2
-from analysis.operators.hessian import HessianOperator
+from analysis import HessianOperator
 from landscape.cli.memory import product_memory
 sys.path.insert(0, '.')
 from benchmarks.mixed_claims import _batches

@@ -32,8 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from landscape.datasets import load_digits  # noqa: E402
 from landscape.models import digits_cnn  # noqa: E402
-from msam.msam import MSAM, NAG  # noqa: E402
-from msam.sam import SAM  # noqa: E402
+from msam import MSAM, NAG, SAM  # noqa: E402
 
 LR, MOMENTUM, WD = 0.05, 0.9, 5e-4
 

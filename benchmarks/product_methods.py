@@ -2,7 +2,7 @@
 
 A ResNet-18-like network (BasicBlocks, 2-2-2-2 stages, widths ``w, 2w, 4w, 8w``; ``w = 64`` is
 ResNet-18's 11.2M parameters; eval-mode BatchNorm), CIFAR-shaped but small inputs on the CPU.
-For each product method of :class:`analysis.hessian.HessianOperator` (and ``"auto"``, which
+For each product method of :class:`analysis.HessianOperator` (and ``"auto"``, which
 times them on the first batch and keeps the fastest) it prints the steady-state time of one HVP
 over all batches divided by the time of one gradient over the same batches (forward + backward
 per batch, the weighted sum of the batch gradients; measured next to each method), as process
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.hessian import HessianOperator
+from analysis import HessianOperator
 
 METHODS = ["forward-over-reverse", "double-backward", "cached-graph", "auto"]
 

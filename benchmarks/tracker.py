@@ -2,7 +2,7 @@
 
 Run standalone: ``python benchmarks/tracker.py`` (about a minute on one CPU core). Trains the
 digits CNN (landscape.models.digits_cnn(16), batch 64, MSAM rho=1, 20 % label noise) for
-``--epochs`` epochs with and without a :class:`analysis.tracker.CurvatureTracker` checking
+``--epochs`` epochs with and without a :class:`analysis.CurvatureTracker` checking
 ``lambda_max`` every ``--every`` steps on a fixed probe batch, repetitions interleaved (untracked,
 tracked, untracked, ...) in the same process, and prints:
 
@@ -27,12 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from analysis.hessian import HessianOperator  # noqa: E402
-from analysis.lanczos import top_eigenpairs  # noqa: E402
-from analysis.tracker import CurvatureTracker  # noqa: E402
+from analysis import CurvatureTracker, HessianOperator, top_eigenpairs  # noqa: E402
 from landscape.datasets import load_digits  # noqa: E402
 from landscape.models import digits_cnn  # noqa: E402
-from msam.msam import MSAM  # noqa: E402
+from msam import MSAM  # noqa: E402
 
 
 def train(x, y, probe, *, epochs: int, every: int, tracked: bool, reference: bool = False):

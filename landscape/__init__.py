@@ -4,21 +4,19 @@
 loading, the self-contained HTML report, the bundled digits demo, the paper's experiments
 (:mod:`landscape.reproduce`) and the ``landscape`` command line. May import :mod:`analysis` and
 :mod:`msam`.
+
+What users call is importable from ``landscape``; the rest has one home each:
+:mod:`landscape.models` (reference architectures and synthetic data), :mod:`landscape.datasets`
+(the bundled digits), :mod:`landscape.demo` (the demo run), :mod:`landscape.store` (the on-disk
+grid), :mod:`landscape.checkpoints` (formats, unsafe-file errors), :mod:`landscape.report` (the
+numbers behind the report), :mod:`landscape.reproduce` (the paper's experiments),
+:mod:`landscape.integrations` (Lightning, Hugging Face) and :mod:`landscape.cli`.
 """
 
-from .checkpoints import (
-    Checkpoint,
-    CheckpointError,
-    PerturbedCheckpointWarning,
-    UnsafeCheckpointError,
-    checkpoint_format,
-    find_checkpoints,
-    load_checkpoint,
-)
-from .datasets import Digits, load_digits
-from .demo import DemoConfig, DemoResult, run_demo
+from .checkpoints.finding import find_checkpoints
+from .checkpoints.loading import load_checkpoint
+from .checkpoints.result import Checkpoint, CheckpointError
 from .layer_plots import plot_layer_spectrum
-from .models import digits_cnn, digits_mlp, gpt, hf_gpt2, resnet, vit
 from .plots import (
     plot_1d,
     plot_contour,
@@ -30,30 +28,22 @@ from .plots import (
     plotly_surface,
     save_html,
 )
-from .report import ReportEntry, analyze_checkpoint, report_html, write_report
+from .report.compute import ReportEntry, analyze_checkpoint
+from .report.render import report_html, write_report
 from .slices import Slice1D, Slice2D, interpolate, slice_1d, slice_2d
-from .store import GridStore, StoreCorruptError, StoreMismatchError
 from .training import train_step
 from .training_plots import plot_tracker, plotly_tracker
 
 __all__ = [
     # slices
-    "slice_1d", "slice_2d", "interpolate", "Slice1D", "Slice2D", "GridStore", "StoreMismatchError",
+    "slice_1d", "slice_2d", "interpolate", "Slice1D", "Slice2D",
     # figures
     "plot_1d", "plot_contour", "plot_contourf", "plot_surface", "plot_spectral_density",
-    "plotly_1d", "plotly_surface", "plotly_contour", "save_html", "plot_layer_spectrum",
+    "plot_layer_spectrum", "plot_tracker", "plotly_1d", "plotly_surface", "plotly_contour",
+    "plotly_tracker", "save_html",
     # checkpoints and reports
-    "load_checkpoint", "find_checkpoints", "Checkpoint", "CheckpointError",
-    "UnsafeCheckpointError", "PerturbedCheckpointWarning", "write_report", "report_html",
-    "analyze_checkpoint", "ReportEntry", "checkpoint_format",
-    # data, models and the demo
-    "Digits", "load_digits", "digits_cnn", "digits_mlp", "DemoConfig", "DemoResult", "run_demo",
-    # reference models for CIFAR-shaped images and language (more in landscape.models)
-    "resnet", "vit", "gpt", "hf_gpt2",
-    # damaged store files
-    "StoreCorruptError",
-    # curvature during training
-    "plot_tracker", "plotly_tracker",
+    "load_checkpoint", "find_checkpoints", "Checkpoint", "CheckpointError", "write_report",
+    "report_html", "analyze_checkpoint", "ReportEntry",
     # one training step for every optimizer (SAM through SAM.step)
     "train_step",
 ]

@@ -39,22 +39,22 @@ class Default:
 
 #: The table (README: "The command line" shows it).
 DEFAULTS: tuple[Default, ...] = (
-    Default("sharpness", "--m", 128, "analysis.sharpness:sharpness", "m",
+    Default("sharpness", "--m", 128, "analysis:sharpness", "m",
             "capped at the number of samples N (the CLI says so when it caps)"),
-    Default("hessian", "--top-k", 5, "analysis.lanczos:top_eigenpairs", "k"),
-    Default("hessian", "--tol", 1e-3, "analysis.lanczos:top_eigenpairs", "tol"),
-    Default("hessian", "--density-iter", 80, "analysis.density:spectral_density", "num_iter"),
-    Default("hessian", "--density-runs", 10, "analysis.density:spectral_density", "num_runs"),
+    Default("hessian", "--top-k", 5, "analysis:top_eigenpairs", "k"),
+    Default("hessian", "--tol", 1e-3, "analysis:top_eigenpairs", "tol"),
+    Default("hessian", "--density-iter", 80, "analysis:spectral_density", "num_iter"),
+    Default("hessian", "--density-runs", 10, "analysis:spectral_density", "num_runs"),
     Default("slice", "--steps", 41, "landscape.report:compute_slice", "steps"),
     Default("slice", "--range", (-1.0, 1.0), "landscape.report:compute_slice", "lo,hi"),
     Default("slice", "--direction", "random", "landscape.report:compute_slice", "direction"),
-    Default("slice", "--normalization", "filter", "analysis.directions:random_direction",
+    Default("slice", "--normalization", "filter", "analysis:random_direction",
             "normalization"),
-    Default("report", "--steps-1d", 41, "landscape.report:analyze_checkpoint", "steps_1d"),
-    Default("report", "--steps-2d", 21, "landscape.report:analyze_checkpoint", "steps_2d"),
-    Default("report", "--radius", 1.0, "landscape.report:analyze_checkpoint", "radius"),
-    Default("report", "--title", "Loss landscape report", "landscape.report:report_html", "title"),
-    Default("*", "--seed", 0, "landscape.report:analyze_checkpoint", "seed"),
+    Default("report", "--steps-1d", 41, "landscape:analyze_checkpoint", "steps_1d"),
+    Default("report", "--steps-2d", 21, "landscape:analyze_checkpoint", "steps_2d"),
+    Default("report", "--radius", 1.0, "landscape:analyze_checkpoint", "radius"),
+    Default("report", "--title", "Loss landscape report", "landscape:report_html", "title"),
+    Default("*", "--seed", 0, "landscape:analyze_checkpoint", "seed"),
 )
 
 

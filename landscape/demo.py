@@ -14,14 +14,14 @@ What :func:`run_demo` does (``landscape demo --out DIR`` / ``make demo``):
    :func:`landscape.reproduce.build_optimizer`:
 
    * SGD with momentum 0.9 (``torch.optim.SGD``),
-   * NAG, Nesterov momentum (:class:`msam.msam.NAG`),
-   * SAM around SGD with momentum, ``rho = 0.05`` (:class:`msam.sam.SAM`, Foret et al. 2021; two
+   * NAG, Nesterov momentum (:class:`msam.NAG`),
+   * SAM around SGD with momentum, ``rho = 0.05`` (:class:`msam.SAM`, Foret et al. 2021; two
      forward/backward passes per step, BatchNorm statistics frozen on the second pass),
-   * MSAM, ``rho = 1.0`` (:class:`msam.msam.MSAM`, Becker et al. 2024; one pass per step; the
+   * MSAM, ``rho = 1.0`` (:class:`msam.MSAM`, Becker et al. 2024; one pass per step; the
      weights are moved to the unperturbed point and the BatchNorm statistics recomputed there
      at the end, as the authors do);
 
-   while an :class:`analysis.tracker.CurvatureTracker` records ``lambda_max`` of the Hessian on
+   while an :class:`analysis.CurvatureTracker` records ``lambda_max`` of the Hessian on
    256 training images at the unperturbed weights every 25 steps (warm-started Lanczos, excluded
    from the timing);
 3. measures each trained model: test accuracy, wall time per training epoch, ``lambda_max`` of
@@ -64,7 +64,8 @@ from msam.sam import SAM
 
 from ._atomic import atomic_write
 from .models import digits_cnn
-from .report import ReportEntry, analyze_checkpoint, write_report
+from .report.compute import ReportEntry, analyze_checkpoint
+from .report.render import write_report
 from .reproduce import ReproConfig, build_optimizer, digits_problem, optimizer_specs
 from .training import train_step
 
@@ -190,7 +191,7 @@ class DemoResult(Result):
 
 
 def _epoch(model, opt, x, y, bs, gen, *, sched=None, tracker=None, step=0) -> tuple[float, int, float]:
-    """One training epoch (:func:`landscape.training.train_step` per batch; the lr schedule
+    """One training epoch (:func:`landscape.train_step` per batch; the lr schedule
     stepped per step, the tracker after each step).
 
     Returns the sample-weighted mean training loss (at the live weights), the step counter and

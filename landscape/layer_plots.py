@@ -1,8 +1,8 @@
-"""Figure of per-layer Hessian spectra (:func:`analysis.blocks.per_layer_spectrum`).
+"""Figure of per-layer Hessian spectra (:func:`analysis.per_layer_spectrum`).
 
 Example:
-    >>> from analysis.blocks import per_layer_spectrum              # doctest: +SKIP
-    >>> from landscape.layer_plots import plot_layer_spectrum       # doctest: +SKIP
+    >>> from analysis import per_layer_spectrum              # doctest: +SKIP
+    >>> from landscape import plot_layer_spectrum       # doctest: +SKIP
     >>> fig = plot_layer_spectrum(per_layer_spectrum(model, "cross_entropy", (x, y), k=3))  # doctest: +SKIP
 """
 
@@ -12,15 +12,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_layer_spectrum"]
-
 
 def plot_layer_spectrum(result: Any, *, ax: Any = None, log: bool = True,
                         title: str | None = None, path: Any = None) -> Any:
     """Bars of the largest block eigenvalue and of the block trace per layer.
 
     Args:
-        result: a :class:`~analysis.blocks.PerLayerSpectrum`.
+        result: a :class:`~analysis.PerLayerSpectrum`.
         ax: a matplotlib axis to draw into (default: a new figure).
         log: symmetric-log value axis (block spectra span orders of magnitude).
         title: the title (default "Per-layer Hessian spectrum").
@@ -35,9 +33,9 @@ def plot_layer_spectrum(result: Any, *, ax: Any = None, log: bool = True,
     layers = getattr(result, "layers", None)
     if layers is None:
         raise TypeError(f"expected a PerLayerSpectrum, got {type(result).__name__}")
-    from .plots import _axes
+    from .plots import figure_axes
 
-    fig, ax = _axes(ax, figsize=(max(6.0, 0.5 * len(layers) + 2), 4.0))  # not kept open by pyplot
+    fig, ax = figure_axes(ax, figsize=(max(6.0, 0.5 * len(layers) + 2), 4.0))  # not kept open by pyplot
     x = np.arange(len(layers))
     top = [layer.eigenvalues[0] for layer in layers]
     has_trace = all(layer.trace is not None for layer in layers)

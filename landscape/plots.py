@@ -29,18 +29,6 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "plot_1d",
-    "plot_contour",
-    "plot_contourf",
-    "plot_surface",
-    "plot_spectral_density",
-    "plotly_1d",
-    "plotly_surface",
-    "plotly_contour",
-    "save_html",
-]
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -77,7 +65,9 @@ def _title(result: Any, default: str, title: str | None) -> str:
     return f"{default}: {label}" if label else default
 
 
-def _axes(ax: Any, projection: str | None = None, figsize=(6.0, 4.5)):
+def figure_axes(ax: Any, projection: str | None = None, figsize=(6.0, 4.5)):
+    """``(figure, axes)``: those of ``ax``, or a new figure of ``figsize`` with one subplot
+    (``projection``, e.g. ``"3d"``) that pyplot does not keep."""
     import matplotlib.pyplot as plt
 
     if ax is not None:
@@ -134,7 +124,7 @@ def plot_1d(
     mark_origin: bool = True,
     **line_kwargs: Any,
 ):
-    """Curves ``metric(alpha)`` of one or several :class:`~landscape.slices.Slice1D` on one axis.
+    """Curves ``metric(alpha)`` of one or several :class:`~landscape.Slice1D` on one axis.
 
     Args:
         results: a Slice1D or a sequence of them (e.g. the same direction for several models).
@@ -152,7 +142,7 @@ def plot_1d(
     items = _slices_1d(results, "plot_1d")
     if labels is not None and len(labels) != len(items):
         raise ValueError(f"got {len(labels)} labels for {len(items)} results")
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     names = set()
     for k, r in enumerate(items):
         a = np.asarray(r.alphas, dtype=np.float64)
@@ -190,7 +180,7 @@ def plot_contour(
     """Labelled contour lines of a 2-D slice, with a colorbar and the origin marked.
 
     Args:
-        result: a :class:`~landscape.slices.Slice2D` (``loss[i, j]`` at ``(xs[i], ys[j])``).
+        result: a :class:`~landscape.Slice2D` (``loss[i, j]`` at ``(xs[i], ys[j])``).
         ax: an axis to draw into (default: a new figure).
         metric: ``"loss"`` or ``"accuracy"``.
         levels: number of levels or explicit levels.
@@ -206,7 +196,7 @@ def plot_contour(
     """
     xs, ys, z = _check_2d(result, metric, "plot_contour")
     zt = _transform(z, log).T
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     cs = ax.contour(xs, ys, zt, levels=levels, cmap=cmap)
     if clabel:
         ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
@@ -233,7 +223,7 @@ def plot_contourf(
     """
     xs, ys, z = _check_2d(result, metric, "plot_contourf")
     zt = _transform(z, log).T
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     cf = ax.contourf(xs, ys, zt, levels=levels, cmap=cmap)
     if lines:
         ax.contour(xs, ys, zt, levels=cf.levels, colors="k", linewidths=0.3, alpha=0.5)
@@ -269,7 +259,7 @@ def plot_surface(
     """A 3-D surface of a 2-D slice with a colorbar.
 
     Args:
-        result: a :class:`~landscape.slices.Slice2D`.
+        result: a :class:`~landscape.Slice2D`.
         ax: a 3-D axis (``projection="3d"``) to draw into (default: a new figure).
         metric, log, title, cmap: as in :func:`plot_contour`.
         elev, azim: the view angles.
@@ -279,7 +269,7 @@ def plot_surface(
     """
     xs, ys, z = _check_2d(result, metric, "plot_surface")
     zt = _transform(z, log).T
-    fig, ax = _axes(ax, projection="3d", figsize=(7.0, 5.5))
+    fig, ax = figure_axes(ax, projection="3d", figsize=(7.0, 5.5))
     X, Y = np.meshgrid(xs, ys)
     surf = ax.plot_surface(X, Y, np.ma.masked_invalid(zt), cmap=cmap, linewidth=0, antialiased=True)
     fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.12, label=_zlabel(metric, log))
@@ -306,7 +296,7 @@ def plot_spectral_density(
     Args:
         result: an object with ``grid`` (eigenvalue axis) and ``density`` (same length), and
             optionally ``nodes`` and ``weights`` (the quadrature's Ritz values and weights, 1-D
-            or one row per probe vector), e.g. ``analysis.density.spectral_density(...)``.
+            or one row per probe vector), e.g. ``analysis.spectral_density(...)``.
         ax: an axis to draw into (default: a new figure).
         log: logarithmic density axis (default; the spectrum spans many decades).
         show_nodes: draw the quadrature nodes (those with a positive weight) as a rug along the
@@ -324,7 +314,7 @@ def plot_spectral_density(
     dens = np.asarray(_get(result, "density"), dtype=np.float64).reshape(-1)
     if grid.shape != dens.shape or grid.size == 0:
         raise ValueError(f"grid {grid.shape} and density {dens.shape} must be equal, non-empty")
-    fig, ax = _axes(ax)
+    fig, ax = figure_axes(ax)
     if log:
         floor = max(np.nanmax(dens), 1e-300) * 1e-12
         ax.semilogy(grid, np.maximum(dens, floor), label=label)

@@ -1,6 +1,6 @@
 """Figures of curvature during training: ``lambda_max`` against the step, with the ``2 / lr`` line.
 
-* :func:`plot_tracker` (matplotlib): one or several :class:`analysis.tracker.TrackerHistory`
+* :func:`plot_tracker` (matplotlib): one or several :class:`analysis.TrackerHistory`
   curves of ``lambda_max`` against the training step, each with its edge-of-stability line
   ``2 / lr`` (dashed; it follows a learning-rate schedule when the records' ``lr`` changes).
   Gradient descent with step ``lr`` on a quadratic diverges once ``lambda_max > 2 / lr``;
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-
-__all__ = ["plot_tracker", "plotly_tracker"]
 
 
 def _series(history: Any, label: str | None) -> list[tuple[str, list[int], list[float], list[float | None]]]:
@@ -65,7 +63,7 @@ def plot_tracker(history: Any, *, lr: float | None = None, label: str | None = N
     """``lambda_max`` against the step with the ``2 / lr`` line (matplotlib).
 
     Args:
-        history: a :class:`~analysis.tracker.TrackerHistory` (or list of records), or a dict
+        history: a :class:`~analysis.TrackerHistory` (or list of records), or a dict
             ``{label: history}`` for several runs on one axis.
         lr: a constant learning rate for the ``2 / lr`` line (default: each record's ``lr``;
             no line when the records have none).
@@ -77,10 +75,10 @@ def plot_tracker(history: Any, *, lr: float | None = None, label: str | None = N
     Returns:
         The matplotlib ``Figure``.
     """
-    from .plots import _axes
+    from .plots import figure_axes
 
     series = _series(history, label)
-    fig, ax = _axes(ax, figsize=(6.0, 4.0))  # returned once, not kept open by pyplot
+    fig, ax = figure_axes(ax, figsize=(6.0, 4.0))  # returned once, not kept open by pyplot
     for name, steps, lam, lrs in series:
         line, = ax.plot(steps, lam, marker="o", ms=3, label=name)
         eos = _eos(lrs, lr)

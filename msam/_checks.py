@@ -41,6 +41,7 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
 
 
 def check_foreach(foreach: Any) -> None:
+    """Raise ``ArgumentTypeError`` naming the value unless ``foreach`` is ``None``, ``True`` or ``False``."""
     if foreach is not None and not isinstance(foreach, bool):
         raise ArgumentTypeError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
 

@@ -47,14 +47,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from msam._checks import (
-    ArgumentTypeError,
     check_finite_buffer,
     check_loaded_state,
     check_real,
     saved_flag,
 )
 
-__all__ = ["PerturbedOptimizer", "GroupStep", "ArgumentTypeError"]
+__all__ = ["GroupStep"]
 
 SCALE_KEY = "perturbation_scale"
 PERTURBED_KEY = "perturbed"

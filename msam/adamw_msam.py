@@ -10,8 +10,6 @@ from torch import Tensor
 from msam._checks import ArgumentTypeError, check_foreach, check_real
 from msam._perturbation import GroupStep, PerturbedOptimizer, Scale, group_by_device_dtype
 
-__all__ = ["AdamWMSAM"]
-
 
 def _scalar_dtype() -> torch.dtype:
     # torch.optim's choice for the "step" counter

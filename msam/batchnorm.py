@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["BATCHNORM_BUFFERS", "frozen_batchnorm_stats", "recalibrate_batchnorm"]
+__all__ = ["BATCHNORM_BUFFERS"]
 
 #: The buffer names of a BatchNorm layer (state-dict keys end in one of these; not parameters).
 BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")

@@ -14,8 +14,6 @@ from torch import Tensor
 from msam._checks import check_bool, check_foreach, check_real
 from msam._perturbation import GroupStep, PerturbedOptimizer, Scale, group_by_device_dtype, shift_
 
-__all__ = ["MSAM", "NAG"]
-
 
 class MSAM(PerturbedOptimizer):
     r"""Momentum-SAM on top of SGD with (heavy-ball) momentum, paper Algorithm 1.

@@ -20,8 +20,6 @@ from msam._checks import (
 from msam._perturbation import global_norm
 from msam.batchnorm import frozen_batchnorm_stats
 
-__all__ = ["SAM"]
-
 _BASE_OPTIMIZERS = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,

@@ -20,7 +20,7 @@ from torch import Tensor
 from msam._checks import check_real, saved_flag
 from msam._perturbation import PERTURBED_KEY, SCALE_KEY
 
-__all__ = ["unperturbed_parameters", "SavedStateError", "direction_buffer", "DIRECTION_KEYS"]
+__all__ = ["direction_buffer", "DIRECTION_KEYS"]
 
 #: the state entries that hold the direction ``d`` of the perturbation, in lookup order
 DIRECTION_KEYS = ("momentum_buffer", "exp_avg")

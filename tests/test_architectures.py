@@ -4,12 +4,12 @@ A torchvision-style ResNet with BatchNorm, a ViT (patch embedding + ``nn.Transfo
 a GPT-style causal LM on padded sequences and a Hugging Face ``GPT2LMHeadModel`` built from a
 config, all tiny (a few hundred parameters; ``tests/arch_models.py``). Every routine is compared
 with an independent reference: the dense float64 Hessian (``torch.autograd.functional.hessian``
-through ``analysis.dense_hessian``, computed under the math SDPA backend, which has double
+through ``analysis.reference.dense_hessian``, computed under the math SDPA backend, which has double
 backward), hand-evaluated losses at perturbed weights, and the data's BatchNorm statistics.
 
 The attention models (ViT, LMs) are analyzed exactly as a user would call the library, with no
 ``sdpa_kernel`` context: the curvature code selects attention with double backward itself
-(``analysis.attention.second_order_attention``); ``test_math_backend_workaround`` checks that an
+(``analysis.second_order_attention``); ``test_math_backend_workaround`` checks that an
 explicit ``sdpa_kernel(SDPBackend.MATH)`` around it changes nothing.
 """
 
@@ -29,17 +29,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import msam
 from analysis import (
     HessianOperator,
-    dense_hessian,
+    ParameterSpace,
     hessian_trace,
+    random_direction,
     sharpness,
     sharpness_report,
     spectral_density,
     top_eigenpairs,
 )
-from analysis.directions import random_direction
-from analysis.params import ParameterSpace
+from analysis.reference import dense_hessian
+from landscape import slice_1d, slice_2d
 from landscape.cli import main
-from landscape.slices import slice_1d, slice_2d
 from tests import arch_models as A
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
@@ -394,7 +394,8 @@ def _find_number(obj, key):
 def test_resnet_ggn_matches_dense_ggn():
     """The Gauss-Newton operator of the BatchNorm ResNet (eval mode) against the dense float64
     ``J^T H_out J``, and its top eigenvalue against the dense matrix's."""
-    from analysis import GGNOperator, dense_ggn
+    from analysis import GGNOperator
+    from analysis.reference import dense_ggn
 
     model, data, _ = _case("resnet")
     G = dense_ggn(model, "cross_entropy", data)

@@ -26,7 +26,7 @@ def _pair():
 
 @pytest.mark.parametrize("method", ["forward-over-reverse", "double-backward", "cached-graph"])
 def test_hvp_and_matmat_on_cuda_match_cpu_float64(method):
-    from analysis.hessian import GGNOperator, HessianOperator
+    from analysis import GGNOperator, HessianOperator
     from analysis.reference import dense_hessian
     model, data, cuda, cdata = _pair()
     H = dense_hessian(model, "cross_entropy", data)
@@ -41,7 +41,7 @@ def test_hvp_and_matmat_on_cuda_match_cpu_float64(method):
 
 @pytest.mark.parametrize("basis_device", [None, "cpu"])
 def test_lanczos_on_cuda_matches_cpu(basis_device):
-    from analysis.lanczos import top_eigenpairs
+    from analysis import top_eigenpairs
     from analysis.reference import dense_hessian
     model, data, cuda, cdata = _pair()
     ev = torch.linalg.eigvalsh(dense_hessian(model, "cross_entropy", data)).flip(0)[:3]
@@ -52,8 +52,7 @@ def test_lanczos_on_cuda_matches_cpu(basis_device):
 
 
 def test_lanczos_cuda_peak_memory_within_formula():
-    from analysis.hessian import HessianOperator
-    from analysis.lanczos import top_eigenpairs
+    from analysis import HessianOperator, top_eigenpairs
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(500, 2000), torch.nn.Tanh(),
                                 torch.nn.Linear(2000, 10)).cuda()
@@ -81,8 +80,7 @@ def test_lanczos_cuda_peak_memory_within_formula():
 
 
 def test_trace_and_density_on_cuda_match_cpu():
-    from analysis.density import spectral_density
-    from analysis.trace import hessian_trace
+    from analysis import hessian_trace, spectral_density
     model, data, cuda, cdata = _pair()
     for method in ("hutch++", "hutchinson"):
         a = hessian_trace(model, "cross_entropy", data, num_matvecs=30, method=method)
@@ -95,7 +93,7 @@ def test_trace_and_density_on_cuda_match_cpu():
 
 
 def test_slice_on_cuda_matches_cpu():
-    from landscape.slices import slice_1d
+    from landscape import slice_1d
     model, data, cuda, cdata = _pair()
     n = sum(p.numel() for p in model.parameters())
     d = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -1,5 +1,9 @@
 """Curvature as linear operators: the protocol, the empirical risk, the Hessian and the GGN.
 
+The operators users build are imported from :mod:`analysis` (``HessianOperator``,
+``GGNOperator``, ``LinearOperator``, ``as_linear_operator``, ``directional_curvature``); this
+package exports the machinery behind them.
+
 Layout (one concept per module, in the spirit of curvlinops' ``_torch_base.py`` /
 ``_empirical_risk.py`` split):
 
@@ -15,28 +19,21 @@ Layout (one concept per module, in the spirit of curvlinops' ``_torch_base.py`` 
 * :mod:`~analysis.operators.auto`: ``method="auto"``, the timed choice of the product method;
 * :mod:`~analysis.operators.adapters`: :func:`as_linear_operator` (tensors, callables, and a
   model + loss + data with an explicit keyword list).
-
-:mod:`analysis.hessian` re-exports the public names (the old import path).
 """
 
-from .adapters import OPERATOR_KEYWORDS, as_linear_operator
+from .adapters import OPERATOR_KEYWORDS
 from .auto import CACHE_BYTES, AutoChoice, cache_budget, choose_method
-from .curvature import (
-    BLOCK_BYTES,
-    CurvatureOperator,
-    GGNOperator,
-    default_block_size,
-    directional_curvature,
-)
+from .curvature import BLOCK_BYTES, CurvatureOperator, default_block_size
 from .empirical_risk import EmpiricalRisk, check_deterministic_setup
-from .hessian import HessianOperator
-from .protocol import LinearOperator, TorchOperator, to_scipy_operator
+from .protocol import TorchOperator, to_scipy_operator
 
 __all__ = [
-    "LinearOperator", "TorchOperator", "to_scipy_operator",
-    "EmpiricalRisk", "check_deterministic_setup",
-    "CurvatureOperator", "GGNOperator", "HessianOperator", "directional_curvature",
-    "default_block_size", "BLOCK_BYTES",
-    "AutoChoice", "choose_method", "cache_budget", "CACHE_BYTES",
-    "as_linear_operator", "OPERATOR_KEYWORDS",
+    # the pieces of an operator
+    "TorchOperator", "to_scipy_operator", "EmpiricalRisk", "CurvatureOperator",
+    "check_deterministic_setup",
+    # block sizes and the timed choice of the product method
+    "default_block_size", "BLOCK_BYTES", "AutoChoice", "choose_method", "cache_budget",
+    "CACHE_BYTES",
+    # the keywords as_linear_operator passes on
+    "OPERATOR_KEYWORDS",
 ]

@@ -1,9 +1,9 @@
 """Adapters to the operator protocol, and the one convenience layer for model + loss + data.
 
 :func:`as_linear_operator` is what every algorithm calls on its first argument: an operator that
-satisfies :class:`~analysis.operators.LinearOperator` is used as is, a square tensor or an object
+satisfies :class:`~analysis.LinearOperator` is used as is, a square tensor or an object
 with ``shape`` and ``matvec`` (or ``@``) is wrapped, and a model with a loss and data becomes a
-:class:`~analysis.hessian.HessianOperator` built from the keywords of :data:`OPERATOR_KEYWORDS`
+:class:`~analysis.HessianOperator` built from the keywords of :data:`OPERATOR_KEYWORDS`
 only; any other keyword is a ``TypeError`` that names it and the allowed ones (it used to flow
 into the operator's constructor).
 """
@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import Data
+from ..losses import LossSpec
 from .curvature import CurvatureOperator
 from .hessian import HessianOperator
 from .protocol import LinearOperator, TorchOperator
 
-__all__ = ["as_linear_operator", "OPERATOR_KEYWORDS"]
-
-#: The keywords :func:`as_linear_operator` passes on to :class:`~analysis.hessian.HessianOperator`.
+#: The keywords :func:`as_linear_operator` passes on to :class:`~analysis.HessianOperator`.
 OPERATOR_KEYWORDS = ("params", "mode", "check_deterministic", "batch_size", "method")
 
 
@@ -75,20 +75,20 @@ def _check_keywords(kwargs: dict) -> None:
         )
 
 
-def as_linear_operator(obj: Any, loss_fn: Any = None, data: Any = None,
+def as_linear_operator(obj: Any, loss_fn: LossSpec = None, data: Data = None,
                        **operator_kwargs: Any) -> LinearOperator:
-    """Turn ``obj`` into an operator of the :class:`~analysis.operators.LinearOperator` protocol.
+    """Turn ``obj`` into an operator of the :class:`~analysis.LinearOperator` protocol.
 
     Args:
         obj: a model (``nn.Module``: then ``loss_fn`` and ``data`` are required and a
-            :class:`~analysis.hessian.HessianOperator` is built), an operator satisfying the
+            :class:`~analysis.HessianOperator` is built), an operator satisfying the
             protocol (returned as is), a square tensor, or any object with ``shape`` and
             ``matvec`` / ``@`` (wrapped, with a product counter).
         loss_fn: the loss (with a model only).
         data: the data (with a model only), see :mod:`analysis.data`.
         **operator_kwargs: with a model only, exactly the keywords of :data:`OPERATOR_KEYWORDS`:
             ``params``, ``mode``, ``check_deterministic``, ``batch_size``, ``method`` (see
-            :class:`~analysis.hessian.HessianOperator`).
+            :class:`~analysis.HessianOperator`).
 
     Raises:
         TypeError: for a keyword outside :data:`OPERATOR_KEYWORDS` (naming it and the allowed

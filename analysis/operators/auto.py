@@ -1,6 +1,6 @@
 """``method="auto"`` of the Hessian operator: time the product methods on the first batch.
 
-The three product methods of :class:`~analysis.hessian.HessianOperator` cost differently on
+The three product methods of :class:`~analysis.HessianOperator` cost differently on
 different models and devices (forward-mode AD is slow for some operators and missing for
 others; the cached graph skips the forward and first backward pass but holds the graph of every
 batch). :func:`choose_method` measures instead of guessing: on the first batch it times each
@@ -43,8 +43,7 @@ import torch
 from ..distributed import broadcast_object, get_rank, is_distributed
 from ..results import Result
 
-__all__ = ["AutoChoice", "choose_method", "cache_budget", "CACHE_BYTES", "CACHE_FRACTION",
-           "ONE_CALL_S", "available_bytes", "saved_bytes", "tensors_of"]
+__all__ = ["CACHE_FRACTION", "ONE_CALL_S", "available_bytes", "saved_bytes", "tensors_of"]
 
 #: Graph memory (bytes) up to which ``"auto"`` considers the cached graph for several batches;
 #: ``None`` (default): :data:`CACHE_FRACTION` of the memory available at the calibration.
@@ -126,7 +125,7 @@ def cache_budget(device: torch.device | str = "cpu") -> int:
     if CACHE_BYTES is not None:
         if isinstance(CACHE_BYTES, bool) or not isinstance(CACHE_BYTES, numbers.Integral) \
                 or CACHE_BYTES < 0:
-            raise ValueError("analysis.operators.auto.CACHE_BYTES must be None or a "
+            raise ValueError("analysis.operators.CACHE_BYTES must be None or a "
                              f"non-negative int of bytes, got {CACHE_BYTES!r}")
         return int(CACHE_BYTES)
     available = available_bytes(torch.device(device))
@@ -251,7 +250,7 @@ def choose_method(op, block: int = 1, *, local: bool = False) -> AutoChoice:
     other ranks do no calibration work); an error on rank 0 is raised on every rank.
 
     Args:
-        op: a :class:`~analysis.hessian.HessianOperator` (with ``method="auto"``).
+        op: a :class:`~analysis.HessianOperator` (with ``method="auto"``).
         block: columns per product: ``1`` times matrix-vector products, more times the batched
             variants of ``op @ V`` on a block of that many columns (timings per column).
         local: time on this process only, without the broadcast (default False).

@@ -17,13 +17,11 @@ import torch
 from torch import nn
 from torch.func import jvp
 
+from ..data import Data
 from ..evaluation import resolve_loss
-from ..losses import ModelLoss, logits_of
-from .empirical_risk import EmpiricalRisk, _call
+from ..losses import LossSpec, ModelLoss, logits_of
+from .empirical_risk import EmpiricalRisk, functional_forward
 from .protocol import TorchOperator
-
-__all__ = ["CurvatureOperator", "GGNOperator", "directional_curvature", "default_block_size",
-           "BLOCK_BYTES"]
 
 #: Probe memory the default block size aims at (the products' working memory comes on top).
 BLOCK_BYTES = 256 * 2**20
@@ -130,8 +128,9 @@ class GGNOperator(CurvatureOperator):
     vector-Jacobian product. Arguments and attributes are those of :class:`CurvatureOperator`.
     """
 
-    def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
-                 check_deterministic=True, batch_size=None):
+    def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
+                 params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
+                 check_deterministic: bool = True, batch_size: int | None = None) -> None:
         if isinstance(resolve_loss(loss_fn), ModelLoss):
             raise TypeError(
                 "GGNOperator needs a loss of the model outputs (e.g. 'lm' or 'cross_entropy'), "
@@ -147,7 +146,7 @@ class GGNOperator(CurvatureOperator):
         names = self._names
         with torch.enable_grad():
             leaves = [state[n].detach().requires_grad_(True) for n in names]
-            out = logits_of(_call(model, {**state, **dict(zip(names, leaves))}, x))
+            out = logits_of(functional_forward(model, {**state, **dict(zip(names, leaves))}, x))
             jv = self._jvp(state, v_dict, x, out, leaves)
             # H_out (J v) by double backward in output space (cheap: outputs only)
             o = out.detach().requires_grad_(True)
@@ -169,8 +168,8 @@ class GGNOperator(CurvatureOperator):
             primals = {n: state[n] for n in self._names}
             try:
                 with torch.no_grad():
-                    _, jv = jvp(lambda p: logits_of(_call(self.model, {**state, **p}, x)), (primals,),
-                                (v_dict,))
+                    _, jv = jvp(lambda p: logits_of(functional_forward(self.model, {**state, **p}, x)),
+                                (primals,), (v_dict,))
                 return jv
             except (NotImplementedError, RuntimeError) as err:
                 self.method = "double-vjp"

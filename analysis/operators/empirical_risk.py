@@ -29,11 +29,9 @@ from ..attention import second_order_attention
 from ..checks import check_first_batch, check_repeatable_forward
 from ..data import Data, DataSource, as_data, to_device
 from ..evaluation import model_mode, resolve_loss
-from ..losses import LossFn, loss_terms
+from ..losses import LossSpec, loss_terms
 from ..params import ParameterSpace
 from ..precision import autocast_disabled
-
-__all__ = ["EmpiricalRisk", "check_deterministic_setup"]
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
             nn.FeatureAlphaDropout)
@@ -102,7 +100,7 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
-def _call(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
+def functional_forward(model: nn.Module, state: dict[str, torch.Tensor], inputs: Any) -> Any:
     """``model(inputs)`` with the parameters and buffers of ``state`` (``functional_call``)."""
     if isinstance(inputs, dict):
         return functional_call(model, state, args=(), kwargs=inputs)
@@ -138,7 +136,7 @@ class EmpiricalRisk:
 
     Attributes:
         model, loss_fn, source, mode, check_deterministic: as given (``loss_fn`` resolved).
-        space: the :class:`~analysis.params.ParameterSpace`.
+        space: the :class:`~analysis.ParameterSpace`.
         device, dtype: those of the parameters.
         num_samples: the total number of samples (over all ranks if sharded).
         num_terms: ``N``, the total number of loss terms the batches are weighted by (samples
@@ -149,8 +147,8 @@ class EmpiricalRisk:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: str | LossFn | None,
-        data: Data | DataSource,
+        loss_fn: LossSpec,
+        data: Data,
         *,
         params: Sequence[str | nn.Parameter] | None = None,
         mode: str | None = "eval",

@@ -9,19 +9,32 @@ by reverse-over-reverse (double backward, ``grad(<grad L_b, v>)``), or by one ba
 through a cached first-order graph; ``method="auto"`` times them on the first batch and keeps the
 fastest (:mod:`analysis.operators.auto`).
 
-The public import path is :mod:`analysis.hessian` (its docstring has an example).
+Import it from the package: ``from analysis import HessianOperator``.
+
+Example:
+    >>> import torch
+    >>> from analysis import HessianOperator, directional_curvature
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    >>> H = HessianOperator(model, "cross_entropy", (x, y))
+    >>> v = torch.randn(H.shape[0])
+    >>> Hv = H @ v
+    >>> c = directional_curvature(H, v)      # v^T H v / ||v||^2 (paper A.4)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import nn
 from torch.func import grad, jvp, vmap
 
+from ..data import Data
+from ..losses import LossSpec
 from .auto import AutoChoice, choose_method
 from .curvature import CurvatureOperator, default_block_size
-from .empirical_risk import _call
-
-__all__ = ["HessianOperator"]
+from .empirical_risk import functional_forward
 
 
 class HessianOperator(CurvatureOperator):
@@ -46,15 +59,15 @@ class HessianOperator(CurvatureOperator):
       applicable method is timed on the first batch (twice after a warm-up, or, for a product
       of a second or more, its first two calls) and the fastest is kept: forward-over-reverse
       and double backward always, the cached graph for in-memory data whose graphs fit in the
-      cache budget (:func:`~analysis.operators.auto.cache_budget`: a quarter of the memory
-      available on the device unless :data:`~analysis.operators.auto.CACHE_BYTES` is set;
+      cache budget (:func:`~analysis.operators.cache_budget`: a quarter of the memory
+      available on the device unless :data:`~analysis.operators.CACHE_BYTES` is set;
       estimated from the tensors the first batch's graph saves; the calibration's graph of the
       first batch is kept). A method that fails on the model (e.g. no
       forward-mode derivative) is skipped. When the first use is ``op @ V`` for a block, the
       batched variants are timed on a block of that size instead (vmap over forward-over-reverse,
       one batched double backward, a loop through the cached graph), per column. The choice, the
       timings and the reasons are kept in
-      :attr:`auto_choice` (:class:`~analysis.operators.auto.AutoChoice`); :attr:`method` is the
+      :attr:`auto_choice` (:class:`~analysis.operators.AutoChoice`); :attr:`method` is the
       method in use from then on. The first product, calibration included, costs many gradients:
       9.7-10.4 on a GPT-2 of 3.2M parameters (CPU, ``benchmarks/mixed_claims.py``; steady
       products 1.9-2.1 there), 13-15 on the ResNet of ``benchmarks/product_methods.py``, 25 in
@@ -81,8 +94,10 @@ class HessianOperator(CurvatureOperator):
 
     METHODS = ("auto", "forward-over-reverse", "double-backward", "cached-graph")
 
-    def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
-                 check_deterministic=True, batch_size=None, method="auto"):
+    def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
+                 params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
+                 check_deterministic: bool = True, batch_size: int | None = None,
+                 method: str = "auto") -> None:
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
         super().__init__(model, loss_fn, data, params=params, mode=mode,
@@ -102,7 +117,7 @@ class HessianOperator(CurvatureOperator):
         loss_fn = self.loss_fn
 
         def batch_loss(p, state, x, y, weight):
-            loss = loss_fn(_call(model, {**state, **p}, x), y)
+            loss = loss_fn(functional_forward(model, {**state, **p}, x), y)
             if loss.dim() != 0:
                 raise ValueError(
                     f"loss_fn must return a scalar (the batch mean), got shape {tuple(loss.shape)}"

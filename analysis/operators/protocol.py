@@ -2,11 +2,11 @@
 
 An operator is a square ``n x n`` linear map on flat vectors that lives on one device in one
 dtype. :class:`LinearOperator` is the structural type (a ``typing.Protocol``, checked with
-``isinstance``): the curvature operators (:class:`~analysis.hessian.HessianOperator`,
-:class:`~analysis.hessian.GGNOperator`), the adapters of :func:`~analysis.operators.as_linear_operator`
+``isinstance``): the curvature operators (:class:`~analysis.HessianOperator`,
+:class:`~analysis.GGNOperator`), the adapters of :func:`~analysis.as_linear_operator`
 (a dense tensor, any object with ``shape`` and ``matvec``) and a user's own class all satisfy it,
-and :func:`~analysis.lanczos.top_eigenpairs`, :func:`~analysis.trace.hessian_trace`,
-:func:`~analysis.density.spectral_density` and :func:`~analysis.blocks.per_layer_spectrum` need
+and :func:`~analysis.top_eigenpairs`, :func:`~analysis.hessian_trace`,
+:func:`~analysis.spectral_density` and :func:`~analysis.per_layer_spectrum` need
 nothing else.
 
 :class:`TorchOperator` implements the protocol on top of one method, ``_apply(v)`` (the product
@@ -20,8 +20,6 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-
-__all__ = ["LinearOperator", "TorchOperator", "to_scipy_operator"]
 
 
 @runtime_checkable

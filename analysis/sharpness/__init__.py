@@ -31,52 +31,18 @@ of forward and backward passes (batch-level calls, and the samples they covered)
 Modules: :mod:`.apgd` (the ascent), :mod:`.m_sharpness` (worst-case and average),
 :mod:`.epsilon`, :mod:`.pac_bayes`, :mod:`.directional`, :mod:`.report`; :mod:`.state`
 (``preserved_state``) and ``_common`` (argument checks, pass counting, the full-data loss) are
-shared by all of them. Every name is importable from ``analysis.sharpness`` as before the split.
+shared by all of them.
+
+The metrics and their result types are imported from :mod:`analysis` (``from analysis import
+sharpness``); this package exports the metric table of :func:`~analysis.sharpness_report`
+(``METRICS``), the APGD step-size checkpoints, ``loss_along_line`` and ``preserved_state``.
 """
 
 from __future__ import annotations
 
-# private helpers, reachable from the old module path for code written against it
-from ._common import (  # noqa: F401
-    _check_flag,
-    _check_mode,
-    _check_model,
-    _check_positive,
-    _check_seed,
-    _Counter,
-    _Evaluator,
-    _full_loss,
-    _global_num_samples,
-    _nonfinite,
-    _scalar_loss,
-)
-from .apgd import _apgd, _ascent_direction, _project, _random_start, apgd_checkpoints  # noqa: F401
-from .directional import (  # noqa: F401
-    DirectionalSharpnessResult,
-    LossAt,
-    as_flat_direction,
-    directional_sharpness,
-    loss_along_line,
-)
-from .epsilon import EpsilonSharpnessResult, epsilon_sharpness
-from .m_sharpness import DEFAULT_M, SharpnessResult, _cat, _m_batches, _take, sharpness  # noqa: F401
-from .pac_bayes import PacBayesResult, pac_bayes_flatness
-from .report import _REPORT_DEFAULTS, METRICS, SharpnessReport, _report_keywords, sharpness_report  # noqa: F401
+from .apgd import apgd_checkpoints
+from .directional import loss_along_line
+from .report import METRICS
 from .state import preserved_state
 
-__all__ = [
-    "SharpnessResult",
-    "EpsilonSharpnessResult",
-    "PacBayesResult",
-    "DirectionalSharpnessResult",
-    "SharpnessReport",
-    "sharpness",
-    "epsilon_sharpness",
-    "pac_bayes_flatness",
-    "directional_sharpness",
-    "loss_along_line",
-    "sharpness_report",
-    "preserved_state",
-    "apgd_checkpoints",
-    "METRICS",
-]
+__all__ = ["METRICS", "apgd_checkpoints", "loss_along_line", "preserved_state"]

@@ -18,7 +18,7 @@ from ..params import ParameterSpace
 from ..results import COST_FIELDS
 
 
-class _Counter:
+class Counter:
     """Counts batch-level forward and backward passes and the samples they covered."""
 
     def __init__(self) -> None:
@@ -40,12 +40,16 @@ class _Counter:
         return dict(zip(COST_FIELDS, counts))
 
 
-def _check_model(model: Any) -> None:
+def check_model(model: Any) -> None:
+    """Raise ``TypeError`` naming the type unless ``model`` is an ``nn.Module``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
 
 
-def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+def check_positive(name: str, value: Any, *, integer: bool = False) -> None:
+    """Raise unless ``value`` is a positive number (a positive integer with ``integer=True``):
+    ``TypeError`` for a non-number (``bool`` included), ``ValueError`` naming ``name`` and the value
+    otherwise."""
     if integer:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -56,17 +60,20 @@ def _check_positive(name: str, value: Any, *, integer: bool = False) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def _check_seed(seed: Any) -> None:
+def check_seed(seed: Any) -> None:
+    """Raise ``TypeError`` naming the value unless ``seed`` is an integer (not a ``bool``)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
 
 
-def _check_flag(name: str, value: Any) -> None:
+def check_flag(name: str, value: Any) -> None:
+    """Raise ``TypeError`` naming ``name`` and the value unless ``value`` is ``True`` or ``False``."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
-def _check_mode(mode: Any) -> None:
+def check_mode(mode: Any) -> None:
+    """Raise ``ValueError`` naming the value unless ``mode`` is ``"eval"``, ``"train"`` or ``None``."""
     if mode not in (None, "eval", "train"):
         raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
 
@@ -78,18 +85,19 @@ def _scalar_loss(loss: Any, where: str) -> torch.Tensor:
     return loss
 
 
-def _nonfinite(value: float, where: str) -> FloatingPointError:
+def nonfinite(value: float, where: str) -> FloatingPointError:
+    """The ``FloatingPointError`` for a non-finite loss ``value`` seen ``where`` (returned, not raised)."""
     return FloatingPointError(
         f"the loss is {value} {where}; the model or loss_fn produced a non-finite value "
         "(check the weights, the inputs and the perturbation radius)"
     )
 
 
-class _Evaluator:
+class Evaluator:
     """Loss (and gradient) of a batch at ``w0 + delta``, written into the model in place."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, space: ParameterSpace, w0: torch.Tensor,
-                 counter: _Counter):
+                 counter: Counter):
         self.model = model
         self.loss_fn = loss_fn
         self.space = space
@@ -118,7 +126,7 @@ class _Evaluator:
         return loss.detach(), self.space.flatten(list(grads))
 
 
-def _global_num_samples(source: DataSource, device: torch.device) -> int:
+def global_num_samples(source: DataSource, device: torch.device) -> int:
     """The data set's sample count ``N``, summed over ranks when the source is sharded."""
     n = source.num_samples()
     if source.shard:
@@ -127,8 +135,8 @@ def _global_num_samples(source: DataSource, device: torch.device) -> int:
     return n
 
 
-def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, where: str,
-               need_grad: bool = False, accuracy: bool = False):
+def full_loss(ev: Evaluator, source: DataSource, delta: torch.Tensor | None, where: str,
+              need_grad: bool = False, accuracy: bool = False):
     """Term-weighted loss (and gradient, or accuracy) over the whole source at ``w0 + delta``:
     ``sum_b N_b L_b / N`` with ``N_b`` the loss terms of batch ``b`` (samples, or counted tokens,
     :func:`analysis.losses.loss_terms`); the accuracy counts per sample for classification, per
@@ -175,7 +183,7 @@ def _full_loss(ev: _Evaluator, source: DataSource, delta: torch.Tensor | None, w
     n = stats[2]
     loss = float(stats[0] / n)
     if not math.isfinite(loss):
-        raise _nonfinite(loss, where)
+        raise nonfinite(loss, where)
     if need_grad:
         return loss, (grad / n).to(space.dtype)
     if accuracy:

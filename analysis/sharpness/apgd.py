@@ -9,9 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..params import ParameterSpace
-from ._common import _nonfinite
-
-__all__ = ["apgd_checkpoints"]
+from ._common import nonfinite
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -40,7 +38,7 @@ def _ascent_direction(gu: torch.Tensor, norm: str) -> torch.Tensor:
     return gu / n.clamp_min(torch.finfo(gu.dtype).tiny)
 
 
-def _apgd(
+def apgd(
     objective: Callable[[torch.Tensor, bool, str], tuple[torch.Tensor, torch.Tensor | None]],
     c: torch.Tensor,
     u0: torch.Tensor,
@@ -63,7 +61,7 @@ def _apgd(
     else:
         f, g = start
     if not math.isfinite(f):
-        raise _nonfinite(f, "at the APGD start")
+        raise nonfinite(f, "at the APGD start")
     best_f, best_u, best_g = f, u, g
     u_prev = u
     eta = 2.0 * rho
@@ -81,7 +79,7 @@ def _apgd(
         f_t, g_new = objective(c * u, need_grad, f"at APGD step {k + 1}")
         f_new = float(f_t)
         if not math.isfinite(f_new):
-            raise _nonfinite(f_new, f"at APGD step {k + 1}")
+            raise nonfinite(f_new, f"at APGD step {k + 1}")
         if f_new > f:
             n_up += 1
         f = f_new
@@ -99,8 +97,8 @@ def _apgd(
     return best_f
 
 
-def _random_start(space: ParameterSpace, rho: float, norm: str, gen: torch.Generator,
-                  scale: float = 0.1) -> torch.Tensor:
+def random_start(space: ParameterSpace, rho: float, norm: str, gen: torch.Generator,
+                 scale: float = 0.1) -> torch.Tensor:
     """A random point of size ``scale * rho`` (default 0.1) in the normalized coordinates."""
     if norm == "linf":
         u = (2 * torch.rand(space.numel, generator=gen, dtype=torch.float64) - 1) * (scale * rho)

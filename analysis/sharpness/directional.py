@@ -13,25 +13,23 @@ import torch
 from torch import nn
 
 from ..checks import check_first_batch
-from ..data import Data, DataSource, as_data
+from ..data import Data, as_data
 from ..directions import as_direction
 from ..evaluation import model_mode, progress_bar, resolve_loss
-from ..losses import LossFn
+from ..losses import LossSpec
 from ..params import ParameterSpace
 from ..precision import autocast_disabled
 from ..results import CostedResult
 from ._common import (
-    _check_flag,
-    _check_mode,
-    _check_model,
-    _Counter,
-    _Evaluator,
-    _full_loss,
-    _global_num_samples,
+    Counter,
+    Evaluator,
+    check_flag,
+    check_mode,
+    check_model,
+    full_loss,
+    global_num_samples,
 )
 from .state import preserved_state
-
-__all__ = ["DirectionalSharpnessResult", "directional_sharpness", "loss_along_line"]
 
 #: ``loss_at(delta, where)``: the loss at ``w + delta`` (``delta=None``: at ``w``), ``where``
 #: naming the point in error messages.
@@ -56,7 +54,7 @@ def loss_along_line(
 
     ``u = d / ||d||`` (``normalize=True``, default) or ``u = d``. The one loop behind
     :func:`directional_sharpness` (the whole data set) and
-    :meth:`analysis.probes.MechanismProbe.profiles` (one batch); ``loss_at`` says how a point
+    :meth:`analysis.MechanismProbe.profiles` (one batch); ``loss_at`` says how a point
     is evaluated.
 
     Args:
@@ -104,8 +102,8 @@ class DirectionalSharpnessResult(CostedResult):
 
 def directional_sharpness(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     direction: Any,
     radii: Sequence[float] | torch.Tensor | np.ndarray,
     *,
@@ -140,10 +138,10 @@ def directional_sharpness(
     Raises:
         ValueError: a direction of the wrong shape or with zero norm, empty or non-finite radii.
     """
-    _check_model(model)
-    _check_mode(mode)
-    _check_flag("normalize", normalize)
-    _check_flag("check_deterministic", check_deterministic)
+    check_model(model)
+    check_mode(mode)
+    check_flag("normalize", normalize)
+    check_flag("check_deterministic", check_deterministic)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
     d = as_direction(direction, space, nonzero="directional sharpness is undefined")
@@ -154,12 +152,12 @@ def directional_sharpness(
     source = as_data(data, batch_size=batch_size)
     check_first_batch(model, loss_fn, source, mode, where="directional_sharpness()",
                       deterministic=check_deterministic)
-    counter = _Counter()
+    counter = Counter()
     with preserved_state(model), model_mode(model, mode), autocast_disabled():
-        ev = _Evaluator(model, loss_fn, space, space.vector(), counter)
+        ev = Evaluator(model, loss_fn, space, space.vector(), counter)
 
         def loss_at(delta: torch.Tensor | None, where: str) -> float:
-            return _full_loss(ev, source, delta, where)
+            return full_loss(ev, source, delta, where)
 
         bar = progress_bar(r.tolist(), enabled=progress, desc="directional sharpness")
         l0, losses, dn = loss_along_line(loss_at, d, bar, normalize=bool(normalize))
@@ -170,6 +168,6 @@ def directional_sharpness(
         loss=l0,
         direction_norm=dn,
         mode=mode,
-        num_samples=_global_num_samples(source, space.device),
+        num_samples=global_num_samples(source, space.device),
         **counter.as_dict(),
     )

@@ -14,25 +14,23 @@ from torch import nn
 from ..checks import check_first_batch
 from ..data import Data, DataSource, as_data
 from ..evaluation import model_mode, progress_bar, resolve_loss
-from ..losses import LossFn
+from ..losses import LossSpec
 from ..params import ParameterSpace
 from ..precision import autocast_disabled
 from ..results import CostedResult
 from ._common import (
-    _check_flag,
-    _check_mode,
-    _check_model,
-    _check_positive,
-    _check_seed,
-    _Counter,
-    _Evaluator,
-    _full_loss,
-    _global_num_samples,
+    Counter,
+    Evaluator,
+    check_flag,
+    check_mode,
+    check_model,
+    check_positive,
+    check_seed,
+    full_loss,
+    global_num_samples,
 )
-from .apgd import _apgd
+from .apgd import apgd
 from .state import preserved_state
-
-__all__ = ["EpsilonSharpnessResult", "epsilon_sharpness"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -60,8 +58,8 @@ class EpsilonSharpnessResult(CostedResult):
 
 def epsilon_sharpness(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     epsilon: float = 1e-3,
     method: str = "lbfgsb",
@@ -101,26 +99,26 @@ def epsilon_sharpness(
     Returns:
         :class:`EpsilonSharpnessResult`.
     """
-    _check_model(model)
-    _check_positive("epsilon", epsilon)
-    _check_positive("steps", steps, integer=True)
+    check_model(model)
+    check_positive("epsilon", epsilon)
+    check_positive("steps", steps, integer=True)
     if method not in ("lbfgsb", "apgd"):
         raise ValueError(f"method must be 'lbfgsb' or 'apgd', got {method!r}")
-    _check_seed(seed)
-    _check_flag("check_deterministic", check_deterministic)
-    _check_mode(mode)
+    check_seed(seed)
+    check_flag("check_deterministic", check_deterministic)
+    check_mode(mode)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
     source = as_data(data, batch_size=batch_size)
     check_first_batch(model, loss_fn, source, mode, where="epsilon_sharpness()",
                       deterministic=check_deterministic)
-    counter = _Counter()
+    counter = Counter()
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     eps = float(epsilon)
     with preserved_state(model), model_mode(model, mode), autocast_disabled():
         w0 = space.vector()
-        ev = _Evaluator(model, loss_fn, space, w0, counter)
-        l0 = _full_loss(ev, source, None, "at the unperturbed weights")
+        ev = Evaluator(model, loss_fn, space, w0, counter)
+        l0 = full_loss(ev, source, None, "at the unperturbed weights")
         bar = progress_bar(range(int(steps)), enabled=progress, desc="epsilon sharpness")
         maximize = _apgd_max if method == "apgd" else _lbfgsb_max
         best = maximize(ev, source, w0, eps, int(steps), gen, iter(bar))
@@ -134,12 +132,12 @@ def epsilon_sharpness(
         steps=int(steps),
         seed=int(seed),
         mode=mode,
-        num_samples=_global_num_samples(source, space.device),
+        num_samples=global_num_samples(source, space.device),
         **counter.as_dict(),
     )
 
 
-def _apgd_max(ev: _Evaluator, source: DataSource, w0: torch.Tensor, eps: float, steps: int,
+def _apgd_max(ev: Evaluator, source: DataSource, w0: torch.Tensor, eps: float, steps: int,
               gen: torch.Generator, bar_iter: Iterator) -> float:
     """The largest full-data loss APGD finds in the L-inf box ``|z_i| <= eps (|w_i| + 1)``
     (``u = z / (|w| + 1)``, started at a tiny seeded random point)."""
@@ -148,15 +146,15 @@ def _apgd_max(ev: _Evaluator, source: DataSource, w0: torch.Tensor, eps: float, 
     def objective(delta, need_grad, where):
         next(bar_iter, None)
         if need_grad:
-            return _full_loss(ev, source, delta, where, need_grad=True)
-        return _full_loss(ev, source, delta, where), None
+            return full_loss(ev, source, delta, where, need_grad=True)
+        return full_loss(ev, source, delta, where), None
 
     c = w0.abs() + 1
     u0 = (2 * torch.rand(space.numel, generator=gen, dtype=torch.float64) - 1) * (0.01 * eps)
-    return _apgd(objective, c, u0.to(space.device, space.dtype), eps, "linf", steps)
+    return apgd(objective, c, u0.to(space.device, space.dtype), eps, "linf", steps)
 
 
-def _lbfgsb_max(ev: _Evaluator, source: DataSource, w0: torch.Tensor, eps: float, steps: int,
+def _lbfgsb_max(ev: Evaluator, source: DataSource, w0: torch.Tensor, eps: float, steps: int,
                 gen: torch.Generator, bar_iter: Iterator) -> float:
     """The largest full-data loss seen by scipy's L-BFGS-B minimizing ``-L`` with the box
     ``|z_i| <= eps (|w_i| + 1)`` as bounds (Keskar et al. 2017), ``steps`` iterations from a
@@ -170,7 +168,7 @@ def _lbfgsb_max(ev: _Evaluator, source: DataSource, w0: torch.Tensor, eps: float
     def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
         next(bar_iter, None)
         delta = torch.from_numpy(z).to(device=space.device, dtype=space.dtype)
-        f, g = _full_loss(ev, source, delta, "during L-BFGS-B", need_grad=True)
+        f, g = full_loss(ev, source, delta, "during L-BFGS-B", need_grad=True)
         best_seen[0] = max(best_seen[0], f)
         return -f, -g.detach().cpu().double().numpy()
 

@@ -20,24 +20,24 @@ from .. import distributed as dist
 from ..checks import check_first_batch
 from ..data import Data, DataSource, as_data, to_device
 from ..evaluation import model_mode, progress_bar, resolve_loss
-from ..losses import LossFn, loss_terms
+from ..losses import LossSpec, loss_terms
 from ..params import ParameterSpace
 from ..precision import autocast_disabled
 from ..results import CostedResult
 from ._common import (
-    _check_flag,
-    _check_mode,
-    _check_model,
-    _check_positive,
-    _check_seed,
-    _Counter,
-    _Evaluator,
-    _nonfinite,
+    Counter,
+    Evaluator,
+    check_flag,
+    check_mode,
+    check_model,
+    check_positive,
+    check_seed,
+    nonfinite,
 )
-from .apgd import _apgd, _random_start
+from .apgd import apgd, random_start
 from .state import preserved_state
 
-__all__ = ["DEFAULT_M", "SharpnessResult", "sharpness"]
+__all__ = ["DEFAULT_M"]
 
 #: ``m=None`` in :func:`sharpness` means ``min(DEFAULT_M, N)`` (N: the number of samples).
 DEFAULT_M = 128
@@ -163,8 +163,8 @@ class SharpnessResult(CostedResult):
 
 def sharpness(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     rho: float,
     kind: str = "worst",
@@ -265,14 +265,14 @@ def sharpness(
             stacklevel=2,
         )
     rho = float(rho)
-    counter = _Counter()
+    counter = Counter()
     values: list[float] = []
     losses: list[float] = []
     terms: list[int] = []  # N_B, the weights of the batch means
     with preserved_state(model), model_mode(model, mode), autocast_disabled():
         w0 = space.vector()
         c = (w0.abs() + eta) if adaptive else torch.ones_like(w0)
-        ev = _Evaluator(model, loss_fn, space, w0, counter)
+        ev = Evaluator(model, loss_fn, space, w0, counter)
         batches = _m_batches(source, int(m), n_eval, space.device, space.dtype)
         desc = f"{kind} sharpness"
         for b, (x, y, key) in enumerate(progress_bar(batches, enabled=progress, desc=desc, unit="batch")):
@@ -319,32 +319,32 @@ def _check_sharpness_args(model: Any, *, kind: Any, norm: Any, init: Any, rho: A
                           steps: Any, samples: Any, restarts: Any, n_eval: Any, eta: Any,
                           adaptive: Any, check_deterministic: Any, seed: Any, mode: Any) -> None:
     """:func:`sharpness`'s argument checks, in the order it has always made them."""
-    _check_model(model)
+    check_model(model)
     if kind not in ("worst", "average"):
         raise ValueError(f"kind must be 'worst' or 'average', got {kind!r}")
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     if init not in ("random", "zero"):
         raise ValueError(f"init must be 'random' or 'zero', got {init!r}")
-    _check_positive("rho", rho)
+    check_positive("rho", rho)
     if m is not None:
-        _check_positive("m", m, integer=True)
-    _check_positive("steps", steps, integer=True)
-    _check_positive("samples", samples, integer=True)
+        check_positive("m", m, integer=True)
+    check_positive("steps", steps, integer=True)
+    check_positive("samples", samples, integer=True)
     if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 0:
         raise ValueError(f"restarts must be a non-negative integer, got {restarts!r}")
     if n_eval is not None:
-        _check_positive("n_eval", n_eval, integer=True)
+        check_positive("n_eval", n_eval, integer=True)
         if m is not None and n_eval < m:
             raise ValueError(f"m={m} is larger than n_eval={n_eval}; lower m or raise n_eval")
     if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)):
         raise TypeError(f"eta must be a number, got {type(eta).__name__}")
     if not (math.isfinite(float(eta)) and eta >= 0):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    _check_flag("adaptive", adaptive)
-    _check_flag("check_deterministic", check_deterministic)
-    _check_seed(seed)
-    _check_mode(mode)
+    check_flag("adaptive", adaptive)
+    check_flag("check_deterministic", check_deterministic)
+    check_seed(seed)
+    check_mode(mode)
 
 
 def _default_m(source: DataSource, n_eval: int | None) -> int:
@@ -367,7 +367,7 @@ class _MBatch:
     seed: int
 
 
-def _worst_case(ev: _Evaluator, batch: _MBatch, c: torch.Tensor, *, rho: float, norm: str,
+def _worst_case(ev: Evaluator, batch: _MBatch, c: torch.Tensor, *, rho: float, norm: str,
                 steps: int, init: str, restarts: int) -> tuple[float, float]:
     """``(L_B(w), max L_B(w + delta) - L_B(w))`` of one batch: APGD from the start ``init``,
     then ``restarts`` more ascents from random points, the best value kept."""
@@ -382,10 +382,10 @@ def _worst_case(ev: _Evaluator, batch: _MBatch, c: torch.Tensor, *, rho: float, 
         l0_t = ev.loss(x, y, m, where0)
         start = None
         gen = torch.Generator(device="cpu").manual_seed(batch.seed)
-        u0 = _random_start(space, rho, norm, gen)
+        u0 = random_start(space, rho, norm, gen)
     l0 = float(l0_t)
     if not math.isfinite(l0):
-        raise _nonfinite(l0, where0)
+        raise nonfinite(l0, where0)
 
     def objective(delta, need_grad, where):
         ev.set(delta)
@@ -394,16 +394,16 @@ def _worst_case(ev: _Evaluator, batch: _MBatch, c: torch.Tensor, *, rho: float, 
             return ev.loss_grad(x, y, m, w)
         return ev.loss(x, y, m, w), None
 
-    best = _apgd(objective, c, u0, rho, norm, steps, start=start)
+    best = apgd(objective, c, u0, rho, norm, steps, start=start)
     if restarts:
         rgen = torch.Generator(device="cpu").manual_seed((batch.seed + 7919) % (2**63))
         for _ in range(restarts):
-            ur = _random_start(space, rho, norm, rgen, scale=1.0 if norm == "linf" else 0.5)
-            best = max(best, _apgd(objective, c, ur, rho, norm, steps))
+            ur = random_start(space, rho, norm, rgen, scale=1.0 if norm == "linf" else 0.5)
+            best = max(best, apgd(objective, c, ur, rho, norm, steps))
     return l0, best - l0
 
 
-def _average(ev: _Evaluator, batch: _MBatch, c: torch.Tensor, *, rho: float,
+def _average(ev: Evaluator, batch: _MBatch, c: torch.Tensor, *, rho: float,
              samples: int) -> tuple[float, float]:
     """``(L_B(w), mean_k L_B(w + rho c z_k) - L_B(w))`` of one batch, ``z_k ~ N(0, I)`` drawn
     on the model's device from the batch's seed."""
@@ -412,7 +412,7 @@ def _average(ev: _Evaluator, batch: _MBatch, c: torch.Tensor, *, rho: float,
     ev.set(None)
     l0 = float(ev.loss(x, y, m, where0))
     if not math.isfinite(l0):
-        raise _nonfinite(l0, where0)
+        raise nonfinite(l0, where0)
     acc = torch.zeros((), dtype=torch.float64, device=space.device)
     noise_gen = torch.Generator(device=space.device).manual_seed(batch.seed)
     for k in range(samples):
@@ -421,7 +421,7 @@ def _average(ev: _Evaluator, batch: _MBatch, c: torch.Tensor, *, rho: float,
         ev.set(delta)
         lk = ev.loss(x, y, m, f"at noise draw {k} on batch {b}")
         if not bool(torch.isfinite(lk)):
-            raise _nonfinite(float(lk), f"at noise draw {k} on batch {b}")
+            raise nonfinite(float(lk), f"at noise draw {k} on batch {b}")
         acc += lk.double()
     return l0, float(acc) / samples - l0
 

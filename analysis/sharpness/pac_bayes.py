@@ -11,26 +11,24 @@ import torch
 from torch import nn
 
 from ..checks import check_first_batch
-from ..data import Data, DataSource, as_data
+from ..data import Data, as_data
 from ..evaluation import accuracy_unit, model_mode, progress_bar, resolve_loss
-from ..losses import LossFn
+from ..losses import LossSpec
 from ..params import ParameterSpace
 from ..precision import autocast_disabled
 from ..results import CostedResult
 from ._common import (
-    _check_flag,
-    _check_mode,
-    _check_model,
-    _check_positive,
-    _check_seed,
-    _Counter,
-    _Evaluator,
-    _full_loss,
-    _global_num_samples,
+    Counter,
+    Evaluator,
+    check_flag,
+    check_mode,
+    check_model,
+    check_positive,
+    check_seed,
+    full_loss,
+    global_num_samples,
 )
 from .state import preserved_state
-
-__all__ = ["PacBayesResult", "pac_bayes_flatness"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -65,8 +63,8 @@ class PacBayesResult(CostedResult):
 
 def pac_bayes_flatness(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     magnitude_aware: bool = False,
     target: float = 0.1,
@@ -116,29 +114,29 @@ def pac_bayes_flatness(
             ``max_evaluations``; the message names the accuracy at ``w``, the target and the
             largest sigma tried with its drop.
     """
-    _check_model(model)
-    _check_positive("target", target)
-    _check_positive("draws", draws, integer=True)
-    _check_positive("sigma_max", sigma_max)
-    _check_positive("tolerance", tolerance)
-    _check_positive("max_evaluations", max_evaluations, integer=True)
+    check_model(model)
+    check_positive("target", target)
+    check_positive("draws", draws, integer=True)
+    check_positive("sigma_max", sigma_max)
+    check_positive("tolerance", tolerance)
+    check_positive("max_evaluations", max_evaluations, integer=True)
     if target >= 1:
         raise ValueError(f"the accuracy cannot drop by target={target!r}; target must be < 1")
-    _check_flag("magnitude_aware", magnitude_aware)
-    _check_flag("check_deterministic", check_deterministic)
-    _check_seed(seed)
-    _check_mode(mode)
+    check_flag("magnitude_aware", magnitude_aware)
+    check_flag("check_deterministic", check_deterministic)
+    check_seed(seed)
+    check_mode(mode)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
     source = as_data(data, batch_size=batch_size)
     check_first_batch(model, loss_fn, source, mode, where="pac_bayes_flatness()",
                       deterministic=check_deterministic)
-    counter = _Counter()
+    counter = Counter()
     evaluations = 0
     with preserved_state(model), model_mode(model, mode), autocast_disabled():
         w0 = space.vector()
-        ev = _Evaluator(model, loss_fn, space, w0, counter)
-        _, acc0 = _full_loss(ev, source, None, "at the unperturbed weights", accuracy=True)
+        ev = Evaluator(model, loss_fn, space, w0, counter)
+        _, acc0 = full_loss(ev, source, None, "at the unperturbed weights", accuracy=True)
         if acc0 - target <= 0:
             raise ValueError(
                 f"the training accuracy {acc0:.4f} cannot drop by target={target}; "
@@ -157,8 +155,8 @@ def pac_bayes_flatness(
                     delta = sigma * z
                 else:
                     delta = torch.sqrt(sigma * sigma * scale * scale + 1e-6) * z
-                _, acc = _full_loss(ev, source, delta, f"at sigma={sigma:.4g}, draw {k}",
-                                    accuracy=True)
+                _, acc = full_loss(ev, source, delta, f"at sigma={sigma:.4g}, draw {k}",
+                                   accuracy=True)
                 total += acc
             return acc0 - total / int(draws)
 
@@ -177,7 +175,7 @@ def pac_bayes_flatness(
         seed=int(seed),
         mode=mode,
         evaluations=evaluations,
-        num_samples=_global_num_samples(source, space.device),
+        num_samples=global_num_samples(source, space.device),
         **counter.as_dict(),
         accuracy_unit=accuracy_unit(loss_fn),
     )

@@ -10,17 +10,15 @@ from typing import Any
 
 from torch import nn
 
-from ..data import Data, DataSource
+from ..data import Data
 from ..evaluation import resolve_loss
-from ..losses import LossFn
+from ..losses import LossFn, LossSpec
 from ..results import Result, to_jsonable
-from ._common import _check_model
+from ._common import check_model
 from .epsilon import epsilon_sharpness
 from .m_sharpness import sharpness
 from .pac_bayes import pac_bayes_flatness
 from .state import preserved_state
-
-__all__ = ["METRICS", "SharpnessReport", "sharpness_report"]
 
 #: Metric names understood by :func:`sharpness_report`.
 METRICS = ("worst", "average", "epsilon", "pac_bayes", "pac_bayes_mag", "lambda_max", "trace")
@@ -83,7 +81,7 @@ def _report_keywords(metric: str) -> set[str]:
 
     keys = kw_only(fn)
     if metric == "lambda_max":  # top_eigenpairs(model, ...) builds the operator from these
-        from ..hessian import CurvatureOperator
+        from ..operators.curvature import CurvatureOperator
 
         keys |= kw_only(CurvatureOperator.__init__)
     elif metric == "trace":  # the report builds the operator itself, with this mode
@@ -93,8 +91,8 @@ def _report_keywords(metric: str) -> set[str]:
 
 def sharpness_report(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
-    data: Data | DataSource,
+    loss_fn: LossSpec,
+    data: Data,
     metrics: Sequence[str] = ("worst", "average", "epsilon", "pac_bayes", "lambda_max", "trace"),
     *,
     options: Mapping[str, Mapping[str, Any]] | None = None,
@@ -107,8 +105,8 @@ def sharpness_report(
     Metric names (:data:`METRICS`): ``"worst"`` and ``"average"`` (:func:`sharpness`, defaults
     adaptive L2 with ``rho=0.1`` and ``rho=0.05``), ``"epsilon"`` (:func:`epsilon_sharpness`,
     ``epsilon=1e-3``), ``"pac_bayes"`` and ``"pac_bayes_mag"`` (:func:`pac_bayes_flatness`,
-    plain and magnitude-aware), ``"lambda_max"`` (:func:`analysis.lanczos.top_eigenpairs`) and
-    ``"trace"`` (:func:`analysis.trace.hessian_trace`).
+    plain and magnitude-aware), ``"lambda_max"`` (:func:`analysis.top_eigenpairs`) and
+    ``"trace"`` (:func:`analysis.hessian_trace`).
 
     Args:
         model, loss_fn, data: as in :func:`sharpness`.
@@ -121,7 +119,7 @@ def sharpness_report(
         :class:`SharpnessReport` with ``values[metric]`` the headline number and
         ``to_dict()`` JSON-ready.
     """
-    _check_model(model)
+    check_model(model)
     metrics, options = _check_report_args(metrics, options)
     loss_fn = resolve_loss(loss_fn)
     values: dict[str, float] = {}
@@ -170,7 +168,7 @@ def _check_report_args(metrics: Any, options: Any) -> tuple[list[str], dict[str,
     return metrics, options
 
 
-def _run_metric(name: str, model: nn.Module, loss_fn: LossFn, data: Data | DataSource,
+def _run_metric(name: str, model: nn.Module, loss_fn: LossFn, data: Data,
                 kw: dict[str, Any], *, seed: int, mode: str | None,
                 progress: bool) -> tuple[Any, float]:
     """One metric of :func:`sharpness_report`: ``(full result, headline number)``."""
@@ -190,7 +188,7 @@ def _run_metric(name: str, model: nn.Module, loss_fn: LossFn, data: Data | DataS
         with preserved_state(model):
             res = top_eigenpairs(model, loss_fn, data, **kw)
         return res, float(res.eigenvalues[0])
-    from ..hessian import HessianOperator  # trace
+    from ..operators.hessian import HessianOperator  # trace
     from ..trace import hessian_trace
 
     kw.pop("seed", None)

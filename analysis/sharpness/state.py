@@ -8,8 +8,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["preserved_state"]
-
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:

@@ -1,5 +1,9 @@
 """Safe checkpoint loading: ``weights_only`` pickles and safetensors, key and shape reports, MSAM.
 
+:func:`load_checkpoint`, :func:`find_checkpoints`, :class:`Checkpoint` and
+:class:`CheckpointError` are imported from :mod:`landscape`; this package exports the rest
+(the unsafe-file error, the perturbed-checkpoint warning, format sniffing, the suffixes).
+
 :func:`load_checkpoint` reads
 
 * torch files with ``torch.load(weights_only=True)``: a plain ``state_dict``, or a dictionary
@@ -48,19 +52,9 @@ a non-numeric ``perturbation_scale``) or non-finite move-back data (``perturbati
 key, before any weight is changed.
 """
 
-from .finding import CHECKPOINT_SUFFIXES, find_checkpoints
-from .loading import load_checkpoint
+from .finding import CHECKPOINT_SUFFIXES
 from .reading import checkpoint_format
-from .result import Checkpoint, CheckpointError, PerturbedCheckpointWarning, UnsafeCheckpointError
-from .unperturb import _unperturb  # noqa: F401  (used by tests written against the module)
+from .result import PerturbedCheckpointWarning, UnsafeCheckpointError
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "UnsafeCheckpointError",
-    "PerturbedCheckpointWarning",
-    "load_checkpoint",
-    "find_checkpoints",
-    "CHECKPOINT_SUFFIXES",
-    "checkpoint_format",
-]
+__all__ = ["UnsafeCheckpointError", "PerturbedCheckpointWarning", "checkpoint_format",
+           "CHECKPOINT_SUFFIXES"]

@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 import pathlib
 
-from .formats import _HF_LAYOUTS
+from .formats import HF_LAYOUTS
 from .result import CheckpointError
-
-__all__ = ["CHECKPOINT_SUFFIXES", "find_checkpoints"]
-
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
@@ -28,7 +25,7 @@ def find_checkpoints(paths: list[str | pathlib.Path]) -> list[pathlib.Path]:
         if not os.path.lexists(p):
             raise FileNotFoundError(f"checkpoint not found: {p}")
         if p.is_dir():
-            if any(os.path.lexists(p / name) for pair in _HF_LAYOUTS for name in pair):
+            if any(os.path.lexists(p / name) for pair in HF_LAYOUTS for name in pair):
                 out.append(p)
                 continue
             # a scan takes regular files only (a FIFO or socket named x.pt is skipped, never opened)

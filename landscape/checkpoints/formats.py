@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .reading import _regular_file, _safetensors_load, _torch_load, _verify_zip, checkpoint_format
-from .result import CheckpointError, _names
+from .reading import checkpoint_format, regular_file, safetensors_load, torch_load, verify_zip
+from .result import CheckpointError, short_list
 
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
 
@@ -23,11 +23,11 @@ _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
 _OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optim", "opt")
 
 
-_PREFIXES = ("module.", "_orig_mod.")
+PREFIXES = ("module.", "_orig_mod.")
 
 
 # Hugging Face ``save_pretrained`` folders: (index file, single file), safetensors first
-_HF_LAYOUTS = (
+HF_LAYOUTS = (
     ("model.safetensors.index.json", "model.safetensors"),
     ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
@@ -83,27 +83,27 @@ def _split(obj: Any, path: pathlib.Path) -> tuple[dict, dict | None, dict, str]:
     )
 
 
-def _load_file(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> tuple[dict, dict | None, dict, str, str]:
+def load_file(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> tuple[dict, dict | None, dict, str, str]:
     """(state, optimizer state, metadata, optimizer key, format) of one file, format sniffed."""
     fmt = checkpoint_format(path)
     if fmt == "safetensors":
-        state, meta = _safetensors_load(path, map_location)
+        state, meta = safetensors_load(path, map_location)
         return state, None, meta, "", fmt
     with open(path, "rb") as fh:
         is_zip = fh.read(2) == b"PK"
     if is_zip:
-        _verify_zip(path)
-    obj = _torch_load(path, map_location, allow_pickle)
+        verify_zip(path)
+    obj = torch_load(path, map_location, allow_pickle)
     state, opt, meta, okey = _split(obj, path)
     return state, opt, meta, okey, fmt
 
 
-def _load_folder(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> tuple[dict, dict, str]:
+def load_folder(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> tuple[dict, dict, str]:
     """A Hugging Face ``save_pretrained`` folder: one weights file or shards listed in an index."""
-    for index_name, single in _HF_LAYOUTS:
+    for index_name, single in HF_LAYOUTS:
         index = path / index_name
         if os.path.lexists(index):
-            _regular_file(index)
+            regular_file(index)
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 if not isinstance(weight_map, dict) or not all(
@@ -117,37 +117,40 @@ def _load_folder(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> t
                 raise CheckpointError(f"{index} names shard files outside its folder: {bad[:3]}")
             absent = [s for s in shards if not os.path.lexists(path / s)]
             if absent:
-                raise CheckpointError(f"{index} lists shard files that are not found in {path}: {_names(absent, 3)}")
+                raise CheckpointError(f"{index} lists shard files that are not found in {path}: {short_list(absent, 3)}")
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
-                part, _, _, _, fmt = _load_file(path / shard, map_location, allow_pickle)
+                part, _, _, _, fmt = load_file(path / shard, map_location, allow_pickle)
                 expected = [k for k, v in weight_map.items() if v == shard]
                 absent = [k for k in expected if k not in part]
                 if absent:
                     raise CheckpointError(
-                        f"{path / shard} lacks tensors that {index_name} places in it: {_names(absent, 5)}"
+                        f"{path / shard} lacks tensors that {index_name} places in it: {short_list(absent, 5)}"
                     )
                 twice = [k for k in part if k in state]
                 if twice:
-                    raise CheckpointError(f"{path / shard} repeats tensors of another shard: {_names(twice, 5)}")
+                    raise CheckpointError(f"{path / shard} repeats tensors of another shard: {short_list(twice, 5)}")
                 state.update(part)
             return state, {"shards": len(shards), "index": index_name}, fmt
         if os.path.lexists(path / single):
-            state, _, meta, _, fmt = _load_file(path / single, map_location, allow_pickle)
+            state, _, meta, _, fmt = load_file(path / single, map_location, allow_pickle)
             return state, meta, fmt
-    looked = ", ".join(n for pair in _HF_LAYOUTS for n in pair)
+    looked = ", ".join(n for pair in HF_LAYOUTS for n in pair)
     raise CheckpointError(f"{path} is a directory without model weights (looked for {looked})")
 
 
-def _strip_prefixes(
+def strip_prefixes(
     state: dict[str, torch.Tensor], model: nn.Module | None, model_keys: set[str] | None = None
 ) -> dict[str, torch.Tensor]:
+    """``state`` without the wrapper prefixes of :data:`PREFIXES` (DDP/``DataParallel``
+    ``"module."``, ``torch.compile`` ``"_orig_mod."``), removed while every key has one, unless the
+    model itself is wrapped and the keys already match it (``model_keys``: its state-dict keys)."""
     if model_keys is None:
         model_keys = set(model.state_dict()) if model is not None else set()
     changed = True
     while changed:
         changed = False
-        for prefix in _PREFIXES:
+        for prefix in PREFIXES:
             if state and all(k.startswith(prefix) for k in state):
                 stripped = {k[len(prefix):]: v for k, v in state.items()}
                 # keep the prefix if the model itself is wrapped and the names already match

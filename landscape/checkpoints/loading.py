@@ -9,12 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from .formats import _load_file, _load_folder, _strip_prefixes
-from .matching import _compare_with_model, _refuse_untied, _select_prefix
+from .formats import load_file, load_folder, strip_prefixes
+from .matching import compare_with_model, refuse_untied, select_prefix
 from .result import Checkpoint, PerturbedCheckpointWarning
-from .unperturb import _check_optimizer, _perturbed_flag, _refuse_sam_ascent, _unperturb
-
-__all__ = ["load_checkpoint"]
+from .unperturb import check_optimizer, perturbed_flag, refuse_sam_ascent, unperturbed_state
 
 
 def load_checkpoint(
@@ -69,29 +67,29 @@ def load_checkpoint(
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str or None, got {type(prefix).__name__}")
     if os.path.isdir(path):
-        state, meta, fmt = _load_folder(path, map_location, allow_pickle)
+        state, meta, fmt = load_folder(path, map_location, allow_pickle)
         opt_state, okey = None, ""
     else:
-        state, opt_state, meta, okey, fmt = _load_file(path, map_location, allow_pickle)
+        state, opt_state, meta, okey, fmt = load_file(path, map_location, allow_pickle)
     if opt_state is not None:
-        _check_optimizer(opt_state, path, okey)
-    state = _strip_prefixes(state, model)
-    state, used_prefix, ignored = _select_prefix(state, model, prefix, path)
+        check_optimizer(opt_state, path, okey)
+    state = strip_prefixes(state, model)
+    state, used_prefix, ignored = select_prefix(state, model, prefix, path)
 
-    _refuse_sam_ascent(opt_state, path)
+    refuse_sam_ascent(opt_state, path)
     if model is not None:
-        _refuse_untied(state, model, path)  # before the move-back writes one value to all twins
-    perturbed = bool(opt_state) and _perturbed_flag(opt_state)  # type: ignore[arg-type]
+        refuse_untied(state, model, path)  # before the move-back writes one value to all twins
+    perturbed = bool(opt_state) and perturbed_flag(opt_state)  # type: ignore[arg-type]
     unperturbed = False
     if perturbed and unperturb:
-        state = _unperturb(state, opt_state, model, path, okey)  # type: ignore[arg-type]
+        state = unperturbed_state(state, opt_state, model, path, okey)  # type: ignore[arg-type]
         unperturbed = True
 
     missing: list[str] = []
     unexpected: list[str] = []
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
     if model is not None:
-        loadable, missing, unexpected, mismatched = _compare_with_model(state, model, strict, path)
+        loadable, missing, unexpected, mismatched = compare_with_model(state, model, strict, path)
         model.load_state_dict(loadable, strict=False)
     if unperturbed:
         warnings.warn(

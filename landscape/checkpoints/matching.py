@@ -10,28 +10,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from .formats import _strip_prefixes
-from .result import CheckpointError, _names
+from .formats import strip_prefixes
+from .result import CheckpointError, short_list
 
 
-def _storage_identity(t: torch.Tensor, key: str) -> tuple:
+def storage_identity(t: torch.Tensor, key: str) -> tuple:
     """Equal for two tensors that are the same view of the same storage (tied weights)."""
     if not t.numel() or t.is_meta or t.data_ptr() == 0:
         return (key,)
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def _shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
+def shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
     """Keys grouped by shared storage: tied weights (``torch.save`` keeps the sharing in a file)."""
     groups: dict[tuple, list[str]] = {}
     for k, t in tensors.items():
-        groups.setdefault(_storage_identity(t, k), []).append(k)
+        groups.setdefault(storage_identity(t, k), []).append(k)
     return list(groups.values())
 
 
-def _tie_groups(model: nn.Module) -> list[list[str]]:
+def tie_groups(model: nn.Module) -> list[list[str]]:
     """Model state_dict keys grouped by shared storage (tied weights such as a LM head)."""
-    return _shared_groups(model.state_dict(keep_vars=True))
+    return shared_groups(model.state_dict(keep_vars=True))
 
 
 def _covers(keys: set[str], groups: list[list[str]]) -> bool:
@@ -67,10 +67,10 @@ def _under(
     state: dict[str, torch.Tensor], prefix: str, model: nn.Module | None, model_keys: set[str] | None = None
 ) -> tuple[dict, list[str]]:
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return _strip_prefixes(sub, model, model_keys), [k for k in state if not k.startswith(prefix)]
+    return strip_prefixes(sub, model, model_keys), [k for k in state if not k.startswith(prefix)]
 
 
-def _select_prefix(
+def select_prefix(
     state: dict[str, torch.Tensor], model: nn.Module | None, prefix: str | None, path: pathlib.Path
 ) -> tuple[dict[str, torch.Tensor], str, list[str]]:
     """(state under the prefix, the prefix, keys outside it) -- explicit, detected or none.
@@ -89,12 +89,12 @@ def _select_prefix(
         if not sub:
             heads = sorted({k.split(".", 1)[0] + "." for k in state})
             raise CheckpointError(
-                f"{path}: no key starts with prefix {prefix!r}; the keys start with {_names(heads, 6)}"
+                f"{path}: no key starts with prefix {prefix!r}; the keys start with {short_list(heads, 6)}"
             )
         return sub, prefix, outside
     if model is None:
         return state, "", []
-    groups = _tie_groups(model)
+    groups = tie_groups(model)
     if _covers(set(state), groups):
         return state, "", []
     counts: dict[str, int] = {}
@@ -121,13 +121,13 @@ def _select_prefix(
     return state, "", []
 
 
-def _refuse_untied(state: Mapping[str, torch.Tensor], model: nn.Module, path: pathlib.Path) -> None:
+def refuse_untied(state: Mapping[str, torch.Tensor], model: nn.Module, path: pathlib.Path) -> None:
     """Refuse keys of one tied tensor of the model that hold different values in the file
     (``load_state_dict`` would keep whichever comes last, silently; and which of them is MSAM's
     ``w~`` to move back is unknowable). Keys whose shape does not fit the model are left to the
     shape check."""
     target = model.state_dict()
-    for g in _tie_groups(model):
+    for g in tie_groups(model):
         present = [k for k in g if k in state and tuple(state[k].shape) == tuple(target[k].shape)]
         for k in present[1:]:
             a, b = state[present[0]], state[k]
@@ -139,7 +139,7 @@ def _refuse_untied(state: Mapping[str, torch.Tensor], model: nn.Module, path: pa
                     "not saved from this tied model. Untie them in the model, or drop one key")
 
 
-def _compare_with_model(
+def compare_with_model(
     state: dict[str, torch.Tensor], model: nn.Module, strict: bool, path: pathlib.Path,
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
     """(loadable tensors, missing keys, unexpected keys, shape mismatches) against ``model``.
@@ -148,7 +148,7 @@ def _compare_with_model(
     Refuses a checkpoint that matches no key at all, and (``strict``) any key problem.
     """
     target = model.state_dict()
-    tied = {k: g for g in _tie_groups(model) for k in g}
+    tied = {k: g for g in tie_groups(model) for k in g}
     missing = [k for k in target if k not in state and not any(j in state for j in tied.get(k, ()))]
     unexpected = [k for k in state if k not in target]
     mismatched = [
@@ -161,7 +161,7 @@ def _compare_with_model(
     if not loadable and target:
         raise CheckpointError(
             f"{path} matches none of {type(model).__name__}'s keys (nothing would be loaded): "
-            f"checkpoint keys {_names(list(state), 4)}; model keys {_names(list(target), 4)}"
+            f"checkpoint keys {short_list(list(state), 4)}; model keys {short_list(list(target), 4)}"
             + ("; shape mismatches on every common key" if mismatched else "")
             + (_prefix_hint(state, model, target) or "; removing a prefix from its keys does not "
                "make them match either: it looks like a checkpoint of another architecture")
@@ -169,13 +169,13 @@ def _compare_with_model(
     if strict and (missing or unexpected or mismatched):
         parts = []
         if missing:
-            parts.append(f"missing keys: {_names(missing)}")
+            parts.append(f"missing keys: {short_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_names(unexpected)}")
+            parts.append(f"unexpected keys: {short_list(unexpected)}")
         if mismatched:
             parts.append(
                 "shape mismatches: "
-                + _names([f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in mismatched])
+                + short_list([f"{k} (checkpoint {list(a)} vs model {list(b)})" for k, a, b in mismatched])
             )
         raise CheckpointError(
             f"{path} does not match {type(model).__name__}: " + "; ".join(parts)

@@ -14,9 +14,7 @@ from typing import Any
 
 import torch
 
-from .result import CheckpointError, UnsafeCheckpointError, _names
-
-__all__ = ["checkpoint_format"]
+from .result import CheckpointError, UnsafeCheckpointError, short_list
 
 
 def _unsafe_reason(exc: BaseException) -> str:
@@ -31,7 +29,7 @@ def _unsafe_reason(exc: BaseException) -> str:
     return first[:200] or "it holds objects other than tensors and plain containers"
 
 
-def _regular_file(path: pathlib.Path) -> int:
+def regular_file(path: pathlib.Path) -> int:
     """The size of ``path`` if it is a regular file (symlinks followed); refused otherwise.
 
     Uses ``os.stat`` only: a FIFO, socket or device is never opened, so nothing can block.
@@ -110,7 +108,7 @@ def checkpoint_format(path: str | pathlib.Path) -> str:
             what it looks like: PNG, JSON, text, empty...).
     """
     path = pathlib.Path(path)
-    size = _regular_file(path)
+    size = regular_file(path)
     try:
         with open(path, "rb") as fh:
             head = fh.read(64)
@@ -140,7 +138,7 @@ def checkpoint_format(path: str | pathlib.Path) -> str:
     )
 
 
-def _verify_zip(path: pathlib.Path) -> None:
+def verify_zip(path: pathlib.Path) -> None:
     """Check the zip structure and the CRC-32 of every member before ``torch.load`` sees it.
 
     ``torch.load`` never checks CRCs, so a flipped bit in a tensor would load silently. Reading
@@ -152,7 +150,7 @@ def _verify_zip(path: pathlib.Path) -> None:
             if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
                 raise CheckpointError(
                     f"{path} is not a checkpoint: a zip archive without data.pkl (members: "
-                    f"{_names(names, 5)}), not a PyTorch file"
+                    f"{short_list(names, 5)}), not a PyTorch file"
                 )
             bad = zf.testzip()
     except CheckpointError:
@@ -168,7 +166,9 @@ def _verify_zip(path: pathlib.Path) -> None:
         )
 
 
-def _torch_load(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> Any:
+def torch_load(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> Any:
+    """``torch.load`` of ``path`` (``weights_only=True`` unless ``allow_pickle``) from an open file;
+    a refused pickle or an unreadable file raises :class:`CheckpointError` naming the path and why."""
     try:
         # an open file, not the path: torch.load dispatches on a ".safetensors" suffix itself
         with open(path, "rb") as fh:
@@ -194,7 +194,9 @@ def _torch_load(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> An
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {msg}") from None
 
 
-def _safetensors_load(path: pathlib.Path, map_location: Any) -> tuple[dict, dict]:
+def safetensors_load(path: pathlib.Path, map_location: Any) -> tuple[dict, dict]:
+    """The tensors and the metadata of a safetensors file, read onto ``map_location``; a damaged
+    file raises :class:`CheckpointError` naming the path and the cause."""
     from safetensors import SafetensorError, safe_open
 
     device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"

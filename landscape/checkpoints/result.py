@@ -11,8 +11,6 @@ import torch
 
 from analysis.results import Result, to_jsonable
 
-__all__ = ["Checkpoint", "CheckpointError", "UnsafeCheckpointError", "PerturbedCheckpointWarning"]
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded (unreadable, wrong layout, keys or shapes that differ)."""
@@ -106,6 +104,7 @@ class Checkpoint(Result):
         return f"<table><caption>Checkpoint</caption>{rows}</table>"
 
 
-def _names(items: list[str], limit: int = 8) -> str:
+def short_list(items: list[str], limit: int = 8) -> str:
+    """``items`` joined with commas, at most ``limit`` of them (then ``"... and N more"``)."""
     shown = ", ".join(items[:limit])
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")

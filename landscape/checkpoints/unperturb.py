@@ -19,8 +19,8 @@ from msam.saved_state import (
     unperturbed_parameters,
 )
 
-from .formats import _PREFIXES
-from .matching import _shared_groups, _storage_identity, _tie_groups
+from .formats import PREFIXES
+from .matching import shared_groups, storage_identity, tie_groups
 from .result import CheckpointError
 
 _FLAG_KEYS = ("perturbed", "is_perturbed", "msam_perturbed")
@@ -49,7 +49,7 @@ def _flag(value: Any, path: pathlib.Path, key: str) -> bool:
     raise _malformed(path, key, f"{_describe(value)}; expected a boolean")
 
 
-def _check_optimizer(opt: Mapping[str, Any], path: pathlib.Path, okey: str) -> None:
+def check_optimizer(opt: Mapping[str, Any], path: pathlib.Path, okey: str) -> None:
     """Refuse an optimizer state_dict whose structure the loader cannot read (names the key)."""
     okey = okey or "optimizer"
     for key in _FLAG_KEYS:
@@ -93,7 +93,7 @@ def _check_optimizer(opt: Mapping[str, Any], path: pathlib.Path, okey: str) -> N
                     raise _malformed(path, f"{where}[{key!r}]", f"{_describe(st[key])}; expected a float tensor")
 
 
-def _refuse_sam_ascent(opt_state: Mapping[str, Any] | None, path: pathlib.Path) -> None:
+def refuse_sam_ascent(opt_state: Mapping[str, Any] | None, path: pathlib.Path) -> None:
     """A SAM state saved between the two passes: the weights are at ``w + e`` (no way back)."""
     sam_state = opt_state.get("sam") if isinstance(opt_state, Mapping) else None
     if isinstance(sam_state, Mapping) and bool(_scalar(sam_state.get("perturbed", False))):
@@ -104,10 +104,10 @@ def _refuse_sam_ascent(opt_state: Mapping[str, Any] | None, path: pathlib.Path) 
         )
 
 
-def _perturbed_flag(opt_state: Mapping[str, Any]) -> bool:
+def perturbed_flag(opt_state: Mapping[str, Any]) -> bool:
     """Whether an optimizer state_dict says its parameters were saved at a perturbed point.
 
-    Assumes :func:`_check_optimizer` accepted it (flags are boolean-like).
+    Assumes :func:`check_optimizer` accepted it (flags are boolean-like).
     """
     for key in _FLAG_KEYS:
         if key in opt_state:
@@ -131,7 +131,7 @@ def _parameter_names(state: dict[str, torch.Tensor], model: nn.Module | None) ->
     first = {}
     for k, v in state.items():
         if v.is_floating_point() and not k.endswith(BATCHNORM_BUFFERS):
-            first.setdefault(_storage_identity(v, k), k)
+            first.setdefault(storage_identity(v, k), k)
     return list(first.values())
 
 
@@ -142,12 +142,12 @@ def _aliases(state: Mapping[str, torch.Tensor], model: nn.Module | None) -> dict
     and a language-model head); without: the keys whose saved tensors are the same view of one
     storage (``torch.save`` keeps the sharing).
     """
-    groups = _tie_groups(model) if model is not None else _shared_groups(state)
+    groups = tie_groups(model) if model is not None else shared_groups(state)
     return {n: g for g in groups if len(g) > 1 for n in g}
 
 
 def _strip_name(name: str) -> str:
-    for prefix in _PREFIXES:
+    for prefix in PREFIXES:
         while name.startswith(prefix):
             name = name[len(prefix):]
     return name
@@ -205,7 +205,7 @@ def _match_optimizer_params(
     return matched
 
 
-def _unperturb(
+def unperturbed_state(
     state: dict[str, torch.Tensor], opt_state: Mapping[str, Any], model: nn.Module | None,
     path: pathlib.Path, okey: str = "optimizer",
 ) -> dict[str, torch.Tensor]:

@@ -38,48 +38,9 @@ the library imports the CLI.
 
 from __future__ import annotations
 
-from landscape._format import format_table
-
 from ._common import CLIError, UsageError
-from ._common import first_line as _first_line
-from ._common import positive_float as _positive_float
-from ._common import positive_int as _positive_int
-from .demo import run as cmd_demo
 from .entry import main
-from .entry import start_distributed as _start_distributed
-from .files import checkpoint_paths as _checkpoints
-from .files import header_problem as _header_problem
-from .files import keys_note as _keys_note
-from .files import label as _label
-from .files import one_checkpoint as _one_checkpoint
-from .files import per_file as _per_file
-from .files import raise_failures as _raise_failures
-from .hessian import run as cmd_hessian
-from .options import HelpFormatter as _HelpFormatter
-from .options import Parser as _Parser
-from .options import rank0 as _rank0
-from .output import SCHEMA_VERSION
-from .output import Ctx as _Ctx
-from .output import check_writable as _check_writable
-from .output import envelope as _envelope
-from .output import save_figure as _save_figure
-from .output import write_text as _write_text
 from .parser import build_parser
-from .report import run as cmd_report
-from .setup import Setup as _Setup
-from .sharpness import data_size_check as _data_size_check
-from .sharpness import run as cmd_sharpness
-from .sharpness import settings_notes as _settings_notes
-from .slice import parse_direction as _parse_direction
-from .slice import run as cmd_slice
 from .specs import load_data, load_model, load_object
-from .specs import resolve_loss as _resolve_loss
 
 __all__ = ["main", "build_parser", "load_object", "load_model", "load_data", "CLIError", "UsageError"]
-
-# the old module's private names, kept reachable from ``landscape.cli`` (tests and users' code)
-_PRIVATE = (_first_line, _positive_float, _positive_int, _start_distributed, _checkpoints,
-            _header_problem, _keys_note, _label, _one_checkpoint, _per_file, _raise_failures,
-            _HelpFormatter, _Parser, _rank0, _Ctx, _check_writable, _envelope, _save_figure,
-            _write_text, _Setup, _data_size_check, _settings_notes, _parse_direction, _resolve_loss,
-            format_table, SCHEMA_VERSION, cmd_demo, cmd_hessian, cmd_report, cmd_sharpness, cmd_slice)

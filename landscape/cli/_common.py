@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["CLIError", "UsageError", "first_line", "positive_float", "positive_int"]
+__all__ = ["first_line", "positive_float", "positive_int"]
 
 
 class CLIError(Exception):

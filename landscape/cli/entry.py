@@ -21,7 +21,7 @@ from .options import rank0 as _rank0
 from .output import Ctx, check_writable
 from .parser import build_parser
 
-__all__ = ["main", "start_distributed"]
+__all__ = ["start_distributed"]
 
 
 def start_distributed(args: argparse.Namespace, ctx: Ctx) -> None:

@@ -5,18 +5,18 @@ Every function here is a pure formula (no model, no data): the number of Hessian
 the docstrings of the routines the commands call (``n`` trainable parameters of ``itemsize``
 bytes, ``N`` samples):
 
-* :func:`lanczos_cost`: :func:`analysis.lanczos.top_eigenpairs`, at most ``max_iter`` products
+* :func:`lanczos_cost`: :func:`analysis.top_eigenpairs`, at most ``max_iter`` products
   (default ``min(max(300, 30 k), 10 n)``; it usually stops far earlier, so an upper bound) and
   ``(max_basis + 3) * n * itemsize`` bytes (default ``max_basis = min(n, max(2k + 1, 20))``;
   a half-precision model gets a float32 basis);
-* :func:`trace_cost`: :func:`analysis.trace.hessian_trace`, exact counts: Hutchinson
+* :func:`trace_cost`: :func:`analysis.hessian_trace`, exact counts: Hutchinson
   ``num_matvecs`` products and ``3 * block_size * n * itemsize`` bytes; Hutch++ ``3 s``
   products with ``s = min(num_matvecs // 3, n)`` (``2 n`` when ``s = n``) and
   ``(s + 4 * block_size) * n * itemsize`` bytes; one data pass per block of products;
-* :func:`density_cost`: :func:`analysis.density.spectral_density` (SLQ), ``num_runs * m``
+* :func:`density_cost`: :func:`analysis.spectral_density` (SLQ), ``num_runs * m``
   products with ``m = min(num_iter, n)`` (fewer only if a run breaks down on an invariant
   subspace) and at most ``(m + 5) * n * itemsize`` bytes per run held at once (``block_size``);
-* :func:`m_sharpness_cost`: :func:`analysis.sharpness.sharpness`, exact: per batch of ``m``
+* :func:`m_sharpness_cost`: :func:`analysis.sharpness`, exact: per batch of ``m``
   samples (``min(N, n_eval) // m`` batches) ``1 + (steps + 1)`` forward and ``steps`` backward
   passes for the worst case (one forward less with ``init="zero"``, ``steps + 1`` more per
   restart), ``1 + samples`` forward passes for the average;
@@ -92,7 +92,7 @@ def defaults_of(fn: Any) -> dict[str, Any]:
 
 
 def trace_defaults() -> dict[str, Any]:
-    """``num_matvecs``, ``method`` and ``block_size`` of :func:`analysis.trace.hessian_trace`."""
+    """``num_matvecs``, ``method`` and ``block_size`` of :func:`analysis.hessian_trace`."""
     from analysis.trace import hessian_trace
 
     d = defaults_of(hessian_trace)
@@ -101,7 +101,7 @@ def trace_defaults() -> dict[str, Any]:
 
 def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
                  max_basis: int | None = None, label: str | None = None) -> Cost:
-    """Upper bounds for :func:`analysis.lanczos.top_eigenpairs` on an ``n x n`` Hessian.
+    """Upper bounds for :func:`analysis.top_eigenpairs` on an ``n x n`` Hessian.
 
     Products: ``max_iter`` (default ``min(max(300, 30 k), 10 n)``), one data pass each, plus one
     for the gradient start vector. Memory: ``(max_basis + 3) * n * itemsize`` with the default
@@ -128,21 +128,21 @@ def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
 def _block_size(n: int, itemsize: int, block_size: int | None) -> int:
     if block_size is not None:
         return block_size
-    from analysis.hessian import default_block_size
+    from analysis.operators.curvature import default_block_size
 
     return default_block_size(n, itemsize)
 
 
 def trace_cost(n: int, itemsize: int, *, num_matvecs: int = 99, method: str = "hutch++",
                block_size: int | None = None, label: str | None = None) -> Cost:
-    """Exact counts for :func:`analysis.trace.hessian_trace` (module docstring of
+    """Exact counts for :func:`analysis.hessian_trace` (module docstring of
     :mod:`analysis.trace`; ``TraceResult.memory_bound_bytes``).
 
     Hutchinson: ``num_matvecs`` products in ``ceil(num_matvecs / b)`` passes, memory
     ``3 b n itemsize``. Hutch++: sketch size ``s = min(num_matvecs // 3, n)``; ``s`` products for
     the sketch, ``s`` for ``tr(Q^T H Q)`` and ``s`` for the deflated Hutchinson part (skipped when
     ``s = n``), each stage in ``ceil(s / b)`` passes; memory ``(s + 4 b) n itemsize``. ``b`` is
-    ``block_size`` (default :func:`analysis.hessian.default_block_size`).
+    ``block_size`` (default :func:`analysis.operators.default_block_size`).
     """
     from analysis.trace import sketch_size, trace_memory_bound_bytes
 
@@ -158,7 +158,7 @@ def trace_cost(n: int, itemsize: int, *, num_matvecs: int = 99, method: str = "h
 
 def density_cost(n: int, itemsize: int, *, num_iter: int = 80, num_runs: int = 10,
                  block_size: int | None = None, label: str | None = None) -> Cost:
-    """Counts for :func:`analysis.density.spectral_density` (stochastic Lanczos quadrature).
+    """Counts for :func:`analysis.spectral_density` (stochastic Lanczos quadrature).
 
     ``m = min(num_iter, n)`` steps per run, ``num_runs * m`` products (exact unless a run breaks
     down early), ``ceil(num_runs / b) * m`` data passes with ``b = min(block_size or 1,
@@ -174,7 +174,7 @@ def density_cost(n: int, itemsize: int, *, num_iter: int = 80, num_runs: int = 1
 def m_sharpness_cost(num_samples: int, *, kind: str, m: int, n_eval: int | None = 1024,
                      steps: int = 20, samples: int = 64, init: str = "random", restarts: int = 0,
                      label: str | None = None) -> Cost:
-    """Exact counts for :func:`analysis.sharpness.sharpness` (its "Cost" paragraph).
+    """Exact counts for :func:`analysis.sharpness` (its "Cost" paragraph).
 
     ``B = min(N, n_eval) // m`` batches of ``m`` samples (the incomplete last batch is dropped).
     Worst case: ``B (1 + steps + 1)`` forward passes (one fewer per batch with ``init="zero"``)

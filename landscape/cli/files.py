@@ -28,7 +28,8 @@ def header_problem(path: pathlib.Path) -> str | None:
     """
     import zipfile
 
-    from ..checkpoints import CHECKPOINT_SUFFIXES, CheckpointError, checkpoint_format
+    from ..checkpoints import CHECKPOINT_SUFFIXES, checkpoint_format
+    from ..checkpoints.result import CheckpointError
 
     try:
         st = os.stat(path)
@@ -96,12 +97,9 @@ def checkpoint_paths(paths: Sequence[str]) -> list[pathlib.Path]:
 
 
 def _checkpoint_paths(paths: Sequence[str]) -> list[pathlib.Path]:
-    from ..checkpoints import (
-        CHECKPOINT_SUFFIXES,
-        CheckpointError,
-        checkpoint_format,
-        find_checkpoints,
-    )
+    from ..checkpoints import CHECKPOINT_SUFFIXES, checkpoint_format
+    from ..checkpoints.finding import find_checkpoints
+    from ..checkpoints.result import CheckpointError
 
     found = find_checkpoints(list(paths))
     problems = []
@@ -127,6 +125,8 @@ def _checkpoint_paths(paths: Sequence[str]) -> list[pathlib.Path]:
 
 
 def one_checkpoint(command: str, spec: str) -> pathlib.Path:
+    """The single checkpoint ``spec`` names; ``UsageError`` (naming ``command``) when it holds
+    several or none."""
     paths = checkpoint_paths([spec])
     if len(paths) != 1:
         raise UsageError(f"{command} takes one checkpoint; {spec} holds {len(paths)} "
@@ -135,11 +135,14 @@ def one_checkpoint(command: str, spec: str) -> pathlib.Path:
 
 
 def label(path: pathlib.Path, all_paths: Sequence[pathlib.Path]) -> str:
+    """``path``'s file name, or the whole path when another checkpoint has the same name."""
     names = [p.name for p in all_paths]
     return path.name if names.count(path.name) == 1 else str(path)
 
 
 def keys_note(records: Sequence[dict], paths: Sequence[pathlib.Path]) -> list[str]:
+    """One line per record whose checkpoint keys needed a note (prefixes stripped, tied or
+    missing keys), labelled as in the table."""
     from ..report import describe_checkpoint_keys
 
     notes = []
@@ -173,6 +176,8 @@ def per_file(paths: Sequence[pathlib.Path], ctx: Ctx, work: Callable[[pathlib.Pa
 
 
 def raise_failures(failures: Sequence[dict], paths: Sequence[pathlib.Path], kept: str) -> None:
+    """Raise ``CLIError`` when checkpoints failed: all of them (the first error), or some (their
+    names, ``kept`` saying what was still written, and the first error)."""
     if failures and len(failures) == len(paths):
         raise CLIError(f"all {len(paths)} checkpoints failed; first error: {failures[0]['checkpoint']}: "
                        f"{failures[0]['error']}")

@@ -95,7 +95,7 @@ def _analyses(args: argparse.Namespace, ctx: Ctx, setup: Setup, model: Any,
     ``hessian_summary(trace=..., density=...)``, hence the same numbers)."""
     import numpy as np
 
-    from analysis.hessian import HessianOperator
+    from analysis.operators.hessian import HessianOperator
 
     from ..report import hessian_summary
 

@@ -30,7 +30,10 @@ a :class:`~landscape.cli._common.CLIError` naming both numbers before any analys
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from analysis import Data, LossSpec
 
 __all__ = ["CALIBRATION_FACTOR", "GRAPH_FACTOR", "MemoryCheck", "ProductMemory", "check_memory",
            "product_memory"]
@@ -92,7 +95,7 @@ class MemoryCheck:
         return d
 
 
-def product_memory(model: Any, loss_fn: Any, data: Any) -> ProductMemory:
+def product_memory(model: Any, loss_fn: LossSpec, data: Data) -> ProductMemory:
     """Measure ``A`` on the first batch of ``data`` (one forward pass with autograd on, eval
     mode, the math attention kernels the products use) and estimate the products' working
     memory from it (see the module docstring). The model is left as it was."""
@@ -126,7 +129,7 @@ def product_memory(model: Any, loss_fn: Any, data: Any) -> ProductMemory:
     return ProductMemory(int(act), int(calib), cached, int(calib + cached))
 
 
-def check_memory(costs: list, model: Any, loss_fn: Any, data: Any, *, log: Any,
+def check_memory(costs: list, model: Any, loss_fn: LossSpec, data: Data, *, log: Any,
                  ignore: bool = False, available: int | None = None) -> MemoryCheck:
     """Estimate the peak of ``costs`` (a list of :class:`~landscape.cli.estimate.Cost`) plus the
     products' working memory on ``model`` and ``data``, log it and compare it with the memory

@@ -42,6 +42,8 @@ def rank0() -> bool:
 
 
 class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with one-line errors (exit 2, a hint to the closest choice and
+    to ``--help``, printed on rank 0 only) and negative numbers such as ``-1e-3`` read as values."""
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = _NEGATIVE_NUMBER  # argparse's own misses 1e-3 forms

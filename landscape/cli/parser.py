@@ -9,7 +9,7 @@ from . import reproduce as reproduce_cmd
 from . import slice as slice_
 from .options import HelpFormatter, Parser
 
-__all__ = ["COMMANDS", "build_parser"]
+__all__ = ["COMMANDS"]
 
 #: The subcommand modules, in the order of ``landscape --help``.
 COMMANDS = (sharpness, hessian, slice_, report, demo)

@@ -42,12 +42,12 @@ def register(sub: Any) -> None:
 
 
 def costs(args: argparse.Namespace, n: int, itemsize: int, num_samples: int) -> list[E.Cost]:
-    """The predicted cost of each stage of :func:`landscape.report.analyze_checkpoint` with its
+    """The predicted cost of each stage of :func:`landscape.analyze_checkpoint` with its
     defaults: lambda_max, worst-case m-sharpness, the density (SLQ, 30 steps x 2 runs), the
     1-D slices along a random and the gradient direction, and the 2-D slice."""
-    from analysis.sharpness import sharpness
+    from analysis.sharpness.m_sharpness import sharpness
 
-    from ..report import analyze_checkpoint
+    from ..report.compute import analyze_checkpoint
 
     rep = E.defaults_of(analyze_checkpoint)
     sh = E.defaults_of(sharpness)
@@ -71,7 +71,9 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     """Analyse every checkpoint and write the report; exit 1 when some checkpoints failed."""
     import dataclasses
 
-    from ..report import analyze_checkpoint, checkpoint_keys, describe_checkpoint_keys, write_report
+    from ..report import checkpoint_keys, describe_checkpoint_keys
+    from ..report.compute import analyze_checkpoint
+    from ..report.render import write_report
 
     if not pathlib.Path(args.out).is_dir() and pathlib.Path(args.out).suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"--out {args.out}: the report is HTML; use a .html or .htm file")

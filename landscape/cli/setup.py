@@ -131,7 +131,7 @@ class Setup:
         return model, ckpt
 
     def _load(self, path: pathlib.Path) -> tuple[Any, Any]:
-        from ..checkpoints import load_checkpoint
+        from ..checkpoints.loading import load_checkpoint
 
         model = self.model()
         with warnings.catch_warnings(record=True) as caught:

@@ -62,7 +62,7 @@ def data_size_check(args: argparse.Namespace, ctx: Ctx) -> Callable[[Any], None]
 
 def costs(metrics: Sequence[str], n: int, itemsize: int, num_samples: int, m: int | None) -> list[E.Cost]:
     """The predicted cost of each metric on one checkpoint (the library's defaults)."""
-    from analysis.sharpness import sharpness
+    from analysis.sharpness.m_sharpness import sharpness
 
     defaults = E.defaults_of(sharpness)
     m = m if m is not None else min(int(cli_default("sharpness", "--m")), num_samples)

@@ -15,7 +15,7 @@ from typing import Any
 from ._common import CLIError, UsageError
 from ._common import first_line as _first_line
 
-__all__ = ["load_data", "load_model", "load_object", "resolve_loss"]
+__all__ = ["resolve_loss"]
 
 
 def load_object(spec: str, what: str = "object") -> Any:

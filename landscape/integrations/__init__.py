@@ -1,15 +1,15 @@
 """Framework hooks for optimizers whose parameters live at a perturbed point (MSAM, NAG, AdamW-MSAM).
 
-* :mod:`landscape.integrations.lightning`: :class:`~landscape.integrations.lightning.MSAMCallback`,
+* :mod:`landscape.integrations.lightning`: :class:`~landscape.integrations.MSAMCallback`,
   a PyTorch Lightning callback (extra ``lightning``);
 * :mod:`landscape.integrations.huggingface`:
-  :class:`~landscape.integrations.huggingface.MSAMTrainerCallback`, a Hugging Face
+  :class:`~landscape.integrations.MSAMTrainerCallback`, a Hugging Face
   ``transformers`` ``TrainerCallback`` (extra ``huggingface``).
 
 Both move the parameters to the unperturbed weights ``w`` (``optimizer.eval()``) before
 validation, testing and checkpoint saving and back to ``w~`` (``optimizer.train()``) before the
 next training step, recompute the BatchNorm statistics at ``w`` when training ends
-(:func:`msam.recalibrate_batchnorm`) and optionally run an :class:`analysis.tracker.CurvatureTracker`
+(:func:`msam.recalibrate_batchnorm`) and optionally run an :class:`analysis.CurvatureTracker`
 after every optimizer step. The frameworks are imported only when the submodule is imported, so
 the toolkit works without them.
 """

@@ -1,8 +1,8 @@
-"""Hugging Face ``transformers`` callback for MSAM-style optimizers (``pip install landscape[huggingface]``).
+"""Hugging Face ``transformers`` callback for MSAM-style optimizers (``pip install msam-landscape[huggingface]``).
 
 Example:
     >>> from transformers import Trainer                                       # doctest: +SKIP
-    >>> from landscape.integrations.huggingface import MSAMTrainerCallback      # doctest: +SKIP
+    >>> from landscape.integrations import MSAMTrainerCallback      # doctest: +SKIP
     >>> opt = msam.AdamWMSAM(model.parameters(), lr=1e-4, rho=0.3)              # doctest: +SKIP
     >>> trainer = Trainer(model, args, train_dataset=ds, eval_dataset=ev,       # doctest: +SKIP
     ...                   optimizers=(opt, None), callbacks=[MSAMTrainerCallback()])
@@ -37,9 +37,7 @@ try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover
     raise ImportError("landscape.integrations.huggingface needs transformers: pip install "
-                      "'landscape[huggingface]'") from exc
-
-__all__ = ["MSAMTrainerCallback"]
+                      "'msam-landscape[huggingface]'") from exc
 
 
 class MSAMTrainerCallback(TrainerCallback):
@@ -51,7 +49,7 @@ class MSAMTrainerCallback(TrainerCallback):
         recalibrate_data: data for the recalibration (default: the trainer's training
             dataloader; its batches must be what the model's ``forward`` takes: a dict of
             tensors is passed as keyword arguments).
-        tracker: a :class:`analysis.tracker.CurvatureTracker`, or a callable
+        tracker: a :class:`analysis.CurvatureTracker`, or a callable
             ``(model, optimizer) -> CurvatureTracker`` called at the first step.
 
     Attributes:

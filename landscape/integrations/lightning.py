@@ -1,8 +1,8 @@
-"""PyTorch Lightning callback for MSAM-style optimizers (``pip install landscape[lightning]``).
+"""PyTorch Lightning callback for MSAM-style optimizers (``pip install msam-landscape[lightning]``).
 
 Example:
     >>> import lightning.pytorch as pl                                   # doctest: +SKIP
-    >>> from landscape.integrations.lightning import MSAMCallback          # doctest: +SKIP
+    >>> from landscape.integrations import MSAMCallback          # doctest: +SKIP
     >>> trainer = pl.Trainer(max_epochs=2, callbacks=[MSAMCallback()])    # doctest: +SKIP
     >>> trainer.fit(module, train_loader, val_loader)                     # doctest: +SKIP
 
@@ -51,9 +51,7 @@ except ImportError:  # pragma: no cover - the standalone package
     except ImportError as exc:
         raise ImportError(
             "landscape.integrations.lightning needs PyTorch Lightning: pip install "
-            "'landscape[lightning]' (or lightning)") from exc
-
-__all__ = ["MSAMCallback"]
+            "'msam-landscape[lightning]' (or lightning)") from exc
 
 
 class MSAMCallback(Callback):
@@ -65,7 +63,7 @@ class MSAMCallback(Callback):
         recalibrate_data: data for the recalibration (an ``(X, y)`` pair or a DataLoader; default
             the trainer's training dataloader).
         recalibrate_batches: at most this many batches per recalibration (default all).
-        tracker: a :class:`analysis.tracker.CurvatureTracker`, or a callable
+        tracker: a :class:`analysis.CurvatureTracker`, or a callable
             ``(module, optimizer) -> CurvatureTracker`` called when training starts (for a
             tracker that needs the optimizer Lightning creates).
         stay_at_w: leave the parameters at ``w`` after ``fit`` (default True).

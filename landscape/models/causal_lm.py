@@ -25,8 +25,6 @@ from torch import nn
 
 from ._args import divisible, float_arg, int_arg
 
-__all__ = ["GPT", "GPTBlock", "gpt", "IGNORE_INDEX"]
-
 IGNORE_INDEX = -100
 """The label of positions that do not count in the loss (PyTorch's and Hugging Face's)."""
 

@@ -6,8 +6,6 @@ from torch import nn
 
 from ._args import bool_arg, int_arg
 
-__all__ = ["digits_cnn", "digits_mlp"]
-
 
 def digits_cnn(width: int = 32, *, batchnorm: bool = True, num_classes: int = 10) -> nn.Sequential:
     """A small CNN: two 3x3 conv blocks (+BatchNorm, ReLU), max-pool, two linear layers.

@@ -11,8 +11,6 @@ from torch import nn
 
 from ._args import choice_arg, divisible, int_arg
 
-__all__ = ["hf_gpt2"]
-
 EXTRA = "pip install msam-landscape[huggingface]"
 
 

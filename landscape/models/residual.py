@@ -22,8 +22,6 @@ from torch import nn
 
 from ._args import bool_arg, choice_arg, int_arg, ints_arg
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet", "RESNET_DEPTHS"]
-
 
 class BasicBlock(nn.Module):
     """torchvision's ``BasicBlock``: conv3x3-BN-ReLU-conv3x3-BN plus the (downsampled) input, ReLU.

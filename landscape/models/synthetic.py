@@ -12,8 +12,6 @@ import torch
 from ._args import int_arg, ints_arg
 from .causal_lm import IGNORE_INDEX
 
-__all__ = ["image_data", "lm_sequences", "lm_data", "lm_batches"]
-
 
 def image_data(n: int = 256, *, num_classes: int = 10, image_size: int = 32, channels: int = 3,
                seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,8 +18,6 @@ from torch import nn
 
 from ._args import choice_arg, divisible, float_arg, int_arg
 
-__all__ = ["ViT", "vit"]
-
 
 class ViT(nn.Module):
     """Patch embedding + class token + positions + pre-norm encoder blocks + LayerNorm + head.

@@ -1,6 +1,7 @@
 """The self-contained HTML report, and the per-checkpoint analysis behind it.
 
-Two modules, every name importable from ``landscape.report``:
+Two modules; :func:`analyze_checkpoint`, :class:`ReportEntry`, :func:`report_html` and
+:func:`write_report` are imported from :mod:`landscape`, the rest from ``landscape.report``:
 
 * :mod:`landscape.report.compute` measures, no HTML: :func:`analyze_checkpoint` (loss, accuracy,
   ``lambda_max``, adaptive worst-case m-sharpness, optionally the trace, 1-D and 2-D slices and
@@ -16,26 +17,18 @@ from __future__ import annotations
 
 from .compute import (
     METRIC_NAMES,
-    ReportEntry,
-    analyze_checkpoint,
     checkpoint_keys,
     checkpoint_metrics,
     compute_slice,
     describe_checkpoint_keys,
     hessian_summary,
 )
-from .render import density_figure, report_html, write_report
+from .render import density_figure
 
 __all__ = [
-    "ReportEntry",
-    "analyze_checkpoint",
-    "write_report",
-    "report_html",
-    "checkpoint_metrics",
-    "hessian_summary",
-    "compute_slice",
+    # the numbers of one checkpoint, as the CLI prints them
+    "checkpoint_metrics", "hessian_summary", "compute_slice", "checkpoint_keys",
+    "describe_checkpoint_keys", "METRIC_NAMES",
+    # figures
     "density_figure",
-    "checkpoint_keys",
-    "describe_checkpoint_keys",
-    "METRIC_NAMES",
 ]

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from analysis.data import Data
+from analysis.losses import LossSpec
 from analysis.results import Result, to_jsonable
 
-try:  # the metric names understood by analysis.sharpness.sharpness_report
+try:  # the metric names understood by analysis.sharpness_report
     from analysis.sharpness import METRICS as _SHARPNESS_METRICS
 except ImportError:  # pragma: no cover - only while the sharpness module is missing
     _SHARPNESS_METRICS = ("worst", "average", "epsilon", "pac_bayes", "pac_bayes_mag", "lambda_max", "trace")
@@ -42,8 +44,8 @@ METRIC_NAMES: tuple[str, ...] = ("worst", "average", "lambda_max", "trace") + tu
 
 def checkpoint_metrics(
     model: nn.Module,
-    loss_fn: Any,
-    data: Any,
+    loss_fn: LossSpec,
+    data: Data,
     metrics: Sequence[str],
     *,
     rho: float | None = None,
@@ -54,7 +56,7 @@ def checkpoint_metrics(
     """Loss, accuracy and the chosen sharpness metrics of one model.
 
     ``worst`` / ``average`` are adaptive (``c = |w|``) m-sharpness with the defaults of
-    :func:`analysis.sharpness.sharpness_report`; ``worst_plain`` / ``average_plain`` the same
+    :func:`analysis.sharpness_report`; ``worst_plain`` / ``average_plain`` the same
     with ``c = 1``; ``lambda_max`` and ``trace`` the top Hessian eigenvalue (Lanczos) and the
     Hutchinson trace. ``rho`` overrides the radius of the worst/average metrics and ``m`` their
     batch size (default ``min(128, N)``, so that small data sets work; ``N`` is this process's
@@ -66,7 +68,7 @@ def checkpoint_metrics(
         (``settings`` holds what each metric actually used, from its result's ``to_dict()``).
     """
     from analysis.evaluation import evaluate
-    from analysis.sharpness import sharpness_report
+    from analysis.sharpness.report import sharpness_report
 
     unknown = [m for m in metrics if m not in METRIC_NAMES]
     if unknown:
@@ -105,7 +107,7 @@ _SETTING_KEYS = ("kind", "rho", "adaptive", "norm", "m", "steps", "samples", "st
 
 def _default_m() -> int:
     """The default m of m-sharpness (:data:`landscape.defaults.DEFAULTS`, the same as
-    :func:`analysis.sharpness.sharpness`'s), capped at the data size by the callers."""
+    :func:`analysis.sharpness`'s), capped at the data size by the callers."""
     from ..defaults import cli_default
 
     return int(cli_default("sharpness", "--m"))
@@ -124,8 +126,8 @@ def _density_dict(res: Any) -> dict[str, Any]:
 
 def hessian_summary(
     model: nn.Module,
-    loss_fn: Any,
-    data: Any,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     top_k: int = 5,
     trace: bool = False,
@@ -148,8 +150,8 @@ def hessian_summary(
         (see :class:`analysis.lanczos.EigenResult`), "num_matvecs": int, "trace": float | None, "trace_stderr":
         float | None, "density": {"grid", "density"} | None, "seconds": float}``.
     """
-    from analysis.hessian import HessianOperator
     from analysis.lanczos import top_eigenpairs
+    from analysis.operators.hessian import HessianOperator
 
     t0 = time.perf_counter()
     op = HessianOperator(model, loss_fn, data) if operator is None else operator
@@ -210,7 +212,9 @@ def _directions(kind: str, model: nn.Module, loss_fn: Any, data: Any, count: int
         return [(eig.eigenvectors[i].reshape(-1), f"eigenvector {i + 1} (lambda={float(eig.eigenvalues[i]):.4g})")
                 for i in range(count)]
     if kind == "pca":
-        pca = D.pca_directions(other, k=count, model=model)
+        from analysis import pca_directions
+
+        pca = pca_directions(other, k=count, model=model)
         return [(pca.directions[i].reshape(-1),
                  f"PC{i + 1} ({100 * float(pca.explained_variance_ratio[i]):.1f}% of the variance)")
                 for i in range(count)]
@@ -219,8 +223,8 @@ def _directions(kind: str, model: nn.Module, loss_fn: Any, data: Any, count: int
 
 def compute_slice(
     model: nn.Module,
-    loss_fn: Any,
-    data: Any,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     dims: int = 1,
     direction: str = "random",
@@ -266,7 +270,7 @@ def compute_slice(
 
 def checkpoint_keys(ckpt: Any) -> dict[str, Any]:
     """``{"missing_keys", "unexpected_keys", "shape_mismatches"}`` of a loaded
-    :class:`landscape.checkpoints.Checkpoint` (JSON-safe lists; empty lists for a clean load)."""
+    :class:`landscape.Checkpoint` (JSON-safe lists; empty lists for a clean load)."""
     return {
         "missing_keys": [str(k) for k in getattr(ckpt, "missing_keys", ()) or ()],
         "unexpected_keys": [str(k) for k in getattr(ckpt, "unexpected_keys", ()) or ()],
@@ -310,8 +314,8 @@ class ReportEntry(Result):
         name: the label (file name or optimizer).
         metrics: headline numbers, e.g. ``loss``, ``accuracy``, ``lambda_max``, ``sharpness``,
             ``trace``; ``None`` where not computed.
-        slices_1d: :class:`landscape.slices.Slice1D` results, their ``label`` the direction kind.
-        slice_2d: a :class:`landscape.slices.Slice2D` or ``None``.
+        slices_1d: :class:`landscape.Slice1D` results, their ``label`` the direction kind.
+        slice_2d: a :class:`landscape.Slice2D` or ``None``.
         density: ``{"grid", "density"}`` of the Hessian spectrum or ``None``.
         eigenvalues: top Hessian eigenvalues.
         info: free-form extra fields shown in the table (e.g. wall time per epoch).
@@ -357,8 +361,8 @@ class ReportEntry(Result):
 
 def analyze_checkpoint(
     model: nn.Module,
-    loss_fn: Any,
-    data: Any,
+    loss_fn: LossSpec,
+    data: Data,
     *,
     name: str,
     steps_1d: int = 41,
@@ -384,10 +388,10 @@ def analyze_checkpoint(
         steps_1d, steps_2d: points per axis of the slices on ``[-radius, radius]`` (0: skip).
         seed: seed of the random directions (the same seed for every checkpoint).
         sharpness_rho: radius of the worst-case adaptive m-sharpness (default 0.1).
-        sharpness_options: more keyword arguments for :func:`analysis.sharpness.sharpness`.
+        sharpness_options: more keyword arguments for :func:`analysis.sharpness`.
         directions_1d: 1-D slice directions: ``"random"``, ``"gradient"``.
         density: compute the spectral density (SLQ).
-        density_options: keyword arguments for :func:`analysis.density.spectral_density`
+        density_options: keyword arguments for :func:`analysis.spectral_density`
             (default here ``num_iter=30, num_runs=2``: 60 Hessian-vector products).
         trace: also estimate the Hessian trace (Hutchinson).
         slice_data: data for the slices (default ``data``).
@@ -396,9 +400,9 @@ def analyze_checkpoint(
         log: called with a short message before each stage.
     """
     from analysis.evaluation import evaluate
-    from analysis.hessian import HessianOperator
     from analysis.lanczos import top_eigenpairs
-    from analysis.sharpness import sharpness
+    from analysis.operators.hessian import HessianOperator
+    from analysis.sharpness.m_sharpness import sharpness
 
     _check_analyze_args(name, steps_1d, steps_2d, radius, sharpness_rho)
     say = log or (lambda _msg: None)

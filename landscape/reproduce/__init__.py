@@ -26,7 +26,7 @@ of the training labels flipped to another class (clean test labels; without nois
 reaches about 97 % and nothing is measurable), a ``digits_cnn(width=16)`` with BatchNorm, SGD
 momentum 0.9, batch 64, peak lr 0.1 with a per-step cosine schedule, weight decay 5e-4, 30 epochs.
 BatchNorm statistics of every final model are recomputed at its unperturbed weights
-(:func:`msam.batchnorm.recalibrate_batchnorm`), as the MSAM authors do.
+(:func:`msam.recalibrate_batchnorm`), as the MSAM authors do.
 
 The same functions take a user's model and data (:class:`Problem`) for full scale, e.g. CIFAR-100
 with a WRN-16-4 (see docs/REPRODUCTION.md for the recipe with the paper's hyperparameters).
@@ -67,13 +67,7 @@ from .problems import Problem, digits_problem
 from .results import ExperimentResult
 from .rho_sweep import RULE as _RULE_RHO_SWEEP
 from .rho_sweep import run_rho_sweep
-from .runs import (
-    RunCache,
-    TrainedRun,
-    _cosine_lr,  # noqa: F401  (private, kept reachable from the old path)
-    train_run,
-)
-from .stats import _combine, _compare, _se_diff, _stats  # noqa: F401  (private, as above)
+from .runs import RunCache, TrainedRun, train_run
 from .table import RULE as _RULE_TABLE
 from .table import run_table
 

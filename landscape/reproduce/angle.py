@@ -13,9 +13,9 @@ import numpy as np
 from .config import ReproConfig
 from .optimizers import optimizer_specs
 from .problems import Problem, digits_problem
-from .results import _COLORS, ExperimentResult, _figure, _finish, _save
+from .results import COLORS, ExperimentResult, finish, new_figure, save_figure
 from .runs import RunCache
-from .stats import _pm, _verdict
+from .stats import format_pm, verdict_of
 
 RULE = ("reproduced if the mean angle (over batches and seeds) crosses zero at a positive rho_0 and rho_0 is within "
         "a factor 3 of the best rho of the sweep; not reproduced if it never crosses or is "
@@ -42,7 +42,7 @@ def decide(rho_0: float | None, best_rho: float | None) -> str:
         return "not reproduced"
     if best_rho is None or best_rho <= 0:
         return "inconclusive"
-    return _verdict(best_rho / 3 <= rho_0 <= best_rho * 3)
+    return verdict_of(best_rho / 3 <= rho_0 <= best_rho * 3)
 
 
 def run_angle(config: ReproConfig | None = None, *, problem: Problem | None = None,
@@ -54,7 +54,7 @@ def run_angle(config: ReproConfig | None = None, *, problem: Problem | None = No
     mid-training, at the weights ``w`` and momentum ``v`` of the step and on its batch:
     ``g_SGD = grad L_B(w)``, ``g_SAM = grad L_B(w + rho_SAM g_SGD / ||g_SGD||)`` and
     ``g_MSAM(rho) = grad L_B(w - rho v / ||v||)``, the signed angle of ``g_MSAM`` projected into
-    the plane {g_SAM, g_SGD} to ``g_SAM`` (:meth:`analysis.probes.MechanismProbe.angles`).
+    the plane {g_SAM, g_SGD} to ``g_SAM`` (:meth:`analysis.MechanismProbe.angles`).
     ``rho_0`` is the zero crossing of the mean angle curve (:func:`zero_crossing`); the per-batch
     crossings (refined by bisection) give its spread.
 
@@ -89,30 +89,30 @@ def run_angle(config: ReproConfig | None = None, *, problem: Problem | None = No
         if sweep.exists():
             best_rho = json.loads(sweep.read_text())["data"].get("best_positive_rho")
     verdict = decide(rho0, best_rho)
-    ours = (f"rho_0 = {rho0:.2f} (per batch {_pm(crossed, 1, 2)}, {len(crossed)}/{len(batch_r0)} "
+    ours = (f"rho_0 = {rho0:.2f} (per batch {format_pm(crossed, 1, 2)}, {len(crossed)}/{len(batch_r0)} "
             f"batches cross)" if rho0 is not None else f"no zero crossing up to rho = {rhos[-1]:g}")
     ours += f"; best rho of the sweep {best_rho:g}" if best_rho is not None else ""
     data = {"rhos": rhos, "mean_angle": curve.tolist(), "rho_0": rho0, "per_seed": per_seed,
             "best_rho": best_rho, "rho_sam": config.rho_sam}
 
     def figure(out_dir: pathlib.Path) -> list[pathlib.Path]:
-        fig, axes = _figure(1, 1, (6.0, 3.8))
+        fig, axes = new_figure(1, 1, (6.0, 3.8))
         ax = axes[0, 0]
         for p in per_seed:
-            ax.plot(rhos, p["mean_angle"], color=_COLORS["MSAM"], alpha=0.35, lw=1)
-        ax.plot(rhos, curve, color=_COLORS["MSAM"], marker="o", label="mean over seeds")
+            ax.plot(rhos, p["mean_angle"], color=COLORS["MSAM"], alpha=0.35, lw=1)
+        ax.plot(rhos, curve, color=COLORS["MSAM"], marker="o", label="mean over seeds")
         ax.axhline(0.0, color="k", lw=0.5)
         if rho0 is not None:
             ax.axvline(rho0, color="k", ls="--", lw=1, label=f"rho_0 = {rho0:.2f}")
         if best_rho is not None:
-            ax.axvline(best_rho, color=_COLORS["SAM"], ls=":", lw=1, label=f"best rho {best_rho:g}")
+            ax.axvline(best_rho, color=COLORS["SAM"], ls=":", lw=1, label=f"best rho {best_rho:g}")
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel("MSAM rho")
         ax.set_ylabel("angle to g_SAM in plane {g_SAM, g_SGD} (deg)")
         ax.set_title(f"Fig. 3 (rho_SAM = {config.rho_sam:g}, mid-training SGD)")
         ax.legend(fontsize=8)
-        return [_save(fig, out_dir / "angle.png")]
+        return [save_figure(fig, out_dir / "angle.png")]
 
-    return _finish("angle", "Angle of g_MSAM to g_SAM and its zero crossing (Fig. 3)",
-                   "the angle crosses zero at rho_0 ~ 3, about the best MSAM rho (WRN-16-4)",
-                   ours, verdict, RULE, data, config, problem, out, figure, t0)
+    return finish("angle", "Angle of g_MSAM to g_SAM and its zero crossing (Fig. 3)",
+                  "the angle crosses zero at rho_0 ~ 3, about the best MSAM rho (WRN-16-4)",
+                  ours, verdict, RULE, data, config, problem, out, figure, t0)

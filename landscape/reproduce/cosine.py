@@ -12,10 +12,10 @@ import numpy as np
 
 from .config import ReproConfig
 from .optimizers import optimizer_specs
-from .problems import Problem, _steps_per_epoch, digits_problem
-from .results import _COLORS, ExperimentResult, _figure, _finish, _save
+from .problems import Problem, digits_problem, steps_per_epoch
+from .results import COLORS, ExperimentResult, finish, new_figure, save_figure
 from .runs import RunCache
-from .stats import _pm, _stats
+from .stats import format_pm, mean_std
 
 RULE = ("reproduced if cos(v_{t-1}, g_t) < 0 on more than half of the steps (mean over "
         "seeds) and |mean cos| over the last 10 % of steps is below |mean cos| over the "
@@ -31,7 +31,7 @@ def decide(fraction_negative: Sequence[float], mean_first_half: Sequence[float],
     frac, first, last = list(fraction_negative), list(mean_first_half), list(mean_last_10pct)
     if not all(math.isfinite(v) for v in frac + first + last):
         return "inconclusive"
-    ok = (_stats(frac)[0] > 0.5) and (abs(_stats(last)[0]) < abs(_stats(first)[0]))
+    ok = (mean_std(frac)[0] > 0.5) and (abs(mean_std(last)[0]) < abs(mean_std(first)[0]))
     return "reproduced" if ok else "not reproduced"
 
 
@@ -65,14 +65,14 @@ def run_cosine(config: ReproConfig | None = None, *, problem: Problem | None = N
     first = [p["mean_first_half"] for p in per_seed]
     last = [p["mean_last_10pct"] for p in per_seed]
     verdict = decide(frac, first, last)
-    ours = (f"SGD: cos < 0 on {_pm(frac, 100)} % of steps; mean cos first half "
-            f"{_pm(first, 1, 3)}, last 10 % {_pm(last, 1, 3)}")
+    ours = (f"SGD: cos < 0 on {format_pm(frac, 100)} % of steps; mean cos first half "
+            f"{format_pm(first, 1, 3)}, last 10 % {format_pm(last, 1, 3)}")
     msam_means = [float(np.mean(c)) if c else float("nan") for c in series["MSAM"]]
     data = {"per_seed": per_seed, "msam_mean_cos": msam_means, "series": series,
-            "steps_per_epoch": _steps_per_epoch(problem.train, config.batch_size)}
+            "steps_per_epoch": steps_per_epoch(problem.train, config.batch_size)}
 
     def figure(out_dir: pathlib.Path) -> list[pathlib.Path]:
-        fig, axes = _figure(1, 1, (7.0, 3.8))
+        fig, axes = new_figure(1, 1, (7.0, 3.8))
         ax = axes[0, 0]
         for name in ("SGD", "MSAM"):
             for i, c in enumerate(series[name]):
@@ -81,15 +81,15 @@ def run_cosine(config: ReproConfig | None = None, *, problem: Problem | None = N
                     continue
                 k = max(1, a.size // 50)
                 smooth = np.convolve(a, np.ones(k) / k, mode="valid")
-                ax.plot(np.arange(smooth.size) + 1, smooth, color=_COLORS[name], lw=1,
+                ax.plot(np.arange(smooth.size) + 1, smooth, color=COLORS[name], lw=1,
                         alpha=0.8, label=name if i == 0 else None)
         ax.axhline(0.0, color="k", lw=0.5)
         ax.set_xlabel("step")
         ax.set_ylabel("cos(v_{t-1}, g_t) (moving average)")
         ax.set_title("Fig. 2C: momentum vs next-batch gradient")
         ax.legend(fontsize=8)
-        return [_save(fig, out_dir / "cosine.png")]
+        return [save_figure(fig, out_dir / "cosine.png")]
 
-    return _finish("cosine", "cos(v_{t-1}, g_t) during training (Fig. 2C)",
-                   "mostly negative, going to ~0 as the lr decays", ours, verdict,
-                   RULE, data, config, problem, out, figure, t0)
+    return finish("cosine", "cos(v_{t-1}, g_t) during training (Fig. 2C)",
+                  "mostly negative, going to ~0 as the lr decays", ours, verdict,
+                  RULE, data, config, problem, out, figure, t0)

@@ -12,9 +12,9 @@ import numpy as np
 from .config import ReproConfig
 from .optimizers import optimizer_specs
 from .problems import Problem, digits_problem
-from .results import _COLORS, ExperimentResult, _figure, _finish, _save
+from .results import COLORS, ExperimentResult, finish, new_figure, save_figure
 from .runs import RunCache
-from .stats import _verdict
+from .stats import verdict_of
 
 RULE = ("reproduced if, averaged over training, the curvature along the momentum "
         "exceeds the curvature along a random direction for SGD, and MSAM's momentum "
@@ -30,7 +30,7 @@ def decide(mean: dict[str, dict[str, float]]) -> str:
         return "inconclusive"
     ok_a = mean["SGD"]["momentum"] > mean["SGD"]["random"]
     ok_b = mean["MSAM"]["momentum"] < mean["SGD"]["momentum"]
-    return _verdict(ok_a and ok_b)
+    return verdict_of(ok_a and ok_b)
 
 
 def run_curvature(config: ReproConfig | None = None, *, problem: Problem | None = None,
@@ -64,19 +64,19 @@ def run_curvature(config: ReproConfig | None = None, *, problem: Problem | None 
             "mean": summary, "seed": seed, "every": config.curvature_every}
 
     def figure(out_dir: pathlib.Path) -> list[pathlib.Path]:
-        fig, axes = _figure(1, 3, (4.2, 3.4))
+        fig, axes = new_figure(1, 3, (4.2, 3.4))
         for ax, (i, key) in zip(axes[0], enumerate(("momentum", "gradient", "random"))):
             for n in names:
                 a = np.asarray(rows[n], dtype=float)
-                ax.plot(a[:, 0], a[:, i + 1], color=_COLORS[n], marker=".", label=n)
+                ax.plot(a[:, 0], a[:, i + 1], color=COLORS[n], marker=".", label=n)
             ax.set_yscale("symlog", linthresh=1e-2)
             ax.set_xlabel("step")
             ax.set_ylabel("d^T H d / ||d||^2")
             ax.set_title(f"along {key}")
             ax.legend(fontsize=8)
-        return [_save(fig, out_dir / "curvature.png")]
+        return [save_figure(fig, out_dir / "curvature.png")]
 
-    return _finish("curvature", "Directional curvature during training (A.4)",
-                   "no number in PAPER.md; implied: curvature along the momentum >> random, and "
-                   "MSAM lowers it", ours, verdict, RULE, data, config, problem,
-                   out, figure, t0)
+    return finish("curvature", "Directional curvature during training (A.4)",
+                  "no number in PAPER.md; implied: curvature along the momentum >> random, and "
+                  "MSAM lowers it", ours, verdict, RULE, data, config, problem,
+                  out, figure, t0)

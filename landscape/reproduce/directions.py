@@ -18,9 +18,9 @@ from analysis.directions import gradient_direction, momentum_direction, random_d
 from .config import ReproConfig
 from .optimizers import optimizer_specs
 from .problems import Problem, digits_problem
-from .results import _COLORS, ExperimentResult, _figure, _finish, _save
+from .results import COLORS, ExperimentResult, finish, new_figure, save_figure
 from .runs import RunCache, TrainedRun
-from .stats import _compare, _pm
+from .stats import compare, format_pm
 
 RULE = ("reproduced if MSAM's and SAM's sharpness L(w + r d) - L(w) at r = R along "
         "-momentum and along the random filter-normalized direction are below SGD's "
@@ -46,10 +46,10 @@ def decide(sharp: dict[str, dict[str, list[float]]]) -> str:
     """The verdict (:data:`RULE`) from the per-seed sharpness ``sharp[optimizer][key]``.
 
     Compares SAM and MSAM with SGD along ``"-momentum"`` and ``"random"``
-    (:func:`landscape.reproduce.stats._compare`): reproduced if all four are lower, not
+    (:func:`landscape.reproduce.stats.compare`): reproduced if all four are lower, not
     reproduced if any is higher, else inconclusive.
     """
-    checks = [_compare(sharp[name][key], sharp["SGD"][key])
+    checks = [compare(sharp[name][key], sharp["SGD"][key])
               for name in ("SAM", "MSAM") for key in ("-momentum", "random")]
     if all(c < 0 for c in checks):
         return "reproduced"
@@ -92,7 +92,7 @@ def _surface(run: TrainedRun, problem: Problem, config: ReproConfig) -> dict[str
 
 def _figures(out_dir: pathlib.Path, curves: dict, surfaces: dict, radii: list[float],
              alphas: list[float]) -> list[pathlib.Path]:
-    fig, axes = _figure(1, 3, (4.2, 3.4))
+    fig, axes = new_figure(1, 3, (4.2, 3.4))
     titles = {"gradient": "(A) gradient (unit)", "momentum": "(B) momentum v (unit)",
               "random": "(C) random, filter-normalized"}
     for ax, key in zip(axes[0], ("gradient", "momentum", "random")):
@@ -100,14 +100,14 @@ def _figures(out_dir: pathlib.Path, curves: dict, surfaces: dict, radii: list[fl
         for n in NAMES:
             arr = np.asarray(curves[n][key])
             m, s = arr.mean(0), arr.std(0)
-            ax.plot(xs, m, color=_COLORS[n], label=n)
-            ax.fill_between(xs, m - s, m + s, color=_COLORS[n], alpha=0.2)
+            ax.plot(xs, m, color=COLORS[n], label=n)
+            ax.fill_between(xs, m - s, m + s, color=COLORS[n], alpha=0.2)
         ax.set_title(titles[key])
         ax.set_xlabel("r" if key != "random" else "alpha")
         ax.set_ylabel("L(w + r d) - L(w)")
         ax.legend(fontsize=8)
-    p1 = _save(fig, out_dir / "directions.png")
-    fig2, axes2 = _figure(1, 3, (3.8, 3.4))
+    p1 = save_figure(fig, out_dir / "directions.png")
+    fig2, axes2 = new_figure(1, 3, (3.8, 3.4))
     vmax = max(float(np.nanmax(surfaces[n]["loss"])) for n in NAMES)
     vmin = min(float(np.nanmin(surfaces[n]["loss"])) for n in NAMES)
     levels = np.linspace(vmin, vmax, 15) if vmax > vmin else 15
@@ -119,7 +119,7 @@ def _figures(out_dir: pathlib.Path, curves: dict, surfaces: dict, radii: list[fl
         ax.set_xlabel("d1")
         ax.set_ylabel("d2")
     fig2.colorbar(cs, ax=axes2[0].tolist(), shrink=0.8)
-    p2 = _save(fig2, out_dir / "directions-2d.png")
+    p2 = save_figure(fig2, out_dir / "directions-2d.png")
     return [p1, p2]
 
 
@@ -162,7 +162,7 @@ def run_directions(config: ReproConfig | None = None, *, problem: Problem | None
     verdict = decide(sharp)
     ours = "; ".join(
         f"{key} (r={'±1' if key == 'random' else ('-' if key[0] == '-' else '+') + format(R, 'g')}): "
-        + ", ".join(f"{n} {_pm(sharp[n][key], 1, 3)}" for n in NAMES)
+        + ", ".join(f"{n} {format_pm(sharp[n][key], 1, 3)}" for n in NAMES)
         for key in ("-momentum", "+momentum", "+gradient", "random"))
     data = {"radii": radii, "alphas": alphas, "curves": curves, "sharpness": sharp,
             "surfaces": surfaces, "radius": R}
@@ -170,8 +170,8 @@ def run_directions(config: ReproConfig | None = None, *, problem: Problem | None
     def figure(out_dir: pathlib.Path) -> list[pathlib.Path]:
         return _figures(out_dir, curves, surfaces, radii, alphas)
 
-    return _finish("directions", "Sharpness along gradient, momentum and random directions "
-                   "(Fig. 4, A.13)",
-                   "SAM- and MSAM-trained models are flatter than SGD-trained ones along the "
-                   "gradient, +-momentum and random filter-normalized directions",
-                   ours, verdict, RULE, data, config, problem, out, figure, t0)
+    return finish("directions", "Sharpness along gradient, momentum and random directions "
+                  "(Fig. 4, A.13)",
+                  "SAM- and MSAM-trained models are flatter than SGD-trained ones along the "
+                  "gradient, +-momentum and random filter-normalized directions",
+                  ours, verdict, RULE, data, config, problem, out, figure, t0)

@@ -10,14 +10,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from analysis.hessian import HessianOperator
+from analysis.operators.hessian import HessianOperator
 
 from .config import ReproConfig
 from .optimizers import optimizer_specs
 from .problems import Problem, digits_problem
-from .results import _COLORS, ExperimentResult, _figure, _finish, _save
+from .results import COLORS, ExperimentResult, finish, new_figure, save_figure
 from .runs import RunCache
-from .stats import _compare, _pm
+from .stats import compare, format_pm
 
 RULE = ("reproduced if lambda_1 of SAM and of MSAM are below SGD's by more than the "
         "standard error; not reproduced if either is above.")
@@ -44,7 +44,7 @@ def _top_eigenvalues(op: HessianOperator, k: int, seed: int) -> list[float]:
 
 def decide(lambda_1: dict[str, Sequence[float]]) -> str:
     """The verdict (:data:`RULE`) from the per-seed top eigenvalue of SGD, SAM and MSAM."""
-    checks = [_compare(lambda_1[n], lambda_1["SGD"]) for n in ("SAM", "MSAM")]
+    checks = [compare(lambda_1[n], lambda_1["SGD"]) for n in ("SAM", "MSAM")]
     if all(c < 0 for c in checks):
         return "reproduced"
     return "not reproduced" if any(c > 0 for c in checks) else "inconclusive"
@@ -76,25 +76,25 @@ def run_eigenvalues(config: ReproConfig | None = None, *, problem: Problem | Non
     verdict = decide(lam1)
     means = {n: np.mean(np.asarray(eig[n]), axis=0).tolist() for n in names}
     ours = "; ".join(f"{n} " + " ".join(f"{x:.2f}" for x in means[n])
-                     + f" (lambda_1 {_pm(lam1[n], 1, 2)})" for n in names)
+                     + f" (lambda_1 {format_pm(lam1[n], 1, 2)})" for n in names)
     data = {"eigenvalues": eig, "mean": means, "lambda_1": lam1, "k": config.top_k}
 
     def figure(out_dir: pathlib.Path) -> list[pathlib.Path]:
-        fig, axes = _figure(1, 1, (6.0, 3.8))
+        fig, axes = new_figure(1, 1, (6.0, 3.8))
         ax = axes[0, 0]
         k = config.top_k
         width = 0.8 / len(names)
         for i, n in enumerate(names):
             arr = np.asarray(eig[n])
             ax.bar(np.arange(k) + i * width, arr.mean(0), width, yerr=arr.std(0),
-                   color=_COLORS[n], label=n, capsize=2)
+                   color=COLORS[n], label=n, capsize=2)
         ax.set_xticks(np.arange(k) + width * (len(names) - 1) / 2, [f"lambda_{i + 1}" for i in range(k)])
         ax.set_ylabel("Hessian eigenvalue (probe set)")
         ax.set_title("Table A.5: top Hessian eigenvalues")
         ax.legend(fontsize=8)
-        return [_save(fig, out_dir / "eigenvalues.png")]
+        return [save_figure(fig, out_dir / "eigenvalues.png")]
 
-    return _finish("eigenvalues", "Top-5 Hessian eigenvalues per optimizer (Table A.5)",
-                   "SGD 15.19 13.79 13.23 9.98 9.23; SAM 5.18 4.85 4.43 3.72 3.36; MSAM 4.15 3.03 "
-                   "2.30 1.88 1.81 (WRN-16-4)", ours, verdict, RULE, data,
-                   config, problem, out, figure, t0)
+    return finish("eigenvalues", "Top-5 Hessian eigenvalues per optimizer (Table A.5)",
+                  "SGD 15.19 13.79 13.23 9.98 9.23; SAM 5.18 4.85 4.43 3.72 3.36; MSAM 4.15 3.03 "
+                  "2.30 1.88 1.81 (WRN-16-4)", ours, verdict, RULE, data,
+                  config, problem, out, figure, t0)

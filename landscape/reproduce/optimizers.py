@@ -50,15 +50,16 @@ def optimizer_specs(config: ReproConfig) -> dict[str, OptimizerSpec]:
     }
 
 
-def _msam_spec(rho: float) -> OptimizerSpec:
+def msam_spec(rho: float) -> OptimizerSpec:
+    """The :class:`OptimizerSpec` of MSAM with radius ``rho`` (signed; the label shows it)."""
     return OptimizerSpec(f"MSAM(rho={rho:g})", "msam", rho=float(rho))
 
 
 def build_optimizer(spec: OptimizerSpec, params: Any, config: ReproConfig) -> torch.optim.Optimizer:
     """The torch optimizer of ``spec`` with ``config``'s lr, momentum and weight decay.
 
-    SGD is ``torch.optim.SGD``; NAG is :class:`msam.msam.NAG` (Sutskever form, parameters at
-    ``w - lr mu v``); SAM is :class:`msam.sam.SAM` around SGD; MSAM is :class:`msam.msam.MSAM`.
+    SGD is ``torch.optim.SGD``; NAG is :class:`msam.NAG` (Sutskever form, parameters at
+    ``w - lr mu v``); SAM is :class:`msam.SAM` around SGD; MSAM is :class:`msam.MSAM`.
     """
     kw = dict(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if spec.kind == "sgd":

@@ -12,6 +12,7 @@ from torch import nn
 
 from analysis.data import Data, as_data
 from analysis.evaluation import resolve_loss
+from analysis.losses import LossSpec
 
 from .config import ReproConfig
 
@@ -39,7 +40,7 @@ class Problem:
     train: Data
     test: Data
     probe: Data | None = None
-    loss_fn: Any = "cross_entropy"
+    loss_fn: LossSpec = "cross_entropy"
     name: str = "custom"
     description: str = ""
 
@@ -48,14 +49,14 @@ class Problem:
             raise TypeError(f"Problem.model_fn must be callable, got {type(self.model_fn).__name__}")
         self.loss = resolve_loss(self.loss_fn)
         as_data(self.test)  # validates the form
-        if not _is_pair(self.train):
+        if not is_pair(self.train):
             as_data(self.train)
 
     def probe_data(self, config: ReproConfig) -> Data:
         """The probe set (see the class docstring)."""
         if self.probe is not None:
             return self.probe
-        if _is_pair(self.train):
+        if is_pair(self.train):
             x, y = self.train
             n = min(config.probe_samples, len(y))
             return x[:n], y[:n]
@@ -69,7 +70,8 @@ class Problem:
         return self.train
 
 
-def _is_pair(data: Any) -> bool:
+def is_pair(data: Any) -> bool:
+    """Whether ``data`` is an ``(X, y)`` pair of tensors."""
     return (isinstance(data, (tuple, list)) and len(data) == 2
             and isinstance(data[0], torch.Tensor) and isinstance(data[1], torch.Tensor))
 
@@ -102,8 +104,10 @@ def digits_problem(config: ReproConfig | None = None, *, data_seed: int = 0) -> 
 # ================================================================================================
 
 
-def _epoch_batches(train: Data, batch_size: int, gen: torch.Generator) -> Iterator[tuple[Any, Any]]:
-    if _is_pair(train):
+def epoch_batches(train: Data, batch_size: int, gen: torch.Generator) -> Iterator[tuple[Any, Any]]:
+    """One epoch of ``(x, y)`` batches: a tensor pair shuffled by ``gen`` and cut into
+    ``batch_size`` rows, any other data source in its own order and batches."""
+    if is_pair(train):
         x, y = train
         perm = torch.randperm(len(y), generator=gen)
         for i in range(0, len(y), batch_size):
@@ -114,8 +118,9 @@ def _epoch_batches(train: Data, batch_size: int, gen: torch.Generator) -> Iterat
             yield b.inputs, b.targets
 
 
-def _steps_per_epoch(train: Data, batch_size: int) -> int:
-    if _is_pair(train):
+def steps_per_epoch(train: Data, batch_size: int) -> int:
+    """Optimizer steps of one epoch of :func:`epoch_batches` (``ceil(N / batch_size)`` for a pair)."""
+    if is_pair(train):
         return math.ceil(len(train[1]) / batch_size)
     try:
         return len(train)  # type: ignore[arg-type]

@@ -66,10 +66,12 @@ def _command(name: str, config: ReproConfig, out: str | os.PathLike | None) -> s
     return " ".join(parts)
 
 
-def _finish(name: str, title: str, paper: str, ours: str, verdict: str, rule: str, data: dict,
-            config: ReproConfig, problem: Problem, out: str | os.PathLike | None,
-            figure: Callable[[pathlib.Path], list[pathlib.Path]], t0: float,
-            command: str | None = None) -> ExperimentResult:
+def finish(name: str, title: str, paper: str, ours: str, verdict: str, rule: str, data: dict,
+           config: ReproConfig, problem: Problem, out: str | os.PathLike | None,
+           figure: Callable[[pathlib.Path], list[pathlib.Path]], t0: float,
+           command: str | None = None) -> ExperimentResult:
+    """The :class:`ExperimentResult` of an experiment; with ``out``, its figures (drawn by
+    ``figure(out_dir)``) and ``<out>/<name>.json`` are written there too."""
     files: list[str] = []
     out_dir = None
     if out is not None:
@@ -89,7 +91,9 @@ def _finish(name: str, title: str, paper: str, ours: str, verdict: str, rule: st
     return res
 
 
-def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (5.0, 3.6)):
+def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (5.0, 3.6)):
+    """A constrained-layout matplotlib ``Figure`` (not pyplot's) with an ``(nrows, ncols)`` array
+    of axes, each panel ``size`` inches."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
@@ -97,11 +101,12 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (5.0, 3.
     return fig, axes
 
 
-def _save(fig: Any, path: pathlib.Path) -> pathlib.Path:
+def save_figure(fig: Any, path: pathlib.Path) -> pathlib.Path:
+    """Write ``fig`` to ``path`` atomically (format from the suffix, 90 dpi); returns ``path``."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format=path.suffix.lstrip(".") or "png")
     return path
 
 
-_COLORS = {"SGD": "tab:gray", "NAG": "tab:blue", "SAM": "tab:green", "MSAM": "tab:red",
-           "MSAM-unnormalized": "tab:orange", "MSAM-lr-scaled": "tab:purple"}
+COLORS = {"SGD": "tab:gray", "NAG": "tab:blue", "SAM": "tab:green", "MSAM": "tab:red",
+          "MSAM-unnormalized": "tab:orange", "MSAM-lr-scaled": "tab:purple"}

@@ -21,7 +21,7 @@ from msam.batchnorm import recalibrate_batchnorm
 from ..training import train_step
 from .config import ReproConfig
 from .optimizers import OptimizerSpec, build_optimizer
-from .problems import Problem, _epoch_batches, _is_pair, _steps_per_epoch
+from .problems import Problem, epoch_batches, is_pair, steps_per_epoch
 
 
 @dataclass
@@ -37,7 +37,7 @@ class TrainedRun:
             ``lr``; per step ``cos`` = cos(v_{t-1}, g_t) with ``g_t`` the gradient the optimizer
             receives (at ``w`` for SGD and SAM, at the perturbed point for NAG and MSAM) and
             ``v_norm``; ``curvature`` rows ``(step, momentum, gradient, random)`` and ``angles``
-            (the :meth:`analysis.probes.MechanismProbe.angles` dicts) if requested.
+            (the :meth:`analysis.MechanismProbe.angles` dicts) if requested.
         final: ``train_loss``, ``train_acc`` (on the noisy training labels), ``test_loss``,
             ``test_acc``, ``seconds_per_epoch`` (mean).
     """
@@ -72,7 +72,7 @@ class _RunProbes:
     ``cos(v_{t-1}, g_t)`` at every step (free: the gradient is already there); the angles of
     ``g_MSAM`` to ``g_SAM`` on ``config.angle_batches`` steps from mid-training and the
     directional curvature every ``config.curvature_every`` steps when asked, through
-    :class:`analysis.probes.MechanismProbe` (which leaves the run bit-for-bit unchanged).
+    :class:`analysis.MechanismProbe` (which leaves the run bit-for-bit unchanged).
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, problem: Problem,
@@ -151,7 +151,7 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, spec: OptimizerSp
     probes.start_epoch()
     _sync(device)
     t_epoch = time.perf_counter()
-    for x, y in _epoch_batches(problem.train, config.batch_size, gen):
+    for x, y in epoch_batches(problem.train, config.batch_size, gen):
         lr_t = _cosine_lr(config.lr, step, total)
         for group in opt.param_groups:
             group["lr"] = lr_t
@@ -178,11 +178,11 @@ def train_run(problem: Problem, spec: OptimizerSpec, seed: int, config: ReproCon
     """Train one model with one optimizer and seed; log the MSAM mechanism probes.
 
     The loop: cosine lr per step ``lr_t = lr/2 (1 + cos(pi t / T))``; one
-    :func:`landscape.training.train_step` per batch (one forward/backward for SGD, NAG and MSAM;
+    :func:`landscape.train_step` per batch (one forward/backward for SGD, NAG and MSAM;
     ``SAM.step(closure, model=model)`` for SAM: a second pass at the ascent point with BatchNorm
     statistics frozen); the test accuracy is evaluated at the unperturbed weights after every
     epoch (``optimizer.eval()`` / ``optimizer.train()`` around it); at the end BatchNorm
-    statistics are recomputed at ``w``. Probes go through :class:`analysis.probes.MechanismProbe`
+    statistics are recomputed at ``w``. Probes go through :class:`analysis.MechanismProbe`
     (which leaves the run bit-for-bit unchanged) and are excluded from the timing.
 
     Args:
@@ -210,7 +210,7 @@ def train_run(problem: Problem, spec: OptimizerSpec, seed: int, config: ReproCon
     model = model.to(device=device, dtype=dtype)
     opt = build_optimizer(spec, model.parameters(), config)
     gen = torch.Generator().manual_seed(10_000 + seed)
-    total = _steps_per_epoch(problem.train, config.batch_size) * config.epochs
+    total = steps_per_epoch(problem.train, config.batch_size) * config.epochs
     probes = _RunProbes(model, opt, problem, config, seed, total, curvature=curvature,
                         angles=angles)
     hist = probes.hist
@@ -236,7 +236,7 @@ def train_run(problem: Problem, spec: OptimizerSpec, seed: int, config: ReproCon
 def _recalibrate(model: nn.Module, problem: Problem, config: ReproConfig) -> None:
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    if _is_pair(problem.train):
+    if is_pair(problem.train):
         recalibrate_batchnorm(model, problem.train, batch_size=config.batch_size)
     else:
         recalibrate_batchnorm(model, problem.train)

@@ -13,9 +13,9 @@ import numpy as np
 from .config import ReproConfig
 from .optimizers import OPTIMIZERS, optimizer_specs
 from .problems import Problem, digits_problem
-from .results import _COLORS, ExperimentResult, _figure, _finish, _save
+from .results import COLORS, ExperimentResult, finish, new_figure, save_figure
 from .runs import RunCache
-from .stats import _combine, _compare, _pm, _stats, _verdict
+from .stats import combine_verdicts, compare, format_pm, mean_std, verdict_of
 
 RULE = ("accuracy: MSAM above SGD and NAG by more than the standard error of the difference "
         "of means (reproduced), below SGD by that much (not reproduced), else inconclusive; "
@@ -34,21 +34,21 @@ def decide(rows: dict[str, dict[str, Any]]) -> tuple[str, dict[str, str]]:
     Returns:
         ``(overall, parts)``: ``parts`` maps ``"accuracy"``, ``"speed"``, ``"ladder"`` to
         ``"reproduced"``, ``"not reproduced"`` or ``"inconclusive"``; ``overall`` combines
-        them (:func:`landscape.reproduce.stats._combine`).
+        them (:func:`landscape.reproduce.stats.combine_verdicts`).
     """
     verdicts = {}
     if {"SGD", "NAG", "MSAM"} <= rows.keys():
-        c_sgd = _compare(rows["MSAM"]["test_acc"], rows["SGD"]["test_acc"])
-        c_nag = _compare(rows["MSAM"]["test_acc"], rows["NAG"]["test_acc"])
-        verdicts["accuracy"] = _verdict(True if (c_sgd > 0 and c_nag > 0) else
-                                        (False if c_sgd < 0 else None))
+        c_sgd = compare(rows["MSAM"]["test_acc"], rows["SGD"]["test_acc"])
+        c_nag = compare(rows["MSAM"]["test_acc"], rows["NAG"]["test_acc"])
+        verdicts["accuracy"] = verdict_of(True if (c_sgd > 0 and c_nag > 0) else
+                                          (False if c_sgd < 0 else None))
     if {"SGD", "SAM", "MSAM"} <= rows.keys():
         ok = rows["MSAM"]["speed_vs_sgd"] >= 0.85 and rows["SAM"]["speed_vs_sgd"] <= 1 / 1.5
-        verdicts["speed"] = _verdict(ok)
+        verdicts["speed"] = verdict_of(ok)
     if {"MSAM", "MSAM-lr-scaled"} <= rows.keys():
-        c = _compare(rows["MSAM-lr-scaled"]["test_acc"], rows["MSAM"]["test_acc"])
-        verdicts["ladder"] = _verdict(True if c < 0 else (False if c > 0 else None))
-    return _combine(list(verdicts.values())), verdicts
+        c = compare(rows["MSAM-lr-scaled"]["test_acc"], rows["MSAM"]["test_acc"])
+        verdicts["ladder"] = verdict_of(True if c < 0 else (False if c > 0 else None))
+    return combine_verdicts(list(verdicts.values())), verdicts
 
 
 def run_table(config: ReproConfig | None = None, *, problem: Problem | None = None,
@@ -82,23 +82,23 @@ def run_table(config: ReproConfig | None = None, *, problem: Problem | None = No
             "train_acc": [r.final["train_acc"] for r in runs],
             "seconds_per_epoch": [r.final["seconds_per_epoch"] for r in runs],
         }
-    base_t = _stats(rows["SGD"]["seconds_per_epoch"])[0] if "SGD" in rows else float("nan")
+    base_t = mean_std(rows["SGD"]["seconds_per_epoch"])[0] if "SGD" in rows else float("nan")
     for r in rows.values():
-        r["speed_vs_sgd"] = base_t / _stats(r["seconds_per_epoch"])[0]
+        r["speed_vs_sgd"] = base_t / mean_std(r["seconds_per_epoch"])[0]
     overall, verdicts = decide(rows)
     ours = "; ".join(
-        f"{n} {_pm(r['test_acc'], 100)} % (speed {r['speed_vs_sgd']:.2f})" for n, r in rows.items())
+        f"{n} {format_pm(r['test_acc'], 100)} % (speed {r['speed_vs_sgd']:.2f})" for n, r in rows.items())
     data = {"rows": rows, "verdicts": verdicts, "seeds": config.seed_list()}
 
     def figure(out_dir: pathlib.Path) -> list[pathlib.Path]:
-        fig, axes = _figure(1, 2)
+        fig, axes = new_figure(1, 2)
         names = list(rows)
         xs = np.arange(len(names))
         for ax, key, label, scale in ((axes[0, 0], "test_acc", "test accuracy (%)", 100),
                                       (axes[0, 1], "seconds_per_epoch", "seconds per epoch", 1)):
-            means = [_stats(rows[n][key])[0] * scale for n in names]
-            stds = [_stats(rows[n][key])[1] * scale for n in names]
-            ax.bar(xs, means, yerr=stds, color=[_COLORS.get(n, "k") for n in names], capsize=3)
+            means = [mean_std(rows[n][key])[0] * scale for n in names]
+            stds = [mean_std(rows[n][key])[1] * scale for n in names]
+            ax.bar(xs, means, yerr=stds, color=[COLORS.get(n, "k") for n in names], capsize=3)
             for i, n in enumerate(names):
                 ax.scatter(np.full(len(rows[n][key]), i), np.asarray(rows[n][key]) * scale,
                            color="k", s=8, zorder=3)
@@ -108,10 +108,10 @@ def run_table(config: ReproConfig | None = None, *, problem: Problem | None = No
         axes[0, 0].set_ylim(max(0.0, lo - 5), 100)
         axes[0, 0].set_title(f"test accuracy, {len(config.seed_list())} seeds")
         axes[0, 1].set_title("time per epoch (step only)")
-        return [_save(fig, out_dir / "table.png")]
+        return [save_figure(fig, out_dir / "table.png")]
 
-    return _finish("table", "Test accuracy and speed (Table 1), ablation ladder (A.2)",
-                   "CIFAR-100 WRN-16-4: SGD 76.90, NAG 77.09, SAM 79.25, MSAM 79.11 % test accuracy; "
-                   "speed vs SGD: NAG 0.99, SAM 0.52, MSAM 0.99; lr-scaled perturbation hurts test "
-                   "accuracy (A.2)",
-                   ours, overall, RULE, data, config, problem, out, figure, t0)
+    return finish("table", "Test accuracy and speed (Table 1), ablation ladder (A.2)",
+                  "CIFAR-100 WRN-16-4: SGD 76.90, NAG 77.09, SAM 79.25, MSAM 79.11 % test accuracy; "
+                  "speed vs SGD: NAG 0.99, SAM 0.52, MSAM 0.99; lr-scaled perturbation hurts test "
+                  "accuracy (A.2)",
+                  ours, overall, RULE, data, config, problem, out, figure, t0)

@@ -46,8 +46,8 @@ live here.
 
 Example:
     >>> import torch
-    >>> from analysis.directions import random_direction
-    >>> from landscape.slices import slice_2d
+    >>> from analysis import random_direction
+    >>> from landscape import slice_2d
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     >>> d1 = random_direction(model, seed=0)
@@ -71,29 +71,29 @@ from torch import nn
 from analysis import distributed as dist
 from analysis.data import Data
 from analysis.directions import interpolation_direction
-from analysis.losses import LossFn
+from analysis.losses import LossSpec
 
 from ..store import tensors_hash
 from ._checks import (
-    _bar,
-    _check_bool,
-    _check_label,
-    _check_store_path,
-    _coords,
-    _direction,
-    _plane,
-    _warn_nonfinite,
+    check_bool,
+    check_coords,
+    check_direction,
+    check_label,
+    check_plane,
+    check_store_path,
+    point_bar,
+    warn_nonfinite,
 )
 from ._grid import ResumableGrid
-from ._points import _Evaluator, _Mover, _Session, evaluate_line  # noqa: F401 (_Evaluator: benchmarks)
+from ._points import Mover, Session, evaluate_line
 from ._results import METRICS, Slice1D, Slice2D
 
-__all__ = ["Slice1D", "Slice2D", "slice_1d", "slice_2d", "interpolate", "METRICS"]
+__all__ = ["METRICS"]
 
 
 def slice_1d(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
+    loss_fn: LossSpec,
     data: Data,
     direction: torch.Tensor,
     alphas: Sequence[float] | np.ndarray | torch.Tensor,
@@ -128,7 +128,7 @@ def slice_1d(
         batch_size: batch size to split a tensor pair (default: one batch).
         cache: ``"auto"`` (default: keep the batches of a pair or list on the device for the
             whole slice), ``True`` (also a DataLoader's) or ``False``.
-        params: restrict the parameter space (see :class:`analysis.params.ParameterSpace`).
+        params: restrict the parameter space (see :class:`analysis.ParameterSpace`).
         name: name of the direction (axis label).
         label: label for legends.
         progress: show a tqdm bar with points/s.
@@ -144,19 +144,19 @@ def slice_1d(
         ValueError: empty or non-finite ``alphas``, a direction of the wrong length, zero or
             non-finite, an unknown metric or mode.
     """
-    alphas_arr = _coords(alphas, "alphas")
-    _check_label("name", name)
-    _check_label("label", label)
-    s = _Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
-                 cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
-                 check_deterministic=check_deterministic, where="slice_1d()")
-    d = _direction(direction, s.space, "direction")
+    alphas_arr = check_coords(alphas, "alphas")
+    check_label("name", name)
+    check_label("label", label)
+    s = Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
+                cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
+                check_deterministic=check_deterministic, where="slice_1d()")
+    d = check_direction(direction, s.space, "direction")
     start = time.perf_counter()
 
     def body(w):
-        mover = _Mover(s.space, w, [d])
+        mover = Mover(s.space, w, [d])
         origin = evaluate_line(s, mover, [(0.0,)])
-        bar = _bar(len(alphas_arr), progress, "slice_1d")
+        bar = point_bar(len(alphas_arr), progress, "slice_1d")
         try:
             stats = evaluate_line(s, mover, [(float(a),) for a in alphas_arr], bar)
         finally:
@@ -168,7 +168,7 @@ def slice_1d(
     loss, acc = s.finish(stats)
     l0, a0 = s.finish(origin)
     nonfinite = int(np.isnan(loss).sum())
-    _warn_nonfinite(nonfinite, len(alphas_arr))
+    warn_nonfinite(nonfinite, len(alphas_arr))
     return Slice1D(
         alphas=alphas_arr,
         loss=loss,
@@ -188,7 +188,7 @@ def slice_1d(
 
 def slice_2d(
     model: nn.Module,
-    loss_fn: str | LossFn | None,
+    loss_fn: LossSpec,
     data: Data,
     d1: torch.Tensor,
     d2: torch.Tensor,
@@ -262,19 +262,19 @@ def slice_2d(
             on different ranks.
         landscape.store.StoreMismatchError: the store was written with other arguments.
     """
-    xs_arr, ys_arr = _coords(xs, "xs"), _coords(ys, "ys")
+    xs_arr, ys_arr = check_coords(xs, "xs"), check_coords(ys, "ys")
     if not (isinstance(names, (tuple, list)) and len(names) == 2):
         raise ValueError(f"names must be a pair of strings, got {names!r}")
     for nm in names:
-        _check_label("names", nm)
-    _check_label("label", label)
-    _check_bool("resume", resume)
-    _check_bool("shard_rows", shard_rows)
+        check_label("names", nm)
+    check_label("label", label)
+    check_bool("resume", resume)
+    check_bool("shard_rows", shard_rows)
     if store is not None:
-        _check_store_path(store)
-    s = _Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
-                 cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
-                 check_deterministic=check_deterministic, where="slice_2d()")
+        check_store_path(store)
+    s = Session(model, loss_fn, data, metrics=metrics, mode=mode, batch_size=batch_size,
+                cache=cache, recalibrate_bn=recalibrate_bn, bn_data=bn_data, params=params,
+                check_deterministic=check_deterministic, where="slice_2d()")
     if shard_rows and (s.source.shard or (s.evaluator.bn_source is not None
                                           and s.evaluator.bn_source.shard)):
         raise ValueError(
@@ -283,12 +283,12 @@ def slice_2d(
             "DistributedSampler); pass the unsharded data, or shard_rows=False to shard the data"
         )
     row_shard = bool(shard_rows) and dist.is_distributed()
-    t1, t2, cosine = _plane(d1, d2, s.space)
+    t1, t2, cosine = check_plane(d1, d2, s.space)
     start = time.perf_counter()
 
     def body(w):
         buffers = tensors_hash(list(model.buffers())) if store is not None else None
-        mover = _Mover(s.space, w, [t1, t2])
+        mover = Mover(s.space, w, [t1, t2])
         origin = evaluate_line(s, mover, [(0.0, 0.0)]).cpu().numpy()
         grid = ResumableGrid.open(store, s, xs_arr, ys_arr, (t1, t2), w, buffers, origin,
                                   resume=resume, overwrite=overwrite, row_shard=row_shard)
@@ -299,7 +299,7 @@ def slice_2d(
     l0, a0 = s.finish(origin)
     loss, acc = grid.values(has_accuracy=a0 is not None)
     nonfinite = int(np.isnan(loss).sum())
-    _warn_nonfinite(nonfinite, len(xs_arr) * len(ys_arr))
+    warn_nonfinite(nonfinite, len(xs_arr) * len(ys_arr))
     return Slice2D(
         xs=xs_arr,
         ys=ys_arr,
@@ -321,7 +321,7 @@ def slice_2d(
     )
 
 
-def _compute_rows(s: _Session, mover: _Mover, grid: ResumableGrid, progress: bool, row_shard: bool) -> None:
+def _compute_rows(s: Session, mover: Mover, grid: ResumableGrid, progress: bool, row_shard: bool) -> None:
     """Evaluate the pending rows of ``grid`` in order and record each one.
 
     With ``row_shard`` the ``k``-th pending row goes to rank ``k % W``; after each round of
@@ -330,7 +330,7 @@ def _compute_rows(s: _Session, mover: _Mover, grid: ResumableGrid, progress: boo
     """
     ys = grid.ys
     todo = grid.pending
-    bar = _bar(len(todo) * len(ys), progress, "slice_2d")
+    bar = point_bar(len(todo) * len(ys), progress, "slice_2d")
 
     def row_points(i):
         return [(float(grid.xs[i]), float(y)) for y in ys]
@@ -359,7 +359,7 @@ def _compute_rows(s: _Session, mover: _Mover, grid: ResumableGrid, progress: boo
 def interpolate(
     model_a: nn.Module,
     model_b: nn.Module,
-    loss_fn: str | LossFn | None,
+    loss_fn: LossSpec,
     data: Data,
     alphas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
     *,

@@ -19,7 +19,9 @@ from analysis.params import ParameterSpace
 from ._results import METRICS
 
 
-def _coords(values: Any, what: str) -> np.ndarray:
+def check_coords(values: Any, what: str) -> np.ndarray:
+    """``values`` as a finite, non-empty 1-D float64 array; ``TypeError`` / ``ValueError`` naming
+    ``what`` otherwise."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     try:
@@ -37,15 +39,15 @@ def _coords(values: Any, what: str) -> np.ndarray:
     return arr
 
 
-def _direction(d: Any, space: ParameterSpace, what: str) -> torch.Tensor:
+def check_direction(d: Any, space: ParameterSpace, what: str) -> torch.Tensor:
     """A slice's direction, checked by the toolkit's one validator (nonzero required)."""
     return as_direction(d, space, what, nonzero="a slice needs a nonzero direction")
 
 
-def _plane(d1: Any, d2: Any, space: ParameterSpace) -> tuple[torch.Tensor, torch.Tensor, float]:
+def check_plane(d1: Any, d2: Any, space: ParameterSpace) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The checked directions of a plane and their cosine; refuses parallel directions."""
-    t1 = _direction(d1, space, "d1")
-    t2 = _direction(d2, space, "d2")
+    t1 = check_direction(d1, space, "d1")
+    t2 = check_direction(d2, space, "d2")
     a, b = t1.double(), t2.double()
     cosine = float((a @ b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)))
     if abs(cosine) > 1 - 1e-9:
@@ -53,7 +55,8 @@ def _plane(d1: Any, d2: Any, space: ParameterSpace) -> tuple[torch.Tensor, torch
     return t1, t2, cosine
 
 
-def _metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    """``metrics`` as a tuple, checked: ``"loss"`` among them and each one of :data:`METRICS`."""
     if isinstance(metrics, str):
         metrics = (metrics,)
     metrics = tuple(metrics)
@@ -63,24 +66,28 @@ def _metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     return metrics
 
 
-def _loss_name(loss_fn: Any) -> str:
+def loss_name(loss_fn: Any) -> str:
+    """A stable name of the loss for a store's fingerprint: the name given, or the qualified
+    name of the callable."""
     if isinstance(loss_fn, str) or loss_fn is None:
         return str(loss_fn or "cross_entropy")
     name = getattr(loss_fn, "__qualname__", None) or type(loss_fn).__qualname__
     return f"{getattr(loss_fn, '__module__', '') or type(loss_fn).__module__}.{name}"
 
 
-def _check_bool(name: str, value: Any) -> None:
+def check_bool(name: str, value: Any) -> None:
+    """Raise ``TypeError`` naming ``name`` and the value unless ``value`` is ``True`` or ``False``."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
-def _check_label(name: str, value: Any) -> None:
+def check_label(name: str, value: Any) -> None:
+    """Raise ``TypeError`` naming ``name`` and the value unless ``value`` is a string."""
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}")
 
 
-def _check_store_path(store: Any) -> None:
+def check_store_path(store: Any) -> None:
     """Refuse, before computing, a ``store`` that cannot be written (as the CLI does).
 
     A directory (existing, or named with a trailing separator) or the parent of a ``.npz``
@@ -111,13 +118,16 @@ def _check_store_path(store: Any) -> None:
         raise ValueError(f"cannot write store {raw}: directory {anc} is not writable")
 
 
-def _bar(total: int, progress: bool, desc: str):
+def point_bar(total: int, progress: bool, desc: str):
+    """A tqdm bar over ``total`` grid points (``None`` when ``progress`` is off, the grid is empty
+    or this is not the main process)."""
     if not progress or total == 0 or not dist.is_main_process():
         return None
     return progress_bar(iter(()), enabled=True, total=total, desc=desc, unit="pt")
 
 
-def _warn_nonfinite(count: int, total: int) -> None:
+def warn_nonfinite(count: int, total: int) -> None:
+    """Warn (``RuntimeWarning``) when ``count`` of the ``total`` grid points were non-finite."""
     if count:
         warnings.warn(
             f"{count} of {total} grid points gave a non-finite loss; they are stored as NaN",

@@ -1,6 +1,6 @@
 """The rows of a 2-D slice grid: which are still to compute, and where the finished ones go.
 
-:class:`ResumableGrid` is the store coordination of :func:`landscape.slices.slice_2d`, apart from
+:class:`ResumableGrid` is the store coordination of :func:`landscape.slice_2d`, apart from
 evaluating the points: it fingerprints the call (grid, directions, weights, buffers, data, loss,
 mode, metrics), opens or resumes the :class:`landscape.store.GridStore` (under
 ``torch.distributed`` rank 0 alone reads and writes the file and the other ranks follow its

@@ -20,10 +20,10 @@ from analysis.losses import LossFn, loss_terms
 from analysis.params import ParameterSpace
 
 from ..store import tensor_hash, tensors_hash
-from ._checks import _check_bool, _loss_name, _metrics
+from ._checks import check_bool, check_metrics, loss_name
 
 
-class _Evaluator:
+class Evaluator:
     """Evaluates ``sum n_b L_b``, correct predictions and ``N`` at the current parameters."""
 
     def __init__(
@@ -131,7 +131,7 @@ class _Evaluator:
         self.samples = samples
 
 
-class _Mover:
+class Mover:
     """Sets the parameters to ``w + sum_k c_k d_k`` in place with foreach ops."""
 
     def __init__(self, space: ParameterSpace, origin: torch.Tensor, directions: Sequence[torch.Tensor]):
@@ -147,7 +147,7 @@ class _Mover:
                 torch._foreach_add_(self.params, d, alpha=float(c))
 
 
-class _Session:
+class Session:
     """Shared setup of a slice: validation, mode, buffers, exact restore."""
 
     def __init__(self, model, loss_fn, data, *, metrics, mode, batch_size, cache,
@@ -157,15 +157,15 @@ class _Session:
         if mode not in ("eval", "train", None):
             raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
         self.model = model
-        self.metrics = _metrics(metrics)
-        self.loss_name = _loss_name(loss_fn)
+        self.metrics = check_metrics(metrics)
+        self.loss_name = loss_name(loss_fn)
         self.loss_fn = resolve_loss(loss_fn)
         self.mode = mode
         self.space = ParameterSpace(model, params)
         self.source = as_data(data, batch_size=batch_size)
         for flag, value in (("check_deterministic", check_deterministic),
                             ("recalibrate_bn", recalibrate_bn)):
-            _check_bool(flag, value)
+            check_bool(flag, value)
         check_first_batch(model, self.loss_fn, self.source, mode, where=where,
                           deterministic=check_deterministic)
         self.recalibrate_bn = bool(recalibrate_bn)
@@ -176,7 +176,7 @@ class _Session:
         bn_source = None
         if self.recalibrate_bn:
             bn_source = self.source if bn_data is None else as_data(bn_data, batch_size=batch_size)
-        self.evaluator = _Evaluator(
+        self.evaluator = Evaluator(
             model, self.loss_fn, self.source, want_accuracy="accuracy" in self.metrics,
             cache=cache, bn_source=bn_source,
         )
@@ -225,17 +225,17 @@ class _Session:
                 m.momentum = mom
 
 
-def evaluate_line(session: _Session, mover: _Mover, coords: Sequence[Sequence[float]],
+def evaluate_line(session: Session, mover: Mover, coords: Sequence[Sequence[float]],
                   bar: Any = None) -> torch.Tensor:
     """The sums ``[sum_b n_b L_b, correct, N]`` at the points ``w + sum_k c_k d_k``, one row per
     coefficient tuple ``c`` of ``coords`` (the points of a line ``w + alpha d``, of a grid row
     ``w + x d1 + y d2`` at fixed ``x``, or the origin ``[(0, ...)]``).
 
     This is the one place a slice evaluates points: per point the parameters are set in place
-    from the saved ``w`` (:class:`_Mover`), BatchNorm statistics are recomputed if
+    from the saved ``w`` (:class:`Mover`), BatchNorm statistics are recomputed if
     ``session.recalibrate_bn``, and one pass over the data adds into a ``float64`` row on the
     model's device; with sharded data the ``(len(coords), 3)`` sums are all-reduced once.
-    Must run inside :meth:`_Session.run` (mode set, no autograd, weights restored after).
+    Must run inside :meth:`Session.run` (mode set, no autograd, weights restored after).
 
     Args:
         session: the slice's shared setup (model, data, evaluator, BatchNorm layers).
@@ -245,7 +245,7 @@ def evaluate_line(session: _Session, mover: _Mover, coords: Sequence[Sequence[fl
 
     Returns:
         A ``(len(coords), 3)`` float64 tensor on the model's device; the loss at point ``p`` is
-        ``out[p, 0] / out[p, 2]`` (see :meth:`_Session.finish`).
+        ``out[p, 0] / out[p, 2]`` (see :meth:`Session.finish`).
     """
     stats = torch.zeros(len(coords), 3, device=session.space.device, dtype=torch.float64)
     for k, c in enumerate(coords):

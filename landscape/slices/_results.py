@@ -50,13 +50,13 @@ class Slice1D(Result):
     num_terms: int | None = None
 
     def plot(self, ax: Any = None, **kwargs: Any) -> Any:
-        """Matplotlib curve (see :func:`landscape.plots.plot_1d`); returns the figure."""
+        """Matplotlib curve (see :func:`landscape.plot_1d`); returns the figure."""
         from ..plots import plot_1d
 
         return plot_1d(self, ax=ax, **kwargs)
 
     def plot_interactive(self, **kwargs: Any) -> Any:
-        """Plotly curve with hover values (see :func:`landscape.plots.plotly_1d`)."""
+        """Plotly curve with hover values (see :func:`landscape.plotly_1d`)."""
         from ..plots import plotly_1d
 
         return plotly_1d(self, **kwargs)

@@ -20,13 +20,12 @@ from analysis import (
     CausalLMLoss,
     GGNOperator,
     HessianOperator,
-    dense_ggn,
-    dense_hessian,
     directional_curvature,
     hessian_trace,
     second_order_attention,
     top_eigenpairs,
 )
+from analysis.reference import dense_ggn, dense_hessian
 from tests import lm_models as lm
 
 CLASSIFIERS = {

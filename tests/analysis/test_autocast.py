@@ -8,14 +8,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.density import spectral_density
-from analysis.lanczos import top_eigenpairs
-from analysis.operators.hessian import HessianOperator
+from analysis import (
+    CurvatureTracker,
+    HessianOperator,
+    hessian_trace,
+    sharpness,
+    spectral_density,
+    top_eigenpairs,
+)
 from analysis.precision import autocast_disabled
 from analysis.reference import dense_hessian
-from analysis.sharpness.m_sharpness import sharpness
-from analysis.trace import hessian_trace
-from analysis.tracker import CurvatureTracker
 from tests.models import classification_data, mlp
 
 

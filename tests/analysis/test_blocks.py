@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from analysis.blocks import per_layer_spectrum
+from analysis import per_layer_spectrum
 from analysis.reference import dense_hessian
 from tests.models import classification_data, mlp
 
@@ -66,7 +66,7 @@ def test_per_layer_bad_input():
 def test_layer_plot_draws_one_bar_pair_per_layer(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
-    from landscape.layer_plots import plot_layer_spectrum
+    from landscape import plot_layer_spectrum
     model, data = mlp(), classification_data()
     res = per_layer_spectrum(model, "cross_entropy", data, k=2)
     fig = plot_layer_spectrum(res, path=tmp_path / "layers.png")

@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from analysis import as_data, evaluate, model_mode
+from analysis import evaluate
+from analysis.data import as_data
+from analysis.evaluation import model_mode
 from tests.models import classification_data, cnn_bn, mlp
 
 
@@ -165,14 +167,14 @@ def test_hessian_of_one_dict_batch_matches_dense_hessian_of_the_batch_in_a_list(
 def test_slice_caches_a_dict_batch_and_agrees_with_the_batch_in_a_list():
     from analysis import random_direction
     from analysis.evaluation import resolve_loss
-    from landscape.slices import slice_1d
-    from landscape.slices._points import _Evaluator
+    from landscape import slice_1d
+    from landscape.slices._points import Evaluator
     from tests.lm_models import lm_model, pad_batch, token_sequences
 
     model = lm_model()
     batch = pad_batch(token_sequences((5, 2, 4)))
-    ev = _Evaluator(model, resolve_loss("lm"), as_data(batch),
-                    want_accuracy=True, cache="auto", bn_source=None)
+    ev = Evaluator(model, resolve_loss("lm"), as_data(batch),
+                   want_accuracy=True, cache="auto", bn_source=None)
     assert ev.batches is not None  # kept on the device for the whole slice
     d = random_direction(model, seed=0)
     alphas = [-0.5, 0.0, 0.5]

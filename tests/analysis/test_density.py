@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.density import spectral_density
-from analysis.hessian import HessianOperator
+from analysis import HessianOperator, spectral_density
 from analysis.reference import dense_hessian
 from tests.models import classification_data, mlp, random_spd
 

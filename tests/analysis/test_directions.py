@@ -8,17 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.directions import (
+from analysis import (
+    ParameterSpace,
     PCADirections,
     gradient_direction,
     interpolation_direction,
     momentum_direction,
-    normalize_direction,
-    orthogonalize,
     pca_directions,
     random_direction,
 )
-from analysis.params import ParameterSpace
+from analysis.directions import normalize_direction, orthogonalize
 from tests.models import TiedFrozen, classification_data, cnn_bn, image_data, mlp
 
 
@@ -303,7 +302,7 @@ def test_momentum_direction_of_the_msam_optimizers():
 
 
 def test_gradient_direction_in_train_mode_leaves_batchnorm_statistics_alone():
-    from analysis.directions import gradient_direction
+    from analysis import gradient_direction
     from tests.models import cnn_bn, image_data
 
     model = cnn_bn()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from analysis.hessian import GGNOperator, HessianOperator, directional_curvature
+from analysis import GGNOperator, HessianOperator, directional_curvature
 from analysis.reference import dense_ggn, dense_hessian
 from tests.models import TiedFrozen, classification_data, cnn_bn, image_data, mlp, relu_mlp
 
@@ -376,7 +376,7 @@ def test_matmat_rejects_a_bad_block_size():
 
 
 def test_default_block_size_is_memory_aware():
-    from analysis.hessian import BLOCK_BYTES, default_block_size
+    from analysis.operators import BLOCK_BYTES, default_block_size
     assert default_block_size(1000, 8) == 16
     assert default_block_size(50_000_000, 4) == 1
     b = default_block_size(2_000_000, 8)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.evaluation import correct_count, evaluate
+from analysis import evaluate
+from analysis.evaluation import correct_count
 from analysis.losses import ModelLoss, OutputLoss
 
 transformers = pytest.importorskip("transformers")

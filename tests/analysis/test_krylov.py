@@ -7,19 +7,12 @@ import math
 import pytest
 import torch
 
-from analysis import krylov, lanczos
+from analysis import krylov
 from analysis.krylov import SLAB, KrylovBasis, dot64, norm64
 
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-def test_reexported_from_lanczos():
-    # the old import paths keep working (analysis.trace and analysis.density use them)
-    for name in ["KrylovBasis", "dot64", "norm64", "SLAB", "EXACT_SLAB", "lanczos_tridiagonal",
-                 "lanczos_tridiagonals"]:
-        assert getattr(lanczos, name) is getattr(krylov, name)
 
 
 @pytest.mark.parametrize("n", [1000, SLAB + 12345])

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from analysis.hessian import GGNOperator, HessianOperator
-from analysis.lanczos import as_linear_operator, lanczos_tridiagonal, top_eigenpairs
+from analysis import GGNOperator, HessianOperator, as_linear_operator, top_eigenpairs
+from analysis.krylov import lanczos_tridiagonal
 from analysis.reference import dense_ggn, dense_hessian
 from tests.models import TiedFrozen, classification_data, cnn_bn, image_data, mlp, random_spd
 

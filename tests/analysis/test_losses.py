@@ -11,18 +11,10 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 
-from analysis import (
-    CausalLMLoss,
-    GGNOperator,
-    HessianOperator,
-    ModelLoss,
-    dense_ggn,
-    dense_hessian,
-    evaluate,
-    logits_of,
-    loss_terms,
-    resolve_loss,
-)
+from analysis import CausalLMLoss, GGNOperator, HessianOperator, evaluate
+from analysis.evaluation import resolve_loss
+from analysis.losses import ModelLoss, logits_of, loss_terms
+from analysis.reference import dense_ggn, dense_hessian
 from tests import lm_models as lm
 
 LENGTHS = (3, 2, 4, 3, 5, 2)   # batches (2, 3, 1) are padded to 3, 5 and 2 tokens
@@ -222,11 +214,11 @@ def test_bad_num_terms_is_refused():
 
 
 def test_cli_accepts_the_new_loss_names():
-    from landscape.cli import _resolve_loss
+    from landscape.cli.specs import resolve_loss
 
-    assert isinstance(_resolve_loss("lm"), CausalLMLoss)
-    assert isinstance(_resolve_loss("model"), ModelLoss)
-    assert _resolve_loss("model_lm").terms == "causal_lm"
+    assert isinstance(resolve_loss("lm"), CausalLMLoss)
+    assert isinstance(resolve_loss("model"), ModelLoss)
+    assert resolve_loss("model_lm").terms == "causal_lm"
 
 
 @pytest.mark.parametrize("form", ["dicts", "loader"])

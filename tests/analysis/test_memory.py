@@ -21,7 +21,7 @@ import pytest
 _SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from analysis.hessian import HessianOperator
+    from analysis import HessianOperator
     from analysis.lanczos import top_eigenpairs
     from analysis.trace import hessian_trace
     from analysis.density import spectral_density

@@ -11,13 +11,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from analysis import (
+    GGNOperator,
+    HessianOperator,
+    LinearOperator,
+    as_linear_operator,
+    hessian_trace,
+    spectral_density,
+    top_eigenpairs,
+)
 from analysis import operators as ops
-from analysis.density import spectral_density
-from analysis.hessian import GGNOperator, HessianOperator
-from analysis.lanczos import as_linear_operator, top_eigenpairs
 from analysis.operators import auto as auto_module
 from analysis.reference import dense_ggn, dense_hessian
-from analysis.trace import hessian_trace
 from tests.analysis.test_hessian import _NoForwardModel
 from tests.models import classification_data, cnn_bn, image_data, mlp
 
@@ -76,7 +81,7 @@ def test_the_operators_satisfy_the_protocol_and_agree_with_dense():
     v = torch.randn(A.shape[0], generator=gen, dtype=torch.float64)
     V = torch.randn(A.shape[0], 3, generator=gen, dtype=torch.float64)
     for op, ref in cases:
-        assert isinstance(op, ops.LinearOperator), type(op).__name__
+        assert isinstance(op, LinearOperator), type(op).__name__
         assert op.shape == tuple(ref.shape) and op.dtype == torch.float64
         torch.testing.assert_close(op.matvec(v), ref @ v, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(op @ v, ref @ v, rtol=RTOL, atol=ATOL)
@@ -84,8 +89,8 @@ def test_the_operators_satisfy_the_protocol_and_agree_with_dense():
         torch.testing.assert_close(op @ V, ref @ V, rtol=RTOL, atol=ATOL)
         sp = op.to_scipy()
         np.testing.assert_allclose(sp.matvec(v.numpy()), (ref @ v).numpy(), rtol=1e-8, atol=1e-11)
-    assert not isinstance(MatvecOnly(A), ops.LinearOperator)
-    assert not isinstance(A, ops.LinearOperator)
+    assert not isinstance(MatvecOnly(A), LinearOperator)
+    assert not isinstance(A, LinearOperator)
 
 
 def test_every_algorithm_takes_a_users_protocol_operator():

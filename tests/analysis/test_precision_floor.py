@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from analysis.lanczos import top_eigenpairs
+from analysis import top_eigenpairs
 from analysis.precision import precision_floor, warn_half_precision
 from analysis.reference import dense_hessian
 from tests.models import classification_data, mlp

@@ -15,13 +15,11 @@ import torch.nn.functional as F
 from scipy.optimize import brentq
 from torch import nn
 
-from analysis.params import ParameterSpace
-from analysis.probes import MechanismProbe, feature_rank, rank_for_variance
+from analysis import MechanismProbe, ParameterSpace, feature_rank
+from analysis.probes import rank_for_variance
 from landscape.datasets import load_digits
 from landscape.models import digits_mlp
-from msam.adamw_msam import AdamWMSAM
-from msam.msam import MSAM
-from msam.sam import SAM
+from msam import MSAM, SAM, AdamWMSAM
 from tests.models import Quadratic, classification_data, mlp, quadratic_loss, random_spd
 
 DT = torch.float64
@@ -146,7 +144,7 @@ def test_curvature_against_the_dense_hessian():
         space.vector())
     _, g = grad_at(model, F.cross_entropy, x, y, space.vector())
     v = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
-    from analysis.directions import random_direction
+    from analysis import random_direction
 
     r = random_direction(model, seed=7)
     probe = MechanismProbe(model, "cross_entropy", opt, seed=7)
@@ -337,7 +335,7 @@ def test_probe_errors():
 
 
 def test_default_radius_only_from_a_normalized_msam():
-    from analysis.probes import MechanismProbe
+    from analysis import MechanismProbe
     from msam import MSAM, NAG
 
     model = mlp()

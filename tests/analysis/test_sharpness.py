@@ -15,16 +15,15 @@ from scipy.optimize import brentq
 from scipy.stats import norm as normal
 from torch import nn
 
-from analysis.params import ParameterSpace
-from analysis.sharpness import (
-    apgd_checkpoints,
+from analysis import (
+    ParameterSpace,
     directional_sharpness,
     epsilon_sharpness,
     pac_bayes_flatness,
-    preserved_state,
     sharpness,
     sharpness_report,
 )
+from analysis.sharpness import apgd_checkpoints, preserved_state
 from tests.models import (
     Quadratic,
     classification_data,

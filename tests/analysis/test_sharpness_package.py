@@ -1,52 +1,28 @@
-"""The sharpness package after the split: old import paths, the shared cost fields, the one
+"""The sharpness package after the split: the shared cost fields, the one
 direction validator, the one Gram-Schmidt pass and the one loss-along-a-line loop."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 
 import numpy as np
 import pytest
 import torch
 
-from analysis.directions import _project_out, as_direction, normalize_direction, orthogonalize
-from analysis.params import ParameterSpace
-from analysis.results import COST_FIELDS, CostedResult
-from analysis.sharpness import (
+from analysis import (
     DirectionalSharpnessResult,
     EpsilonSharpnessResult,
     PacBayesResult,
+    ParameterSpace,
     SharpnessResult,
     directional_sharpness,
-    loss_along_line,
 )
+from analysis.directions import as_direction, normalize_direction, orthogonalize, project_out
+from analysis.results import COST_FIELDS, CostedResult
+from analysis.sharpness import loss_along_line
 from tests.models import Quadratic, mlp, quadratic_loss, random_spd
 
 DT = torch.float64
-
-# every name the module analysis/sharpness.py had before it became a package
-OLD_NAMES = (
-    "DEFAULT_M", "METRICS", "SharpnessResult", "EpsilonSharpnessResult", "PacBayesResult",
-    "DirectionalSharpnessResult", "SharpnessReport", "sharpness", "epsilon_sharpness",
-    "pac_bayes_flatness", "directional_sharpness", "sharpness_report", "preserved_state",
-    "apgd_checkpoints", "as_flat_direction", "_Counter", "_Evaluator", "_check_model",
-    "_check_positive", "_check_seed", "_check_flag", "_check_mode", "_cat", "_take",
-    "_m_batches", "_scalar_loss", "_nonfinite", "_project", "_ascent_direction", "_apgd",
-    "_random_start", "_global_num_samples", "_full_loss", "_REPORT_DEFAULTS", "_report_keywords",
-)
-
-
-def test_every_old_name_is_importable_from_the_old_path():
-    mod = importlib.import_module("analysis.sharpness")
-    missing = [n for n in OLD_NAMES if not hasattr(mod, n)]
-    assert not missing
-    from analysis.directions import PCADirections, pca_directions
-    from analysis.pca import PCADirections as P2
-    from analysis.pca import pca_directions as p2
-
-    assert PCADirections is P2 and pca_directions is p2
-
 
 # the field order JSON consumers and the tests rely on (written out, not derived)
 FIELDS = {
@@ -160,10 +136,10 @@ def test_project_out_matches_a_qr_projector():
     q, _ = torch.linalg.qr(a)
     d = torch.randn(9, generator=g, dtype=DT)
     expected = d - q @ (q.T @ d)
-    got = _project_out(d, list(q.T))
+    got = project_out(d, list(q.T))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-13)
     torch.testing.assert_close(orthogonalize(d, list(a.T)), expected, rtol=0, atol=1e-13)
-    assert torch.equal(_project_out(d, []), d)
+    assert torch.equal(project_out(d, []), d)
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,11 +13,16 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from analysis import CausalLMLoss, ModelLoss, evaluate
+from analysis import (
+    CausalLMLoss,
+    MechanismProbe,
+    ParameterSpace,
+    evaluate,
+    pac_bayes_flatness,
+    sharpness,
+)
 from analysis.evaluation import accuracy_unit, correct_count
-from analysis.params import ParameterSpace
-from analysis.probes import MechanismProbe
-from analysis.sharpness import pac_bayes_flatness, sharpness
+from analysis.losses import ModelLoss
 from tests import lm_models as lm
 from tests.models import classification_data, mlp
 
@@ -315,7 +320,7 @@ def test_probe_curvature_on_a_padded_batch_matches_the_dense_token_hessian():
 def test_slice_weights_batches_by_their_tokens(trained):
     # the loss on a slice is the dataset loss evaluate() reports (token-weighted), at the origin
     # and at a moved point; accuracy is per token; num_samples counts sequences
-    from landscape.slices import slice_1d
+    from landscape import slice_1d
 
     model, data = trained
     model = copy.deepcopy(model).double()
@@ -335,7 +340,7 @@ def test_slice_weights_batches_by_their_tokens(trained):
 
 def test_gradient_direction_weights_batches_by_their_tokens(trained):
     # against autograd of the hand token-weighted loss sum_b t_b L_b / sum_b t_b
-    from analysis.directions import gradient_direction
+    from analysis import gradient_direction
 
     model, data = trained
     model = copy.deepcopy(model).double()

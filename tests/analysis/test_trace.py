@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from analysis.hessian import HessianOperator
+from analysis import HessianOperator, hessian_trace
 from analysis.reference import dense_hessian
-from analysis.trace import hessian_trace
 from tests.models import classification_data, mlp, random_spd
 
 

@@ -10,10 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.hessian import HessianOperator
-from analysis.lanczos import top_eigenpairs
+from analysis import (
+    CurvatureTracker,
+    HessianOperator,
+    TrackerHistory,
+    TrackerRecord,
+    top_eigenpairs,
+)
 from analysis.reference import dense_hessian
-from analysis.tracker import CurvatureTracker, TrackerHistory, TrackerRecord
 from landscape.datasets import load_digits
 from landscape.models import digits_cnn
 from msam import MSAM, SAM

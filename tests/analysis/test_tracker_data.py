@@ -10,10 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from analysis.lanczos import top_eigenpairs
-from analysis.operators.hessian import HessianOperator
+from analysis import CurvatureTracker, HessianOperator, top_eigenpairs
 from analysis.reference import dense_hessian
-from analysis.tracker import CurvatureTracker
 from tests.models import classification_data, mlp
 
 

@@ -22,8 +22,8 @@ from tests.distributed.workers import BATCH, _run_checks, classification_problem
 def auto_checks(rank: int, world: int) -> dict:
     """method="auto" on each rank's share of the data: the same choice everywhere, timed on
     rank 0 only; a calibration that fails on rank 0 fails on every rank."""
+    from analysis import HessianOperator
     from analysis.data import as_data
-    from analysis.operators.hessian import HessianOperator
 
     def agreed():
         model, x, y = classification_problem()

@@ -43,17 +43,17 @@ def make_optimizer(name: str, model: torch.nn.Module):
     name, _, variant = name.partition("-")
     foreach = True if variant == "foreach" else None
     if name == "msam":
-        from msam.msam import MSAM
+        from msam import MSAM
 
         return MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.5, weight_decay=1e-3,
                     foreach=foreach)
     if name == "adamw_msam":
-        from msam.adamw_msam import AdamWMSAM
+        from msam import AdamWMSAM
 
         return AdamWMSAM(model.parameters(), lr=1e-2, weight_decay=1e-2, rho=0.3,
                          foreach=foreach)
     if name in ("sam", "asam"):
-        from msam.sam import SAM
+        from msam import SAM
 
         return SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.1,
                    adaptive=name == "asam", lr=0.1, momentum=0.9)

@@ -31,7 +31,7 @@ def problem():
 
 
 def grid(model, x, y, d1, d2, **kwargs):
-    from landscape.slices import slice_2d
+    from landscape import slice_2d
 
     return slice_2d(model, "cross_entropy", (x, y), d1, d2, XS, YS, progress=False, **kwargs)
 
@@ -69,7 +69,7 @@ def row_sharded_values(rank: int, world: int, store_dir: str) -> dict[str, tuple
         return {**_plain(r), "forwards": forwards[0]}
 
     def sharded_data():
-        from landscape.slices import slice_2d
+        from landscape import slice_2d
 
         try:
             slice_2d(model, "cross_entropy", as_data((x, y), batch_size=8, shard=True), d1, d2,

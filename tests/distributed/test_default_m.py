@@ -14,7 +14,8 @@ def default_m_worker(rank: int, world: int) -> tuple[int, int, int]:
     import torch
     from torch import nn
 
-    from analysis import as_data, sharpness
+    from analysis import sharpness
+    from analysis.data import as_data
 
     torch.manual_seed(0)
     model = nn.Linear(3, 2)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from analysis.data import as_data
-from landscape.slices import slice_2d
+from landscape import slice_2d
 from tests.distributed import row_workers as W
 from tests.distributed.launcher import check_values, run_ranks
 

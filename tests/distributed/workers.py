@@ -111,17 +111,17 @@ GLOBAL_BATCH, STEPS = 8, 5
 
 def _optimizer(name: str, model: torch.nn.Module):
     if name == "msam":
-        from msam.msam import MSAM
+        from msam import MSAM
 
         return MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.5, weight_decay=1e-3)
     if name == "adamw_msam":
-        from msam.adamw_msam import AdamWMSAM
+        from msam import AdamWMSAM
 
         return AdamWMSAM(model.parameters(), lr=1e-2, weight_decay=1e-2, rho=0.3)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     if name in ("sam", "sam_sync"):
-        from msam.sam import SAM
+        from msam import SAM
 
         return SAM(model.parameters(), base_optimizer=torch.optim.SGD, rho=0.1, lr=0.1,
                    momentum=0.9)
@@ -356,13 +356,13 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
 
     def evaluate_check():
-        from analysis.evaluation import evaluate
+        from analysis import evaluate
 
         r = evaluate(model, "cross_entropy", _sharded(x, y))
         return {"loss": r.loss, "accuracy": r.accuracy, "num_samples": r.num_samples}
 
     def hvp_check():
-        from analysis.hessian import HessianOperator
+        from analysis import HessianOperator
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
         with _CollectiveCounter() as c:
@@ -373,8 +373,8 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
     def hvp_loader_check():
         from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+        from analysis import HessianOperator
         from analysis.data import as_data
-        from analysis.hessian import HessianOperator
 
         ds = TensorDataset(x, y)
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
@@ -386,8 +386,7 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
         return {"hv": first, "repeat": torch.equal(first, second), "collectives": c.count}
 
     def eig_check():
-        from analysis.hessian import HessianOperator
-        from analysis.lanczos import top_eigenpairs
+        from analysis import HessianOperator, top_eigenpairs
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
         with _CollectiveCounter() as c:
@@ -399,8 +398,7 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
                 "converged": res.converged}
 
     def trace_check():
-        from analysis.hessian import HessianOperator
-        from analysis.trace import hessian_trace
+        from analysis import HessianOperator, hessian_trace
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
         out = {}
@@ -413,54 +411,53 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
         return out
 
     def density_check():
-        from analysis.density import spectral_density
-        from analysis.hessian import HessianOperator
+        from analysis import HessianOperator, spectral_density
 
         op = HessianOperator(model, "cross_entropy", _sharded(x, y))
         return _plain(spectral_density(op, num_iter=20, num_runs=2, seed=0))
 
     def sharpness_worst_check():
-        from analysis.sharpness import sharpness
+        from analysis import sharpness
 
         r = sharpness(model, "cross_entropy", _sharded(x, y), kind="worst", rho=0.05, m=BATCH,
                       n_eval=None, steps=5, init="zero", progress=False)
         return {"value": r.value, "loss": r.loss, "num_batches": r.num_batches}
 
     def sharpness_worst_random_check():
-        from analysis.sharpness import sharpness
+        from analysis import sharpness
 
         r = sharpness(model, "cross_entropy", _sharded(x, y), kind="worst", rho=0.05, m=BATCH,
                       n_eval=None, steps=3, init="random", seed=0, progress=False)
         return {"value": r.value, "loss": r.loss, "num_batches": r.num_batches}
 
     def sharpness_average_check():
-        from analysis.sharpness import sharpness
+        from analysis import sharpness
 
         r = sharpness(model, "cross_entropy", _sharded(x, y), kind="average", rho=0.05,
                       m=BATCH, n_eval=None, samples=4, seed=0, progress=False)
         return {"value": r.value, "loss": r.loss, "num_batches": r.num_batches}
 
     def directional_check():
-        from analysis.sharpness import directional_sharpness
+        from analysis import directional_sharpness
 
         r = directional_sharpness(model, "cross_entropy", _sharded(x, y), v, [-0.5, 0.2, 1.0])
         return _plain(r)
 
     def epsilon_check():
-        from analysis.sharpness import epsilon_sharpness
+        from analysis import epsilon_sharpness
 
         r = epsilon_sharpness(model, "cross_entropy", _sharded(x, y), epsilon=1e-2,
                               method="apgd", steps=3, seed=0)
         return _plain(r)
 
     def slice_1d_check():
-        from landscape.slices import slice_1d
+        from landscape import slice_1d
 
         r = slice_1d(model, "cross_entropy", _sharded(x, y), v, [-0.5, 0.0, 0.5], progress=False)
         return {"loss": r.loss, "accuracy": r.accuracy}
 
     def slice_2d_check():
-        from landscape.slices import slice_2d
+        from landscape import slice_2d
 
         d2 = torch.roll(v, 1)
         with _CollectiveCounter() as c:
@@ -470,7 +467,7 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
                 "collectives": c.count}
 
     def slice_2d_store_check():
-        from landscape.slices import slice_2d
+        from landscape import slice_2d
 
         if store_dir is None:
             return None
@@ -499,14 +496,13 @@ def one_batch_values(rank: int, world: int) -> dict:
     """Fewer batches than ranks: the data is one batch, so rank 1 holds no sample and must still
     take part in every all-reduce (with zero sums). Own spawn: a rank that fails here leaves the
     other one waiting in a collective until the timeout."""
-    from analysis.evaluation import evaluate
-    from analysis.hessian import HessianOperator
+    from analysis import HessianOperator, evaluate
 
     model, x, y = classification_problem()
     torch.manual_seed(100)
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
-    from analysis.sharpness import directional_sharpness
-    from landscape.slices import slice_1d
+    from analysis import directional_sharpness
+    from landscape import slice_1d
 
     data = _sharded(x, y, batch_size=None)
     r = evaluate(model, "cross_entropy", data)

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from landscape.report import write_report
+from landscape import write_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 FLAGS = [

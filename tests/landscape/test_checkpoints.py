@@ -10,13 +10,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from landscape.checkpoints import (
-    CheckpointError,
-    PerturbedCheckpointWarning,
-    UnsafeCheckpointError,
-    find_checkpoints,
-    load_checkpoint,
-)
+from landscape import CheckpointError, find_checkpoints, load_checkpoint
+from landscape.checkpoints import PerturbedCheckpointWarning, UnsafeCheckpointError
 from tests.models import cnn_bn, mlp
 
 
@@ -205,13 +200,13 @@ def _msam_run(opt_factory, steps=5, seed=0, factory=cnn_bn):
 
 
 def _msam(params):
-    from msam.msam import MSAM
+    from msam import MSAM
 
     return MSAM(params, lr=0.05, momentum=0.9, rho=0.7)
 
 
 def _adamw_msam(params):
-    from msam.adamw_msam import AdamWMSAM
+    from msam import AdamWMSAM
 
     return AdamWMSAM(params, lr=1e-2, rho=0.5)
 
@@ -295,7 +290,7 @@ def _two_layer(seed=0, **_):
 
 
 def _run_groups(groups_of, steps=3):
-    from msam.msam import MSAM
+    from msam import MSAM
 
     model = _two_layer()
     x = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -352,7 +347,7 @@ def test_groups_with_unique_shapes_are_matched_by_shape(tmp_path):
 
 
 def test_sam_saved_between_its_two_passes_is_refused(tmp_path):
-    from msam.sam import SAM
+    from msam import SAM
 
     model = _two_layer()
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
@@ -481,7 +476,7 @@ def test_non_strict_zero_match_refused_and_keys_recorded(tmp_path):
     ],
 )
 def test_malformed_or_non_finite_msam_state_refused(tmp_path, edit, key):
-    from msam.msam import MSAM
+    from msam import MSAM
 
     model, opt = _msam_run(lambda p: MSAM(p, lr=0.05, momentum=0.9, rho=0.7), factory=mlp)
     sd = opt.state_dict()
@@ -715,23 +710,6 @@ def test_real_compile_and_data_parallel_wrappers(tmp_path):
     raw = torch.load(tmp_path / "dp-compiled.pt", weights_only=True)
     assert all(k.startswith("module._orig_mod.") for k in raw)
     assert any(k.startswith("net._orig_mod.") for k in torch.load(tmp_path / "holder-compiled.pt")["state_dict"])
-
-
-def test_the_package_keeps_the_old_import_paths():
-    """landscape/checkpoints.py became a package: the names other code imports from
-    ``landscape.checkpoints`` are the objects defined in its modules."""
-    import landscape.checkpoints as ck
-    from landscape.checkpoints import finding, loading, reading, result, unperturb
-
-    assert ck.CHECKPOINT_SUFFIXES is finding.CHECKPOINT_SUFFIXES
-    assert ck.find_checkpoints is finding.find_checkpoints
-    assert ck.load_checkpoint is loading.load_checkpoint
-    assert ck.checkpoint_format is reading.checkpoint_format
-    assert ck._unperturb is unperturb._unperturb
-    for name in ("Checkpoint", "CheckpointError", "UnsafeCheckpointError",
-                 "PerturbedCheckpointWarning"):
-        assert getattr(ck, name) is getattr(result, name)
-    assert set(ck.__all__) <= set(dir(ck))
 
 
 def test_perturbed_weights_are_moved_back_by_msam(tmp_path, monkeypatch):

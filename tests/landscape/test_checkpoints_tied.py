@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape.checkpoints import CheckpointError, PerturbedCheckpointWarning, load_checkpoint
+from landscape import CheckpointError, load_checkpoint
+from landscape.checkpoints import PerturbedCheckpointWarning
 from msam import MSAM, SAM, AdamWMSAM
 
 VOCAB, T = 23, 7
@@ -167,21 +168,21 @@ def test_sam_between_passes_still_refused_for_a_tied_model(tmp_path):
 
 def test_cli_hessian_loads_tied_weights_at_w(tmp_path, monkeypatch):
     """``landscape hessian`` on a mid-training tied checkpoint works on the weights of eval()."""
-    import landscape.checkpoints as checkpoints
+    import landscape.checkpoints.loading as loading
     from landscape.cli import main
 
     model, opt = _train(lambda s: tied_lm(), MSAM, dict(lr=0.05, rho=1.0))
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "mid.pt")
     opt.eval()
     loaded = []
-    real = checkpoints.load_checkpoint
+    real = loading.load_checkpoint
 
     def spy(path, model=None, **kw):
         out = real(path, model, **kw)
         loaded.append({k: v.clone() for k, v in model.state_dict().items()})
         return out
 
-    monkeypatch.setattr(checkpoints, "load_checkpoint", spy)
+    monkeypatch.setattr(loading, "load_checkpoint", spy)  # the CLI imports it at call time
     here = __name__
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -199,7 +200,7 @@ def test_differing_tied_keys_are_refused_before_loading(tmp_path):
     import torch
     from torch import nn
 
-    from landscape.checkpoints import CheckpointError, load_checkpoint
+    from landscape import CheckpointError, load_checkpoint
 
     class Tied(nn.Module):
         def __init__(self):

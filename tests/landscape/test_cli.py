@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.evaluation import evaluate
+from analysis import evaluate
 from analysis.reference import dense_hessian
-from landscape.cli import format_table, load_object, main
+from landscape._format import format_table
+from landscape.cli import load_object, main
 from tests.landscape import cli_fixtures as fx
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -283,7 +284,7 @@ def test_report_command(ckpts, tmp_path, capsys):
 
 
 def test_perturbed_msam_checkpoint_warns(tmp_path, capsys):
-    from msam.msam import MSAM
+    from msam import MSAM
 
     net = fx.model()
     x, y = fx.data()
@@ -427,12 +428,12 @@ def test_slice_2d_on_pca_of_a_trajectory(tmp_path, capsys):
 @pytest.fixture
 def no_compute(monkeypatch):
     """Any model/data setup (the start of every computation) fails the test."""
-    import landscape.cli as cli
+    from landscape.cli import setup as cli_setup
 
     def boom(*a, **k):
         raise AssertionError("the command computed before checking its output paths")
 
-    monkeypatch.setattr(cli._Setup, "__init__", boom)
+    monkeypatch.setattr(cli_setup.Setup, "__init__", boom)
 
 
 def test_output_paths_checked_before_any_computation(ckpts, tmp_path, capsys, no_compute):
@@ -571,7 +572,7 @@ def test_sharpness_records_the_settings_used(ckpts, capsys):
     assert code == 0, err
     doc = json.loads(out)
     s = doc["checkpoints"][0]["settings"]
-    from analysis.sharpness import sharpness
+    from analysis import sharpness
 
     # the defaults the library used, not null: the same call reproduces the value
     # (sharpness_report's documented defaults: rho 0.1 worst, 0.05 average, 64 noise samples)
@@ -622,7 +623,7 @@ def test_range_accepts_negative_scientific_notation(ckpts, tmp_path, capsys):
 
 
 def test_tol_top_k_and_m_are_usage_errors_before_any_data_pass(ckpts, capsys, monkeypatch):
-    import landscape.cli as cli
+    from landscape.cli import setup as cli_setup
 
     a = str(ckpts / "a.pt")
     for tol in ("0", "-1e-3", "nan", "inf"):
@@ -631,7 +632,7 @@ def test_tol_top_k_and_m_are_usage_errors_before_any_data_pass(ckpts, capsys, mo
     def no_data_pass(self, model):
         raise AssertionError("a forward pass ran before the option was checked")
 
-    monkeypatch.setattr(cli._Setup, "check_fit", no_data_pass)
+    monkeypatch.setattr(cli_setup.Setup, "check_fit", no_data_pass)
     n = sum(p.numel() for p in fx.model().parameters())
     _usage(["hessian", a, *SPEC, "--top-k", "1000000"], capsys,
            f"--top-k 1000000 is larger than the model's {n} trainable parameters; pass --top-k {n} or less")
@@ -776,7 +777,7 @@ def test_cli_defaults_match_the_python_api():
             action = next(a for a in sub.choices[cmd]._actions if row.option in a.option_strings)
             cli = action.default
             if row.option == "--m":  # None in both: min(value, N) at run time
-                from analysis.sharpness import DEFAULT_M
+                from analysis.sharpness.m_sharpness import DEFAULT_M
 
                 assert cli is None and python_default(row) is None and row.value == DEFAULT_M
                 continue
@@ -794,11 +795,12 @@ def test_atomic_cli_writers_keep_the_old_file(tmp_path, monkeypatch):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from landscape.cli import CLIError, _save_figure, _write_text
+    from landscape.cli import CLIError
+    from landscape.cli.output import save_figure, write_text
 
     png = tmp_path / "f.png"
     fig = plt.figure()
-    _save_figure(fig, png)
+    save_figure(fig, png)
     before = png.read_bytes()
 
     def full_disk(self, fname, *a, **k):
@@ -807,13 +809,13 @@ def test_atomic_cli_writers_keep_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(fig), "savefig", full_disk)
     with pytest.raises(CLIError, match="No space left"):
-        _save_figure(plt.figure(), png)
+        save_figure(plt.figure(), png)
     assert png.read_bytes() == before
     js = tmp_path / "o.json"
-    _write_text(js, "{}\n")
+    write_text(js, "{}\n")
     monkeypatch.setattr("landscape._atomic.os.replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        _write_text(js, '{"new": 1}\n')
+        write_text(js, '{"new": 1}\n')
     assert js.read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "o.json"]
 

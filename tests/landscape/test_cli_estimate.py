@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.density import spectral_density
-from analysis.directions import random_direction
-from analysis.hessian import HessianOperator
-from analysis.lanczos import top_eigenpairs
-from analysis.sharpness import sharpness
-from analysis.trace import hessian_trace
+from analysis import (
+    HessianOperator,
+    hessian_trace,
+    random_direction,
+    sharpness,
+    spectral_density,
+    top_eigenpairs,
+)
+from landscape import slice_1d, slice_2d
 from landscape.cli import estimate as E
 from landscape.cli import main
-from landscape.slices import slice_1d, slice_2d
 from tests.landscape import cli_fixtures as fx
 
 FIX = "tests.landscape.cli_fixtures"

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 import analysis.operators.auto as auto
-from analysis.lanczos import top_eigenpairs
-from analysis.operators.hessian import HessianOperator
+from analysis import HessianOperator, top_eigenpairs
 from landscape.cli import estimate as E
 from landscape.cli import main
 from landscape.cli.memory import CALIBRATION_FACTOR, GRAPH_FACTOR, check_memory, product_memory
@@ -57,7 +56,7 @@ def test_check_memory_refuses_with_both_numbers_and_allows_the_override():
     need = costs[0].memory_bytes + CALIBRATION_FACTOR * (40 * 8 * 8 + 8)
     ok = check_memory(costs, _mlp(), "cross_entropy", (x, y), log=lines.append, available=need)
     assert ok.fits and ok.peak_bytes == need
-    from landscape.cli._common import CLIError
+    from landscape.cli import CLIError
 
     with pytest.raises(CLIError, match=r"exceeds .* available .*--no-memory-check"):
         check_memory(costs, _mlp(), "cross_entropy", (x, y), log=lines.append,

@@ -6,8 +6,8 @@ import argparse
 import pytest
 import torch
 
-import landscape.cli as cli
-from landscape.checkpoints import CheckpointError, checkpoint_format
+from landscape import CheckpointError
+from landscape.checkpoints import checkpoint_format
 from landscape.cli import demo, files, hessian, parser, report, sharpness
 from landscape.cli import slice as slice_cmd
 from tests.landscape import cli_fixtures as fx
@@ -28,16 +28,6 @@ def test_each_subcommand_runs_its_own_module():
         assert choices[name].get_default("func") is module.run, name
         assert choices[name].epilog == module.EPILOG
     assert "reproduce" in choices
-
-
-def test_old_private_names_still_resolve_to_the_moved_objects():
-    from landscape.cli import output, setup, specs
-
-    assert cli._Setup is setup.Setup and cli._Ctx is output.Ctx
-    assert cli._save_figure is output.save_figure and cli._write_text is output.write_text
-    assert cli._resolve_loss is specs.resolve_loss and cli._checkpoints is files.checkpoint_paths
-    assert cli.cmd_hessian is hessian.run and cli.cmd_slice is slice_cmd.run
-    assert cli.main.__module__ == "landscape.cli.entry"
 
 
 def test_truncated_safetensors_header_reason_is_the_loaders(tmp_path):

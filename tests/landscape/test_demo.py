@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 
-from analysis.evaluation import evaluate
-from analysis.tracker import TrackerHistory
-from landscape.checkpoints import load_checkpoint
+from analysis import TrackerHistory, evaluate
+from landscape import load_checkpoint
 from landscape.datasets import load_digits
 from landscape.demo import OPTIMIZERS, DemoConfig, make_optimizer, run_demo
 from landscape.models import digits_cnn
@@ -85,8 +84,7 @@ def test_demo_uses_the_reproduction_setting():
 
 
 def test_make_optimizer_types():
-    from msam.msam import MSAM, NAG
-    from msam.sam import SAM
+    from msam import MSAM, NAG, SAM
 
     params = list(digits_cnn(2).parameters())
     cfg = DemoConfig()

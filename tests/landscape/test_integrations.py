@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.tracker import CurvatureTracker
+from analysis import CurvatureTracker
 from landscape.datasets import load_digits
 from landscape.integrations import perturbed_optimizers
 from landscape.models import digits_cnn
@@ -51,7 +51,7 @@ def test_perturbed_optimizers_unwraps():
 @pytest.fixture(scope="module")
 def lightning_fit(tmp_path_factory):
     pl = pytest.importorskip("lightning.pytorch")
-    from landscape.integrations.lightning import MSAMCallback
+    from landscape.integrations import MSAMCallback
 
     (x, y), (xv, yv) = _data()
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def test_huggingface_trainer_saves_and_evaluates_at_w(tmp_path):
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from landscape.integrations.huggingface import MSAMTrainerCallback
+    from landscape.integrations import MSAMTrainerCallback
 
     hf_logging.set_verbosity_error()
     (x, y), (xv, yv) = _data()
@@ -208,7 +208,7 @@ def test_huggingface_trainer_saves_and_evaluates_at_w(tmp_path):
 def test_lightning_callback_measures_once_per_optimizer_step():
     """Gradient accumulation: several batches end with the same global_step; one check each."""
     pytest.importorskip("lightning.pytorch")
-    from landscape.integrations.lightning import MSAMCallback
+    from landscape.integrations import MSAMCallback
 
     calls = []
 
@@ -227,3 +227,37 @@ def test_lightning_callback_measures_once_per_optimizer_step():
     assert calls == [1, 2, 3]
     with pytest.raises(TypeError, match="tracker must be a CurvatureTracker or a callable"):
         MSAMCallback(tracker=3)
+
+
+@pytest.mark.parametrize("module, blocked, extra", [
+    ("landscape.integrations.lightning", ("lightning", "lightning.pytorch", "pytorch_lightning"),
+     "lightning"),
+    ("landscape.integrations.huggingface", ("transformers",), "huggingface"),
+])
+def test_missing_framework_names_the_distribution(monkeypatch, module, blocked, extra):
+    # the ImportError names the extra of the distribution users install (msam-landscape)
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    for name in blocked:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` fails
+    with pytest.raises(ImportError, match=rf"pip install 'msam-landscape\[{extra}\]'"):
+        importlib.import_module(module)
+
+
+def test_every_pip_install_hint_names_the_distribution():
+    # `pip install landscape[...]` names a distribution that does not exist
+    import re
+
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    name = tomllib.loads((root / "pyproject.toml").read_text())["project"]["name"]
+    bad = []
+    for package in ("msam", "analysis", "landscape"):
+        for path in sorted((root / package).rglob("*.py")):
+            for m in re.finditer(r"pip install\W+'?([\w.-]+)\[", path.read_text()):
+                if m.group(1) != name:
+                    bad.append(f"{path.relative_to(root)}: {m.group(0)}")
+    assert not bad, f"pip install hints not naming {name}: {bad}"

@@ -23,7 +23,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 
 def _fit(tmp_path, recalibrate=True):
-    from landscape.integrations.lightning import MSAMCallback
+    from landscape.integrations import MSAMCallback
 
     d = load_digits(seed=0, train_size=128)
     (x, y), (xv, yv) = d.train, (d.x_test[:64], d.y_test[:64])
@@ -80,7 +80,7 @@ def test_recalibration_leaves_the_trajectory_unchanged(tmp_path):
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_recalibrate_batches_must_be_a_positive_int(bad):
-    from landscape.integrations.lightning import MSAMCallback
+    from landscape.integrations import MSAMCallback
 
     with pytest.raises(ValueError, match=f"recalibrate_batches.*{bad!r}"):
         MSAMCallback(recalibrate_batches=bad)

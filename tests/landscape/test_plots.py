@@ -15,8 +15,11 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from landscape import plots  # noqa: E402
-from landscape.slices import Slice1D, Slice2D  # noqa: E402
+from landscape import (  # noqa: E402
+    Slice1D,
+    Slice2D,
+    plots,  # noqa: E402
+)
 
 
 def _slice2d(nan=False, label="demo"):
@@ -224,7 +227,7 @@ def test_wrong_argument_type_is_a_type_error_naming_it(func, value):
 
 
 def test_a_list_with_one_bad_item_is_a_type_error():
-    from landscape.plots import plot_1d
+    from landscape import plot_1d
 
     with pytest.raises(TypeError, match="Slice1D"):
         plot_1d([_slice1d(), _slice2d()])
@@ -238,7 +241,7 @@ def test_contourf_kind_is_accepted():
 
 
 def test_save_html_is_atomic(tmp_path, monkeypatch):
-    from landscape.plots import plotly_contour, save_html
+    from landscape import plotly_contour, save_html
 
     path = tmp_path / "fig.html"
     save_html(plotly_contour(_slice2d()), path)

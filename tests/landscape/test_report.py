@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.evaluation import evaluate
+from analysis import evaluate
 from analysis.reference import dense_hessian
-from landscape.report import ReportEntry, analyze_checkpoint, report_html, write_report
+from landscape import ReportEntry, analyze_checkpoint, report_html, write_report
 from tests.models import classification_data, mlp
 
 PLOTLY_DIV = re.compile(r'<div id="(figure-\d+)" class="plotly-graph-div"')
@@ -112,7 +112,7 @@ def test_entry_without_slices():
 
 
 def test_sharpness_settings_recorded_and_shown(entries):
-    from analysis.sharpness import sharpness
+    from analysis import sharpness
 
     e = entries[0]
     st = e.settings["sharpness"]

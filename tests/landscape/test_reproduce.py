@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from analysis.directions import momentum_direction
+from analysis import momentum_direction
 from landscape import reproduce as R
+from landscape.reproduce.runs import _cosine_lr
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -207,10 +208,9 @@ def test_sgd_run_matches_hand_written_loop():
 
 
 def test_sam_run_matches_hand_written_two_pass_loop():
-    """SAM through train_run (SAM.step via landscape.training.train_step) is the hand-written
+    """SAM through train_run (SAM.step via landscape.train_step) is the hand-written
     first_step / second pass with BatchNorm frozen / second_step loop, bit for bit."""
-    from msam.batchnorm import frozen_batchnorm_stats
-    from msam.sam import SAM
+    from msam import SAM, frozen_batchnorm_stats
 
     x, y = _tiny_problem()[1:]
 
@@ -334,10 +334,10 @@ def test_experiment_names_agree():
 
 
 def test_cosine_lr_by_hand():
-    assert R._cosine_lr(0.1, 0, 10) == pytest.approx(0.1)
-    assert R._cosine_lr(0.1, 5, 10) == pytest.approx(0.05)
-    assert R._cosine_lr(0.1, 10, 10) == pytest.approx(0.0)
-    assert R._cosine_lr(0.1, 0, 0) == pytest.approx(0.1)  # no division by zero
+    assert _cosine_lr(0.1, 0, 10) == pytest.approx(0.1)
+    assert _cosine_lr(0.1, 5, 10) == pytest.approx(0.05)
+    assert _cosine_lr(0.1, 10, 10) == pytest.approx(0.0)
+    assert _cosine_lr(0.1, 0, 0) == pytest.approx(0.1)  # no division by zero
 
 
 def test_config_and_problem_validation():

@@ -2,7 +2,7 @@
 
 Each experiment's rule (``decide`` next to its ``RULE`` text in ``landscape/reproduce/<name>.py``)
 is driven to each of its outcomes -- reproduced, not reproduced, inconclusive -- by numbers
-written by hand, and the combination rule ``_combine`` through every case. ``_compare`` counts a
+written by hand, and the combination rule ``combine_verdicts`` through every case. ``compare`` counts a
 difference of means only when it exceeds the standard error of the difference, so "clearly
 better" below is a gap of 10 points with a spread of 1, and "within noise" a gap smaller than
 the spread.
@@ -15,7 +15,7 @@ import math
 import pytest
 
 from landscape.reproduce import angle, cosine, curvature, directions, eigenvalues, rho_sweep, table
-from landscape.reproduce.stats import _combine, _compare, _se_diff, _stats
+from landscape.reproduce.stats import _se_diff, combine_verdicts, compare, mean_std
 
 R, N, INC, PART = "reproduced", "not reproduced", "inconclusive", "partly reproduced"
 
@@ -28,21 +28,21 @@ NOISY = [0.80, 0.92]        # mean 0.86, std 0.085: within noise of both
 # the statistics the rules use, against hand-computed values
 # ------------------------------------------------------------------------------------------------
 def test_stats_and_compare_by_hand():
-    assert _stats([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
-    assert _stats([5.0]) == (5.0, 0.0)
-    assert _stats([1.0, float("nan"), 3.0]) == pytest.approx((2.0, math.sqrt(2.0)))  # nan skipped
-    assert all(math.isnan(v) for v in _stats([]))
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    assert mean_std([1.0, float("nan"), 3.0]) == pytest.approx((2.0, math.sqrt(2.0)))  # nan skipped
+    assert all(math.isnan(v) for v in mean_std([]))
     # SE of the difference of means: hypot(s_a / sqrt(n_a), s_b / sqrt(n_b))
     assert _se_diff([1.0, 3.0], [2.0, 2.0, 2.0]) == pytest.approx(math.sqrt(2.0) / math.sqrt(2.0))
-    assert _compare(HIGH, LOW) == 1 and _compare(LOW, HIGH) == -1
-    assert _compare(NOISY, HIGH) == 0 and _compare(HIGH, NOISY) == 0
+    assert compare(HIGH, LOW) == 1 and compare(LOW, HIGH) == -1
+    assert compare(NOISY, HIGH) == 0 and compare(HIGH, NOISY) == 0
     # the margin is the standard error: a gap of 1.5 SE counts, 0.5 SE does not
     a, b = [0.0, 2.0], [0.0, 2.0]
     se = _se_diff(a, b)
-    assert _compare([x + 1.5 * se for x in a], b) == 1
-    assert _compare([x + 0.5 * se for x in a], b) == 0
-    assert _compare([1.0], [1.0]) == 0  # equal single values: no difference
-    assert _compare([float("nan")], [1.0]) == 0
+    assert compare([x + 1.5 * se for x in a], b) == 1
+    assert compare([x + 0.5 * se for x in a], b) == 0
+    assert compare([1.0], [1.0]) == 0  # equal single values: no difference
+    assert compare([float("nan")], [1.0]) == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_stats_and_compare_by_hand():
     ([N, INC], INC), ([INC, N, N], INC),
 ])
 def test_combine(parts, expected):
-    assert _combine(parts) == expected
+    assert combine_verdicts(parts) == expected
 
 
 # ------------------------------------------------------------------------------------------------

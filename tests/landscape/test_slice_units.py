@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.directions import random_direction
-from analysis.evaluation import evaluate
-from analysis.params import ParameterSpace
+from analysis import ParameterSpace, evaluate, random_direction
 from landscape.slices._grid import ResumableGrid
-from landscape.slices._points import _Mover, _Session, evaluate_line
+from landscape.slices._points import Mover, Session, evaluate_line
 from landscape.store import StoreMismatchError, tensors_hash
 from tests.models import Quadratic, classification_data, mlp, quadratic_loss, random_spd
 
@@ -22,7 +20,7 @@ def _session(model, data, **kw):
     opts = dict(metrics=("loss", "accuracy"), mode="eval", batch_size=None, cache="auto",
                 recalibrate_bn=False, bn_data=None, params=None)
     opts.update(kw)
-    return _Session(model, "cross_entropy", data, **opts)
+    return Session(model, "cross_entropy", data, **opts)
 
 
 def _moved(model, w, ds, coeffs):
@@ -43,7 +41,7 @@ def test_evaluate_line_matches_evaluate_at_each_point():
     alphas = [-1.0, -0.25, 0.0, 0.5, 2.0]
 
     def body(w):
-        return w.clone(), evaluate_line(s, _Mover(s.space, w, [d]), [(a,) for a in alphas]).cpu().numpy()
+        return w.clone(), evaluate_line(s, Mover(s.space, w, [d]), [(a,) for a in alphas]).cpu().numpy()
 
     w, stats = s.run(body)
     loss, acc = s.finish(stats)
@@ -62,11 +60,11 @@ def test_evaluate_line_on_a_plane_row_is_the_closed_form_quadratic():
     c, w0 = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
     model = Quadratic(A, c, w0)
     data = (torch.zeros(4, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
-    s = _Session(model, quadratic_loss, data, metrics=("loss",), mode="eval", batch_size=None,
-                 cache="auto", recalibrate_bn=False, bn_data=None, params=None)
+    s = Session(model, quadratic_loss, data, metrics=("loss",), mode="eval", batch_size=None,
+                cache="auto", recalibrate_bn=False, bn_data=None, params=None)
     d1, d2 = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
     x, ys = 0.7, [-1.0, 0.0, 1.5]
-    stats = s.run(lambda w: evaluate_line(s, _Mover(s.space, w, [d1, d2]), [(x, y) for y in ys]).numpy())
+    stats = s.run(lambda w: evaluate_line(s, Mover(s.space, w, [d1, d2]), [(x, y) for y in ys]).numpy())
     loss, acc = s.finish(stats)
     assert acc is None
     for k, y in enumerate(ys):

@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from analysis.directions import random_direction
-from analysis.evaluation import evaluate
-from analysis.params import ParameterSpace
+from analysis import ParameterSpace, evaluate, random_direction
+from landscape import Slice1D, Slice2D, interpolate, slice_1d, slice_2d
 from landscape import slices as slices_mod
-from landscape.slices import Slice1D, Slice2D, interpolate, slice_1d, slice_2d
 from landscape.store import StoreMismatchError
 from tests.models import Quadratic, cnn_bn, image_data, mlp, quadratic_loss, random_spd
 

@@ -187,7 +187,7 @@ DAMAGES = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_damaged_store_is_one_corrupt_error_naming_the_file(tmp_path, damage):
-    from landscape import StoreCorruptError
+    from landscape.store import StoreCorruptError
 
     path = _good(tmp_path / "grid.npz")
     DAMAGES[damage](path)

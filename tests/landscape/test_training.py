@@ -1,4 +1,4 @@
-"""landscape.training.train_step against hand-written steps (the loops it replaced)."""
+"""landscape.train_step against hand-written steps (the loops it replaced)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape.training import train_step
-from msam.batchnorm import frozen_batchnorm_stats
-from msam.msam import MSAM, NAG
-from msam.sam import SAM
+from landscape import train_step
+from msam import MSAM, NAG, SAM, frozen_batchnorm_stats
 
 
 def _model(seed=0):

@@ -3,8 +3,8 @@
 import matplotlib
 import pytest
 
-from analysis.tracker import TrackerHistory, TrackerRecord
-from landscape.training_plots import plot_tracker, plotly_tracker
+from analysis import TrackerHistory, TrackerRecord
+from landscape import plot_tracker, plotly_tracker
 
 matplotlib.use("Agg")
 
@@ -59,8 +59,8 @@ def test_tracker_and_layer_figures_are_not_kept_open_by_pyplot():
     import matplotlib.pyplot as plt
     import torch
 
-    from analysis.blocks import per_layer_spectrum
-    from landscape.layer_plots import plot_layer_spectrum
+    from analysis import per_layer_spectrum
+    from landscape import plot_layer_spectrum
 
     plt.close("all")
     fig = plot_tracker(_hist([0.5, 0.5], [1.0, 2.0]))

@@ -91,7 +91,7 @@ class _Payload:
 
 def _perturbed_msam(model: nn.Module) -> dict:
     """A real MSAM state_dict saved at the perturbed point (after two steps)."""
-    from msam.msam import MSAM
+    from msam import MSAM
 
     x, y = corpus_data()
     opt = MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.5)

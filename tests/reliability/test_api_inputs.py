@@ -25,16 +25,16 @@ from analysis import (
     feature_rank,
     gradient_direction,
     hessian_trace,
-    orthogonalize,
     pac_bayes_flatness,
     random_direction,
-    rank_for_variance,
     sharpness,
     sharpness_report,
     top_eigenpairs,
 )
+from analysis.directions import orthogonalize
+from analysis.probes import rank_for_variance
+from landscape import interpolate, slice_1d, slice_2d
 from landscape.models import digits_cnn, digits_mlp
-from landscape.slices import interpolate, slice_1d, slice_2d
 from tests.models import image_data
 
 DT = torch.float64
@@ -283,7 +283,7 @@ def _lm_data(form: str):
 def test_language_model_under_a_classification_loss_says_use_lm(case, loss, form):
     # regression: raw torch errors (TypeError "argument 'target' must be Tensor, not dict",
     # RuntimeError "Expected target size [4, 7], got [4, 5]"), or none (HessianOperator)
-    from analysis.losses import CausalLMLoss
+    from analysis import CausalLMLoss
     from tests.lm_models import lm_model
 
     name, call = case

@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from landscape.checkpoints import CheckpointError, checkpoint_format, load_checkpoint
+from landscape import CheckpointError, load_checkpoint
+from landscape.checkpoints import checkpoint_format
 from tests.reliability.corpus import REASONS, corpus_model, make_corpus, make_renamed, marker_path
 
 

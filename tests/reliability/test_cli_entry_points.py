@@ -79,12 +79,12 @@ def _run_with_timeout(argv, capsys, seconds=60):
 
 @pytest.fixture
 def no_compute(monkeypatch):
-    import landscape.cli as cli
+    from landscape.cli import setup as cli_setup
 
     def boom(*a, **k):
         raise AssertionError("the model or data were loaded before the checkpoint was checked")
 
-    monkeypatch.setattr(cli._Setup, "__init__", boom)
+    monkeypatch.setattr(cli_setup.Setup, "__init__", boom)
 
 
 @pytest.mark.parametrize("cmd", ["sharpness", "hessian", "slice", "report"])
