@@ -12,7 +12,9 @@ from torch import nn
 from .formats import _load_file, _load_folder, _strip_prefixes
 from .matching import _compare_with_model, _refuse_untied, _select_prefix
 from .result import Checkpoint, PerturbedCheckpointWarning
-from .unperturb import _check_optimizer, _perturbed_flag, _refuse_sam_ascent, _unperturb
+from .transformers_keys import transformers_key_renames
+from .unperturb import check_optimizers, move_back_all, perturbed_optimizers
+from .validation import validate_tensors
 
 __all__ = ["load_checkpoint"]
 
@@ -68,24 +70,28 @@ def load_checkpoint(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str or None, got {type(prefix).__name__}")
+    # 1. read: whatever the container, the weights and EVERY optimizer state in it
     if os.path.isdir(path):
-        state, meta, fmt = _load_folder(path, map_location, allow_pickle)
-        opt_state, okey = None, ""
+        state, optimizers, meta, fmt = _load_folder(path, map_location, allow_pickle)
     else:
-        state, opt_state, meta, okey, fmt = _load_file(path, map_location, allow_pickle)
-    if opt_state is not None:
-        _check_optimizer(opt_state, path, okey)
+        state, optimizers, meta, fmt = _load_file(path, map_location, allow_pickle)
+    # 2. validate, before anything changes: every optimizer, then the tensors (keys matched)
+    check_optimizers(optimizers, path)
     state = _strip_prefixes(state, model)
+    renames = transformers_key_renames(state, model, path)
+    state = {renames.get(k, k): v for k, v in state.items()}
     state, used_prefix, ignored = _select_prefix(state, model, prefix, path)
-
-    _refuse_sam_ascent(opt_state, path)
+    validate_tensors(state, model, path)
     if model is not None:
         _refuse_untied(state, model, path)  # before the move-back writes one value to all twins
-    perturbed = bool(opt_state) and _perturbed_flag(opt_state)  # type: ignore[arg-type]
+    # 3. move MSAM's weights back (every perturbed optimizer), 4. load
+    perturbed = bool(perturbed_optimizers(optimizers))
     unperturbed = False
     if perturbed and unperturb:
-        state = _unperturb(state, opt_state, model, path, okey)  # type: ignore[arg-type]
+        state = move_back_all(state, optimizers, model, path)
         unperturbed = True
+    opt_state = next((o for _, o in perturbed_optimizers(optimizers)),
+                     optimizers[0][1] if optimizers else None)
 
     missing: list[str] = []
     unexpected: list[str] = []
@@ -106,6 +112,7 @@ def load_checkpoint(
         format=fmt,
         state_dict=state,
         optimizer_state=opt_state,
+        optimizer_states=tuple(o for _, o in optimizers),
         metadata=meta,
         missing_keys=tuple(missing),
         unexpected_keys=tuple(unexpected),

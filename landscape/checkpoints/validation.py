@@ -1,0 +1,96 @@
+"""The tensor half of the one validation step every loaded checkpoint goes through, whatever its
+container, before anything changes (the optimizer half, every optimizer of the file, is
+:func:`landscape.checkpoints.unperturb.check_optimizers`):
+
+* the meta device: a model whose tensors are on ``meta`` has no storage, so ``load_state_dict``
+  would "succeed" and load nothing; tensors read to ``map_location="meta"`` hold no values;
+* dtype classes: integer (or boolean) data is never cast into floating-point parameters, and
+  real data never into complex ones (a safetensors header that relabels ``F32`` as ``I32`` makes
+  every weight an integer bit pattern of about 1e9); refused naming the keys; without a model,
+  a file without any floating-point tensor is refused;
+* finiteness: ``inf`` / ``NaN`` in the floating-point tensors that would be loaded are refused
+  naming the keys (a diverged or damaged save would make every analysed number NaN).
+
+Shapes and key names are checked against the model in
+:mod:`landscape.checkpoints.matching`, also before ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .result import CheckpointError, names_list
+
+__all__ = ["dtype_class", "validate_tensors"]
+
+
+def dtype_class(dtype: torch.dtype) -> str:
+    """``"complex"``, ``"floating"`` or ``"integer"`` (booleans included): a checkpoint tensor
+    is loaded only into a model tensor of the same class (``float16`` into ``float32`` is fine,
+    ``int32`` into ``float32`` is not)."""
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating"
+    return "integer"
+
+
+def validate_tensors(state: Mapping[str, torch.Tensor], model: nn.Module | None,
+                     path: pathlib.Path) -> None:
+    """Refuse a checkpoint whose tensors must not be loaded (see the module docstring).
+
+    Args:
+        state: the checkpoint's tensors, keys already matched to ``model``'s names.
+        model: the model they are loaded into, or ``None``.
+        path: the checkpoint (named in the errors).
+
+    Raises:
+        CheckpointError: a meta-device model or checkpoint, an integer/boolean tensor for a
+            floating-point parameter (or any other dtype-class change), no floating-point tensor
+            at all, or non-finite values; the message names the keys.
+    """
+    if model is not None:
+        on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if on_meta:
+            raise CheckpointError(
+                f"cannot load {path} into {type(model).__name__}: its tensors are on the meta "
+                f"device ({names_list(on_meta, 4)}), which holds no storage, so nothing would be "
+                "loaded; create the model on a real device (model.to_empty(device='cpu')) first")
+    meta_keys = [k for k, t in state.items() if t.is_meta]
+    if meta_keys:
+        raise CheckpointError(
+            f"{path} was read to the meta device ({names_list(meta_keys, 4)}): its tensors hold no "
+            "values; load with map_location='cpu' (or another real device)")
+    if model is not None:
+        target = model.state_dict()
+        changed = [(k, v.dtype, target[k].dtype) for k, v in state.items()
+                   if k in target and dtype_class(v.dtype) != dtype_class(target[k].dtype)]
+        if changed:
+            shown = [f"{k} ({str(a).removeprefix('torch.')} in the file, "
+                     f"{str(b).removeprefix('torch.')} in the model)" for k, a, b in changed]
+            kinds = sorted({dtype_class(a) for _, a, _ in changed})
+            raise CheckpointError(
+                f"{path} holds {' and '.join(kinds)} data for tensors of another kind in "
+                f"{type(model).__name__}: {names_list(shown, 4)}; it is not cast (integer bit "
+                "patterns are not weights); refused. Was the file's dtype header altered or the "
+                "file saved from another model?")
+        loaded = [k for k in state if k in target]
+    else:
+        if state and not any(dtype_class(v.dtype) != "integer" for v in state.values()):
+            kinds = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})
+            raise CheckpointError(
+                f"{path} holds no floating-point tensors (only {', '.join(kinds)}: "
+                f"{names_list(list(state), 4)}); integer data are not weights; refused")
+        loaded = list(state)
+    bad = [k for k in loaded if dtype_class(state[k].dtype) != "integer" and state[k].numel()
+           and not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        counts = [f"{k} ({int((~torch.isfinite(state[k])).sum())} of {state[k].numel()} values)"
+                  for k in bad]
+        raise CheckpointError(
+            f"{path} holds non-finite values (inf or NaN) in {names_list(counts, 4)}; every "
+            "number computed from it would be NaN; refused")
