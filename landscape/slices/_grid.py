@@ -141,6 +141,11 @@ class ResumableGrid:
                         accuracy_at_origin=float("nan") if a0 is None else float(a0[0]))
         return cls(xs, ys, session.finish, store)
 
+    def close(self) -> None:
+        """Release the store's lock (its finished rows stay readable)."""
+        if self.store is not None:
+            self.store.close()
+
     @property
     def path(self) -> str | None:
         """The store file, or ``None``."""
