@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     metrics = args.metric or list(METRIC_NAMES[:3])
     if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
         raise UsageError(f"--rho {args.rho}: need a finite number > 0")
-    paths = checkpoint_paths(args.checkpoints)
+    paths = checkpoint_paths(args.checkpoints, keep_going=True)
     setup = Setup(args, ctx, check_data=data_size_check(args, ctx))
     planned = costs(metrics, setup.num_params, setup.itemsize, setup.data.num_samples(), args.m)
     E.announce(planned, ctx.log, checkpoints=len(paths))
