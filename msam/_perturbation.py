@@ -111,18 +111,23 @@ def shift_(params: list[Tensor], dirs: list[Tensor], scale: Scale | None, *, for
 def global_norm(dirs: list[Tensor], *, foreach: bool) -> Tensor | None:
     """L2 norm of the concatenation of ``dirs`` as a 0-d tensor (no host sync); None if empty.
 
-    Accumulates in float64 when any buffer is float64, else in float32 (also for half types).
+    Accumulates in float64 when any buffer is float64 or complex128, else in float32 (also for
+    half types). A complex buffer counts as the pair of its real and imaginary parts
+    (``sqrt(sum |d_i|^2)``, the norm of ``torch.view_as_real(d)``), as torch.optim treats
+    complex parameters.
     """
     if not dirs:
         return None
-    norm_dtype = torch.float64 if any(d.dtype == torch.float64 for d in dirs) else torch.float32
+    wide = (torch.float64, torch.complex128)
+    norm_dtype = torch.float64 if any(d.dtype in wide for d in dirs) else torch.float32
     device = dirs[0].device
     parts: list[Tensor] = []
     for (_, dtype), (ds,) in group_by_device_dtype(dirs).items():
         if foreach and dtype == norm_dtype:
             norms = torch._foreach_norm(ds)
         else:
-            norms = [torch.linalg.vector_norm(d, dtype=norm_dtype) for d in ds]
+            norms = [torch.linalg.vector_norm(torch.view_as_real(d) if d.is_complex() else d,
+                                              dtype=norm_dtype) for d in ds]
         parts.append(torch.stack(norms).to(device=device, dtype=norm_dtype, non_blocking=True))
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)
     return torch.linalg.vector_norm(flat)

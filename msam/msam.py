@@ -59,6 +59,10 @@ class MSAM(PerturbedOptimizer):
     BatchNorm running statistics collected during training are taken at ``w~``; recompute them
     at ``w`` with :func:`msam.recalibrate_batchnorm` at the end of training.
 
+    Complex parameters are supported as torch.optim supports them: a complex tensor counts as
+    the pair of its real and imaginary parts (``||v||^2 = sum |v_i|^2``; the update equals the
+    same optimizer on ``torch.view_as_real`` of it).
+
     Args:
         params: iterable of parameters or of parameter-group dicts.
         lr: learning rate (default 0.1).

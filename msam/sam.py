@@ -97,6 +97,11 @@ class SAM(Optimizer):
     Gradient accumulation: accumulate micro-batch gradients (loss / k) for the first pass,
     ``first_step(zero_grad=True)``, accumulate again at ``w + e``, ``second_step()``.
 
+    Complex parameters are supported as torch.optim supports them: a complex tensor counts as
+    the pair of its real and imaginary parts (``||v||^2 = sum |v_i|^2``; the update equals the
+    same optimizer on ``torch.view_as_real`` of it); ASAM's scale ``|w|`` is the modulus of each
+    complex weight.
+
     Args:
         params: iterable of parameters or of parameter-group dicts.
         base_optimizer: a torch.optim.Optimizer subclass (default torch.optim.SGD) or one of the

@@ -89,7 +89,8 @@ def _check_optimizer(opt: Mapping[str, Any], path: pathlib.Path, okey: str) -> N
                 raise _malformed(path, where, f"{_describe(st)}; expected a dict")
             for key in DIRECTION_KEYS:
                 if key in st and st[key] is not None and not (
-                        isinstance(st[key], torch.Tensor) and st[key].is_floating_point()):
+                        isinstance(st[key], torch.Tensor)
+                        and (st[key].is_floating_point() or st[key].is_complex())):
                     raise _malformed(path, f"{where}[{key!r}]", f"{_describe(st[key])}; expected a float tensor")
 
 
