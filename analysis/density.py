@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_seed
 from .evaluation import progress_bar
 from .lanczos import lanczos_tridiagonals
 from .operators import LinearOperator, as_linear_operator
@@ -120,6 +121,7 @@ def spectral_density(
     Returns:
         :class:`SpectralDensity` with ``grid``, ``density``, ``nodes`` and ``weights``.
     """
+    seed = check_seed(seed, "spectral_density()")
     if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
                                    or block_size < 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")

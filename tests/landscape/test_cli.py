@@ -625,8 +625,8 @@ def test_tol_top_k_and_m_are_usage_errors_before_any_data_pass(ckpts, capsys, mo
     import landscape.cli as cli
 
     a = str(ckpts / "a.pt")
-    for tol in ("0", "-1e-3", "nan", "inf"):
-        _usage(["hessian", a, *SPEC, "--tol", tol], capsys, f"--tol: expected a finite number > 0, got '{tol}'")
+    for tol in ("0", "-1e-3", "nan", "inf", "1", "2"):  # a relative tolerance: (0, 1)
+        _usage(["hessian", a, *SPEC, "--tol", tol], capsys, f"--tol: expected a number in (0, 1), got '{tol}'")
 
     def no_data_pass(self, model):
         raise AssertionError("a forward pass ran before the option was checked")
