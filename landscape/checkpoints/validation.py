@@ -9,7 +9,9 @@ container, before anything changes (the optimizer half, every optimizer of the f
   every weight an integer bit pattern of about 1e9); refused naming the keys; without a model,
   a file without any floating-point tensor is refused;
 * finiteness: ``inf`` / ``NaN`` in the floating-point tensors that would be loaded are refused
-  naming the keys (a diverged or damaged save would make every analysed number NaN).
+  naming the keys (a diverged or damaged save would make every analysed number NaN); a tensor
+  that the model itself holds with non-finite values (a ``-inf`` attention-mask buffer) is
+  exempt. Without a model every floating-point tensor is checked.
 
 Shapes and key names are checked against the model in
 :mod:`landscape.checkpoints.matching`, also before ``load_state_dict``.
@@ -78,7 +80,10 @@ def validate_tensors(state: Mapping[str, torch.Tensor], model: nn.Module | None,
                 f"{type(model).__name__}: {names_list(shown, 4)}; it is not cast (integer bit "
                 "patterns are not weights); refused. Was the file's dtype header altered or the "
                 "file saved from another model?")
-        loaded = [k for k in state if k in target]
+        # a tensor the model itself holds non-finite (a -inf attention mask buffer) may be so
+        loaded = [k for k in state if k in target and (
+            dtype_class(target[k].dtype) == "integer" or target[k].is_meta
+            or bool(torch.isfinite(target[k]).all()))]
     else:
         if state and not any(dtype_class(v.dtype) != "integer" for v in state.values()):
             kinds = sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})

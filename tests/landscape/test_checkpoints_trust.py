@@ -162,6 +162,29 @@ def test_non_finite_weights_are_refused_naming_the_key(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
 
 
+def test_a_buffer_the_model_itself_holds_non_finite_loads(tmp_path):
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("mask", torch.triu(torch.full((3, 3), float("-inf")), 1))
+
+        def forward(self, x):
+            return self.lin(x) + self.mask
+
+    torch.manual_seed(0)
+    src = Masked()
+    torch.save(src.state_dict(), tmp_path / "masked.pt")
+    dst = Masked()
+    load_checkpoint(tmp_path / "masked.pt", dst)
+    assert torch.equal(dst.lin.weight, src.lin.weight)
+    sd = src.state_dict()
+    sd["lin.bias"][0] = float("inf")
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"non-finite.*lin\.bias"):
+        load_checkpoint(tmp_path / "bad.pt", Masked())
+
+
 def test_model_on_meta_device_is_refused(tmp_path):
     torch.save(mlp(seed=0).state_dict(), tmp_path / "m.pt")
     with torch.device("meta"):
@@ -212,3 +235,40 @@ def test_save_pretrained_folders_that_transformers_loads_load_here(tmp_path, arc
     assert not (ck.missing_keys or ck.unexpected_keys or ck.shape_mismatches)
     for k, v in src.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_cli_lambda_max_of_a_two_optimizer_lightning_checkpoint_is_the_one_at_w(tmp_path, capsys):
+    """Issue 26 item 1 end to end: the CLI used to report lambda_max at w~ (exit 0)."""
+    from analysis.reference import dense_hessian
+    from landscape.cli import main
+    from tests.landscape import cli_fixtures as fx
+
+    model = fx.model()
+    x, y = fx.data()
+    msam = MSAM([*model.inp.parameters(), *model.gate.parameters()], lr=0.1, momentum=0.9, rho=1.0)
+    sgd = torch.optim.SGD([*model.norm.parameters(), *model.head.parameters()], lr=0.1)
+    for _ in range(6):
+        msam.zero_grad()
+        sgd.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        msam.step()
+        sgd.step()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "optimizer_states": [msam.state_dict(), sgd.state_dict()]}, tmp_path / "l.ckpt")
+
+    def top(m):
+        return float(torch.linalg.eigvalsh(dense_hessian(m, "cross_entropy", (x, y)))[-1])
+
+    at_w_tilde = top(model)
+    msam.eval()
+    at_w = top(model)
+    assert abs(at_w - at_w_tilde) > 2e-2 * abs(at_w)
+    js = tmp_path / "s.json"
+    code = main(["sharpness", str(tmp_path / "l.ckpt"), "--model", "tests.landscape.cli_fixtures:model",
+                 "--data", "tests.landscape.cli_fixtures:data", "--metric", "lambda_max", "--quiet",
+                 "--json", str(js)])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads(js.read_text())["checkpoints"][0]
+    assert rec["perturbed"] is True
+    assert rec["metrics"]["lambda_max"] == pytest.approx(at_w, rel=1e-3)  # float32 Lanczos
+    assert rec["metrics"]["lambda_max"] != pytest.approx(at_w_tilde, rel=1e-2)
