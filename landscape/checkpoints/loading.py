@@ -38,7 +38,8 @@ def load_checkpoint(
     Args:
         path: a torch file (read with ``torch.load(weights_only=True)``), a safetensors file, or
             a Hugging Face ``save_pretrained`` folder (``model.safetensors`` or
-            ``pytorch_model.bin``, possibly sharded with ``*.index.json``).
+            ``pytorch_model.bin``, possibly sharded with ``*.index.json``) or Trainer
+            ``checkpoint-N/`` folder (its ``optimizer.pt`` is read too).
         model: if given, the weights are copied into it (``load_state_dict``).
         map_location: where tensors are loaded (default ``"cpu"``).
         strict: with a model, refuse missing / unexpected keys and shape mismatches (all listed
@@ -62,8 +63,20 @@ def load_checkpoint(
         UnsafeCheckpointError: the pickle references code; it was not run.
         CheckpointError: not a regular file or not a checkpoint (says what it looks like),
             corrupt (CRC) or truncated, no weights in it, a malformed or non-finite optimizer
-            state needed to undo MSAM's perturbation, no key matching the model, or (strict)
-            keys / shapes that do not match the model.
+            state needed to undo MSAM's perturbation (any optimizer of the file), several
+            optimizers that cannot be matched to the parameters, no key matching the model,
+            (strict) keys / shapes that do not match the model, integer data for floating-point
+            tensors, non-finite values, or a model / tensors on the meta device.
+
+    Every checkpoint goes through one validation step before anything changes, whatever its
+    container: every optimizer state in it
+    (:func:`landscape.checkpoints.unperturb.check_optimizers`: a Lightning ``.ckpt``'s
+    ``optimizer_states``, a Hugging Face Trainer folder's ``optimizer.pt``), then the tensors
+    (:func:`landscape.checkpoints.validation.validate_tensors`: dtype classes, finiteness, the
+    meta device), the tied weights and the keys and shapes; only then are MSAM's weights moved
+    back (every perturbed optimizer, :func:`landscape.checkpoints.unperturb.move_back_all`) and
+    loaded. A ``transformers`` model gets transformers' own key renaming first
+    (:func:`landscape.checkpoints.transformers_keys.transformers_key_renames`).
     """
     path = pathlib.Path(path)
     if model is not None and not isinstance(model, nn.Module):
