@@ -5,7 +5,9 @@ container, before anything changes (the optimizer half, every optimizer of the f
 * the meta device: a model whose tensors are on ``meta`` has no storage, so ``load_state_dict``
   would "succeed" and load nothing; tensors read to ``map_location="meta"`` hold no values;
 * dtype classes: integer (or boolean) data is never cast into floating-point parameters, and
-  real data never into complex ones (a safetensors header that relabels ``F32`` as ``I32`` makes
+  real data never into complex ones (floating-point whole numbers into an integer buffer, such
+  as ``num_batches_tracked`` of a state dict converted wholesale to ``float16``, is exact and
+  allowed) (a safetensors header that relabels ``F32`` as ``I32`` makes
   every weight an integer bit pattern of about 1e9); refused naming the keys; without a model,
   a file without any floating-point tensor is refused;
 * finiteness: ``inf`` / ``NaN`` in the floating-point tensors that would be loaded are refused
@@ -41,6 +43,14 @@ def dtype_class(dtype: torch.dtype) -> str:
     return "integer"
 
 
+def _exact_integers(value: torch.Tensor, target: torch.Tensor) -> bool:
+    """Floating-point data of whole numbers for an integer tensor (``num_batches_tracked`` of a
+    state dict converted wholesale to half precision): the cast is exact, so allowed."""
+    return (dtype_class(value.dtype) == "floating" and dtype_class(target.dtype) == "integer"
+            and target.dtype != torch.bool and bool(torch.isfinite(value).all())
+            and torch.equal(value, value.round()))
+
+
 def validate_tensors(state: Mapping[str, torch.Tensor], model: nn.Module | None,
                      path: pathlib.Path) -> None:
     """Refuse a checkpoint whose tensors must not be loaded (see the module docstring).
@@ -70,7 +80,8 @@ def validate_tensors(state: Mapping[str, torch.Tensor], model: nn.Module | None,
     if model is not None:
         target = model.state_dict()
         changed = [(k, v.dtype, target[k].dtype) for k, v in state.items()
-                   if k in target and dtype_class(v.dtype) != dtype_class(target[k].dtype)]
+                   if k in target and dtype_class(v.dtype) != dtype_class(target[k].dtype)
+                   and not _exact_integers(v, target[k])]
         if changed:
             shown = [f"{k} ({str(a).removeprefix('torch.')} in the file, "
                      f"{str(b).removeprefix('torch.')} in the model)" for k, a, b in changed]

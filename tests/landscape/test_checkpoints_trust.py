@@ -149,6 +149,15 @@ def test_integer_buffers_still_load(tmp_path):
     dst = cnn_bn(seed=1)
     load_checkpoint(tmp_path / "bn.pt", dst)  # num_batches_tracked is int64 in both
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    # a state dict converted wholesale to float: the counter's whole numbers cast back exactly
+    torch.save({k: v.double() for k, v in src.state_dict().items()}, tmp_path / "all_float.pt")
+    load_checkpoint(tmp_path / "all_float.pt", cnn_bn(seed=2))
+    sd = {k: v.double() for k, v in src.state_dict().items()}
+    key = next(k for k in sd if k.endswith("num_batches_tracked"))
+    sd[key] = sd[key] + 0.5  # not a whole number: the cast would change it
+    torch.save(sd, tmp_path / "half_count.pt")
+    with pytest.raises(CheckpointError, match="num_batches_tracked"):
+        load_checkpoint(tmp_path / "half_count.pt", cnn_bn(seed=2))
 
 
 def test_non_finite_weights_are_refused_naming_the_key(tmp_path):
