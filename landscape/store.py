@@ -290,6 +290,7 @@ class GridStore:
     ):
         self._lock: str | None = None
         self._closed = False
+        self._merge = bool(resume) and not overwrite
         self.writer = bool(writer)
         self.fingerprint = _normalize_fp(fingerprint)
         self.xs = np.asarray(xs, dtype=np.float64)
@@ -482,6 +483,7 @@ class GridStore:
             return
         self._check_open()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._merge_finished_rows()
         arrays: dict[str, Any] = {
             "format": np.array(_FORMAT),
             "fingerprint": np.array(_canonical(self.fingerprint)),
@@ -496,6 +498,23 @@ class GridStore:
             arrays[f"extra_{k}"] = np.asarray(v)
         with atomic_write(self.path, "wb") as f:
             np.savez(f, **arrays)
+
+    def _merge_finished_rows(self) -> None:
+        """Keep the rows another store of this process (sharing the lock) finished in the file
+        since this one was opened: finished rows never regress. Resumed stores only (a store
+        opened with ``resume=False`` or ``overwrite=True`` recomputes every row)."""
+        if not (self._merge and self.path.exists()):
+            return
+        done, values, extra = self.done.copy(), {k: v.copy() for k, v in self.values.items()}, dict(self.extra)
+        try:
+            self._check_and_load(resume=True)
+        except StoreMismatchError:  # damaged or another grid: this store's rows replace it
+            self.done, self.values, self.extra = done, values, extra
+            return
+        for m in self.metrics:
+            self.values[m] = np.where(done[:, None], values[m], self.values[m])
+        self.done = done | self.done
+        self.extra.update(extra)
 
     def __repr__(self) -> str:
         return (

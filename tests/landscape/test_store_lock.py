@@ -187,3 +187,21 @@ def test_slice_2d_releases_the_store_lock_also_after_an_interrupt(tmp_path):
     out = slice_2d(model, loss, (x, y), *d, xs=[0.0, 1.0, 2.0],
                    ys=[0.0, 1.0], store=tmp_path / "g.npz", progress=False)
     assert out.resumed_rows >= 1 and not (tmp_path / "g.npz.lock").exists()
+
+
+def test_two_stores_of_one_process_never_regress_each_others_rows(tmp_path):
+    args = ({"kind": "x"}, [0.0, 1.0, 2.0], [0.0], ["loss"])
+    a = GridStore(tmp_path / "g.npz", *args)
+    b = GridStore(tmp_path / "g.npz", *args)  # opened before a wrote anything
+    a.write_row(0, {"loss": np.zeros(1)})
+    b.write_row(1, {"loss": np.ones(1)})  # must not drop a's row 0
+    a.write_row(2, {"loss": np.full(1, 2.0)})  # must not drop b's row 1
+    a.close()
+    b.close()
+    with GridStore(tmp_path / "g.npz", *args) as c:
+        assert c.complete
+        np.testing.assert_array_equal(c.values["loss"][:, 0], [0.0, 1.0, 2.0])
+    with GridStore(tmp_path / "g.npz", *args, resume=False) as d:  # recompute: no merge
+        d.write_row(0, {"loss": np.full(1, 5.0)})
+    with GridStore(tmp_path / "g.npz", *args) as e:
+        assert e.pending_rows() == [1, 2]
