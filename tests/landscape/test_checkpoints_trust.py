@@ -230,14 +230,18 @@ def _hf_models():
     }
 
 
-@pytest.mark.parametrize("arch", ["vit", "gpt2", "llama", "bert"])
+@pytest.mark.parametrize("arch", ["vit", "vit-sharded", "gpt2", "llama", "bert"])
 def test_save_pretrained_folders_that_transformers_loads_load_here(tmp_path, arch):
-    make = _hf_models()[arch]
+    make = _hf_models()[arch.split("-")[0]]
     torch.manual_seed(0)
     src = make()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        src.save_pretrained(tmp_path / arch)
+        src.save_pretrained(tmp_path / arch, **({"max_shard_size": "1KB"} if "sharded" in arch else {}))
+    assert ("sharded" in arch) == (tmp_path / arch / "model.safetensors.index.json").exists()
+    with warnings.catch_warnings():  # transformers itself loads it
+        warnings.simplefilter("ignore")
+        type(src).from_pretrained(tmp_path / arch)
     torch.manual_seed(1)
     dst = make()
     ck = load_checkpoint(tmp_path / arch, dst)
