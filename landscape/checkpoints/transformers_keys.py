@@ -52,7 +52,10 @@ def transformers_key_renames(keys: Iterable[str], model: nn.Module | None,
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    transforms = get_model_conversion_mapping(model)
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # a custom model transformers has no mapping for: keys as they are
+        return {}
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     renames: dict[str, str] = {}

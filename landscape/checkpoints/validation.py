@@ -51,6 +51,22 @@ def _exact_integers(value: torch.Tensor, target: torch.Tensor) -> bool:
             and torch.equal(value, value.round()))
 
 
+def _count_nonfinite(t: torch.Tensor) -> int:
+    """The number of inf/NaN entries of a floating or complex tensor (sparse: its stored values;
+    types without ``isfinite`` such as float8 are checked in float32)."""
+    if t.layout == torch.sparse_coo:
+        t = t.coalesce().values()
+    elif t.layout != torch.strided:
+        t = t.values()
+    if not t.numel():
+        return 0
+    try:
+        finite = torch.isfinite(t)
+    except (NotImplementedError, RuntimeError):
+        finite = torch.isfinite(t.to(torch.complex64 if t.is_complex() else torch.float32))
+    return int((~finite).sum())
+
+
 def validate_tensors(state: Mapping[str, torch.Tensor], model: nn.Module | None,
                      path: pathlib.Path) -> None:
     """Refuse a checkpoint whose tensors must not be loaded (see the module docstring).
@@ -102,11 +118,10 @@ def validate_tensors(state: Mapping[str, torch.Tensor], model: nn.Module | None,
                 f"{path} holds no floating-point tensors (only {', '.join(kinds)}: "
                 f"{names_list(list(state), 4)}); integer data are not weights; refused")
         loaded = list(state)
-    bad = [k for k in loaded if dtype_class(state[k].dtype) != "integer" and state[k].numel()
-           and not bool(torch.isfinite(state[k]).all())]
-    if bad:
-        counts = [f"{k} ({int((~torch.isfinite(state[k])).sum())} of {state[k].numel()} values)"
-                  for k in bad]
+    nonfinite = {k: n for k in loaded if dtype_class(state[k].dtype) != "integer"
+                 and (n := _count_nonfinite(state[k]))}
+    if nonfinite:
+        counts = [f"{k} ({n} of {state[k].numel()} values)" for k, n in nonfinite.items()]
         raise CheckpointError(
             f"{path} holds non-finite values (inf or NaN) in {names_list(counts, 4)}; every "
             "number computed from it would be NaN; refused")

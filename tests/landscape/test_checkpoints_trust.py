@@ -171,6 +171,18 @@ def test_non_finite_weights_are_refused_naming_the_key(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
 
 
+@pytest.mark.parametrize("layout", ["float8", "sparse"])
+def test_non_finite_check_handles_float8_and_sparse_tensors(tmp_path, layout):
+    from landscape.checkpoints.validation import validate_tensors
+
+    t = torch.tensor([1.0, float("nan"), 0.0, 2.0])
+    t = t.to(torch.float8_e4m3fn) if layout == "float8" else t.to_sparse()
+    with pytest.raises(CheckpointError, match=r"non-finite .*w \(1 of 4 values\)"):
+        validate_tensors({"w": t}, None, tmp_path / "x.pt")
+    ok = torch.ones(4).to(torch.float8_e4m3fn) if layout == "float8" else torch.ones(4).to_sparse()
+    validate_tensors({"w": ok}, None, tmp_path / "x.pt")
+
+
 def test_a_buffer_the_model_itself_holds_non_finite_loads(tmp_path):
     class Masked(nn.Module):
         def __init__(self):
