@@ -291,6 +291,9 @@ class GridStore:
         self._lock: str | None = None
         self._closed = False
         self._merge = bool(resume) and not overwrite
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not (
+                0 <= lock_timeout < float("inf")):
+            raise ValueError(f"lock_timeout must be a finite number of seconds >= 0, got {lock_timeout!r}")
         self.writer = bool(writer)
         self.fingerprint = _normalize_fp(fingerprint)
         self.xs = np.asarray(xs, dtype=np.float64)

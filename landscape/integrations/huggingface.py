@@ -83,6 +83,8 @@ class MSAMTrainerCallback(TrainerCallback):
         """Wrap ``trainer.train`` so that any exception (Ctrl-C included) leaves the parameters
         at ``w``; adds this callback to ``trainer`` if it is not there. Idempotent; returns
         ``trainer``. Done automatically for a callback given as ``Trainer(callbacks=[...])``."""
+        if not callable(getattr(trainer, "train", None)) or not hasattr(trainer, "add_callback"):
+            raise TypeError(f"guard() expects a transformers Trainer, got {type(trainer).__name__}")
         handler = getattr(trainer, "callback_handler", None)
         if handler is not None and all(c is not self for c in handler.callbacks):
             trainer.add_callback(self)

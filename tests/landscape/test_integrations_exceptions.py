@@ -177,3 +177,11 @@ def test_huggingface_tracker_failure_names_the_tracker(tmp_path):
     model = _HFNet(fail_at=-1, error=None)
     with pytest.raises(RuntimeError, match=r"tracker .*BrokenTracker.* failed at step 1: ValueError: bad batch"):
         _hf_train(tmp_path, model, MSAMTrainerCallback(tracker=BrokenTracker()))
+
+
+def test_huggingface_guard_refuses_what_is_not_a_trainer():
+    pytest.importorskip("transformers")
+    from landscape.integrations.huggingface import MSAMTrainerCallback
+
+    with pytest.raises(TypeError, match="guard\\(\\) expects a transformers Trainer, got int"):
+        MSAMTrainerCallback().guard(3)

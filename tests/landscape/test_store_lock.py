@@ -205,3 +205,10 @@ def test_two_stores_of_one_process_never_regress_each_others_rows(tmp_path):
         d.write_row(0, {"loss": np.full(1, 5.0)})
     with GridStore(tmp_path / "g.npz", *args) as e:
         assert e.pending_rows() == [1, 2]
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), "5", True])
+def test_bad_lock_timeout_is_refused_before_anything(tmp_path, bad):
+    with pytest.raises(ValueError, match="lock_timeout must be a finite number"):
+        GridStore(tmp_path / "sub" / "g.npz", {"kind": "x"}, [0.0], [0.0], ["loss"], lock_timeout=bad)
+    assert not (tmp_path / "sub").exists()
