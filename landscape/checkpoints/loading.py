@@ -13,7 +13,7 @@ from .formats import _load_file, _load_folder, _strip_prefixes
 from .matching import _compare_with_model, _refuse_untied, _select_prefix
 from .result import Checkpoint, PerturbedCheckpointWarning
 from .transformers_keys import transformers_key_renames
-from .unperturb import check_optimizers, move_back_all, perturbed_optimizers
+from .unperturb import check_optimizers, move_back_all, perturbed_states
 from .validation import validate_tensors
 
 __all__ = ["load_checkpoint"]
@@ -98,12 +98,12 @@ def load_checkpoint(
     if model is not None:
         _refuse_untied(state, model, path)  # before the move-back writes one value to all twins
     # 3. move MSAM's weights back (every perturbed optimizer), 4. load
-    perturbed = bool(perturbed_optimizers(optimizers))
+    perturbed = bool(perturbed_states(optimizers))
     unperturbed = False
     if perturbed and unperturb:
         state = move_back_all(state, optimizers, model, path)
         unperturbed = True
-    opt_state = next((o for _, o in perturbed_optimizers(optimizers)),
+    opt_state = next((o for _, o in perturbed_states(optimizers)),
                      optimizers[0][1] if optimizers else None)
 
     missing: list[str] = []

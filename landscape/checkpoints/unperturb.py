@@ -209,15 +209,26 @@ def _match_optimizer_params(
 def check_optimizers(optimizers: list[tuple[str, Mapping[str, Any]]], path: pathlib.Path) -> None:
     """Refuse, before anything changes, any optimizer state of the file that the loader cannot
     read (naming its key, e.g. ``optimizer_states[1]['param_groups']``) or that was saved
-    between SAM's two passes. Every optimizer of the file is checked, not only the first."""
+    between SAM's two passes. Every optimizer of the file is checked, not only the first.
+
+    Args:
+        optimizers: ``(key, state_dict)`` pairs, the key as named in the file
+            (``"optimizer"``, ``"optimizer_states[1]"``, ``"optimizer.pt"``).
+        path: the checkpoint (named in the errors).
+
+    Raises:
+        CheckpointError: a malformed entry (naming it), or a SAM state saved at ``w + e``.
+    """
     for okey, opt in optimizers:
         _check_optimizer(opt, path, okey)
     for _, opt in optimizers:
         _refuse_sam_ascent(opt, path)
 
 
-def perturbed_optimizers(optimizers: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[str, Mapping[str, Any]]]:
-    """The ``(key, state)`` pairs whose state says the weights were saved perturbed."""
+def perturbed_states(optimizers: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The ``(key, state)`` pairs of ``optimizers`` whose state says the weights were saved at a
+    perturbed point (the ``perturbed`` flag MSAM's ``state_dict`` writes, or a group's flag);
+    assumes :func:`check_optimizers` accepted them."""
     return [(k, o) for k, o in optimizers if o and _perturbed_flag(o)]
 
 
@@ -244,8 +255,22 @@ def move_back_all(
     ``configure_optimizers`` order, each built from ``sub_module.parameters()``), with every
     direction buffer's shape checked against the parameter it is matched to. Anything else is
     refused naming the optimizer's key, since a wrong match would move the wrong weights.
+
+    Args:
+        state: the checkpoint's tensors (keys matched to ``model``).
+        optimizers: every ``(key, state_dict)`` of the file, in the file's order.
+        model: the model they are loaded into (its parameter names), or ``None`` (the floating
+            tensors of ``state`` in order).
+        path: the checkpoint (named in the errors).
+
+    Returns:
+        A new dict with the moved-back weights (``state`` itself when nothing is perturbed).
+
+    Raises:
+        CheckpointError: an optimizer that cannot be matched to the parameters, or move-back
+            data that is malformed, non-finite or would overflow (naming the entry).
     """
-    perturbed = perturbed_optimizers(optimizers)
+    perturbed = perturbed_states(optimizers)
     if not perturbed:
         return state
     if len(optimizers) == 1:
