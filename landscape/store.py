@@ -346,8 +346,10 @@ class GridStore:
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:  # no contextlib here: module globals may be gone at interpreter shutdown
             self.close()
+        except Exception:
+            pass
 
     def _remove_stale_temporaries(self) -> None:
         remove_stale_temporaries(self.path)
