@@ -297,3 +297,31 @@ def test_cli_lambda_max_of_a_two_optimizer_lightning_checkpoint_is_the_one_at_w(
     assert rec["perturbed"] is True
     assert rec["metrics"]["lambda_max"] == pytest.approx(at_w, rel=1e-3)  # float32 Lanczos
     assert rec["metrics"]["lambda_max"] != pytest.approx(at_w_tilde, rel=1e-2)
+
+
+def test_cli_on_a_trainer_output_folder_computes_every_checkpoint_at_w(tmp_path, capsys):
+    """Issue 26 item 2 end to end: ``landscape sharpness OUT`` on a Trainer output folder."""
+    from analysis.evaluation import evaluate
+    from landscape.cli import main
+    from tests.landscape import cli_fixtures as fx
+
+    model = fx.model()
+    x, y = fx.data()
+    opt = MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=1.0)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    out = tmp_path / "out"
+    _trainer_checkpoint(out / "checkpoint-4", model, opt, 4)  # saved at w~
+    (out / "runs").mkdir()  # what else a Trainer writes there: ignored
+    (out / "README.md").write_text("model card")
+    opt.eval()
+    ref = evaluate(model, "cross_entropy", (x, y)).loss
+    js = tmp_path / "s.json"
+    code = main(["sharpness", str(out), "--model", "tests.landscape.cli_fixtures:model", "--data",
+                 "tests.landscape.cli_fixtures:data", "--metric", "lambda_max", "--quiet", "--json", str(js)])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads(js.read_text())["checkpoints"]
+    assert [r["checkpoint"] for r in rec] == [str(out / "checkpoint-4")]
+    assert rec[0]["perturbed"] is True and rec[0]["loss"] == pytest.approx(ref, rel=1e-6)
