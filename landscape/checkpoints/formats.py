@@ -64,6 +64,10 @@ def _split(obj: Any, path: pathlib.Path) -> tuple[dict, list[tuple[str, dict]], 
             optimizers = [(okey, dict(obj[okey]))] if okey else []
             # PyTorch Lightning: "optimizer_states" is a list, one state_dict per optimizer
             states = obj.get("optimizer_states")
+            if not okey and states is not None and not isinstance(states, (list, tuple)):
+                raise CheckpointError(
+                    f"{path}: malformed optimizer state: optimizer_states is a "
+                    f"{type(states).__name__}, expected a list of optimizer state dicts")
             lightning = not okey and isinstance(states, (list, tuple))
             if lightning:
                 for i, opt in enumerate(states):
@@ -118,7 +122,9 @@ def _trainer_optimizer(path: pathlib.Path, map_location: Any, allow_pickle: bool
     file = path / TRAINER_OPTIMIZER_FILE
     if not os.path.lexists(file):
         return []
-    _regular_file(file)
+    if checkpoint_format(file) != "torch":
+        raise CheckpointError(f"{file} is not an optimizer state saved by torch.save (it is a "
+                              f"{checkpoint_format(file)} file)")
     obj = _torch_object(file, map_location, allow_pickle)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{file}: malformed optimizer state: a {type(obj).__name__}, expected "

@@ -108,6 +108,20 @@ def test_hf_trainer_checkpoint_folder_saved_perturbed_is_moved_back(tmp_path):
     assert find_checkpoints([out]) == [out / "checkpoint-4", out / "checkpoint-10"]
 
 
+def test_malformed_optimizer_containers_are_refused_naming_them(tmp_path):
+    sd = mlp(seed=0).state_dict()
+    torch.save({"state_dict": sd, "optimizer_states": {"a": 1}}, tmp_path / "c.ckpt")
+    with pytest.raises(CheckpointError, match="optimizer_states is a dict, expected a list"):
+        load_checkpoint(tmp_path / "c.ckpt", mlp(seed=1))
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(sd, folder / "model.safetensors")
+    save_file(sd, folder / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="optimizer.pt is not an optimizer state saved by "
+                                              "torch.save .it is a safetensors file"):
+        load_checkpoint(folder, mlp(seed=1))
+
+
 def _relabel_safetensors(path, dtype_code):
     blob = path.read_bytes()
     n = struct.unpack("<Q", blob[:8])[0]
