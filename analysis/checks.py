@@ -46,6 +46,7 @@ __all__ = [
     "active_dropout",
     "check_first_batch",
     "check_repeatable_forward",
+    "check_seed",
 ]
 
 #: At most this many samples of the first batch are used by the checks.
@@ -70,6 +71,16 @@ def _head(obj: Any, k: int) -> Any:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def check_seed(seed: Any, where: str) -> int:
+    """``seed`` as an int; ``TypeError`` naming ``where`` and the value for anything that is not
+    an integer (a string, a float, a bool), before anything is computed."""
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{where}: seed must be an integer, got {type(seed).__name__} {seed!r}")
+    return int(seed)
 
 
 def active_dropout(model: nn.Module, mode: str | None) -> list[str]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_seed
 from .data import Data
 from .evaluation import progress_bar
 from .krylov import lanczos_tridiagonals
@@ -123,6 +124,7 @@ def spectral_density(
     Returns:
         :class:`SpectralDensity` with ``grid``, ``density``, ``nodes`` and ``weights``.
     """
+    seed = check_seed(seed, "spectral_density()")
     if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
                                    or block_size < 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")

@@ -16,7 +16,7 @@ from . import distributed as dist
 from .data import Data, as_data, to_device
 from .losses import CausalLMLoss, LossFn, LossSpec, ModelLoss, OutputLoss, logits_of, loss_terms
 from .results import Result
-from .target_checks import check_targets
+from .target_checks import check_targets, describe
 
 with warnings.catch_warnings():  # widget bars in Jupyter; text bars (and no warning) elsewhere
     warnings.simplefilter("ignore")  # or when ipywidgets is missing
@@ -175,6 +175,12 @@ class EvalResult(Result):
 
 
 @torch.no_grad()
+def _batch_error(what: str, index: int, details: str, err: BaseException) -> ValueError:
+    text = str(err).strip().splitlines()
+    return ValueError(f"evaluate(): {what} failed on batch {index} ({details}): "
+                      f"{type(err).__name__}: {text[0] if text else ''}")
+
+
 def evaluate(
     model: nn.Module,
     loss_fn: LossSpec,
@@ -213,9 +219,17 @@ def evaluate(
     Raises:
         TypeError, ValueError: targets of the first batch that do not fit a built-in loss (see
             :func:`analysis.target_checks.check_targets`), a loss that is not a scalar.
+        ValueError: parameters on the meta device; a forward pass or a loss that fails on any
+            batch (integer inputs, a wrong input shape, class labels out of range in a later
+            batch), naming the batch and its shapes and dtypes, the original error chained.
     """
     loss_fn = resolve_loss(loss_fn)
     source = as_data(data, batch_size=batch_size)
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ValueError(f"evaluate(): the model's parameters are on the meta device (no values), "
+                         f"e.g. {meta[0]!r}; materialize them first (model.to_empty(device=...) "
+                         "and load a state dict)")
     device, dtype = model_device_dtype(model)
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # sum N_b*L, correct, n, N
     has_acc = True
@@ -225,11 +239,19 @@ def evaluate(
         for batch in progress_bar(source, enabled=progress, desc="evaluate", unit="batch"):
             x = to_device(batch.inputs, device, dtype)
             y = to_device(batch.targets, device, dtype)
-            out = forward(model, x)
+            try:
+                out = forward(model, x)
+            except Exception as err:  # integer inputs, a wrong shape: one line naming the batch
+                raise _batch_error("the forward pass", batch.index, f"inputs {describe(x)}; model "
+                                   f"parameters {str(dtype).removeprefix('torch.')}", err) from err
             if first:  # targets that do not fit a built-in loss fail in one line
                 check_targets(loss_fn, out, y, y, batch.index, "evaluate()")
                 first = False
-            loss = loss_fn(out, y)
+            try:
+                loss = loss_fn(out, y)
+            except Exception as err:  # e.g. class labels out of range in a later batch
+                raise _batch_error("the loss", batch.index,
+                                   f"outputs {describe(out)}, targets {describe(y)}", err) from err
             if loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
             terms = loss_terms(loss_fn, x, y, batch.size)

@@ -117,6 +117,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_seed
 from .data import Data
 from .evaluation import progress_bar
 from .krylov import (
@@ -266,7 +267,7 @@ def top_eigenpairs(
         ValueError: for ``k`` outside ``[1, n]``, an unknown ``which``, a bad ``tol``, or a
             ``max_basis`` too small for ``k``.
     """
-
+    seed = check_seed(seed, "top_eigenpairs()")
     op = as_linear_operator(model_or_op, loss_fn, data, **operator_kwargs)
     n, max_basis, max_iter = _check_arguments(op, k, which, tol, max_iter, max_basis)
     if reorth not in ("partial", "full"):

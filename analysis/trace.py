@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_seed
 from .data import Data
 from .evaluation import progress_bar
 from .krylov import dot64
@@ -155,7 +156,14 @@ def _orthonormalize(Y: torch.Tensor, b: int, gen) -> None:
             if c0:
                 P = Y[:, :c0]
                 Yb -= P @ (P.T @ Yb)
-            Yb.copy_(torch.linalg.qr(Yb)[0])
+            Yb.copy_(_orthonormal(Yb))
+
+
+def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
+    """The Q factor of ``Y``; half precision is factored in float32 (no half QR on the CPU)."""
+    if Y.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.qr(Y.float())[0].to(Y.dtype)
+    return torch.linalg.qr(Y)[0]
 
 
 def _hutchpp(apply, n: int, k: int, b: int, gen, device, dtype) -> tuple[float, torch.Tensor]:
@@ -216,6 +224,7 @@ def hessian_trace(
     Raises:
         ValueError: for an unknown method, too small a budget or a bad ``block_size``.
     """
+    seed = check_seed(seed, "hessian_trace()")
     if method not in ("hutch++", "hutchinson"):
         hint = (" (a product method: pass HessianOperator(model, loss_fn, data, method=...) "
                 "as op)" if method in ("auto", "forward-over-reverse", "double-backward",

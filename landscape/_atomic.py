@@ -45,7 +45,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(p), suffix=".tmp", dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(p), suffix=".tmp", dir=parent)
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write {p}: {err.strerror or err}", str(p)) from err
     os.close(fd)
     try:
         yield Path(tmp)
@@ -53,6 +56,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
         os.replace(tmp, p)
+    except OSError as err:  # a full disk, a quota: the message names the file being written
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if str(p) in str(err):
+            raise
+        raise type(err)(err.errno, f"cannot write {p}: {err.strerror or err} (nothing was "
+                        "changed: the previous file, if any, is intact)", str(p)) from err
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -70,7 +80,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: str | No
 
     Raises:
         ValueError: ``mode`` is not ``"w"`` or ``"wb"``.
-        OSError: the directory cannot be written (nothing is left behind).
+        OSError: the directory cannot be written, or the disk is full (the message names
+            ``path``; nothing is left behind and an existing file is intact).
 
     Example::
 

@@ -15,14 +15,30 @@ saved ``w`` at every point), the resumed grid equals an uninterrupted one bit fo
 
 ``path`` may be a file (``"grid.npz"``) or a directory: in a directory each fingerprint gets its
 own file ``landscape-<hash>.npz``, so different grids can share one folder.
+
+Lock protocol: a writer store holds an exclusive lock on ``<file>.lock`` (``fcntl.flock`` on
+POSIX, ``msvcrt.locking`` on Windows) from opening until :meth:`GridStore.close` (or the end of
+its ``with`` block, or its garbage collection); the lock file records the holder's process id,
+host and start time. Everything that touches the file happens under the lock: reading the
+finished rows, removing the temporary files a killed writer left, and every atomic rewrite. So
+opening a store never deletes another process's in-flight temporary file, two processes never
+write one store at once (the finished rows of one can never be replaced by the other's older
+copy), and a second writer gets :class:`StoreLockedError` naming the holder, or waits for it
+with ``lock_timeout=`` seconds (then reads the rows the holder finished). The operating system
+drops the lock of a process that dies, so a killed run never blocks the next one. Within one
+process, stores of the same file share the lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import os
+import socket
+import sys
+import time
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +53,7 @@ __all__ = [
     "GridStore",
     "StoreMismatchError",
     "StoreCorruptError",
+    "StoreLockedError",
     "tensor_hash",
     "tensors_hash",
     "fingerprint_hash",
@@ -57,6 +74,110 @@ class StoreCorruptError(StoreMismatchError):
     message names the file, what is wrong, and how to start over (delete the file, or pass
     ``overwrite=True`` / ``landscape slice --restart``).
     """
+
+
+class StoreLockedError(RuntimeError):
+    """Another process is writing the store (its process id, host and start time are named);
+    nothing was read, removed or written. Wait for it, pass ``lock_timeout=`` to wait, or use
+    another path."""
+
+
+# the locks this process holds: lock file -> [open file, number of stores sharing it]
+_HELD: dict[str, list] = {}
+
+
+def _try_lock(fh: Any) -> bool:
+    if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+        import msvcrt
+
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    import fcntl
+
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        info = json.loads(lock_path.read_text(encoding="utf-8") or "{}")
+        return f"process {info['pid']} on {info['host']} (since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def acquire_store_lock(store_path: Path, timeout: float = 0.0) -> tuple[str, bool]:
+    """Take the writer lock of the store file ``store_path``; ``(key, first)`` where ``first``
+    says no other store of this process held it (so nobody can be writing the file now).
+
+    Raises:
+        StoreLockedError: another process holds it and ``timeout`` seconds passed.
+        OSError: the lock file cannot be created (an unwritable folder), naming it.
+    """
+    lock_path = store_path.with_name(store_path.name + ".lock")
+    key = os.path.realpath(lock_path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key, False
+    deadline = time.monotonic() + max(float(timeout), 0.0)
+    while True:
+        try:
+            fh = open(lock_path, "a+", encoding="utf-8")  # never truncates another holder's record
+        except OSError as err:
+            raise type(err)(err.errno, f"cannot create the store's lock file {lock_path} "
+                            f"({err.strerror or err}); choose a writable folder") from None
+        try:
+            if _try_lock(fh):
+                if _same_file(fh, lock_path):
+                    break
+                fh.close()  # the holder removed that lock file as it released it: take a new one
+                continue
+            if time.monotonic() >= deadline:
+                waited = f" after waiting {timeout:g} s" if timeout else ""
+                raise StoreLockedError(
+                    f"the landscape store {store_path} is being written by {_holder(lock_path)}"
+                    f"{waited} (lock file {lock_path}); nothing was read or changed. Wait for "
+                    "it to finish, pass lock_timeout= to wait, or use another path")
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()
+        time.sleep(0.05)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "since": datetime.datetime.now().isoformat(timespec="seconds")}))
+    fh.flush()
+    _HELD[key] = [fh, 1, lock_path]
+    return key, True
+
+
+def _same_file(fh: Any, path: Path) -> bool:
+    """The locked open file is still the one at ``path`` (not unlinked by a releasing holder)."""
+    try:
+        a, b = os.fstat(fh.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def release_store_lock(key: str) -> None:
+    """Release one store's share of a lock from :func:`acquire_store_lock`."""
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _HELD[key]
+        with contextlib.suppress(OSError):  # a waiter that opened it re-checks, see _same_file
+            os.unlink(held[2])
+        held[0].close()  # closing the file drops the lock
 
 
 def _first_line(exc: BaseException) -> str:
@@ -139,14 +260,19 @@ class GridStore:
             :meth:`adopt`.
         overwrite: ignore an existing file (damaged, or written with other arguments) and
             start over; it is replaced when the first row is saved.
+        lock_timeout: seconds a writer waits for another process that writes the same store
+            (default 0: :class:`StoreLockedError` at once, naming the holder).
 
-    Opening a writer store removes the temporary files a killed run left beside the file
-    (``.<name>.*.tmp``, and ``<name>.*.tmp`` of older versions).
+    A writer store holds the store's lock (see the module docstring) until :meth:`close`; use
+    it as a context manager. Once it holds the lock, it removes the temporary files a killed
+    run left beside the file (``.<name>.*.tmp``, and ``<name>.*.tmp`` of older versions).
 
     Raises:
         StoreMismatchError: the file exists with another fingerprint or grid (nothing written).
         StoreCorruptError: the file is damaged or not a landscape store (nothing written); the
             message says how to start over.
+        StoreLockedError: another process writes the store (named; nothing read or changed).
+        OSError: the folder cannot be written (raised here, not at the first row).
     """
 
     def __init__(
@@ -160,7 +286,14 @@ class GridStore:
         resume: bool = True,
         writer: bool = True,
         overwrite: bool = False,
+        lock_timeout: float = 0.0,
     ):
+        self._lock: str | None = None
+        self._closed = False
+        self._merge = bool(resume) and not overwrite
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not (
+                0 <= lock_timeout < float("inf")):
+            raise ValueError(f"lock_timeout must be a finite number of seconds >= 0, got {lock_timeout!r}")
         self.writer = bool(writer)
         self.fingerprint = _normalize_fp(fingerprint)
         self.xs = np.asarray(xs, dtype=np.float64)
@@ -179,10 +312,44 @@ class GridStore:
         self.values = {m: np.full(shape, np.nan) for m in self.metrics}
         self.done = np.zeros(shape[0], dtype=bool)
         self.extra: dict[str, Any] = {}
-        if self.writer:
-            self._remove_stale_temporaries()
-        if self.writer and self.path.exists() and not overwrite:
-            self._check_and_load(resume)
+        if not self.writer:
+            return
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise NotADirectoryError(20, f"the store's folder {self.path.parent} is a file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock, first = acquire_store_lock(self.path, lock_timeout)
+        try:
+            if first:  # no store of this process writes it, and the lock keeps others out
+                self._remove_stale_temporaries()
+            if self.path.exists() and not overwrite:
+                self._check_and_load(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_open(self) -> None:
+        if self.writer and self._closed:
+            raise ValueError(f"the store {self.path} is closed (its lock was released); open it "
+                             "again to write")
+
+    def close(self) -> None:
+        """Release the store's lock (idempotent); the finished rows stay readable in memory."""
+        self._closed = True
+        if self._lock is not None:
+            release_store_lock(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> GridStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:  # no contextlib here: module globals may be gone at interpreter shutdown
+            self.close()
+        except Exception:
+            pass
 
     def _remove_stale_temporaries(self) -> None:
         remove_stale_temporaries(self.path)
@@ -306,6 +473,7 @@ class GridStore:
 
     def write_row(self, i: int, row: Mapping[str, np.ndarray]) -> None:
         """Record row ``i`` (``{metric: values over ys}``) and save the store atomically."""
+        self._check_open()
         for m in self.metrics:
             v = np.asarray(row[m], dtype=np.float64)
             if v.shape != (len(self.ys),):
@@ -318,7 +486,9 @@ class GridStore:
         """Write the whole store to a temporary file and move it over ``path`` (atomic)."""
         if not self.writer:
             return
+        self._check_open()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._merge_finished_rows()
         arrays: dict[str, Any] = {
             "format": np.array(_FORMAT),
             "fingerprint": np.array(_canonical(self.fingerprint)),
@@ -333,6 +503,23 @@ class GridStore:
             arrays[f"extra_{k}"] = np.asarray(v)
         with atomic_write(self.path, "wb") as f:
             np.savez(f, **arrays)
+
+    def _merge_finished_rows(self) -> None:
+        """Keep the rows another store of this process (sharing the lock) finished in the file
+        since this one was opened: finished rows never regress. Resumed stores only (a store
+        opened with ``resume=False`` or ``overwrite=True`` recomputes every row)."""
+        if not (self._merge and self.path.exists()):
+            return
+        done, values, extra = self.done.copy(), {k: v.copy() for k, v in self.values.items()}, dict(self.extra)
+        try:
+            self._check_and_load(resume=True)
+        except StoreMismatchError:  # damaged or another grid: this store's rows replace it
+            self.done, self.values, self.extra = done, values, extra
+            return
+        for m in self.metrics:
+            self.values[m] = np.where(done[:, None], values[m], self.values[m])
+        self.done = done | self.done
+        self.extra.update(extra)
 
     def __repr__(self) -> str:
         return (

@@ -131,7 +131,8 @@ def _plain_norm(dirs: list[Tensor], norm_dtype: torch.dtype, *, foreach: bool) -
         if foreach and dtype == norm_dtype:
             norms = torch._foreach_norm(ds)
         else:
-            norms = [torch.linalg.vector_norm(d, dtype=norm_dtype) for d in ds]
+            norms = [torch.linalg.vector_norm(torch.view_as_real(d) if d.is_complex() else d,
+                                              dtype=norm_dtype) for d in ds]
         parts.append(torch.stack(norms).to(device=device, dtype=norm_dtype, non_blocking=True))
     flat = parts[0] if len(parts) == 1 else torch.cat(parts)
     return torch.linalg.vector_norm(flat)
@@ -141,7 +142,10 @@ def global_norm(dirs: list[Tensor], *, foreach: bool) -> Tensor | None:
     """L2 norm of the concatenation of ``dirs`` as a plain 0-d tensor (no host sync); None if
     empty.
 
-    Accumulates in float64 when any buffer is float64, else in float32 (also for half types).
+    Accumulates in float64 when any buffer is float64 or complex128, else in float32 (also for
+    half types). A complex buffer counts as the pair of its real and imaginary parts
+    (``sqrt(sum |d_i|^2)``, the norm of ``torch.view_as_real(d)``), as torch.optim treats
+    complex parameters.
 
     Sharded tensors (``DTensor``, e.g. the parameters and state of an FSDP2 ``fully_shard``
     model) count as the full tensors they stand for: DTensor's own reductions give each local
@@ -152,7 +156,8 @@ def global_norm(dirs: list[Tensor], *, foreach: bool) -> Tensor | None:
     """
     if not dirs:
         return None
-    norm_dtype = torch.float64 if any(d.dtype == torch.float64 for d in dirs) else torch.float32
+    wide = (torch.float64, torch.complex128)
+    norm_dtype = torch.float64 if any(d.dtype in wide for d in dirs) else torch.float32
     dtensor = _dtensor_type()
     if dtensor is None or not any(isinstance(d, dtensor) for d in dirs):
         return _plain_norm(dirs, norm_dtype, foreach=foreach)

@@ -41,6 +41,10 @@ class AdamWMSAM(PerturbedOptimizer):
     ``optimizer.train()`` before the forward/backward to take it at ``w~``. FSDP2-sharded
     models work unchanged (``||m||`` over the full tensors; docs/notes/fsdp.md).
 
+    Complex parameters are supported as torch.optim supports them: a complex tensor counts as
+    the pair of its real and imaginary parts (``||v||^2 = sum |v_i|^2``; the update equals the
+    same optimizer on ``torch.view_as_real`` of it).
+
     Args:
         params: iterable of parameters or of parameter-group dicts.
         lr: learning rate (default 1e-3).
@@ -105,9 +109,16 @@ class AdamWMSAM(PerturbedOptimizer):
     def _update(self, group: dict[str, Any], step: GroupStep) -> None:
         beta1, beta2 = (float(b) for b in group["betas"])
         kernel = _adamw_foreach if step.foreach else _adamw_single
-        kernel(step.params, step.grads, step.state["exp_avg"], step.state["exp_avg_sq"],
+        # complex tensors as (real, imaginary) pairs, as torch.optim.AdamW does (in-place views)
+        kernel(_real(step.params), _real(step.grads), _real(step.state["exp_avg"]),
+               _real(step.state["exp_avg_sq"]),
                step.state["step"], beta1=beta1, beta2=beta2, lr=float(group["lr"]),
                weight_decay=float(group["weight_decay"]), eps=float(group["eps"]))
+
+
+def _real(tensors):
+    """``torch.view_as_real`` of the complex tensors (views: updating them updates the originals)."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
 
 
 def _adamw_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, beta1, beta2, lr,

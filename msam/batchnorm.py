@@ -110,6 +110,12 @@ def recalibrate_batchnorm(model: nn.Module, data: Any, *, batch_size: int = 256,
 
     Returns:
         The model, for chaining.
+
+    Raises:
+        ValueError: no data, or a batch of one sample that a BatchNorm layer cannot take
+            (``BatchNorm1d`` on ``(1, C)``: it names the batch and the fix, ``drop_last=True``).
+            On this or any other exception (``KeyboardInterrupt`` included) the running
+            statistics are restored to those from before the call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"recalibrate_batchnorm expects an nn.Module, got {type(model).__name__}")
@@ -123,6 +129,8 @@ def recalibrate_batchnorm(model: nn.Module, data: Any, *, batch_size: int = 256,
     device, dtype = _model_device_dtype(model)
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
+    saved = [{k: b.clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in bns]
+    done = False
     try:
         model.eval()
         for m in bns:
@@ -140,11 +148,26 @@ def recalibrate_batchnorm(model: nn.Module, data: Any, *, batch_size: int = 256,
                 continue
             for m in bns:
                 m.momentum = n / (seen + n)
-            model(inputs)
+            try:
+                model(inputs)
+            except ValueError as exc:
+                if n == 1 and "more than 1 value per channel" in str(exc):
+                    raise ValueError(
+                        f"recalibrate_batchnorm: batch {i} has 1 sample, and a BatchNorm layer "
+                        "cannot take a variance from one value per channel; drop the last "
+                        "incomplete batch (DataLoader(..., drop_last=True)) or choose a batch "
+                        "size that does not leave one sample; the running statistics were "
+                        "left as they were") from None
+                raise
             seen += n
         if seen == 0:
             raise ValueError("recalibrate_batchnorm got no data (empty data source)")
+        done = True
     finally:
+        if not done:  # any failure (Ctrl-C included): the statistics from before the call
+            for m, buffers in zip(bns, saved):
+                for k, v in buffers.items():
+                    getattr(m, k).copy_(v)
         for m, mom in momenta.items():
             m.momentum = mom
         for m, mode in modes.items():

@@ -61,6 +61,9 @@ class MSAM(PerturbedOptimizer):
     the full tensors (the shards' norms all-reduced once per step), the moves to ``w`` and back
     are local to each rank's shards, and 2 ranks equal one process to rounding; checkpoints,
     also through torch.distributed.checkpoint, resume exactly (docs/notes/fsdp.md).
+    Complex parameters are supported as torch.optim supports them: a complex tensor counts as
+    the pair of its real and imaginary parts (``||v||^2 = sum |v_i|^2``; the update equals the
+    same optimizer on ``torch.view_as_real`` of it).
 
     Args:
         params: iterable of parameters or of parameter-group dicts.

@@ -103,6 +103,10 @@ class SAM(Optimizer):
     is the norm of the full tensors): with ``set_requires_gradient_sync(False)`` the sharded
     parameters get no gradient and ``first_step`` raises. For torch.distributed.checkpoint's
     ``get_state_dict``/``set_state_dict`` pass ``base_optimizer``.
+    Complex parameters are supported as torch.optim supports them: a complex tensor counts as
+    the pair of its real and imaginary parts (``||v||^2 = sum |v_i|^2``; the update equals the
+    same optimizer on ``torch.view_as_real`` of it); ASAM's scale ``|w|`` is the modulus of each
+    complex weight.
 
     Args:
         params: iterable of parameters or of parameter-group dicts.

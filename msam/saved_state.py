@@ -150,7 +150,8 @@ def unperturbed_parameters(state_dict: Mapping[str, Any], params: Sequence[Tenso
         if scales[gi] == 0.0:
             continue
         w = params[i]
-        out[i] = (w.double() + scales[gi] * d.to(w.device).double()).to(w.dtype)
+        wide = torch.complex128 if w.is_complex() or d.is_complex() else torch.float64
+        out[i] = (w.to(wide) + scales[gi] * d.to(w.device, wide)).to(w.dtype)
         if not bool(torch.isfinite(out[i]).all()) and bool(torch.isfinite(w).all()):
             pi = i - sum(len(g["params"]) for g in groups[:gi])
             raise SavedStateError(
@@ -224,7 +225,7 @@ def _coefficients(groups: list[Mapping[str, Any]], dirs: list[Tensor]) -> list[f
             coef *= _as_float(g, "lr", gi, 1.0)
         if _as_flag(g, "normalize", gi, True):
             if norm is None:
-                norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in dirs))
+                norm = math.sqrt(sum(float(d.abs().double().pow(2).sum()) for d in dirs))
             coef = coef / norm if norm > 0 else 0.0
         scales.append(coef)
     return scales

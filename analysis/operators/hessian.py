@@ -266,6 +266,8 @@ class HessianOperator(CurvatureOperator):
         if V.device != self.device or V.dtype != self.dtype:
             self._check_vector(V[:, 0] if V.shape[1] else V.new_zeros(self.shape[0]))
         n, b = V.shape
+        if b == 0:  # A @ (n x 0) is the (n x 0) matrix: no product to compute
+            return torch.empty(n, 0, device=self.device, dtype=self.dtype)
         bs = block_size or default_block_size(n, V.element_size())
         self.resolve_method(block=min(b, bs))
         out = torch.empty(n, b, device=self.device, dtype=self.dtype)

@@ -30,6 +30,15 @@ from ._common import (
 )
 from .state import preserved_state
 
+__all__ = ["UndefinedMetricError"]
+
+
+class UndefinedMetricError(ValueError):
+    """The metric does not exist for this model and data (e.g. PAC-Bayes flatness of a model near
+    chance accuracy: no noise level lowers the accuracy by the target). Not a bad argument:
+    :func:`analysis.sharpness_report` reports the metric as undefined with this
+    message and keeps the others."""
+
 
 @dataclass(frozen=True, repr=False)
 class PacBayesResult(CostedResult):
@@ -182,9 +191,9 @@ def pac_bayes_flatness(
 
 
 def _unreachable(target: float, accuracy: float, dev: float, sigma: float, why: str,
-                 advice: str = "lower the target") -> ValueError:
+                 advice: str = "lower the target") -> UndefinedMetricError:
     """The one-line error of a bracket that never reached an accuracy drop of ``target``."""
-    return ValueError(
+    return UndefinedMetricError(
         f"pac_bayes_flatness(): the accuracy {accuracy:.4f} at w never dropped by target={target} "
         f"(a drop of {dev:.4f} at sigma={sigma:.4g}, the largest sigma evaluated; {why}): the "
         "flatness is undefined where noise cannot lower the accuracy by the target, e.g. for a "

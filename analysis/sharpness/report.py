@@ -17,7 +17,7 @@ from ..results import Result, to_jsonable
 from ._common import check_model
 from .epsilon import epsilon_sharpness
 from .m_sharpness import sharpness
-from .pac_bayes import pac_bayes_flatness
+from .pac_bayes import UndefinedMetricError, pac_bayes_flatness
 from .state import preserved_state
 
 #: Metric names understood by :func:`sharpness_report`.
@@ -30,14 +30,18 @@ class SharpnessReport(Result):
 
     Attributes:
         values: ``{metric: headline number}`` (sharpness value, PAC-Bayes flatness,
-            ``lambda_max``, trace estimate).
-        results: ``{metric: full result object}``.
+            ``lambda_max``, trace estimate); NaN for an undefined metric.
+        results: ``{metric: full result object}`` (undefined metrics have none).
         seconds: wall-clock seconds per metric.
+        undefined: ``{metric: reason}`` for the metrics that do not exist for this model and
+            data (:class:`~analysis.sharpness.pac_bayes.UndefinedMetricError`, e.g. PAC-Bayes
+            near chance accuracy); the other metrics are computed as usual.
     """
 
     values: dict[str, float]
     results: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    undefined: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +49,7 @@ class SharpnessReport(Result):
             "results": {k: (v.to_dict() if hasattr(v, "to_dict") else to_jsonable(v))
                         for k, v in self.results.items()},
             "seconds": to_jsonable(self.seconds),
+            "undefined": dict(self.undefined),
         }
 
     def __getitem__(self, metric: str) -> float:
@@ -117,7 +122,10 @@ def sharpness_report(
 
     Returns:
         :class:`SharpnessReport` with ``values[metric]`` the headline number and
-        ``to_dict()`` JSON-ready.
+        ``to_dict()`` JSON-ready. A metric that is undefined for this model and data (an
+        :class:`~analysis.sharpness.pac_bayes.UndefinedMetricError`, such as PAC-Bayes
+        flatness near chance accuracy) is NaN in ``values`` with its reason in ``undefined``;
+        the other metrics are kept. Any other error is raised.
     """
     check_model(model)
     metrics, options = _check_report_args(metrics, options)
@@ -125,16 +133,22 @@ def sharpness_report(
     values: dict[str, float] = {}
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+    undefined: dict[str, str] = {}
     common = {"seed": seed, "mode": mode}
     for name in metrics:
         kw = {**_REPORT_DEFAULTS[name], **common, **dict(options.get(name, {}))}
         t0 = time.perf_counter()
-        res, val = _run_metric(name, model, loss_fn, data, kw, seed=seed, mode=mode,
-                               progress=progress)
+        try:
+            res, val = _run_metric(name, model, loss_fn, data, kw, seed=seed, mode=mode,
+                                   progress=progress)
+        except UndefinedMetricError as exc:  # this metric only: the others are kept
+            undefined[name] = str(exc)
+            res, val = None, float("nan")
         seconds[name] = time.perf_counter() - t0
         values[name] = float(val)
-        results[name] = res
-    return SharpnessReport(values=values, results=results, seconds=seconds)
+        if res is not None:
+            results[name] = res
+    return SharpnessReport(values=values, results=results, seconds=seconds, undefined=undefined)
 
 
 def _check_report_args(metrics: Any, options: Any) -> tuple[list[str], dict[str, Any]]:

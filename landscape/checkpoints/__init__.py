@@ -9,14 +9,21 @@
 * torch files with ``torch.load(weights_only=True)``: a plain ``state_dict``, or a dictionary
   holding one under ``"model"``, ``"state_dict"`` or ``"model_state_dict"`` (training
   checkpoints such as ``{"model": ..., "optimizer": ..., "epoch": 3}`` and PyTorch Lightning
-  ``.ckpt`` files, whose ``"optimizer_states"`` list is read too), with ``nn.DataParallel`` /
+  ``.ckpt`` files, whose ``"optimizer_states"`` list is read too, every optimizer in it), with ``nn.DataParallel`` /
   DDP ``"module."`` and ``torch.compile`` ``"_orig_mod."`` prefixes removed (also nested), and a
   module-attribute prefix such as Lightning's ``"model."`` removed when it is the only prefix
   that makes the keys match the model (or when given as ``prefix=``);
 * safetensors files;
 * Hugging Face ``save_pretrained`` folders (``model.safetensors`` or ``pytorch_model.bin``,
   possibly sharded with their ``.index.json``); tied weights absent from the files (a language
-  model head) are not reported missing.
+  model head) are not reported missing; transformers' own key renaming is applied for a
+  ``transformers`` model (a ViT saved by transformers 5 loads into the same class);
+* Hugging Face Trainer ``checkpoint-N/`` folders, whose ``optimizer.pt`` is read too.
+
+Every checkpoint, whatever its container, goes through one validation step before the model is
+touched: every optimizer state in the file (a Lightning ``.ckpt`` may hold several), then the
+tensors: integer data is never cast into floating-point parameters, non-finite values and the
+meta device are refused, keys and shapes are matched (:mod:`.validation`, :mod:`.unperturb`).
 
 Files are checked before anything parses them: a path that is not a regular file (a FIFO, a
 device, a dangling symlink) is refused from ``os.stat`` alone, without opening it, so nothing can

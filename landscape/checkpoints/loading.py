@@ -12,7 +12,9 @@ from torch import nn
 from .formats import load_file, load_folder, strip_prefixes
 from .matching import compare_with_model, refuse_untied, select_prefix
 from .result import Checkpoint, PerturbedCheckpointWarning
-from .unperturb import check_optimizer, perturbed_flag, refuse_sam_ascent, unperturbed_state
+from .transformers_keys import transformers_key_renames
+from .unperturb import check_optimizers, move_back_all, perturbed_states
+from .validation import validate_tensors
 
 
 def load_checkpoint(
@@ -34,7 +36,8 @@ def load_checkpoint(
     Args:
         path: a torch file (read with ``torch.load(weights_only=True)``), a safetensors file, or
             a Hugging Face ``save_pretrained`` folder (``model.safetensors`` or
-            ``pytorch_model.bin``, possibly sharded with ``*.index.json``).
+            ``pytorch_model.bin``, possibly sharded with ``*.index.json``) or Trainer
+            ``checkpoint-N/`` folder (its ``optimizer.pt`` is read too).
         model: if given, the weights are copied into it (``load_state_dict``).
         map_location: where tensors are loaded (default ``"cpu"``).
         strict: with a model, refuse missing / unexpected keys and shape mismatches (all listed
@@ -58,32 +61,48 @@ def load_checkpoint(
         UnsafeCheckpointError: the pickle references code; it was not run.
         CheckpointError: not a regular file or not a checkpoint (says what it looks like),
             corrupt (CRC) or truncated, no weights in it, a malformed or non-finite optimizer
-            state needed to undo MSAM's perturbation, no key matching the model, or (strict)
-            keys / shapes that do not match the model.
+            state needed to undo MSAM's perturbation (any optimizer of the file), several
+            optimizers that cannot be matched to the parameters, no key matching the model,
+            (strict) keys / shapes that do not match the model, integer data for floating-point
+            tensors, non-finite values, or a model / tensors on the meta device.
+
+    Every checkpoint goes through one validation step before anything changes, whatever its
+    container: every optimizer state in it
+    (:func:`landscape.checkpoints.unperturb.check_optimizers`: a Lightning ``.ckpt``'s
+    ``optimizer_states``, a Hugging Face Trainer folder's ``optimizer.pt``), then the tensors
+    (:func:`landscape.checkpoints.validation.validate_tensors`: dtype classes, finiteness, the
+    meta device), the tied weights and the keys and shapes; only then are MSAM's weights moved
+    back (every perturbed optimizer, :func:`landscape.checkpoints.unperturb.move_back_all`) and
+    loaded. A ``transformers`` model gets transformers' own key renaming first
+    (:func:`landscape.checkpoints.transformers_keys.transformers_key_renames`).
     """
     path = pathlib.Path(path)
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str or None, got {type(prefix).__name__}")
+    # 1. read: whatever the container, the weights and EVERY optimizer state in it
     if os.path.isdir(path):
-        state, meta, fmt = load_folder(path, map_location, allow_pickle)
-        opt_state, okey = None, ""
+        state, optimizers, meta, fmt = load_folder(path, map_location, allow_pickle)
     else:
-        state, opt_state, meta, okey, fmt = load_file(path, map_location, allow_pickle)
-    if opt_state is not None:
-        check_optimizer(opt_state, path, okey)
+        state, optimizers, meta, fmt = load_file(path, map_location, allow_pickle)
+    # 2. validate, before anything changes: every optimizer, then the tensors (keys matched)
+    check_optimizers(optimizers, path)
     state = strip_prefixes(state, model)
+    renames = transformers_key_renames(state, model, path)
+    state = {renames.get(k, k): v for k, v in state.items()}
     state, used_prefix, ignored = select_prefix(state, model, prefix, path)
-
-    refuse_sam_ascent(opt_state, path)
+    validate_tensors(state, model, path)
     if model is not None:
         refuse_untied(state, model, path)  # before the move-back writes one value to all twins
-    perturbed = bool(opt_state) and perturbed_flag(opt_state)  # type: ignore[arg-type]
+    # 3. move MSAM's weights back (every perturbed optimizer), 4. load
+    perturbed = bool(perturbed_states(optimizers))
     unperturbed = False
     if perturbed and unperturb:
-        state = unperturbed_state(state, opt_state, model, path, okey)  # type: ignore[arg-type]
+        state = move_back_all(state, optimizers, model, path)
         unperturbed = True
+    opt_state = next((o for _, o in perturbed_states(optimizers)),
+                     optimizers[0][1] if optimizers else None)
 
     missing: list[str] = []
     unexpected: list[str] = []
@@ -104,6 +123,7 @@ def load_checkpoint(
         format=fmt,
         state_dict=state,
         optimizer_state=opt_state,
+        optimizer_states=tuple(o for _, o in optimizers),
         metadata=meta,
         missing_keys=tuple(missing),
         unexpected_keys=tuple(unexpected),

@@ -166,14 +166,29 @@ def verify_zip(path: pathlib.Path) -> None:
         )
 
 
+# the opcodes pickle protocols 4 and 5 added (torch's weights_only unpickler reads protocol 2)
+_PROTOCOL_4_OPCODES = {140: "SHORT_BINUNICODE", 141: "BINUNICODE8", 142: "BINBYTES8",
+                       144: "ADDITEMS", 145: "FROZENSET", 146: "NEWOBJ_EX", 147: "STACK_GLOBAL",
+                       148: "MEMOIZE", 149: "FRAME", 150: "BYTEARRAY8", 151: "NEXT_BUFFER",
+                       152: "READONLY_BUFFER"}
+
+
 def torch_load(path: pathlib.Path, map_location: Any, allow_pickle: bool) -> Any:
-    """``torch.load`` of ``path`` (``weights_only=True`` unless ``allow_pickle``) from an open file;
-    a refused pickle or an unreadable file raises :class:`CheckpointError` naming the path and why."""
     try:
         # an open file, not the path: torch.load dispatches on a ".safetensors" suffix itself
         with open(path, "rb") as fh:
             return torch.load(fh, map_location=map_location, weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
+        op = re.search(r"Unsupported operand (\d+)", str(exc))
+        if op and int(op.group(1)) in _PROTOCOL_4_OPCODES:
+            raise UnsafeCheckpointError(
+                f"refused to load {path}: it is a pickle of protocol 4 or 5 (opcode {op.group(1)} "
+                f"= {_PROTOCOL_4_OPCODES[int(op.group(1))]}; torch.save(..., pickle_protocol=4 or "
+                "5)), which torch's safe weights_only loader does not read; nothing in it was run. "
+                "Re-save it "
+                "with torch.save's default protocol (torch.save(torch.load(f, weights_only=False), "
+                "f) where you trust it), or pass allow_pickle=True (command line: --trust-pickle) "
+                "if you created it yourself") from None
         if "weights_only" in str(exc) or "Weights only" in str(exc):
             reason = _unsafe_reason(exc)
             lightning = ""

@@ -32,7 +32,10 @@ class Checkpoint(Result):
         path: the file.
         format: ``"torch"`` or ``"safetensors"``.
         state_dict: the model's tensors (prefixes stripped, MSAM perturbation undone).
-        optimizer_state: the optimizer ``state_dict`` stored beside the model, if any.
+        optimizer_state: the optimizer ``state_dict`` stored beside the model, if any (of
+            several, the first that says it was saved perturbed, else the first).
+        optimizer_states: every optimizer ``state_dict`` of the file (PyTorch Lightning's
+            ``optimizer_states``, a Hugging Face Trainer folder's ``optimizer.pt``).
         metadata: the other top-level entries (``epoch``, ``step``...) or safetensors metadata.
         missing_keys: model keys absent from the checkpoint (only when a model was given).
         unexpected_keys: checkpoint keys the model does not have.
@@ -48,6 +51,7 @@ class Checkpoint(Result):
     format: str
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer_state: dict[str, Any] | None = None
+    optimizer_states: tuple[dict[str, Any], ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
@@ -74,6 +78,7 @@ class Checkpoint(Result):
             "num_tensors": self.num_tensors,
             "num_parameters": self.num_parameters,
             "has_optimizer_state": self.optimizer_state is not None,
+            "num_optimizers": len(self.optimizer_states),
             "metadata": to_jsonable(
                 {k: v for k, v in self.metadata.items() if not isinstance(v, (torch.Tensor, Mapping))}
             ),
@@ -108,3 +113,4 @@ def short_list(items: list[str], limit: int = 8) -> str:
     """``items`` joined with commas, at most ``limit`` of them (then ``"... and N more"``)."""
     shown = ", ".join(items[:limit])
     return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+

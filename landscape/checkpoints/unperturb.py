@@ -89,7 +89,8 @@ def check_optimizer(opt: Mapping[str, Any], path: pathlib.Path, okey: str) -> No
                 raise _malformed(path, where, f"{_describe(st)}; expected a dict")
             for key in DIRECTION_KEYS:
                 if key in st and st[key] is not None and not (
-                        isinstance(st[key], torch.Tensor) and st[key].is_floating_point()):
+                        isinstance(st[key], torch.Tensor)
+                        and (st[key].is_floating_point() or st[key].is_complex())):
                     raise _malformed(path, f"{where}[{key!r}]", f"{_describe(st[key])}; expected a float tensor")
 
 
@@ -205,11 +206,108 @@ def _match_optimizer_params(
     return matched
 
 
+def check_optimizers(optimizers: list[tuple[str, Mapping[str, Any]]], path: pathlib.Path) -> None:
+    """Refuse, before anything changes, any optimizer state of the file that the loader cannot
+    read (naming its key, e.g. ``optimizer_states[1]['param_groups']``) or that was saved
+    between SAM's two passes. Every optimizer of the file is checked, not only the first.
+
+    Args:
+        optimizers: ``(key, state_dict)`` pairs, the key as named in the file
+            (``"optimizer"``, ``"optimizer_states[1]"``, ``"optimizer.pt"``).
+        path: the checkpoint (named in the errors).
+
+    Raises:
+        CheckpointError: a malformed entry (naming it), or a SAM state saved at ``w + e``.
+    """
+    for okey, opt in optimizers:
+        check_optimizer(opt, path, okey)
+    for _, opt in optimizers:
+        refuse_sam_ascent(opt, path)
+
+
+def perturbed_states(optimizers: list[tuple[str, Mapping[str, Any]]]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The ``(key, state)`` pairs of ``optimizers`` whose state says the weights were saved at a
+    perturbed point (the ``perturbed`` flag MSAM's ``state_dict`` writes, or a group's flag);
+    assumes :func:`check_optimizers` accepted them."""
+    return [(k, o) for k, o in optimizers if o and perturbed_flag(o)]
+
+
+def _param_count(opt: Mapping[str, Any]) -> int:
+    return sum(len(g.get("params", [])) for g in opt.get("param_groups") or [])
+
+
+def _records_names(opt: Mapping[str, Any]) -> bool:
+    groups = opt.get("param_groups") or []
+    return bool(groups) and all(isinstance(g.get("param_names"), (list, tuple))
+                                and len(g["param_names"]) == len(g.get("params", [])) for g in groups)
+
+
+def move_back_all(
+    state: dict[str, torch.Tensor], optimizers: list[tuple[str, Mapping[str, Any]]],
+    model: nn.Module | None, path: pathlib.Path,
+) -> dict[str, torch.Tensor]:
+    """Move the weights of every perturbed optimizer of the file back to ``w``.
+
+    One optimizer covers all parameters (matched as described in :func:`unperturbed_state`). Several
+    optimizers (a PyTorch Lightning module whose ``configure_optimizers`` returns one per
+    sub-network) each cover a part: by the names they record (``param_names``), otherwise by
+    position, when their parameter counts add up to the model's (Lightning lists them in
+    ``configure_optimizers`` order, each built from ``sub_module.parameters()``), with every
+    direction buffer's shape checked against the parameter it is matched to. Anything else is
+    refused naming the optimizer's key, since a wrong match would move the wrong weights.
+
+    Args:
+        state: the checkpoint's tensors (keys matched to ``model``).
+        optimizers: every ``(key, state_dict)`` of the file, in the file's order.
+        model: the model they are loaded into (its parameter names), or ``None`` (the floating
+            tensors of ``state`` in order).
+        path: the checkpoint (named in the errors).
+
+    Returns:
+        A new dict with the moved-back weights (``state`` itself when nothing is perturbed).
+
+    Raises:
+        CheckpointError: an optimizer that cannot be matched to the parameters, or move-back
+            data that is malformed, non-finite or would overflow (naming the entry).
+    """
+    perturbed = perturbed_states(optimizers)
+    if not perturbed:
+        return state
+    if len(optimizers) == 1:
+        okey, opt = optimizers[0]
+        return unperturbed_state(state, opt, model, path, okey)
+    names = _parameter_names(state, model)
+    counts = [_param_count(o) for _, o in optimizers]
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
+    out = state
+    for i, (okey, opt) in enumerate(optimizers):
+        if not (opt and perturbed_flag(opt)):
+            continue
+        if _records_names(opt):
+            part = None  # matched by the recorded names among all parameters
+        elif sum(counts) == len(names):
+            part = names[offsets[i]:offsets[i] + counts[i]]
+        else:
+            raise CheckpointError(
+                f"{path}: {okey} says its weights were saved at MSAM's perturbed point, but the "
+                f"file's {len(optimizers)} optimizers hold {sum(counts)} parameters in all and the "
+                f"model {len(names)}, and {okey} records no parameter names: cannot tell which "
+                "weights to move back; save after optimizer.eval(), or load with unperturb=False "
+                "to take the perturbed weights as they are")
+        out = unperturbed_state(out, opt, model, path, okey, names=part, partial=part is None)
+    return out
+
+
 def unperturbed_state(
     state: dict[str, torch.Tensor], opt_state: Mapping[str, Any], model: nn.Module | None,
-    path: pathlib.Path, okey: str = "optimizer",
+    path: pathlib.Path, okey: str = "optimizer", names: list[str] | None = None,
+    partial: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Move ``w~`` back to ``w = w~ + c_g * d`` for every parameter group ``g``.
+
+    ``names``: the parameters this optimizer holds, in order (one of several optimizers);
+    default every parameter of the model (or of the file). ``partial``: the optimizer holds
+    some of them, matched by the names it records.
 
     The loader's part is matching the optimizer's parameters to the weights' names; the
     move-back itself (``d`` the stored direction buffer, ``c_g`` the coefficient the optimizer
@@ -221,13 +319,14 @@ def unperturbed_state(
     order: list[tuple[Any, int]] = []
     for gi, g in enumerate(groups):
         order += [(pid, gi) for pid in g["params"]]
-    names = _parameter_names(state, model)
+    if names is None:
+        names = _parameter_names(state, model)
     explain = (
         "cannot match the optimizer state to the parameters to undo MSAM's perturbation "
         "(was the optimizer built from model.parameters()?); save after optimizer.eval(), or "
         "load with unperturb=False to take the perturbed weights as they are"
     )
-    if len(order) != len(names):
+    if len(order) != len(names) and not partial:
         raise CheckpointError(
             f"{path}: the optimizer has {len(order)} parameters but the model {len(names)}; {explain}"
         )

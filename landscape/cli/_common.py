@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["first_line", "positive_float", "positive_int"]
+__all__ = ["first_line", "positive_float", "positive_int", "unit_fraction"]
 
 
 class CLIError(Exception):
@@ -26,6 +26,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
     if not (math.isfinite(v) and v > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def unit_fraction(text: str) -> float:
+    """argparse type: a number in the open interval (0, 1) (a relative tolerance)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
     return v
 
 

@@ -86,17 +86,22 @@ def header_problem(path: pathlib.Path) -> str | None:
     return None
 
 
-def checkpoint_paths(paths: Sequence[str]) -> list[pathlib.Path]:
+def checkpoint_paths(paths: Sequence[str], *, keep_going: bool = False) -> list[pathlib.Path]:
     """Expand files and directories; refuse, in one line naming each, files that are not
     readable checkpoints (before anything is computed). Under torchrun a refusal on any rank
-    stops every rank (:func:`analysis.distributed.all_ranks_succeed`), named by rank 0."""
+    stops every rank (:func:`analysis.distributed.all_ranks_succeed`), named by rank 0.
+
+    With ``keep_going`` (commands that compute each checkpoint on its own: ``sharpness``,
+    ``report``) bad files among several are kept in the list: :func:`per_file` records each
+    with its reason and the good ones are computed; only when every file is bad is the run
+    refused up front."""
     from analysis.distributed import all_ranks_succeed
 
     with all_ranks_succeed("checking the checkpoint files"):
-        return _checkpoint_paths(paths)
+        return _checkpoint_paths(paths, keep_going)
 
 
-def _checkpoint_paths(paths: Sequence[str]) -> list[pathlib.Path]:
+def _checkpoint_paths(paths: Sequence[str], keep_going: bool) -> list[pathlib.Path]:
     from ..checkpoints import CHECKPOINT_SUFFIXES, checkpoint_format
     from ..checkpoints.finding import find_checkpoints
     from ..checkpoints.result import CheckpointError
@@ -116,6 +121,8 @@ def _checkpoint_paths(paths: Sequence[str]) -> list[pathlib.Path]:
             checkpoint_format(p)
         except CheckpointError as exc:
             problems.append(_first_line(exc))
+    if keep_going and len(problems) < len(found):
+        return found
     if len(problems) == 1:
         raise CLIError(problems[0] + ("" if len(found) == 1 else " (nothing was computed)"))
     if problems:
@@ -156,11 +163,16 @@ def keys_note(records: Sequence[dict], paths: Sequence[pathlib.Path]) -> list[st
 def per_file(paths: Sequence[pathlib.Path], ctx: Ctx, work: Callable[[pathlib.Path], Any]
               ) -> tuple[list[Any], list[dict]]:
     """Run ``work`` on every checkpoint; a failure of one of several files is recorded
-    (``{"checkpoint", "error"}``) and the others go on, so nothing computed is lost."""
+    (``{"checkpoint", "error"}``) and the others go on, so nothing computed is lost. A file
+    that is not a readable checkpoint (:func:`header_problem`: truncated, empty...) is recorded
+    with its reason without running ``work``."""
     results: list[Any] = []
     failures: list[dict] = []
     for path in paths:
         try:
+            problem = None if len(paths) == 1 or path.is_dir() else header_problem(path)
+            if problem is not None:
+                raise CLIError(f"{path} {problem}")
             results.append(work(path))
         except (KeyboardInterrupt, UsageError):
             raise

@@ -11,7 +11,7 @@ from landscape._format import format_table
 from landscape.defaults import cli_default
 
 from . import estimate as E
-from ._common import UsageError, positive_float, positive_int
+from ._common import UsageError, positive_int, unit_fraction
 from .files import one_checkpoint
 from .options import add_command, add_common_options
 from .output import Ctx, check_writable, envelope, save_figure
@@ -37,8 +37,8 @@ def register(sub: Any) -> None:
                         "diagonal Hessian block")
     p.add_argument("--density", metavar="OUT", default=None,
                    help="write the spectral density (SLQ) figure to OUT (.png/.pdf/.svg/.html)")
-    p.add_argument("--tol", type=positive_float, default=cli_default("hessian", "--tol"),
-                   help="relative tolerance of the eigenvalues (> 0)")
+    p.add_argument("--tol", type=unit_fraction, default=cli_default("hessian", "--tol"),
+                   help="relative tolerance of the eigenvalues, in (0, 1)")
     p.add_argument("--density-iter", type=positive_int, default=cli_default("hessian", "--density-iter"),
                    metavar="N", help="Lanczos steps per SLQ run")
     p.add_argument("--density-runs", type=positive_int, default=cli_default("hessian", "--density-runs"),

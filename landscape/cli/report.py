@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     if not (math.isfinite(args.radius) and args.radius > 0):
         raise UsageError(f"--radius {args.radius}: need a finite number > 0")
     out = check_writable(args.out, "--out")
-    paths = checkpoint_paths(args.checkpoints)
+    paths = checkpoint_paths(args.checkpoints, keep_going=True)
     setup = Setup(args, ctx)
     planned = costs(args, setup.num_params, setup.itemsize, setup.data.num_samples())
     E.announce(planned, ctx.log, checkpoints=len(paths))

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     metrics = args.metric or list(METRIC_NAMES[:3])
     if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
         raise UsageError(f"--rho {args.rho}: need a finite number > 0")
-    paths = checkpoint_paths(args.checkpoints)
+    paths = checkpoint_paths(args.checkpoints, keep_going=True)
     setup = Setup(args, ctx, check_data=data_size_check(args, ctx))
     planned = costs(metrics, setup.num_params, setup.itemsize, setup.data.num_samples(), args.m)
     E.announce(planned, ctx.log, checkpoints=len(paths))
@@ -110,11 +110,13 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     records, failures = per_file(paths, ctx, work)
     header = ["checkpoint", "loss", "accuracy", *metrics]
     rows = [[label(pathlib.Path(r["checkpoint"]), paths) + (" *" if r.get("checkpoint_keys") else ""),
-             r["loss"], r["accuracy"], *[r["metrics"][m] for m in metrics]] for r in records]
+             r["loss"], r["accuracy"], *[_cell(r, m) for m in metrics]] for r in records]
     rows += [[label(pathlib.Path(f["checkpoint"]), paths) + " (failed)", None, None,
               *[None] * len(metrics)] for f in failures]
     text = format_table(header, rows)
     notes = settings_notes(metrics, records, m_given=args.m is not None)
+    notes += [f"{m}: undefined for {label(pathlib.Path(r['checkpoint']), paths)}: "
+              f"{r['settings'][m]['undefined']}" for r in records for m in metrics if _undefined(r, m)]
     notes += keys_note(records, paths)
     notes += [f"failed: {label(pathlib.Path(f['checkpoint']), paths)}: {f['error']}" for f in failures]
     if notes:
@@ -127,6 +129,15 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
                             estimate=[{**c.to_dict(), "used": used[name]} for c, name in zip(planned, metrics)]))
     raise_failures(failures, paths, " and written to --json" if args.json else "")
     return 0
+
+
+def _undefined(record: dict, metric: str) -> bool:
+    return bool(record.get("settings", {}).get(metric, {}).get("undefined"))
+
+
+def _cell(record: dict, metric: str) -> Any:
+    """A metric's table cell: its value, or ``"undefined"`` (the reason is a note)."""
+    return "undefined" if _undefined(record, metric) else record["metrics"][metric]
 
 
 def _log_used(ctx: Ctx, planned: Sequence[E.Cost], metrics: Sequence[str], values: dict,

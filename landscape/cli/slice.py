@@ -51,13 +51,16 @@ def register(sub: Any) -> None:
 
 def parse_direction(spec: str) -> tuple[str, str | None]:
     """``--direction KIND[:ARG]`` as ``(kind, arg)``; a usage error for an unknown kind."""
-    kind, _, arg = spec.partition(":")
+    kind, sep, arg = spec.partition(":")
     if kind not in ("random", "gradient", "eigen", "interpolate", "pca"):
         raise UsageError(
             f"--direction {spec!r}: choose random, gradient, eigen, interpolate:CKPT2 or pca:DIR"
         )
     if kind in ("interpolate", "pca") and not arg:
         raise UsageError(f"--direction {kind} needs an argument: {kind}:PATH")
+    if kind not in ("interpolate", "pca") and sep:
+        raise UsageError(f"--direction {spec!r}: {kind} takes no argument (only interpolate:CKPT2 "
+                         "and pca:DIR do); pass --direction " + kind)
     return kind, (arg or None)
 
 

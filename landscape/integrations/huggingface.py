@@ -17,7 +17,14 @@ callback runs after it. :class:`MSAMTrainerCallback` then:
   next ``on_step_begin``;
 * at ``on_train_end``: ``optimizer.eval()`` and, for models with BatchNorm,
   :func:`msam.recalibrate_batchnorm` on ``recalibrate_data`` or the training dataloader;
-* with ``tracker=``: ``tracker.maybe_measure(state.global_step)`` after every optimizer step.
+* with ``tracker=``: ``tracker.maybe_measure(state.global_step)`` after every optimizer step
+  (a tracker that raises is named in a :class:`~landscape.integrations.failures.TrackerError`);
+* on any exception of ``trainer.train()`` (a crash, Ctrl-C): ``optimizer.eval()``, so the
+  parameters are left at ``w``, never at ``w~``. transformers has no exception hook, so the
+  callback wraps ``trainer.train`` in a ``try``/``except`` (:meth:`MSAMTrainerCallback.guard`):
+  automatically for a callback passed as ``Trainer(callbacks=[...])`` (found at
+  ``on_init_end``), by hand (``callback.guard(trainer)``) for one added later with
+  ``trainer.add_callback``.
 
 ``trainer.evaluate()`` called by hand after training sees ``w`` (the parameters stay there); in
 the middle of training call ``optimizer.eval()`` yourself first.
@@ -25,6 +32,8 @@ the middle of training call ``optimizer.eval()`` yourself first.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from torch import nn
@@ -32,6 +41,7 @@ from torch import nn
 from msam import recalibrate_batchnorm
 
 from . import perturbed_optimizers
+from .failures import measure, restore_w
 
 try:
     from transformers import TrainerCallback
@@ -65,9 +75,45 @@ class MSAMTrainerCallback(TrainerCallback):
         self._tracker_arg = tracker
         self.tracker: Any = tracker if hasattr(tracker, "maybe_measure") else None
         self._last_step = -1
+        self._seen: list[Any] = []  # the optimizers of the current training
+
+    def guard(self, trainer: Any) -> Any:
+        """Wrap ``trainer.train`` so that any exception (Ctrl-C included) leaves the parameters
+        at ``w``; adds this callback to ``trainer`` if it is not there. Idempotent; returns
+        ``trainer``. Done automatically for a callback given as ``Trainer(callbacks=[...])``."""
+        if not callable(getattr(trainer, "train", None)) or not hasattr(trainer, "add_callback"):
+            raise TypeError(f"guard() expects a transformers Trainer, got {type(trainer).__name__}")
+        handler = getattr(trainer, "callback_handler", None)
+        if handler is not None and all(c is not self for c in handler.callbacks):
+            trainer.add_callback(self)
+        if getattr(trainer.train, "_msam_guard", None) is self:
+            return trainer
+        train = trainer.train
+
+        @functools.wraps(train)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return train(*args, **kwargs)
+            except BaseException:
+                restore_w([getattr(trainer, "optimizer", None), *self._seen])
+                raise
+
+        guarded._msam_guard = self  # type: ignore[attr-defined]
+        trainer.train = guarded
+        return trainer
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = _calling_trainer()
+        if trainer is not None:
+            self.guard(trainer)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._seen = self._opts(kwargs)
 
     def _opts(self, kwargs: dict[str, Any]) -> list[Any]:
-        return perturbed_optimizers(kwargs.get("optimizer"))
+        opts = perturbed_optimizers(kwargs.get("optimizer"))
+        self._seen += [o for o in opts if all(o is not s for s in self._seen)]
+        return opts
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for opt in self._opts(kwargs):
@@ -78,7 +124,7 @@ class MSAMTrainerCallback(TrainerCallback):
             self.tracker = self._tracker_arg(kwargs.get("model"), kwargs.get("optimizer"))
         if self.tracker is not None and int(state.global_step) != self._last_step:
             self._last_step = int(state.global_step)
-            self.tracker.maybe_measure(self._last_step)
+            measure(self.tracker, self._last_step)
         self._maybe_to_w(control, kwargs)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -102,6 +148,23 @@ class MSAMTrainerCallback(TrainerCallback):
                 data = kwargs.get("train_dataloader")
             if data is not None:
                 _recalibrate(model, data)
+
+
+def _calling_trainer() -> Any:
+    """The ``transformers.Trainer`` whose method called this callback (its ``__init__`` for
+    ``on_init_end``), found on the call stack; ``None`` if there is none."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
 
 
 _INPUT_KEYS = ("pixel_values", "input_values", "input_ids", "inputs_embeds", "inputs", "x")

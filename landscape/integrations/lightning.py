@@ -27,8 +27,12 @@ What :class:`MSAMCallback` does with every :class:`msam.PerturbedOptimizer` of t
   the trajectory is unchanged; the cost is one pass over the recalibration data per new ``w``
   (validation and checkpoint of the same step share it);
 * at the end of ``fit``: ``optimizer.eval()`` and, if the module has BatchNorm layers and
-  ``recalibrate`` is on, the statistics at ``w`` in the live module, as the MSAM authors do;
-* with ``tracker=``: after every optimizer step, ``tracker.maybe_measure(trainer.global_step)``.
+  ``recalibrate`` is on, :func:`msam.recalibrate_batchnorm` on the training data (or
+  ``recalibrate_data``), as the MSAM authors do;
+* with ``tracker=``: after every optimizer step, ``tracker.maybe_measure(trainer.global_step)``
+  (a tracker that raises is named in a :class:`~landscape.integrations.failures.TrackerError`);
+* on any exception of ``fit`` (a crash, Ctrl-C: Lightning's ``on_exception`` hook):
+  ``optimizer.eval()``, so the parameters are left at ``w``, never at ``w~``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from analysis.sharpness import preserved_state
 from msam import recalibrate_batchnorm
 
 from . import perturbed_optimizers
+from .failures import measure, restore_w
 
 try:
     from lightning.pytorch import Callback
@@ -176,7 +181,12 @@ class MSAMCallback(Callback):
         # with gradient accumulation several batches share one optimizer step: measure once
         if self.tracker is not None and step != self._last_step:
             self._last_step = step
-            self.tracker.maybe_measure(step)
+            measure(self.tracker, step)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Any exception of ``fit``, ``validate``... (Ctrl-C included): parameters back to ``w``."""
+        self._fitting = False
+        restore_w(list(getattr(trainer, "optimizers", []) or []))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._fitting = False

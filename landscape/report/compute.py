@@ -66,6 +66,8 @@ def checkpoint_metrics(
         ``{"loss", "accuracy", "num_samples", "metrics": {name: value}, "settings": {name:
         {"rho", "m", "steps", "samples", "stderr", "num_batches", ...}}, "seconds": {name: s}}``
         (``settings`` holds what each metric actually used, from its result's ``to_dict()``).
+        A metric undefined for this model and data (e.g. PAC-Bayes near chance accuracy) is
+        ``None`` in ``metrics`` and ``{"undefined": reason}`` in ``settings``.
     """
     from analysis.evaluation import evaluate
     from analysis.sharpness.report import sharpness_report
@@ -89,6 +91,10 @@ def checkpoint_metrics(
         rep = sharpness_report(model, loss_fn, data, [base], options={base: opts} if opts else None,
                                seed=seed, progress=progress)
         seconds[name] = time.perf_counter() - t0
+        if base in rep.undefined:  # this metric does not exist here; the others are kept
+            values[name] = None
+            settings[name] = {"undefined": rep.undefined[base]}
+            continue
         values[name] = float(rep.values[base])
         result = rep.results.get(base)
         full = result.to_dict() if hasattr(result, "to_dict") else {}

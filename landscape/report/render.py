@@ -83,7 +83,8 @@ def _table(entries: Sequence[ReportEntry], columns: Sequence[str] | None) -> str
     rows = []
     for e in entries:
         vals = {**e.info, **e.metrics}
-        cells = "".join(f"<td>{_fmt(vals.get(c))}</td>" for c in columns)
+        cells = "".join("<td>undefined</td>" if (e.settings.get(c) or {}).get("undefined")
+                        else f"<td>{_fmt(vals.get(c))}</td>" for c in columns)
         rows.append(f"<tr><td>{html.escape(e.name)}</td>{cells}</tr>")
     return (f"<table class='metrics' id='metrics'><thead><tr><th>checkpoint</th>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
@@ -94,6 +95,9 @@ def _settings_notes(entries: Sequence[ReportEntry]) -> list[str]:
     out: list[str] = []
     for e in entries:
         for metric, st in e.settings.items():
+            if st.get("undefined"):
+                out.append(f"{metric}: undefined for {e.name}: {st['undefined']}")
+                continue
             parts = [f"{k}={_plain(st[k])}" for k in ("rho", "m") if st.get(k) is not None]
             if st.get("steps") is not None:
                 parts.append(f"{st['steps']} ascent steps")

@@ -292,7 +292,10 @@ def slice_2d(
         origin = evaluate_line(s, mover, [(0.0, 0.0)]).cpu().numpy()
         grid = ResumableGrid.open(store, s, xs_arr, ys_arr, (t1, t2), w, buffers, origin,
                                   resume=resume, overwrite=overwrite, row_shard=row_shard)
-        _compute_rows(s, mover, grid, progress, row_shard)
+        try:
+            _compute_rows(s, mover, grid, progress, row_shard)
+        finally:
+            grid.close()  # the store's lock is released however the rows end
         return w, origin, grid
 
     w, origin, grid = s.run(body)

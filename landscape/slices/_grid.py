@@ -30,7 +30,7 @@ def slice_fingerprint(session: Any, xs: np.ndarray, ys: np.ndarray, directions: 
     """What a stored grid must have been computed with to be resumed (one process's view).
 
     Args:
-        session: the slice's :class:`landscape.slices._points._Session`.
+        session: the slice's :class:`landscape.slices._points.Session`.
         xs, ys: the grid coordinates.
         directions: ``(d1, d2)``.
         w: the flat weights at the origin.
@@ -140,6 +140,11 @@ class ResumableGrid:
         store.set_extra(loss_at_origin=float(l0[0]),
                         accuracy_at_origin=float("nan") if a0 is None else float(a0[0]))
         return cls(xs, ys, session.finish, store)
+
+    def close(self) -> None:
+        """Release the store's lock (its finished rows stay readable)."""
+        if self.store is not None:
+            self.store.close()
 
     @property
     def path(self) -> str | None:

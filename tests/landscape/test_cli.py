@@ -626,8 +626,8 @@ def test_tol_top_k_and_m_are_usage_errors_before_any_data_pass(ckpts, capsys, mo
     from landscape.cli import setup as cli_setup
 
     a = str(ckpts / "a.pt")
-    for tol in ("0", "-1e-3", "nan", "inf"):
-        _usage(["hessian", a, *SPEC, "--tol", tol], capsys, f"--tol: expected a finite number > 0, got '{tol}'")
+    for tol in ("0", "-1e-3", "nan", "inf", "1", "2"):  # a relative tolerance: (0, 1)
+        _usage(["hessian", a, *SPEC, "--tol", tol], capsys, f"--tol: expected a number in (0, 1), got '{tol}'")
 
     def no_data_pass(self, model):
         raise AssertionError("a forward pass ran before the option was checked")
@@ -673,16 +673,37 @@ def test_a_stray_rank_silences_nothing_and_rank_1_of_torchrun_leaves_usage_error
     assert _run(["hessian", a, *SPEC, "--tol", "0"], capsys)[2].count("error:") == 1
 
 
-def test_bad_checkpoints_refused_up_front_naming_every_file(ckpts, tmp_path, capsys, no_compute):
+def test_bad_checkpoints_listed_with_reasons_and_the_good_ones_computed(ckpts, tmp_path, capsys):
+    """Issue 26 item 6: a truncated checkpoint (a save killed midway) among good ones: the good
+    ones are computed and written, the bad ones listed with their reason, exit non-zero."""
     d = tmp_path / "runs"
     d.mkdir()
     shutil.copy(ckpts / "a.pt", d / "a.pt")
     (d / "c.pt").write_bytes((ckpts / "b.pt").read_bytes()[:500])  # truncated copy
     (d / "e.pt").write_bytes(b"")
     js = tmp_path / "s.json"
-    err = _fails(["sharpness", str(d), *SPEC, "--json", str(js)], capsys, "2 of 3 checkpoints cannot be used")
+    code, out, err = _run(["sharpness", str(d), *SPEC, "--metric", "lambda_max", "--json", str(js)], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "landscape sharpness: error: 2 of 3 checkpoints failed (c.pt, e.pt); the others were computed")
+    doc = json.loads(js.read_text())
+    assert [pathlib.Path(r["checkpoint"]).name for r in doc["checkpoints"]] == ["a.pt"]
+    reasons = {pathlib.Path(e["checkpoint"]).name: e["error"] for e in doc["errors"]}
+    assert "damaged or truncated zip archive" in reasons["c.pt"] and "is empty" in reasons["e.pt"]
+    ref = evaluate(_model(ckpts / "a.pt"), "cross_entropy", _data()).loss
+    assert doc["checkpoints"][0]["loss"] == pytest.approx(ref, rel=1e-6)
+    assert "c.pt (failed)" in out and "failed: c.pt: " in out
+
+
+def test_all_bad_checkpoints_refused_up_front_naming_every_file(ckpts, tmp_path, capsys, no_compute):
+    d = tmp_path / "runs"
+    d.mkdir()
+    (d / "c.pt").write_bytes((ckpts / "b.pt").read_bytes()[:500])  # truncated copy
+    (d / "e.pt").write_bytes(b"")
+    js = tmp_path / "s.json"
+    err = _fails(["sharpness", str(d), *SPEC, "--json", str(js)], capsys, "2 of 2 checkpoints cannot be used")
     assert f"{d / 'c.pt'} is a damaged or truncated zip archive" in err
-    assert f"{d / 'e.pt'} is empty" in err and "a.pt" not in err.split("used")[1]
+    assert f"{d / 'e.pt'} is empty" in err
     assert not js.exists()
 
 

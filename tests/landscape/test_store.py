@@ -40,7 +40,9 @@ def test_round_trip_and_pending_rows(tmp_path):
     assert _store(path).complete
     # resume=False ignores the finished rows (they will be recomputed and replaced)
     assert _store(path, resume=False).pending_rows() == [0, 1, 2]
-    # no temporary files left behind
+    # no temporary files left behind, and no lock file once the writers are closed
+    s.close()
+    t.close()
     assert sorted(p.name for p in path.parent.iterdir()) == ["grid.npz"]
 
 
@@ -70,6 +72,7 @@ def test_write_is_atomic_when_saving_fails(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         s.write_row(1, {"loss": np.zeros(2), "accuracy": np.zeros(2)})
     assert path.read_bytes() == before
+    s.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.npz"]
 
 

@@ -104,3 +104,39 @@ def test_frozen_stats_instance_norm_and_eval_mode():
     expected = bn(x)
     with frozen_batchnorm_stats(bn):
         torch.testing.assert_close(bn(x), expected, rtol=0, atol=0)
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+
+
+def test_recalibrate_one_sample_last_batch_is_a_clear_error_and_changes_nothing():
+    """Issue 26 item 9: BatchNorm1d cannot take a variance from one sample: the error names the
+    batch and the fix, and the running statistics are those from before the call."""
+    from msam import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2),
+                                torch.nn.BatchNorm1d(2))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 4))
+    model.eval()
+    before = _bn_state(model)
+    x = torch.randn(9, 4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(9)), batch_size=4)
+    with pytest.raises(ValueError, match=r"batch 2 has 1 sample.*drop_last=True"):
+        recalibrate_batchnorm(model, loader)
+    after = _bn_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training and all(not m.training for m in model.modules())
+    # any other failure mid-way restores the statistics too
+    def bad_batches():
+        yield torch.randn(4, 4), None
+        raise RuntimeError("the data loader worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        recalibrate_batchnorm(model, bad_batches())
+    after = _bn_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)

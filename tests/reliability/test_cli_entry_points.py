@@ -101,17 +101,37 @@ def test_every_bad_file_is_one_line_exit_1(cmd, tmp_path, capsys, no_compute):
 
 
 @pytest.mark.parametrize("cmd", ["sharpness", "report"])
-def test_good_and_bad_files_together_name_every_bad_one(cmd, tmp_path, capsys, no_compute):
+def test_good_and_bad_files_together_compute_the_good_and_name_every_bad_one(cmd, tmp_path, capsys):
+    """Issue 26 item 6: the good checkpoint is computed and written, every bad one is listed
+    with its reason, exit 1."""
     good, bad = _corpus(tmp_path)
-    argv = _argv(cmd, good, tmp_path)
+    argv = _argv(cmd, good, tmp_path) + (["--metric", "lambda_max"] if cmd == "sharpness" else
+                                         ["--steps-1d", "3", "--steps-2d", "3", "--no-density"])
     argv[2:2] = [str(p) for p in bad.values()]
+    code, out, err = _run_with_timeout(argv, capsys, seconds=300)
+    lines = err.strip().splitlines()
+    assert code == 1 and "Traceback" not in err, err
+    assert lines[-1].startswith(f"landscape {cmd}: error: {len(bad)} of {len(bad) + 1} checkpoints "
+                                "failed"), err
+    assert "the others were computed" in lines[-1]
+    assert str(good) not in lines[-1]
+    listing = out if cmd == "sharpness" else (tmp_path / "r.html").read_text()
+    assert "good.pt" in listing  # computed and shown
+    for kind, path in bad.items():  # each bad one listed with its reason
+        assert f"{path} {EXPECT[kind]}" in listing, (kind, listing)
+
+
+@pytest.mark.parametrize("cmd", ["sharpness", "report"])
+def test_only_bad_files_are_refused_up_front_naming_every_one(cmd, tmp_path, capsys, no_compute):
+    _, bad = _corpus(tmp_path)
+    argv = _argv(cmd, next(iter(bad.values())), tmp_path)
+    argv[2:2] = [str(p) for p in list(bad.values())[1:]]
     code, _, err = _run_with_timeout(argv, capsys)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
-    assert f"{len(bad)} of {len(bad) + 1} checkpoints cannot be used (nothing was computed)" in lines[0]
+    assert f"{len(bad)} of {len(bad)} checkpoints cannot be used (nothing was computed)" in lines[0]
     for path in bad.values():
         assert str(path) in lines[0]
-    assert str(good) not in lines[0]
 
 
 def test_directory_scan_skips_a_fifo_and_checks_the_rest(tmp_path, capsys):
