@@ -131,21 +131,11 @@ def test_a_killed_holder_leaves_no_lock_and_its_stale_temporaries_are_removed(tm
 
 
 def test_store_under_a_file_fails_when_opened_not_at_the_first_write(tmp_path):
+    # any folder the lock file cannot be created in (read-only, under a file) takes this path;
+    # a file as the parent fails also for root, whom a read-only folder does not stop
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OSError, match="afile"):
         GridStore(tmp_path / "afile" / "g.npz", {"kind": "x"}, [0.0], [0.0], ["loss"])
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_store_in_an_unwritable_folder_fails_when_opened(tmp_path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        with pytest.raises(OSError, match="ro"):
-            GridStore(folder / "g.npz", {"kind": "x"}, [0.0], [0.0], ["loss"])
-    finally:
-        folder.chmod(0o700)
 
 
 def test_same_process_reopen_and_close_is_idempotent(tmp_path):
