@@ -112,7 +112,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -134,6 +134,7 @@ from .krylov import (  # noqa: F401 (re-exported: the old import paths)
 from .operators.adapters import _CallableOperator, _TensorOperator, as_linear_operator  # noqa: F401
 from .results import Result
 from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
+from .uncertainty import DEFAULT_MIN_UNITS, DataStdError, check_stderr_args, eigenvalue_data_stderr
 
 __all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
            "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
@@ -169,6 +170,10 @@ class EigenResult(Result):
             as needed, in chunks).
         memory_bound_bytes: ``(max_basis + 3) * n * itemsize``, the bound on the peak extra
             memory outside the products (eigenvectors included).
+        data_stderr: ``(k,)`` float64 tensor, each eigenvalue's data-sampling standard error
+            (per-unit Rayleigh quotients, :mod:`analysis.uncertainty`; ``nan`` where undefined,
+            ``None`` when not asked); beside ``error_bounds``, the convergence error.
+        data_sampling: its :class:`~analysis.uncertainty.DataStdError` (units, cost, reason).
     """
 
     eigenvalues: torch.Tensor
@@ -183,6 +188,8 @@ class EigenResult(Result):
     tol: float
     basis_bytes: int = 0
     memory_bound_bytes: int = 0
+    data_stderr: torch.Tensor | None = None
+    data_sampling: DataStdError | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dictionary (the eigenvectors are left out: they are ``k x n`` numbers)."""
@@ -210,6 +217,8 @@ def top_eigenpairs(
     basis_device: Any = None,
     pin_memory: bool | None = None,
     reorth: str = "partial",
+    data_stderr: bool = True,
+    min_units: int = DEFAULT_MIN_UNITS,
     **operator_kwargs: Any,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian (or any symmetric operator) by Lanczos.
@@ -252,6 +261,10 @@ def top_eigenpairs(
         reorth: ``"partial"`` (default): reorthogonalize against the basis only when the
             estimated loss of orthogonality exceeds ``sqrt(eps)`` (Simon 1984, see the module
             docstring); ``"full"``: one Gram-Schmidt pass over the basis at every step.
+        data_stderr: also the eigenvalues' data-sampling standard errors (default True; ``k``
+            more products in one pass, counted in ``num_matvecs``): see
+            :func:`analysis.uncertainty.eigenvalue_data_stderr`.
+        min_units: the fewest sampling units of that standard error (default 16).
 
     Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` plus one product's working memory
     (see the module docstring); reported in :attr:`EigenResult.basis_bytes` and
@@ -269,6 +282,7 @@ def top_eigenpairs(
     n, max_basis, max_iter = _check_arguments(op, k, which, tol, max_iter, max_basis)
     if reorth not in ("partial", "full"):
         raise ValueError(f"reorth must be 'partial' or 'full', got {reorth!r}")
+    check_stderr_args(data_stderr, min_units)
     run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory,
                    reorth)
     run.start(_start_vector(op, v0, which, run))
@@ -278,7 +292,12 @@ def top_eigenpairs(
             break
     if hasattr(bar, "close"):
         bar.close()
-    return run.result()
+    res = run.result()
+    if not data_stderr:
+        return res
+    se = eigenvalue_data_stderr(op, res.eigenvectors, min_units=min_units)
+    return replace(res, data_stderr=torch.tensor(se.stderr, dtype=torch.float64),
+                   data_sampling=se, num_matvecs=res.num_matvecs + se.matvecs)
 
 
 def default_max_basis(n: int, k: int) -> int:

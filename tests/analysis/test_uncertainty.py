@@ -1,0 +1,217 @@
+"""Data-sampling standard errors (issue 26 item 14): hand-computed references on tiny cases and
+calibration over random data subsets of a population with a known full-data value."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from analysis.lanczos import top_eigenpairs
+from analysis.operators.hessian import HessianOperator
+from analysis.reference import dense_hessian
+from analysis.trace import hessian_trace
+from analysis.uncertainty import (
+    data_stderr_from_units,
+    groups_per_batch,
+    split_samples,
+    weighted_mean_stderr,
+)
+from tests.models import classification_data, mlp
+
+
+def _se_by_hand(x, w):
+    """``sqrt(U / (U - 1) * sum_u (w_u / W)^2 (x_u - xbar)^2)`` in numpy."""
+    x, w = np.asarray(x, dtype=np.float64), np.asarray(w, dtype=np.float64)
+    p = w / w.sum()
+    mean = (p * x).sum()
+    return math.sqrt(len(x) / (len(x) - 1) * (p * p * (x - mean) ** 2).sum())
+
+
+def test_weighted_mean_stderr_formula_and_equal_weights():
+    x = [1.0, 2.0, 4.0, 7.0]
+    # equal weights: the textbook s / sqrt(U)
+    assert float(weighted_mean_stderr(x, [3, 3, 3, 3])) == pytest.approx(np.std(x, ddof=1) / 2)
+    w = [1, 5, 2, 9]
+    assert float(weighted_mean_stderr(x, w)) == pytest.approx(_se_by_hand(x, w), rel=1e-12)
+    cols = weighted_mean_stderr(torch.tensor([x, [2 * v for v in x]]).T, w)
+    assert cols.shape == (2,) and float(cols[1]) == pytest.approx(2 * _se_by_hand(x, w))
+    assert math.isnan(float(weighted_mean_stderr([1.0], [4])))
+
+
+@pytest.mark.parametrize("values, weights, match", [
+    ([1.0, 2.0], [1.0], "2 values but 1 weights"),
+    ([1.0, 2.0], [1.0, -1.0], "weights must be"),
+    ([1.0, 2.0], [0.0, 0.0], "weights must be"),
+])
+def test_weighted_mean_stderr_refuses_bad_weights(values, weights, match):
+    with pytest.raises(ValueError, match=match):
+        weighted_mean_stderr(values, weights)
+
+
+def test_split_samples_contiguous_near_equal_groups():
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    parts = split_samples(x, y, 10, 4)
+    assert [n for _, _, n in parts] == [3, 3, 2, 2]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+    assert len(split_samples(x, y, 3, 16)) == 3  # at most one group per sample
+    d = {"input_ids": torch.zeros(6, 2)}
+    assert all(xg is yg for xg, yg, _ in split_samples(d, d, 6, 3))  # a dict batch stays its own target
+    assert groups_per_batch(1) == 16 and groups_per_batch(20) == 1 and groups_per_batch(5, 16) == 4
+    with pytest.raises(ValueError, match="min_units must be an integer >= 2, got 1"):
+        groups_per_batch(3, 1)
+
+
+def test_one_unit_is_undefined_with_the_reason():
+    se = data_stderr_from_units([5], [[1.0]], groups=16)
+    assert math.isnan(se.stderr[0]) and "at least 2" in se.reason and se.units == 1
+
+
+def _batches(x, y, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append((x[start:start + s], y[start:start + s]))
+        start += s
+    return out
+
+
+@pytest.mark.parametrize("case", ["three batches", "one batch split in groups"])
+def test_eigenvalue_stderr_matches_dense_per_unit_rayleigh_quotients(case):
+    # the SE by hand: float64 dense Hessians of each unit, Rayleigh quotients of the returned
+    # eigenvectors, the weighted-mean SE formula with the units' sample counts
+    model = mlp(d=4, hidden=3, classes=3, seed=1)
+    x, y = classification_data(n=16, d=4, seed=3)
+    if case == "three batches":
+        data, min_units = _batches(x, y, [5, 7, 4]), 3
+        units = data
+    else:
+        data, min_units = (x, y), 5
+        units = [(xg, yg) for xg, yg, _ in split_samples(x, y, 16, 5)]  # 4, 3, 3, 3, 3
+    res = top_eigenpairs(model, "cross_entropy", data, k=2, tol=1e-8, min_units=min_units)
+    V = res.eigenvectors.double()
+    quotients = np.array([[float(V[i] @ dense_hessian(model, "cross_entropy", u) @ V[i])
+                           for i in range(2)] for u in units])
+    weights = [len(u[1]) for u in units]
+    assert res.data_sampling.units == len(units)
+    assert res.data_sampling.unit == ("batch" if case == "three batches" else "group")
+    np.testing.assert_allclose(np.array(res.data_sampling.unit_values), quotients, rtol=1e-9,
+                               atol=1e-12)
+    for i in range(2):
+        expected = _se_by_hand(quotients[:, i], weights)
+        assert float(res.data_stderr[i]) == pytest.approx(expected, rel=1e-8)
+        # the weighted mean of the unit quotients is the eigenvalue
+        p = np.array(weights) / sum(weights)
+        assert (p * quotients[:, i]).sum() == pytest.approx(float(res.eigenvalues[i]), rel=1e-7)
+    assert res.data_sampling.matvecs == 2
+    assert "data_stderr" in res.to_dict() and res.to_dict()["data_sampling"]["units"] == len(units)
+
+
+def test_eigenvalue_stderr_off_costs_nothing_and_counts_its_products():
+    model = mlp(seed=2)
+    x, y = classification_data(n=40, seed=2)
+    op = HessianOperator(model, "cross_entropy", (x, y))
+    on = top_eigenpairs(op, k=2)
+    before = op.num_matvecs
+    off = top_eigenpairs(op, k=2, data_stderr=False)
+    assert off.data_stderr is None and off.data_sampling is None
+    assert torch.equal(on.eigenvalues, off.eigenvalues)
+    assert on.num_matvecs == off.num_matvecs + 2 == op.num_matvecs - before + 2
+    with pytest.raises(ValueError, match="min_units must be an integer >= 2, got 0"):
+        top_eigenpairs(op, k=1, min_units=0)
+    with pytest.raises(TypeError, match="data_stderr must be True or False, got 'yes'"):
+        top_eigenpairs(op, k=1, data_stderr="yes")
+    assert op.num_matvecs == before + off.num_matvecs  # refused before any product
+
+
+def test_eigenvalue_stderr_undefined_without_data():
+    res = top_eigenpairs(torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64)), k=1)
+    assert math.isnan(float(res.data_stderr[0])) and "no data" in res.data_sampling.reason
+
+
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+@pytest.mark.parametrize("batch_size", [None, 5, 2])
+def test_trace_stderr_is_the_per_unit_estimator_at_no_extra_product(method, batch_size):
+    model = mlp(d=4, hidden=3, classes=3, seed=1)
+    x, y = classification_data(n=40, d=4, seed=3)
+    op = HessianOperator(model, "cross_entropy", (x, y), batch_size=batch_size)
+    res = hessian_trace(op, num_matvecs=12, method=method)
+    off = hessian_trace(op, num_matvecs=12, method=method, data_stderr=False)
+    assert res.num_matvecs == off.num_matvecs and res.estimate == pytest.approx(off.estimate, rel=1e-12)
+    ds = res.data_sampling
+    # one batch: 16 groups; 8 batches: 2 groups each; 20 batches: the batches
+    assert (ds.units, ds.unit, ds.groups_per_batch) == {None: (16, "group", 16), 5: (16, "group", 2),
+                                                        2: (20, "batch", 1)}[batch_size]
+    t, v = np.array(ds.unit_terms), np.array(ds.unit_values)[:, 0]
+    assert (t * v).sum() / t.sum() == pytest.approx(res.estimate, rel=1e-10)
+    assert res.data_stderr == pytest.approx(_se_by_hand(v, t), rel=1e-12)
+
+
+def test_trace_stderr_of_an_exact_trace_matches_dense_per_unit_traces():
+    # Hutch++ with a budget of 3n is exact: T_u = tr(H_u), by dense float64 Hessians
+    model = mlp(d=3, hidden=2, classes=2, seed=4)
+    x, y = classification_data(n=12, d=3, classes=2, seed=5)
+    data = _batches(x, y, [4, 5, 3])
+    n = sum(p.numel() for p in model.parameters())
+    res = hessian_trace(model, "cross_entropy", data, num_matvecs=3 * n, min_units=3)
+    traces = [float(torch.trace(dense_hessian(model, "cross_entropy", b))) for b in data]
+    np.testing.assert_allclose(np.array(res.data_sampling.unit_values)[:, 0], traces, rtol=1e-9)
+    assert res.std_error == 0 and res.data_stderr == pytest.approx(_se_by_hand(traces, [4, 5, 3]),
+                                                                   rel=1e-8)
+
+
+# --------------------------------------------------------------------------------------------
+# calibration: value +- 2 SE covers the full-data value at the nominal rate
+
+
+def _population(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs with one dominant direction (a well separated top eigenvalue) and noisy targets."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([2.0, 1.0, 0.8, 0.6], dtype=torch.float64)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64) * scale
+    y = torch.tanh(x @ torch.tensor([0.5, -0.3, 0.2, 0.1], dtype=torch.float64))[:, None]
+    return x, y + 0.1 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+
+
+def _tanh_model(hidden: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, hidden), nn.Tanh(), nn.Linear(hidden, 1)).double()
+
+
+def _calibration(estimate, population, *, subsets: int, n: int, seed: int = 0) -> tuple[float, float]:
+    """Over ``subsets`` random subsets of ``n`` samples (without replacement): the fraction of
+    intervals ``value +- 2 SE`` that cover the full-data value, and the ratio of the root mean
+    square SE to the observed root mean square error of the values."""
+    x, y = population
+    full, _ = estimate(population, False)
+    g = torch.Generator().manual_seed(seed)
+    hits, errors, ses = 0, [], []
+    for _ in range(subsets):
+        idx = torch.randperm(x.shape[0], generator=g)[:n]
+        value, se = estimate((x[idx], y[idx]), True)
+        assert se > 0 and math.isfinite(se)
+        hits += abs(value - full) <= 2 * se
+        errors.append(value - full)
+        ses.append(se)
+    return hits / subsets, math.sqrt(np.mean(np.square(ses)) / np.mean(np.square(errors)))
+
+
+def _lambda_max(data, with_se: bool):
+    res = top_eigenpairs(_tanh_model(), "mse", data, k=1, tol=1e-6, data_stderr=with_se)
+    return float(res.eigenvalues[0]), float(res.data_stderr[0]) if with_se else None
+
+
+def _trace(data, with_se: bool):
+    # Hutch++ with a budget of 3n is exact (13 parameters): only the data vary
+    res = hessian_trace(_tanh_model(hidden=2), "mse", data, num_matvecs=3 * 13, data_stderr=with_se)
+    return res.estimate, res.data_stderr
+
+
+@pytest.mark.parametrize("estimate", [_lambda_max, _trace], ids=["lambda_max", "trace"])
+def test_calibration_two_se_cover_the_full_data_value(estimate):
+    # one batch of 192 samples, split into 16 groups of 12: nominal coverage P(|t_15| < 2) = 0.94
+    coverage, ratio = _calibration(estimate, _population(20000, seed=1), subsets=60, n=192)
+    assert coverage >= 0.9
+    assert 0.7 < ratio < 1.4  # the SE is the size of the actual error, not just large
