@@ -215,3 +215,132 @@ def test_calibration_two_se_cover_the_full_data_value(estimate):
     coverage, ratio = _calibration(estimate, _population(20000, seed=1), subsets=60, n=192)
     assert coverage >= 0.9
     assert 0.7 < ratio < 1.4  # the SE is the size of the actual error, not just large
+
+
+# --------------------------------------------------------------------------------------------
+# sharpness metrics: per-unit values at the found perturbation
+
+
+def _unit_losses_by_hand(model, units, delta=None):
+    """Mean cross-entropy of each unit at ``w + delta`` (float64, plain torch)."""
+    from analysis.params import ParameterSpace
+
+    space = ParameterSpace(model)
+    w0 = space.vector()
+    try:
+        if delta is not None:
+            space.copy_(w0 + delta)
+        with torch.no_grad():
+            return [float(torch.nn.functional.cross_entropy(model(xu), yu)) for xu, yu in units]
+    finally:
+        space.copy_(w0)
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_directional_stderr_matches_per_unit_loss_differences(batch_size):
+    from analysis.sharpness.directional import directional_sharpness
+
+    model = mlp(d=4, hidden=3, classes=3, seed=1)
+    x, y = classification_data(n=24, d=4, seed=3)
+    d = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    radii = [0.2, -0.5]
+    res = directional_sharpness(model, "cross_entropy", (x, y), d, radii, batch_size=batch_size,
+                                min_units=6)
+    off = directional_sharpness(model, "cross_entropy", (x, y), d, radii, batch_size=batch_size,
+                                data_stderr=False)
+    if batch_size is None:  # one batch: 6 groups of 4
+        units = [(xg, yg) for xg, yg, _ in split_samples(x, y, 24, 6)]
+        assert res.values == pytest.approx(off.values, rel=1e-10)
+    else:  # 8 batches of 3: the batches are the units, the numbers bit for bit those without SE
+        units = [(x[i:i + 3], y[i:i + 3]) for i in range(0, 24, 3)]
+        assert res.values == off.values
+    assert off.data_stderr is None and off.data_sampling is None
+    base = _unit_losses_by_hand(model, units)
+    for j, r in enumerate(radii):
+        moved = _unit_losses_by_hand(model, units, r * d / d.norm())
+        diffs = [m - b for m, b in zip(moved, base)]
+        assert res.data_stderr[j] == pytest.approx(_se_by_hand(diffs, [len(u[1]) for u in units]),
+                                                   rel=1e-8)
+    assert res.forward_samples == off.forward_samples  # no extra pass
+
+
+@pytest.mark.parametrize("method", ["lbfgsb", "apgd"])
+def test_epsilon_stderr_is_the_linearized_ratio_of_unit_losses(method):
+    from analysis.sharpness.epsilon import epsilon_sharpness
+
+    model = mlp(d=4, hidden=3, classes=3, seed=1)
+    x, y = classification_data(n=30, d=4, seed=3)
+    res = epsilon_sharpness(model, "cross_entropy", (x, y), method=method, epsilon=1e-2,
+                            min_units=5)
+    off = epsilon_sharpness(model, "cross_entropy", (x, y), method=method, epsilon=1e-2,
+                            data_stderr=False)
+    assert res.value == off.value and res.value > 0
+    assert res.forward_samples == off.forward_samples + 2 * 30  # two passes
+    ds = res.data_sampling
+    assert ds.units == 5 and ds.forward_passes == 2 and ds.unit_terms == (6,) * 5
+    # the pseudo-values average to the value and the SE is the formula's (the losses at the
+    # found box point are checked through the value: the weighted mean of b_u is max_loss)
+    a, b = res.loss, res.max_loss
+    base = _unit_losses_by_hand(model, [(xg, yg) for xg, yg, _ in split_samples(x, y, 30, 5)])
+    xs = np.array(ds.unit_values)[:, 0]
+    b_u = np.array(base) + (xs + 100 * (b - a) * (np.array(base) - a) / (1 + a) ** 2) * (1 + a) / 100
+    assert b_u.mean() == pytest.approx(b, rel=1e-10) and xs.mean() == pytest.approx(res.value, rel=1e-9)
+    assert (b_u >= np.array(base) - 1e-12).sum() >= 3  # the box point raises most units' losses
+    assert res.data_stderr == pytest.approx(float(np.std(xs, ddof=1) / math.sqrt(5)), rel=1e-10)
+
+
+def test_pac_bayes_stderr_from_per_unit_accuracy_drops():
+    from analysis.sharpness.pac_bayes import pac_bayes_flatness
+
+    model = mlp(d=4, hidden=8, classes=3, seed=1)
+    x, y = classification_data(n=64, d=4, seed=3)
+    y = model(x).argmax(1).detach()  # accuracy 1 at w
+    res = pac_bayes_flatness(model, "cross_entropy", (x, y), draws=4, min_units=8)
+    off = pac_bayes_flatness(model, "cross_entropy", (x, y), draws=4, data_stderr=False)
+    assert res.flatness == off.flatness and off.data_stderr is None
+    # the units' accuracy drops at sigma with the same seeded draws, by hand
+    from analysis.params import ParameterSpace
+
+    space = ParameterSpace(model)
+    w0 = space.vector()
+    units = [(xg, yg) for xg, yg, _ in split_samples(x, y, 64, 8)]
+    drops = np.zeros(8)
+    with torch.no_grad():
+        for k in range(4):
+            g = torch.Generator().manual_seed(k)
+            space.copy_(w0 + res.sigma * torch.randn(space.numel, generator=g, dtype=torch.float64))
+            drops += [1 - float((model(xu).argmax(1) == yu).double().mean()) for xu, yu in units]
+        space.copy_(w0)
+    drops /= 4
+    assert drops.mean() == pytest.approx(res.deviation, abs=1e-12)
+    xs = np.array(res.data_sampling.unit_values)[:, 0]
+    factor = xs[drops != 0][0] / drops[drops != 0][0]  # d flatness / dD, negative
+    np.testing.assert_allclose(xs, factor * drops, rtol=1e-12, atol=1e-12)
+    assert factor < 0 and len(set(drops.tolist())) > 1
+    assert res.data_stderr == pytest.approx(abs(factor) * np.std(drops, ddof=1) / math.sqrt(8))
+    assert res.data_sampling.forward_passes == 5
+
+
+def _directional(data, with_se: bool):
+    from analysis.sharpness.directional import directional_sharpness
+
+    model = _tanh_model()
+    d = torch.ones(19, dtype=torch.float64)
+    res = directional_sharpness(model, "mse", data, d, [0.5], data_stderr=with_se)
+    return res.values[0], res.data_stderr[0] if with_se else None
+
+
+def _epsilon(data, with_se: bool):
+    from analysis.sharpness.epsilon import epsilon_sharpness
+
+    res = epsilon_sharpness(_tanh_model(), "mse", data, epsilon=0.05, steps=5,
+                            data_stderr=with_se)
+    return res.value, res.data_stderr
+
+
+@pytest.mark.parametrize("estimate", [_directional, _epsilon], ids=["directional", "epsilon"])
+def test_calibration_of_sharpness_stderr(estimate):
+    coverage, ratio = _calibration(estimate, _population(20000, seed=1), subsets=60, n=192)
+    assert coverage >= 0.9
+    assert 0.7 < ratio < 1.4
