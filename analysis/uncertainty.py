@@ -56,7 +56,7 @@ from .results import Result
 
 __all__ = ["DEFAULT_MIN_UNITS", "DataStdError", "weighted_mean_stderr", "groups_per_batch",
            "split_samples", "gather_units", "data_stderr_from_units", "eigenvalue_data_stderr",
-           "check_stderr_args", "UnitForms", "no_data_stderr"]
+           "check_stderr_args", "UnitForms", "no_data_stderr", "headline_stderr"]
 
 #: The fewest sampling units a standard error is computed from (batches split into groups below).
 DEFAULT_MIN_UNITS = 16
@@ -197,6 +197,20 @@ def data_stderr_from_units(terms: Sequence[int], values: Any, *, groups: int,
         stderr=tuple(float(s) for s in se), units=len(t), unit="group" if groups > 1 else "batch",
         groups_per_batch=int(groups), matvecs=int(matvecs), forward_passes=int(forward_passes),
         reason=reason, unit_terms=tuple(t), unit_values=tuple(tuple(r) for r in x.tolist()))
+
+
+def headline_stderr(result: Any) -> float | None:
+    """The data-sampling standard error of a result's headline number: ``data_stderr`` (its
+    first entry for eigenvalues and directional values) or, for m-sharpness, ``stderr`` (over
+    its batches of ``m``); ``None`` when the result has none."""
+    se = getattr(result, "data_stderr", None)
+    if se is None:
+        se = getattr(result, "stderr", None)
+    if isinstance(se, torch.Tensor):
+        se = se.reshape(-1)[0] if se.numel() else None
+    elif isinstance(se, (tuple, list)):
+        se = se[0] if se else None
+    return None if se is None else float(se)
 
 
 def no_data_stderr(k: int, what: str) -> DataStdError:

@@ -302,8 +302,8 @@ class HessianOperator(CurvatureOperator):
         """``C_u V`` of one unit (:meth:`unit_products`): one batched product for a block under
         forward-over-reverse or double backward (a column at a time otherwise, or when the
         batched product fails)."""
-        if V.shape[1] > 1 and self.batched_fallback_reason is None and self.method in (
-                "forward-over-reverse", "double-backward"):
+        if V.shape[1] > 1 and self.batched_fallback_reason is None and (key is None or self.method in (
+                "forward-over-reverse", "double-backward")):  # a group has no cached graph
             try:
                 block = self._block_product(state, self._block_dict(V), x, y, weight, None)
                 return block.T.div_(weight)

@@ -14,6 +14,7 @@ from ..data import Data, DataSource
 from ..evaluation import resolve_loss
 from ..losses import LossFn
 from ..results import Result, to_jsonable
+from ..uncertainty import headline_stderr
 from ._common import _check_model
 from .epsilon import epsilon_sharpness
 from .m_sharpness import sharpness
@@ -35,11 +36,15 @@ class SharpnessReport(Result):
             ``lambda_max``, trace estimate).
         results: ``{metric: full result object}``.
         seconds: wall-clock seconds per metric.
+        stderrs: ``{metric: data-sampling standard error of the headline number}``
+            (:func:`analysis.uncertainty.headline_stderr`; ``nan`` where undefined, absent where
+            turned off).
     """
 
     values: dict[str, float]
     results: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    stderrs: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +52,7 @@ class SharpnessReport(Result):
             "results": {k: (v.to_dict() if hasattr(v, "to_dict") else to_jsonable(v))
                         for k, v in self.results.items()},
             "seconds": to_jsonable(self.seconds),
+            "stderrs": to_jsonable(self.stderrs),
         }
 
     def __getitem__(self, metric: str) -> float:
@@ -118,8 +124,8 @@ def sharpness_report(
         seed, mode, progress: passed to every metric.
 
     Returns:
-        :class:`SharpnessReport` with ``values[metric]`` the headline number and
-        ``to_dict()`` JSON-ready.
+        :class:`SharpnessReport` with ``values[metric]`` the headline number,
+        ``stderrs[metric]`` its data-sampling standard error and ``to_dict()`` JSON-ready.
     """
     _check_model(model)
     metrics, options = _check_report_args(metrics, options)
@@ -127,6 +133,7 @@ def sharpness_report(
     values: dict[str, float] = {}
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+    stderrs: dict[str, float] = {}
     common = {"seed": seed, "mode": mode}
     for name in metrics:
         kw = {**_REPORT_DEFAULTS[name], **common, **dict(options.get(name, {}))}
@@ -136,7 +143,10 @@ def sharpness_report(
         seconds[name] = time.perf_counter() - t0
         values[name] = float(val)
         results[name] = res
-    return SharpnessReport(values=values, results=results, seconds=seconds)
+        se = headline_stderr(res)
+        if se is not None:
+            stderrs[name] = se
+    return SharpnessReport(values=values, results=results, seconds=seconds, stderrs=stderrs)
 
 
 def _check_report_args(metrics: Any, options: Any) -> tuple[list[str], dict[str, Any]]:
@@ -197,5 +207,6 @@ def _run_metric(name: str, model: nn.Module, loss_fn: LossFn, data: Data | DataS
     op_mode = kw.pop("mode", mode)
     with preserved_state(model):
         op = HessianOperator(model, loss_fn, data, mode=op_mode)
+        kw.setdefault("data_stderr", True)  # the report shows it (data_stderr=False: not)
         res = hessian_trace(op, seed=seed, **kw)
     return res, float(res.estimate)

@@ -8,7 +8,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from landscape._format import format_table, format_value
+from landscape._format import STDERR_LINE, WithError, format_table, format_value
 from landscape.defaults import cli_default
 
 from . import estimate as E
@@ -107,13 +107,15 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
                 **({"checkpoint_keys": keys} if any(keys.values()) else {})}
 
     records, failures = per_file(paths, ctx, work)
-    header = ["checkpoint", "loss", "accuracy", *metrics]
+    header = ["checkpoint", "loss", "accuracy", *[f"{m} +- SE" for m in metrics]]
     rows = [[label(pathlib.Path(r["checkpoint"]), paths) + (" *" if r.get("checkpoint_keys") else ""),
-             r["loss"], r["accuracy"], *[r["metrics"][m] for m in metrics]] for r in records]
+             r["loss"], r["accuracy"],
+             *[WithError(r["metrics"][m], r["stderr"].get(m)) for m in metrics]] for r in records]
     rows += [[label(pathlib.Path(f["checkpoint"]), paths) + " (failed)", None, None,
               *[None] * len(metrics)] for f in failures]
     text = format_table(header, rows)
     notes = settings_notes(metrics, records, m_given=args.m is not None)
+    notes += [STDERR_LINE] if records else []
     notes += keys_note(records, paths)
     notes += [f"failed: {label(pathlib.Path(f['checkpoint']), paths)}: {f['error']}" for f in failures]
     if notes:

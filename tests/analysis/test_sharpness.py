@@ -234,6 +234,7 @@ def test_each_batch_of_m_is_maximized_on_its_own():
     # n_eval caps the samples
     res3 = sharpness(model, "cross_entropy", (x, y), n_eval=16, **kw)
     assert res3.num_batches == 1 and math.isnan(res3.stderr)
+    assert "one batch of m=16 samples" in res3.stderr_reason and res.stderr_reason is None
 
 
 def test_pass_counts():

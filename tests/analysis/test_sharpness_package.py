@@ -54,7 +54,7 @@ FIELDS = {
         "value", "stderr", "loss", "perturbed_loss", "kind", "rho", "adaptive", "norm", "m",
         "steps", "samples", "seed", "mode", "num_batches", "num_samples", "batch_values",
         "forward_passes", "backward_passes", "forward_samples", "backward_samples", "restarts",
-        "lower_bound", "num_terms", "batch_terms"),
+        "lower_bound", "num_terms", "batch_terms", "stderr_reason"),
     EpsilonSharpnessResult: (
         "value", "loss", "max_loss", "epsilon", "method", "steps", "seed", "mode", "num_samples",
         "forward_passes", "backward_passes", "forward_samples", "backward_samples",

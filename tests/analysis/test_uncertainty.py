@@ -137,7 +137,7 @@ def test_trace_stderr_is_the_per_unit_estimator_at_no_extra_product(method, batc
     model = mlp(d=4, hidden=3, classes=3, seed=1)
     x, y = classification_data(n=40, d=4, seed=3)
     op = HessianOperator(model, "cross_entropy", (x, y), batch_size=batch_size)
-    res = hessian_trace(op, num_matvecs=12, method=method)
+    res = hessian_trace(op, num_matvecs=12, method=method, data_stderr=True)
     off = hessian_trace(op, num_matvecs=12, method=method, data_stderr=False)
     assert res.num_matvecs == off.num_matvecs and res.estimate == pytest.approx(off.estimate, rel=1e-12)
     ds = res.data_sampling
@@ -147,6 +147,18 @@ def test_trace_stderr_is_the_per_unit_estimator_at_no_extra_product(method, batc
     t, v = np.array(ds.unit_terms), np.array(ds.unit_values)[:, 0]
     assert (t * v).sum() / t.sum() == pytest.approx(res.estimate, rel=1e-10)
     assert res.data_stderr == pytest.approx(_se_by_hand(v, t), rel=1e-12)
+
+
+def test_trace_stderr_by_default_only_where_the_batches_are_the_units():
+    model = mlp(d=4, hidden=3, classes=3, seed=1)
+    x, y = classification_data(n=40, d=4, seed=3)
+    one = hessian_trace(HessianOperator(model, "cross_entropy", (x, y)), num_matvecs=12)
+    assert math.isnan(one.data_stderr) and "pass data_stderr=True" in one.data_sampling.reason
+    many = hessian_trace(HessianOperator(model, "cross_entropy", (x, y), batch_size=2),
+                         num_matvecs=12)
+    assert many.data_sampling.units == 20 and many.data_stderr > 0
+    with pytest.raises(TypeError, match="data_stderr must be True or False, got 1"):
+        hessian_trace(model, "cross_entropy", (x, y), data_stderr=1)
 
 
 def test_trace_stderr_of_an_exact_trace_matches_dense_per_unit_traces():
