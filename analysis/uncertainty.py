@@ -33,6 +33,13 @@ units. Splitting assumes the batch loss is the term-weighted mean of per-sample 
 the built-in losses; a loss that couples samples, e.g. contrastive, is not split correctly).
 Fewer than 2 units (one sample) leave the SE undefined (``nan``, with the reason).
 
+Costs (each estimate's docstring has the details; ``data_stderr=False`` turns an SE off):
+eigenvalues ``k`` products in one pass; the trace none (its quadratic forms' products are taken
+per unit; by default only when the units are the batches, since a split runs them per group);
+directional sharpness none; epsilon-sharpness two forward passes; PAC-Bayes ``draws + 1``; the
+m-sharpness metrics none (their batches of ``m`` are the units, ``SharpnessResult.stderr``).
+``benchmarks/data_stderr.py`` measures the time.
+
 With ``U`` units the SE has about ``U - 1`` degrees of freedom: ``value +- 2 SE`` covers the
 full-population value with probability about ``P(|t_{U-1}| < 2)``, 0.94 for 16 units. Units that
 are not exchangeable (data sorted by class, batches from different sources) inflate the SE, which

@@ -356,3 +356,52 @@ def test_calibration_of_sharpness_stderr(estimate):
     coverage, ratio = _calibration(estimate, _population(20000, seed=1), subsets=60, n=192)
     assert coverage >= 0.9
     assert 0.7 < ratio < 1.4
+
+
+# --------------------------------------------------------------------------------------------
+# units of other data forms
+
+
+def test_language_model_units_are_weighted_by_their_tokens():
+    from tests import lm_models as lm
+
+    model = lm.lm_model()
+    # batches of 2 right-padded sequences holding 8, 2 and 5 next-token targets
+    batches = lm.padded_batches(lm.token_sequences((5, 5, 2, 2, 4, 3)), (2, 2, 2))
+    res = top_eigenpairs(model, "lm", batches, k=1, tol=1e-6, min_units=3)
+    assert res.data_sampling.unit_terms == (8, 2, 5) and res.data_sampling.unit == "batch"
+    split = top_eigenpairs(model, "lm", batches, k=1, tol=1e-6, min_units=6)
+    assert split.data_sampling.unit_terms == (4, 4, 1, 1, 3, 2)  # one sequence per group
+    for r in (res, split):
+        t = np.array(r.data_sampling.unit_terms)
+        v = np.array(r.data_sampling.unit_values)[:, 0]
+        assert (t * v).sum() / t.sum() == pytest.approx(float(r.eigenvalues[0]), rel=1e-6)
+        assert float(r.data_stderr[0]) == pytest.approx(_se_by_hand(v, t), rel=1e-10)
+
+
+def test_a_dataloader_is_split_like_a_list_of_batches():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = mlp(seed=5)
+    x, y = classification_data(n=32, seed=5)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    res = top_eigenpairs(model, "cross_entropy", loader, k=1, tol=1e-8)
+    listed = top_eigenpairs(model, "cross_entropy", [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)],
+                            k=1, tol=1e-8)
+    assert res.data_sampling.units == 16 and res.data_sampling.groups_per_batch == 4
+    assert float(res.data_stderr[0]) == pytest.approx(float(listed.data_stderr[0]), rel=1e-8)
+
+
+def test_ggn_eigenvalue_units_match_dense_per_batch_ggns():
+    from analysis.operators.curvature import GGNOperator
+    from analysis.reference import dense_ggn
+
+    model = mlp(seed=6)
+    x, y = classification_data(n=32, seed=6)
+    res = top_eigenpairs(GGNOperator(model, "cross_entropy", (x, y), batch_size=8), k=1, tol=1e-8,
+                         min_units=4)
+    v = res.eigenvectors[0].double()
+    want = [float(v @ dense_ggn(model, "cross_entropy", (x[i:i + 8], y[i:i + 8])) @ v)
+            for i in range(0, 32, 8)]
+    np.testing.assert_allclose(np.array(res.data_sampling.unit_values)[:, 0], want, rtol=1e-9)
+    assert float(res.data_stderr[0]) == pytest.approx(_se_by_hand(want, [8] * 4), rel=1e-8)
