@@ -116,6 +116,8 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     text = format_table(header, rows)
     notes = settings_notes(metrics, records, m_given=args.m is not None)
     notes += [STDERR_LINE] if records else []
+    notes += sorted({f"{m}: SE undefined: {why}" for r in records
+                     for m, why in r.get("stderr_reason", {}).items()})
     notes += keys_note(records, paths)
     notes += [f"failed: {label(pathlib.Path(f['checkpoint']), paths)}: {f['error']}" for f in failures]
     if notes:

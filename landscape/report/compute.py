@@ -62,8 +62,9 @@ def checkpoint_metrics(
 
     Returns:
         ``{"loss", "accuracy", "num_samples", "metrics": {name: value}, "stderr": {name: data
-        SE}, "settings": {name: {"rho", "m", "steps", "samples", "stderr", "num_batches", ...}},
-        "seconds": {name: s}}`` (``stderr`` the data-sampling standard error of each value,
+        SE}, "stderr_reason": {name: why undefined}, "settings": {name: {"rho", "m", "steps",
+        "samples", "stderr", "num_batches", ...}}, "seconds": {name: s}}`` (``stderr`` the
+        data-sampling standard error of each value, ``stderr_reason`` where it is ``nan``,
         :func:`analysis.uncertainty.headline_stderr`; ``settings`` what each metric actually used,
         from its result's ``to_dict()``).
     """
@@ -76,6 +77,7 @@ def checkpoint_metrics(
     ev = evaluate(model, loss_fn, data)
     values: dict[str, Any] = {}
     stderrs: dict[str, float | None] = {}
+    reasons: dict[str, str] = {}
     settings: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     for name in metrics:
@@ -92,12 +94,17 @@ def checkpoint_metrics(
         seconds[name] = time.perf_counter() - t0
         values[name] = float(rep.values[base])
         stderrs[name] = rep.stderrs.get(base)
+        reason = getattr(getattr(rep.results.get(base), "data_sampling", None), "reason", None) \
+            or getattr(rep.results.get(base), "stderr_reason", None)
+        if reason:
+            reasons[name] = reason
         result = rep.results.get(base)
         full = result.to_dict() if hasattr(result, "to_dict") else {}
         settings[name] = {k: full[k] for k in _SETTING_KEYS
                           if k in full and (full[k] is None or isinstance(full[k], (bool, int, float, str)))}
     return {"loss": ev.loss, "accuracy": ev.accuracy, "num_samples": ev.num_samples,
-            "metrics": values, "stderr": stderrs, "settings": settings, "seconds": seconds}
+            "metrics": values, "stderr": stderrs, "stderr_reason": reasons, "settings": settings,
+            "seconds": seconds}
 
 
 #: The per-metric settings and error bars that :func:`checkpoint_metrics` records (those a

@@ -84,6 +84,16 @@ def test_sharpness_table_and_json_carry_the_library_stderr(ckpt, capsys):
     assert len(PM.findall(err)) == 2
 
 
+def test_sharpness_table_says_why_an_se_is_undefined(ckpt, capsys):
+    # 96 samples, m=64: one batch of m, the unit of m-sharpness, which cannot be split
+    code = main(["sharpness", str(ckpt), *SPEC64, "--metric", "worst", "--m", "64", "--json", "-"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rec = json.loads(out)["checkpoints"][0]
+    assert rec["stderr"]["worst"] is None and "one batch of m=64" in rec["stderr_reason"]["worst"]
+    assert " +- nan" in err and "worst: SE undefined: one batch of m=64 samples" in err
+
+
 def test_report_shows_value_plus_minus_stderr(tmp_path):
     entry = ReportEntry(name="run", metrics={"loss": 0.5, "lambda_max": 3.25, "trace": 7.0},
                         stderr={"lambda_max": 0.125})
