@@ -405,3 +405,43 @@ def test_ggn_eigenvalue_units_match_dense_per_batch_ggns():
             for i in range(0, 32, 8)]
     np.testing.assert_allclose(np.array(res.data_sampling.unit_values)[:, 0], want, rtol=1e-9)
     assert float(res.data_stderr[0]) == pytest.approx(_se_by_hand(want, [8] * 4), rel=1e-8)
+
+
+@pytest.mark.parametrize("metric", ["directional", "epsilon", "pac_bayes"])
+@pytest.mark.parametrize("kw, error, match", [
+    ({"min_units": 1}, ValueError, "min_units must be an integer >= 2, got 1"),
+    ({"min_units": 2.5}, ValueError, "min_units must be an integer >= 2, got 2.5"),
+    ({"data_stderr": "no"}, TypeError, "data_stderr must be True or False, got 'no'"),
+])
+def test_sharpness_stderr_arguments_are_checked_before_any_pass(metric, kw, error, match):
+    from analysis.sharpness.directional import directional_sharpness
+    from analysis.sharpness.epsilon import epsilon_sharpness
+    from analysis.sharpness.pac_bayes import pac_bayes_flatness
+
+    model = mlp(seed=7)
+    x, y = classification_data(n=16, seed=7)
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    run = {"directional": lambda: directional_sharpness(
+        model, "cross_entropy", (x, y), torch.ones(sum(p.numel() for p in model.parameters()),
+                                                   dtype=torch.float64), [0.1], **kw),
+           "epsilon": lambda: epsilon_sharpness(model, "cross_entropy", (x, y), **kw),
+           "pac_bayes": lambda: pac_bayes_flatness(model, "cross_entropy", (x, y), **kw)}[metric]
+    with pytest.raises(error, match=match):
+        run()
+    assert calls == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimate", [_lambda_max, _trace, _directional, _epsilon],
+                         ids=["lambda_max", "trace", "directional", "epsilon"])
+def test_calibration_over_more_subsets_and_populations(estimate):
+    # 3 populations x 100 subsets: coverage and SE size pooled (fast variants above)
+    hits, ratios = [], []
+    for seed in (2, 3, 4):
+        coverage, ratio = _calibration(estimate, _population(20000, seed=seed), subsets=100,
+                                       n=192, seed=seed)
+        hits.append(coverage)
+        ratios.append(ratio)
+    assert np.mean(hits) >= 0.9 and min(hits) >= 0.85
+    assert all(0.75 < r < 1.3 for r in ratios)
