@@ -112,7 +112,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,7 +134,7 @@ from .krylov import (  # noqa: F401 (re-exported: the old import paths)
 from .operators.adapters import _CallableOperator, _TensorOperator, as_linear_operator  # noqa: F401
 from .results import Result
 from .ritz import GUARD_FACTOR, GUARD_GAP_FRACTION, _error_bounds, _guard_ok, _wanted  # noqa: F401
-from .uncertainty import DEFAULT_MIN_UNITS, DataStdError, check_stderr_args, eigenvalue_data_stderr
+from .uncertainty import DEFAULT_MIN_UNITS, DataStdError, check_stderr_args, with_eigen_stderr
 
 __all__ = ["EigenResult", "top_eigenpairs", "as_linear_operator", "lanczos_tridiagonal",
            "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
@@ -170,10 +170,8 @@ class EigenResult(Result):
             as needed, in chunks).
         memory_bound_bytes: ``(max_basis + 3) * n * itemsize``, the bound on the peak extra
             memory outside the products (eigenvectors included).
-        data_stderr: ``(k,)`` float64 tensor, each eigenvalue's data-sampling standard error
-            (per-unit Rayleigh quotients, :mod:`analysis.uncertainty`; ``nan`` where undefined,
-            ``None`` when not asked); beside ``error_bounds``, the convergence error.
-        data_sampling: its :class:`~analysis.uncertainty.DataStdError` (units, cost, reason).
+        data_stderr, data_sampling: the eigenvalues' data-sampling standard errors, ``(k,)``
+            float64, and their :class:`~analysis.uncertainty.DataStdError` (``None``: not asked).
     """
 
     eigenvalues: torch.Tensor
@@ -217,8 +215,7 @@ def top_eigenpairs(
     basis_device: Any = None,
     pin_memory: bool | None = None,
     reorth: str = "partial",
-    data_stderr: bool = True,
-    min_units: int = DEFAULT_MIN_UNITS,
+    data_stderr: bool = True, min_units: int = DEFAULT_MIN_UNITS,
     **operator_kwargs: Any,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian (or any symmetric operator) by Lanczos.
@@ -261,10 +258,8 @@ def top_eigenpairs(
         reorth: ``"partial"`` (default): reorthogonalize against the basis only when the
             estimated loss of orthogonality exceeds ``sqrt(eps)`` (Simon 1984, see the module
             docstring); ``"full"``: one Gram-Schmidt pass over the basis at every step.
-        data_stderr: also the eigenvalues' data-sampling standard errors (default True; ``k``
-            more products in one pass, counted in ``num_matvecs``): see
-            :func:`analysis.uncertainty.eigenvalue_data_stderr`.
-        min_units: the fewest sampling units of that standard error (default 16).
+        data_stderr, min_units: the data-sampling standard errors (default on: ``k`` more products,
+            counted in ``num_matvecs``; 16 units), :func:`analysis.uncertainty.with_eigen_stderr`.
 
     Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` plus one product's working memory
     (see the module docstring); reported in :attr:`EigenResult.basis_bytes` and
@@ -292,12 +287,7 @@ def top_eigenpairs(
             break
     if hasattr(bar, "close"):
         bar.close()
-    res = run.result()
-    if not data_stderr:
-        return res
-    se = eigenvalue_data_stderr(op, res.eigenvectors, min_units=min_units)
-    return replace(res, data_stderr=torch.tensor(se.stderr, dtype=torch.float64),
-                   data_sampling=se, num_matvecs=res.num_matvecs + se.matvecs)
+    return with_eigen_stderr(run.result(), op, data_stderr, min_units)
 
 
 def default_max_basis(n: int, k: int) -> int:

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -63,7 +63,8 @@ from .results import Result
 
 __all__ = ["DEFAULT_MIN_UNITS", "DataStdError", "weighted_mean_stderr", "groups_per_batch",
            "split_samples", "gather_units", "data_stderr_from_units", "eigenvalue_data_stderr",
-           "check_stderr_args", "UnitForms", "no_data_stderr", "headline_stderr"]
+           "check_stderr_args", "UnitForms", "no_data_stderr", "headline_stderr",
+           "with_eigen_stderr"]
 
 #: The fewest sampling units a standard error is computed from (batches split into groups below).
 DEFAULT_MIN_UNITS = 16
@@ -254,6 +255,20 @@ def eigenvalue_data_stderr(op: Any, eigenvectors: torch.Tensor, *,
     rows = op.unit_products(V, lambda t, HV: (t, forms(t, HV)), groups=groups)
     terms, values = gather_units([r[0] for r in rows], [r[1] for r in rows], op.source.shard)
     return data_stderr_from_units(terms, values, groups=groups, matvecs=k)
+
+
+def with_eigen_stderr(result: Any, op: Any, data_stderr: bool = True,
+                      min_units: int = DEFAULT_MIN_UNITS) -> Any:
+    """An :class:`~analysis.lanczos.EigenResult` with its ``data_stderr`` (``(k,)`` float64,
+    ``nan`` where undefined) and ``data_sampling`` filled in by
+    :func:`eigenvalue_data_stderr` and the ``k`` products counted in ``num_matvecs``; the result
+    as it is when ``data_stderr`` is False (what :func:`analysis.lanczos.top_eigenpairs` returns).
+    """
+    if not data_stderr:
+        return result
+    se = eigenvalue_data_stderr(op, result.eigenvectors, min_units=min_units)
+    return replace(result, data_stderr=torch.tensor(se.stderr, dtype=torch.float64),
+                   data_sampling=se, num_matvecs=result.num_matvecs + se.matvecs)
 
 
 class UnitForms:
