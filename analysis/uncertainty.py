@@ -195,10 +195,15 @@ def data_stderr_from_units(terms: Sequence[int], values: Any, *, groups: int,
     kept = [i for i, t in enumerate(terms) if t > 0]  # units without loss terms weigh nothing
     x, t = x[kept], [int(terms[i]) for i in kept]
     reason = None
+    bad = [i for i, row in enumerate(x.tolist()) if not all(math.isfinite(v) for v in row)]
     if len(t) < 2:
         se = [math.nan] * x.shape[1]
         reason = (f"{len(t)} sampling unit{'s' * (len(t) != 1)} with loss terms: a standard error "
                   "needs at least 2 (a single sample cannot be split)")
+    elif bad:
+        se = [math.nan] * x.shape[1]
+        reason = (f"the value of {len(bad)} of the {len(t)} sampling units is not finite (the "
+                  f"first: unit {bad[0]}), so the spread over units is undefined")
     else:
         se = weighted_mean_stderr(x, t).tolist()
     return DataStdError(

@@ -63,7 +63,8 @@ def main() -> None:
             off, _ = _timed(functools.partial(run, False), args.repeats)
             on, res = _timed(functools.partial(run, True), args.repeats)
             ds = res.data_sampling
-            print(f"| {name} | {batches} batch{'es' * (batches > 1)} ({ds.units} {ds.unit}s) | "
+            units = f"{ds.units} {ds.unit}{'es' if ds.unit == 'batch' else 's'}"
+            print(f"| {name} | {batches} batch{'es' * (batches > 1)} ({units}) | "
                   f"{on / off:.2f} | {ds.matvecs} | {ds.forward_passes} |")
 
 

@@ -68,6 +68,10 @@ def test_split_samples_contiguous_near_equal_groups():
 def test_one_unit_is_undefined_with_the_reason():
     se = data_stderr_from_units([5], [[1.0]], groups=16)
     assert math.isnan(se.stderr[0]) and "at least 2" in se.reason and se.units == 1
+    se = data_stderr_from_units([5, 0, 4], [[1.0], [math.nan], [2.0]], groups=1)
+    assert se.units == 2 and se.reason is None  # a unit without loss terms weighs nothing
+    se = data_stderr_from_units([5, 3, 4], [[1.0], [math.inf], [2.0]], groups=1)
+    assert math.isnan(se.stderr[0]) and "1 of the 3 sampling units is not finite" in se.reason
 
 
 def _batches(x, y, sizes):
