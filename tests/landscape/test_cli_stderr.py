@@ -102,3 +102,48 @@ def test_report_shows_value_plus_minus_stderr(tmp_path):
     assert "3.25 \u00b1 0.125" in text and ">7<" in text  # the trace has no SE here
     assert "data-sampling standard error" in text
     assert entry.summary()["stderr"] == {"lambda_max": 0.125}
+
+
+def test_analyze_checkpoint_entry_carries_the_library_stderr(ckpt):
+    from analysis.operators.hessian import HessianOperator
+    from landscape.report.compute import analyze_checkpoint
+
+    model, data = _model(ckpt), _data()
+    entry = analyze_checkpoint(model, "cross_entropy", data, name="a", steps_1d=0, steps_2d=0,
+                               density=False, trace=True)
+    op = HessianOperator(model, "cross_entropy", data)
+    assert entry.stderr["lambda_max"] == pytest.approx(
+        float(top_eigenpairs(op, k=1).data_stderr[0]), rel=1e-6)
+    assert entry.stderr["trace"] == pytest.approx(
+        hessian_trace(op, data_stderr=True).data_stderr, rel=1e-6)
+    worst = sharpness(model, "cross_entropy", data, rho=0.1, m=64, progress=False)
+    assert entry.stderr["sharpness"] == pytest.approx(worst.stderr, nan_ok=True)
+
+
+def test_torchrun_two_processes_give_the_single_process_stderr(ckpt, tmp_path, capsys):
+    import os
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    from analysis.distributed import find_free_port
+
+    torchrun = shutil.which("torchrun", path=str(pathlib.Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    common = ["hessian", str(ckpt), *SPEC64, "--top-k", "2", "--tol", "1e-8", "--trace"]
+    assert main([*common, "--json", str(tmp_path / "one.json")]) == 0
+    capsys.readouterr()
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[2]),
+           "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [torchrun, "--nproc_per_node=2", f"--master_port={find_free_port()}", "-m", "landscape",
+         *common, "--json", str(tmp_path / "two.json")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["stderr_units"] == one["stderr_units"] == 16
+    assert two["eigenvalue_stderr"] == pytest.approx(one["eigenvalue_stderr"], rel=1e-6)
+    assert two["trace_data_stderr"] == pytest.approx(one["trace_data_stderr"], rel=1e-6)
