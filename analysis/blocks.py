@@ -175,12 +175,13 @@ def per_layer_spectrum(
     for name, own in progress_bar(blocks, enabled=progress, desc="layers", unit="layer"):
         op = full.restricted(own)
         n = op.shape[0]
-        eig = top_eigenpairs(op, k=min(k, n), tol=tol, seed=seed, v0="random")
+        eig = top_eigenpairs(op, k=min(k, n), tol=tol, seed=seed, v0="random",
+                             data_stderr=False)  # per-layer values carry no data SE
         tr = se = None
         used_trace = 0
         if trace:
             budget = 3 * n if 2 * n <= trace_matvecs else trace_matvecs  # exact: 2n products
-            t = hessian_trace(op, num_matvecs=budget, seed=seed)
+            t = hessian_trace(op, num_matvecs=budget, seed=seed, data_stderr=False)
             tr, se, used_trace = t.estimate, t.std_error, int(t.num_matvecs)
         layers.append(LayerSpectrum(
             name=name, num_params=n, eigenvalues=eig.eigenvalues.tolist(),

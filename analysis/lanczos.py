@@ -123,7 +123,10 @@ from .evaluation import progress_bar
 from .krylov import (
     KrylovBasis,
     Reorthogonalizer,
+    default_max_basis,
+    default_max_iter,
     dot64,
+    memory_bound_bytes,
     norm64,
 )
 from .losses import LossSpec
@@ -132,8 +135,7 @@ from .operators.hessian import HessianOperator
 from .precision import FloorWatch, autocast_disabled, warn_half_precision
 from .results import Result
 from .ritz import guard_ok, ritz_error_bounds, wanted_indices
-
-__all__ = ["default_max_basis", "default_max_iter", "memory_bound_bytes", "basis_itemsize"]
+from .uncertainty import DEFAULT_MIN_UNITS, DataStdError, check_stderr_args, with_eigen_stderr
 
 
 @dataclass(frozen=True, repr=False)
@@ -167,6 +169,8 @@ class EigenResult(Result):
             memory outside the products (eigenvectors included).
         stop_reason: ``"converged"``, ``"max_iter"``, ``"exhausted"`` (the whole space) or
             ``"precision floor: ..."`` (:class:`~analysis.precision.FloorWatch`).
+        data_stderr, data_sampling: the eigenvalues' data-sampling standard errors, ``(k,)``
+            float64, and their :class:`~analysis.uncertainty.DataStdError` (``None``: not asked).
     """
 
     eigenvalues: torch.Tensor
@@ -182,6 +186,8 @@ class EigenResult(Result):
     basis_bytes: int = 0
     memory_bound_bytes: int = 0
     stop_reason: str = ""
+    data_stderr: torch.Tensor | None = None
+    data_sampling: DataStdError | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dictionary (the eigenvectors are left out: they are ``k x n`` numbers)."""
@@ -210,6 +216,7 @@ def top_eigenpairs(
     basis_device: Any = None,
     pin_memory: bool | None = None,
     reorth: str = "partial",
+    data_stderr: bool = True, min_units: int = DEFAULT_MIN_UNITS,
     **operator_kwargs: Any,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian (or any symmetric operator) by Lanczos.
@@ -252,6 +259,8 @@ def top_eigenpairs(
         reorth: ``"partial"`` (default): reorthogonalize against the basis only when the
             estimated loss of orthogonality exceeds ``sqrt(eps)`` (Simon 1984, see the module
             docstring); ``"full"``: one Gram-Schmidt pass over the basis at every step.
+        data_stderr, min_units: the data-sampling standard errors (default on: ``k`` more products,
+            counted in ``num_matvecs``; 16 units), :func:`analysis.uncertainty.with_eigen_stderr`.
 
     Precision: runs outside ``torch.autocast`` (:mod:`analysis.precision`); a bfloat16 / float16
     operator warns and stops at its precision floor.
@@ -272,6 +281,7 @@ def top_eigenpairs(
     n, max_basis, max_iter = _check_arguments(op, k, which, tol, max_iter, max_basis)
     if reorth not in ("partial", "full"):
         raise ValueError(f"reorth must be 'partial' or 'full', got {reorth!r}")
+    check_stderr_args(data_stderr, min_units)
     warn_half_precision(op.dtype, float(tol), "top_eigenpairs", stacklevel=4)
     run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory,
                    reorth)
@@ -282,33 +292,7 @@ def top_eigenpairs(
             break
     if hasattr(bar, "close"):
         bar.close()
-    return run.result()
-
-
-def default_max_basis(n: int, k: int) -> int:
-    """The default Krylov basis size of :func:`top_eigenpairs`: ``min(n, max(2k + 1, 20))``,
-    ARPACK's (and ``scipy.sparse.linalg.eigsh``'s) ``ncv``. On the scale benchmark's ResNet-18
-    (11.2M parameters, top-5) it took 38 products with 3 thick restarts where ``max(2k + 20,
-    40)``, the default before, took 36 with none, at half the basis memory (0.94 vs 1.65 GB)."""
-    return min(n, max(2 * k + 1, 20))
-
-
-def default_max_iter(n: int, k: int) -> int:
-    """The default cap on products of :func:`top_eigenpairs`: ``min(max(300, 30k), 10n)``."""
-    return min(max(300, 30 * k), 10 * n)
-
-
-def memory_bound_bytes(n: int, max_basis: int, itemsize: int) -> int:
-    """The bound on the peak extra memory of :func:`top_eigenpairs` outside the products,
-    ``(max_basis + 3) * n * itemsize`` (eigenvectors included), with ``itemsize`` that of the
-    basis (see :func:`basis_itemsize`)."""
-    return int((max_basis + 3) * n * itemsize)
-
-
-def basis_itemsize(itemsize: int) -> int:
-    """Bytes per entry of the Krylov basis for an operator of ``itemsize``: a bfloat16 or float16
-    operator gets a float32 basis (a half-precision basis loses orthogonality at ``1e-2``)."""
-    return max(4, int(itemsize))
+    return with_eigen_stderr(run.result(), op, data_stderr, min_units)
 
 
 def _check_arguments(op: Any, k: Any, which: Any, tol: Any, max_iter: Any,

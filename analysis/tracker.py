@@ -384,7 +384,7 @@ class CurvatureTracker:
                     kwargs["max_basis"] = min(int(op.shape[0]), 2 * self.k + 10)
                 else:
                     cold = True
-            res = top_eigenpairs(op, **kwargs)
+            res = top_eigenpairs(op, data_stderr=False, **kwargs)  # a probe batch: no data SE
             # the product method "auto" timed at the first check serves every later one (the
             # model's architecture and the probe batch's shape do not change)
             self._method = op.method
@@ -394,7 +394,7 @@ class CurvatureTracker:
                 from .trace import hessian_trace
 
                 extra["trace"] = float(hessian_trace(op, num_matvecs=self.trace_probes,
-                                                     method="hutchinson",
+                                                     method="hutchinson", data_stderr=False,
                                                      seed=self.seed + self._checks).estimate)
             if self.momentum_curvature:
                 from .directions import momentum_direction

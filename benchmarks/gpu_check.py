@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from analysis import HessianOperator, top_eigenpairs
-from analysis.lanczos import default_max_basis
+from analysis.krylov import default_max_basis
 
 
 class Bottleneck(nn.Module):

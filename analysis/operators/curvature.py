@@ -12,14 +12,16 @@ and mean squared error is positive semi-definite; the Hessian is in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import jvp
 
-from ..data import Data
+from ..data import Data, batch_size_of
 from ..evaluation import resolve_loss
-from ..losses import LossSpec, ModelLoss, logits_of
+from ..losses import LossSpec, ModelLoss, logits_of, loss_terms
+from ..uncertainty import split_samples
 from .empirical_risk import EmpiricalRisk, functional_forward
 from .protocol import TorchOperator
 
@@ -100,6 +102,49 @@ class CurvatureOperator(EmpiricalRisk, TorchOperator):
                 lambda state, x, y, weight, key: self._batch_product(state, v_dict, x, y, weight, key),
                 lambda: torch.zeros(self.shape[0], device=self.device, dtype=self.dtype))
         return self._finite(out, v)
+
+    def unit_products(self, V: torch.Tensor, reduce: Callable[[int, torch.Tensor], Any], *,
+                      groups: int = 1) -> list[Any]:
+        """``[reduce(N_u, C_u V) for each sampling unit u of this rank]`` in one pass over the data.
+
+        The units are the batches (``groups=1``) or each batch split into ``groups`` contiguous
+        groups of samples (:func:`analysis.uncertainty.split_samples`); ``N_u`` counts a unit's
+        loss terms (units without any are skipped) and ``C_u V`` is the ``(n, b)`` product with
+        the curvature of the unit's mean loss, so ``C V = sum_u (N_u / N) C_u V``. Used for
+        data-sampling standard errors (:mod:`analysis.uncertainty`). Counts ``b`` matvecs (the
+        same samples as one ``matmat``; cached in-memory batches reuse their cached graphs
+        when ``groups=1``).
+        """
+        self._check_block(V)
+        resolve = getattr(self, "resolve_method", None)
+        if resolve is not None:
+            resolve()
+        out = []
+        V = V.detach()
+        with self._context():
+            state = self._state()
+            self._prepare()
+            for pos, (x, y, size, _index) in enumerate(self._batches()):
+                parts = split_samples(x, y, batch_size_of(y), groups)
+                for xu, yu, nu in parts:
+                    terms = size if len(parts) == 1 else loss_terms(self.loss_fn, xu, yu, nu)
+                    if terms <= 0:
+                        continue
+                    cached = len(parts) == 1 and self._cached is not None
+                    weight, key = (size / self.num_terms, pos) if cached else (1.0, None)
+                    out.append(reduce(terms, self._unit_block(state, V, xu, yu, weight, key)))
+        self.num_matvecs += V.shape[1]
+        return out
+
+    def _unit_block(self, state, V, x, y, weight, key) -> torch.Tensor:
+        """``C_u V`` of one unit as an ``(n, b)`` block, a column at a time (the product is taken
+        with ``weight``, as the cached graph of batch ``key`` was built, and divided by it)."""
+        cols = []
+        for i in range(V.shape[1]):
+            v_dict = dict(zip(self._names, self.space.unflatten(V[:, i])))
+            part = self._batch_product(state, v_dict, x, y, weight, key)
+            cols.append(part if isinstance(part, torch.Tensor) else self.space.flatten(part))
+        return torch.stack(cols, 1).div_(weight)
 
     def _finite(self, out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # the sum is not finite when an entry is not (one read, no n-sized boolean temporary:

@@ -17,7 +17,7 @@ product (in the spirit of curvlinops' ``_empirical_risk.py``). The products them
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any
 
 import torch
@@ -222,6 +222,18 @@ class EmpiricalRisk:
             yield x, y, loss_terms(self.loss_fn, x, y, b.size), b.index
         if self.num_samples is None:
             self.num_samples = self._reduce_count(samples)
+
+    def num_batches(self) -> int:
+        """The number of batches over all ranks (a DataLoader's ``len``, or one pass of loading
+        without forwards for an iterable without one)."""
+        if self._cached is not None:
+            local = len(self._cached)
+        elif isinstance(self.source.data, Sized) and self.source.kind == "loader" \
+                and not self.source.shard and self.source.max_samples is None:
+            local = len(self.source.data)
+        else:
+            local = sum(1 for _ in self.source)
+        return self._reduce_count(local)
 
     def _first_batch(self) -> tuple[Any, Any, int, int] | None:
         """The first local batch (``None`` on a rank without batches)."""

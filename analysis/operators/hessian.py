@@ -327,6 +327,19 @@ class HessianOperator(CurvatureOperator):
         entry = self._first_order_graph(primals, state, x, y, weight)
         return self._graph_backward(entry, v_dict, retain=False, block=b)
 
+    def _unit_block(self, state, V, x, y, weight, key) -> torch.Tensor:
+        """``C_u V`` of one unit (:meth:`unit_products`): one batched product for a block under
+        forward-over-reverse or double backward (a column at a time otherwise, or when the
+        batched product fails)."""
+        if V.shape[1] > 1 and self.batched_fallback_reason is None and (key is None or self.method in (
+                "forward-over-reverse", "double-backward")):  # a group has no cached graph
+            try:
+                block = self._block_product(state, self._block_dict(V), x, y, weight, None)
+                return block.T.div_(weight)
+            except (NotImplementedError, RuntimeError, TypeError) as err:
+                self.batched_fallback_reason = f"{type(err).__name__}: {err}"
+        return super()._unit_block(state, V, x, y, weight, key)
+
     def _forward_over_reverse_block(self, primals, state, v_dict, x, y, weight, b: int):
         """``weight * H_b V`` for ``b`` tangents at once: ``vmap`` over forward-over-reverse."""
         def one(t):

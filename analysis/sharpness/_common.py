@@ -16,6 +16,7 @@ from ..evaluation import accuracy_per_term, correct_count, forward
 from ..losses import LossFn, loss_terms
 from ..params import ParameterSpace
 from ..results import COST_FIELDS
+from ..uncertainty import gather_units, split_samples
 
 
 class Counter:
@@ -135,8 +136,64 @@ def global_num_samples(source: DataSource, device: torch.device) -> int:
     return n
 
 
+def _loss_and_correct(ev: Evaluator, x: Any, y: Any, samples: int, where: str,
+                      index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of a batch: its loss and its count of correct predictions."""
+    with torch.no_grad():
+        out = forward(ev.model, x)
+        loss = _scalar_loss(ev.loss_fn(out, y), where)
+        corr = correct_count(out, y, ev.loss_fn)
+    ev.counter.add(samples, backward=False)
+    if corr is None:
+        raise ValueError(
+            "pac_bayes_flatness needs class-index targets and (N, classes) outputs, or a "
+            f"language-model loss, to measure accuracy; batch {index} has outputs of shape "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+        )
+    return loss, corr
+
+
+def global_num_batches(source: DataSource, device: torch.device) -> int:
+    """The number of batches of ``source`` over all ranks (one pass of loading, no forward)."""
+    n = sum(1 for _ in source)
+    if source.shard:
+        t = torch.tensor([float(n)], dtype=torch.float64, device=device)
+        n = int(dist.all_reduce_sum(t).item())
+    return n
+
+
+def unit_losses(ev: Evaluator, source: DataSource, delta: torch.Tensor | None, groups: int,
+                where: str, accuracy: bool = False) -> list[tuple[int, float, float, float]]:
+    """Per sampling unit (each batch split into ``groups`` contiguous groups,
+    :func:`analysis.uncertainty.split_samples`), over all ranks: ``(N_u, L_u, correct_u,
+    count_u)`` at ``w0 + delta``, ``N_u`` the unit's loss terms, ``L_u`` its mean loss and, with
+    ``accuracy``, its correct predictions and their count (samples or terms, as in
+    :func:`full_loss`; zeros otherwise). Units without loss terms are left out. One forward
+    pass over the data."""
+    ev.set(delta)
+    space = ev.space
+    per_term = accuracy_per_term(ev.loss_fn)
+    rows = []
+    for batch in source:
+        x = to_device(batch.inputs, space.device, space.dtype)
+        y = to_device(batch.targets, space.device, space.dtype)
+        w = f"{where} on batch {batch.index}"
+        for xu, yu, nu in split_samples(x, y, batch.size, groups):
+            terms = loss_terms(ev.loss_fn, xu, yu, nu)
+            if accuracy:
+                loss, corr = _loss_and_correct(ev, xu, yu, nu, w, batch.index)
+                row = (terms, float(loss), float(corr), float(terms if per_term else nu))
+            else:
+                row = (terms, float(ev.loss(xu, yu, nu, w)), 0.0, 0.0)
+            if terms > 0 and not math.isfinite(row[1]):
+                raise nonfinite(row[1], w)
+            if terms > 0:
+                rows.append(row)
+    return gather_units([r[0] for r in rows], rows, source.shard)[1]
+
+
 def full_loss(ev: Evaluator, source: DataSource, delta: torch.Tensor | None, where: str,
-              need_grad: bool = False, accuracy: bool = False):
+               need_grad: bool = False, accuracy: bool = False):
     """Term-weighted loss (and gradient, or accuracy) over the whole source at ``w0 + delta``:
     ``sum_b N_b L_b / N`` with ``N_b`` the loss terms of batch ``b`` (samples, or counted tokens,
     :func:`analysis.losses.loss_terms`); the accuracy counts per sample for classification, per
@@ -156,18 +213,7 @@ def full_loss(ev: Evaluator, source: DataSource, delta: torch.Tensor | None, whe
             loss, g = ev.loss_grad(x, y, batch.size, w)
             grad += g.double() * terms
         elif accuracy:
-            with torch.no_grad():
-                out = forward(ev.model, x)
-                loss = _scalar_loss(ev.loss_fn(out, y), w)
-                corr = correct_count(out, y, ev.loss_fn)
-            ev.counter.add(batch.size, backward=False)
-            if corr is None:
-                raise ValueError(
-                    "pac_bayes_flatness needs class-index targets and (N, classes) outputs, or a "
-                    "language-model loss, to measure accuracy; batch "
-                    f"{batch.index} has outputs of shape "
-                    f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
-                )
+            loss, corr = _loss_and_correct(ev, x, y, batch.size, w, batch.index)
             stats[1] += corr
             stats[3] += terms if per_term else batch.size
         else:

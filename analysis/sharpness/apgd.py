@@ -47,8 +47,10 @@ def apgd(
     steps: int,
     start: tuple[float, torch.Tensor] | None = None,
     momentum: float = 0.75,
-) -> float:
-    """Maximize ``f(delta)`` over ``||delta / c||_p <= rho`` by APGD; returns the best value seen.
+    return_point: bool = False,
+) -> float | tuple[float, torch.Tensor]:
+    """Maximize ``f(delta)`` over ``||delta / c||_p <= rho`` by APGD; returns the best value seen
+    (and, with ``return_point``, the ``delta = c u`` where it was seen).
 
     ``objective(delta, need_grad, where)`` returns ``(loss, grad_delta or None)``. ``start`` is
     ``(f, grad)`` at ``u0`` when already known (zero start: the unperturbed forward/backward).
@@ -94,7 +96,7 @@ def apgd(
             if cond1 or cond2:
                 eta /= 2.0
                 u, u_prev, g, f = best_u, best_u, best_g, best_f
-    return best_f
+    return (best_f, c * best_u) if return_point else best_f
 
 
 def random_start(space: ParameterSpace, rho: float, norm: str, gen: torch.Generator,

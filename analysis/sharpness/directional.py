@@ -20,6 +20,13 @@ from ..losses import LossSpec
 from ..params import ParameterSpace
 from ..precision import autocast_disabled
 from ..results import CostedResult
+from ..uncertainty import (
+    DEFAULT_MIN_UNITS,
+    DataStdError,
+    check_stderr_args,
+    data_stderr_from_units,
+    groups_per_batch,
+)
 from ._common import (
     Counter,
     Evaluator,
@@ -27,7 +34,9 @@ from ._common import (
     check_mode,
     check_model,
     full_loss,
+    global_num_batches,
     global_num_samples,
+    unit_losses,
 )
 from .state import preserved_state
 
@@ -89,6 +98,10 @@ class DirectionalSharpnessResult(CostedResult):
         loss: ``L(w)``; direction_norm: ``||d||`` of the direction given.
         mode, num_samples, forward_passes, backward_passes, forward_samples, backward_samples:
             the evaluation mode, the samples used and the passes spent.
+        data_stderr: per radius, the data-sampling standard error of ``values`` (per-unit
+            differences ``L_u(w + r d / ||d||) - L_u(w)``, :mod:`analysis.uncertainty`; ``None``
+            when not asked, ``nan`` where undefined).
+        data_sampling: its :class:`~analysis.uncertainty.DataStdError` (units, cost, reason).
     """
 
     radii: tuple[float, ...]
@@ -98,6 +111,8 @@ class DirectionalSharpnessResult(CostedResult):
     direction_norm: float
     mode: str | None
     num_samples: int
+    data_stderr: tuple[float, ...] | None = None
+    data_sampling: DataStdError | None = None
 
 
 def directional_sharpness(
@@ -113,6 +128,8 @@ def directional_sharpness(
     params: Sequence[str | nn.Parameter] | None = None,
     progress: bool = False,
     check_deterministic: bool = True,
+    data_stderr: bool = True,
+    min_units: int = DEFAULT_MIN_UNITS,
 ) -> DirectionalSharpnessResult:
     """``L(w + r d / ||d||) - L(w)`` for each radius ``r`` (MSAM paper, Fig. 4).
 
@@ -121,7 +138,9 @@ def directional_sharpness(
     ``normalize=False`` the radii multiply ``d`` itself: ``L(w + r d) - L(w)``, the 1-D slice
     of Goodfellow et al. (2015) along an unnormalized (e.g. filter-normalized) direction.
 
-    Cost: ``len(radii) + 1`` forward passes over the data.
+    Cost: ``len(radii) + 1`` forward passes over the data; the data-sampling standard error
+    adds none (the passes evaluate each sampling unit apart: more, smaller forward calls when
+    the batches are split into groups).
 
     Args:
         model, loss_fn, data: as in :func:`sharpness`.
@@ -131,6 +150,8 @@ def directional_sharpness(
         normalize: use ``d / ||d||`` (default True) or ``d``.
         mode, batch_size, params, progress: as elsewhere.
         check_deterministic: refuse a random forward (see :func:`sharpness`).
+        data_stderr: also the data-sampling standard error of each value (default True).
+        min_units: the fewest sampling units of that standard error (default 16).
 
     Returns:
         :class:`DirectionalSharpnessResult`.
@@ -142,6 +163,7 @@ def directional_sharpness(
     check_mode(mode)
     check_flag("normalize", normalize)
     check_flag("check_deterministic", check_deterministic)
+    check_stderr_args(data_stderr, min_units)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
     d = as_direction(direction, space, nonzero="directional sharpness is undefined")
@@ -155,12 +177,23 @@ def directional_sharpness(
     counter = Counter()
     with preserved_state(model), model_mode(model, mode), autocast_disabled():
         ev = Evaluator(model, loss_fn, space, space.vector(), counter)
+        groups = groups_per_batch(global_num_batches(source, space.device), min_units) \
+            if data_stderr else 0
+        units: list[list[tuple]] = []  # per point (w first, then the radii): the units' rows
 
         def loss_at(delta: torch.Tensor | None, where: str) -> float:
-            return full_loss(ev, source, delta, where)
+            if not data_stderr:
+                return full_loss(ev, source, delta, where)
+            units.append(unit_losses(ev, source, delta, groups, where))
+            return sum(t * v for t, v, _, _ in units[-1]) / sum(t for t, _, _, _ in units[-1])
 
         bar = progress_bar(r.tolist(), enabled=progress, desc="directional sharpness")
         l0, losses, dn = loss_along_line(loss_at, d, bar, normalize=bool(normalize))
+    se = None
+    if data_stderr:
+        diffs = [[units[j + 1][u][1] - units[0][u][1] for j in range(len(losses))]
+                 for u in range(len(units[0]))]
+        se = data_stderr_from_units([t for t, _, _, _ in units[0]], diffs, groups=groups)
     return DirectionalSharpnessResult(
         radii=tuple(r.tolist()),
         values=tuple(li - l0 for li in losses),
@@ -170,4 +203,6 @@ def directional_sharpness(
         mode=mode,
         num_samples=global_num_samples(source, space.device),
         **counter.as_dict(),
+        data_stderr=None if se is None else se.stderr,
+        data_sampling=se,
     )

@@ -18,6 +18,13 @@ from ..losses import LossSpec
 from ..params import ParameterSpace
 from ..precision import autocast_disabled
 from ..results import CostedResult
+from ..uncertainty import (
+    DEFAULT_MIN_UNITS,
+    DataStdError,
+    check_stderr_args,
+    data_stderr_from_units,
+    groups_per_batch,
+)
 from ._common import (
     Counter,
     Evaluator,
@@ -27,7 +34,9 @@ from ._common import (
     check_positive,
     check_seed,
     full_loss,
+    global_num_batches,
     global_num_samples,
+    unit_losses,
 )
 from .apgd import apgd
 from .state import preserved_state
@@ -43,6 +52,13 @@ class EpsilonSharpnessResult(CostedResult):
         epsilon, method, steps, seed, mode: the settings used.
         num_samples: samples in the data.
         forward_passes, backward_passes, forward_samples, backward_samples: the cost.
+        data_stderr: the data-sampling standard error of ``value`` (``None`` when not asked,
+            ``nan`` where undefined): the per-unit losses ``a_u = L_u(w)``, ``b_u = L_u(w +
+            z*)`` at the box point ``z*`` found (Danskin: the maximum moves with the data like
+            the loss at its maximizer), linearized through ``f(a, b) = 100 (b - a) / (1 + a)``:
+            ``x_u = 100 (b_u - a_u) / (1 + a) - 100 (b - a) (a_u - a) / (1 + a)^2``; see
+            :mod:`analysis.uncertainty`.
+        data_sampling: its :class:`~analysis.uncertainty.DataStdError` (units, cost, reason).
     """
 
     value: float
@@ -54,6 +70,8 @@ class EpsilonSharpnessResult(CostedResult):
     seed: int
     mode: str | None
     num_samples: int
+    data_stderr: float | None = None
+    data_sampling: DataStdError | None = None
 
 
 def epsilon_sharpness(
@@ -70,6 +88,8 @@ def epsilon_sharpness(
     params: Sequence[str | nn.Parameter] | None = None,
     progress: bool = False,
     check_deterministic: bool = True,
+    data_stderr: bool = True,
+    min_units: int = DEFAULT_MIN_UNITS,
 ) -> EpsilonSharpnessResult:
     """Keskar et al. (2017) epsilon-sharpness, in percent.
 
@@ -82,7 +102,8 @@ def epsilon_sharpness(
     CPU round trips of the weights). Keskar et al. report ``epsilon`` in ``{1e-3, 5e-4}``.
 
     Cost: one forward+backward pass over the data per function evaluation (L-BFGS-B: about
-    ``steps`` to ``2 steps`` evaluations; APGD: ``steps`` + 1), plus one forward pass.
+    ``steps`` to ``2 steps`` evaluations; APGD: ``steps`` + 1), plus one forward pass; the
+    data-sampling standard error two more forward passes (at ``w`` and at ``w + z*``).
 
     Args:
         model, loss_fn, data: as in :func:`sharpness`.
@@ -95,6 +116,8 @@ def epsilon_sharpness(
         params: restrict the perturbed parameters.
         progress: show a progress bar over function evaluations.
         check_deterministic: refuse a random forward (see :func:`sharpness`).
+        data_stderr: also the data-sampling standard error (default True).
+        min_units: the fewest sampling units of that standard error (default 16).
 
     Returns:
         :class:`EpsilonSharpnessResult`.
@@ -107,6 +130,7 @@ def epsilon_sharpness(
     check_seed(seed)
     check_flag("check_deterministic", check_deterministic)
     check_mode(mode)
+    check_stderr_args(data_stderr, min_units)
     loss_fn = resolve_loss(loss_fn)
     space = ParameterSpace(model, params)
     source = as_data(data, batch_size=batch_size)
@@ -121,8 +145,10 @@ def epsilon_sharpness(
         l0 = full_loss(ev, source, None, "at the unperturbed weights")
         bar = progress_bar(range(int(steps)), enabled=progress, desc="epsilon sharpness")
         maximize = _apgd_max if method == "apgd" else _lbfgsb_max
-        best = maximize(ev, source, w0, eps, int(steps), gen, iter(bar))
-    best = max(best, l0)
+        best, z = maximize(ev, source, w0, eps, int(steps), gen, iter(bar))
+        if best <= l0:
+            best, z = l0, None
+        se = _epsilon_stderr(ev, source, z, l0, best, min_units) if data_stderr else None
     return EpsilonSharpnessResult(
         value=100.0 * (best - l0) / (1.0 + l0),
         loss=l0,
@@ -134,13 +160,28 @@ def epsilon_sharpness(
         mode=mode,
         num_samples=global_num_samples(source, space.device),
         **counter.as_dict(),
+        data_stderr=None if se is None else se.stderr[0],
+        data_sampling=se,
     )
 
 
+def _epsilon_stderr(ev: Evaluator, source: DataSource, z: torch.Tensor | None, a: float,
+                    b: float, min_units: int) -> DataStdError:
+    """The SE of ``100 (b - a) / (1 + a)`` from the units' losses at ``w`` and ``w + z``
+    (two forward passes; see :class:`EpsilonSharpnessResult`)."""
+    groups = groups_per_batch(global_num_batches(source, ev.space.device), min_units)
+    at_w = unit_losses(ev, source, None, groups, "at the unperturbed weights")
+    at_z = at_w if z is None else unit_losses(ev, source, z, groups, "at the box point found")
+    x = [100.0 * (bu[1] - au[1]) / (1.0 + a) - 100.0 * (b - a) * (au[1] - a) / (1.0 + a) ** 2
+         for au, bu in zip(at_w, at_z)]
+    return data_stderr_from_units([r[0] for r in at_w], x, groups=groups,
+                                  forward_passes=1 if z is None else 2)
+
+
 def _apgd_max(ev: Evaluator, source: DataSource, w0: torch.Tensor, eps: float, steps: int,
-              gen: torch.Generator, bar_iter: Iterator) -> float:
+              gen: torch.Generator, bar_iter: Iterator) -> tuple[float, torch.Tensor | None]:
     """The largest full-data loss APGD finds in the L-inf box ``|z_i| <= eps (|w_i| + 1)``
-    (``u = z / (|w| + 1)``, started at a tiny seeded random point)."""
+    (``u = z / (|w| + 1)``, started at a tiny seeded random point), and the point ``z``."""
     space = ev.space
 
     def objective(delta, need_grad, where):
@@ -151,29 +192,31 @@ def _apgd_max(ev: Evaluator, source: DataSource, w0: torch.Tensor, eps: float, s
 
     c = w0.abs() + 1
     u0 = (2 * torch.rand(space.numel, generator=gen, dtype=torch.float64) - 1) * (0.01 * eps)
-    return apgd(objective, c, u0.to(space.device, space.dtype), eps, "linf", steps)
+    return apgd(objective, c, u0.to(space.device, space.dtype), eps, "linf", steps,
+                 return_point=True)
 
 
 def _lbfgsb_max(ev: Evaluator, source: DataSource, w0: torch.Tensor, eps: float, steps: int,
-                gen: torch.Generator, bar_iter: Iterator) -> float:
+                gen: torch.Generator, bar_iter: Iterator) -> tuple[float, torch.Tensor | None]:
     """The largest full-data loss seen by scipy's L-BFGS-B minimizing ``-L`` with the box
     ``|z_i| <= eps (|w_i| + 1)`` as bounds (Keskar et al. 2017), ``steps`` iterations from a
-    tiny seeded random point."""
+    tiny seeded random point, and the point ``z`` where it was seen."""
     from scipy.optimize import Bounds, minimize
 
     space = ev.space
     ub = (eps * (w0.abs() + 1)).detach().cpu().double().numpy()
-    best_seen = [-math.inf]
+    best_seen: list = [-math.inf, None]
 
     def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
         next(bar_iter, None)
         delta = torch.from_numpy(z).to(device=space.device, dtype=space.dtype)
         f, g = full_loss(ev, source, delta, "during L-BFGS-B", need_grad=True)
-        best_seen[0] = max(best_seen[0], f)
+        if f > best_seen[0]:
+            best_seen[:] = [f, delta]
         return -f, -g.detach().cpu().double().numpy()
 
     x0 = ((2 * torch.rand(space.numel, generator=gen, dtype=torch.float64) - 1).numpy()
           * ub * 0.01)
     minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=Bounds(-ub, ub),
              options={"maxiter": steps})
-    return best_seen[0]
+    return best_seen[0], best_seen[1]

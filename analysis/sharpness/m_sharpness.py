@@ -137,6 +137,8 @@ class SharpnessResult(CostedResult):
         num_terms: ``N``, the loss terms of the batches used (``num_samples`` for
             classification, counted tokens for a language model).
         batch_terms: ``N_B`` of each batch, the weights of the means.
+        stderr_reason: why ``stderr`` is ``nan`` (``None`` when it is defined): the metric is a
+            mean over batches of ``m`` samples, its sampling unit, which cannot be split.
     """
 
     value: float
@@ -159,6 +161,7 @@ class SharpnessResult(CostedResult):
     lower_bound: bool = False
     num_terms: int | None = None
     batch_terms: tuple[int, ...] = ()
+    stderr_reason: str | None = None
 
 
 def sharpness(
@@ -312,6 +315,9 @@ def sharpness(
         lower_bound=kind == "worst",
         num_terms=int(num_terms),
         batch_terms=tuple(terms),
+        stderr_reason=None if nb >= 2 else (
+            f"one batch of m={int(m)} samples: the metric is a mean over batches of m samples, "
+            "so its standard error needs two or more (pass n_eval >= 2m samples, or a smaller m)"),
     )
 
 

@@ -14,6 +14,7 @@ from ..data import Data
 from ..evaluation import resolve_loss
 from ..losses import LossFn, LossSpec
 from ..results import Result, to_jsonable
+from ..uncertainty import headline_stderr
 from ._common import check_model
 from .epsilon import epsilon_sharpness
 from .m_sharpness import sharpness
@@ -36,12 +37,16 @@ class SharpnessReport(Result):
         undefined: ``{metric: reason}`` for the metrics that do not exist for this model and
             data (:class:`~analysis.sharpness.pac_bayes.UndefinedMetricError`, e.g. PAC-Bayes
             near chance accuracy); the other metrics are computed as usual.
+        stderrs: ``{metric: data-sampling standard error of the headline number}``
+            (:func:`analysis.uncertainty.headline_stderr`; ``nan`` where undefined, absent where
+            turned off).
     """
 
     values: dict[str, float]
     results: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     undefined: dict[str, str] = field(default_factory=dict)
+    stderrs: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +55,7 @@ class SharpnessReport(Result):
                         for k, v in self.results.items()},
             "seconds": to_jsonable(self.seconds),
             "undefined": dict(self.undefined),
+            "stderrs": to_jsonable(self.stderrs),
         }
 
     def __getitem__(self, metric: str) -> float:
@@ -121,8 +127,9 @@ def sharpness_report(
         seed, mode, progress: passed to every metric.
 
     Returns:
-        :class:`SharpnessReport` with ``values[metric]`` the headline number and
-        ``to_dict()`` JSON-ready. A metric that is undefined for this model and data (an
+        :class:`SharpnessReport` with ``values[metric]`` the headline number,
+        ``stderrs[metric]`` its data-sampling standard error and ``to_dict()`` JSON-ready. A
+        metric that is undefined for this model and data (an
         :class:`~analysis.sharpness.pac_bayes.UndefinedMetricError`, such as PAC-Bayes
         flatness near chance accuracy) is NaN in ``values`` with its reason in ``undefined``;
         the other metrics are kept. Any other error is raised.
@@ -134,6 +141,7 @@ def sharpness_report(
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     undefined: dict[str, str] = {}
+    stderrs: dict[str, float] = {}
     common = {"seed": seed, "mode": mode}
     for name in metrics:
         kw = {**_REPORT_DEFAULTS[name], **common, **dict(options.get(name, {}))}
@@ -148,7 +156,11 @@ def sharpness_report(
         values[name] = float(val)
         if res is not None:
             results[name] = res
-    return SharpnessReport(values=values, results=results, seconds=seconds, undefined=undefined)
+            se = headline_stderr(res)
+            if se is not None:
+                stderrs[name] = se
+    return SharpnessReport(values=values, results=results, seconds=seconds, undefined=undefined,
+                           stderrs=stderrs)
 
 
 def _check_report_args(metrics: Any, options: Any) -> tuple[list[str], dict[str, Any]]:
@@ -209,5 +221,6 @@ def _run_metric(name: str, model: nn.Module, loss_fn: LossFn, data: Data,
     op_mode = kw.pop("mode", mode)
     with preserved_state(model):
         op = HessianOperator(model, loss_fn, data, mode=op_mode)
+        kw.setdefault("data_stderr", True)  # the report shows it (data_stderr=False: not)
         res = hessian_trace(op, seed=seed, **kw)
     return res, float(res.estimate)

@@ -100,15 +100,17 @@ def trace_defaults() -> dict[str, Any]:
 
 
 def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
-                 max_basis: int | None = None, label: str | None = None) -> Cost:
+                 max_basis: int | None = None, label: str | None = None,
+                 data_stderr: bool = True) -> Cost:
     """Upper bounds for :func:`analysis.top_eigenpairs` on an ``n x n`` Hessian.
 
     Products: ``max_iter`` (default ``min(max(300, 30 k), 10 n)``), one data pass each, plus one
-    for the gradient start vector. Memory: ``(max_basis + 3) * n * itemsize`` with the default
-    ``max_basis = min(n, max(2 k + 20, 40))`` (README, "Memory, precision, batched products and
-    per-layer spectra"; ``EigenResult.memory_bound_bytes``).
+    for the gradient start vector, plus ``k`` in one pass for the data-sampling standard errors
+    (``data_stderr``, :func:`analysis.uncertainty.eigenvalue_data_stderr`). Memory: ``(max_basis + 3) * n * itemsize`` with the default
+    ``max_basis = min(n, max(2 k + 1, 20))`` (:func:`analysis.krylov.default_max_basis`; the
+    Hessian guide, "Memory you can predict"; ``EigenResult.memory_bound_bytes``).
     """
-    from analysis.lanczos import (
+    from analysis.krylov import (
         basis_itemsize,
         default_max_basis,
         default_max_iter,
@@ -120,7 +122,9 @@ def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
     if max_basis is None:
         max_basis = default_max_basis(n, k)
     max_basis = min(max_basis, n)
-    return Cost(label or f"top-{k} eigenvalues (Lanczos)", hvps=max_iter, data_passes=max_iter + 1,
+    se = int(bool(data_stderr))
+    return Cost(label or f"top-{k} eigenvalues (Lanczos)", hvps=max_iter + se * k,
+                data_passes=max_iter + 1 + se,
                 memory_bytes=memory_bound_bytes(n, max_basis, basis_itemsize(itemsize)), exact=False,
                 note="the max_iter cap; it stops at the tolerance, usually far earlier")
 
@@ -142,7 +146,9 @@ def trace_cost(n: int, itemsize: int, *, num_matvecs: int = 99, method: str = "h
     ``3 b n itemsize``. Hutch++: sketch size ``s = min(num_matvecs // 3, n)``; ``s`` products for
     the sketch, ``s`` for ``tr(Q^T H Q)`` and ``s`` for the deflated Hutchinson part (skipped when
     ``s = n``), each stage in ``ceil(s / b)`` passes; memory ``(s + 4 b) n itemsize``. ``b`` is
-    ``block_size`` (default :func:`analysis.operators.default_block_size`).
+    ``block_size`` (default :func:`analysis.operators.default_block_size`). The data-sampling
+    standard error adds no product and no pass (the quadratic forms' blocks are taken per
+    sampling unit, :class:`analysis.uncertainty.UnitForms`).
     """
     from analysis.trace import sketch_size, trace_memory_bound_bytes
 

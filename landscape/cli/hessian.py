@@ -7,7 +7,7 @@ import pathlib
 import time
 from typing import Any
 
-from landscape._format import format_table
+from landscape._format import STDERR_LINE, WithError, format_table, format_value
 from landscape.defaults import cli_default
 
 from . import estimate as E
@@ -69,7 +69,8 @@ def costs(args: argparse.Namespace, n: int, itemsize: int, model: Any = None) ->
     if getattr(args, "per_layer", False) and model is not None:
         sizes = _block_sizes(model)
         out.append(_summed(f"per-layer top-{args.top_k} eigenvalues ({len(sizes)} blocks, Lanczos)",
-                           [E.lanczos_cost(nl, min(args.top_k, nl), itemsize) for nl in sizes]))
+                           [E.lanczos_cost(nl, min(args.top_k, nl), itemsize, data_stderr=False)
+                            for nl in sizes]))
         if args.trace:
             from analysis.blocks import per_layer_spectrum
 
@@ -117,8 +118,10 @@ def _analyses(args: argparse.Namespace, ctx: Ctx, setup: Setup, model: Any,
         from analysis.trace import hessian_trace
 
         tr = meter.run(next(costs), lambda: _counted(hessian_trace(
-            HessianOperator(model, setup.loss_fn, setup.data), seed=args.seed)))
+            HessianOperator(model, setup.loss_fn, setup.data), seed=args.seed,
+            data_stderr=True)))
         summary["trace"], summary["trace_stderr"] = float(tr.estimate), float(tr.std_error)
+        summary["trace_data_stderr"] = tr.data_stderr
         matvecs["trace"] = int(tr.num_matvecs)
     if args.density:
         from analysis.density import spectral_density
@@ -204,8 +207,11 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     summary["seconds"] = time.perf_counter() - t0
     layers = summary.pop("per_layer_result", None)
     res = summary.get("residuals") or [None] * len(summary["eigenvalues"])
-    rows = [[i + 1, float(v), r] for i, (v, r) in enumerate(zip(summary["eigenvalues"], res))]
-    text = format_table(["k", "eigenvalue", "residual ||Hv - lambda v||"], rows)
+    ses = summary.get("eigenvalue_stderr") or [None] * len(summary["eigenvalues"])
+    rows = [[i + 1, WithError(float(v), se), r]
+            for i, (v, se, r) in enumerate(zip(summary["eigenvalues"], ses, res))]
+    text = format_table(["k", "eigenvalue +- SE", "residual ||Hv - lambda v||"], rows)
+    text += "\n" + STDERR_LINE
     if summary.get("converged") is False:
         reason = str(summary.get("stop_reason") or "")
         text += ("\nwarning: Lanczos stopped before reaching --tol at the "
@@ -213,7 +219,8 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
                  "\nwarning: Lanczos stopped before reaching --tol (see the residuals)")
     text += f"\nHessian-vector products used: {summary['num_matvecs_by_analysis']['lanczos']} (Lanczos)"
     if summary.get("trace") is not None:
-        text += f"\ntrace ~ {summary['trace']:.6g} (Hutch++, standard error {summary['trace_stderr']:.2g})"
+        text += (f"\ntrace ~ {format_value(WithError(summary['trace'], summary['trace_data_stderr']))}"
+                 f" (Hutch++; the probes' standard error {summary['trace_stderr']:.2g})")
     if layers is not None:
         rows = [[lay.name, lay.num_params, lay.eigenvalues[0], lay.trace, lay.num_matvecs]
                 for lay in layers.layers]

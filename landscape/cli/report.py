@@ -7,7 +7,7 @@ import math
 import pathlib
 from typing import Any
 
-from landscape._format import format_table
+from landscape._format import STDERR_LINE, WithError, format_table
 from landscape.defaults import cli_default
 
 from . import estimate as E
@@ -105,10 +105,13 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     if ctx.main and entries:
         write_report(entries, out, title=args.title, notes=failed_notes)
         ctx.log(f"wrote {out}")
-    header = ["checkpoint", "loss", "accuracy", "lambda_max", "sharpness"]
+    header = ["checkpoint", "loss", "accuracy", "lambda_max +- SE", "sharpness +- SE"]
     text = format_table(header, [[e.name + (" *" if e.checkpoint_keys else ""), e.metrics.get("loss"),
-                                  e.metrics.get("accuracy"), e.metrics.get("lambda_max"),
-                                  e.metrics.get("sharpness")] for e in entries])
+                                  e.metrics.get("accuracy"),
+                                  *[WithError(e.metrics.get(k), e.stderr.get(k))
+                                    for k in ("lambda_max", "sharpness")]] for e in entries])
+    if entries:
+        text += "\n" + STDERR_LINE
     notes = [f"* {e.name}: {describe_checkpoint_keys(e.checkpoint_keys)}" for e in entries if e.checkpoint_keys]
     ctx.out("\n".join([text, *notes, *failed_notes]))
     ctx.write_json(envelope("report", out=str(out), checkpoints=[e.summary() for e in entries],

@@ -8,7 +8,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from landscape._format import format_table, format_value
+from landscape._format import STDERR_LINE, WithError, format_table, format_value
 from landscape.defaults import cli_default
 
 from . import estimate as E
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
                 **({"checkpoint_keys": keys} if any(keys.values()) else {})}
 
     records, failures = per_file(paths, ctx, work)
-    header = ["checkpoint", "loss", "accuracy", *metrics]
+    header = ["checkpoint", "loss", "accuracy", *[f"{m} +- SE" for m in metrics]]
     rows = [[label(pathlib.Path(r["checkpoint"]), paths) + (" *" if r.get("checkpoint_keys") else ""),
              r["loss"], r["accuracy"], *[_cell(r, m) for m in metrics]] for r in records]
     rows += [[label(pathlib.Path(f["checkpoint"]), paths) + " (failed)", None, None,
@@ -117,6 +117,9 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     notes = settings_notes(metrics, records, m_given=args.m is not None)
     notes += [f"{m}: undefined for {label(pathlib.Path(r['checkpoint']), paths)}: "
               f"{r['settings'][m]['undefined']}" for r in records for m in metrics if _undefined(r, m)]
+    notes += [STDERR_LINE] if records else []
+    notes += sorted({f"{m}: SE undefined: {why}" for r in records
+                     for m, why in r.get("stderr_reason", {}).items() if not _undefined(r, m)})
     notes += keys_note(records, paths)
     notes += [f"failed: {label(pathlib.Path(f['checkpoint']), paths)}: {f['error']}" for f in failures]
     if notes:
@@ -136,8 +139,10 @@ def _undefined(record: dict, metric: str) -> bool:
 
 
 def _cell(record: dict, metric: str) -> Any:
-    """A metric's table cell: its value, or ``"undefined"`` (the reason is a note)."""
-    return "undefined" if _undefined(record, metric) else record["metrics"][metric]
+    """A metric's table cell: ``value +- SE``, or ``"undefined"`` (the reason is a note)."""
+    if _undefined(record, metric):
+        return "undefined"
+    return WithError(record["metrics"][metric], record.get("stderr", {}).get(metric))
 
 
 def _log_used(ctx: Ctx, planned: Sequence[E.Cost], metrics: Sequence[str], values: dict,

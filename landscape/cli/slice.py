@@ -72,7 +72,8 @@ def costs(kind: str, dims: int, steps: int, n: int, itemsize: int, rows_done: in
         out.append(E.Cost("gradient direction", forward_passes=1, backward_passes=1, data_passes=1,
                           memory_bytes=n * itemsize))
     elif kind == "eigen":
-        out.append(E.lanczos_cost(n, dims, itemsize, label=f"top-{dims} eigenvectors (Lanczos)"))
+        out.append(E.lanczos_cost(n, dims, itemsize, label=f"top-{dims} eigenvectors (Lanczos)",
+                                  data_stderr=False))
     out.append(E.slice_cost(n, itemsize, dims=dims, steps=steps, rows_done=rows_done))
     return out
 

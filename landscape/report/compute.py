@@ -63,11 +63,14 @@ def checkpoint_metrics(
     share of the samples under torchrun).
 
     Returns:
-        ``{"loss", "accuracy", "num_samples", "metrics": {name: value}, "settings": {name:
-        {"rho", "m", "steps", "samples", "stderr", "num_batches", ...}}, "seconds": {name: s}}``
-        (``settings`` holds what each metric actually used, from its result's ``to_dict()``).
-        A metric undefined for this model and data (e.g. PAC-Bayes near chance accuracy) is
-        ``None`` in ``metrics`` and ``{"undefined": reason}`` in ``settings``.
+        ``{"loss", "accuracy", "num_samples", "metrics": {name: value}, "stderr": {name: data
+        SE}, "stderr_reason": {name: why undefined}, "settings": {name: {"rho", "m", "steps",
+        "samples", "stderr", "num_batches", ...}}, "seconds": {name: s}}`` (``stderr`` the
+        data-sampling standard error of each value, ``stderr_reason`` where it is ``nan``,
+        :func:`analysis.uncertainty.headline_stderr`; ``settings`` what each metric actually used,
+        from its result's ``to_dict()``). A metric undefined for this model and data (e.g.
+        PAC-Bayes near chance accuracy) is ``None`` in ``metrics`` and ``{"undefined": reason}``
+        in ``settings``.
     """
     from analysis.evaluation import evaluate
     from analysis.sharpness.report import sharpness_report
@@ -77,6 +80,8 @@ def checkpoint_metrics(
         raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}")
     ev = evaluate(model, loss_fn, data)
     values: dict[str, Any] = {}
+    stderrs: dict[str, float | None] = {}
+    reasons: dict[str, str] = {}
     settings: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
     for name in metrics:
@@ -96,12 +101,18 @@ def checkpoint_metrics(
             settings[name] = {"undefined": rep.undefined[base]}
             continue
         values[name] = float(rep.values[base])
+        stderrs[name] = rep.stderrs.get(base)
+        reason = getattr(getattr(rep.results.get(base), "data_sampling", None), "reason", None) \
+            or getattr(rep.results.get(base), "stderr_reason", None)
+        if reason:
+            reasons[name] = reason
         result = rep.results.get(base)
         full = result.to_dict() if hasattr(result, "to_dict") else {}
         settings[name] = {k: full[k] for k in _SETTING_KEYS
                           if k in full and (full[k] is None or isinstance(full[k], (bool, int, float, str)))}
     return {"loss": ev.loss, "accuracy": ev.accuracy, "num_samples": ev.num_samples,
-            "metrics": values, "settings": settings, "seconds": seconds}
+            "metrics": values, "stderr": stderrs, "stderr_reason": reasons, "settings": settings,
+            "seconds": seconds}
 
 
 #: The per-metric settings and error bars that :func:`checkpoint_metrics` records (those a
@@ -152,9 +163,12 @@ def hessian_summary(
     before this call are not counted in ``num_matvecs``.
 
     Returns:
-        ``{"eigenvalues": [...], "residuals": [...], "converged": bool, "stop_reason": str
-        (see :class:`analysis.lanczos.EigenResult`), "num_matvecs": int, "trace": float | None, "trace_stderr":
-        float | None, "density": {"grid", "density"} | None, "seconds": float}``.
+        ``{"eigenvalues": [...], "eigenvalue_stderr": [...], "residuals": [...], "converged":
+        bool, "stop_reason": str (see :class:`analysis.EigenResult`), "num_matvecs": int,
+        "trace": float | None, "trace_stderr": float | None, "trace_data_stderr": float | None,
+        "density": {"grid", "density"} | None, "seconds": float}``: ``eigenvalue_stderr`` and
+        ``trace_data_stderr`` the data-sampling standard errors (:mod:`analysis.uncertainty`),
+        ``trace_stderr`` the Hutch++ probes' error.
     """
     from analysis.lanczos import top_eigenpairs
     from analysis.operators.hessian import HessianOperator
@@ -171,16 +185,20 @@ def hessian_summary(
         "residuals": [float(v) for v in torch.as_tensor(eig.residuals).reshape(-1).tolist()],
         "converged": bool(eig.converged),
         "stop_reason": eig.stop_reason,
+        "eigenvalue_stderr": [float(v) for v in eig.data_stderr.tolist()],
+        "stderr_units": eig.data_sampling.units,
         "trace": None,
         "trace_stderr": None,
+        "trace_data_stderr": None,
         "density": None,
     }
     if trace:
         from analysis.trace import hessian_trace
 
-        tr = hessian_trace(op, seed=seed)
+        tr = hessian_trace(op, seed=seed, data_stderr=True)
         out["trace"] = float(tr.estimate)
         out["trace_stderr"] = float(tr.std_error)
+        out["trace_data_stderr"] = tr.data_stderr
     if density:
         from analysis.density import spectral_density
 
@@ -214,7 +232,7 @@ def _directions(kind: str, model: nn.Module, loss_fn: Any, data: Any, count: int
     if kind == "eigen":
         from analysis.lanczos import top_eigenpairs
 
-        eig = top_eigenpairs(model, loss_fn, data, k=count)  # rows: unit eigenvectors
+        eig = top_eigenpairs(model, loss_fn, data, k=count, data_stderr=False)  # unit eigenvectors
         return [(eig.eigenvectors[i].reshape(-1), f"eigenvector {i + 1} (lambda={float(eig.eigenvalues[i]):.4g})")
                 for i in range(count)]
     if kind == "pca":
@@ -330,6 +348,9 @@ class ReportEntry(Result):
         checkpoint_keys: how the checkpoint matched the model, ``{"missing_keys": [...],
             "unexpected_keys": [...], "shape_mismatches": [[key, ckpt_shape, model_shape]]}``
             (empty for a strict load); shown as a note under the table and in the JSON.
+        stderr: ``{metric: data-sampling standard error}`` of the metrics that have one
+            (``lambda_max``, ``sharpness``, ``trace``; :mod:`analysis.uncertainty`), shown in
+            the table as ``value +- SE``.
     """
 
     name: str
@@ -341,10 +362,13 @@ class ReportEntry(Result):
     info: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     checkpoint_keys: dict[str, Any] = field(default_factory=dict)
+    stderr: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-safe headline numbers (no grids)."""
         out = {"name": self.name, **self.info, **self.metrics, "eigenvalues": list(self.eigenvalues)}
+        if self.stderr:
+            out["stderr"] = self.stderr
         if self.settings:
             out["settings"] = self.settings
         if self.checkpoint_keys:
@@ -420,17 +444,20 @@ def analyze_checkpoint(
     eig = top_eigenpairs(op, k=1)
     eigenvalues = tuple(float(v) for v in torch.as_tensor(eig.eigenvalues).reshape(-1).tolist())
     metrics["lambda_max"] = eigenvalues[0]
+    stderr = {"lambda_max": float(eig.data_stderr[0])}
     say(f"{name}: sharpness")
     sh_opts = {"m": min(_default_m(), _local_samples(data)), **dict(sharpness_options or {})}
     sh = sharpness(model, loss_fn, data, rho=sharpness_rho, kind="worst", adaptive=True, seed=seed,
                    progress=progress, **sh_opts)
     metrics["sharpness"] = float(sh.value)
+    stderr["sharpness"] = float(sh.stderr)
     settings = {"sharpness": {k: getattr(sh, k) for k in ("rho", "m", "steps", "adaptive", "norm", "num_batches")
                               if hasattr(sh, k)}}
     if trace:
         from analysis.trace import hessian_trace
 
-        metrics["trace"] = float(hessian_trace(op, seed=seed).estimate)
+        tr = hessian_trace(op, seed=seed, data_stderr=True)
+        metrics["trace"], stderr["trace"] = float(tr.estimate), tr.data_stderr
     dens = None
     if density:
         say(f"{name}: spectral density")
@@ -451,7 +478,8 @@ def analyze_checkpoint(
         s2 = compute_slice(model, loss_fn, slice_data, dims=2, direction="random", lo=-radius, hi=radius,
                            steps=steps_2d, seed=seed, progress=progress, label=name)
     return ReportEntry(name=name, metrics=metrics, slices_1d=tuple(slices), slice_2d=s2,
-                       density=dens, eigenvalues=eigenvalues, info=dict(info or {}), settings=settings)
+                       density=dens, eigenvalues=eigenvalues, info=dict(info or {}), settings=settings,
+                       stderr=stderr)
 
 
 def _check_analyze_args(name: Any, steps_1d: Any, steps_2d: Any, radius: Any, rho: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._format import format_value
+from .._format import WithError, format_value
 from .compute import ReportEntry, describe_checkpoint_keys
 
 
@@ -44,7 +44,18 @@ def density_figure(densities: Mapping[str, Any], *, title: str = "Hessian spectr
 
 
 def _fmt(v: Any) -> str:
-    return "&ndash;" if v is None else html.escape(format_value(v))
+    return "&ndash;" if v is None else html.escape(format_value(v, pm=" \u00b1 "))
+
+
+def _with_error(value: Any, se: Any) -> Any:
+    """``value +- se`` for a metric with a data-sampling standard error, else the value."""
+    return value if se is None or value is None else WithError(value, se)
+
+
+#: The note under the table when some metric carries a standard error.
+STDERR_NOTE = ("\u00b1: the data-sampling standard error (how far the number would move on "
+               "another draw of as many samples; value \u00b1 2 SE covers the full-population "
+               "value about 95% of the time, see analysis.uncertainty)")
 
 
 _LABELS = {
@@ -84,7 +95,8 @@ def _table(entries: Sequence[ReportEntry], columns: Sequence[str] | None) -> str
     for e in entries:
         vals = {**e.info, **e.metrics}
         cells = "".join("<td>undefined</td>" if (e.settings.get(c) or {}).get("undefined")
-                        else f"<td>{_fmt(vals.get(c))}</td>" for c in columns)
+                        else f"<td>{_fmt(_with_error(vals.get(c), e.stderr.get(c)))}</td>"
+                        for c in columns)
         rows.append(f"<tr><td>{html.escape(e.name)}</td>{cells}</tr>")
     return (f"<table class='metrics' id='metrics'><thead><tr><th>checkpoint</th>{head}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
@@ -176,7 +188,8 @@ def report_html(
         text = describe_checkpoint_keys(e.checkpoint_keys) if e.checkpoint_keys else None
         if text:
             key_notes.append(f"{e.name}: loaded non-strictly: {text}")
-    for n in [*_settings_notes(entries), *key_notes, *notes]:
+    se_note = [STDERR_NOTE] if any(e.stderr for e in entries) else []
+    for n in [*_settings_notes(entries), *se_note, *key_notes, *notes]:
         parts.append(f"<p class='note'>{html.escape(n)}</p>")
     section = None
     config = {"displaylogo": False, "responsive": True}

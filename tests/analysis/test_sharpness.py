@@ -233,6 +233,7 @@ def test_each_batch_of_m_is_maximized_on_its_own():
     # n_eval caps the samples
     res3 = sharpness(model, "cross_entropy", (x, y), n_eval=16, **kw)
     assert res3.num_batches == 1 and math.isnan(res3.stderr)
+    assert "one batch of m=16 samples" in res3.stderr_reason and res.stderr_reason is None
 
 
 def test_pass_counts():
@@ -247,8 +248,12 @@ def test_pass_counts():
                   progress=False)
     assert (r.forward_passes, r.backward_passes) == (2 * 8, 0)
     d = directional_sharpness(model, "cross_entropy", data, torch.ones(ParameterSpace(model).numel,
-                              dtype=DT), [0.1, 0.2, 0.3])
+                              dtype=DT), [0.1, 0.2, 0.3], data_stderr=False)
     assert (d.forward_passes, d.backward_passes) == (4, 0)
+    # its data-sampling SE evaluates the one batch in 16 groups: more calls, the same samples
+    d = directional_sharpness(model, "cross_entropy", data, torch.ones(ParameterSpace(model).numel,
+                              dtype=DT), [0.1, 0.2, 0.3])
+    assert (d.forward_passes, d.backward_passes, d.forward_samples) == (4 * 16, 0, 4 * 32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,7 +326,9 @@ def test_pac_bayes_sigma_matches_closed_form_for_a_linear_classifier(magnitude_a
     assert abs(res.deviation - target) <= 0.005 or res.evaluations == 40
     assert res.sigma == pytest.approx(sigma_true, rel=0.15)
     assert res.flatness == pytest.approx(1 / res.sigma**2)
-    assert res.forward_passes == 1 + 40 * res.evaluations
+    # one pass per draw and sigma, plus one; the SE: the one batch in 16 groups, draws + 1 passes
+    assert res.forward_passes == 1 + 40 * res.evaluations + 16 * 41
+    assert res.data_sampling.forward_passes == 41
 
 
 def test_directional_sharpness_of_quadratic():

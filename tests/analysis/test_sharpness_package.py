@@ -30,17 +30,19 @@ FIELDS = {
         "value", "stderr", "loss", "perturbed_loss", "kind", "rho", "adaptive", "norm", "m",
         "steps", "samples", "seed", "mode", "num_batches", "num_samples", "batch_values",
         "forward_passes", "backward_passes", "forward_samples", "backward_samples", "restarts",
-        "lower_bound", "num_terms", "batch_terms"),
+        "lower_bound", "num_terms", "batch_terms", "stderr_reason"),
     EpsilonSharpnessResult: (
         "value", "loss", "max_loss", "epsilon", "method", "steps", "seed", "mode", "num_samples",
-        "forward_passes", "backward_passes", "forward_samples", "backward_samples"),
+        "forward_passes", "backward_passes", "forward_samples", "backward_samples",
+        "data_stderr", "data_sampling"),
     PacBayesResult: (
         "flatness", "sigma", "deviation", "accuracy", "magnitude_aware", "target", "draws", "seed",
         "mode", "evaluations", "num_samples", "forward_passes", "backward_passes",
-        "forward_samples", "backward_samples", "accuracy_unit"),
+        "forward_samples", "backward_samples", "accuracy_unit", "data_stderr", "data_sampling"),
     DirectionalSharpnessResult: (
         "radii", "values", "losses", "loss", "direction_norm", "mode", "num_samples",
-        "forward_passes", "backward_passes", "forward_samples", "backward_samples"),
+        "forward_passes", "backward_passes", "forward_samples", "backward_samples",
+        "data_stderr", "data_sampling"),
 }
 
 
@@ -75,7 +77,8 @@ def test_directional_result_counts_the_passes():
     model = Quadratic(random_spd(4, seed=1), w0=torch.ones(4, dtype=DT))
     res = directional_sharpness(model, quadratic_loss, (torch.zeros(6, 1, dtype=DT),
                                                         torch.zeros(6, dtype=DT)),
-                                torch.ones(4, dtype=DT), [0.5, 1.0], batch_size=4)
+                                torch.ones(4, dtype=DT), [0.5, 1.0], batch_size=4,
+                                data_stderr=False)
     # (1 + 2 radii) points x 2 batches (4 + 2 samples), no backward pass
     assert (res.forward_passes, res.forward_samples) == (6, 18)
     assert (res.backward_passes, res.backward_samples) == (0, 0)

@@ -59,8 +59,10 @@ def test_memory_formulas_by_hand():
     assert E.lanczos_cost(1000, 30, 8).memory_bytes == (61 + 3) * 1000 * 8
     assert E.lanczos_cost(1000, 5, 2).memory_bytes == 23 * 1000 * 4  # half: a float32 basis
     assert E.lanczos_cost(15, 5, 8).memory_bytes == (15 + 3) * 15 * 8  # the basis capped at n
-    assert E.lanczos_cost(1000, 5, 4).hvps == 300 and E.lanczos_cost(1000, 20, 4).hvps == 600
-    assert E.lanczos_cost(12, 1, 4).hvps == 120  # at most 10 n
+    # max_iter products, plus k in one pass for the data-sampling standard errors
+    assert E.lanczos_cost(1000, 5, 4).hvps == 305 and E.lanczos_cost(1000, 20, 4).hvps == 620
+    assert E.lanczos_cost(1000, 5, 4, data_stderr=False).hvps == 300
+    assert E.lanczos_cost(12, 1, 4).hvps == 120 + 1  # at most 10 n, plus k for the SE
     # Hutch++: s = num_matvecs // 3, (s + 4 b) n itemsize; Hutchinson 3 b n itemsize
     assert E.trace_cost(1000, 4, num_matvecs=99, block_size=16).memory_bytes == (33 + 64) * 1000 * 4
     assert E.trace_cost(1000, 8, num_matvecs=40, method="hutchinson", block_size=4).memory_bytes == 96000
@@ -91,6 +93,13 @@ def test_trace_cost_data_passes_are_the_blocks_applied(method, block):
         return matmat(V)
 
     op.matmat = counted
+    unit_products = op.unit_products
+
+    def counted_units(V, reduce, **kw):  # the same pass, unit by unit (the data-sampling SE)
+        blocks.append(V.shape[1])
+        return unit_products(V, reduce, **kw)
+
+    op.unit_products = counted_units
     res = hessian_trace(op, method=method, block_size=block)
     cost = E.trace_cost(N, 4, method=method, block_size=block)
     assert cost.data_passes == len(blocks) and cost.hvps == sum(blocks) == res.num_matvecs
@@ -108,7 +117,7 @@ def test_density_cost_is_the_products_counted(n, num_iter, num_runs):
 def test_lanczos_cost_is_an_upper_bound(k, max_iter):
     n = 80
     res = top_eigenpairs(_spd(n), k=k, max_iter=max_iter)
-    cost = E.lanczos_cost(n, k, 8, max_iter=max_iter)
+    cost = E.lanczos_cost(n, k, 8, max_iter=max_iter, data_stderr=False)  # a matrix: no data
     assert not cost.exact and 1 <= res.num_matvecs <= cost.hvps
     if max_iter is not None:  # a run that does not converge uses the whole budget
         assert res.num_matvecs == cost.hvps == max_iter
@@ -153,8 +162,8 @@ def test_slice_cost_is_the_forward_passes_seen(dims, steps):
 
 def test_describe_says_bounds_and_exact_counts():
     line = E.describe(E.lanczos_cost(1000, 5, 4))
-    assert line == ("cost estimate: top-5 eigenvalues (Lanczos): <= 300 Hessian-vector products, "
-                    "<= 301 data passes, peak extra memory <= 92000 bytes (the max_iter cap; it stops at "
+    assert line == ("cost estimate: top-5 eigenvalues (Lanczos): <= 305 Hessian-vector products, "
+                    "<= 302 data passes, peak extra memory <= 92000 bytes (the max_iter cap; it stops at "
                     "the tolerance, usually far earlier)")
     line = E.describe(E.trace_cost(N, 4, num_matvecs=99, block_size=16), " (each of 2 checkpoints)")
     assert line == ("cost estimate: trace (Hutch++, 99 products): 99 Hessian-vector products, "
@@ -185,7 +194,7 @@ def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys
     assert [e["analysis"] for e in doc["estimate"]] == [
         "top-2 eigenvalues (Lanczos)", "trace (Hutch++, 99 products)",
         "spectral density (SLQ, 3 runs x 12 steps)"]
-    assert trace["hvps"] == 99 and density["hvps"] == 36 and lanczos["hvps"] == 300
+    assert trace["hvps"] == 99 and density["hvps"] == 36 and lanczos["hvps"] == 302
     assert lanczos["memory_bytes"] == (20 + 3) * N * 4 and density["memory_bytes"] == 17 * N * 4
     # one operator served all three: what is left for Lanczos is within its bound
     used_by_lanczos = doc["num_matvecs"] - trace["hvps"] - density["hvps"]
@@ -197,7 +206,7 @@ def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys
     assert all(e["used"]["seconds"] > 0 for e in doc["estimate"])
     used = [ln for ln in _lines(err) if ln.startswith("used: ")]
     assert used[0] == (f"used: top-2 eigenvalues (Lanczos): {used_by_lanczos} Hessian-vector products "
-                       f"(estimate <= 300), {doc['estimate'][0]['used']['seconds']:.3g} s")
+                       f"(estimate <= 302), {doc['estimate'][0]['used']['seconds']:.3g} s")
     assert used[1].startswith("used: trace (Hutch++, 99 products): 99 Hessian-vector products (estimate 99)")
     assert len(used) == 3 and f"Hessian-vector products used: {used_by_lanczos} (Lanczos)" in err
     # time estimates: Lanczos's from a first product timed before it (issue 27), the later ones
@@ -206,15 +215,15 @@ def test_hessian_prints_the_estimate_and_the_counts_agree(ckpt, tmp_path, capsys
     per = doc["estimate"][0]["used"]["seconds"] / used_by_lanczos
     per2 = doc["estimate"][1]["used"]["seconds"] / 99
     times = [ln for ln in _lines(err) if ln.startswith("time estimate: ")]
-    assert times.pop(0) == (f"time estimate: top-2 eigenvalues (Lanczos): at most {300 * per0:.3g} "
-                            f"s (300 products at {per0:.3g} s each, as measured so far)")
+    assert times.pop(0) == (f"time estimate: top-2 eigenvalues (Lanczos): at most {302 * per0:.3g} "
+                            f"s (302 products at {per0:.3g} s each, as measured so far)")
     assert times == [f"time estimate: trace (Hutch++, 99 products): about {99 * per:.3g} s (99 "
                      f"products at {per:.3g} s each, as measured so far)",
                      f"time estimate: spectral density (SLQ, 3 runs x 12 steps): about {36 * per2:.3g} s "
                      f"(36 products at {per2:.3g} s each, as measured so far)"]
     assert err.index(times[0]) < err.index(used[1])
     lines = _estimates(err)
-    assert len(lines) == 3 and lines[0].startswith("cost estimate: top-2 eigenvalues (Lanczos): <= 300")
+    assert len(lines) == 3 and lines[0].startswith("cost estimate: top-2 eigenvalues (Lanczos): <= 302")
     assert err.index("cost estimate: ") < err.index("top-2 Hessian eigenvalues")  # before the work
     code, out, err = _run([*argv, "--quiet"], capsys)
     quiet = json.loads(out)["estimate"]
@@ -249,7 +258,7 @@ def test_sharpness_estimate_matches_the_recorded_settings(ckpt, capsys):
     assert all(u["seconds"] > 0 for e in doc["estimate"] for u in e["used"])
     used = [ln for ln in _lines(err) if ln.startswith("used: ")]
     assert len(used) == 8 and sum(ln.startswith(
-        f"used: lambda_max (Lanczos, k=1): {lam[0]['hvps']} Hessian-vector products (estimate <= 300)")
+        f"used: lambda_max (Lanczos, k=1): {lam[0]['hvps']} Hessian-vector products (estimate <= 301)")
         for ln in used) >= 1
 
 
