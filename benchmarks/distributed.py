@@ -15,15 +15,15 @@ with a gloo process group; each configuration is timed in its own processes:
   T = the number of cores used (default 2), so that the last two compare the same hardware;
 * per HVP: ``HessianOperator @ v`` over the whole dataset (one all-reduce of ``n`` numbers);
 * per gradient: one forward+backward over the dataset plus the all-reduce (the HVP/gradient
-  ratio is what the ImageNet estimate in the README scales);
+  ratio is what the ImageNet estimate of docs/benchmarks.md scales);
 * per grid point: ``landscape.slice_2d`` on a ``grid x grid`` grid (one forward pass
   per point, one all-reduce per row);
 * the all-reduce of an ``n``-vector alone.
 
 With ``--resnet50`` the script also measures, on one process, the gradient and HVP time per
 224x224 image of ResNet-50 (torchvision's architecture, defined here; eval-mode BatchNorm,
-float32) and prints the ImageNet-1k estimate of the README (section "Scaling out") from that ratio
-(from the digits CNN's ratio otherwise).
+float32) and prints the ImageNet-1k estimate of docs/benchmarks.md (section "Distributed scaling
+and an ImageNet estimate") from that ratio (from the digits CNN's ratio otherwise).
 
 Timings on a shared 2-core machine are noisy; ratios measured in the same process are more
 stable than absolute times. Prints a markdown table.
@@ -236,7 +236,7 @@ def main() -> None:
                   f"{args.resnet_batch}, {torch.get_num_threads()} threads): gradient "
                   f"{r['grad']:.3f} s/image, HVP {r['hvp']:.3f} s/image, HVP / gradient "
                   f"{ratio:.2f}")
-    # the ImageNet estimate (assumptions in the README (section "Scaling out"))
+    # the ImageNet estimate (assumptions in docs/benchmarks.md#distributed-scaling-and-an-imagenet-estimate)
     hvp_img_s = A100_TF32_TRAIN_IMG_S / ratio
     per_hvp = IMAGENET_TRAIN / (8 * hvp_img_s)
     total = LANCZOS_MATVECS_TOP5 * per_hvp

@@ -3,7 +3,7 @@
 Every CLI option whose value has a Python counterpart takes its default from :data:`DEFAULTS`,
 and each row names the Python function and parameter that have the same default;
 ``tests/landscape/test_cli.py`` checks both (the parser's default and the function signature's),
-so the two cannot drift apart. The README's CLI section shows the same table.
+so the two cannot drift apart. docs/cli.md shows the same table (``tests/test_docs.py`` checks it).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Default:
     note: str = ""
 
 
-#: The table (README: "The command line" shows it).
+#: The table (docs/cli.md shows it).
 DEFAULTS: tuple[Default, ...] = (
     Default("sharpness", "--m", 128, "analysis:sharpness", "m",
             "capped at the number of samples N (the CLI says so when it caps)"),

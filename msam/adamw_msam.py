@@ -39,7 +39,8 @@ class AdamWMSAM(PerturbedOptimizer):
     ``step()`` after ``eval()`` (no warning) takes the gradient as taken at ``w``: one plain
     AdamW step from ``w``, ending at the new ``w~`` (perturbed again); call
     ``optimizer.train()`` before the forward/backward to take it at ``w~``. FSDP2-sharded
-    models work unchanged (``||m||`` over the full tensors; docs/notes/fsdp.md).
+    models work unchanged (``||m||`` over the full tensors; docs/guides/distributed.md,
+    "MSAM, AdamW-MSAM and SAM on FSDP2").
 
     Complex parameters are supported as torch.optim supports them: a complex tensor counts as
     the pair of its real and imaginary parts (``||v||^2 = sum |v_i|^2``; the update equals the

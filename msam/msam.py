@@ -60,7 +60,8 @@ class MSAM(PerturbedOptimizer):
     FSDP2 (``fully_shard``) and DDP models work unchanged: under FSDP2 ``||v||`` is the norm of
     the full tensors (the shards' norms all-reduced once per step), the moves to ``w`` and back
     are local to each rank's shards, and 2 ranks equal one process to rounding; checkpoints,
-    also through torch.distributed.checkpoint, resume exactly (docs/notes/fsdp.md).
+    also through torch.distributed.checkpoint, resume exactly (docs/guides/distributed.md,
+    "MSAM, AdamW-MSAM and SAM on FSDP2").
     Complex parameters are supported as torch.optim supports them: a complex tensor counts as
     the pair of its real and imaginary parts (``||v||^2 = sum |v_i|^2``; the update equals the
     same optimizer on ``torch.view_as_real`` of it).

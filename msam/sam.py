@@ -95,7 +95,7 @@ class SAM(Optimizer):
     Gradient accumulation: accumulate micro-batch gradients (loss / k) for the first pass,
     ``first_step(zero_grad=True)``, accumulate again at ``w + e``, ``second_step()``.
 
-    Data parallel (docs/notes/fsdp.md): under DDP the first pass need not be all-reduced; run
+    Data parallel (docs/guides/distributed.md): under DDP the first pass need not be all-reduced; run
     it inside ``model.no_sync()`` for a per-rank ascent (m-sharpness with m the per-rank
     batch), and call ``analysis.distributed.all_reduce_gradients(model)`` before
     ``first_step`` for SAM on the global batch. Under FSDP2 (``fully_shard``) keep gradient
