@@ -8,6 +8,9 @@ Curvature: one all-reduce per matvec, and the Lanczos basis stays replicated bit
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -46,13 +49,21 @@ def _get(ranks, reference, name):
 
 
 def _close(a, b, what, rtol=RTOL):
-    if isinstance(a, dict):
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        da, db = dataclasses.asdict(a), dataclasses.asdict(b)
+        if "unit_terms" in da:  # per-unit rows come gathered rank by rank: the same set of units
+            for d in (da, db):
+                d["units_sorted"] = sorted(zip(d.pop("unit_terms"), d.pop("unit_values")))
+        _close(da, db, what, rtol)
+    elif isinstance(a, dict):
         for k in a:
             _close(a[k], b[k], f"{what}.{k}", rtol)
     elif isinstance(a, torch.Tensor) and a.is_floating_point():
         torch.testing.assert_close(b, a, rtol=rtol, atol=1e-12, msg=lambda m: f"{what}: {m}")
     elif isinstance(a, np.ndarray):
         np.testing.assert_allclose(b, a, rtol=rtol, atol=1e-12, err_msg=what)
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), f"{what}: {b!r} is not nan"
     elif isinstance(a, float):
         assert b == pytest.approx(a, rel=rtol, abs=1e-12), what
     elif isinstance(a, (list, tuple)):
@@ -101,8 +112,13 @@ def test_top5_eigenvalues(ranks, reference):
         _close(ref["eigenvalues"], got["eigenvalues"], "eigenvalues")
         # same seed, same start vector: the Ritz vectors agree with one process up to rounding
         _close(ref["eigenvectors"], got["eigenvectors"], "eigenvectors", rtol=1e-6)
-        # one all-reduce per matvec, plus at most one for the gradient of the v0="auto" start
-        assert got["num_matvecs"] <= got["collectives"] <= got["num_matvecs"] + 1
+        # the data-sampling SEs (k products in one pass, gathered per unit) equal one process's
+        _close(ref["data_stderr"], got["data_stderr"], "eigenvalue data SEs")
+        # Lanczos: one all-reduce per matvec, plus at most one for the gradient of the v0="auto"
+        # start, and one for the SE's k products (one pass, one gather of the units' forms)
+        lanczos = got["num_matvecs"] - got["stderr_matvecs"]
+        assert got["stderr_matvecs"] == 5
+        assert lanczos <= got["collectives"] <= lanczos + 2, got
     # the Lanczos basis is replicated: both ranks hold the same vectors bit for bit
     assert torch.equal(per_rank[0]["eigenvectors"], per_rank[1]["eigenvectors"])
 

@@ -395,7 +395,8 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
         D.assert_same_across_ranks(res.eigenvectors, "Ritz vectors")
         return {"eigenvalues": res.eigenvalues, "eigenvectors": res.eigenvectors,
                 "num_matvecs": res.num_matvecs, "collectives": c.count,
-                "converged": res.converged}
+                "converged": res.converged, "data_stderr": res.data_stderr,
+                "stderr_matvecs": res.data_sampling.matvecs}
 
     def trace_check():
         from analysis import HessianOperator, hessian_trace
