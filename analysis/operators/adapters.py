@@ -22,7 +22,8 @@ from .protocol import LinearOperator, TorchOperator
 __all__ = ["as_linear_operator", "OPERATOR_KEYWORDS"]
 
 #: The keywords :func:`as_linear_operator` passes on to :class:`~analysis.hessian.HessianOperator`.
-OPERATOR_KEYWORDS = ("params", "mode", "check_deterministic", "batch_size", "method")
+OPERATOR_KEYWORDS = ("params", "mode", "check_deterministic", "batch_size", "method",
+                     "fd_relative_step")
 
 
 class _TensorOperator(TorchOperator):
@@ -87,7 +88,8 @@ def as_linear_operator(obj: Any, loss_fn: Any = None, data: Any = None,
         loss_fn: the loss (with a model only).
         data: the data (with a model only), see :mod:`analysis.data`.
         **operator_kwargs: with a model only, exactly the keywords of :data:`OPERATOR_KEYWORDS`:
-            ``params``, ``mode``, ``check_deterministic``, ``batch_size``, ``method`` (see
+            ``params``, ``mode``, ``check_deterministic``, ``batch_size``, ``method``,
+            ``fd_relative_step`` (see
             :class:`~analysis.hessian.HessianOperator`).
 
     Raises:

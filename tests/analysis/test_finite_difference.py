@@ -1,0 +1,186 @@
+"""Finite-difference Hessian-vector products (``method="finite-difference"`` and
+:func:`analysis.operators.finite_difference.finite_difference_product`).
+
+References: a closed-form function (``L(w) = sum_i a_i sin(w_i)``: gradient, Hessian and third
+derivative by hand), dense float64 Hessians (:func:`analysis.reference.dense_hessian`) of an MLP
+and a tiny causal LM, and the error model of the module docstring (truncation ``h^2 / 6
+phi'''``, rounding ``~ u ||g|| / h``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis.lanczos import top_eigenpairs
+from analysis.operators.finite_difference import (
+    default_relative_step,
+    finite_difference_product,
+    finite_difference_step,
+)
+from analysis.operators.hessian import HessianOperator
+from analysis.reference import dense_hessian
+from tests.lm_models import lm_model, padded_batches, token_sequences
+from tests.models import classification_data, mlp
+
+
+def _sine_problem(n=50, dtype=torch.float64):
+    """``L(w) = sum a_i sin(w_i)``: ``g = a cos w``, ``H v = -a sin(w) v``,
+    ``phi'''(0) = d^3/dt^3 g(w + t v) = a sin(w) v^3``."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    w = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    a = a.to(dtype)
+    calls = []
+
+    def gradient():
+        calls.append(1)
+        return a * torch.cos(w)
+
+    exact = (-a * torch.sin(w) * v).double()
+    third = (a * torch.sin(w) * v ** 3).double()
+    return w, v, gradient, exact, third, calls
+
+
+def test_truncation_error_is_h_squared_over_six_times_the_third_derivative():
+    w, v, gradient, exact, third, _ = _sine_problem()
+    u = torch.finfo(torch.float64).eps / 2
+    for h in (1e-2, 1e-3):
+        fd = finite_difference_product(gradient, [w], v, step=h)
+        predicted = h * h / 6 * third
+        # the next term is h^4 / 120 * phi^(5) (relative h^2 / 20); the rounding, ~u |g| / h, is
+        # the absolute tolerance (it wins where sin(w_i) is near zero)
+        torch.testing.assert_close(fd - exact, predicted, rtol=1e-4,
+                                   atol=10 * u * float(gradient().abs().max()) / h)
+
+
+def test_rounding_error_grows_as_one_over_h_and_the_default_step_balances_the_two():
+    w, v, gradient, exact, third, _ = _sine_problem()
+    u = torch.finfo(torch.float64).eps / 2
+
+    def err(h):
+        return float((finite_difference_product(gradient, [w], v, step=h) - exact).norm())
+
+    tiny, small = err(1e-12), err(1e-10)
+    assert tiny > 10 * small  # rounding regime: ~100x for 100x smaller h
+    h0 = finite_difference_step(float(w.norm()), float(v.norm()), torch.float64)
+    assert h0 == pytest.approx(u ** (1 / 3) * max(1.0, float(w.norm())) / float(v.norm()))
+    e0 = err(h0)
+    grid = [err(h) for h in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)]
+    assert e0 <= 3 * min(grid)  # near the best step of the grid
+    g_norm = float(gradient().norm())
+    bound = h0 * h0 / 6 * float(third.norm()) + 10 * u * g_norm / h0
+    assert e0 <= bound  # the documented error model bounds it
+    assert e0 / float(exact.norm()) < 1e-9
+
+
+def test_the_parameters_are_restored_bitwise_also_when_the_gradient_raises():
+    w, v, gradient, _, _, calls = _sine_problem(dtype=torch.float32)
+    w0 = w.clone()
+    finite_difference_product(gradient, [w], v, relative_step=0.3)
+    assert torch.equal(w, w0)  # w + h v - h v is not w in float32: restored from a copy
+    assert len(calls) == 2
+
+    def failing():
+        if len(calls) == 3:
+            raise RuntimeError("the engine failed")
+        return gradient()
+
+    with pytest.raises(RuntimeError, match="the engine failed"):
+        finite_difference_product(failing, [w], v)
+    assert torch.equal(w, w0)
+    with pytest.raises(ValueError, match=r"v must have shape \(50,\)"):
+        finite_difference_product(gradient, [w], v[:3])
+    with pytest.raises(ValueError, match="step must be a positive finite number or None, got -1"):
+        finite_difference_product(gradient, [w], v, step=-1.0)
+    with pytest.raises(ValueError, match="relative_step must be a number in \\(0, 1\\)"):
+        finite_difference_product(gradient, [w], v, relative_step=2.0)
+    with pytest.raises(ValueError, match="not finite"):
+        finite_difference_product(gradient, [w], v * float("nan"))
+    assert len(calls) == 3 and torch.equal(w, w0)  # no gradient for bad input
+    assert torch.equal(finite_difference_product(gradient, [w], torch.zeros_like(v)),
+                       torch.zeros_like(v))
+
+
+def test_default_relative_step():
+    assert default_relative_step(torch.float64) == pytest.approx(4.806e-6, rel=1e-3)
+    assert default_relative_step(torch.float32) == pytest.approx(3.906e-3, rel=1e-3)
+    with pytest.raises(TypeError, match="floating-point"):
+        default_relative_step(torch.int64)
+
+
+def _lm_problem():
+    model = lm_model()
+    return model, "lm", padded_batches(token_sequences()), None
+
+
+def _mlp_problem():
+    return mlp(), "cross_entropy", classification_data(), 7
+
+
+@pytest.mark.parametrize("problem", [_mlp_problem, _lm_problem], ids=["mlp", "causal-lm"])
+def test_operator_matches_the_dense_hessian_and_the_error_falls_as_h_squared(problem):
+    model, loss, data, bs = problem()
+    A = dense_hessian(model, loss, data, batch_size=bs)
+    v = torch.randn(A.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = A @ v
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def err(r):
+        H = HessianOperator(model, loss, data, batch_size=bs, method="finite-difference",
+                            fd_relative_step=r)
+        return float((H @ v - exact).norm() / exact.norm())
+
+    e2, e3 = err(1e-2), err(1e-3)
+    assert 30 < e2 / e3 < 300  # truncation regime: 100x for 10x smaller h
+    H = HessianOperator(model, loss, data, batch_size=bs, method="finite-difference")
+    hv = H @ v
+    torch.testing.assert_close(hv, exact, rtol=1e-7, atol=1e-9)
+    assert H.fd_step == pytest.approx(
+        default_relative_step(torch.float64)
+        * max(1.0, float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()))
+        / float(v.norm()))
+    V = torch.stack([v, 2 * v, -v], 1)
+    torch.testing.assert_close(H @ V, torch.stack([hv, 2 * hv, -hv], 1), rtol=1e-6, atol=1e-9)
+    assert torch.equal(H @ torch.zeros_like(v), torch.zeros_like(v))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_operator_in_float32_against_the_float64_dense_hessian():
+    model = mlp(dtype=torch.float32)
+    x, y = classification_data(dtype=torch.float32)
+    A = dense_hessian(model, "cross_entropy", (x, y))  # float64 copy of the same weights
+    v = torch.randn(A.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    exact = A @ v
+    H = HessianOperator(model, "cross_entropy", (x, y), method="finite-difference")
+    fd = H @ v.float()
+    exact32 = HessianOperator(model, "cross_entropy", (x, y), method="double-backward") @ v.float()
+    rel = float((fd.double() - exact).norm() / exact.norm())
+    rel_exact32 = float((exact32.double() - exact).norm() / exact.norm())
+    assert rel < 1e-3  # ~u^(2/3) = 1.5e-5 times the problem's constants
+    assert rel_exact32 < rel  # the exact float32 product is better, as expected
+
+
+def test_top_eigenpairs_by_finite_differences_and_the_model_is_never_modified():
+    model, loss, data, bs = _mlp_problem()
+    A = dense_hessian(model, loss, data, batch_size=bs)
+    res = top_eigenpairs(model, loss, data, k=2, tol=1e-6, batch_size=bs,
+                         method="finite-difference")
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:2],
+                               rtol=1e-6, atol=1e-9)
+    before = [p.detach().clone() for p in model.parameters()]
+    armed = []
+
+    def flaky(out, y):
+        if armed:
+            raise RuntimeError("loss failed")
+        return torch.nn.functional.cross_entropy(out, y)
+
+    H = HessianOperator(model, flaky, data, method="finite-difference")
+    armed.append(1)
+    with pytest.raises(RuntimeError, match="loss failed"):
+        H @ torch.ones(H.shape[0], dtype=torch.float64)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="relative_step must be a number in \\(0, 1\\).*0"):
+        HessianOperator(model, loss, data, method="finite-difference", fd_relative_step=0)
