@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, jvp, vmap
 
-from .auto import AutoChoice, choose_method
+from .auto import AutoChoice, choose_method, first_graph, graphs_fit
 from .curvature import CurvatureOperator, default_block_size
 from .empirical_risk import _call
 from .finite_difference import check_relative_step, finite_difference_step, parameter_norm
@@ -53,20 +53,24 @@ class HessianOperator(CurvatureOperator):
       needs only a gradient: no second-order graph, no forward-mode derivative, the working
       memory of one gradient (the shifted copy, the two gradients and the result: four
       ``n``-vectors). Never chosen by ``"auto"``; :attr:`fd_step` holds the last step.
-    * ``"auto"`` (default): at the first product (or :meth:`gradient`), one product of each
-      applicable method is timed on the first batch (twice after a warm-up, or, for a product
-      of a second or more, its first two calls) and the fastest is kept: forward-over-reverse
-      and double backward always, the cached graph for in-memory data whose graphs fit in the
-      cache budget (:func:`~analysis.operators.auto.cache_budget`: a quarter of the memory
-      available on the device unless :data:`~analysis.operators.auto.CACHE_BYTES` is set;
-      estimated from the tensors the first batch's graph saves; the calibration's graph of the
-      first batch is kept). A method that fails on the model (e.g. no
-      forward-mode derivative) is skipped. When the first use is ``op @ V`` for a block, the
-      batched variants are timed on a block of that size instead (vmap over forward-over-reverse,
-      one batched double backward, a loop through the cached graph), per column. The choice, the
-      timings and the reasons are kept in
-      :attr:`auto_choice` (:class:`~analysis.operators.auto.AutoChoice`); :attr:`method` is the
-      method in use from then on.
+    * ``"auto"`` (default): chosen at the first product, on its first batch and with the user's
+      own vector, for at most one extra product of that batch
+      (:mod:`analysis.operators.auto`): the first batch's first-order graph is built and the
+      user's vector sent back through it (that is the first batch's product, kept; double
+      backward costs the two, the cached graph the backward alone), then forward-over-reverse
+      is timed once on the same batch, and the fastest is kept. The cached graph competes for
+      in-memory data whose graphs fit in the cache budget
+      (:func:`~analysis.operators.auto.cache_budget`: a quarter of the memory available on the
+      device unless :data:`~analysis.operators.auto.CACHE_BYTES` is set; estimated from the
+      tensors the first batch's graph saves; that graph is kept when it wins). A method that
+      cannot run on the model (no forward-mode or double-backward derivative) is skipped; an
+      error of the user's loss or model is raised. When the first use is ``op @ V`` for a
+      block, the batched variants are compared on the first block, per column. A
+      :meth:`gradient` before the first product builds the graphs the cached graph would (the
+      first batch's always, the others' when they fit), so the choice reuses them. The choice,
+      the timings and the reasons are kept in :attr:`auto_choice`
+      (:class:`~analysis.operators.auto.AutoChoice`); :attr:`method` is the method in use
+      from then on.
 
     ``fd_relative_step``: ``r`` of ``"finite-difference"`` (``None``: ``u^(1/3)``; a number in
     ``(0, 1)`` otherwise).
@@ -106,6 +110,8 @@ class HessianOperator(CurvatureOperator):
         self.batched_fallback_reason: str | None = None  # why matmat loops, if it does
         self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._signature: tuple | None = None
+        self._first_graph_stats: tuple[float, int] | None = None  # batch 0's build s, bytes
+        self._calibration_part = None  # the first batch's product computed by the choice
         loss_fn = self.loss_fn
 
         def batch_loss(p, state, x, y, weight):
@@ -125,12 +131,21 @@ class HessianOperator(CurvatureOperator):
 
     def resolve_method(self, block: int = 1) -> str:
         """Settle ``method="auto"`` now (see the class docstring; a no-op once settled) and
-        return the method in use. Products and :meth:`gradient` call it themselves; a first
-        :meth:`matmat` times the batched variants on its block of ``block`` columns."""
+        return the method in use. Products settle it themselves, on the user's vector; called
+        before them, this makes the choice on a seeded random vector (a block of ``block``
+        columns for the batched variants), whose product is then not used."""
         if self.method == "auto":
-            self.auto_choice = choose_method(self, block=block)
-            self.method = self.auto_choice.method
+            self._settle(None, block)
+            self._calibration_part = None
         return self.method
+
+    def _settle(self, v_dict, block: int):
+        """Choose the method on ``v_dict`` (see :func:`~analysis.operators.auto.choose_method`);
+        the first batch's weighted product, to reuse (``None`` on a rank without batches)."""
+        self.auto_choice = choose_method(self, block=block, v_dict=v_dict)
+        self.method = self.auto_choice.method
+        part, self._calibration_part = self._calibration_part, None
+        return part
 
 
     def _state_signature(self) -> tuple:
@@ -138,7 +153,7 @@ class HessianOperator(CurvatureOperator):
                      [*self.model.parameters(), *self.model.buffers()])
 
     def _prepare(self) -> None:
-        if self.method == "cached-graph":
+        if self.method in ("cached-graph", "auto"):
             self._prepare_signature()
 
     def _prepare_signature(self) -> None:
@@ -146,27 +161,44 @@ class HessianOperator(CurvatureOperator):
         sig = self._state_signature()
         if sig != self._signature:
             self._graphs.clear()
+            self._first_graph_stats = None
             self._signature = sig
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the dataset loss, ``sum_b (n_b / N) grad L_b`` (same data, mode
         and weighting as the products). Free with ``"cached-graph"`` (the cached first-order
-        graphs hold it); one pass over the data otherwise."""
-        self.resolve_method()
-
-        def part(state, x, y, weight, key):
-            primals = {n: state[n] for n in self._names}
-            if self.method == "cached-graph" and key is not None:
-                return self._graph_entry(primals, state, x, y, weight, key)[2].clone()
-            gd = self._grad(primals, state, x, y, weight)
-            return [gd[n] for n in self._names]
-
+        graphs hold it); one pass over the data otherwise. Under an unsettled ``"auto"`` with
+        in-memory data it builds the first batch's first-order graph (which the choice at the
+        first product reuses) and those of the other batches when they fit in the cache budget
+        (the gradient is then the one the cached graph would give)."""
         with self._context():
+            graphs = self.method == "cached-graph"
+            if self.method == "auto" and self._cached is not None:
+                x, y, size, _ = self._cached[0]
+                entry, _, first_bytes = first_graph(self, self._state(), x, y,
+                                                    size / self.num_terms)
+                graphs = entry is not None and graphs_fit(self, first_bytes)[0]
+
+            def part(state, x, y, weight, key):
+                primals = {n: state[n] for n in self._names}
+                if key is not None and (graphs or key in self._graphs):
+                    return self._graph_entry(primals, state, x, y, weight, key)[2].clone()
+                gd = self._grad(primals, state, x, y, weight)
+                return [gd[n] for n in self._names]
+
             return self._weighted_sum(part, lambda: torch.zeros(
                 self.shape[0], device=self.device, dtype=self.dtype))
 
     def _apply(self, v: torch.Tensor) -> torch.Tensor:
-        self.resolve_method()
+        if self.method == "auto":  # chosen on this product, whose first batch it computes
+            v_dict = dict(zip(self._names, self.space.unflatten(v.detach())))
+            first = self._settle(v_dict, 1)
+            with self._context():
+                out = self._weighted_sum(_reusing(first, lambda state, x, y, weight, key:
+                                                  self._batch_product(state, v_dict, x, y,
+                                                                      weight, key)),
+                                         lambda: torch.zeros_like(v))
+            return self._finite(out, v)
         if self.method == "finite-difference":
             v_norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
             if v_norm == 0:  # no step along a zero vector: its product is zero
@@ -178,6 +210,7 @@ class HessianOperator(CurvatureOperator):
     def clear_cache(self) -> None:
         """Drop cached graphs (they are rebuilt at the next product)."""
         self._graphs.clear()
+        self._first_graph_stats = None
         self._signature = None
 
     def _batch_product(self, state, v_dict, x, y, weight, key=None):
@@ -280,13 +313,26 @@ class HessianOperator(CurvatureOperator):
             self._check_vector(V[:, 0] if V.shape[1] else V.new_zeros(self.shape[0]))
         n, b = V.shape
         bs = block_size or default_block_size(n, V.element_size())
-        self.resolve_method(block=min(b, bs))
         out = torch.empty(n, b, device=self.device, dtype=self.dtype)
         for c0 in range(0, b, bs):
             c1 = min(c0 + bs, b)
-            out[:, c0:c1] = self._apply_block(V[:, c0:c1])
+            if self.method == "auto" and c1 - c0 > 1:  # chosen on this first block
+                out[:, c0:c1] = self._first_block(V[:, c0:c1])
+            else:
+                out[:, c0:c1] = self._apply_block(V[:, c0:c1])
             self.num_matvecs += c1 - c0
         return out
+
+    def _first_block(self, V: torch.Tensor) -> torch.Tensor:
+        """The first block under ``"auto"``: the choice is made on it (batched variants, per
+        column) and its first batch's product reused."""
+        rows = V.detach().T.contiguous()
+        v_dict = self._block_dict(V)
+        first = self._settle(v_dict, V.shape[1])
+        out = self._block_pass(v_dict, rows, first)
+        if not bool(torch.isfinite(out).all()):  # loop (locates a bad batch)
+            return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
+        return out.T
 
     def _apply_block(self, V: torch.Tensor) -> torch.Tensor:
         # the cached graph is already one backward per product; batching it (vmap over the
@@ -314,11 +360,13 @@ class HessianOperator(CurvatureOperator):
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
         return out.T
 
-    def _block_pass(self, v_dict, rows) -> torch.Tensor:
-        """One pass over the data for a ``(b, n)`` block of rows; ``(b, n)`` result."""
+    def _block_pass(self, v_dict, rows, first=None) -> torch.Tensor:
+        """One pass over the data for a ``(b, n)`` block of rows; ``(b, n)`` result (``first``:
+        the first batch's product, already computed)."""
         with self._context():
             return self._weighted_sum(
-                lambda state, x, y, weight, key: self._block_product(state, v_dict, x, y, weight, key),
+                _reusing(first, lambda state, x, y, weight, key:
+                         self._block_product(state, v_dict, x, y, weight, key)),
                 lambda: torch.zeros_like(rows))
 
     def _flat_block(self, tensors, b: int) -> torch.Tensor:
@@ -351,3 +399,14 @@ class HessianOperator(CurvatureOperator):
         parts = torch.split(rows, self.space.numels, dim=1)
         return {nm: p.reshape(rows.shape[0], *s) for nm, p, s in
                 zip(self._names, parts, self.space.shapes)}
+
+
+def _reusing(first, product):
+    """``product`` for :meth:`EmpiricalRisk._weighted_sum`, whose first call (the first batch)
+    returns ``first`` instead when it is not ``None`` (computed by the choice of ``"auto"``)."""
+    pending = [] if first is None else [first]
+
+    def wrapped(state, x, y, weight, key):
+        return pending.pop() if pending else product(state, x, y, weight, key)
+
+    return wrapped
