@@ -262,6 +262,9 @@ def graphs_fit(op, first_bytes: int) -> tuple[bool, int, int, str]:
     batch: its graph is built by any method). A DataLoader never fits (it is re-iterated)."""
     if op._cached is None:
         return False, 0, 0, "the data is a DataLoader (re-iterated, not cached)"
+    if op.microbatch_size is not None:
+        return False, 0, 0, (f"microbatch_size={op.microbatch_size} bounds the working memory "
+                             "by one slice; the cached graphs would keep them all")
     size0 = max(1, op._cached[0][2])
     total = int(first_bytes * sum(c[2] for c in op._cached) / size0)
     if len(op._cached) == 1:

@@ -71,7 +71,7 @@ class CurvatureOperator(EmpiricalRisk, TorchOperator):
         does not repeat :func:`check_deterministic_setup`."""
         return type(self)(self.model, self.loss_fn, self._data, params=params, mode=self.mode,
                           check_deterministic=False, batch_size=self._batch_size,
-                          **self._extra_settings())
+                          microbatch_size=self.microbatch_size, **self._extra_settings())
 
     def _extra_settings(self) -> dict:
         """Constructor keywords of a subclass beyond the common ones (for :meth:`restricted`)."""
@@ -131,14 +131,15 @@ class GGNOperator(CurvatureOperator):
     """
 
     def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
-                 check_deterministic=True, batch_size=None):
+                 check_deterministic=True, batch_size=None, microbatch_size=None):
         if isinstance(resolve_loss(loss_fn), ModelLoss):
             raise TypeError(
                 "GGNOperator needs a loss of the model outputs (e.g. 'lm' or 'cross_entropy'), "
                 f"not the model's own loss {loss_fn!r}"
             )
         super().__init__(model, loss_fn, data, params=params, mode=mode,
-                         check_deterministic=check_deterministic, batch_size=batch_size)
+                         check_deterministic=check_deterministic, batch_size=batch_size,
+                         microbatch_size=microbatch_size)
         self.method = "forward-over-reverse"
         self.fallback_reason: str | None = None
 

@@ -73,7 +73,10 @@ class HessianOperator(CurvatureOperator):
       from then on.
 
     ``fd_relative_step``: ``r`` of ``"finite-difference"`` (``None``: ``u^(1/3)``; a number in
-    ``(0, 1)`` otherwise).
+    ``(0, 1)`` otherwise). ``microbatch_size``: split every batch into slices of at most this
+    many samples for the products (:class:`~analysis.operators.EmpiricalRisk`), so that a
+    product's working memory is one slice's; ``"auto"`` then leaves the cached graph out (it
+    would keep the graphs of all slices) and ``method="cached-graph"`` is refused.
 
     Other arguments and attributes are those of :class:`CurvatureOperator`; :attr:`method` holds
     the method in use (``"auto"`` until the first product), :attr:`requested_method` the one
@@ -90,12 +93,18 @@ class HessianOperator(CurvatureOperator):
 
     def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
                  check_deterministic=True, batch_size=None, method="auto",
-                 fd_relative_step=None):
+                 fd_relative_step=None, microbatch_size=None):
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
         check_relative_step(fd_relative_step)
+        if method == "cached-graph" and microbatch_size is not None:
+            raise ValueError(
+                f"method='cached-graph' keeps the graph of every batch, so microbatch_size="
+                f"{microbatch_size!r} would not bound the memory; use another method"
+            )
         super().__init__(model, loss_fn, data, params=params, mode=mode,
-                         check_deterministic=check_deterministic, batch_size=batch_size)
+                         check_deterministic=check_deterministic, batch_size=batch_size,
+                         microbatch_size=microbatch_size)
         if method == "cached-graph" and self._cached is None:
             raise ValueError(
                 "method='cached-graph' needs in-memory data (a tensor pair, a dict batch or a "
