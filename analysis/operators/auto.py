@@ -51,7 +51,7 @@ import torch
 from ..results import Result
 
 __all__ = ["AutoChoice", "choose_method", "cache_budget", "first_graph", "graphs_fit",
-           "CACHE_BYTES", "CACHE_FRACTION"]
+           "saved_bytes", "tensors_of", "CACHE_BYTES", "CACHE_FRACTION"]
 
 #: Graph memory (bytes) up to which ``"auto"`` considers the cached graph for several batches;
 #: ``None`` (default): :data:`CACHE_FRACTION` of the memory available at the calibration.
@@ -186,7 +186,7 @@ def _attempt(fn, device: torch.device, calls: list) -> float:
         raise  # it ran the second time: the first failure was the user's loss or model
 
 
-def _saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
+def saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
     """``build()`` and the bytes of the distinct storages its autograd graph saves, leaving out
     those of ``exclude`` (parameters, buffers, inputs)."""
     skip = set()
@@ -209,13 +209,14 @@ def _saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
     return out, sum(seen.values())
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
+def tensors_of(obj: Any) -> list[torch.Tensor]:
+    """The tensors in a nested tuple / list / dict (inputs, targets)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
+        return [t for v in obj.values() for t in tensors_of(v)]
     if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tensors(v)]
+        return [t for v in obj for t in tensors_of(v)]
     return []
 
 
@@ -238,11 +239,11 @@ def first_graph(op, state: dict, x: Any, y: Any, weight: float, calls: list | No
         if 0 in op._graphs and op._first_graph_stats is not None:
             return (op._graphs[0], *op._first_graph_stats)
     primals = {n: state[n] for n in op._names}
-    exclude = [*state.values(), *_tensors(x), *_tensors(y)]
+    exclude = [*state.values(), *tensors_of(x), *tensors_of(y)]
     box: dict = {}
 
     def build():
-        box["entry"], box["bytes"] = _saved_bytes(
+        box["entry"], box["bytes"] = saved_bytes(
             lambda: op._first_order_graph(primals, state, x, y, weight), exclude)
 
     try:
