@@ -23,7 +23,7 @@ __all__ = ["as_linear_operator", "OPERATOR_KEYWORDS"]
 
 #: The keywords :func:`as_linear_operator` passes on to :class:`~analysis.hessian.HessianOperator`.
 OPERATOR_KEYWORDS = ("params", "mode", "check_deterministic", "batch_size", "method",
-                     "fd_relative_step", "microbatch_size")
+                     "fd_shift", "microbatch_size")
 
 
 class _TensorOperator(TorchOperator):
@@ -89,7 +89,7 @@ def as_linear_operator(obj: Any, loss_fn: Any = None, data: Any = None,
         data: the data (with a model only), see :mod:`analysis.data`.
         **operator_kwargs: with a model only, exactly the keywords of :data:`OPERATOR_KEYWORDS`:
             ``params``, ``mode``, ``check_deterministic``, ``batch_size``, ``method``,
-            ``fd_relative_step``, ``microbatch_size`` (see
+            ``fd_shift``, ``microbatch_size`` (see
             :class:`~analysis.hessian.HessianOperator`).
 
     Raises:

@@ -20,7 +20,7 @@ from torch.func import grad, jvp, vmap
 from .auto import AutoChoice, choose_method, first_graph, graphs_fit
 from .curvature import CurvatureOperator, default_block_size
 from .empirical_risk import _call
-from .finite_difference import check_relative_step, finite_difference_step, parameter_norm
+from .finite_difference import check_shift, finite_difference_step
 
 __all__ = ["HessianOperator"]
 
@@ -45,8 +45,8 @@ class HessianOperator(CurvatureOperator):
       parameter or buffer of the model is changed in place (tracked by tensor versions).
     * ``"finite-difference"``: ``H_b v ~ (g_b(w + h v) - g_b(w - h v)) / (2 h)``, two
       gradients of the batch at shifted copies of the parameters (``functional_call``: the
-      model itself is never modified), with ``h = r max(1, ||w||) / ||v||`` and ``r =
-      fd_relative_step`` (default ``u^(1/3)``, ``u`` the unit roundoff of the parameters'
+      model itself is never modified), with ``h = r / ||v||`` (a shift of length ``r``) and
+      ``r = fd_shift`` (default ``u^(1/3)``, ``u`` the unit roundoff of the parameters'
       dtype). Approximate: error ``(h^2 / 6) D^3 g[v, v, v] + O(u ||g|| / h)``, measured
       ``4e-11``-``3e-10`` relative in float64 and ``3e-5``-``2e-4`` in float32
       (:mod:`analysis.operators.finite_difference` has the error model). The one method that
@@ -72,8 +72,8 @@ class HessianOperator(CurvatureOperator):
       (:class:`~analysis.operators.auto.AutoChoice`); :attr:`method` is the method in use
       from then on.
 
-    ``fd_relative_step``: ``r`` of ``"finite-difference"`` (``None``: ``u^(1/3)``; a number in
-    ``(0, 1)`` otherwise). ``microbatch_size``: split every batch into slices of at most this
+    ``fd_shift``: ``r = ||h v||`` of ``"finite-difference"`` (``None``: ``u^(1/3)``; a number
+    in ``(0, 1)`` otherwise). ``microbatch_size``: split every batch into slices of at most this
     many samples for the products (:class:`~analysis.operators.EmpiricalRisk`), so that a
     product's working memory is one slice's; ``"auto"`` then leaves the cached graph out (it
     would keep the graphs of all slices) and ``method="cached-graph"`` is refused.
@@ -93,10 +93,10 @@ class HessianOperator(CurvatureOperator):
 
     def __init__(self, model, loss_fn, data, *, params=None, mode="eval",
                  check_deterministic=True, batch_size=None, method="auto",
-                 fd_relative_step=None, microbatch_size=None):
+                 fd_shift=None, microbatch_size=None):
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
-        check_relative_step(fd_relative_step)
+        check_shift(fd_shift)
         if method == "cached-graph" and microbatch_size is not None:
             raise ValueError(
                 f"method='cached-graph' keeps the graph of every batch, so microbatch_size="
@@ -112,7 +112,7 @@ class HessianOperator(CurvatureOperator):
             )
         self.method = method
         self.requested_method = method
-        self.fd_relative_step = fd_relative_step
+        self.fd_shift = fd_shift
         self.fd_step: float | None = None  # the step h of the last finite-difference product
         self.auto_choice: AutoChoice | None = None  # filled at the first product under "auto"
         self.fallback_reason: str | None = None
@@ -136,7 +136,7 @@ class HessianOperator(CurvatureOperator):
 
     def _extra_settings(self) -> dict:
         # a settled "auto" passes its choice on
-        return {"method": self.method, "fd_relative_step": self.fd_relative_step}
+        return {"method": self.method, "fd_shift": self.fd_shift}
 
     def resolve_method(self, block: int = 1) -> str:
         """Settle ``method="auto"`` now (see the class docstring; a no-op once settled) and
@@ -212,8 +212,7 @@ class HessianOperator(CurvatureOperator):
             v_norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
             if v_norm == 0:  # no step along a zero vector: its product is zero
                 return torch.zeros_like(v)
-            self.fd_step = finite_difference_step(parameter_norm(self.space.params), v_norm,
-                                                  self.dtype, self.fd_relative_step)
+            self.fd_step = finite_difference_step(v_norm, self.dtype, self.fd_shift)
         return super()._apply(v)
 
     def clear_cache(self) -> None:

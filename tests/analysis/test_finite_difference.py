@@ -14,7 +14,7 @@ import torch
 
 from analysis.lanczos import top_eigenpairs
 from analysis.operators.finite_difference import (
-    default_relative_step,
+    default_shift,
     finite_difference_product,
     finite_difference_step,
 )
@@ -64,8 +64,8 @@ def test_rounding_error_grows_as_one_over_h_and_the_default_step_balances_the_tw
 
     tiny, small = err(1e-12), err(1e-10)
     assert tiny > 10 * small  # rounding regime: ~100x for 100x smaller h
-    h0 = finite_difference_step(float(w.norm()), float(v.norm()), torch.float64)
-    assert h0 == pytest.approx(u ** (1 / 3) * max(1.0, float(w.norm())) / float(v.norm()))
+    h0 = finite_difference_step(float(v.norm()), torch.float64)
+    assert h0 == pytest.approx(u ** (1 / 3) / float(v.norm()))
     e0 = err(h0)
     grid = [err(h) for h in (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)]
     assert e0 <= 3 * min(grid)  # near the best step of the grid
@@ -78,7 +78,7 @@ def test_rounding_error_grows_as_one_over_h_and_the_default_step_balances_the_tw
 def test_the_parameters_are_restored_bitwise_also_when_the_gradient_raises():
     w, v, gradient, _, _, calls = _sine_problem(dtype=torch.float32)
     w0 = w.clone()
-    finite_difference_product(gradient, [w], v, relative_step=0.3)
+    finite_difference_product(gradient, [w], v, shift=0.9)
     assert torch.equal(w, w0)  # w + h v - h v is not w in float32: restored from a copy
     assert len(calls) == 2
 
@@ -94,8 +94,8 @@ def test_the_parameters_are_restored_bitwise_also_when_the_gradient_raises():
         finite_difference_product(gradient, [w], v[:3])
     with pytest.raises(ValueError, match="step must be a positive finite number or None, got -1"):
         finite_difference_product(gradient, [w], v, step=-1.0)
-    with pytest.raises(ValueError, match="relative_step must be a number in \\(0, 1\\)"):
-        finite_difference_product(gradient, [w], v, relative_step=2.0)
+    with pytest.raises(ValueError, match="shift must be a number in \\(0, 1\\)"):
+        finite_difference_product(gradient, [w], v, shift=2.0)
     with pytest.raises(ValueError, match="not finite"):
         finite_difference_product(gradient, [w], v * float("nan"))
     assert len(calls) == 3 and torch.equal(w, w0)  # no gradient for bad input
@@ -103,11 +103,37 @@ def test_the_parameters_are_restored_bitwise_also_when_the_gradient_raises():
                        torch.zeros_like(v))
 
 
-def test_default_relative_step():
-    assert default_relative_step(torch.float64) == pytest.approx(4.806e-6, rel=1e-3)
-    assert default_relative_step(torch.float32) == pytest.approx(3.906e-3, rel=1e-3)
+def test_default_shift():
+    assert default_shift(torch.float64) == pytest.approx(4.806e-6, rel=1e-3)
+    assert default_shift(torch.float32) == pytest.approx(3.906e-3, rel=1e-3)
     with pytest.raises(TypeError, match="floating-point"):
-        default_relative_step(torch.int64)
+        default_shift(torch.int64)
+
+
+def test_the_shift_does_not_grow_with_the_parameter_norm():
+    """Regression: the step was r max(1, ||w||) / ||v||, so a large parameter vector (here
+    ||w|| = 100) shifted the loss far into its nonlinear regime along a sharp direction: a
+    shift of 0.39 along a coordinate of sum(a sin w) in float32, an error of about 0.39^2 / 6 =
+    2.5% of |a|; with a shift of r = u^(1/3) it is r^2 / 6 plus the rounding u |g| / r."""
+    n = 10_000
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(n, generator=gen)
+    w *= 100 / w.norm()
+    a = torch.rand(n, generator=gen) + 0.5
+
+    def gradient():
+        return a * torch.cos(w)
+
+    worst = 0.0
+    for i in range(20):
+        v = torch.zeros(n)
+        v[i] = 1.0
+        fd = finite_difference_product(gradient, [w], v)
+        exact = -a[i] * torch.sin(w[i])
+        worst = max(worst, abs(float(fd[i] - exact)) / float(a[i]))
+    r, u = default_shift(torch.float32), torch.finfo(torch.float32).eps / 2
+    bound = r * r / 6 + 10 * u * (1.5 + 1.5 * float(w.abs().max())) / r  # the error model
+    assert worst < bound < 5e-3, (worst, bound)  # the old shift: ~0.39^2 / 6 |sin w_i|
 
 
 def _lm_problem():
@@ -129,7 +155,7 @@ def test_operator_matches_the_dense_hessian_and_the_error_falls_as_h_squared(pro
 
     def err(r):
         H = HessianOperator(model, loss, data, batch_size=bs, method="finite-difference",
-                            fd_relative_step=r)
+                            fd_shift=r)
         return float((H @ v - exact).norm() / exact.norm())
 
     e2, e3 = err(1e-2), err(1e-3)
@@ -137,10 +163,7 @@ def test_operator_matches_the_dense_hessian_and_the_error_falls_as_h_squared(pro
     H = HessianOperator(model, loss, data, batch_size=bs, method="finite-difference")
     hv = H @ v
     torch.testing.assert_close(hv, exact, rtol=1e-7, atol=1e-9)
-    assert H.fd_step == pytest.approx(
-        default_relative_step(torch.float64)
-        * max(1.0, float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()))
-        / float(v.norm()))
+    assert H.fd_step == pytest.approx(default_shift(torch.float64) / float(v.norm()))
     V = torch.stack([v, 2 * v, -v], 1)
     torch.testing.assert_close(H @ V, torch.stack([hv, 2 * hv, -hv], 1), rtol=1e-6, atol=1e-9)
     assert torch.equal(H @ torch.zeros_like(v), torch.zeros_like(v))
@@ -182,5 +205,5 @@ def test_top_eigenpairs_by_finite_differences_and_the_model_is_never_modified():
     with pytest.raises(RuntimeError, match="loss failed"):
         H @ torch.ones(H.shape[0], dtype=torch.float64)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    with pytest.raises(ValueError, match="relative_step must be a number in \\(0, 1\\).*0"):
-        HessianOperator(model, loss, data, method="finite-difference", fd_relative_step=0)
+    with pytest.raises(ValueError, match="shift must be a number in \\(0, 1\\).*0"):
+        HessianOperator(model, loss, data, method="finite-difference", fd_shift=0)
