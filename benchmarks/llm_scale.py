@@ -8,7 +8,7 @@ model is built; the baseline of the same process) and then runs the case, and re
 * ``seconds`` and ``gradients`` = seconds / one gradient (set-up included: operator, choice
   of method, start vector),
 * ``peak_rss_gb``: the process's VmHWM over the whole case (model and data included),
-* ``estimate_gb``: the peak predicted before the run by
+* ``estimate_gb``: the peak predicted before the run (outside the timed and measured part) by
   :func:`analysis.operators.estimate.estimate_peak_bytes` (when the case has one),
 * the case's own numbers (eigenvalue, products, ...).
 
@@ -17,7 +17,7 @@ Cases (``--cases``):
 * ``top1-auto``: ``top_eigenpairs(k=1, tol=1e-2)``, default settings (``method="auto"``);
 * ``top1-fd``: the same with ``method="finite-difference"`` on
   :class:`analysis.chunked_lm.ChunkedCausalLM` (no ``B x T x V`` logits kept) and
-  ``max_basis=4`` (thick restarts keep the basis at 5 rows);
+  ``max_basis=4`` (``--max-basis``; thick restarts keep the basis at ``max_basis + 1`` rows);
 * ``trace-fd``: Hutch++ trace with 30 finite-difference products;
 * ``per-layer-fd``: top-1 (tol 1e-2) of each block ``transformer.h.<i>.`` (regex subsets);
 * ``slice``: a 21-point 1-D slice along a random filter-normalized-free direction.
@@ -66,7 +66,7 @@ def _reset_peak() -> None:
         pass
 
 
-def run_case(model_name: str, case: str, batch: int, seq: int) -> dict:
+def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 4) -> dict:
     """One case in this process (see the module docstring)."""
     import re
 
@@ -104,12 +104,13 @@ def run_case(model_name: str, case: str, batch: int, seq: int) -> dict:
     est = None
     out: dict = {"model": model_name, "case": case, "n": n, "tokens": f"{batch}x{seq}",
                  "gradient_s": grad_s}
+    lanczos = dict(k=1, tol=1e-2, max_basis=max_basis) if fd else dict(k=1, tol=1e-2)
+    if case.startswith("top1"):  # predicted before the run (one forward pass)
+        est = estimate_peak_bytes(subject, loss, data, analysis="lanczos",
+                                  max_basis=lanczos.get("max_basis"), **kw)
     _reset_peak()
     t0 = time.perf_counter()
     if case.startswith("top1"):
-        lanczos = dict(k=1, tol=1e-2, max_basis=4) if fd else dict(k=1, tol=1e-2)
-        est = estimate_peak_bytes(subject, loss, data, analysis="lanczos",
-                                  max_basis=lanczos.get("max_basis"), **kw)
         res = top_eigenpairs(subject, loss, data, **lanczos, **kw)
         out.update(eigenvalue=float(res.eigenvalues[0]), products=res.num_matvecs,
                    converged=res.converged, basis_gb=res.basis_bytes / 1e9)
@@ -120,7 +121,7 @@ def run_case(model_name: str, case: str, batch: int, seq: int) -> dict:
     elif case == "per-layer-fd":
         vals, products = [], 0
         for i in range(cfg.n_layer):
-            res = top_eigenpairs(subject, loss, data, k=1, tol=1e-2, max_basis=4,
+            res = top_eigenpairs(subject, loss, data, k=1, tol=1e-2, max_basis=max_basis,
                                  params=re.compile(rf"^lm\.transformer\.h\.{i}\."), **kw)
             vals.append(float(res.eigenvalues[0]))
             products += res.num_matvecs
@@ -144,18 +145,20 @@ def main() -> None:
     ap.add_argument("--cases", default="top1-fd")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--max-basis", type=int, default=4, help="Lanczos basis of the -fd cases")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case here
     ap.add_argument("--json", help="append the results (JSON lines) to this file")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.model, args.one, args.batch, args.seq)))
+        print(json.dumps(run_case(args.model, args.one, args.batch, args.seq, args.max_basis)))
         return
     rows = []
     for case in args.cases.split(","):
         if case not in CASES:
             raise SystemExit(f"unknown case {case!r}; choose from {CASES}")
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", case,
-                               "--batch", str(args.batch), "--seq", str(args.seq)],
+                               "--batch", str(args.batch), "--seq", str(args.seq),
+                               "--max-basis", str(args.max_basis)],
                               capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
