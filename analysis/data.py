@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import distributed as dist
 
-__all__ = ["Batch", "DataSource", "as_data", "to_device", "batch_size_of"]
+__all__ = ["Batch", "DataSource", "as_data", "to_device", "batch_size_of", "slice_samples",
+           "microbatches"]
 
 #: What every entry point accepts as ``data``: an ``(X, y)`` pair of tensors (split by
 #: ``batch_size`` where a function has one), a dict of tensors (one batch), a list of ``(x, y)``
@@ -90,13 +91,34 @@ def to_device(obj: Any, device: torch.device | str | None, dtype: torch.dtype | 
     return obj
 
 
-def _take(obj: Any, keep: int) -> Any:
-    """The first ``keep`` samples of a tensor / dict / tuple batch."""
+def slice_samples(obj: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of a tensor / dict / tuple batch (views; along the first
+    dimension of every tensor, other values as they are)."""
     if isinstance(obj, Mapping):
-        return {k: _take(v, keep) for k, v in obj.items()}
+        return {k: slice_samples(v, start, stop) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_take(t, keep) for t in obj)
-    return obj[:keep] if isinstance(obj, torch.Tensor) else obj
+        return type(obj)(slice_samples(t, start, stop) for t in obj)
+    return obj[start:stop] if isinstance(obj, torch.Tensor) else obj
+
+
+def microbatches(inputs: Any, targets: Any, size: int,
+                 microbatch_size: int | None) -> Iterator[tuple[Any, Any, int]]:
+    """``(inputs, targets, samples)`` of consecutive slices of at most ``microbatch_size``
+    samples of one batch of ``size`` samples (the batch itself for ``None`` or a batch that is
+    not larger). Targets that are the inputs (a batch dict) stay the same object per slice.
+
+    Weighted by their loss terms (:func:`analysis.losses.loss_terms`), the slices' batch-mean
+    losses add up to the batch's: ``N_b L_b = sum_m N_m L_m``, also for token-weighted
+    language-model losses with padding (a slice's terms are its own counted tokens).
+    """
+    if microbatch_size is None or size <= microbatch_size:
+        yield inputs, targets, size
+        return
+    same = targets is inputs
+    for start in range(0, size, microbatch_size):
+        stop = min(start + microbatch_size, size)
+        x = slice_samples(inputs, start, stop)
+        yield x, (x if same else slice_samples(targets, start, stop)), stop - start
 
 
 def _check_count(name: str, value: Any) -> None:
@@ -271,8 +293,8 @@ class DataSource:
                 if seen + n > self.max_samples:
                     keep = self.max_samples - seen
                     same = y is x
-                    x = _take(x, keep)
-                    y, n = (x if same else _take(y, keep)), keep
+                    x = slice_samples(x, 0, keep)
+                    y, n = (x if same else slice_samples(y, 0, keep)), keep
             seen += n
             if n == 0:
                 continue

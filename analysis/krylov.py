@@ -1,7 +1,9 @@
 """The memory-bounded Krylov basis of :mod:`analysis.lanczos` and its float64 reductions.
 
-The basis is a list of row chunks allocated as it grows (``first`` rows, then ``chunk`` rows),
-so a run that stops early holds only what it used. Each Gram-Schmidt pass is one
+The basis is a list of row chunks allocated as it grows (``first`` rows, then chunks of at most
+:data:`CHUNK_BYTES`, one row at least: :func:`chunk_rows`), so a run that stops early holds only
+what it used, to within one chunk: at 124M float32 parameters (0.5 GB a row) the basis grows a
+row at a time, where it grew 16 rows (8 GB) at a time before. Each Gram-Schmidt pass is one
 matrix-vector product per chunk (blocked BLAS: the basis is read once per pass, which is the
 cost floor of full reorthogonalization, ``m n`` numbers per pass); rotations
 ``Q[:p] <- S^T Q[:m]`` (thick restarts, Ritz vectors) are done in place, slab of columns by
@@ -23,7 +25,7 @@ import torch
 
 __all__ = ["KrylovBasis", "OmegaRecurrence", "Reorthogonalizer", "dot64", "norm64", "lanczos_tridiagonal",
            "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
-           "basis_itemsize"]
+           "basis_itemsize", "chunk_rows", "CHUNK_BYTES", "MAX_CHUNK_ROWS"]
 
 #: Entries per slab of the float64 reductions and the in-place basis rotations (bounds their
 #: temporaries to a few slabs instead of whole ``n``-vectors).
@@ -34,6 +36,10 @@ EXACT_SLAB = 8192
 CAST_SLAB = 1 << 16
 #: Columns per slab of :meth:`KrylovBasis.subtract` over several chunks (a slab of ``w`` in cache).
 SUBTRACT_SLAB = 1 << 16
+#: Bytes of one chunk of the Krylov basis after the first (a chunk holds one row at least).
+CHUNK_BYTES = 256 * 2**20
+#: Rows of one chunk at most (small vectors: fewer, larger BLAS calls per pass).
+MAX_CHUNK_ROWS = 16
 #: DGKS: a second Gram-Schmidt pass when the first kept less than this fraction of the norm.
 DGKS_ETA = 0.7071
 #: Initial rounding terms of :class:`OmegaRecurrence`, in units of ``eps ||T||`` (raised by
@@ -76,6 +82,13 @@ def _dot_device(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(total)
 
 
+def chunk_rows(n: int, itemsize: int) -> int:
+    """Rows per chunk of a basis of ``n``-vectors of ``itemsize`` bytes:
+    ``clamp(CHUNK_BYTES // (n itemsize), 1, MAX_CHUNK_ROWS)``, so that a chunk holds at most
+    ``max(one vector, CHUNK_BYTES)``: 16 rows up to 4.2M float32 entries, one row from 67M."""
+    return int(max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(1, n * itemsize))))
+
+
 def norm64(a: torch.Tensor) -> float:
     """``||a||_2`` accumulated in float64 (see :func:`dot64`)."""
     return math.sqrt(max(dot64(a, a), 0.0))
@@ -85,18 +98,20 @@ class KrylovBasis:
     """Orthonormal rows stored in chunks that are allocated as the basis grows.
 
     Rows live in chunks of ``first`` rows (the first chunk, which ends up holding the returned
-    eigenvectors) and then ``chunk`` rows, never more than ``capacity`` rows in all, on
+    eigenvectors) and then ``chunk`` rows (default :func:`chunk_rows`: at most
+    ``max(one vector, CHUNK_BYTES)`` a chunk), never more than ``capacity`` rows in all, on
     ``device`` (optionally pinned host memory). Each Gram-Schmidt pass is one matrix-vector
     product per chunk (blocked BLAS); rotations ``Q[:p] <- S^T Q[:m]`` are done in place, slab of
     columns by slab, so their temporaries hold about ``n`` numbers (one vector).
     """
 
     def __init__(self, n: int, capacity: int, dtype: torch.dtype, device: Any, *,
-                 first: int, chunk: int = 16, pin: bool = False):
+                 first: int, chunk: int | None = None, pin: bool = False):
         self.n, self.capacity, self.dtype = n, capacity, dtype
         self.device = torch.device(device)
         self.first = max(1, min(first, capacity))
-        self.chunk = max(1, chunk)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.chunk = chunk_rows(n, itemsize) if chunk is None else max(1, chunk)
         self.pin = pin
         #: accumulate projections in float64 (two-level) for low-precision bases: a float32
         #: gemv over 5e6 entries is off by ~1e-4 relative whatever the number of passes (its
@@ -236,7 +251,8 @@ def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int) -> list[torch
     bases = []
     for r in range(b):
         q = V0[:, r].to(device=device, dtype=dtype).clone()
-        basis = KrylovBasis(n, num_iter, dtype, device, first=16)
+        basis = KrylovBasis(n, num_iter, dtype, device,
+                            first=chunk_rows(n, torch.empty((), dtype=dtype).element_size()))
         basis.set_row(0, q.div_(norm64(q)))
         bases.append(basis)
     Ts = [torch.zeros(num_iter, num_iter, dtype=torch.float64) for _ in range(b)]

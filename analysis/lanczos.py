@@ -52,7 +52,8 @@ eigenvalue of multiplicity > 1 per invariant subspace hit; a lucky breakdown res
 random vector while fewer than ``k`` Ritz values exist.
 
 Memory: one vector of length ``n`` is stored per basis vector, allocated as the basis grows (in
-chunks: the first of ``k`` rows, then 16 rows), so a run that stops after 12 products holds
+chunks: the first of ``k`` rows, then chunks of at most ``max(one vector, 256 MiB)``,
+:func:`~analysis.krylov.chunk_rows`), so a run that stops after 12 products holds
 ``max(k, 12)``-ish rows, not ``max_basis``. ``max_basis`` caps it (default
 ``min(n, max(2k + 1, 20))``, ARPACK's ``ncv``); when the basis is full, Lanczos thick-restarts keeping the wanted
 Ritz vectors, rotated **in place** (slab of columns by slab), and the returned eigenvectors are the

@@ -63,7 +63,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``"cross_entropy"``.
 LossSpec = str | LossFn | None
 
-__all__ = ["logits_of", "loss_terms", "ModelLoss", "OutputLoss"]
+__all__ = ["logits_of", "loss_terms", "lm_labels", "ModelLoss", "OutputLoss"]
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -108,7 +108,7 @@ def loss_terms(loss_fn: Callable, inputs: Any, targets: Any, samples: int) -> in
     return int(n)
 
 
-def _lm_labels(targets: Any, ignore_index: int) -> torch.Tensor:
+def lm_labels(targets: Any, ignore_index: int = -100) -> torch.Tensor:
     """Labels ``(B, T)`` from a label tensor or a batch dict (masked by ``attention_mask``)."""
     if isinstance(targets, torch.Tensor):
         labels = targets
@@ -163,7 +163,7 @@ class CausalLMLoss:
         self.shift = bool(shift)
 
     def _labels(self, targets: Any) -> torch.Tensor:
-        labels = _lm_labels(targets, self.ignore_index)
+        labels = lm_labels(targets, self.ignore_index)
         return labels[:, 1:] if self.shift else labels
 
     def num_terms(self, inputs: Any, targets: Any) -> int:

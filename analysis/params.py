@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -80,8 +81,11 @@ class ParameterSpace:
     Args:
         model: the module whose parameters span the space.
         params: which parameters: ``None`` for every parameter with ``requires_grad=True``
-            (tied parameters once, in ``named_parameters()`` order), or an explicit list of
-            parameter names (strings) or of ``nn.Parameter`` objects of ``model``.
+            (tied parameters once, in ``named_parameters()`` order); an explicit list of
+            parameter names (strings), ``nn.Parameter`` objects of ``model`` or submodules of
+            ``model`` (each: its trainable parameters, in order); or a compiled regular
+            expression (``re.compile("^h[.]3[.]")``: the trainable parameters whose name it
+            matches, ``re.search``). Vectors then have the size of the selection only.
 
     Attributes:
         names: parameter names, in order.
@@ -107,14 +111,29 @@ class ParameterSpace:
                     "(every parameter has requires_grad=False)"
                 )
         else:
-            if isinstance(params, (str, torch.Tensor)) or not isinstance(params, Iterable):
+            if isinstance(params, re.Pattern):
+                chosen = [(n, p) for n, p in named if p.requires_grad and params.search(n)]
+                if not chosen:
+                    raise ValueError(f"the pattern {params.pattern!r} matches no trainable "
+                                     f"parameter; the model has {sorted(n for n, _ in named)}")
+                params = []
+            elif isinstance(params, (str, torch.Tensor)) or not isinstance(params, Iterable):
                 shown = f"the string {params!r}" if isinstance(params, str) else type(params).__name__
-                raise TypeError(f"params must be a list of parameter names or parameters, got {shown}")
+                raise TypeError(f"params must be a list of parameter names, parameters or modules, "
+                                f"or a compiled regex (re.compile), got {shown}")
+            else:
+                chosen = []
             by_name = dict(named)
             by_id = {id(p): n for n, p in named}
-            chosen = []
             for item in params:
-                if isinstance(item, str):
+                if isinstance(item, nn.Module):
+                    mine = [by_id[id(p)] for p in item.parameters() if id(p) in by_id
+                            and p.requires_grad]
+                    if not mine:
+                        raise ValueError(f"the module {type(item).__name__} in `params` holds no "
+                                         "trainable parameter of the model")
+                    chosen.extend((n, by_name[n]) for n in mine)
+                elif isinstance(item, str):
                     if item not in by_name:
                         raise ValueError(
                             f"unknown parameter name {item!r}; the model has {sorted(by_name)}"
@@ -126,7 +145,8 @@ class ParameterSpace:
                     chosen.append((by_id[id(item)], item))
                 else:
                     raise TypeError(
-                        f"params must hold parameter names or tensors, got {type(item).__name__}"
+                        f"params must hold parameter names, tensors or modules, got "
+                        f"{type(item).__name__}"
                     )
             if not chosen:
                 raise ValueError("`params` selects no parameters")

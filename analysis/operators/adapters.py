@@ -22,7 +22,8 @@ from .hessian import HessianOperator
 from .protocol import LinearOperator, TorchOperator
 
 #: The keywords :func:`as_linear_operator` passes on to :class:`~analysis.HessianOperator`.
-OPERATOR_KEYWORDS = ("params", "mode", "check_deterministic", "batch_size", "method")
+OPERATOR_KEYWORDS = ("params", "mode", "check_deterministic", "batch_size", "method",
+                     "fd_shift", "microbatch_size")
 
 
 class _TensorOperator(TorchOperator):
@@ -87,8 +88,8 @@ def as_linear_operator(obj: Any, loss_fn: LossSpec = None, data: Data = None,
         loss_fn: the loss (with a model only).
         data: the data (with a model only), see :mod:`analysis.data`.
         **operator_kwargs: with a model only, exactly the keywords of :data:`OPERATOR_KEYWORDS`:
-            ``params``, ``mode``, ``check_deterministic``, ``batch_size``, ``method`` (see
-            :class:`~analysis.HessianOperator`).
+            ``params``, ``mode``, ``check_deterministic``, ``batch_size``, ``method``,
+            ``fd_shift``, ``microbatch_size`` (see :class:`~analysis.HessianOperator`).
 
     Raises:
         TypeError: for a keyword outside :data:`OPERATOR_KEYWORDS` (naming it and the allowed

@@ -1,33 +1,41 @@
-"""``method="auto"`` of the Hessian operator: time the product methods on the first batch.
+"""``method="auto"`` of the Hessian operator: choose the product method on the user's first product.
 
-The three product methods of :class:`~analysis.HessianOperator` cost differently on
-different models and devices (forward-mode AD is slow for some operators and missing for
+The three exact product methods of :class:`~analysis.HessianOperator` cost differently
+on different models and devices (forward-mode AD is slow for some operators and missing for
 others; the cached graph skips the forward and first backward pass but holds the graph of every
-batch). :func:`choose_method` measures instead of guessing: on the first batch it times each
-applicable method and keeps the fastest. A cheap product (its first call under
-:data:`ONE_CALL_S`) is timed by the smaller of two calls after an untimed warm-up; an expensive
-one by the smaller of its first call and one more (two calls, not three, added to the first
-product the user waits for; the second call drops one-time costs, which can double the first
-call of forward-over-reverse on a CPU), or by its first call alone when that took over twice the
-fastest method's time so far. The cached graph is timed first, then double backward, then
-forward-over-reverse.
+batch). :func:`choose_method` decides at the first product, on its first batch, **with the
+user's own vector**, at the cost of at most one extra product of that batch:
 
-* ``"forward-over-reverse"`` and ``"double-backward"`` always apply;
+1. the first-order graph of the first batch is built (timed; the bytes it saves for backward
+   are measured), unless :meth:`~analysis.HessianOperator.gradient` built it already;
+2. one backward through it with the user's vector (timed): this **is** the first batch's
+   product, which the user's product keeps. Double backward's cost is the sum of the two
+   (that is what it computes: ``t_build + t_backward``, derived, not run again); the cached
+   graph's is the backward alone;
+3. forward-over-reverse once on the same batch and vector (timed): the one extra product.
+
+The fastest is kept (ties: cached graph, then double backward, then forward-over-reverse); each
+method runs once (the first call of forward-over-reverse includes one-time costs, up to twice
+its later calls on a CPU, which favours the others at a near tie). The choice, the timings and
+the reasons are recorded in :class:`AutoChoice`.
+
 * ``"cached-graph"`` applies to in-memory data (a tensor pair or a list of batches) when the
   graphs of all batches are estimated to fit in the cache budget (:func:`cache_budget`: a
   quarter of the memory available on the device, or :data:`CACHE_BYTES` when set): the bytes
   of the tensors the first batch's graph saves for backward (parameters and inputs excluded,
-  they are held anyway), scaled by each batch's loss terms. Its time is that of one backward through the
-  graph (the graph is built once and reused by every product).
-* when the first use is a block product ``op @ V``, the batched variants are timed instead, on a
-  block of that many columns (``vmap`` over forward-over-reverse, one batched double backward,
-  a loop of backward passes through the cached graph), per column;
-* a method that raises ``NotImplementedError`` or ``RuntimeError`` on the model (a module
-  without a forward-mode derivative, ``torch.func`` limits) is skipped, its reason recorded.
+  they are held anyway), scaled by each batch's loss terms. When it wins, the first batch's
+  graph is kept for the products.
+* when the first use is a block product ``op @ V``, the same is done on the first block of
+  columns (a batched backward through the graph, ``vmap`` over forward-over-reverse); timings
+  are per column.
+* errors: a ``NotImplementedError`` (torch: no forward-mode or double-backward derivative) makes
+  a method unavailable (its reason recorded in :attr:`AutoChoice.skipped`); a ``RuntimeError``
+  or ``TypeError`` is tried once more on the same batch and vector: the same error again means
+  the method cannot run on this model (skipped), anything else, a call that then succeeds
+  included, is the user's loss or model failing and is **raised**, never swallowed.
 
-The calibration costs one to three products of each method on one batch, once per operator, and
-is not counted in ``num_matvecs``; when the cached graph wins, the first batch's graph built for
-the calibration is kept for the products. Timings include the device synchronization on CUDA.
+Timings include the device synchronization on CUDA. The extra product is not counted in
+``num_matvecs``.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ import torch
 from ..distributed import broadcast_object, get_rank, is_distributed
 from ..results import Result
 
-__all__ = ["CACHE_FRACTION", "ONE_CALL_S", "available_bytes", "saved_bytes", "tensors_of"]
+__all__ = ["CACHE_FRACTION", "available_bytes", "first_graph", "graphs_fit", "saved_bytes",
+           "tensors_of"]
 
 #: Graph memory (bytes) up to which ``"auto"`` considers the cached graph for several batches;
 #: ``None`` (default): :data:`CACHE_FRACTION` of the memory available at the calibration.
@@ -55,9 +64,6 @@ CACHE_FRACTION = 0.25
 #: The budget where the available memory cannot be read (a device other than CPU and CUDA).
 FALLBACK_CACHE_BYTES = 2 * 2**30
 
-#: Seconds from which one call of a product is its timing (no warm-up, no repeats).
-ONE_CALL_S = 1.0
-
 
 @dataclass(frozen=True, repr=False)
 class AutoChoice(Result):
@@ -65,17 +71,24 @@ class AutoChoice(Result):
 
     Attributes:
         method: the method kept (the fastest that ran).
-        timings: seconds of one product on the first batch, per method that ran (the smaller
-            of its first two calls if the first took at least :data:`ONE_CALL_S`, else the
-            smaller of two calls after a warm-up).
-        skipped: the reason per method that was not timed (failed on the model, or the cached
-            graphs would not fit in the cache budget, or the data is a DataLoader).
+        timings: seconds of one product on the first batch, per method that could run (per
+            column for ``block > 1``): ``"cached-graph"`` the backward through the first
+            batch's graph, ``"double-backward"`` that backward plus the graph's build (derived:
+            see :attr:`derived`), ``"forward-over-reverse"`` its one call.
+        skipped: the reason per method that was not timed (not available on the model, the
+            cached graphs would not fit in the cache budget, or the data is a DataLoader).
         graph_bytes: the estimated memory of the cached graphs of all batches (0 if not
             estimated).
         cache_budget: the bytes those graphs were allowed (:func:`cache_budget`; 0 if not
             needed: one batch, or a DataLoader).
         block: columns of the timed products (1: matrix-vector products; more: the batched
             variants of ``op @ V``, the timings then per column).
+        derived: the methods whose timing was derived from the others' instead of run
+            (``"double-backward"``: its product is the graph build and the backward, both
+            timed).
+        extra_products: products of the first batch computed only to choose (1 when
+            forward-over-reverse was timed next to the graph, more when a failing call was
+            tried again, 0 when it could not run).
     """
 
     method: str
@@ -84,6 +97,8 @@ class AutoChoice(Result):
     graph_bytes: int = 0
     block: int = 1
     cache_budget: int = 0
+    derived: tuple = ()
+    extra_products: int = 0
 
 
 def _sync(device: torch.device) -> None:
@@ -134,11 +149,12 @@ def cache_budget(device: torch.device | str = "cpu") -> int:
     return int(CACHE_FRACTION * available)
 
 
-#: The order of the timings (the cached graph, usually the fastest, sets the bar first).
+#: The tie-break order of the methods (the cached graph, when it fits, first).
 _ORDER = ["cached-graph", "double-backward", "forward-over-reverse"]
 
 
-def _once(fn, device: torch.device) -> float:
+def _timed(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn()`` (with the device synchronized around it)."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -146,16 +162,29 @@ def _once(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _timed(fn, device: torch.device, repeats: int = 2, best: float = float("inf")) -> float:
-    """Seconds of one call of ``fn()``: the smallest of ``repeats`` calls after an untimed
-    warm-up, or, when the warm-up took at least :data:`ONE_CALL_S`, the smaller of it and one
-    more call (the minimum: other work on the machine only ever adds time); that one more call
-    is left out when the first took over twice ``best`` (the fastest method so far: one-time
-    costs would have to be more than half of the first call for it to win)."""
-    first = _once(fn, device)
-    if first >= ONE_CALL_S:
-        return first if first > 2 * best else min(first, _once(fn, device))
-    return min(_once(fn, device) for _ in range(repeats))
+class _Unavailable(Exception):
+    """A product method that cannot run on the model (the reason is the message)."""
+
+
+def _attempt(fn, device: torch.device, calls: list) -> float:
+    """``_timed(fn)`` under the error rule of the module docstring: ``_Unavailable`` for a
+    ``NotImplementedError`` or for a ``RuntimeError`` / ``TypeError`` that the same call raises
+    again; any other error (and a failure that does not repeat) is raised. ``calls`` counts the
+    calls made."""
+    calls.append(1)
+    try:
+        return _timed(fn, device)
+    except NotImplementedError as err:
+        raise _Unavailable(f"{type(err).__name__}: {err}") from err
+    except (RuntimeError, TypeError) as err:
+        calls.append(1)
+        try:
+            _timed(fn, device)
+        except type(err) as again:
+            if str(again) == str(err):
+                raise _Unavailable(f"{type(err).__name__}: {err}") from err
+            raise err from again
+        raise  # it ran the second time: the first failure was the user's loss or model
 
 
 def saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
@@ -182,7 +211,7 @@ def saved_bytes(build, exclude: list[torch.Tensor]) -> tuple[Any, int]:
 
 
 def tensors_of(obj: Any) -> list[torch.Tensor]:
-    """The tensors in ``obj`` (a tensor, or nested dicts / tuples / lists of them)."""
+    """The tensors in a nested tuple / list / dict (inputs, targets)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, dict):
@@ -192,114 +221,170 @@ def tensors_of(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _candidates(op, state, v_dict, x, y, weight, skipped: dict,
-                block: int) -> tuple[dict, int, Any, int]:
-    """The applicable methods as zero-argument products on the first batch (of a ``(n, block)``
-    block of tangents for ``block > 1``, as :meth:`HessianOperator.matmat` computes them), the
-    estimated bytes of all cached graphs, the first batch's graph (``None`` if not built) and
-    the cache budget (0 if not needed)."""
+def first_graph(op, state: dict, x: Any, y: Any, weight: float, calls: list | None = None):
+    """The first-order graph of ``op``'s first batch, built once per model state.
+
+    For in-memory data it is kept as batch 0's cached graph (``op._graphs[0]``) with its build
+    time and saved bytes, so that :meth:`~analysis.HessianOperator.gradient` and the
+    choice share it; a DataLoader's is built each call. Errors follow the rule of the module
+    docstring.
+
+    Returns:
+        ``(entry, build_seconds, saved_bytes)``, or ``(None, reason, 0)`` when the graph
+        cannot be built on this model (no double-backward derivative).
+    """
+    calls = [] if calls is None else calls
+    cached = op._cached is not None
+    if cached:
+        op._prepare_signature()  # a changed model drops the graph and its measurements
+        if 0 in op._graphs and op._first_graph_stats is not None:
+            return (op._graphs[0], *op._first_graph_stats)
     primals = {n: state[n] for n in op._names}
-    if block == 1:
-        cands = {
-            "forward-over-reverse": lambda: op._forward_over_reverse(primals, state, v_dict, x,
-                                                                     y, weight),
-            "double-backward": lambda: op._double_backward(primals, state, v_dict, x, y, weight),
-        }
-    else:
-        cands = {
-            "forward-over-reverse": lambda: op._forward_over_reverse_block(
-                primals, state, v_dict, x, y, weight, block),
-            "double-backward": lambda: op._graph_backward(
-                op._first_order_graph(primals, state, x, y, weight), v_dict, retain=False,
-                block=block),
-        }
-    if op._cached is None:
-        skipped["cached-graph"] = "the data is a DataLoader (re-iterated, not cached)"
-        return cands, 0, None, 0
     exclude = [*state.values(), *tensors_of(x), *tensors_of(y)]
+    box: dict = {}
+
+    def build():
+        box["entry"], box["bytes"] = saved_bytes(
+            lambda: op._first_order_graph(primals, state, x, y, weight), exclude)
+
     try:
-        entry, first = saved_bytes(lambda: op._first_order_graph(primals, state, x, y, weight),
-                                    exclude)
-    except (NotImplementedError, RuntimeError) as err:  # double backward fails alike
-        skipped["cached-graph"] = f"{type(err).__name__}: {err}"
-        return cands, 0, None, 0
+        seconds = _attempt(build, op.device, calls)
+    except _Unavailable as why:
+        return None, str(why), 0
+    if cached:
+        op._graphs[0] = box["entry"]
+        op._first_graph_stats = (seconds, box["bytes"])
+    return box["entry"], seconds, box["bytes"]
+
+
+def graphs_fit(op, first_bytes: int) -> tuple[bool, int, int, str]:
+    """Whether the cached graphs of all of ``op``'s batches fit in the cache budget:
+    ``(fits, estimated_bytes, budget, reason)``; the estimate scales the first batch's saved
+    bytes by each batch's loss terms, the budget is :func:`cache_budget` (0 when there is one
+    batch: its graph is built by any method). A DataLoader never fits (it is re-iterated)."""
+    if op._cached is None:
+        return False, 0, 0, "the data is a DataLoader (re-iterated, not cached)"
+    if op.microbatch_size is not None:
+        return False, 0, 0, (f"microbatch_size={op.microbatch_size} bounds the working memory "
+                             "by one slice; the cached graphs would keep them all")
     size0 = max(1, op._cached[0][2])
-    total = int(first * sum(c[2] for c in op._cached) / size0)
-    several = len(op._cached) > 1  # one batch: its graph is built by any method
-    budget = cache_budget(op.device) if several else 0
-    if several and total > budget:
+    total = int(first_bytes * sum(c[2] for c in op._cached) / size0)
+    if len(op._cached) == 1:
+        return True, total, 0, ""
+    budget = cache_budget(op.device)
+    if total > budget:
         source = "CACHE_BYTES" if CACHE_BYTES is not None else (
             f"{CACHE_FRACTION:g} of the memory available on {op.device}")
-        skipped["cached-graph"] = (f"the cached graphs would take about {total} bytes "
-                                   f"(> the cache budget {budget}: {source})")
-        return cands, total, None, budget
-    if block == 1:
-        cands["cached-graph"] = lambda: op._graph_backward(entry, v_dict, retain=True)
-    else:  # matmat loops over the columns through the cached graph
-        cols = [{k: t[i] for k, t in v_dict.items()} for i in range(block)]
-        cands["cached-graph"] = lambda: [op._graph_backward(entry, c, retain=True)
-                                         for c in cols]
-    return cands, total, entry, budget
+        return False, total, budget, (f"the cached graphs would take about {total} bytes "
+                                      f"(> the cache budget {budget}: {source})")
+    return True, total, budget, ""
 
 
-def choose_method(op, block: int = 1, *, local: bool = False) -> AutoChoice:
-    """Time one product of each applicable method on ``op``'s first batch; keep the fastest.
+def choose_method(op, block: int = 1, v_dict: dict | None = None, *,
+                  local: bool = False) -> AutoChoice:
+    """Choose ``op``'s product method on its first batch (see the module docstring).
 
-    Under a process group (``torchrun``) rank 0 alone times, on its first batch, and its
+    Under a process group (``torchrun``) rank 0 alone chooses, on its first batch, and its
     :class:`AutoChoice` is broadcast: every rank uses the same method (reproducible, and the
-    other ranks do no calibration work); an error on rank 0 is raised on every rank.
+    other ranks do no calibration work; they compute their first product as usual); an error
+    on rank 0 is raised on every rank.
 
     Args:
         op: a :class:`~analysis.HessianOperator` (with ``method="auto"``).
-        block: columns per product: ``1`` times matrix-vector products, more times the batched
-            variants of ``op @ V`` on a block of that many columns (timings per column).
-        local: time on this process only, without the broadcast (default False).
+        block: columns per product: ``1`` for matrix-vector products, more for the batched
+            variants of ``op @ V`` (timings per column).
+        v_dict: the user's tangent(s) ``{name: tensor}`` (``(block, *shape)`` for a block);
+            default a seeded random one. The first batch's weighted product with it is left in
+            ``op._calibration_part`` for the product to reuse (``None`` on a rank without
+            batches).
+        local: choose on this process only, without the broadcast (default False).
 
     Returns:
-        :class:`AutoChoice`. When every method fails, the first error is raised; on a rank
-        without batches the choice is ``"forward-over-reverse"`` (the fallback still applies).
+        :class:`AutoChoice`. When no method can run, the first reason is raised as a
+        ``RuntimeError``; an error of the user's loss or model is raised as it is. On a rank
+        without batches the choice is ``"forward-over-reverse"`` (its fallback still applies).
     """
+    op._calibration_part = None
     if not local and is_distributed():
-        return _rank0_choice(op, block)
+        return _rank0_choice(op, block, v_dict)
     first = op._first_batch()
     if first is None:
         return AutoChoice(method="forward-over-reverse", skipped={"all": "no local batch"})
     x, y, size, _ = first
-    weight = size / op.num_terms if op._cached is not None else 1.0
-    gen = torch.Generator().manual_seed(0)
-    V = torch.randn(op.shape[0], block, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
-    v_dict = (dict(zip(op._names, op.space.unflatten(V[:, 0].contiguous()))) if block == 1
-              else op._block_dict(V))
+    weight = size / op.num_terms if op._cached is not None else float(size)
+    if v_dict is None:
+        gen = torch.Generator().manual_seed(0)
+        V = torch.randn(op.shape[0], block, generator=gen, dtype=torch.float64).to(op.device,
+                                                                                    op.dtype)
+        v_dict = (dict(zip(op._names, op.space.unflatten(V[:, 0].contiguous()))) if block == 1
+                  else op._block_dict(V))
+    blk = None if block == 1 else block
     timings: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    errors: list[BaseException] = []
+    calls: list = []
+    box: dict = {}
     with op._context():
         state = op._state()
-        cands, graph_bytes, entry, budget = _candidates(op, state, v_dict, x, y, weight,
-                                                        skipped, block)
-        for name in sorted(cands, key=_ORDER.index):  # the usually fastest first
+        primals = {n: state[n] for n in op._names}
+        entry, build_s, first_bytes = first_graph(op, state, x, y, weight, calls)
+        fits, graph_bytes, budget, reason = graphs_fit(op, first_bytes)
+        calls.clear()  # building the graph is the product's own work (or the gradient's)
+        if entry is None:
+            skipped["cached-graph"] = skipped["double-backward"] = build_s
+            fits = False
+        else:
+            if not fits:
+                skipped["cached-graph"] = reason
+
+            def backward():
+                box["part"] = op._graph_backward(entry, v_dict, retain=fits, block=blk)
+
             try:
-                best = min(timings.values(), default=float("inf")) * block
-                timings[name] = _timed(cands[name], op.device, best=best) / block
-            except (NotImplementedError, RuntimeError, TypeError) as err:  # as matmat catches
-                errors.append(err)
-                skipped[name] = f"{type(err).__name__}: {err}"
+                back_s = _attempt(backward, op.device, calls)
+                calls.clear()  # the backward is the first batch's product
+                if fits:
+                    timings["cached-graph"] = back_s / block
+                timings["double-backward"] = (build_s + back_s) / block
+            except _Unavailable as why:
+                skipped["cached-graph"] = skipped["double-backward"] = str(why)
+                fits = False
+
+        def forward_over_reverse():
+            if blk is None:
+                out = op._forward_over_reverse(primals, state, v_dict, x, y, weight)
+            else:
+                out = op._forward_over_reverse_block(primals, state, v_dict, x, y, weight, blk)
+            box.setdefault("part", out)
+
+        try:
+            timings["forward-over-reverse"] = _attempt(forward_over_reverse, op.device,
+                                                       calls) / block
+        except _Unavailable as why:
+            skipped["forward-over-reverse"] = str(why)
+    extra = len(calls) - (1 if "double-backward" not in timings and "part" in box else 0)
     if not timings:
-        raise errors[0]
-    best = min(timings, key=timings.get)
-    if best == "cached-graph" and entry is not None:
+        op.clear_cache()
+        raise RuntimeError("method='auto': no product method can run on this model: "
+                           + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    best = min(timings, key=lambda m: (timings[m], _ORDER.index(m)))
+    if best == "cached-graph":
         op._keep_graph(0, entry)  # the first batch's graph serves the products too
+    else:
+        op.clear_cache()  # graphs built for the gradient or the choice are not used
+    op._calibration_part = box.get("part")
     return AutoChoice(method=best, timings=timings, skipped=skipped, graph_bytes=graph_bytes,
-                      block=block, cache_budget=budget)
+                      block=block, cache_budget=budget,
+                      derived=("double-backward",) if "double-backward" in timings else (),
+                      extra_products=max(0, extra))
 
 
-def _rank0_choice(op, block: int) -> AutoChoice:
-    """Rank 0 times (:func:`choose_method` with ``local=True``) and broadcasts the choice, or
-    its error, to every rank."""
+def _rank0_choice(op, block: int, v_dict: dict | None) -> AutoChoice:
+    """Rank 0 chooses (:func:`choose_method` with ``local=True``, keeping its first batch's
+    product) and broadcasts the choice, or its error, to every rank."""
     choice, error = None, None
     if get_rank() == 0:
         try:
-            choice = choose_method(op, block, local=True)
+            choice = choose_method(op, block, v_dict, local=True)
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
             error = err
     got = broadcast_object((choice, None if error is None else f"{type(error).__name__}: {error}"))

@@ -11,6 +11,7 @@ and mean squared error is positive semi-definite; the Hessian is in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,7 +72,7 @@ class CurvatureOperator(EmpiricalRisk, TorchOperator):
         does not repeat :func:`check_deterministic_setup`."""
         return type(self)(self.model, self.loss_fn, self._data, params=params, mode=self.mode,
                           check_deterministic=False, batch_size=self._batch_size,
-                          **self._extra_settings())
+                          microbatch_size=self.microbatch_size, **self._extra_settings())
 
     def _extra_settings(self) -> dict:
         """Constructor keywords of a subclass beyond the common ones (for :meth:`restricted`)."""
@@ -174,15 +175,17 @@ class GGNOperator(CurvatureOperator):
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
-                 params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
-                 check_deterministic: bool = True, batch_size: int | None = None) -> None:
+                 params: Sequence[str | nn.Parameter | nn.Module] | re.Pattern | None = None,
+                 mode: str | None = "eval", check_deterministic: bool = True,
+                 batch_size: int | None = None, microbatch_size: int | None = None) -> None:
         if isinstance(resolve_loss(loss_fn), ModelLoss):
             raise TypeError(
                 "GGNOperator needs a loss of the model outputs (e.g. 'lm' or 'cross_entropy'), "
                 f"not the model's own loss {loss_fn!r}"
             )
         super().__init__(model, loss_fn, data, params=params, mode=mode,
-                         check_deterministic=check_deterministic, batch_size=batch_size)
+                         check_deterministic=check_deterministic, batch_size=batch_size,
+                         microbatch_size=microbatch_size)
         self.method = "forward-over-reverse"
         self.fallback_reason: str | None = None
 

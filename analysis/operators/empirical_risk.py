@@ -27,7 +27,7 @@ from torch.func import functional_call
 from .. import distributed as dist
 from ..attention import second_order_attention
 from ..checks import check_first_batch, check_repeatable_forward
-from ..data import Data, DataSource, as_data, to_device
+from ..data import Data, DataSource, as_data, microbatches, to_device
 from ..evaluation import model_mode, resolve_loss
 from ..losses import LossSpec, loss_terms
 from ..params import ParameterSpace
@@ -133,6 +133,12 @@ class EmpiricalRisk:
             (:func:`analysis.checks.check_first_batch`: a language model under
             ``cross_entropy`` is refused with the advice to use ``"lm"`` or ``"model_lm"``).
         batch_size: split a tensor pair into batches of this size (``None``: one batch).
+        microbatch_size: split every batch (of any data form, a DataLoader's too) into slices
+            of at most this many samples for the passes over the data (``None``: whole
+            batches). The slices are weighted by their own loss terms, so the dataset loss
+            and every product are those of whole batches (to rounding: equal in float64 to
+            ``rtol 1e-10``, also for token-weighted language-model losses with padding); the
+            working memory of a product is then that of one slice.
 
     Attributes:
         model, loss_fn, source, mode, check_deterministic: as given (``loss_fn`` resolved).
@@ -154,9 +160,15 @@ class EmpiricalRisk:
         mode: str | None = "eval",
         check_deterministic: bool = True,
         batch_size: int | None = None,
+        microbatch_size: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if microbatch_size is not None and (isinstance(microbatch_size, bool)
+                                            or not isinstance(microbatch_size, int)
+                                            or microbatch_size < 1):
+            raise ValueError(f"microbatch_size must be a positive integer or None, got "
+                             f"{microbatch_size!r}")
         if mode not in (None, "eval", "train"):
             raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
         self.model = model
@@ -165,6 +177,7 @@ class EmpiricalRisk:
         self.source = as_data(data, batch_size=batch_size)
         self.mode = mode
         self.check_deterministic = check_deterministic
+        self.microbatch_size = microbatch_size
         self._data, self._batch_size = data, batch_size  # to rebuild on a subspace
         if check_deterministic:
             _refuse_random_setup(model, self.source, mode)
@@ -184,7 +197,8 @@ class EmpiricalRisk:
                 x = to_device(b.inputs, self.device, self.dtype)
                 y = to_device(b.targets, self.device, self.dtype)
                 self._check_batch_device(x, b.index)
-                cached.append((x, y, loss_terms(self.loss_fn, x, y, b.size), b.index))
+                for xm, ym, size in microbatches(x, y, b.size, microbatch_size):
+                    cached.append((xm, ym, loss_terms(self.loss_fn, xm, ym, size), b.index))
                 local_samples += b.size
             self._cached = cached
             local = sum(c[2] for c in cached)
@@ -219,7 +233,8 @@ class EmpiricalRisk:
             x = to_device(b.inputs, self.device, self.dtype)
             y = to_device(b.targets, self.device, self.dtype)
             samples += b.size
-            yield x, y, loss_terms(self.loss_fn, x, y, b.size), b.index
+            for xm, ym, size in microbatches(x, y, b.size, self.microbatch_size):
+                yield xm, ym, loss_terms(self.loss_fn, xm, ym, size), b.index
         if self.num_samples is None:
             self.num_samples = self._reduce_count(samples)
 

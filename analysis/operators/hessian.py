@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -32,9 +33,10 @@ from torch.func import grad, jvp, vmap
 
 from ..data import Data
 from ..losses import LossSpec
-from .auto import AutoChoice, choose_method
+from .auto import AutoChoice, choose_method, first_graph, graphs_fit
 from .curvature import CurvatureOperator, default_block_size
 from .empirical_risk import functional_forward
+from .finite_difference import check_shift, finite_difference_step
 
 
 class HessianOperator(CurvatureOperator):
@@ -55,23 +57,36 @@ class HessianOperator(CurvatureOperator):
       (about 1.5-2.5 gradients per product on CPU). It keeps the graph of every in-memory batch
       alive (a few times the activation memory), and is rebuilt automatically when a
       parameter or buffer of the model is changed in place (tracked by tensor versions).
-    * ``"auto"`` (default): at the first product (or :meth:`gradient`), one product of each
-      applicable method is timed on the first batch (twice after a warm-up, or, for a product
-      of a second or more, its first two calls) and the fastest is kept: forward-over-reverse
-      and double backward always, the cached graph for in-memory data whose graphs fit in the
-      cache budget (:func:`~analysis.operators.cache_budget`: a quarter of the memory
-      available on the device unless :data:`~analysis.operators.CACHE_BYTES` is set;
-      estimated from the tensors the first batch's graph saves; the calibration's graph of the
-      first batch is kept). A method that fails on the model (e.g. no
-      forward-mode derivative) is skipped. When the first use is ``op @ V`` for a block, the
-      batched variants are timed on a block of that size instead (vmap over forward-over-reverse,
-      one batched double backward, a loop through the cached graph), per column. The choice, the
-      timings and the reasons are kept in
-      :attr:`auto_choice` (:class:`~analysis.operators.AutoChoice`); :attr:`method` is the
-      method in use from then on. The first product, calibration included, costs many gradients:
-      9.7-10.4 on a GPT-2 of 3.2M parameters (CPU, ``benchmarks/mixed_claims.py``; steady
-      products 1.9-2.1 there), 13-15 on the ResNet of ``benchmarks/product_methods.py``, 25 in
-      issue 27's GPT-2 run; pass ``method=`` to skip it.
+    * ``"finite-difference"``: ``H_b v ~ (g_b(w + h v) - g_b(w - h v)) / (2 h)``, two
+      gradients of the batch at shifted copies of the parameters (``functional_call``: the
+      model itself is never modified), with ``h = r / ||v||`` (a shift of length ``r``) and
+      ``r = fd_shift`` (default ``u^(1/3)``, ``u`` the unit roundoff of the parameters'
+      dtype). Approximate: error ``(h^2 / 6) D^3 g[v, v, v] + O(u ||g|| / h)``, measured
+      ``4e-11``-``3e-10`` relative in float64 and ``3e-5``-``2e-4`` in float32
+      (:mod:`analysis.operators.finite_difference` has the error model). The one method that
+      needs only a gradient: no second-order graph, no forward-mode derivative, the working
+      memory of one gradient (the shifted copy, the two gradients and the result: four
+      ``n``-vectors). Never chosen by ``"auto"``; :attr:`fd_step` holds the last step.
+    * ``"auto"`` (default): chosen at the first product, on its first batch and with the user's
+      own vector, for at most one extra product of that batch
+      (:mod:`analysis.operators.auto`): the first batch's first-order graph is built and the
+      user's vector sent back through it (that is the first batch's product, kept; double
+      backward costs the two, the cached graph the backward alone), then forward-over-reverse
+      is timed once on the same batch, and the fastest is kept. The cached graph competes for
+      in-memory data whose graphs fit in the cache budget
+      (:func:`~analysis.operators.cache_budget`: a quarter of the memory available on the
+      device unless :data:`~analysis.operators.CACHE_BYTES` is set; estimated from the
+      tensors the first batch's graph saves; that graph is kept when it wins). A method that
+      cannot run on the model (no forward-mode or double-backward derivative) is skipped; an
+      error of the user's loss or model is raised. When the first use is ``op @ V`` for a
+      block, the batched variants are compared on the first block, per column. A
+      :meth:`gradient` before the first product builds the graphs the cached graph would (the
+      first batch's always, the others' when they fit), so the choice reuses them. The choice,
+      the timings and the reasons are kept in :attr:`auto_choice`
+      (:class:`~analysis.operators.AutoChoice`); :attr:`method` is the method in use
+      from then on. The first product, the choice included, costs 9.6-11.5 gradients on a
+      GPT of 3.3M parameters (CPU; 26.7-28.2 when every method was timed twice); pass
+      ``method=`` to skip the choice.
 
     Piecewise-linear networks (ReLU, max-pooling): autograd differentiates each kink as the
     derivative of one of its sides, so ``H`` is the curvature inside the linear region of ``w``
@@ -81,6 +96,12 @@ class HessianOperator(CurvatureOperator):
     at ``h = 1e-3`` (0.159 at ``h = 1e-6``, where no kink is crossed); issue 27 measured about
     3190 against ``lambda_max`` 1276 on a ResNet-18. Read sharpness from such Hessians as that
     of the region, and use the loss-based measures (:mod:`analysis.sharpness`) for finite radii.
+
+    ``fd_shift``: ``r = ||h v||`` of ``"finite-difference"`` (``None``: ``u^(1/3)``; a number
+    in ``(0, 1)`` otherwise). ``microbatch_size``: split every batch into slices of at most this
+    many samples for the products (:class:`~analysis.operators.EmpiricalRisk`), so that a
+    product's working memory is one slice's; ``"auto"`` then leaves the cached graph out (it
+    would keep the graphs of all slices) and ``method="cached-graph"`` is refused.
 
     Other arguments and attributes are those of :class:`CurvatureOperator`; :attr:`method` holds
     the method in use (``"auto"`` until the first product), :attr:`requested_method` the one
@@ -92,16 +113,25 @@ class HessianOperator(CurvatureOperator):
         >>> H.method, H.auto_choice.timings                           # doctest: +SKIP
     """
 
-    METHODS = ("auto", "forward-over-reverse", "double-backward", "cached-graph")
+    METHODS = ("auto", "forward-over-reverse", "double-backward", "cached-graph",
+               "finite-difference")
 
     def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
-                 params: Sequence[str | nn.Parameter] | None = None, mode: str | None = "eval",
-                 check_deterministic: bool = True, batch_size: int | None = None,
-                 method: str = "auto") -> None:
+                 params: Sequence[str | nn.Parameter | nn.Module] | re.Pattern | None = None,
+                 mode: str | None = "eval", check_deterministic: bool = True,
+                 batch_size: int | None = None, method: str = "auto",
+                 fd_shift: float | None = None, microbatch_size: int | None = None) -> None:
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
+        check_shift(fd_shift)
+        if method == "cached-graph" and microbatch_size is not None:
+            raise ValueError(
+                f"method='cached-graph' keeps the graph of every batch, so microbatch_size="
+                f"{microbatch_size!r} would not bound the memory; use another method"
+            )
         super().__init__(model, loss_fn, data, params=params, mode=mode,
-                         check_deterministic=check_deterministic, batch_size=batch_size)
+                         check_deterministic=check_deterministic, batch_size=batch_size,
+                         microbatch_size=microbatch_size)
         if method == "cached-graph" and self._cached is None:
             raise ValueError(
                 "method='cached-graph' needs in-memory data (a tensor pair, a dict batch or a "
@@ -109,11 +139,15 @@ class HessianOperator(CurvatureOperator):
             )
         self.method = method
         self.requested_method = method
+        self.fd_shift = fd_shift
+        self.fd_step: float | None = None  # the step h of the last finite-difference product
         self.auto_choice: AutoChoice | None = None  # filled at the first product under "auto"
         self.fallback_reason: str | None = None
         self.batched_fallback_reason: str | None = None  # why matmat loops, if it does
         self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._signature: tuple | None = None
+        self._first_graph_stats: tuple[float, int] | None = None  # batch 0's build s, bytes
+        self._calibration_part = None  # the first batch's product computed by the choice
         loss_fn = self.loss_fn
 
         def batch_loss(p, state, x, y, weight):
@@ -128,16 +162,26 @@ class HessianOperator(CurvatureOperator):
         self._grad = grad(batch_loss)
 
     def _extra_settings(self) -> dict:
-        return {"method": self.method}  # a settled "auto" passes its choice on
+        # a settled "auto" passes its choice on
+        return {"method": self.method, "fd_shift": self.fd_shift}
 
     def resolve_method(self, block: int = 1) -> str:
         """Settle ``method="auto"`` now (see the class docstring; a no-op once settled) and
-        return the method in use. Products and :meth:`gradient` call it themselves; a first
-        :meth:`matmat` times the batched variants on its block of ``block`` columns."""
+        return the method in use. Products settle it themselves, on the user's vector; called
+        before them, this makes the choice on a seeded random vector (a block of ``block``
+        columns for the batched variants), whose product is then not used."""
         if self.method == "auto":
-            self.auto_choice = choose_method(self, block=block)
-            self.method = self.auto_choice.method
+            self._settle(None, block)
+            self._calibration_part = None
         return self.method
+
+    def _settle(self, v_dict, block: int):
+        """Choose the method on ``v_dict`` (see :func:`~analysis.operators.auto.choose_method`);
+        the first batch's weighted product, to reuse (``None`` on a rank without batches)."""
+        self.auto_choice = choose_method(self, block=block, v_dict=v_dict)
+        self.method = self.auto_choice.method
+        part, self._calibration_part = self._calibration_part, None
+        return part
 
 
     def _state_signature(self) -> tuple:
@@ -145,7 +189,7 @@ class HessianOperator(CurvatureOperator):
                      [*self.model.parameters(), *self.model.buffers()])
 
     def _prepare(self) -> None:
-        if self.method == "cached-graph":
+        if self.method in ("cached-graph", "auto"):
             self._prepare_signature()
 
     def _prepare_signature(self) -> None:
@@ -153,32 +197,57 @@ class HessianOperator(CurvatureOperator):
         sig = self._state_signature()
         if sig != self._signature:
             self._graphs.clear()
+            self._first_graph_stats = None
             self._signature = sig
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the dataset loss, ``sum_b (n_b / N) grad L_b`` (same data, mode
         and weighting as the products). Free with ``"cached-graph"`` (the cached first-order
-        graphs hold it); one pass over the data otherwise."""
-        self.resolve_method()
-
-        def part(state, x, y, weight, key):
-            primals = {n: state[n] for n in self._names}
-            if self.method == "cached-graph" and key is not None:
-                return self._graph_entry(primals, state, x, y, weight, key)[2].clone()
-            gd = self._grad(primals, state, x, y, weight)
-            return [gd[n] for n in self._names]
-
+        graphs hold it); one pass over the data otherwise. Under an unsettled ``"auto"`` with
+        in-memory data it builds the first batch's first-order graph (which the choice at the
+        first product reuses) and those of the other batches when they fit in the cache budget
+        (the gradient is then the one the cached graph would give)."""
         with self._context():
+            graphs = self.method == "cached-graph"
+            if self.method == "auto" and self._cached is not None:
+                x, y, size, _ = self._cached[0]
+                entry, _, first_bytes = first_graph(self, self._state(), x, y,
+                                                    size / self.num_terms)
+                graphs = entry is not None and graphs_fit(self, first_bytes)[0]
+
+            def part(state, x, y, weight, key):
+                primals = {n: state[n] for n in self._names}
+                if key is not None and (graphs or key in self._graphs):
+                    return self._graph_entry(primals, state, x, y, weight, key)[2].clone()
+                gd = self._grad(primals, state, x, y, weight)
+                return [gd[n] for n in self._names]
+
             return self._weighted_sum(part, lambda: torch.zeros(
                 self.shape[0], device=self.device, dtype=self.dtype))
 
     def _apply(self, v: torch.Tensor) -> torch.Tensor:
-        self.resolve_method()
+        if self.method == "auto":  # chosen on this product, whose first batch it computes
+            v_dict = dict(zip(self._names, self.space.unflatten(v.detach())))
+            first = self._settle(v_dict, 1)
+            with self._context():
+                out = self._weighted_sum(_reusing(first, lambda state, x, y, weight, key:
+                                                  self._batch_product(state, v_dict, x, y,
+                                                                      weight, key)),
+                                         lambda: torch.zeros_like(v))
+            return self._finite(out, v)
+        if self.method == "finite-difference":
+            # in the working precision: the step needs ~3 digits (a float64 cast of 124M
+            # entries took 0.5 s a product)
+            v_norm = float(torch.linalg.vector_norm(v))
+            if v_norm == 0:  # no step along a zero vector: its product is zero
+                return torch.zeros_like(v)
+            self.fd_step = finite_difference_step(v_norm, self.dtype, self.fd_shift)
         return super()._apply(v)
 
     def clear_cache(self) -> None:
         """Drop cached graphs (they are rebuilt at the next product)."""
         self._graphs.clear()
+        self._first_graph_stats = None
         self._signature = None
 
     def _batch_product(self, state, v_dict, x, y, weight, key=None):
@@ -186,6 +255,8 @@ class HessianOperator(CurvatureOperator):
         if self.method == "cached-graph" and key is not None:
             entry = self._graph_entry(primals, state, x, y, weight, key)
             return self._graph_backward(entry, v_dict, retain=True)
+        if self.method == "finite-difference":
+            return self._finite_difference(primals, state, v_dict, x, y, weight)
         if self.method == "forward-over-reverse":
             try:
                 return self._forward_over_reverse(primals, state, v_dict, x, y, weight)
@@ -200,6 +271,18 @@ class HessianOperator(CurvatureOperator):
     def _forward_over_reverse(self, primals, state, v_dict, x, y, weight):
         _, hv = jvp(lambda p: self._grad(p, state, x, y, weight), (primals,), (v_dict,))
         return [hv[n] for n in self._names]
+
+    def _finite_difference(self, primals, state, v_dict, x, y, weight):
+        """``weight * (g_b(w + h v) - g_b(w - h v)) / (2 h)`` with ``h = self.fd_step``: two
+        gradients at shifted copies of the parameters (``functional_call``; the model is not
+        touched), one shifted copy alive at a time."""
+        h = self.fd_step
+        shifted = {n: primals[n] + h * v_dict[n] for n in self._names}
+        plus = self._grad(shifted, state, x, y, weight)
+        shifted = {n: primals[n] - h * v_dict[n] for n in self._names}
+        minus = self._grad(shifted, state, x, y, weight)
+        del shifted
+        return [plus[n].sub_(minus[n]).div_(2 * h) for n in self._names]
 
     def _first_order_graph(self, primals, state, x, y, weight):
         with torch.enable_grad():
@@ -269,18 +352,31 @@ class HessianOperator(CurvatureOperator):
         if b == 0:  # A @ (n x 0) is the (n x 0) matrix: no product to compute
             return torch.empty(n, 0, device=self.device, dtype=self.dtype)
         bs = block_size or default_block_size(n, V.element_size())
-        self.resolve_method(block=min(b, bs))
         out = torch.empty(n, b, device=self.device, dtype=self.dtype)
         for c0 in range(0, b, bs):
             c1 = min(c0 + bs, b)
-            out[:, c0:c1] = self._apply_block(V[:, c0:c1])
+            if self.method == "auto" and c1 - c0 > 1:  # chosen on this first block
+                out[:, c0:c1] = self._first_block(V[:, c0:c1])
+            else:
+                out[:, c0:c1] = self._apply_block(V[:, c0:c1])
             self.num_matvecs += c1 - c0
         return out
+
+    def _first_block(self, V: torch.Tensor) -> torch.Tensor:
+        """The first block under ``"auto"``: the choice is made on it (batched variants, per
+        column) and its first batch's product reused."""
+        rows = V.detach().T.contiguous()
+        v_dict = self._block_dict(V)
+        first = self._settle(v_dict, V.shape[1])
+        out = self._block_pass(v_dict, rows, first)
+        if not bool(torch.isfinite(out).all()):  # loop (locates a bad batch)
+            return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
+        return out.T
 
     def _apply_block(self, V: torch.Tensor) -> torch.Tensor:
         # the cached graph is already one backward per product; batching it (vmap over the
         # backward) measured 1.2-1.4x slower per vector on CPU, so it loops
-        if (V.shape[1] == 1 or self.method == "cached-graph"
+        if (V.shape[1] == 1 or self.method in ("cached-graph", "finite-difference")
                 or getattr(self, "batched_fallback_reason", None) is not None):
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
         rows = V.detach().T.contiguous()  # (b, n)
@@ -303,11 +399,13 @@ class HessianOperator(CurvatureOperator):
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
         return out.T
 
-    def _block_pass(self, v_dict, rows) -> torch.Tensor:
-        """One pass over the data for a ``(b, n)`` block of rows; ``(b, n)`` result."""
+    def _block_pass(self, v_dict, rows, first=None) -> torch.Tensor:
+        """One pass over the data for a ``(b, n)`` block of rows; ``(b, n)`` result (``first``:
+        the first batch's product, already computed)."""
         with self._context():
             return self._weighted_sum(
-                lambda state, x, y, weight, key: self._block_product(state, v_dict, x, y, weight, key),
+                _reusing(first, lambda state, x, y, weight, key:
+                         self._block_product(state, v_dict, x, y, weight, key)),
                 lambda: torch.zeros_like(rows))
 
     def _flat_block(self, tensors, b: int) -> torch.Tensor:
@@ -353,3 +451,14 @@ class HessianOperator(CurvatureOperator):
         parts = torch.split(rows, self.space.numels, dim=1)
         return {nm: p.reshape(rows.shape[0], *s) for nm, p, s in
                 zip(self._names, parts, self.space.shapes)}
+
+
+def _reusing(first, product):
+    """``product`` for :meth:`EmpiricalRisk._weighted_sum`, whose first call (the first batch)
+    returns ``first`` instead when it is not ``None`` (computed by the choice of ``"auto"``)."""
+    pending = [] if first is None else [first]
+
+    def wrapped(state, x, y, weight, key):
+        return pending.pop() if pending else product(state, x, y, weight, key)
+
+    return wrapped

@@ -18,8 +18,28 @@ import textwrap
 
 import pytest
 
-_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+#: ``peak()`` and ``reset()`` of the measuring subprocesses (also ``test_large_basis.py``).
+PEAK_HELPERS = textwrap.dedent("""
+    import resource
+    def peak():  # the high-water mark of the resident set (VmHWM), else ru_maxrss
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def reset():  # the high-water mark back to the current RSS (Linux), for a clean baseline
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+        except OSError:
+            pass
+""")
+
+_SCRIPT = PEAK_HELPERS + textwrap.dedent("""
+    import json, sys
     import torch
     from analysis import HessianOperator
     from analysis.lanczos import top_eigenpairs
@@ -36,21 +56,6 @@ _SCRIPT = textwrap.dedent("""
     v = torch.randn(n, dtype=torch.float64)
     for _ in range(3):   # the product's own working memory is in the baseline peak
         op.matvec(v)
-    def peak():  # the high-water mark of the resident set (VmHWM), else ru_maxrss
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    def reset():  # the high-water mark back to the current RSS (Linux), for a clean baseline
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-        except OSError:
-            pass
     reset()
     base = peak()
     op.matvec(v)   # one product's working memory, measured from the same baseline

@@ -23,7 +23,7 @@ from analysis import (
 from analysis import operators as ops
 from analysis.operators import auto as auto_module
 from analysis.reference import dense_ggn, dense_hessian
-from tests.analysis.test_hessian import _NoForwardModel
+from tests.analysis.test_hessian import _NoForwardModel, _NoForwardTanh
 from tests.models import classification_data, cnn_bn, image_data, mlp
 
 RTOL, ATOL = 1e-8, 1e-11
@@ -182,57 +182,116 @@ def test_auto_matches_every_explicit_method_and_the_dense_hessian(case):
     assert choice.to_dict()["method"] == choice.method
 
 
-def test_auto_falls_back_when_forward_mode_fails():
-    model, data = _NoForwardModel(), classification_data()
-    H = HessianOperator(model, "cross_entropy", data, batch_size=20)
-    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(H @ v, dense_hessian(model, "cross_entropy", data) @ v,
-                               rtol=1e-6, atol=1e-10)
-    assert "forward-over-reverse" in H.auto_choice.skipped
-    assert "forward-over-reverse" not in H.auto_choice.timings
-    assert H.method in ("double-backward", "cached-graph")
+def _fake_times(monkeypatch, *times):
+    """Time the choice's calls (graph build, backward, forward-over-reverse, in this order) as
+    ``times``; the calls still run (their products are used)."""
+    it = iter(times)
+    monkeypatch.setattr(auto_module, "_timed", lambda fn, device: (fn(), next(it))[1])
 
 
 def test_auto_keeps_the_fastest_and_respects_the_cache_budget(monkeypatch):
     model, loss, data, _ = _problem()
-    times = iter([2.0, 1.0, 3.0])  # timed in this order: cached-graph, double-backward, f-o-r
-    monkeypatch.setattr(auto_module, "_timed", lambda fn, device, **kw: next(times))
+    _fake_times(monkeypatch, 1.0, 2.0, 2.5)  # build, backward through it, forward-over-reverse
     H = HessianOperator(model, loss, data, batch_size=7)
-    H.gradient()  # the gradient settles the method too
-    assert H.method == "double-backward"
-    assert H.auto_choice.timings == {"forward-over-reverse": 3.0, "double-backward": 1.0,
-                                     "cached-graph": 2.0}
-    monkeypatch.setattr(auto_module, "_timed", lambda fn, device, **kw: 1.0)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    H.gradient()  # builds the graphs the cached graph would; the choice waits for a product
+    assert H.method == "auto" and len(H._graphs) == len(H._cached)
+    H @ v
+    assert H.method == "cached-graph"
+    assert H.auto_choice.timings == {"cached-graph": 2.0, "double-backward": 3.0,
+                                     "forward-over-reverse": 2.5}
+    assert H.auto_choice.derived == ("double-backward",) and H.auto_choice.extra_products == 1
     monkeypatch.setattr(auto_module, "CACHE_BYTES", 16)
-    H = HessianOperator(model, loss, data, batch_size=7)
-    H @ torch.zeros(H.shape[0], dtype=torch.float64)
-    assert "CACHE_BYTES" in H.auto_choice.skipped["cached-graph"]
+    for times, method in (((1.0, 1.0, 3.0), "double-backward"),
+                          ((1.0, 1.0, 1.5), "forward-over-reverse")):
+        _fake_times(monkeypatch, *times)
+        H = HessianOperator(model, loss, data, batch_size=7)
+        torch.testing.assert_close(H @ v, dense_hessian(model, loss, data) @ v,
+                                   rtol=1e-6, atol=1e-10)
+        assert H.method == method and not H._graphs  # graphs not used are dropped
+        assert "CACHE_BYTES" in H.auto_choice.skipped["cached-graph"]
+    _fake_times(monkeypatch, 1.0, 1.0, 1.0)
     one = HessianOperator(model, loss, data)  # one batch: its graph is built by any method
-    one @ torch.zeros(one.shape[0], dtype=torch.float64)
-    assert "cached-graph" in one.auto_choice.timings
+    one @ v
+    assert one.method == "cached-graph"  # ties go to the cached graph
 
 
-def test_auto_times_an_expensive_product_by_two_calls(monkeypatch):
-    """A first call of at least ONE_CALL_S counts with one more call (the smaller of the two);
-    a cheaper one is a warm-up, then timed twice."""
+def test_the_choice_costs_one_extra_product_of_the_first_batch_and_reuses_the_first():
+    """Forward passes of the loss: a settled double-backward product makes one per batch; the
+    first product under "auto" makes one more (forward-over-reverse on the first batch)."""
+    model, _, data, _ = _problem()
     calls = []
-    clock = iter([0.0, 2.0, 2.0, 3.5])  # 2 s, then 1.5 s
-    monkeypatch.setattr(auto_module.time, "perf_counter", lambda: next(clock))
-    assert auto_module._timed(lambda: calls.append(1), torch.device("cpu")) == 1.5
-    assert len(calls) == 2
-    clock = iter([0.0, 0.5, 1.0, 1.3, 2.0, 2.2])  # warm-up 0.5 s, then 0.3 s and 0.2 s
-    monkeypatch.setattr(auto_module.time, "perf_counter", lambda: next(clock))
-    assert auto_module._timed(lambda: calls.append(1), torch.device("cpu")) == pytest.approx(0.2)
-    assert len(calls) == 5
-    clock = iter([0.0, 2.5])  # 2.5 s, more than twice the best so far: not timed again
-    monkeypatch.setattr(auto_module.time, "perf_counter", lambda: next(clock))
-    assert auto_module._timed(lambda: calls.append(1), torch.device("cpu"), best=1.2) == 2.5
-    assert len(calls) == 6
-    clock = iter([0.0, 2.0, 2.0, 3.8])  # 2 s, under twice 1.2 s: timed once more
-    monkeypatch.setattr(auto_module.time, "perf_counter", lambda: next(clock))
-    assert auto_module._timed(lambda: calls.append(1), torch.device("cpu"),
-                              best=1.2) == pytest.approx(1.8)
-    assert len(calls) == 8
+
+    def counted(out, y):
+        calls.append(1)
+        return torch.nn.functional.cross_entropy(out, y)
+
+    v = torch.randn(53, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    ref = dense_hessian(model, "cross_entropy", data) @ v
+    for bs in (None, 7):  # one batch, 7 batches
+        batches = 1 if bs is None else -(-48 // bs)
+        D = HessianOperator(model, counted, data, batch_size=bs, method="double-backward")
+        calls.clear()
+        D @ v
+        assert len(calls) == batches
+        H = HessianOperator(model, counted, data, batch_size=bs)
+        calls.clear()
+        torch.testing.assert_close(H @ v, ref, rtol=1e-6, atol=1e-10)
+        assert len(calls) == batches + 1 and H.auto_choice.extra_products == 1
+        assert H.num_matvecs == 1
+
+
+class _TanhWithoutJvp(_NoForwardTanh):
+    """tanh whose forward-mode derivative raises a RuntimeError (every time)."""
+
+    @staticmethod
+    def jvp(ctx, t):
+        raise RuntimeError("this tanh has no forward-mode derivative")
+
+
+class _RuntimeErrorForwardModel(_NoForwardModel):
+    """Reverse mode works, forward mode raises the same RuntimeError at every call."""
+
+    def forward(self, x):
+        return self.b(_TanhWithoutJvp.apply(self.a(x)))
+
+
+@pytest.mark.parametrize("model_cls, error, tries", [
+    (_NoForwardModel, "NotImplementedError", 1),  # torch: no jvp: skipped at once
+    (_RuntimeErrorForwardModel, "RuntimeError", 2),  # the same error twice: skipped
+], ids=["not-implemented", "runtime-error-twice"])
+def test_auto_skips_forward_mode_when_the_model_has_none(model_cls, error, tries):
+    model, data = model_cls(), classification_data()
+    H = HessianOperator(model, "cross_entropy", data, batch_size=20)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(H @ v, dense_hessian(model, "cross_entropy", data) @ v,
+                               rtol=1e-6, atol=1e-10)
+    assert H.auto_choice.skipped["forward-over-reverse"].startswith(error)
+    assert "forward-over-reverse" not in H.auto_choice.timings
+    assert H.method in ("double-backward", "cached-graph")
+    assert H.auto_choice.extra_products == tries  # failed calls, the product's own reused
+
+
+@pytest.mark.parametrize("v0", ["random", "gradient"])
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_an_error_of_the_loss_during_the_choice_is_raised(v0, fail_at):
+    """Regression: a loss that raises once during the choice (the graph build, or the timed
+    forward-over-reverse product) used to be swallowed as "method skipped", and top_eigenpairs
+    returned normally."""
+    model, _, data, _ = _problem()
+    calls = None
+
+    def flaky(out, y):
+        if calls is not None:
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise RuntimeError("the loss failed once")
+        return torch.nn.functional.cross_entropy(out, y)
+
+    H = HessianOperator(model, flaky, data, batch_size=16)
+    calls = []  # counted from here (the construction ran the loss too)
+    with pytest.raises(RuntimeError, match="the loss failed once"):
+        top_eigenpairs(H, k=1, v0=v0)
 
 
 def test_cache_budget_is_a_share_of_the_available_memory(monkeypatch):
@@ -250,7 +309,7 @@ def test_cache_budget_is_a_share_of_the_available_memory(monkeypatch):
     monkeypatch.setattr(auto_module, "available_bytes", lambda device: None)
     assert auto_module.cache_budget("cpu") == auto_module.FALLBACK_CACHE_BYTES
     monkeypatch.setattr(auto_module, "available_bytes", lambda device: 4000)
-    monkeypatch.setattr(auto_module, "_timed", lambda fn, device, **kw: 1.0)
+    monkeypatch.setattr(auto_module, "_timed", lambda fn, device: (fn(), 1.0)[1])
     model, loss, data, _ = _problem()
     H = HessianOperator(model, loss, data, batch_size=7)
     H.resolve_method()
@@ -271,14 +330,13 @@ def test_auto_keeps_the_calibration_graph_of_the_first_batch(monkeypatch):
     """When the cached graph wins, the first batch's graph built to calibrate is reused: one
     graph build per batch in all, and the products are still the dense Hessian's."""
     model, loss, data, _ = _problem()
-    order = iter([1.0, 2.0, 3.0])  # cached-graph, double-backward, forward-over-reverse
-    monkeypatch.setattr(auto_module, "_timed", lambda fn, device, **kw: (fn(), next(order))[1])
+    _fake_times(monkeypatch, 1.0, 2.0, 3.0)  # build, backward, forward-over-reverse
     H = HessianOperator(model, loss, data, batch_size=7)
     builds = []
     real = H._first_order_graph
     monkeypatch.setattr(H, "_first_order_graph", lambda *a: builds.append(1) or real(*a))
     assert H.resolve_method() == "cached-graph"
-    builds.clear()  # the calibration built the first batch's graph (and double backward's)
+    builds.clear()  # the choice built the first batch's graph
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     hv = H @ v
     assert len(builds) == len(H._cached) - 1 > 0

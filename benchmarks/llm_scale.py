@@ -1,0 +1,176 @@
+"""Curvature of GPT-2 from its config on one CPU machine: wall time in gradients, peak RSS.
+
+Each case runs in its own subprocess (a fresh resident-set high-water mark, VmHWM): it builds
+the model from ``transformers.GPT2Config`` (random weights, no dropout, eval mode), draws
+``batch x seq`` random tokens, times one gradient (the unit: the smaller of two, after the
+model is built; the baseline of the same process) and then runs the case, and reports
+
+* ``seconds`` and ``gradients`` = seconds / one gradient (set-up included: operator, choice
+  of method, start vector),
+* ``peak_rss_gb``: the process's VmHWM over the whole case (model and data included),
+* ``estimate_gb``: the peak predicted before the run (outside the timed and measured part) by
+  :func:`analysis.operators.estimate.estimate_peak_bytes` (when the case has one),
+* the case's own numbers (eigenvalue, products, ...).
+
+Cases (``--cases``):
+
+* ``top1-auto``: ``top_eigenpairs(k=1, tol=1e-2)``, default settings (``method="auto"``);
+* ``top1-fd``: the same with ``method="finite-difference"`` on
+  :class:`analysis.chunked_lm.ChunkedCausalLM` (no ``B x T x V`` logits kept) and
+  ``max_basis=4`` (``--max-basis``; thick restarts keep the basis at ``max_basis + 1`` rows);
+* ``trace-fd``: Hutch++ trace with 30 finite-difference products;
+* ``per-layer-fd``: top-1 (tol 1e-2) of each block ``transformer.h.<i>.`` (regex subsets);
+* ``slice``: a 21-point 1-D slice along a random filter-normalized-free direction.
+
+Usage::
+
+    PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --model small --cases top1-fd
+    python benchmarks/llm_scale.py --model tiny --cases top1-auto,top1-fd,slice   # seconds
+
+Measured numbers and the table: ``docs/notes/llm.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # benchmarks/landscape.py would shadow the landscape package
+
+MODELS = {
+    "tiny": dict(n_embd=64, n_layer=2, n_head=2),
+    "small": dict(),  # GPT2Config(): 124.4M parameters
+    "medium": dict(n_embd=1024, n_layer=24, n_head=16),  # 354.8M
+}
+CASES = ["top1-auto", "top1-fd", "trace-fd", "per-layer-fd", "slice"]
+
+
+def _peak() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 4) -> dict:
+    """One case in this process (see the module docstring)."""
+    import re
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from analysis import HessianOperator, hessian_trace, top_eigenpairs
+    from analysis.chunked_lm import ChunkedCausalLM
+    from analysis.operators.estimate import estimate_peak_bytes
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(**MODELS[model_name], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    n = sum(p.numel() for p in model.parameters())
+
+    def gradient():
+        model.zero_grad(set_to_none=True)
+        model(**data[0]).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        gradient()
+        times.append(time.perf_counter() - t0)
+    grad_s = min(times)
+    fd = case.endswith("-fd")
+    subject = ChunkedCausalLM(model, chunk_tokens=256) if fd else model
+    loss = "model_lm" if fd else "lm"
+    kw = dict(method="finite-difference") if fd else {}
+    est = None
+    out: dict = {"model": model_name, "case": case, "n": n, "tokens": f"{batch}x{seq}",
+                 "gradient_s": grad_s}
+    lanczos = dict(k=1, tol=1e-2, max_basis=max_basis) if fd else dict(k=1, tol=1e-2)
+    if case.startswith("top1"):  # predicted before the run (one forward pass)
+        est = estimate_peak_bytes(subject, loss, data, analysis="lanczos",
+                                  max_basis=lanczos.get("max_basis"), **kw)
+    _reset_peak()
+    t0 = time.perf_counter()
+    if case.startswith("top1"):
+        res = top_eigenpairs(subject, loss, data, **lanczos, **kw)
+        out.update(eigenvalue=float(res.eigenvalues[0]), products=res.num_matvecs,
+                   converged=res.converged, basis_gb=res.basis_bytes / 1e9)
+    elif case == "trace-fd":
+        res = hessian_trace(HessianOperator(subject, loss, data, **kw), num_matvecs=30,
+                            block_size=1)
+        out.update(trace=float(res.trace), products=30)
+    elif case == "per-layer-fd":
+        vals, products = [], 0
+        for i in range(cfg.n_layer):
+            res = top_eigenpairs(subject, loss, data, k=1, tol=1e-2, max_basis=max_basis,
+                                 params=re.compile(rf"^lm\.transformer\.h\.{i}\."), **kw)
+            vals.append(float(res.eigenvalues[0]))
+            products += res.num_matvecs
+        out.update(per_layer=vals, products=products)
+    elif case == "slice":
+        from landscape import slice_1d
+
+        d = torch.randn(n, generator=torch.Generator().manual_seed(2))
+        res = slice_1d(model, "lm", data, d / d.norm(), torch.linspace(-1, 1, 21).tolist(),
+                       metrics=("loss",), progress=False)
+        out.update(points=21, loss_at_0=float(res.loss[10]))
+    seconds = time.perf_counter() - t0
+    out.update(seconds=seconds, gradients=seconds / grad_s, peak_rss_gb=_peak() / 1e9,
+               estimate_gb=None if est is None else est.peak_bytes / 1e9)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    ap.add_argument("--cases", default="top1-fd")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--max-basis", type=int, default=4, help="Lanczos basis of the -fd cases")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case here
+    ap.add_argument("--json", help="append the results (JSON lines) to this file")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_case(args.model, args.one, args.batch, args.seq, args.max_basis)))
+        return
+    rows = []
+    for case in args.cases.split(","):
+        if case not in CASES:
+            raise SystemExit(f"unknown case {case!r}; choose from {CASES}")
+        proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", case,
+                               "--batch", str(args.batch), "--seq", str(args.seq),
+                               "--max-basis", str(args.max_basis)],
+                              capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        est = "" if row["estimate_gb"] is None else f"{row['estimate_gb']:.2f}"
+        print(f"| {row['model']} | {case} | {row['seconds']:.0f} s | {row['gradients']:.1f} | "
+              f"{row['peak_rss_gb']:.2f} | {est} | {row.get('products', '')} | "
+              f"{row.get('eigenvalue', row.get('trace', ''))} |", flush=True)
+        if args.json:
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
