@@ -130,7 +130,7 @@ def test_trace_with_the_same_probes(ranks, reference):
             _close(ref[method]["result"], got[method]["result"], f"trace {method}")
             # the probes are replicated (same seed): one all-reduce per pass over the data (a
             # block of probes is one pass), nothing else
-            assert 0 < got[method]["collectives"] <= got[method]["matvecs"]
+            assert 0 < got[method]["collectives"] <= got[method]["matvecs"], (method, got[method])
 
 
 def test_spectral_density(ranks, reference):

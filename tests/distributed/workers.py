@@ -401,7 +401,9 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
     def trace_check():
         from analysis import HessianOperator, hessian_trace
 
-        op = HessianOperator(model, "cross_entropy", _sharded(x, y))
+        # a batched method: one pass (one all-reduce) per block of probes; "auto" may pick the
+        # cached graph, which loops the columns (one all-reduce per product)
+        op = HessianOperator(model, "cross_entropy", _sharded(x, y), method="forward-over-reverse")
         out = {}
         for method in ("hutchinson", "hutch++"):
             before = op.num_matvecs
