@@ -22,6 +22,16 @@ def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _train(model, x, y, opts, steps):
+    """``steps`` full-batch cross-entropy steps of every optimizer in ``opts`` (left at w~)."""
+    for _ in range(steps):
+        for o in opts:
+            o.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for o in opts:
+            o.step()
+
+
 def _two_optimizer_run(msam_first: bool, steps: int = 4):
     """A model trained by two optimizers (MSAM on one layer, SGD on the other), left at w~."""
     model = mlp(seed=0)
@@ -32,12 +42,7 @@ def _two_optimizer_run(msam_first: bool, steps: int = 4):
     msam = MSAM(first, lr=0.05, momentum=0.9, rho=0.7)
     sgd = torch.optim.SGD(second, lr=0.05)
     opts = [msam, sgd] if msam_first else [sgd, msam]
-    for _ in range(steps):
-        for o in opts:
-            o.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        for o in opts:
-            o.step()
+    _train(model, x, y, opts, steps)
     assert msam.is_perturbed
     return model, opts, msam
 
@@ -88,10 +93,7 @@ def test_hf_trainer_checkpoint_folder_saved_perturbed_is_moved_back(tmp_path):
     model = mlp(seed=0)
     x, y = classification_data(seed=0)
     opt = MSAM(model.parameters(), lr=0.05, momentum=0.9, rho=0.7)
-    for _ in range(4):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    _train(model, x, y, [opt], 4)
     out = tmp_path / "out"
     _trainer_checkpoint(out / "checkpoint-4", model, opt, 4)
     opt.eval()
@@ -285,12 +287,7 @@ def test_cli_lambda_max_of_a_two_optimizer_lightning_checkpoint_is_the_one_at_w(
     x, y = fx.data()
     msam = MSAM([*model.inp.parameters(), *model.gate.parameters()], lr=0.1, momentum=0.9, rho=1.0)
     sgd = torch.optim.SGD([*model.norm.parameters(), *model.head.parameters()], lr=0.1)
-    for _ in range(6):
-        msam.zero_grad()
-        sgd.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        msam.step()
-        sgd.step()
+    _train(model, x, y, [msam, sgd], 6)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "optimizer_states": [msam.state_dict(), sgd.state_dict()]}, tmp_path / "l.ckpt")
 
@@ -321,10 +318,7 @@ def test_cli_on_a_trainer_output_folder_computes_every_checkpoint_at_w(tmp_path,
     model = fx.model()
     x, y = fx.data()
     opt = MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=1.0)
-    for _ in range(4):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    _train(model, x, y, [opt], 4)
     out = tmp_path / "out"
     _trainer_checkpoint(out / "checkpoint-4", model, opt, 4)  # saved at w~
     (out / "runs").mkdir()  # what else a Trainer writes there: ignored
