@@ -51,7 +51,7 @@ import torch
 from ..distributed import broadcast_object, get_rank, is_distributed
 from ..results import Result
 
-__all__ = ["CACHE_FRACTION", "available_bytes", "first_graph", "graphs_fit", "saved_bytes",
+__all__ = ["CACHE_FRACTION", "available_bytes", "proc_kib", "first_graph", "graphs_fit", "saved_bytes",
            "tensors_of"]
 
 #: Graph memory (bytes) up to which ``"auto"`` considers the cached graph for several batches;
@@ -106,6 +106,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def proc_kib(path: str, key: str) -> int | None:
+    """The ``key:`` field of a Linux ``/proc`` file in KiB (``None`` where it cannot be read)."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def available_bytes(device: torch.device) -> int | None:
     """Memory available for new allocations on ``device`` (``None`` where it cannot be read):
     CUDA's free memory, or the host's ``MemAvailable`` (Linux) / free physical pages."""
@@ -113,13 +125,9 @@ def available_bytes(device: torch.device) -> int | None:
         return int(torch.cuda.mem_get_info(device)[0])
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    kib = proc_kib("/proc/meminfo", "MemAvailable")
+    if kib is not None:
+        return kib * 1024
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, OSError, ValueError):

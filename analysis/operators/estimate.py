@@ -30,7 +30,7 @@ import torch
 from ..data import Data
 from ..losses import LossSpec
 from ..results import Result
-from .auto import saved_bytes, tensors_of
+from .auto import proc_kib, saved_bytes, tensors_of
 from .hessian import HessianOperator
 
 __all__ = ["PeakEstimate", "estimate_peak_bytes", "process_rss_bytes"]
@@ -62,14 +62,8 @@ class PeakEstimate(Result):
 
 def process_rss_bytes() -> int:
     """The resident memory of this process (Linux ``VmRSS``; 0 where it cannot be read)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    kib = proc_kib("/proc/self/status", "VmRSS")
+    return 0 if kib is None else kib * 1024
 
 
 def _activations(op: HessianOperator) -> tuple[int, int]:
