@@ -328,9 +328,13 @@ def test_hessian_numbers_are_those_of_hessian_summary(ckpt, tmp_path, capsys, mo
     model.load_state_dict(torch.load(ckpt))
     ref = hessian_summary(model, "cross_entropy", fx.data(), top_k=2, trace=True, density=True,
                           density_iter=12, density_runs=3, seed=0, tol=1e-3)
-    assert doc["eigenvalues"] == ref["eigenvalues"] and doc["trace"] == ref["trace"]
-    assert doc["trace_stderr"] == ref["trace_stderr"] and doc["num_matvecs"] == ref["num_matvecs"]
-    np.testing.assert_array_equal(doc["density"]["density"], ref["density"]["density"])
+    # the same products, but the CLI's trace has an operator of its own, whose method is chosen
+    # for blocks of columns, and the summary's is chosen for single vectors: the trace's products
+    # may take another path (seen on a loaded machine), so they agree to float32 rounding
+    assert doc["eigenvalues"] == ref["eigenvalues"] and doc["num_matvecs"] == ref["num_matvecs"]
+    assert doc["trace"] == pytest.approx(ref["trace"], rel=1e-6)
+    assert doc["trace_stderr"] == pytest.approx(ref["trace_stderr"], rel=1e-5)
+    np.testing.assert_allclose(doc["density"]["density"], ref["density"]["density"], rtol=1e-5)
 
 
 def _unfinish(store, keep):
