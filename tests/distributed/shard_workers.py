@@ -75,6 +75,11 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
                 "vectors": torch.stack([full(op, v) for v in res.eigenvectors]),
                 "basis_bytes": res.basis_bytes, "memory_bound_bytes": res.memory_bound_bytes}
 
+    def topk_defaults():  # v0="auto" (the gradient start), data_stderr on
+        res = top_eigenpairs(operator(), k=K, tol=1e-6)
+        return {"eigenvalues": res.eigenvalues, "num_iter": res.num_iter,
+                "stderr": res.data_stderr}
+
     def trace(method: str, num_matvecs: int):
         res = hessian_trace(operator(), num_matvecs=num_matvecs, method=method, seed=3)
         return {"estimate": res.estimate, "samples": res.samples, "low": res.low_rank_part}
@@ -92,7 +97,7 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
 
     return _run_checks({
         "layout": layout, "matvec": matvec, "matvec_sharded_data": lambda: matvec(True),
-        "topk": topk, "hutchinson": lambda: trace("hutchinson", HUTCHINSON),
+        "topk": topk, "topk_defaults": topk_defaults, "hutchinson": lambda: trace("hutchinson", HUTCHINSON),
         "hutchpp": lambda: trace("hutch++", HUTCHPP), "hutchpp_exact": lambda: trace(
             "hutch++", EXACT), "density": density, "bad_method": bad_method,
     })

@@ -91,6 +91,16 @@ def test_top_eigenpairs(ranks, reference, hessian):
     assert torch.equal(per_rank[0]["vectors"], per_rank[1]["vectors"])
 
 
+def test_top_eigenpairs_with_the_defaults_start_as_one_process(ranks, reference):
+    """``v0="auto"``: the gradient start (gradient shards + the random slice) is one process's
+    start vector, so Lanczos takes the same steps; no data-sampling standard error yet."""
+    one = _ok(reference, "topk_defaults")
+    for got in check_values(ranks, "topk_defaults"):
+        assert got["num_iter"] == one["num_iter"]
+        torch.testing.assert_close(got["eigenvalues"], one["eigenvalues"], rtol=1e-6, atol=0)
+        assert torch.isnan(got["stderr"]).all()
+
+
 def test_basis_memory_is_split_over_ranks(ranks, reference):
     """Each rank's Krylov basis holds the same rows of its own shards: 44/73 and 29/73 of the
     one-process basis (at most 0.61 of it), and the two add up to it."""
