@@ -95,9 +95,26 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
             return str(e)
         return None
 
+    def refused_data():
+        """One batch for 2 ranks (rank 1 would have none), and per-rank data of other sizes
+        given as the same (unsharded) data: ValueError on every rank."""
+        from analysis.data import as_data
+        from tests.models import classification_data
+
+        x, y = classification_data(n=N_SAMPLES, d=6, classes=3, seed=1)
+        errors = []
+        for d in (as_data((x[:8], y[:8]), shard=True), (x[:8 + 4 * rank], y[:8 + 4 * rank])):
+            try:
+                HessianOperator(model, "cross_entropy", d)
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
+        return errors
+
     return _run_checks({
         "layout": layout, "matvec": matvec, "matvec_sharded_data": lambda: matvec(True),
         "topk": topk, "topk_defaults": topk_defaults, "hutchinson": lambda: trace("hutchinson", HUTCHINSON),
         "hutchpp": lambda: trace("hutch++", HUTCHPP), "hutchpp_exact": lambda: trace(
             "hutch++", EXACT), "density": density, "bad_method": bad_method,
+        "refused_data": refused_data,
     })

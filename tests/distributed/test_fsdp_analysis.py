@@ -154,3 +154,12 @@ def test_double_backward_is_refused(ranks):
     for msg in check_values(ranks, "bad_method"):
         assert msg is not None and "method='double-backward'" in msg
         assert "DTensor" in msg and "finite-difference" in msg
+
+
+def test_data_that_cannot_run_on_every_rank_is_refused(ranks, reference):
+    """Every forward of an FSDP2 model is a collective: a rank without a batch, or ranks whose
+    (unsharded) data differ, are refused on every rank, naming the rank."""
+    assert _ok(reference, "refused_data") == [None, None]  # one process: nothing to refuse
+    for no_batch, differ in check_values(ranks, "refused_data"):
+        assert no_batch is not None and "rank 1 got no batch" in no_batch
+        assert differ is not None and "differs across ranks: rank 1" in differ
