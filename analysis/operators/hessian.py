@@ -24,8 +24,10 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,10 +35,22 @@ from torch.func import grad, jvp, vmap
 
 from ..data import Data
 from ..losses import LossSpec
+from ..shards import has_dtensor_parameters
 from .auto import AutoChoice, choose_method, first_graph, graphs_fit
 from .curvature import CurvatureOperator, default_block_size
 from .empirical_risk import functional_forward
 from .finite_difference import check_shift, finite_difference_step
+
+
+class _InitSignature:
+    """``inspect.signature(cls)``: the arguments of ``cls.__init__`` (without ``self``), not
+    those of a dispatching ``__new__``; an instance gets ``None`` (no signature of its own)."""
+
+    def __get__(self, obj: Any, cls: type) -> Any:
+        if obj is not None:
+            return None
+        sig = inspect.signature(cls.__init__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 class HessianOperator(CurvatureOperator):
@@ -88,6 +102,11 @@ class HessianOperator(CurvatureOperator):
       GPT of 3.3M parameters (CPU; 26.7-28.2 when every method was timed twice); pass
       ``method=`` to skip the choice.
 
+    An FSDP2-sharded model (DTensor parameters, ``fully_shard``) gets a
+    :class:`~analysis.operators.ShardedHessianOperator` instead: finite differences of FSDP2
+    gradients on sharded vectors (this rank's shards), ``"auto"`` or ``"finite-difference"``
+    only (:mod:`analysis.operators.sharded`).
+
     Piecewise-linear networks (ReLU, max-pooling): autograd differentiates each kink as the
     derivative of one of its sides, so ``H`` is the curvature inside the linear region of ``w``
     and misses the kinks between regions, which the loss crosses at any finite step. On a
@@ -115,6 +134,17 @@ class HessianOperator(CurvatureOperator):
 
     METHODS = ("auto", "forward-over-reverse", "double-backward", "cached-graph",
                "finite-difference")
+
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # an FSDP2-sharded model (DTensor parameters): the finite-difference operator on sharded
+        # vectors (analysis.operators.sharded), which refuses the other product methods
+        if cls is HessianOperator and has_dtensor_parameters(model):
+            from .sharded import ShardedHessianOperator
+
+            return ShardedHessianOperator(model, *args, **kwargs)
+        return super().__new__(cls)
+
+    __signature__ = _InitSignature()
 
     def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
                  params: Sequence[str | nn.Parameter | nn.Module] | re.Pattern | None = None,
