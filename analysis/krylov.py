@@ -182,10 +182,10 @@ class KrylovBasis:
             return h.to(device="cpu", dtype=torch.float64)
         width = EXACT_SLAB
         P = torch.empty(-(-self.n // width), m, dtype=self.dtype, device=self.device)
-        for i, a in enumerate(range(0, self.n, width)):
-            wa = w[a:a + width]
-            for part, s in parts:
-                torch.mv(part[:, a:a + width], wa, out=P[i, s:s + part.shape[0]])
+        slabs = w.split(width)  # the views made in one call each: one mv per slab in the loop
+        for part, s in parts:
+            for A, wa, out in zip(part.split(width, 1), slabs, P[:, s:s + part.shape[0]].unbind(0)):
+                torch.mv(A, wa, out=out)
         return P.sum(0, dtype=torch.float64).cpu()
 
     def subtract(self, w: torch.Tensor, h: torch.Tensor, m: int) -> torch.Tensor:
@@ -199,27 +199,34 @@ class KrylovBasis:
         if len(parts) == 1:
             w.addmv_(parts[0][0].T, parts[0][1], alpha=-1)
             return w
-        for a in range(0, self.n, SUBTRACT_SLAB):
-            wa = w[a:a + SUBTRACT_SLAB]
-            for part, ha in parts:
-                wa.addmv_(part[:, a:a + SUBTRACT_SLAB].T, ha, alpha=-1)
+        slabs = [part.split(SUBTRACT_SLAB, 1) for part, _ in parts]
+        for i, wa in enumerate(w.split(SUBTRACT_SLAB)):
+            for (_, ha), part in zip(parts, slabs):
+                wa.addmv_(part[i].T, ha, alpha=-1)
         return w
 
     def rotate(self, S: torch.Tensor, m: int) -> None:
-        """``Q[:p] <- S^T Q[:m]`` in place for an ``(m, p)`` float64 matrix ``S``, ``p <= m``."""
+        """``Q[:p] <- S^T Q[:m]`` in place for an ``(m, p)`` float64 matrix ``S``, ``p <= m``.
+
+        Slab of columns by slab: ``Y = sum_c S_c^T Q_c`` over the chunks ``c`` (one product
+        each, read in place, no gathered copy of the slab), then ``Y`` written back into the
+        first ``p`` rows; the temporary ``Y`` holds ``p * width <= ~n`` numbers.
+        """
         p = S.shape[1]
         St = S.T.to(device=self.device, dtype=self.dtype)
-        width = max(1024, min(SLAB, self.n // (m + p)))  # temporaries (m + p) * width <= ~n
-        parts = list(self._parts(m))
-        X = torch.empty(m, min(width, self.n), dtype=self.dtype, device=self.device)
+        width = max(1024, min(SLAB, self.n // p))
+        parts = [(part, St[:, s:s + part.shape[0]]) for part, s in self._parts(m)]
+        outs = list(self._parts(p))
         Y = torch.empty(p, min(width, self.n), dtype=self.dtype, device=self.device)
         for a in range(0, self.n, width):
             b = min(a + width, self.n)
-            Xa, Ya = X[:, :b - a], Y[:, :b - a]
-            for part, s in parts:  # the slab of columns, gathered from the chunks
-                Xa[s:s + part.shape[0]].copy_(part[:, a:b])
-            torch.mm(St, Xa, out=Ya)
-            for part, s in self._parts(p):
+            Ya = Y[:, :b - a]
+            for i, (part, Sc) in enumerate(parts):
+                if i:
+                    Ya.addmm_(Sc, part[:, a:b])
+                else:
+                    torch.mm(Sc, part[:, a:b], out=Ya)
+            for part, s in outs:
                 part[:, a:b].copy_(Ya[s:s + part.shape[0]])
         self.size = p
 

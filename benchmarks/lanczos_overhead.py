@@ -10,8 +10,9 @@
 For each ``k`` the products are timed inside the operator and the rest (Gram-Schmidt, the
 ``m x m`` eigendecompositions, restarts, Ritz vectors, bookkeeping) is reported as a fraction of
 the total, in the same process for the current code with ``reorth="full"`` and
-``reorth="partial"`` and, optionally, for ``analysis/lanczos.py`` as of a git revision
-(``--baseline REV``, "before"; default ``none``). ``passes`` counts the Gram-Schmidt passes over
+``reorth="partial"`` and, optionally, for ``analysis/lanczos.py``, ``krylov.py`` and ``ritz.py``
+as of a git revision (``--baseline REV``, "before", with the default ``reorth``; default
+``none``). ``passes`` counts the Gram-Schmidt passes over
 the basis (``KrylovBasis.project`` calls). No timing asserts in the tests: run
 
     PYTHONPATH=. python benchmarks/lanczos_overhead.py --ks 5 20 50
@@ -76,18 +77,34 @@ class GradientCost:
 
 
 def load_baseline(rev: str):
-    """``analysis/lanczos.py`` at git revision ``rev`` as a module (None when unavailable)."""
+    """``analysis/lanczos.py`` at git revision ``rev`` as a module, with the ``krylov.py`` and
+    ``ritz.py`` of that revision (where it has them) in place of the current ones; None when
+    unavailable. The module's ``KrylovBasis`` is the old basis (its passes are timed)."""
     root = Path(__file__).resolve().parents[1]
-    try:
-        src = subprocess.run(["git", "show", f"{rev}:analysis/lanczos.py"], cwd=root, check=True,
-                             capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+
+    def source(name: str) -> str | None:
+        try:
+            return subprocess.run(["git", "show", f"{rev}:analysis/{name}.py"], cwd=root,
+                                  check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    def load(name: str, src: str) -> types.ModuleType:
+        mod = types.ModuleType(f"analysis._{name}_baseline")
+        mod.__package__ = "analysis"
+        sys.modules[mod.__name__] = mod
+        exec(compile(src, f"{rev}:analysis/{name}.py", "exec"), mod.__dict__)
+        return mod
+
+    src = source("lanczos")
+    if src is None:
         return None
-    mod = types.ModuleType("analysis._lanczos_baseline")
-    mod.__package__ = "analysis"
-    sys.modules[mod.__name__] = mod
-    exec(compile(src, f"{rev}:analysis/lanczos.py", "exec"), mod.__dict__)
-    return mod
+    for name in ("krylov", "ritz"):
+        dep = source(name)
+        if dep is not None:
+            load(name, dep)
+            src = src.replace(f"from .{name} import", f"from ._{name}_baseline import")
+    return load("lanczos", src)
 
 
 class PassTimer:
