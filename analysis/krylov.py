@@ -182,10 +182,10 @@ class KrylovBasis:
             return h.to(device="cpu", dtype=torch.float64)
         width = EXACT_SLAB
         P = torch.empty(-(-self.n // width), m, dtype=self.dtype, device=self.device)
-        slabs = w.split(width)  # the views made in one call each: one mv per slab in the loop
-        for part, s in parts:
-            for A, wa, out in zip(part.split(width, 1), slabs, P[:, s:s + part.shape[0]].unbind(0)):
-                torch.mv(A, wa, out=out)
+        for i, a in enumerate(range(0, self.n, width)):
+            wa = w[a:a + width]
+            for part, s in parts:
+                torch.mv(part[:, a:a + width], wa, out=P[i, s:s + part.shape[0]])
         return P.sum(0, dtype=torch.float64).cpu()
 
     def subtract(self, w: torch.Tensor, h: torch.Tensor, m: int) -> torch.Tensor:
@@ -199,10 +199,10 @@ class KrylovBasis:
         if len(parts) == 1:
             w.addmv_(parts[0][0].T, parts[0][1], alpha=-1)
             return w
-        slabs = [part.split(SUBTRACT_SLAB, 1) for part, _ in parts]
-        for i, wa in enumerate(w.split(SUBTRACT_SLAB)):
-            for (_, ha), part in zip(parts, slabs):
-                wa.addmv_(part[i].T, ha, alpha=-1)
+        for a in range(0, self.n, SUBTRACT_SLAB):
+            wa = w[a:a + SUBTRACT_SLAB]
+            for part, ha in parts:
+                wa.addmv_(part[:, a:a + SUBTRACT_SLAB].T, ha, alpha=-1)
         return w
 
     def rotate(self, S: torch.Tensor, m: int) -> None:
