@@ -25,7 +25,7 @@ float64. Peak extra memory (outside the products' own working memory), in ``n``-
   a time (:func:`trace_plan`).
 
 **Bounded memory** (``max_vectors=V``): Hutch++ holds its whole sketch, ``s = num_matvecs // 3``
-vectors (67 at 200 products). With a cap ``V`` the block is ``b = min(b_0, max(1, V // 10))``
+vectors (66 at 200 products). With a cap ``V`` the block is ``b = min(b_0, max(1, V // 10))``
 and the sketch ``s = min(num_matvecs // 3, n, V - 4 b)`` (``V >= 5``), so ``s + 4 b <= V``; the
 products the sketch does not take go to the deflated Hutchinson part,
 ``l = num_matvecs - 2 s`` probes instead of ``s``. The estimate stays unbiased for any ``s``
@@ -318,8 +318,8 @@ def hessian_trace(
             square tensor, or any object with ``shape`` and ``matvec``.
         loss_fn, data: with a model; see :mod:`analysis.data`.
         num_matvecs: the budget (default 99). Hutch++ uses ``3 * (num_matvecs // 3)``, at least
-            3, and only ``2n`` when that covers the whole space (the result is then exact);
-            Hutchinson at least 2 (for a standard error).
+            3 (all ``num_matvecs`` with ``max_vectors``), and only ``2n`` when that covers the
+            whole space (the result is then exact); Hutchinson at least 2 (for a standard error).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         seed: seed of the Rademacher vectors (drawn on the CPU, so devices agree).
         block_size: probes per batched product (default
