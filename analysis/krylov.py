@@ -220,20 +220,27 @@ class KrylovBasis:
         return w
 
     def rotate(self, S: torch.Tensor, m: int) -> None:
-        """``Q[:p] <- S^T Q[:m]`` in place for an ``(m, p)`` float64 matrix ``S``, ``p <= m``."""
+        """``Q[:p] <- S^T Q[:m]`` in place for an ``(m, p)`` float64 matrix ``S``, ``p <= m``.
+
+        Slab of columns by slab: ``Y = sum_c S_c^T Q_c`` over the chunks ``c`` (one product
+        each, read in place, no gathered copy of the slab), then ``Y`` written back into the
+        first ``p`` rows; the temporary ``Y`` holds ``p * width <= ~n`` numbers.
+        """
         p = S.shape[1]
         St = S.T.to(device=self.device, dtype=self.dtype)
-        width = max(1024, min(SLAB, self.n // (m + p)))  # temporaries (m + p) * width <= ~n
-        parts = list(self._parts(m))
-        X = torch.empty(m, min(width, self.n), dtype=self.dtype, device=self.device)
+        width = max(1024, min(SLAB, self.n // p))
+        parts = [(part, St[:, s:s + part.shape[0]]) for part, s in self._parts(m)]
+        outs = list(self._parts(p))
         Y = torch.empty(p, min(width, self.n), dtype=self.dtype, device=self.device)
         for a in range(0, self.n, width):
             b = min(a + width, self.n)
-            Xa, Ya = X[:, :b - a], Y[:, :b - a]
-            for part, s in parts:  # the slab of columns, gathered from the chunks
-                Xa[s:s + part.shape[0]].copy_(part[:, a:b])
-            torch.mm(St, Xa, out=Ya)
-            for part, s in self._parts(p):
+            Ya = Y[:, :b - a]
+            for i, (part, Sc) in enumerate(parts):
+                if i:
+                    Ya.addmm_(Sc, part[:, a:b])
+                else:
+                    torch.mm(Sc, part[:, a:b], out=Ya)
+            for part, s in outs:
                 part[:, a:b].copy_(Ya[s:s + part.shape[0]])
         self.size = p
 

@@ -17,14 +17,32 @@ Both only need products ``H v``. With Rademacher vectors ``z`` (entries +-1),
 Probes are drawn and applied in blocks of ``block_size`` columns (``op @ V``: one batched pass
 over the data per block where the operator supports it, see
 :meth:`analysis.HessianOperator.matmat`), and the quadratic forms are accumulated in
-float64. Peak extra memory (outside the products' own working memory):
+float64. Peak extra memory (outside the products' own working memory), in ``n``-vectors:
 
-* Hutchinson: ``3 * block_size * n * itemsize`` (a block of probes, its products, a slab),
-* Hutch++: ``(s + 4 * block_size) * n * itemsize`` with ``s = num_matvecs // 3`` the sketch:
-  the sketch ``H S`` is orthonormalized in place, block by block, and ``tr(Q^T H Q)`` and the
-  deflated Hutchinson part are computed a block at a time.
+* Hutchinson: ``3 b`` (a block of probes, its products, a slab),
+* Hutch++: ``s + 4 b`` with ``s`` the sketch: the sketch ``H S`` is orthonormalized in place,
+  block by block, and ``tr(Q^T H Q)`` and the deflated Hutchinson part are computed a block at
+  a time (:func:`trace_plan`).
 
-``TraceResult.memory_bound_bytes`` reports that bound.
+**Bounded memory** (``max_vectors=V``): Hutch++ holds its whole sketch, ``s = num_matvecs // 3``
+vectors (66 at 200 products). With a cap ``V`` the block is ``b = min(b_0, max(1, V // 10))``
+and the sketch ``s = min(num_matvecs // 3, n, V - 4 b)`` (``V >= 5``), so ``s + 4 b <= V``; the
+products the sketch does not take go to the deflated Hutchinson part,
+``l = num_matvecs - 2 s`` probes instead of ``s``. The estimate stays unbiased for any ``s``
+(``Q`` is independent of the probes ``g_i``, and ``tr(Q^T H Q) + tr(P H P) = tr(H)`` with
+``P = I - QQ^T``); given ``Q`` its variance is that of Hutchinson on ``P H P``,
+
+    Var[T | Q] = (2 / l) (||P H P||_F^2 - sum_i (P H P)_ii^2)  <=  (2 / l) ||P H P||_F^2,
+
+(Rademacher probes; ``std_error`` estimates it from the ``l`` quadratic forms). A smaller
+sketch leaves more of the top of the spectrum in ``P H P`` and divides by a larger ``l``: for a
+Hessian with fewer than ``s`` outlying eigenvalues above a flat bulk the error is about that
+of uncapped Hutch++ or smaller (``benchmarks/trace_memory.py`` measures both). Hutchinson with
+a cap uses ``b = min(b_0, V // 3)`` (``V >= 3``).
+
+``TraceResult.memory_bound_bytes`` reports the bound ``(s + 4 b) n itemsize`` (Hutchinson
+``3 b n itemsize``); with the data-sampling standard error (:class:`~analysis.uncertainty.
+UnitForms`) a block of per-unit products (``b`` vectors more) is held beside it.
 
 Example:
     >>> import torch
@@ -64,12 +82,80 @@ from .uncertainty import (
     no_data_stderr,
 )
 
-__all__ = ["sketch_size", "trace_memory_bound_bytes"]
+__all__ = ["sketch_size", "trace_memory_bound_bytes", "trace_plan", "TracePlan"]
+
+
+def _check_max_vectors(max_vectors: Any, method: str) -> None:
+    minimum = 5 if method == "hutch++" else 3
+    if max_vectors is not None and (not isinstance(max_vectors, int) or isinstance(max_vectors, bool)
+                                    or max_vectors < minimum):
+        raise ValueError(f"max_vectors must be None or an integer >= {minimum} for {method} "
+                         f"(the sketch and a block of probes), got {max_vectors!r}")
+
+
+@dataclass(frozen=True, repr=False)
+class TracePlan(Result):
+    """How :func:`hessian_trace` splits its products and what it holds (:func:`trace_plan`).
+
+    Attributes:
+        block_size: ``b``, probes per batched product.
+        sketch: ``s``, the Hutch++ sketch columns (0 for Hutchinson).
+        probes: the Hutchinson quadratic forms (of the deflated part for Hutch++; 0 when the
+            sketch spans the whole space and the low-rank part is exact).
+        products: ``2 s + probes``, the products taken.
+        passes: batched products (passes over the data), ``ceil(. / b)`` per stage.
+        memory_vectors: the bound on the ``n``-vectors held at once, ``s + 4 b`` (Hutchinson
+            ``3 b``), outside the products' own working memory.
+        memory_bound_bytes: ``memory_vectors * n * itemsize``.
+    """
+
+    block_size: int
+    sketch: int
+    probes: int
+    products: int
+    passes: int
+    memory_vectors: int
+    memory_bound_bytes: int
+
+
+def trace_plan(n: int, num_matvecs: int, method: str = "hutch++", itemsize: int = 4, *,
+               block_size: int | None = None, max_vectors: int | None = None) -> TracePlan:
+    """The split of :func:`hessian_trace`'s products and its memory bound (module docstring).
+
+    Without ``max_vectors``: Hutchinson ``num_matvecs`` probes, ``3 b`` vectors; Hutch++ ``s =
+    min(num_matvecs // 3, n)`` for the sketch, ``s`` for ``tr(Q^T H Q)``, ``s`` deflated probes
+    (none when ``s = n``), ``s + 4 b`` vectors. With ``max_vectors = V``: Hutchinson ``b <=
+    V // 3``; Hutch++ ``b = min(b_0, max(1, V // 10))``, ``s = min(num_matvecs // 3, n, V - 4 b)``
+    and ``num_matvecs - 2 s`` deflated probes. ``b_0`` is ``block_size`` (default
+    :func:`~analysis.operators.default_block_size`).
+
+    An explicit ``block_size`` is lowered to fit the cap too (``3 b <= V``, ``4 b < V``).
+
+    Raises:
+        ValueError: for a ``max_vectors`` too small for one block (and one sketch column).
+    """
+    _check_max_vectors(max_vectors, method)
+    b = block_size or default_block_size(n, itemsize)
+    if method == "hutchinson":
+        if max_vectors is not None:
+            b = min(b, max_vectors // 3)
+        return TracePlan(b, 0, num_matvecs, num_matvecs, -(-num_matvecs // b), 3 * b,
+                         3 * b * n * itemsize)
+    s = min(num_matvecs // 3, n)
+    probes = s
+    if max_vectors is not None:
+        b = min(b, max(1, max_vectors // 10) if block_size is None else (max_vectors - 1) // 4)
+        s = min(s, max_vectors - 4 * b)
+        probes = num_matvecs - 2 * s
+    if s >= n:  # Q spans everything: the low-rank part is the exact trace (2n products)
+        probes = 0
+    passes = 2 * -(-s // b) + -(-probes // b)
+    return TracePlan(b, s, probes, 2 * s + probes, passes, s + 4 * b, (s + 4 * b) * n * itemsize)
 
 
 def sketch_size(n: int, num_matvecs: int) -> int:
     """Hutch++'s sketch size ``s = min(num_matvecs // 3, n)`` (more than ``n`` sketch vectors add
-    nothing)."""
+    nothing; :func:`trace_plan` with ``max_vectors`` caps it further)."""
     return min(num_matvecs // 3, n)
 
 
@@ -77,10 +163,8 @@ def trace_memory_bound_bytes(n: int, num_matvecs: int, method: str, block_size: 
                              itemsize: int) -> int:
     """The bound on :func:`hessian_trace`'s peak extra memory outside the products:
     Hutchinson ``3 b n itemsize``, Hutch++ ``(s + 4 b) n itemsize`` (:func:`sketch_size`),
-    with ``b`` the block size."""
-    if method == "hutchinson":
-        return int(3 * block_size * n * itemsize)
-    return int((sketch_size(n, num_matvecs) + 4 * block_size) * n * itemsize)
+    with ``b`` the block size (:func:`trace_plan` with ``max_vectors`` for the bounded one)."""
+    return trace_plan(n, num_matvecs, method, itemsize, block_size=block_size).memory_bound_bytes
 
 
 @dataclass(frozen=True, repr=False)
@@ -119,10 +203,11 @@ class TraceResult(Result):
 
 
 def _rademacher(n: int, k: int, gen: torch.Generator, device, dtype, shards=None) -> torch.Tensor:
-    # sharded vectors (analysis.shards): this rank's columns of the same draw
+    """``(k, n)`` signs; the float block is made in place (no temporary of ``k`` vectors). Sharded
+    vectors (:mod:`analysis.shards`): this rank's columns of the same draw."""
     z = torch.randint(0, 2, (k, n), generator=gen, dtype=torch.int8) if shards is None \
         else shards.randint(k, gen)
-    return (z.to(dtype) * 2 - 1).to(device)
+    return z.to(device).to(dtype).mul_(2).sub_(1)
 
 
 def apply_block(op: Any, V: torch.Tensor) -> torch.Tensor:
@@ -169,7 +254,7 @@ def _orthonormalize(Y: torch.Tensor, b: int, gen, shards=None) -> None:
         for _ in range(2):
             if c0:
                 P = Y[:, :c0]
-                Yb -= P @ total(P.T @ Yb)
+                Yb.addmm_(P, total(P.T @ Yb), alpha=-1)
         # columns (numerically) in the span of the previous ones carry nothing new: any
         # unit direction orthogonal to them keeps the estimator unbiased, so take a random one
         lost = _column_norms(Yb, shards) <= 1e3 * torch.finfo(Y.dtype).eps * before
@@ -180,7 +265,7 @@ def _orthonormalize(Y: torch.Tensor, b: int, gen, shards=None) -> None:
         for _ in range(2):
             if c0:
                 P = Y[:, :c0]
-                Yb -= P @ total(P.T @ Yb)
+                Yb.addmm_(P, total(P.T @ Yb), alpha=-1)
             Yb.copy_(_orthonormal(Yb) if shards is None else shards.orthonormal(Yb))
 
 
@@ -199,9 +284,11 @@ def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
 
 
 def _hutchpp(apply, n: int, k: int, b: int, gen, device, dtype, apply_low=None,
-             apply_rest=None, shards=None) -> tuple[float, torch.Tensor]:
-    """Hutch++ with a sketch of ``k`` columns: ``tr(Q^T H Q)`` and the deflated quadratic forms
-    (``apply_low`` / ``apply_rest``, default ``apply``, take the products of those two parts)."""
+             apply_rest=None, probes: int | None = None,
+             shards=None) -> tuple[float, torch.Tensor]:
+    """Hutch++ with a sketch of ``k`` columns: ``tr(Q^T H Q)`` and ``probes`` (default ``k``)
+    deflated quadratic forms (``apply_low`` / ``apply_rest``, default ``apply``, take the
+    products of those two parts); ``shards``: sharded rows (:mod:`analysis.shards`)."""
     apply_low, apply_rest = apply_low or apply, apply_rest or apply
     Y = torch.empty(n if shards is None else shards.local_numel, k, device=device, dtype=dtype)
     for c0, c1 in _blocks(k, b):
@@ -215,10 +302,10 @@ def _hutchpp(apply, n: int, k: int, b: int, gen, device, dtype, apply_low=None,
     if k >= n:  # Q spans everything: the low-rank part is the exact trace (2n matvecs)
         return low, torch.zeros(k, dtype=torch.float64)
     vals = []
-    for c0, c1 in _blocks(k, b):
+    for c0, c1 in _blocks(k if probes is None else probes, b):
         G = _rademacher(n, c1 - c0, gen, device, dtype, shards).T.contiguous()
         QtG = Q.T @ G
-        G -= Q @ (QtG if shards is None else shards.sum(QtG))  # (I - QQ^T) g
+        G.addmm_(Q, QtG if shards is None else shards.sum(QtG), alpha=-1)  # (I - QQ^T) g
         vals += _column_dots(G, apply_rest(G), shards)
         del G
     return low, torch.tensor(vals, dtype=torch.float64)
@@ -237,6 +324,7 @@ def hessian_trace(
     progress: bool = False,
     data_stderr: bool | None = None,
     min_units: int = DEFAULT_MIN_UNITS,
+    max_vectors: int | None = None,
     **operator_kwargs: Any,
 ) -> TraceResult:
     """Estimate ``tr(H)`` from ``num_matvecs`` Hessian-vector products.
@@ -247,8 +335,8 @@ def hessian_trace(
             square tensor, or any object with ``shape`` and ``matvec``.
         loss_fn, data: with a model; see :mod:`analysis.data`.
         num_matvecs: the budget (default 99). Hutch++ uses ``3 * (num_matvecs // 3)``, at least
-            3, and only ``2n`` when that covers the whole space (the result is then exact);
-            Hutchinson at least 2 (for a standard error).
+            3 (all ``num_matvecs`` with ``max_vectors``), and only ``2n`` when that covers the
+            whole space (the result is then exact); Hutchinson at least 2 (for a standard error).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         seed: seed of the Rademacher vectors (drawn on the CPU, so devices agree).
         block_size: probes per batched product (default
@@ -264,12 +352,19 @@ def hessian_trace(
             then, with the reason. ``True``: always; ``False``: never. ``nan`` with the reason
             for an operator without data (a tensor).
         min_units: the fewest sampling units of that standard error (default 16).
+        max_vectors: the most ``n``-vectors held at once outside the products' working memory
+            (default ``None``: no cap, Hutch++ holds ``num_matvecs // 3 + 4 b``). With a cap
+            ``V`` the sketch and the block shrink to ``s + 4 b <= V`` and the products left go
+            to the deflated Hutchinson part: the same expectation, the variance of the module
+            docstring (:func:`trace_plan`). ``max_vectors=40`` holds at most 40 vectors at any
+            budget.
 
     Returns:
         :class:`TraceResult` with ``estimate`` and ``std_error``.
 
     Raises:
-        ValueError: for an unknown method, too small a budget or a bad ``block_size``.
+        ValueError: for an unknown method, too small a budget, a bad ``block_size`` or a
+            ``max_vectors`` below 5 (Hutchinson: 3).
     """
     seed = check_seed(seed, "hessian_trace()")
     if method not in ("hutch++", "hutchinson"):
@@ -286,13 +381,16 @@ def hessian_trace(
                                    or block_size < 1):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     check_stderr_args(bool(data_stderr) if data_stderr is None else data_stderr, min_units)
+    _check_max_vectors(max_vectors, method)
     op = as_linear_operator(op, loss_fn, data, **operator_kwargs)
     n = int(op.shape[0])
     shards = getattr(op, "shards", None)  # sharded vectors: this rank's shards (analysis.shards)
     n_local = n if shards is None else shards.local_numel
     device, dtype = op.device, op.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
-    b = block_size or default_block_size(n, itemsize)
+    plan = trace_plan(n, num_matvecs, method, itemsize, block_size=block_size,
+                      max_vectors=max_vectors)
+    b = plan.block_size
     gen = torch.Generator().manual_seed(seed)
     start = op.num_matvecs
     bar = progress_bar(range(num_matvecs), enabled=progress, desc="trace", unit="matvec")
@@ -322,9 +420,10 @@ def hessian_trace(
         samples = _hutchinson(counted(rest_apply) or apply, n, num_matvecs, b, gen, device, dtype,
                               shards)
     else:
-        low, samples = _hutchpp(apply, n, sketch_size(n, num_matvecs), b, gen, device, dtype,
-                                counted(low_apply), counted(rest_apply), shards)
-    bound = trace_memory_bound_bytes(n_local, num_matvecs, method, b, itemsize)
+        low, samples = _hutchpp(apply, n, plan.sketch, b, gen, device, dtype,
+                                counted(low_apply), counted(rest_apply), plan.probes, shards)
+    # per rank for sharded vectors: the same count of vectors, of this rank's length
+    bound = plan.memory_vectors * n_local * itemsize
     if hasattr(bar, "close"):
         bar.close()
     m = samples.numel()

@@ -10,8 +10,9 @@
 For each ``k`` the products are timed inside the operator and the rest (Gram-Schmidt, the
 ``m x m`` eigendecompositions, restarts, Ritz vectors, bookkeeping) is reported as a fraction of
 the total, in the same process for the current code with ``reorth="full"`` and
-``reorth="partial"`` and, optionally, for ``analysis/lanczos.py`` as of a git revision
-(``--baseline REV``, "before"; default ``none``). ``passes`` counts the Gram-Schmidt passes over
+``reorth="partial"`` and, optionally, for ``analysis/lanczos.py``, ``krylov.py`` and ``ritz.py``
+as of a git revision (``--baseline REV``, "before", with the default ``reorth``; default
+``none``). ``passes`` counts the Gram-Schmidt passes over
 the basis (``KrylovBasis.project`` calls). No timing asserts in the tests: run
 
     PYTHONPATH=. python benchmarks/lanczos_overhead.py --ks 5 20 50
@@ -42,16 +43,17 @@ class Timed:
 
     def __init__(self, op):
         self.op, self.shape, self.device, self.dtype = op, op.shape, op.device, op.dtype
-        self.seconds = 0.0
+        self.seconds = self.cpu = 0.0
 
     @property
     def num_matvecs(self):
         return self.op.num_matvecs
 
     def matvec(self, v):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = self.op.matvec(v)
         self.seconds += time.perf_counter() - t
+        self.cpu += time.process_time() - c
         return out
 
 
@@ -76,18 +78,34 @@ class GradientCost:
 
 
 def load_baseline(rev: str):
-    """``analysis/lanczos.py`` at git revision ``rev`` as a module (None when unavailable)."""
+    """``analysis/lanczos.py`` at git revision ``rev`` as a module, with the ``krylov.py`` and
+    ``ritz.py`` of that revision (where it has them) in place of the current ones; None when
+    unavailable. The module's ``KrylovBasis`` is the old basis (its passes are timed)."""
     root = Path(__file__).resolve().parents[1]
-    try:
-        src = subprocess.run(["git", "show", f"{rev}:analysis/lanczos.py"], cwd=root, check=True,
-                             capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+
+    def source(name: str) -> str | None:
+        try:
+            return subprocess.run(["git", "show", f"{rev}:analysis/{name}.py"], cwd=root,
+                                  check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    def load(name: str, src: str) -> types.ModuleType:
+        mod = types.ModuleType(f"analysis._{name}_baseline")
+        mod.__package__ = "analysis"
+        sys.modules[mod.__name__] = mod
+        exec(compile(src, f"{rev}:analysis/{name}.py", "exec"), mod.__dict__)
+        return mod
+
+    src = source("lanczos")
+    if src is None:
         return None
-    mod = types.ModuleType("analysis._lanczos_baseline")
-    mod.__package__ = "analysis"
-    sys.modules[mod.__name__] = mod
-    exec(compile(src, f"{rev}:analysis/lanczos.py", "exec"), mod.__dict__)
-    return mod
+    for name in ("krylov", "ritz"):
+        dep = source(name)
+        if dep is not None:
+            load(name, dep)
+            src = src.replace(f"from .{name} import", f"from ._{name}_baseline import")
+    return load("lanczos", src)
 
 
 class PassTimer:
@@ -122,10 +140,11 @@ def measure(fn, basis_cls, op, k: int, max_iter: int) -> dict:
     """Products, seconds (total, in products, in Gram-Schmidt passes) of one run on ``op``."""
     timed = Timed(op)
     with PassTimer(basis_cls) as gs:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         res = fn(timed, k=k, max_iter=max_iter, v0="random")
-        total = time.perf_counter() - t
+        total, cpu = time.perf_counter() - t, time.process_time() - c
     return dict(matvecs=res.num_matvecs, total=total, products=timed.seconds, gs=gs.seconds,
+                cpu=cpu, cpu_products=timed.cpu,
                 gbps=gs.bytes / max(gs.seconds, 1e-12) / 1e9, passes=gs.passes,
                 converged=res.converged, restarts=res.num_restarts)
 
@@ -156,11 +175,12 @@ def main() -> None:
           f" load average {load}")
     print("overhead = share of the wall time outside the products (ms/step out: the same per "
           "product); GS = the share in the Gram-Schmidt passes (reading the basis), GB/s = "
-          "basis bytes they read per second; passes = KrylovBasis.project calls")
+          "basis bytes they read per second; passes = KrylovBasis.project calls; cpu out ms, cpu "
+          "share: the same in process CPU time (less sensitive to a loaded machine)")
     print(f"{'product':>8} {'k':>4} {'code':>7} {'matvecs':>8} {'passes':>7} {'total s':>8}"
           f" {'ms/product':>11} {'ms/step out':>11} {'overhead':>9} {'GS':>6} {'GB/s':>6}"
           f" {'restarts':>8}"
-          f" {'converged':>9}")
+          f" {'converged':>9} {'cpu out ms':>10} {'cpu share':>9}")
     for kind in args.products:
         for k in args.ks:
             for name, fn, basis_cls in impls:
@@ -172,7 +192,9 @@ def main() -> None:
                       f" {1e3 * (r['total'] - r['products']) / r['matvecs']:>11.1f}"
                       f" {(r['total'] - r['products']) / r['total']:>9.1%}"
                       f" {r['gs'] / r['total']:>6.1%} {r['gbps']:>6.1f} {r['restarts']:>8}"
-                      f" {r['converged']!s:>9}",
+                      f" {r['converged']!s:>9}"
+                      f" {1e3 * (r['cpu'] - r['cpu_products']) / r['matvecs']:>10.1f}"
+                      f" {(r['cpu'] - r['cpu_products']) / r['cpu']:>9.1%}",
                       flush=True)
 
 

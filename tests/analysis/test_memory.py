@@ -1,4 +1,5 @@
-"""Peak memory of Lanczos, Hutch++ and SLQ against the documented formulas.
+"""Peak memory of Lanczos, Hutch++ (whole and bounded sketch) and SLQ against the documented
+formulas.
 
 Measured in a fresh subprocess (the resident-set high-water mark VmHWM, reset to the current RSS
 through /proc/self/clear_refs before each measurement; tracemalloc does not see torch's
@@ -74,6 +75,9 @@ _SCRIPT = PEAK_HELPERS + textwrap.dedent("""
     elif what == "hutch++":
         res = hessian_trace(op, num_matvecs=60, block_size=4)
         out.update(bound=res.memory_bound_bytes)
+    elif what == "hutch++-bounded":
+        res = hessian_trace(op, num_matvecs=200, max_vectors=20, data_stderr=False)
+        out.update(bound=res.memory_bound_bytes, block=res.block_size, products=res.num_matvecs)
     elif what == "slq":
         res = spectral_density(op, num_iter=20, num_runs=3)
         out.update(bound=(20 + 5) * n * 8)   # the basis, the start vector, w and two temporaries
@@ -123,6 +127,17 @@ def test_hutchpp_peak_memory_bounded_by_sketch_and_block():
     out = _measure("hutch++")
     # the bound plus one block of 4 products' working memory (about 4 single products)
     assert out["delta"] - 4 * out["hvp"] <= out["bound"] + MARGIN, out
+
+
+@pytest.mark.slow
+def test_bounded_hutchpp_peak_memory_within_max_vectors():
+    # 200 products: the whole sketch would be 66 vectors; max_vectors=20 holds a sketch of 12
+    # and blocks of 2 (bound 20 vectors) plus a block of 2 products' working memory
+    out = _measure("hutch++-bounded")
+    n = out["n"]
+    assert out["products"] == 200 and out["block"] == 2 and out["bound"] == 20 * n * 8
+    assert out["delta"] - 2 * out["hvp"] <= out["bound"] + MARGIN, out
+    assert out["delta"] >= 10 * n * 8, out  # the sketch really was allocated (seen)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import torch
 
 from analysis import HessianOperator, hessian_trace
 from analysis.reference import dense_hessian
+from analysis.trace import trace_plan
 from tests.models import classification_data, mlp, random_spd
 
 
@@ -111,3 +112,118 @@ def test_trace_block_size_validated_and_blocks_agree():
     assert a.num_matvecs == b.num_matvecs == 30
     assert b.block_size == 8 and b.memory_bound_bytes == 3 * 8 * 40 * 8
     assert abs(b.estimate - 20.0) < 5 * b.std_error + 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# the memory-bounded Hutch++ (max_vectors): the sketch capped, the products left to the
+# deflated Hutchinson part
+
+
+class LiveVectors:
+    """A dense operator that counts, at every product, the ``n``-vectors the estimator holds:
+    the storages of the tensors in the locals of the calling frames (lists and tuples
+    included) and the product it returns, each storage once, in units of ``n * itemsize``."""
+
+    def __init__(self, A: torch.Tensor):
+        self.A, self.shape, self.dtype, self.device = A, A.shape, A.dtype, A.device
+        self.num_matvecs, self.peak, self.calls = 0, 0.0, 0
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        import sys
+
+        out = self.A @ V
+        self.num_matvecs += V.shape[1]
+        self.calls += 1
+        seen, total = {self.A.untyped_storage().data_ptr()}, 0
+        stack, frame = [out], sys._getframe(1)
+        while frame is not None:
+            stack += list(frame.f_locals.values())
+            frame = frame.f_back
+        while stack:
+            x = stack.pop()
+            if isinstance(x, (list, tuple)):
+                stack += [y for y in x if isinstance(y, (torch.Tensor, list, tuple))]
+            elif isinstance(x, torch.Tensor):
+                st = x.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    total += st.nbytes()
+        self.peak = max(self.peak, total / (self.shape[0] * self.A.element_size()))
+        return out
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+
+def test_bounded_hutchpp_holds_at_most_max_vectors():
+    A, _ = _matrix(n=400)
+    capped = LiveVectors(A)
+    res = hessian_trace(capped, num_matvecs=200, max_vectors=16)
+    plan = trace_plan(400, 200, "hutch++", 8, max_vectors=16)
+    assert (plan.block_size, plan.sketch, plan.probes, plan.memory_vectors) == (1, 12, 176, 16)
+    assert res.num_matvecs == plan.products == 200 and capped.calls == plan.passes
+    assert res.memory_bound_bytes == 16 * 400 * 8 == plan.memory_bound_bytes
+    assert 12 < capped.peak <= 16, capped.peak  # the sketch and a block of probes, seen
+    # the counter sees the whole sketch of the uncapped estimator (66 vectors)
+    full = LiveVectors(A)
+    hessian_trace(full, num_matvecs=200, block_size=1)
+    assert full.peak > 66, full.peak
+    hutch = LiveVectors(A)
+    r = hessian_trace(hutch, num_matvecs=40, method="hutchinson", max_vectors=7, block_size=16)
+    assert r.block_size == 2 and r.num_matvecs == 40 and 2 <= hutch.peak <= 6, hutch.peak
+
+
+@pytest.mark.parametrize("max_vectors", [5, 12])
+def test_bounded_hutchpp_unbiased_with_calibrated_std_error(max_vectors):
+    # E[estimate] = tr(H) for any sketch size; z-scores against the dense trace have RMS ~ 1
+    A, tr = _matrix()
+    res = [hessian_trace(A, num_matvecs=30, max_vectors=max_vectors, seed=s) for s in range(60)]
+    ests = torch.tensor([r.estimate for r in res], dtype=torch.float64)
+    assert abs(float(ests.mean()) - tr) < 4 * float(ests.std()) / math.sqrt(len(ests))
+    rms = math.sqrt(sum(((r.estimate - tr) / r.std_error) ** 2 for r in res) / len(res))
+    assert 0.5 < rms < 2.0, rms
+    assert all(r.num_matvecs == 30 and len(r.samples) == 30 - 2 * (max_vectors - 4)
+               for r in res)
+
+
+def _deflated_variance(A: torch.Tensor, s: int, seed: int) -> float:
+    """``2 (||PHP||_F^2 - sum_i (PHP)_ii^2)`` for the ``Q`` of seed ``seed``: its first ``s``
+    Rademacher draws (one a block) sketched, ``P = I - QQ^T``."""
+    n = A.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    S = torch.cat([torch.randint(0, 2, (1, n), generator=g, dtype=torch.int8) for _ in range(s)])
+    Q = torch.linalg.qr(A @ (S.double() * 2 - 1).T)[0]
+    P = torch.eye(n, dtype=torch.float64) - Q @ Q.T
+    M = P @ A @ P
+    return 2 * (float((M * M).sum()) - float((M.diagonal() ** 2).sum()))
+
+
+def test_bounded_hutchpp_variance_is_the_documented_formula():
+    # Var[T | Q] = (2 / l) (||PHP||_F^2 - sum_i (PHP)_ii^2): the sample variance of the l
+    # quadratic forms of each seed, averaged over seeds, against the formula for each seed's Q
+    A, _ = _matrix(n=60)
+    seeds, s, probes = range(40), 2, 26  # max_vectors=6: b=1, s=2, 30-4 probes
+    measured, formula = [], []
+    for seed in seeds:
+        r = hessian_trace(A, num_matvecs=30, max_vectors=6, seed=seed)
+        assert len(r.samples) == probes and r.std_error ** 2 * probes == pytest.approx(
+            float(torch.tensor(r.samples, dtype=torch.float64).var()), rel=1e-9)
+        measured.append(float(torch.tensor(r.samples, dtype=torch.float64).var()))
+        formula.append(_deflated_variance(A, s, seed))
+    assert sum(measured) / len(seeds) == pytest.approx(sum(formula) / len(seeds), rel=0.15)
+    # undeflated (Hutchinson) the forms would spread far more: the check can tell them apart
+    undeflated = 2 * (float((A * A).sum()) - float((A.diagonal() ** 2).sum()))
+    assert undeflated > 2 * sum(formula) / len(seeds)
+
+
+def test_bounded_hutchpp_on_a_model_within_statistical_bound():
+    model, data = mlp(), classification_data()
+    tr = float(torch.trace(dense_hessian(model, "cross_entropy", data)))
+    H = HessianOperator(model, "cross_entropy", data)
+    r = hessian_trace(H, num_matvecs=45, max_vectors=8, seed=2)
+    assert r.num_matvecs == 45 and r.block_size == 1
+    assert abs(r.estimate - tr) < 5 * r.std_error + 1e-10
+    with pytest.raises(ValueError, match="max_vectors"):
+        hessian_trace(H, max_vectors=4)
+    with pytest.raises(ValueError, match="max_vectors"):
+        hessian_trace(H, method="hutchinson", max_vectors=2)
