@@ -19,6 +19,14 @@ at the **unperturbed** weights ``w`` (for :class:`msam.MSAM`, :class:`msam.NAG` 
   point ``w - rho v / ||v||`` (App. A.10); these three go through
   :class:`analysis.MechanismProbe`.
 
+Cost: the probe data's :class:`~analysis.HessianOperator` is built once (first-batch checks,
+the data moved to the device) and kept for every later check; a probe held in memory uses the
+cached graph (one first-order graph per check, every Lanczos product one backward through it),
+a DataLoader ``method="auto"``, calibrated at the first check. A check is then one graph build
+plus its Lanczos products; on the digits CNN of ``benchmarks/tracker.py`` a product costs about
+1.5-2 training steps, so four products at ``every=50`` cost 16-20 % of the training time
+(``tol`` trades products for accuracy: see the training guide).
+
 Everything a measurement touches is restored bit for bit: parameter values (the live ``w~``
 itself, not ``w~`` recomputed from ``w``), ``.grad`` tensors, ``requires_grad`` flags, module
 training modes, buffers (BatchNorm running statistics), the optimizer's perturbation state and the

@@ -17,8 +17,9 @@ order that rotates from round to round,
   per-point loop of in-place adds and a ``Loss`` metric), when the package imports;
 
 and each round's times are divided by the same round's bare forward passes; the table gives the
-median over rounds (whole grids timed in windows far apart are at the mercy of the machine's
-load: the per-point ratios of 1.24 and 0.90 of issue 25 were such windows). The values of
+median over rounds (whole grids and bare forward passes timed in separate windows are at the
+mercy of the machine's load: the previous version of this benchmark gave per-point ratios from
+0.76 to 1.97 for the same code). The values of
 loss-landscapes are compared with ours at the coordinates it actually evaluates (its even rows
 are shifted by one step along ``d2``).
 

@@ -290,8 +290,9 @@ def test_the_product_method_is_timed_once_and_kept(monkeypatch):
     ``method="auto"``, calibrated at the first check only and kept for the later ones. The
     operator is built once and reused (its first-batch checks run once), and each record counts
     its own products; every check agrees with the dense Hessian."""
-    import analysis.operators.hessian as hessian_ops
     from torch.utils.data import DataLoader, TensorDataset
+
+    import analysis.operators.hessian as hessian_ops
 
     calls, built = [], []
     real, real_init = hessian_ops.choose_method, hessian_ops.HessianOperator.__init__
