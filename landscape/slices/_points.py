@@ -170,10 +170,10 @@ def point_sums(passes: Sequence[PassTerms], device: torch.device) -> torch.Tenso
     width = widths.pop()
     terms = torch.tensor([p.terms for p in passes], dtype=torch.float64)
     losses = torch.stack([loss for p in passes for loss in p.losses]).view(len(passes), width)
-    out[:, 0] = _column_sums(losses.to(torch.float64) * terms.to(device))
+    out[:, 0] = _column_sums(losses.to(device=device, dtype=torch.float64) * terms.to(device))
     if all(p.counts is not None for p in passes):
         counts = torch.stack([torch.as_tensor(c, device=device) for p in passes for c in p.counts])
-        out[:, 1] = _column_sums(counts.view(len(passes), width).to(torch.float64))
+        out[:, 1] = _column_sums(counts.view(len(passes), width).to(device, torch.float64))
     out[:, 2] = _column_sums(terms).to(device)
     return out
 
