@@ -19,6 +19,14 @@ at the **unperturbed** weights ``w`` (for :class:`msam.MSAM`, :class:`msam.NAG` 
   point ``w - rho v / ||v||`` (App. A.10); these three go through
   :class:`analysis.MechanismProbe`.
 
+Cost: the probe data's :class:`~analysis.HessianOperator` is built once (first-batch checks,
+the data moved to the device) and kept for every later check; a probe held in memory uses the
+cached graph (one first-order graph per check, every Lanczos product one backward through it),
+a DataLoader ``method="auto"``, calibrated at the first check. A check is then one graph build
+plus its Lanczos products; on the digits CNN of ``benchmarks/tracker.py`` a product costs about
+1.5-2 training steps, so four products at ``every=50`` cost 16-20 % of the training time
+(``tol`` trades products for accuracy: see the training guide).
+
 Everything a measurement touches is restored bit for bit: parameter values (the live ``w~``
 itself, not ``w~`` recomputed from ``w``), ``.grad`` tensors, ``requires_grad`` flags, module
 training modes, buffers (BatchNorm running statistics), the optimizer's perturbation state and the
@@ -315,7 +323,12 @@ class CurvatureTracker:
         self._records: list[TrackerRecord] = []
         self._checks = 0
         self._determinism_checked = False  # per process: see measure()
-        self._method = "auto"  # the Hessian product method, settled at the first check
+        # the product method: a probe held in memory gets the cached graph (one first-order
+        # graph per check, every Lanczos product one backward through it), without "auto"'s
+        # calibration product; a DataLoader gets "auto", settled at the first check
+        self._method = "cached-graph" if source.in_memory else "auto"
+        self._op: HessianOperator | None = None  # kept between checks (see _operator)
+        self._op_key: tuple | None = None
         self._probe = None
         if needs_opt:
             from .probes import MechanismProbe
@@ -359,6 +372,23 @@ class CurvatureTracker:
             else:
                 yield
 
+    def _operator(self) -> HessianOperator:
+        """The probe data's Hessian operator: built at the first check (first-batch checks,
+        the data moved to the device once) and kept for the later ones while the trainable
+        parameters are the same tensors on the same device, dtype and shape; its products read
+        the current weights, and its cached graph is dropped after every check."""
+        key = tuple((id(p), p.device, p.dtype, p.shape, p.requires_grad)
+                    for p in self.model.parameters())
+        if self._op is None or key != self._op_key:
+            # the model's randomness (dropout modules, a random forward) does not change between
+            # checks: the double evaluation of the probe batch runs at the first build only
+            self._op = HessianOperator(self.model, self.loss_fn, self.source, mode=self.mode,
+                                       check_deterministic=self.mode == "eval"
+                                       and not self._determinism_checked, method=self._method)
+            self._op_key = key
+            self._determinism_checked = True
+        return self._op
+
     def measure(self, step: int) -> TrackerRecord:
         """Measure now (at ``w``), append the record to :attr:`history` and return it."""
         t0 = time.perf_counter()
@@ -366,12 +396,8 @@ class CurvatureTracker:
                 or (self.cold_every is not None and self._checks % self.cold_every == 0))
         extra: dict[str, Any] = {}
         with self._at_w():
-            # the model's randomness (dropout modules, a random forward) does not change between
-            # checks: the double evaluation of the probe batch runs at the first check only
-            op = HessianOperator(self.model, self.loss_fn, self.source, mode=self.mode,
-                                 check_deterministic=self.mode == "eval"
-                                 and not self._determinism_checked, method=self._method)
-            self._determinism_checked = True
+            op = self._operator()
+            products_before = int(op.num_matvecs)
             kwargs: dict[str, Any] = {"k": self.k, "tol": self.tol, "seed": self.seed + self._checks}
             if self.max_iter is not None:
                 kwargs["max_iter"] = self.max_iter
@@ -402,7 +428,7 @@ class CurvatureTracker:
                 v = momentum_direction(self.optimizer, self.model)
                 extra["momentum_curvature"] = (directional_curvature(op, v)
                                                if bool(torch.linalg.vector_norm(v) > 0) else None)
-            hvps = int(op.num_matvecs)
+            hvps = int(op.num_matvecs) - products_before
             op.clear_cache()
             if self._probe is not None:
                 try:

@@ -1,27 +1,32 @@
 """Benchmark: 2-D loss-landscape slice, per-point cost against a bare forward pass and loss-landscapes.
 
 Setup: the demo CNN (``landscape.models.digits_cnn``, ~151k parameters, BatchNorm in eval mode),
-512 digits images, a 21 x 21 grid on the plane of two filter-normalized random directions.
+512 digits images, a 21 x 21 grid on the plane of two filter-normalized random directions; and,
+where the per-point overhead shows, a small MLP (64-64-10, 256 random samples, ~5k parameters).
 
-Measured in one process; with ``--repeats`` > 1 the grids are repeated and the best is kept:
+Main table: whole grids interleaved in rounds, in the same process. Each round times, in an
+order that rotates from round to round,
 
-* ``bare forward``: ``F.cross_entropy(model(x), y)`` under ``no_grad`` on the 512 cached
-  samples, the floor for one grid point: median of 10 calls before and 10 after each grid;
-* ``slice_2d``: our whole call (data caching, origin, 441 points, restore) divided by 441;
-  target: <= 1.05 x the bare forward pass;
-* ``loss-landscapes``: ``planar_interpolation`` of the same plane (its per-point loop of in-place
-  adds and a ``Loss`` metric), when the package imports; its values are compared with ours at
-  the coordinates it actually evaluates (its even rows are shifted by one step along ``d2``).
-  Its ``random_plane(normalization="filter")`` is also run once to record what it does on a
-  model with zero BatchNorm biases.
+* ``bare forward``: ``F.cross_entropy(model(x), y).item()`` under ``no_grad``, 441 times (the
+  floor: one forward pass per grid point);
+* ``slice_2d``: our whole call (data caching, the first-batch checks, the origin, 441 points,
+  exact restore);
+* with ``--baseline REV``: ``slice_2d`` of the ``landscape/slices`` package at git revision
+  ``REV``, loaded next to the current one (``benchmarks/baseline.py``);
+* ``loss-landscapes``: ``planar_interpolation`` of the same plane, the whole 21 x 21 grid (its
+  per-point loop of in-place adds and a ``Loss`` metric), when the package imports;
+
+and each round's times are divided by the same round's bare forward passes; the table gives the
+median over rounds (whole grids and bare forward passes timed in separate windows are at the
+mercy of the machine's load: the previous version of this benchmark gave per-point ratios from
+0.76 to 1.97 for the same code). The values of
+loss-landscapes are compared with ours at the coordinates it actually evaluates (its even rows
+are shifted by one step along ``d2``).
 
 A second table interleaves point by point (one bare forward, one point of ours, one point of
-loss-landscapes per round) and reports median CPU-time ratios, which a busy machine disturbs
-much less than whole-grid wall times.
+loss-landscapes per round) and reports median CPU-time ratios.
 
-Run: ``python benchmarks/landscape.py`` (by default only 5 rows of the peer grid are timed and
-extrapolated to the 21 rows, to keep the run short; ``--peer-rows 0`` times the whole grid).
-Prints a markdown table.
+Run: ``python benchmarks/landscape.py [--baseline REV]``. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import argparse
 import copy
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
 
 from analysis import ParameterSpace, random_direction  # noqa: E402
 from landscape import slice_2d  # noqa: E402
@@ -48,26 +53,6 @@ from landscape.models import digits_cnn  # noqa: E402
 def _clock() -> np.ndarray:
     """(wall seconds, CPU seconds of this process): CPU time is less disturbed by other load."""
     return np.array([time.perf_counter(), time.process_time()])
-
-
-def bare_forward_time(model, x, y, repeats: int) -> np.ndarray:
-    model.eval()
-    times = []
-    with torch.no_grad():
-        for _ in range(3):
-            F.cross_entropy(model(x), y)
-        for _ in range(repeats):
-            t = _clock()
-            F.cross_entropy(model(x), y).item()
-            times.append(_clock() - t)
-    return np.median(np.stack(times), axis=0)
-
-
-def ours(model, x, y, d1, d2, coords):
-    t = _clock()
-    s = slice_2d(model, "cross_entropy", (x, y), d1, d2, coords, coords, metrics=("loss",),
-                 progress=False)
-    return _clock() - t, s
 
 
 def peer_grid(model, x, y, d1, d2, steps: int, rows: int | None):
@@ -173,17 +158,81 @@ def paired_points(model, x, y, d1, d2, n: int, with_peer: bool) -> dict[str, np.
     return {k: np.array(v) for k, v in out.items() if v}
 
 
+def grid_rounds(model, x, y, d1, d2, steps: int, rounds: int, slicers: dict,
+                with_peer: bool) -> dict[str, np.ndarray]:
+    """Whole grids interleaved: per round (order rotated) ``steps**2`` bare forward passes, one
+    ``slice_2d`` grid per entry of ``slicers`` and the peer's grid. Returns, per method, the
+    ``(rounds, 2)`` (wall, CPU) seconds per point."""
+    coords = np.linspace(-1, 1, steps)
+    points = steps**2
+
+    def bare():
+        model.eval()
+        with torch.no_grad():
+            for _ in range(points):
+                F.cross_entropy(model(x), y).item()
+
+    runs = [("bare", bare)]
+    for name, fn in slicers.items():
+        runs.append((name, lambda fn=fn: fn(model, "cross_entropy", (x, y), d1, d2, coords,
+                                              coords, metrics=("loss",), progress=False)))
+    if with_peer:  # its own clock: the copies of the model it moves are set up untimed
+        runs.append(("peer", lambda: peer_grid(model, x, y, d1, d2, steps, None)[0]))
+    bare()  # warm-up
+    out: dict[str, list] = {name: [] for name, _ in runs}
+    for r in range(rounds):
+        for name, fn in runs[r % len(runs):] + runs[:r % len(runs)]:
+            t = _clock()
+            timed = fn()
+            t = timed if name == "peer" else _clock() - t
+            out[name].append(t / points)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def print_rounds(title: str, times: dict[str, np.ndarray], names: dict[str, str]) -> None:
+    print(f"\n### {title}\n")
+    print("| method | wall per point | / bare (wall) | CPU per point | / bare (CPU) |")
+    print("|---|---:|---:|---:|---:|")
+    bare = times["bare"]
+    for key, t in times.items():
+        ratio = np.median(t / bare, axis=0)
+        med = np.median(t, axis=0)
+        print(f"| {names.get(key, key)} | {med[0] * 1e3:.3f} ms | {ratio[0]:.3f} | "
+              f"{med[1] * 1e3:.3f} ms | {ratio[1]:.3f} |")
+    if "peer" in times:
+        for key in times:
+            if key not in ("bare", "peer"):
+                r = np.median(times[key] / times["peer"], axis=0)
+                print(f"\n- {names.get(key, key)} / loss-landscapes, median over rounds: "
+                      f"{r[0]:.3f} (wall), {r[1]:.3f} (CPU)")
+
+
+def peer_check(model, x, y, d1, d2, steps: int, rows: int) -> str:
+    """Max relative difference between the peer's values and ours at the points it evaluates
+    (``start + i/steps D1 + (j + [i even])/steps D2``, accumulated by repeated in-place adds)."""
+    _, grid, pr = peer_grid(model, x, y, d1, d2, steps, rows)
+    ref_model = copy.deepcopy(model)
+    xs_p = np.arange(pr) / steps
+    ours_even = slice_2d(ref_model, "cross_entropy", (x, y), d1, d2, xs_p,
+                         (np.arange(steps) + 1) / steps, metrics=("loss",), progress=False)
+    ours_odd = slice_2d(ref_model, "cross_entropy", (x, y), d1, d2, xs_p,
+                        np.arange(steps) / steps, metrics=("loss",), progress=False)
+    expect = np.where((np.arange(pr) % 2 == 0)[:, None], ours_even.loss, ours_odd.loss)
+    return f"max rel. diff {float(np.max(np.abs(grid - expect) / np.abs(expect))):.1e}"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=21)
     parser.add_argument("--samples", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of whole grids")
     parser.add_argument("--paired", type=int, default=40,
                         help="rounds of the point-by-point interleaved measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--peer-rows", type=int, default=5,
-                        help="time only this many rows of the peer grid and extrapolate "
-                             "(0: the whole grid)")
+                        help="rows of the peer grid compared value by value with ours")
+    parser.add_argument("--baseline", default=None,
+                        help="a git revision whose landscape/slices is timed alongside")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,100 +245,42 @@ def main(argv=None) -> int:
     n_params = ParameterSpace(model).numel
     d1 = random_direction(model, seed=0)
     d2 = random_direction(model, seed=1, orthogonal_to=d1)
-    coords = np.linspace(-1, 1, args.steps)
-    points = args.steps**2
+    slicers = {"ours": slice_2d}
+    names = {"bare": f"bare forward ({args.samples} samples)", "ours": "ours: slice_2d",
+             "peer": "loss-landscapes planar_interpolation"}
+    if args.baseline:
+        from baseline import load_at
 
-    bare, mine, peer = [], [], []
-    result = None
+        slicers["baseline"] = load_at(args.baseline, "landscape/slices",
+                                      "landscape.slices_at_baseline").slice_2d
+        names["baseline"] = f"slice_2d at {args.baseline}"
     peer_error = None
-    peer_grid_vals = None
-    peer_rows = None
     try:
         import loss_landscapes  # noqa: F401
     except Exception as err:  # pragma: no cover - depends on the environment
         peer_error = f"skipped: cannot import loss_landscapes ({type(err).__name__}: {err})"
 
-    for _ in range(args.repeats):
-        bare.append(bare_forward_time(model, x, y, repeats=10))
-        t, result = ours(model, x, y, d1, d2, coords)
-        mine.append(t / points)
-        bare.append(bare_forward_time(model, x, y, repeats=10))
-        if peer_error is None:
-            try:
-                t, peer_grid_vals, peer_rows = peer_grid(model, x, y, d1, d2, args.steps, args.peer_rows)
-                peer.append(t / points)
-            except Exception as err:  # pragma: no cover
-                peer_error = f"failed: {type(err).__name__}: {err}"
-
-    t_bare, t_ours = np.median(np.stack(bare), axis=0), np.min(np.stack(mine), axis=0)
-    rows = [
-        (f"bare forward ({args.samples} samples)", t_bare, np.ones(2), "-"),
-        ("ours: slice_2d", t_ours, t_ours / t_bare, "reference"),
-    ]
-    notes = []
-    if peer:
-        t_peer = np.min(np.stack(peer), axis=0)
-        # correctness: the peer evaluates start + i/steps*D1 + (j + [i even])/steps*D2 with
-        # D1 = d1, D2 = d2 (accumulated by repeated in-place adds)
-        ref_model = copy.deepcopy(model)
-        pr = peer_rows
-        xs_p = np.arange(pr) / args.steps
-        ours_even = slice_2d(ref_model, "cross_entropy", (x, y), d1, d2, xs_p,
-                             (np.arange(args.steps) + 1) / args.steps, metrics=("loss",), progress=False)
-        ours_odd = slice_2d(ref_model, "cross_entropy", (x, y), d1, d2, xs_p,
-                            np.arange(args.steps) / args.steps, metrics=("loss",), progress=False)
-        expect = np.where((np.arange(pr) % 2 == 0)[:, None], ours_even.loss, ours_odd.loss)
-        err = float(np.max(np.abs(peer_grid_vals - expect) / np.abs(expect)))
-        rows.append((
-            "loss-landscapes planar_interpolation"
-            + (f" ({pr} rows, extrapolated)" if pr < args.steps else ""),
-            t_peer, t_peer / t_bare, f"max rel. diff {err:.1e}",
-        ))
-        r = t_ours / t_peer
-        notes.append(f"ours / loss-landscapes time per point: {r[0]:.3f} (wall), {r[1]:.3f} (CPU)")
-        # its filter-normalized random plane on a model with zero BatchNorm biases
-        try:
-            from loss_landscapes import main as ll_main
-            from loss_landscapes.metrics import Loss
-
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                g = ll_main.random_plane(copy.deepcopy(model), Loss(F.cross_entropy, x, y),
-                                         distance=1, steps=3, normalization="filter")
-            bad = int(np.sum(~np.isfinite(g)))
-            notes.append(
-                f"loss-landscapes random_plane(normalization='filter') on this model: "
-                f"{bad} of {g.size} values non-finite (its directions are uniform on [0, 1], "
-                "not zero-mean, and BatchNorm biases at zero are divided by a zero norm)"
-            )
-        except Exception as err:
-            notes.append(f"loss-landscapes random_plane(normalization='filter') raised "
-                         f"{type(err).__name__}: {err}")
-    else:
-        rows.append(("loss-landscapes", np.full(2, np.nan), np.full(2, np.nan), peer_error or "not run"))
-
-    print(f"## 2-D landscape slice: {args.steps}x{args.steps} grid, digits CNN ({n_params} params), "
-          f"{args.samples} samples, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| method | wall per point | / bare (wall) | CPU per point | / bare (CPU) | check |")
-    print("|---|---:|---:|---:|---:|---|")
-
-    def fmt(v, unit):
-        return "n/a" if not np.isfinite(v) else (f"{v * 1e3:.2f} ms" if unit else f"{v:.3f}")
-
-    for name, t, ratio, check in rows:
-        print(f"| {name} | {fmt(t[0], 1)} | {fmt(ratio[0], 0)} | {fmt(t[1], 1)} | "
-              f"{fmt(ratio[1], 0)} | {check} |")
+    print(f"## 2-D landscape slice: {args.steps}x{args.steps} grid, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+    times = grid_rounds(model, x, y, d1, d2, args.steps, args.rounds, slicers, peer_error is None)
+    print_rounds(f"digits CNN ({n_params} params), {args.samples} samples", times, names)
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    xm, ym = torch.randn(256, 64), torch.randint(0, 10, (256,))
+    e1 = random_direction(mlp, seed=0)
+    e2 = random_direction(mlp, seed=1, orthogonal_to=e1)
+    times = grid_rounds(mlp.eval(), xm, ym, e1, e2, args.steps, args.rounds, slicers,
+                        peer_error is None)
+    print_rounds(f"MLP 64-64-10 ({ParameterSpace(mlp).numel} params), 256 samples", times,
+                 {**names, "bare": "bare forward (256 samples)"})
     print()
-    q = t_ours / t_bare
-    print(f"- target: ours <= 1.05 x bare forward: {'met' if q[0] <= 1.05 else 'NOT met'} on wall "
-          f"time ({q[0]:.3f}), {'met' if q[1] <= 1.05 else 'NOT met'} on CPU time ({q[1]:.3f}); "
-          f"grids repeated {args.repeats}x (best kept), bare forward = median of 10 calls "
-          "before and after each grid")
-    print(f"- ours: L(origin) = {result.loss_at_origin:.6f}, {result.nonfinite} non-finite points")
-    for note in notes:
-        print(f"- {note}")
+    if peer_error is None:
+        print(f"- loss-landscapes agrees with ours on {args.peer_rows} rows of its grid: "
+              f"{peer_check(model, x, y, d1, d2, args.steps, args.peer_rows)}")
+    else:
+        print(f"- loss-landscapes: {peer_error}")
 
-    paired = paired_points(model, x, y, d1, d2, args.paired, with_peer=bool(peer))
+    paired = paired_points(model, x, y, d1, d2, args.paired, with_peer=peer_error is None)
     print(f"\n### Per point, interleaved point by point ({args.paired} rounds, CPU time)\n")
     print("| method | median CPU per point | median paired ratio to bare forward |")
     print("|---|---:|---:|")

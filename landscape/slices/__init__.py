@@ -17,8 +17,9 @@ How a grid is evaluated:
   ``w`` at every point, so each value depends only on its coordinates, and ``w`` is restored
   bit for bit at the end, also on an error or ``KeyboardInterrupt``;
 * the data batches of a tensor pair or a list are moved to the model's device once per slice
-  (``cache="auto"``), and the per-point sums stay on the device until the end of a row, so the
-  per-point overhead is a few small kernels;
+  (``cache="auto"``); a point's per-batch losses stay on the device, and the float64 sums of a
+  whole row are formed once at its end (the same bits as summing point by point), so a point
+  costs its forward passes, the three foreach ops of the move and no other kernel;
 * BatchNorm runs in eval mode by default (``mode="eval"``): the running statistics of ``w`` are
   used at every point, so the slice shows the loss of one fixed network function per point and a
   point costs one forward pass over the data (in time not quite one: 1.14-1.30 bare forward

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -106,9 +106,15 @@ class Evaluator:
         for classification, counted tokens for a language model), so ``out[0] / out[2]`` is the
         dataset loss as :func:`analysis.evaluate` weights it, and ``out[1] / out[2]`` the
         accuracy per sample or per token (:func:`analysis.evaluation.correct_count`). The samples
-        of the pass are kept in :attr:`samples`.
+        of the pass are kept in :attr:`samples`. :func:`evaluate_line` evaluates many points
+        through :meth:`terms` and :func:`point_sums` instead (the same numbers, bit for bit).
         """
-        out.zero_()
+        out.copy_(point_sums([self.terms()], out.device)[0])
+
+    def terms(self) -> PassTerms:
+        """One pass over the data at the current parameters: per batch the loss (a detached
+        0-d tensor on the device, nothing read back), its loss terms and its correct count."""
+        losses, counts, terms = [], [], []
         samples = 0
         for x, y, n in self._iter(self.batches, self.source):
             samples += n
@@ -119,16 +125,57 @@ class Evaluator:
                     "loss_fn must return a scalar tensor (the batch mean), got "
                     + (f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__)
                 )
-            t = loss_terms(self.loss_fn, x, y, n)
-            out[0] += loss.detach().to(torch.float64) * t
+            losses.append(loss.detach())
+            terms.append(loss_terms(self.loss_fn, x, y, n))
             if self.has_accuracy:
                 c = correct_count(outputs, y, self.loss_fn)
                 if c is None:
                     self.has_accuracy = False
                 else:
-                    out[1] += c
-            out[2] += t
+                    counts.append(c)
         self.samples = samples
+        return PassTerms(losses, counts if self.has_accuracy else None, terms)
+
+
+class PassTerms(NamedTuple):
+    """What one pass over the data leaves for :func:`point_sums`: the per-batch losses (0-d
+    tensors), correct counts (``None``: no accuracy) and loss terms ``t_b``."""
+
+    losses: list
+    counts: list | None
+    terms: list
+
+
+def _column_sums(values: torch.Tensor) -> torch.Tensor:
+    """``sum_b values[:, b]`` added left to right (``0 + v_0 + v_1 + ...``), the order in which
+    one point's batches arrive: the same bits as adding them up one batch at a time."""
+    acc = values[:, 0].clone()
+    for b in range(1, values.shape[1]):
+        acc += values[:, b]
+    return acc
+
+
+def point_sums(passes: Sequence[PassTerms], device: torch.device) -> torch.Tensor:
+    """The ``(len(passes), 3)`` float64 sums ``[sum_b t_b L_b, sum_b correct_b, sum_b t_b]`` of
+    the passes of a line, with a handful of kernels for the whole line instead of a few per
+    point and batch: the losses of all points are stacked once, cast to float64, multiplied by
+    ``t_b`` and added over the batches in their order (:func:`_column_sums`), which gives the
+    bits of the point-by-point float64 accumulation ``0 + t_0 L_0 + t_1 L_1 + ...``. The
+    correct counts go the same way (column 1 stays 0 when a pass has no accuracy).
+    """
+    out = torch.zeros(len(passes), 3, device=device, dtype=torch.float64)
+    widths = {len(p.losses) for p in passes}
+    if len(widths) != 1 or 0 in widths:  # batches differ per pass (a DataLoader): one by one
+        return torch.cat([point_sums([p], device) for p in passes]) if len(passes) > 1 else out
+    width = widths.pop()
+    terms = torch.tensor([p.terms for p in passes], dtype=torch.float64)
+    losses = torch.stack([loss for p in passes for loss in p.losses]).view(len(passes), width)
+    out[:, 0] = _column_sums(losses.to(device=device, dtype=torch.float64) * terms.to(device))
+    if all(p.counts is not None for p in passes):
+        counts = torch.stack([torch.as_tensor(c, device=device) for p in passes for c in p.counts])
+        out[:, 1] = _column_sums(counts.view(len(passes), width).to(device, torch.float64))
+    out[:, 2] = _column_sums(terms).to(device)
+    return out
 
 
 class Mover:
@@ -139,8 +186,12 @@ class Mover:
         self.w = space.unflatten(origin)
         self.ds = [space.unflatten(d) for d in directions]
 
-    @torch.no_grad()
     def set(self, coeffs: Sequence[float]) -> None:
+        """``params <- w + sum_k c_k d_k``: one foreach copy and one foreach axpy per nonzero
+        ``c_k``, in this order, so a point's weights depend only on its coefficients."""
+        if torch.is_grad_enabled():  # outside a slice's no-grad block (a slice runs inside one)
+            with torch.no_grad():
+                return self.set(coeffs)
         torch._foreach_copy_(self.params, self.w)
         for c, d in zip(coeffs, self.ds):
             if c != 0.0:
@@ -233,8 +284,10 @@ def evaluate_line(session: Session, mover: Mover, coords: Sequence[Sequence[floa
 
     This is the one place a slice evaluates points: per point the parameters are set in place
     from the saved ``w`` (:class:`Mover`), BatchNorm statistics are recomputed if
-    ``session.recalibrate_bn``, and one pass over the data adds into a ``float64`` row on the
-    model's device; with sharded data the ``(len(coords), 3)`` sums are all-reduced once.
+    ``session.recalibrate_bn``, and one pass over the data leaves its per-batch losses on the
+    model's device (:meth:`Evaluator.terms`, no read-back, no per-point accumulation kernels);
+    the ``float64`` sums of the whole line are formed once at the end (:func:`point_sums`) and,
+    with sharded data, the ``(len(coords), 3)`` sums are all-reduced once.
     Must run inside :meth:`Session.run` (mode set, no autograd, weights restored after).
 
     Args:
@@ -247,14 +300,15 @@ def evaluate_line(session: Session, mover: Mover, coords: Sequence[Sequence[floa
         A ``(len(coords), 3)`` float64 tensor on the model's device; the loss at point ``p`` is
         ``out[p, 0] / out[p, 2]`` (see :meth:`Session.finish`).
     """
-    stats = torch.zeros(len(coords), 3, device=session.space.device, dtype=torch.float64)
-    for k, c in enumerate(coords):
+    passes = []
+    for c in coords:
         mover.set(c)
         if session.recalibrate_bn:
             session.evaluator.recalibrate(session.bns)
-        session.evaluator.point(stats[k])
+        passes.append(session.evaluator.terms())
         if bar is not None:
             bar.update(1)
+    stats = point_sums(passes, session.space.device)
     if session.source.shard:
         dist.all_reduce_sum(stats)
     return stats

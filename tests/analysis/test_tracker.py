@@ -286,23 +286,52 @@ def test_a_random_forward_is_refused_at_the_first_check():
 
 
 def test_the_product_method_is_timed_once_and_kept(monkeypatch):
-    """``method="auto"`` calibrates at the first check only; later checks reuse its choice."""
+    """A probe held in memory gets the cached graph without a calibration; a DataLoader gets
+    ``method="auto"``, calibrated at the first check only and kept for the later ones. The
+    operator is built once and reused (its first-batch checks run once), and each record counts
+    its own products; every check agrees with the dense Hessian."""
+    from torch.utils.data import DataLoader, TensorDataset
+
     import analysis.operators.hessian as hessian_ops
 
-    calls = []
-    real = hessian_ops.choose_method
+    calls, built = [], []
+    real, real_init = hessian_ops.choose_method, hessian_ops.HessianOperator.__init__
 
     def counting(op, **kw):
         calls.append(op)
         return real(op, **kw)
 
+    def counting_init(self, *a, **kw):
+        built.append(self)
+        real_init(self, *a, **kw)
+
     monkeypatch.setattr(hessian_ops, "choose_method", counting)
+    monkeypatch.setattr(hessian_ops.HessianOperator, "__init__", counting_init)
     model = mlp()
     x, y = classification_data()
-    tracker = CurvatureTracker(model, "cross_entropy", (x, y), every=1, tol=1e-6)
-    first = tracker.measure(0)
-    second = tracker.measure(1)
-    assert len(calls) == 1 and tracker._method == calls[0].auto_choice.method
     lam = float(torch.linalg.eigvalsh(dense_hessian(model, "cross_entropy", (x, y)))[-1])
-    assert first.lambda_max == pytest.approx(lam, rel=1e-5)
-    assert second.lambda_max == pytest.approx(lam, rel=1e-5)
+    tracker = CurvatureTracker(model, "cross_entropy", (x, y), every=1, tol=1e-6)
+    recs = [tracker.measure(0), tracker.measure(1)]
+    assert calls == [] and len(built) == 1 and built[0].method == "cached-graph"
+    assert [r.hvps for r in recs] == [r.lanczos_hvps for r in recs]  # per check, not cumulative
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(y))
+    tracker = CurvatureTracker(model, "cross_entropy", loader, every=1, tol=1e-6)
+    recs += [tracker.measure(0), tracker.measure(1)]
+    assert len(calls) == 1 and tracker._method == calls[0].auto_choice.method
+    assert len(built) == 2
+    for rec in recs:
+        assert rec.lambda_max == pytest.approx(lam, rel=1e-5)
+
+
+def test_the_operator_is_rebuilt_when_the_parameters_change_dtype():
+    """The kept operator is rebuilt when the trainable tensors change (here ``model.double()``):
+    the next check is the float64 Hessian's top eigenvalue, against the dense reference."""
+    model = mlp()
+    x, y = classification_data()
+    tracker = CurvatureTracker(model, "cross_entropy", (x, y), every=1, tol=1e-8)
+    tracker.measure(0)
+    model.double()
+    rec = tracker.measure(1)
+    assert tracker._op.dtype == torch.float64
+    lam = float(torch.linalg.eigvalsh(dense_hessian(model, "cross_entropy", (x.double(), y)))[-1])
+    assert rec.lambda_max == pytest.approx(lam, rel=1e-8)

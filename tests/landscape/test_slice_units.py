@@ -141,3 +141,30 @@ def test_grid_store_refuses_other_arguments(tmp_path):
     assert path.read_bytes() == before
     fresh = _open(path, s, dirs[::-1], xs, ys, model, overwrite=True)
     assert fresh.pending == [0, 1, 2, 3]
+
+
+def test_point_sums_are_the_bits_of_the_batch_by_batch_float64_sums():
+    """The line's sums formed once (stack, cast, multiply, add the batch columns in order) equal
+    the hand-written point-by-point accumulation ``0 + t_0 L_0 + t_1 L_1 + ...`` bit for bit,
+    also when the passes have different numbers of batches (a DataLoader) or no accuracy."""
+    from landscape.slices._points import PassTerms, point_sums
+
+    g = torch.Generator().manual_seed(0)
+    terms = [7, 13, 5]
+    passes = [PassTerms([torch.rand((), generator=g) * 3 for _ in terms],
+                        [torch.tensor(int(torch.randint(0, t + 1, (), generator=g))) for t in terms],
+                        terms) for _ in range(4)]
+    passes.append(PassTerms([torch.rand((), generator=g)], [3], [9]))  # one batch only
+    ragged = point_sums(passes, torch.device("cpu"))
+    even = point_sums(passes[:4], torch.device("cpu"))
+    for k, p in enumerate(passes):
+        loss = correct = count = 0.0
+        for batch_loss, c, t in zip(p.losses, p.counts, p.terms):
+            loss += float(batch_loss.double()) * t
+            correct += float(c)
+            count += t
+        assert ragged[k].tolist() == [loss, correct, count]  # exact
+        if k < 4:
+            assert even[k].tolist() == [loss, correct, count]
+    blind = point_sums([PassTerms(p.losses, None, p.terms) for p in passes[:2]], torch.device("cpu"))
+    assert blind[:, 1].tolist() == [0.0, 0.0] and torch.equal(blind[:, 0], even[:2, 0])
