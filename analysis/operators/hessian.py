@@ -289,8 +289,10 @@ class HessianOperator(CurvatureOperator):
         return [gd[n] for n in self._names]
 
     def clear_cache(self) -> None:
-        """Drop cached graphs (they are rebuilt at the next product)."""
+        """Drop cached graphs and the kept ``g(w)`` of forward differences (they are rebuilt at
+        the next product)."""
         self._graphs.clear()
+        self._fd_base = None
         self._first_graph_stats = None
         self._signature = None
 

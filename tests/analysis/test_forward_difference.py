@@ -122,6 +122,10 @@ def test_one_gradient_per_product_and_g_recomputed_when_the_weights_change():
     calls.clear()
     hv = H @ v
     assert len(calls) == 2 * batches  # the changed weights: g(w) again
+    H.clear_cache()  # frees the kept g(w): the next product computes it again
+    calls.clear()
+    H @ v
+    assert len(calls) == 2 * batches
     assert float((hv - A @ v).norm() / (A @ v).norm()) < 1e-6
 
 
