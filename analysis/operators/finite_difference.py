@@ -46,8 +46,8 @@ vector of Lanczos and every later product),
     H v  ~  FD+_h(v) = (g(w + h v) - g(w)) / h
 
 costs one gradient per product instead of two. Its truncation error is first order,
-``(h / 2) D^3 g(w)[v, v, v] + O(h^2)``, against the same rounding ``O(u (||g|| + ||H|| ||w||) / h)``;
-their sum is smallest for ``||h v|| ~ u^(1/2)``, where both are ``O(u^(1/2))``, hence
+``(h / 2) phi''(0) + O(h^2)`` with ``phi''(0) = D^2 g(w)[v, v]``, against the same rounding
+``O(u (||g|| + ||H|| ||w||) / h)``; their sum is smallest for ``||h v|| ~ u^(1/2)``, where both are ``O(u^(1/2))``, hence
 
     h = r / ||v||,        ||h v|| = r = u^(1/2)   (float64: 1.1e-8, float32: 2.4e-4)
 

@@ -70,7 +70,7 @@ class HessianOperator(CurvatureOperator):
     * ``"forward-difference"``: ``H v ~ (g(w + h v) - g(w)) / h`` with the dataset gradient
       ``g(w)`` computed once (by :meth:`gradient`, which then returns it: Lanczos's start
       vector costs nothing more) and kept while the parameters do not change: one gradient per
-      product, one more ``n``-vector kept. First-order error ``(h / 2) D^3 g[v, v, v]`` plus
+      product, one more ``n``-vector kept. First-order error ``(h / 2) D^2 g[v, v]`` plus
       rounding ``O(u ||g|| / h)``, so ``r = fd_shift`` defaults to ``u^(1/2)`` (float32 2.4e-4;
       :mod:`analysis.operators.finite_difference`). The per-unit products of the data-sampling
       standard errors (:meth:`unit_products`) use central differences (the units' own
