@@ -9,7 +9,7 @@ model is built; the baseline of the same process) and then runs the case, and re
   of method, start vector),
 * ``peak_rss_gb``: the process's VmHWM over the whole case (model and data included),
 * ``estimate_gb``: the peak predicted before the run (outside the timed and measured part) by
-  :func:`analysis.operators.estimate.estimate_peak_bytes` (when the case has one),
+  :func:`analysis.cost.estimate_peak_bytes` (when the case has one),
 * the case's own numbers (eigenvalue, products, ...).
 
 Cases (``--cases``):
@@ -18,6 +18,12 @@ Cases (``--cases``):
 * ``top1-fd``: the same with ``method="finite-difference"`` on
   :class:`analysis.chunked_lm.ChunkedCausalLM` (no ``B x T x V`` logits kept) and
   ``max_basis=4`` (``--max-basis``; thick restarts keep the basis at ``max_basis + 1`` rows);
+* ``top1-fwd``: as ``top1-fd`` with ``method="forward-difference"`` (one gradient per product,
+  ``g(w)`` computed once and reused by the gradient start vector);
+* ``top1-he``: hessian-eigenthings 1.0 (``hessian_eigenthings.lanczos`` on its
+  ``HessianOperator`` with ``hf_lm_loss()`` and ``method="finite_difference"``, full
+  reorthogonalization) with ``--he-steps`` Lanczos steps (matched to the products our
+  ``top1-fd`` run needs at ``tol=1e-2``), run by ``--he-python`` (its own virtual environment);
 * ``trace-fd``: Hutch++ trace with 30 finite-difference products;
 * ``per-layer-fd``: top-1 (tol 1e-2) of each block ``transformer.h.<i>.`` (regex subsets);
 * ``slice``: a 21-point 1-D slice along a random filter-normalized-free direction.
@@ -27,7 +33,7 @@ Usage::
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --model small --cases top1-fd
     python benchmarks/llm_scale.py --model tiny --cases top1-auto,top1-fd,slice   # seconds
 
-Measured numbers and the table: ``docs/notes/llm.md``.
+Measured numbers and the table: ``docs/guides/llm.md``.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ MODELS = {
     "small": dict(),  # GPT2Config(): 124.4M parameters
     "medium": dict(n_embd=1024, n_layer=24, n_head=16),  # 354.8M
 }
-CASES = ["top1-auto", "top1-fd", "trace-fd", "per-layer-fd", "slice"]
+CASES = ["top1-auto", "top1-fd", "top1-fwd", "top1-he", "trace-fd", "per-layer-fd", "slice"]
+HE_PYTHON = "/work/venv-llm/bin/python"  # hessian-eigenthings==1.0.0a5 (pip --no-deps)
 
 
 def _peak() -> int:
@@ -66,16 +73,23 @@ def _reset_peak() -> None:
         pass
 
 
-def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 4) -> dict:
+def _hessian_eigenthings(model, data, steps: int) -> dict:
+    """hessian-eigenthings' top-1 Lanczos (``steps`` products) on the HF model's own loss."""
+    import hessian_eigenthings as he
+
+    op = he.HessianOperator(model, data, he.hf_lm_loss(), method="finite_difference")
+    res = he.lanczos(op, k=1, max_iter=steps, which="LA", seed=0)
+    return dict(eigenvalue=float(res.eigenvalues[0]), products=steps,
+                he_version=he.__version__, converged=bool(res.converged[0]))
+
+
+def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 4,
+             he_steps: int = 15) -> dict:
     """One case in this process (see the module docstring)."""
     import re
 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from analysis import HessianOperator, hessian_trace, top_eigenpairs
-    from analysis.chunked_lm import ChunkedCausalLM
-    from analysis.operators.estimate import estimate_peak_bytes
 
     torch.manual_seed(0)
     cfg = GPT2Config(**MODELS[model_name], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -95,13 +109,27 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 
         gradient()
         times.append(time.perf_counter() - t0)
     grad_s = min(times)
-    fd = case.endswith("-fd")
-    subject = ChunkedCausalLM(model, chunk_tokens=256) if fd else model
-    loss = "model_lm" if fd else "lm"
-    kw = dict(method="finite-difference") if fd else {}
-    est = None
     out: dict = {"model": model_name, "case": case, "n": n, "tokens": f"{batch}x{seq}",
                  "gradient_s": grad_s}
+    if case == "top1-he":  # in hessian-eigenthings' own environment: nothing of ours imported
+        _reset_peak()
+        t0 = time.perf_counter()
+        out.update(_hessian_eigenthings(model, data, he_steps))
+        seconds = time.perf_counter() - t0
+        out.update(seconds=seconds, gradients=seconds / grad_s, peak_rss_gb=_peak() / 1e9,
+                   estimate_gb=None)
+        return out
+
+    from analysis import HessianOperator, hessian_trace, top_eigenpairs
+    from analysis.chunked_lm import ChunkedCausalLM
+    from analysis.cost import estimate_peak_bytes
+
+    fd = case.endswith(("-fd", "-fwd"))
+    subject = ChunkedCausalLM(model, chunk_tokens=256) if fd else model
+    loss = "model_lm" if fd else "lm"
+    kw = {} if not fd else dict(
+        method="forward-difference" if case.endswith("-fwd") else "finite-difference")
+    est = None
     lanczos = dict(k=1, tol=1e-2, max_basis=max_basis) if fd else dict(k=1, tol=1e-2)
     if case.startswith("top1"):  # predicted before the run (one forward pass)
         est = estimate_peak_bytes(subject, loss, data, analysis="lanczos",
@@ -144,19 +172,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--max-basis", type=int, default=4, help="Lanczos basis of the -fd cases")
+    ap.add_argument("--he-steps", type=int, default=15, help="Lanczos steps of top1-he")
+    ap.add_argument("--he-python", default=HE_PYTHON, help="the interpreter of top1-he")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case here
     ap.add_argument("--json", help="append the results (JSON lines) to this file")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.model, args.one, args.batch, args.seq, args.max_basis)))
+        print(json.dumps(run_case(args.model, args.one, args.batch, args.seq, args.max_basis,
+                                  args.he_steps)))
         return
     rows = []
     for case in args.cases.split(","):
         if case not in CASES:
             raise SystemExit(f"unknown case {case!r}; choose from {CASES}")
-        proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", case,
+        python = args.he_python if case == "top1-he" else sys.executable
+        proc = subprocess.run([python, __file__, "--model", args.model, "--one", case,
                                "--batch", str(args.batch), "--seq", str(args.seq),
-                               "--max-basis", str(args.max_basis)],
+                               "--max-basis", str(args.max_basis),
+                               "--he-steps", str(args.he_steps)],
                               capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)

@@ -188,7 +188,7 @@ base = hwm()
 op = HessianOperator(model, "lm", batches)
 op @ torch.randn(op.shape[0])
 peak = hwm()
-print(est.total_bytes, est.activation_bytes, peak - base, op.method)
+print(est.product_bytes, est.activation_bytes, peak - base, op.method)
 """
 
 

@@ -1,23 +1,31 @@
-"""The peak memory of a curvature analysis, predicted before it runs.
+"""The working memory of one Hessian-vector product, predicted before any product runs.
 
-:func:`estimate_peak_bytes` adds up, for a model, a loss and data:
+The one formula, by product method, with ``A`` the bytes the first batch's forward pass saves
+for its backward pass and ``n`` parameters of ``s`` bytes (:data:`PRODUCT_FACTORS`,
+``a A + b n s``):
 
-* ``baseline``: the resident memory of the process now (the model, the data, the runtime);
-* ``activations``: the bytes the first batch's forward pass saves for its backward pass,
-  measured by one forward pass under ``torch.autograd.graph.saved_tensors_hooks`` (parameters
-  and inputs left out: they are held anyway), the only computation the estimate makes;
-* one product's working memory, by method (``n`` parameters of ``s`` bytes, ``A`` the
-  activations): finite differences ``A + 3 n s`` (the shifted parameters and two gradients),
-  forward-over-reverse ``2 A + 3 n s`` (the tangents double the activations), double backward
-  ``3 A + 2 n s`` (the graph of the gradient holds the forward's and the backward's tensors),
-  the cached graph ``3 A`` per batch, scaled to all batches by their loss terms, plus ``2 n s``;
-* the analysis's own vectors: Lanczos ``(max_basis + 3) n s_basis`` (the documented bound of
-  :func:`~analysis.lanczos.top_eigenpairs`, which a top-1 run at ``tol=1e-2`` with a small
-  ``max_basis`` fills), Hutch++ ``(s + 4 b) n s`` (:mod:`analysis.trace`).
+* finite differences ``A + 3 n s`` (the shifted parameters and two gradients), forward
+  differences ``A + 3 n s`` (the kept ``g(w)``, the shifted parameters and one gradient);
+* forward-over-reverse ``2 A + 3 n s`` (the tangents double the activations);
+* double backward ``3 A + 2 n s`` (the graph of the gradient holds the forward's and the
+  backward's tensors);
+* the cached graph ``3 A`` per batch, scaled to all batches by their loss terms, plus ``2 n s``;
+* ``"auto"``: the larger of forward-over-reverse (timed once at the first product) and the
+  method it times it against, the cached graph when :func:`~analysis.operators.auto.graphs_fit`
+  says the graphs of all batches fit (estimated at ``3 A`` per batch), else double backward.
 
-The finite-difference estimate was checked against the measured peak RSS on GPT-2 small
-(``benchmarks/llm_scale.py``, table in ``docs/notes/llm.md``); the factors of the other methods
-are rough (documented as such in :class:`PeakEstimate`).
+``A`` is measured by one forward pass of the first batch under
+``torch.autograd.graph.saved_tensors_hooks`` (:func:`~analysis.operators.auto.saved_bytes`;
+parameters, buffers and inputs left out: they are held anyway), through the operator itself
+(its parameter subset, microbatches, mode and math attention kernels): the only computation the
+estimate makes. :func:`analysis.cost.estimate_peak_bytes` adds the analysis's vectors and the
+process's resident memory; the command line's memory check (``landscape.cli.memory``) and
+``landscape estimate`` take their product memory from here.
+
+The factors of finite differences (central and forward) and of the cached graph were checked
+against measured peaks on GPT-2 small (``benchmarks/llm_scale.py``, table in
+``docs/guides/llm.md``); those of forward-over-reverse and double backward are rough
+(``validated=False``).
 """
 
 from __future__ import annotations
@@ -30,33 +38,48 @@ import torch
 from ..data import Data
 from ..losses import LossSpec
 from ..results import Result
-from .auto import proc_kib, saved_bytes, tensors_of
+from .auto import graphs_fit, proc_kib, saved_bytes, tensors_of
 from .hessian import HessianOperator
 
-__all__ = ["PeakEstimate", "estimate_peak_bytes", "process_rss_bytes"]
+__all__ = ["PRODUCT_FACTORS", "VALIDATED_METHODS", "ProductEstimate", "estimate_product_bytes",
+           "product_bytes", "process_rss_bytes"]
+
+#: ``method: (a, b)``: one product's working memory is ``a A + b n s`` (module docstring); the
+#: cached graph's ``A`` is that of all batches.
+PRODUCT_FACTORS = {
+    "finite-difference": (1, 3),
+    "forward-difference": (1, 3),
+    "forward-over-reverse": (2, 3),
+    "double-backward": (3, 2),
+    "cached-graph": (3, 2),
+}
+
+#: The methods whose factors were checked against a measured peak resident memory.
+VALIDATED_METHODS = ("finite-difference", "forward-difference", "cached-graph")
 
 
 @dataclass(frozen=True, repr=False)
-class PeakEstimate(Result):
-    """The predicted peak resident memory of an analysis (bytes).
+class ProductEstimate(Result):
+    """The predicted working memory of one product (bytes).
 
     Attributes:
-        peak_bytes: ``baseline + vectors + product``.
-        baseline_bytes: the process's resident memory when the estimate was made.
-        vectors_bytes: the analysis's own vectors (the Krylov basis, probes).
-        product_bytes: one product's working memory (see the module docstring).
-        activation_bytes: the first batch's saved activations (measured).
-        method: the product method the estimate is for.
-        validated: ``True`` for the method whose factors were checked against a measured peak
-            (``"finite-difference"``), ``False`` for the rough ones.
+        product_bytes: ``a A + b n s`` of :data:`PRODUCT_FACTORS` for :attr:`method` (for
+            ``"auto"`` the larger of its two candidates).
+        activation_bytes: ``A``, the first batch's saved activations (measured).
+        all_activation_bytes: ``A`` scaled to all batches by their loss terms.
+        method: the method asked for (``"auto"`` or one of :data:`PRODUCT_FACTORS`).
+        chosen: the method the formula was taken for (``"auto"``: the one it would keep).
+        num_params: ``n``; itemsize: ``s``.
+        validated: the factors were checked against a measured peak.
     """
 
-    peak_bytes: int
-    baseline_bytes: int
-    vectors_bytes: int
     product_bytes: int
     activation_bytes: int
+    all_activation_bytes: int
     method: str
+    chosen: str
+    num_params: int
+    itemsize: int
     validated: bool
 
 
@@ -64,6 +87,23 @@ def process_rss_bytes() -> int:
     """The resident memory of this process (Linux ``VmRSS``; 0 where it cannot be read)."""
     kib = proc_kib("/proc/self/status", "VmRSS")
     return 0 if kib is None else kib * 1024
+
+
+def product_bytes(method: str, activation_bytes: int, num_params: int, itemsize: int, *,
+                  all_activation_bytes: int | None = None) -> int:
+    """``a A + b n s`` for ``method`` (:data:`PRODUCT_FACTORS`; the cached graph takes
+    ``all_activation_bytes``, default ``activation_bytes``).
+
+    Raises:
+        ValueError: for a method not in :data:`PRODUCT_FACTORS`.
+    """
+    if method not in PRODUCT_FACTORS:
+        raise ValueError(f"method must be one of {tuple(PRODUCT_FACTORS)}, got {method!r}")
+    a, b = PRODUCT_FACTORS[method]
+    act = activation_bytes
+    if method == "cached-graph" and all_activation_bytes is not None:
+        act = all_activation_bytes
+    return int(a * act + b * num_params * itemsize)
 
 
 def _activations(op: HessianOperator) -> tuple[int, int]:
@@ -82,49 +122,36 @@ def _activations(op: HessianOperator) -> tuple[int, int]:
     return int(nbytes), int(nbytes * total / max(1, size))
 
 
-def estimate_peak_bytes(model: Any, loss_fn: LossSpec, data: Data, *, analysis: str = "lanczos",
-                        max_basis: int | None = None, k: int = 1, num_matvecs: int = 99,
-                        method: str = "auto", **operator_kwargs: Any) -> PeakEstimate:
-    """Predict the peak resident memory of ``analysis`` on ``model`` (see the module docstring).
+def estimate_product_bytes(model: Any, loss_fn: LossSpec, data: Data, *, method: str = "auto",
+                           **operator_kwargs: Any) -> ProductEstimate:
+    """Predict one product's working memory on ``model`` (see the module docstring).
 
     Args:
-        model, loss_fn, data: as for :class:`~analysis.hessian.HessianOperator`.
-        analysis: ``"lanczos"`` (:func:`~analysis.lanczos.top_eigenpairs` with ``k`` and
-            ``max_basis``, default ``min(n, max(2k + 1, 20))``) or ``"trace"`` (Hutch++ with
-            ``num_matvecs`` products, one probe per pass).
-        method: the product method (``"auto"``: the cached graph when the data is in memory,
-            else double backward, the larger of the two it usually picks).
-        **operator_kwargs: ``params``, ``batch_size``, ``microbatch_size``, ... of the operator.
+        model, loss_fn, data: as for :class:`~analysis.HessianOperator`.
+        method: the product method (``"auto"`` or one of :data:`PRODUCT_FACTORS`).
+        **operator_kwargs: ``params``, ``batch_size``, ``microbatch_size``, ``mode``, ... of the
+            operator.
 
     Returns:
-        :class:`PeakEstimate` (one forward pass of the first batch was made).
+        :class:`ProductEstimate` (one forward pass of the first batch was made, after the
+        operator's own first-batch check).
 
     Raises:
-        ValueError: for an unknown ``analysis`` or ``method``.
+        ValueError: for an unknown ``method``.
     """
-    if analysis not in ("lanczos", "trace"):
-        raise ValueError(f"analysis must be 'lanczos' or 'trace', got {analysis!r}")
-    baseline = process_rss_bytes()
+    if method != "auto" and method not in PRODUCT_FACTORS:
+        raise ValueError(f"method must be 'auto' or one of {tuple(PRODUCT_FACTORS)}, got {method!r}")
     op = HessianOperator(model, loss_fn, data, method=method, **operator_kwargs)
     n, s = op.shape[0], torch.empty((), dtype=op.dtype).element_size()
     first_a, all_a = _activations(op)
-    if method == "auto":
-        method = "cached-graph" if op._cached is not None and op.microbatch_size is None \
+    chosen = method
+    if method == "auto":  # the candidate it times forward-over-reverse against
+        graph = "cached-graph" if graphs_fit(op, PRODUCT_FACTORS["cached-graph"][0] * first_a)[0] \
             else "double-backward"
-    product = {
-        "finite-difference": first_a + 3 * n * s,
-        "forward-over-reverse": 2 * first_a + 3 * n * s,
-        "double-backward": 3 * first_a + 2 * n * s,
-        "cached-graph": 3 * all_a + 2 * n * s,
-    }[method]
-    sb = max(4, s)  # a half-precision operator gets a float32 basis
-    if analysis == "lanczos":
-        rows = max_basis if max_basis is not None else min(n, max(2 * k + 1, 20))
-        vectors = (rows + 3) * n * sb
-    else:
-        sketch = min(num_matvecs // 3, n)
-        vectors = (sketch + 4) * n * s
-    return PeakEstimate(peak_bytes=int(baseline + vectors + product), baseline_bytes=baseline,
-                        vectors_bytes=int(vectors), product_bytes=int(product),
-                        activation_bytes=first_a, method=method,
-                        validated=method == "finite-difference")
+        sizes = {m: product_bytes(m, first_a, n, s, all_activation_bytes=all_a)
+                 for m in (graph, "forward-over-reverse")}
+        chosen = max(sizes, key=sizes.get)
+    return ProductEstimate(
+        product_bytes=product_bytes(chosen, first_a, n, s, all_activation_bytes=all_a),
+        activation_bytes=first_a, all_activation_bytes=all_a, method=method, chosen=chosen,
+        num_params=int(n), itemsize=int(s), validated=chosen in VALIDATED_METHODS)

@@ -40,6 +40,22 @@ Hessians, ``4e-11`` (tanh MLP) and ``3e-10`` (tiny causal LM) in float64, ``2.5e
 (``tests/analysis/test_finite_difference.py``). Kinks (ReLU) put ``phi`` outside the
 assumption where ``w +- h v`` straddles one; the product is then a secant, not ``H v``.
 
+Forward differences. With the gradient ``g(w)`` at hand (it is computed once, for the start
+vector of Lanczos and every later product),
+
+    H v  ~  FD+_h(v) = (g(w + h v) - g(w)) / h
+
+costs one gradient per product instead of two. Its truncation error is first order,
+``(h / 2) phi''(0) + O(h^2)`` with ``phi''(0) = D^2 g(w)[v, v]``, against the same rounding
+``O(u (||g|| + ||H|| ||w||) / h)``; their sum is smallest for ``||h v|| ~ u^(1/2)``, where both are ``O(u^(1/2))``, hence
+
+    h = r / ||v||,        ||h v|| = r = u^(1/2)   (float64: 1.1e-8, float32: 2.4e-4)
+
+(:func:`default_shift` with ``scheme="forward"``). The relative error is then about ``u^(1/2)``
+times the ratio of the third to the second derivative (measured against dense float64 Hessians
+in ``tests/analysis/test_forward_difference.py``): ample for eigenvalues at ``tol=1e-2``, not for
+``tol`` near ``sqrt(u)``.
+
 Memory: the two gradients and the result (three vectors of ``n``) and, for
 :func:`finite_difference_product`, a copy of the parameters (the bitwise restoration); the
 working memory of one gradient (activations), not of a second-order product.
@@ -52,15 +68,28 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["default_shift", "finite_difference_step", "finite_difference_product", "check_shift"]
+__all__ = ["SCHEMES", "default_shift", "finite_difference_step", "finite_difference_product",
+           "check_shift"]
+
+#: The difference schemes: ``"central"`` (two gradients a product, error ``O(h^2)``) and
+#: ``"forward"`` (one gradient a product given ``g(w)``, error ``O(h)``).
+SCHEMES = ("central", "forward")
 
 
-def default_shift(dtype: torch.dtype) -> float:
-    """The default shift ``||h v|| = u^(1/3)`` for the unit roundoff ``u = finfo(dtype).eps / 2`` of a floating dtype:
-    float64 4.8e-6, float32 3.9e-3, bfloat16 0.16 (see the module docstring)."""
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+
+def default_shift(dtype: torch.dtype, scheme: str = "central") -> float:
+    """The default shift ``||h v||`` for the unit roundoff ``u = finfo(dtype).eps / 2`` of a
+    floating dtype: ``u^(1/3)`` for central differences (float64 4.8e-6, float32 3.9e-3,
+    bfloat16 0.16), ``u^(1/2)`` for forward differences (float64 1.1e-8, float32 2.4e-4); see
+    the module docstring."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    return (torch.finfo(dtype).eps / 2) ** (1.0 / 3.0)
+    _check_scheme(scheme)
+    return (torch.finfo(dtype).eps / 2) ** (1.0 / 3.0 if scheme == "central" else 0.5)
 
 
 def check_shift(shift: float | None) -> None:
@@ -72,31 +101,36 @@ def check_shift(shift: float | None) -> None:
         raise ValueError(f"shift must be a number in (0, 1) or None, got {shift!r}")
 
 
-def finite_difference_step(v_norm: float, dtype: torch.dtype, shift: float | None = None) -> float:
-    """The step ``h = r / ||v||`` of the central difference along ``v``: a shift ``h v`` of
-    length ``r``.
+def finite_difference_step(v_norm: float, dtype: torch.dtype, shift: float | None = None,
+                           scheme: str = "central") -> float:
+    """The step ``h = r / ||v||`` of the difference along ``v``: a shift ``h v`` of length ``r``.
 
     Args:
         v_norm: ``||v||`` (positive).
         dtype: the parameters' dtype (sets the default ``r``).
-        shift: ``r``; default :func:`default_shift` (``u^(1/3)``).
+        shift: ``r``; default :func:`default_shift` of ``scheme`` (central ``u^(1/3)``,
+            forward ``u^(1/2)``).
+        scheme: ``"central"`` or ``"forward"`` (:data:`SCHEMES`).
 
     Raises:
-        ValueError: for a ``shift`` outside ``(0, 1)``, or a ``v_norm`` that is not finite and
-            positive.
+        ValueError: for a ``shift`` outside ``(0, 1)``, an unknown ``scheme``, or a ``v_norm``
+            that is not finite and positive.
     """
     check_shift(shift)
+    _check_scheme(scheme)
     if not (math.isfinite(v_norm) and v_norm > 0):
         raise ValueError(f"the vector norm must be finite and positive, got {v_norm!r}")
-    r = default_shift(dtype) if shift is None else float(shift)
+    r = default_shift(dtype, scheme) if shift is None else float(shift)
     return r / float(v_norm)
 
 
 def finite_difference_product(gradient: Callable[[], torch.Tensor],
                               params: Sequence[torch.Tensor], v: torch.Tensor, *,
                               step: float | None = None,
-                              shift: float | None = None) -> torch.Tensor:
-    """``H v ~ (g(w + h v) - g(w - h v)) / (2 h)`` for a gradient computed on live parameters.
+                              shift: float | None = None,
+                              base: torch.Tensor | None = None) -> torch.Tensor:
+    """``H v ~ (g(w + h v) - g(w - h v)) / (2 h)`` for a gradient computed on live parameters
+    (with ``base = g(w)``: the forward difference ``(g(w + h v) - g(w)) / h``, one gradient).
 
     The parameters are shifted in place to ``w + h v``, then to ``w - h v`` (each from a saved
     copy of ``w``, so both points are rounded once and symmetrically), ``gradient()`` is called
@@ -112,8 +146,10 @@ def finite_difference_product(gradient: Callable[[], torch.Tensor],
             in place during the call and restored bitwise.
         v: the flat direction, length ``n``.
         step: ``h``; default :func:`finite_difference_step` with ``shift``.
-        shift: ``r = ||h v||`` of the default step (default ``u^(1/3)``, see the module
-            docstring).
+        shift: ``r = ||h v||`` of the default step (default ``u^(1/3)``, forward ``u^(1/2)``,
+            see the module docstring).
+        base: the flat gradient ``g(w)`` at the current parameters, or ``None``; given, the
+            product is the forward difference (``gradient`` is called once, at ``w + h v``).
 
     Returns:
         The product, a flat tensor of length ``n`` in the gradient's dtype (zeros for ``v = 0``,
@@ -136,12 +172,17 @@ def finite_difference_product(gradient: Callable[[], torch.Tensor],
                              or not math.isfinite(step) or step <= 0):
         raise ValueError(f"step must be a positive finite number or None, got {step!r}")
     check_shift(shift)
+    if base is not None and (not isinstance(base, torch.Tensor) or base.shape != (n,)):
+        raise ValueError(f"base must be the flat gradient g(w), a tensor of shape ({n},), got "
+                         f"{tuple(base.shape) if isinstance(base, torch.Tensor) else base!r}")
     v_norm = float(torch.linalg.vector_norm(v.detach(), dtype=torch.float64))
     if not math.isfinite(v_norm):
         raise ValueError("v is not finite (it contains inf or nan)")
     if v_norm == 0:
         return torch.zeros(n, device=params[0].device, dtype=params[0].dtype)
-    h = float(step) if step is not None else finite_difference_step(v_norm, params[0].dtype, shift)
+    scheme = "central" if base is None else "forward"
+    h = float(step) if step is not None else finite_difference_step(v_norm, params[0].dtype,
+                                                                    shift, scheme)
     parts = [t.view_as(p) for t, p in zip(torch.split(v.detach(), [p.numel() for p in params]),
                                           params)]
     saved = [p.detach().clone() for p in params]
@@ -150,14 +191,20 @@ def finite_difference_product(gradient: Callable[[], torch.Tensor],
             for p, s, d in zip(params, saved, parts):
                 p.copy_(s).add_(d.to(p.dtype), alpha=h)
         plus = gradient().detach().clone()
-        with torch.no_grad():
-            for p, s, d in zip(params, saved, parts):
-                p.copy_(s).add_(d.to(p.dtype), alpha=-h)
-        minus = gradient().detach()
+        if base is None:
+            with torch.no_grad():
+                for p, s, d in zip(params, saved, parts):
+                    p.copy_(s).add_(d.to(p.dtype), alpha=-h)
+            minus = gradient().detach()
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+    if base is not None:
+        if plus.shape != (n,):
+            raise ValueError(f"gradient() must return a flat tensor of length {n}, got "
+                             f"{tuple(plus.shape)}")
+        return plus.sub_(base.detach().to(plus.dtype)).div_(h)
     if plus.shape != (n,) or minus.shape != (n,):
         raise ValueError(f"gradient() must return a flat tensor of length {n}, got "
                          f"{tuple(plus.shape)} and {tuple(minus.shape)}")

@@ -81,6 +81,14 @@ class HessianOperator(CurvatureOperator):
       needs only a gradient: no second-order graph, no forward-mode derivative, the working
       memory of one gradient (the shifted copy, the two gradients and the result: four
       ``n``-vectors). Never chosen by ``"auto"``; :attr:`fd_step` holds the last step.
+    * ``"forward-difference"``: ``H v ~ (g(w + h v) - g(w)) / h`` with the dataset gradient
+      ``g(w)`` computed once (by :meth:`gradient`, which then returns it: Lanczos's start
+      vector costs nothing more) and kept while the parameters do not change: one gradient per
+      product, one more ``n``-vector kept. First-order error ``(h / 2) D^2 g[v, v]`` plus
+      rounding ``O(u ||g|| / h)``, so ``r = fd_shift`` defaults to ``u^(1/2)`` (float32 2.4e-4;
+      :mod:`analysis.operators.finite_difference`). The per-unit products of the data-sampling
+      standard errors (:meth:`unit_products`) use central differences (the units' own
+      gradients at ``w`` are not kept). Never chosen by ``"auto"``.
     * ``"auto"`` (default): chosen at the first product, on its first batch and with the user's
       own vector, for at most one extra product of that batch
       (:mod:`analysis.operators.auto`): the first batch's first-order graph is built and the
@@ -133,7 +141,7 @@ class HessianOperator(CurvatureOperator):
     """
 
     METHODS = ("auto", "forward-over-reverse", "double-backward", "cached-graph",
-               "finite-difference")
+               "finite-difference", "forward-difference")
 
     def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> Any:
         # an FSDP2-sharded model (DTensor parameters): the finite-difference operator on sharded
@@ -171,6 +179,8 @@ class HessianOperator(CurvatureOperator):
         self.requested_method = method
         self.fd_shift = fd_shift
         self.fd_step: float | None = None  # the step h of the last finite-difference product
+        self._fd_base: tuple | None = None  # forward differences: (state signature, g(w))
+        self._fd_plus = False  # inside a forward-difference pass: batches give g_b(w + h v)
         self.auto_choice: AutoChoice | None = None  # filled at the first product under "auto"
         self.fallback_reason: str | None = None
         self.batched_fallback_reason: str | None = None  # why matmat loops, if it does
@@ -236,7 +246,10 @@ class HessianOperator(CurvatureOperator):
         graphs hold it); one pass over the data otherwise. Under an unsettled ``"auto"`` with
         in-memory data it builds the first batch's first-order graph (which the choice at the
         first product reuses) and those of the other batches when they fit in the cache budget
-        (the gradient is then the one the cached graph would give)."""
+        (the gradient is then the one the cached graph would give). Under
+        ``"forward-difference"`` it is the kept ``g(w)`` of the products (a copy)."""
+        if self.method == "forward-difference":
+            return self._forward_base().clone()
         with self._context():
             graphs = self.method == "cached-graph"
             if self.method == "auto" and self._cached is not None:
@@ -272,11 +285,44 @@ class HessianOperator(CurvatureOperator):
             if v_norm == 0:  # no step along a zero vector: its product is zero
                 return torch.zeros_like(v)
             self.fd_step = finite_difference_step(v_norm, self.dtype, self.fd_shift)
+        if self.method == "forward-difference":
+            return self._forward_difference(v)
         return super()._apply(v)
 
+    def _forward_difference(self, v: torch.Tensor) -> torch.Tensor:
+        """``(g(w + h v) - g(w)) / h`` with ``g(w)`` from :meth:`gradient` (kept)."""
+        v_norm = float(torch.linalg.vector_norm(v))
+        if v_norm == 0:
+            return torch.zeros_like(v)
+        base = self._forward_base()
+        self.fd_step = h = finite_difference_step(v_norm, self.dtype, self.fd_shift, "forward")
+        self._fd_plus = True
+        try:
+            out = super()._apply(v)  # sum_b (n_b / N) g_b(w + h v), all-reduced
+        finally:
+            self._fd_plus = False
+        return out.sub_(base).div_(h)
+
+    def _forward_base(self) -> torch.Tensor:
+        """``g(w)`` for forward differences, recomputed when a parameter or buffer changed."""
+        sig = self._state_signature()
+        if self._fd_base is None or self._fd_base[0] != sig:
+            self._fd_base = None  # free the old one first
+            with self._context():
+                base = self._weighted_sum(self._gradient_part, lambda: torch.zeros(
+                    self.shape[0], device=self.device, dtype=self.dtype))
+            self._fd_base = (sig, base)
+        return self._fd_base[1]
+
+    def _gradient_part(self, state, x, y, weight, key):
+        gd = self._grad({n: state[n] for n in self._names}, state, x, y, weight)
+        return [gd[n] for n in self._names]
+
     def clear_cache(self) -> None:
-        """Drop cached graphs (they are rebuilt at the next product)."""
+        """Drop cached graphs and the kept ``g(w)`` of forward differences (they are rebuilt at
+        the next product)."""
         self._graphs.clear()
+        self._fd_base = None
         self._first_graph_stats = None
         self._signature = None
 
@@ -285,7 +331,12 @@ class HessianOperator(CurvatureOperator):
         if self.method == "cached-graph" and key is not None:
             entry = self._graph_entry(primals, state, x, y, weight, key)
             return self._graph_backward(entry, v_dict, retain=True)
-        if self.method == "finite-difference":
+        if self.method == "forward-difference" and self._fd_plus:
+            h = self.fd_step
+            shifted = {n: primals[n] + h * v_dict[n] for n in self._names}
+            gd = self._grad(shifted, state, x, y, weight)
+            return [gd[n] for n in self._names]
+        if self.method in ("finite-difference", "forward-difference"):
             return self._finite_difference(primals, state, v_dict, x, y, weight)
         if self.method == "forward-over-reverse":
             try:
@@ -406,7 +457,8 @@ class HessianOperator(CurvatureOperator):
     def _apply_block(self, V: torch.Tensor) -> torch.Tensor:
         # the cached graph is already one backward per product; batching it (vmap over the
         # backward) measured 1.2-1.4x slower per vector on CPU, so it loops
-        if (V.shape[1] == 1 or self.method in ("cached-graph", "finite-difference")
+        if (V.shape[1] == 1 or self.method in ("cached-graph", "finite-difference",
+                                               "forward-difference")
                 or getattr(self, "batched_fallback_reason", None) is not None):
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
         rows = V.detach().T.contiguous()  # (b, n)

@@ -110,22 +110,14 @@ def lanczos_cost(n: int, k: int, itemsize: int, *, max_iter: int | None = None,
     ``max_basis = min(n, max(2 k + 1, 20))`` (:func:`analysis.krylov.default_max_basis`; the
     Hessian guide, "Memory you can predict"; ``EigenResult.memory_bound_bytes``).
     """
-    from analysis.krylov import (
-        basis_itemsize,
-        default_max_basis,
-        default_max_iter,
-        memory_bound_bytes,
-    )
+    from analysis.cost import planned_products, vectors_bytes
 
-    if max_iter is None:
-        max_iter = default_max_iter(n, k)
-    if max_basis is None:
-        max_basis = default_max_basis(n, k)
-    max_basis = min(max_basis, n)
-    se = int(bool(data_stderr))
-    return Cost(label or f"top-{k} eigenvalues (Lanczos)", hvps=max_iter + se * k,
-                data_passes=max_iter + 1 + se,
-                memory_bytes=memory_bound_bytes(n, max_basis, basis_itemsize(itemsize)), exact=False,
+    hvps, _ = planned_products("lanczos", n, k=k, max_iter=max_iter, data_stderr=data_stderr)
+    cap = hvps - (k if data_stderr else 0)
+    return Cost(label or f"top-{k} eigenvalues (Lanczos)", hvps=hvps,
+                data_passes=cap + 1 + int(bool(data_stderr)),
+                memory_bytes=vectors_bytes("lanczos", n, itemsize, k=k, max_basis=max_basis),
+                exact=False,
                 note="the max_iter cap; it stops at the tolerance, usually far earlier")
 
 
@@ -150,6 +142,7 @@ def trace_cost(n: int, itemsize: int, *, num_matvecs: int = 99, method: str = "h
     standard error adds no product and no pass (the quadratic forms' blocks are taken per
     sampling unit, :class:`analysis.uncertainty.UnitForms`).
     """
+    from analysis.cost import planned_products
     from analysis.trace import sketch_size, trace_memory_bound_bytes
 
     b = _block_size(n, itemsize, block_size)
@@ -158,8 +151,8 @@ def trace_cost(n: int, itemsize: int, *, num_matvecs: int = 99, method: str = "h
     if method == "hutchinson":
         return Cost(name, hvps=num_matvecs, data_passes=math.ceil(num_matvecs / b), memory_bytes=memory)
     s = sketch_size(n, num_matvecs)
-    stages = 2 if s >= n else 3
-    return Cost(name, hvps=stages * s, data_passes=stages * math.ceil(s / b), memory_bytes=memory)
+    hvps, _ = planned_products("trace", n, num_matvecs=num_matvecs)
+    return Cost(name, hvps=hvps, data_passes=(hvps // s if s else 0) * math.ceil(s / b), memory_bytes=memory)
 
 
 def density_cost(n: int, itemsize: int, *, num_iter: int = 80, num_runs: int = 10,

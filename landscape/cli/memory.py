@@ -3,27 +3,18 @@ the first data pass.
 
 The peak extra memory of a command is estimated as
 
-    peak = max_a memory_bytes(a) + products
+    peak = max_a memory_bytes(a) + product
 
-with ``memory_bytes(a)`` the formula of each planned analysis (:mod:`landscape.cli.estimate`:
-the Krylov basis of Lanczos, the SLQ runs, the trace sketch, the slice directions) and
-``products`` the working memory of the Hessian-vector products, which the formulas leave out:
-
-* ``A``: the bytes of the tensors the autograd graph of the first batch's loss saves for
-  backward (measured with one forward pass under ``torch.autograd.graph.saved_tensors_hooks``,
-  :func:`analysis.operators.auto.saved_bytes`; parameters, buffers and inputs left out);
-* ``method="auto"``'s calibration, which times every product method on the first batch while
-  holding the graph it may keep: :data:`CALIBRATION_FACTOR` ``* A`` (the peak resident growth of
-  a first ``"auto"`` product measured 10 A on a GPT-2 of 4 blocks of width 256 and 20 A on a
-  tanh MLP, CPU, ``benchmarks/mixed_claims.py``; a single double-backward product 10 A);
-* the cached graphs of all batches when ``"auto"`` would keep them (in-memory data of several
-  batches whose graphs fit :func:`analysis.operators.auto.cache_budget`): ``2 A`` per batch,
-  scaled by its loss terms (the estimate ``"auto"`` itself makes).
-
-Commands without products count ``A`` for a backward pass (sharpness) and nothing for forward
-passes alone (slices). The estimate is compared with :func:`analysis.operators.auto.available_bytes`
-(CUDA's free memory, the host's ``MemAvailable``); a command whose estimate exceeds it stops with
-a :class:`~landscape.cli._common.CLIError` naming both numbers before any analysis starts, unless
+with ``memory_bytes(a)`` the vectors of each planned analysis (:mod:`landscape.cli.estimate`,
+whose formulas are :mod:`analysis.cost`'s: the Krylov basis of Lanczos, the SLQ runs, the trace
+sketch, the slice directions) and ``product`` the working memory of one Hessian-vector product
+under ``method="auto"``, the one formula of :mod:`analysis.operators.estimate` (one forward pass
+of the first batch measures its saved activations ``A``; ``"auto"`` counts the larger of the two
+methods it compares at its first product). Commands without products count ``A`` for a
+backward pass (sharpness) and nothing for forward passes alone (slices). The estimate is
+compared with :func:`analysis.operators.auto.available_bytes` (CUDA's free memory, the host's
+``MemAvailable``); a command whose estimate exceeds it stops with a
+:class:`~landscape.cli._common.CLIError` naming both numbers before any analysis starts, unless
 ``--no-memory-check``.
 """
 
@@ -34,38 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from analysis import Data, LossSpec
+    from analysis.operators.estimate import ProductEstimate
 
-__all__ = ["CALIBRATION_FACTOR", "GRAPH_FACTOR", "MemoryCheck", "ProductMemory", "check_memory",
-           "product_memory"]
-
-#: Peak working memory of the first ``"auto"`` product, in units of the first batch's saved
-#: activations ``A`` (measured 10-20, see the module docstring).
-CALIBRATION_FACTOR = 20
-
-#: Bytes of one cached first-order graph (``create_graph=True``) in units of ``A``.
-GRAPH_FACTOR = 2
-
-
-@dataclass(frozen=True)
-class ProductMemory:
-    """The working memory of Hessian-vector products on a model and its data (bytes).
-
-    Attributes:
-        activation_bytes: ``A``, the tensors the first batch's graph saves for backward.
-        calibration_bytes: ``CALIBRATION_FACTOR * A``, the first ``"auto"`` product.
-        cached_graph_bytes: the graphs of all batches ``"auto"`` would keep (0 when it would
-            not cache them: a DataLoader, one batch, or more than the cache budget).
-        total_bytes: ``calibration_bytes + cached_graph_bytes``.
-    """
-
-    activation_bytes: int
-    calibration_bytes: int
-    cached_graph_bytes: int
-    total_bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dictionary."""
-        return asdict(self)
+__all__ = ["MemoryCheck", "check_memory", "product_memory"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +45,7 @@ class MemoryCheck:
 
     peak_bytes: int
     analyses_bytes: int
-    products: ProductMemory | None
+    products: ProductEstimate | None
     available_bytes: int | None
     device: str
     fits: bool
@@ -95,38 +57,20 @@ class MemoryCheck:
         return d
 
 
-def product_memory(model: Any, loss_fn: LossSpec, data: Data) -> ProductMemory:
-    """Measure ``A`` on the first batch of ``data`` (one forward pass with autograd on, eval
-    mode, the math attention kernels the products use) and estimate the products' working
-    memory from it (see the module docstring). The model is left as it was."""
-    import torch
-
-    from analysis.attention import second_order_attention
-    from analysis.data import DataSource, as_data, to_device
-    from analysis.evaluation import forward, model_device_dtype, model_mode, resolve_loss
-    from analysis.losses import loss_terms
-    from analysis.operators.auto import cache_budget, saved_bytes, tensors_of
+def product_memory(model: Any, loss_fn: LossSpec, data: Data, **operator_kwargs: Any) -> ProductEstimate:
+    """:func:`analysis.operators.estimate.estimate_product_bytes` on the whole data (under
+    ``torch.distributed`` the estimate is per rank, from the first batch of the whole data, so
+    no collective runs) with the operator's own first-batch check left to the analyses (the
+    model is left as it was)."""
+    from analysis.data import DataSource, as_data
+    from analysis.operators.estimate import estimate_product_bytes
 
     source = as_data(data)
-    if source.shard:  # the estimate is per rank, from the first batch of the whole data
+    if source.shard:
         source = DataSource(source.data, batch_size=source.batch_size,
                             max_samples=source.max_samples)
-    loss_fn = resolve_loss(loss_fn)
-    device, dtype = model_device_dtype(model)
-    first = next(iter(source))
-    x = to_device(first.inputs, device, dtype)
-    y = to_device(first.targets, device, dtype)
-    exclude = [*model.parameters(), *model.buffers(), *tensors_of(x), *tensors_of(y)]
-    with model_mode(model, "eval"), torch.enable_grad(), second_order_attention():
-        _, act = saved_bytes(lambda: loss_fn(forward(model, x), y), exclude)
-    cached = 0
-    if source.in_memory:
-        terms = [loss_terms(loss_fn, b.inputs, b.targets, b.size) for b in source]
-        total = int(GRAPH_FACTOR * act * sum(terms) / max(1, terms[0]))
-        if len(terms) > 1 and total <= cache_budget(device):
-            cached = total
-    calib = CALIBRATION_FACTOR * act
-    return ProductMemory(int(act), int(calib), cached, int(calib + cached))
+    operator_kwargs.setdefault("check_deterministic", False)
+    return estimate_product_bytes(model, loss_fn, source, **operator_kwargs)
 
 
 def check_memory(costs: list, model: Any, loss_fn: LossSpec, data: Data, *, log: Any,
@@ -164,12 +108,10 @@ def check_memory(costs: list, model: Any, loss_fn: LossSpec, data: Data, *, log:
             log(f"warning: memory check: the products' memory was not measured "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     if products is not None and hvps:
-        extra = products.total_bytes
-        log(f"memory estimate: Hessian-vector products: {_fmt(products.total_bytes)} "
-            f"({CALIBRATION_FACTOR} x the first batch's {_fmt(products.activation_bytes)} of saved "
-            f"activations for method='auto''s calibration"
-            + (f", {_fmt(products.cached_graph_bytes)} of cached graphs" if products.cached_graph_bytes
-               else "") + ")")
+        extra = products.product_bytes
+        log(f"memory estimate: Hessian-vector products: {_fmt(products.product_bytes)} "
+            f"(method='auto', as {products.chosen}, from the first batch's "
+            f"{_fmt(products.activation_bytes)} of saved activations)")
     elif products is not None:
         extra = products.activation_bytes
     avail = available_bytes(device) if available is None else int(available)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import demo, hessian, report, sharpness
+from . import estimate_command as estimate_cmd
 from . import reproduce as reproduce_cmd
 from . import slice as slice_
 from .options import HelpFormatter, Parser
@@ -12,7 +13,7 @@ from .options import HelpFormatter, Parser
 __all__ = ["COMMANDS"]
 
 #: The subcommand modules, in the order of ``landscape --help``.
-COMMANDS = (sharpness, hessian, slice_, report, demo)
+COMMANDS = (sharpness, hessian, slice_, report, demo, estimate_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

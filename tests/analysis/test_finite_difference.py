@@ -135,22 +135,29 @@ def test_the_shift_does_not_grow_with_the_parameter_norm():
     assert worst < bound < 5e-3, (worst, bound)  # the old shift: ~0.39^2 / 6 |sin w_i|
 
 
-def _lm_problem():
+def lm_problem():
+    """A tiny causal LM on padded batches (float64): model, loss, data, batch size."""
     model = lm_model()
     return model, "lm", padded_batches(token_sequences()), None
 
 
-def _mlp_problem():
+def mlp_problem():
+    """A tanh MLP in batches of 7 (float64): model, loss, data, batch size."""
     return mlp(), "cross_entropy", classification_data(), 7
 
 
-@pytest.mark.parametrize("problem", [_mlp_problem, _lm_problem], ids=["mlp", "causal-lm"])
-def test_operator_matches_the_dense_hessian_and_the_error_falls_as_h_squared(problem):
+def dense_setup(problem):
+    """``problem()``'s parts, a seeded vector ``v``, the dense float64 ``H v`` and the weights."""
     model, loss, data, bs = problem()
     A = dense_hessian(model, loss, data, batch_size=bs)
     v = torch.randn(A.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    exact = A @ v
     before = [p.detach().clone() for p in model.parameters()]
+    return model, loss, data, bs, v, A @ v, before
+
+
+@pytest.mark.parametrize("problem", [mlp_problem, lm_problem], ids=["mlp", "causal-lm"])
+def test_operator_matches_the_dense_hessian_and_the_error_falls_as_h_squared(problem):
+    model, loss, data, bs, v, exact, before = dense_setup(problem)
 
     def err(r):
         H = HessianOperator(model, loss, data, batch_size=bs, method="finite-difference",
@@ -185,7 +192,7 @@ def test_operator_in_float32_against_the_float64_dense_hessian():
 
 
 def test_top_eigenpairs_by_finite_differences_and_the_model_is_never_modified():
-    model, loss, data, bs = _mlp_problem()
+    model, loss, data, bs = mlp_problem()
     A = dense_hessian(model, loss, data, batch_size=bs)
     res = top_eigenpairs(model, loss, data, k=2, tol=1e-6, batch_size=bs,
                          method="finite-difference")

@@ -1,7 +1,8 @@
 """The CLI's memory check and first-product time estimate (issue 27, item 6): an estimate above
 the available memory stops the command before any analysis (unless --no-memory-check); the
-estimate includes method='auto''s calibration; the time estimate of Lanczos comes from a first
-product, which changes no result."""
+products' memory is the one formula of analysis.operators.estimate (method='auto': the larger of
+the two methods it compares); the time estimate of Lanczos comes from a first product, which
+changes no result."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from torch import nn
 
 import analysis.operators.auto as auto
 from analysis import HessianOperator, top_eigenpairs
+from analysis.operators.estimate import estimate_product_bytes
 from landscape.cli import estimate as E
 from landscape.cli import main
-from landscape.cli.memory import CALIBRATION_FACTOR, GRAPH_FACTOR, check_memory, product_memory
+from landscape.cli.memory import check_memory, product_memory
 from tests.landscape import cli_fixtures as fx
 
 FIX = "tests.landscape.cli_fixtures"
@@ -34,26 +36,33 @@ def _mlp():
     return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
 
-def test_product_memory_by_hand():
+N_MLP = 6 * 5 + 5 + 5 * 3 + 3  # 53 float64 parameters
+
+
+def test_product_memory_by_hand_is_the_analysis_estimate():
     """A: the tanh output (n x 5, saved once for tanh and the second Linear), the log-softmax
-    output (n x 3) and the 0-d total weight of nll_loss, float64; inputs and weights excluded."""
+    output (n x 3) and the 0-d total weight of nll_loss, float64; inputs and weights excluded.
+    'auto' is the larger of forward-over-reverse (2 A + 3 n s) and the cached graph of all
+    batches (3 A per batch, scaled by samples, + 2 n s)."""
     x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
     one = product_memory(_mlp(), "cross_entropy", (x, y))
-    assert one.activation_bytes == 40 * (5 + 3) * 8 + 8
-    assert one.calibration_bytes == CALIBRATION_FACTOR * one.activation_bytes
-    assert one.cached_graph_bytes == 0 and one.total_bytes == one.calibration_bytes  # one batch
+    a = 40 * (5 + 3) * 8 + 8
+    assert one.activation_bytes == a
+    assert one.product_bytes == max(2 * a + 3 * N_MLP * 8, 3 * a + 2 * N_MLP * 8)
     two = product_memory(_mlp(), "cross_entropy", [(x[:30], y[:30]), (x[30:], y[30:])])
     a = 30 * 8 * 8 + 8
-    assert two.activation_bytes == a
-    assert two.cached_graph_bytes == int(GRAPH_FACTOR * a * 40 / 30)
-    assert two.total_bytes == CALIBRATION_FACTOR * a + two.cached_graph_bytes
+    assert two.activation_bytes == a and two.all_activation_bytes == int(a * 40 / 30)
+    assert two.chosen == "cached-graph"
+    assert two.product_bytes == 3 * int(a * 40 / 30) + 2 * N_MLP * 8
+    same = estimate_product_bytes(_mlp(), "cross_entropy", [(x[:30], y[:30]), (x[30:], y[30:])])
+    assert same.to_dict() == two.to_dict()  # one formula: the CLI's is the analysis's
 
 
 def test_check_memory_refuses_with_both_numbers_and_allows_the_override():
     x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
     costs = [E.lanczos_cost(53, 1, 8)]
     lines = []
-    need = costs[0].memory_bytes + CALIBRATION_FACTOR * (40 * 8 * 8 + 8)
+    need = costs[0].memory_bytes + product_memory(_mlp(), "cross_entropy", (x, y)).product_bytes
     ok = check_memory(costs, _mlp(), "cross_entropy", (x, y), log=lines.append, available=need)
     assert ok.fits and ok.peak_bytes == need
     from landscape.cli import CLIError
@@ -64,7 +73,7 @@ def test_check_memory_refuses_with_both_numbers_and_allows_the_override():
     over = check_memory(costs, _mlp(), "cross_entropy", (x, y), log=lines.append,
                         available=need - 1, ignore=True)
     assert not over.fits
-    assert any("calibration" in line for line in lines)
+    assert any("method='auto'" in line for line in lines)
 
 
 def test_cli_refuses_before_any_analysis_when_memory_is_short(ckpt, tmp_path, capsys, monkeypatch):
