@@ -367,21 +367,8 @@ def hessian_trace(
             ``max_vectors`` below 5 (Hutchinson: 3).
     """
     seed = check_seed(seed, "hessian_trace()")
-    if method not in ("hutch++", "hutchinson"):
-        hint = (" (a product method: pass HessianOperator(model, loss_fn, data, method=...) "
-                "as op)" if method in ("auto", "forward-over-reverse", "double-backward",
-                                       "cached-graph") else "")
-        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}{hint}")
-    if not isinstance(num_matvecs, int) or isinstance(num_matvecs, bool):
-        raise TypeError(f"num_matvecs must be an int, got {type(num_matvecs).__name__}")
-    minimum = 3 if method == "hutch++" else 2
-    if num_matvecs < minimum:
-        raise ValueError(f"num_matvecs must be >= {minimum} for {method}, got {num_matvecs}")
-    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
-                                   or block_size < 1):
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_arguments(num_matvecs, method, block_size, max_vectors)
     check_stderr_args(bool(data_stderr) if data_stderr is None else data_stderr, min_units)
-    _check_max_vectors(max_vectors, method)
     op = as_linear_operator(op, loss_fn, data, **operator_kwargs)
     n = int(op.shape[0])
     shards = getattr(op, "shards", None)  # sharded vectors: this rank's shards (analysis.shards)
@@ -450,6 +437,24 @@ def hessian_trace(
         data_stderr=None if data is None else data.stderr[0],
         data_sampling=data,
     )
+
+
+def _check_arguments(num_matvecs: Any, method: Any, block_size: Any, max_vectors: Any) -> None:
+    """:func:`hessian_trace`'s budget, method, block and cap, or a ValueError/TypeError."""
+    if method not in ("hutch++", "hutchinson"):
+        hint = (" (a product method: pass HessianOperator(model, loss_fn, data, method=...) "
+                "as op)" if method in ("auto", "forward-over-reverse", "double-backward",
+                                       "cached-graph") else "")
+        raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}{hint}")
+    if not isinstance(num_matvecs, int) or isinstance(num_matvecs, bool):
+        raise TypeError(f"num_matvecs must be an int, got {type(num_matvecs).__name__}")
+    minimum = 3 if method == "hutch++" else 2
+    if num_matvecs < minimum:
+        raise ValueError(f"num_matvecs must be >= {minimum} for {method}, got {num_matvecs}")
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
+                                   or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    _check_max_vectors(max_vectors, method)
 
 
 def _unit_traces(op: Any, units: list[UnitForms]) -> DataStdError:
