@@ -153,7 +153,12 @@ class ParameterSpace:
             if len({id(p) for _, p in chosen}) != len(chosen):
                 raise ValueError("`params` names the same parameter twice")
         self.names: list[str] = [n for n, _ in chosen]
-        self.params: list[torch.Tensor] = [p for _, p in chosen]
+        #: FSDP2 (``fully_shard``): the parameters are DTensors sharded on dim 0; the space is
+        #: then this rank's part, see :meth:`local_part` and :meth:`dot`
+        self.sharded: bool = check_sharded(chosen)
+        #: the DTensor parameters of a sharded space (``[]`` otherwise)
+        self.dtensors: list[torch.Tensor] = [p for _, p in chosen] if self.sharded else []
+        self.params: list[torch.Tensor] = [local_shard(p) for _, p in chosen]
         self.shapes: list[torch.Size] = [p.shape for p in self.params]
         self.numels: list[int] = [p.numel() for p in self.params]
         self.numel: int = sum(self.numels)
@@ -240,7 +245,11 @@ class ParameterSpace:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     def grad_vector(self) -> torch.Tensor:
-        """A flat copy of the parameters' ``.grad`` (zeros where ``.grad`` is None)."""
+        """A flat copy of the parameters' ``.grad`` (zeros where ``.grad`` is None; a sharded
+        space: this rank's shards of the reduce-scattered gradients)."""
+        if self.sharded:
+            return self.flatten([None if p.grad is None else local_shard(p.grad)
+                                 for p in self.dtensors])
         return self.flatten([p.grad for p in self.params])
 
     @torch.no_grad()
@@ -280,3 +289,86 @@ class ParameterSpace:
             out.append((start, start + n))
             start += n
         return out
+
+    # -- FSDP2-sharded spaces: vectors are this rank's shards ---------------------------------
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The inner product ``a . b`` of two vectors of the space, in float64, summed over the
+        ranks' shards when the space is sharded (one all-reduce); a 0-d tensor."""
+        out = (a.detach().to(torch.float64) @ b.detach().to(torch.float64)).reshape(1)
+        return self.all_reduce(out)[0]
+
+    def norm(self, v: torch.Tensor) -> torch.Tensor:
+        """``||v||`` over the whole space (float64, all shards; a 0-d tensor)."""
+        return self.dot(v, v).sqrt()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` (per-rank partial sums over this rank's shards) over the ranks in place when
+        the space is sharded; unchanged otherwise. Returns ``t``."""
+        if self.sharded:
+            from .distributed import all_reduce_sum
+
+            all_reduce_sum(t)
+        return t
+
+    @property
+    def full_numel(self) -> int:
+        """The number of scalars of the whole (unsharded) space: :attr:`numel` unless sharded."""
+        return sum(p.numel() for p in self.dtensors) if self.sharded else self.numel
+
+    def local_part(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's entries of a vector over the whole space (length :attr:`full_numel`, in
+        the order of one process: each parameter flattened in full), as a vector of the space;
+        ``full`` itself (checked) unless sharded. With ``Shard(0)`` a rank holds the rows
+        ``[start, start + rows)`` of every parameter, so its part of parameter ``p`` is a
+        contiguous run of ``full``."""
+        if not self.sharded:
+            return self.check_vector(full)
+        if full.dim() != 1 or full.numel() != self.full_numel:
+            raise ValueError(f"a full vector needs shape ({self.full_numel},), got "
+                             f"{tuple(full.shape)}")
+        parts, offset = [], 0
+        for d, local in zip(self.dtensors, self.params):
+            row = d[0].numel() if d.dim() > 0 else 1
+            start = shard_start(d)
+            parts.append(full[offset + start * row:offset + start * row + local.numel()])
+            offset += d.numel()
+        return torch.cat(parts)
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter)."""
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view of its storage: writing it writes the parameter);
+    any other tensor unchanged."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_start(d: torch.Tensor) -> int:
+    """The first global row of this rank's shard of a DTensor sharded on dim 0 over a 1-D
+    mesh (``torch.chunk``'s rule, as FSDP2: ``ceil(rows / world)`` rows per rank)."""
+    mesh = d.device_mesh
+    rows, world, rank = d.shape[0], mesh.size(), mesh.get_local_rank()
+    return min(rank * -(-rows // world), rows)
+
+
+def check_sharded(named: Sequence[tuple[str, torch.Tensor]]) -> bool:
+    """Whether the parameters are FSDP2 DTensors (all of them, each ``Shard(0)`` on a 1-D
+    mesh, as ``fully_shard`` makes them); ValueError naming a parameter that breaks the rule."""
+    sharded = [n for n, p in named if is_dtensor(p)]
+    if not sharded:
+        return False
+    plain = [n for n, p in named if not is_dtensor(p)]
+    if plain:
+        raise ValueError(f"parameters {plain[:3]} are plain tensors while {sharded[:3]} are "
+                         "DTensors: shard the whole model with fully_shard (or select the "
+                         "sharded parameters with params=)")
+    for n, p in named:
+        kinds = [type(pl).__name__ + str(getattr(pl, "dim", "")) for pl in p.placements]
+        if p.device_mesh.ndim != 1 or kinds != ["Shard0"]:
+            raise ValueError(f"parameter {n!r} has placements {p.placements} on a "
+                             f"{p.device_mesh.ndim}-D mesh; a sharded ParameterSpace supports "
+                             "FSDP2's Shard(0) on a 1-D mesh")
+    return True
