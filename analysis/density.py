@@ -136,6 +136,7 @@ def spectral_density(
     op = as_linear_operator(op, loss_fn, data, **operator_kwargs)
     n = int(op.shape[0])
     m = min(num_iter, n)
+    shards = getattr(op, "shards", None)  # sharded vectors (analysis.shards)
     gen = torch.Generator().manual_seed(seed)
     start = op.num_matvecs
     nodes = np.zeros((num_runs, m))
@@ -143,8 +144,9 @@ def spectral_density(
     b = min(block_size or 1, num_runs)
     for r0 in progress_bar(range(0, num_runs, b), enabled=progress, desc="slq", unit="block"):
         runs = range(r0, min(r0 + b, num_runs))
-        V = torch.stack([torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
-                         for _ in runs], 1)
+        V = torch.stack([(torch.randint(0, 2, (n,), generator=gen) if shards is None
+                          else shards.randint(1, gen)[0]).to(torch.float64) * 2 - 1
+                         for _ in runs], 1)  # sharded: this rank's slice of the same vector
         for r, T in zip(runs, lanczos_tridiagonals(op, V, m)):
             theta, S = torch.linalg.eigh(T)
             tau = S[0, :] ** 2

@@ -47,7 +47,7 @@ DGKS_ETA = 0.7071
 OMEGA_NOISE = 30.0
 
 
-def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+def dot64(a: torch.Tensor, b: torch.Tensor, reduce: Any = None) -> float:
     """``a . b`` accumulated in float64, with no float64 copy of a whole vector.
 
     * float64: one BLAS product;
@@ -62,7 +62,12 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
     1.1e7 entries. Two-level float32 partial sums (BLAS over slabs of 16384, added in float64)
     were tried and are not enough: on a 3e5-entry diagonal their Rayleigh quotients were off by
     ``2e-6`` relative (33 ``u_32``), above the error bounds (``tests/analysis/test_lanczos.py``).
+
+    ``reduce``: for sharded vectors, the sum over ranks of the local parts
+    (:meth:`analysis.shards.VectorShards.sum`, one all-reduce); ``None`` for whole vectors.
     """
+    if reduce is not None:
+        return reduce(dot64(a, b))
     if a.dtype == torch.float64 and b.dtype == torch.float64:
         return float(torch.dot(a, b))
     if a.device.type != "cpu":
@@ -89,9 +94,9 @@ def chunk_rows(n: int, itemsize: int) -> int:
     return int(max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // max(1, n * itemsize))))
 
 
-def norm64(a: torch.Tensor) -> float:
-    """``||a||_2`` accumulated in float64 (see :func:`dot64`)."""
-    return math.sqrt(max(dot64(a, a), 0.0))
+def norm64(a: torch.Tensor, reduce: Any = None) -> float:
+    """``||a||_2`` accumulated in float64 (see :func:`dot64`; ``reduce`` for sharded vectors)."""
+    return math.sqrt(max(dot64(a, a, reduce), 0.0))
 
 
 class KrylovBasis:
@@ -118,6 +123,9 @@ class KrylovBasis:
         #: error scales with |q| |w|, not |q . w|), which moved Ritz values by 3e-3
         self.exact = dtype != torch.float64
         self.chunks: list[torch.Tensor] = []
+        #: the sum over ranks of :meth:`project` for sharded rows (``n`` is then this rank's
+        #: length; :meth:`analysis.shards.VectorShards.sum`), ``None`` for whole vectors
+        self.reduce: Any = None
         self.size = 0
         self.peak_rows = 0
 
@@ -168,12 +176,18 @@ class KrylovBasis:
             start += rows
 
     def project(self, w: torch.Tensor, m: int) -> torch.Tensor:
-        """``Q[:m] w`` (one product per chunk), as a float64 CPU vector.
+        """``Q[:m] w`` (one product per chunk), as a float64 CPU vector (summed over ranks by
+        :attr:`reduce` for sharded rows).
 
         Low precision: two-level, the working-precision partial sums over ``EXACT_SLAB``
         entries are written into an ``(n / EXACT_SLAB, m)`` matrix (no temporaries per slab)
         and added up in float64.
         """
+        if self.reduce is not None:
+            return self.reduce(self._project(w, m))
+        return self._project(w, m)
+
+    def _project(self, w: torch.Tensor, m: int) -> torch.Tensor:
         parts = list(self._parts(m))
         if not self.exact:
             h = torch.empty(m, dtype=self.dtype, device=self.device)
@@ -241,19 +255,24 @@ def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int) -> list[torch
     The same as :func:`lanczos_tridiagonal` for each column, but each step applies the operator
     to the ``b`` current vectors at once (``op.matmat`` when it has one: one batched pass over
     the data); a run that breaks down early drops out of the block. Memory: ``b`` bases of up
-    to ``num_iter`` vectors and a block of ``b`` products.
+    to ``num_iter`` vectors and a block of ``b`` products. An operator with ``shards``
+    (:class:`analysis.shards.VectorShards`) takes this rank's shards: ``V0`` and the bases hold
+    ``shards.local_numel`` rows, and every reduction is summed over the ranks.
     """
     n = int(op.shape[0])
     num_iter = min(int(num_iter), n)
+    shards = getattr(op, "shards", None)
+    reduce, n_local = (None, n) if shards is None else (shards.sum, shards.local_numel)
     device, dtype = op.device, op.dtype
     eps = torch.finfo(dtype).eps
     b = V0.shape[1]
     bases = []
     for r in range(b):
         q = V0[:, r].to(device=device, dtype=dtype).clone()
-        basis = KrylovBasis(n, num_iter, dtype, device,
-                            first=chunk_rows(n, torch.empty((), dtype=dtype).element_size()))
-        basis.set_row(0, q.div_(norm64(q)))
+        basis = KrylovBasis(n_local, num_iter, dtype, device,
+                            first=chunk_rows(n_local, torch.empty((), dtype=dtype).element_size()))
+        basis.reduce = reduce
+        basis.set_row(0, q.div_(norm64(q, reduce)))
         bases.append(basis)
     Ts = [torch.zeros(num_iter, num_iter, dtype=torch.float64) for _ in range(b)]
     sizes = [num_iter] * b
@@ -269,14 +288,14 @@ def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int) -> list[torch
         for c, r in enumerate(active):
             basis, T, w = bases[r], Ts[r], W[:, c].contiguous()
             m = j + 1
-            alpha = dot64(basis.row(j), w)
+            alpha = dot64(basis.row(j), w, reduce)
             basis.subtract(w, basis.project(w, m), m)
             h2 = basis.project(w, m)
             basis.subtract(w, h2, m)
             T[j, j] = alpha + float(h2[j])
             if j + 1 == num_iter:
                 continue
-            beta = norm64(w)
+            beta = norm64(w, reduce)
             scale = float(T[: j + 1, : j + 1].abs().max())
             if beta <= max(scale, 1e-300) * eps * 10:
                 sizes[r] = j + 1
@@ -415,13 +434,13 @@ class Reorthogonalizer:
         basis = self.basis
         h = basis.project(w, m)
         basis.subtract(w, h, m)
-        wn = norm64(w)
+        wn = norm64(w, basis.reduce)
         self.passes += 1
         if not wn >= DGKS_ETA * w1:
             h2 = basis.project(w, m)
             basis.subtract(w, h2, m)
             h += h2
-            wn = norm64(w)
+            wn = norm64(w, basis.reduce)
             self.passes += 1
         return h, wn
 
@@ -443,7 +462,7 @@ class Reorthogonalizer:
         if self.kept and not self.force:
             basis.subtract(w, basis.project(w, self.kept), self.kept)
             self.passes += 1
-        wn = norm64(w)
+        wn = norm64(w, basis.reduce)
         lost = self.omega.need(T, j, wn, max(tnorm, wn + abs(alpha) + abs(c)), self.kept)
         done = bool(self.force or lost)
         if done:

@@ -320,7 +320,6 @@ def _check_arguments(op: Any, k: Any, which: Any, tol: Any, max_iter: Any,
 
 def _start_vector(op: Any, v0: Any, which: str, run: _Lanczos) -> torch.Tensor:
     """The unnormalized start vector on the basis device and dtype (see ``v0``)."""
-    n = run.n
     if v0 == "auto" or v0 is None:
         v0 = "gradient" if isinstance(op, HessianOperator) and which == "LA" else "random"
     if isinstance(v0, str):
@@ -332,14 +331,14 @@ def _start_vector(op: Any, v0: Any, which: str, run: _Lanczos) -> torch.Tensor:
         q = run.random_vector()
         if v0 == "gradient":
             g = op.gradient().to(device=run.bdev, dtype=run.dtype)
-            gn = norm64(g)
-            q.div_(norm64(q))
+            gn = norm64(g, run.reduce)
+            q.div_(norm64(q, run.reduce))
             if gn > 0 and math.isfinite(gn):
                 q.add_(g, alpha=1.0 / gn)
             del g
         return q
-    if not isinstance(v0, torch.Tensor) or v0.shape != (n,):
-        raise ValueError(f"v0 must be a tensor of shape ({n},), got "
+    if not isinstance(v0, torch.Tensor) or v0.shape != (run.local_n,):
+        raise ValueError(f"v0 must be a tensor of shape ({run.local_n},), got "
                          f"{tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
     return v0.detach().to(device=run.bdev, dtype=run.dtype).clone()
 
@@ -359,6 +358,10 @@ class _Lanczos:
         self.op, self.k, self.which, self.tol, self.max_basis = op, k, which, tol, max_basis
         self.max_iter = max_iter
         self.n = n = int(op.shape[0])
+        # sharded vectors (analysis.shards): this rank's rows, reductions summed over ranks
+        self.shards = getattr(op, "shards", None)
+        self.reduce = None if self.shards is None else self.shards.sum
+        self.local_n = n if self.shards is None else self.shards.local_numel
         self.device, self.op_dtype = op.device, op.dtype
         # half-precision operators get a float32 basis: a bfloat16 basis loses orthogonality at
         # 1e-2 and with it whole eigenvalues
@@ -376,7 +379,8 @@ class _Lanczos:
         # coarser than that (bfloat16, float16) get full passes, which also measure their noise
         self.partial = reorth == "partial" and self.op_eps <= self.eps
         self.gen = torch.Generator().manual_seed(seed)
-        self.basis = KrylovBasis(n, max_basis + 1, dtype, self.bdev, first=k, pin=pin)
+        self.basis = KrylovBasis(self.local_n, max_basis + 1, dtype, self.bdev, first=k, pin=pin)
+        self.basis.reduce = self.reduce
         self.reorth = Reorthogonalizer(self.basis, self.eps)
         self.T = torch.zeros(max_basis + 1, max_basis + 1, dtype=torch.float64)
         self.j = 0  # index of the column being computed; basis rows 0..j are the basis
@@ -391,11 +395,12 @@ class _Lanczos:
         self.start_matvecs = op.num_matvecs
 
     def random_vector(self) -> torch.Tensor:
-        v = torch.randn(self.n, generator=self.gen, dtype=torch.float64)
+        v = torch.randn(self.n, generator=self.gen, dtype=torch.float64) if self.shards is None \
+            else self.shards.randn(self.gen)  # the same vector, this rank's slice
         return v.to(device=self.bdev, dtype=self.dtype)
 
     def start(self, q: torch.Tensor) -> None:
-        nrm = norm64(q)
+        nrm = norm64(q, self.reduce)
         if not nrm > 0 or not math.isfinite(nrm):
             raise ValueError("the start vector v0 is zero or not finite")
         self.basis.set_row(0, q.div_(nrm))
@@ -436,7 +441,7 @@ class _Lanczos:
         if w.device != self.bdev or w.dtype != self.dtype:
             w = w.to(device=self.bdev, dtype=self.dtype)
         m = j + 1
-        alpha = dot64(qj, w)
+        alpha = dot64(qj, w, self.reduce)
         c = float(self.T[j - 1, j]) if j >= 1 else 0.0
         w.add_(qj, alpha=-alpha)
         if c != 0.0:
@@ -444,7 +449,8 @@ class _Lanczos:
         if self.partial and not (self.restarts and j == self.band - 1):
             self.tnorm = max(self.tnorm, abs(alpha) + abs(c))
             return self.reorth.partial(w, self.T, j, alpha, c, self.tnorm)
-        w1 = float(torch.linalg.vector_norm(w))  # only for the DGKS test: working precision
+        w1 = float(torch.linalg.vector_norm(w)) if self.reduce is None else norm64(
+            w, self.reduce)  # only for the DGKS test: working precision (global if sharded)
         h, wn = self.reorth.full(w, m, w1)
         if j >= self.band and j > 1:
             self.noise = max(self.noise, float(h[: j - 1].abs().max()))
@@ -509,7 +515,7 @@ class _Lanczos:
             w = self.random_vector()
             basis.subtract(w, basis.project(w, m), m)
             basis.subtract(w, basis.project(w, m), m)
-            beta_new = norm64(w)
+            beta_new = norm64(w, self.reduce)
             if beta_new > self.eps * 100:
                 break
         return w.div_(beta_new)
@@ -540,7 +546,7 @@ class _Lanczos:
         """The wanted Ritz pairs, descending; the eigenvectors rotated in place into the basis."""
         theta, S, res, idx, errs = self.theta, self.S, self.res, self.idx, self.errs
         assert theta is not None and S is not None and res is not None and idx is not None
-        k, n, m = self.k, self.n, S.shape[0]
+        k, m = self.k, S.shape[0]
         if idx.numel() < k:  # cannot happen for k <= n unless max_iter < k
             raise ValueError(f"max_iter={self.max_iter} is too small to find k={k} eigenpairs")
         order = torch.argsort(theta[idx], descending=True)
@@ -549,15 +555,16 @@ class _Lanczos:
         basis.rotate(S[:, idx], m)  # Ritz vectors in place in the first k rows; rest freed
         basis.truncate(k)
         vecs = basis.chunks[0][:k]
-        peak_bytes = basis.peak_rows * n * self.itemsize
+        peak_bytes = basis.peak_rows * self.local_n * self.itemsize
         del basis
         self.basis = None
         for i in range(k):
             # unit norm (float64 accumulation) and a fixed sign: the entry of largest
             # magnitude positive (scikit-learn's svd_flip), so runs that differ by rounding
             # (one process or sharded, another product method) give the same vectors
-            scale = norm64(vecs[i])
-            if vecs[i][int(vecs[i].abs().argmax())] < 0:
+            scale = norm64(vecs[i], self.reduce)
+            if (vecs[i][int(vecs[i].abs().argmax())] < 0 if self.shards is None
+                    else self.shards.largest_entry_sign(vecs[i]) < 0):
                 scale = -scale
             vecs[i].div_(scale)
         if self.op_dtype != self.dtype:
@@ -574,6 +581,6 @@ class _Lanczos:
             which=self.which,
             tol=float(self.tol),
             basis_bytes=int(peak_bytes),
-            memory_bound_bytes=memory_bound_bytes(n, self.max_basis, self.itemsize),
+            memory_bound_bytes=memory_bound_bytes(self.local_n, self.max_basis, self.itemsize),
             stop_reason="converged" if self.converged else self.stop_reason,
         )

@@ -118,8 +118,10 @@ class TraceResult(Result):
     data_sampling: DataStdError | None = None
 
 
-def _rademacher(n: int, k: int, gen: torch.Generator, device, dtype) -> torch.Tensor:
-    z = torch.randint(0, 2, (k, n), generator=gen, dtype=torch.int8)
+def _rademacher(n: int, k: int, gen: torch.Generator, device, dtype, shards=None) -> torch.Tensor:
+    # sharded vectors (analysis.shards): this rank's columns of the same draw
+    z = torch.randint(0, 2, (k, n), generator=gen, dtype=torch.int8) if shards is None \
+        else shards.randint(k, gen)
     return (z.to(dtype) * 2 - 1).to(device)
 
 
@@ -131,8 +133,11 @@ def apply_block(op: Any, V: torch.Tensor) -> torch.Tensor:
     return torch.stack([op.matvec(V[:, i].contiguous()) for i in range(V.shape[1])], dim=1)
 
 
-def _column_dots(A: torch.Tensor, B: torch.Tensor) -> list[float]:
-    return [dot64(A[:, i], B[:, i]) for i in range(A.shape[1])]
+def _column_dots(A: torch.Tensor, B: torch.Tensor, shards=None) -> list[float]:
+    dots = [dot64(A[:, i], B[:, i]) for i in range(A.shape[1])]
+    if shards is None:
+        return dots
+    return shards.sum(torch.tensor(dots, dtype=torch.float64)).tolist()  # one all-reduce
 
 
 def _blocks(total: int, b: int):
@@ -140,40 +145,50 @@ def _blocks(total: int, b: int):
         yield c, min(c + b, total)
 
 
-def _hutchinson(apply, n: int, m: int, b: int, gen, device, dtype) -> torch.Tensor:
+def _hutchinson(apply, n: int, m: int, b: int, gen, device, dtype, shards=None) -> torch.Tensor:
     """The ``m`` quadratic forms ``z_i^T H z_i`` of Rademacher probes, ``b`` per block."""
     vals: list[float] = []
     for c0, c1 in _blocks(m, b):
-        Z = _rademacher(n, c1 - c0, gen, device, dtype).T
-        vals += _column_dots(Z, apply(Z))
+        Z = _rademacher(n, c1 - c0, gen, device, dtype, shards).T
+        vals += _column_dots(Z, apply(Z), shards)
         del Z
     return torch.tensor(vals, dtype=torch.float64)
 
 
-def _orthonormalize(Y: torch.Tensor, b: int, gen) -> None:
+def _orthonormalize(Y: torch.Tensor, b: int, gen, shards=None) -> None:
     """``Y <- orth(Y)`` in place, block by block: (project out the previous columns, thin QR)
     twice; the second round acts on unit columns, so a block that is numerically in the span of
-    the previous ones (a rank-deficient H) still comes out orthogonal to them."""
-    n, k = Y.shape
+    the previous ones (a rank-deficient H) still comes out orthogonal to them. Sharded rows
+    (``shards``, :mod:`analysis.shards`): projections and norms summed over the ranks, TSQR."""
+    k = Y.shape[1]
+    n = Y.shape[0] if shards is None else shards.global_numel
+    total = (lambda t: t) if shards is None else shards.sum
     for c0, c1 in _blocks(k, b):
         Yb = Y[:, c0:c1]
-        before = torch.linalg.vector_norm(Yb, dim=0)
+        before = _column_norms(Yb, shards)
         for _ in range(2):
             if c0:
                 P = Y[:, :c0]
-                Yb -= P @ (P.T @ Yb)
+                Yb -= P @ total(P.T @ Yb)
         # columns (numerically) in the span of the previous ones carry nothing new: any
         # unit direction orthogonal to them keeps the estimator unbiased, so take a random one
-        lost = torch.linalg.vector_norm(Yb, dim=0) <= 1e3 * torch.finfo(Y.dtype).eps * before
+        lost = _column_norms(Yb, shards) <= 1e3 * torch.finfo(Y.dtype).eps * before
         lost |= before == 0
         if bool(lost.any()):
-            R = _rademacher(n, int(lost.sum()), gen, Y.device, Y.dtype).T
+            R = _rademacher(n, int(lost.sum()), gen, Y.device, Y.dtype, shards).T
             Yb[:, lost] = R
         for _ in range(2):
             if c0:
                 P = Y[:, :c0]
-                Yb -= P @ (P.T @ Yb)
-            Yb.copy_(_orthonormal(Yb))
+                Yb -= P @ total(P.T @ Yb)
+            Yb.copy_(_orthonormal(Yb) if shards is None else shards.orthonormal(Yb))
+
+
+def _column_norms(Y: torch.Tensor, shards=None) -> torch.Tensor:
+    """The norms of the columns of ``Y`` (of the global columns for sharded rows)."""
+    if shards is None:
+        return torch.linalg.vector_norm(Y, dim=0)
+    return shards.norms(Y).to(device=Y.device, dtype=Y.dtype)
 
 
 def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
@@ -184,26 +199,27 @@ def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
 
 
 def _hutchpp(apply, n: int, k: int, b: int, gen, device, dtype, apply_low=None,
-             apply_rest=None) -> tuple[float, torch.Tensor]:
+             apply_rest=None, shards=None) -> tuple[float, torch.Tensor]:
     """Hutch++ with a sketch of ``k`` columns: ``tr(Q^T H Q)`` and the deflated quadratic forms
     (``apply_low`` / ``apply_rest``, default ``apply``, take the products of those two parts)."""
     apply_low, apply_rest = apply_low or apply, apply_rest or apply
-    Y = torch.empty(n, k, device=device, dtype=dtype)
+    Y = torch.empty(n if shards is None else shards.local_numel, k, device=device, dtype=dtype)
     for c0, c1 in _blocks(k, b):
-        Y[:, c0:c1] = apply(_rademacher(n, c1 - c0, gen, device, dtype).T)
-    _orthonormalize(Y, b, gen)
+        Y[:, c0:c1] = apply(_rademacher(n, c1 - c0, gen, device, dtype, shards).T)
+    _orthonormalize(Y, b, gen, shards)
     Q = Y
     low = 0.0
     for c0, c1 in _blocks(k, b):
         Qb = Q[:, c0:c1].contiguous()
-        low += sum(_column_dots(Qb, apply_low(Qb)))
+        low += sum(_column_dots(Qb, apply_low(Qb), shards))
     if k >= n:  # Q spans everything: the low-rank part is the exact trace (2n matvecs)
         return low, torch.zeros(k, dtype=torch.float64)
     vals = []
     for c0, c1 in _blocks(k, b):
-        G = _rademacher(n, c1 - c0, gen, device, dtype).T.contiguous()
-        G -= Q @ (Q.T @ G)  # (I - QQ^T) g
-        vals += _column_dots(G, apply_rest(G))
+        G = _rademacher(n, c1 - c0, gen, device, dtype, shards).T.contiguous()
+        QtG = Q.T @ G
+        G -= Q @ (QtG if shards is None else shards.sum(QtG))  # (I - QQ^T) g
+        vals += _column_dots(G, apply_rest(G), shards)
         del G
     return low, torch.tensor(vals, dtype=torch.float64)
 
@@ -272,6 +288,8 @@ def hessian_trace(
     check_stderr_args(bool(data_stderr) if data_stderr is None else data_stderr, min_units)
     op = as_linear_operator(op, loss_fn, data, **operator_kwargs)
     n = int(op.shape[0])
+    shards = getattr(op, "shards", None)  # sharded vectors: this rank's shards (analysis.shards)
+    n_local = n if shards is None else shards.local_numel
     device, dtype = op.device, op.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
     b = block_size or default_block_size(n, itemsize)
@@ -301,11 +319,12 @@ def hessian_trace(
     low_apply, rest_apply = (units[0], units[1]) if units else (None, None)
     if method == "hutchinson":
         low = 0.0
-        samples = _hutchinson(counted(rest_apply) or apply, n, num_matvecs, b, gen, device, dtype)
+        samples = _hutchinson(counted(rest_apply) or apply, n, num_matvecs, b, gen, device, dtype,
+                              shards)
     else:
         low, samples = _hutchpp(apply, n, sketch_size(n, num_matvecs), b, gen, device, dtype,
-                                counted(low_apply), counted(rest_apply))
-    bound = trace_memory_bound_bytes(n, num_matvecs, method, b, itemsize)
+                                counted(low_apply), counted(rest_apply), shards)
+    bound = trace_memory_bound_bytes(n_local, num_matvecs, method, b, itemsize)
     if hasattr(bar, "close"):
         bar.close()
     m = samples.numel()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from torch.func import grad, jvp, vmap
 
 from ..data import Data
 from ..losses import LossSpec
+from ..shards import has_dtensor_parameters
 from .auto import AutoChoice, choose_method, first_graph, graphs_fit
 from .curvature import CurvatureOperator, default_block_size
 from .empirical_risk import functional_forward
@@ -115,6 +117,15 @@ class HessianOperator(CurvatureOperator):
 
     METHODS = ("auto", "forward-over-reverse", "double-backward", "cached-graph",
                "finite-difference")
+
+    def __new__(cls, model: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # an FSDP2-sharded model (DTensor parameters): the finite-difference operator on sharded
+        # vectors (analysis.operators.sharded), which refuses the other product methods
+        if cls is HessianOperator and has_dtensor_parameters(model):
+            from .sharded import ShardedHessianOperator
+
+            return ShardedHessianOperator(model, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
                  params: Sequence[str | nn.Parameter | nn.Module] | re.Pattern | None = None,
