@@ -11,7 +11,10 @@ stack of identical blocks (an ``nn.ModuleList`` / ``nn.Sequential`` of at least 
 one class holding parameters: each transformer layer of a Hugging Face or causal-LM model,
 ``transformer.h.0``, ``model.layers.0``, ...), then the root module (embeddings, final norm, head).
 A model without such a stack is one group, the root. A forward then all-gathers one block at a
-time, so a rank holds the full weights of one block at most, beside its shards.
+time, so a rank holds the full weights of one block at most, beside its shards; every group,
+the root too, reshards after its forward (``reshard_after_forward=True``: FSDP2's default
+keeps the root unsharded after a forward without backward, which would leave plain tensors as
+its parameters).
 
 ``--fsdp`` takes ``on`` (the default when given without a value), ``auto`` or ``off`` (the
 default): ``auto`` shards when the command runs under torchrun with two or more processes and
@@ -30,8 +33,8 @@ from ._common import CLIError, UsageError
 from ._common import first_line as _first_line
 from .output import Ctx
 
-__all__ = ["FSDP_CHOICES", "add_fsdp_option", "apply_fsdp", "check_fsdp_batches", "shard_policy",
-           "sharded_model"]
+__all__ = ["FSDP_CHOICES", "add_fsdp_option", "apply_fsdp", "check_fsdp_batches", "plan_fsdp",
+           "shard_policy", "sharded_model"]
 
 #: The values of ``--fsdp``.
 FSDP_CHOICES = ("off", "on", "auto")
@@ -94,8 +97,10 @@ def apply_fsdp(model: Any, ctx: Ctx) -> Any:
         device, _ = model_device_dtype(model)
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         try:
-            for m in modules:
-                fully_shard(m, mesh=mesh)
+            for m in modules:  # also the root: left to its default, the root keeps its
+                # full weights after a forward without backward (a loss, a slice), and its
+                # parameters are then plain tensors until the next backward
+                fully_shard(m, mesh=mesh, reshard_after_forward=True)
         except Exception as exc:
             raise CLIError(f"fully_shard cannot shard {type(model).__name__}: "
                            f"{_first_line(exc)}") from exc
@@ -124,36 +129,41 @@ def check_fsdp_batches(data: Any) -> None:
 
 
 def sharded_model(args: argparse.Namespace, ctx: Ctx, setup: Any, planned: list,
-                  model: Any) -> tuple[Any, Any]:
-    """The model to analyze and the memory check, after ``--fsdp``: unsharded with the usual
-    check (``off``, or ``auto`` when the one-process estimate fits or there is no process
-    group), else sharded (:func:`apply_fsdp`) after a check of the per-rank estimate (each
-    planned analysis's memory divided by the ranks; the products' memory measured on one
-    process's first batch, an upper bound)."""
+                  model: Any, *, equal_batches: bool = False) -> tuple[Any, Any]:
+    """The model to analyze after ``--fsdp`` (sharded in place, or as it was) and the memory
+    check (:func:`plan_fsdp`)."""
+    shard, memory = plan_fsdp(args, ctx, setup, planned, model, equal_batches=equal_batches)
+    return (apply_fsdp(model, ctx) if shard else model), memory
+
+
+def plan_fsdp(args: argparse.Namespace, ctx: Ctx, setup: Any, planned: list, model: Any = None,
+              *, equal_batches: bool = False) -> tuple[bool, Any]:
+    """Whether ``--fsdp`` shards the model, and the memory check: no with the usual check
+    (``off``, or ``auto`` when the one-process estimate fits or there is no process group),
+    else yes after a check of the per-rank estimate (each planned analysis's memory divided by
+    the ranks; the products' memory measured on one process's first batch, an upper bound).
+    ``model``: as for ``setup.check_memory``. ``equal_batches``: refuse data that gives the ranks
+    different numbers of batches (:func:`check_fsdp_batches`: forward passes alone, e.g. a loss
+    or a slice; the Hessian operator needs no such check, a rank with fewer batches runs
+    zero-weight passes)."""
     from analysis import distributed as dist
 
     mode = getattr(args, "fsdp", "off")
     if mode == "off" or (mode == "auto" and not ctx.distributed):
-        return model, setup.check_memory(planned, model)
+        return False, setup.check_memory(planned, model)
     if mode == "on" and not ctx.distributed:
         apply_fsdp(model, ctx)  # raises the usage error
     if mode == "auto":
-        whole = _quiet_check(setup, planned, model)
+        whole = setup.check_memory(planned, model, ignore=True)
         if whole.fits:
             ctx.log("--fsdp auto: the one-process estimate fits, the model is not sharded")
-            return model, whole
+            return False, whole
         ctx.log(f"--fsdp auto: the one-process estimate exceeds the memory available: sharding "
                 f"over {dist.get_world_size()} ranks")
     world = dist.get_world_size()
     per_rank = [dataclasses.replace(c, memory_bytes=None if c.memory_bytes is None else
                                     math.ceil(c.memory_bytes / world)) for c in planned]
     memory = setup.check_memory(per_rank, model)
-    check_fsdp_batches(setup.data)
-    return apply_fsdp(model, ctx), memory
-
-
-def _quiet_check(setup: Any, planned: list, model: Any) -> Any:
-    """The one-process memory check without raising (``--fsdp auto`` decides by it)."""
-    from .memory import check_memory
-
-    return check_memory(planned, model, setup.loss_fn, setup.data, log=setup.ctx.log, ignore=True)
+    if equal_batches:
+        check_fsdp_batches(setup.data)
+    return True, memory
