@@ -115,17 +115,17 @@ def apply_fsdp(model: Any, ctx: Ctx) -> Any:
 def check_fsdp_batches(data: Any) -> None:
     """FSDP2 all-gathers the weights in every forward, so every rank must run as many: refuse
     data that gives the ranks different numbers of batches, naming each rank's count."""
-    from analysis.distributed import all_gather_object
+    from analysis.distributed import all_gather_object, all_ranks_succeed, is_main_process
 
     counts = all_gather_object(sum(1 for _ in data))
-    if len(set(counts)) > 1:
-        listed = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
-        total = sum(counts)
-        raise UsageError(
-            f"--fsdp: every rank must run the same number of forward passes (FSDP2 all-gathers "
-            f"the weights in each), but the {total} batches of --data split unevenly ({listed}); "
-            f"choose --batch-size / --max-samples so that the batches are a multiple of "
-            f"{len(counts)}")
+    with all_ranks_succeed("checking the batches per rank"):  # said once, by rank 0
+        if len(set(counts)) > 1 and is_main_process():
+            listed = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+            raise UsageError(
+                f"--fsdp: every rank must run the same number of forward passes (FSDP2 "
+                f"all-gathers the weights in each), but the {sum(counts)} batches of --data split "
+                f"unevenly ({listed}); choose --batch-size / --max-samples so that the batches "
+                f"are a multiple of {len(counts)}")
 
 
 def sharded_model(args: argparse.Namespace, ctx: Ctx, setup: Any, planned: list,
