@@ -321,7 +321,9 @@ def _check_arguments(op: Any, k: Any, which: Any, tol: Any, max_iter: Any,
 def _start_vector(op: Any, v0: Any, which: str, run: _Lanczos) -> torch.Tensor:
     """The unnormalized start vector on the basis device and dtype (see ``v0``)."""
     if v0 == "auto" or v0 is None:
-        v0 = "gradient" if isinstance(op, HessianOperator) and which == "LA" else "random"
+        hessian = isinstance(op, HessianOperator) or (  # or the sharded one (analysis.shards)
+            getattr(op, "shards", None) is not None and hasattr(op, "gradient"))
+        v0 = "gradient" if hessian and which == "LA" else "random"
     if isinstance(v0, str):
         if v0 not in ("random", "gradient"):
             raise ValueError(f"v0 must be 'auto', 'random', 'gradient' or a tensor, got {v0!r}")

@@ -18,7 +18,10 @@ Layout (one concept per module, in the spirit of curvlinops' ``_torch_base.py`` 
 * :mod:`~analysis.operators.hessian`: :class:`HessianOperator` and its product methods;
 * :mod:`~analysis.operators.auto`: ``method="auto"``, the timed choice of the product method;
 * :mod:`~analysis.operators.adapters`: :func:`as_linear_operator` (tensors, callables, and a
-  model + loss + data with an explicit keyword list).
+  model + loss + data with an explicit keyword list);
+* :mod:`~analysis.operators.sharded`: :class:`ShardedHessianOperator`, the Hessian of an
+  FSDP2-sharded model on this rank's shards (``HessianOperator`` builds it for DTensor
+  parameters).
 """
 
 from .adapters import OPERATOR_KEYWORDS
@@ -26,6 +29,7 @@ from .auto import CACHE_BYTES, AutoChoice, cache_budget, choose_method
 from .curvature import BLOCK_BYTES, CurvatureOperator, default_block_size
 from .empirical_risk import EmpiricalRisk, check_deterministic_setup
 from .protocol import TorchOperator, to_scipy_operator
+from .sharded import ShardedHessianOperator
 
 __all__ = [
     # the pieces of an operator
@@ -36,4 +40,6 @@ __all__ = [
     "CACHE_BYTES",
     # the keywords as_linear_operator passes on
     "OPERATOR_KEYWORDS",
+    # the Hessian of an FSDP2-sharded model (built by HessianOperator for DTensor parameters)
+    "ShardedHessianOperator",
 ]

@@ -90,6 +90,11 @@ class HessianOperator(CurvatureOperator):
       GPT of 3.3M parameters (CPU; 26.7-28.2 when every method was timed twice); pass
       ``method=`` to skip the choice.
 
+    An FSDP2-sharded model (DTensor parameters, ``fully_shard``) gets a
+    :class:`~analysis.operators.ShardedHessianOperator` instead: finite differences of FSDP2
+    gradients on sharded vectors (this rank's shards), ``"auto"`` or ``"finite-difference"``
+    only (:mod:`analysis.operators.sharded`).
+
     Piecewise-linear networks (ReLU, max-pooling): autograd differentiates each kink as the
     derivative of one of its sides, so ``H`` is the curvature inside the linear region of ``w``
     and misses the kinks between regions, which the loss crosses at any finite step. On a

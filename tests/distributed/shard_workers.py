@@ -15,7 +15,7 @@ import torch
 from tests.distributed.fsdp_workers import make_model, shard
 from tests.distributed.workers import _run_checks
 
-N_SAMPLES, BATCH = 40, 8  # 5 batches: 3 on rank 0 and 2 on rank 1 with shard=True
+N_SAMPLES, BATCH = 40, 16  # 3 batches (16, 16, 8): 2 on rank 0 and 1 on rank 1 with shard=True
 K, TOL = 3, 1e-10
 HUTCHINSON, HUTCHPP, EXACT = 24, 30, 219  # EXACT = 3 n: Hutch++'s sketch spans the space
 
@@ -75,6 +75,11 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
                 "vectors": torch.stack([full(op, v) for v in res.eigenvectors]),
                 "basis_bytes": res.basis_bytes, "memory_bound_bytes": res.memory_bound_bytes}
 
+    def topk_defaults():  # v0="auto" (the gradient start), data_stderr on
+        res = top_eigenpairs(operator(), k=K, tol=1e-6)
+        return {"eigenvalues": res.eigenvalues, "num_iter": res.num_iter,
+                "stderr": res.data_stderr}
+
     def trace(method: str, num_matvecs: int):
         res = hessian_trace(operator(), num_matvecs=num_matvecs, method=method, seed=3)
         return {"estimate": res.estimate, "samples": res.samples, "low": res.low_rank_part}
@@ -92,7 +97,7 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
 
     return _run_checks({
         "layout": layout, "matvec": matvec, "matvec_sharded_data": lambda: matvec(True),
-        "topk": topk, "hutchinson": lambda: trace("hutchinson", HUTCHINSON),
+        "topk": topk, "topk_defaults": topk_defaults, "hutchinson": lambda: trace("hutchinson", HUTCHINSON),
         "hutchpp": lambda: trace("hutch++", HUTCHPP), "hutchpp_exact": lambda: trace(
             "hutch++", EXACT), "density": density, "bad_method": bad_method,
     })
