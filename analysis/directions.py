@@ -299,7 +299,11 @@ def random_direction(
     ``orthogonal_to``, the normalized direction is made orthogonal to the given direction(s)
     and rescaled to its previous norm (:func:`orthogonalize` with ``keep_norm=True``); in high
     dimension this changes it very little (random vectors are nearly orthogonal), and the
-    filter norms then hold approximately.
+    filter norms then hold approximately. On an FSDP2-sharded model (a sharded
+    :class:`ParameterSpace`) the direction is this rank's shards of the one-process direction
+    with the same seed: the draw's entries of this rank (no rank holds the full draw), filters
+    normalized locally (``Shard(0)`` keeps every filter on one rank), layer and model norms and
+    the orthogonalization summed over the ranks.
 
     Args:
         model: the model (its weights set the scale, its parameters the space).
@@ -317,8 +321,9 @@ def random_direction(
         raise TypeError(f"seed must be an integer, got {seed!r}")
     space = _space(model, params)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    # a sharded space: the one-process draw over the whole model, this rank's entries kept
-    raw = space.local_part(torch.randn(space.full_numel, generator=gen, dtype=torch.float64))
+    # a sharded space (FSDP2): this rank's entries of the one-process draw, drawn in chunks
+    raw = torch.randn(space.numel, generator=gen, dtype=torch.float64) if space.shards is None \
+        else space.shards.randn(gen)
     d = normalize_direction(raw.to(device=space.device, dtype=space.dtype), space, normalization, ignore)
     if orthogonal_to is not None:
         against = [orthogonal_to] if isinstance(orthogonal_to, torch.Tensor) else list(orthogonal_to)

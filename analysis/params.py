@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .shards import VectorShards
+
 
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat 1-D tensor (a copy), in order.
@@ -154,8 +156,11 @@ class ParameterSpace:
                 raise ValueError("`params` names the same parameter twice")
         self.names: list[str] = [n for n, _ in chosen]
         #: FSDP2 (``fully_shard``): the parameters are DTensors sharded on dim 0; the space is
-        #: then this rank's part, see :meth:`local_part` and :meth:`dot`
-        self.sharded: bool = check_sharded(chosen)
+        #: then this rank's part (:class:`analysis.shards.VectorShards`, ``None`` otherwise),
+        #: see :meth:`local_part` and :meth:`dot`
+        self.shards = VectorShards.from_parameters(chosen) \
+            if any(is_dtensor(p) for _, p in chosen) else None
+        self.sharded: bool = self.shards is not None
         #: the DTensor parameters of a sharded space (``[]`` otherwise)
         self.dtensors: list[torch.Tensor] = [p for _, p in chosen] if self.sharded else []
         self.params: list[torch.Tensor] = [local_shard(p) for _, p in chosen]
@@ -313,26 +318,20 @@ class ParameterSpace:
     @property
     def full_numel(self) -> int:
         """The number of scalars of the whole (unsharded) space: :attr:`numel` unless sharded."""
-        return sum(p.numel() for p in self.dtensors) if self.sharded else self.numel
+        return self.shards.global_numel if self.shards is not None else self.numel
 
     def local_part(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's entries of a vector over the whole space (length :attr:`full_numel`, in
         the order of one process: each parameter flattened in full), as a vector of the space;
-        ``full`` itself (checked) unless sharded. With ``Shard(0)`` a rank holds the rows
-        ``[start, start + rows)`` of every parameter, so its part of parameter ``p`` is a
-        contiguous run of ``full``."""
-        if not self.sharded:
+        ``full`` itself (checked) unless sharded. With ``Shard(0)`` a rank holds a run of rows
+        of every parameter, so its part is one contiguous run of ``full`` per parameter
+        (``shards.segments``)."""
+        if self.shards is None:
             return self.check_vector(full)
         if full.dim() != 1 or full.numel() != self.full_numel:
             raise ValueError(f"a full vector needs shape ({self.full_numel},), got "
                              f"{tuple(full.shape)}")
-        parts, offset = [], 0
-        for d, local in zip(self.dtensors, self.params):
-            row = d[0].numel() if d.dim() > 0 else 1
-            start = shard_start(d)
-            parts.append(full[offset + start * row:offset + start * row + local.numel()])
-            offset += d.numel()
-        return torch.cat(parts)
+        return torch.cat([full[:0], *(full[o:o + n] for o, n in self.shards.segments)])
 
 
 def is_dtensor(t: Any) -> bool:
@@ -341,34 +340,7 @@ def is_dtensor(t: Any) -> bool:
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view of its storage: writing it writes the parameter);
-    any other tensor unchanged."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def shard_start(d: torch.Tensor) -> int:
-    """The first global row of this rank's shard of a DTensor sharded on dim 0 over a 1-D
-    mesh (``torch.chunk``'s rule, as FSDP2: ``ceil(rows / world)`` rows per rank)."""
-    mesh = d.device_mesh
-    rows, world, rank = d.shape[0], mesh.size(), mesh.get_local_rank()
-    return min(rank * -(-rows // world), rows)
-
-
-def check_sharded(named: Sequence[tuple[str, torch.Tensor]]) -> bool:
-    """Whether the parameters are FSDP2 DTensors (all of them, each ``Shard(0)`` on a 1-D
-    mesh, as ``fully_shard`` makes them); ValueError naming a parameter that breaks the rule."""
-    sharded = [n for n, p in named if is_dtensor(p)]
-    if not sharded:
-        return False
-    plain = [n for n, p in named if not is_dtensor(p)]
-    if plain:
-        raise ValueError(f"parameters {plain[:3]} are plain tensors while {sharded[:3]} are "
-                         "DTensors: shard the whole model with fully_shard (or select the "
-                         "sharded parameters with params=)")
-    for n, p in named:
-        kinds = [type(pl).__name__ + str(getattr(pl, "dim", "")) for pl in p.placements]
-        if p.device_mesh.ndim != 1 or kinds != ["Shard0"]:
-            raise ValueError(f"parameter {n!r} has placements {p.placements} on a "
-                             f"{p.device_mesh.ndim}-D mesh; a sharded ParameterSpace supports "
-                             "FSDP2's Shard(0) on a 1-D mesh")
-    return True
+    """This rank's shard of a DTensor, detached (a view of its storage: writing it in place
+    writes the parameter; detached, so that autograd does not refuse the in-place writes on a
+    view that ``to_local`` made); any other tensor unchanged."""
+    return t.to_local().detach() if is_dtensor(t) else t
