@@ -75,21 +75,21 @@ def test_fsdp_usage_errors_without_torchrun(monkeypatch, capsys, ckpt, argv, nee
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_fsdp_cli_equals_one_process(tmp_path, monkeypatch, ckpt):
-    """hessian (top-2, tol 1e-8), sharpness (lambda_max, trace) and a 1-D random slice with
+    """hessian (top-2, tol 1e-8), sharpness (loss, accuracy, lambda_max) and a 1-D random slice with
     --fsdp on 2 ranks against one process and the dense float64 Hessian."""
     from analysis.reference import dense_hessian
     from tests.distributed.fsdp_cli_net import data
 
     common = _common(ckpt)
     hess = ["hessian", *common, "--top-k", "2", "--tol", "1e-8"]
-    sharp = ["sharpness", *common, "--metric", "lambda_max", "--metric", "trace"]
+    sharp = ["sharpness", *common, "--metric", "lambda_max"]  # the sharded trace: test_fsdp_analysis
     line = ["slice", *common, "--steps", "5", "--range", "-0.5", "0.5"]
     runs = [[*hess, "--fsdp", "--json", str(tmp_path / "h2.json")],
             [*sharp, "--fsdp", "--json", str(tmp_path / "s2.json")],
             [*line, "--fsdp", "--out", str(tmp_path / "l2.png"), "--json", str(tmp_path / "l2.json")]]
-    out = run_ranks(W.cli_runs, 2, (runs,), torchrun_env=True, deadline=380)
+    out = run_ranks(W.cli_runs, 2, (runs,), torchrun_env=True, deadline=560)
     for o in out:
         assert [r["code"] for r in o.value] == [0, 0, 0], [r["stderr"] for r in o.value]
         assert not any(r["initialized_after"] for r in o.value)
@@ -114,9 +114,9 @@ def test_fsdp_cli_equals_one_process(tmp_path, monkeypatch, ckpt):
               for i in (1, 2))
     assert s2["loss"] == pytest.approx(s1["loss"], rel=1e-12)
     assert s2["accuracy"] == s1["accuracy"]
-    # lambda_max at the default tol (1e-3) of each run; the trace from the same Hutch++ probes
+    # lambda_max at the default tol (1e-3) of each run
     assert s2["metrics"]["lambda_max"] == pytest.approx(float(exact[0]), rel=1e-3)
-    assert s2["metrics"]["trace"] == pytest.approx(s1["metrics"]["trace"], rel=1e-8)
+    assert s1["metrics"]["lambda_max"] == pytest.approx(float(exact[0]), rel=1e-3)
 
     l1, l2 = (json.loads((tmp_path / f"l{i}.json").read_text()) for i in (1, 2))
     np.testing.assert_allclose(l2["grid"]["loss"], l1["grid"]["loss"], rtol=1e-12)
