@@ -12,7 +12,9 @@ NET = ["--model", "tests.distributed.fsdp_cli_net:build",
 
 def cli_runs(rank: int, world: int, runs: list[list[str]]) -> list[dict]:
     """``landscape.cli.main(argv)`` for each ``argv`` of ``runs`` in turn (each joins and leaves
-    the process group, as one torchrun invocation); the exit code, stdout and stderr of each."""
+    the process group, as one torchrun invocation); the exit code, stdout and stderr of each.
+    Pass one run per spawn: a second process group in the same processes can hang in
+    ``init_process_group``."""
     import torch.distributed as dist
 
     from landscape.cli import main
