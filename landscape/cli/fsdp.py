@@ -27,11 +27,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._common import CLIError, UsageError
 from ._common import first_line as _first_line
 from .output import Ctx
+
+if TYPE_CHECKING:
+    from analysis import Data
 
 __all__ = ["FSDP_CHOICES", "add_fsdp_option", "apply_fsdp", "check_fsdp_batches", "plan_fsdp",
            "shard_policy", "sharded_model"]
@@ -112,7 +115,7 @@ def apply_fsdp(model: Any, ctx: Ctx) -> Any:
     return model
 
 
-def check_fsdp_batches(data: Any) -> None:
+def check_fsdp_batches(data: Data) -> None:
     """FSDP2 all-gathers the weights in every forward, so every rank must run as many: refuse
     data that gives the ranks different numbers of batches, naming each rank's count."""
     from analysis.distributed import all_gather_object, all_ranks_succeed, is_main_process
