@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,17 @@ from .auto import AutoChoice, choose_method, first_graph, graphs_fit
 from .curvature import CurvatureOperator, default_block_size
 from .empirical_risk import functional_forward
 from .finite_difference import check_shift, finite_difference_step
+
+
+class _InitSignature:
+    """``inspect.signature(cls)``: the arguments of ``cls.__init__`` (without ``self``), not
+    those of a dispatching ``__new__``; an instance gets ``None`` (no signature of its own)."""
+
+    def __get__(self, obj: Any, cls: type) -> Any:
+        if obj is not None:
+            return None
+        sig = inspect.signature(cls.__init__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 class HessianOperator(CurvatureOperator):
@@ -131,6 +143,8 @@ class HessianOperator(CurvatureOperator):
 
             return ShardedHessianOperator(model, *args, **kwargs)
         return super().__new__(cls)
+
+    __signature__ = _InitSignature()
 
     def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
                  params: Sequence[str | nn.Parameter | nn.Module] | re.Pattern | None = None,

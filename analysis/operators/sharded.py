@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed as dist
 from ..checks import check_first_batch
 from ..data import Data, as_data, microbatches, to_device
 from ..evaluation import forward, model_mode, resolve_loss
@@ -108,6 +109,10 @@ class ShardedHessianOperator(TorchOperator):
                              "FSDP2-sharded model (pass params=None)")
         if mode not in (None, "eval", "train"):
             raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
+        if microbatch_size is not None and (isinstance(microbatch_size, bool) or not isinstance(
+                microbatch_size, int) or microbatch_size < 1):
+            raise ValueError(f"microbatch_size must be a positive integer or None, got "
+                             f"{microbatch_size!r}")
         check_shift(fd_shift)
         self.model, self.mode = model, mode
         self.loss_fn = resolve_loss(loss_fn)
@@ -121,8 +126,7 @@ class ShardedHessianOperator(TorchOperator):
         self.method, self.requested_method = "finite-difference", method
         self.fd_shift, self.fd_step = fd_shift, None
         self.num_matvecs = 0
-        self._local = [(x, y, t) for x, y, t in self._iterate()] if self.source.in_memory \
-            else None
+        self._local = list(self._iterate()) if self.source.in_memory else None
         self._count_batches()
         check_first_batch(model, self.loss_fn, self.source, mode,
                           where="ShardedHessianOperator()", deterministic=check_deterministic)
@@ -146,8 +150,6 @@ class ShardedHessianOperator(TorchOperator):
 
     def _count_batches(self) -> None:
         """``T``, the samples and the number of passes (equal on every rank), checked."""
-        from .. import distributed as dist
-
         batches = terms = samples = 0
         for b in self.source:
             samples += b.size

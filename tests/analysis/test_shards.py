@@ -56,3 +56,18 @@ def test_orthonormal_on_one_rank_spans_the_columns():
 def test_plain_models_are_not_sharded():
     assert not has_dtensor_parameters(mlp())
     assert not has_dtensor_parameters(None)
+
+
+def test_hessian_operator_keeps_its_signature_and_class_for_plain_models():
+    """HessianOperator's __new__ dispatches DTensor models to ShardedHessianOperator; a plain
+    model still gets a HessianOperator, and inspect shows __init__'s arguments."""
+    import copy
+    import inspect
+
+    from analysis import HessianOperator
+    from tests.models import classification_data
+
+    params = list(inspect.signature(HessianOperator).parameters)
+    assert params[:3] == ["model", "loss_fn", "data"] and "method" in params
+    op = HessianOperator(mlp(), "cross_entropy", classification_data(n=8))
+    assert type(op) is HessianOperator and type(copy.deepcopy(op)) is HessianOperator

@@ -54,9 +54,9 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
     if world > 1:
         shard(model)
 
-    def operator(sharded_data: bool = False):
+    def operator(sharded_data: bool = False, **kwargs):
         return HessianOperator(model, "cross_entropy", data(sharded_data),
-                               method="finite-difference")
+                               method="finite-difference", **kwargs)
 
     def layout():
         op = operator()
@@ -64,8 +64,8 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
         return {"n": op.shape[0], "type": type(op).__name__,
                 "local": op.shape[0] if shards is None else shards.local_numel}
 
-    def matvec(sharded_data: bool = False):
-        op = operator(sharded_data)
+    def matvec(sharded_data: bool = False, **kwargs):
+        op = operator(sharded_data, **kwargs)
         return full(op, op @ local_slice(op, probe(op.shape[0])))
 
     def topk():
@@ -95,9 +95,27 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
             return str(e)
         return None
 
+    def refused_data():
+        """One batch for 2 ranks (rank 1 would have none), and per-rank data of other sizes
+        given as the same (unsharded) data: ValueError on every rank."""
+        from analysis.data import as_data
+        from tests.models import classification_data
+
+        x, y = classification_data(n=N_SAMPLES, d=6, classes=3, seed=1)
+        errors = []
+        for d in (as_data((x[:8], y[:8]), shard=True), (x[:8 + 4 * rank], y[:8 + 4 * rank])):
+            try:
+                HessianOperator(model, "cross_entropy", d)
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
+        return errors
+
     return _run_checks({
         "layout": layout, "matvec": matvec, "matvec_sharded_data": lambda: matvec(True),
+        "matvec_microbatches": lambda: matvec(True, microbatch_size=5),
         "topk": topk, "topk_defaults": topk_defaults, "hutchinson": lambda: trace("hutchinson", HUTCHINSON),
         "hutchpp": lambda: trace("hutch++", HUTCHPP), "hutchpp_exact": lambda: trace(
             "hutch++", EXACT), "density": density, "bad_method": bad_method,
+        "refused_data": refused_data,
     })

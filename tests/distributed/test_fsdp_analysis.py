@@ -66,10 +66,11 @@ def test_layout(ranks, reference):
     assert [lay["local"] for lay in layouts] == _local_sizes(2) == [44, 29]
 
 
-@pytest.mark.parametrize("name", ["matvec", "matvec_sharded_data"])
+@pytest.mark.parametrize("name", ["matvec", "matvec_sharded_data", "matvec_microbatches"])
 def test_product_is_the_dense_hessian_times_v(ranks, reference, hessian, name):
     """Every rank's shards of ``H v`` (gathered) against the dense float64 Hessian; with
-    ``shard=True`` rank 0 takes 2 batches and rank 1 one (and a zero-weight pass)."""
+    ``shard=True`` rank 0 takes 2 batches and rank 1 one (and a zero-weight pass); in slices of
+    at most 5 samples, rank 0 makes 6 passes and rank 1 four (and two zero-weight ones)."""
     want = hessian @ sw.probe(hessian.shape[0])
     for got in [*check_values(ranks, name), _ok(reference, name)]:
         torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * float(want.abs().max()))
@@ -154,3 +155,12 @@ def test_double_backward_is_refused(ranks):
     for msg in check_values(ranks, "bad_method"):
         assert msg is not None and "method='double-backward'" in msg
         assert "DTensor" in msg and "finite-difference" in msg
+
+
+def test_data_that_cannot_run_on_every_rank_is_refused(ranks, reference):
+    """Every forward of an FSDP2 model is a collective: a rank without a batch, or ranks whose
+    (unsharded) data differ, are refused on every rank, naming the rank."""
+    assert _ok(reference, "refused_data") == [None, None]  # one process: nothing to refuse
+    for no_batch, differ in check_values(ranks, "refused_data"):
+        assert no_batch is not None and "rank 1 got no batch" in no_batch
+        assert differ is not None and "differs across ranks: rank 1" in differ
