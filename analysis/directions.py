@@ -114,7 +114,7 @@ def as_direction(direction: Any, space: ParameterSpace, what: str = "direction",
     d = direction.detach().to(device=space.device, dtype=space.dtype).contiguous()
     if not bool(torch.isfinite(d).all()):
         raise ValueError(f"{what} contains non-finite values")
-    if nonzero is not None and not bool((d != 0).any()):
+    if nonzero is not None and not bool(space.all_reduce((d != 0).any().reshape(1).double())[0]):
         raise ValueError(f"{what} is the zero vector (zero norm); {nonzero}")
     return d
 
@@ -174,13 +174,18 @@ def normalize_direction(
             return d
         wn = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(weights[i]) for i in kept]))
         dn = torch.linalg.vector_norm(d)
+        if space.sharded:  # the norms of the whole model: every rank's shards
+            wn, dn = (space.all_reduce(torch.stack([wn, dn]).double() ** 2).sqrt()
+                      .to(d.dtype).unbind())
         d.mul_(torch.where(dn > 0, wn / torch.where(dn > 0, dn, 1), 0))
         return d
-    for v, w in zip(views, weights):
+    layer_norms = _layer_norms(space, views, weights) if normalization == "layer" else None
+    for i, (v, w) in enumerate(zip(views, weights)):
         if ignore == "biasbn" and v.dim() <= 1:
             continue
         if normalization == "layer" or v.dim() == 0:
-            wn, dn = torch.linalg.vector_norm(w), torch.linalg.vector_norm(v)
+            wn, dn = (torch.linalg.vector_norm(w), torch.linalg.vector_norm(v)) \
+                if layer_norms is None else layer_norms[i]
             v.mul_(torch.where(dn > 0, wn / torch.where(dn > 0, dn, 1), 0))
         else:  # filter
             v2, w2 = v.reshape(v.shape[0], -1), w.reshape(w.shape[0], -1)
@@ -190,11 +195,25 @@ def normalize_direction(
     return d
 
 
-def project_out(d: torch.Tensor, basis: Sequence[torch.Tensor]) -> torch.Tensor:
+def _layer_norms(space: ParameterSpace, views: Sequence[torch.Tensor],
+                 weights: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """``(||w_p||, ||d_p||)`` of every parameter tensor over all ranks' shards (one all-reduce
+    of ``2 P`` squared norms); ``None`` for a space that is not sharded (computed per tensor)."""
+    if not space.sharded:
+        return None
+    sq = torch.stack([torch.linalg.vector_norm(t).double() ** 2
+                      for w, v in zip(weights, views) for t in (w, v)])
+    norms = space.all_reduce(sq).sqrt().to(views[0].dtype)
+    return [(norms[2 * i], norms[2 * i + 1]) for i in range(len(views))]
+
+
+def project_out(d: torch.Tensor, basis: Sequence[torch.Tensor],
+                space: ParameterSpace | None = None) -> torch.Tensor:
     """One Gram-Schmidt pass: ``d <- d - (d . q) q`` for each unit vector ``q`` of the
-    orthonormal ``basis`` in turn (modified Gram-Schmidt), in ``d``'s dtype."""
+    orthonormal ``basis`` in turn (modified Gram-Schmidt), in ``d``'s dtype. With a sharded
+    ``space`` the vectors are this rank's shards and each ``d . q`` is all-reduced."""
     for q in basis:
-        d = d - (d @ q) * q
+        d = d - ((d @ q) if space is None else space.dot(d, q).to(d.dtype)) * q
     return d
 
 
@@ -203,6 +222,7 @@ def orthogonalize(
     against: torch.Tensor | Sequence[torch.Tensor],
     *,
     keep_norm: bool = False,
+    space: ParameterSpace | None = None,
 ) -> torch.Tensor:
     """Gram-Schmidt: remove from ``direction`` its components along ``against``.
 
@@ -214,6 +234,8 @@ def orthogonalize(
         against: a flat direction ``d1`` or a sequence of them (same length as ``d2``).
         keep_norm: rescale the result to ``||d2||`` (keeps the scale of a filter-normalized
             direction; filter norms then hold only approximately).
+        space: the parameter space of a sharded (FSDP2) model: the vectors are this rank's
+            shards and the inner products are summed over the ranks (default: plain vectors).
 
     Returns:
         A new tensor orthogonal to every direction in ``against`` (up to rounding), in the dtype
@@ -239,21 +261,25 @@ def orthogonalize(
             raise ValueError(
                 f"against[{i}] has shape {tuple(b.shape)}, direction has {tuple(direction.shape)}"
             )
-        u = project_out(b.detach().to(device=d.device, dtype=torch.float64), basis)
-        nu = torch.linalg.vector_norm(u)
+        u = project_out(b.detach().to(device=d.device, dtype=torch.float64), basis, space)
+        nu = _norm(u, space)
         if not nu > 0:
             raise ValueError(
                 f"against[{i}] is zero (or in the span of the previous ones); cannot orthogonalize"
             )
         basis.append(u / nu)
-    norm0 = torch.linalg.vector_norm(d)
-    d = project_out(project_out(d, basis), basis)  # a second pass for full accuracy
-    nd = torch.linalg.vector_norm(d)
+    norm0 = _norm(d, space)
+    d = project_out(project_out(d, basis, space), basis, space)  # a second pass for full accuracy
+    nd = _norm(d, space)
     if not nd > 1e-12 * max(float(norm0), 1e-300):
         raise ValueError("direction lies in the span of `against`; the orthogonalized direction is zero")
     if keep_norm:
         d = d * (norm0 / nd)
     return d.to(direction.dtype)
+
+
+def _norm(v: torch.Tensor, space: ParameterSpace | None) -> torch.Tensor:
+    return torch.linalg.vector_norm(v) if space is None else space.norm(v)
 
 
 def random_direction(
@@ -273,7 +299,11 @@ def random_direction(
     ``orthogonal_to``, the normalized direction is made orthogonal to the given direction(s)
     and rescaled to its previous norm (:func:`orthogonalize` with ``keep_norm=True``); in high
     dimension this changes it very little (random vectors are nearly orthogonal), and the
-    filter norms then hold approximately.
+    filter norms then hold approximately. On an FSDP2-sharded model (a sharded
+    :class:`ParameterSpace`) the direction is this rank's shards of the one-process direction
+    with the same seed: the draw's entries of this rank (no rank holds the full draw), filters
+    normalized locally (``Shard(0)`` keeps every filter on one rank), layer and model norms and
+    the orthogonalization summed over the ranks.
 
     Args:
         model: the model (its weights set the scale, its parameters the space).
@@ -291,12 +321,14 @@ def random_direction(
         raise TypeError(f"seed must be an integer, got {seed!r}")
     space = _space(model, params)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    raw = torch.randn(space.numel, generator=gen, dtype=torch.float64)
+    # a sharded space (FSDP2): this rank's entries of the one-process draw, drawn in chunks
+    raw = torch.randn(space.numel, generator=gen, dtype=torch.float64) if space.shards is None \
+        else space.shards.randn(gen)
     d = normalize_direction(raw.to(device=space.device, dtype=space.dtype), space, normalization, ignore)
     if orthogonal_to is not None:
         against = [orthogonal_to] if isinstance(orthogonal_to, torch.Tensor) else list(orthogonal_to)
         against = [as_direction(a, space, "orthogonal_to") for a in against]
-        d = orthogonalize(d, against, keep_norm=True)
+        d = orthogonalize(d, against, keep_norm=True, space=space if space.sharded else None)
     return d
 
 

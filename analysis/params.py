@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .shards import VectorShards
+
 
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat 1-D tensor (a copy), in order.
@@ -153,7 +155,15 @@ class ParameterSpace:
             if len({id(p) for _, p in chosen}) != len(chosen):
                 raise ValueError("`params` names the same parameter twice")
         self.names: list[str] = [n for n, _ in chosen]
-        self.params: list[torch.Tensor] = [p for _, p in chosen]
+        #: FSDP2 (``fully_shard``): the parameters are DTensors sharded on dim 0; the space is
+        #: then this rank's part (:class:`analysis.shards.VectorShards`, ``None`` otherwise),
+        #: see :meth:`local_part` and :meth:`dot`
+        self.shards = VectorShards.from_parameters(chosen) \
+            if any(is_dtensor(p) for _, p in chosen) else None
+        self.sharded: bool = self.shards is not None
+        #: the DTensor parameters of a sharded space (``[]`` otherwise)
+        self.dtensors: list[torch.Tensor] = [p for _, p in chosen] if self.sharded else []
+        self.params: list[torch.Tensor] = [local_shard(p) for _, p in chosen]
         self.shapes: list[torch.Size] = [p.shape for p in self.params]
         self.numels: list[int] = [p.numel() for p in self.params]
         self.numel: int = sum(self.numels)
@@ -240,7 +250,11 @@ class ParameterSpace:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     def grad_vector(self) -> torch.Tensor:
-        """A flat copy of the parameters' ``.grad`` (zeros where ``.grad`` is None)."""
+        """A flat copy of the parameters' ``.grad`` (zeros where ``.grad`` is None; a sharded
+        space: this rank's shards of the reduce-scattered gradients)."""
+        if self.sharded:
+            return self.flatten([None if p.grad is None else local_shard(p.grad)
+                                 for p in self.dtensors])
         return self.flatten([p.grad for p in self.params])
 
     @torch.no_grad()
@@ -280,3 +294,53 @@ class ParameterSpace:
             out.append((start, start + n))
             start += n
         return out
+
+    # -- FSDP2-sharded spaces: vectors are this rank's shards ---------------------------------
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The inner product ``a . b`` of two vectors of the space, in float64, summed over the
+        ranks' shards when the space is sharded (one all-reduce); a 0-d tensor."""
+        out = (a.detach().to(torch.float64) @ b.detach().to(torch.float64)).reshape(1)
+        return self.all_reduce(out)[0]
+
+    def norm(self, v: torch.Tensor) -> torch.Tensor:
+        """``||v||`` over the whole space (float64, all shards; a 0-d tensor)."""
+        return self.dot(v, v).sqrt()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` (per-rank partial sums over this rank's shards) over the ranks in place when
+        the space is sharded; unchanged otherwise. Returns ``t``."""
+        if self.sharded:
+            from .distributed import all_reduce_sum
+
+            all_reduce_sum(t)
+        return t
+
+    @property
+    def full_numel(self) -> int:
+        """The number of scalars of the whole (unsharded) space: :attr:`numel` unless sharded."""
+        return self.shards.global_numel if self.shards is not None else self.numel
+
+    def local_part(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's entries of a vector over the whole space (length :attr:`full_numel`, in
+        the order of one process: each parameter flattened in full), as a vector of the space;
+        ``full`` itself (checked) unless sharded. With ``Shard(0)`` a rank holds a run of rows
+        of every parameter, so its part is one contiguous run of ``full`` per parameter
+        (``shards.segments``)."""
+        if self.shards is None:
+            return self.check_vector(full)
+        if full.dim() != 1 or full.numel() != self.full_numel:
+            raise ValueError(f"a full vector needs shape ({self.full_numel},), got "
+                             f"{tuple(full.shape)}")
+        return torch.cat([full[:0], *(full[o:o + n] for o, n in self.shards.segments)])
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter)."""
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, detached (a view of its storage: writing it in place
+    writes the parameter; detached, so that autograd does not refuse the in-place writes on a
+    view that ``to_local`` made); any other tensor unchanged."""
+    return t.to_local().detach() if is_dtensor(t) else t

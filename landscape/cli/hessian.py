@@ -13,6 +13,7 @@ from landscape.defaults import cli_default
 from . import estimate as E
 from ._common import UsageError, positive_int, unit_fraction
 from .files import one_checkpoint
+from .fsdp import add_fsdp_option, sharded_model
 from .options import add_command, add_common_options
 from .output import Ctx, check_writable, envelope, save_figure
 from .setup import Setup
@@ -45,6 +46,7 @@ def register(sub: Any) -> None:
                    metavar="N",
                    help="random start vectors of SLQ")
     add_common_options(p)
+    add_fsdp_option(p)
     p.set_defaults(func=run)
 
 
@@ -165,10 +167,14 @@ def first_product(op: Any, log: Any) -> dict[str, Any]:
     import torch
 
     t0 = time.perf_counter()
-    method = op.resolve_method()
+    shards = getattr(op, "shards", None)  # FSDP2: finite differences on this rank's shards
+    method = op.resolve_method() if shards is None else op.method
     t1 = time.perf_counter()
-    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    op @ (v / v.norm()).to(device=op.device, dtype=op.dtype)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(op.shape[0], generator=gen, dtype=torch.float64) if shards is None \
+        else shards.randn(gen)
+    norm = v.norm() if shards is None else shards.sum(v @ v).sqrt()
+    op @ (v / norm).to(device=op.device, dtype=op.dtype)
     t2 = time.perf_counter()
     log(f"first product: {t2 - t1:.3g} s ({method}; method='auto' chose it in "
         f"{t1 - t0:.3g} s of calibration)")
@@ -199,7 +205,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     model, ckpt = setup.load(path)
     planned = costs(args, setup.num_params, setup.itemsize, model)
     E.announce(planned, ctx.log)
-    memory = setup.check_memory(planned, model)
+    model, memory = sharded_model(args, ctx, setup, planned, model)
     ctx.log(f"[{path}] top-{args.top_k} Hessian eigenvalues" + (" + trace" if args.trace else ""))
     meter = E.Meter(ctx.log)
     t0 = time.perf_counter()

@@ -106,18 +106,18 @@ class Setup:
             share = "" if None in shares else " (per rank: " + ", ".join(map(str, shares)) + ")"
             self.ctx.log(f"data: {totals[0]} samples on {len(every)} ranks{share}")
 
-    def check_memory(self, costs: list, model: Any = None) -> Any:
+    def check_memory(self, costs: list, model: Any = None, *, ignore: bool = False) -> Any:
         """:func:`landscape.cli.memory.check_memory` of the planned ``costs`` on ``model`` (default:
         a model of the spec; its activations do not depend on the weights) and the data; raises
         :class:`CLIError` when the estimate exceeds the available memory unless
-        ``--no-memory-check``."""
+        ``--no-memory-check`` (or ``ignore``: the estimate only, e.g. for ``--fsdp auto``)."""
         from .memory import check_memory
 
         if model is None:
             model = self._spare if getattr(self, "_spare", None) is not None else self.model()
             self._spare = model  # the next model() call takes it
         return check_memory(costs, model, self.loss_fn, self.data, log=self.ctx.log,
-                            ignore=bool(getattr(self.args, "no_memory_check", False)))
+                            ignore=ignore or bool(getattr(self.args, "no_memory_check", False)))
 
     def load(self, path: pathlib.Path) -> tuple[Any, Any]:
         """A fresh model with the checkpoint's weights, and the :class:`Checkpoint`. Under

@@ -14,11 +14,15 @@ from landscape.defaults import cli_default
 from . import estimate as E
 from ._common import UsageError, positive_int
 from .files import checkpoint_paths, keys_note, label, per_file, raise_failures
+from .fsdp import add_fsdp_option, apply_fsdp, plan_fsdp
 from .options import add_command, add_common_options
 from .output import Ctx, envelope
 from .setup import Setup
 
-__all__ = ["EPILOG", "data_size_check", "register", "run", "settings_notes"]
+__all__ = ["EPILOG", "FSDP_METRICS", "data_size_check", "register", "run", "settings_notes"]
+
+#: The metrics ``--fsdp`` computes on a sharded model (Hessian products on the shards).
+FSDP_METRICS = ("lambda_max", "trace")
 
 EPILOG = """example:
   landscape sharpness runs/ --model mypkg.models:resnet18 --data mypkg.data:val_loader \\
@@ -41,6 +45,7 @@ def register(sub: Any) -> None:
                    help="samples per batch m of the worst/average m-sharpness metrics "
                         f"(default: min({cli_default('sharpness', '--m')}, N), N the samples)")
     add_common_options(p)
+    add_fsdp_option(p, "; with --fsdp the metrics lambda_max and trace (default: lambda_max)")
     p.set_defaults(func=run)
 
 
@@ -87,19 +92,26 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     """Compute the table (and ``--json``); exit 1 when some checkpoints failed."""
     from ..report import METRIC_NAMES, checkpoint_keys, checkpoint_metrics
 
-    metrics = args.metric or list(METRIC_NAMES[:3])
+    metrics = args.metric or (list(METRIC_NAMES[:3]) if args.fsdp == "off" else ["lambda_max"])
+    if args.fsdp != "off" and set(metrics) - set(FSDP_METRICS):
+        raise UsageError(f"--fsdp runs the metrics {', '.join(FSDP_METRICS)} (Hessian products on the "
+                         f"shards), not {', '.join(m for m in metrics if m not in FSDP_METRICS)}: "
+                         "m-sharpness ascends per batch of m samples, which ranks sharing one "
+                         "sharded model cannot do; leave --fsdp out for them")
     if args.rho is not None and not (math.isfinite(args.rho) and args.rho > 0):
         raise UsageError(f"--rho {args.rho}: need a finite number > 0")
     paths = checkpoint_paths(args.checkpoints, keep_going=True)
     setup = Setup(args, ctx, check_data=data_size_check(args, ctx))
     planned = costs(metrics, setup.num_params, setup.itemsize, setup.data.num_samples(), args.m)
     E.announce(planned, ctx.log, checkpoints=len(paths))
-    setup.check_memory(planned)
+    shard, _ = plan_fsdp(args, ctx, setup, planned, equal_batches=True)
     used: dict[str, list] = {name: [] for name in metrics}
 
     def work(path: pathlib.Path) -> dict:
         ctx.log(f"[{path}] computing {', '.join(metrics)}")
         model, ckpt = setup.load(path)
+        if shard:
+            apply_fsdp(model, ctx)
         values = checkpoint_metrics(model, setup.loss_fn, setup.data, metrics, rho=args.rho,
                                     m=args.m, seed=args.seed, progress=ctx.progress)
         _log_used(ctx, planned, metrics, values, used, str(path))

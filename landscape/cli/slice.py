@@ -13,6 +13,7 @@ from landscape.defaults import cli_default
 from . import estimate as E
 from ._common import UsageError
 from .files import checkpoint_paths, one_checkpoint
+from .fsdp import add_fsdp_option, sharded_model
 from .options import add_command, add_common_options
 from .output import Ctx, check_writable, envelope, save_figure
 from .setup import Setup
@@ -46,6 +47,7 @@ def register(sub: Any) -> None:
                    default=cli_default("slice", "--normalization"),
                    help="scaling of random directions (filter: Li et al. 2018)")
     add_common_options(p)
+    add_fsdp_option(p, "; with --fsdp the direction random")
     p.set_defaults(func=run)
 
 
@@ -100,6 +102,9 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     from ..report import checkpoint_keys, compute_slice
 
     kind, arg = parse_direction(args.direction)
+    if args.fsdp != "off" and kind != "random":
+        raise UsageError(f"--fsdp slices along --direction random (drawn as on one process, each "
+                         f"rank keeping its shards), not {args.direction}; leave --fsdp out for it")
     if kind == "interpolate" and args.dims != 1:
         raise UsageError("--direction interpolate:CKPT2 gives a 1-D slice; use --dims 1")
     out = check_writable(args.out, "--out")
@@ -132,7 +137,7 @@ def run(args: argparse.Namespace, ctx: Ctx) -> int:
     planned = costs(kind, args.dims, args.steps, setup.num_params, setup.itemsize,
                     rows_in_store(args, ctx))
     E.announce(planned, ctx.log)
-    setup.check_memory(planned, model)
+    model, _ = sharded_model(args, ctx, setup, planned, model, equal_batches=True)
     ctx.log(f"[{path}] {args.dims}-D slice along {args.direction}, {args.steps} steps per axis")
     res = compute_slice(model, setup.loss_fn, setup.data, dims=args.dims, direction=kind, other=other,
                         lo=lo, hi=hi, steps=args.steps, seed=args.seed, store=args.store,

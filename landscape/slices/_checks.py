@@ -49,7 +49,7 @@ def check_plane(d1: Any, d2: Any, space: ParameterSpace) -> tuple[torch.Tensor, 
     t1 = check_direction(d1, space, "d1")
     t2 = check_direction(d2, space, "d2")
     a, b = t1.double(), t2.double()
-    cosine = float((a @ b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)))
+    cosine = float(space.dot(a, b) / (space.norm(a) * space.norm(b)))  # over all shards (FSDP2)
     if abs(cosine) > 1 - 1e-9:
         raise ValueError(f"d1 and d2 are parallel (cosine {cosine:.12f}); the plane is degenerate")
     return t1, t2, cosine

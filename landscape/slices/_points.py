@@ -235,9 +235,9 @@ class Session:
     def weight_meta(self, d: torch.Tensor, name: str, w: torch.Tensor) -> dict:
         return {
             "name": name,
-            "norm": float(torch.linalg.vector_norm(d.double())),
-            "numel": int(d.numel()),
-            "weight_norm": float(torch.linalg.vector_norm(w.double())),
+            "norm": float(self.space.norm(d)),  # over all ranks' shards under FSDP2
+            "numel": int(self.space.full_numel),
+            "weight_norm": float(self.space.norm(w)),
             "hash": tensor_hash(d),
         }
 
