@@ -400,10 +400,7 @@ def choose_method(op, block: int = 1, v_dict: dict | None = None, *,
                            + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     best = min(timings, key=lambda m: (timings[m], _ORDER.index(m)))
     if best == "cached-graph":
-        op._keep_graph(0, entry)  # the first batch's graph serves the products too
-        op.cache_batches = count
-        for key in [k for k in op._graphs if k >= count]:  # built by gradient(), not kept
-            del op._graphs[key]
+        _keep_graphs(op, entry, count)
     else:
         op.clear_cache()  # graphs built for the gradient or the choice are not used
     op._calibration_part = box.get("part")
@@ -412,6 +409,15 @@ def choose_method(op, block: int = 1, v_dict: dict | None = None, *,
                       block=block, cache_budget=budget,
                       derived=("double-backward",) if "double-backward" in timings else (),
                       extra_products=max(0, extra))
+
+
+def _keep_graphs(op, entry, count: int) -> None:
+    """The cached graph won: the first batch's graph (``entry``) serves the products too, and
+    only the first ``count`` batches keep theirs (a gradient may have built more)."""
+    op._keep_graph(0, entry)
+    op.cache_batches = count
+    for key in [k for k in op._graphs if k >= count]:
+        del op._graphs[key]
 
 
 def _rank0_choice(op, block: int, v_dict: dict | None) -> AutoChoice:

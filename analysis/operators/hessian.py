@@ -384,10 +384,9 @@ class HessianOperator(CurvatureOperator):
     def _first_block(self, V: torch.Tensor) -> torch.Tensor:
         """The first block under ``"auto"``: the choice is made on it (batched variants, per
         column) and its first batch's product reused."""
-        rows = V.detach().T.contiguous()
         v_dict = self._block_dict(V)
         first = self._settle(v_dict, V.shape[1])
-        out = self._block_pass(v_dict, rows, first)
+        out = self._block_pass(v_dict, V.shape[1], first)
         if not bool(torch.isfinite(out).all()):  # loop (locates a bad batch)
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
         return out.T
@@ -398,10 +397,9 @@ class HessianOperator(CurvatureOperator):
         if (V.shape[1] == 1 or self.method == "finite-difference"
                 or getattr(self, "batched_fallback_reason", None) is not None):
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
-        rows = V.detach().T.contiguous()  # (b, n)
-        v_dict = self._block_dict(V)
+        v_dict = self._block_dict(V)  # one transposed copy of the block: {name: (b, *shape)}
         try:
-            out = self._block_pass(v_dict, rows)
+            out = self._block_pass(v_dict, V.shape[1])
         except (NotImplementedError, RuntimeError, TypeError) as err:
             if self.method != "forward-over-reverse":
                 out = None
@@ -410,7 +408,7 @@ class HessianOperator(CurvatureOperator):
                 self.method = "double-backward"
                 self.fallback_reason = f"{type(err).__name__}: {err}"
                 try:
-                    out = self._block_pass(v_dict, rows)
+                    out = self._block_pass(v_dict, V.shape[1])
                 except (NotImplementedError, RuntimeError, TypeError) as err2:
                     out = None
                     self.batched_fallback_reason = f"{type(err2).__name__}: {err2}"
@@ -418,14 +416,14 @@ class HessianOperator(CurvatureOperator):
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
         return out.T
 
-    def _block_pass(self, v_dict, rows, first=None) -> torch.Tensor:
-        """One pass over the data for a ``(b, n)`` block of rows; ``(b, n)`` result (``first``:
+    def _block_pass(self, v_dict, b: int, first=None) -> torch.Tensor:
+        """One pass over the data for a block of ``b`` tangents; ``(b, n)`` result (``first``:
         the first batch's product, already computed)."""
         with self._context():
             return self._weighted_sum(
                 _reusing(first, lambda state, x, y, weight, key:
                          self._block_product(state, v_dict, x, y, weight, key)),
-                lambda: torch.zeros_like(rows))
+                lambda: torch.zeros(b, self.shape[0], device=self.device, dtype=self.dtype))
 
     def _flat_block(self, tensors, b: int) -> torch.Tensor:
         cols = [torch.zeros(b, nm, device=self.device, dtype=self.dtype) if t is None
