@@ -19,15 +19,18 @@ method runs once (the first call of forward-over-reverse includes one-time costs
 its later calls on a CPU, which favours the others at a near tie). The choice, the timings and
 the reasons are recorded in :class:`AutoChoice`.
 
-* ``"cached-graph"`` applies to in-memory data (a tensor pair or a list of batches) when the
-  graphs of all batches are estimated to fit in the cache budget (:func:`cache_budget`: a
-  quarter of the memory available on the device, or :data:`CACHE_BYTES` when set): the bytes
-  of the tensors the first batch's graph saves for backward (parameters and inputs excluded,
-  they are held anyway), scaled by each batch's loss terms. When it wins, the first batch's
-  graph is kept for the products.
+* ``"cached-graph"`` applies to in-memory data (a tensor pair or a list of batches) when at
+  least the first batch's graph is estimated to fit in the cache budget (:func:`cache_budget`:
+  :data:`CACHE_FRACTION`, a sixteenth, of the memory available on the device, or
+  :data:`CACHE_BYTES` when set): the bytes of the tensors the first batch's graph saves for
+  backward (parameters and inputs excluded, they are held anyway), scaled by each batch's loss
+  terms. The first batches whose graphs fit together keep them (:func:`graphs_fit`,
+  :attr:`AutoChoice.cache_batches`); the others build theirs at every product, so the cached
+  graph's timing is the backward plus the first batch's build times their share of the loss
+  terms. When it wins, the first batch's graph is kept for the products.
 * when the first use is a block product ``op @ V``, the same is done on the first block of
-  columns (a batched backward through the graph, ``vmap`` over forward-over-reverse); timings
-  are per column.
+  columns (one backward per column through the graph, ``vmap`` over forward-over-reverse);
+  timings are per column.
 * errors: a ``NotImplementedError`` (torch: no forward-mode or double-backward derivative) makes
   a method unavailable (its reason recorded in :attr:`AutoChoice.skipped`); a ``RuntimeError``
   or ``TypeError`` is tried once more on the same batch and vector: the same error again means
@@ -58,8 +61,10 @@ __all__ = ["CACHE_FRACTION", "available_bytes", "proc_kib", "first_graph", "grap
 #: ``None`` (default): :data:`CACHE_FRACTION` of the memory available at the calibration.
 CACHE_BYTES: int | None = None
 
-#: The share of the device's available memory that the cached graphs may take under ``"auto"``.
-CACHE_FRACTION = 0.25
+#: The share of the device's available memory that the cached graphs may take under ``"auto"``
+#: (the first batches whose graphs fit keep them; was 0.25 and all-or-nothing: at 11M
+#: parameters the 4 graphs of 64 CIFAR images each took 2.2 GB, 1.71x the leanest peer's peak).
+CACHE_FRACTION = 0.0625
 
 #: The budget where the available memory cannot be read (a device other than CPU and CUDA).
 FALLBACK_CACHE_BYTES = 2 * 2**30
@@ -73,12 +78,16 @@ class AutoChoice(Result):
         method: the method kept (the fastest that ran).
         timings: seconds of one product on the first batch, per method that could run (per
             column for ``block > 1``): ``"cached-graph"`` the backward through the first
-            batch's graph, ``"double-backward"`` that backward plus the graph's build (derived:
+            batch's graph (plus, when not every graph fits, the build times the share of the
+            loss terms whose graphs are rebuilt), ``"double-backward"`` that backward plus the graph's build (derived:
             see :attr:`derived`), ``"forward-over-reverse"`` its one call.
         skipped: the reason per method that was not timed (not available on the model, the
             cached graphs would not fit in the cache budget, or the data is a DataLoader).
         graph_bytes: the estimated memory of the cached graphs of all batches (0 if not
             estimated).
+        cache_batches: under ``"cached-graph"``, how many batches (the first ones) keep their
+            graph: those whose graphs fit in the cache budget together; the others build
+            theirs at every product, as double backward does (0 for the other methods).
         cache_budget: the bytes those graphs were allowed (:func:`cache_budget`; 0 if not
             needed: one batch, or a DataLoader).
         block: columns of the timed products (1: matrix-vector products; more: the batched
@@ -95,6 +104,7 @@ class AutoChoice(Result):
     timings: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     graph_bytes: int = 0
+    cache_batches: int = 0
     block: int = 1
     cache_budget: int = 0
     derived: tuple = ()
@@ -265,27 +275,36 @@ def first_graph(op, state: dict, x: Any, y: Any, weight: float, calls: list | No
     return box["entry"], seconds, box["bytes"]
 
 
-def graphs_fit(op, first_bytes: int) -> tuple[bool, int, int, str]:
-    """Whether the cached graphs of all of ``op``'s batches fit in the cache budget:
-    ``(fits, estimated_bytes, budget, reason)``; the estimate scales the first batch's saved
-    bytes by each batch's loss terms, the budget is :func:`cache_budget` (0 when there is one
-    batch: its graph is built by any method). A DataLoader never fits (it is re-iterated)."""
+def graphs_fit(op, first_bytes: int) -> tuple[int, int, int, str]:
+    """How many of ``op``'s batches, in order, keep their graph within the cache budget:
+    ``(count, estimated_bytes, budget, reason)``.
+
+    Batch ``b``'s graph is estimated as ``first_bytes * t_b / t_0`` (``t_b`` its loss terms);
+    ``count`` is the largest ``c`` with ``sum_{b < c} bytes_b <= budget`` (:func:`cache_budget`),
+    ``estimated_bytes`` the graphs of all batches. One batch: ``count = 1``, budget 0 (its graph
+    is built by any method). A DataLoader (re-iterated) or microbatches: ``count = 0``; the
+    reason says why when ``count`` is 0."""
     if op._cached is None:
-        return False, 0, 0, "the data is a DataLoader (re-iterated, not cached)"
+        return 0, 0, 0, "the data is a DataLoader (re-iterated, not cached)"
     if op.microbatch_size is not None:
-        return False, 0, 0, (f"microbatch_size={op.microbatch_size} bounds the working memory "
-                             "by one slice; the cached graphs would keep them all")
+        return 0, 0, 0, (f"microbatch_size={op.microbatch_size} bounds the working memory "
+                         "by one slice; the cached graphs would keep them all")
     size0 = max(1, op._cached[0][2])
-    total = int(first_bytes * sum(c[2] for c in op._cached) / size0)
+    sizes = [first_bytes * c[2] / size0 for c in op._cached]
+    total = int(sum(sizes))
     if len(op._cached) == 1:
-        return True, total, 0, ""
+        return 1, total, 0, ""
     budget = cache_budget(op.device)
-    if total > budget:
+    count, held = 0, 0.0
+    while count < len(sizes) and held + sizes[count] <= budget:
+        held += sizes[count]
+        count += 1
+    if count == 0:
         source = "CACHE_BYTES" if CACHE_BYTES is not None else (
             f"{CACHE_FRACTION:g} of the memory available on {op.device}")
-        return False, total, budget, (f"the cached graphs would take about {total} bytes "
-                                      f"(> the cache budget {budget}: {source})")
-    return True, total, budget, ""
+        return 0, total, budget, (f"the first batch's graph would take about {int(sizes[0])} "
+                                  f"bytes (> the cache budget {budget}: {source})")
+    return count, total, budget, ""
 
 
 def choose_method(op, block: int = 1, v_dict: dict | None = None, *,
@@ -335,27 +354,32 @@ def choose_method(op, block: int = 1, v_dict: dict | None = None, *,
         state = op._state()
         primals = {n: state[n] for n in op._names}
         entry, build_s, first_bytes = first_graph(op, state, x, y, weight, calls)
-        fits, graph_bytes, budget, reason = graphs_fit(op, first_bytes)
+        count, graph_bytes, budget, reason = graphs_fit(op, first_bytes)
         calls.clear()  # building the graph is the product's own work (or the gradient's)
         if entry is None:
             skipped["cached-graph"] = skipped["double-backward"] = build_s
-            fits = False
+            count = 0
         else:
-            if not fits:
+            if not count:
                 skipped["cached-graph"] = reason
+            # the batches past ``count`` build their graph for every product: that share of
+            # the loss terms times the first batch's build goes on the cached graph's time
+            terms = [c[2] for c in op._cached] if op._cached is not None else [1]
+            rebuilt = build_s * sum(terms[count:]) / max(1, sum(terms))
 
             def backward():
-                box["part"] = op._graph_backward(entry, v_dict, retain=fits, block=blk)
+                box["part"] = (op._graph_backward(entry, v_dict, retain=count > 0) if blk is None
+                               else op._looped_block(entry, v_dict, blk, keep=count > 0))
 
             try:
                 back_s = _attempt(backward, op.device, calls)
                 calls.clear()  # the backward is the first batch's product
-                if fits:
-                    timings["cached-graph"] = back_s / block
+                if count:
+                    timings["cached-graph"] = (back_s + rebuilt) / block
                 timings["double-backward"] = (build_s + back_s) / block
             except _Unavailable as why:
                 skipped["cached-graph"] = skipped["double-backward"] = str(why)
-                fits = False
+                count = 0
 
         def forward_over_reverse():
             if blk is None:
@@ -376,14 +400,24 @@ def choose_method(op, block: int = 1, v_dict: dict | None = None, *,
                            + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     best = min(timings, key=lambda m: (timings[m], _ORDER.index(m)))
     if best == "cached-graph":
-        op._keep_graph(0, entry)  # the first batch's graph serves the products too
+        _keep_graphs(op, entry, count)
     else:
         op.clear_cache()  # graphs built for the gradient or the choice are not used
     op._calibration_part = box.get("part")
     return AutoChoice(method=best, timings=timings, skipped=skipped, graph_bytes=graph_bytes,
+                      cache_batches=count if best == "cached-graph" else 0,
                       block=block, cache_budget=budget,
                       derived=("double-backward",) if "double-backward" in timings else (),
                       extra_products=max(0, extra))
+
+
+def _keep_graphs(op, entry, count: int) -> None:
+    """The cached graph won: the first batch's graph (``entry``) serves the products too, and
+    only the first ``count`` batches keep theirs (a gradient may have built more)."""
+    op._keep_graph(0, entry)
+    op.cache_batches = count
+    for key in [k for k in op._graphs if k >= count]:
+        del op._graphs[key]
 
 
 def _rank0_choice(op, block: int, v_dict: dict | None) -> AutoChoice:

@@ -12,7 +12,8 @@ for its backward pass and ``n`` parameters of ``s`` bytes (:data:`PRODUCT_FACTOR
 * the cached graph ``3 A`` per batch, scaled to all batches by their loss terms, plus ``2 n s``;
 * ``"auto"``: the larger of forward-over-reverse (timed once at the first product) and the
   method it times it against, the cached graph when :func:`~analysis.operators.auto.graphs_fit`
-  says the graphs of all batches fit (estimated at ``3 A`` per batch), else double backward.
+  keeps at least one batch's graph (estimated at ``3 A`` per batch; when it keeps only the first
+  ``c``, those ``c`` graphs and one rebuilt graph at a time), else double backward.
 
 ``A`` is measured by one forward pass of the first batch under
 ``torch.autograd.graph.saved_tensors_hooks`` (:func:`~analysis.operators.auto.saved_bytes`;
@@ -146,8 +147,12 @@ def estimate_product_bytes(model: Any, loss_fn: LossSpec, data: Data, *, method:
     first_a, all_a = _activations(op)
     chosen = method
     if method == "auto":  # the candidate it times forward-over-reverse against
-        graph = "cached-graph" if graphs_fit(op, PRODUCT_FACTORS["cached-graph"][0] * first_a)[0] \
-            else "double-backward"
+        kept = graphs_fit(op, PRODUCT_FACTORS["cached-graph"][0] * first_a)[0]
+        graph = "cached-graph" if kept else "double-backward"
+        if kept and op._cached is not None and kept < len(op._cached):
+            # a partial cache: the kept graphs, and one rebuilt graph at a time for the others
+            terms = [c[2] for c in op._cached]
+            all_a = int(first_a * (sum(terms[:kept]) + max(terms[kept:])) / max(1, terms[0]))
         sizes = {m: product_bytes(m, first_a, n, s, all_activation_bytes=all_a)
                  for m in (graph, "forward-over-reverse")}
         chosen = max(sizes, key=sizes.get)

@@ -95,10 +95,13 @@ class HessianOperator(CurvatureOperator):
       user's vector sent back through it (that is the first batch's product, kept; double
       backward costs the two, the cached graph the backward alone), then forward-over-reverse
       is timed once on the same batch, and the fastest is kept. The cached graph competes for
-      in-memory data whose graphs fit in the cache budget
-      (:func:`~analysis.operators.cache_budget`: a quarter of the memory available on the
+      in-memory data when at least the first batch's graph fits in the cache budget
+      (:func:`~analysis.operators.cache_budget`: a sixteenth of the memory available on the
       device unless :data:`~analysis.operators.CACHE_BYTES` is set; estimated from the
-      tensors the first batch's graph saves; that graph is kept when it wins). A method that
+      tensors the first batch's graph saves); it then keeps the graphs of the first
+      :attr:`cache_batches` batches that fit together, and the other batches build theirs at
+      every product and free it, as double backward does (their share of the build is added
+      to its timing). A method that
       cannot run on the model (no forward-mode or double-backward derivative) is skipped; an
       error of the user's loss or model is raised. When the first use is ``op @ V`` for a
       block, the batched variants are compared on the first block, per column. A
@@ -185,6 +188,10 @@ class HessianOperator(CurvatureOperator):
         self.fallback_reason: str | None = None
         self.batched_fallback_reason: str | None = None  # why matmat loops, if it does
         self._graphs: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        #: under "cached-graph", how many leading in-memory batches keep their graph (``None``:
+        #: all; "auto" sets the number whose graphs fit in the cache budget, the other batches
+        #: then build theirs for each product, as double backward does, and free it)
+        self.cache_batches: int | None = None
         self._signature: tuple | None = None
         self._first_graph_stats: tuple[float, int] | None = None  # batch 0's build s, bytes
         self._calibration_part = None  # the first batch's product computed by the choice
@@ -200,6 +207,13 @@ class HessianOperator(CurvatureOperator):
 
         self._batch_loss = batch_loss
         self._grad = grad(batch_loss)
+
+    def restricted(self, params: Sequence[str | nn.Parameter]) -> HessianOperator:
+        op = super().restricted(params)
+        op.cache_batches = self.cache_batches  # the graphs that fit the budget, here too
+        return op
+
+    restricted.__doc__ = CurvatureOperator.restricted.__doc__
 
     def _extra_settings(self) -> dict:
         # a settled "auto" passes its choice on
@@ -251,16 +265,17 @@ class HessianOperator(CurvatureOperator):
         if self.method == "forward-difference":
             return self._forward_base().clone()
         with self._context():
-            graphs = self.method == "cached-graph"
+            keep = self._caches if self.method == "cached-graph" else (lambda key: False)
             if self.method == "auto" and self._cached is not None:
                 x, y, size, _ = self._cached[0]
                 entry, _, first_bytes = first_graph(self, self._state(), x, y,
                                                     size / self.num_terms)
-                graphs = entry is not None and graphs_fit(self, first_bytes)[0]
+                count = 0 if entry is None else graphs_fit(self, first_bytes)[0]
+                keep = lambda key: key is not None and key < count  # noqa: E731
 
             def part(state, x, y, weight, key):
                 primals = {n: state[n] for n in self._names}
-                if key is not None and (graphs or key in self._graphs):
+                if key is not None and (keep(key) or key in self._graphs):
                     return self._graph_entry(primals, state, x, y, weight, key)[2].clone()
                 gd = self._grad(primals, state, x, y, weight)
                 return [gd[n] for n in self._names]
@@ -326,9 +341,14 @@ class HessianOperator(CurvatureOperator):
         self._first_graph_stats = None
         self._signature = None
 
+    def _caches(self, key: int | None) -> bool:
+        """Whether in-memory batch ``key`` keeps its first-order graph (see
+        :attr:`cache_batches`)."""
+        return key is not None and (self.cache_batches is None or key < self.cache_batches)
+
     def _batch_product(self, state, v_dict, x, y, weight, key=None):
         primals = {n: state[n] for n in self._names}
-        if self.method == "cached-graph" and key is not None:
+        if self.method == "cached-graph" and self._caches(key):
             entry = self._graph_entry(primals, state, x, y, weight, key)
             return self._graph_backward(entry, v_dict, retain=True)
         if self.method == "forward-difference" and self._fd_plus:
@@ -388,19 +408,17 @@ class HessianOperator(CurvatureOperator):
         self._prepare_signature()
         self._graphs[key] = entry
 
-    def _graph_backward(self, entry, v_dict, *, retain: bool, block: int | None = None):
-        """``H_b v`` by one backward through a first-order graph (a ``(block, n)`` result for a
-        batch of tangents, ``is_grads_batched``)."""
+    def _graph_backward(self, entry, v_dict, *, retain: bool):
+        """``H_b v`` by one backward through a first-order graph."""
         leaves, keep, _ = entry
         if not keep:
-            shape = (self.shape[0],) if block is None else (block, self.shape[0])
-            return torch.zeros(shape, device=self.device, dtype=self.dtype)
+            return torch.zeros(self.shape[0], device=self.device, dtype=self.dtype)
         vs = [v_dict[n] for n in self._names]
         with torch.enable_grad():
             hv = torch.autograd.grad([g for g, _ in keep], leaves,
                                      grad_outputs=[vs[i] for _, i in keep], retain_graph=retain,
-                                     allow_unused=True, is_grads_batched=block is not None)
-        return list(hv) if block is None else self._flat_block(hv, block)
+                                     allow_unused=True)
+        return list(hv)
 
     def _double_backward(self, primals, state, v_dict, x, y, weight):
         entry = self._first_order_graph(primals, state, x, y, weight)
@@ -410,12 +428,13 @@ class HessianOperator(CurvatureOperator):
     def matmat(self, V: torch.Tensor, *, block_size: int | None = None) -> torch.Tensor:
         """``H V`` for an ``(n, b)`` matrix of columns, ``block_size`` columns per pass.
 
-        Each block is one pass over the data: ``torch.func.vmap`` over the tangents of the
-        forward-over-reverse product, or one batched backward (``is_grads_batched``) through the
-        first-order graph for ``"double-backward"``; ``"cached-graph"`` loops (one backward per
-        column through the cached graph was faster than a batched one). Measured per-vector cost
-        on CPU for b = 1, 4, 16 (``benchmarks/batched_products.py``, 265k-parameter MLP, batch
-        256): forward-over-reverse 1.00, 0.62, 0.60; double-backward 1.00, 0.87, 0.94. The block's working
+        Each block is one pass over the data, so one all-reduce under a process group:
+        ``torch.func.vmap`` over the tangents of the forward-over-reverse product; for
+        ``"double-backward"`` one first-order graph per batch and block and one backward per
+        column through it, for ``"cached-graph"`` one backward per column through each
+        batch's cached graph. Measured per-vector cost of ``b = 16``
+        columns against 16 single products (``benchmarks/batched_products.py``, process CPU
+        time, one thread): see docs/benchmarks.md (issue 25). The block's working
         memory is about ``block_size`` times that of one product. An operator or model that
         cannot be batched falls back to one product per column (the reason is kept in
         :attr:`batched_fallback_reason`). Counts ``b`` matvecs.
@@ -446,25 +465,22 @@ class HessianOperator(CurvatureOperator):
     def _first_block(self, V: torch.Tensor) -> torch.Tensor:
         """The first block under ``"auto"``: the choice is made on it (batched variants, per
         column) and its first batch's product reused."""
-        rows = V.detach().T.contiguous()
         v_dict = self._block_dict(V)
         first = self._settle(v_dict, V.shape[1])
-        out = self._block_pass(v_dict, rows, first)
+        out = self._block_pass(v_dict, V.shape[1], first)
         if not bool(torch.isfinite(out).all()):  # loop (locates a bad batch)
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
         return out.T
 
     def _apply_block(self, V: torch.Tensor) -> torch.Tensor:
-        # the cached graph is already one backward per product; batching it (vmap over the
-        # backward) measured 1.2-1.4x slower per vector on CPU, so it loops
-        if (V.shape[1] == 1 or self.method in ("cached-graph", "finite-difference",
-                                               "forward-difference")
+        # the cached graph loops the columns inside each batch (one pass over the data and one
+        # all-reduce per block: :meth:`_looped_block`); finite differences take one column at a time
+        if (V.shape[1] == 1 or self.method in ("finite-difference", "forward-difference")
                 or getattr(self, "batched_fallback_reason", None) is not None):
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
-        rows = V.detach().T.contiguous()  # (b, n)
-        v_dict = self._block_dict(V)
+        v_dict = self._block_dict(V)  # one transposed copy of the block: {name: (b, *shape)}
         try:
-            out = self._block_pass(v_dict, rows)
+            out = self._block_pass(v_dict, V.shape[1])
         except (NotImplementedError, RuntimeError, TypeError) as err:
             if self.method != "forward-over-reverse":
                 out = None
@@ -473,7 +489,7 @@ class HessianOperator(CurvatureOperator):
                 self.method = "double-backward"
                 self.fallback_reason = f"{type(err).__name__}: {err}"
                 try:
-                    out = self._block_pass(v_dict, rows)
+                    out = self._block_pass(v_dict, V.shape[1])
                 except (NotImplementedError, RuntimeError, TypeError) as err2:
                     out = None
                     self.batched_fallback_reason = f"{type(err2).__name__}: {err2}"
@@ -481,14 +497,14 @@ class HessianOperator(CurvatureOperator):
             return torch.stack([self._apply(V[:, i].contiguous()) for i in range(V.shape[1])], 1)
         return out.T
 
-    def _block_pass(self, v_dict, rows, first=None) -> torch.Tensor:
-        """One pass over the data for a ``(b, n)`` block of rows; ``(b, n)`` result (``first``:
+    def _block_pass(self, v_dict, b: int, first=None) -> torch.Tensor:
+        """One pass over the data for a block of ``b`` tangents; ``(b, n)`` result (``first``:
         the first batch's product, already computed)."""
         with self._context():
             return self._weighted_sum(
                 _reusing(first, lambda state, x, y, weight, key:
                          self._block_product(state, v_dict, x, y, weight, key)),
-                lambda: torch.zeros_like(rows))
+                lambda: torch.zeros(b, self.shape[0], device=self.device, dtype=self.dtype))
 
     def _flat_block(self, tensors, b: int) -> torch.Tensor:
         cols = [torch.zeros(b, nm, device=self.device, dtype=self.dtype) if t is None
@@ -501,20 +517,37 @@ class HessianOperator(CurvatureOperator):
         b = next(iter(v_dict.values())).shape[0]
         if self.method == "forward-over-reverse":
             return self._forward_over_reverse_block(primals, state, v_dict, x, y, weight, b)
-        if self.method == "cached-graph" and key is not None:
-            entry = self._graph_entry(primals, state, x, y, weight, key)
-            return self._graph_backward(entry, v_dict, retain=True, block=b)
-        entry = self._first_order_graph(primals, state, x, y, weight)
-        return self._graph_backward(entry, v_dict, retain=False, block=b)
+        # double backward, and the cached graph on a batch without a kept graph: one graph
+        # build for the block, freed after its last column
+        cached = self.method == "cached-graph" and self._caches(key)
+        entry = (self._graph_entry(primals, state, x, y, weight, key) if cached
+                 else self._first_order_graph(primals, state, x, y, weight))
+        return self._looped_block(entry, v_dict, b, keep=cached)
+
+    def _looped_block(self, entry, v_dict, b: int, *, keep: bool) -> torch.Tensor:
+        """``(b, n)``: one backward per column through a first-order graph, each row flattened
+        in place; the graph is freed after the last column unless ``keep``. A batched backward
+        (``is_grads_batched``, vmap over it) measured 1.2-1.7x slower per vector on CPU (an MLP
+        of 265k parameters, a CNN of 97k; process CPU time, one thread), so the columns loop."""
+        out = torch.empty(b, self.shape[0], device=self.device, dtype=self.dtype)
+        for i in range(b):
+            # contiguous tangents: a strided row of the block slows the backward's products
+            part = self._graph_backward(entry, {n: t[i].contiguous() for n, t in v_dict.items()},
+                                        retain=keep or i < b - 1)
+            if isinstance(part, torch.Tensor):
+                out[i].copy_(part)
+            else:
+                self.space.flatten(part, out=out[i])
+        return out
 
     def _unit_block(self, state, V, x, y, weight, key) -> torch.Tensor:
-        """``C_u V`` of one unit (:meth:`unit_products`): one batched product for a block under
-        forward-over-reverse or double backward (a column at a time otherwise, or when the
-        batched product fails)."""
-        if V.shape[1] > 1 and self.batched_fallback_reason is None and (key is None or self.method in (
-                "forward-over-reverse", "double-backward")):  # a group has no cached graph
+        """``C_u V`` of one unit (:meth:`unit_products`): one block product (a column at a
+        time for finite differences, or when the block product fails); ``key`` is ``None`` for
+        a group of samples, which has no cached graph."""
+        if V.shape[1] > 1 and self.batched_fallback_reason is None and self.method in (
+                "forward-over-reverse", "double-backward", "cached-graph"):
             try:
-                block = self._block_product(state, self._block_dict(V), x, y, weight, None)
+                block = self._block_product(state, self._block_dict(V), x, y, weight, key)
                 return block.T.div_(weight)
             except (NotImplementedError, RuntimeError, TypeError) as err:
                 self.batched_fallback_reason = f"{type(err).__name__}: {err}"

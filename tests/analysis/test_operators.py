@@ -313,8 +313,8 @@ def test_cache_budget_is_a_share_of_the_available_memory(monkeypatch):
     model, loss, data, _ = _problem()
     H = HessianOperator(model, loss, data, batch_size=7)
     H.resolve_method()
-    assert H.auto_choice.cache_budget == 1000 < H.auto_choice.graph_bytes
-    assert "cache budget 1000: 0.25 of the memory available on cpu" in (
+    assert H.auto_choice.cache_budget == 250 < H.auto_choice.graph_bytes
+    assert "cache budget 250: 0.0625 of the memory available on cpu" in (
         H.auto_choice.skipped["cached-graph"])
     monkeypatch.setattr(auto_module, "CACHE_BYTES", 10**9)
     H = HessianOperator(model, loss, data, batch_size=7)
@@ -387,3 +387,55 @@ def test_auto_times_the_batched_variants_when_first_used_on_a_block():
     one = HessianOperator(model, loss, data, batch_size=7)
     one @ V[:, 0]
     assert one.auto_choice.block == 1
+
+
+def test_auto_keeps_the_graphs_of_the_first_batches_that_fit_the_budget(monkeypatch):
+    """A budget for 3.5 of the 7 batches' graphs: "auto" keeps the first 3 (graphs_fit's count),
+    the other 4 build theirs at every product (once per block for ``op @ V``); the cached
+    graph's time is then the backward plus the first batch's build times the uncached share
+    of the loss terms (27 of 48). Products, blocks and the gradient stay the dense ones."""
+    model, loss, data, _ = _problem()
+    monkeypatch.setattr(auto_module, "CACHE_BYTES", 10**12)
+    _fake_times(monkeypatch, 1.0, 1.0, 5.0)
+    whole = HessianOperator(model, loss, data, batch_size=7)
+    whole.resolve_method()
+    assert whole.auto_choice.cache_batches == 7 and whole.cache_batches == 7
+    first = whole.auto_choice.graph_bytes * 7 / 48  # batches of 7 (six) and 6 samples
+    monkeypatch.setattr(auto_module, "CACHE_BYTES", int(3.5 * first))
+    _fake_times(monkeypatch, 1.0, 1.0, 5.0)  # build, backward, forward-over-reverse
+    H = HessianOperator(model, loss, data, batch_size=7)
+    builds = []
+    real = H._first_order_graph
+    monkeypatch.setattr(H, "_first_order_graph", lambda *a: builds.append(1) or real(*a))
+    A = dense_hessian(model, loss, data)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(H @ v, A @ v, rtol=1e-6, atol=1e-10)
+    choice = H.auto_choice
+    assert H.method == "cached-graph" and choice.cache_batches == H.cache_batches == 3
+    assert choice.timings["cached-graph"] == pytest.approx(1.0 + 1.0 * 27 / 48)
+    assert choice.timings["double-backward"] == 2.0 and "cached-graph" not in choice.skipped
+    assert sorted(H._graphs) == [0, 1, 2]
+    builds.clear()
+    torch.testing.assert_close(H @ v, A @ v, rtol=1e-6, atol=1e-10)
+    assert len(builds) == 4 and sorted(H._graphs) == [0, 1, 2]
+    builds.clear()
+    V = torch.randn(H.shape[0], 5, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(H.matmat(V, block_size=5), A @ V, rtol=1e-6, atol=1e-10)
+    assert len(builds) == 4  # one build per uncached batch for the whole block
+    x, y = data
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(H.gradient(), grad, rtol=1e-10, atol=1e-13)
+    assert H.restricted(["2.weight"]).cache_batches == 3
+
+
+def test_graphs_fit_counts_the_leading_batches_within_the_budget(monkeypatch):
+    model, loss, data, _ = _problem()
+    H = HessianOperator(model, loss, data, batch_size=7, method="double-backward")
+    # 100 bytes for the first batch of 7 samples: six batches of 100, the last (6) 600/7
+    for budget, count in ((0, 0), (99, 0), (100, 1), (599, 5), (600, 6), (685, 6), (686, 7)):
+        monkeypatch.setattr(auto_module, "CACHE_BYTES", budget)
+        got = auto_module.graphs_fit(H, 100)
+        assert got[0] == count and got[1] == int(100 * 48 / 7) and got[2] == budget
+        assert ("cache budget" in got[3]) == (count == 0)

@@ -133,6 +133,16 @@ def test_trace_with_the_same_probes(ranks, reference):
             assert 0 < got[method]["collectives"] <= got[method]["matvecs"], (method, got[method])
 
 
+def test_cached_graph_block_is_one_all_reduce(ranks, reference):
+    """``op @ V`` through the cached graph loops the columns inside each batch: one pass over
+    the data and one all-reduce for the block of 4 (it was one per column)."""
+    ref, per_rank = _get(ranks, reference, "cached_block")
+    assert ref["collectives"] == 0
+    for got in per_rank:
+        _close(ref["hv"], got["hv"], "H V (cached graph)")
+        assert got["matvecs"] == 4 and got["collectives"] == 1, got
+
+
 def test_spectral_density(ranks, reference):
     ref, per_rank = _get(ranks, reference, "density")
     for got in per_rank:

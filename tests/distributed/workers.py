@@ -413,6 +413,15 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
                            "matvecs": op.num_matvecs - before}
         return out
 
+    def cached_block_check():
+        from analysis import HessianOperator
+
+        op = HessianOperator(model, "cross_entropy", _sharded(x, y), method="cached-graph")
+        V = torch.stack([v, torch.roll(v, 1), torch.roll(v, 2), torch.roll(v, 3)], 1)
+        with _CollectiveCounter() as c:
+            hv = op.matmat(V, block_size=4)  # the cached graph loops the columns in each batch
+        return {"hv": hv, "collectives": c.count, "matvecs": op.num_matvecs}
+
     def density_check():
         from analysis import HessianOperator, spectral_density
 
@@ -486,6 +495,7 @@ def analysis_values(rank: int, world: int, store_dir: str | None = None) -> dict
     checks = {
         "evaluate": evaluate_check, "hvp": hvp_check, "hvp_loader": hvp_loader_check,
         "eig": eig_check, "trace": trace_check, "density": density_check,
+        "cached_block": cached_block_check,
         "sharpness_worst": sharpness_worst_check, "sharpness_average": sharpness_average_check,
         "sharpness_worst_random": sharpness_worst_random_check,
         "directional": directional_check, "epsilon": epsilon_check,
