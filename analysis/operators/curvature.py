@@ -239,7 +239,9 @@ def directional_curvature(op: CurvatureOperator | Callable[[torch.Tensor], torch
         d: a flat direction (any nonzero length-``n`` vector; e.g. the momentum buffer).
 
     Returns:
-        The Rayleigh quotient as a Python float (one matvec).
+        The Rayleigh quotient as a Python float (one matvec). On an operator with sharded
+        vectors (``op.shards``, an FSDP2 model: ``d`` is this rank's shards) both inner products
+        are summed over the ranks.
 
     Raises:
         ValueError: for a zero direction.
@@ -248,8 +250,10 @@ def directional_curvature(op: CurvatureOperator | Callable[[torch.Tensor], torch
         raise TypeError(f"d must be a torch.Tensor, got {type(d).__name__}")
     if isinstance(op, CurvatureOperator):
         d = d.to(device=op.device, dtype=op.dtype)
-    nrm2 = torch.dot(d, d)
+    shards = getattr(op, "shards", None)
+    total = (lambda t: t) if shards is None else shards.sum
+    nrm2 = total(torch.dot(d, d).double())
     if not bool(nrm2 > 0):
         raise ValueError("the direction d is zero; its curvature is undefined")
     hd = op @ d
-    return float(torch.dot(d, hd) / nrm2)
+    return float(total(torch.dot(d, hd).double()) / nrm2)

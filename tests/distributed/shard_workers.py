@@ -88,6 +88,12 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
         res = spectral_density(operator(), num_iter=12, num_runs=3, seed=5)
         return {"nodes": res.nodes, "weights": res.weights}
 
+    def directional():  # d^T H d / ||d||^2 with d this rank's shards of one vector
+        from analysis import directional_curvature
+
+        op = operator()
+        return directional_curvature(op, local_slice(op, probe(op.shape[0])))
+
     def bad_method():
         try:
             HessianOperator(model, "cross_entropy", data(), method="double-backward")
@@ -117,5 +123,5 @@ def analysis_checks(rank: int, world: int) -> dict[str, tuple[str, Any]]:
         "topk": topk, "topk_defaults": topk_defaults, "hutchinson": lambda: trace("hutchinson", HUTCHINSON),
         "hutchpp": lambda: trace("hutch++", HUTCHPP), "hutchpp_exact": lambda: trace(
             "hutch++", EXACT), "density": density, "bad_method": bad_method,
-        "refused_data": refused_data,
+        "refused_data": refused_data, "directional": directional,
     })

@@ -164,3 +164,12 @@ def test_data_that_cannot_run_on_every_rank_is_refused(ranks, reference):
     for no_batch, differ in check_values(ranks, "refused_data"):
         assert no_batch is not None and "rank 1 got no batch" in no_batch
         assert differ is not None and "differs across ranks: rank 1" in differ
+
+
+def test_directional_curvature_sums_over_the_ranks(ranks, reference, hessian):
+    """The Rayleigh quotient of a sharded direction: both inner products over all ranks (a
+    local dot product gave each rank the quotient of its own shard)."""
+    d = sw.probe(hessian.shape[0])
+    want = float(d @ hessian @ d / (d @ d))
+    for got in [*check_values(ranks, "directional"), _ok(reference, "directional")]:
+        assert got == pytest.approx(want, rel=RTOL)
