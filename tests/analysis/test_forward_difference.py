@@ -19,7 +19,11 @@ from analysis.operators.finite_difference import (
     finite_difference_step,
 )
 from analysis.reference import dense_hessian
-from tests.analysis.test_finite_difference import dense_setup, lm_problem, mlp_problem
+from tests.analysis.test_finite_difference import (
+    lm_problem,
+    mlp_problem,
+    shift_error,
+)
 from tests.models import classification_data, mlp
 
 
@@ -78,13 +82,7 @@ def test_default_forward_step_is_sqrt_u_and_balances_the_two_errors():
 
 @pytest.mark.parametrize("problem", [mlp_problem, lm_problem], ids=["mlp", "causal-lm"])
 def test_operator_matches_the_dense_hessian_and_the_error_falls_as_h(problem):
-    model, loss, data, bs, v, exact, before = dense_setup(problem)
-
-    def err(r):
-        H = HessianOperator(model, loss, data, batch_size=bs, method="forward-difference",
-                            fd_shift=r)
-        return float((H @ v - exact).norm() / exact.norm())
-
+    (model, loss, data, bs, v, exact, before), err = shift_error(problem, "forward-difference")
     e2, e3 = err(1e-2), err(1e-3)
     assert 4 < e2 / e3 < 25  # first order: 10x for 10x smaller h
     H = HessianOperator(model, loss, data, batch_size=bs, method="forward-difference")
