@@ -277,8 +277,7 @@ class HessianOperator(CurvatureOperator):
                 primals = {n: state[n] for n in self._names}
                 if key is not None and (keep(key) or key in self._graphs):
                     return self._graph_entry(primals, state, x, y, weight, key)[2].clone()
-                gd = self._grad(primals, state, x, y, weight)
-                return [gd[n] for n in self._names]
+                return self._gradient_part(state, x, y, weight, key)
 
             return self._weighted_sum(part, lambda: torch.zeros(
                 self.shape[0], device=self.device, dtype=self.dtype))
@@ -329,8 +328,10 @@ class HessianOperator(CurvatureOperator):
             self._fd_base = (sig, base)
         return self._fd_base[1]
 
-    def _gradient_part(self, state, x, y, weight, key):
-        gd = self._grad({n: state[n] for n in self._names}, state, x, y, weight)
+    def _gradient_part(self, state, x, y, weight, key, primals=None):
+        """One batch's weighted gradient, at ``primals`` (default the weights in ``state``)."""
+        primals = {n: state[n] for n in self._names} if primals is None else primals
+        gd = self._grad(primals, state, x, y, weight)
         return [gd[n] for n in self._names]
 
     def clear_cache(self) -> None:
@@ -353,9 +354,8 @@ class HessianOperator(CurvatureOperator):
             return self._graph_backward(entry, v_dict, retain=True)
         if self.method == "forward-difference" and self._fd_plus:
             h = self.fd_step
-            shifted = {n: primals[n] + h * v_dict[n] for n in self._names}
-            gd = self._grad(shifted, state, x, y, weight)
-            return [gd[n] for n in self._names]
+            return self._gradient_part(state, x, y, weight, key,
+                                       {n: primals[n] + h * v_dict[n] for n in self._names})
         if self.method in ("finite-difference", "forward-difference"):
             return self._finite_difference(primals, state, v_dict, x, y, weight)
         if self.method == "forward-over-reverse":
