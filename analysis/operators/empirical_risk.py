@@ -57,6 +57,18 @@ def check_deterministic_setup(model: nn.Module, source: DataSource, mode: str | 
     check_repeatable_forward(model, source, mode, where="curvature operator")
 
 
+def check_operator_settings(mode: Any, microbatch_size: Any) -> None:
+    """An operator's ``mode`` (``"eval"``, ``"train"`` or ``None``) and ``microbatch_size`` (a
+    positive int or ``None``), or a ValueError naming the value."""
+    if microbatch_size is not None and (isinstance(microbatch_size, bool)
+                                        or not isinstance(microbatch_size, int)
+                                        or microbatch_size < 1):
+        raise ValueError(f"microbatch_size must be a positive integer or None, got "
+                         f"{microbatch_size!r}")
+    if mode not in (None, "eval", "train"):
+        raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
+
+
 def _refuse_random_setup(model: nn.Module, source: DataSource, mode: str | None) -> None:
     """The module and loader part of :func:`check_deterministic_setup` (no forward pass)."""
     for name, m in model.named_modules():
@@ -164,13 +176,7 @@ class EmpiricalRisk:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if microbatch_size is not None and (isinstance(microbatch_size, bool)
-                                            or not isinstance(microbatch_size, int)
-                                            or microbatch_size < 1):
-            raise ValueError(f"microbatch_size must be a positive integer or None, got "
-                             f"{microbatch_size!r}")
-        if mode not in (None, "eval", "train"):
-            raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
+        check_operator_settings(mode, microbatch_size)
         self.model = model
         self.loss_fn = resolve_loss(loss_fn)
         self.space = ParameterSpace(model, params)

@@ -51,6 +51,7 @@ from ..evaluation import forward, model_mode, resolve_loss
 from ..losses import LossSpec, loss_terms
 from ..precision import autocast_disabled
 from ..shards import VectorShards
+from .empirical_risk import check_operator_settings
 from .finite_difference import check_shift, finite_difference_step
 from .protocol import TorchOperator
 
@@ -107,12 +108,7 @@ class ShardedHessianOperator(TorchOperator):
         if params is not None:
             raise ValueError(f"params={params!r}: a parameter subset is not supported on an "
                              "FSDP2-sharded model (pass params=None)")
-        if mode not in (None, "eval", "train"):
-            raise ValueError(f"mode must be 'eval', 'train' or None, got {mode!r}")
-        if microbatch_size is not None and (isinstance(microbatch_size, bool) or not isinstance(
-                microbatch_size, int) or microbatch_size < 1):
-            raise ValueError(f"microbatch_size must be a positive integer or None, got "
-                             f"{microbatch_size!r}")
+        check_operator_settings(mode, microbatch_size)
         check_shift(fd_shift)
         self.model, self.mode = model, mode
         self.loss_fn = resolve_loss(loss_fn)
