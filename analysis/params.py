@@ -307,13 +307,10 @@ class ParameterSpace:
         return self.dot(v, v).sqrt()
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` (per-rank partial sums over this rank's shards) over the ranks in place when
-        the space is sharded; unchanged otherwise. Returns ``t``."""
-        if self.sharded:
-            from .distributed import all_reduce_sum
-
-            all_reduce_sum(t)
-        return t
+        """``t`` (per-rank partial sums over this rank's shards) summed over the ranks of the
+        parameters' mesh when the space is sharded (:meth:`VectorShards.sum
+        <analysis.shards.VectorShards.sum>`, a new tensor); ``t`` itself otherwise."""
+        return self.shards.sum(t) if self.sharded else t
 
     @property
     def full_numel(self) -> int:
