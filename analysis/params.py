@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .shards import VectorShards
+from .shards import VectorShards, is_dtensor
 
 
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -329,11 +329,6 @@ class ParameterSpace:
             raise ValueError(f"a full vector needs shape ({self.full_numel},), got "
                              f"{tuple(full.shape)}")
         return torch.cat([full[:0], *(full[o:o + n] for o, n in self.shards.segments)])
-
-
-def is_dtensor(t: Any) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter)."""
-    return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as _dist
 from torch import nn
 
-__all__ = ["VectorShards", "has_dtensor_parameters", "DRAW_CHUNK"]
+__all__ = ["VectorShards", "has_dtensor_parameters", "is_dtensor", "DRAW_CHUNK"]
 
 #: Entries per chunk of the random draws (a multiple of 16: ``torch.randn`` on the CPU fills
 #: blocks of 16, so chunks of this size, the last one of at least 16 entries, give the same
@@ -48,11 +48,16 @@ __all__ = ["VectorShards", "has_dtensor_parameters", "DRAW_CHUNK"]
 DRAW_CHUNK = 1 << 16
 
 
+def is_dtensor(t: Any) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter)."""
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
 def has_dtensor_parameters(model: Any) -> bool:
     """Whether ``model`` is an ``nn.Module`` with a DTensor parameter (FSDP2 ``fully_shard``)."""
     if not isinstance(model, nn.Module):
         return False
-    return any(hasattr(p, "to_local") and hasattr(p, "device_mesh") for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def _draw_chunks(total: int) -> Iterable[tuple[int, int]]:

@@ -87,6 +87,7 @@ def apply_fsdp(model: Any, ctx: Ctx) -> Any:
     """
     from analysis import distributed as dist
     from analysis.evaluation import model_device_dtype
+    from analysis.shards import is_dtensor
 
     if not ctx.distributed:
         raise UsageError("--fsdp shards the model over torchrun's processes: launch with "
@@ -108,7 +109,7 @@ def apply_fsdp(model: Any, ctx: Ctx) -> Any:
             raise CLIError(f"fully_shard cannot shard {type(model).__name__}: "
                            f"{_first_line(exc)}") from exc
     local = sum(p.to_local().numel() for p in model.parameters()
-                if p.requires_grad and hasattr(p, "to_local"))
+                if p.requires_grad and is_dtensor(p))
     blocks = len(modules) - 1
     ctx.log(f"--fsdp: {blocks} block{'s' if blocks != 1 else ''} and the root sharded over "
             f"{dist.get_world_size()} ranks (FSDP2); rank 0 holds {local} of {total} parameters")
