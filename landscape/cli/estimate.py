@@ -142,17 +142,13 @@ def trace_cost(n: int, itemsize: int, *, num_matvecs: int = 99, method: str = "h
     standard error adds no product and no pass (the quadratic forms' blocks are taken per
     sampling unit, :class:`analysis.uncertainty.UnitForms`).
     """
-    from analysis.cost import planned_products
-    from analysis.trace import sketch_size, trace_memory_bound_bytes
+    from analysis.trace import trace_plan
 
-    b = _block_size(n, itemsize, block_size)
     name = label or f"trace ({'Hutch++' if method == 'hutch++' else 'Hutchinson'}, {num_matvecs} products)"
-    memory = trace_memory_bound_bytes(n, num_matvecs, method, b, itemsize)
-    if method == "hutchinson":
-        return Cost(name, hvps=num_matvecs, data_passes=math.ceil(num_matvecs / b), memory_bytes=memory)
-    s = sketch_size(n, num_matvecs)
-    hvps, _ = planned_products("trace", n, num_matvecs=num_matvecs)
-    return Cost(name, hvps=hvps, data_passes=(hvps // s if s else 0) * math.ceil(s / b), memory_bytes=memory)
+    plan = trace_plan(n, num_matvecs, method, itemsize,
+                      block_size=_block_size(n, itemsize, block_size))
+    return Cost(name, hvps=plan.products, data_passes=plan.passes,
+                memory_bytes=plan.memory_bound_bytes)
 
 
 def density_cost(n: int, itemsize: int, *, num_iter: int = 80, num_runs: int = 10,
