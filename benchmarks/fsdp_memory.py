@@ -13,6 +13,10 @@ construction and the data included):
   call on its half of the data (``as_data(..., shard=True)``); the products are finite
   differences of FSDP2's gradients on the shards (:class:`analysis.operators.ShardedHessianOperator`).
 
+Both runs first fix glibc's mmap threshold at 1 MiB, as the ``landscape`` command line does
+(:func:`analysis.host_memory.fix_mmap_threshold`; ``--malloc default`` keeps glibc's dynamic
+threshold, under which the ranks keep freed FSDP2 buffers resident).
+
 Model: ``transformers.GPT2Config()`` (124.4M parameters, random weights, seed 0, no dropout,
 eval mode; no download), data: 4 x 128 random tokens as two batches of 2 x 128 (one per rank).
 ``--quick``: a 2-layer, width-64 GPT-2 (seconds, for trying the script out).
@@ -54,8 +58,14 @@ def _status(field: str = "VmHWM") -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def worker(quick: bool, max_iter: int, max_basis: int) -> dict:
-    """One run in this process (a rank of torchrun, or the one process)."""
+def worker(quick: bool, max_iter: int, max_basis: int, malloc: str = "fixed") -> dict:
+    """One run in this process (a rank of torchrun, or the one process); ``malloc="fixed"``
+    fixes glibc's mmap threshold first, as the ``landscape`` command line does
+    (:func:`analysis.host_memory.fix_mmap_threshold`), ``"default"`` leaves glibc's dynamic one."""
+    if malloc == "fixed":
+        from analysis.host_memory import fix_mmap_threshold
+
+        fix_mmap_threshold()
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -93,6 +103,7 @@ def worker(quick: bool, max_iter: int, max_basis: int) -> dict:
                          data_stderr=False)
     seconds = time.perf_counter() - t0
     out = {"world": world, "rank": dist.get_rank(), "model": "quick" if quick else "gpt2-small",
+           "malloc": malloc,
            "n": n, "local_n": local, "tokens": f"{BATCHES * BATCH}x{SEQ}", "seconds": seconds,
            "eigenvalue": float(res.eigenvalues[0]), "products": int(res.num_matvecs),
            "converged": bool(res.converged), "peak_rss_gb": _status() / 1e9,
@@ -131,14 +142,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a 2-layer width-64 GPT-2 (seconds)")
     ap.add_argument("--max-iter", type=int, default=3, help="Lanczos products at most")
     ap.add_argument("--max-basis", type=int, default=4)
+    ap.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
+                    help="glibc's mmap threshold in both runs: fixed at 1 MiB as the CLI does "
+                         "(default), or glibc's dynamic default")
     ap.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    flags = [f"--max-iter={args.max_iter}", f"--max-basis={args.max_basis}"] + \
+    flags = [f"--max-iter={args.max_iter}", f"--max-basis={args.max_basis}",
+             f"--malloc={args.malloc}"] + \
         (["--quick"] if args.quick else [])
     if args.worker:
-        row = worker(args.quick, args.max_iter, args.max_basis)
+        row = worker(args.quick, args.max_iter, args.max_basis, args.malloc)
         with open(os.path.join(args.out, f"rank{row['rank']}.json"), "w") as fh:
             json.dump(row, fh)
         return
@@ -148,7 +163,8 @@ def main() -> None:
                 "--nproc_per_node", "2", me, "--worker", *flags])
     rows = one + sorted(two, key=lambda r: r["rank"])
     for r in rows:
-        print(f"{r['model']} {r['tokens']} tokens, {r['world']} process(es), rank {r['rank']}: "
+        print(f"{r['model']} {r['tokens']} tokens, {r['world']} process(es), rank {r['rank']}, "
+              f"malloc {r['malloc']}: "
               f"peak RSS {r['peak_rss_gb']:.2f} GB ({r['imports_rss_gb']:.2f} GB after the "
               f"imports), {r['local_n']} of {r['n']} parameters, "
               f"{r['seconds']:.1f} s, {r['products']} products, lambda_max {r['eigenvalue']:.6g}")
