@@ -12,14 +12,18 @@ block's parameters, a few to tens of MiB) are allocated and freed around every u
 and backward. Measured on GPT-2 small, 2 gloo ranks, the top eigenvalue with 1 Lanczos step
 (``benchmarks/fsdp_memory.py``; docs/guides/distributed.md): the peak resident set per rank is
 3.63-3.70 GB with glibc's default, 2.44 GB with the threshold fixed at 1 MiB and 2.29 GB at
-128 KiB; one process, 4.81 GB and 4.51 GB (128 KiB). The wall time at 1 MiB was within the
-run-to-run spread of the default (65-71 s against 73 s); at 128 KiB 80-82 s (every buffer
-above it is mapped and zero-filled afresh).
+128 KiB; one process, 4.81 GB and 4.51 GB (128 KiB). The whole run took 73 s at 1 MiB, 65-71 s
+with the default and 80-82 s at 128 KiB, on a loaded machine.
+
+The fixed threshold costs time where many buffers lie between it and 32 MiB: every one is
+mapped and zero-filled afresh. The products of a width-32 CIFAR ResNet-18 (8 samples per batch,
+1 thread) took 2.10-2.14 s of CPU time at 1 MiB against 1.41-1.47 s with glibc's default
+(width 8: 0.23-0.26 s against 0.23-0.24 s).
 
 :func:`fix_mmap_threshold` sets a fixed threshold (``mallopt(M_MMAP_THRESHOLD, nbytes)``, which
 also turns the dynamic adjustment off), as the environment variable ``MALLOC_MMAP_THRESHOLD_``
-would at start-up. It changes the whole process, so library functions never call it: the
-``landscape`` command line does, once at start-up, and scripts may. It does nothing when the
+would at start-up. It changes the whole process, so library functions never call it:
+``landscape ... --fsdp`` does on the CPU, after sharding the model, and scripts may. It does nothing when the
 environment already sets ``MALLOC_MMAP_THRESHOLD_`` (the user's choice wins) or when the C
 library is not glibc (the result says why). GPU tensors are not affected (the CUDA caching
 allocator keeps its own pool).

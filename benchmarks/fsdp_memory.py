@@ -13,7 +13,7 @@ construction and the data included):
   call on its half of the data (``as_data(..., shard=True)``); the products are finite
   differences of FSDP2's gradients on the shards (:class:`analysis.operators.ShardedHessianOperator`).
 
-Both runs first fix glibc's mmap threshold at 1 MiB, as the ``landscape`` command line does
+Both runs first fix glibc's mmap threshold at 1 MiB, as ``landscape ... --fsdp`` does
 (:func:`analysis.host_memory.fix_mmap_threshold`; ``--malloc default`` keeps glibc's dynamic
 threshold, under which the ranks keep freed FSDP2 buffers resident).
 
@@ -60,7 +60,7 @@ def _status(field: str = "VmHWM") -> int:
 
 def worker(quick: bool, max_iter: int, max_basis: int, malloc: str = "fixed") -> dict:
     """One run in this process (a rank of torchrun, or the one process); ``malloc="fixed"``
-    fixes glibc's mmap threshold first, as the ``landscape`` command line does
+    fixes glibc's mmap threshold first, as ``landscape ... --fsdp`` does
     (:func:`analysis.host_memory.fix_mmap_threshold`), ``"default"`` leaves glibc's dynamic one."""
     if malloc == "fixed":
         from analysis.host_memory import fix_mmap_threshold
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, default=3, help="Lanczos products at most")
     ap.add_argument("--max-basis", type=int, default=4)
     ap.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
-                    help="glibc's mmap threshold in both runs: fixed at 1 MiB as the CLI does "
+                    help="glibc's mmap threshold in both runs: fixed at 1 MiB as --fsdp does "
                          "(default), or glibc's dynamic default")
     ap.add_argument("--json", default=None, help="append the rows as JSON lines to this file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -68,6 +68,9 @@ def parse(argv=None):
     p.add_argument("--train-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tools", default="ours,curvlinops,eigenthings,pyhessian")
+    p.add_argument("--malloc", choices=("default", "fixed"), default="default",
+                   help="glibc's mmap threshold in every tool's process: its dynamic default, or "
+                        "fixed at 1 MiB as landscape --fsdp does (analysis.host_memory)")
     p.add_argument("--eigenthings-max-iter", type=int, default=50,
                    help="steps of the hessian-eigenthings scan (also the reference if tight)")
     p.add_argument("--lm-eigenthings-max-iter", type=int, default=50)
@@ -137,7 +140,7 @@ def prepare(kind: str, a, path: Path) -> dict:
 
 def work(tool: str, bundle: Path, a, **spec) -> dict:
     """Run one tool in a fresh subprocess; the parsed result, or ``{"error": ...}``."""
-    spec = dict(tool=tool, bundle=str(bundle), k=K, threads=a.threads, **spec)
+    spec = dict(tool=tool, bundle=str(bundle), k=K, threads=a.threads, malloc=a.malloc, **spec)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(spec, fh)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONPATH": str(ROOT)}
@@ -303,7 +306,8 @@ def machine(a) -> dict:
             vers[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             vers[p] = None
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=a.threads, torch=torch.__version__,
+    return dict(cpu=cpu, cores=os.cpu_count(), threads=a.threads, malloc=a.malloc,
+                torch=torch.__version__,
                 python=platform.python_version(), peers=vers, dtype="float32",
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 

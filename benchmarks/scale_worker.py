@@ -218,6 +218,10 @@ IMPORTS = {"ours": "analysis", "reference": "analysis", "curvlinops": "curvlinop
 
 def main(argv=None) -> None:
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    if spec.get("malloc") == "fixed":  # the same for every tool, before anything is allocated
+        from analysis.host_memory import fix_mmap_threshold
+
+        fix_mmap_threshold()
     torch.set_num_threads(spec.get("threads", 1))
     b, model, batches = load(spec["bundle"])
     __import__(IMPORTS[spec["tool"]])

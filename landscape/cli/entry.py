@@ -54,10 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Ctx(args)
     prog = f"landscape {args.command}"
     try:
-        from analysis.host_memory import fix_mmap_threshold
-
-        # freed buffers (FSDP2's above all) must not stay resident: analysis.host_memory
-        fix_mmap_threshold()
         start_distributed(args, ctx)
         target = getattr(args, "json", None)
         if target and target != "-":

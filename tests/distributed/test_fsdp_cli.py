@@ -86,7 +86,7 @@ def test_fsdp_cli_equals_one_process(tmp_path, monkeypatch, ckpt):
     hess = ["hessian", *common, "--top-k", "2", "--tol", "1e-8"]
     sharp = ["sharpness", *common, "--metric", "lambda_max"]  # the sharded trace: test_fsdp_analysis
     line = ["slice", *common, "--steps", "5", "--range", "-0.5", "0.5"]
-    runs = [[*hess, "--fsdp", "--json", str(tmp_path / "h2.json")],
+    runs = [[*(a for a in hess if a != "--quiet"), "--fsdp", "--json", str(tmp_path / "h2.json")],
             [*sharp, "--fsdp", "--json", str(tmp_path / "s2.json")],
             [*line, "--fsdp", "--out", str(tmp_path / "l2.png"), "--json", str(tmp_path / "l2.json")]]
     # one spawn per command, as torchrun: a second process group in the same processes was
@@ -98,6 +98,8 @@ def test_fsdp_cli_equals_one_process(tmp_path, monkeypatch, ckpt):
         assert not rank0["initialized_after"] and not rank1["initialized_after"]
         assert rank0["stdout"].strip() and rank1["stdout"] == ""  # rank 0 alone prints
 
+    # the hessian run logs (no --quiet): freed FSDP2 buffers must leave the resident set
+    assert "glibc's mmap threshold fixed at 1 MiB" in per_run[0][0]["stderr"], per_run[0][0]
     assert _one_process(monkeypatch, [*hess, "--json", str(tmp_path / "h1.json")]) == 0
     assert _one_process(monkeypatch, [*sharp, "--json", str(tmp_path / "s1.json")]) == 0
     assert _one_process(monkeypatch, [*line, "--out", str(tmp_path / "l1.png"),

@@ -125,16 +125,3 @@ def test_every_analysis_command_refuses_before_any_analysis(argv, ckpt, tmp_path
     assert "exceeds the 100 bytes available" in err and "--no-memory-check" in err
     assert not list(tmp_path.iterdir())  # nothing written
 
-
-def test_the_cli_fixes_the_mmap_threshold_before_any_work(ckpt, monkeypatch, capsys):
-    """Every command fixes glibc's mmap threshold once, before it joins a process group or
-    loads anything (analysis.host_memory: freed FSDP2 buffers otherwise stay resident)."""
-    import analysis.host_memory as hm
-
-    calls = []
-    monkeypatch.setattr(hm, "fix_mmap_threshold", lambda *a: calls.append(a) or
-                        hm.MmapThreshold(False, hm.DEFAULT_MMAP_THRESHOLD, "test"))
-    monkeypatch.setattr("landscape.cli.entry.start_distributed",
-                        lambda *a: calls.append("distributed"))
-    assert main(["hessian", str(ckpt), *SPEC, "--top-k", "1"]) == 0
-    assert calls == [(), "distributed"]
