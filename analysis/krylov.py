@@ -277,7 +277,8 @@ class KrylovBasis:
         self.size = min(self.size, p)
 
 
-def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int) -> list[torch.Tensor]:
+def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int,
+                         basis_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Independent Lanczos runs from the columns of ``V0`` (``(n, b)``), in lockstep.
 
     The same as :func:`lanczos_tridiagonal` for each column, but each step applies the operator
@@ -286,51 +287,65 @@ def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int) -> list[torch
     to ``num_iter`` vectors and a block of ``b`` products. An operator with ``shards``
     (:class:`analysis.shards.VectorShards`) takes this rank's shards: ``V0`` and the bases hold
     ``shards.local_numel`` rows, and every reduction is summed over the ranks.
+
+    ``basis_dtype`` (:func:`basis_dtypes`): the bases stored narrower; each run then keeps its
+    ``q_j`` and ``q_{j-1}`` in the working dtype and subtracts the three-term recurrence with them
+    before the two Gram-Schmidt passes (two more vectors per run).
     """
     n = int(op.shape[0])
     num_iter = min(int(num_iter), n)
     shards = getattr(op, "shards", None)
     reduce, n_local = (None, n) if shards is None else (shards.sum, shards.local_numel)
-    device, dtype = op.device, op.dtype
-    eps = torch.finfo(dtype).eps
+    device, op_dtype = op.device, op.dtype
+    dtype, store = (op_dtype, op_dtype) if basis_dtype is None else basis_dtypes(op_dtype,
+                                                                                 basis_dtype)
+    narrow, eps = store != dtype, torch.finfo(dtype).eps
     b = V0.shape[1]
-    bases = []
+    bases, cur, prev = [], [], [None] * b
     for r in range(b):
         q = V0[:, r].to(device=device, dtype=dtype).clone()
-        basis = KrylovBasis(n_local, num_iter, dtype, device,
-                            first=chunk_rows(n_local, torch.empty((), dtype=dtype).element_size()))
+        basis = KrylovBasis(n_local, num_iter, store, device, work_dtype=dtype,
+                            first=chunk_rows(n_local, store.itemsize))
         basis.reduce = reduce
         basis.set_row(0, q.div_(norm64(q, reduce)))
         bases.append(basis)
+        cur.append(q if narrow else None)
     Ts = [torch.zeros(num_iter, num_iter, dtype=torch.float64) for _ in range(b)]
     sizes = [num_iter] * b
     active = list(range(b))
     for j in range(num_iter):
         if not active:
             break
-        Q = torch.stack([bases[r].row(j) for r in active], 1)
+        Q = torch.stack([cur[r] if narrow else bases[r].row(j) for r in active], 1).to(op_dtype)
         W = op.matmat(Q) if hasattr(op, "matmat") else torch.stack(
             [op.matvec(Q[:, i].contiguous()) for i in range(Q.shape[1])], 1)
         del Q
         still = []
         for c, r in enumerate(active):
-            basis, T, w = bases[r], Ts[r], W[:, c].contiguous()
+            basis, T, w = bases[r], Ts[r], W[:, c].to(dtype).contiguous()
             m = j + 1
-            alpha = dot64(basis.row(j), w, reduce)
-            basis.subtract(w, basis.project(w, m), m)
+            alpha = dot64(cur[r] if narrow else basis.row(j), w, reduce)
+            if narrow:  # the recurrence with the exact vectors, the passes clean up
+                w.add_(cur[r], alpha=-alpha)
+                if j:
+                    w.add_(prev[r], alpha=-float(T[j - 1, j]))
+            h = basis.project(w, m)
+            basis.subtract(w, h, m)
             h2 = basis.project(w, m)
             basis.subtract(w, h2, m)
-            T[j, j] = alpha + float(h2[j])
+            T[j, j] = alpha + float(h2[j]) + (float(h[j]) if narrow else 0.0)
             if j + 1 == num_iter:
                 continue
             beta = norm64(w, reduce)
             scale = float(T[: j + 1, : j + 1].abs().max())
             if beta <= max(scale, 1e-300) * eps * 10:
                 sizes[r] = j + 1
-                bases[r] = None  # free it
+                bases[r] = cur[r] = prev[r] = None  # free them
                 continue
             T[j, j + 1] = T[j + 1, j] = beta
             basis.set_row(j + 1, w.div_(beta))
+            if narrow:
+                prev[r], cur[r] = cur[r], w
             still.append(r)
         del W
         active = still
