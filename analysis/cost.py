@@ -6,8 +6,9 @@
 
 * ``baseline``: the resident memory of the process now (the model, the data, the runtime);
 * ``vectors``: the analysis's own vectors, by the bounds its module documents and tests:
-  Lanczos ``(max_basis + 3) n s_basis`` (:func:`analysis.krylov.memory_bound_bytes`; a top-1 run
-  at ``tol=1e-2`` with a small ``max_basis`` fills it), Hutch++ ``(s + 4 b) n s``
+  Lanczos ``(max_basis + 3) n s`` (:func:`analysis.krylov.memory_bound_bytes`; a top-1 run
+  at ``tol=1e-2`` with a small ``max_basis`` fills it), with a narrower ``basis_dtype``
+  ``max_basis n s_basis + max(3, k) n s``, Hutch++ ``(s + 4 b) n s``
   (:func:`analysis.trace.trace_memory_bound_bytes`);
 * ``product``: one product's working memory, by method
   (:func:`analysis.operators.estimate.estimate_product_bytes`: one forward pass of the first
@@ -26,8 +27,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from .data import Data
-from .krylov import basis_itemsize, default_max_basis, default_max_iter, memory_bound_bytes
+from .krylov import basis_dtypes, default_max_basis, default_max_iter, memory_bound_bytes
 from .losses import LossSpec
 from .operators.estimate import estimate_product_bytes, process_rss_bytes
 from .results import Result
@@ -38,6 +41,9 @@ __all__ = ["ANALYSES", "PeakEstimate", "estimate_peak_bytes", "vectors_bytes", "
 #: The analyses the estimate knows: Lanczos (:func:`analysis.top_eigenpairs`) and the Hutch++
 #: trace (:func:`analysis.hessian_trace`).
 ANALYSES = ("lanczos", "trace")
+
+#: The operator dtype of each itemsize (half precision: float32 working vectors either way).
+_FLOAT_OF_SIZE = {2: torch.float16, 4: torch.float32, 8: torch.float64}
 
 
 @dataclass(frozen=True, repr=False)
@@ -84,17 +90,22 @@ def _check_analysis(analysis: str) -> None:
 
 def vectors_bytes(analysis: str, n: int, itemsize: int, *, k: int = 1,
                   max_basis: int | None = None, num_matvecs: int = 99,
-                  block_size: int = 1) -> int:
-    """The analysis's own vectors: Lanczos ``(max_basis + 3) n s_basis`` (default ``max_basis =
-    min(n, max(2k + 1, 20))``, a float32 basis for half precision), Hutch++ ``(s + 4 b) n s``.
+                  block_size: int = 1, basis_dtype: Any = None) -> int:
+    """The analysis's own vectors: Lanczos :func:`~analysis.krylov.memory_bound_bytes` (default
+    ``max_basis = min(n, max(2k + 1, 20))``, float32 vectors for half precision, the basis in
+    ``basis_dtype``), Hutch++ ``(s + 4 b) n s``.
 
     Raises:
-        ValueError: for an unknown ``analysis``.
+        ValueError: for an unknown ``analysis`` or a bad ``basis_dtype``
+            (:func:`~analysis.krylov.basis_dtypes`).
     """
     _check_analysis(analysis)
     if analysis == "lanczos":
         rows = min(n, default_max_basis(n, k) if max_basis is None else max_basis)
-        return memory_bound_bytes(n, rows, basis_itemsize(itemsize))
+        if int(itemsize) not in _FLOAT_OF_SIZE:
+            raise ValueError(f"itemsize must be 2, 4 or 8 (a floating operator), got {itemsize!r}")
+        work, store = basis_dtypes(_FLOAT_OF_SIZE[int(itemsize)], basis_dtype)
+        return memory_bound_bytes(n, rows, work.itemsize, store.itemsize, k)
     return trace_memory_bound_bytes(n, num_matvecs, "hutch++", block_size, itemsize)
 
 
@@ -117,7 +128,7 @@ def planned_products(analysis: str, n: int, *, k: int = 1, max_iter: int | None 
 
 def estimate_peak_bytes(model: Any, loss_fn: LossSpec, data: Data, *, analysis: str = "lanczos",
                         max_basis: int | None = None, k: int = 1, max_iter: int | None = None,
-                        num_matvecs: int = 99, method: str = "auto",
+                        num_matvecs: int = 99, method: str = "auto", basis_dtype: Any = None,
                         **operator_kwargs: Any) -> PeakEstimate:
     """Predict the peak resident memory and the products of ``analysis`` on ``model`` (see the
     module docstring).
@@ -129,19 +140,21 @@ def estimate_peak_bytes(model: Any, loss_fn: LossSpec, data: Data, *, analysis: 
             products, one probe per pass).
         method: the product method (``"auto"`` or one of
             :data:`~analysis.operators.estimate.PRODUCT_FACTORS`).
+        basis_dtype: the Lanczos basis's dtype (``top_eigenpairs(basis_dtype=)``).
         **operator_kwargs: ``params``, ``batch_size``, ``microbatch_size``, ... of the operator.
 
     Returns:
         :class:`PeakEstimate` (one forward pass of the first batch was made).
 
     Raises:
-        ValueError: for an unknown ``analysis`` or ``method``.
+        ValueError: for an unknown ``analysis`` or ``method``, or a bad ``basis_dtype``.
     """
     _check_analysis(analysis)
     baseline = process_rss_bytes()
     prod = estimate_product_bytes(model, loss_fn, data, method=method, **operator_kwargs)
     n, s = prod.num_params, prod.itemsize
-    vectors = vectors_bytes(analysis, n, s, k=k, max_basis=max_basis, num_matvecs=num_matvecs)
+    vectors = vectors_bytes(analysis, n, s, k=k, max_basis=max_basis, num_matvecs=num_matvecs,
+                            basis_dtype=basis_dtype)
     products, exact = planned_products(analysis, n, k=k, max_iter=max_iter,
                                        num_matvecs=num_matvecs)
     return PeakEstimate(peak_bytes=int(baseline + vectors + prod.product_bytes),

@@ -95,6 +95,7 @@ def spectral_density(
     seed: int = 0,
     block_size: int | None = None,
     progress: bool = False,
+    basis_dtype: torch.dtype | None = None,
     **operator_kwargs: Any,
 ) -> SpectralDensity:
     """Eigenvalue density of the Hessian by stochastic Lanczos quadrature.
@@ -120,6 +121,11 @@ def spectral_density(
             (tests/analysis/test_memory.py): at most ``(num_iter + 5) * n`` numbers per run
             (basis, start vector, product and two temporaries) plus one product's working memory.
         progress: show a tqdm bar over the blocks of runs.
+        basis_dtype: the dtype the bases are stored in (default ``None``: the operator's);
+            ``torch.bfloat16`` / ``torch.float16`` (``torch.float32`` under float64) keep
+            ``num_iter * n`` narrow numbers per run plus two working-dtype vectors
+            (:func:`~analysis.krylov.lanczos_tridiagonals`); measured against the default in
+            ``docs/guides/llm.md``.
 
     Returns:
         :class:`SpectralDensity` with ``grid``, ``density``, ``nodes`` and ``weights``.
@@ -147,7 +153,7 @@ def spectral_density(
         V = torch.stack([(torch.randint(0, 2, (n,), generator=gen) if shards is None
                           else shards.randint(1, gen)[0]).to(torch.float64) * 2 - 1
                          for _ in runs], 1)  # sharded: this rank's slice of the same vector
-        for r, T in zip(runs, lanczos_tridiagonals(op, V, m)):
+        for r, T in zip(runs, lanczos_tridiagonals(op, V, m, basis_dtype)):
             theta, S = torch.linalg.eigh(T)
             tau = S[0, :] ** 2
             tau = tau / tau.sum()

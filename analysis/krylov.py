@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["KrylovBasis", "OmegaRecurrence", "Reorthogonalizer", "dot64", "norm64", "lanczos_tridiagonal",
            "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
-           "basis_itemsize", "chunk_rows", "CHUNK_BYTES", "MAX_CHUNK_ROWS"]
+           "basis_dtypes", "chunk_rows", "CHUNK_BYTES", "MAX_CHUNK_ROWS"]
 
 #: Entries per slab of the float64 reductions and the in-place basis rotations (bounds their
 #: temporaries to a few slabs instead of whole ``n``-vectors).
@@ -111,8 +111,17 @@ class KrylovBasis:
     """
 
     def __init__(self, n: int, capacity: int, dtype: torch.dtype, device: Any, *,
-                 first: int, chunk: int | None = None, pin: bool = False):
+                 first: int, chunk: int | None = None, pin: bool = False,
+                 work_dtype: torch.dtype | None = None):
         self.n, self.capacity, self.dtype = n, capacity, dtype
+        #: the dtype of the vectors it is applied to; a narrower ``dtype`` (a narrow basis,
+        #: :func:`basis_dtypes`) is cast to it slab by slab, and float16 rows are stored times
+        #: :attr:`scale` (a power of two near ``sqrt(n)``: unit rows of 1e8 entries would be
+        #: float16 subnormals)
+        self.work = dtype if work_dtype is None else work_dtype
+        self.narrow = self.work != dtype
+        self.scale = 2.0 ** round(math.log2(math.sqrt(n))) if (
+            self.narrow and dtype == torch.float16) else 1.0
         self.device = torch.device(device)
         self.first = max(1, min(first, capacity))
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -121,7 +130,7 @@ class KrylovBasis:
         #: accumulate projections in float64 (two-level) for low-precision bases: a float32
         #: gemv over 5e6 entries is off by ~1e-4 relative whatever the number of passes (its
         #: error scales with |q| |w|, not |q . w|), which moved Ritz values by 3e-3
-        self.exact = dtype != torch.float64
+        self.exact = self.work != torch.float64 or self.narrow
         self.chunks: list[torch.Tensor] = []
         #: the sum over ranks of :meth:`project` for sharded rows (``n`` is then this rank's
         #: length; :meth:`analysis.shards.VectorShards.sum`), ``None`` for whole vectors
@@ -162,7 +171,11 @@ class KrylovBasis:
         while i >= self.allocated_rows:
             self._grow()
         c, r = self._locate(i)
-        c[r].copy_(v)
+        if self.scale == 1.0:
+            c[r].copy_(v)
+        else:
+            for a in range(0, self.n, SLAB):
+                c[r, a:a + SLAB].copy_(v[a:a + SLAB] * self.scale)
         self.size = max(self.size, i + 1)
 
     def _parts(self, m: int):
@@ -194,13 +207,14 @@ class KrylovBasis:
             for part, s in parts:
                 torch.mv(part, w, out=h[s:s + part.shape[0]])
             return h.to(device="cpu", dtype=torch.float64)
-        width = EXACT_SLAB
-        P = torch.empty(-(-self.n // width), m, dtype=self.dtype, device=self.device)
+        width, work = EXACT_SLAB, self.work
+        P = torch.empty(-(-self.n // width), m, dtype=work, device=self.device)
         for i, a in enumerate(range(0, self.n, width)):
             wa = w[a:a + width]
             for part, s in parts:
-                torch.mv(part[:, a:a + width], wa, out=P[i, s:s + part.shape[0]])
-        return P.sum(0, dtype=torch.float64).cpu()
+                torch.mv(part[:, a:a + width].to(work), wa, out=P[i, s:s + part.shape[0]])
+        h = P.sum(0, dtype=torch.float64).cpu()
+        return h / self.scale if self.scale != 1.0 else h
 
     def subtract(self, w: torch.Tensor, h: torch.Tensor, m: int) -> torch.Tensor:
         """``w - Q[:m]^T h`` in place (no temporary vector).
@@ -208,41 +222,48 @@ class KrylovBasis:
         Slab of columns by slab when the basis has several chunks, so that the slab of ``w``
         stays in cache while every chunk is applied to it (``w`` is read and written once).
         """
-        hh = h.to(device=self.device, dtype=self.dtype)
+        hh = (h / self.scale).to(device=self.device, dtype=self.work)
         parts = [(part, hh[s:s + part.shape[0]]) for part, s in self._parts(m)]
-        if len(parts) == 1:
+        if len(parts) == 1 and not self.narrow:
             w.addmv_(parts[0][0].T, parts[0][1], alpha=-1)
             return w
         for a in range(0, self.n, SUBTRACT_SLAB):
             wa = w[a:a + SUBTRACT_SLAB]
             for part, ha in parts:
-                wa.addmv_(part[:, a:a + SUBTRACT_SLAB].T, ha, alpha=-1)
+                wa.addmv_(part[:, a:a + SUBTRACT_SLAB].T.to(self.work), ha, alpha=-1)
         return w
 
-    def rotate(self, S: torch.Tensor, m: int) -> None:
-        """``Q[:p] <- S^T Q[:m]`` in place for an ``(m, p)`` float64 matrix ``S``, ``p <= m``.
+    def rotate(self, S: torch.Tensor, m: int, out: torch.Tensor | None = None) -> None:
+        """``Q[:p] <- S^T Q[:m]`` in place for an ``(m, p)`` float64 matrix ``S``, ``p <= m``
+        (or into ``out``, a ``(p, n)`` tensor of the working dtype, the basis left as it is).
 
         Slab of columns by slab: ``Y = sum_c S_c^T Q_c`` over the chunks ``c`` (one product
         each, read in place, no gathered copy of the slab), then ``Y`` written back into the
-        first ``p`` rows; the temporary ``Y`` holds ``p * width <= ~n`` numbers.
+        first ``p`` rows; the temporary ``Y`` holds ``p * width <= ~n`` numbers (with ``out``:
+        none, the slabs of a narrow basis cast to the working dtype one chunk at a time).
         """
-        p = S.shape[1]
-        St = S.T.to(device=self.device, dtype=self.dtype)
+        p, work = S.shape[1], self.work
+        St = S.T.to(device=self.device, dtype=work)
+        if out is not None:
+            St = St / self.scale
         width = max(1024, min(SLAB, self.n // p))
         parts = [(part, St[:, s:s + part.shape[0]]) for part, s in self._parts(m)]
-        outs = list(self._parts(p))
-        Y = torch.empty(p, min(width, self.n), dtype=self.dtype, device=self.device)
+        outs = [(out, 0)] if out is not None else list(self._parts(p))
+        Y = None if out is not None else torch.empty(p, min(width, self.n), dtype=work,
+                                                    device=self.device)
         for a in range(0, self.n, width):
             b = min(a + width, self.n)
-            Ya = Y[:, :b - a]
+            Ya = out[:, a:b] if out is not None else Y[:, :b - a]
             for i, (part, Sc) in enumerate(parts):
                 if i:
-                    Ya.addmm_(Sc, part[:, a:b])
+                    Ya.addmm_(Sc, part[:, a:b].to(work))
                 else:
-                    torch.mm(Sc, part[:, a:b], out=Ya)
-            for part, s in outs:
-                part[:, a:b].copy_(Ya[s:s + part.shape[0]])
-        self.size = p
+                    torch.mm(Sc, part[:, a:b].to(work), out=Ya)
+            if out is None:
+                for part, s in outs:
+                    part[:, a:b].copy_(Ya[s:s + part.shape[0]])
+        if out is None:
+            self.size = p
 
     def truncate(self, p: int) -> None:
         """Free every chunk past row ``p``."""
@@ -256,7 +277,8 @@ class KrylovBasis:
         self.size = min(self.size, p)
 
 
-def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int) -> list[torch.Tensor]:
+def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int,
+                         basis_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Independent Lanczos runs from the columns of ``V0`` (``(n, b)``), in lockstep.
 
     The same as :func:`lanczos_tridiagonal` for each column, but each step applies the operator
@@ -265,51 +287,65 @@ def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int) -> list[torch
     to ``num_iter`` vectors and a block of ``b`` products. An operator with ``shards``
     (:class:`analysis.shards.VectorShards`) takes this rank's shards: ``V0`` and the bases hold
     ``shards.local_numel`` rows, and every reduction is summed over the ranks.
+
+    ``basis_dtype`` (:func:`basis_dtypes`): the bases stored narrower; each run then keeps its
+    ``q_j`` and ``q_{j-1}`` in the working dtype and subtracts the three-term recurrence with them
+    before the two Gram-Schmidt passes (two more vectors per run).
     """
     n = int(op.shape[0])
     num_iter = min(int(num_iter), n)
     shards = getattr(op, "shards", None)
     reduce, n_local = (None, n) if shards is None else (shards.sum, shards.local_numel)
-    device, dtype = op.device, op.dtype
-    eps = torch.finfo(dtype).eps
+    device, op_dtype = op.device, op.dtype
+    dtype, store = (op_dtype, op_dtype) if basis_dtype is None else basis_dtypes(op_dtype,
+                                                                                 basis_dtype)
+    narrow, eps = store != dtype, torch.finfo(dtype).eps
     b = V0.shape[1]
-    bases = []
+    bases, cur, prev = [], [], [None] * b
     for r in range(b):
         q = V0[:, r].to(device=device, dtype=dtype).clone()
-        basis = KrylovBasis(n_local, num_iter, dtype, device,
-                            first=chunk_rows(n_local, torch.empty((), dtype=dtype).element_size()))
+        basis = KrylovBasis(n_local, num_iter, store, device, work_dtype=dtype,
+                            first=chunk_rows(n_local, store.itemsize))
         basis.reduce = reduce
         basis.set_row(0, q.div_(norm64(q, reduce)))
         bases.append(basis)
+        cur.append(q if narrow else None)
     Ts = [torch.zeros(num_iter, num_iter, dtype=torch.float64) for _ in range(b)]
     sizes = [num_iter] * b
     active = list(range(b))
     for j in range(num_iter):
         if not active:
             break
-        Q = torch.stack([bases[r].row(j) for r in active], 1)
+        Q = torch.stack([cur[r] if narrow else bases[r].row(j) for r in active], 1).to(op_dtype)
         W = op.matmat(Q) if hasattr(op, "matmat") else torch.stack(
             [op.matvec(Q[:, i].contiguous()) for i in range(Q.shape[1])], 1)
         del Q
         still = []
         for c, r in enumerate(active):
-            basis, T, w = bases[r], Ts[r], W[:, c].contiguous()
+            basis, T, w = bases[r], Ts[r], W[:, c].to(dtype).contiguous()
             m = j + 1
-            alpha = dot64(basis.row(j), w, reduce)
-            basis.subtract(w, basis.project(w, m), m)
+            alpha = dot64(cur[r] if narrow else basis.row(j), w, reduce)
+            if narrow:  # the recurrence with the exact vectors, the passes clean up
+                w.add_(cur[r], alpha=-alpha)
+                if j:
+                    w.add_(prev[r], alpha=-float(T[j - 1, j]))
+            h = basis.project(w, m)
+            basis.subtract(w, h, m)
             h2 = basis.project(w, m)
             basis.subtract(w, h2, m)
-            T[j, j] = alpha + float(h2[j])
+            T[j, j] = alpha + float(h2[j]) + (float(h[j]) if narrow else 0.0)
             if j + 1 == num_iter:
                 continue
             beta = norm64(w, reduce)
             scale = float(T[: j + 1, : j + 1].abs().max())
             if beta <= max(scale, 1e-300) * eps * 10:
                 sizes[r] = j + 1
-                bases[r] = None  # free it
+                bases[r] = cur[r] = prev[r] = None  # free them
                 continue
             T[j, j + 1] = T[j + 1, j] = beta
             basis.set_row(j + 1, w.div_(beta))
+            if narrow:
+                prev[r], cur[r] = cur[r], w
             still.append(r)
         del W
         active = still
@@ -429,9 +465,9 @@ class Reorthogonalizer:
     recurrence watches the rows built since. :attr:`passes` counts the passes (any length).
     """
 
-    def __init__(self, basis: KrylovBasis, eps: float):
-        self.basis = basis
-        self.omega = OmegaRecurrence(basis.capacity, eps)
+    def __init__(self, basis: KrylovBasis, eps: float, size: int | None = None):
+        self.basis = basis  # ``size``: the estimates kept (default the basis's capacity)
+        self.omega = OmegaRecurrence(basis.capacity if size is None else size, eps)
         self.force = 0  # the step after a triggered reorthogonalization reorthogonalizes too
         self.passes = 0
         self.kept = 0  # rows kept by the last thick restart (orthogonalized against each step)
@@ -508,14 +544,45 @@ def default_max_iter(n: int, k: int) -> int:
     return min(max(300, 30 * k), 10 * n)
 
 
-def memory_bound_bytes(n: int, max_basis: int, itemsize: int) -> int:
-    """The bound on the peak extra memory of :func:`analysis.top_eigenpairs` outside the products,
-    ``(max_basis + 3) * n * itemsize`` (eigenvectors included), with ``itemsize`` that of the
-    basis (see :func:`basis_itemsize`)."""
-    return int((max_basis + 3) * n * itemsize)
+def memory_bound_bytes(n: int, max_basis: int, itemsize: int, basis_itemsize: int | None = None,
+                       k: int = 1) -> int:
+    """The bound on the peak extra memory of :func:`analysis.top_eigenpairs` outside the products.
+
+    ``(max_basis + 3) * n * itemsize`` (eigenvectors included), ``itemsize`` that of the
+    working vectors (float32 for a half-precision operator); with a narrow basis
+    (``basis_itemsize < itemsize``, :func:`basis_dtypes`) ``max_basis * n * basis_itemsize +
+    max(3, k) * n * itemsize``: the
+    stored rows, then the current and previous Lanczos vectors and the product (or, at the end,
+    the ``k`` eigenvectors) in the working dtype.
+    """
+    b = itemsize if basis_itemsize is None else int(basis_itemsize)
+    if b >= itemsize:
+        return int((max_basis + 3) * n * itemsize)
+    return int(max_basis * n * b + max(3, k) * n * itemsize)
 
 
-def basis_itemsize(itemsize: int) -> int:
-    """Bytes per entry of the Krylov basis for an operator of ``itemsize``: a bfloat16 or float16
-    operator gets a float32 basis (a half-precision basis loses orthogonality at ``1e-2``)."""
-    return max(4, int(itemsize))
+def basis_dtypes(op_dtype: torch.dtype, basis_dtype: Any = None) -> tuple[torch.dtype, torch.dtype]:
+    """``(working dtype, stored basis dtype)`` of Lanczos on an operator of ``op_dtype``.
+
+    The working dtype (products' results, current vectors, rotations) is the operator's, float32
+    for a bfloat16 / float16 operator; the basis is stored in ``basis_dtype`` (default: the
+    working dtype), a floating dtype no wider than the working one (``torch.bfloat16``,
+    ``torch.float16``, or ``torch.float32`` under a float64 operator).
+
+    Raises:
+        TypeError: ``basis_dtype`` is not a ``torch.dtype``.
+        ValueError: it is not one of bfloat16, float16, float32, float64, or it is wider than
+            the working dtype.
+    """
+    work = torch.float32 if op_dtype in (torch.bfloat16, torch.float16) else op_dtype
+    if basis_dtype is None:
+        return work, work
+    if not isinstance(basis_dtype, torch.dtype):
+        raise TypeError(f"basis_dtype must be a torch.dtype or None, got {basis_dtype!r}")
+    if basis_dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64) or \
+            basis_dtype.itemsize > work.itemsize:
+        allowed = "torch.bfloat16, torch.float16" + (
+            ", torch.float32" if work == torch.float64 else "")
+        raise ValueError(f"basis_dtype must be a floating dtype no wider than the working dtype "
+                         f"{work} ({allowed}), got {basis_dtype}")
+    return work, basis_dtype

@@ -45,28 +45,31 @@ converged to ``10 tol``), so that a close ``(k+1)``-th eigenvalue is located bef
 trusted; the guard is waived once the residuals alone meet the tolerance (``r_i <= tol
 |theta_i|`` for every wanted pair, the rigorous bound, which uses no gap: ARPACK's stopping rule),
 since then no gap is trusted (on the scale benchmark's ResNet-18 the guard alone held the stop 11
-products past the point where the gap bounds were met, 6 past the plain residuals). A wanted eigenvalue that the Krylov space has not seen at all can still be missed, with
-``converged=True``: when two eigenvalues near the ``k``-th are close, ask for ``k + 2`` pairs or a
-smaller ``tol``. Single-vector Lanczos finds one copy of an
-eigenvalue of multiplicity > 1 per invariant subspace hit; a lucky breakdown restarts from a fresh
-random vector while fewer than ``k`` Ritz values exist.
+products past the point where the gap bounds were met, 6 past the plain residuals). A wanted
+eigenvalue that the Krylov space has not seen at all can still be missed, with
+``converged=True``: when two eigenvalues near the ``k``-th are close, ask for ``k + 2`` pairs or
+a smaller ``tol``. Single-vector Lanczos finds one copy of an eigenvalue of multiplicity > 1 per
+invariant subspace hit; a lucky breakdown restarts from a fresh random vector while fewer than
+``k`` Ritz values exist.
 
 Memory: one vector of length ``n`` is stored per basis vector, allocated as the basis grows (in
 chunks: the first of ``k`` rows, then chunks of at most ``max(one vector, 256 MiB)``,
 :func:`~analysis.krylov.chunk_rows`), so a run that stops after 12 products holds
-``max(k, 12)``-ish rows, not ``max_basis``. ``max_basis`` caps it (default
-``min(n, max(2k + 1, 20))``, ARPACK's ``ncv``); when the basis is full, Lanczos thick-restarts keeping the wanted
-Ritz vectors, rotated **in place** (slab of columns by slab), and the returned eigenvectors are the
+``max(k, 12)``-ish rows, not ``max_basis``. ``max_basis`` caps it (default ``min(n, max(2k + 1,
+20))``, ARPACK's ``ncv``); when the basis is full, Lanczos thick-restarts keeping the wanted Ritz
+vectors, rotated **in place** (slab of columns by slab), and the returned eigenvectors are the
 first ``k`` rows of the basis rotated in place, so the peak extra memory is
 
     peak <= (max_basis + 3) * n * itemsize  +  one product's working memory
 
-(``max_basis + 1`` basis rows, the product ``w`` and one vector's worth of rotation slabs; the
-eigenvectors are counted in it). :attr:`EigenResult.basis_bytes` reports the basis actually
-allocated and :attr:`EigenResult.memory_bound_bytes` the formula. ``basis_device="cpu"`` keeps the
-basis in host memory (pinned when the operator is on CUDA) while the products stay on the
-accelerator; then only two vectors live on the accelerator next to the activations.
-``max_iter`` caps the total number of matvecs.
+(the basis rows, the product ``w`` and one vector's worth of rotation slabs; the eigenvectors
+are counted in it). A narrower ``basis_dtype`` stores the rows in it while ``q_j``, ``q_{j-1}``,
+the product and the eigenvectors stay in the working dtype: ``max_basis * n * basis_itemsize +
+max(3, k) * n * itemsize`` (:func:`~analysis.krylov.memory_bound_bytes`; a default run holds
+about ``max_basis + 1`` vectors, so bfloat16 under float32 saves memory from ``max_basis = 5``).
+:attr:`EigenResult.basis_bytes` reports the basis actually allocated and
+:attr:`EigenResult.memory_bound_bytes` the formula. ``basis_device="cpu"`` keeps the basis in
+host memory (pinned with a CUDA operator); then two vectors live on the accelerator.
 
 Precision: the Lanczos coefficients ``alpha_j = q_j^T H q_j`` and ``beta_j = ||w||`` and every norm
 are accumulated in float64 (slab by slab, slabs that fit in cache, without float64 copies of
@@ -77,8 +80,10 @@ since a plain float32 product over 5e6 entries is off by ~1e-4 relative and move
 rounding level of the products, ``sqrt(m) * max(noise, 4 eps ||T||)`` with ``noise`` the largest
 off-band ``|q_i^T H q_j|`` seen (zero in exact arithmetic), so they are not smaller than what the
 working precision can resolve; a ``tol`` below it (``1e-3`` in bfloat16) stops there, unconverged
-(:class:`~analysis.precision.FloorWatch`). A bfloat16 / float16 operator warns and gets a float32
-basis (``itemsize`` 4 below): a half-precision basis loses orthogonality at ``1e-2``.
+(:class:`~analysis.precision.FloorWatch`). A bfloat16 / float16 operator warns and gets float32
+vectors and basis (``itemsize`` 4). A narrow ``basis_dtype`` raises the floor to at least
+``eps_b / sqrt(n)`` relative (``4 eps_b^2`` after a thick restart; :meth:`FloorWatch.level
+<analysis.precision.FloorWatch.level>`); the eigenvectors carry its rounding, ``~eps_b``.
 
 Cost outside the products: each step subtracts the three-term recurrence (two vectors); with
 ``reorth="full"`` it then makes one classical Gram-Schmidt pass over the whole basis (one
@@ -96,10 +101,8 @@ cannot see (a ghost copy of a converged eigenvalue, without it). Eigenvectors ar
 orthonormal to about ``sqrt(eps)`` rather than ``eps`` (measured: 4e-13 in float64, 2e-6 in
 float32; full: 1e-15, 9e-8). bfloat16 and float16 operators always get full passes (their
 products' rounding, far above the basis ``eps``, is what the bounds' floor measures).
-``benchmarks/lanczos_overhead.py`` measures both.
-
-The basis (:class:`~analysis.krylov.KrylovBasis`, :func:`~analysis.krylov.dot64`) lives in
-:mod:`analysis.krylov` and the error bounds in :mod:`analysis.ritz`.
+``benchmarks/lanczos_overhead.py`` measures both. The basis (:class:`~analysis.krylov.KrylovBasis`,
+:func:`~analysis.krylov.dot64`) lives in :mod:`analysis.krylov`, the bounds in :mod:`analysis.ritz`.
 
 Example:
     >>> import torch
@@ -124,6 +127,7 @@ from .evaluation import progress_bar
 from .krylov import (
     KrylovBasis,
     Reorthogonalizer,
+    basis_dtypes,
     default_max_basis,
     default_max_iter,
     dot64,
@@ -165,9 +169,9 @@ class EigenResult(Result):
         which: ``"LA"``, ``"SA"`` or ``"LM"``.
         tol: the relative eigenvalue tolerance asked.
         basis_bytes: the largest size of the Krylov basis during the run, in bytes (it grows
-            as needed, in chunks).
-        memory_bound_bytes: ``(max_basis + 3) * n * itemsize``, the bound on the peak extra
-            memory outside the products (eigenvectors included).
+            as needed, in chunks; the stored rows, in ``basis_dtype``).
+        memory_bound_bytes: the bound on the peak extra memory outside the products
+            (eigenvectors included; :func:`~analysis.krylov.memory_bound_bytes`).
         stop_reason: ``"converged"``, ``"max_iter"``, ``"exhausted"`` (the whole space) or
             ``"precision floor: ..."`` (:class:`~analysis.precision.FloorWatch`).
         data_stderr, data_sampling: the eigenvalues' data-sampling standard errors, ``(k,)``
@@ -198,8 +202,6 @@ class EigenResult(Result):
         return d
 
 
-
-
 @autocast_disabled()
 def top_eigenpairs(
     model_or_op: Any,
@@ -216,7 +218,7 @@ def top_eigenpairs(
     progress: bool = False,
     basis_device: Any = None,
     pin_memory: bool | None = None,
-    reorth: str = "partial",
+    reorth: str = "partial", basis_dtype: torch.dtype | None = None,
     data_stderr: bool = True, min_units: int = DEFAULT_MIN_UNITS,
     **operator_kwargs: Any,
 ) -> EigenResult:
@@ -255,6 +257,11 @@ def top_eigenpairs(
         basis_device: where the Krylov basis (and the returned eigenvectors) live; default the
             operator's device. ``"cpu"`` with a CUDA operator keeps the ``max_basis * n`` basis in
             host memory (each step moves two vectors over the bus).
+        basis_dtype: the dtype the basis rows are stored in (default ``None``: the working dtype,
+            the operator's, float32 for half precision); ``torch.bfloat16`` / ``torch.float16``
+            (or ``torch.float32`` under float64) halve it or better, at an accuracy floor of
+            about ``eps_b / sqrt(n)`` (``4 eps_b^2`` after a thick restart) relative; see the
+            module docstring.
         pin_memory: pin the host basis (default: when the basis is on the CPU and the operator
             on CUDA).
         reorth: ``"partial"`` (default): reorthogonalize against the basis only when the
@@ -266,16 +273,17 @@ def top_eigenpairs(
     Precision: runs outside ``torch.autocast`` (:mod:`analysis.precision`); a bfloat16 / float16
     operator warns and stops at its precision floor.
 
-    Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` plus one product's working memory
-    (see the module docstring); reported in :attr:`EigenResult.basis_bytes` and
-    :attr:`EigenResult.memory_bound_bytes`.
+    Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` (narrow basis: ``max_basis * n *
+    basis_itemsize + max(3, k) * n * itemsize``) plus one product's working memory; reported in
+    :attr:`EigenResult.basis_bytes` and :attr:`EigenResult.memory_bound_bytes`.
 
     Returns:
         :class:`EigenResult` with eigenvalues in descending order.
 
     Raises:
-        ValueError: for ``k`` outside ``[1, n]``, an unknown ``which``, a bad ``tol``, or a
-            ``max_basis`` too small for ``k``.
+        ValueError: for ``k`` outside ``[1, n]``, an unknown ``which``, a bad ``tol``, a
+            ``max_basis`` too small for ``k``, or a ``basis_dtype`` wider than the working dtype.
+        TypeError: for a ``basis_dtype`` that is not a ``torch.dtype``.
     """
     seed = check_seed(seed, "top_eigenpairs()")
     op = as_linear_operator(model_or_op, loss_fn, data, **operator_kwargs)
@@ -285,7 +293,7 @@ def top_eigenpairs(
     check_stderr_args(data_stderr, min_units)
     warn_half_precision(op.dtype, float(tol), "top_eigenpairs", stacklevel=4)
     run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory,
-                   reorth)
+                   reorth, basis_dtype)
     run.start(_start_vector(op, v0, which, run))
     bar = progress_bar(range(max_iter), enabled=progress, desc="lanczos", unit="matvec")
     for _ in bar:
@@ -356,34 +364,34 @@ class _Lanczos:
 
     def __init__(self, op: Any, k: int, which: str, tol: float, max_basis: int, max_iter: int,
                  seed: int, basis_device: Any, pin_memory: bool | None,
-                 reorth: str = "partial"):
+                 reorth: str = "partial", basis_dtype: torch.dtype | None = None):
         self.op, self.k, self.which, self.tol, self.max_basis = op, k, which, tol, max_basis
-        self.max_iter = max_iter
+        self.max_iter, self.cur, self.prev = max_iter, None, None
         self.n = n = int(op.shape[0])
         # sharded vectors (analysis.shards): this rank's rows, reductions summed over ranks
         self.shards = getattr(op, "shards", None)
         self.reduce = None if self.shards is None else self.shards.sum
         self.local_n = n if self.shards is None else self.shards.local_numel
         self.device, self.op_dtype = op.device, op.dtype
-        # half-precision operators get a float32 basis: a bfloat16 basis loses orthogonality at
-        # 1e-2 and with it whole eigenvalues
-        dtype = torch.float32 if op.dtype in (torch.bfloat16, torch.float16) else op.dtype
-        self.dtype = dtype
-        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        # working vectors float32 for half-precision operators (bfloat16 ones lose orthogonality
+        # at 1e-2); a narrow basis_dtype keeps cur and prev (q_j, q_{j-1}) in the working dtype
+        dtype, self.basis_dtype = basis_dtypes(op.dtype, basis_dtype)
+        self.dtype, self.itemsize, self.narrow = dtype, dtype.itemsize, self.basis_dtype != dtype
         self.bdev = torch.device(self.device if basis_device is None else basis_device)
         pin = self.bdev.type == "cpu" and torch.device(self.device).type == "cuda" \
             if pin_memory is None else pin_memory
         pin = bool(pin) and self.bdev.type == "cpu" and torch.cuda.is_available()
         self.same = self.bdev == torch.device(self.device) and dtype == op.dtype
         self.eps = torch.finfo(dtype).eps  # the basis precision: breakdown and scale tests
-        self.op_eps = torch.finfo(op.dtype).eps  # the products' precision: the bounds' floor
+        self.op_eps = torch.finfo(op.dtype).eps  # the products' precision
         # partial reorthogonalization models rounding at the basis precision: products rounded
         # coarser than that (bfloat16, float16) get full passes, which also measure their noise
         self.partial = reorth == "partial" and self.op_eps <= self.eps
         self.gen = torch.Generator().manual_seed(seed)
-        self.basis = KrylovBasis(self.local_n, max_basis + 1, dtype, self.bdev, first=k, pin=pin)
+        self.basis = KrylovBasis(self.local_n, max_basis, self.basis_dtype, self.bdev, first=k,
+                                 pin=pin, work_dtype=dtype)  # rows 0..max_basis-1
         self.basis.reduce = self.reduce
-        self.reorth = Reorthogonalizer(self.basis, self.eps)
+        self.reorth = Reorthogonalizer(self.basis, self.eps, size=max_basis + 1)
         self.T = torch.zeros(max_basis + 1, max_basis + 1, dtype=torch.float64)
         self.j = 0  # index of the column being computed; basis rows 0..j are the basis
         self.band = 2  # off-band entries h[:j-1] are zero in exact arithmetic once j >= band
@@ -391,9 +399,8 @@ class _Lanczos:
         self.tnorm = 0.0  # running max of |alpha_j| + |beta_{j-1}| (~ ||T||, for the estimates)
         self.restarts = self.steps = 0
         self.theta = self.S = self.res = self.errs = self.idx = None
-        self.watch = FloorWatch(op.dtype)
-        self.converged = False
-        self.stop_reason = "max_iter"
+        self.watch = FloorWatch(op.dtype, basis_dtype=self.basis_dtype, n=n)  # (below 4 eps: wide)
+        self.converged, self.stop_reason = False, "max_iter"
         self.start_matvecs = op.num_matvecs
 
     def random_vector(self) -> torch.Tensor:
@@ -406,12 +413,13 @@ class _Lanczos:
         if not nrm > 0 or not math.isfinite(nrm):
             raise ValueError("the start vector v0 is zero or not finite")
         self.basis.set_row(0, q.div_(nrm))
+        self.cur = q if self.narrow else None
 
     def bounds(self, theta: torch.Tensor, res: torch.Tensor, idx: torch.Tensor,
                m: int) -> torch.Tensor:
         """The error estimates, floored by the rounding level of the products."""
         tnorm = float(theta.abs().max()) if theta.numel() else 0.0
-        self.floor = floor = math.sqrt(m) * max(self.noise, 4 * self.op_eps * tnorm)
+        self.floor = floor = self.watch.level(m, self.noise, tnorm, self.restarts > 0)
         self.raw = ritz_error_bounds(theta, res, idx, self.which)
         return torch.clamp(self.raw, min=floor)
 
@@ -436,7 +444,7 @@ class _Lanczos:
         are rounding errors, not part of ``T``).
         """
         basis = self.basis
-        qj = basis.row(j)
+        qj = self.cur if self.narrow else basis.row(j)
         w = self.op.matvec(qj if self.same else
                            qj.to(device=self.device, dtype=self.op_dtype, non_blocking=True))
         self.steps += 1
@@ -444,10 +452,12 @@ class _Lanczos:
             w = w.to(device=self.bdev, dtype=self.dtype)
         m = j + 1
         alpha = dot64(qj, w, self.reduce)
-        c = float(self.T[j - 1, j]) if j >= 1 else 0.0
+        # (a narrow basis after a thick restart: the coupling is the full pass's projection)
+        c = float(self.T[j - 1, j]) if j >= 1 and (self.prev is not None or not self.narrow) \
+            else 0.0
         w.add_(qj, alpha=-alpha)
         if c != 0.0:
-            w.add_(basis.row(j - 1), alpha=-c)
+            w.add_(self.prev if self.narrow else basis.row(j - 1), alpha=-c)
         if self.partial and not (self.restarts and j == self.band - 1):
             self.tnorm = max(self.tnorm, abs(alpha) + abs(c))
             return self.reorth.partial(w, self.T, j, alpha, c, self.tnorm)
@@ -505,6 +515,8 @@ class _Lanczos:
         self.T[m, j] = self.T[j, m] = beta
         if m < self.max_basis:
             self.basis.set_row(m, w)
+            if self.narrow:
+                self.prev, self.cur = self.cur, w
             self.j = m
             return False
         self._restart(w, beta, m)
@@ -529,10 +541,12 @@ class _Lanczos:
         order = wanted_indices(theta, keep, which) if which != "LM" else torch.argsort(
             theta.abs(), descending=True)[:keep]
         coupling = beta * S[-1, order]
+        self.cur = self.prev = None  # (narrow basis) the coupling comes from the next full pass
         self.basis.rotate(S[:, order], m)  # rows 0..keep-1 <- the Ritz vectors, in place
         if self.partial:  # w was only semi-orthogonal: to working precision, estimates reset
             w.div_(self.reorth.restart(w, keep))
         self.basis.set_row(keep, w)
+        self.cur = w if self.narrow else None
         T = self.T
         T.zero_()
         T[:keep, :keep] = torch.diag(theta[order])
@@ -553,11 +567,14 @@ class _Lanczos:
             raise ValueError(f"max_iter={self.max_iter} is too small to find k={k} eigenpairs")
         order = torch.argsort(theta[idx], descending=True)
         idx, errs = idx[order], errs[order]
-        basis = self.basis
-        basis.rotate(S[:, idx], m)  # Ritz vectors in place in the first k rows; rest freed
-        basis.truncate(k)
-        vecs = basis.chunks[0][:k]
-        peak_bytes = basis.peak_rows * self.local_n * self.itemsize
+        basis, self.cur, self.prev = self.basis, None, None
+        # Ritz vectors in place in the first k rows (narrow basis: into the working dtype)
+        out = torch.empty(k, self.local_n, dtype=self.dtype, device=self.bdev) if self.narrow \
+            else None
+        basis.rotate(S[:, idx], m, out=out)
+        basis.truncate(k)  # the rest freed
+        vecs = basis.chunks[0][:k] if out is None else out
+        peak_bytes = basis.peak_rows * self.local_n * self.basis_dtype.itemsize
         del basis
         self.basis = None
         for i in range(k):
@@ -572,17 +589,12 @@ class _Lanczos:
         if self.op_dtype != self.dtype:
             vecs = vecs.to(self.op_dtype)
         return EigenResult(
-            eigenvalues=theta[idx].to(device=self.device, dtype=self.op_dtype),
-            eigenvectors=vecs,
+            eigenvalues=theta[idx].to(device=self.device, dtype=self.op_dtype), eigenvectors=vecs,
             residuals=res[idx].to(device=self.device, dtype=self.op_dtype),
             error_bounds=errs.to(device=self.device, dtype=torch.float64),
-            converged=self.converged,
-            num_matvecs=self.op.num_matvecs - self.start_matvecs,
-            num_iter=self.steps,
-            num_restarts=self.restarts,
-            which=self.which,
-            tol=float(self.tol),
-            basis_bytes=int(peak_bytes),
-            memory_bound_bytes=memory_bound_bytes(self.local_n, self.max_basis, self.itemsize),
-            stop_reason="converged" if self.converged else self.stop_reason,
-        )
+            converged=self.converged, num_matvecs=self.op.num_matvecs - self.start_matvecs,
+            num_iter=self.steps, num_restarts=self.restarts, which=self.which,
+            tol=float(self.tol), basis_bytes=int(peak_bytes),
+            memory_bound_bytes=memory_bound_bytes(self.local_n, self.max_basis, self.itemsize,
+                                                  self.basis_dtype.itemsize, k),
+            stop_reason="converged" if self.converged else self.stop_reason)

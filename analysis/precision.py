@@ -21,6 +21,7 @@ in float16, ``4.8e-7`` in float32).
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -113,13 +114,36 @@ class FloorWatch:
     residual improved by less than 2x (it stagnates at the rounding level); else None. The
     patience lets the Krylov space see the top of the spectrum first (at a loose floor an early
     Ritz value can sit near a lower eigenvalue).
+
+    :meth:`level` gives the floor: ``sqrt(m) max(noise, rel ||T||)`` with ``rel = 4 eps`` of the
+    products' ``dtype``, or, with a narrow Krylov basis of ``basis_dtype`` (epsilon ``eps_b``)
+    for vectors of ``n`` entries, at least ``eps_b / sqrt(n)`` (its rounded rows are orthogonal
+    to the exact ones to about that) and ``4 eps_b^2`` after a thick restart (the kept Ritz
+    vectors are rounded: their Rayleigh quotients move by ``~eps_b^2 ||H||``); the reason then
+    names the basis.
     """
 
-    def __init__(self, dtype: torch.dtype, patience: int = FLOOR_PATIENCE):
+    def __init__(self, dtype: torch.dtype, patience: int = FLOOR_PATIENCE, *,
+                 basis_dtype: torch.dtype | None = None, n: int = 1):
         self.name = str(dtype).replace("torch.", "")
+        self.source = f"the products' {self.name} precision"
+        self.rel = precision_floor(dtype)
+        eps_b = 0.0 if basis_dtype is None else float(torch.finfo(basis_dtype).eps)
+        self.basis_name = str(basis_dtype).replace("torch.", "") + " basis"
+        self.narrow = (eps_b / math.sqrt(max(int(n), 1)), 4 * eps_b ** 2)
         self.patience = int(patience)
         self.best: list[float] = []  # per product: the largest relative residual of the wanted
         self.settled = 0  # consecutive products with the unfloored bounds below the floor
+
+    def level(self, m: int, noise: float, tnorm: float, restarted: bool = False) -> float:
+        """The floor of the bounds of an ``m``-vector basis: ``sqrt(m) max(noise, rel tnorm)``
+        (``noise`` the measured rounding level, ``tnorm ~ ||T||``; see the class docstring)."""
+        rel = self.rel
+        narrow = max(self.narrow[0], self.narrow[1] if restarted else 0.0)
+        if narrow > rel:
+            rel, self.name = narrow, self.basis_name
+            self.source = f"the {self.name}'s rounding (store it wider)"
+        return math.sqrt(m) * max(noise, rel * tnorm)
 
     def update(self, floor: float, raw: torch.Tensor, r: torch.Tensor, scale: torch.Tensor,
                tol: float) -> str | None:
@@ -138,5 +162,5 @@ class FloorWatch:
         else:
             return None
         return (f"precision floor: {what}, above tol={tol:g} x |theta| "
-                f"(={float((tol * scale).min()):.3g}); the products' {name} precision cannot "
-                "resolve a smaller error")
+                f"(={float((tol * scale).min()):.3g}); {self.source} cannot resolve a smaller "
+                "error")

@@ -28,6 +28,10 @@ Cases (``--cases``):
 * ``per-layer-fd``: top-1 (tol 1e-2) of each block ``transformer.h.<i>.`` (regex subsets);
 * ``slice``: a 21-point 1-D slice along a random filter-normalized-free direction.
 
+A Lanczos case may carry the dtype of its stored Krylov basis (``top_eigenpairs(basis_dtype=)``):
+``top1-fwd@bfloat16``; ``--basis-dtype`` sets it for every case that names none. So
+``--cases top1-fwd@bfloat16,top1-fwd`` runs the narrow basis and the default side by side.
+
 Usage::
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/llm_scale.py --model small --cases top1-fd
@@ -84,7 +88,7 @@ def _hessian_eigenthings(model, data, steps: int) -> dict:
 
 
 def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 4,
-             he_steps: int = 15) -> dict:
+             he_steps: int = 15, basis_dtype: str | None = None) -> dict:
     """One case in this process (see the module docstring)."""
     import re
 
@@ -111,6 +115,9 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 
     grad_s = min(times)
     out: dict = {"model": model_name, "case": case, "n": n, "tokens": f"{batch}x{seq}",
                  "gradient_s": grad_s}
+    bd = None if basis_dtype is None else getattr(torch, basis_dtype)
+    if bd is not None:
+        out["basis_dtype"] = basis_dtype
     if case == "top1-he":  # in hessian-eigenthings' own environment: nothing of ours imported
         _reset_peak()
         t0 = time.perf_counter()
@@ -131,24 +138,28 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 
         method="forward-difference" if case.endswith("-fwd") else "finite-difference")
     est = None
     lanczos = dict(k=1, tol=1e-2, max_basis=max_basis) if fd else dict(k=1, tol=1e-2)
+    lanczos["basis_dtype"] = bd
     if case.startswith("top1"):  # predicted before the run (one forward pass)
         est = estimate_peak_bytes(subject, loss, data, analysis="lanczos",
-                                  max_basis=lanczos.get("max_basis"), **kw)
+                                  max_basis=lanczos.get("max_basis"), basis_dtype=bd, **kw)
     _reset_peak()
     t0 = time.perf_counter()
     if case.startswith("top1"):
         res = top_eigenpairs(subject, loss, data, **lanczos, **kw)
         out.update(eigenvalue=float(res.eigenvalues[0]), products=res.num_matvecs,
-                   converged=res.converged, basis_gb=res.basis_bytes / 1e9)
+                   converged=res.converged, basis_gb=res.basis_bytes / 1e9,
+                   bound_gb=res.memory_bound_bytes / 1e9, stop_reason=res.stop_reason,
+                   error_bound=float(res.error_bounds[0]))
     elif case == "trace-fd":
         res = hessian_trace(HessianOperator(subject, loss, data, **kw), num_matvecs=30,
                             block_size=1)
-        out.update(trace=float(res.trace), products=30)
+        out.update(trace=float(res.estimate), products=res.num_matvecs, std_error=res.std_error)
     elif case == "per-layer-fd":
         vals, products = [], 0
         for i in range(cfg.n_layer):
             res = top_eigenpairs(subject, loss, data, k=1, tol=1e-2, max_basis=max_basis,
-                                 params=re.compile(rf"^lm\.transformer\.h\.{i}\."), **kw)
+                                 params=re.compile(rf"^lm\.transformer\.h\.{i}\."),
+                                 basis_dtype=bd, **kw)
             vals.append(float(res.eigenvalues[0]))
             products += res.num_matvecs
         out.update(per_layer=vals, products=products)
@@ -174,22 +185,29 @@ def main() -> None:
     ap.add_argument("--max-basis", type=int, default=4, help="Lanczos basis of the -fd cases")
     ap.add_argument("--he-steps", type=int, default=15, help="Lanczos steps of top1-he")
     ap.add_argument("--he-python", default=HE_PYTHON, help="the interpreter of top1-he")
+    ap.add_argument("--basis-dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                    help="the stored Krylov basis's dtype of the cases that name none "
+                         "(default: the model's)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case here
     ap.add_argument("--json", help="append the results (JSON lines) to this file")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_case(args.model, args.one, args.batch, args.seq, args.max_basis,
-                                  args.he_steps)))
+                                  args.he_steps, args.basis_dtype)))
         return
     rows = []
-    for case in args.cases.split(","):
-        if case not in CASES:
-            raise SystemExit(f"unknown case {case!r}; choose from {CASES}")
+    for spec in args.cases.split(","):
+        case, _, basis_dtype = spec.partition("@")
+        basis_dtype = basis_dtype or args.basis_dtype
+        if case not in CASES or basis_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise SystemExit(f"unknown case {spec!r}; choose from {CASES} (optionally "
+                             "@bfloat16, @float16 or @float32)")
         python = args.he_python if case == "top1-he" else sys.executable
         proc = subprocess.run([python, __file__, "--model", args.model, "--one", case,
                                "--batch", str(args.batch), "--seq", str(args.seq),
                                "--max-basis", str(args.max_basis),
-                               "--he-steps", str(args.he_steps)],
+                               "--he-steps", str(args.he_steps)]
+                              + ([] if basis_dtype is None else ["--basis-dtype", basis_dtype]),
                               capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -197,7 +215,7 @@ def main() -> None:
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
         est = "" if row["estimate_gb"] is None else f"{row['estimate_gb']:.2f}"
-        print(f"| {row['model']} | {case} | {row['seconds']:.0f} s | {row['gradients']:.1f} | "
+        print(f"| {row['model']} | {spec} | {row['seconds']:.0f} s | {row['gradients']:.1f} | "
               f"{row['peak_rss_gb']:.2f} | {est} | {row.get('products', '')} | "
               f"{row.get('eigenvalue', row.get('trace', ''))} |", flush=True)
         if args.json:
