@@ -34,8 +34,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
+
+from .results import Result
 
 __all__ = ["DEFAULT_MMAP_THRESHOLD", "MmapThreshold", "fix_mmap_threshold"]
 
@@ -47,8 +49,8 @@ _MAX_THRESHOLD = 32 << 20  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: mallopt refuse
 ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
-@dataclass(frozen=True)
-class MmapThreshold:
+@dataclass(frozen=True, repr=False)
+class MmapThreshold(Result):
     """What :func:`fix_mmap_threshold` did.
 
     Attributes:
@@ -60,10 +62,6 @@ class MmapThreshold:
     applied: bool
     nbytes: int
     reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return asdict(self)
 
 
 def _libc() -> Any:

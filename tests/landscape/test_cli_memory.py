@@ -124,4 +124,3 @@ def test_every_analysis_command_refuses_before_any_analysis(argv, ckpt, tmp_path
     assert code == 1, err
     assert "exceeds the 100 bytes available" in err and "--no-memory-check" in err
     assert not list(tmp_path.iterdir())  # nothing written
-
