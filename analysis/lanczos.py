@@ -45,12 +45,15 @@ converged to ``10 tol``), so that a close ``(k+1)``-th eigenvalue is located bef
 trusted; the guard is waived once the residuals alone meet the tolerance (``r_i <= tol
 |theta_i|`` for every wanted pair, the rigorous bound, which uses no gap: ARPACK's stopping rule),
 since then no gap is trusted (on the scale benchmark's ResNet-18 the guard alone held the stop 11
-products past the point where the gap bounds were met, 6 past the plain residuals). A wanted
-eigenvalue that the Krylov space has not seen at all can still be missed, with
-``converged=True``: when two eigenvalues near the ``k``-th are close, ask for ``k + 2`` pairs or
-a smaller ``tol``. Single-vector Lanczos finds one copy of an eigenvalue of multiplicity > 1 per
-invariant subspace hit; a lucky breakdown restarts from a fresh random vector while fewer than
-``k`` Ritz values exist.
+products past the point where the gap bounds were met, 6 past the plain residuals).
+
+Missed eigenvalues: no bound can certify that none above the ``k``-th Ritz value is missing; the
+stop waits ``look_ahead`` products (default 3) after the rule first holds
+(:class:`~analysis.ritz.LookAhead`, which has the measurements). Single-vector Lanczos finds one
+copy of an eigenvalue of multiplicity > 1 per invariant subspace hit; a lucky breakdown (``beta
+<= 10 ||T|| eps``, with a narrow basis ``eps >= eps_b / sqrt(n)``, the level to which ``w`` can be
+orthogonal to its rows) goes on from a fresh random vector, so a look-ahead past it finds the
+next copy.
 
 Memory: one vector of length ``n`` is stored per basis vector, allocated as the basis grows (in
 chunks: the first of ``k`` rows, then chunks of at most ``max(one vector, 256 MiB)``,
@@ -128,18 +131,16 @@ from .krylov import (
     KrylovBasis,
     Reorthogonalizer,
     basis_dtypes,
-    default_max_basis,
-    default_max_iter,
     dot64,
     memory_bound_bytes,
     norm64,
 )
+from .lanczos_args import check_arguments, start_vector
 from .losses import LossSpec
 from .operators.adapters import as_linear_operator
-from .operators.hessian import HessianOperator
 from .precision import FloorWatch, autocast_disabled, warn_half_precision
 from .results import Result
-from .ritz import guard_ok, ritz_error_bounds, wanted_indices
+from .ritz import DEFAULT_LOOK_AHEAD, LookAhead, guard_ok, ritz_error_bounds, wanted_indices
 from .uncertainty import DEFAULT_MIN_UNITS, DataStdError, check_stderr_args, with_eigen_stderr
 
 
@@ -219,6 +220,7 @@ def top_eigenpairs(
     basis_device: Any = None,
     pin_memory: bool | None = None,
     reorth: str = "partial", basis_dtype: torch.dtype | None = None,
+    look_ahead: int = DEFAULT_LOOK_AHEAD,
     data_stderr: bool = True, min_units: int = DEFAULT_MIN_UNITS,
     **operator_kwargs: Any,
 ) -> EigenResult:
@@ -267,6 +269,10 @@ def top_eigenpairs(
         reorth: ``"partial"`` (default): reorthogonalize against the basis only when the
             estimated loss of orthogonality exceeds ``sqrt(eps)`` (Simon 1984, see the module
             docstring); ``"full"``: one Gram-Schmidt pass over the basis at every step.
+        look_ahead: products taken after the stopping rule first holds, during which it must
+            keep holding with the wanted Ritz values unchanged within their bounds (default 3;
+            ``0`` stops at once). They guard against an eigenvalue that the Krylov space has not
+            seen yet (see "Missed eigenvalues" in the module docstring).
         data_stderr, min_units: the data-sampling standard errors (default on: ``k`` more products,
             counted in ``num_matvecs``; 16 units), :func:`analysis.uncertainty.with_eigen_stderr`.
 
@@ -287,14 +293,15 @@ def top_eigenpairs(
     """
     seed = check_seed(seed, "top_eigenpairs()")
     op = as_linear_operator(model_or_op, loss_fn, data, **operator_kwargs)
-    n, max_basis, max_iter = _check_arguments(op, k, which, tol, max_iter, max_basis)
+    n, max_basis, max_iter = check_arguments(op, k, which, tol, max_iter, max_basis,
+                                             look_ahead)
     if reorth not in ("partial", "full"):
         raise ValueError(f"reorth must be 'partial' or 'full', got {reorth!r}")
     check_stderr_args(data_stderr, min_units)
     warn_half_precision(op.dtype, float(tol), "top_eigenpairs", stacklevel=4)
     run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory,
-                   reorth, basis_dtype)
-    run.start(_start_vector(op, v0, which, run))
+                   reorth, basis_dtype, look_ahead)
+    run.start(start_vector(op, v0, which, run))
     bar = progress_bar(range(max_iter), enabled=progress, desc="lanczos", unit="matvec")
     for _ in bar:
         if run.step():
@@ -302,55 +309,6 @@ def top_eigenpairs(
     if hasattr(bar, "close"):
         bar.close()
     return with_eigen_stderr(run.result(), op, data_stderr, min_units)
-
-
-def _check_arguments(op: Any, k: Any, which: Any, tol: Any, max_iter: Any,
-                     max_basis: Any) -> tuple[int, int, int]:
-    """``(n, max_basis, max_iter)`` with the defaults filled in; ValueError for bad values."""
-    if which not in ("LA", "SA", "LM"):
-        raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
-    n = int(op.shape[0])
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > n:
-        raise ValueError(f"k must be an integer in [1, n={n}], got {k!r}")
-    if max_basis is None:
-        max_basis = default_max_basis(n, k)
-    if not isinstance(max_basis, int) or max_basis < min(n, k + 2):
-        raise ValueError(f"max_basis must be an integer >= k + 2 = {k + 2} (or n), got {max_basis!r}")
-    max_basis = min(max_basis, n)
-    if max_iter is None:
-        max_iter = default_max_iter(n, k)
-    if not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    return n, max_basis, max_iter
-
-
-def _start_vector(op: Any, v0: Any, which: str, run: _Lanczos) -> torch.Tensor:
-    """The unnormalized start vector on the basis device and dtype (see ``v0``)."""
-    if v0 == "auto" or v0 is None:
-        hessian = isinstance(op, HessianOperator) or (  # or the sharded one (analysis.shards)
-            getattr(op, "shards", None) is not None and hasattr(op, "gradient"))
-        v0 = "gradient" if hessian and which == "LA" else "random"
-    if isinstance(v0, str):
-        if v0 not in ("random", "gradient"):
-            raise ValueError(f"v0 must be 'auto', 'random', 'gradient' or a tensor, got {v0!r}")
-        if v0 == "gradient" and not hasattr(op, "gradient"):
-            raise ValueError("v0='gradient' needs a HessianOperator (or a model), got "
-                             f"{type(op).__name__}")
-        q = run.random_vector()
-        if v0 == "gradient":
-            g = op.gradient().to(device=run.bdev, dtype=run.dtype)
-            gn = norm64(g, run.reduce)
-            q.div_(norm64(q, run.reduce))
-            if gn > 0 and math.isfinite(gn):
-                q.add_(g, alpha=1.0 / gn)
-            del g
-        return q
-    if not isinstance(v0, torch.Tensor) or v0.shape != (run.local_n,):
-        raise ValueError(f"v0 must be a tensor of shape ({run.local_n},), got "
-                         f"{tuple(v0.shape) if isinstance(v0, torch.Tensor) else type(v0).__name__}")
-    return v0.detach().to(device=run.bdev, dtype=run.dtype).clone()
 
 
 class _Lanczos:
@@ -364,7 +322,9 @@ class _Lanczos:
 
     def __init__(self, op: Any, k: int, which: str, tol: float, max_basis: int, max_iter: int,
                  seed: int, basis_device: Any, pin_memory: bool | None,
-                 reorth: str = "partial", basis_dtype: torch.dtype | None = None):
+                 reorth: str = "partial", basis_dtype: torch.dtype | None = None,
+                 look_ahead: int = 0):
+        self.look = LookAhead(look_ahead)
         self.op, self.k, self.which, self.tol, self.max_basis = op, k, which, tol, max_basis
         self.max_iter, self.cur, self.prev = max_iter, None, None
         self.n = n = int(op.shape[0])
@@ -382,7 +342,11 @@ class _Lanczos:
             if pin_memory is None else pin_memory
         pin = bool(pin) and self.bdev.type == "cpu" and torch.cuda.is_available()
         self.same = self.bdev == torch.device(self.device) and dtype == op.dtype
-        self.eps = torch.finfo(dtype).eps  # the basis precision: breakdown and scale tests
+        self.eps = torch.finfo(dtype).eps  # the working precision: scale tests
+        # breakdown: a narrow basis leaves w orthogonal to its rows only to about eps_b/sqrt(n)
+        # (the floor of FloorWatch), so a smaller beta is rounding, not a new direction
+        self.break_eps = max(self.eps, torch.finfo(self.basis_dtype).eps / math.sqrt(n)) \
+            if self.narrow else self.eps
         self.op_eps = torch.finfo(op.dtype).eps  # the products' precision
         # partial reorthogonalization models rounding at the basis precision: products rounded
         # coarser than that (bfloat16, float16) get full passes, which also measure their noise
@@ -492,13 +456,16 @@ class _Lanczos:
         tnorm = float(theta.abs().max())
         scale = torch.clamp(theta[idx].abs(), min=math.sqrt(self.eps) * tnorm)
         ok = bool((self.errs <= self.tol * scale).all())
-        breakdown = beta <= max(tnorm, 1e-300) * self.eps * 10 or m == n
+        breakdown = beta <= max(tnorm, 1e-300) * self.break_eps * 10 or m == n
         # the guard protects the gap estimates; residuals that meet tol alone need no gap
         if idx.numel() >= self.k and ok and (
                 bool((self.res[idx] <= self.tol * scale).all())
                 or guard_ok(theta, self.res, self.k, self.which, self.tol, self.eps)):
-            self.converged = True
-            return True
+            if self.look.confirmed(self.steps, theta[idx], self.errs, self.max_iter):
+                self.converged = True
+                return True
+        else:
+            self.look.reset()
         if breakdown and m >= n:
             self.converged = ok if idx.numel() >= self.k else False
             self.stop_reason = "exhausted"  # "converged" if it converged (see result())

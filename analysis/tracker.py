@@ -250,6 +250,12 @@ class CurvatureTracker:
         warm_start: reuse the previous Ritz vectors as the start vector (default True).
         cold_every: if set, every ``cold_every``-th check starts cold (guards against an
             eigenvalue growing from outside the tracked subspace).
+        look_ahead: the Lanczos look-ahead (``top_eigenpairs(look_ahead=)``). Default
+            ``None``: :func:`top_eigenpairs`'s (3 products) for cold checks, 0 for warm ones, a
+            cost trade-off: a warm start is the previous Ritz vectors, whose components along
+            an eigenvector grown outside them are small, so 3 more products would at least
+            double a warm check's cost for a small chance of finding it; ``cold_every`` (a
+            fresh start every so many checks) is the guard for that.
         trace_probes: Hutchinson products for ``tr(H)`` per check (0 = off; at least 2).
         cosine: record ``cos(v, g)`` (1 forward + 1 backward).
         momentum_curvature: record ``v^T H v / ||v||^2`` (1 product).
@@ -269,7 +275,8 @@ class CurvatureTracker:
     def __init__(self, model: nn.Module, loss_fn: LossSpec, data: Data, *,
                  optimizer: torch.optim.Optimizer | None = None, every: int = 50, k: int = 1,
                  tol: float = 1e-2, max_iter: int | None = None, warm_start: bool = True,
-                 cold_every: int | None = None, trace_probes: int = 0, cosine: bool = False,
+                 cold_every: int | None = None, look_ahead: int | None = None,
+                 trace_probes: int = 0, cosine: bool = False,
                  momentum_curvature: bool = False, msam_loss: bool = False,
                  rho: float | None = None, mode: str = "eval", seed: int = 0):
         if not isinstance(model, nn.Module):
@@ -312,6 +319,11 @@ class CurvatureTracker:
         self.tol = float(tol)
         self.max_iter = max_iter
         self.warm_start = bool(warm_start)
+        if look_ahead is not None and (not isinstance(look_ahead, int)
+                                       or isinstance(look_ahead, bool) or look_ahead < 0):
+            raise ValueError(f"look_ahead must be None or a non-negative integer, got "
+                             f"{look_ahead!r}")
+        self.look_ahead = look_ahead
         self.cold_every = cold_every
         self.trace_probes = trace_probes
         self.cosine = bool(cosine)
@@ -401,6 +413,8 @@ class CurvatureTracker:
             kwargs: dict[str, Any] = {"k": self.k, "tol": self.tol, "seed": self.seed + self._checks}
             if self.max_iter is not None:
                 kwargs["max_iter"] = self.max_iter
+            if self.look_ahead is not None:
+                kwargs["look_ahead"] = self.look_ahead
             if not cold:
                 v0 = self.ritz_vectors.sum(dim=0)
                 if bool(torch.linalg.vector_norm(v0) > 0):
@@ -408,6 +422,7 @@ class CurvatureTracker:
                     # a warm start needs few steps: a small basis (thick restarts if exceeded)
                     # saves allocating and zeroing max_basis x n numbers at every check
                     kwargs["max_basis"] = min(int(op.shape[0]), 2 * self.k + 10)
+                    kwargs.setdefault("look_ahead", 0)
                 else:
                     cold = True
             res = top_eigenpairs(op, data_stderr=False, **kwargs)  # a probe batch: no data SE

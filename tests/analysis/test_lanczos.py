@@ -75,8 +75,14 @@ def test_k_equals_n_and_invariant_subspaces():
     torch.testing.assert_close(res.eigenvalues, torch.arange(6.0, 0.0, -1.0, dtype=torch.float64))
     # few distinct eigenvalues: the Krylov space becomes invariant early
     D = torch.diag(torch.tensor([3.0] * 10 + [1.0] * 10 + [0.5] * 10, dtype=torch.float64))
-    res = top_eigenpairs(D, k=2, tol=1e-10, v0=torch.ones(30, dtype=torch.float64))
+    ones = torch.ones(30, dtype=torch.float64)
+    # without the look-ahead: one copy of 3 per invariant subspace hit, then the next value
+    res = top_eigenpairs(D, k=2, tol=1e-10, v0=ones, look_ahead=0)
     torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 1.0], dtype=torch.float64))
+    # the look-ahead continues past the breakdown with a fresh vector and finds the second copy
+    res = top_eigenpairs(D, k=2, tol=1e-10, v0=ones)
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 3.0], dtype=torch.float64))
+    assert res.converged
 
 
 MODELS = {

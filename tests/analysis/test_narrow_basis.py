@@ -57,7 +57,12 @@ def test_narrow_basis_matches_dense_hessian(mlp_case, op_dtype, basis_dtype, k, 
     res = top_eigenpairs(copy.deepcopy(model).to(op_dtype), "cross_entropy", (x.to(op_dtype), y),
                          k=k, tol=tol, max_basis=k + 3 if restart else None,
                          basis_dtype=basis_dtype, data_stderr=False)
-    assert res.converged  # measured: every case here reaches its tol (benchmarks/narrow_basis.py)
+    if basis_dtype == torch.bfloat16 and tol < 1e-2:
+        # tol 1e-3 sits at the bfloat16 basis's floor, which grows with the steps: the look-ahead's
+        # 3 products can take it above tol (benchmarks/narrow_basis.py); then it says so
+        assert res.converged or res.stop_reason.startswith("precision floor")
+    else:
+        assert res.converged  # measured: every case here reaches its tol
     assert res.num_restarts > 0 or not restart
     assert res.eigenvectors.dtype == op_dtype
     _check_against_dense(res, evals, evecs, k, tol)
@@ -90,13 +95,15 @@ def test_float32_basis_of_a_float64_operator_keeps_float32_level_accuracy():
 
 
 def test_breakdown_and_full_reorthogonalization():
-    # few distinct eigenvalues: the Krylov space becomes invariant (a fresh random vector)
+    # few distinct eigenvalues: the Krylov space becomes invariant after 3 products; the
+    # look-ahead goes on from a fresh random vector and finds the second copy of 3
     D = torch.diag(torch.tensor([3.0] * 10 + [1.0] * 10 + [0.5] * 10, dtype=torch.float64))
     for reorth in ("partial", "full"):
-        res = top_eigenpairs(D, k=2, tol=1e-2, v0=torch.ones(30, dtype=torch.float64),
-                             basis_dtype=torch.bfloat16, reorth=reorth)
-        torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0, 1.0], dtype=torch.float64),
-                                   rtol=1e-2, atol=0)
+        for look_ahead, top2 in ((0, [3.0, 1.0]), (3, [3.0, 3.0])):
+            res = top_eigenpairs(D, k=2, tol=1e-2, v0=torch.ones(30, dtype=torch.float64),
+                                 basis_dtype=torch.bfloat16, reorth=reorth, look_ahead=look_ahead)
+            torch.testing.assert_close(res.eigenvalues, torch.tensor(top2, dtype=torch.float64),
+                                       rtol=1e-2, atol=0)
 
 
 def test_memory_fields_with_a_narrow_basis():

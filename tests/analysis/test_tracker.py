@@ -250,6 +250,7 @@ def test_history_csv_json_round_trip(tmp_path):
     ({"mode": "none"}, "mode must be 'eval' or 'train'"),
     ({"trace_probes": 1}, "trace_probes must be 0"),
     ({"cosine": True}, "cosine need the optimizer"),
+    ({"look_ahead": -1}, "look_ahead must be None or a non-negative integer, got -1"),
 ])
 def test_bad_arguments(kwargs, match):
     x, y = classification_data(8)
@@ -335,3 +336,31 @@ def test_the_operator_is_rebuilt_when_the_parameters_change_dtype():
     assert tracker._op.dtype == torch.float64
     lam = float(torch.linalg.eigvalsh(dense_hessian(model, "cross_entropy", (x.double(), y)))[-1])
     assert rec.lambda_max == pytest.approx(lam, rel=1e-8)
+
+
+def test_look_ahead_cold_by_default_and_passed_through(monkeypatch):
+    """Cold checks take top_eigenpairs' look-ahead (3 products), warm ones none; an explicit
+    ``look_ahead`` applies to both."""
+    import analysis.tracker as tracker_module
+
+    x, y = classification_data(40)
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("look_ahead", "default"))
+        return top_eigenpairs(*args, **kwargs)
+
+    monkeypatch.setattr(tracker_module, "top_eigenpairs", recording)
+
+    def run(**kw):
+        seen.clear()
+        torch.manual_seed(0)
+        tracker = CurvatureTracker(mlp(), "cross_entropy", (x, y), tol=1e-3, **kw)
+        hvps = [tracker.measure(s).lanczos_hvps for s in (1, 2)]
+        return hvps, list(seen)
+
+    (default, la_default), (none, la_none), (two, la_two) = run(), run(look_ahead=0), \
+        run(look_ahead=2)
+    assert la_default == ["default", 0] and la_none == [0, 0] and la_two == [2, 2]
+    # the cold checks start alike: the look-ahead's products are counted in the record
+    assert default[0] == none[0] + 3 and two[0] == none[0] + 2
