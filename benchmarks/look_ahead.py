@@ -33,20 +33,13 @@ from torch import nn  # noqa: E402
 
 from analysis import top_eigenpairs  # noqa: E402
 from analysis.reference import dense_hessian  # noqa: E402
+from tests.models import Diagonal  # noqa: E402
 
 TOP = torch.tensor([149.5, 104.84, 103.26, 89.87, 80.9, 78.02, 74.0, 70.0], dtype=torch.float64)
 # (bulk exponent, bulk top, weight of the 5th eigenvector in the gradient, gradient power)
 SPECTRA = [(8, 60, 1e-2, 2), (20, 60, 1e-3, 2), (20, 40, 1e-2, 3), (40, 40, 1e-3, 2),
            (3, 60, 1e-3, 2), (20, 70, 1e-3, 1)]
 LOOK_AHEADS = (0, 2, 3)
-
-
-class _Diag:
-    def __init__(self, d: torch.Tensor):
-        self.d, self.shape, self.dtype, self.device = d, (d.numel(),) * 2, d.dtype, d.device
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.d * v
 
 
 def _tally(table: dict, key: tuple, res, ref: torch.Tensor, tol: float) -> None:
@@ -73,7 +66,7 @@ def synthetic(trials: int = 20, n: int = 20_000) -> dict:
             starts = {"gradient": grad / grad.norm() + rnd / rnd.norm(), "random": rnd}
             for start, v0 in starts.items():
                 for la in LOOK_AHEADS:
-                    res = top_eigenpairs(_Diag(d), k=5, tol=1e-3, v0=v0.clone(), look_ahead=la)
+                    res = top_eigenpairs(Diagonal(d), k=5, tol=1e-3, v0=v0.clone(), look_ahead=la)
                     _tally(table, ("synthetic", start, 5, la), res, TOP, 1e-3)
     return table
 

@@ -95,3 +95,16 @@ def random_spd(n: int, *, seed: int = 0, dtype=torch.float64, eigenvalues=None) 
     if eigenvalues is None:
         eigenvalues = torch.linspace(0.1, 5.0, n, dtype=dtype)
     return q @ torch.diag(torch.as_tensor(eigenvalues, dtype=dtype)) @ q.T
+
+
+class Diagonal:
+    """A diagonal operator in any dtype: its entries are its eigenvalues (the closed-form
+    reference), with a product counter."""
+
+    def __init__(self, d: torch.Tensor):
+        self.d, self.shape, self.dtype, self.device = d, (d.numel(), d.numel()), d.dtype, d.device
+        self.num_matvecs = 0
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.num_matvecs += 1
+        return self.d * v

@@ -10,7 +10,15 @@ import torch
 from analysis import GGNOperator, HessianOperator, as_linear_operator, top_eigenpairs
 from analysis.krylov import lanczos_tridiagonal
 from analysis.reference import dense_ggn, dense_hessian
-from tests.models import TiedFrozen, classification_data, cnn_bn, image_data, mlp, random_spd
+from tests.models import (
+    Diagonal,
+    TiedFrozen,
+    classification_data,
+    cnn_bn,
+    image_data,
+    mlp,
+    random_spd,
+)
 
 
 def _spectrum_matrix(n=300, seed=0):
@@ -228,22 +236,12 @@ def test_close_kth_and_next_eigenvalues_do_not_stop_early():
 
 # -- low precision: float64 accumulation, honest bounds, unit eigenvectors -----------------------
 
-class _Diag:
-    """A big diagonal operator (known spectrum) in any dtype."""
-
-    def __init__(self, d: torch.Tensor):
-        self.d, self.shape, self.dtype, self.device = d, (d.numel(), d.numel()), d.dtype, d.device
-
-    def matvec(self, v):
-        return self.d * v
-
-
 def _float32_case(n: int, reorth: str = "partial"):
     g = torch.Generator().manual_seed(0)
     d64 = torch.rand(n, generator=g, dtype=torch.float64)
     d64[:5] = torch.tensor([10.0, 9.0, 8.5, 8.0, 7.0], dtype=torch.float64) * (
         1 + 1e-3 * torch.rand(5, generator=g, dtype=torch.float64))
-    res = top_eigenpairs(_Diag(d64.float()), k=5, tol=1e-5, max_iter=60, reorth=reorth)
+    res = top_eigenpairs(Diagonal(d64.float()), k=5, tol=1e-5, max_iter=60, reorth=reorth)
     exact = torch.sort(d64, descending=True).values[:5]  # the float64 operator's closed form
     return res, exact
 
@@ -274,7 +272,7 @@ def test_bfloat16_bound_is_floored_by_the_working_precision():
     g = torch.Generator().manual_seed(1)
     d64 = torch.rand(20_000, generator=g, dtype=torch.float64)
     d64[:3] = torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64)
-    res = top_eigenpairs(_Diag(d64.bfloat16()), k=3, tol=1e-3, max_iter=40)
+    res = top_eigenpairs(Diagonal(d64.bfloat16()), k=3, tol=1e-3, max_iter=40)
     err = (res.eigenvalues.double() - torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64)).abs()
     assert bool((res.error_bounds >= err).all())
     assert not res.converged  # 1e-3 is below what bfloat16 products can resolve
@@ -400,7 +398,7 @@ def test_partial_keeps_the_basis_semi_orthogonal(monkeypatch):
     top = torch.tensor([10.0, 9.9, 9.8], dtype=torch.float64)
     d = torch.cat([top, 9 * torch.rand(3000, generator=torch.Generator().manual_seed(0),
                                        dtype=torch.float64)])
-    res = top_eigenpairs(_Diag(d), k=3, tol=1e-12, max_basis=40, max_iter=300, v0="random")
+    res = top_eigenpairs(Diagonal(d), k=3, tol=1e-12, max_basis=40, max_iter=300, v0="random")
     assert res.num_restarts > 0 and len(worst) > 30 and res.converged
     eps = torch.finfo(torch.float64).eps
     # some loss (so the passes were really skipped: 5e-12 measured), never beyond sqrt(eps)
@@ -416,10 +414,10 @@ def test_partial_needs_fewer_passes(monkeypatch):
     d = d.double()
     # a basis large enough for no restart (after one, every step also passes over the kept
     # Ritz vectors: selective orthogonalization)
-    full = top_eigenpairs(_Diag(d), k=5, tol=1e-8, reorth="full", v0="random", max_basis=40)
+    full = top_eigenpairs(Diagonal(d), k=5, tol=1e-8, reorth="full", v0="random", max_basis=40)
     n_full = len(calls)
     calls.clear()
-    part = top_eigenpairs(_Diag(d), k=5, tol=1e-8, reorth="partial", v0="random", max_basis=40)
+    part = top_eigenpairs(Diagonal(d), k=5, tol=1e-8, reorth="partial", v0="random", max_basis=40)
     assert full.converged and part.converged and full.num_restarts == 0
     assert n_full >= full.num_iter and len(calls) <= part.num_iter / 3, (len(calls), part.num_iter)
     exact = torch.tensor([10.0, 9.0, 8.0, 7.5, 7.0], dtype=torch.float64)

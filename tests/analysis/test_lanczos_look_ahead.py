@@ -8,22 +8,13 @@ import pytest
 import torch
 
 from analysis import top_eigenpairs
+from tests.models import Diagonal
 
 N = 20_000
 TOP = torch.tensor([149.5, 104.84, 103.26, 89.87, 80.9, 78.02, 74.0, 70.0], dtype=torch.float64)
 
 
-class _Diag:
-    """A diagonal operator: its eigenvalues are its entries (the closed-form reference)."""
-
-    def __init__(self, d: torch.Tensor):
-        self.d, self.shape, self.dtype, self.device = d, (d.numel(),) * 2, d.dtype, d.device
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.d * v
-
-
-def _hidden_fifth(trial: int) -> tuple[_Diag, torch.Tensor]:
+def _hidden_fifth(trial: int) -> tuple[Diagonal, torch.Tensor]:
     """The ResNet-18 case in miniature: a steep bulk below 60 and a start vector that is a unit
     'gradient' leaning on the top eigenvectors, except the 5th (1e-3 of its weight), plus a unit
     Gaussian vector (what ``v0="gradient"`` builds)."""
@@ -34,7 +25,7 @@ def _hidden_fifth(trial: int) -> tuple[_Diag, torch.Tensor]:
     grad = torch.randn(N, generator=gen, dtype=torch.float64) * d ** 2
     grad[4] *= 1e-3
     rnd = torch.randn(N, generator=gen, dtype=torch.float64)
-    return _Diag(d), grad / grad.norm() + rnd / rnd.norm()
+    return Diagonal(d), grad / grad.norm() + rnd / rnd.norm()
 
 
 @pytest.mark.parametrize("trial", [0, 1])
@@ -53,7 +44,7 @@ def test_look_ahead_finds_the_eigenvalue_the_start_vector_hides(trial):
 def test_look_ahead_costs_its_products_when_nothing_moves():
     d = torch.cat([torch.tensor([10.0, 8.0, 6.0], dtype=torch.float64),
                    torch.linspace(0.0, 1.0, 500, dtype=torch.float64)])
-    runs = {la: top_eigenpairs(_Diag(d), k=3, tol=1e-6, look_ahead=la) for la in (0, 1, 3)}
+    runs = {la: top_eigenpairs(Diagonal(d), k=3, tol=1e-6, look_ahead=la) for la in (0, 1, 3)}
     for la, res in runs.items():
         assert res.converged
         assert res.num_matvecs == runs[0].num_matvecs + la
@@ -64,10 +55,10 @@ def test_look_ahead_costs_its_products_when_nothing_moves():
 def test_max_iter_ends_the_look_ahead_as_converged():
     d = torch.cat([torch.tensor([10.0, 8.0], dtype=torch.float64),
                    torch.linspace(0.0, 1.0, 300, dtype=torch.float64)])
-    first = top_eigenpairs(_Diag(d), k=2, tol=1e-6, look_ahead=0).num_matvecs
-    res = top_eigenpairs(_Diag(d), k=2, tol=1e-6, max_iter=first + 1)
+    first = top_eigenpairs(Diagonal(d), k=2, tol=1e-6, look_ahead=0).num_matvecs
+    res = top_eigenpairs(Diagonal(d), k=2, tol=1e-6, max_iter=first + 1)
     assert res.converged and res.stop_reason == "converged" and res.num_matvecs == first + 1
-    short = top_eigenpairs(_Diag(d), k=2, tol=1e-6, max_iter=first - 1)
+    short = top_eigenpairs(Diagonal(d), k=2, tol=1e-6, max_iter=first - 1)
     assert not short.converged and short.stop_reason == "max_iter"
 
 
@@ -75,7 +66,7 @@ def test_carried_bounds_cover_the_error_after_a_restart_in_the_look_ahead():
     # a basis of 8 rows restarts during the look-ahead; the bounds stay valid
     d = torch.cat([torch.tensor([5.0, 4.9, 4.0], dtype=torch.float64),
                    torch.linspace(0.0, 3.0, 2000, dtype=torch.float64)])
-    res = top_eigenpairs(_Diag(d), k=3, tol=1e-4, max_basis=8, look_ahead=6)
+    res = top_eigenpairs(Diagonal(d), k=3, tol=1e-4, max_basis=8, look_ahead=6)
     assert res.converged and res.num_restarts > 0
     err = (res.eigenvalues - d[:3]).abs()
     assert bool((res.error_bounds >= err).all())
@@ -116,7 +107,7 @@ def test_a_narrow_basis_at_its_floor_stops_unconverged_rather_than_claim_tol():
                    torch.rand(3000, generator=torch.Generator().manual_seed(0),
                               dtype=torch.float64) * 3])
     for tol in (1e-2, 1e-3, 1e-4):
-        res = top_eigenpairs(_Diag(d), k=3, tol=tol, basis_dtype=torch.bfloat16, max_basis=8)
+        res = top_eigenpairs(Diagonal(d), k=3, tol=tol, basis_dtype=torch.bfloat16, max_basis=8)
         err = (res.eigenvalues - d[:3]).abs()
         assert bool((res.error_bounds >= err).all())
         if res.converged:

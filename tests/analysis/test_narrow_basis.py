@@ -12,17 +12,7 @@ from analysis import spectral_density, top_eigenpairs
 from analysis.cost import vectors_bytes
 from analysis.krylov import KrylovBasis, basis_dtypes, memory_bound_bytes
 from analysis.reference import dense_hessian
-from tests.models import classification_data, mlp, random_spd
-
-
-class _Diag:
-    """A diagonal operator (known spectrum) in any dtype."""
-
-    def __init__(self, d: torch.Tensor):
-        self.d, self.shape, self.dtype, self.device = d, (d.numel(), d.numel()), d.dtype, d.device
-
-    def matvec(self, v):
-        return self.d * v
+from tests.models import Diagonal, classification_data, mlp, random_spd
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +96,13 @@ def test_breakdown_and_full_reorthogonalization():
                                        rtol=1e-2, atol=0)
 
 
+
 def test_memory_fields_with_a_narrow_basis():
     n = 20_000
     d = torch.linspace(0.0, 1.0, n)
     d[:3] = torch.tensor([10.0, 9.0, 8.0])
-    wide = top_eigenpairs(_Diag(d), k=3, tol=1e-3, max_basis=8, v0="random")
-    narrow = top_eigenpairs(_Diag(d), k=3, tol=1e-3, max_basis=8, v0="random",
+    wide = top_eigenpairs(Diagonal(d), k=3, tol=1e-3, max_basis=8, v0="random")
+    narrow = top_eigenpairs(Diagonal(d), k=3, tol=1e-3, max_basis=8, v0="random",
                             basis_dtype=torch.bfloat16)
     assert wide.memory_bound_bytes == (8 + 3) * n * 4
     assert narrow.memory_bound_bytes == 8 * n * 2 + 3 * n * 4

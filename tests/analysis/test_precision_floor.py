@@ -12,19 +12,7 @@ import torch
 from analysis import top_eigenpairs
 from analysis.precision import precision_floor, warn_half_precision
 from analysis.reference import dense_hessian
-from tests.models import classification_data, mlp
-
-
-class _Diag:
-    """A diagonal operator (known spectrum) in any dtype."""
-
-    def __init__(self, d: torch.Tensor):
-        self.d, self.shape, self.dtype, self.device = d, (d.numel(), d.numel()), d.dtype, d.device
-        self.num_matvecs = 0
-
-    def matvec(self, v):
-        self.num_matvecs += 1
-        return self.d * v
+from tests.models import Diagonal, classification_data, mlp
 
 
 def _model():
@@ -52,7 +40,7 @@ def test_float16_operator_stops_at_the_floor():
     d = torch.rand(5000, generator=g, dtype=torch.float64)
     d[:3] = torch.tensor([10.0, 9.0, 8.0], dtype=torch.float64)
     with pytest.warns(UserWarning, match="float16"):
-        res = top_eigenpairs(_Diag(d.half()), k=3, tol=1e-4)
+        res = top_eigenpairs(Diagonal(d.half()), k=3, tol=1e-4)
     assert not res.converged and res.stop_reason.startswith("precision floor")
     assert res.num_matvecs < 60
     err = (res.eigenvalues.double() - d[:3]).abs()
@@ -65,8 +53,8 @@ def test_float32_tol_below_its_floor_stops_there_and_a_reachable_tol_converges()
     d[:2] = torch.tensor([10.0, 9.0], dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no half-precision warning for float32
-        res = top_eigenpairs(_Diag(d.float()), k=2, tol=1e-9)
-        ok = top_eigenpairs(_Diag(d.float()), k=2, tol=1e-4)
+        res = top_eigenpairs(Diagonal(d.float()), k=2, tol=1e-9)
+        ok = top_eigenpairs(Diagonal(d.float()), k=2, tol=1e-4)
     assert not res.converged and res.stop_reason.startswith("precision floor")
     assert res.num_matvecs < 100
     assert bool(((res.eigenvalues.double() - d[:2]).abs() <= res.error_bounds).all())
@@ -75,7 +63,7 @@ def test_float32_tol_below_its_floor_stops_there_and_a_reachable_tol_converges()
 
 def test_stop_reasons_of_the_cap():
     d = torch.linspace(0, 1, 400, dtype=torch.float64)
-    res = top_eigenpairs(_Diag(d), k=2, tol=1e-12, max_iter=5)
+    res = top_eigenpairs(Diagonal(d), k=2, tol=1e-12, max_iter=5)
     assert not res.converged and res.stop_reason == "max_iter"
     assert res.to_dict()["stop_reason"] == "max_iter"
 
