@@ -25,7 +25,7 @@ import torch
 
 __all__ = ["KrylovBasis", "OmegaRecurrence", "Reorthogonalizer", "dot64", "norm64", "lanczos_tridiagonal",
            "lanczos_tridiagonals", "default_max_basis", "default_max_iter", "memory_bound_bytes",
-           "basis_dtypes", "chunk_rows", "CHUNK_BYTES", "MAX_CHUNK_ROWS"]
+           "basis_dtypes", "breakdown_eps", "chunk_rows", "CHUNK_BYTES", "MAX_CHUNK_ROWS"]
 
 #: Entries per slab of the float64 reductions and the in-place basis rotations (bounds their
 #: temporaries to a few slabs instead of whole ``n``-vectors).
@@ -299,7 +299,7 @@ def lanczos_tridiagonals(op: Any, V0: torch.Tensor, num_iter: int,
     device, op_dtype = op.device, op.dtype
     dtype, store = (op_dtype, op_dtype) if basis_dtype is None else basis_dtypes(op_dtype,
                                                                                  basis_dtype)
-    narrow, eps = store != dtype, torch.finfo(dtype).eps
+    narrow, eps = store != dtype, breakdown_eps(dtype, store, n)
     b = V0.shape[1]
     bases, cur, prev = [], [], [None] * b
     for r in range(b):
@@ -586,3 +586,13 @@ def basis_dtypes(op_dtype: torch.dtype, basis_dtype: Any = None) -> tuple[torch.
         raise ValueError(f"basis_dtype must be a floating dtype no wider than the working dtype "
                          f"{work} ({allowed}), got {basis_dtype}")
     return work, basis_dtype
+
+
+def breakdown_eps(work: torch.dtype, store: torch.dtype, n: int) -> float:
+    """The relative level below which a Lanczos step's ``beta`` is a breakdown (``beta <= 10 eps
+    ||T||``): the working dtype's epsilon, or with a narrower stored basis (:func:`basis_dtypes`)
+    at least ``eps_b / sqrt(n)``, the level to which ``w`` can be orthogonal to the rounded rows
+    (a smaller ``beta`` is rounding, not a new direction: normalized, it blew a bfloat16 run's
+    Ritz values up to 9e4)."""
+    eps = torch.finfo(work).eps
+    return max(eps, torch.finfo(store).eps / math.sqrt(n)) if store != work else eps

@@ -131,6 +131,7 @@ from .krylov import (
     KrylovBasis,
     Reorthogonalizer,
     basis_dtypes,
+    breakdown_eps,
     dot64,
     memory_bound_bytes,
     norm64,
@@ -343,10 +344,7 @@ class _Lanczos:
         pin = bool(pin) and self.bdev.type == "cpu" and torch.cuda.is_available()
         self.same = self.bdev == torch.device(self.device) and dtype == op.dtype
         self.eps = torch.finfo(dtype).eps  # the working precision: scale tests
-        # breakdown: a narrow basis leaves w orthogonal to its rows only to about eps_b/sqrt(n)
-        # (the floor of FloorWatch), so a smaller beta is rounding, not a new direction
-        self.break_eps = max(self.eps, torch.finfo(self.basis_dtype).eps / math.sqrt(n)) \
-            if self.narrow else self.eps
+        self.break_eps = breakdown_eps(dtype, self.basis_dtype, n)
         self.op_eps = torch.finfo(op.dtype).eps  # the products' precision
         # partial reorthogonalization models rounding at the basis precision: products rounded
         # coarser than that (bfloat16, float16) get full passes, which also measure their noise

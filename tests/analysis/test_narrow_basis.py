@@ -10,7 +10,7 @@ import torch
 
 from analysis import spectral_density, top_eigenpairs
 from analysis.cost import vectors_bytes
-from analysis.krylov import KrylovBasis, basis_dtypes, memory_bound_bytes
+from analysis.krylov import KrylovBasis, basis_dtypes, lanczos_tridiagonals, memory_bound_bytes
 from analysis.reference import dense_hessian
 from tests.models import Diagonal, classification_data, mlp, random_spd
 
@@ -95,6 +95,20 @@ def test_breakdown_and_full_reorthogonalization():
             torch.testing.assert_close(res.eigenvalues, torch.tensor(top2, dtype=torch.float64),
                                        rtol=1e-2, atol=0)
 
+
+def test_slq_runs_stop_at_an_invariant_subspace_with_a_narrow_basis():
+    # 3 distinct eigenvalues: the run's Krylov space is invariant after 3 steps; a bfloat16 basis
+    # leaves beta at its rounding level, which must end the run, not seed a new direction (it
+    # gave a Ritz value of 3.985, outside the spectrum [0.5, 3])
+    d = torch.tensor([3.0] * 10 + [1.0] * 10 + [0.5] * 10, dtype=torch.float64)
+    ones = torch.ones(30, 1, dtype=torch.float64)
+    for basis_dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+        (T,) = lanczos_tridiagonals(Diagonal(d), ones, 8, basis_dtype)
+        assert T.shape == (3, 3)
+        torch.testing.assert_close(torch.linalg.eigvalsh(T),
+                                   torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64),
+                                   rtol=1e-3 if basis_dtype in (torch.bfloat16, torch.float16)
+                                   else 1e-12, atol=0)
 
 
 def test_memory_fields_with_a_narrow_basis():
