@@ -30,9 +30,10 @@ from typing import Any
 import torch
 
 from .data import Data
+from .host_memory import resident_bytes
 from .krylov import basis_dtypes, default_max_basis, default_max_iter, memory_bound_bytes
 from .losses import LossSpec
-from .operators.estimate import estimate_product_bytes, process_rss_bytes
+from .operators.estimate import estimate_product_bytes
 from .results import Result
 from .trace import sketch_size, trace_memory_bound_bytes
 
@@ -150,7 +151,7 @@ def estimate_peak_bytes(model: Any, loss_fn: LossSpec, data: Data, *, analysis: 
         ValueError: for an unknown ``analysis`` or ``method``, or a bad ``basis_dtype``.
     """
     _check_analysis(analysis)
-    baseline = process_rss_bytes()
+    baseline = resident_bytes()
     prod = estimate_product_bytes(model, loss_fn, data, method=method, **operator_kwargs)
     n, s = prod.num_params, prod.itemsize
     vectors = vectors_bytes(analysis, n, s, k=k, max_basis=max_basis, num_matvecs=num_matvecs,

@@ -27,19 +27,27 @@ would at start-up. It changes the whole process, so library functions never call
 environment already sets ``MALLOC_MMAP_THRESHOLD_`` (the user's choice wins) or when the C
 library is not glibc (the result says why). GPU tensors are not affected (the CUDA caching
 allocator keeps its own pool).
+
+Measuring it: :func:`resident_bytes` (the resident set now, ``VmRSS``),
+:func:`peak_resident_bytes` (its high-water mark, ``VmHWM``) and :func:`reset_peak_resident`
+(the high-water mark back to the resident set now, for a clean baseline) read Linux's
+``/proc/self``; the estimates of :mod:`analysis.cost`, the memory tests and the benchmarks use
+them. Only host memory: CUDA memory is ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from .results import Result
 
-__all__ = ["DEFAULT_MMAP_THRESHOLD", "MmapThreshold", "fix_mmap_threshold"]
+__all__ = ["DEFAULT_MMAP_THRESHOLD", "MmapThreshold", "fix_mmap_threshold", "proc_kib",
+           "resident_bytes", "peak_resident_bytes", "reset_peak_resident"]
 
 DEFAULT_MMAP_THRESHOLD = 1 << 20
 """1 MiB: most of the default's speed with most of 128 KiB's memory (see the module docstring)."""
@@ -112,3 +120,51 @@ def fix_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> MmapThreshold:
     if libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(nbytes)) != 1:
         return MmapThreshold(False, nbytes, f"glibc's mallopt refused {nbytes}")
     return MmapThreshold(True, nbytes)
+
+
+def proc_kib(path: str, key: str) -> int | None:
+    """The ``key:`` field of a Linux ``/proc`` file in KiB (``None`` where it cannot be read).
+
+    Example:
+        >>> from analysis.host_memory import proc_kib
+        >>> proc_kib("/proc/self/status", "NoSuchField") is None
+        True
+    """
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def resident_bytes() -> int:
+    """The resident memory of this process now (Linux ``VmRSS``; 0 where it cannot be read)."""
+    kib = proc_kib("/proc/self/status", "VmRSS")
+    return 0 if kib is None else kib * 1024
+
+
+def peak_resident_bytes() -> int:
+    """The high-water mark of this process's resident memory, in bytes: Linux ``VmHWM`` (which
+    :func:`reset_peak_resident` lowers), else ``getrusage``'s ``ru_maxrss`` (the peak since the
+    process started; KiB on Linux, bytes on macOS)."""
+    kib = proc_kib("/proc/self/status", "VmHWM")
+    if kib is not None:
+        return kib * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def reset_peak_resident() -> bool:
+    """Set the high-water mark of :func:`peak_resident_bytes` to the resident memory now
+    (``/proc/self/clear_refs``, Linux 4.0 and later), so that a later peak measures only what
+    follows. Returns whether it was reset (``False`` where the kernel offers no reset: the peak
+    then includes everything since the process started)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False

@@ -48,23 +48,13 @@ BATCHES, BATCH, SEQ = 2, 2, 128
 GOAL = 0.6
 
 
-def _status(field: str = "VmHWM") -> int:
-    """A field of ``/proc/self/status`` in bytes: the resident-set high-water mark (VmHWM) or
-    the resident set now (VmRSS)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def worker(quick: bool, max_iter: int, max_basis: int, malloc: str = "fixed") -> dict:
     """One run in this process (a rank of torchrun, or the one process); ``malloc="fixed"``
     fixes glibc's mmap threshold first, as ``landscape ... --fsdp`` does
     (:func:`analysis.host_memory.fix_mmap_threshold`), ``"default"`` leaves glibc's dynamic one."""
-    if malloc == "fixed":
-        from analysis.host_memory import fix_mmap_threshold
+    from analysis.host_memory import fix_mmap_threshold, peak_resident_bytes, resident_bytes
 
+    if malloc == "fixed":
         fix_mmap_threshold()
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -74,7 +64,7 @@ def worker(quick: bool, max_iter: int, max_basis: int, malloc: str = "fixed") ->
     from analysis.data import as_data
 
     torch.set_num_threads(1 if dist.launched_by_torchrun() else 2)
-    imported = _status("VmRSS")  # torch, transformers and the toolkit, before the model
+    imported = resident_bytes()  # torch, transformers and the toolkit, before the model
     dist.init_from_env()
     world = dist.get_world_size()
     torch.manual_seed(0)
@@ -106,7 +96,7 @@ def worker(quick: bool, max_iter: int, max_basis: int, malloc: str = "fixed") ->
            "malloc": malloc,
            "n": n, "local_n": local, "tokens": f"{BATCHES * BATCH}x{SEQ}", "seconds": seconds,
            "eigenvalue": float(res.eigenvalues[0]), "products": int(res.num_matvecs),
-           "converged": bool(res.converged), "peak_rss_gb": _status() / 1e9,
+           "converged": bool(res.converged), "peak_rss_gb": peak_resident_bytes() / 1e9,
            "imports_rss_gb": imported / 1e9}
     dist.barrier()
     del model, res  # freed before the group goes (see landscape.cli.entry: the abort at exit)

@@ -179,10 +179,7 @@ from benchmarks.mixed_claims import _batches
 torch.manual_seed(0)
 model = hf_gpt2(vocab_size=256, max_len=64, dim=%d, depth=%d, heads=4).float().eval()
 batches = _batches()
-def hwm():  # this process's peak resident memory (VmHWM; ru_maxrss keeps the parent's across exec)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
+from analysis.host_memory import peak_resident_bytes as hwm  # VmHWM of this process
 est = product_memory(model, "lm", batches)
 base = hwm()
 op = HessianOperator(model, "lm", batches)

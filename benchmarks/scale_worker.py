@@ -35,20 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import scale_models  # noqa: E402
 
-
-def rss_peak() -> int:
-    """The resident-set high-water mark (VmHWM) in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
+from analysis.host_memory import peak_resident_bytes, reset_peak_resident  # noqa: E402
 
 
 def load(bundle: str):
@@ -123,7 +110,7 @@ def _eigenthings_op(b, model, batches, trace):
 
     def matvec(v):
         out = inner(v)
-        trace.append((time.perf_counter() - t0, rss_peak()))
+        trace.append((time.perf_counter() - t0, peak_resident_bytes()))
         return out
 
     op.matvec = matvec
@@ -227,8 +214,8 @@ def main(argv=None) -> None:
     __import__(IMPORTS[spec["tool"]])
     __import__("scipy.sparse.linalg")
     gc.collect()
-    reset_peak()
-    base = rss_peak()
+    reset_peak_resident()
+    base = peak_resident_bytes()
     t0 = time.perf_counter()
     # the peers need the math attention kernel chosen by the user (the fused CPU kernel has no
     # double backward or forward-mode derivative); ours selects it inside every product
@@ -237,7 +224,7 @@ def main(argv=None) -> None:
     with kernel:
         out = TOOLS[spec["tool"]](spec, b, model, batches)
     out["seconds"] = time.perf_counter() - t0
-    out["peak_bytes"] = rss_peak() - base
+    out["peak_bytes"] = peak_resident_bytes() - base
     after = out.pop("_after", None)
     if after is not None:  # measurements outside the timed part (ours: the choice's cost)
         out.update(after())

@@ -42,14 +42,7 @@ _WORKER = textwrap.dedent("""
     from analysis import HessianOperator, hessian_trace
     from analysis.trace import trace_plan
 
-    def rss():
-        with open("/proc/self/status") as fh:
-            return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in fh
-                    if l.startswith(("VmHWM", "VmRSS"))}
-
-    def reset():
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
+    from analysis.host_memory import peak_resident_bytes, reset_peak_resident, resident_bytes
 
     kw, num_matvecs = json.loads(sys.argv[1]), int(sys.argv[2])
     torch.manual_seed(0)
@@ -65,17 +58,17 @@ _WORKER = textwrap.dedent("""
     V = torch.randn(n, plan.block_size)
     for _ in range(3):
         op.matmat(V)
-    reset()
-    base = rss()["VmRSS"]
+    reset_peak_resident()
+    base = resident_bytes()
     op.matmat(V)
-    block = rss()["VmHWM"] - base
+    block = peak_resident_bytes() - base
     del V
-    reset()
-    base = rss()["VmRSS"]
+    reset_peak_resident()
+    base = resident_bytes()
     t = time.perf_counter()
     res = hessian_trace(op, num_matvecs=num_matvecs, data_stderr=False, **kw)
     seconds = time.perf_counter() - t
-    peak = rss()["VmHWM"] - base
+    peak = peak_resident_bytes() - base
     print(json.dumps(dict(n=n, peak=peak / (4 * n), block=block / (4 * n), seconds=seconds,
                           bound=res.memory_bound_bytes / (4 * n), b=res.block_size,
                           sketch=plan.sketch, probes=plan.probes, products=res.num_matvecs,

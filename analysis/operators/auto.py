@@ -52,9 +52,10 @@ from typing import Any
 import torch
 
 from ..distributed import broadcast_object, get_rank, is_distributed
+from ..host_memory import proc_kib
 from ..results import Result
 
-__all__ = ["CACHE_FRACTION", "available_bytes", "proc_kib", "first_graph", "graphs_fit", "saved_bytes",
+__all__ = ["CACHE_FRACTION", "available_bytes", "first_graph", "graphs_fit", "saved_bytes",
            "tensors_of"]
 
 #: Graph memory (bytes) up to which ``"auto"`` considers the cached graph for several batches;
@@ -114,18 +115,6 @@ class AutoChoice(Result):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def proc_kib(path: str, key: str) -> int | None:
-    """The ``key:`` field of a Linux ``/proc`` file in KiB (``None`` where it cannot be read)."""
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def available_bytes(device: torch.device) -> int | None:

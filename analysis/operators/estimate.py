@@ -39,11 +39,11 @@ import torch
 from ..data import Data
 from ..losses import LossSpec
 from ..results import Result
-from .auto import graphs_fit, proc_kib, saved_bytes, tensors_of
+from .auto import graphs_fit, saved_bytes, tensors_of
 from .hessian import HessianOperator
 
 __all__ = ["PRODUCT_FACTORS", "VALIDATED_METHODS", "ProductEstimate", "estimate_product_bytes",
-           "product_bytes", "process_rss_bytes"]
+           "product_bytes"]
 
 #: ``method: (a, b)``: one product's working memory is ``a A + b n s`` (module docstring); the
 #: cached graph's ``A`` is that of all batches.
@@ -82,12 +82,6 @@ class ProductEstimate(Result):
     num_params: int
     itemsize: int
     validated: bool
-
-
-def process_rss_bytes() -> int:
-    """The resident memory of this process (Linux ``VmRSS``; 0 where it cannot be read)."""
-    kib = proc_kib("/proc/self/status", "VmRSS")
-    return 0 if kib is None else kib * 1024
 
 
 def product_bytes(method: str, activation_bytes: int, num_params: int, itemsize: int, *,

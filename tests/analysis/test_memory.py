@@ -21,22 +21,8 @@ import pytest
 
 #: ``peak()`` and ``reset()`` of the measuring subprocesses (also ``test_large_basis.py``).
 PEAK_HELPERS = textwrap.dedent("""
-    import resource
-    def peak():  # the high-water mark of the resident set (VmHWM), else ru_maxrss
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    def reset():  # the high-water mark back to the current RSS (Linux), for a clean baseline
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
-        except OSError:
-            pass
+    from analysis.host_memory import peak_resident_bytes as peak  # VmHWM, else ru_maxrss
+    from analysis.host_memory import reset_peak_resident as reset  # VmHWM back to the RSS now
 """)
 
 _SCRIPT = PEAK_HELPERS + textwrap.dedent("""
