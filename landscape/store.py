@@ -185,11 +185,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
+    """The bytes of ``t`` for hashing: a view of a contiguous CPU tensor's memory (no copy: a
+    ``bytes`` copy of a 1.4 GB direction was one more vector at the peak of a slice)."""
     t = t.detach().reshape(-1).contiguous().cpu()
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else b""
 
 
 def tensors_hash(tensors: Iterable[Any]) -> str:

@@ -48,8 +48,8 @@ def check_plane(d1: Any, d2: Any, space: ParameterSpace) -> tuple[torch.Tensor, 
     """The checked directions of a plane and their cosine; refuses parallel directions."""
     t1 = check_direction(d1, space, "d1")
     t2 = check_direction(d2, space, "d2")
-    a, b = t1.double(), t2.double()
-    cosine = float(space.dot(a, b) / (space.norm(a) * space.norm(b)))  # over all shards (FSDP2)
+    # float64 accumulation, over all shards (FSDP2), without float64 copies of the directions
+    cosine = float(space.dot(t1, t2) / (space.norm(t1) * space.norm(t2)))
     if abs(cosine) > 1 - 1e-9:
         raise ValueError(f"d1 and d2 are parallel (cosine {cosine:.12f}); the plane is degenerate")
     return t1, t2, cosine
