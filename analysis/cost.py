@@ -8,7 +8,8 @@
 * ``vectors``: the analysis's own vectors, by the bounds its module documents and tests:
   Lanczos ``(max_basis + 3) n s`` (:func:`analysis.krylov.memory_bound_bytes`; a top-1 run
   at ``tol=1e-2`` with a small ``max_basis`` fills it), with a narrower ``basis_dtype``
-  ``max_basis n s_basis + max(3, k) n s``, Hutch++ ``(s + 4 b) n s``
+  ``max_basis n s_basis + max(3, k) n s``, with the basis on disk ``max(3, k) n s`` plus
+  the slab buffers (:func:`analysis.disk_basis.disk_memory_bound_bytes`), Hutch++ ``(s + 4 b) n s``
   (:func:`analysis.trace.trace_memory_bound_bytes`);
 * ``product``: one product's working memory, by method
   (:func:`analysis.operators.estimate.estimate_product_bytes`: one forward pass of the first
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from .data import Data
+from .disk_basis import DISK, disk_memory_bound_bytes
 from .host_memory import resident_bytes
 from .krylov import basis_dtypes, default_max_basis, default_max_iter, memory_bound_bytes
 from .losses import LossSpec
@@ -91,10 +93,12 @@ def _check_analysis(analysis: str) -> None:
 
 def vectors_bytes(analysis: str, n: int, itemsize: int, *, k: int = 1,
                   max_basis: int | None = None, num_matvecs: int = 99,
-                  block_size: int = 1, basis_dtype: Any = None) -> int:
+                  block_size: int = 1, basis_dtype: Any = None,
+                  basis_device: Any = None) -> int:
     """The analysis's own vectors: Lanczos :func:`~analysis.krylov.memory_bound_bytes` (default
     ``max_basis = min(n, max(2k + 1, 20))``, float32 vectors for half precision, the basis in
-    ``basis_dtype``), Hutch++ ``(s + 4 b) n s``.
+    ``basis_dtype``; ``basis_device="disk"``: the working vectors and the slab buffers only),
+    Hutch++ ``(s + 4 b) n s``.
 
     Raises:
         ValueError: for an unknown ``analysis`` or a bad ``basis_dtype``
@@ -106,6 +110,8 @@ def vectors_bytes(analysis: str, n: int, itemsize: int, *, k: int = 1,
         if int(itemsize) not in _FLOAT_OF_SIZE:
             raise ValueError(f"itemsize must be 2, 4 or 8 (a floating operator), got {itemsize!r}")
         work, store = basis_dtypes(_FLOAT_OF_SIZE[int(itemsize)], basis_dtype)
+        if isinstance(basis_device, str) and basis_device == DISK:
+            return disk_memory_bound_bytes(n, work.itemsize, k)
         return memory_bound_bytes(n, rows, work.itemsize, store.itemsize, k)
     return trace_memory_bound_bytes(n, num_matvecs, "hutch++", block_size, itemsize)
 
@@ -130,6 +136,7 @@ def planned_products(analysis: str, n: int, *, k: int = 1, max_iter: int | None 
 def estimate_peak_bytes(model: Any, loss_fn: LossSpec, data: Data, *, analysis: str = "lanczos",
                         max_basis: int | None = None, k: int = 1, max_iter: int | None = None,
                         num_matvecs: int = 99, method: str = "auto", basis_dtype: Any = None,
+                        basis_device: Any = None,
                         **operator_kwargs: Any) -> PeakEstimate:
     """Predict the peak resident memory and the products of ``analysis`` on ``model`` (see the
     module docstring).
@@ -142,6 +149,8 @@ def estimate_peak_bytes(model: Any, loss_fn: LossSpec, data: Data, *, analysis: 
         method: the product method (``"auto"`` or one of
             :data:`~analysis.operators.estimate.PRODUCT_FACTORS`).
         basis_dtype: the Lanczos basis's dtype (``top_eigenpairs(basis_dtype=)``).
+        basis_device: ``"disk"`` for a basis on disk (``top_eigenpairs(basis_device=)``); other
+            devices hold the rows in memory (counted as such).
         **operator_kwargs: ``params``, ``batch_size``, ``microbatch_size``, ... of the operator.
 
     Returns:
@@ -155,7 +164,7 @@ def estimate_peak_bytes(model: Any, loss_fn: LossSpec, data: Data, *, analysis: 
     prod = estimate_product_bytes(model, loss_fn, data, method=method, **operator_kwargs)
     n, s = prod.num_params, prod.itemsize
     vectors = vectors_bytes(analysis, n, s, k=k, max_basis=max_basis, num_matvecs=num_matvecs,
-                            basis_dtype=basis_dtype)
+                            basis_dtype=basis_dtype, basis_device=basis_device)
     products, exact = planned_products(analysis, n, k=k, max_iter=max_iter,
                                        num_matvecs=num_matvecs)
     return PeakEstimate(peak_bytes=int(baseline + vectors + prod.product_bytes),

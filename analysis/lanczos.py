@@ -126,6 +126,7 @@ import torch
 
 from .checks import check_seed
 from .data import Data
+from .disk_basis import DISK, DiskBasis, disk_memory_bound_bytes
 from .evaluation import progress_bar
 from .krylov import (
     KrylovBasis,
@@ -259,7 +260,10 @@ def top_eigenpairs(
         progress: show a tqdm bar over the iterations.
         basis_device: where the Krylov basis (and the returned eigenvectors) live; default the
             operator's device. ``"cpu"`` with a CUDA operator keeps the ``max_basis * n`` basis in
-            host memory (each step moves two vectors over the bus).
+            host memory (each step moves two vectors over the bus). ``"disk"``: the rows in a
+            temporary file (:mod:`analysis.disk_basis`; in ``TMPDIR``), streamed through 64 MiB
+            of buffers, so memory no longer grows with ``max_basis``; the eigenvectors are
+            returned on the operator's device.
         basis_dtype: the dtype the basis rows are stored in (default ``None``: the working dtype,
             the operator's, float32 for half precision); ``torch.bfloat16`` / ``torch.float16``
             (or ``torch.float32`` under float64) halve it or better, at an accuracy floor of
@@ -281,7 +285,8 @@ def top_eigenpairs(
     operator warns and stops at its precision floor.
 
     Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` (narrow basis: ``max_basis * n *
-    basis_itemsize + max(3, k) * n * itemsize``) plus one product's working memory; reported in
+    basis_itemsize + max(3, k) * n * itemsize``; on disk ``max(3, k) * n * itemsize + 64 MiB``)
+    plus one product's working memory; reported in
     :attr:`EigenResult.basis_bytes` and :attr:`EigenResult.memory_bound_bytes`.
 
     Returns:
@@ -337,8 +342,16 @@ class _Lanczos:
         # working vectors float32 for half-precision operators (bfloat16 ones lose orthogonality
         # at 1e-2); a narrow basis_dtype keeps cur and prev (q_j, q_{j-1}) in the working dtype
         dtype, self.basis_dtype = basis_dtypes(op.dtype, basis_dtype)
-        self.dtype, self.itemsize, self.narrow = dtype, dtype.itemsize, self.basis_dtype != dtype
-        self.bdev = torch.device(self.device if basis_device is None else basis_device)
+        # (a basis on disk hands out no rows: cur and prev are kept as for a narrow one)
+        self.dtype, self.itemsize = dtype, dtype.itemsize
+        self.disk = isinstance(basis_device, str) and basis_device == DISK
+        self.narrow = self.basis_dtype != dtype or self.disk
+        try:
+            self.bdev = torch.device(self.device if basis_device is None or self.disk
+                                     else basis_device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"basis_device must be a device (e.g. 'cpu', 'cuda:0') or "
+                             f"{DISK!r}, got {basis_device!r}") from None
         pin = self.bdev.type == "cpu" and torch.device(self.device).type == "cuda" \
             if pin_memory is None else pin_memory
         pin = bool(pin) and self.bdev.type == "cpu" and torch.cuda.is_available()
@@ -350,8 +363,10 @@ class _Lanczos:
         # coarser than that (bfloat16, float16) get full passes, which also measure their noise
         self.partial = reorth == "partial" and self.op_eps <= self.eps
         self.gen = torch.Generator().manual_seed(seed)
-        self.basis = KrylovBasis(self.local_n, max_basis, self.basis_dtype, self.bdev, first=k,
-                                 pin=pin, work_dtype=dtype)  # rows 0..max_basis-1
+        self.basis = DiskBasis(self.local_n, max_basis, self.basis_dtype, self.bdev,
+                               work_dtype=dtype) if self.disk else \
+            KrylovBasis(self.local_n, max_basis, self.basis_dtype, self.bdev, first=k, pin=pin,
+                        work_dtype=dtype)  # rows 0..max_basis-1
         self.basis.reduce = self.reduce
         self.reorth = Reorthogonalizer(self.basis, self.eps, size=max_basis + 1)
         self.T = torch.zeros(max_basis + 1, max_basis + 1, dtype=torch.float64)
@@ -540,6 +555,8 @@ class _Lanczos:
         basis.truncate(k)  # the rest freed
         vecs = basis.chunks[0][:k] if out is None else out
         peak_bytes = basis.peak_rows * self.local_n * self.basis_dtype.itemsize
+        if self.disk:
+            basis.close()
         del basis
         self.basis = None
         for i in range(k):
@@ -560,6 +577,7 @@ class _Lanczos:
             converged=self.converged, num_matvecs=self.op.num_matvecs - self.start_matvecs,
             num_iter=self.steps, num_restarts=self.restarts, which=self.which,
             tol=float(self.tol), basis_bytes=int(peak_bytes),
-            memory_bound_bytes=memory_bound_bytes(self.local_n, self.max_basis, self.itemsize,
-                                                  self.basis_dtype.itemsize, k),
+            memory_bound_bytes=disk_memory_bound_bytes(self.local_n, self.itemsize, k)
+            if self.disk else memory_bound_bytes(self.local_n, self.max_basis, self.itemsize,
+                                                 self.basis_dtype.itemsize, k),
             stop_reason="converged" if self.converged else self.stop_reason)

@@ -62,6 +62,9 @@ HE_PYTHON = "/work/venv-llm/bin/python"  # hessian-eigenthings==1.0.0a5 (pip --n
 
 
 def _peak() -> int:
+    """VmHWM in bytes. Its own reader, not ``analysis.host_memory.peak_resident_bytes``: the
+    ``top1-he`` case runs in hessian-eigenthings' environment, where nothing of ours is
+    imported (our package in memory would inflate its peak)."""
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
@@ -87,8 +90,9 @@ def _hessian_eigenthings(model, data, steps: int) -> dict:
                 he_version=he.__version__, converged=bool(res.converged[0]))
 
 
-def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 4,
-             he_steps: int = 15, basis_dtype: str | None = None) -> dict:
+def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int | None = 4,
+             he_steps: int = 15, basis_dtype: str | None = None,
+             basis_device: str | None = None) -> dict:
     """One case in this process (see the module docstring)."""
     import re
 
@@ -118,6 +122,9 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 
     bd = None if basis_dtype is None else getattr(torch, basis_dtype)
     if bd is not None:
         out["basis_dtype"] = basis_dtype
+    if basis_device is not None:
+        out["basis_device"] = basis_device
+    out["max_basis"] = max_basis
     if case == "top1-he":  # in hessian-eigenthings' own environment: nothing of ours imported
         _reset_peak()
         t0 = time.perf_counter()
@@ -138,10 +145,11 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 
         method="forward-difference" if case.endswith("-fwd") else "finite-difference")
     est = None
     lanczos = dict(k=1, tol=1e-2, max_basis=max_basis) if fd else dict(k=1, tol=1e-2)
-    lanczos["basis_dtype"] = bd
+    lanczos.update(basis_dtype=bd, basis_device=basis_device)
     if case.startswith("top1"):  # predicted before the run (one forward pass)
         est = estimate_peak_bytes(subject, loss, data, analysis="lanczos",
-                                  max_basis=lanczos.get("max_basis"), basis_dtype=bd, **kw)
+                                  max_basis=lanczos.get("max_basis"), basis_dtype=bd,
+                                  basis_device=basis_device, **kw)
     _reset_peak()
     t0 = time.perf_counter()
     if case.startswith("top1"):
@@ -159,7 +167,7 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 
         for i in range(cfg.n_layer):
             res = top_eigenpairs(subject, loss, data, k=1, tol=1e-2, max_basis=max_basis,
                                  params=re.compile(rf"^lm\.transformer\.h\.{i}\."),
-                                 basis_dtype=bd, **kw)
+                                 basis_dtype=bd, basis_device=basis_device, **kw)
             vals.append(float(res.eigenvalues[0]))
             products += res.num_matvecs
         out.update(per_layer=vals, products=products)
@@ -167,7 +175,7 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int = 
         from landscape import slice_1d
 
         d = torch.randn(n, generator=torch.Generator().manual_seed(2))
-        res = slice_1d(model, "lm", data, d / d.norm(), torch.linspace(-1, 1, 21).tolist(),
+        res = slice_1d(model, "lm", data, d.div_(d.norm()), torch.linspace(-1, 1, 21).tolist(),
                        metrics=("loss",), progress=False)
         out.update(points=21, loss_at_0=float(res.loss[10]))
     seconds = time.perf_counter() - t0
@@ -182,7 +190,10 @@ def main() -> None:
     ap.add_argument("--cases", default="top1-fd")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--max-basis", type=int, default=4, help="Lanczos basis of the -fd cases")
+    ap.add_argument("--max-basis", type=int, default=4,
+                    help="Lanczos basis of the -fd cases (0: the library's default, 20 rows)")
+    ap.add_argument("--basis-device", choices=["disk"], default=None,
+                    help="the Krylov basis of the Lanczos cases on disk (default: in memory)")
     ap.add_argument("--he-steps", type=int, default=15, help="Lanczos steps of top1-he")
     ap.add_argument("--he-python", default=HE_PYTHON, help="the interpreter of top1-he")
     ap.add_argument("--basis-dtype", choices=["bfloat16", "float16", "float32"], default=None,
@@ -192,8 +203,9 @@ def main() -> None:
     ap.add_argument("--json", help="append the results (JSON lines) to this file")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_case(args.model, args.one, args.batch, args.seq, args.max_basis,
-                                  args.he_steps, args.basis_dtype)))
+        print(json.dumps(run_case(args.model, args.one, args.batch, args.seq,
+                                  args.max_basis or None, args.he_steps, args.basis_dtype,
+                                  args.basis_device)))
         return
     rows = []
     for spec in args.cases.split(","):
@@ -207,7 +219,9 @@ def main() -> None:
                                "--batch", str(args.batch), "--seq", str(args.seq),
                                "--max-basis", str(args.max_basis),
                                "--he-steps", str(args.he_steps)]
-                              + ([] if basis_dtype is None else ["--basis-dtype", basis_dtype]),
+                              + ([] if basis_dtype is None else ["--basis-dtype", basis_dtype])
+                              + ([] if args.basis_device is None
+                                 else ["--basis-device", args.basis_device]),
                               capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
