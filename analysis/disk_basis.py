@@ -5,12 +5,16 @@ float32 parameters make a row 0.5 GB, so the default ``max_basis = 20`` is 10 GB
 medium's (355M) 28 GB. :class:`DiskBasis` keeps the rows in a temporary file instead and
 streams them through a buffer of a fixed size, column slab by column slab, for each pass of
 Gram-Schmidt, each rotation of a thick restart and the Ritz vectors at the end. What stays in
-memory is the working set of Lanczos: the current and previous Lanczos vectors and the
-product (or, at the end, the ``k`` eigenvectors) in the working dtype, and the slab buffers:
+memory is the working set of Lanczos: the current Lanczos vector and the product (the previous
+one is read back from its row for the three-term recurrence when the rows are stored in the
+working dtype, and kept in memory beside narrower rows), or at the end the ``k`` eigenvectors,
+in the working dtype, and the slab buffers:
 
     peak extra memory  <=  max(3, k) n s + DISK_BUFFER_BYTES        (outside the products)
 
-(:func:`disk_memory_bound_bytes`; ``s`` the working itemsize), whatever ``max_basis``. The
+(:func:`disk_memory_bound_bytes`; ``s`` the working itemsize), whatever ``max_basis``: three
+vectors cover the start (a float64 Gaussian, two vectors' worth, and its float32 copy) and the
+narrow case; the steps of a run in the working dtype hold two. The
 file holds ``max_basis`` rows in the stored dtype (``basis_dtype``, default the working one)
 and grows a row at a time; it is created unlinked in :func:`tempfile.gettempdir` (set
 ``TMPDIR`` to choose the disk), so it disappears when the run ends, also when it fails.
@@ -36,10 +40,12 @@ import torch
 
 from .krylov import EXACT_SLAB
 
-__all__ = ["DiskBasis", "DISK_BUFFER_BYTES", "DISK", "disk_memory_bound_bytes"]
+__all__ = ["DiskBasis", "DISK_BUFFER_BYTES", "DISK", "ON_DISK", "disk_memory_bound_bytes"]
 
 #: The ``basis_device`` value that puts the Krylov basis on disk.
 DISK = "disk"
+#: Marks the previous Lanczos vector as read back from its row when needed (not kept in memory).
+ON_DISK = object()
 #: Bytes of all slab temporaries of a :class:`DiskBasis` together (read buffer, its
 #: working-dtype copy and a rotation's output slab).
 DISK_BUFFER_BYTES = 64 * 2**20
@@ -168,6 +174,13 @@ class DiskBasis:
         for a, b in self._slabs():
             out[a:b] = self._work(self._read(i + 1, a, b, first=i)[0]) / self.scale
         return out
+
+    def add_row(self, w: torch.Tensor, i: int, alpha: float) -> torch.Tensor:
+        """``w += alpha Q[i]`` in place, slab by slab (the same elementwise update as with the
+        row in memory, so bit for bit when the rows are stored in the working dtype)."""
+        for a, b in self._slabs():
+            w[a:b].add_(self._work(self._read(i + 1, a, b, first=i)[0]), alpha=alpha / self.scale)
+        return w
 
     def project(self, w: torch.Tensor, m: int) -> torch.Tensor:
         """``Q[:m] w`` as a float64 CPU vector: per slab, working-precision partial sums over

@@ -126,7 +126,7 @@ import torch
 
 from .checks import check_seed
 from .data import Data
-from .disk_basis import DISK, DiskBasis, disk_memory_bound_bytes
+from .disk_basis import DISK, ON_DISK, DiskBasis, disk_memory_bound_bytes
 from .evaluation import progress_bar
 from .krylov import (
     KrylovBasis,
@@ -346,6 +346,7 @@ class _Lanczos:
         self.dtype, self.itemsize = dtype, dtype.itemsize
         self.disk = isinstance(basis_device, str) and basis_device == DISK
         self.narrow = self.basis_dtype != dtype or self.disk
+        self.prev_on_disk = self.disk and self.basis_dtype == dtype  # rows stored exactly
         try:
             self.bdev = torch.device(self.device if basis_device is None or self.disk
                                      else basis_device)
@@ -434,7 +435,10 @@ class _Lanczos:
             else 0.0
         w.add_(qj, alpha=-alpha)
         if c != 0.0:
-            w.add_(self.prev if self.narrow else basis.row(j - 1), alpha=-c)
+            if self.prev is ON_DISK:  # q_{j-1} streamed from its row: bitwise the same update
+                basis.add_row(w, j - 1, -c)
+            else:
+                w.add_(self.prev if self.narrow else basis.row(j - 1), alpha=-c)
         if self.partial and not (self.restarts and j == self.band - 1):
             self.tnorm = max(self.tnorm, abs(alpha) + abs(c))
             return self.reorth.partial(w, self.T, j, alpha, c, self.tnorm)
@@ -496,7 +500,8 @@ class _Lanczos:
         if m < self.max_basis:
             self.basis.set_row(m, w)
             if self.narrow:
-                self.prev, self.cur = self.cur, w
+                # on disk in the working dtype, q_{j-1} is read back from its row when needed
+                self.prev, self.cur = ON_DISK if self.prev_on_disk else self.cur, w
             self.j = m
             return False
         self._restart(w, beta, m)

@@ -59,6 +59,8 @@ def test_operations_against_dense_float64():
     h = torch.randn(m, generator=g, dtype=torch.float64)
     torch.testing.assert_close(b.subtract(w.clone(), h, m), w - Q.T @ h, rtol=1e-13, atol=1e-12)
     torch.testing.assert_close(b.row(3), Q[3], rtol=0, atol=0)
+    # the three-term recurrence's update with a row read back: bit for bit the in-memory one
+    assert torch.equal(b.add_row(w.clone(), 2, -0.37), w.clone().add_(Q[2], alpha=-0.37))
     S = torch.randn(m, 2, generator=g, dtype=torch.float64)
     out = torch.empty(2, n, dtype=torch.float64)
     b.rotate(S, m, out=out)  # into out, the basis left as it is
