@@ -92,10 +92,15 @@ def _hessian_eigenthings(model, data, steps: int) -> dict:
 
 def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int | None = 4,
              he_steps: int = 15, basis_dtype: str | None = None,
-             basis_device: str | None = None) -> dict:
+             basis_device: str | None = None, microbatch: int | None = None,
+             malloc: str = "default") -> dict:
     """One case in this process (see the module docstring)."""
     import re
 
+    if malloc == "fixed":  # before the model is built: freed buffers leave the resident set
+        from analysis.host_memory import fix_mmap_threshold
+
+        fix_mmap_threshold()
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -125,6 +130,9 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int | 
     if basis_device is not None:
         out["basis_device"] = basis_device
     out["max_basis"] = max_basis
+    out["malloc"] = malloc
+    if microbatch is not None:
+        out["microbatch"] = microbatch
     if case == "top1-he":  # in hessian-eigenthings' own environment: nothing of ours imported
         _reset_peak()
         t0 = time.perf_counter()
@@ -143,6 +151,8 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int | 
     loss = "model_lm" if fd else "lm"
     kw = {} if not fd else dict(
         method="forward-difference" if case.endswith("-fwd") else "finite-difference")
+    if microbatch is not None:
+        kw["microbatch_size"] = microbatch
     est = None
     lanczos = dict(k=1, tol=1e-2, max_basis=max_basis) if fd else dict(k=1, tol=1e-2)
     lanczos.update(basis_dtype=bd, basis_device=basis_device)
@@ -194,6 +204,11 @@ def main() -> None:
                     help="Lanczos basis of the -fd cases (0: the library's default, 20 rows)")
     ap.add_argument("--basis-device", choices=["disk"], default=None,
                     help="the Krylov basis of the Lanczos cases on disk (default: in memory)")
+    ap.add_argument("--microbatch", type=int, default=None,
+                    help="microbatch_size of the products (default: whole batches)")
+    ap.add_argument("--malloc", choices=["default", "fixed"], default="default",
+                    help="fixed: glibc's mmap threshold at 1 MiB in each case's process "
+                         "(analysis.host_memory.fix_mmap_threshold); default: glibc's own")
     ap.add_argument("--he-steps", type=int, default=15, help="Lanczos steps of top1-he")
     ap.add_argument("--he-python", default=HE_PYTHON, help="the interpreter of top1-he")
     ap.add_argument("--basis-dtype", choices=["bfloat16", "float16", "float32"], default=None,
@@ -205,7 +220,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_case(args.model, args.one, args.batch, args.seq,
                                   args.max_basis or None, args.he_steps, args.basis_dtype,
-                                  args.basis_device)))
+                                  args.basis_device, args.microbatch, args.malloc)))
         return
     rows = []
     for spec in args.cases.split(","):
@@ -221,7 +236,10 @@ def main() -> None:
                                "--he-steps", str(args.he_steps)]
                               + ([] if basis_dtype is None else ["--basis-dtype", basis_dtype])
                               + ([] if args.basis_device is None
-                                 else ["--basis-device", args.basis_device]),
+                                 else ["--basis-device", args.basis_device])
+                              + ([] if args.microbatch is None
+                                 else ["--microbatch", str(args.microbatch)])
+                              + ["--malloc", args.malloc],
                               capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
