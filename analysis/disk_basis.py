@@ -175,6 +175,30 @@ class DiskBasis:
             out[a:b] = self._work(self._read(i + 1, a, b, first=i)[0]) / self.scale
         return out
 
+    def write_tensors(self, i: int, tensors: list[torch.Tensor]) -> None:
+        """Row ``i`` <- the tensors one after the other (CPU, the stored dtype; as many entries as
+        a row): their bytes as they are, so :meth:`read_tensors` restores them bit for bit."""
+        a = 0
+        for t in tensors:
+            self._write(i, a, t.detach().reshape(-1).contiguous())
+            a += t.numel()
+        self.size = max(self.size, i + 1)
+        self.rows = max(self.rows, i + 1)
+        self.peak_rows = max(self.peak_rows, self.rows)
+
+    def read_tensors(self, i: int, tensors: list[torch.Tensor]) -> None:
+        """The tensors (contiguous, CPU, the stored dtype) <- row ``i``, read into their memory
+        in place (no buffer)."""
+        a = 0
+        for t in tensors:
+            view, done = _bytes_of(t.detach().view(-1)), 0
+            while done < len(view):
+                got = os.preadv(self.fd, [view[done:]], self._offset(i, a) + done)
+                if got <= 0:
+                    raise OSError(f"short read from the file at row {i}")
+                done += got
+            a += t.numel()
+
     def add_row(self, w: torch.Tensor, i: int, alpha: float) -> torch.Tensor:
         """``w += alpha Q[i]`` in place, slab by slab (the same elementwise update as with the
         row in memory, so bit for bit when the rows are stored in the working dtype)."""

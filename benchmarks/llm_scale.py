@@ -93,7 +93,7 @@ def _hessian_eigenthings(model, data, steps: int) -> dict:
 def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int | None = 4,
              he_steps: int = 15, basis_dtype: str | None = None,
              basis_device: str | None = None, microbatch: int | None = None,
-             malloc: str = "default") -> dict:
+             malloc: str = "default", offload: str | None = None) -> dict:
     """One case in this process (see the module docstring)."""
     import re
 
@@ -153,6 +153,8 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int | 
         method="forward-difference" if case.endswith("-fwd") else "finite-difference")
     if microbatch is not None:
         kw["microbatch_size"] = microbatch
+    if offload is not None:
+        kw["offload"] = out["offload"] = offload
     est = None
     lanczos = dict(k=1, tol=1e-2, max_basis=max_basis) if fd else dict(k=1, tol=1e-2)
     lanczos.update(basis_dtype=bd, basis_device=basis_device)
@@ -204,6 +206,8 @@ def main() -> None:
                     help="Lanczos basis of the -fd cases (0: the library's default, 20 rows)")
     ap.add_argument("--basis-device", choices=["disk"], default=None,
                     help="the Krylov basis of the Lanczos cases on disk (default: in memory)")
+    ap.add_argument("--offload", choices=["disk"], default=None,
+                    help="g(w) and w of forward differences on disk (HessianOperator(offload=))")
     ap.add_argument("--microbatch", type=int, default=None,
                     help="microbatch_size of the products (default: whole batches)")
     ap.add_argument("--malloc", choices=["default", "fixed"], default="default",
@@ -220,7 +224,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_case(args.model, args.one, args.batch, args.seq,
                                   args.max_basis or None, args.he_steps, args.basis_dtype,
-                                  args.basis_device, args.microbatch, args.malloc)))
+                                  args.basis_device, args.microbatch, args.malloc,
+                                  args.offload)))
         return
     rows = []
     for spec in args.cases.split(","):
@@ -239,7 +244,8 @@ def main() -> None:
                                  else ["--basis-device", args.basis_device])
                               + ([] if args.microbatch is None
                                  else ["--microbatch", str(args.microbatch)])
-                              + ["--malloc", args.malloc],
+                              + ["--malloc", args.malloc]
+                              + ([] if args.offload is None else ["--offload", args.offload]),
                               capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)

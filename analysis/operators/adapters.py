@@ -23,7 +23,7 @@ from .protocol import LinearOperator, TorchOperator
 
 #: The keywords :func:`as_linear_operator` passes on to :class:`~analysis.HessianOperator`.
 OPERATOR_KEYWORDS = ("params", "mode", "check_deterministic", "batch_size", "method",
-                     "fd_shift", "microbatch_size")
+                     "fd_shift", "microbatch_size", "offload")
 
 
 class _TensorOperator(TorchOperator):

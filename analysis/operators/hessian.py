@@ -40,6 +40,7 @@ from .auto import AutoChoice, choose_method, first_graph, graphs_fit
 from .curvature import CurvatureOperator, default_block_size
 from .empirical_risk import functional_forward
 from .finite_difference import check_shift, finite_difference_step
+from .offload import ForwardDifferenceOffload, check_offload
 
 
 class _InitSignature:
@@ -131,7 +132,9 @@ class HessianOperator(CurvatureOperator):
     in ``(0, 1)`` otherwise). ``microbatch_size``: split every batch into slices of at most this
     many samples for the products (:class:`~analysis.operators.EmpiricalRisk`), so that a
     product's working memory is one slice's; ``"auto"`` then leaves the cached graph out (it
-    would keep the graphs of all slices) and ``method="cached-graph"`` is refused.
+    would keep the graphs of all slices) and ``method="cached-graph"`` is refused. ``offload="disk"``
+    (``"forward-difference"`` only): ``g(w)`` and ``w`` on disk, the parameters shifted in place
+    and restored bit for bit (:mod:`analysis.operators.offload`; two vectors less in memory).
 
     Other arguments and attributes are those of :class:`CurvatureOperator`; :attr:`method` holds
     the method in use (``"auto"`` until the first product), :attr:`requested_method` the one
@@ -161,9 +164,11 @@ class HessianOperator(CurvatureOperator):
                  params: Sequence[str | nn.Parameter | nn.Module] | re.Pattern | None = None,
                  mode: str | None = "eval", check_deterministic: bool = True,
                  batch_size: int | None = None, method: str = "auto",
-                 fd_shift: float | None = None, microbatch_size: int | None = None) -> None:
+                 fd_shift: float | None = None, microbatch_size: int | None = None,
+                 offload: str | None = None) -> None:
         if method not in self.METHODS:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
+        check_offload(offload, method)
         check_shift(fd_shift)
         if method == "cached-graph" and microbatch_size is not None:
             raise ValueError(
@@ -180,7 +185,8 @@ class HessianOperator(CurvatureOperator):
             )
         self.method = method
         self.requested_method = method
-        self.fd_shift = fd_shift
+        self.fd_shift, self.offload = fd_shift, offload
+        self._offload = ForwardDifferenceOffload(self.space.params) if offload else None
         self.fd_step: float | None = None  # the step h of the last finite-difference product
         self._fd_base: tuple | None = None  # forward differences: (state signature, g(w))
         self._fd_plus = False  # inside a forward-difference pass: batches give g_b(w + h v)
@@ -217,7 +223,7 @@ class HessianOperator(CurvatureOperator):
 
     def _extra_settings(self) -> dict:
         # a settled "auto" passes its choice on
-        return {"method": self.method, "fd_shift": self.fd_shift}
+        return {"method": self.method, "fd_shift": self.fd_shift, "offload": self.offload}
 
     def resolve_method(self, block: int = 1) -> str:
         """Settle ``method="auto"`` now (see the class docstring; a no-op once settled) and
@@ -262,8 +268,9 @@ class HessianOperator(CurvatureOperator):
         first product reuses) and those of the other batches when they fit in the cache budget
         (the gradient is then the one the cached graph would give). Under
         ``"forward-difference"`` it is the kept ``g(w)`` of the products (a copy)."""
-        if self.method == "forward-difference":
-            return self._forward_base().clone()
+        if self.method == "forward-difference":  # (offloaded: read back from the disk)
+            return base.clone() if (base := self._forward_base()) is not None else \
+                self._offload.file.row(0)
         with self._context():
             keep = self._caches if self.method == "cached-graph" else (lambda key: False)
             if self.method == "auto" and self._cached is not None:
@@ -311,11 +318,17 @@ class HessianOperator(CurvatureOperator):
         base = self._forward_base()
         self.fd_step = h = finite_difference_step(v_norm, self.dtype, self.fd_shift, "forward")
         self._fd_plus = True
-        try:
-            out = super()._apply(v)  # sum_b (n_b / N) g_b(w + h v), all-reduced
+        try:  # sum_b (n_b / N) g_b(w + h v), all-reduced
+            if self._offload is None:
+                return super()._apply(v).sub_(base).div_(h)
+            sig = self._state_signature()
+            with self._offload.shifted(self.space.unflatten(v.detach()), h, sig):
+                out = super()._apply(v)  # at the parameters shifted in place
+            self._offload.restored_state(sig, after := self._state_signature())
+            self._fd_base = (after, None)
+            return self._offload.subtract_base(out).div_(h)
         finally:
             self._fd_plus = False
-        return out.sub_(base).div_(h)
 
     def _forward_base(self) -> torch.Tensor:
         """``g(w)`` for forward differences, recomputed when a parameter or buffer changed."""
@@ -326,6 +339,9 @@ class HessianOperator(CurvatureOperator):
                 base = self._weighted_sum(self._gradient_part, lambda: torch.zeros(
                     self.shape[0], device=self.device, dtype=self.dtype))
             self._fd_base = (sig, base)
+            if self._offload is not None:  # on disk, not in memory
+                self._offload.store_base(base, sig)
+                self._fd_base = (sig, None)
         return self._fd_base[1]
 
     def _gradient_part(self, state, x, y, weight, key, primals=None):
@@ -353,6 +369,8 @@ class HessianOperator(CurvatureOperator):
             entry = self._graph_entry(primals, state, x, y, weight, key)
             return self._graph_backward(entry, v_dict, retain=True)
         if self.method == "forward-difference" and self._fd_plus:
+            if self._offload is not None:  # the parameters themselves are at w + h v
+                return self._gradient_part(state, x, y, weight, key)
             h = self.fd_step
             return self._gradient_part(state, x, y, weight, key,
                                        {n: primals[n] + h * v_dict[n] for n in self._names})
