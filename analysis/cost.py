@@ -8,7 +8,7 @@
 * ``vectors``: the analysis's own vectors, by the bounds its module documents and tests:
   Lanczos ``(max_basis + 3) n s`` (:func:`analysis.krylov.memory_bound_bytes`; a top-1 run
   at ``tol=1e-2`` with a small ``max_basis`` fills it), with a narrower ``basis_dtype``
-  ``max_basis n s_basis + max(3, k) n s``, with the basis on disk ``max(3, k) n s`` plus
+  ``max_basis n s_basis + max(3, k) n s``, with the basis on disk ``max(4, k) n s`` plus
   the slab buffers (:func:`analysis.disk_basis.disk_memory_bound_bytes`), Hutch++ ``(s + 4 b) n s``
   (:func:`analysis.trace.trace_memory_bound_bytes`);
 * ``product``: one product's working memory, by method
@@ -112,6 +112,14 @@ def vectors_bytes(analysis: str, n: int, itemsize: int, *, k: int = 1,
         work, store = basis_dtypes(_FLOAT_OF_SIZE[int(itemsize)], basis_dtype)
         if isinstance(basis_device, str) and basis_device == DISK:
             return disk_memory_bound_bytes(n, work.itemsize, k)
+        if basis_device is not None and not isinstance(basis_device, (str, torch.device)):
+            raise ValueError(f"basis_device must be a device or {DISK!r}, got {basis_device!r}")
+        if isinstance(basis_device, str):
+            try:
+                torch.device(basis_device)
+            except RuntimeError:
+                raise ValueError(f"basis_device must be a device (e.g. 'cpu') or {DISK!r}, "
+                                 f"got {basis_device!r}") from None
         return memory_bound_bytes(n, rows, work.itemsize, store.itemsize, k)
     return trace_memory_bound_bytes(n, num_matvecs, "hutch++", block_size, itemsize)
 

@@ -10,11 +10,12 @@ one is read back from its row for the three-term recurrence when the rows are st
 working dtype, and kept in memory beside narrower rows), or at the end the ``k`` eigenvectors,
 in the working dtype, and the slab buffers:
 
-    peak extra memory  <=  max(3, k) n s + DISK_BUFFER_BYTES        (outside the products)
+    peak extra memory  <=  max(4, k) n s + DISK_BUFFER_BYTES        (outside the products)
 
-(:func:`disk_memory_bound_bytes`; ``s`` the working itemsize), whatever ``max_basis``: three
-vectors cover the start (a float64 Gaussian, two vectors' worth, and its float32 copy) and the
-narrow case; the steps of a run in the working dtype hold two. The
+(:func:`disk_memory_bound_bytes`; ``s`` the working itemsize), whatever ``max_basis``: four
+vectors cover the start and a breakdown's fresh vector (a float64 Gaussian, two float32 vectors'
+worth, its float32 copy and the current vector or the gradient); the steps of a run in the
+working dtype hold two, three beside narrower rows. The
 file holds ``max_basis`` rows in the stored dtype (``basis_dtype``, default the working one)
 and grows a row at a time; it is created unlinked in :func:`tempfile.gettempdir` (set
 ``TMPDIR`` to choose the disk), so it disappears when the run ends, also when it fails.
@@ -54,10 +55,11 @@ DISK_BUFFER_BYTES = 64 * 2**20
 def disk_memory_bound_bytes(n: int, itemsize: int, k: int = 1,
                             buffer_bytes: int = DISK_BUFFER_BYTES) -> int:
     """The bound on the peak extra memory of :func:`analysis.top_eigenpairs` outside the
-    products with the basis on disk: ``max(3, k) n s + buffer_bytes`` (the current and previous
-    Lanczos vectors and the product, or the ``k`` eigenvectors, in the working dtype of
-    ``itemsize`` bytes; the slab temporaries)."""
-    return int(max(3, k) * n * itemsize + buffer_bytes)
+    products with the basis on disk: ``max(4, k) n s + buffer_bytes`` (in the working dtype of
+    ``itemsize`` bytes: the current Lanczos vector and the product, the previous one beside
+    narrower rows, a fresh float64 Gaussian at the start or after a breakdown; at the end the
+    ``k`` eigenvectors; the slab temporaries)."""
+    return int(max(4, k) * n * itemsize + buffer_bytes)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

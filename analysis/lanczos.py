@@ -285,7 +285,7 @@ def top_eigenpairs(
     operator warns and stops at its precision floor.
 
     Memory: peak extra ``<= (max_basis + 3) * n * itemsize`` (narrow basis: ``max_basis * n *
-    basis_itemsize + max(3, k) * n * itemsize``; on disk ``max(3, k) * n * itemsize + 64 MiB``)
+    basis_itemsize + max(3, k) * n * itemsize``; on disk ``max(4, k) * n * itemsize + 64 MiB``)
     plus one product's working memory; reported in
     :attr:`EigenResult.basis_bytes` and :attr:`EigenResult.memory_bound_bytes`.
 
@@ -307,14 +307,19 @@ def top_eigenpairs(
     warn_half_precision(op.dtype, float(tol), "top_eigenpairs", stacklevel=4)
     run = _Lanczos(op, k, which, tol, max_basis, max_iter, seed, basis_device, pin_memory,
                    reorth, basis_dtype, look_ahead)
-    run.start(start_vector(op, v0, which, run))
-    bar = progress_bar(range(max_iter), enabled=progress, desc="lanczos", unit="matvec")
-    for _ in bar:
-        if run.step():
-            break
-    if hasattr(bar, "close"):
-        bar.close()
-    return with_eigen_stderr(run.result(), op, data_stderr, min_units)
+    try:
+        run.start(start_vector(op, v0, which, run))
+        bar = progress_bar(range(max_iter), enabled=progress, desc="lanczos", unit="matvec")
+        for _ in bar:
+            if run.step():
+                break
+        if hasattr(bar, "close"):
+            bar.close()
+        result = run.result()
+    finally:  # a basis on disk frees its file now, also on an error (not when GC'd)
+        if run.disk and run.basis is not None:
+            run.basis.close()
+    return with_eigen_stderr(result, op, data_stderr, min_units)
 
 
 class _Lanczos:

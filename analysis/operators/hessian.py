@@ -155,6 +155,8 @@ class HessianOperator(CurvatureOperator):
         if cls is HessianOperator and has_dtensor_parameters(model):
             from .sharded import ShardedHessianOperator
 
+            check_offload(kwargs.pop("offload", None), kwargs.get("method", "auto"), sharded=True)
+
             return ShardedHessianOperator(model, *args, **kwargs)
         return super().__new__(cls)
 
@@ -186,7 +188,7 @@ class HessianOperator(CurvatureOperator):
         self.method = method
         self.requested_method = method
         self.fd_shift, self.offload = fd_shift, offload
-        self._offload = ForwardDifferenceOffload(self.space.params) if offload else None
+        self._offload = ForwardDifferenceOffload(self.space.params, model) if offload else None
         self.fd_step: float | None = None  # the step h of the last finite-difference product
         self._fd_base: tuple | None = None  # forward differences: (state signature, g(w))
         self._fd_plus = False  # inside a forward-difference pass: batches give g_b(w + h v)
@@ -321,11 +323,9 @@ class HessianOperator(CurvatureOperator):
         try:  # sum_b (n_b / N) g_b(w + h v), all-reduced
             if self._offload is None:
                 return super()._apply(v).sub_(base).div_(h)
-            sig = self._state_signature()
-            with self._offload.shifted(self.space.unflatten(v.detach()), h, sig):
+            with self._offload.shifted(self.space.unflatten(v.detach()), h):
                 out = super()._apply(v)  # at the parameters shifted in place
-            self._offload.restored_state(sig, after := self._state_signature())
-            self._fd_base = (after, None)
+            self._fd_base = self._offload.still_valid(self._fd_base, self._state_signature())
             return self._offload.subtract_base(out).div_(h)
         finally:
             self._fd_plus = False
@@ -334,14 +334,13 @@ class HessianOperator(CurvatureOperator):
         """``g(w)`` for forward differences, recomputed when a parameter or buffer changed."""
         sig = self._state_signature()
         if self._fd_base is None or self._fd_base[0] != sig:
-            self._fd_base = None  # free the old one first
+            self._fd_base = None  # free the old one first (and set only once stored)
             with self._context():
                 base = self._weighted_sum(self._gradient_part, lambda: torch.zeros(
                     self.shape[0], device=self.device, dtype=self.dtype))
-            self._fd_base = (sig, base)
             if self._offload is not None:  # on disk, not in memory
-                self._offload.store_base(base, sig)
-                self._fd_base = (sig, None)
+                base = self._offload.store_base(base)
+            self._fd_base = (sig, base)
         return self._fd_base[1]
 
     def _gradient_part(self, state, x, y, weight, key, primals=None):

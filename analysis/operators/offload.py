@@ -12,11 +12,13 @@ copy). With ``offload="disk"`` neither stays in memory:
   copy ``p + h v_p``), for the product's gradients, and restored **bit for bit** from a copy of
   ``w`` on disk (written once per state of the weights), also when the gradient raises.
 
-Memory saved: two vectors (1.0 GB on GPT-2 small, 2.8 GB on medium); cost: a write of ``w`` and of
-``g(w)`` once, and per product a read of each (from the page cache when memory is free). The
-products are the same numbers as without offloading (``tests/analysis/test_offload.py``). The
-model is modified during a product (not during the other methods' products), so it must not be
-used concurrently; the weights are back, bit for bit, when the product returns or raises.
+Memory saved: up to two vectors (measured 0.78 GB of the 1.0 GB on GPT-2 small); cost: a write of
+``g(w)`` once, and per product a write and a read of ``w`` and a read of ``g(w)`` (from the page
+cache when memory is free). CPU parameters only (contiguous). The products are the same numbers
+as without offloading (``tests/analysis/test_offload.py``). The model is modified during a
+product (not during the other methods' products), so it must not be used concurrently; the
+weights are back, bit for bit, when the product returns or raises (an interrupt during the
+restore itself can leave it partly done).
 """
 
 from __future__ import annotations
@@ -55,37 +57,52 @@ class ForwardDifferenceOffload:
     """``g(w)`` and ``w`` of forward-difference products in an unlinked temporary file.
 
     Args:
-        params: the operator's parameter tensors (one device and dtype, in its order).
+        params: the operator's parameter tensors (contiguous, on the CPU, one dtype, in its
+            order).
+        model: the module they belong to (its parameters' and buffers' version counters tell
+            whether the stored ``g(w)`` is still that of the weights).
+
+    Raises:
+        ValueError: a parameter that is not on the CPU or not contiguous (named).
     """
 
-    def __init__(self, params: list[torch.Tensor]):
-        self.params = params
-        p0 = params[0]
-        if p0.device.type != "cpu":
-            raise ValueError(f"offload='disk' needs parameters on the CPU, got {p0.device}")
+    def __init__(self, params: list[torch.Tensor], model: Any):
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p in params:
+            if p.device.type != "cpu" or not p.is_contiguous():
+                raise ValueError(f"offload='disk' needs contiguous parameters on the CPU; "
+                                 f"{names.get(id(p), 'a parameter')!r} is "
+                                 f"{'on ' + str(p.device) if p.device.type != 'cpu' else 'not contiguous'}")
+        self.params, self.model = params, model
+        mine = {id(p) for p in params}
+        self._mine = [id(t) in mine for t in self._tensors()]
         n = sum(p.numel() for p in params)
         # row 0: g(w), row 1: w; small buffers (only row-wise streaming is used)
-        self.file = DiskBasis(n, 2, p0.dtype, p0.device, buffer_bytes=_BUFFER_BYTES)
-        self.base_state: Any = None  # the weights' signature of the stored g(w)
-        self.w_state: Any = None  # the weights' signature of the stored w
+        self.file = DiskBasis(n, 2, params[0].dtype, params[0].device,
+                              buffer_bytes=_BUFFER_BYTES)
+        self._before: Any = None  # the weights' signature when the last product began
 
-    def store_base(self, base: torch.Tensor, state: Any) -> None:
-        """Keep ``g(w)`` (flat) on disk for the weights of signature ``state``."""
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.model.parameters(), *self.model.buffers()]
+
+    def _signature(self) -> tuple:
+        return tuple((t._version, t.data_ptr()) for t in self._tensors())
+
+    def store_base(self, base: torch.Tensor) -> None:
+        """Write ``g(w)`` (flat) to the file; returns ``None`` (nothing kept in memory)."""
         self.file.set_row(0, base)
-        self.base_state = state
 
     def subtract_base(self, out: torch.Tensor) -> torch.Tensor:
         """``out - g(w)`` in place, streamed from the file."""
         return self.file.add_row(out, 0, -1.0)
 
     @contextlib.contextmanager
-    def shifted(self, parts: list[torch.Tensor], h: float, state: Any) -> Iterator[None]:
+    def shifted(self, parts: list[torch.Tensor], h: float) -> Iterator[None]:
         """The parameters at ``w + h v`` (``parts``: ``v`` per parameter) inside the block,
-        restored bit for bit from the copy of ``w`` on disk after it (written first unless the
-        stored copy is of the weights' signature ``state``)."""
-        if self.w_state != state:
-            self.w_state = None
-            self.file.write_tensors(1, self.params)
+        restored bit for bit after it from a copy of ``w`` written to the file first (at every
+        product: the weights as they are now, however they were last changed)."""
+        self._before = self._signature()
+        self.file.write_tensors(1, self.params)
         try:
             with torch.no_grad():  # slab by slab: no temporary of a whole parameter
                 for p, d in zip(self.params, parts):
@@ -96,15 +113,17 @@ class ForwardDifferenceOffload:
         finally:
             with torch.no_grad():
                 self.file.read_tensors(1, self.params)
-            self.w_state = state
 
-    def restored_state(self, state_before: Any, state_after: Any) -> None:
-        """After a shift and its bitwise restore the weights are those of ``state_before`` under
-        new version counters ``state_after``: the stored copies stay valid."""
-        if self.base_state == state_before:
-            self.base_state = state_after
-        if self.w_state == state_before:
-            self.w_state = state_after
+    def still_valid(self, fd_base: Any, after: tuple) -> Any:
+        """The operator's ``(signature, None)`` of the stored ``g(w)`` after a product: carried
+        to the new version counters ``after`` of the restored parameters when ``g(w)`` was that
+        of the weights the product began with and nothing else (another parameter, a buffer)
+        changed meanwhile; ``None`` (recompute) otherwise."""
+        before = self._before
+        if fd_base is None or fd_base[0] != before or len(after) != len(before):
+            return None
+        others_same = all(a == b for a, b, mine in zip(before, after, self._mine) if not mine)
+        return (after, None) if others_same else None
 
     def close(self) -> None:
         self.file.close()

@@ -162,3 +162,49 @@ def test_a_product_holds_two_vectors_fewer():
     # after 4.17 -> 3.38; the whole saving shows on GPT-2, docs/guides/llm.md)
     assert out["disk"]["delta"] <= out["memory"]["delta"] - 0.6 * vec, out
     assert out["disk"]["after"] <= out["memory"]["after"] - 0.6 * vec, out
+
+
+def test_a_failed_store_of_g_w_leaves_nothing_stale():
+    """The write of g(w) fails (a full disk, an interrupt): the next product recomputes it
+    instead of subtracting what the file held before."""
+    model, batches = mlp(), data()
+    off = HessianOperator(model, "cross_entropy", batches, method="forward-difference",
+                          offload="disk")
+    mem = HessianOperator(model, "cross_entropy", batches, method="forward-difference")
+    v = torch.randn(off.shape[0], dtype=torch.float64)
+    off @ v
+    with torch.no_grad():
+        next(model.parameters()).add_(0.1)  # new weights: g(w) must be rewritten
+    store = off._offload.store_base
+
+    def failing(base):
+        raise OSError("no space left on device")
+
+    off._offload.store_base = failing
+    with pytest.raises(OSError, match="no space"):
+        off @ v
+    off._offload.store_base = store
+    assert torch.equal(off @ v, mem @ v) and torch.equal(off.gradient(), mem.gradient())
+
+
+def test_an_update_through_data_is_not_overwritten():
+    """``p.data`` updates do not bump the version counter: the weights of a product are saved
+    at every product, so the restore brings back the updated weights, not older ones."""
+    model, batches = mlp(), data()
+    off = HessianOperator(model, "cross_entropy", batches, method="forward-difference",
+                          offload="disk")
+    v = torch.randn(off.shape[0], dtype=torch.float64)
+    off @ v
+    p = next(model.parameters())
+    p.data.add_(0.5)
+    updated = p.detach().clone()
+    off @ v
+    assert torch.equal(p.detach(), updated)
+
+
+def test_non_contiguous_parameters_are_refused_by_name():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    model[0].weight = nn.Parameter(torch.randn(6, 8, dtype=torch.float64).T)  # a transposed view
+    with pytest.raises(ValueError, match="'0.weight' is not contiguous"):
+        HessianOperator(model, "cross_entropy", data(), method="forward-difference",
+                        offload="disk")
