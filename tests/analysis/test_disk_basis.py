@@ -10,12 +10,8 @@ memory would be 10x that.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
-import textwrap
 
 import pytest
 import torch
@@ -23,10 +19,8 @@ import torch
 from analysis import top_eigenpairs
 from analysis.disk_basis import DISK_BUFFER_BYTES, DiskBasis, disk_memory_bound_bytes
 from analysis.krylov import EXACT_SLAB, KrylovBasis
-from tests.analysis.test_memory import PEAK_HELPERS
+from tests.analysis.test_large_basis import lanczos_peak
 from tests.models import Diagonal
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def spectrum(n: int, dtype=torch.float64) -> torch.Tensor:
@@ -187,47 +181,16 @@ def test_bad_basis_device_is_refused_with_its_value(bad):
         vectors_bytes("lanczos", 100, 8, basis_device=bad)
 
 
-_SCRIPT = PEAK_HELPERS + textwrap.dedent("""
-    import json, sys
-    import torch
-    from analysis.lanczos import top_eigenpairs
-    from tests.models import Diagonal
-
-    n, where = int(sys.argv[1]), sys.argv[2]
-    d = torch.rand(n, generator=torch.Generator().manual_seed(0))
-    d[:4] = torch.tensor([10.0, 9.5, 9.0, 8.5])  # a slow top: the basis fills
-    op = Diagonal(d)
-    v = torch.randn(n)
-    reset()
-    base = peak()
-    w = op.matvec(v)  # one product's working memory: its output
-    hvp = peak() - base
-    del w
-    reset()
-    base = peak()
-    res = top_eigenpairs(op, k=1, tol=1e-6, v0="random", max_basis=40, max_iter=40,
-                         basis_device=None if where == "memory" else where)
-    print(json.dumps({"delta": peak() - base, "hvp": hvp, "basis_bytes": res.basis_bytes,
-                      "bound": res.memory_bound_bytes, "matvecs": res.num_matvecs,
-                      "top": float(res.eigenvalues[0])}))
-""")
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_memory_on_disk_does_not_grow_with_the_basis():
     """Rows of 4M float32 entries (16 MB) on disk, about 20 of them: the peak extra memory stays
     within ``4 n s + DISK_BUFFER_BYTES`` (128 MB) plus one product, where the in-memory run holds
     its rows; the same products and the same top eigenvalue."""
     n = 4_000_000
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576",
-           "PYTHONPATH": ROOT}
-    out = {}
-    for where in ("disk", "memory"):
-        proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(n), where], capture_output=True,
-                              text=True, timeout=600, env=env, cwd=ROOT)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        out[where] = json.loads(proc.stdout.strip().splitlines()[-1])
-    disk, mem = out["disk"], out["memory"]
+    top = {0: 10.0, 1: 9.5, 2: 9.0, 3: 8.5}  # a slow top: the basis fills
+    kw = dict(k=1, tol=1e-6, max_basis=40, max_iter=40)
+    disk = lanczos_peak(n, top, basis_device="disk", **kw)
+    mem = lanczos_peak(n, top, **kw)
     row = n * 4
     assert disk["matvecs"] == mem["matvecs"] >= 15, (disk, mem)
     assert abs(disk["top"] - 10.0) <= 1e-4 and abs(disk["top"] - mem["top"]) <= 1e-5

@@ -24,12 +24,13 @@ _SCRIPT = PEAK_HELPERS + textwrap.dedent("""
     import json, sys
     import torch
     from analysis.lanczos import top_eigenpairs
-    from tests.analysis.test_operators import DiagonalOperator
+    from tests.models import Diagonal
 
-    n = int(sys.argv[1])
+    n, spec = int(sys.argv[1]), json.loads(sys.argv[2])
     d = torch.rand(n, generator=torch.Generator().manual_seed(0))
-    d[7] = 10.0   # eigenvalues in [0, 1] and one at 10
-    op = DiagonalOperator(d)
+    for i, value in spec["top"].items():  # eigenvalues in [0, 1] and these
+        d[int(i)] = value
+    op = Diagonal(d)
     v = torch.randn(n)
     reset()
     base = peak()
@@ -38,11 +39,27 @@ _SCRIPT = PEAK_HELPERS + textwrap.dedent("""
     del w
     reset()
     base = peak()
-    res = top_eigenpairs(op, k=1, tol=1e-4, v0="random")
+    res = top_eigenpairs(op, v0="random", **spec["lanczos"])
     print(json.dumps({"delta": peak() - base, "hvp": hvp, "basis_bytes": res.basis_bytes,
                       "bound": res.memory_bound_bytes, "matvecs": res.num_matvecs,
                       "top": float(res.eigenvalues[0]), "converged": res.converged}))
 """)
+
+
+def lanczos_peak(n: int, top: dict[int, float], **lanczos) -> dict:
+    """``top_eigenpairs(v0="random", **lanczos)`` on a diagonal operator of ``n`` float32 entries
+    in [0, 1] with ``top`` (position: value) set, in a fresh subprocess (one thread, glibc's mmap
+    threshold fixed): its peak resident growth (``delta``) and that of one product alone
+    (``hvp``), with the result's numbers (also ``tests/analysis/test_disk_basis.py``)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576",
+           "PYTHONPATH": root}
+    spec = json.dumps({"top": {str(i): v for i, v in top.items()}, "lanczos": lanczos})
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(n), spec], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 MARGIN = 16 * 2**20  # allocator slack and small CPU tensors
 
@@ -57,11 +74,7 @@ def test_chunk_rows_hold_at_most_one_vector_or_the_byte_budget():
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_peak_memory_of_lanczos_at_20m_entries_is_the_rows_used():
     n = 20_000_000
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(n)], capture_output=True,
-                          text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = lanczos_peak(n, {7: 10.0}, k=1, tol=1e-4)
     assert out["converged"] and abs(out["top"] - 10.0) <= 1e-3
     row = n * 4
     used = out["matvecs"] + 1  # basis rows written
