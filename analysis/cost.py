@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .data import Data
-from .disk_basis import DISK, disk_memory_bound_bytes
+from .disk_basis import check_basis_device, disk_memory_bound_bytes
 from .host_memory import resident_bytes
 from .krylov import basis_dtypes, default_max_basis, default_max_iter, memory_bound_bytes
 from .losses import LossSpec
@@ -110,16 +110,8 @@ def vectors_bytes(analysis: str, n: int, itemsize: int, *, k: int = 1,
         if int(itemsize) not in _FLOAT_OF_SIZE:
             raise ValueError(f"itemsize must be 2, 4 or 8 (a floating operator), got {itemsize!r}")
         work, store = basis_dtypes(_FLOAT_OF_SIZE[int(itemsize)], basis_dtype)
-        if isinstance(basis_device, str) and basis_device == DISK:
+        if check_basis_device(basis_device):
             return disk_memory_bound_bytes(n, work.itemsize, k)
-        if basis_device is not None and not isinstance(basis_device, (str, torch.device)):
-            raise ValueError(f"basis_device must be a device or {DISK!r}, got {basis_device!r}")
-        if isinstance(basis_device, str):
-            try:
-                torch.device(basis_device)
-            except RuntimeError:
-                raise ValueError(f"basis_device must be a device (e.g. 'cpu') or {DISK!r}, "
-                                 f"got {basis_device!r}") from None
         return memory_bound_bytes(n, rows, work.itemsize, store.itemsize, k)
     return trace_memory_bound_bytes(n, num_matvecs, "hutch++", block_size, itemsize)
 

@@ -41,7 +41,8 @@ import torch
 
 from .krylov import EXACT_SLAB
 
-__all__ = ["DiskBasis", "DISK_BUFFER_BYTES", "DISK", "ON_DISK", "disk_memory_bound_bytes"]
+__all__ = ["DiskBasis", "DISK_BUFFER_BYTES", "DISK", "ON_DISK", "check_basis_device",
+           "disk_memory_bound_bytes"]
 
 #: The ``basis_device`` value that puts the Krylov basis on disk.
 DISK = "disk"
@@ -60,6 +61,24 @@ def disk_memory_bound_bytes(n: int, itemsize: int, k: int = 1,
     narrower rows, a fresh float64 Gaussian at the start or after a breakdown; at the end the
     ``k`` eigenvectors; the slab temporaries)."""
     return int(max(4, k) * n * itemsize + buffer_bytes)
+
+
+def check_basis_device(basis_device: Any) -> bool:
+    """Whether ``basis_device`` puts the Krylov basis on disk (:data:`DISK`); otherwise it must
+    be ``None`` or a device (a ``torch.device`` or a string ``torch.device`` accepts).
+
+    Raises:
+        ValueError: anything else, with the value.
+    """
+    if isinstance(basis_device, str) and basis_device == DISK:
+        return True
+    try:
+        if basis_device is not None:
+            torch.device(basis_device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"basis_device must be a device (e.g. 'cpu', 'cuda:0') or {DISK!r}, "
+                         f"got {basis_device!r}") from None
+    return False
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -137,19 +156,29 @@ class DiskBasis:
         buffer."""
         width = b - a
         for r, i in enumerate(range(first, m)):
-            view, done, want = _bytes_of(self.buffer[r, :width]), 0, width * self.itemsize
-            while done < want:
-                got = os.preadv(self.fd, [view[done:]], self._offset(i, a) + done)
-                if got <= 0:
-                    raise OSError(f"short read from the Krylov basis file at row {i}")
-                done += got
+            self._pread(self.buffer[r, :width], i, a)
         return self.buffer[:m - first, :width]
+
+    def _pread(self, into: torch.Tensor, i: int, a: int) -> None:
+        """Fill ``into`` (contiguous, CPU, stored dtype) from row ``i``, column ``a`` on."""
+        view, done = _bytes_of(into), 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], self._offset(i, a) + done)
+            if got <= 0:
+                raise OSError(f"short read from the Krylov basis file at row {i}")
+            done += got
 
     def _write(self, i: int, a: int, values: torch.Tensor) -> None:
         """Write ``values`` (CPU, stored dtype, contiguous) at row ``i``, column ``a``."""
         view, done = _bytes_of(values), 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], self._offset(i, a) + done)
+
+    def _wrote(self, i: int) -> None:
+        """Row ``i`` was written: the counts of rows in use, in the file and at most."""
+        self.size = max(self.size, i + 1)
+        self.rows = max(self.rows, i + 1)
+        self.peak_rows = max(self.peak_rows, self.rows)
 
     def _slabs(self):
         for a in range(0, self.n, self.width):
@@ -166,9 +195,7 @@ class DiskBasis:
         for a, b in self._slabs():
             part = v[a:b] if self.scale == 1.0 else v[a:b] * self.scale
             self._write(i, a, part.to(device="cpu", dtype=self.dtype).contiguous())
-        self.size = max(self.size, i + 1)
-        self.rows = max(self.rows, i + 1)
-        self.peak_rows = max(self.peak_rows, self.rows)
+        self._wrote(i)
 
     def row(self, i: int) -> torch.Tensor:
         """Row ``i`` read into a new tensor of the working dtype."""
@@ -184,21 +211,14 @@ class DiskBasis:
         for t in tensors:
             self._write(i, a, t.detach().reshape(-1).contiguous())
             a += t.numel()
-        self.size = max(self.size, i + 1)
-        self.rows = max(self.rows, i + 1)
-        self.peak_rows = max(self.peak_rows, self.rows)
+        self._wrote(i)
 
     def read_tensors(self, i: int, tensors: list[torch.Tensor]) -> None:
         """The tensors (contiguous, CPU, the stored dtype) <- row ``i``, read into their memory
         in place (no buffer)."""
         a = 0
         for t in tensors:
-            view, done = _bytes_of(t.detach().view(-1)), 0
-            while done < len(view):
-                got = os.preadv(self.fd, [view[done:]], self._offset(i, a) + done)
-                if got <= 0:
-                    raise OSError(f"short read from the file at row {i}")
-                done += got
+            self._pread(t.detach().view(-1), i, a)
             a += t.numel()
 
     def add_row(self, w: torch.Tensor, i: int, alpha: float) -> torch.Tensor:

@@ -126,7 +126,7 @@ import torch
 
 from .checks import check_seed
 from .data import Data
-from .disk_basis import DISK, ON_DISK, DiskBasis, disk_memory_bound_bytes
+from .disk_basis import ON_DISK, DiskBasis, check_basis_device, disk_memory_bound_bytes
 from .evaluation import progress_bar
 from .krylov import (
     KrylovBasis,
@@ -317,8 +317,8 @@ def top_eigenpairs(
             bar.close()
         result = run.result()
     finally:  # a basis on disk frees its file now, also on an error (not when GC'd)
-        if run.disk and run.basis is not None:
-            run.basis.close()
+        if run.disk:  # (result() drops run.basis; the reorthogonalizer holds it to the end)
+            run.reorth.basis.close()
     return with_eigen_stderr(result, op, data_stderr, min_units)
 
 
@@ -349,15 +349,11 @@ class _Lanczos:
         dtype, self.basis_dtype = basis_dtypes(op.dtype, basis_dtype)
         # (a basis on disk hands out no rows: cur and prev are kept as for a narrow one)
         self.dtype, self.itemsize = dtype, dtype.itemsize
-        self.disk = isinstance(basis_device, str) and basis_device == DISK
+        self.disk = check_basis_device(basis_device)
         self.narrow = self.basis_dtype != dtype or self.disk
         self.prev_on_disk = self.disk and self.basis_dtype == dtype  # rows stored exactly
-        try:
-            self.bdev = torch.device(self.device if basis_device is None or self.disk
-                                     else basis_device)
-        except (RuntimeError, TypeError, ValueError):
-            raise ValueError(f"basis_device must be a device (e.g. 'cpu', 'cuda:0') or "
-                             f"{DISK!r}, got {basis_device!r}") from None
+        self.bdev = torch.device(self.device if basis_device is None or self.disk
+                                 else basis_device)
         pin = self.bdev.type == "cpu" and torch.device(self.device).type == "cuda" \
             if pin_memory is None else pin_memory
         pin = bool(pin) and self.bdev.type == "cpu" and torch.cuda.is_available()
@@ -565,9 +561,7 @@ class _Lanczos:
         basis.truncate(k)  # the rest freed
         vecs = basis.chunks[0][:k] if out is None else out
         peak_bytes = basis.peak_rows * self.local_n * self.basis_dtype.itemsize
-        if self.disk:
-            basis.close()
-        del basis
+        del basis  # (a basis on disk: top_eigenpairs closes its file)
         self.basis = None
         for i in range(k):
             # unit norm (float64 accumulation) and a fixed sign: the entry of largest

@@ -188,7 +188,8 @@ class HessianOperator(CurvatureOperator):
         self.method = method
         self.requested_method = method
         self.fd_shift, self.offload = fd_shift, offload
-        self._offload = ForwardDifferenceOffload(self.space.params, model) if offload else None
+        self._offload = ForwardDifferenceOffload(self.space.params, model, self._state_signature) \
+            if offload else None
         self.fd_step: float | None = None  # the step h of the last finite-difference product
         self._fd_base: tuple | None = None  # forward differences: (state signature, g(w))
         self._fd_plus = False  # inside a forward-difference pass: batches give g_b(w + h v)
@@ -325,7 +326,7 @@ class HessianOperator(CurvatureOperator):
                 return super()._apply(v).sub_(base).div_(h)
             with self._offload.shifted(self.space.unflatten(v.detach()), h):
                 out = super()._apply(v)  # at the parameters shifted in place
-            self._fd_base = self._offload.still_valid(self._fd_base, self._state_signature())
+            self._fd_base = self._offload.still_valid(self._fd_base)
             return self._offload.subtract_base(out).div_(h)
         finally:
             self._fd_plus = False

@@ -24,7 +24,7 @@ restore itself can leave it partly done).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -59,34 +59,31 @@ class ForwardDifferenceOffload:
     Args:
         params: the operator's parameter tensors (contiguous, on the CPU, one dtype, in its
             order).
-        model: the module they belong to (its parameters' and buffers' version counters tell
-            whether the stored ``g(w)`` is still that of the weights).
+        model: the module they belong to.
+        signature: the operator's signature of the model's state, one ``(version, pointer)``
+            entry per tensor of ``[*model.parameters(), *model.buffers()]`` in that order
+            (:meth:`HessianOperator._state_signature`): it tells whether the stored ``g(w)`` is
+            still that of the weights.
 
     Raises:
         ValueError: a parameter that is not on the CPU or not contiguous (named).
     """
 
-    def __init__(self, params: list[torch.Tensor], model: Any):
+    def __init__(self, params: list[torch.Tensor], model: Any, signature: Callable[[], tuple]):
         names = {id(p): n for n, p in model.named_parameters()}
         for p in params:
             if p.device.type != "cpu" or not p.is_contiguous():
                 raise ValueError(f"offload='disk' needs contiguous parameters on the CPU; "
                                  f"{names.get(id(p), 'a parameter')!r} is "
                                  f"{'on ' + str(p.device) if p.device.type != 'cpu' else 'not contiguous'}")
-        self.params, self.model = params, model
-        mine = {id(p) for p in params}
-        self._mine = [id(t) in mine for t in self._tensors()]
+        self.params, self._signature = params, signature
+        mine = {id(p) for p in params}  # which entries of a signature the shift bumps
+        self._mine = [id(t) in mine for t in [*model.parameters(), *model.buffers()]]
         n = sum(p.numel() for p in params)
         # row 0: g(w), row 1: w; small buffers (only row-wise streaming is used)
         self.file = DiskBasis(n, 2, params[0].dtype, params[0].device,
                               buffer_bytes=_BUFFER_BYTES)
         self._before: Any = None  # the weights' signature when the last product began
-
-    def _tensors(self) -> list[torch.Tensor]:
-        return [*self.model.parameters(), *self.model.buffers()]
-
-    def _signature(self) -> tuple:
-        return tuple((t._version, t.data_ptr()) for t in self._tensors())
 
     def store_base(self, base: torch.Tensor) -> None:
         """Write ``g(w)`` (flat) to the file; returns ``None`` (nothing kept in memory)."""
@@ -114,12 +111,12 @@ class ForwardDifferenceOffload:
             with torch.no_grad():
                 self.file.read_tensors(1, self.params)
 
-    def still_valid(self, fd_base: Any, after: tuple) -> Any:
+    def still_valid(self, fd_base: Any) -> Any:
         """The operator's ``(signature, None)`` of the stored ``g(w)`` after a product: carried
-        to the new version counters ``after`` of the restored parameters when ``g(w)`` was that
-        of the weights the product began with and nothing else (another parameter, a buffer)
-        changed meanwhile; ``None`` (recompute) otherwise."""
-        before = self._before
+        to the new version counters of the restored parameters when ``g(w)`` was that of the
+        weights the product began with and nothing else (another parameter, a buffer) changed
+        meanwhile; ``None`` (recompute) otherwise."""
+        before, after = self._before, self._signature()
         if fd_base is None or fd_base[0] != before or len(after) != len(before):
             return None
         others_same = all(a == b for a, b, mine in zip(before, after, self._mine) if not mine)
