@@ -81,6 +81,14 @@ def check_basis_device(basis_device: Any) -> bool:
     return False
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers (so equality is bitwise: NaN, -0.0 included)."""
+    return t.view(_BITS[t.element_size()])
+
+
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor (any dtype, bfloat16 included), without a copy."""
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
@@ -220,6 +228,23 @@ class DiskBasis:
         for t in tensors:
             self._pread(t.detach().view(-1), i, a)
             a += t.numel()
+
+    def equal_tensors(self, i: int, tensors: list[torch.Tensor]) -> bool:
+        """Whether row ``i`` holds the tensors' bytes exactly, as :meth:`write_tensors` wrote
+        them (compared bit for bit, slab by slab through the buffer)."""
+        if i >= self.rows:
+            return False
+        flat, a = self.buffer.view(-1), 0
+        for t in tensors:
+            src = t.detach().reshape(-1)
+            for s in range(0, src.numel(), flat.numel()):
+                part = src[s:s + flat.numel()]
+                into = flat[:part.numel()]
+                self._pread(into, i, a + s)
+                if not torch.equal(_bits(into), _bits(part)):
+                    return False
+            a += src.numel()
+        return True
 
     def add_row(self, w: torch.Tensor, i: int, alpha: float) -> torch.Tensor:
         """``w += alpha Q[i]`` in place, slab by slab (the same elementwise update as with the

@@ -333,6 +333,8 @@ class HessianOperator(CurvatureOperator):
 
     def _forward_base(self) -> torch.Tensor:
         """``g(w)`` for forward differences, recomputed when a parameter or buffer changed."""
+        if self._offload is not None and self._offload.sync():
+            self._fd_base = None  # the weights changed, bit for bit (by any route)
         sig = self._state_signature()
         if self._fd_base is None or self._fd_base[0] != sig:
             self._fd_base = None  # free the old one first (and set only once stored)

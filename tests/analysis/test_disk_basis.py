@@ -214,3 +214,27 @@ def test_the_estimate_counts_no_rows_on_disk():
     assert vectors_bytes("lanczos", n, 4, k=5, max_basis=40, basis_device="disk") == \
         5 * n * 4 + DISK_BUFFER_BYTES  # max(4, k) working vectors, no max_basis term
     assert vectors_bytes("lanczos", n, 4, max_basis=40) == 43 * n * 4  # in memory
+
+
+def test_equal_tensors_compares_bits():
+    """The offload's check that the weights are still the saved ``w``: bitwise (a sign of zero
+    and a NaN payload are seen; the same NaN is equal), across slabs and tensors."""
+    n = int(2.5 * EXACT_SLAB)
+    b = small_basis(n, 2, torch.float32)
+    g = torch.Generator().manual_seed(4)
+    ts = [torch.randn(n - 100, generator=g), torch.randn(100, generator=g)]
+    ts[1][3] = float("nan")
+    assert not b.equal_tensors(1, ts)  # nothing written yet
+    b.write_tensors(1, ts)
+    assert b.equal_tensors(1, ts)
+    ts[0][n - 101] = 1.5
+    b.write_tensors(1, ts)
+    ts[0][n - 101] = -1.5  # one sign bit, in the last slab of the first tensor
+    assert not b.equal_tensors(1, ts)
+    ts[1][0] = 0.0
+    b.write_tensors(1, ts)
+    ts[1][0] = -0.0  # equal as numbers, not as bits
+    assert not b.equal_tensors(1, ts)
+    ts[1][0] = 0.0
+    assert b.equal_tensors(1, ts)
+    b.close()

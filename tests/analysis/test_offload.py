@@ -188,18 +188,29 @@ def test_a_failed_store_of_g_w_leaves_nothing_stale():
 
 
 def test_an_update_through_data_is_not_overwritten():
-    """``p.data`` updates do not bump the version counter: the weights of a product are saved
-    at every product, so the restore brings back the updated weights, not older ones."""
+    """``p.data`` updates do not bump the version counter: each product compares the weights
+    with the saved copy bit for bit, so the restore brings back the updated weights, not older
+    ones, and g(w) is recomputed at them (the product is that of a fresh operator)."""
     model, batches = mlp(), data()
     off = HessianOperator(model, "cross_entropy", batches, method="forward-difference",
                           offload="disk")
     v = torch.randn(off.shape[0], dtype=torch.float64)
     off @ v
+    writes = []
+    write = off._offload.file.write_tensors
+    off._offload.file.write_tensors = lambda *a: (writes.append(a[0]), write(*a))[1]
+    off @ v
+    assert writes == []  # the weights unchanged: w is compared, not rewritten
     p = next(model.parameters())
     p.data.add_(0.5)
     updated = p.detach().clone()
-    off @ v
-    assert torch.equal(p.detach(), updated)
+    got = off @ v
+    assert writes == [1] and torch.equal(p.detach(), updated)
+    fresh = HessianOperator(model, "cross_entropy", batches, method="forward-difference")
+    assert torch.equal(got, fresh @ v) and torch.equal(off.gradient(), fresh.gradient())
+    p.data[0, 0] = -p.data[0, 0]  # one entry, one sign bit: seen too
+    assert torch.equal(off @ v, HessianOperator(model, "cross_entropy", batches,
+                                                method="forward-difference") @ v)
 
 
 def test_non_contiguous_parameters_are_refused_by_name():
