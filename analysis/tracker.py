@@ -266,6 +266,16 @@ class CurvatureTracker:
             statistics, so the matrix is fixed) or ``"train"`` (batch statistics; then
             BatchNorm's running statistics are still restored after the check).
         seed: seed of the cold-start and trace random vectors.
+        method: the Hessian-vector product method
+            (:class:`~analysis.operators.hessian.HessianOperator`'s ``method``). Default
+            ``None``: ``"cached-graph"`` for a probe held in memory (one first-order graph per
+            check, each product one backward through it), ``"auto"`` for a DataLoader.
+            ``"double-backward"`` builds no graph to keep (less memory at a large probe);
+            ``"forward-difference"`` makes a product one gradient (``g(w)`` once per check) for
+            smooth models (tanh, GELU), with errors near ``sqrt(u)`` relative (2.4e-4 in
+            float32), not for ReLU or max-pooling networks: the step crosses their kinks (the
+            digits CNN's products were off by 3.7% trained and 930x at initialization; see
+            "ReLU networks" in the Hessian guide).
 
     Attributes:
         history: a :class:`TrackerHistory` of the checks so far.
@@ -278,7 +288,8 @@ class CurvatureTracker:
                  cold_every: int | None = None, look_ahead: int | None = None,
                  trace_probes: int = 0, cosine: bool = False,
                  momentum_curvature: bool = False, msam_loss: bool = False,
-                 rho: float | None = None, mode: str = "eval", seed: int = 0):
+                 rho: float | None = None, mode: str = "eval", seed: int = 0,
+                 method: str | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         try:  # the one data layer: every form the operators take, checked before anything else
@@ -338,7 +349,11 @@ class CurvatureTracker:
         # the product method: a probe held in memory gets the cached graph (one first-order
         # graph per check, every Lanczos product one backward through it), without "auto"'s
         # calibration product; a DataLoader gets "auto", settled at the first check
-        self._method = "cached-graph" if source.in_memory else "auto"
+        if method is not None and method not in HessianOperator.METHODS:
+            raise ValueError(f"method must be None or one of {HessianOperator.METHODS}, "
+                             f"got {method!r}")
+        self._method = method if method is not None else \
+            "cached-graph" if source.in_memory else "auto"
         self._op: HessianOperator | None = None  # kept between checks (see _operator)
         self._op_key: tuple | None = None
         self._probe = None

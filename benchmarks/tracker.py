@@ -13,12 +13,16 @@ one repetition to the next), and prints:
   reference, a cold-start Lanczos at the same weights (``tol=1e-6``) and the relative error of
   the tracked ``lambda_max`` against it.
 
+``--methods default,forward-difference`` times trackers of several product methods
+(``CurvatureTracker(method=)``) in the same repetitions.
+
 Target (issue 12): <= 5 products per warm check at 1e-2 relative error; <= 10 % overhead at N=50.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -75,6 +79,10 @@ def main(argv=None) -> None:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--probe", type=int, default=64, help="probe batch size")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--methods", default="default",
+                    help="comma-separated product methods of the trackers timed side by side "
+                         "(CurvatureTracker(method=); 'default' is method=None), e.g. "
+                         "'default,forward-difference'")
     ap.add_argument("--baseline", default=None,
                     help="a git revision whose analysis/tracker.py is timed alongside")
     args = ap.parse_args(argv)
@@ -82,7 +90,9 @@ def main(argv=None) -> None:
     d = load_digits(seed=0, label_noise=0.2)
     x, y = d.train
     probe = (x[:args.probe], y[:args.probe])
-    trackers = {"tracker": CurvatureTracker}
+    trackers = {("tracker" if m == "default" else f"tracker, {m}"):
+                CurvatureTracker if m == "default" else functools.partial(CurvatureTracker, method=m)
+                for m in args.methods.split(",")}
     if args.baseline:
         from baseline import load_at
 

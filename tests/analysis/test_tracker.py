@@ -45,17 +45,19 @@ def _train(model, opt, x, y, steps, tracker=None, bs=32, seed=3):
     return losses
 
 
-@pytest.mark.parametrize("k, budget", [(1, 5), (2, 10)])
-def test_warm_checks_match_cold_lanczos_and_cost_few_hvps(k, budget):
+@pytest.mark.parametrize("k, budget, method", [(1, 5, None), (2, 10, None),
+                                               (1, 5, "double-backward")])
+def test_warm_checks_match_cold_lanczos_and_cost_few_hvps(k, budget, method):
     """At every check the warm-started top-k equals a fresh cold-start Lanczos (tol 1e-8, random
-    start) at the same unperturbed weights within rtol 1e-2; a warm lambda_max check costs <= 5
-    HVPs (median; top-2: <= 10)."""
+    start, exact products) at the same unperturbed weights within rtol 1e-2; a warm lambda_max
+    check costs <= 5 HVPs (median; top-2: <= 10); also with another product method."""
     x, y = _digits()
     torch.manual_seed(0)
     model = digits_cnn(4)
     opt = MSAM(model.parameters(), lr=0.1, momentum=0.9, rho=1.0)
     probe = (x[:64], y[:64])
-    tracker = CurvatureTracker(model, "cross_entropy", probe, optimizer=opt, every=10, k=k)
+    tracker = CurvatureTracker(model, "cross_entropy", probe, optimizer=opt, every=10, k=k,
+                               method=method)
     gen = torch.Generator().manual_seed(3)
     refs = []
     for step in range(1, 61):
@@ -82,6 +84,7 @@ def test_warm_checks_match_cold_lanczos_and_cost_few_hvps(k, budget):
         assert r.lr == pytest.approx(0.1)
     warm = [r.lanczos_hvps for r in recs if r.warm]
     assert statistics.median(warm) <= budget, warm
+    assert tracker._op.method == (method or "cached-graph")
 
 
 def test_lambda_max_and_extras_against_dense_reference():
@@ -117,6 +120,28 @@ def test_lambda_max_and_extras_against_dense_reference():
     assert rec.trace is not None and rec.hvps == rec.lanczos_hvps + 4 + 1
 
 
+def test_forward_difference_tracker_against_dense_reference():
+    """``method="forward-difference"`` on a smooth (tanh) float64 MLP: lambda_max within its
+    ``tol`` of eigvalsh of the dense Hessian at w, warm checks too, the weights bit for bit."""
+    x, y = classification_data(40)
+    model = mlp()
+    opt = MSAM(model.parameters(), lr=0.05, momentum=0.9, rho=0.3)
+    tracker = CurvatureTracker(model, "cross_entropy", (x, y), optimizer=opt, tol=1e-6,
+                               method="forward-difference")
+    for steps in (3, 6):
+        _train(model, opt, x, y, 3)
+        before = [p.detach().clone() for p in model.parameters()]
+        rec = tracker.measure(steps)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        twin = copy.deepcopy(model)
+        t_opt = MSAM(twin.parameters(), lr=0.05, momentum=0.9, rho=0.3)
+        t_opt.load_state_dict(opt.state_dict())
+        t_opt.eval()
+        top = float(torch.linalg.eigvalsh(dense_hessian(twin, "cross_entropy", (x, y)))[-1])
+        assert rec.lambda_max == pytest.approx(top, rel=1e-5) and rec.warm == (steps == 6)
+    assert tracker._op.method == "forward-difference"
+
+
 def _snapshot(model, opt):
     return ([p.detach().clone() for p in model.parameters()],
             [None if p.grad is None else p.grad.clone() for p in model.parameters()],
@@ -145,8 +170,9 @@ def _equal_snapshots(a, b):
                 va, torch.Tensor) else va == vb
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_measure_restores_everything_bit_for_bit(mode):
+@pytest.mark.parametrize("mode, method", [("eval", None), ("train", None),
+                                          ("eval", "double-backward")])
+def test_measure_restores_everything_bit_for_bit(mode, method):
     x, y = _digits(256)
     torch.manual_seed(0)
     model = digits_cnn(4)
@@ -157,7 +183,7 @@ def test_measure_restores_everything_bit_for_bit(mode):
     before = _snapshot(model, opt)
     tracker = CurvatureTracker(model, "cross_entropy", (x[:48], y[:48]), optimizer=opt, mode=mode,
                                k=2, cosine=True, momentum_curvature=True, msam_loss=True,
-                               trace_probes=2)
+                               trace_probes=2, method=method)
     tracker.measure(4)
     tracker.measure(5)
     _equal_snapshots(before, _snapshot(model, opt))
@@ -251,6 +277,7 @@ def test_history_csv_json_round_trip(tmp_path):
     ({"trace_probes": 1}, "trace_probes must be 0"),
     ({"cosine": True}, "cosine need the optimizer"),
     ({"look_ahead": -1}, "look_ahead must be None or a non-negative integer, got -1"),
+    ({"method": "exact"}, "method must be None or one of .*, got 'exact'"),
 ])
 def test_bad_arguments(kwargs, match):
     x, y = classification_data(8)
