@@ -353,6 +353,9 @@ class CurvatureTracker:
         if method is not None and method not in HessianOperator.METHODS:
             raise ValueError(f"method must be None or one of {HessianOperator.METHODS}, "
                              f"got {method!r}")
+        if method == "cached-graph" and not source.in_memory:
+            raise ValueError("method='cached-graph' keeps the probe's graphs: it needs a probe "
+                             "held in memory (a batch or a list of batches), not a DataLoader")
         self._method = method if method is not None else \
             "cached-graph" if source.in_memory else "auto"
         self._op: HessianOperator | None = None  # kept between checks (see _operator)

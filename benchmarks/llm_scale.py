@@ -24,8 +24,11 @@ Cases (``--cases``):
   ``HessianOperator`` with ``hf_lm_loss()`` and ``method="finite_difference"``, full
   reorthogonalization) with ``--he-steps`` Lanczos steps (matched to the products our
   ``top1-fd`` run needs at ``tol=1e-2``), run by ``--he-python`` (its own virtual environment);
-* ``trace-fd``: Hutch++ trace with 30 finite-difference products;
+* ``trace-fd``: Hutch++ trace with 30 finite-difference products; ``hutchinson-fwd``:
+  Hutchinson's estimator with 30 forward-difference products (no sketch of ``s`` vectors kept,
+  for a model whose Hutch++ sketch does not fit);
 * ``per-layer-fd``: top-1 (tol 1e-2) of each block ``transformer.h.<i>.`` (regex subsets);
+  ``per-layer-fwd`` the same with forward differences;
 * ``slice``: a 21-point 1-D slice along a random filter-normalized-free direction.
 
 A Lanczos case may carry the dtype of its stored Krylov basis (``top_eigenpairs(basis_dtype=)``):
@@ -57,7 +60,8 @@ MODELS = {
     "small": dict(),  # GPT2Config(): 124.4M parameters
     "medium": dict(n_embd=1024, n_layer=24, n_head=16),  # 354.8M
 }
-CASES = ["top1-auto", "top1-fd", "top1-fwd", "top1-he", "trace-fd", "per-layer-fd", "slice"]
+CASES = ["top1-auto", "top1-fd", "top1-fwd", "top1-he", "trace-fd", "hutchinson-fwd",
+         "per-layer-fd", "per-layer-fwd", "slice"]
 HE_PYTHON = "/work/venv-llm/bin/python"  # hessian-eigenthings==1.0.0a5 (pip --no-deps)
 
 
@@ -170,11 +174,11 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int | 
                    converged=res.converged, basis_gb=res.basis_bytes / 1e9,
                    bound_gb=res.memory_bound_bytes / 1e9, stop_reason=res.stop_reason,
                    error_bound=float(res.error_bounds[0]))
-    elif case == "trace-fd":
+    elif case in ("trace-fd", "hutchinson-fwd"):  # Hutch++; Hutchinson: no sketch kept
         res = hessian_trace(HessianOperator(subject, loss, data, **kw), num_matvecs=30,
-                            block_size=1)
+                            block_size=1, method="hutch++" if case == "trace-fd" else "hutchinson")
         out.update(trace=float(res.estimate), products=res.num_matvecs, std_error=res.std_error)
-    elif case == "per-layer-fd":
+    elif case.startswith("per-layer"):
         vals, products = [], 0
         for i in range(cfg.n_layer):
             res = top_eigenpairs(subject, loss, data, k=1, tol=1e-2, max_basis=max_basis,
@@ -182,6 +186,8 @@ def run_case(model_name: str, case: str, batch: int, seq: int, max_basis: int | 
                                  basis_dtype=bd, basis_device=basis_device, **kw)
             vals.append(float(res.eigenvalues[0]))
             products += res.num_matvecs
+            print(f"h.{i}: {vals[-1]} ({res.num_matvecs} products, "
+                  f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         out.update(per_layer=vals, products=products)
     elif case == "slice":
         from landscape import slice_1d

@@ -5,8 +5,9 @@ Run standalone: ``python benchmarks/relu_differences.py`` (seconds). The digits 
 images, one unit random ``v``: the relative error ``||P v - H v|| / ||H v||`` of the forward
 (``method="forward-difference"``) and central (``"finite-difference"``) products against the
 exact one (``"cached-graph"``), at initialization and after 300 SGD steps. The step of a
-difference crosses kinks, so the product is a secant (documented in the Hessian, LLM and
-distributed guides: forward differences and the sharded path are for smooth models).
+difference crosses kinks, so the product is a secant (the LLM and distributed guides cite these
+numbers: forward differences and the sharded path are for smooth models; the Hessian guide's
+"ReLU networks" section has the same effect on an MLP).
 """
 
 from __future__ import annotations

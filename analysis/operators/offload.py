@@ -11,18 +11,23 @@ copy). With ``offload="disk"`` neither stays in memory:
 * the model's own parameters are shifted in place, ``p <- p + (h v_p)`` (the same rounding as the
   copy ``p + h v_p``), for the product's gradients, and restored **bit for bit** from a copy of
   ``w`` on disk, also when the gradient raises. The copy is written once per state of the
-  weights: each product first compares the parameters with it, bit for bit
-  (:meth:`ForwardDifferenceOffload.sync`), and a parameter changed by any route (``p.data``
-  updates bump no version counter) gets ``w`` rewritten and ``g(w)`` recomputed.
+  weights: each product first compares the operator's parameters with it, bit for bit
+  (:meth:`ForwardDifferenceOffload.sync`), so one of them changed by any route (``p.data``
+  updates bump no version counter) gets ``w`` rewritten and ``g(w)`` recomputed. The other
+  parameters (outside ``params=`` or ``restricted``, frozen ones) and the buffers, which ``g(w)``
+  depends on too, are watched by their version counters only, as without offloading: after a
+  change through ``.data`` there, call ``clear_cache()``.
 
 Memory saved: up to two vectors (measured 0.78 GB of the 1.0 GB on GPT-2 small); cost: writes of
 ``g(w)`` and ``w`` once per state of the weights, and per product two reads of ``w`` (the
 comparison and the restore) and one of ``g(w)``, from the page cache when memory is free (on
-GPT-2 small a 0.5 GB write cost about 1.3 s and a read 0.1-0.2 s). CPU parameters only (contiguous). The products are the same numbers
-as without offloading (``tests/analysis/test_offload.py``). The model is modified during a
-product (not during the other methods' products), so it must not be used concurrently; the
-weights are back, bit for bit, when the product returns or raises (an interrupt during the
-restore itself can leave it partly done).
+GPT-2 small a 0.5 GB write cost about 1.3 s and a read 0.1-0.2 s). CPU parameters only
+(contiguous, no two sharing memory: the in-place shifts would add up). The products are the
+same numbers as without offloading, at weights changed through version-counted operations
+(``tests/analysis/test_offload.py``). The model is modified during a product (not during the
+other methods' products), so it must not be used concurrently; the weights are back, bit for
+bit, when the product returns or raises (an interrupt during the restore itself can leave it
+partly done).
 """
 
 from __future__ import annotations
@@ -77,9 +82,18 @@ class ForwardDifferenceOffload:
         names = {id(p): n for n, p in model.named_parameters()}
         for p in params:
             if p.device.type != "cpu" or not p.is_contiguous():
+                where = "on " + str(p.device) if p.device.type != "cpu" else "not contiguous"
                 raise ValueError(f"offload='disk' needs contiguous parameters on the CPU; "
-                                 f"{names.get(id(p), 'a parameter')!r} is "
-                                 f"{'on ' + str(p.device) if p.device.type != 'cpu' else 'not contiguous'}")
+                                 f"{names.get(id(p), 'a parameter')!r} is {where}")
+        spans = sorted((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), i)
+                       for i, p in enumerate(params) if p.numel())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:  # two parameters over the same memory (tied through .data)
+                raise ValueError(f"offload='disk' shifts parameters in place: "
+                                 f"{names.get(id(params[a]), 'a parameter')!r} and "
+                                 f"{names.get(id(params[b]), 'a parameter')!r} share memory, "
+                                 "so their shifts would add up; tie them as one Parameter or "
+                                 "use offload=None")
         self.params, self._signature = params, signature
         mine = {id(p) for p in params}  # which entries of a signature the shift bumps
         self._mine = [id(t) in mine for t in [*model.parameters(), *model.buffers()]]

@@ -110,6 +110,10 @@ def test_restricted_and_lanczos_keep_offloading():
     sub = off.restricted(["2.weight"])
     assert sub.offload == "disk" and sub.shape[0] == 24
     mem = HessianOperator(model, "cross_entropy", batches, method="forward-difference")
+    w0 = snapshot(model)
+    u = torch.randn(24, dtype=torch.float64)
+    assert torch.equal(sub @ u, mem.restricted(["2.weight"]) @ u)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w0))
     a = top_eigenpairs(off, k=2, tol=1e-6)
     b = top_eigenpairs(mem, k=2, tol=1e-6)
     assert a.num_matvecs == b.num_matvecs and torch.equal(a.eigenvalues, b.eigenvalues)
@@ -211,6 +215,25 @@ def test_an_update_through_data_is_not_overwritten():
     p.data[0, 0] = -p.data[0, 0]  # one entry, one sign bit: seen too
     assert torch.equal(off @ v, HessianOperator(model, "cross_entropy", batches,
                                                 method="forward-difference") @ v)
+
+
+def test_parameters_sharing_memory_are_refused_by_name():
+    """Tied through ``.data`` (two Parameters over one storage): the in-place shifts would add
+    up (the product was 50% off), so the offload refuses them; one Parameter in two modules
+    (how Hugging Face ties weights) is one entry of ``parameters()`` and is fine."""
+    emb, head = nn.Linear(3, 3, bias=False).double(), nn.Linear(3, 3, bias=False).double()
+    head.weight.data = emb.weight.data
+    model = nn.Sequential(emb, nn.Tanh(), head)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match="'0.weight' and '2.weight' share memory"):
+        HessianOperator(model, "cross_entropy", (x, y), method="forward-difference",
+                        offload="disk")
+    head.weight = emb.weight  # one Parameter
+    off = HessianOperator(model, "cross_entropy", (x, y), method="forward-difference",
+                          offload="disk")
+    v = torch.randn(off.shape[0], dtype=torch.float64)
+    mem = HessianOperator(model, "cross_entropy", (x, y), method="forward-difference")
+    assert off.shape[0] == 9 and torch.equal(off @ v, mem @ v)
 
 
 def test_non_contiguous_parameters_are_refused_by_name():
