@@ -275,8 +275,7 @@ class CurvatureTracker:
             smooth models (tanh, GELU), with errors near ``sqrt(u)`` relative (2.4e-4 in
             float32), not for ReLU or max-pooling networks: the step crosses their kinks (the
             digits CNN's products were off by 2.3% trained and 950x at initialization,
-            ``benchmarks/relu_differences.py``; see
-            "ReLU networks" in the Hessian guide).
+            ``benchmarks/relu_differences.py``; see "ReLU networks" in the Hessian guide).
 
     Attributes:
         history: a :class:`TrackerHistory` of the checks so far.

@@ -13,7 +13,7 @@ one repetition to the next), and prints:
   reference, a cold-start Lanczos at the same weights (``tol=1e-6``) and the relative error of
   the tracked ``lambda_max`` against it.
 
-``--methods default,forward-difference`` times trackers of several product methods
+``--methods default,double-backward`` times trackers of several product methods
 (``CurvatureTracker(method=)``) in the same repetitions.
 
 Target (issue 12): <= 5 products per warm check at 1e-2 relative error; <= 10 % overhead at N=50.
@@ -82,7 +82,8 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default="default",
                     help="comma-separated product methods of the trackers timed side by side "
                          "(CurvatureTracker(method=); 'default' is method=None), e.g. "
-                         "'default,forward-difference'")
+                         "'default,double-backward' (forward differences are unfit for this "
+                         "ReLU CNN: benchmarks/relu_differences.py)")
     ap.add_argument("--baseline", default=None,
                     help="a git revision whose analysis/tracker.py is timed alongside")
     args = ap.parse_args(argv)
